@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""Run the Autobahn TestSuite against tether and summarise the results.
+
+    python3 conformance/run.py server|client|all [--exclude '12.*,13.*']
+        [--cases '*'] [--venv DIR] [--reports DIR] [--no-build]
+
+server: Autobahn's fuzzingclient tests `tether echo`.
+client: tether's autobahn_client example is tested by Autobahn's fuzzingserver.
+
+Exit status: 0 when every case is OK or INFORMATIONAL, 1 when any case is
+not (or no cases ran, or no report was written), 2 on a setup error
+(build, venv, timeout, a process that would not start).
+
+Python 3 standard library only. Autobahn itself needs Python 2.7, which is
+taken from pyenv and installed into a virtualenv on first use.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+AGENT = "tether"
+PASSING = ("OK", "INFORMATIONAL")
+VERDICTS = ("OK", "INFORMATIONAL", "NON-STRICT", "FAILED", "UNIMPLEMENTED")
+
+
+class SetupError(Exception):
+    """Something other than a test case went wrong."""
+
+
+def log(msg):
+    print(f"[conformance] {msg}", flush=True)
+
+
+def run_step(cmd, timeout, **kw):
+    """Run a command to completion (bounded), raising SetupError on failure."""
+    log("$ " + " ".join(shlex.quote(str(c)) for c in cmd))
+    try:
+        subprocess.run([str(c) for c in cmd], check=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL, **kw)
+    except subprocess.TimeoutExpired:
+        raise SetupError(f"timed out after {timeout}s: {cmd[0]}")
+    except (subprocess.CalledProcessError, OSError) as e:
+        raise SetupError(str(e))
+
+
+# --- child processes ---------------------------------------------------------
+
+class Child:
+    """A background process in its own process group, output to a log file."""
+
+    def __init__(self, name, cmd, logfile):
+        self.name, self.logfile = name, Path(logfile)
+        log(f"starting {name}: {' '.join(shlex.quote(c) for c in cmd)}")
+        log(f"  output -> {self.logfile}")
+        self.out = open(self.logfile, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout):
+        """Wait for exit; return the exit code, or None on timeout."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self):
+        """Terminate the process group: SIGTERM, then SIGKILL after 5 s."""
+        if self.proc.poll() is None:
+            for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                if self.wait(grace) is not None:
+                    break
+            log(f"stopped {self.name}")
+        else:
+            # the leader is gone; clean up anything it left in its group
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.out.close()
+
+    def tail(self, lines=20):
+        try:
+            text = self.logfile.read_text(errors="replace").splitlines()
+        except OSError:
+            return
+        for line in text[-lines:]:
+            print(f"    | {line}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, child, timeout):
+    """Wait until 127.0.0.1:port accepts TCP connections (or the child dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            child.tail()
+            raise SetupError(f"{child.name} exited with {child.proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    child.tail()
+    raise SetupError(f"{child.name} did not listen on port {port} within {timeout}s")
+
+
+# --- setup -------------------------------------------------------------------
+
+def ensure_venv(venv):
+    wstest = venv / "bin" / "wstest"
+    if wstest.exists():
+        log(f"using Autobahn from {venv}")
+        return wstest
+    log(f"{wstest} missing: creating the Autobahn virtualenv in {venv}")
+    pyenv_root = os.environ.get("PYENV_ROOT")
+    if not pyenv_root:
+        try:
+            pyenv_root = subprocess.run(["pyenv", "root"], capture_output=True, text=True,
+                                        check=True, timeout=30,
+                                        stdin=subprocess.DEVNULL).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pyenv_root = str(Path.home() / ".pyenv")
+    py2 = Path(pyenv_root) / "versions" / "2.7.18" / "bin" / "python"
+    if not py2.exists():
+        raise SetupError(f"Python 2.7.18 not found at {py2} (install it with pyenv)")
+    run_step([py2, "-m", "pip", "install", "virtualenv<20.22"], 600)
+    run_step([py2, "-m", "virtualenv", venv], 600)
+    run_step([venv / "bin" / "pip", "install", "autobahntestsuite"], 1200)
+    if not wstest.exists():
+        raise SetupError(f"installed autobahntestsuite but {wstest} is missing")
+    return wstest
+
+
+def build():
+    # --bin is needed: with --example alone cargo would build only the example.
+    run_step(["cargo", "build", "--release", "-p", "tether-cli", "-p", "tether",
+              "--bin", "tether", "--example", "autobahn_client"], 3600, cwd=ROOT)
+
+
+def split_list(text):
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def write_spec(tmp, spec):
+    path = Path(tmp) / "spec.json"
+    path.write_text(json.dumps(spec, indent=2))
+    log(f"spec {path}: {json.dumps(spec)}")
+    return path
+
+
+def fresh_outdir(outdir):
+    """Remove reports of a previous run so a stale index.json is never read."""
+    if outdir.exists():
+        shutil.rmtree(outdir)
+    outdir.mkdir(parents=True)
+
+
+def require(path):
+    if not path.exists():
+        raise SetupError(f"{path} does not exist (build it, or drop --no-build)")
+
+
+# --- the two modes -----------------------------------------------------------
+
+def run_server_mode(args, wstest):
+    outdir = args.reports / "servers"
+    fresh_outdir(outdir)
+    port = free_port()
+    if args.server_cmd:
+        cmd = shlex.split(args.server_cmd.format(port=port))
+    else:
+        binary = TARGET / "release" / "tether"
+        require(binary)
+        cmd = [str(binary), "echo", "--host", "127.0.0.1", "--port", str(port)]
+    with tempfile.TemporaryDirectory(prefix="tether-autobahn-") as tmp:
+        spec = write_spec(tmp, {
+            "outdir": str(outdir),
+            "servers": [{"agent": AGENT, "url": f"ws://127.0.0.1:{port}"}],
+            "cases": args.cases,
+            "exclude-cases": args.exclude,
+            "exclude-agent-cases": {},
+        })
+        server = Child("server under test", cmd, args.reports / "server.log")
+        fuzzer = None
+        try:
+            wait_for_port(port, server, args.start_timeout)
+            fuzzer = Child("wstest fuzzingclient",
+                           [str(wstest), "-m", "fuzzingclient", "-s", str(spec)],
+                           args.reports / "wstest-fuzzingclient.log")
+            code = fuzzer.wait(args.timeout)
+            if code is None:
+                raise SetupError(f"wstest fuzzingclient timed out after {args.timeout}s")
+            if code != 0:
+                fuzzer.tail()
+                raise SetupError(f"wstest fuzzingclient exited with {code}")
+            if server.proc.poll() is not None:
+                log(f"warning: the server exited with {server.proc.returncode} during the run")
+        finally:
+            if fuzzer:
+                fuzzer.stop()
+            server.stop()
+    return summarise("server", outdir)
+
+
+def run_client_mode(args, wstest):
+    outdir = args.reports / "clients"
+    fresh_outdir(outdir)
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    if args.client_cmd:
+        cmd = shlex.split(args.client_cmd.format(port=port, url=url))
+    else:
+        binary = TARGET / "release" / "examples" / "autobahn_client"
+        require(binary)
+        cmd = [str(binary), url, AGENT]
+    with tempfile.TemporaryDirectory(prefix="tether-autobahn-") as tmp:
+        spec = write_spec(tmp, {
+            "url": url,
+            "outdir": str(outdir),
+            "cases": args.cases,
+            "exclude-cases": args.exclude,
+            "exclude-agent-cases": {},
+        })
+        # -u 0: no embedded web server (it would otherwise take port 8080)
+        fuzzer = Child("wstest fuzzingserver",
+                       [str(wstest), "-m", "fuzzingserver", "-s", str(spec), "-u", "0"],
+                       args.reports / "wstest-fuzzingserver.log")
+        client = None
+        try:
+            wait_for_port(port, fuzzer, args.start_timeout)
+            client = Child("client under test", cmd, args.reports / "client.log")
+            code = client.wait(args.timeout)
+            if code is None:
+                raise SetupError(f"the client timed out after {args.timeout}s")
+            if code != 0:
+                client.tail()
+                log(f"warning: the client exited with {code}")
+        finally:
+            if client:
+                client.stop()
+            fuzzer.stop()
+    return summarise("client", outdir)
+
+
+# --- the report --------------------------------------------------------------
+
+def case_key(case_id):
+    return [int(p) if p.isdigit() else p for p in case_id.split(".")]
+
+
+def summarise(mode, outdir):
+    """Print the summary; return True when every case passed."""
+    index = outdir / "index.json"
+    if not index.exists():
+        log(f"FAIL: no report at {index}")
+        return False
+    cases = json.loads(index.read_text()).get(AGENT, {})
+    counts = {v: 0 for v in VERDICTS}
+    for case in cases.values():
+        counts[case["behavior"]] = counts.get(case["behavior"], 0) + 1
+    tally = ", ".join(f"{k} {v}" for k, v in counts.items())
+    print(f"\nAutobahn {mode} ({AGENT}): {len(cases)} cases — {tally}")
+    bad = [c for c in sorted(cases, key=case_key) if cases[c]["behavior"] not in PASSING]
+    for case_id in bad:
+        case = cases[case_id]
+        detail = {}
+        try:
+            detail = json.loads((outdir / case["reportfile"]).read_text())
+        except (KeyError, OSError, ValueError):
+            pass
+        description = detail.get("description", "").split("<br>")[0].strip()
+        print(f"  {case_id}: {case['behavior']} (close: {case['behaviorClose']}) — {description}")
+        result, result_close = detail.get("result"), detail.get("resultClose")
+        if result:
+            print(f"      result: {result}")
+        if result_close and result_close != result:
+            print(f"      close:  {result_close}")
+    print(f"Reports: {outdir / 'index.html'}\n")
+    if not cases:
+        log(f"FAIL: no cases ran for agent {AGENT!r}")
+        return False
+    return not bad
+
+
+# --- main --------------------------------------------------------------------
+
+def parse_args():
+    p = argparse.ArgumentParser(description="Run the Autobahn TestSuite against tether.")
+    p.add_argument("mode", choices=["server", "client", "all"])
+    p.add_argument("--cases", default="*", help="comma-separated case patterns (default '*')")
+    p.add_argument("--exclude", default="", help="comma-separated case patterns to skip, e.g. '12.*,13.*'")
+    p.add_argument("--venv", type=Path, default=ROOT / "target" / "autobahn-venv",
+                   help="Autobahn virtualenv (created when bin/wstest is missing)")
+    p.add_argument("--reports", type=Path, default=ROOT / "target" / "autobahn-reports",
+                   help="report directory (servers/ and clients/ are replaced each run)")
+    p.add_argument("--no-build", action="store_true", help="do not run cargo build")
+    p.add_argument("--timeout", type=int, default=1800,
+                   help="seconds allowed for one mode's test run (default 1800)")
+    p.add_argument("--start-timeout", type=int, default=30,
+                   help="seconds to wait for a listener to come up (default 30)")
+    # For testing this script without tether: '{port}' / '{url}' are substituted.
+    p.add_argument("--server-cmd", help=argparse.SUPPRESS)
+    p.add_argument("--client-cmd", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.cases = split_list(args.cases)
+    args.exclude = split_list(args.exclude)
+    args.venv = args.venv.resolve()
+    args.reports = args.reports.resolve()
+    return args
+
+
+def on_signal(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks
+
+
+def main():
+    args = parse_args()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    try:
+        wstest = ensure_venv(args.venv)
+        if not args.no_build:
+            build()
+    except SetupError as e:
+        log(f"ERROR: {e}")
+        return 2
+    args.reports.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for mode in ["server", "client"] if args.mode == "all" else [args.mode]:
+        run = run_server_mode if mode == "server" else run_client_mode
+        try:
+            results[mode] = "PASS" if run(args, wstest) else "FAIL"
+        except SetupError as e:
+            log(f"ERROR ({mode}): {e}")
+            results[mode] = "ERROR"
+    for mode, result in results.items():
+        log(f"{mode}: {result}")
+    if "ERROR" in results.values():
+        return 2
+    return 1 if "FAIL" in results.values() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

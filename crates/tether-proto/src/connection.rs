@@ -1,0 +1,569 @@
+//! The connection: a value that turns received bytes into events and calls into bytes to send.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes, BytesMut};
+use rand::{RngCore, SeedableRng};
+
+use crate::close::{CloseFrame, ClosePayloadError};
+use crate::config::Limits;
+use crate::error::{ProtocolError, SendError};
+use crate::frame::{FrameHeader, OpCode, MAX_CONTROL_PAYLOAD};
+use crate::mask::apply_mask;
+use crate::transmit::Transmit;
+use crate::utf8::{Utf8Bytes, Utf8Validator};
+
+/// Which end of the connection this is: it decides who masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Accepts connections; sends unmasked frames and requires masked ones.
+    Server,
+    /// Opens connections; masks every frame and refuses masked ones.
+    Client,
+}
+
+/// The closing state of a connection (RFC 6455 §7).
+///
+/// ```text
+///            send_close()                     peer's Close
+///   Open ────────────────────▶ Closing ─────────────────────▶ Closed
+///     │                                                          ▲
+///     │  peer's Close (our echo is queued at once)               │
+///     ├──────────────────────────────────────────────────────────┤
+///     │  protocol error (a Close with its code is queued)        │
+///     └──────────────────────────────────────────────────────────┘
+/// ```
+///
+/// In `Closed`, the server closes TCP once the queued bytes are written; the client waits
+/// (with a timeout) for the server to close it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Messages flow both ways.
+    Open,
+    /// We sent a Close and wait for the peer's; received data is still delivered.
+    Closing,
+    /// Both Close frames are exchanged (or the connection failed): nothing more to send.
+    Closed,
+}
+
+/// What the peer sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A complete text message, validated UTF-8.
+    Text(Utf8Bytes),
+    /// A complete binary message.
+    Binary(Bytes),
+    /// A ping. With auto-pong (the default) the pong is already queued.
+    Ping(Bytes),
+    /// A pong.
+    Pong(Bytes),
+    /// The peer's close frame (`None` when it carried no status). Our echo is queued if we had
+    /// not sent a Close already. This is the last event.
+    Close(Option<CloseFrame>),
+}
+
+/// A message being reassembled from fragments.
+#[derive(Debug)]
+struct Assembly {
+    text: bool,
+    /// Payload of the frames before the current one; empty until a second frame arrives.
+    data: BytesMut,
+    /// Total bytes so far, including the frame being received.
+    len: usize,
+}
+
+/// The frame being received: its header is consumed; its payload is the front of the buffer.
+#[derive(Debug, Clone, Copy)]
+struct InFrame {
+    header: FrameHeader,
+    len: usize,
+    /// Payload bytes already unmasked (and validated, for text).
+    seen: usize,
+}
+
+/// A source of client masking keys.
+pub type MaskSource = Box<dyn FnMut() -> [u8; 4] + Send>;
+
+/// A WebSocket connection after the handshake, as a value: no I/O, no clock.
+///
+/// ```
+/// use bytes::{Buf, BytesMut};
+/// use tether_proto::{Connection, Event, Role};
+///
+/// let mut client = Connection::new(Role::Client);
+/// let mut server = Connection::new(Role::Server);
+/// client.send_text("hello".into()).unwrap();
+///
+/// // What the client would write to its socket, the server reads from its own.
+/// let out = client.transmit();
+/// let mut wire = BytesMut::from(out.copy_to_bytes(out.remaining()).as_ref());
+/// server.receive(&mut wire).unwrap();
+/// assert_eq!(server.poll_event(), Some(Event::Text("hello".into())));
+/// ```
+pub struct Connection {
+    role: Role,
+    limits: Limits,
+    state: State,
+    auto_pong: bool,
+    current: Option<InFrame>,
+    message: Option<Assembly>,
+    utf8: Utf8Validator,
+    events: VecDeque<Event>,
+    out: Transmit,
+    error: Option<ProtocolError>,
+    close_received: bool,
+    /// Fragmented sending: whether a message we send is unfinished, and its type.
+    sending_fragmented: bool,
+    mask: Option<MaskSource>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("role", &self.role)
+            .field("state", &self.state)
+            .field("queued", &self.out.len())
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// A connection with default [`Limits`]; a client draws masking keys from a CSPRNG.
+    pub fn new(role: Role) -> Self {
+        Self::with_limits(role, Limits::default())
+    }
+
+    /// A connection with the given limits.
+    pub fn with_limits(role: Role, limits: Limits) -> Self {
+        let mask: Option<MaskSource> = match role {
+            Role::Server => None,
+            Role::Client => {
+                let mut rng = rand::rngs::StdRng::from_os_rng();
+                Some(Box::new(move || {
+                    let mut key = [0u8; 4];
+                    rng.fill_bytes(&mut key);
+                    key
+                }))
+            }
+        };
+        Connection {
+            role,
+            limits,
+            state: State::Open,
+            auto_pong: true,
+            current: None,
+            message: None,
+            utf8: Utf8Validator::new(),
+            events: VecDeque::new(),
+            out: Transmit::default(),
+            error: None,
+            close_received: false,
+            sending_fragmented: false,
+            mask,
+        }
+    }
+
+    /// Replaces the client's masking key source (for deterministic tests and fuzzing).
+    /// Ignored for a server, which never masks.
+    pub fn set_mask_source(&mut self, source: MaskSource) {
+        if self.role == Role::Client {
+            self.mask = Some(source);
+        }
+    }
+
+    /// Whether pings are answered automatically (default `true`).
+    pub fn set_auto_pong(&mut self, on: bool) {
+        self.auto_pong = on;
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The closing state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Whether the peer's Close has been received.
+    pub fn close_received(&self) -> bool {
+        self.close_received
+    }
+
+    /// Whether our Close has been queued (by [`Connection::send_close`], an echo, or a failure).
+    pub fn close_sent(&self) -> bool {
+        self.state != State::Open
+    }
+
+    /// The protocol error that failed the connection, if any.
+    pub fn error(&self) -> Option<&ProtocolError> {
+        self.error.as_ref()
+    }
+
+    /// Parses frames from the front of `buf`, consuming what it parses.
+    ///
+    /// Call it after every read, with everything received and not yet consumed (bytes that
+    /// followed the handshake first). Complete messages, pings, pongs and the close become
+    /// events for [`Connection::poll_event`]; automatic answers (pong, close echo) are queued
+    /// for [`Connection::transmit`]. A partial frame stays in `buf`: its payload is unmasked
+    /// and, for text, UTF-8-validated as it arrives, so invalid text fails without waiting
+    /// for the rest. After the peer's Close, further bytes are discarded.
+    ///
+    /// # Errors
+    /// The [`ProtocolError`] that failed the connection. A Close carrying its code is queued;
+    /// write it out, then close the transport. The same error is returned on later calls.
+    pub fn receive(&mut self, buf: &mut BytesMut) -> Result<(), ProtocolError> {
+        if let Some(err) = &self.error {
+            return Err(err.clone());
+        }
+        loop {
+            if self.close_received {
+                buf.clear();
+                return Ok(());
+            }
+            match self.step(buf) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(err) => {
+                    self.fail(err.clone());
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The bytes waiting to be written: a [`Buf`] to write (vectored) and advance.
+    pub fn transmit(&mut self) -> &mut Transmit {
+        &mut self.out
+    }
+
+    /// Queued outbound bytes (for backpressure).
+    pub fn queued_len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Queues a text message as one frame.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] after a Close was sent.
+    pub fn send_text(&mut self, text: Utf8Bytes) -> Result<(), SendError> {
+        self.send_message(OpCode::Text, text.into_bytes())
+    }
+
+    /// Queues a binary message as one frame.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] after a Close was sent.
+    pub fn send_binary(&mut self, data: Bytes) -> Result<(), SendError> {
+        self.send_message(OpCode::Binary, data)
+    }
+
+    /// Queues one fragment of a message: `opcode` is [`OpCode::Text`] or [`OpCode::Binary`]
+    /// for the first fragment and [`OpCode::Continuation`] after; `fin` ends the message.
+    /// Text fragments may split a code point; the receiver validates the whole message.
+    ///
+    /// # Errors
+    /// [`SendError::FragmentOrder`] for a continuation outside a message or a new message
+    /// inside one; [`SendError::Closed`] after a Close was sent.
+    pub fn send_fragment(
+        &mut self,
+        opcode: OpCode,
+        payload: Bytes,
+        fin: bool,
+    ) -> Result<(), SendError> {
+        if self.state != State::Open {
+            return Err(SendError::Closed);
+        }
+        match (opcode, self.sending_fragmented) {
+            (OpCode::Continuation, true) | (OpCode::Text | OpCode::Binary, false) => {}
+            _ => return Err(SendError::FragmentOrder),
+        }
+        self.sending_fragmented = !fin;
+        self.queue_frame(opcode, fin, payload);
+        Ok(())
+    }
+
+    /// Queues a ping (payload ≤ 125 bytes).
+    ///
+    /// # Errors
+    /// [`SendError::ControlTooLong`], or [`SendError::Closed`] after a Close was sent.
+    pub fn send_ping(&mut self, payload: Bytes) -> Result<(), SendError> {
+        self.send_control(OpCode::Ping, payload)
+    }
+
+    /// Queues a pong (payload ≤ 125 bytes); an unsolicited pong is a valid heartbeat.
+    ///
+    /// # Errors
+    /// [`SendError::ControlTooLong`], or [`SendError::Closed`] after a Close was sent.
+    pub fn send_pong(&mut self, payload: Bytes) -> Result<(), SendError> {
+        self.send_control(OpCode::Pong, payload)
+    }
+
+    /// Starts (or, after the peer's Close, completes) the close handshake.
+    ///
+    /// `None` sends a Close without status. The reason is cut to fit 123 bytes.
+    ///
+    /// # Errors
+    /// [`SendError::InvalidCloseCode`] for a code that may not be sent;
+    /// [`SendError::Closed`] if a Close was already sent.
+    pub fn send_close(&mut self, frame: Option<CloseFrame>) -> Result<(), SendError> {
+        if let Some(f) = &frame {
+            if !f.code.is_sendable() {
+                return Err(SendError::InvalidCloseCode(f.code.0));
+            }
+        }
+        if self.state != State::Open {
+            return Err(SendError::Closed);
+        }
+        self.queue_close(frame.as_ref());
+        Ok(())
+    }
+
+    fn send_message(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+        if self.state != State::Open {
+            return Err(SendError::Closed);
+        }
+        if self.sending_fragmented {
+            return Err(SendError::FragmentOrder);
+        }
+        self.queue_frame(opcode, true, payload);
+        Ok(())
+    }
+
+    fn send_control(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+        if payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(SendError::ControlTooLong(payload.len()));
+        }
+        if self.state != State::Open {
+            return Err(SendError::Closed);
+        }
+        self.queue_frame(opcode, true, payload);
+        Ok(())
+    }
+
+    fn queue_close(&mut self, frame: Option<&CloseFrame>) {
+        let payload = frame.map(CloseFrame::encode).unwrap_or_default();
+        self.queue_frame(OpCode::Close, true, payload);
+        self.state = if self.close_received || self.error.is_some() {
+            State::Closed
+        } else {
+            State::Closing
+        };
+    }
+
+    /// Encodes one frame into the transmit queue.
+    fn queue_frame(&mut self, opcode: OpCode, fin: bool, payload: Bytes) {
+        let mask = self.mask.as_mut().map(|source| source());
+        let header = FrameHeader {
+            fin,
+            rsv: 0,
+            opcode,
+            mask,
+            payload_len: payload.len() as u64,
+        };
+        let tail = self.out.tail();
+        let before = tail.len();
+        header.encode(tail);
+        match mask {
+            Some(key) => {
+                // Masking changes the bytes, so the payload is copied in and masked there.
+                let start = tail.len();
+                tail.extend_from_slice(&payload);
+                apply_mask(&mut tail[start..], key, 0);
+                let added = tail.len() - before;
+                self.out.commit(added);
+            }
+            None => {
+                let added = tail.len() - before;
+                self.out.commit(added);
+                self.out.push_shared(payload);
+            }
+        }
+    }
+
+    /// Fails the connection: queues a Close with the error's code, keeps the error.
+    fn fail(&mut self, err: ProtocolError) {
+        let code = err.close_code();
+        self.error = Some(err);
+        self.current = None;
+        self.message = None;
+        if self.state == State::Open {
+            self.queue_close(Some(&CloseFrame::new(code, "")));
+        }
+        self.state = State::Closed;
+    }
+
+    /// Makes progress on one frame. `Ok(true)`: a frame completed; `Ok(false)`: need more bytes.
+    fn step(&mut self, buf: &mut BytesMut) -> Result<bool, ProtocolError> {
+        let mut frame = match self.current {
+            Some(frame) => frame,
+            None => {
+                let Some((header, header_len)) = FrameHeader::parse(buf)? else {
+                    return Ok(false);
+                };
+                self.check_header(&header)?;
+                buf.advance(header_len);
+                InFrame {
+                    header,
+                    // check_header bounded the length by max_frame_size (a usize).
+                    len: header.payload_len as usize,
+                    seen: 0,
+                }
+            }
+        };
+        let available = buf.len().min(frame.len);
+        if available > frame.seen {
+            let fresh = &mut buf[frame.seen..available];
+            if let Some(key) = frame.header.mask {
+                apply_mask(fresh, key, frame.seen);
+            }
+            if self.is_text_payload(frame.header.opcode) {
+                self.utf8
+                    .feed(fresh)
+                    .map_err(|_| ProtocolError::InvalidUtf8)?;
+            }
+            frame.seen = available;
+        }
+        if frame.seen < frame.len {
+            self.current = Some(frame);
+            return Ok(false);
+        }
+        self.current = None;
+        let payload = buf.split_to(frame.len).freeze();
+        self.on_frame(frame.header, payload)?;
+        Ok(true)
+    }
+
+    fn is_text_payload(&self, opcode: OpCode) -> bool {
+        match opcode {
+            OpCode::Text => true,
+            OpCode::Continuation => self.message.as_ref().is_some_and(|m| m.text),
+            _ => false,
+        }
+    }
+
+    /// Checks a header against the role, the fragmentation state and the limits, and starts
+    /// message assembly for a new data frame.
+    fn check_header(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
+        if h.rsv != 0 {
+            return Err(ProtocolError::ReservedBits(h.rsv));
+        }
+        match (self.role, h.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
+            _ => {}
+        }
+        if h.opcode.is_control() {
+            if !h.fin {
+                return Err(ProtocolError::FragmentedControl);
+            }
+            if h.payload_len > MAX_CONTROL_PAYLOAD as u64 {
+                return Err(ProtocolError::ControlTooLong(h.payload_len));
+            }
+            return Ok(());
+        }
+        if h.payload_len > self.limits.max_frame_size as u64 {
+            return Err(ProtocolError::FrameTooLarge {
+                size: h.payload_len,
+                limit: self.limits.max_frame_size,
+            });
+        }
+        let len = h.payload_len as usize;
+        let max_message = self.limits.max_message_size;
+        match (h.opcode, &mut self.message) {
+            (OpCode::Continuation, None) => Err(ProtocolError::UnexpectedContinuation),
+            (OpCode::Continuation, Some(m)) => {
+                m.len = m.len.saturating_add(len);
+                if m.len > max_message {
+                    return Err(ProtocolError::MessageTooLarge { limit: max_message });
+                }
+                Ok(())
+            }
+            (_, Some(_)) => Err(ProtocolError::ExpectedContinuation),
+            (opcode, None) => {
+                if len > max_message {
+                    return Err(ProtocolError::MessageTooLarge { limit: max_message });
+                }
+                self.utf8 = Utf8Validator::new();
+                self.message = Some(Assembly {
+                    text: opcode == OpCode::Text,
+                    data: BytesMut::new(),
+                    len,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn on_frame(&mut self, h: FrameHeader, payload: Bytes) -> Result<(), ProtocolError> {
+        match h.opcode {
+            OpCode::Ping => {
+                if self.auto_pong && self.state == State::Open {
+                    self.queue_frame(OpCode::Pong, true, payload.clone());
+                }
+                self.events.push_back(Event::Ping(payload));
+            }
+            OpCode::Pong => self.events.push_back(Event::Pong(payload)),
+            OpCode::Close => self.on_close(&payload)?,
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                let Some(message) = self.message.as_mut() else {
+                    return Err(ProtocolError::UnexpectedContinuation);
+                };
+                if !h.fin {
+                    message.data.extend_from_slice(&payload);
+                    return Ok(());
+                }
+                let message = self.message.take().expect("checked above");
+                let data = if message.data.is_empty() {
+                    payload
+                } else {
+                    let mut data = message.data;
+                    data.extend_from_slice(&payload);
+                    data.freeze()
+                };
+                let event = if message.text {
+                    self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+                    Event::Text(Utf8Bytes::from_validated(data))
+                } else {
+                    Event::Binary(data)
+                };
+                self.events.push_back(event);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_close(&mut self, payload: &[u8]) -> Result<(), ProtocolError> {
+        let frame = CloseFrame::parse(payload).map_err(|e| match e {
+            ClosePayloadError::Truncated => ProtocolError::TruncatedClose,
+            ClosePayloadError::InvalidCode(code) => ProtocolError::InvalidCloseCode(code),
+            ClosePayloadError::InvalidUtf8 => ProtocolError::InvalidUtf8,
+        })?;
+        self.close_received = true;
+        self.message = None;
+        if self.state == State::Open {
+            // Echo the status code (RFC 6455 §5.5.1); no status is echoed as no status.
+            let echo = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));
+            self.queue_close(echo.as_ref());
+        }
+        self.state = State::Closed;
+        self.events.push_back(Event::Close(frame));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

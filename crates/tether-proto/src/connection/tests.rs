@@ -1,0 +1,325 @@
+use super::*;
+use crate::close::CloseCode;
+use crate::frame::{RSV1, RSV2};
+
+/// Encodes one raw frame as the given sender would put it on the wire.
+fn raw(opcode: u8, fin: bool, rsv: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n @ 0..=125 => out.push(m | n as u8),
+        n @ 126..=0xffff => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mut body = payload.to_vec();
+    if let Some(key) = mask {
+        out.extend_from_slice(&key);
+        crate::mask::apply_mask_bytes(&mut body, key);
+    }
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A frame from a client (masked).
+fn from_client(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    raw(opcode, fin, 0, payload, Some([0x11, 0x22, 0x33, 0x44]))
+}
+
+fn feed(conn: &mut Connection, bytes: &[u8]) -> Result<(), ProtocolError> {
+    let mut buf = BytesMut::from(bytes);
+    conn.receive(&mut buf)
+}
+
+fn events(conn: &mut Connection) -> Vec<Event> {
+    std::iter::from_fn(|| conn.poll_event()).collect()
+}
+
+fn drain(conn: &mut Connection) -> Vec<u8> {
+    let out = conn.transmit();
+    out.copy_to_bytes(out.remaining()).to_vec()
+}
+
+/// The close code of the Close frame `conn` queued.
+fn queued_close_code(conn: &mut Connection) -> Option<u16> {
+    let bytes = drain(conn);
+    let (h, n) = FrameHeader::parse(&bytes).unwrap()?;
+    assert_eq!(h.opcode, OpCode::Close);
+    let mut payload = bytes[n..].to_vec();
+    if let Some(key) = h.mask {
+        crate::mask::apply_mask_bytes(&mut payload, key);
+    }
+    Some(u16::from_be_bytes([payload[0], payload[1]]))
+}
+
+fn server() -> Connection {
+    Connection::new(Role::Server)
+}
+
+fn expect_failure(bytes: &[u8], code: CloseCode) {
+    let mut s = server();
+    let err = feed(&mut s, bytes).unwrap_err();
+    assert_eq!(err.close_code(), code, "{err}");
+    assert_eq!(queued_close_code(&mut s), Some(code.0));
+    assert_eq!(s.state(), State::Closed);
+    // The failure is sticky.
+    assert_eq!(
+        feed(&mut s, &from_client(0x1, true, b"x")).unwrap_err(),
+        err
+    );
+}
+
+#[test]
+fn client_and_server_round_trip_text_and_binary() {
+    let mut c = Connection::new(Role::Client);
+    let mut s = server();
+    c.send_text("héllo".into()).unwrap();
+    c.send_binary(Bytes::from(vec![7u8; 70_000])).unwrap();
+    feed(&mut s, &drain(&mut c)).unwrap();
+    assert_eq!(
+        events(&mut s),
+        vec![
+            Event::Text("héllo".into()),
+            Event::Binary(Bytes::from(vec![7u8; 70_000]))
+        ]
+    );
+    s.send_binary(Bytes::from_static(b"\x00\x01")).unwrap();
+    feed(&mut c, &drain(&mut s)).unwrap();
+    assert_eq!(
+        events(&mut c),
+        vec![Event::Binary(Bytes::from_static(b"\x00\x01"))]
+    );
+}
+
+#[test]
+fn byte_at_a_time_delivery_gives_the_same_events() {
+    let mut wire = from_client(0x1, false, "frag".as_bytes());
+    wire.extend(from_client(0x9, true, b"p"));
+    wire.extend(from_client(0x0, true, "ment ✓".as_bytes()));
+    wire.extend(from_client(0x2, true, &[1, 2, 3]));
+    let mut s = server();
+    let mut buf = BytesMut::new();
+    for byte in wire {
+        buf.extend_from_slice(&[byte]);
+        s.receive(&mut buf).unwrap();
+    }
+    assert_eq!(
+        events(&mut s),
+        vec![
+            Event::Ping(Bytes::from_static(b"p")),
+            Event::Text("fragment ✓".into()),
+            Event::Binary(Bytes::from_static(&[1, 2, 3])),
+        ]
+    );
+}
+
+#[test]
+fn ping_is_answered_with_pong_carrying_its_payload() {
+    let mut s = server();
+    feed(&mut s, &from_client(0x9, true, b"are you there")).unwrap();
+    assert_eq!(drain(&mut s), raw(0xa, true, 0, b"are you there", None));
+}
+
+#[test]
+fn server_rejects_unmasked_client_frame() {
+    expect_failure(&raw(0x1, true, 0, b"hi", None), CloseCode::PROTOCOL_ERROR);
+}
+
+#[test]
+fn client_rejects_masked_server_frame() {
+    let mut c = Connection::new(Role::Client);
+    let err = feed(&mut c, &raw(0x1, true, 0, b"hi", Some([1, 2, 3, 4]))).unwrap_err();
+    assert_eq!(err, ProtocolError::MaskedFrame);
+    assert_eq!(queued_close_code(&mut c), Some(1002));
+}
+
+#[test]
+fn reserved_bits_and_opcodes_fail_with_1002() {
+    expect_failure(
+        &raw(0x1, true, RSV1, b"x", Some([1, 2, 3, 4])),
+        CloseCode::PROTOCOL_ERROR,
+    );
+    expect_failure(
+        &raw(0x1, true, RSV2, b"x", Some([1, 2, 3, 4])),
+        CloseCode::PROTOCOL_ERROR,
+    );
+    expect_failure(&from_client(0x3, true, b""), CloseCode::PROTOCOL_ERROR);
+    expect_failure(&from_client(0xb, true, b""), CloseCode::PROTOCOL_ERROR);
+}
+
+#[test]
+fn control_frames_must_be_short_and_final() {
+    expect_failure(
+        &from_client(0x9, true, &[0u8; 126]),
+        CloseCode::PROTOCOL_ERROR,
+    );
+    expect_failure(&from_client(0x9, false, b"x"), CloseCode::PROTOCOL_ERROR);
+}
+
+#[test]
+fn fragmentation_order_is_enforced() {
+    expect_failure(&from_client(0x0, true, b"x"), CloseCode::PROTOCOL_ERROR);
+    let mut wire = from_client(0x1, false, b"a");
+    wire.extend(from_client(0x1, true, b"b"));
+    expect_failure(&wire, CloseCode::PROTOCOL_ERROR);
+}
+
+#[test]
+fn invalid_utf8_fails_fast_inside_an_incomplete_frame() {
+    let mut s = server();
+    let mut payload = b"valid".to_vec();
+    payload.extend_from_slice(&[0xf4, 0x90, 0x80, 0x80]);
+    payload.extend_from_slice(&[b'a'; 100]);
+    let wire = from_client(0x1, true, &payload);
+    // Everything up to the bad code point, but not the whole frame.
+    let err = feed(&mut s, &wire[..6 + 5 + 4]).unwrap_err();
+    assert_eq!(err.close_code(), CloseCode::INVALID_PAYLOAD);
+}
+
+#[test]
+fn invalid_utf8_split_across_fragments_fails_with_1007() {
+    let mut wire = from_client(0x1, false, &[b'a', 0xe2, 0x82]);
+    wire.extend(from_client(0x0, true, &[0x28]));
+    expect_failure(&wire, CloseCode::INVALID_PAYLOAD);
+    // A message that ends inside a code point.
+    expect_failure(
+        &from_client(0x1, true, &[b'a', 0xe2, 0x82]),
+        CloseCode::INVALID_PAYLOAD,
+    );
+}
+
+#[test]
+fn oversized_frame_fails_at_its_header_with_1009() {
+    let mut s = Connection::with_limits(Role::Server, Limits::default().max_frame_size(1000));
+    // Only the header of a 2000-byte frame has arrived.
+    let wire = from_client(0x2, true, &[0u8; 2000]);
+    let err = feed(&mut s, &wire[..8]).unwrap_err();
+    assert_eq!(err.close_code(), CloseCode::MESSAGE_TOO_BIG);
+}
+
+#[test]
+fn oversized_message_across_fragments_fails_with_1009() {
+    let limits = Limits::default().max_message_size(100);
+    let mut s = Connection::with_limits(Role::Server, limits);
+    let mut wire = from_client(0x2, false, &[0u8; 60]);
+    wire.extend(from_client(0x0, true, &[0u8; 60]));
+    let err = feed(&mut s, &wire).unwrap_err();
+    assert_eq!(err, ProtocolError::MessageTooLarge { limit: 100 });
+}
+
+#[test]
+fn close_is_echoed_with_its_code_and_ends_the_connection() {
+    let mut s = server();
+    feed(&mut s, &from_client(0x8, true, b"\x0b\xb8custom")).unwrap();
+    assert_eq!(
+        events(&mut s),
+        vec![Event::Close(Some(CloseFrame::new(
+            CloseCode(3000),
+            "custom"
+        )))]
+    );
+    assert_eq!(queued_close_code(&mut s), Some(3000));
+    assert_eq!(s.state(), State::Closed);
+    assert_eq!(s.send_text("late".into()), Err(SendError::Closed));
+    // Anything after the Close is ignored.
+    feed(&mut s, &from_client(0x1, true, b"ignored")).unwrap();
+    assert!(events(&mut s).is_empty());
+}
+
+#[test]
+fn empty_close_is_echoed_empty() {
+    let mut s = server();
+    feed(&mut s, &from_client(0x8, true, b"")).unwrap();
+    assert_eq!(events(&mut s), vec![Event::Close(None)]);
+    assert_eq!(drain(&mut s), raw(0x8, true, 0, b"", None));
+}
+
+#[test]
+fn bad_close_payloads_fail_with_the_right_code() {
+    expect_failure(&from_client(0x8, true, b"\x03"), CloseCode::PROTOCOL_ERROR);
+    expect_failure(
+        &from_client(0x8, true, b"\x03\xed"),
+        CloseCode::PROTOCOL_ERROR,
+    );
+    expect_failure(
+        &from_client(0x8, true, b"\x03\xe7"),
+        CloseCode::PROTOCOL_ERROR,
+    );
+    expect_failure(
+        &from_client(0x8, true, b"\x03\xe8\xff"),
+        CloseCode::INVALID_PAYLOAD,
+    );
+}
+
+#[test]
+fn locally_started_close_waits_for_the_peer() {
+    let mut c = Connection::new(Role::Client);
+    let mut s = server();
+    c.send_close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "bye")))
+        .unwrap();
+    assert_eq!(c.state(), State::Closing);
+    assert_eq!(c.send_ping(Bytes::new()), Err(SendError::Closed));
+    feed(&mut s, &drain(&mut c)).unwrap();
+    assert_eq!(s.state(), State::Closed);
+    feed(&mut c, &drain(&mut s)).unwrap();
+    assert_eq!(c.state(), State::Closed);
+    assert!(
+        matches!(&events(&mut c)[..], [Event::Close(Some(f))] if f.code == CloseCode::GOING_AWAY)
+    );
+}
+
+#[test]
+fn send_rejects_misuse_without_harm() {
+    let mut s = server();
+    assert_eq!(
+        s.send_ping(Bytes::from(vec![0; 126])),
+        Err(SendError::ControlTooLong(126))
+    );
+    assert_eq!(
+        s.send_close(Some(CloseFrame::new(CloseCode::NO_STATUS, ""))),
+        Err(SendError::InvalidCloseCode(1005))
+    );
+    assert_eq!(
+        s.send_fragment(OpCode::Continuation, Bytes::new(), true),
+        Err(SendError::FragmentOrder)
+    );
+    s.send_fragment(OpCode::Text, Bytes::from_static(b"a"), false)
+        .unwrap();
+    assert_eq!(s.send_text("x".into()), Err(SendError::FragmentOrder));
+    s.send_fragment(OpCode::Continuation, Bytes::from_static(b"b"), true)
+        .unwrap();
+    assert_eq!(s.state(), State::Open);
+}
+
+#[test]
+fn fixed_mask_source_makes_client_output_deterministic() {
+    let mut c = Connection::new(Role::Client);
+    c.set_mask_source(Box::new(|| [0x37, 0xfa, 0x21, 0x3d]));
+    c.send_text("Hello".into()).unwrap();
+    // RFC 6455 §5.7: a single-frame masked text message.
+    assert_eq!(
+        drain(&mut c),
+        [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]
+    );
+}
+
+#[test]
+fn sixty_four_bit_length_frame_round_trips() {
+    let mut c = Connection::new(Role::Client);
+    let mut s = server();
+    let big = Bytes::from(vec![b'z'; 70_000]);
+    c.send_text(Utf8Bytes::try_from_bytes(big.clone()).unwrap())
+        .unwrap();
+    let wire = drain(&mut c);
+    assert_eq!(wire[1] & 0x7f, 127);
+    feed(&mut s, &wire).unwrap();
+    assert_eq!(
+        events(&mut s),
+        vec![Event::Text(Utf8Bytes::try_from_bytes(big).unwrap())]
+    );
+}
