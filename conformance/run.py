@@ -7,9 +7,10 @@
 server: Autobahn's fuzzingclient tests `tether echo`.
 client: tether's autobahn_client example is tested by Autobahn's fuzzingserver.
 
-Exit status: 0 when every case is OK or INFORMATIONAL, 1 when any case is
-not (or no cases ran, or no report was written), 2 on a setup error
-(build, venv, timeout, a process that would not start).
+Exit status: 0 when every selected case ran and is OK or INFORMATIONAL;
+1 when a case is anything else, or the report is missing or has fewer
+cases than the spec selects; 2 on a setup error (venv, build, no matching
+cases, a process that would not start or listen, a timeout).
 
 Python 3 standard library only. Autobahn itself needs Python 2.7, which is
 taken from pyenv and installed into a virtualenv on first use.
@@ -65,8 +66,12 @@ class Child:
         log(f"starting {name}: {' '.join(shlex.quote(c) for c in cmd)}")
         log(f"  output -> {self.logfile}")
         self.out = open(self.logfile, "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            self.out.close()
+            raise SetupError(f"cannot start {name}: {e}")
 
     def wait(self, timeout):
         """Wait for exit; return the exit code, or None on timeout."""
@@ -86,12 +91,6 @@ class Child:
                 if self.wait(grace) is not None:
                     break
             log(f"stopped {self.name}")
-        else:
-            # the leader is gone; clean up anything it left in its group
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self.out.close()
 
     def tail(self, lines=20):
@@ -162,11 +161,33 @@ def split_list(text):
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def write_spec(tmp, spec):
+# Autobahn's own expansion of the spec's case patterns (runs on Python 2.7).
+EXPAND_CASES = """
+import json, sys
+from autobahntestsuite.case import Cases, CaseCategories, CaseSubCategories, CaseSetname, CaseBasename
+from autobahntestsuite.caseset import CaseSet
+cases = CaseSet(CaseSetname, CaseBasename, Cases, CaseCategories, CaseSubCategories)
+print(json.dumps(cases.parseSpecCases(json.load(open(sys.argv[1])))))
+"""
+
+
+def write_spec(args, tmp, spec):
+    """Write the spec; return its path and how many cases it selects."""
     path = Path(tmp) / "spec.json"
     path.write_text(json.dumps(spec, indent=2))
     log(f"spec {path}: {json.dumps(spec)}")
-    return path
+    try:
+        out = subprocess.run([str(args.venv / "bin" / "python"), "-c", EXPAND_CASES, str(path)],
+                             capture_output=True, text=True, check=True, timeout=60,
+                             stdin=subprocess.DEVNULL).stdout
+        selected = len(json.loads(out))
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        raise SetupError(f"could not expand the case patterns: {e}")
+    if not selected:
+        # wstest would wait forever with nothing to do
+        raise SetupError("no Autobahn cases match --cases/--exclude")
+    log(f"{selected} cases selected")
+    return path, selected
 
 
 def fresh_outdir(outdir):
@@ -194,7 +215,7 @@ def run_server_mode(args, wstest):
         require(binary)
         cmd = [str(binary), "echo", "--host", "127.0.0.1", "--port", str(port)]
     with tempfile.TemporaryDirectory(prefix="tether-autobahn-") as tmp:
-        spec = write_spec(tmp, {
+        spec, selected = write_spec(args, tmp, {
             "outdir": str(outdir),
             "servers": [{"agent": AGENT, "url": f"ws://127.0.0.1:{port}"}],
             "cases": args.cases,
@@ -220,7 +241,7 @@ def run_server_mode(args, wstest):
             if fuzzer:
                 fuzzer.stop()
             server.stop()
-    return summarise("server", outdir)
+    return summarise("server", outdir, selected)
 
 
 def run_client_mode(args, wstest):
@@ -235,7 +256,7 @@ def run_client_mode(args, wstest):
         require(binary)
         cmd = [str(binary), url, AGENT]
     with tempfile.TemporaryDirectory(prefix="tether-autobahn-") as tmp:
-        spec = write_spec(tmp, {
+        spec, selected = write_spec(args, tmp, {
             "url": url,
             "outdir": str(outdir),
             "cases": args.cases,
@@ -260,7 +281,7 @@ def run_client_mode(args, wstest):
             if client:
                 client.stop()
             fuzzer.stop()
-    return summarise("client", outdir)
+    return summarise("client", outdir, selected)
 
 
 # --- the report --------------------------------------------------------------
@@ -269,7 +290,7 @@ def case_key(case_id):
     return [int(p) if p.isdigit() else p for p in case_id.split(".")]
 
 
-def summarise(mode, outdir):
+def summarise(mode, outdir, selected):
     """Print the summary; return True when every case passed."""
     index = outdir / "index.json"
     if not index.exists():
@@ -297,8 +318,8 @@ def summarise(mode, outdir):
         if result_close and result_close != result:
             print(f"      close:  {result_close}")
     print(f"Reports: {outdir / 'index.html'}\n")
-    if not cases:
-        log(f"FAIL: no cases ran for agent {AGENT!r}")
+    if len(cases) < selected:
+        log(f"FAIL: only {len(cases)} of the {selected} selected cases have results")
         return False
     return not bad
 
@@ -362,4 +383,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # children were already stopped by the finally blocks
+        log("interrupted")
+        sys.exit(130)

@@ -1,1 +1,90 @@
-fn main() {}
+//! The `tether` command: `tether echo` (and more to come).
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tether_cli::exit;
+
+/// Tether: a WebSocket toolkit.
+#[derive(Parser, Debug)]
+#[command(name = "tether", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a WebSocket echo server (text and binary).
+    Echo(EchoArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct EchoArgs {
+    /// Port to listen on.
+    #[arg(long, short, default_value_t = 9001)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Largest message accepted, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_message_size: usize,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_frame_size: usize,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Echo(args) => run_echo(args),
+    };
+    match result {
+        Ok(()) => ExitCode::from(exit::OK as u8),
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            ExitCode::from(exit::FAILURE as u8)
+        }
+    }
+}
+
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n.max(1));
+    }
+    builder.enable_all().build().context("starting the runtime")
+}
+
+fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
+    let rt = runtime(args.threads)?;
+    rt.block_on(async {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "echo server listening");
+        let config = tether::Config::default()
+            .max_message_size(args.max_message_size)
+            .max_frame_size(args.max_frame_size);
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        tether_cli::echo::serve(listener, config, shutdown)
+            .await
+            .context("accepting connections")
+    })
+}

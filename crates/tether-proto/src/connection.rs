@@ -208,14 +208,17 @@ impl Connection {
         self.error.as_ref()
     }
 
-    /// Parses frames from the front of `buf`, consuming what it parses.
+    /// Parses frames from the front of `buf` until one yields an event or more bytes are
+    /// needed, consuming what it parses.
     ///
     /// Call it after every read, with everything received and not yet consumed (bytes that
-    /// followed the handshake first). Complete messages, pings, pongs and the close become
-    /// events for [`Connection::poll_event`]; automatic answers (pong, close echo) are queued
-    /// for [`Connection::transmit`]. A partial frame stays in `buf`: its payload is unmasked
-    /// and, for text, UTF-8-validated as it arrives, so invalid text fails without waiting
-    /// for the rest. After the peer's Close, further bytes are discarded.
+    /// followed the handshake first), and again whenever [`Connection::poll_event`] runs dry
+    /// while `buf` still holds bytes: parsing stops at each event so that the application
+    /// answers a message before a later frame in the same read can fail the connection.
+    /// Automatic answers (pong, close echo) are queued for [`Connection::transmit`]. A partial
+    /// frame stays in `buf`: its payload is unmasked and, for text, UTF-8-validated as it
+    /// arrives, so invalid text fails without waiting for the rest. After the peer's Close,
+    /// further bytes are discarded.
     ///
     /// # Errors
     /// The [`ProtocolError`] that failed the connection. A Close carrying its code is queued;
@@ -229,6 +232,9 @@ impl Connection {
                 buf.clear();
                 return Ok(());
             }
+            if !self.events.is_empty() {
+                return Ok(());
+            }
             match self.step(buf) {
                 Ok(true) => {}
                 Ok(false) => return Ok(()),
@@ -237,6 +243,18 @@ impl Connection {
                     return Err(err);
                 }
             }
+        }
+    }
+
+    /// Whether [`Connection::receive`] could make progress on `buf` without more bytes:
+    /// `buf` holds bytes beyond the partial frame already examined.
+    pub fn wants_receive(&self, buf: &BytesMut) -> bool {
+        if self.error.is_some() || self.close_received {
+            return false;
+        }
+        match self.current {
+            Some(frame) => buf.len() > frame.seen,
+            None => !buf.is_empty(),
         }
     }
 

@@ -1,1 +1,72 @@
-//! placeholder
+//! # tether
+//!
+//! WebSocket (RFC 6455) for tokio, on the sans-IO core [`tether_proto`]: accept on any
+//! transport or from a hyper/axum request, connect to `ws://` and `wss://`, and exchange
+//! [`Message`]s through a cancel-safe [`WebSocket::recv`] or as a `Stream` + `Sink`. Limits,
+//! timeouts and keepalive live in one [`Config`].
+//!
+//! An echo server:
+//!
+//! ```no_run
+//! use tokio::net::TcpListener;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let listener = TcpListener::bind("127.0.0.1:9001").await?;
+//!     loop {
+//!         let (tcp, _) = listener.accept().await?;
+//!         tokio::spawn(async move {
+//!             let Ok(mut ws) = tether::accept(tcp).await else { return };
+//!             while let Some(Ok(msg)) = ws.recv().await {
+//!                 // `feed` queues; receiving flushes whenever it would wait, so echoes
+//!                 // of many small messages leave in one write.
+//!                 if msg.is_data() && ws.feed(msg).await.is_err() {
+//!                     break;
+//!                 }
+//!             }
+//!         });
+//!     }
+//! }
+//! ```
+//!
+//! A client:
+//!
+//! ```no_run
+//! # async fn run() -> tether::Result<()> {
+//! let (mut ws, _) = tether::connect("ws://127.0.0.1:9001/").await?;
+//! ws.send(tether::Message::text("hello")).await?;
+//! let reply = ws.recv().await;
+//! ws.close(None).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Features
+//! - `tls` (default): `wss://` through rustls with the webpki roots ([`tls`]).
+//! - `hyper` (default): upgrade a hyper or axum request ([`upgrade`]).
+
+#![deny(unsafe_code)]
+
+mod client;
+mod config;
+mod error;
+mod handshake;
+mod message;
+pub mod tls;
+#[cfg(feature = "hyper")]
+pub mod upgrade;
+mod websocket;
+
+pub use client::{connect, ClientBuilder, ClientStream};
+pub use config::Config;
+pub use error::{Error, Result};
+pub use handshake::{accept, accept_hdr, accept_with_config, client};
+pub use message::Message;
+pub use tether_proto::{self as proto, CloseCode, CloseFrame, Role, Utf8Bytes};
+pub use websocket::{WebSocket, WsReceiver, WsSender};
+
+/// Handshake types: the request a server sees, what it answers, why it refuses, and the
+/// client's side.
+pub mod handshake_types {
+    pub use tether_proto::handshake::client::{ClientHandshakeError, ClientRequest, Response};
+    pub use tether_proto::handshake::server::{Accept, HandshakeError, Request};
+}

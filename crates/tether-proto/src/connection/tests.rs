@@ -31,9 +31,19 @@ fn from_client(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
     raw(opcode, fin, 0, payload, Some([0x11, 0x22, 0x33, 0x44]))
 }
 
+/// Feeds `bytes` and parses all of them, as a driver does between reads.
 fn feed(conn: &mut Connection, bytes: &[u8]) -> Result<(), ProtocolError> {
     let mut buf = BytesMut::from(bytes);
-    conn.receive(&mut buf)
+    let mut events = VecDeque::new();
+    loop {
+        conn.receive(&mut buf)?;
+        events.extend(std::iter::from_fn(|| conn.poll_event()));
+        if !conn.wants_receive(&buf) {
+            break;
+        }
+    }
+    conn.events = events;
+    Ok(())
 }
 
 fn events(conn: &mut Connection) -> Vec<Event> {
@@ -104,12 +114,14 @@ fn byte_at_a_time_delivery_gives_the_same_events() {
     wire.extend(from_client(0x2, true, &[1, 2, 3]));
     let mut s = server();
     let mut buf = BytesMut::new();
+    let mut seen = Vec::new();
     for byte in wire {
         buf.extend_from_slice(&[byte]);
         s.receive(&mut buf).unwrap();
+        seen.extend(events(&mut s));
     }
     assert_eq!(
-        events(&mut s),
+        seen,
         vec![
             Event::Ping(Bytes::from_static(b"p")),
             Event::Text("fragment ✓".into()),
@@ -322,4 +334,22 @@ fn sixty_four_bit_length_frame_round_trips() {
         events(&mut s),
         vec![Event::Text(Utf8Bytes::try_from_bytes(big).unwrap())]
     );
+}
+
+#[test]
+fn receive_stops_at_each_event_so_earlier_messages_are_answered_first() {
+    // A valid message, then a frame with a reserved bit, in one read (Autobahn 3.2).
+    let mut wire = from_client(0x1, true, b"first");
+    wire.extend(raw(0x1, true, RSV2, b"bad", Some([1, 2, 3, 4])));
+    let mut s = server();
+    let mut buf = BytesMut::from(&wire[..]);
+    s.receive(&mut buf).unwrap();
+    assert_eq!(s.poll_event(), Some(Event::Text("first".into())));
+    s.send_text("first".into()).unwrap();
+    assert!(s.wants_receive(&buf));
+    assert_eq!(s.receive(&mut buf), Err(ProtocolError::ReservedBits(RSV2)));
+    // The echo went out before the Close.
+    let out = drain(&mut s);
+    assert_eq!(&out[..7], &raw(0x1, true, 0, b"first", None)[..]);
+    assert_eq!(out[7], 0x88);
 }

@@ -1,0 +1,174 @@
+//! Connecting to a `ws://` or `wss://` URL.
+
+use std::net::{IpAddr, SocketAddr};
+#[cfg(feature = "tls")]
+use std::sync::Arc;
+
+use tether_proto::handshake::client::{ClientRequest, Response};
+use tokio::net::TcpStream;
+use url::Url;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::handshake::client;
+use crate::tls::MaybeTlsStream;
+use crate::websocket::WebSocket;
+
+/// A WebSocket to a server, over TCP or TLS.
+pub type ClientStream = WebSocket<MaybeTlsStream<TcpStream>>;
+
+/// Connects to `url` (`ws://` or `wss://`) with the default configuration.
+///
+/// ```no_run
+/// # async fn run() -> tether::Result<()> {
+/// use tether::Message;
+/// let (mut ws, _response) = tether::connect("ws://127.0.0.1:9001/").await?;
+/// ws.send(Message::text("hello")).await?;
+/// if let Some(reply) = ws.recv().await {
+///     println!("{:?}", reply?);
+/// }
+/// ws.close(None).await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// See [`ClientBuilder::connect`].
+pub async fn connect(url: &str) -> Result<(ClientStream, Response)> {
+    ClientBuilder::new(url)?.connect().await
+}
+
+/// Options for a client connection: subprotocols, headers, limits, TLS roots.
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    url: Url,
+    config: Config,
+    protocols: Vec<String>,
+    headers: Vec<(String, String)>,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl ClientBuilder {
+    /// Options for connecting to `url`.
+    ///
+    /// # Errors
+    /// [`Error::Url`] unless `url` is a `ws://` or `wss://` URL with a host.
+    pub fn new(url: &str) -> Result<Self> {
+        let url = Url::parse(url).map_err(|e| Error::Url(format!("{url}: {e}")))?;
+        match url.scheme() {
+            "ws" | "wss" => {}
+            other => return Err(Error::Url(format!("scheme {other:?} is not ws or wss"))),
+        }
+        if url.host().is_none() {
+            return Err(Error::Url(format!("{url}: no host")));
+        }
+        Ok(ClientBuilder {
+            url,
+            config: Config::default(),
+            protocols: Vec::new(),
+            headers: Vec::new(),
+            #[cfg(feature = "tls")]
+            tls: None,
+        })
+    }
+
+    /// Uses `config` for limits and timeouts (`handshake_timeout` covers TCP connect, TLS
+    /// and the upgrade).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Offers a subprotocol (repeat for several, in order of preference).
+    pub fn protocol(mut self, protocol: impl Into<String>) -> Self {
+        self.protocols.push(protocol.into());
+        self
+    }
+
+    /// Adds a request header (`Origin`, `Authorization`, `Cookie`…).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Uses this rustls configuration for `wss://` (e.g. from [`crate::tls::client_config`]
+    /// with a private CA).
+    #[cfg(feature = "tls")]
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// The handshake request this builder sends.
+    pub fn request(&self) -> ClientRequest {
+        let host = self.url.host_str().unwrap_or_default();
+        let host = match self.url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        let mut target = self.url.path().to_owned();
+        if let Some(query) = self.url.query() {
+            target.push('?');
+            target.push_str(query);
+        }
+        let mut request = ClientRequest::new(host, target);
+        request.protocols = self.protocols.clone();
+        request.headers = self.headers.clone();
+        request
+    }
+
+    /// Connects: TCP (no Nagle delay), TLS for `wss://`, then the upgrade.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the host cannot be resolved or reached, [`Error::Tls`],
+    /// [`Error::ClientHandshake`] when the server refuses, [`Error::HandshakeTimeout`].
+    pub async fn connect(self) -> Result<(ClientStream, Response)> {
+        let timeout = self.config.handshake_timeout;
+        let transport = tokio::time::timeout(timeout, self.open())
+            .await
+            .map_err(|_| Error::HandshakeTimeout)??;
+        let request = self.request();
+        client(transport, request, self.config).await
+    }
+
+    async fn open(&self) -> Result<MaybeTlsStream<TcpStream>> {
+        let port = self.url.port_or_known_default().unwrap_or(80);
+        let tcp = match self.url.host() {
+            Some(url::Host::Ipv4(ip)) => {
+                TcpStream::connect(SocketAddr::new(IpAddr::V4(ip), port)).await?
+            }
+            Some(url::Host::Ipv6(ip)) => {
+                TcpStream::connect(SocketAddr::new(IpAddr::V6(ip), port)).await?
+            }
+            Some(url::Host::Domain(name)) => TcpStream::connect((name, port)).await?,
+            None => return Err(Error::Url("no host".into())),
+        };
+        tcp.set_nodelay(true)?;
+        if self.url.scheme() == "ws" {
+            return Ok(MaybeTlsStream::Plain(tcp));
+        }
+        self.wrap_tls(tcp).await
+    }
+
+    #[cfg(feature = "tls")]
+    async fn wrap_tls(&self, tcp: TcpStream) -> Result<MaybeTlsStream<TcpStream>> {
+        let config = match &self.tls {
+            Some(c) => c.clone(),
+            None => crate::tls::client_config(&[])?,
+        };
+        let host = self.url.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| Error::Tls(format!("{host}: {e}")))?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        Ok(MaybeTlsStream::Rustls(Box::new(stream)))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    async fn wrap_tls(&self, _tcp: TcpStream) -> Result<MaybeTlsStream<TcpStream>> {
+        Err(Error::Tls("wss:// needs the `tls` feature".into()))
+    }
+}

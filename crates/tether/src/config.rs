@@ -1,0 +1,111 @@
+//! Limits, timeouts and keepalive for one connection.
+
+use std::time::Duration;
+
+use tether_proto::Limits;
+
+/// Every limit and timeout of a connection, each with a default suited to a public server.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = tether::Config::default()
+///     .max_message_size(1 << 20)
+///     .ping_interval(Some(Duration::from_secs(20)));
+/// assert_eq!(config.max_message_size, 1 << 20);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// The largest handshake head (request or response line plus headers). Larger: the
+    /// server answers 431, the client fails. Default 16 KiB.
+    pub max_handshake_size: usize,
+    /// How long the opening handshake may take, from the first byte awaited to the last
+    /// written. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// The largest frame payload accepted; larger fails with 1009. Default 16 MiB.
+    pub max_frame_size: usize,
+    /// The largest message accepted (all fragments); larger fails with 1009. Default 64 MiB.
+    pub max_message_size: usize,
+    /// Outbound bytes queued before sending waits for the socket to drain (backpressure).
+    /// Default 1 MiB. A single larger message is still accepted, then drained.
+    pub write_buffer_size: usize,
+    /// How long to wait for the peer's Close (and, as a client, for the server to close TCP)
+    /// once ours is sent, and for a failed connection's Close to be written. Default 5 s.
+    pub close_timeout: Duration,
+    /// Send a ping after this long without one; `None` (the default) disables keepalive.
+    pub ping_interval: Option<Duration>,
+    /// Without a pong this long after a keepalive ping, close with 1011 and fail with
+    /// [`Error::KeepaliveTimeout`](crate::Error::KeepaliveTimeout). Default 20 s.
+    pub ping_timeout: Duration,
+    /// Subprotocols a server supports, in its order of preference; the first one the client
+    /// offered wins. Empty (the default): none is selected.
+    pub protocols: Vec<String>,
+    /// Origins a server accepts (exact `scheme://host[:port]`, case-insensitive). `None`
+    /// (the default) accepts any, and requests without an `Origin` (non-browser clients) are
+    /// always accepted; a refused origin is answered 403.
+    pub allowed_origins: Option<Vec<String>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Config {
+            max_handshake_size: 16 << 10,
+            handshake_timeout: Duration::from_secs(10),
+            max_frame_size: limits.max_frame_size,
+            max_message_size: limits.max_message_size,
+            write_buffer_size: 1 << 20,
+            close_timeout: Duration::from_secs(5),
+            ping_interval: None,
+            ping_timeout: Duration::from_secs(20),
+            protocols: Vec::new(),
+            allowed_origins: None,
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        impl Config {
+            $(
+                $(#[$doc])*
+                pub fn $name(mut self, value: $ty) -> Self {
+                    self.$name = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
+    /// Sets [`Config::max_handshake_size`].
+    max_handshake_size: usize,
+    /// Sets [`Config::handshake_timeout`].
+    handshake_timeout: Duration,
+    /// Sets [`Config::max_frame_size`].
+    max_frame_size: usize,
+    /// Sets [`Config::max_message_size`].
+    max_message_size: usize,
+    /// Sets [`Config::write_buffer_size`].
+    write_buffer_size: usize,
+    /// Sets [`Config::close_timeout`].
+    close_timeout: Duration,
+    /// Sets [`Config::ping_interval`].
+    ping_interval: Option<Duration>,
+    /// Sets [`Config::ping_timeout`].
+    ping_timeout: Duration,
+    /// Sets [`Config::protocols`].
+    protocols: Vec<String>,
+    /// Sets [`Config::allowed_origins`].
+    allowed_origins: Option<Vec<String>>,
+}
+
+impl Config {
+    /// The protocol core's limits.
+    pub(crate) fn limits(&self) -> Limits {
+        Limits::default()
+            .max_frame_size(self.max_frame_size)
+            .max_message_size(self.max_message_size)
+    }
+}

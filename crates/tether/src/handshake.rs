@@ -1,0 +1,209 @@
+//! The opening handshake over any transport, with the size limit and timeout of [`Config`].
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tether_proto::handshake::client::{ClientRequest, Response};
+use tether_proto::handshake::server::{Accept, HandshakeError, Request};
+use tether_proto::Role;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::websocket::WebSocket;
+
+/// Accepts a WebSocket on `stream` with the default [`Config`].
+///
+/// # Errors
+/// See [`accept_hdr`].
+pub async fn accept<S>(stream: S) -> Result<WebSocket<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    accept_hdr(stream, Config::default(), |_, _| Ok(())).await
+}
+
+/// Accepts a WebSocket on `stream` with `config`.
+///
+/// # Errors
+/// See [`accept_hdr`].
+pub async fn accept_with_config<S>(stream: S, config: Config) -> Result<WebSocket<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    accept_hdr(stream, config, |_, _| Ok(())).await
+}
+
+/// Accepts a WebSocket on `stream`, letting `callback` inspect the request (path, headers,
+/// origin) and shape the answer (subprotocol, extra headers) or refuse it.
+///
+/// The subprotocol is preselected from [`Config::protocols`] and the Origin checked against
+/// [`Config::allowed_origins`] before the callback runs.
+///
+/// ```no_run
+/// # async fn run(stream: tokio::net::TcpStream) -> tether::Result<()> {
+/// use tether::handshake::{HandshakeError, Request};
+/// let ws = tether::accept_hdr(stream, tether::Config::default(), |req: &Request, accept| {
+///     if req.path() != "/ws" {
+///         return Err(HandshakeError::Refused { status: 404, reason: "no such endpoint".into() });
+///     }
+///     accept.headers.push(("X-Served-By".into(), "tether".into()));
+///     Ok(())
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`Error::Handshake`] for a request that is not a valid WebSocket upgrade, or that the
+/// policy or callback refused — the client has been answered with the HTTP status and reason;
+/// [`Error::HandshakeTimeout`], [`Error::HandshakeEof`], [`Error::Io`].
+///
+/// # Cancel safety
+/// Not cancel-safe: dropping the future abandons the handshake (and the stream).
+pub async fn accept_hdr<S, F>(mut stream: S, config: Config, callback: F) -> Result<WebSocket<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(&Request, &mut Accept) -> Result<(), HandshakeError>,
+{
+    let config = Arc::new(config);
+    let deadline = config.handshake_timeout;
+    let handshake = async {
+        let mut buf = BytesMut::with_capacity(1024);
+        let parsed = read_head(&mut stream, &mut buf, config.max_handshake_size, |b| {
+            Request::parse(b, config.max_handshake_size)
+        })
+        .await;
+        let (request, head_len) = match parsed {
+            Ok(found) => found,
+            Err(HeadError::Parse(e)) => return Err(refuse(&mut stream, e).await),
+            Err(HeadError::Io(e)) => return Err(e),
+        };
+        let mut accept = Accept {
+            protocol: request
+                .select_protocol(&config.protocols)
+                .map(str::to_owned),
+            ..Accept::default()
+        };
+        if let Err(e) =
+            check_origin(&config, &request).and_then(|()| callback(&request, &mut accept))
+        {
+            return Err(refuse(&mut stream, e).await);
+        }
+        stream.write_all(&request.accept(&accept)).await?;
+        stream.flush().await?;
+        buf.advance(head_len);
+        tracing::debug!(path = request.path(), protocol = ?accept.protocol, "accepted WebSocket");
+        Ok(WebSocket::from_parts(
+            stream,
+            Role::Server,
+            config.clone(),
+            buf,
+            accept.protocol,
+        ))
+    };
+    match tokio::time::timeout(deadline, handshake).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::HandshakeTimeout),
+    }
+}
+
+/// Refuses the handshake: writes the HTTP error (best effort) and returns the error.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, err: HandshakeError) -> Error {
+    tracing::info!(status = err.status(), error = %err, "refused WebSocket handshake");
+    let _ = stream.write_all(&err.response()).await;
+    let _ = stream.shutdown().await;
+    Error::Handshake(err)
+}
+
+pub(crate) fn check_origin(config: &Config, request: &Request) -> Result<(), HandshakeError> {
+    match (&config.allowed_origins, request.origin()) {
+        (Some(allowed), Some(origin))
+            if !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) =>
+        {
+            Err(HandshakeError::OriginRefused(origin.to_owned()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs the client handshake over an established `stream` (TCP, TLS, a proxy tunnel…).
+///
+/// # Errors
+/// [`Error::ClientHandshake`] when the server refuses or answers wrongly;
+/// [`Error::HandshakeTimeout`], [`Error::HandshakeEof`], [`Error::Io`].
+///
+/// # Cancel safety
+/// Not cancel-safe: dropping the future abandons the handshake.
+pub async fn client<S>(
+    mut stream: S,
+    request: ClientRequest,
+    config: Config,
+) -> Result<(WebSocket<S>, Response)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = Arc::new(config);
+    let handshake = async {
+        stream.write_all(&request.encode()?).await?;
+        stream.flush().await?;
+        let mut buf = BytesMut::with_capacity(1024);
+        let (response, head_len) =
+            read_head(&mut stream, &mut buf, config.max_handshake_size, |b| {
+                request.parse_response(b, config.max_handshake_size)
+            })
+            .await
+            .map_err(|e| match e {
+                HeadError::Parse(e) => Error::ClientHandshake(e),
+                HeadError::Io(e) => e,
+            })?;
+        buf.advance(head_len);
+        let ws = WebSocket::from_parts(
+            stream,
+            Role::Client,
+            config.clone(),
+            buf,
+            response.protocol.clone(),
+        );
+        Ok((ws, response))
+    };
+    match tokio::time::timeout(config.handshake_timeout, handshake).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::HandshakeTimeout),
+    }
+}
+
+enum HeadError<E> {
+    Parse(E),
+    Io(Error),
+}
+
+/// Reads until `parse` finds a complete head; parsing is retried only when a line ended.
+async fn read_head<S, T, E>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max_len: usize,
+    parse: impl Fn(&[u8]) -> Result<Option<T>, E>,
+) -> Result<T, HeadError<E>>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut fresh_from = 0;
+    loop {
+        if buf[fresh_from..].contains(&b'\n') || buf.len() > max_len {
+            match parse(buf) {
+                Ok(Some(found)) => return Ok(found),
+                Ok(None) => {}
+                Err(e) => return Err(HeadError::Parse(e)),
+            }
+        }
+        fresh_from = buf.len();
+        // Never read far past the limit: the rest of the buffer belongs to the WebSocket.
+        buf.reserve(1024.min(max_len + 1 - buf.len().min(max_len)).max(1));
+        match stream.read_buf(buf).await {
+            Ok(0) => return Err(HeadError::Io(Error::HandshakeEof)),
+            Ok(_) => {}
+            Err(e) => return Err(HeadError::Io(e.into())),
+        }
+    }
+}

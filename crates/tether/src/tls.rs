@@ -1,0 +1,116 @@
+//! TLS for `wss://` clients (rustls, ring provider).
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::Error;
+
+/// A transport that is either plain or wrapped in TLS.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum MaybeTlsStream<S> {
+    /// No TLS (`ws://`).
+    Plain(S),
+    /// TLS through rustls (`wss://`).
+    #[cfg(feature = "tls")]
+    Rustls(Box<tokio_rustls::client::TlsStream<S>>),
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            MaybeTlsStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            #[cfg(feature = "tls")]
+            MaybeTlsStream::Rustls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTlsStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTlsStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTlsStream::Plain(s) => s.is_write_vectored(),
+            #[cfg(feature = "tls")]
+            MaybeTlsStream::Rustls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// A rustls client configuration trusting the webpki roots plus every certificate in
+/// `extra_roots_pem` (PEM, e.g. a private CA), with `http/1.1` as the ALPN protocol.
+///
+/// # Errors
+/// [`Error::Tls`] when the PEM holds no certificate or one that cannot be used as a root.
+#[cfg(feature = "tls")]
+pub fn client_config(extra_roots_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, Error> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if !extra_roots_pem.is_empty() {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(extra_roots_pem) {
+            let cert = cert.map_err(|e| Error::Tls(format!("reading CA certificate: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| Error::Tls(format!("adding CA certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(Error::Tls("no certificate found in the CA file".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,135 @@
+//! Upgrading a hyper (or axum) HTTP request to a WebSocket.
+//!
+//! ```no_run
+//! use http_body_util::Empty;
+//! use hyper::body::Bytes;
+//!
+//! async fn handle(mut req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Empty<Bytes>> {
+//!     match tether::upgrade::upgrade(&mut req, tether::Config::default()) {
+//!         Ok((response, pending)) => {
+//!             tokio::spawn(async move {
+//!                 let Ok(mut ws) = pending.await else { return };
+//!                 while let Some(Ok(msg)) = ws.recv().await {
+//!                     if msg.is_data() && ws.send(msg).await.is_err() {
+//!                         break;
+//!                     }
+//!                 }
+//!             });
+//!             response
+//!         }
+//!         Err(refused) => {
+//!             let mut response = hyper::Response::new(Empty::new());
+//!             *response.status_mut() = hyper::StatusCode::from_u16(refused.status()).unwrap();
+//!             response
+//!         }
+//!     }
+//! }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::BytesMut;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tether_proto::handshake::server::{HandshakeError, Request};
+use tether_proto::handshake::{accept_key, Header, Headers};
+use tether_proto::Role;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::handshake::check_origin;
+use crate::websocket::WebSocket;
+
+/// The WebSocket over a hyper upgrade.
+pub type UpgradedWebSocket = WebSocket<TokioIo<Upgraded>>;
+
+/// Validates `req` as a WebSocket upgrade and answers it.
+///
+/// Returns the `101 Switching Protocols` response to send (with any body type that has a
+/// default, such as `http_body_util::Empty` or `axum::body::Body`) and a future that
+/// resolves to the WebSocket once hyper hands over the connection. The subprotocol is chosen
+/// from [`Config::protocols`] and the Origin checked against [`Config::allowed_origins`].
+///
+/// # Errors
+/// A [`HandshakeError`] when the request is not a valid upgrade or its Origin is refused;
+/// answer with [`HandshakeError::status`].
+pub fn upgrade<B, R: Default>(
+    req: &mut http::Request<B>,
+    config: Config,
+) -> Result<(http::Response<R>, PendingUpgrade), HandshakeError> {
+    let headers = Headers(
+        req.headers()
+            .iter()
+            .map(|(name, value)| Header {
+                name: name.as_str().to_owned(),
+                value: value.as_bytes().to_vec(),
+            })
+            .collect(),
+    );
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+    let http11 = req.version() >= http::Version::HTTP_11;
+    let request = Request::from_parts(req.method().as_str(), http11, target, headers)?;
+    check_origin(&config, &request)?;
+    let protocol = request
+        .select_protocol(&config.protocols)
+        .map(str::to_owned);
+
+    let mut response = http::Response::new(R::default());
+    *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    let accept = http::HeaderValue::from_str(&accept_key(request.key().as_bytes()))
+        .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+    h.insert(http::header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(p) = &protocol {
+        let value =
+            http::HeaderValue::from_str(p).map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+        h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
+    }
+    let pending = PendingUpgrade {
+        on_upgrade: hyper::upgrade::on(req),
+        config: Some(Arc::new(config)),
+        protocol,
+    };
+    Ok((response, pending))
+}
+
+/// Resolves to the WebSocket once the `101` response is sent and hyper releases the
+/// connection.
+#[must_use = "the WebSocket exists only once this future is awaited"]
+pub struct PendingUpgrade {
+    on_upgrade: OnUpgrade,
+    config: Option<Arc<Config>>,
+    protocol: Option<String>,
+}
+
+impl Future for PendingUpgrade {
+    type Output = Result<UpgradedWebSocket>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let upgraded = ready!(Pin::new(&mut this.on_upgrade).poll(cx))
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        let config = this.config.take().unwrap_or_default();
+        Poll::Ready(Ok(WebSocket::from_parts(
+            TokioIo::new(upgraded),
+            Role::Server,
+            config,
+            BytesMut::new(),
+            this.protocol.take(),
+        )))
+    }
+}

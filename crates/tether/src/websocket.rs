@@ -1,0 +1,626 @@
+//! `WebSocket<S>`: the tokio driver around a [`tether_proto::Connection`].
+
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Wake, Waker};
+
+use bytes::{Buf, BytesMut};
+use futures_core::Stream;
+use futures_sink::Sink;
+use tether_proto::{CloseCode, CloseFrame, Connection, Event, Role, SendError, State};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::message::Message;
+
+/// How much spare room a read asks for.
+const READ_CHUNK: usize = 16 << 10;
+/// How many buffers one vectored write gathers.
+const MAX_IOVECS: usize = 64;
+
+/// Which half of a connection is waiting to write: both can, after [`WebSocket::split`].
+#[derive(Clone, Copy)]
+enum Waiter {
+    Reader = 0,
+    Sender = 1,
+}
+
+/// Wakes every task that waits for the socket to become writable.
+///
+/// The reader (flushing pongs and close echoes) and the sender can both wait for write
+/// readiness, but a socket remembers one waker per direction; the socket is given this
+/// combined waker, which wakes both.
+#[derive(Default)]
+struct WriteWakers {
+    slots: Mutex<[Option<Waker>; 2]>,
+}
+
+impl WriteWakers {
+    fn register(&self, who: Waiter, waker: &Waker) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = &mut slots[who as usize];
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+}
+
+impl Wake for WriteWakers {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let taken = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            [slots[0].take(), slots[1].take()]
+        };
+        for waker in taken.into_iter().flatten() {
+            waker.wake();
+        }
+    }
+}
+
+/// Keepalive: a ping every `interval`, and a deadline for its pong.
+struct Keepalive {
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    timer: Pin<Box<Sleep>>,
+    next_ping: Instant,
+    pong_deadline: Option<Instant>,
+    sent: u64,
+}
+
+impl Keepalive {
+    fn new(interval: std::time::Duration, timeout: std::time::Duration) -> Self {
+        let next_ping = Instant::now() + interval;
+        Keepalive {
+            interval,
+            timeout,
+            timer: Box::pin(tokio::time::sleep_until(next_ping)),
+            next_ping,
+            pong_deadline: None,
+            sent: 0,
+        }
+    }
+
+    /// Sends due pings. `Err(())` when a pong is overdue.
+    fn poll(&mut self, cx: &mut Context<'_>, conn: &mut Connection) -> Result<(), ()> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if self.pong_deadline.is_some_and(|d| now >= d) {
+                return Err(());
+            }
+            if now >= self.next_ping {
+                self.sent += 1;
+                if conn
+                    .send_ping(bytes::Bytes::copy_from_slice(&self.sent.to_be_bytes()))
+                    .is_ok()
+                    && self.pong_deadline.is_none()
+                {
+                    self.pong_deadline = Some(now + self.timeout);
+                }
+                self.next_ping = now + self.interval;
+            }
+            let wake_at = self
+                .pong_deadline
+                .map_or(self.next_ping, |d| d.min(self.next_ping));
+            self.timer.as_mut().reset(wake_at);
+        }
+        Ok(())
+    }
+}
+
+/// Where the connection is in its life, as the driver sees it.
+enum Phase {
+    /// Reading and writing.
+    Running,
+    /// Finishing: write what is queued (the Close), close the transport, then end the stream
+    /// with this error (or cleanly with `None`).
+    Finishing(Option<Error>),
+    /// The stream has ended.
+    Done,
+}
+
+/// The connection state shared by the whole socket or by its two halves.
+pub(crate) struct Inner<S> {
+    io: S,
+    conn: Connection,
+    read_buf: BytesMut,
+    config: Arc<Config>,
+    protocol: Option<String>,
+    phase: Phase,
+    keepalive: Option<Keepalive>,
+    close_timer: Option<Pin<Box<Sleep>>>,
+    wakers: Arc<WriteWakers>,
+    write_waker: Waker,
+    eof: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
+    fn new(
+        io: S,
+        role: Role,
+        config: Arc<Config>,
+        read_buf: BytesMut,
+        protocol: Option<String>,
+    ) -> Self {
+        let conn = Connection::with_limits(role, config.limits());
+        let keepalive = config
+            .ping_interval
+            .filter(|i| !i.is_zero())
+            .map(|i| Keepalive::new(i, config.ping_timeout));
+        let wakers = Arc::new(WriteWakers::default());
+        Inner {
+            io,
+            conn,
+            read_buf,
+            config,
+            protocol,
+            phase: Phase::Running,
+            keepalive,
+            close_timer: None,
+            write_waker: Waker::from(wakers.clone()),
+            wakers,
+            eof: false,
+        }
+    }
+
+    /// Writes queued frames (gathering many per syscall) and flushes the transport.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>, who: Waiter) -> Poll<io::Result<()>> {
+        self.wakers.register(who, cx.waker());
+        let mut wcx = Context::from_waker(&self.write_waker);
+        let out = self.conn.transmit();
+        while out.has_remaining() {
+            let written = if self.io.is_write_vectored() {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let n = out.chunks_vectored(&mut slices);
+                ready!(Pin::new(&mut self.io).poll_write_vectored(&mut wcx, &slices[..n]))?
+            } else {
+                ready!(Pin::new(&mut self.io).poll_write(&mut wcx, out.chunk()))?
+            };
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            out.advance(written);
+        }
+        Pin::new(&mut self.io).poll_flush(&mut wcx)
+    }
+
+    /// Starts finishing the connection; the stream ends with `err` once the transport is closed.
+    fn finish(&mut self, err: Option<Error>) {
+        if let Some(e) = &err {
+            tracing::info!(code = e.close_code().0, error = %e, "closing WebSocket connection");
+        }
+        if matches!(self.phase, Phase::Running) {
+            self.phase = Phase::Finishing(err);
+        }
+    }
+
+    fn end(&mut self) -> Poll<Option<Result<Message>>> {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Finishing(Some(err)) => Poll::Ready(Some(Err(err))),
+            _ => Poll::Ready(None),
+        }
+    }
+
+    /// Arms the close timer (once) and tells whether it has fired.
+    fn close_timer_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        let timeout = self.config.close_timeout;
+        let timer = self
+            .close_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    fn poll_next_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message>>> {
+        loop {
+            if let Some(event) = self.conn.poll_event() {
+                if let (Event::Pong(_), Some(k)) = (&event, self.keepalive.as_mut()) {
+                    k.pong_deadline = None;
+                }
+                return Poll::Ready(Some(Ok(event.into())));
+            }
+            if matches!(self.phase, Phase::Done) {
+                return Poll::Ready(None);
+            }
+            if matches!(self.phase, Phase::Running) {
+                if let Some(keepalive) = self.keepalive.as_mut() {
+                    if keepalive.poll(cx, &mut self.conn).is_err() {
+                        let _ = self.conn.send_close(Some(CloseFrame::new(
+                            CloseCode::INTERNAL_ERROR,
+                            "keepalive timeout",
+                        )));
+                        self.finish(Some(Error::KeepaliveTimeout));
+                    }
+                }
+            }
+
+            // Frames already buffered come before anything new: parse them first.
+            if matches!(self.phase, Phase::Running) && self.conn.wants_receive(&self.read_buf) {
+                let before = self.read_buf.len();
+                if let Err(err) = self.conn.receive(&mut self.read_buf) {
+                    self.finish(Some(Error::Protocol(err)));
+                    continue;
+                }
+                if self.read_buf.len() != before {
+                    continue;
+                }
+            }
+
+            let flushed = match self.poll_write_out(cx, Waiter::Reader) {
+                Poll::Ready(Ok(())) => true,
+                // The peer's Close arrived: it may drop the transport before taking our echo.
+                Poll::Ready(Err(_)) if self.conn.close_received() => return self.end(),
+                Poll::Ready(Err(e)) => {
+                    self.phase = Phase::Done;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Pending => false,
+            };
+
+            let finishing = !matches!(self.phase, Phase::Running);
+            let state = self.conn.state();
+            if finishing || state != State::Open {
+                if self.close_timer_fired(cx) {
+                    tracing::debug!("close timeout elapsed; closing the transport");
+                    return self.end();
+                }
+                if finishing || state == State::Closed {
+                    if !flushed {
+                        return Poll::Pending;
+                    }
+                    // After a clean close handshake a client waits for the server to close
+                    // TCP first (RFC 6455 §7.1.1); a server, or a failed connection, closes now.
+                    let wait_for_peer = !finishing && self.conn.role() == Role::Client && !self.eof;
+                    if !wait_for_peer {
+                        let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
+                        return self.end();
+                    }
+                }
+            }
+            if self.eof {
+                // Open or closing, and the peer vanished without a close handshake.
+                self.phase = Phase::Done;
+                return Poll::Ready(Some(Err(Error::AbnormalClosure)));
+            }
+
+            // Backpressure: don't take in more while our own output is over its budget.
+            if !flushed && self.conn.queued_len() > self.config.write_buffer_size {
+                return Poll::Pending;
+            }
+
+            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+                self.read_buf.reserve(READ_CHUNK);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf) {
+                Poll::Pending => return Poll::Pending,
+                // After both Close frames, a reset instead of a FIN still ends the connection.
+                Poll::Ready(Err(_))
+                    if self.conn.state() == State::Closed && self.conn.close_received() =>
+                {
+                    self.eof = true;
+                    continue;
+                }
+                Poll::Ready(Err(e)) => {
+                    self.phase = Phase::Done;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Ready(Ok(0)) => {
+                    self.eof = true;
+                    continue;
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if self.conn.close_sent() || matches!(self.phase, Phase::Done) {
+            return Poll::Ready(Err(Error::Send(SendError::Closed)));
+        }
+        if self.conn.queued_len() >= self.config.write_buffer_size {
+            ready!(self.poll_write_out(cx, Waiter::Sender))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(&mut self, msg: Message) -> Result<()> {
+        match msg {
+            Message::Text(t) => self.conn.send_text(t)?,
+            Message::Binary(b) => self.conn.send_binary(b)?,
+            Message::Ping(b) => self.conn.send_ping(b)?,
+            Message::Pong(b) => self.conn.send_pong(b)?,
+            Message::Close(frame) => self.conn.send_close(frame)?,
+        }
+        Ok(())
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        ready!(self.poll_write_out(cx, Waiter::Sender))?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Queues a normal Close unless one was sent.
+    fn start_close(&mut self, frame: Option<CloseFrame>) -> Result<()> {
+        if self.conn.state() == State::Open {
+            self.conn.send_close(Some(
+                frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NORMAL, "")),
+            ))?;
+        }
+        Ok(())
+    }
+}
+
+/// A WebSocket over a transport `S` (a `TcpStream`, a TLS stream, a hyper upgrade…).
+///
+/// Receive with [`WebSocket::recv`] or as a [`Stream`]; send with [`WebSocket::send`] (one
+/// message, flushed), [`WebSocket::feed`] + [`WebSocket::flush`] (many messages, one write), or as
+/// a [`Sink`]. Pings are answered automatically, and the close handshake is completed for you:
+/// after [`Message::Close`] the stream ends.
+///
+/// Receiving also writes what is queued (pongs, a close echo, messages fed but not flushed)
+/// whenever it would otherwise wait, so an echo loop that only `feed`s batches its replies.
+pub struct WebSocket<S> {
+    inner: Inner<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
+    /// Wraps a transport whose opening handshake is already done (by another HTTP stack).
+    pub fn from_raw(io: S, role: Role, config: Config) -> Self {
+        Self::from_parts(io, role, Arc::new(config), BytesMut::new(), None)
+    }
+
+    /// Wraps a transport whose handshake is done; `read_buf` holds bytes already read past it.
+    pub(crate) fn from_parts(
+        io: S,
+        role: Role,
+        config: Arc<Config>,
+        read_buf: BytesMut,
+        protocol: Option<String>,
+    ) -> Self {
+        WebSocket {
+            inner: Inner::new(io, role, config, read_buf, protocol),
+        }
+    }
+
+    /// The subprotocol agreed in the handshake, if any.
+    pub fn protocol(&self) -> Option<&str> {
+        self.inner.protocol.as_deref()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Bytes queued for the transport and not yet written.
+    pub fn queued_len(&self) -> usize {
+        self.inner.conn.queued_len()
+    }
+
+    /// The transport.
+    pub fn get_ref(&self) -> &S {
+        &self.inner.io
+    }
+
+    /// Receives the next message; `None` once the connection has ended.
+    ///
+    /// Pings are answered before they are returned. After [`Message::Close`], the next call
+    /// completes the close (waiting at most `close_timeout`) and returns `None`.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] when the peer broke the protocol (the Close with its code was
+    /// sent), [`Error::AbnormalClosure`] when the transport closed without a close handshake,
+    /// [`Error::KeepaliveTimeout`], or [`Error::Io`]. The stream ends after an error.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: use it in `tokio::select!`; no message is lost when the future is dropped.
+    pub async fn recv(&mut self) -> Option<Result<Message>> {
+        poll_fn(|cx| self.inner.poll_next_message(cx)).await
+    }
+
+    /// Queues `msg` and writes everything queued.
+    ///
+    /// # Errors
+    /// [`Error::Send`] after a Close was sent or for an oversized control frame;
+    /// [`Error::Io`] when the transport fails.
+    ///
+    /// # Cancel safety
+    /// If cancelled, the message may be queued and is written by a later call.
+    pub async fn send(&mut self, msg: Message) -> Result<()> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    /// Queues `msg`, waiting only while more than `write_buffer_size` bytes are queued.
+    ///
+    /// # Errors
+    /// As [`WebSocket::send`].
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if cancelled, the message was not queued.
+    pub async fn feed(&mut self, msg: Message) -> Result<()> {
+        poll_fn(|cx| self.inner.poll_ready(cx)).await?;
+        self.inner.start_send(msg)
+    }
+
+    /// Writes everything queued.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the transport fails.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: what was written stays written; the rest stays queued.
+    pub async fn flush(&mut self) -> Result<()> {
+        poll_fn(|cx| self.inner.poll_flush(cx)).await
+    }
+
+    /// Closes the connection: sends a Close (1000 unless `frame` says otherwise), then reads
+    /// until the peer's Close — discarding messages — and the transport closes, waiting at
+    /// most `close_timeout`.
+    ///
+    /// # Errors
+    /// [`Error::Send`] for a close code that may not be sent; any error that ends the stream.
+    pub async fn close(&mut self, frame: Option<CloseFrame>) -> Result<()> {
+        self.inner.start_close(frame)?;
+        while let Some(msg) = self.recv().await {
+            msg?;
+        }
+        Ok(())
+    }
+
+    /// Splits into a sending and a receiving half, usable from two tasks.
+    pub fn split(self) -> (WsSender<S>, WsReceiver<S>) {
+        let shared = Arc::new(Mutex::new(self.inner));
+        (
+            WsSender {
+                shared: shared.clone(),
+            },
+            WsReceiver { shared },
+        )
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocket<S> {
+    type Item = Result<Message>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().inner.poll_next_message(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for WebSocket<S> {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.get_mut().inner.poll_ready(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<()> {
+        self.get_mut().inner.start_send(item)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.get_mut().inner.poll_flush(cx)
+    }
+
+    /// Sends a normal Close if none was sent, then completes the close handshake.
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let inner = &mut self.get_mut().inner;
+        inner.start_close(None)?;
+        while let Some(msg) = ready!(inner.poll_next_message(cx)) {
+            msg?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn lock<S>(shared: &Mutex<Inner<S>>) -> std::sync::MutexGuard<'_, Inner<S>> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The sending half of a split [`WebSocket`].
+pub struct WsSender<S> {
+    shared: Arc<Mutex<Inner<S>>>,
+}
+
+/// The receiving half of a split [`WebSocket`]; it also writes pongs and the close echo.
+pub struct WsReceiver<S> {
+    shared: Arc<Mutex<Inner<S>>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
+    /// Queues `msg` and writes everything queued.
+    ///
+    /// # Errors
+    /// As [`WebSocket::send`].
+    ///
+    /// # Cancel safety
+    /// If cancelled, the message may be queued and is written by a later call.
+    pub async fn send(&mut self, msg: Message) -> Result<()> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    /// Queues `msg`, waiting only while more than `write_buffer_size` bytes are queued.
+    ///
+    /// # Errors
+    /// As [`WebSocket::send`].
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if cancelled, the message was not queued.
+    pub async fn feed(&mut self, msg: Message) -> Result<()> {
+        poll_fn(|cx| lock(&self.shared).poll_ready(cx)).await?;
+        lock(&self.shared).start_send(msg)
+    }
+
+    /// Writes everything queued.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the transport fails.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe.
+    pub async fn flush(&mut self) -> Result<()> {
+        poll_fn(|cx| lock(&self.shared).poll_flush(cx)).await
+    }
+
+    /// Sends a Close (1000 unless `frame` says otherwise) and writes it; the receiving half
+    /// then sees the peer's Close and ends.
+    ///
+    /// # Errors
+    /// [`Error::Send`] for a code that may not be sent; [`Error::Io`].
+    pub async fn close(&mut self, frame: Option<CloseFrame>) -> Result<()> {
+        lock(&self.shared).start_close(frame)?;
+        self.flush().await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsReceiver<S> {
+    /// Receives the next message; see [`WebSocket::recv`].
+    ///
+    /// # Errors
+    /// As [`WebSocket::recv`].
+    ///
+    /// # Cancel safety
+    /// Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Result<Message>> {
+        poll_fn(|cx| lock(&self.shared).poll_next_message(cx)).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WsReceiver<S> {
+    type Item = Result<Message>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        lock(&self.shared).poll_next_message(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for WsSender<S> {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        lock(&self.shared).poll_ready(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<()> {
+        lock(&self.shared).start_send(item)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        lock(&self.shared).poll_flush(cx)
+    }
+
+    /// Sends a normal Close if none was sent and writes it.
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let mut inner = lock(&self.shared);
+        inner.start_close(None)?;
+        inner.poll_flush(cx)
+    }
+}
