@@ -22,7 +22,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct EchoArgs {
-    /// Port to listen on.
+    /// Port to listen on (0 picks a free one; the address is printed on stdout).
     #[arg(long, short, default_value_t = 9001)]
     port: u16,
     /// Address to listen on.
@@ -75,7 +75,10 @@ fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "echo server listening");
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, "echo server listening");
+        // One plain line on stdout, so scripts (and `--port 0`) learn the address.
+        println!("listening on ws://{local}/");
         let config = tether::Config::default()
             .max_message_size(args.max_message_size)
             .max_frame_size(args.max_frame_size);

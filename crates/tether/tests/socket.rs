@@ -1,0 +1,509 @@
+//! The tokio library over real loopback sockets: echo, batching, split halves, cancel safety,
+//! every limit and timeout in `Config`, keepalive, subprotocols, headers and the Origin policy.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tether::handshake_types::{ClientHandshakeError, HandshakeError};
+use tether::{CloseCode, CloseFrame, Config, Error, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts connections forever, echoing data messages, with `config`.
+async fn echo_server(config: Config) -> std::net::SocketAddr {
+    let (listener, addr) = listener().await;
+    tokio::spawn(serve_echo(listener, config));
+    addr
+}
+
+async fn serve_echo(listener: TcpListener, config: Config) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let config = config.clone();
+        tokio::spawn(async move {
+            let Ok(mut ws) = tether::accept_with_config(tcp, config).await else {
+                return;
+            };
+            while let Some(Ok(msg)) = ws.recv().await {
+                if msg.is_data() && ws.feed(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn url(addr: std::net::SocketAddr) -> String {
+    format!("ws://{addr}/")
+}
+
+#[tokio::test]
+async fn echo_round_trips_text_and_binary_of_every_length_form() {
+    let addr = echo_server(Config::default()).await;
+    let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    for len in [0usize, 1, 125, 126, 65_535, 65_536, 1 << 20] {
+        let text: String = "é".repeat(len / 2);
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(
+            within(ws.recv()).await.unwrap().unwrap(),
+            Message::text(text)
+        );
+        let data = vec![0xa5u8; len];
+        ws.send(Message::binary(data.clone())).await.unwrap();
+        assert_eq!(
+            within(ws.recv()).await.unwrap().unwrap(),
+            Message::binary(data)
+        );
+    }
+    within(ws.close(None)).await.unwrap();
+}
+
+#[tokio::test]
+async fn fed_messages_are_batched_and_all_echoed_in_order() {
+    let addr = echo_server(Config::default()).await;
+    let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    for i in 0..2000 {
+        ws.feed(Message::text(format!("m{i}"))).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    for i in 0..2000 {
+        let msg = within(ws.recv()).await.unwrap().unwrap();
+        assert_eq!(msg.as_text(), Some(format!("m{i}").as_str()));
+    }
+}
+
+#[tokio::test]
+async fn stream_and_sink_work_with_futures_combinators() {
+    let addr = echo_server(Config::default()).await;
+    let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    let mut outgoing =
+        futures_util::stream::iter((0..100).map(|i| Ok(Message::binary(vec![i as u8; 10]))));
+    ws.send_all(&mut outgoing).await.unwrap();
+    let got: Vec<Message> = within(ws.by_ref().take(100).map(Result::unwrap).collect()).await;
+    assert_eq!(got.len(), 100);
+    assert_eq!(got[99], Message::binary(vec![99u8; 10]));
+    within(SinkExt::close(&mut ws)).await.unwrap();
+}
+
+#[tokio::test]
+async fn split_halves_send_and_receive_from_two_tasks() {
+    let addr = echo_server(Config::default()).await;
+    let (ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let sender = tokio::spawn(async move {
+        for i in 0..500u32 {
+            tx.send(Message::binary(i.to_be_bytes().to_vec()))
+                .await
+                .unwrap();
+        }
+        tx
+    });
+    for i in 0..500u32 {
+        let msg = within(rx.recv()).await.unwrap().unwrap();
+        assert_eq!(msg, Message::binary(i.to_be_bytes().to_vec()));
+    }
+    let mut tx = sender.await.unwrap();
+    tx.close(None).await.unwrap();
+    // The receiving half sees the echoed Close, then the end.
+    let last = within(rx.recv()).await.unwrap().unwrap();
+    assert!(matches!(last, Message::Close(Some(f)) if f.code == CloseCode::NORMAL));
+    assert!(within(rx.recv()).await.is_none());
+}
+
+#[tokio::test]
+async fn recv_is_cancel_safe_inside_select() {
+    let addr = echo_server(Config::default()).await;
+    let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    let (tx, mut ticks) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        while tx.send(()).await.is_ok() {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    });
+    for i in 0..300u32 {
+        ws.feed(Message::text(i.to_string())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    let mut next = 0u32;
+    let mut cancelled = 0;
+    while next < 300 {
+        tokio::select! {
+            msg = ws.recv() => {
+                assert_eq!(msg.unwrap().unwrap().as_text(), Some(next.to_string().as_str()));
+                next += 1;
+            }
+            _ = ticks.recv() => cancelled += 1,
+        }
+    }
+    assert!(cancelled > 0, "the select never cancelled a recv");
+}
+
+#[tokio::test]
+async fn handshake_head_over_the_limit_gets_431() {
+    let addr = echo_server(Config::default().max_handshake_size(1024)).await;
+    let big = format!("X-Filler: {}\r\n", "a".repeat(4000));
+    let (_tcp, head) = within(raw_exchange(addr, &request(addr, &big))).await;
+    assert!(head.starts_with("HTTP/1.1 431 "), "{head}");
+}
+
+#[tokio::test]
+async fn silent_client_hits_the_handshake_timeout() {
+    let (listener, addr) = listener().await;
+    let _idle = TcpStream::connect(addr).await.unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let started = std::time::Instant::now();
+    let config = Config::default().handshake_timeout(Duration::from_millis(200));
+    let err = within(tether::accept_with_config(tcp, config))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::HandshakeTimeout), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn wrong_version_gets_426_and_the_server_keeps_serving() {
+    let addr = echo_server(Config::default()).await;
+    let req = request(addr, "").replace("Version: 13", "Version: 8");
+    let (_tcp, head) = within(raw_exchange(addr, &req)).await;
+    assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+    assert!(head.contains("Sec-WebSocket-Version: 13"), "{head}");
+    let (_tcp, head) = within(raw_exchange(addr, "GARBAGE\r\n\r\n")).await;
+    assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+    // Others are still served.
+    let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(
+        within(ws.recv()).await.unwrap().unwrap(),
+        Message::text("still here")
+    );
+}
+
+#[tokio::test]
+async fn oversized_frame_is_closed_with_1009() {
+    let addr = echo_server(Config::default().max_frame_size(1000)).await;
+    let mut tcp = within(raw_client(addr)).await;
+    // Only the header of a 5000-byte frame: the limit applies before the payload arrives.
+    let frame = client_frame(0x2, &[0u8; 5000]);
+    tcp.write_all(&frame[..8]).await.unwrap();
+    let (code, _) = within(read_until_close(&mut tcp)).await.unwrap();
+    assert_eq!(code, 1009);
+}
+
+#[tokio::test]
+async fn oversized_message_is_closed_with_1009_and_reported_to_the_client() {
+    let addr = echo_server(Config::default().max_message_size(1000)).await;
+    let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    ws.send(Message::binary(vec![1u8; 2000])).await.unwrap();
+    let msg = within(ws.recv()).await.unwrap().unwrap();
+    assert!(matches!(msg, Message::Close(Some(f)) if f.code == CloseCode::MESSAGE_TOO_BIG));
+    assert!(within(ws.recv()).await.is_none());
+}
+
+#[tokio::test]
+async fn client_limit_fails_oversized_server_message_with_1009() {
+    let addr = echo_server(Config::default()).await;
+    let config = Config::default().max_message_size(100);
+    let (mut ws, _) = within(
+        tether::ClientBuilder::new(&url(addr))
+            .unwrap()
+            .config(config)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    ws.send(Message::binary(vec![0u8; 500])).await.unwrap();
+    let err = within(ws.recv()).await.unwrap().unwrap_err();
+    assert_eq!(err.close_code(), CloseCode::MESSAGE_TOO_BIG, "{err}");
+    assert!(within(ws.recv()).await.is_none());
+}
+
+#[tokio::test]
+async fn unmasked_client_frame_is_closed_with_1002() {
+    let addr = echo_server(Config::default()).await;
+    let mut tcp = within(raw_client(addr)).await;
+    tcp.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
+    let (code, _) = within(read_until_close(&mut tcp)).await.unwrap();
+    assert_eq!(code, 1002);
+    // And the server closes TCP.
+    let mut rest = Vec::new();
+    within(tcp.read_to_end(&mut rest)).await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_closed_with_1007() {
+    let addr = echo_server(Config::default()).await;
+    let mut tcp = within(raw_client(addr)).await;
+    tcp.write_all(&client_frame(0x1, &[b'o', b'k', 0xff]))
+        .await
+        .unwrap();
+    let (code, _) = within(read_until_close(&mut tcp)).await.unwrap();
+    assert_eq!(code, 1007);
+}
+
+#[tokio::test]
+async fn keepalive_closes_with_1011_when_no_pong_arrives() {
+    let (listener, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let config = Config::default()
+            .ping_interval(Some(Duration::from_millis(50)))
+            .ping_timeout(Duration::from_millis(150));
+        let mut ws = tether::accept_with_config(tcp, config).await.unwrap();
+        loop {
+            match ws.recv().await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    });
+    // This peer reads but never answers pings.
+    let mut tcp = within(raw_client(addr)).await;
+    let (code, before) = within(read_until_close(&mut tcp)).await.unwrap();
+    assert_eq!(code, 1011);
+    assert!(before.contains(&0x9), "pings were sent first: {before:?}");
+    let err = within(server).await.unwrap().expect("an error");
+    assert!(matches!(err, Error::KeepaliveTimeout), "{err}");
+}
+
+#[tokio::test]
+async fn keepalive_is_satisfied_by_a_peer_that_answers_pings() {
+    let config = Config::default()
+        .ping_interval(Some(Duration::from_millis(30)))
+        .ping_timeout(Duration::from_millis(100));
+    let addr = echo_server(config).await;
+    let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    // The client answers pings while it waits in recv.
+    let mut pings = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, ws.recv()).await {
+        if let Message::Ping(_) = msg.unwrap() {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 5, "only {pings} pings");
+    ws.send(Message::text("alive")).await.unwrap();
+    let reply = within(async {
+        loop {
+            match ws.recv().await.unwrap().unwrap() {
+                Message::Ping(_) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert_eq!(reply, Message::text("alive"));
+}
+
+#[tokio::test]
+async fn write_buffer_bounds_what_a_non_reading_peer_can_make_us_queue() {
+    let (listener, addr) = listener().await;
+    // A peer that never reads.
+    let _tcp = within(raw_client_deferred(addr, &listener)).await;
+}
+
+/// Accepts one connection with a small write buffer and feeds it until feeding blocks.
+async fn raw_client_deferred(addr: std::net::SocketAddr, listener: &TcpListener) -> TcpStream {
+    let connect = tokio::spawn(raw_client(addr));
+    let (tcp, _) = listener.accept().await.unwrap();
+    let limit = 64 << 10;
+    let mut ws = tether::accept_with_config(tcp, Config::default().write_buffer_size(limit))
+        .await
+        .unwrap();
+    let peer = connect.await.unwrap();
+    let chunk = vec![0u8; 16 << 10];
+    let mut blocked = false;
+    for _ in 0..10_000 {
+        let fed = tokio::time::timeout(
+            Duration::from_millis(200),
+            ws.feed(Message::binary(chunk.clone())),
+        )
+        .await;
+        assert!(
+            ws.queued_len() <= limit + chunk.len() + 16,
+            "queued {}",
+            ws.queued_len()
+        );
+        if fed.is_err() {
+            blocked = true;
+            break;
+        }
+    }
+    assert!(blocked, "feeding never waited for the peer");
+    peer
+}
+
+#[tokio::test]
+async fn close_waits_at_most_the_close_timeout_for_a_silent_peer() {
+    let (listener, addr) = listener().await;
+    let peer = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tcp = tcp;
+        // Complete the handshake by hand, then never answer the Close.
+        let mut buf = vec![0u8; 4096];
+        let n = tcp.read(&mut buf).await.unwrap();
+        let req = String::from_utf8_lossy(&buf[..n]).to_string();
+        let key = req
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            tether::proto::handshake::accept_key(key.as_bytes())
+        );
+        tcp.write_all(resp.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(tcp);
+    });
+    let config = Config::default().close_timeout(Duration::from_millis(300));
+    let (mut ws, _) = within(
+        tether::ClientBuilder::new(&url(addr))
+            .unwrap()
+            .config(config)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    within(ws.close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "bye"))))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    peer.abort();
+}
+
+#[tokio::test]
+async fn peer_vanishing_without_close_is_an_abnormal_closure() {
+    let (listener, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tether::accept(tcp).await.unwrap();
+        ws.recv().await
+    });
+    let tcp = within(raw_client(addr)).await;
+    drop(tcp);
+    let result = within(server).await.unwrap().unwrap();
+    let err = result.unwrap_err();
+    assert!(matches!(err, Error::AbnormalClosure), "{err}");
+    assert_eq!(err.close_code(), CloseCode::ABNORMAL);
+}
+
+#[tokio::test]
+async fn subprotocol_headers_and_callback_shape_the_handshake() {
+    let (listener, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let config = Config::default().protocols(vec!["v2.chat".into(), "v1.chat".into()]);
+        let ws = tether::accept_hdr(tcp, config, |req, accept| {
+            assert_eq!(req.headers.get_str("x-token"), Some("abc"));
+            assert_eq!(req.path(), "/room");
+            assert_eq!(req.query(), Some("name=ann"));
+            accept.headers.push(("X-Served-By".into(), "tether".into()));
+            Ok(())
+        })
+        .await
+        .unwrap();
+        ws.protocol().map(str::to_owned)
+    });
+    let (_ws, response) = within(
+        tether::ClientBuilder::new(&format!("ws://{addr}/room?name=ann"))
+            .unwrap()
+            .protocol("v1.chat")
+            .protocol("v2.chat")
+            .header("X-Token", "abc")
+            .connect(),
+    )
+    .await
+    .unwrap();
+    // The client's order of preference wins among what the server supports.
+    assert_eq!(response.protocol.as_deref(), Some("v1.chat"));
+    assert_eq!(response.headers.get_str("x-served-by"), Some("tether"));
+    assert_eq!(within(server).await.unwrap().as_deref(), Some("v1.chat"));
+}
+
+#[tokio::test]
+async fn callback_refusal_reaches_the_client_with_its_status() {
+    let (listener, addr) = listener().await;
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let result = tether::accept_hdr(tcp, Config::default(), |_, _| {
+            Err(HandshakeError::Refused {
+                status: 401,
+                reason: "log in first".into(),
+            })
+        })
+        .await;
+        assert!(matches!(result, Err(Error::Handshake(_))));
+    });
+    let err = within(tether::connect(&url(addr))).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::ClientHandshake(ClientHandshakeError::Status { status: 401, .. })
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn foreign_origin_is_refused_with_403() {
+    let config = Config::default().allowed_origins(Some(vec!["https://app.example".into()]));
+    let addr = echo_server(config).await;
+    let (_tcp, head) = within(raw_exchange(
+        addr,
+        &request(addr, "Origin: https://evil.example\r\n"),
+    ))
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
+    let (_tcp, head) = within(raw_exchange(
+        addr,
+        &request(addr, "Origin: https://app.example\r\n"),
+    ))
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+}
+
+#[tokio::test]
+async fn bad_urls_are_clear_errors() {
+    for bad in ["http://example.com/", "not a url", "ws://"] {
+        let err = tether::ClientBuilder::new(bad).unwrap_err();
+        assert!(matches!(err, Error::Url(_)), "{bad}: {err}");
+    }
+    // Nothing listens on this port: a refused connection is an I/O error.
+    let (l, addr) = listener().await;
+    drop(l);
+    let err = within(tether::connect(&url(addr))).await.unwrap_err();
+    assert!(matches!(err, Error::Io(_)), "{err}");
+}
+
+#[tokio::test]
+async fn many_concurrent_clients_are_served() {
+    let addr = echo_server(Config::default()).await;
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            tokio::spawn(async move {
+                let (mut ws, _) = tether::connect(&url(addr)).await.unwrap();
+                for j in 0..20 {
+                    let text = format!("{i}-{j}");
+                    ws.send(Message::text(text.clone())).await.unwrap();
+                    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text(text));
+                }
+                ws.close(None).await.unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        within(t).await.unwrap();
+    }
+}

@@ -1,0 +1,177 @@
+//! `wss://` through a real rustls handshake with a private CA, and upgrading a hyper request.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tether::{Config, Error, Message};
+
+/// A CA and a `localhost` certificate it signed: (CA PEM, server rustls config).
+fn pki() -> (String, Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    (ca.pem(), Arc::new(server))
+}
+
+/// A TLS echo server; returns its port.
+async fn tls_echo_server(server: Arc<rustls::ServerConfig>) -> u16 {
+    let (listener, addr) = listener().await;
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut ws) = tether::accept(tls).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.recv().await {
+                    if msg.is_data() && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr.port()
+}
+
+#[tokio::test]
+async fn wss_connects_with_a_custom_ca_and_echoes() {
+    let (ca_pem, server) = pki();
+    let port = tls_echo_server(server).await;
+    let tls = tether::tls::client_config(ca_pem.as_bytes()).unwrap();
+    let (mut ws, _) = within(
+        tether::ClientBuilder::new(&format!("wss://localhost:{port}/"))
+            .unwrap()
+            .tls_config(tls)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    for len in [5usize, 100_000] {
+        let data = vec![7u8; len];
+        ws.send(Message::binary(data.clone())).await.unwrap();
+        assert_eq!(
+            within(ws.recv()).await.unwrap().unwrap(),
+            Message::binary(data)
+        );
+    }
+    within(ws.close(None)).await.unwrap();
+}
+
+#[tokio::test]
+async fn wss_refuses_a_server_signed_by_an_unknown_ca() {
+    let (_ca_pem, server) = pki();
+    let port = tls_echo_server(server).await;
+    let err = within(tether::connect(&format!("wss://localhost:{port}/")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Tls(msg) if msg.contains("UnknownIssuer") || msg.contains("unknown")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_ca_file_without_certificates_is_a_clear_error() {
+    let err = tether::tls::client_config(b"not a certificate").unwrap_err();
+    assert!(matches!(err, Error::Tls(_)), "{err}");
+}
+
+#[tokio::test]
+async fn hyper_request_upgrades_to_a_websocket() {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let (listener, addr) = listener().await;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(
+                    |mut req: hyper::Request<hyper::body::Incoming>| async move {
+                        let config = Config::default().protocols(vec!["echo".into()]);
+                        let response =
+                            match tether::upgrade::upgrade::<_, Empty<Bytes>>(&mut req, config) {
+                                Ok((response, pending)) => {
+                                    tokio::spawn(async move {
+                                        let mut ws = pending.await.unwrap();
+                                        while let Some(Ok(msg)) = ws.recv().await {
+                                            if msg.is_data() && ws.send(msg).await.is_err() {
+                                                break;
+                                            }
+                                        }
+                                    });
+                                    response
+                                }
+                                Err(refused) => {
+                                    let mut response = hyper::Response::new(Empty::new());
+                                    *response.status_mut() =
+                                        hyper::StatusCode::from_u16(refused.status()).unwrap();
+                                    response
+                                }
+                            };
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    let (mut ws, response) = within(
+        tether::ClientBuilder::new(&format!("ws://{addr}/"))
+            .unwrap()
+            .protocol("echo")
+            .connect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.protocol.as_deref(), Some("echo"));
+    ws.send(Message::text("through hyper")).await.unwrap();
+    assert_eq!(
+        within(ws.recv()).await.unwrap().unwrap(),
+        Message::text("through hyper")
+    );
+    within(ws.close(None)).await.unwrap();
+
+    // A plain GET is not an upgrade: hyper answers with the refusal's status.
+    let (_tcp, head) = within(raw_exchange(
+        addr,
+        &format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+    ))
+    .await;
+    assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+}
