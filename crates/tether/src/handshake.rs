@@ -1,10 +1,11 @@
-//! The opening handshake over any transport, with the size limit and timeout of [`Config`].
+//! The opening handshake over any transport, with the size limit and timeout of [`Config`],
+//! and the types a handshake callback works with.
 
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tether_proto::handshake::client::{ClientRequest, Response};
-use tether_proto::handshake::server::{Accept, HandshakeError, Request};
+pub use tether_proto::handshake::client::{ClientHandshakeError, ClientRequest, Response};
+pub use tether_proto::handshake::server::{Accept, HandshakeError, Request};
 use tether_proto::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

@@ -5,39 +5,38 @@
 //! [`Message`]s through a cancel-safe [`WebSocket::recv`] or as a `Stream` + `Sink`. Limits,
 //! timeouts and keepalive live in one [`Config`].
 //!
-//! An echo server:
+//! An echo server and a client, on loopback:
 //!
-//! ```no_run
+//! ```
+//! use tether::Message;
 //! use tokio::net::TcpListener;
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let listener = TcpListener::bind("127.0.0.1:9001").await?;
-//!     loop {
-//!         let (tcp, _) = listener.accept().await?;
-//!         tokio::spawn(async move {
-//!             let Ok(mut ws) = tether::accept(tcp).await else { return };
-//!             while let Some(Ok(msg)) = ws.recv().await {
-//!                 // `feed` queues; receiving flushes whenever it would wait, so echoes
-//!                 // of many small messages leave in one write.
-//!                 if msg.is_data() && ws.feed(msg).await.is_err() {
-//!                     break;
+//!     let listener = TcpListener::bind("127.0.0.1:0").await?;
+//!     let url = format!("ws://{}/", listener.local_addr()?);
+//!
+//!     tokio::spawn(async move {
+//!         while let Ok((tcp, _)) = listener.accept().await {
+//!             tokio::spawn(async move {
+//!                 let Ok(mut ws) = tether::accept(tcp).await else { return };
+//!                 while let Some(Ok(msg)) = ws.recv().await {
+//!                     // `feed` queues; receiving writes the queue whenever it would wait,
+//!                     // so the echoes of many small messages leave in one write.
+//!                     if msg.is_data() && ws.feed(msg).await.is_err() {
+//!                         break;
+//!                     }
 //!                 }
-//!             }
-//!         });
-//!     }
+//!             });
+//!         }
+//!     });
+//!
+//!     let (mut ws, _response) = tether::connect(&url).await?;
+//!     ws.send(Message::text("hello")).await?;
+//!     assert_eq!(ws.recv().await.transpose()?, Some(Message::text("hello")));
+//!     ws.close(None).await?; // completes the close handshake
+//!     Ok(())
 //! }
-//! ```
-//!
-//! A client:
-//!
-//! ```no_run
-//! # async fn run() -> tether::Result<()> {
-//! let (mut ws, _) = tether::connect("ws://127.0.0.1:9001/").await?;
-//! ws.send(tether::Message::text("hello")).await?;
-//! let reply = ws.recv().await;
-//! ws.close(None).await?;
-//! # Ok(()) }
 //! ```
 //!
 //! ## Features
@@ -49,7 +48,7 @@
 mod client;
 mod config;
 mod error;
-mod handshake;
+pub mod handshake;
 mod message;
 pub mod tls;
 #[cfg(feature = "hyper")]
@@ -63,10 +62,3 @@ pub use handshake::{accept, accept_hdr, accept_with_config, client};
 pub use message::Message;
 pub use tether_proto::{self as proto, CloseCode, CloseFrame, Role, Utf8Bytes};
 pub use websocket::{WebSocket, WsReceiver, WsSender};
-
-/// Handshake types: the request a server sees, what it answers, why it refuses, and the
-/// client's side.
-pub mod handshake_types {
-    pub use tether_proto::handshake::client::{ClientHandshakeError, ClientRequest, Response};
-    pub use tether_proto::handshake::server::{Accept, HandshakeError, Request};
-}

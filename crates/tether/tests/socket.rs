@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use tether::handshake_types::{ClientHandshakeError, HandshakeError};
+use tether::handshake::{ClientHandshakeError, HandshakeError};
 use tether::{CloseCode, CloseFrame, Config, Error, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
