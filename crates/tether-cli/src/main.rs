@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tether::proto::extension::deflate::DeflateConfig;
 use tether_cli::exit;
 
 /// Tether: a WebSocket toolkit.
@@ -34,6 +35,9 @@ struct EchoArgs {
     /// Largest frame accepted, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_frame_size: usize,
+    /// Refuse permessage-deflate (by default it is accepted when the client offers it).
+    #[arg(long)]
+    no_deflate: bool,
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -81,7 +85,8 @@ fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
         println!("listening on ws://{local}/");
         let config = tether::Config::default()
             .max_message_size(args.max_message_size)
-            .max_frame_size(args.max_frame_size);
+            .max_frame_size(args.max_frame_size)
+            .deflate((!args.no_deflate).then(DeflateConfig::default));
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");

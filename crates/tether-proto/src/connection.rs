@@ -8,7 +8,8 @@ use rand::{RngCore, SeedableRng};
 use crate::close::{CloseFrame, ClosePayloadError};
 use crate::config::Limits;
 use crate::error::{ProtocolError, SendError};
-use crate::frame::{FrameHeader, OpCode, MAX_CONTROL_PAYLOAD};
+use crate::extension::deflate::Deflate;
+use crate::frame::{FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, RSV1};
 use crate::mask::apply_mask;
 use crate::transmit::Transmit;
 use crate::utf8::{Utf8Bytes, Utf8Validator};
@@ -67,8 +68,12 @@ pub enum Event {
 #[derive(Debug)]
 struct Assembly {
     text: bool,
+    /// RSV1 was set on the first frame: the payload is permessage-deflate data.
+    compressed: bool,
     /// Payload of the frames before the current one; empty until a second frame arrives.
     data: BytesMut,
+    /// The inflated message so far, for a compressed message.
+    inflated: Vec<u8>,
     /// Total bytes so far, including the frame being received.
     len: usize,
 }
@@ -116,6 +121,7 @@ pub struct Connection {
     /// Fragmented sending: whether a message we send is unfinished, and its type.
     sending_fragmented: bool,
     mask: Option<MaskSource>,
+    deflate: Option<Deflate>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -162,6 +168,7 @@ impl Connection {
             close_received: false,
             sending_fragmented: false,
             mask,
+            deflate: None,
         }
     }
 
@@ -171,6 +178,18 @@ impl Connection {
         if self.role == Role::Client {
             self.mask = Some(source);
         }
+    }
+
+    /// Turns on permessage-deflate with what the handshake agreed (see
+    /// [`crate::extension::deflate`]): RSV1 becomes legal on the first frame of a message,
+    /// such messages are inflated, and messages of at least the threshold are sent compressed.
+    pub fn set_deflate(&mut self, deflate: Deflate) {
+        self.deflate = Some(deflate);
+    }
+
+    /// Whether permessage-deflate is in use.
+    pub fn deflate_enabled(&self) -> bool {
+        self.deflate.is_some()
     }
 
     /// Whether pings are answered automatically (default `true`).
@@ -254,7 +273,8 @@ impl Connection {
         }
         match self.current {
             Some(frame) => buf.len() > frame.seen,
-            None => !buf.is_empty(),
+            // A whole header (or a bad one) is buffered; a partial header needs more bytes.
+            None => !matches!(FrameHeader::parse(buf), Ok(None)),
         }
     }
 
@@ -357,7 +377,13 @@ impl Connection {
         if self.sending_fragmented {
             return Err(SendError::FragmentOrder);
         }
-        self.queue_frame(opcode, true, payload);
+        match self.deflate.as_mut() {
+            Some(deflate) if deflate.should_compress(payload.len()) => {
+                let compressed = deflate.compress(&payload);
+                self.queue_frame_rsv(opcode, true, RSV1, compressed);
+            }
+            _ => self.queue_frame(opcode, true, payload),
+        }
         Ok(())
     }
 
@@ -384,10 +410,15 @@ impl Connection {
 
     /// Encodes one frame into the transmit queue.
     fn queue_frame(&mut self, opcode: OpCode, fin: bool, payload: Bytes) {
+        self.queue_frame_rsv(opcode, fin, 0, payload);
+    }
+
+    /// Encodes one frame with reserved bits `rsv` into the transmit queue.
+    fn queue_frame_rsv(&mut self, opcode: OpCode, fin: bool, rsv: u8, payload: Bytes) {
         let mask = self.mask.as_mut().map(|source| source());
         let header = FrameHeader {
             fin,
-            rsv: 0,
+            rsv,
             opcode,
             mask,
             payload_len: payload.len() as u64,
@@ -465,10 +496,14 @@ impl Connection {
         Ok(true)
     }
 
+    /// Whether this frame's raw payload is text to validate as it arrives (compressed text
+    /// is validated after inflating).
     fn is_text_payload(&self, opcode: OpCode) -> bool {
         match opcode {
-            OpCode::Text => true,
-            OpCode::Continuation => self.message.as_ref().is_some_and(|m| m.text),
+            OpCode::Text | OpCode::Continuation => self
+                .message
+                .as_ref()
+                .is_some_and(|m| m.text && !m.compressed),
             _ => false,
         }
     }
@@ -476,7 +511,12 @@ impl Connection {
     /// Checks a header against the role, the fragmentation state and the limits, and starts
     /// message assembly for a new data frame.
     fn check_header(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
-        if h.rsv != 0 {
+        // RSV1 belongs to permessage-deflate, and only on a message's first frame.
+        let allowed = match h.opcode {
+            OpCode::Text | OpCode::Binary if self.deflate.is_some() => RSV1,
+            _ => 0,
+        };
+        if h.rsv & !allowed != 0 {
             return Err(ProtocolError::ReservedBits(h.rsv));
         }
         match (self.role, h.mask.is_some()) {
@@ -518,7 +558,9 @@ impl Connection {
                 self.utf8 = Utf8Validator::new();
                 self.message = Some(Assembly {
                     text: opcode == OpCode::Text,
+                    compressed: h.rsv & RSV1 != 0,
                     data: BytesMut::new(),
+                    inflated: Vec::new(),
                     len,
                 });
                 Ok(())
@@ -540,6 +582,9 @@ impl Connection {
                 let Some(message) = self.message.as_mut() else {
                     return Err(ProtocolError::UnexpectedContinuation);
                 };
+                if message.compressed {
+                    return self.on_compressed_frame(h.fin, &payload);
+                }
                 if !h.fin {
                     message.data.extend_from_slice(&payload);
                     return Ok(());
@@ -561,6 +606,34 @@ impl Connection {
                 self.events.push_back(event);
             }
         }
+        Ok(())
+    }
+
+    /// Inflates one frame of a compressed message; the last one completes the message.
+    fn on_compressed_frame(&mut self, fin: bool, payload: &[u8]) -> Result<(), ProtocolError> {
+        let limit = self.limits.max_message_size;
+        let (Some(message), Some(deflate)) = (self.message.as_mut(), self.deflate.as_mut()) else {
+            return Err(ProtocolError::ReservedBits(RSV1));
+        };
+        let before = message.inflated.len();
+        deflate.inflate(payload, fin, &mut message.inflated, limit)?;
+        if message.text {
+            self.utf8
+                .feed(&message.inflated[before..])
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        if !fin {
+            return Ok(());
+        }
+        let message = self.message.take().expect("checked above");
+        let data = Bytes::from(message.inflated);
+        let event = if message.text {
+            self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+            Event::Text(Utf8Bytes::from_validated(data))
+        } else {
+            Event::Binary(data)
+        };
+        self.events.push_back(event);
         Ok(())
     }
 

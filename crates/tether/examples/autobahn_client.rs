@@ -1,10 +1,13 @@
 //! The Autobahn TestSuite client runner: connects to a `wstest -m fuzzingserver`, runs
-//! every case as an echo client, then asks the server to write its reports.
+//! every case as an echo client, then asks the server to write its reports. Every case makes
+//! the same permessage-deflate offer (`permessage-deflate; client_max_window_bits`) and
+//! honours whatever valid answer the server gives.
 //!
 //! Run: `cargo run --release -p tether --example autobahn_client -- ws://127.0.0.1:9001 tether`
 //! (arguments: the fuzzing server's URL and the agent name). `conformance/run.py client`
 //! starts the fuzzing server and runs this.
 
+use tether::proto::extension::deflate::DeflateConfig;
 use tether::{Config, Message};
 
 #[tokio::main(flavor = "current_thread")]
@@ -45,7 +48,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn run_case(url: &str) -> tether::Result<()> {
     let config = Config::default()
         .max_message_size(64 << 20)
-        .max_frame_size(64 << 20);
+        .max_frame_size(64 << 20)
+        .deflate(Some(DeflateConfig::default()));
     let (mut ws, _) = tether::ClientBuilder::new(url)?
         .config(config)
         .connect()

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use tether_proto::extension::deflate::DeflateConfig;
 use tether_proto::Limits;
 
 /// Every limit and timeout of a connection, each with a default suited to a public server.
@@ -44,6 +45,11 @@ pub struct Config {
     /// (the default) accepts any, and requests without an `Origin` (non-browser clients) are
     /// always accepted; a refused origin is answered 403.
     pub allowed_origins: Option<Vec<String>>,
+    /// permessage-deflate (RFC 7692): a client offers it, a server accepts a client's offer.
+    /// `None` (the default) neither offers nor accepts. Inflated messages are capped by
+    /// `max_message_size` (a decompression bomb gets 1009); compressor memory is bounded by
+    /// the window bits (see [`DeflateConfig`]).
+    pub deflate: Option<DeflateConfig>,
 }
 
 impl Default for Config {
@@ -60,6 +66,7 @@ impl Default for Config {
             ping_timeout: Duration::from_secs(20),
             protocols: Vec::new(),
             allowed_origins: None,
+            deflate: None,
         }
     }
 }
@@ -99,6 +106,8 @@ setters! {
     protocols: Vec<String>,
     /// Sets [`Config::allowed_origins`].
     allowed_origins: Option<Vec<String>>,
+    /// Sets [`Config::deflate`].
+    deflate: Option<DeflateConfig>,
 }
 
 impl Config {

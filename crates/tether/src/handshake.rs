@@ -4,6 +4,8 @@
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
+use tether_proto::extension::deflate::{self, Deflate};
+use tether_proto::extension::{self, Extension};
 pub use tether_proto::handshake::client::{ClientHandshakeError, ClientRequest, Response};
 pub use tether_proto::handshake::server::{Accept, HandshakeError, Request};
 use tether_proto::Role;
@@ -91,6 +93,7 @@ where
         {
             return Err(refuse(&mut stream, e).await);
         }
+        let deflate = negotiate_deflate(&config, &request, &mut accept);
         stream.write_all(&request.accept(&accept)).await?;
         stream.flush().await?;
         buf.advance(head_len);
@@ -101,6 +104,7 @@ where
             config.clone(),
             buf,
             accept.protocol,
+            deflate,
         ))
     };
     match tokio::time::timeout(deadline, handshake).await {
@@ -115,6 +119,42 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, err: HandshakeError) -> E
     let _ = stream.write_all(&err.response()).await;
     let _ = stream.shutdown().await;
     Error::Handshake(err)
+}
+
+/// The server side of permessage-deflate: accepts the first offer it can honour and writes
+/// the answer into `accept`. A malformed extensions header declines compression.
+pub(crate) fn negotiate_deflate(
+    config: &Config,
+    request: &Request,
+    accept: &mut Accept,
+) -> Option<Deflate> {
+    let local = config.deflate.as_ref()?;
+    let values = request
+        .headers
+        .get_all("sec-websocket-extensions")
+        .filter_map(|v| std::str::from_utf8(v).ok());
+    let offers: Vec<Extension> = match extension::parse(values) {
+        Ok(offers) => offers,
+        Err(e) => {
+            tracing::debug!(error = %e, "declining extensions");
+            return None;
+        }
+    };
+    let params = deflate::negotiate_server(&offers, local)?;
+    accept.extensions = Some(params.to_string());
+    Some(Deflate::new(Role::Server, params, local))
+}
+
+/// The client side of permessage-deflate: checks the server's answer against the offer.
+fn accept_deflate(config: &Config, response: &Response) -> Result<Option<Deflate>> {
+    let (Some(local), Some(answer)) = (&config.deflate, response.extensions.as_deref()) else {
+        return Ok(None);
+    };
+    let answer =
+        extension::parse([answer]).map_err(|e| ClientHandshakeError::Extension(e.to_string()))?;
+    let params =
+        deflate::negotiate_client(&answer, local).map_err(ClientHandshakeError::Extension)?;
+    Ok(params.map(|p| Deflate::new(Role::Client, p, local)))
 }
 
 pub(crate) fn check_origin(config: &Config, request: &Request) -> Result<(), HandshakeError> {
@@ -138,13 +178,16 @@ pub(crate) fn check_origin(config: &Config, request: &Request) -> Result<(), Han
 /// Not cancel-safe: dropping the future abandons the handshake.
 pub async fn client<S>(
     mut stream: S,
-    request: ClientRequest,
+    mut request: ClientRequest,
     config: Config,
 ) -> Result<(WebSocket<S>, Response)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let config = Arc::new(config);
+    if let Some(local) = &config.deflate {
+        request.extensions = Some(local.offer());
+    }
     let handshake = async {
         stream.write_all(&request.encode()?).await?;
         stream.flush().await?;
@@ -159,12 +202,14 @@ where
                 HeadError::Io(e) => e,
             })?;
         buf.advance(head_len);
+        let deflate = accept_deflate(&config, &response)?;
         let ws = WebSocket::from_parts(
             stream,
             Role::Client,
             config.clone(),
             buf,
             response.protocol.clone(),
+            deflate,
         );
         Ok((ws, response))
     };

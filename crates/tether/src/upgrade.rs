@@ -40,8 +40,10 @@ use tether_proto::Role;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::handshake::check_origin;
+use crate::handshake::{check_origin, negotiate_deflate};
 use crate::websocket::WebSocket;
+use tether_proto::extension::deflate::Deflate;
+use tether_proto::handshake::server::Accept;
 
 /// The WebSocket over a hyper upgrade.
 pub type UpgradedWebSocket = WebSocket<TokioIo<Upgraded>>;
@@ -79,6 +81,8 @@ pub fn upgrade<B, R: Default>(
     let protocol = request
         .select_protocol(&config.protocols)
         .map(str::to_owned);
+    let mut negotiated = Accept::default();
+    let deflate = negotiate_deflate(&config, &request, &mut negotiated);
 
     let mut response = http::Response::new(R::default());
     *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
@@ -99,10 +103,16 @@ pub fn upgrade<B, R: Default>(
             http::HeaderValue::from_str(p).map_err(|e| HandshakeError::Malformed(e.to_string()))?;
         h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
     }
+    if let Some(ext) = &negotiated.extensions {
+        let value = http::HeaderValue::from_str(ext)
+            .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+        h.insert(http::header::SEC_WEBSOCKET_EXTENSIONS, value);
+    }
     let pending = PendingUpgrade {
         on_upgrade: hyper::upgrade::on(req),
         config: Some(Arc::new(config)),
         protocol,
+        deflate,
     };
     Ok((response, pending))
 }
@@ -114,6 +124,7 @@ pub struct PendingUpgrade {
     on_upgrade: OnUpgrade,
     config: Option<Arc<Config>>,
     protocol: Option<String>,
+    deflate: Option<Deflate>,
 }
 
 impl Future for PendingUpgrade {
@@ -130,6 +141,7 @@ impl Future for PendingUpgrade {
             config,
             BytesMut::new(),
             this.protocol.take(),
+            this.deflate.take(),
         )))
     }
 }

@@ -9,6 +9,7 @@ use std::task::{ready, Context, Poll, Wake, Waker};
 use bytes::{Buf, BytesMut};
 use futures_core::Stream;
 use futures_sink::Sink;
+use tether_proto::extension::deflate::Deflate;
 use tether_proto::{CloseCode, CloseFrame, Connection, Event, Role, SendError, State};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
@@ -148,8 +149,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         config: Arc<Config>,
         read_buf: BytesMut,
         protocol: Option<String>,
+        deflate: Option<Deflate>,
     ) -> Self {
-        let conn = Connection::with_limits(role, config.limits());
+        let mut conn = Connection::with_limits(role, config.limits());
+        if let Some(deflate) = deflate {
+            conn.set_deflate(deflate);
+        }
         let keepalive = config
             .ping_interval
             .filter(|i| !i.is_zero())
@@ -372,7 +377,7 @@ pub struct WebSocket<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Wraps a transport whose opening handshake is already done (by another HTTP stack).
     pub fn from_raw(io: S, role: Role, config: Config) -> Self {
-        Self::from_parts(io, role, Arc::new(config), BytesMut::new(), None)
+        Self::from_parts(io, role, Arc::new(config), BytesMut::new(), None, None)
     }
 
     /// Wraps a transport whose handshake is done; `read_buf` holds bytes already read past it.
@@ -382,15 +387,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         config: Arc<Config>,
         read_buf: BytesMut,
         protocol: Option<String>,
+        deflate: Option<Deflate>,
     ) -> Self {
         WebSocket {
-            inner: Inner::new(io, role, config, read_buf, protocol),
+            inner: Inner::new(io, role, config, read_buf, protocol, deflate),
         }
     }
 
     /// The subprotocol agreed in the handshake, if any.
     pub fn protocol(&self) -> Option<&str> {
         self.inner.protocol.as_deref()
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    pub fn is_compressed(&self) -> bool {
+        self.inner.conn.deflate_enabled()
     }
 
     /// The configuration in force.

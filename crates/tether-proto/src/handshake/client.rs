@@ -71,6 +71,9 @@ pub enum ClientHandshakeError {
     /// An extension the client did not offer.
     #[error("server answered extensions {0:?}, which were not offered")]
     UnexpectedExtension(String),
+    /// An extension answer the client cannot honour (checked by the extension's negotiation).
+    #[error("server's extension answer cannot be honoured: {0}")]
+    Extension(String),
 }
 
 impl ClientRequest {

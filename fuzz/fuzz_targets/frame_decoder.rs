@@ -1,0 +1,113 @@
+//! Fuzzes the frame decoder: the input, cut into pieces at fuzzer-chosen points, goes to a
+//! server and to a client `Connection`. Whatever arrives, nothing panics; a failure has close
+//! code 1002, 1007 or 1009, queues a Close with it as the last frame, and is sticky; text is
+//! UTF-8; no message exceeds the limit; everything queued parses as this role's frames.
+//!
+//! Input: byte 0's low 3 bits say how many piece lengths follow (one byte each, cycled; none
+//! means one piece); its bit 3 asks for small limits, read from the next two bytes. The rest is
+//! the stream.
+
+#![no_main]
+
+use bytes::{Buf, BytesMut};
+use libfuzzer_sys::fuzz_target;
+use tether_proto::mask::apply_mask_bytes;
+use tether_proto::{Connection, Event, FrameHeader, Limits, OpCode, ProtocolError, Role};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&control, rest)) = data.split_first() else {
+        return;
+    };
+    let (sizes, mut stream) = rest.split_at(usize::from(control & 0b111).min(rest.len()));
+    let mut limits = Limits::default();
+    if control & 0b1000 != 0 {
+        if let [frame, message, tail @ ..] = stream {
+            limits = limits
+                .max_frame_size(usize::from(*frame))
+                .max_message_size(usize::from(*message) * 4);
+            stream = tail;
+        }
+    }
+    for role in [Role::Server, Role::Client] {
+        let mut conn = Connection::with_limits(role, limits.clone());
+        conn.set_mask_source(Box::new(|| [0x37, 0xfa, 0x21, 0x3d]));
+        run(&mut conn, stream, sizes);
+    }
+});
+
+/// Feeds `stream` piece by piece as a driver would: parse, take events, write out.
+fn run(conn: &mut Connection, mut stream: &[u8], sizes: &[u8]) {
+    let mut pieces = sizes.iter().map(|&s| usize::from(s) + 1).cycle();
+    let mut buf = BytesMut::new();
+    let mut closed = false;
+    while !stream.is_empty() {
+        let (piece, rest) =
+            stream.split_at(pieces.next().unwrap_or(stream.len()).min(stream.len()));
+        stream = rest;
+        buf.extend_from_slice(piece);
+        loop {
+            let before = buf.len();
+            let result = conn.receive(&mut buf);
+            let mut progressed = buf.len() != before;
+            while let Some(event) = conn.poll_event() {
+                assert!(!closed, "an event after Close");
+                check_event(&event, conn.limits().max_message_size);
+                closed = matches!(event, Event::Close(_));
+                progressed = true;
+            }
+            if let Err(err) = result {
+                check_failure(conn, &err);
+                return;
+            }
+            // A partial header makes `wants_receive` say yes without progress: stop there.
+            if !conn.wants_receive(&buf) || !progressed {
+                break;
+            }
+        }
+        written(conn);
+    }
+}
+
+fn check_event(event: &Event, max_message: usize) {
+    match event {
+        Event::Text(text) => {
+            assert!(std::str::from_utf8(text.as_bytes()).is_ok());
+            assert!(text.len() <= max_message);
+        }
+        Event::Binary(data) => assert!(data.len() <= max_message),
+        Event::Ping(payload) | Event::Pong(payload) => assert!(payload.len() <= 125),
+        _ => {}
+    }
+}
+
+fn check_failure(conn: &mut Connection, err: &ProtocolError) {
+    let code = err.close_code().0;
+    assert!(matches!(code, 1002 | 1007 | 1009), "{err} maps to {code}");
+    let (last, payload) = written(conn).pop().expect("a Close is queued");
+    assert_eq!(last.opcode, OpCode::Close);
+    assert_eq!(payload, code.to_be_bytes());
+    let mut more = BytesMut::from(&b"\x89\x80abcd\x89\x00"[..]);
+    assert_eq!(conn.receive(&mut more).as_ref(), Err(err));
+    assert!(conn.transmit().is_empty());
+}
+
+/// Takes everything queued, as a write would, and splits it into frames (payloads unmasked).
+fn written(conn: &mut Connection) -> Vec<(FrameHeader, Vec<u8>)> {
+    let out = conn.transmit();
+    let wire = out.copy_to_bytes(out.remaining());
+    let mut rest = &wire[..];
+    let mut frames = Vec::new();
+    while !rest.is_empty() {
+        let (header, n) = FrameHeader::parse(rest).unwrap().expect("a whole header");
+        assert_eq!(header.mask.is_some(), conn.role() == Role::Client);
+        assert!(header.opcode.is_control() && header.payload_len <= 125);
+        let end = n + header.payload_len as usize;
+        let mut payload = rest[n..end].to_vec();
+        if let Some(key) = header.mask {
+            apply_mask_bytes(&mut payload, key);
+        }
+        frames.push((header, payload));
+        rest = &rest[end..];
+    }
+    frames
+}
