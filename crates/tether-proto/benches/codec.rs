@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the protocol core's hot paths, by payload size: masking (the
 //! word-at-a-time XOR against the byte loop), UTF-8 validation (streaming validator against
-//! `std::str::from_utf8`), and frame encode/decode through a client → server `Connection`.
+//! `std::str::from_utf8`), frame encode/decode through a client → server `Connection`, and
+//! permessage-deflate compress/decompress of small JSON-like and 64 KiB messages.
 //!
 //! Run: `cargo bench -p tether-proto --bench codec` (throughput is reported per size).
 
@@ -8,6 +9,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tether_proto::extension::deflate::{Deflate, DeflateConfig, DeflateParams};
 use tether_proto::mask::{apply_mask, apply_mask_bytes};
 use tether_proto::{Connection, Role, Utf8Bytes, Utf8Validator};
 
@@ -107,5 +109,67 @@ fn frame(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, mask, utf8, frame);
+/// A chat-like JSON message of about `size` bytes.
+fn json(size: usize, i: usize) -> Vec<u8> {
+    let mut s = String::new();
+    let mut n = i;
+    while s.len() < size {
+        s.push_str(&format!(
+            r#"{{"type":"message","id":{n},"room":"lobby","user":"user{}","text":"hello there, message {n}","ts":"2026-11-22T21:{:02}:00Z"}},"#,
+            n % 17,
+            n % 60
+        ));
+        n += 1;
+    }
+    s.truncate(size);
+    s.into_bytes()
+}
+
+fn deflate(c: &mut Criterion) {
+    let mut group = c.benchmark_group("deflate");
+    let config = DeflateConfig::default();
+    for (name, size) in [("json-200B", 200usize), ("json-64KiB", 64 << 10)] {
+        let messages: Vec<Vec<u8>> = (0..64).map(|i| json(size, i * 3)).collect();
+        group.throughput(Throughput::Bytes(size as u64));
+        for takeover in [true, false] {
+            let params = DeflateParams {
+                server_no_context_takeover: !takeover,
+                ..DeflateParams::default()
+            };
+            let mode = if takeover { "takeover" } else { "no-takeover" };
+            group.bench_function(BenchmarkId::new(format!("compress/{mode}"), name), |b| {
+                let mut tx = Deflate::new(Role::Server, params, &config);
+                let mut i = 0;
+                b.iter(|| {
+                    i = (i + 1) % messages.len();
+                    black_box(tx.compress(&messages[i]))
+                })
+            });
+            // Decompress a stream compressed with the same settings, message by message.
+            let mut tx = Deflate::new(Role::Server, params, &config);
+            let compressed: Vec<Bytes> = (0..2000)
+                .map(|i| tx.compress(&messages[i % messages.len()]))
+                .collect();
+            group.bench_function(BenchmarkId::new(format!("decompress/{mode}"), name), |b| {
+                let mut rx = Deflate::new(Role::Client, params, &config);
+                let mut out = Vec::with_capacity(size + 64);
+                let mut i = 0;
+                b.iter(|| {
+                    if i == compressed.len() {
+                        rx = Deflate::new(Role::Client, params, &config);
+                        i = 0;
+                    }
+                    out.clear();
+                    rx.decompress_message(&compressed[i], &mut out, 1 << 20)
+                        .unwrap();
+                    i += 1;
+                    black_box(out.len())
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, mask, utf8, frame, deflate);
 criterion_main!(benches);

@@ -11,6 +11,8 @@
 //! uncompressed — while messages we receive are always inflated (a 15-bit inflater reads
 //! streams made with any smaller window).
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
@@ -26,9 +28,15 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
 /// Local permessage-deflate preferences: what a client offers, or what a server accepts.
 ///
-/// Memory per connection: the compressor takes about `2^(w+2) + 2^17` bytes for a window of
-/// `w` bits (≈ 256 KiB at 15, ≈ 132 KiB at 9) once the first message is compressed; the
-/// inflater about `2^w + 7 KiB`. Lower the window bits of the direction you send to bound it.
+/// # Memory
+/// Measured with the zlib-rs backend (`tests/deflate_memory.rs`): a compressor holds
+/// 243 KiB + `2^(w+2)` bytes for a window of `w` bits (371 KiB at 15, 245 KiB at 9), an
+/// inflater 46 KiB; each is allocated when first needed. A direction without context takeover
+/// keeps no state between messages, so its compressor (or inflater) is borrowed from a small
+/// per-thread pool for each message and returned after it: with `server_no_context_takeover`
+/// and `client_no_context_takeover` an idle connection holds no compression memory at all.
+/// That is the per-connection memory cap; context takeover compresses repetitive traffic
+/// better at the cost above.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeflateConfig {
@@ -276,16 +284,38 @@ pub fn negotiate_client(
     }))
 }
 
+/// How many idle codecs each thread keeps for connections without context takeover.
+const POOL_MAX: usize = 8;
+
+thread_local! {
+    /// Idle compressors, with the (window bits, level) they were made for.
+    static COMPRESSORS: RefCell<Vec<(u8, u32, Compress)>> = const { RefCell::new(Vec::new()) };
+    /// Idle inflaters (all read with a 15-bit window).
+    static INFLATERS: RefCell<Vec<Decompress>> = const { RefCell::new(Vec::new()) };
+}
+
+fn new_compressor(bits: u8, level: u32) -> Compress {
+    Compress::new_with_window_bits(Compression::new(level), false, bits)
+}
+
+fn new_inflater() -> Decompress {
+    Decompress::new_with_window_bits(false, 15)
+}
+
 /// The compression state of one connection, created after a successful negotiation.
 ///
 /// The compressor and inflater are allocated on first use, so a connection that never sends
-/// (or never receives) a compressed message never pays for them.
+/// (or never receives) a compressed message never pays for them; a direction without context
+/// takeover borrows them from a per-thread pool per message (see [`DeflateConfig`]).
 pub struct Deflate {
     level: u32,
     threshold: usize,
     /// Our compressor's window; 8 means "send uncompressed" (see the module docs).
     window_bits: u8,
+    /// Our direction has no context takeover: reset (and pool) the compressor per message.
     reset_after_message: bool,
+    /// The peer's direction has no context takeover: our inflater is idle between messages.
+    peer_resets: bool,
     compressor: Option<Compress>,
     inflater: Option<Decompress>,
 }
@@ -295,6 +325,7 @@ impl std::fmt::Debug for Deflate {
         f.debug_struct("Deflate")
             .field("window_bits", &self.window_bits)
             .field("reset_after_message", &self.reset_after_message)
+            .field("peer_resets", &self.peer_resets)
             .finish_non_exhaustive()
     }
 }
@@ -302,21 +333,28 @@ impl std::fmt::Debug for Deflate {
 impl Deflate {
     /// The codec for `role` with the agreed `params` and local `config` (level, threshold).
     pub fn new(role: Role, params: DeflateParams, config: &DeflateConfig) -> Self {
-        let (bits, reset) = match role {
+        let (ours, theirs) = match role {
             Role::Server => (
-                params.server_max_window_bits,
-                params.server_no_context_takeover,
+                (
+                    params.server_max_window_bits,
+                    params.server_no_context_takeover,
+                ),
+                params.client_no_context_takeover,
             ),
             Role::Client => (
-                params.client_max_window_bits,
-                params.client_no_context_takeover,
+                (
+                    params.client_max_window_bits,
+                    params.client_no_context_takeover,
+                ),
+                params.server_no_context_takeover,
             ),
         };
         Deflate {
             level: config.level,
             threshold: config.threshold,
-            window_bits: bits.unwrap_or(15),
-            reset_after_message: reset,
+            window_bits: ours.0.unwrap_or(15),
+            reset_after_message: ours.1,
+            peer_resets: theirs,
             compressor: None,
             inflater: None,
         }
@@ -327,12 +365,22 @@ impl Deflate {
         self.window_bits > 8 && len >= self.threshold
     }
 
-    /// Compresses one whole message; the `00 00 ff ff` tail is stripped.
-    pub(crate) fn compress(&mut self, input: &[u8]) -> Bytes {
-        let (level, bits) = (self.level, self.window_bits);
-        let c = self.compressor.get_or_insert_with(|| {
-            Compress::new_with_window_bits(Compression::new(level), false, bits)
-        });
+    /// Compresses one whole message; the `00 00 ff ff` tail is stripped. The result is the
+    /// payload of a message whose first frame carries RSV1.
+    pub fn compress(&mut self, input: &[u8]) -> Bytes {
+        let (bits, level) = (self.window_bits, self.level);
+        let mut c = match self.compressor.take() {
+            Some(c) => c,
+            None if self.reset_after_message => COMPRESSORS
+                .with_borrow_mut(|pool| {
+                    let i = pool
+                        .iter()
+                        .position(|(b, l, _)| (*b, *l) == (bits, level))?;
+                    Some(pool.swap_remove(i).2)
+                })
+                .unwrap_or_else(|| new_compressor(bits, level)),
+            None => new_compressor(bits, level),
+        };
         let mut out: Vec<u8> = Vec::with_capacity(input.len() / 2 + 64);
         let start = c.total_in();
         loop {
@@ -353,6 +401,13 @@ impl Deflate {
         }
         if self.reset_after_message {
             c.reset();
+            COMPRESSORS.with_borrow_mut(|pool| {
+                if pool.len() < POOL_MAX {
+                    pool.push((bits, level, c));
+                }
+            });
+        } else {
+            self.compressor = Some(c);
         }
         Bytes::from(out)
     }
@@ -367,54 +422,81 @@ impl Deflate {
         out: &mut Vec<u8>,
         limit: usize,
     ) -> Result<(), ProtocolError> {
-        self.inflate_part(payload, out, limit)?;
-        if fin {
-            self.inflate_part(&TAIL, out, limit)?;
+        let mut d = match self.inflater.take() {
+            Some(d) => d,
+            None if self.peer_resets => INFLATERS
+                .with_borrow_mut(Vec::pop)
+                .unwrap_or_else(new_inflater),
+            None => new_inflater(),
+        };
+        let mut result = inflate_part(&mut d, payload, out, limit);
+        if fin && result.is_ok() {
+            result = inflate_part(&mut d, &TAIL, out, limit);
         }
-        Ok(())
+        if fin && self.peer_resets && result.is_ok() {
+            // The next message starts from an empty window: the inflater can serve others.
+            d.reset(false);
+            INFLATERS.with_borrow_mut(|pool| {
+                if pool.len() < POOL_MAX {
+                    pool.push(d);
+                }
+            });
+        } else {
+            self.inflater = Some(d);
+        }
+        result
     }
 
-    fn inflate_part(
+    /// Inflates one whole compressed message payload into `out`, at most `limit` bytes.
+    ///
+    /// # Errors
+    /// [`ProtocolError::MessageTooLarge`] past `limit`; [`ProtocolError::Extension`] for data
+    /// that is not DEFLATE.
+    pub fn decompress_message(
         &mut self,
-        input: &[u8],
+        payload: &[u8],
         out: &mut Vec<u8>,
         limit: usize,
     ) -> Result<(), ProtocolError> {
-        let d = self
-            .inflater
-            .get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
-        let start = d.total_in();
-        loop {
-            if out.len() == out.capacity() {
-                if out.len() > limit {
-                    return Err(ProtocolError::MessageTooLarge { limit });
-                }
-                let room = (limit + 1 - out.len()).min(out.capacity().max(4096));
-                out.reserve_exact(room);
-            }
-            let before = (d.total_in(), out.len());
-            let status = d
-                .decompress_vec(
-                    &input[(d.total_in() - start) as usize..],
-                    out,
-                    FlushDecompress::Sync,
-                )
-                .map_err(|e| ProtocolError::Extension(format!("inflate: {e}")))?;
+        self.inflate(payload, true, out, limit)
+    }
+}
+
+/// Inflates `input` into `out`, never growing `out` past `limit + 1` bytes.
+fn inflate_part(
+    d: &mut Decompress,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> Result<(), ProtocolError> {
+    let start = d.total_in();
+    loop {
+        if out.len() == out.capacity() {
             if out.len() > limit {
                 return Err(ProtocolError::MessageTooLarge { limit });
             }
-            if status == Status::StreamEnd {
-                // A final DEFLATE block: the next message starts a new stream.
-                d.reset(false);
-                return Ok(());
-            }
-            let consumed = (d.total_in() - start) as usize == input.len();
-            if consumed && out.len() < out.capacity() {
-                return Ok(());
-            }
-            if (d.total_in(), out.len()) == before && out.len() < out.capacity() {
-                return Err(ProtocolError::Extension("inflate made no progress".into()));
-            }
+            let room = (limit + 1 - out.len()).min(out.capacity().max(4096));
+            out.reserve_exact(room);
+        }
+        let before = (d.total_in(), out.len());
+        let used = (d.total_in() - start) as usize;
+        let status = d
+            .decompress_vec(&input[used..], out, FlushDecompress::Sync)
+            .map_err(|e| ProtocolError::Extension(format!("inflate: {e}")))?;
+        if out.len() > limit {
+            return Err(ProtocolError::MessageTooLarge { limit });
+        }
+        if status == Status::StreamEnd {
+            // A final DEFLATE block: the next message starts a new stream.
+            d.reset(false);
+            return Ok(());
+        }
+        let consumed = (d.total_in() - start) as usize == input.len();
+        if consumed && out.len() < out.capacity() {
+            return Ok(());
+        }
+        if (d.total_in(), out.len()) == before && out.len() < out.capacity() {
+            return Err(ProtocolError::Extension("inflate made no progress".into()));
         }
     }
 }
