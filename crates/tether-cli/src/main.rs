@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run a WebSocket echo server (text and binary).
     Echo(EchoArgs),
+    /// Connect to a WebSocket server: interactive on a terminal, a pipe otherwise.
+    Connect(tether_cli::connect::ConnectArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,10 +55,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Echo(args) => run_echo(args),
+        Command::Echo(args) => run_echo(args).map(|()| exit::OK),
+        Command::Connect(args) => run_connect(args),
     };
     match result {
-        Ok(()) => ExitCode::from(exit::OK as u8),
+        Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("tether: {e:#}");
             ExitCode::from(exit::FAILURE as u8)
@@ -70,6 +73,20 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
         builder.worker_threads(n.max(1));
     }
     builder.enable_all().build().context("starting the runtime")
+}
+
+fn run_connect(args: tether_cli::connect::ConnectArgs) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    match rt.block_on(tether_cli::connect::run(args)) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("tether: {e}");
+            Ok(e.exit_code())
+        }
+    }
 }
 
 fn run_echo(args: EchoArgs) -> anyhow::Result<()> {

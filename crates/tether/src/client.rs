@@ -114,6 +114,7 @@ impl ClientBuilder {
         let mut request = ClientRequest::new(host, target);
         request.protocols = self.protocols.clone();
         request.headers = self.headers.clone();
+        request.extensions = self.config.deflate.as_ref().map(|d| d.offer());
         request
     }
 
@@ -123,11 +124,20 @@ impl ClientBuilder {
     /// [`Error::Io`] when the host cannot be resolved or reached, [`Error::Tls`],
     /// [`Error::ClientHandshake`] when the server refuses, [`Error::HandshakeTimeout`].
     pub async fn connect(self) -> Result<(ClientStream, Response)> {
+        let request = self.request();
+        self.connect_with(request).await
+    }
+
+    /// Connects, sending `request` (from [`ClientBuilder::request`], perhaps logged or
+    /// amended) as the handshake.
+    ///
+    /// # Errors
+    /// As [`ClientBuilder::connect`].
+    pub async fn connect_with(self, request: ClientRequest) -> Result<(ClientStream, Response)> {
         let timeout = self.config.handshake_timeout;
         let transport = tokio::time::timeout(timeout, self.open())
             .await
             .map_err(|_| Error::HandshakeTimeout)??;
-        let request = self.request();
         client(transport, request, self.config).await
     }
 

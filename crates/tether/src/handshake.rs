@@ -8,6 +8,7 @@ use tether_proto::extension::deflate::{self, Deflate};
 use tether_proto::extension::{self, Extension};
 pub use tether_proto::handshake::client::{ClientHandshakeError, ClientRequest, Response};
 pub use tether_proto::handshake::server::{Accept, HandshakeError, Request};
+use tether_proto::handshake::Headers;
 use tether_proto::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -192,15 +193,32 @@ where
         stream.write_all(&request.encode()?).await?;
         stream.flush().await?;
         let mut buf = BytesMut::with_capacity(1024);
-        let (response, head_len) =
-            read_head(&mut stream, &mut buf, config.max_handshake_size, |b| {
-                request.parse_response(b, config.max_handshake_size)
-            })
-            .await
-            .map_err(|e| match e {
-                HeadError::Parse(e) => Error::ClientHandshake(e),
-                HeadError::Io(e) => e,
-            })?;
+        let parsed = read_head(&mut stream, &mut buf, config.max_handshake_size, |b| {
+            request.parse_response(b, config.max_handshake_size)
+        })
+        .await
+        .map_err(|e| match e {
+            HeadError::Parse(e) => Error::ClientHandshake(e),
+            HeadError::Io(e) => e,
+        });
+        let (response, head_len) = match parsed {
+            Ok(found) => found,
+            Err(Error::ClientHandshake(ClientHandshakeError::Status {
+                status,
+                reason,
+                headers,
+                mut body,
+            })) => {
+                read_refusal_body(&mut stream, &headers, &mut body).await;
+                return Err(Error::ClientHandshake(ClientHandshakeError::Status {
+                    status,
+                    reason,
+                    headers,
+                    body,
+                }));
+            }
+            Err(e) => return Err(e),
+        };
         buf.advance(head_len);
         let deflate = accept_deflate(&config, &response)?;
         let ws = WebSocket::from_parts(
@@ -217,6 +235,31 @@ where
         Ok(result) => result,
         Err(_) => Err(Error::HandshakeTimeout),
     }
+}
+
+/// The most of a refusal's body that is read (for error messages).
+const MAX_REFUSAL_BODY: usize = 16 << 10;
+
+/// Reads the rest of a refused handshake's body (up to `Content-Length`, or to EOF without
+/// one), at most [`MAX_REFUSAL_BODY`] bytes and for at most two seconds.
+async fn read_refusal_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    headers: &Headers,
+    body: &mut Vec<u8>,
+) {
+    let want = tether_proto::handshake::client::content_length(headers)
+        .unwrap_or(MAX_REFUSAL_BODY)
+        .min(MAX_REFUSAL_BODY);
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while body.len() < want {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n.min(want - body.len())]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
 }
 
 enum HeadError<E> {

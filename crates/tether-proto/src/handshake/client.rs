@@ -55,6 +55,9 @@ pub enum ClientHandshakeError {
         reason: String,
         /// The response headers.
         headers: Headers,
+        /// The start of the response body: the bytes that arrived with the head (a driver
+        /// may read the rest), cut at `Content-Length`.
+        body: Vec<u8>,
     },
     /// No `Upgrade: websocket`.
     #[error("response lacks Upgrade: websocket")]
@@ -160,10 +163,15 @@ impl ClientRequest {
         let headers = Headers::from_httparse(resp.headers);
         let status = resp.code.unwrap_or(0);
         if status != 101 {
+            let mut body = buf[head_len..].to_vec();
+            if let Some(len) = content_length(&headers) {
+                body.truncate(len);
+            }
             return Err(ClientHandshakeError::Status {
                 status,
                 reason: resp.reason.unwrap_or("").to_owned(),
                 headers,
+                body,
             });
         }
         self.check(headers).map(|r| Some((r, head_len)))
@@ -206,6 +214,11 @@ impl ClientRequest {
             extensions,
         })
     }
+}
+
+/// The `Content-Length` of a response, if present and numeric.
+pub fn content_length(headers: &Headers) -> Option<usize> {
+    headers.get_str("content-length")?.parse().ok()
 }
 
 #[cfg(test)]

@@ -1,0 +1,649 @@
+//! `tether connect URL`: an interactive client when stdin is a terminal, a pipe otherwise.
+//!
+//! In a pipe each stdin line is a message and each received message a line on stdout; the
+//! exit status tells whether the connection ended with a normal close. Interactively, lines
+//! are edited with history, received messages print above the prompt with a timestamp, and
+//! `/ping`, `/close`, `/binary`, `/quit` control the connection.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use tether::proto::extension::deflate::DeflateConfig;
+use tether::{ClientBuilder, CloseCode, CloseFrame, Config, Message};
+use tokio::io::AsyncBufReadExt;
+
+use crate::exit;
+
+/// Options of `tether connect`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// The server: ws://host[:port]/path or wss://…
+    pub url: String,
+    /// Extra request header, `Name: value` (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// Subprotocol to offer, in order of preference (repeatable).
+    #[arg(long = "subprotocol", value_name = "NAME")]
+    pub subprotocols: Vec<String>,
+    /// Origin header to send.
+    #[arg(long)]
+    pub origin: Option<String>,
+    /// HTTP Basic credentials, `user:password`.
+    #[arg(long, value_name = "USER:PASS")]
+    pub auth: Option<String>,
+    /// Bearer token (`Authorization: Bearer TOKEN`).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Offer permessage-deflate.
+    #[arg(long)]
+    pub deflate: bool,
+    /// Send a ping every SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    pub ping_interval: Option<f64>,
+    /// Close (1011) when a ping's pong takes longer than SECS.
+    #[arg(long, value_name = "SECS", default_value_t = 20.0)]
+    pub ping_timeout: f64,
+    /// Give up connecting (TCP, TLS and handshake) after SECS.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Largest message accepted, in bytes (larger: close with 1009).
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_size: Option<usize>,
+    /// Accept any TLS certificate (testing only).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Trust this CA certificate (PEM) for wss:// besides the public roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Send each input line as a binary message instead of text.
+    #[arg(long)]
+    pub binary: bool,
+    /// Pretty-print received JSON text.
+    #[arg(long)]
+    pub json: bool,
+    /// Print received messages without a newline after each.
+    #[arg(short = 'n', long)]
+    pub no_newline: bool,
+    /// Send this message after connecting (repeatable); stdin is then not read.
+    #[arg(long = "send", value_name = "MESSAGE")]
+    pub send: Vec<String>,
+    /// Close and exit after receiving N messages.
+    #[arg(long, value_name = "N")]
+    pub exit_after: Option<usize>,
+    /// Log the handshake (request and response headers) and every frame to stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+/// Why `tether connect` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A malformed option value.
+    #[error("{0}")]
+    Usage(String),
+    /// Connecting or talking to the server failed.
+    #[error("{}", describe(.0))]
+    WebSocket(#[from] tether::Error),
+    /// Reading the CA file or the terminal failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ConnectError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ConnectError::Usage(_) => exit::USAGE,
+            _ => exit::FAILURE,
+        }
+    }
+}
+
+/// A one-line description, with the HTTP status and body of a refused handshake.
+fn describe(e: &tether::Error) -> String {
+    use tether::handshake::ClientHandshakeError;
+    match e {
+        tether::Error::ClientHandshake(ClientHandshakeError::Status {
+            status,
+            reason,
+            body,
+            ..
+        }) => {
+            let body = String::from_utf8_lossy(body);
+            let body = body.trim();
+            if body.is_empty() {
+                format!("handshake rejected: HTTP {status} {reason}")
+            } else {
+                format!("handshake rejected: HTTP {status} {reason}: {body}")
+            }
+        }
+        tether::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!("connection refused ({io})")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn secs(s: f64) -> Result<Duration, ConnectError> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| ConnectError::Usage(format!("{s} is not a number of seconds")))
+}
+
+/// The client configuration the options describe.
+pub fn builder(args: &ConnectArgs) -> Result<ClientBuilder, ConnectError> {
+    let mut config = Config::default().handshake_timeout(secs(args.connect_timeout)?);
+    if let Some(interval) = args.ping_interval {
+        config = config
+            .ping_interval(Some(secs(interval)?))
+            .ping_timeout(secs(args.ping_timeout)?);
+    }
+    if let Some(max) = args.max_message_size {
+        config = config.max_message_size(max).max_frame_size(max);
+    }
+    if args.deflate {
+        config = config.deflate(Some(DeflateConfig::default()));
+    }
+    let mut b = ClientBuilder::new(&args.url)
+        .map_err(|e| ConnectError::Usage(e.to_string()))?
+        .config(config);
+    for p in &args.subprotocols {
+        b = b.protocol(p.clone());
+    }
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| ConnectError::Usage(format!("header {h:?} is not `Name: value`")))?;
+        b = b.header(name.trim(), value.trim());
+    }
+    if let Some(origin) = &args.origin {
+        b = b.header("Origin", origin.clone());
+    }
+    if let Some(auth) = &args.auth {
+        if !auth.contains(':') {
+            return Err(ConnectError::Usage("--auth takes user:password".into()));
+        }
+        let encoded = base64::engine::general_purpose::STANDARD.encode(auth);
+        b = b.header("Authorization", format!("Basic {encoded}"));
+    }
+    if let Some(token) = &args.token {
+        b = b.header("Authorization", format!("Bearer {token}"));
+    }
+    if args.insecure {
+        b = b.tls_config(tether::tls::insecure_client_config()?);
+    } else if let Some(path) = &args.ca {
+        let pem = std::fs::read(path)
+            .map_err(|e| ConnectError::Usage(format!("reading {}: {e}", path.display())))?;
+        b = b.tls_config(tether::tls::client_config(&pem)?);
+    }
+    Ok(b)
+}
+
+/// Connects and runs until the connection ends; returns the exit code.
+///
+/// # Errors
+/// A [`ConnectError`] when the options are malformed or the connection cannot be opened.
+pub async fn run(args: ConnectArgs) -> Result<i32, ConnectError> {
+    let builder = builder(&args)?;
+    let request = builder.request();
+    if args.verbose {
+        let head = request.encode().map_err(tether::Error::from)?;
+        for line in String::from_utf8_lossy(&head)
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
+            eprintln!("> {line}");
+        }
+    }
+    let (ws, response) = builder.connect_with(request).await?;
+    if args.verbose {
+        eprintln!("< HTTP/1.1 101 Switching Protocols");
+        for h in &response.headers.0 {
+            eprintln!("< {}: {}", h.name, String::from_utf8_lossy(&h.value));
+        }
+    }
+    let interactive = args.send.is_empty() && std::io::stdin().is_terminal();
+    if interactive {
+        interactive::run(ws, &args).await
+    } else {
+        pipe(ws, &args).await
+    }
+}
+
+/// How the conversation ended, as an exit code: 0 for a normal close (1000/1001, or a Close
+/// without status), 1 for anything else.
+fn exit_code_for(close: Option<&CloseFrame>) -> i32 {
+    match close.map(|f| f.code) {
+        None | Some(CloseCode::NORMAL | CloseCode::GOING_AWAY) => exit::OK,
+        Some(_) => exit::FAILURE,
+    }
+}
+
+fn log_frame(args: &ConnectArgs, dir: &str, msg: &Message) {
+    if !args.verbose {
+        return;
+    }
+    let kind = match msg {
+        Message::Text(_) => "text",
+        Message::Binary(_) => "binary",
+        Message::Ping(_) => "ping",
+        Message::Pong(_) => "pong",
+        Message::Close(_) => "close",
+    };
+    eprintln!("{dir} {kind} frame, {} bytes", msg.as_payload().len());
+}
+
+/// Pipe mode: stdin lines out, received messages to stdout.
+async fn pipe(ws: tether::ClientStream, args: &ConnectArgs) -> Result<i32, ConnectError> {
+    let (mut tx, mut rx) = ws.split();
+    for text in &args.send {
+        let msg = outgoing(args, text.clone());
+        log_frame(args, ">", &msg);
+        tx.send(msg).await?;
+    }
+    let mut lines = if args.send.is_empty() {
+        Some(tokio::io::BufReader::new(tokio::io::stdin()).lines())
+    } else {
+        None
+    };
+    let mut received = 0usize;
+    let mut out = std::io::stdout().lock();
+    if args.exit_after == Some(0) {
+        tx.close(None).await?;
+    }
+    loop {
+        tokio::select! {
+            line = async { lines.as_mut().expect("guarded").next_line().await }, if lines.is_some() => {
+                match line? {
+                    Some(line) => {
+                        let msg = outgoing(args, line);
+                        log_frame(args, ">", &msg);
+                        tx.send(msg).await?;
+                    }
+                    None => {
+                        // End of input: close normally and wait for the server's answer.
+                        lines = None;
+                        if args.exit_after.is_none() {
+                            let _ = tx.close(None).await;
+                        }
+                    }
+                }
+            }
+            msg = rx.recv() => {
+                let msg = match msg {
+                    None => return Ok(exit::FAILURE),
+                    Some(Err(e)) => {
+                        eprintln!("tether: {}", describe(&e));
+                        return Ok(exit::FAILURE);
+                    }
+                    Some(Ok(msg)) => msg,
+                };
+                log_frame(args, "<", &msg);
+                match &msg {
+                    Message::Close(frame) => {
+                        if let Some(f) = frame.as_ref().filter(|f| f.code != CloseCode::NORMAL) {
+                            eprintln!("tether: closed by the server: {} {}", f.code, f.reason);
+                        }
+                        // Let the close handshake finish.
+                        while let Some(Ok(_)) = rx.recv().await {}
+                        return Ok(exit_code_for(frame.as_ref()));
+                    }
+                    Message::Text(_) | Message::Binary(_) => {
+                        if let Err(e) = write_message(&mut out, args, &msg) {
+                            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                                return Ok(exit::OK);
+                            }
+                            return Err(e.into());
+                        }
+                        received += 1;
+                        if args.exit_after == Some(received) {
+                            tx.close(None).await?;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// The message a line of input (or `--send`) becomes.
+fn outgoing(args: &ConnectArgs, text: String) -> Message {
+    if args.binary {
+        Message::binary(text.into_bytes())
+    } else {
+        Message::text(text)
+    }
+}
+
+/// Writes a received data message to a pipe: text (pretty JSON with `--json`) or raw bytes.
+fn write_message(out: &mut impl Write, args: &ConnectArgs, msg: &Message) -> std::io::Result<()> {
+    match msg {
+        Message::Text(text) => out.write_all(render_text(args, text).as_bytes())?,
+        other => out.write_all(other.as_payload())?,
+    }
+    if !args.no_newline {
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+/// Text as shown: pretty-printed when `--json` is set and it parses as JSON.
+fn render_text(args: &ConnectArgs, text: &str) -> String {
+    if args.json {
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
+            if let Ok(pretty) = serde_json::to_string_pretty(&value) {
+                return pretty;
+            }
+        }
+    }
+    text.to_owned()
+}
+
+/// `HH:MM:SS` (UTC) for message timestamps.
+fn clock() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Bytes as space-separated hex, cut after 64 bytes.
+fn hex(bytes: &[u8]) -> String {
+    let mut s: Vec<String> = bytes.iter().take(64).map(|b| format!("{b:02x}")).collect();
+    if bytes.len() > 64 {
+        s.push("…".into());
+    }
+    s.join(" ")
+}
+
+/// A received message as the interactive mode shows it.
+fn show(args: &ConnectArgs, msg: &Message) -> String {
+    let t = clock();
+    match msg {
+        Message::Text(text) => format!("< [{t}] {}", render_text(args, text)),
+        Message::Binary(b) => format!("< [{t}] binary ({} bytes): {}", b.len(), hex(b)),
+        Message::Ping(b) => format!(
+            "< [{t}] ping ({} bytes) {}",
+            b.len(),
+            String::from_utf8_lossy(b)
+        ),
+        Message::Pong(b) => format!(
+            "< [{t}] pong ({} bytes) {}",
+            b.len(),
+            String::from_utf8_lossy(b)
+        ),
+        Message::Close(Some(f)) => format!("< [{t}] close {} {}", f.code, f.reason),
+        Message::Close(None) => format!("< [{t}] close (no status)"),
+    }
+}
+
+/// What a line typed in interactive mode asks for.
+#[derive(Debug, PartialEq)]
+pub enum Command {
+    /// Send this message.
+    Send(Message),
+    /// Close with this frame and exit once the server answers.
+    Close(Option<CloseFrame>),
+    /// Close normally and exit.
+    Quit,
+    /// The line was not understood; print this.
+    Invalid(String),
+}
+
+/// Parses a line of interactive input: `/ping [data]`, `/close [code] [reason]`,
+/// `/binary HEX`, `/quit`, or a message (`--binary` sends lines as binary). `//x` sends `/x`.
+pub fn parse_command(line: &str, binary: bool) -> Command {
+    let data = |s: &str| bytes::Bytes::copy_from_slice(s.as_bytes());
+    let Some(rest) = line.strip_prefix('/') else {
+        return Command::Send(if binary {
+            Message::binary(line.as_bytes().to_vec())
+        } else {
+            Message::text(line.to_owned())
+        });
+    };
+    if rest.starts_with('/') {
+        return Command::Send(Message::text(rest.to_owned()));
+    }
+    let (cmd, arg) = rest
+        .split_once(' ')
+        .map_or((rest, ""), |(c, a)| (c, a.trim()));
+    match cmd {
+        "quit" | "exit" => Command::Quit,
+        "ping" if arg.len() <= 125 => Command::Send(Message::Ping(data(arg))),
+        "ping" => Command::Invalid("a ping carries at most 125 bytes".into()),
+        "close" if arg.is_empty() => Command::Close(Some(CloseFrame::new(CloseCode::NORMAL, ""))),
+        "close" => {
+            let (code, reason) = arg
+                .split_once(' ')
+                .map_or((arg, ""), |(c, r)| (c, r.trim()));
+            match code.parse::<u16>().map(CloseCode) {
+                Ok(code) if code.is_sendable() => {
+                    Command::Close(Some(CloseFrame::new(code, reason)))
+                }
+                _ => Command::Invalid(format!(
+                    "{code} is not a close code that may be sent (1000-1003, 1007-1014, 3000-4999)"
+                )),
+            }
+        }
+        "binary" => {
+            let digits: String = arg.chars().filter(|c| !c.is_whitespace()).collect();
+            let decoded: Option<Vec<u8>> = (digits.len() % 2 == 0)
+                .then(|| {
+                    (0..digits.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).ok())
+                        .collect()
+                })
+                .flatten();
+            match decoded {
+                Some(bytes) => Command::Send(Message::binary(bytes)),
+                None => {
+                    Command::Invalid(format!("{arg:?} is not hex (e.g. /binary 68 65 6c 6c 6f)"))
+                }
+            }
+        }
+        other => Command::Invalid(format!(
+            "unknown command /{other}: try /ping, /close, /binary, /quit"
+        )),
+    }
+}
+
+mod interactive {
+    //! The terminal mode: rustyline for input, an external printer for what arrives.
+
+    use super::*;
+    use rustyline::ExternalPrinter as _;
+
+    /// The terminal's settings at start, put back before exiting: the line editor may be in
+    /// the middle of a read (raw mode) when the connection ends.
+    struct Terminal(Option<nix::sys::termios::Termios>);
+
+    impl Terminal {
+        fn save() -> Self {
+            Terminal(nix::sys::termios::tcgetattr(std::io::stdin()).ok())
+        }
+
+        /// Restores the terminal and prints the last line of the session.
+        fn finish(&self, last: &str) {
+            if let Some(saved) = &self.0 {
+                let _ = nix::sys::termios::tcsetattr(
+                    std::io::stdin(),
+                    nix::sys::termios::SetArg::TCSANOW,
+                    saved,
+                );
+            }
+            eprintln!("\r\n{last}");
+        }
+    }
+
+    /// Runs the interactive session; returns the exit code.
+    pub(super) async fn run(
+        ws: tether::ClientStream,
+        args: &ConnectArgs,
+    ) -> Result<i32, ConnectError> {
+        let terminal = Terminal::save();
+        let mut editor =
+            rustyline::DefaultEditor::new().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut printer = editor
+            .create_external_printer()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let (lines_tx, mut lines) = tokio::sync::mpsc::channel::<Option<String>>(16);
+        std::thread::spawn(move || loop {
+            match editor.readline("> ") {
+                Ok(line) => {
+                    if !line.trim().is_empty() {
+                        let _ = editor.add_history_entry(line.as_str());
+                    }
+                    if lines_tx.blocking_send(Some(line)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    // Ctrl-C, Ctrl-D, or a terminal error: leave.
+                    let _ = lines_tx.blocking_send(None);
+                    return;
+                }
+            }
+        });
+        let (mut tx, mut rx) = ws.split();
+        let mut received = 0usize;
+        // Set once we asked to close: the server's echo then ends the session normally.
+        let mut we_closed = false;
+        loop {
+            tokio::select! {
+                line = lines.recv() => {
+                    let command = match line.flatten() {
+                        Some(line) => parse_command(&line, args.binary),
+                        None => Command::Quit,
+                    };
+                    match command {
+                        Command::Send(msg) => {
+                            log_frame(args, ">", &msg);
+                            if let Err(e) = tx.send(msg).await {
+                                let _ = printer.print(format!("error: {e}"));
+                            }
+                        }
+                        Command::Close(frame) => {
+                            we_closed = true;
+                            let _ = tx.close(frame).await;
+                        }
+                        Command::Quit => {
+                            we_closed = true;
+                            let _ = tx.close(None).await;
+                        }
+                        Command::Invalid(why) => {
+                            let _ = printer.print(why);
+                        }
+                    }
+                }
+                msg = rx.recv() => match msg {
+                    None => {
+                        terminal.finish("connection closed");
+                        return Ok(exit::OK);
+                    }
+                    Some(Err(e)) => {
+                        terminal.finish(&format!("connection failed: {}", describe(&e)));
+                        return Ok(exit::FAILURE);
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        log_frame(args, "<", &Message::Close(frame.clone()));
+                        while let Some(Ok(_)) = rx.recv().await {}
+                        let status = frame
+                            .as_ref()
+                            .map_or_else(|| "no status".to_owned(), |f| format!("{} {}", f.code, f.reason));
+                        if we_closed {
+                            terminal.finish(&format!("closed ({})", status.trim_end()));
+                            return Ok(exit::OK);
+                        }
+                        terminal.finish(&format!("closed by the server ({})", status.trim_end()));
+                        return Ok(exit_code_for(frame.as_ref()));
+                    }
+                    Some(Ok(msg)) => {
+                        log_frame(args, "<", &msg);
+                        let _ = printer.print(show(args, &msg));
+                        if msg.is_data() {
+                            received += 1;
+                            if args.exit_after == Some(received) {
+                                we_closed = true;
+                                let _ = tx.close(None).await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse() {
+        assert_eq!(
+            parse_command("hello", false),
+            Command::Send(Message::text("hello"))
+        );
+        assert_eq!(
+            parse_command("hello", true),
+            Command::Send(Message::binary(b"hello".to_vec()))
+        );
+        assert_eq!(
+            parse_command("//x", false),
+            Command::Send(Message::text("/x"))
+        );
+        assert_eq!(
+            parse_command("/ping hi", false),
+            Command::Send(Message::Ping("hi".into()))
+        );
+        assert_eq!(
+            parse_command("/binary 68 65 6c", false),
+            Command::Send(Message::binary(b"hel".to_vec()))
+        );
+        assert!(matches!(
+            parse_command("/binary 6", false),
+            Command::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_command("/binary zz", false),
+            Command::Invalid(_)
+        ));
+        assert_eq!(
+            parse_command("/close 4000 done here", false),
+            Command::Close(Some(CloseFrame::new(CloseCode(4000), "done here")))
+        );
+        assert!(matches!(
+            parse_command("/close 1005", false),
+            Command::Invalid(_)
+        ));
+        assert_eq!(parse_command("/quit", false), Command::Quit);
+        assert!(matches!(parse_command("/nope", false), Command::Invalid(_)));
+    }
+
+    #[test]
+    fn close_codes_map_to_exit_codes() {
+        assert_eq!(exit_code_for(None), exit::OK);
+        assert_eq!(
+            exit_code_for(Some(&CloseFrame::new(CloseCode::NORMAL, ""))),
+            exit::OK
+        );
+        assert_eq!(
+            exit_code_for(Some(&CloseFrame::new(CloseCode::POLICY_VIOLATION, ""))),
+            exit::FAILURE
+        );
+    }
+
+    #[test]
+    fn hex_is_cut_after_64_bytes() {
+        assert_eq!(hex(&[0xde, 0xad]), "de ad");
+        assert!(hex(&[0u8; 100]).ends_with('…'));
+    }
+}

@@ -1,0 +1,45 @@
+//! Shared by the CLI tests: the real `tether echo` binary on a free port.
+
+#![allow(dead_code)]
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+
+/// The `tether` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+/// A running `tether echo`, killed (and reaped) when dropped, even when a test fails.
+pub struct Echo {
+    child: Child,
+    /// The URL it printed: `ws://127.0.0.1:PORT/`.
+    pub url: String,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tether echo --port 0 EXTRA...` and waits for the address it prints.
+pub fn start_echo(extra: &[&str]) -> Echo {
+    let mut child = Command::new(BIN)
+        .args(["echo", "--port", "0", "--host", "127.0.0.1"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tether echo");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    Echo { child, url }
+}

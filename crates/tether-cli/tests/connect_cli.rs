@@ -1,0 +1,394 @@
+//! `tether connect` as scripts use it: the real binary, stdin and stdout as pipes, against
+//! `tether echo`, servers that refuse or close with an error, and TLS with a private CA.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether::{CloseCode, CloseFrame, Config, Message};
+use tokio::net::TcpListener;
+
+mod common;
+
+use common::BIN;
+
+/// Runs `tether connect ARGS` with `input` on stdin; kills it after 20 s.
+fn connect(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("connect")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let pid = child.id();
+    let guard = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    });
+    let out = child.wait_with_output().unwrap();
+    drop(guard);
+    out
+}
+
+/// Checks stdout and the exit code, showing stderr when they differ.
+fn expect(out: &Output, stdout: &str, code: i32) {
+    assert_eq!(text(&out.stdout), stdout, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// An in-process echo server on a runtime of its own; returns its address.
+fn echo_server(config: Config) -> SocketAddr {
+    serve(
+        move |ws| async move {
+            let mut ws = ws;
+            while let Some(Ok(msg)) = ws.recv().await {
+                if msg.is_data() && ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        },
+        config,
+    )
+}
+
+/// Runs `handler` for every WebSocket accepted on a fresh loopback port.
+fn serve<F, Fut>(handler: F, config: Config) -> SocketAddr
+where
+    F: Fn(tether::WebSocket<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let handler = Arc::new(handler);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::from_std(std_listener).unwrap();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let handler = handler.clone();
+                let config = config.clone();
+                tokio::spawn(async move {
+                    if let Ok(ws) = tether::accept_with_config(tcp, config).await {
+                        handler(ws).await;
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+#[test]
+fn pipe_echoes_each_line_and_exits_zero_at_end_of_input() {
+    let addr = echo_server(Config::default());
+    let out = connect(&[&format!("ws://{addr}/")], "hello\nsecond line ✓\n");
+    expect(&out, "hello\nsecond line ✓\n", 0);
+}
+
+#[test]
+fn send_and_exit_after_script_a_conversation() {
+    let addr = echo_server(Config::default());
+    let url = format!("ws://{addr}/");
+    let out = connect(
+        &[
+            &url,
+            "--send",
+            "one",
+            "--send",
+            "{\"a\":1}",
+            "--exit-after",
+            "2",
+            "--json",
+        ],
+        "",
+    );
+    expect(&out, "one\n{\n  \"a\": 1\n}\n", 0);
+}
+
+#[test]
+fn no_newline_and_binary_modes() {
+    let addr = echo_server(Config::default());
+    let url = format!("ws://{addr}/");
+    let out = connect(
+        &[
+            &url,
+            "-n",
+            "--binary",
+            "--send",
+            "ab",
+            "--send",
+            "cd",
+            "--exit-after",
+            "2",
+        ],
+        "",
+    );
+    assert_eq!(text(&out.stdout), "abcd");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn deflate_is_offered_and_used() {
+    let config = Config::default().deflate(Some(Default::default()));
+    let addr = echo_server(config);
+    let big = "compress me ".repeat(1000);
+    let out = connect(
+        &[&format!("ws://{addr}/"), "--deflate", "-v"],
+        &format!("{big}\n"),
+    );
+    assert_eq!(text(&out.stdout), format!("{big}\n"));
+    let log = text(&out.stderr);
+    assert!(
+        log.contains("> Sec-WebSocket-Extensions: permessage-deflate"),
+        "{log}"
+    );
+    assert!(
+        log.contains("< Sec-WebSocket-Extensions: permessage-deflate"),
+        "{log}"
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn headers_auth_origin_and_subprotocol_reach_the_server() {
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<(String, String)>>();
+    let seen_tx = std::sync::Mutex::new(seen_tx);
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (tcp, _) = std_listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+            let config = Config::default().protocols(vec!["chat".into()]);
+            let mut ws = tether::accept_hdr(tcp, config, |req, _| {
+                let pick = |n: &str| {
+                    (
+                        n.to_owned(),
+                        req.headers.get_str(n).unwrap_or("").to_owned(),
+                    )
+                };
+                let _ = seen_tx.lock().unwrap().send(vec![
+                    pick("x-trace"),
+                    pick("authorization"),
+                    pick("origin"),
+                ]);
+                Ok(())
+            })
+            .await
+            .unwrap();
+            while let Some(Ok(msg)) = ws.recv().await {
+                if msg.is_data() {
+                    let _ = ws
+                        .send(Message::text(ws.protocol().unwrap_or("none").to_owned()))
+                        .await;
+                }
+            }
+        });
+    });
+    let out = connect(
+        &[
+            &format!("ws://{addr}/"),
+            "-H",
+            "X-Trace: abc",
+            "--auth",
+            "ann:secret",
+            "--origin",
+            "https://app.example",
+            "--subprotocol",
+            "chat",
+        ],
+        "which protocol?\n",
+    );
+    assert_eq!(text(&out.stdout), "chat\n", "stderr: {}", text(&out.stderr));
+    let seen = seen_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(seen[0].1, "abc");
+    assert_eq!(seen[1].1, "Basic YW5uOnNlY3JldA==");
+    assert_eq!(seen[2].1, "https://app.example");
+}
+
+#[test]
+fn a_server_closing_with_an_error_code_gives_a_failing_exit() {
+    let addr = serve(
+        |mut ws| async move {
+            let _ = ws.recv().await;
+            let _ = ws
+                .close(Some(CloseFrame::new(
+                    CloseCode::POLICY_VIOLATION,
+                    "not today",
+                )))
+                .await;
+        },
+        Config::default(),
+    );
+    let out = connect(&[&format!("ws://{addr}/")], "hi\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("1008 not today"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_refused_handshake_shows_status_and_body() {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut tcp, _) = std_listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf);
+        let _ = tcp.write_all(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 22\r\n\r\norigin is not allowed\n",
+        );
+    });
+    let out = connect(&[&format!("ws://{addr}/")], "");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("HTTP 403 Forbidden: origin is not allowed"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn bad_urls_and_unreachable_servers_are_one_line_errors() {
+    let out = connect(&["http://example.com/"], "");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("not ws or wss"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let out = connect(&[&format!("ws://{addr}/")], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("connection refused"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A TLS echo server with a certificate for `localhost` signed by a fresh CA; returns
+/// (port, CA PEM).
+fn tls_echo_server() -> (u16, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls_pki_types::CertificateDer::from(cert.der().to_vec())],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let port = std_listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::from_std(std_listener).unwrap();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut ws) = tether::accept(tls).await else {
+                        return;
+                    };
+                    while let Some(Ok(msg)) = ws.recv().await {
+                        if msg.is_data() && ws.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    (port, ca.pem())
+}
+
+#[test]
+fn wss_with_a_custom_ca_works_and_without_it_explains_why_not() {
+    let (port, ca_pem) = tls_echo_server();
+    let dir = std::env::temp_dir().join(format!("tether-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let url = format!("wss://localhost:{port}/");
+
+    let out = connect(&[&url, "--ca", ca_file.to_str().unwrap()], "over tls\n");
+    expect(&out, "over tls\n", 0);
+
+    let out = connect(&[&url], "");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("TLS") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+
+    let out = connect(&[&url, "--insecure"], "anyway\n");
+    assert_eq!(
+        text(&out.stdout),
+        "anyway\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_echo_binary_and_the_connect_binary_talk() {
+    // The acceptance: `echo hello | tether connect ws://…` against `tether echo`.
+    let server = common::start_echo(&[]);
+    let out = connect(&[&server.url], "hello\n");
+    expect(&out, "hello\n", 0);
+}
