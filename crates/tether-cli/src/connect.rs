@@ -75,6 +75,14 @@ pub struct ConnectArgs {
     /// Log the handshake (request and response headers) and every frame to stderr.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Tunnel through this HTTP proxy, `http://[user:pass@]host:port`. Without it,
+    /// HTTPS_PROXY (wss), HTTP_PROXY (ws) and ALL_PROXY are used unless NO_PROXY lists the host.
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
+    /// When the connection is lost (or the server goes away), reconnect with exponential
+    /// backoff and jitter and carry on with the input; gives up after 10 failed attempts.
+    #[arg(long)]
+    pub reconnect: bool,
 }
 
 /// Why `tether connect` could not run.
@@ -170,6 +178,12 @@ pub fn builder(args: &ConnectArgs) -> Result<ClientBuilder, ConnectError> {
     if let Some(token) = &args.token {
         b = b.header("Authorization", format!("Bearer {token}"));
     }
+    b = match &args.proxy {
+        Some(url) => {
+            b.proxy(tether::Proxy::parse(url).map_err(|e| ConnectError::Usage(e.to_string()))?)
+        }
+        None => b.proxy_from_env()?,
+    };
     if args.insecure {
         b = b.tls_config(tether::tls::insecure_client_config()?);
     } else if let Some(path) = &args.ca {
@@ -196,7 +210,20 @@ pub async fn run(args: ConnectArgs) -> Result<i32, ConnectError> {
             eprintln!("> {line}");
         }
     }
-    let (ws, response) = builder.connect_with(request).await?;
+    let (ws, response) = match builder.connect_with(request).await {
+        Ok(pair) => pair,
+        Err(e) if args.reconnect => {
+            eprintln!("tether: {}", describe(&e));
+            let ws = connect_retrying(&args).await?;
+            let response = tether::handshake::Response {
+                headers: Default::default(),
+                protocol: ws.protocol().map(str::to_owned),
+                extensions: None,
+            };
+            (ws, response)
+        }
+        Err(e) => return Err(e.into()),
+    };
     if args.verbose {
         eprintln!("< HTTP/1.1 101 Switching Protocols");
         for h in &response.headers.0 {
@@ -234,37 +261,134 @@ fn log_frame(args: &ConnectArgs, dir: &str, msg: &Message) {
     eprintln!("{dir} {kind} frame, {} bytes", msg.as_payload().len());
 }
 
-/// Pipe mode: stdin lines out, received messages to stdout.
-async fn pipe(ws: tether::ClientStream, args: &ConnectArgs) -> Result<i32, ConnectError> {
-    let (mut tx, mut rx) = ws.split();
-    for text in &args.send {
-        let msg = outgoing(args, text.clone());
-        log_frame(args, ">", &msg);
-        tx.send(msg).await?;
+/// How one connection of a pipe session ended.
+enum SessionEnd {
+    /// Stop with this exit code.
+    Exit(i32),
+    /// The connection was lost (or closed with a code worth retrying): reconnect if asked.
+    Lost(String),
+}
+
+/// Close codes after which `--reconnect` tries again: the server went away or is overloaded.
+fn worth_retrying(code: CloseCode) -> bool {
+    matches!(code.0, 1001 | 1006 | 1011 | 1012 | 1013 | 1014)
+}
+
+/// Attempts before `--reconnect` gives up.
+const RECONNECT_ATTEMPTS: u32 = 10;
+
+/// The wait before reconnect attempt `n` (1-based): 250 ms doubling to at most 10 s, with
+/// jitter of up to half the delay so that many clients do not return in step.
+fn backoff(n: u32) -> Duration {
+    let base = Duration::from_millis(250).saturating_mul(1 << n.saturating_sub(1).min(6));
+    let base = base.min(Duration::from_secs(10));
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    base / 2 + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
+
+/// Connects, retrying with [`backoff`] when `--reconnect` is set.
+async fn connect_retrying(args: &ConnectArgs) -> Result<tether::ClientStream, ConnectError> {
+    let mut attempt = 0;
+    loop {
+        match builder(args)?.connect().await {
+            Ok((ws, _)) => return Ok(ws),
+            Err(e) if args.reconnect && attempt + 1 < RECONNECT_ATTEMPTS => {
+                attempt += 1;
+                let wait = backoff(attempt);
+                eprintln!(
+                    "tether: {}; retrying in {:.1} s",
+                    describe(&e),
+                    wait.as_secs_f64()
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    let mut lines = if args.send.is_empty() {
+}
+
+/// Pipe mode: stdin lines out, received messages to stdout; with `--reconnect`, lost
+/// connections are reopened and the input carries on where it was (nothing is sent twice).
+async fn pipe(ws: tether::ClientStream, args: &ConnectArgs) -> Result<i32, ConnectError> {
+    let mut input = if args.send.is_empty() {
         Some(tokio::io::BufReader::new(tokio::io::stdin()).lines())
     } else {
         None
     };
+    let mut to_send: std::collections::VecDeque<Message> = args
+        .send
+        .iter()
+        .map(|m| outgoing(args, m.clone()))
+        .collect();
     let mut received = 0usize;
-    let mut out = std::io::stdout().lock();
-    if args.exit_after == Some(0) {
-        tx.close(None).await?;
+    let mut ws = Some(ws);
+    loop {
+        let current = match ws.take() {
+            Some(ws) => ws,
+            None => {
+                let lost_at = std::time::Instant::now();
+                let ws = connect_retrying(args).await?;
+                eprintln!(
+                    "tether: reconnected after {:.1} s; messages sent to this client meanwhile are missing",
+                    lost_at.elapsed().as_secs_f64()
+                );
+                ws
+            }
+        };
+        match pipe_session(current, args, &mut input, &mut to_send, &mut received).await? {
+            SessionEnd::Exit(code) => return Ok(code),
+            SessionEnd::Lost(why) if args.reconnect => {
+                eprintln!("tether: connection lost ({why}); reconnecting");
+            }
+            SessionEnd::Lost(why) => {
+                eprintln!("tether: {why}");
+                return Ok(exit::FAILURE);
+            }
+        }
+    }
+}
+
+/// One connection of a pipe session.
+async fn pipe_session(
+    ws: tether::ClientStream,
+    args: &ConnectArgs,
+    input: &mut Option<tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>>,
+    to_send: &mut std::collections::VecDeque<Message>,
+    received: &mut usize,
+) -> Result<SessionEnd, ConnectError> {
+    let (mut tx, mut rx) = ws.split();
+    let mut out = std::io::stdout();
+    let mut closing = false;
+    let done = |received: usize| args.exit_after.is_some_and(|n| received >= n);
+    // Input already ended in an earlier session: only the close is left to do.
+    let input_ended = args.send.is_empty() && input.is_none() && to_send.is_empty();
+    if done(*received) || (input_ended && args.exit_after.is_none()) {
+        closing = true;
+        let _ = tx.close(None).await;
     }
     loop {
+        // Messages given on the command line (or left over) go first, each exactly once.
+        if let Some(msg) = to_send.pop_front() {
+            log_frame(args, ">", &msg);
+            if let Err(e) = tx.send(msg).await {
+                return Ok(SessionEnd::Lost(format!(
+                    "sending failed: {}",
+                    describe(&e)
+                )));
+            }
+            continue;
+        }
         tokio::select! {
-            line = async { lines.as_mut().expect("guarded").next_line().await }, if lines.is_some() => {
+            line = async { input.as_mut().expect("guarded").next_line().await }, if input.is_some() && !closing => {
                 match line? {
-                    Some(line) => {
-                        let msg = outgoing(args, line);
-                        log_frame(args, ">", &msg);
-                        tx.send(msg).await?;
-                    }
+                    Some(line) => to_send.push_back(outgoing(args, line)),
                     None => {
                         // End of input: close normally and wait for the server's answer.
-                        lines = None;
+                        *input = None;
                         if args.exit_after.is_none() {
+                            closing = true;
                             let _ = tx.close(None).await;
                         }
                     }
@@ -272,33 +396,41 @@ async fn pipe(ws: tether::ClientStream, args: &ConnectArgs) -> Result<i32, Conne
             }
             msg = rx.recv() => {
                 let msg = match msg {
-                    None => return Ok(exit::FAILURE),
-                    Some(Err(e)) => {
+                    None if closing => return Ok(SessionEnd::Exit(exit::OK)),
+                    None => return Ok(SessionEnd::Lost("the connection ended without a close frame".into())),
+                    Some(Err(e)) if closing => {
                         eprintln!("tether: {}", describe(&e));
-                        return Ok(exit::FAILURE);
+                        return Ok(SessionEnd::Exit(exit::FAILURE));
                     }
+                    Some(Err(e)) => return Ok(SessionEnd::Lost(describe(&e))),
                     Some(Ok(msg)) => msg,
                 };
                 log_frame(args, "<", &msg);
                 match &msg {
                     Message::Close(frame) => {
+                        // Let the close handshake finish.
+                        while let Some(Ok(_)) = rx.recv().await {}
+                        if let Some(f) = frame.as_ref().filter(|f| !closing && worth_retrying(f.code)) {
+                            return Ok(SessionEnd::Lost(format!("closed by the server: {} {}", f.code, f.reason)));
+                        }
+                        // Our own Close is always 1000, so any other code is the server's verdict,
+                        // even when it crossed our Close on the wire.
                         if let Some(f) = frame.as_ref().filter(|f| f.code != CloseCode::NORMAL) {
                             eprintln!("tether: closed by the server: {} {}", f.code, f.reason);
                         }
-                        // Let the close handshake finish.
-                        while let Some(Ok(_)) = rx.recv().await {}
-                        return Ok(exit_code_for(frame.as_ref()));
+                        return Ok(SessionEnd::Exit(exit_code_for(frame.as_ref())));
                     }
                     Message::Text(_) | Message::Binary(_) => {
                         if let Err(e) = write_message(&mut out, args, &msg) {
                             if e.kind() == std::io::ErrorKind::BrokenPipe {
-                                return Ok(exit::OK);
+                                return Ok(SessionEnd::Exit(exit::OK));
                             }
                             return Err(e.into());
                         }
-                        received += 1;
-                        if args.exit_after == Some(received) {
-                            tx.close(None).await?;
+                        *received += 1;
+                        if done(*received) && !closing {
+                            closing = true;
+                            let _ = tx.close(None).await;
                         }
                     }
                     _ => {}
@@ -544,13 +676,38 @@ mod interactive {
                     }
                 }
                 msg = rx.recv() => match msg {
-                    None => {
+                    None if we_closed => {
                         terminal.finish("connection closed");
                         return Ok(exit::OK);
                     }
-                    Some(Err(e)) => {
+                    Some(Err(e)) if we_closed => {
                         terminal.finish(&format!("connection failed: {}", describe(&e)));
                         return Ok(exit::FAILURE);
+                    }
+                    lost @ (None | Some(Err(_))) => {
+                        let why = match lost {
+                            Some(Err(e)) => describe(&e),
+                            _ => "the connection ended without a close frame".to_owned(),
+                        };
+                        if !args.reconnect {
+                            terminal.finish(&format!("connection lost: {why}"));
+                            return Ok(exit::FAILURE);
+                        }
+                        let _ = printer.print(format!("connection lost ({why}); reconnecting"));
+                        let lost_at = std::time::Instant::now();
+                        match connect_retrying(args).await {
+                            Ok(ws) => {
+                                (tx, rx) = ws.split();
+                                let _ = printer.print(format!(
+                                    "reconnected after {:.1} s; messages sent meanwhile are missing",
+                                    lost_at.elapsed().as_secs_f64()
+                                ));
+                            }
+                            Err(e) => {
+                                terminal.finish(&format!("gave up reconnecting: {e}"));
+                                return Ok(exit::FAILURE);
+                            }
+                        }
                     }
                     Some(Ok(Message::Close(frame))) => {
                         log_frame(args, "<", &Message::Close(frame.clone()));

@@ -20,7 +20,7 @@ enum Command {
     /// Run a WebSocket echo server (text and binary).
     Echo(EchoArgs),
     /// Connect to a WebSocket server: interactive on a terminal, a pipe otherwise.
-    Connect(tether_cli::connect::ConnectArgs),
+    Connect(Box<tether_cli::connect::ConnectArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Echo(args) => run_echo(args).map(|()| exit::OK),
-        Command::Connect(args) => run_connect(args),
+        Command::Connect(args) => run_connect(*args),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -392,3 +392,170 @@ fn the_echo_binary_and_the_connect_binary_talk() {
     let out = connect(&[&server.url], "hello\n");
     expect(&out, "hello\n", 0);
 }
+
+/// A CONNECT proxy on a free port that records the targets it tunnels to.
+fn connect_proxy() -> (SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            let listener = TcpListener::from_std(std_listener).unwrap();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let seen_tx = seen_tx.clone();
+                tokio::spawn(async move {
+                    let mut client = tokio::io::BufReader::new(tcp);
+                    let mut first = String::new();
+                    client.read_line(&mut first).await.unwrap();
+                    let mut line = String::new();
+                    while client.read_line(&mut line).await.unwrap() > 2 {
+                        line.clear();
+                    }
+                    let target = first.split_whitespace().nth(1).unwrap().to_owned();
+                    let _ = seen_tx.send(first.trim().to_owned());
+                    let mut upstream = tokio::net::TcpStream::connect(&target).await.unwrap();
+                    let mut client = client.into_inner();
+                    client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+    });
+    (addr, seen_rx)
+}
+
+#[test]
+fn proxy_option_and_environment_tunnel_through_connect() {
+    let server = common::start_echo(&[]);
+    let (proxy, seen) = connect_proxy();
+    let out = connect(
+        &[&server.url, "--proxy", &format!("http://{proxy}")],
+        "via proxy\n",
+    );
+    expect(&out, "via proxy\n", 0);
+    let request = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    let target = server.url.trim_start_matches("ws://").trim_end_matches('/');
+    assert_eq!(request, format!("CONNECT {target} HTTP/1.1"));
+
+    // HTTP_PROXY is honoured for ws://, and NO_PROXY bypasses it.
+    let run_env = |no_proxy: &str| {
+        let mut child = Command::new(BIN)
+            .args(["connect", &server.url])
+            .env("HTTP_PROXY", format!("http://{proxy}"))
+            .env("NO_PROXY", no_proxy)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"env\n").unwrap();
+        child.wait_with_output().unwrap()
+    };
+    expect(&run_env(""), "env\n", 0);
+    assert!(seen.recv_timeout(Duration::from_secs(5)).is_ok());
+    expect(&run_env("127.0.0.1"), "env\n", 0);
+    assert!(
+        seen.recv_timeout(Duration::from_millis(300)).is_err(),
+        "NO_PROXY was ignored"
+    );
+}
+
+#[test]
+fn a_proxy_that_refuses_is_a_clear_error() {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = std_listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut tcp, _) = std_listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = tcp.read(&mut buf);
+        let _ = tcp.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n");
+    });
+    let out = connect(
+        &["ws://127.0.0.1:9/", "--proxy", &format!("http://{proxy}")],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("proxy refused CONNECT 127.0.0.1:9: 407"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reconnect_resumes_after_the_server_drops_the_connection() {
+    use std::io::BufRead;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // The first connection echoes one message and then vanishes without a close frame;
+    // later ones echo normally.
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    let addr = serve(
+        move |mut ws| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                while let Some(Ok(msg)) = ws.recv().await {
+                    if msg.is_data() {
+                        let _ = ws.send(msg).await;
+                        if n == 0 {
+                            return; // dropped: TCP closes without a close handshake
+                        }
+                    }
+                }
+            }
+        },
+        Config::default(),
+    );
+    let mut child = Command::new(BIN)
+        .args(["connect", &format!("ws://{addr}/"), "--reconnect"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdin.write_all(b"one\n").unwrap();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "one\n");
+    // Wait until the client is on its second connection, then carry on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connections.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no reconnect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stdin.write_all(b"two\n").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "two\n");
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("connection lost") && err.contains("reconnected after"),
+        "{err}"
+    );
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "one reconnect, nothing more"
+    );
+}

@@ -11,6 +11,7 @@ use url::Url;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handshake::client;
+use crate::proxy::Proxy;
 use crate::tls::MaybeTlsStream;
 use crate::websocket::WebSocket;
 
@@ -46,6 +47,7 @@ pub struct ClientBuilder {
     headers: Vec<(String, String)>,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ClientConfig>>,
+    proxy: Option<Proxy>,
 }
 
 impl ClientBuilder {
@@ -69,6 +71,7 @@ impl ClientBuilder {
             headers: Vec::new(),
             #[cfg(feature = "tls")]
             tls: None,
+            proxy: None,
         })
     }
 
@@ -97,6 +100,24 @@ impl ClientBuilder {
     pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
         self.tls = Some(config);
         self
+    }
+
+    /// Tunnels through this HTTP proxy (`CONNECT`); TLS for `wss://` runs inside the tunnel.
+    pub fn proxy(mut self, proxy: Proxy) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
+    /// Uses the proxy the environment names for this URL (`HTTPS_PROXY` / `HTTP_PROXY` /
+    /// `ALL_PROXY`, unless `NO_PROXY` lists the host; see [`Proxy::from_env`]).
+    ///
+    /// # Errors
+    /// [`Error::Proxy`] when the variable holds an unusable URL.
+    pub fn proxy_from_env(mut self) -> Result<Self> {
+        if let Some(proxy) = Proxy::from_env(&self.url)? {
+            self.proxy = Some(proxy);
+        }
+        Ok(self)
     }
 
     /// The handshake request this builder sends.
@@ -143,7 +164,23 @@ impl ClientBuilder {
 
     async fn open(&self) -> Result<MaybeTlsStream<TcpStream>> {
         let port = self.url.port_or_known_default().unwrap_or(80);
-        let tcp = match self.url.host() {
+        let tcp = match (&self.proxy, self.url.host()) {
+            (Some(proxy), _) => {
+                proxy
+                    .tunnel(self.url.host_str().unwrap_or_default(), port)
+                    .await?
+            }
+            (None, host) => Self::direct(host, port).await?,
+        };
+        tcp.set_nodelay(true)?;
+        if self.url.scheme() == "ws" {
+            return Ok(MaybeTlsStream::Plain(tcp));
+        }
+        self.wrap_tls(tcp).await
+    }
+
+    async fn direct(host: Option<url::Host<&str>>, port: u16) -> Result<TcpStream> {
+        let tcp = match host {
             Some(url::Host::Ipv4(ip)) => {
                 TcpStream::connect(SocketAddr::new(IpAddr::V4(ip), port)).await?
             }
@@ -153,11 +190,7 @@ impl ClientBuilder {
             Some(url::Host::Domain(name)) => TcpStream::connect((name, port)).await?,
             None => return Err(Error::Url("no host".into())),
         };
-        tcp.set_nodelay(true)?;
-        if self.url.scheme() == "ws" {
-            return Ok(MaybeTlsStream::Plain(tcp));
-        }
-        self.wrap_tls(tcp).await
+        Ok(tcp)
     }
 
     #[cfg(feature = "tls")]

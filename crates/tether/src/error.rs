@@ -46,6 +46,9 @@ pub enum Error {
     /// TLS setup or handshake failed.
     #[error("TLS error: {0}")]
     Tls(String),
+    /// The HTTP proxy could not be reached or refused the tunnel.
+    #[error("proxy error: {0}")]
+    Proxy(String),
 }
 
 impl Error {

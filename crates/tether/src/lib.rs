@@ -50,6 +50,7 @@ mod config;
 mod error;
 pub mod handshake;
 mod message;
+pub mod proxy;
 pub mod tls;
 #[cfg(feature = "hyper")]
 pub mod upgrade;
@@ -60,5 +61,6 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use handshake::{accept, accept_hdr, accept_with_config, client};
 pub use message::Message;
+pub use proxy::Proxy;
 pub use tether_proto::{self as proto, CloseCode, CloseFrame, Role, Utf8Bytes};
 pub use websocket::{WebSocket, WsReceiver, WsSender};
