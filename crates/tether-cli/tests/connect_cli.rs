@@ -559,3 +559,33 @@ fn reconnect_resumes_after_the_server_drops_the_connection() {
         "one reconnect, nothing more"
     );
 }
+
+#[test]
+fn connect_timeout_bounds_a_silent_server() {
+    // Accepts TCP, never answers the handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let started = std::time::Instant::now();
+    let out = connect(&[&format!("ws://{addr}/"), "--connect-timeout", "0.5"], "");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("handshake timed out"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(silent);
+}
+
+#[test]
+fn max_message_size_refuses_a_large_echo_with_1009() {
+    let server = common::start_echo(&[]);
+    let big = "x".repeat(5000);
+    let out = connect(
+        &[&server.url, "--max-message-size", "1000", "--send", &big],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("1009"), "{err}");
+}
