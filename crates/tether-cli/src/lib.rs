@@ -1,5 +1,6 @@
 //! The `tether` command's subcommands, as a library the binary calls and tests drive.
 
+pub mod bench;
 pub mod connect;
 pub mod echo;
 

@@ -19,8 +19,19 @@ struct Cli {
 enum Command {
     /// Run a WebSocket echo server (text and binary).
     Echo(EchoArgs),
+    /// Load-test a WebSocket server.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Connect to a WebSocket server: interactive on a terminal, a pipe otherwise.
     Connect(Box<tether_cli::connect::ConnectArgs>),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Connections keep messages in flight against an echo server; reports rate and latency.
+    Echo(tether_cli::bench::EchoArgs),
+    /// Opens and holds idle connections; reports how many held.
+    Idle(tether_cli::bench::IdleArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -57,6 +68,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Echo(args) => run_echo(args).map(|()| exit::OK),
         Command::Connect(args) => run_connect(*args),
+        Command::Bench(kind) => run_bench(kind).map(|()| exit::OK),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
@@ -73,6 +85,33 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
         builder.worker_threads(n.max(1));
     }
     builder.enable_all().build().context("starting the runtime")
+}
+
+fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
+    use tether_cli::bench;
+    let rt = runtime(None)?;
+    match kind {
+        BenchCommand::Echo(args) => {
+            let summary = rt.block_on(bench::echo(args.clone()))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!("{}", bench::render_echo(&summary, &args));
+            }
+        }
+        BenchCommand::Idle(args) => {
+            let summary = rt.block_on(bench::idle(args.clone()))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!(
+                    "{} of {} connections held ({} failed); opened in {:.1} s",
+                    summary.held, summary.requested, summary.failed, summary.open_seconds
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn run_connect(args: tether_cli::connect::ConnectArgs) -> anyhow::Result<i32> {
