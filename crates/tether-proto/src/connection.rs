@@ -87,6 +87,9 @@ struct InFrame {
     seen: usize,
 }
 
+/// Payloads up to this size are copied out of the read buffer rather than shared with it.
+const SMALL_PAYLOAD: usize = 4096;
+
 /// A source of client masking keys.
 pub type MaskSource = Box<dyn FnMut() -> [u8; 4] + Send>;
 
@@ -391,7 +394,14 @@ impl Connection {
         if payload.len() > MAX_CONTROL_PAYLOAD {
             return Err(SendError::ControlTooLong(payload.len()));
         }
-        if self.state != State::Open {
+        // After our Close only a Pong may follow: a Ping must be answered until the peer's
+        // Close arrives (RFC 6455 §5.5.2).
+        let allowed = match self.state {
+            State::Open => true,
+            State::Closing => opcode == OpCode::Pong,
+            State::Closed => false,
+        };
+        if !allowed {
             return Err(SendError::Closed);
         }
         self.queue_frame(opcode, true, payload);
@@ -491,7 +501,15 @@ impl Connection {
             return Ok(false);
         }
         self.current = None;
-        let payload = buf.split_to(frame.len).freeze();
+        // Large payloads are handed out without a copy; small ones are copied so that they do
+        // not keep a whole read buffer (possibly megabytes) alive for as long as they live.
+        let payload = if frame.len <= SMALL_PAYLOAD || frame.len < buf.capacity() / 8 {
+            let small = Bytes::copy_from_slice(&buf[..frame.len]);
+            buf.advance(frame.len);
+            small
+        } else {
+            buf.split_to(frame.len).freeze()
+        };
         self.on_frame(frame.header, payload)?;
         Ok(true)
     }
@@ -571,7 +589,7 @@ impl Connection {
     fn on_frame(&mut self, h: FrameHeader, payload: Bytes) -> Result<(), ProtocolError> {
         match h.opcode {
             OpCode::Ping => {
-                if self.auto_pong && self.state == State::Open {
+                if self.auto_pong && self.state != State::Closed {
                     self.queue_frame(OpCode::Pong, true, payload.clone());
                 }
                 self.events.push_back(Event::Ping(payload));

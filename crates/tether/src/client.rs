@@ -10,7 +10,7 @@ use url::Url;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::handshake::client;
+use crate::handshake::client_until;
 use crate::proxy::Proxy;
 use crate::tls::MaybeTlsStream;
 use crate::websocket::WebSocket;
@@ -155,11 +155,13 @@ impl ClientBuilder {
     /// # Errors
     /// As [`ClientBuilder::connect`].
     pub async fn connect_with(self, request: ClientRequest) -> Result<(ClientStream, Response)> {
+        // One deadline for TCP, the proxy, TLS and the upgrade together.
+        let started = tokio::time::Instant::now();
         let timeout = self.config.handshake_timeout;
         let transport = tokio::time::timeout(timeout, self.open())
             .await
             .map_err(|_| Error::HandshakeTimeout)??;
-        client(transport, request, self.config).await
+        client_until(transport, request, self.config, started + timeout).await
     }
 
     async fn open(&self) -> Result<MaybeTlsStream<TcpStream>> {

@@ -178,9 +178,23 @@ pub(crate) fn check_origin(config: &Config, request: &Request) -> Result<(), Han
 /// # Cancel safety
 /// Not cancel-safe: dropping the future abandons the handshake.
 pub async fn client<S>(
+    stream: S,
+    request: ClientRequest,
+    config: Config,
+) -> Result<(WebSocket<S>, Response)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    client_until(stream, request, config, deadline).await
+}
+
+/// [`client`] with an absolute deadline (shared with the TCP, proxy and TLS steps before it).
+pub(crate) async fn client_until<S>(
     mut stream: S,
     mut request: ClientRequest,
     config: Config,
+    deadline: tokio::time::Instant,
 ) -> Result<(WebSocket<S>, Response)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -231,7 +245,7 @@ where
         );
         Ok((ws, response))
     };
-    match tokio::time::timeout(config.handshake_timeout, handshake).await {
+    match tokio::time::timeout_at(deadline, handshake).await {
         Ok(result) => result,
         Err(_) => Err(Error::HandshakeTimeout),
     }

@@ -140,6 +140,9 @@ pub(crate) struct Inner<S> {
     wakers: Arc<WriteWakers>,
     write_waker: Waker,
     eof: bool,
+    /// The task last waiting in `poll_next_message`, woken when a Close is queued from the
+    /// sending side so that it arms the close timer.
+    read_waker: Option<Waker>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
@@ -172,6 +175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             write_waker: Waker::from(wakers.clone()),
             wakers,
             eof: false,
+            read_waker: None,
         }
     }
 
@@ -207,9 +211,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     fn end(&mut self) -> Poll<Option<Result<Message>>> {
-        match std::mem::replace(&mut self.phase, Phase::Done) {
+        match self.mark_done() {
             Phase::Finishing(Some(err)) => Poll::Ready(Some(Err(err))),
             _ => Poll::Ready(None),
+        }
+    }
+
+    /// Ends the connection for both halves: the transport is shut down (best effort) and a
+    /// sender waiting to write is woken to find it closed. Returns the previous phase.
+    fn mark_done(&mut self) -> Phase {
+        let previous = std::mem::replace(&mut self.phase, Phase::Done);
+        if !matches!(previous, Phase::Done) {
+            let mut wcx = Context::from_waker(&self.write_waker);
+            let _ = Pin::new(&mut self.io).poll_shutdown(&mut wcx);
+            Wake::wake_by_ref(&self.wakers);
+        }
+        previous
+    }
+
+    /// Wakes the receiving side (it arms the close timer once a Close is queued).
+    fn wake_reader(&self) {
+        if let Some(waker) = &self.read_waker {
+            waker.wake_by_ref();
         }
     }
 
@@ -223,10 +246,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     fn poll_next_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message>>> {
+        if !self
+            .read_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.read_waker = Some(cx.waker().clone());
+        }
         loop {
             if let Some(event) = self.conn.poll_event() {
-                if let (Event::Pong(_), Some(k)) = (&event, self.keepalive.as_mut()) {
-                    k.pong_deadline = None;
+                if let (Event::Pong(payload), Some(k)) = (&event, self.keepalive.as_mut()) {
+                    // Only the answer to our latest ping proves the peer alive.
+                    if payload[..] == k.sent.to_be_bytes() {
+                        k.pong_deadline = None;
+                    }
                 }
                 return Poll::Ready(Some(Ok(event.into())));
             }
@@ -283,14 +316,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     // TCP first (RFC 6455 §7.1.1); a server, or a failed connection, closes now.
                     let wait_for_peer = !finishing && self.conn.role() == Role::Client && !self.eof;
                     if !wait_for_peer {
-                        let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
+                        self.wakers.register(Waiter::Reader, cx.waker());
+                        let mut wcx = Context::from_waker(&self.write_waker);
+                        let _ = ready!(Pin::new(&mut self.io).poll_shutdown(&mut wcx));
                         return self.end();
                     }
                 }
             }
             if self.eof {
                 // Open or closing, and the peer vanished without a close handshake.
-                self.phase = Phase::Done;
+                self.mark_done();
                 return Poll::Ready(Some(Err(Error::AbnormalClosure)));
             }
 
@@ -312,7 +347,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     continue;
                 }
                 Poll::Ready(Err(e)) => {
-                    self.phase = Phase::Done;
+                    self.mark_done();
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(Ok(0)) => {
@@ -320,6 +355,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     continue;
                 }
                 Poll::Ready(Ok(_)) => {}
+            }
+            if self.conn.close_received() {
+                // Waiting for the peer to close TCP: whatever it still sends is discarded.
+                self.read_buf.clear();
             }
         }
     }
@@ -340,12 +379,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             Message::Binary(b) => self.conn.send_binary(b)?,
             Message::Ping(b) => self.conn.send_ping(b)?,
             Message::Pong(b) => self.conn.send_pong(b)?,
-            Message::Close(frame) => self.conn.send_close(frame)?,
+            Message::Close(frame) => {
+                self.conn.send_close(frame)?;
+                self.wake_reader();
+            }
         }
         Ok(())
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if matches!(self.phase, Phase::Done) && self.conn.queued_len() > 0 {
+            // The transport is closed: what is still queued will never be written.
+            return Poll::Ready(Err(Error::Send(SendError::Closed)));
+        }
         ready!(self.poll_write_out(cx, Waiter::Sender))?;
         Poll::Ready(Ok(()))
     }
@@ -356,6 +402,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             self.conn.send_close(Some(
                 frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NORMAL, "")),
             ))?;
+            self.wake_reader();
         }
         Ok(())
     }
@@ -602,14 +649,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
         poll_fn(|cx| lock(&self.shared).poll_flush(cx)).await
     }
 
-    /// Sends a Close (1000 unless `frame` says otherwise) and writes it; the receiving half
-    /// then sees the peer's Close and ends.
+    /// Sends a Close (1000 unless `frame` says otherwise) and writes it, waiting at most
+    /// `close_timeout` for the peer to take it; the receiving half then sees the peer's Close
+    /// (or its close timeout) and ends.
     ///
     /// # Errors
-    /// [`Error::Send`] for a code that may not be sent; [`Error::Io`].
+    /// [`Error::Send`] for a code that may not be sent; [`Error::Io`] when the transport
+    /// fails or the peer does not read within the close timeout.
     pub async fn close(&mut self, frame: Option<CloseFrame>) -> Result<()> {
-        lock(&self.shared).start_close(frame)?;
-        self.flush().await
+        let timeout = {
+            let mut inner = lock(&self.shared);
+            inner.start_close(frame)?;
+            inner.config.close_timeout
+        };
+        match tokio::time::timeout(timeout, self.flush()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer did not take the Close within the close timeout",
+            ))),
+        }
     }
 }
 

@@ -507,3 +507,138 @@ async fn many_concurrent_clients_are_served() {
         within(t).await.unwrap();
     }
 }
+
+/// A peer that completes the handshake by hand, then reads nothing and answers nothing.
+async fn silent_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let (listener, addr) = listener().await;
+    let task = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tcp.read(&mut buf).await.unwrap();
+        let req = String::from_utf8_lossy(&buf[..n]).to_string();
+        let key = req
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            tether::proto::handshake::accept_key(key.as_bytes())
+        );
+        tcp.write_all(resp.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(tcp);
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn split_close_ends_the_parked_receiver_within_the_close_timeout() {
+    let (addr, peer) = silent_server().await;
+    let config = Config::default().close_timeout(Duration::from_millis(300));
+    let ws = within(ClientBuilderExt::connect_with_config(addr, config)).await;
+    let (mut tx, mut rx) = ws.split();
+    // The receiver is parked on a read when the sender closes.
+    let receiver = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        while let Some(msg) = rx.recv().await {
+            let _ = msg;
+        }
+        started.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tx.close(None).await.unwrap();
+    let waited = within(receiver).await.unwrap();
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    // Sending after the end fails instead of hanging.
+    let sent = within(tx.send(Message::text("late"))).await;
+    assert!(sent.is_err());
+    peer.abort();
+}
+
+#[tokio::test]
+async fn a_sender_parked_on_a_full_socket_is_released_when_the_reader_ends() {
+    let (addr, peer) = silent_server().await;
+    let config = Config::default()
+        .write_buffer_size(16 << 10)
+        .ping_interval(Some(Duration::from_millis(100)))
+        .ping_timeout(Duration::from_millis(300))
+        .close_timeout(Duration::from_millis(300));
+    let ws = within(ClientBuilderExt::connect_with_config(addr, config)).await;
+    let (mut tx, mut rx) = ws.split();
+    // The peer never reads, so the sender eventually parks on a full socket.
+    let sender = tokio::spawn(async move {
+        let chunk = vec![0u8; 64 << 10];
+        loop {
+            if tx.send(Message::binary(chunk.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    // The reader's keepalive gives up on the silent peer and ends the connection...
+    let end = within(async {
+        loop {
+            match rx.recv().await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await;
+    assert!(matches!(end, Some(Error::KeepaliveTimeout)), "{end:?}");
+    // ...and the parked sender is woken to find it closed.
+    within(sender).await.unwrap();
+    peer.abort();
+}
+
+#[tokio::test]
+async fn unsolicited_pongs_do_not_satisfy_keepalive() {
+    let (listener, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let config = Config::default()
+            .ping_interval(Some(Duration::from_millis(50)))
+            .ping_timeout(Duration::from_millis(200));
+        let mut ws = tether::accept_with_config(tcp, config).await.unwrap();
+        loop {
+            match ws.recv().await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    });
+    let mut tcp = within(raw_client(addr)).await;
+    // Empty pongs every 20 ms, never an answer to the server's pings.
+    let pongs = tokio::spawn(async move {
+        for _ in 0..100 {
+            if tcp.write_all(&client_frame(0xa, b"")).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let err = within(server).await.unwrap().expect("an error");
+    assert!(matches!(err, Error::KeepaliveTimeout), "{err}");
+    pongs.abort();
+}
+
+/// Connecting with a config in one call.
+struct ClientBuilderExt;
+
+impl ClientBuilderExt {
+    async fn connect_with_config(
+        addr: std::net::SocketAddr,
+        config: Config,
+    ) -> tether::ClientStream {
+        tether::ClientBuilder::new(&format!("ws://{addr}/"))
+            .unwrap()
+            .config(config)
+            .connect()
+            .await
+            .unwrap()
+            .0
+    }
+}

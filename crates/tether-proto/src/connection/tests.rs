@@ -286,6 +286,36 @@ fn locally_started_close_waits_for_the_peer() {
 }
 
 #[test]
+fn ping_after_our_close_is_still_answered() {
+    let mut s = server();
+    s.send_close(Some(CloseFrame::new(CloseCode::NORMAL, "")))
+        .unwrap();
+    drain(&mut s);
+    feed(&mut s, &from_client(0x9, true, b"still there?")).unwrap();
+    assert_eq!(drain(&mut s), raw(0xa, true, 0, b"still there?", None));
+    // But no data after our Close.
+    assert_eq!(s.send_text("late".into()), Err(SendError::Closed));
+    assert_eq!(s.send_ping(Bytes::new()), Err(SendError::Closed));
+}
+
+#[test]
+fn small_payloads_do_not_pin_the_read_buffer() {
+    let mut s = server();
+    let mut buf = BytesMut::with_capacity(1 << 20);
+    buf.extend_from_slice(&from_client(0x2, true, b"tiny"));
+    s.receive(&mut buf).unwrap();
+    let Some(Event::Binary(payload)) = s.poll_event() else {
+        panic!("no message")
+    };
+    // A copy: the read buffer keeps its capacity and is not shared.
+    assert!(
+        buf.try_reclaim(1 << 19),
+        "the read buffer is still shared with the payload"
+    );
+    assert_eq!(&payload[..], b"tiny");
+}
+
+#[test]
 fn send_rejects_misuse_without_harm() {
     let mut s = server();
     assert_eq!(
