@@ -356,7 +356,7 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
         .ok_or_else(|| BenchError::Usage("the URL does not resolve".into()))?;
     let hold = Duration::try_from_secs_f64(args.hold)
         .map_err(|_| BenchError::Usage("--hold must be seconds".into()))?;
-    raise_fd_limit(args.conns + 64);
+    crate::raise_fd_limit(args.conns + 64);
     let builder = ClientBuilder::new(&args.url).map_err(|e| BenchError::Usage(e.to_string()))?;
     let started = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
@@ -406,17 +406,6 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
         failed: args.conns - held,
         open_seconds,
     })
-}
-
-/// Raises the open-file limit towards `wanted` (best effort).
-fn raise_fd_limit(wanted: usize) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let target = (wanted as u64).min(hard);
-        if target > soft {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, target, hard);
-        }
-    }
 }
 
 #[cfg(test)]

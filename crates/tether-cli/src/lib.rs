@@ -4,6 +4,18 @@ pub mod bench;
 pub mod connect;
 pub mod echo;
 
+/// Raises the open-file limit towards `wanted` (best effort), so that a server or load
+/// generator can hold many connections.
+pub fn raise_fd_limit(wanted: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let target = (wanted as u64).min(hard);
+        if target > soft {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, target, hard);
+        }
+    }
+}
+
 /// Process exit codes.
 pub mod exit {
     /// Success.

@@ -129,6 +129,7 @@ fn run_connect(args: tether_cli::connect::ConnectArgs) -> anyhow::Result<i32> {
 }
 
 fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
+    tether_cli::raise_fd_limit(1 << 20);
     let rt = runtime(args.threads)?;
     rt.block_on(async {
         let addr = format!("{}:{}", args.host, args.port);

@@ -229,6 +229,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         previous
     }
 
+    /// Frees the read and write buffers while the connection waits with nothing in them, so
+    /// an idle connection holds no buffer memory; the next read allocates again.
+    fn release_idle_buffers(&mut self) {
+        if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
+            self.read_buf = BytesMut::new();
+        }
+        self.conn.transmit().shrink();
+    }
+
     /// Wakes the receiving side (it arms the close timer once a Close is queued).
     fn wake_reader(&self) {
         if let Some(waker) = &self.read_waker {
@@ -338,7 +347,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 self.read_buf.reserve(READ_CHUNK);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.release_idle_buffers();
+                    return Poll::Pending;
+                }
                 // After both Close frames, a reset instead of a FIN still ends the connection.
                 Poll::Ready(Err(_))
                     if self.conn.state() == State::Closed && self.conn.close_received() =>
