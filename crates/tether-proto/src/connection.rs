@@ -615,15 +615,21 @@ impl Connection {
                     data.extend_from_slice(&payload);
                     data.freeze()
                 };
-                let event = if message.text {
-                    self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
-                    Event::Text(Utf8Bytes::from_validated(data))
-                } else {
-                    Event::Binary(data)
-                };
-                self.events.push_back(event);
+                self.deliver(message.text, data)?;
             }
         }
+        Ok(())
+    }
+
+    /// Queues a complete message; text must end on a code point boundary.
+    fn deliver(&mut self, text: bool, data: Bytes) -> Result<(), ProtocolError> {
+        let event = if text {
+            self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+            Event::Text(Utf8Bytes::from_validated(data))
+        } else {
+            Event::Binary(data)
+        };
+        self.events.push_back(event);
         Ok(())
     }
 
@@ -644,15 +650,7 @@ impl Connection {
             return Ok(());
         }
         let message = self.message.take().expect("checked above");
-        let data = Bytes::from(message.inflated);
-        let event = if message.text {
-            self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
-            Event::Text(Utf8Bytes::from_validated(data))
-        } else {
-            Event::Binary(data)
-        };
-        self.events.push_back(event);
-        Ok(())
+        self.deliver(message.text, Bytes::from(message.inflated))
     }
 
     fn on_close(&mut self, payload: &[u8]) -> Result<(), ProtocolError> {

@@ -248,20 +248,10 @@ async fn invalid_utf8_is_closed_with_1007() {
 #[tokio::test]
 async fn keepalive_closes_with_1011_when_no_pong_arrives() {
     let (listener, addr) = listener().await;
-    let server = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let config = Config::default()
-            .ping_interval(Some(Duration::from_millis(50)))
-            .ping_timeout(Duration::from_millis(150));
-        let mut ws = tether::accept_with_config(tcp, config).await.unwrap();
-        loop {
-            match ws.recv().await {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Some(e),
-                None => return None,
-            }
-        }
-    });
+    let config = Config::default()
+        .ping_interval(Some(Duration::from_millis(50)))
+        .ping_timeout(Duration::from_millis(150));
+    let server = tokio::spawn(serve_one_until_end(listener, config));
     // This peer reads but never answers pings.
     let mut tcp = within(raw_client(addr)).await;
     let (code, before) = within(read_until_close(&mut tcp)).await.unwrap();
@@ -340,37 +330,9 @@ async fn raw_client_deferred(addr: std::net::SocketAddr, listener: &TcpListener)
 
 #[tokio::test]
 async fn close_waits_at_most_the_close_timeout_for_a_silent_peer() {
-    let (listener, addr) = listener().await;
-    let peer = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut tcp = tcp;
-        // Complete the handshake by hand, then never answer the Close.
-        let mut buf = vec![0u8; 4096];
-        let n = tcp.read(&mut buf).await.unwrap();
-        let req = String::from_utf8_lossy(&buf[..n]).to_string();
-        let key = req
-            .lines()
-            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-            .unwrap()
-            .trim()
-            .to_owned();
-        let resp = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            tether::proto::handshake::accept_key(key.as_bytes())
-        );
-        tcp.write_all(resp.as_bytes()).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        drop(tcp);
-    });
+    let (addr, peer) = silent_server().await;
     let config = Config::default().close_timeout(Duration::from_millis(300));
-    let (mut ws, _) = within(
-        tether::ClientBuilder::new(&url(addr))
-            .unwrap()
-            .config(config)
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let mut ws = within(ClientBuilderExt::connect_with_config(addr, config)).await;
     let started = std::time::Instant::now();
     within(ws.close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "bye"))))
         .await
@@ -596,20 +558,10 @@ async fn a_sender_parked_on_a_full_socket_is_released_when_the_reader_ends() {
 #[tokio::test]
 async fn unsolicited_pongs_do_not_satisfy_keepalive() {
     let (listener, addr) = listener().await;
-    let server = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let config = Config::default()
-            .ping_interval(Some(Duration::from_millis(50)))
-            .ping_timeout(Duration::from_millis(200));
-        let mut ws = tether::accept_with_config(tcp, config).await.unwrap();
-        loop {
-            match ws.recv().await {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Some(e),
-                None => return None,
-            }
-        }
-    });
+    let config = Config::default()
+        .ping_interval(Some(Duration::from_millis(50)))
+        .ping_timeout(Duration::from_millis(200));
+    let server = tokio::spawn(serve_one_until_end(listener, config));
     let mut tcp = within(raw_client(addr)).await;
     // Empty pongs every 20 ms, never an answer to the server's pings.
     let pongs = tokio::spawn(async move {
@@ -640,5 +592,18 @@ impl ClientBuilderExt {
             .await
             .unwrap()
             .0
+    }
+}
+
+/// Accepts one connection with `config` and receives until it ends; returns its error.
+async fn serve_one_until_end(listener: TcpListener, config: Config) -> Option<Error> {
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut ws = tether::accept_with_config(tcp, config).await.unwrap();
+    loop {
+        match ws.recv().await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Some(e),
+            None => return None,
+        }
     }
 }
