@@ -33,7 +33,7 @@ pub async fn serve(
             },
             () = &mut shutdown => return Ok(()),
         };
-        let config = (*config).clone();
+        let config = config.clone();
         tokio::spawn(async move { echo_connection(tcp, peer, config).await });
     }
 }
@@ -50,9 +50,11 @@ fn is_transient(e: &std::io::Error) -> bool {
 }
 
 /// Echoes every text and binary message until the peer closes.
-async fn echo_connection(tcp: TcpStream, peer: SocketAddr, config: Config) {
+async fn echo_connection(tcp: TcpStream, peer: SocketAddr, config: Arc<Config>) {
     let _ = tcp.set_nodelay(true);
-    let mut ws = match tether::accept_with_config(tcp, config).await {
+    // Boxed: the handshake's state (buffers, timer) is freed once it is done instead of
+    // staying inside the connection's task for its whole life.
+    let mut ws = match Box::pin(tether::accept_with_config(tcp, config)).await {
         Ok(ws) => ws,
         Err(e) => {
             tracing::info!(%peer, error = %e, "handshake failed");

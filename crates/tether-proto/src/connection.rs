@@ -124,7 +124,8 @@ pub struct Connection {
     /// Fragmented sending: whether a message we send is unfinished, and its type.
     sending_fragmented: bool,
     mask: Option<MaskSource>,
-    deflate: Option<Deflate>,
+    /// Boxed: its codec state is large, and most connections never negotiate it.
+    deflate: Option<Box<Deflate>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -187,7 +188,7 @@ impl Connection {
     /// [`crate::extension::deflate`]): RSV1 becomes legal on the first frame of a message,
     /// such messages are inflated, and messages of at least the threshold are sent compressed.
     pub fn set_deflate(&mut self, deflate: Deflate) {
-        self.deflate = Some(deflate);
+        self.deflate = Some(Box::new(deflate));
     }
 
     /// Whether permessage-deflate is in use.

@@ -31,7 +31,10 @@ where
 ///
 /// # Errors
 /// See [`accept_hdr`].
-pub async fn accept_with_config<S>(stream: S, config: Config) -> Result<WebSocket<S>>
+pub async fn accept_with_config<S>(
+    stream: S,
+    config: impl Into<Arc<Config>>,
+) -> Result<WebSocket<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -65,12 +68,17 @@ where
 ///
 /// # Cancel safety
 /// Not cancel-safe: dropping the future abandons the handshake (and the stream).
-pub async fn accept_hdr<S, F>(mut stream: S, config: Config, callback: F) -> Result<WebSocket<S>>
+pub async fn accept_hdr<S, F>(
+    mut stream: S,
+    config: impl Into<Arc<Config>>,
+    callback: F,
+) -> Result<WebSocket<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&Request, &mut Accept) -> Result<(), HandshakeError>,
 {
-    let config = Arc::new(config);
+    // A server may pass one `Arc<Config>` for all its connections.
+    let config: Arc<Config> = config.into();
     let deadline = config.handshake_timeout;
     let handshake = async {
         let mut buf = BytesMut::with_capacity(1024);
