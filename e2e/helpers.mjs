@@ -1,5 +1,7 @@
 // Shared by the browser tests: start a tether binary on a free port, launch Chromium.
 import { spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync } from 'node:fs';
+import os from 'node:os';
 import { createInterface } from 'node:readline';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -41,4 +43,98 @@ export function launchChromium() {
     ],
     timeout: 30000,
   });
+}
+
+/** A fresh, empty data directory for `tether serve` and `tether user add`. */
+export function freshDataDir() {
+  return mkdtempSync(path.join(os.tmpdir(), 'tether-e2e-'));
+}
+
+/**
+ * Runs `tether serve --listen 127.0.0.1:0 --data DIR ...extraArgs` and resolves with
+ * { url, dataDir, stop } once it prints "listening on http://ADDR/"; `url` is `http://ADDR`
+ * (no trailing slash). `stop()` sends SIGTERM and resolves once the server has exited (SIGKILL
+ * after 10 s). Pass `{ dataDir }` to reuse a directory: users added beforehand, or a restart.
+ * Rejects if the server exits first or stays silent for 15 s.
+ */
+export function startServe(extraArgs = [], { dataDir = freshDataDir(), listen = '127.0.0.1:0' } = {}) {
+  const args = ['serve', '--listen', listen, '--data', dataDir, ...extraArgs];
+  const child = spawn(tetherBin, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal)));
+  const stop = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill('SIGTERM');
+    const killer = setTimeout(() => child.kill('SIGKILL'), 10000);
+    await exited;
+    clearTimeout(killer);
+  };
+  return new Promise((resolve, reject) => {
+    let listening = false;
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`tether ${args.join(' ')} did not start in 15 s`));
+    }, 15000);
+    child.once('error', (err) => { clearTimeout(timer); reject(err); });
+    exited.then((status) => {
+      if (listening) return;
+      clearTimeout(timer);
+      reject(new Error(`tether ${args.join(' ')} exited with ${status} before listening`));
+    });
+    const lines = createInterface({ input: child.stdout });
+    lines.on('line', (line) => {
+      const m = /^listening on (http:\/\/[^/\s]+)\/$/.exec(line.trim());
+      if (m && !listening) {
+        listening = true;
+        clearTimeout(timer);
+        resolve({ url: m[1], dataDir, stop });
+      }
+    });
+  });
+}
+
+/**
+ * Runs `tether user add NAME --data DIR --password-stdin` with PASSWORD on standard input
+ * (run it before `startServe` on the same directory). Rejects unless it exits 0 within 30 s.
+ */
+export function addUser(dataDir, name, password) {
+  const args = ['user', 'add', name, '--data', dataDir, '--password-stdin'];
+  const child = spawn(tetherBin, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  let output = '';
+  child.stdout.on('data', (chunk) => { output += chunk; });
+  child.stderr.on('data', (chunk) => { output += chunk; });
+  child.stdin.on('error', () => {}); // it may exit before reading; the exit code says why
+  child.stdin.end(`${password}\n`);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`tether ${args.join(' ')} did not finish in 30 s`));
+    }, 30000);
+    child.once('error', (err) => { clearTimeout(timer); reject(err); });
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer);
+      if (code === 0) resolve();
+      else reject(new Error(`tether ${args.join(' ')} exited with ${code ?? signal}: ${output.trim()}`));
+    });
+  });
+}
+
+/** POST /api/tokens {"user","password"} → the bearer token (expects 201). */
+export async function getToken(url, user, password) {
+  const res = await fetch(`${url}/api/tokens`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ user, password }),
+  });
+  const body = await res.json().catch(() => null);
+  if (res.status !== 201 || typeof body?.token !== 'string') {
+    throw new Error(`POST /api/tokens answered ${res.status}: ${JSON.stringify(body)}`);
+  }
+  return body.token;
+}
+
+/** e2e/artifacts/NAME (the directory is created; it is ignored by git). */
+export function artifact(name) {
+  const dir = path.join(root, 'e2e', 'artifacts');
+  mkdirSync(dir, { recursive: true });
+  return path.join(dir, name);
 }

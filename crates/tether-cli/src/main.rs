@@ -1,4 +1,4 @@
-//! The `tether` command: `tether echo` (and more to come).
+//! The `tether` command: `serve`, `user`, `connect`, `echo`, `bench`.
 
 use std::process::ExitCode;
 
@@ -17,6 +17,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the real-time server: pages, chat rooms, polls, publish API (default 127.0.0.1:8080).
+    Serve(Box<tether_cli::serve::ServeArgs>),
+    /// Manage the server's users.
+    #[command(subcommand)]
+    User(tether_cli::serve::UserCommand),
     /// Run a WebSocket echo server (text and binary).
     Echo(EchoArgs),
     /// Load-test a WebSocket server.
@@ -64,8 +69,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
+        Command::Serve(args) => run_serve(*args).map(|()| exit::OK),
+        Command::User(cmd) => run_user(cmd).map(|()| exit::OK),
         Command::Echo(args) => run_echo(args).map(|()| exit::OK),
         Command::Connect(args) => run_connect(*args),
         Command::Bench(kind) => run_bench(kind).map(|()| exit::OK),
@@ -152,4 +160,55 @@ fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
             .await
             .context("accepting connections")
     })
+}
+
+fn run_serve(args: tether_cli::serve::ServeArgs) -> anyhow::Result<()> {
+    let config = args.server_config()?;
+    tether_cli::raise_fd_limit(1 << 20);
+    let rt = runtime(args.threads)?;
+    rt.block_on(async {
+        let server = tether_server::Server::bind(config).await?;
+        let url = server.url();
+        tracing::info!(%url, "serving");
+        // One plain line on stdout, so scripts (and `--listen 127.0.0.1:0`) learn the address.
+        println!("listening on {url}");
+        server.run(shutdown_signal()).await;
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}
+
+fn run_user(cmd: tether_cli::serve::UserCommand) -> anyhow::Result<()> {
+    use tether_cli::serve::{add_user, read_password, UserCommand};
+    match cmd {
+        UserCommand::Add(args) => {
+            let password = read_password(args.password_stdin)?;
+            add_user(&args.name, &args.data, &password)
+                .with_context(|| format!("adding user {}", args.name))?;
+            eprintln!("user {} added to {}", args.name, args.data.display());
+        }
+    }
+    Ok(())
 }

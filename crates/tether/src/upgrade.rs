@@ -54,14 +54,16 @@ pub type UpgradedWebSocket = WebSocket<TokioIo<Upgraded>>;
 /// default, such as `http_body_util::Empty` or `axum::body::Body`) and a future that
 /// resolves to the WebSocket once hyper hands over the connection. The subprotocol is chosen
 /// from [`Config::protocols`] and the Origin checked against [`Config::allowed_origins`].
+/// Pass an `Arc<Config>` to share one configuration among many connections.
 ///
 /// # Errors
 /// A [`HandshakeError`] when the request is not a valid upgrade or its Origin is refused;
 /// answer with [`HandshakeError::status`].
 pub fn upgrade<B, R: Default>(
     req: &mut http::Request<B>,
-    config: Config,
+    config: impl Into<Arc<Config>>,
 ) -> Result<(http::Response<R>, PendingUpgrade), HandshakeError> {
+    let config = config.into();
     let headers = Headers(
         req.headers()
             .iter()
@@ -110,7 +112,7 @@ pub fn upgrade<B, R: Default>(
     }
     let pending = PendingUpgrade {
         on_upgrade: hyper::upgrade::on(req),
-        config: Some(Arc::new(config)),
+        config: Some(config),
         protocol,
         deflate,
     };

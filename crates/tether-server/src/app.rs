@@ -1,0 +1,346 @@
+//! The state every request handler and socket task shares.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use http::{HeaderMap, StatusCode};
+use tokio::sync::watch;
+
+use crate::auth::{self, Identity};
+use crate::config::ServerConfig;
+use crate::hub::Hub;
+use crate::journal::Journal;
+use crate::metrics::{Metrics, Refusal};
+use crate::store::{CredentialKind, Store, StoreError};
+
+/// The name of the session cookie.
+pub const SESSION_COOKIE: &str = "tether_session";
+
+/// A handle to the store for short reads and writes off the async threads.
+#[derive(Debug, Clone)]
+pub struct Db {
+    store: Arc<Mutex<Store>>,
+}
+
+impl Db {
+    /// Wraps a store connection.
+    pub fn new(store: Store) -> Db {
+        Db {
+            store: Arc::new(Mutex::new(store)),
+        }
+    }
+
+    /// Runs `f` on the store on a blocking thread.
+    ///
+    /// # Errors
+    /// What `f` returns, or [`StoreError::Closed`] if the blocking task was cancelled.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = store
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&store)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// A refusal to answer: the status and a one-line reason for the client and the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// Why.
+    pub reason: String,
+    /// What to count it as, if it is an upgrade failure.
+    pub kind: Refusal,
+}
+
+impl Refused {
+    /// A refusal.
+    pub fn new(status: StatusCode, kind: Refusal, reason: impl Into<String>) -> Refused {
+        Refused {
+            status,
+            reason: reason.into(),
+            kind,
+        }
+    }
+
+    fn store(e: &StoreError) -> Refused {
+        tracing::error!(error = %e, "store failed");
+        Refused::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Refusal::BadRequest,
+            "storage failed",
+        )
+    }
+}
+
+/// Everything shared.
+#[derive(Debug)]
+pub struct App {
+    /// The settings.
+    pub config: ServerConfig,
+    /// The WebSocket settings every socket shares.
+    pub ws_config: Arc<tether::Config>,
+    /// Subscriptions and fan-out.
+    pub hub: Arc<Hub>,
+    /// Stored writes of messages and votes.
+    pub journal: Journal,
+    /// Reads and small writes.
+    pub db: Db,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Whether the port speaks TLS.
+    pub tls: bool,
+    /// Becomes `true` when the server starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    shutting_down: AtomicBool,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A place among the server's WebSocket connections; freed on drop.
+#[derive(Debug)]
+pub struct Slot {
+    app: Arc<App>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.app.metrics.connections.fetch_sub(1, Relaxed);
+        if let Some(ip) = self.ip {
+            let mut per_ip = self
+                .app
+                .per_ip
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+impl App {
+    /// Assembles the shared state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: ServerConfig,
+        ws_config: tether::Config,
+        hub: Arc<Hub>,
+        journal: Journal,
+        db: Db,
+        metrics: Arc<Metrics>,
+        tls: bool,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<App> {
+        Arc::new(App {
+            config,
+            ws_config: Arc::new(ws_config),
+            hub,
+            journal,
+            db,
+            metrics,
+            tls,
+            shutdown,
+            shutting_down: AtomicBool::new(false),
+            per_ip: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Marks the server as shutting down (health turns 503, upgrades are refused).
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Relaxed);
+    }
+
+    /// Whether the server is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Relaxed)
+    }
+
+    /// Takes a connection slot, within the total and per-address limits.
+    ///
+    /// # Errors
+    /// 503 when the server is full or shutting down, 429 when `ip` has too many.
+    pub fn slot(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, Refused> {
+        if self.is_shutting_down() {
+            return Err(Refused::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::Limit,
+                "shutting down",
+            ));
+        }
+        let mut per_ip = self
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.metrics.connections.load(Relaxed) as usize >= self.config.max_connections {
+            return Err(Refused::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::Limit,
+                "too many connections",
+            ));
+        }
+        if let Some(ip) = ip {
+            let n = per_ip.entry(ip).or_insert(0);
+            if *n >= self.config.max_connections_per_ip {
+                return Err(Refused::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Refusal::Limit,
+                    "too many connections from this address",
+                ));
+            }
+            *n += 1;
+        }
+        self.metrics.connections.fetch_add(1, Relaxed);
+        self.metrics.connections_total.fetch_add(1, Relaxed);
+        Ok(Slot {
+            app: self.clone(),
+            ip,
+        })
+    }
+
+    /// The registered user a bearer token (header, or `query_token` on an upgrade) or a
+    /// session cookie proves; `None` when the request carries neither.
+    ///
+    /// # Errors
+    /// 401 for a token that is not valid (a stale session cookie is ignored instead, so a
+    /// browser that kept one can still join as a guest).
+    pub async fn user(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<Option<String>, Refused> {
+        let bearer = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .or(query_token);
+        if let Some(token) = bearer {
+            let d = auth::digest(token);
+            return match self
+                .db
+                .call(move |s| s.credential_user(&d, CredentialKind::Token))
+                .await
+            {
+                Ok(Some(user)) => Ok(Some(user)),
+                Ok(None) => Err(Refused::new(
+                    StatusCode::UNAUTHORIZED,
+                    Refusal::Auth,
+                    "invalid token",
+                )),
+                Err(e) => Err(Refused::store(&e)),
+            };
+        }
+        if let Some(session) = self.session(headers) {
+            let d = auth::digest(&session);
+            return match self
+                .db
+                .call(move |s| s.credential_user(&d, CredentialKind::Session))
+                .await
+            {
+                Ok(user) => Ok(user),
+                Err(e) => Err(Refused::store(&e)),
+            };
+        }
+        Ok(None)
+    }
+
+    /// The session secret of the request's cookie, if any.
+    pub fn session(&self, headers: &HeaderMap) -> Option<String> {
+        headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|h| auth::cookie(h, SESSION_COOKIE))
+            .map(str::to_owned)
+    }
+
+    /// Who opens a socket: a token or session's user, else a guest with `name`.
+    ///
+    /// # Errors
+    /// 401 for a bad token, no identity at all, a guest when guests are off, or a nickname
+    /// that belongs to a registered user; 400 for an invalid nickname.
+    pub async fn identify(
+        &self,
+        headers: &HeaderMap,
+        token: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Identity, Refused> {
+        if let Some(user) = self.user(headers, token).await? {
+            return Ok(Identity::User(user));
+        }
+        let Some(name) = name else {
+            return Err(Refused::new(
+                StatusCode::UNAUTHORIZED,
+                Refusal::Auth,
+                "log in, pass a token, or pick a nickname with ?name=",
+            ));
+        };
+        if !self.config.guests {
+            return Err(Refused::new(
+                StatusCode::UNAUTHORIZED,
+                Refusal::Auth,
+                "guests are not allowed here: log in",
+            ));
+        }
+        if !auth::valid_user(name) {
+            return Err(Refused::new(
+                StatusCode::BAD_REQUEST,
+                Refusal::BadRequest,
+                "a nickname is 1-32 of A-Z a-z 0-9 _ - .",
+            ));
+        }
+        let owned = name.to_owned();
+        match self.db.call(move |s| s.password_hash(&owned)).await {
+            Ok(Some(_)) => Err(Refused::new(
+                StatusCode::UNAUTHORIZED,
+                Refusal::Auth,
+                "this name belongs to a registered user: log in",
+            )),
+            Ok(None) => Ok(Identity::Guest(name.to_owned())),
+            Err(e) => Err(Refused::store(&e)),
+        }
+    }
+
+    /// Checks the `Origin` of a browser upgrade against the server's own and the allowed list.
+    ///
+    /// # Errors
+    /// 403 for any other origin.
+    pub fn check_origin(&self, headers: &HeaderMap) -> Result<(), Refused> {
+        let Some(origin) = headers.get(http::header::ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin.to_str().unwrap_or("");
+        let host = headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let scheme = if self.tls { "https" } else { "http" };
+        if auth::origin_allowed(origin, scheme, host, &self.config.allow_origins) {
+            Ok(())
+        } else {
+            tracing::warn!(%origin, "cross-origin WebSocket upgrade refused");
+            Err(Refused::new(
+                StatusCode::FORBIDDEN,
+                Refusal::Origin,
+                "origin not allowed",
+            ))
+        }
+    }
+}

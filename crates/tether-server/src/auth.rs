@@ -1,0 +1,196 @@
+//! Passwords, sessions, tokens, names and origins.
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine as _;
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+
+/// Who makes a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A registered user, proven by a session or token.
+    User(String),
+    /// A guest with a nickname.
+    Guest(String),
+}
+
+impl Identity {
+    /// The name shown to others.
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::User(n) | Identity::Guest(n) => n,
+        }
+    }
+
+    /// Whether this is a guest.
+    pub fn is_guest(&self) -> bool {
+        matches!(self, Identity::Guest(_))
+    }
+}
+
+/// Hashing a password failed (it never does with the default parameters).
+#[derive(Debug, thiserror::Error)]
+#[error("hashing the password: {0}")]
+pub struct HashError(String);
+
+/// Hashes a password with argon2id (a random salt, the crate's default cost), in the PHC
+/// string format.
+///
+/// # Errors
+/// Only if argon2 rejects its own defaults.
+pub fn hash_password(password: &str) -> Result<String, HashError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| HashError(e.to_string()))
+}
+
+/// Whether `password` matches a hash made by [`hash_password`].
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// A fresh random secret (256 bits, URL-safe base64) for a session or token.
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::StdRng::from_os_rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The digest a secret is stored as: a leaked database does not leak live credentials.
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
+}
+
+/// Whether `name` is a valid room name: 1–64 of `A–Z a–z 0–9 _ - .`.
+pub fn valid_room(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(is_name_char)
+}
+
+/// Whether `name` is a valid user name or nickname: 1–32 of `A–Z a–z 0–9 _ - .`.
+pub fn valid_user(name: &str) -> bool {
+    (1..=32).contains(&name.len()) && name.chars().all(is_name_char)
+}
+
+/// Whether a browser `origin` may open a socket: it is the server's own (`scheme://host` of
+/// the request) or listed in `allowed`. Comparison ignores ASCII case.
+pub fn origin_allowed(
+    origin: &str,
+    own_scheme: &str,
+    host: Option<&str>,
+    allowed: &[String],
+) -> bool {
+    if let Some(host) = host {
+        let own = format!("{own_scheme}://{host}");
+        if origin.eq_ignore_ascii_case(&own) {
+            return true;
+        }
+    }
+    allowed
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+}
+
+/// The value of cookie `name` in a `Cookie` header.
+pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_verify_only_with_the_right_password() {
+        let hash = hash_password("correct horse").unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password(&hash, "correct horse"));
+        assert!(!verify_password(&hash, "correct horsE"));
+        assert!(!verify_password("not a hash", "correct horse"));
+    }
+
+    #[test]
+    fn secrets_are_distinct_and_digests_fixed_size() {
+        let (a, b) = (new_secret(), new_secret());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert_eq!(digest(&a), digest(&a));
+        assert_ne!(digest(&a), digest(&b));
+    }
+
+    #[test]
+    fn names_are_restricted() {
+        assert!(valid_room("lobby") && valid_room("a.b-c_9"));
+        assert!(
+            !valid_room("")
+                && !valid_room("a b")
+                && !valid_room("é")
+                && !valid_room(&"x".repeat(65))
+        );
+        assert!(valid_user("ann") && !valid_user(&"x".repeat(33)) && !valid_user("a/b"));
+    }
+
+    #[test]
+    fn origin_is_own_or_listed() {
+        let allowed = vec!["https://app.example".to_owned()];
+        assert!(origin_allowed(
+            "http://127.0.0.1:8080",
+            "http",
+            Some("127.0.0.1:8080"),
+            &[]
+        ));
+        assert!(origin_allowed(
+            "HTTP://LOCALHOST:8080",
+            "http",
+            Some("localhost:8080"),
+            &[]
+        ));
+        assert!(!origin_allowed(
+            "https://127.0.0.1:8080",
+            "http",
+            Some("127.0.0.1:8080"),
+            &[]
+        ));
+        assert!(!origin_allowed(
+            "http://evil.example",
+            "http",
+            Some("127.0.0.1:8080"),
+            &[]
+        ));
+        assert!(origin_allowed(
+            "https://app.example",
+            "http",
+            Some("127.0.0.1:8080"),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            "http://evil.example",
+            "http",
+            None,
+            &allowed
+        ));
+    }
+
+    #[test]
+    fn cookies_are_found_by_name() {
+        assert_eq!(
+            cookie("a=1; tether_session=xyz; b=2", "tether_session"),
+            Some("xyz")
+        );
+        assert_eq!(cookie("tether_sessionx=1", "tether_session"), None);
+    }
+}

@@ -1,0 +1,117 @@
+//! The server's settings: every field has an embedded default, a TOML key of the same name,
+//! and a `tether serve` flag.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What a server does, with defaults for one machine and no external service.
+///
+/// ```
+/// let config: tether_server::ServerConfig = toml::from_str("listen = \"0.0.0.0:9000\"\nguests = false").unwrap();
+/// assert_eq!(config.listen.port(), 9000);
+/// assert!(!config.guests);
+/// assert_eq!(config.history_on_join, 50);
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Directory of the SQLite file `tether.db`. Default `./tether-data`.
+    pub data: PathBuf,
+    /// PEM certificate chain; with `tls_key`, the port speaks `https://` and `wss://`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Origins accepted on WebSocket upgrades besides the server's own (`scheme://host[:port]`).
+    pub allow_origins: Vec<String>,
+    /// Whether guests (a `?name=` nickname, no login) may chat and vote. Default true.
+    pub guests: bool,
+    /// Messages kept per room; older ones are deleted. Default 10,000.
+    pub history_limit: usize,
+    /// Messages sent to a client that joins without `since`. Default 50.
+    pub history_on_join: usize,
+    /// Largest chat message text, in bytes. Default 4,096.
+    pub max_text: usize,
+    /// Most WebSocket connections at once; more are answered 503. Default 10,000.
+    pub max_connections: usize,
+    /// Most WebSocket connections from one IP address; more are answered 429. Default 1,000.
+    pub max_connections_per_ip: usize,
+    /// Messages per second a connection may send (sustained); a burst of twice as many is
+    /// allowed. Past it the connection is closed with 1008. Default 20.
+    pub message_rate: f64,
+    /// Messages queued for one connection before it counts as a slow consumer and is closed
+    /// with 1013. Default 1,024.
+    pub outbox: usize,
+    /// Keepalive ping interval in seconds (a missing pong closes with 1011). Default 30.
+    pub ping_interval_secs: u64,
+    /// Seconds to finish closing sockets on shutdown. Default 5.
+    pub shutdown_secs: u64,
+    /// Accept permessage-deflate when a client offers it. Default true.
+    pub deflate: bool,
+    /// Session cookie lifetime in hours. Default 168 (a week).
+    pub session_hours: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data: PathBuf::from("tether-data"),
+            tls_cert: None,
+            tls_key: None,
+            allow_origins: Vec::new(),
+            guests: true,
+            history_limit: 10_000,
+            history_on_join: 50,
+            max_text: 4096,
+            max_connections: 10_000,
+            max_connections_per_ip: 1000,
+            message_rate: 20.0,
+            outbox: 1024,
+            ping_interval_secs: 30,
+            shutdown_secs: 5,
+            deflate: true,
+            session_hours: 168,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The keepalive interval.
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs.max(1))
+    }
+
+    /// How long shutdown waits for sockets to close.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_secs)
+    }
+}
+
+/// A config file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("config file {path}: {reason}")]
+pub struct ConfigError {
+    path: String,
+    reason: String,
+}
+
+impl ServerConfig {
+    /// Reads a TOML file; keys it omits keep their defaults.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not valid TOML for this struct (unknown keys included).
+    pub fn from_file(path: &std::path::Path) -> Result<ServerConfig, ConfigError> {
+        let err = |reason: String| ConfigError {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+}

@@ -1,0 +1,520 @@
+//! The HTTP side: pages, the JSON API, health and metrics, and the WebSocket upgrades.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::app::{App, Refused, SESSION_COOKIE};
+use crate::auth::{self, Identity};
+use crate::metrics::Refusal;
+use crate::store::{now_rfc3339, CredentialKind, StoreError};
+use crate::{web, ws};
+
+/// The peer address of a request, set by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// All routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(|| async { web::page("index.html") }))
+        .route("/polls", get(|| async { web::page("polls.html") }))
+        .route("/console", get(|| async { web::page("console.html") }))
+        .route(
+            "/assets/{name}",
+            get(|Path(name): Path<String>| async move { web::page(&name) }),
+        )
+        .route("/favicon.ico", get(|| async { web::page("favicon.svg") }))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
+        .route("/api/me", get(me))
+        .route("/api/tokens", post(tokens))
+        .route("/api/rooms", get(rooms))
+        .route("/api/rooms/{room}/messages", get(history).post(publish))
+        .route("/api/broadcast", post(broadcast))
+        .route("/api/polls", get(polls).post(create_poll))
+        .route("/api/polls/{id}", get(poll))
+        .route("/ws/echo", get(echo_socket))
+        .route("/ws/rooms/{room}", get(room_socket))
+        .route("/ws/polls/{id}", get(poll_socket))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such page") })
+        .with_state(app)
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    let body = serde_json::to_vec(value).expect("responses serialize");
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, reason: &str) -> Response {
+    json(status, &serde_json::json!({ "error": reason }))
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        error(self.status, &self.reason)
+    }
+}
+
+fn store_error(e: &StoreError) -> Response {
+    tracing::error!(error = %e, "store failed");
+    error(StatusCode::INTERNAL_SERVER_ERROR, "storage failed")
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
+    serde_json::from_slice(body).map_err(|e| {
+        Refused::new(
+            StatusCode::BAD_REQUEST,
+            Refusal::BadRequest,
+            format!("bad JSON body: {e}"),
+        )
+    })
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    if app.is_shutting_down() {
+        error(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else {
+        json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    user: String,
+    password: String,
+}
+
+/// Checks a user's password on a blocking thread; `Ok(false)` for a wrong user or password.
+async fn check_password(app: &App, c: &Credentials) -> Result<bool, Response> {
+    let user = c.user.clone();
+    let hash = app
+        .db
+        .call(move |s| s.password_hash(&user))
+        .await
+        .map_err(|e| store_error(&e))?;
+    let Some(hash) = hash else {
+        return Ok(false);
+    };
+    let password = c.password.clone();
+    tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
+        .await
+        .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "password check failed"))
+}
+
+async fn issue(
+    app: &App,
+    body: &[u8],
+    kind: CredentialKind,
+    ttl: Option<Duration>,
+) -> Result<(String, String), Response> {
+    let c: Credentials = parse(body).map_err(IntoResponse::into_response)?;
+    if !check_password(app, &c).await? {
+        tracing::warn!(user = %c.user, "login failed");
+        return Err(error(StatusCode::UNAUTHORIZED, "wrong user or password"));
+    }
+    let secret = auth::new_secret();
+    let digest = auth::digest(&secret);
+    let user = c.user.clone();
+    app.db
+        .call(move |s| s.add_credential(&digest, &user, kind, ttl))
+        .await
+        .map_err(|e| store_error(&e))?;
+    Ok((c.user, secret))
+}
+
+async fn login(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let ttl = Duration::from_secs(app.config.session_hours * 3600);
+    match issue(&app, &body, CredentialKind::Session, Some(ttl)).await {
+        Ok((user, secret)) => {
+            tracing::info!(%user, "logged in");
+            let secure = if app.tls { "; Secure" } else { "" };
+            let cookie = format!(
+                "{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}{secure}",
+                ttl.as_secs()
+            );
+            let mut response = json(StatusCode::OK, &serde_json::json!({"user": user}));
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            response
+        }
+        Err(response) => response,
+    }
+}
+
+async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Some(secret) = app.session(&headers) {
+        let digest = auth::digest(&secret);
+        if let Err(e) = app.db.call(move |s| s.delete_credential(&digest)).await {
+            return store_error(&e);
+        }
+    }
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("tether_session=; HttpOnly; SameSite=Lax; Path=/; Max-Age=0"),
+    );
+    response
+}
+
+async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    match app.user(&headers, None).await {
+        Ok(Some(user)) => json(
+            StatusCode::OK,
+            &serde_json::json!({"user": user, "guest": false}),
+        ),
+        Ok(None) => error(StatusCode::UNAUTHORIZED, "not logged in"),
+        Err(refused) => refused.into_response(),
+    }
+}
+
+async fn tokens(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    match issue(&app, &body, CredentialKind::Token, None).await {
+        Ok((user, token)) => {
+            tracing::info!(%user, "token issued");
+            json(StatusCode::CREATED, &serde_json::json!({"token": token}))
+        }
+        Err(response) => response,
+    }
+}
+
+/// The user of a bearer token: the publish API needs one.
+async fn token_user(app: &App, headers: &HeaderMap) -> Result<String, Response> {
+    if !headers.contains_key(header::AUTHORIZATION) {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "an API token is required (Authorization: Bearer)",
+        ));
+    }
+    match app.user(headers, None).await {
+        Ok(Some(user)) => Ok(user),
+        Ok(None) => Err(error(StatusCode::UNAUTHORIZED, "invalid token")),
+        Err(refused) => Err(refused.into_response()),
+    }
+}
+
+async fn rooms(State(app): State<Arc<App>>) -> Response {
+    let stored = match app.db.call(|s| s.rooms()).await {
+        Ok(r) => r,
+        Err(e) => return store_error(&e),
+    };
+    let live = app.hub.rooms();
+    let mut all: std::collections::BTreeMap<String, (usize, u64)> =
+        std::collections::BTreeMap::new();
+    for (room, last) in stored {
+        all.entry(room).or_default().1 = last;
+    }
+    for (room, members) in live {
+        all.entry(room).or_default().0 = members;
+    }
+    let list: Vec<_> = all
+        .into_iter()
+        .map(|(room, (members, last_id))| serde_json::json!({"room": room, "members": members, "last_id": last_id}))
+        .collect();
+    json(StatusCode::OK, &list)
+}
+
+#[derive(Deserialize)]
+struct Page {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+    Query(page): Query<Page>,
+) -> Response {
+    if !auth::valid_room(&room) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a room name is 1-64 of A-Z a-z 0-9 _ - .",
+        );
+    }
+    let since = page.since.unwrap_or(0);
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    match app
+        .db
+        .call(move |s| s.messages(&room, since, u64::MAX, limit))
+        .await
+    {
+        Ok(messages) => json(StatusCode::OK, &messages),
+        Err(e) => store_error(&e),
+    }
+}
+
+#[derive(Deserialize)]
+struct TextIn {
+    text: String,
+}
+
+fn check_text(app: &App, text: &str) -> Result<(), Refused> {
+    if text.trim().is_empty() || text.len() > app.config.max_text {
+        return Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            Refusal::BadRequest,
+            format!("text must be 1 to {} bytes", app.config.max_text),
+        ));
+    }
+    Ok(())
+}
+
+async fn publish(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let user = match token_user(&app, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    if !auth::valid_room(&room) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a room name is 1-64 of A-Z a-z 0-9 _ - .",
+        );
+    }
+    let input: TextIn = match parse(&body) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(r) = check_text(&app, &input.text) {
+        return r.into_response();
+    }
+    match app.journal.chat(&room, &user, &input.text).await {
+        Ok(message) => json(StatusCode::CREATED, &message),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn broadcast(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let user = match token_user(&app, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let input: TextIn = match parse(&body) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(r) = check_text(&app, &input.text) {
+        return r.into_response();
+    }
+    let delivered = app.hub.broadcast(&user, &input.text, &now_rfc3339());
+    tracing::info!(%user, delivered, "broadcast");
+    json(StatusCode::OK, &serde_json::json!({"delivered": delivered}))
+}
+
+#[derive(Deserialize)]
+struct NewPoll {
+    question: String,
+    options: Vec<String>,
+}
+
+async fn create_poll(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    match app.user(&headers, None).await {
+        Ok(None) if !app.config.guests => {
+            return error(StatusCode::UNAUTHORIZED, "log in to create a poll")
+        }
+        Err(refused) => return refused.into_response(),
+        _ => {}
+    }
+    let new: NewPoll = match parse(&body) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    let question = new.question.trim().to_owned();
+    let options: Vec<String> = new.options.iter().map(|o| o.trim().to_owned()).collect();
+    let distinct = options
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == options.len();
+    if question.is_empty()
+        || question.chars().count() > 200
+        || !(2..=20).contains(&options.len())
+        || !distinct
+        || options
+            .iter()
+            .any(|o| o.is_empty() || o.chars().count() > 100)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a poll has a question of 1-200 characters and 2-20 distinct options of 1-100",
+        );
+    }
+    match app
+        .db
+        .call(move |s| s.create_poll(&question, &options))
+        .await
+    {
+        Ok(poll) => json(StatusCode::CREATED, &poll),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn polls(State(app): State<Arc<App>>) -> Response {
+    match app.db.call(|s| s.polls(50)).await {
+        Ok(polls) => json(StatusCode::OK, &polls),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn poll(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
+    match app.db.call(move |s| s.poll(id)).await {
+        Ok(Some(poll)) => json(StatusCode::OK, &poll),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such poll"),
+        Err(e) => store_error(&e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct SocketQuery {
+    since: Option<u64>,
+    name: Option<String>,
+    token: Option<String>,
+}
+
+/// Refuses an upgrade: counted, logged, answered with its status.
+fn refuse(app: &App, peer: Option<SocketAddr>, refused: Refused) -> Response {
+    app.metrics.refused(refused.kind);
+    tracing::info!(peer = ?peer, status = refused.status.as_u16(), reason = %refused.reason, "upgrade refused");
+    refused.into_response()
+}
+
+/// The checks every upgrade passes (Origin, identity, limits), then the upgrade itself; the
+/// session runs in its own task.
+async fn upgrade<F, Fut>(
+    app: Arc<App>,
+    mut req: Request,
+    query: SocketQuery,
+    needs_identity: bool,
+    session: F,
+) -> Response
+where
+    F: FnOnce(Arc<App>, tether::upgrade::UpgradedWebSocket, crate::app::Slot, Identity) -> Fut
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    if let Err(refused) = app.check_origin(req.headers()) {
+        return refuse(&app, peer, refused);
+    }
+    let who = if needs_identity {
+        match app
+            .identify(req.headers(), query.token.as_deref(), query.name.as_deref())
+            .await
+        {
+            Ok(who) => who,
+            Err(refused) => return refuse(&app, peer, refused),
+        }
+    } else {
+        Identity::Guest(String::new())
+    };
+    let slot = match app.slot(peer.map(|p| p.ip())) {
+        Ok(slot) => slot,
+        Err(refused) => return refuse(&app, peer, refused),
+    };
+    match tether::upgrade::upgrade::<_, Body>(&mut req, app.ws_config.clone()) {
+        Ok((response, pending)) => {
+            tokio::spawn(async move {
+                match pending.await {
+                    Ok(socket) => session(app, socket, slot, who).await,
+                    Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+                }
+            });
+            response
+        }
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            refuse(
+                &app,
+                peer,
+                Refused::new(status, Refusal::BadRequest, e.to_string()),
+            )
+        }
+    }
+}
+
+async fn echo_socket(State(app): State<Arc<App>>, req: Request) -> Response {
+    upgrade(
+        app,
+        req,
+        SocketQuery::default(),
+        false,
+        |app, socket, slot, _| ws::echo(app, socket, slot),
+    )
+    .await
+}
+
+async fn room_socket(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+    Query(query): Query<SocketQuery>,
+    req: Request,
+) -> Response {
+    if !auth::valid_room(&room) {
+        app.metrics.refused(Refusal::BadRequest);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a room name is 1-64 of A-Z a-z 0-9 _ - .",
+        );
+    }
+    let since = query.since;
+    upgrade(app, req, query, true, move |app, socket, slot, who| {
+        ws::room(app, socket, slot, room, who, since)
+    })
+    .await
+}
+
+async fn poll_socket(
+    State(app): State<Arc<App>>,
+    Path(id): Path<i64>,
+    Query(query): Query<SocketQuery>,
+    req: Request,
+) -> Response {
+    let poll = match app.db.call(move |s| s.poll(id)).await {
+        Ok(Some(poll)) => poll,
+        Ok(None) => {
+            app.metrics.refused(Refusal::NotFound);
+            return error(StatusCode::NOT_FOUND, "no such poll");
+        }
+        Err(e) => return store_error(&e),
+    };
+    upgrade(app, req, query, true, move |app, socket, slot, who| {
+        ws::poll(app, socket, slot, poll, who)
+    })
+    .await
+}

@@ -1,0 +1,426 @@
+//! The hub: who is subscribed to which room or poll, and fan-out to them.
+//!
+//! Every subscriber has a bounded outbound queue. Fan-out serializes an event once and hands
+//! the same bytes to every queue with `try_send`; a queue that is full marks its connection as
+//! a slow consumer, which its task then closes with 1013. Fan-out never waits, so a slow reader
+//! never slows the others, and memory per subscriber is bounded by the queue length.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use tether::{Message, Utf8Bytes};
+use tokio::sync::{mpsc, Notify};
+
+use crate::metrics::Metrics;
+use crate::store::ChatMessage;
+
+/// One event queued for a connection. `id` is the chat message id (0 for other events), so a
+/// joining connection can skip live messages that its history already held.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The chat message id, or 0.
+    pub id: u64,
+    /// The encoded event.
+    pub msg: Message,
+}
+
+/// What a connection's task shares with the hub.
+#[derive(Debug, Default)]
+pub struct Flags {
+    slow: AtomicBool,
+    notify: Notify,
+}
+
+impl Flags {
+    /// Whether the hub found this connection's queue full.
+    pub fn is_slow(&self) -> bool {
+        self.slow.load(Relaxed)
+    }
+
+    /// Resolves once the connection is marked slow.
+    pub async fn slow(&self) {
+        while !self.is_slow() {
+            self.notify.notified().await;
+        }
+    }
+
+    fn mark_slow(&self) {
+        if !self.slow.swap(true, Relaxed) {
+            self.notify.notify_one();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Peer {
+    user: String,
+    tx: mpsc::Sender<Outgoing>,
+    flags: Arc<Flags>,
+}
+
+#[derive(Debug, Default)]
+struct Topic {
+    peers: HashMap<u64, Peer>,
+}
+
+impl Topic {
+    /// Queues `event` to every peer (except `skip`); returns how many it reached.
+    fn fan_out(&self, event: &Outgoing, skip: Option<u64>, metrics: &Metrics) -> usize {
+        let mut reached = 0;
+        for (id, peer) in &self.peers {
+            if Some(*id) == skip || peer.flags.is_slow() {
+                continue;
+            }
+            match peer.tx.try_send(event.clone()) {
+                Ok(()) => {
+                    reached += 1;
+                    metrics.sent(event.msg.as_payload().len());
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(user = %peer.user, "slow consumer: outbound queue full");
+                    peer.flags.mark_slow();
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        reached
+    }
+}
+
+#[derive(Debug, Default)]
+struct RoomState {
+    topic: Topic,
+    /// Connections per user, for presence (a user joins with the first, leaves with the last).
+    users: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Default)]
+struct PollState {
+    topic: Topic,
+}
+
+/// Subscriptions of every room and poll on this node.
+#[derive(Debug)]
+pub struct Hub {
+    rooms: Mutex<HashMap<String, RoomState>>,
+    polls: Mutex<HashMap<i64, PollState>>,
+    next_id: AtomicU64,
+    queue_len: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// A connection's place in a room or poll: its queue, its flags, and on drop, its leaving.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Hub>,
+    id: u64,
+    topic: TopicKey,
+    /// Events to send, in order.
+    pub rx: mpsc::Receiver<Outgoing>,
+    /// Set by the hub when the queue overflowed.
+    pub flags: Arc<Flags>,
+    tx: mpsc::Sender<Outgoing>,
+}
+
+impl Subscription {
+    /// A sender into this connection's own queue (for replies to what it sent).
+    pub fn sender(&self) -> mpsc::Sender<Outgoing> {
+        self.tx.clone()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum TopicKey {
+    Room(String),
+    Poll(i64),
+}
+
+/// What a joining connection learns.
+#[derive(Debug)]
+pub struct Joined {
+    /// The subscription (leave by dropping it).
+    pub subscription: Subscription,
+    /// Distinct users present, the joiner included.
+    pub members: Vec<String>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "presence")]
+struct Presence<'a> {
+    room: &'a str,
+    user: &'a str,
+    event: &'static str,
+    count: usize,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "broadcast")]
+struct Broadcast<'a> {
+    user: &'a str,
+    text: &'a str,
+    ts: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "counts")]
+struct Counts<'a> {
+    id: i64,
+    counts: &'a BTreeMap<String, u64>,
+    total: u64,
+}
+
+/// Serializes an event once into a text message.
+pub fn encode(event: &impl Serialize) -> Message {
+    let json = serde_json::to_string(event).expect("events serialize");
+    Message::Text(Utf8Bytes::from(json))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these maps half-updated in a way that
+    // matters more than losing the server, so carry on with the data.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Hub {
+    /// A hub whose subscribers each queue at most `queue_len` events.
+    pub fn new(queue_len: usize, metrics: Arc<Metrics>) -> Arc<Hub> {
+        Arc::new(Hub {
+            rooms: Mutex::new(HashMap::new()),
+            polls: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            queue_len: queue_len.max(1),
+            metrics,
+        })
+    }
+
+    fn peer(
+        &self,
+        user: &str,
+    ) -> (
+        u64,
+        Peer,
+        mpsc::Receiver<Outgoing>,
+        Arc<Flags>,
+        mpsc::Sender<Outgoing>,
+    ) {
+        let (tx, rx) = mpsc::channel(self.queue_len);
+        let flags = Arc::new(Flags::default());
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let peer = Peer {
+            user: user.to_owned(),
+            tx: tx.clone(),
+            flags: flags.clone(),
+        };
+        (id, peer, rx, flags, tx)
+    }
+
+    /// Subscribes a connection of `user` to `room`; the others learn of a new user.
+    pub fn join(self: &Arc<Self>, room: &str, user: &str) -> Joined {
+        let (id, peer, rx, flags, tx) = self.peer(user);
+        let mut rooms = lock(&self.rooms);
+        let state = rooms.entry(room.to_owned()).or_default();
+        state.topic.peers.insert(id, peer);
+        let n = state.users.entry(user.to_owned()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            let event = Outgoing {
+                id: 0,
+                msg: encode(&Presence {
+                    room,
+                    user,
+                    event: "join",
+                    count: state.users.len(),
+                }),
+            };
+            state.topic.fan_out(&event, Some(id), &self.metrics);
+        }
+        let members = state.users.keys().cloned().collect();
+        Joined {
+            subscription: Subscription {
+                hub: self.clone(),
+                id,
+                topic: TopicKey::Room(room.to_owned()),
+                rx,
+                flags,
+                tx,
+            },
+            members,
+        }
+    }
+
+    fn leave_room(&self, room: &str, id: u64) {
+        let mut rooms = lock(&self.rooms);
+        let Some(state) = rooms.get_mut(room) else {
+            return;
+        };
+        let Some(peer) = state.topic.peers.remove(&id) else {
+            return;
+        };
+        if let Some(n) = state.users.get_mut(&peer.user) {
+            *n -= 1;
+            if *n == 0 {
+                state.users.remove(&peer.user);
+                let event = Outgoing {
+                    id: 0,
+                    msg: encode(&Presence {
+                        room,
+                        user: &peer.user,
+                        event: "leave",
+                        count: state.users.len(),
+                    }),
+                };
+                state.topic.fan_out(&event, None, &self.metrics);
+            }
+        }
+        if state.topic.peers.is_empty() {
+            rooms.remove(room);
+        }
+    }
+
+    /// Delivers a stored message to everyone in its room; returns how many it reached.
+    pub fn deliver(&self, message: &ChatMessage) -> usize {
+        let rooms = lock(&self.rooms);
+        let Some(state) = rooms.get(&message.room) else {
+            return 0;
+        };
+        let event = Outgoing {
+            id: message.id,
+            msg: encode(message),
+        };
+        state.topic.fan_out(&event, None, &self.metrics)
+    }
+
+    /// Sends a notice to every connection in every room; returns how many it reached.
+    pub fn broadcast(&self, user: &str, text: &str, ts: &str) -> usize {
+        let event = Outgoing {
+            id: 0,
+            msg: encode(&Broadcast { user, text, ts }),
+        };
+        let rooms = lock(&self.rooms);
+        rooms
+            .values()
+            .map(|state| state.topic.fan_out(&event, None, &self.metrics))
+            .sum()
+    }
+
+    /// Rooms with connected members: `(room, distinct users)`.
+    pub fn rooms(&self) -> Vec<(String, usize)> {
+        let rooms = lock(&self.rooms);
+        rooms
+            .iter()
+            .map(|(name, state)| (name.clone(), state.users.len()))
+            .collect()
+    }
+
+    /// Subscribes a connection to poll `poll`'s counts.
+    pub fn watch_poll(self: &Arc<Self>, poll: i64, user: &str) -> Subscription {
+        let (id, peer, rx, flags, tx) = self.peer(user);
+        let mut polls = lock(&self.polls);
+        polls.entry(poll).or_default().topic.peers.insert(id, peer);
+        Subscription {
+            hub: self.clone(),
+            id,
+            topic: TopicKey::Poll(poll),
+            rx,
+            flags,
+            tx,
+        }
+    }
+
+    fn leave_poll(&self, poll: i64, id: u64) {
+        let mut polls = lock(&self.polls);
+        if let Some(state) = polls.get_mut(&poll) {
+            state.topic.peers.remove(&id);
+            if state.topic.peers.is_empty() {
+                polls.remove(&poll);
+            }
+        }
+    }
+
+    /// Sends poll `poll`'s new counts to everyone watching it.
+    pub fn deliver_counts(&self, poll: i64, counts: &BTreeMap<String, u64>) -> usize {
+        let polls = lock(&self.polls);
+        let Some(state) = polls.get(&poll) else {
+            return 0;
+        };
+        let event = Outgoing {
+            id: 0,
+            msg: encode(&Counts {
+                id: poll,
+                counts,
+                total: counts.values().sum(),
+            }),
+        };
+        state.topic.fan_out(&event, None, &self.metrics)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        match &self.topic {
+            TopicKey::Room(room) => self.hub.leave_room(room, self.id),
+            TopicKey::Poll(poll) => self.hub.leave_poll(*poll, self.id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(room: &str, id: u64) -> ChatMessage {
+        ChatMessage {
+            id,
+            room: room.into(),
+            user: "ann".into(),
+            text: "hi".into(),
+            ts: "2026-01-01T00:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn presence_counts_users_not_connections() {
+        let hub = Hub::new(16, Arc::default());
+        let mut ann = hub.join("r", "ann").subscription;
+        let ben1 = hub.join("r", "ben");
+        assert_eq!(ben1.members, ["ann", "ben"]);
+        let ben2 = hub.join("r", "ben");
+        assert_eq!(ben2.members, ["ann", "ben"]);
+        drop(ben1);
+        drop(ben2);
+        let join = ann.rx.try_recv().unwrap();
+        assert!(join.msg.as_text().unwrap().contains("\"event\":\"join\""));
+        let leave = ann.rx.try_recv().unwrap();
+        assert!(leave.msg.as_text().unwrap().contains("\"event\":\"leave\""));
+        assert!(
+            ann.rx.try_recv().is_err(),
+            "one join and one leave for two connections"
+        );
+    }
+
+    #[test]
+    fn full_queue_marks_only_that_subscriber_slow() {
+        let hub = Hub::new(2, Arc::default());
+        let slow = hub.join("r", "slow").subscription;
+        let mut fast = hub.join("r", "fast").subscription;
+        for id in 1..=3 {
+            assert!(hub.deliver(&message("r", id)) >= 1);
+            while fast.rx.try_recv().is_ok() {}
+        }
+        assert!(slow.flags.is_slow());
+        assert!(!fast.flags.is_slow());
+        assert_eq!(hub.metrics.messages_out.load(Relaxed), 5);
+    }
+
+    #[test]
+    fn empty_rooms_are_forgotten() {
+        let hub = Hub::new(4, Arc::default());
+        let s = hub.join("r", "ann");
+        assert_eq!(hub.rooms(), [("r".to_owned(), 1)]);
+        drop(s);
+        assert!(hub.rooms().is_empty());
+        assert_eq!(hub.deliver(&message("r", 1)), 0);
+    }
+}

@@ -1,0 +1,300 @@
+//! The journal: one writer thread that stores chat messages and votes in batches, then
+//! delivers them.
+//!
+//! Ids are assigned here, in commit order, so they are strictly increasing per room. A message
+//! is handed to the hub only after its batch is committed: whatever a client has seen is
+//! durable, and a client that resumes from an id finds every later message either in the store
+//! or still to come live. Batching turns many small transactions into one commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hub::{encode, Hub, Outgoing};
+use crate::metrics::Metrics;
+use crate::store::{now_rfc3339, ChatMessage, Store, StoreError};
+
+const BATCH: usize = 512;
+
+/// Where the outcome of a job goes.
+#[derive(Debug)]
+pub enum Reply<T> {
+    /// To a waiting caller (the HTTP API).
+    Wait(oneshot::Sender<Result<T, StoreError>>),
+    /// A failure is queued as an `error` event to the socket that sent the job.
+    Socket(mpsc::Sender<Outgoing>),
+}
+
+impl<T> Reply<T> {
+    fn send(self, result: Result<T, StoreError>, what: &str) {
+        match self {
+            Reply::Wait(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Socket(tx) => {
+                if let Err(e) = result {
+                    let event =
+                        serde_json::json!({"type": "error", "error": format!("{what}: {e}")});
+                    let _ = tx.try_send(Outgoing {
+                        id: 0,
+                        msg: encode(&event),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A write for the journal.
+#[derive(Debug)]
+pub enum Job {
+    /// Store and deliver a chat message.
+    Chat {
+        /// The room.
+        room: String,
+        /// The sender.
+        user: String,
+        /// The text (already validated).
+        text: String,
+        /// Where the stored message (or the failure) goes.
+        reply: Reply<ChatMessage>,
+    },
+    /// Record a vote and deliver the poll's new counts.
+    Vote {
+        /// The poll.
+        poll: i64,
+        /// The voter.
+        user: String,
+        /// The chosen option.
+        option: String,
+        /// `Ok(false)` when the poll or option does not exist.
+        reply: Reply<bool>,
+    },
+    /// Answers once every earlier job is committed and delivered.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The handle that submits jobs to the writer thread.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Journal {
+    /// Starts the writer thread on `store`.
+    ///
+    /// # Errors
+    /// The thread cannot be spawned.
+    pub fn start(
+        store: Store,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        history_limit: usize,
+    ) -> std::io::Result<Journal> {
+        let (tx, rx) = mpsc::channel(4096);
+        std::thread::Builder::new()
+            .name("tether-journal".into())
+            .spawn(move || {
+                Writer {
+                    store,
+                    hub,
+                    metrics,
+                    history_limit,
+                    last_ids: HashMap::new(),
+                }
+                .run(rx);
+            })?;
+        Ok(Journal { tx })
+    }
+
+    /// Queues a job, waiting while the journal is full (backpressure).
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] when the writer thread has stopped.
+    pub async fn submit(&self, job: Job) -> Result<(), StoreError> {
+        self.tx.send(job).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Stores a chat message and waits for it to be committed and delivered.
+    ///
+    /// # Errors
+    /// The store failed or is shut down.
+    pub async fn chat(
+        &self,
+        room: &str,
+        user: &str,
+        text: &str,
+    ) -> Result<ChatMessage, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::Chat {
+            room: room.to_owned(),
+            user: user.to_owned(),
+            text: text.to_owned(),
+            reply: Reply::Wait(tx),
+        })
+        .await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Waits until every job submitted before is committed and delivered.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Job::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Writer {
+    store: Store,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    history_limit: usize,
+    /// The last id of each room this thread has stored (ids are only assigned here).
+    last_ids: HashMap<String, u64>,
+}
+
+enum Outcome {
+    Chat(ChatMessage),
+    Vote(bool),
+    Flush,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut jobs = Vec::with_capacity(BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            jobs.push(first);
+            while jobs.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            match self.store_batch(&jobs) {
+                Ok((outcomes, counts)) => {
+                    for (job, outcome) in jobs.drain(..).zip(outcomes) {
+                        self.finish(job, outcome);
+                    }
+                    for (poll, counts) in counts {
+                        self.hub.deliver_counts(poll, &counts);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, jobs = jobs.len(), "storing a batch failed; nothing of it was delivered");
+                    self.last_ids.clear();
+                    for job in jobs.drain(..) {
+                        self.fail(job, &e);
+                    }
+                }
+            }
+        }
+        tracing::debug!("journal stopped");
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn store_batch(
+        &mut self,
+        jobs: &[Job],
+    ) -> Result<(Vec<Outcome>, Vec<(i64, BTreeMap<String, u64>)>), StoreError> {
+        if self.last_ids.len() > 100_000 {
+            self.last_ids.clear();
+        }
+        let batch = self.store.batch()?;
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        let mut rooms: HashMap<&str, u64> = HashMap::new();
+        let mut polls = Vec::new();
+        // Ids this batch assigns; they become the writer's only once the batch commits.
+        let mut last_ids: HashMap<String, u64> = HashMap::new();
+        for job in jobs {
+            if let Job::Chat { room, .. } = job {
+                if let Some(id) = self.last_ids.get(room) {
+                    last_ids.insert(room.clone(), *id);
+                }
+            }
+        }
+        for job in jobs {
+            outcomes.push(match job {
+                Job::Chat {
+                    room, user, text, ..
+                } => {
+                    let last = match last_ids.get(room.as_str()) {
+                        Some(id) => *id,
+                        None => batch.last_id(room)?,
+                    };
+                    let message = ChatMessage {
+                        id: last + 1,
+                        room: room.clone(),
+                        user: user.clone(),
+                        text: text.clone(),
+                        ts: now_rfc3339(),
+                    };
+                    batch.insert_message(&message)?;
+                    last_ids.insert(room.clone(), message.id);
+                    rooms.insert(room, message.id);
+                    Outcome::Chat(message)
+                }
+                Job::Vote {
+                    poll, user, option, ..
+                } => {
+                    let ok = batch.vote(*poll, user, option)?;
+                    if ok && !polls.contains(poll) {
+                        polls.push(*poll);
+                    }
+                    Outcome::Vote(ok)
+                }
+                Job::Flush(_) => Outcome::Flush,
+            });
+        }
+        for (room, last) in &rooms {
+            batch.retain(room, *last, self.history_limit)?;
+        }
+        let mut counts = Vec::with_capacity(polls.len());
+        for poll in polls {
+            if let Some(c) = batch.poll_counts(poll)? {
+                counts.push((poll, c));
+            }
+        }
+        batch.commit()?;
+        self.last_ids.extend(last_ids);
+        Ok((outcomes, counts))
+    }
+
+    fn finish(&self, job: Job, outcome: Outcome) {
+        match (job, outcome) {
+            (Job::Chat { reply, .. }, Outcome::Chat(message)) => {
+                self.hub.deliver(&message);
+                reply.send(Ok(message), "message");
+            }
+            (Job::Vote { reply, .. }, Outcome::Vote(true)) => reply.send(Ok(true), "vote"),
+            (Job::Vote { reply, .. }, Outcome::Vote(false)) => match reply {
+                Reply::Socket(_) => {
+                    reply.send(Err(StoreError::Failed("unknown option".into())), "vote")
+                }
+                Reply::Wait(_) => reply.send(Ok(false), "vote"),
+            },
+            (Job::Flush(tx), _) => {
+                let _ = tx.send(());
+            }
+            _ => debug_assert!(false, "outcomes follow their jobs"),
+        }
+    }
+
+    fn fail(&self, job: Job, e: &StoreError) {
+        match job {
+            Job::Chat { reply, .. } => {
+                self.metrics.store_failures.fetch_add(1, Relaxed);
+                reply.send(Err(StoreError::Failed(e.to_string())), "message not stored");
+            }
+            Job::Vote { reply, .. } => {
+                self.metrics.store_failures.fetch_add(1, Relaxed);
+                reply.send(Err(StoreError::Failed(e.to_string())), "vote not stored");
+            }
+            Job::Flush(tx) => {
+                let _ = tx.send(());
+            }
+        }
+    }
+}

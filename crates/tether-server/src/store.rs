@@ -1,0 +1,543 @@
+//! Durable state in one SQLite file: users, credentials, room history, polls and votes.
+//!
+//! The schema is created (and upgraded) on open. Writes of chat messages and votes go through
+//! the journal's single writer thread; everything else uses a short-lived lock on a second
+//! connection. WAL mode lets readers proceed while the writer commits.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+/// A failure of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite failed (I/O, corruption, a busy database past its timeout, …).
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The data directory could not be created.
+    #[error("data directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A user with this name exists already.
+    #[error("user {0:?} exists already")]
+    UserExists(String),
+    /// The batch this write was part of failed; nothing of it was stored.
+    #[error("not stored: {0}")]
+    Failed(String),
+    /// The journal's writer thread has stopped (the server is shutting down).
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// One chat message as stored and as sent to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "message")]
+pub struct ChatMessage {
+    /// Strictly increasing per room, starting at 1.
+    pub id: u64,
+    /// The room.
+    pub room: String,
+    /// Who sent it (a user or a guest nickname).
+    pub user: String,
+    /// The text.
+    pub text: String,
+    /// When it was stored, RFC 3339 with milliseconds, UTC.
+    pub ts: String,
+}
+
+/// A poll with its current counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Poll {
+    /// The poll's id.
+    pub id: i64,
+    /// The question.
+    pub question: String,
+    /// The options, in the creator's order.
+    pub options: Vec<String>,
+    /// Votes per option (every option present, zero included).
+    pub counts: BTreeMap<String, u64>,
+    /// All votes.
+    pub total: u64,
+    /// When it was created (RFC 3339).
+    pub created: String,
+}
+
+/// What a stored credential is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// A browser session (cookie).
+    Session,
+    /// A bearer token for scripts.
+    Token,
+}
+
+impl CredentialKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Session => "session",
+            CredentialKind::Token => "token",
+        }
+    }
+}
+
+/// The current time as RFC 3339 with milliseconds.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS credentials (
+    digest BLOB PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    expires INTEGER
+);
+CREATE TABLE IF NOT EXISTS messages (
+    room TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    text TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    PRIMARY KEY (room, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS polls (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    question TEXT NOT NULL,
+    options TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS votes (
+    poll INTEGER NOT NULL REFERENCES polls(id) ON DELETE CASCADE,
+    user TEXT NOT NULL,
+    option TEXT NOT NULL,
+    PRIMARY KEY (poll, user)
+) WITHOUT ROWID;
+";
+
+/// A connection to the store.
+#[derive(Debug)]
+pub struct Store {
+    conn: rusqlite::Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) `DIR/tether.db`, with WAL journaling and the schema.
+    ///
+    /// # Errors
+    /// The directory cannot be created or the database cannot be opened.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let conn = rusqlite::Connection::open(dir.join("tether.db"))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    /// Adds a user with an already hashed password.
+    ///
+    /// # Errors
+    /// [`StoreError::UserExists`], or a database failure.
+    pub fn add_user(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+        let inserted = self.conn.execute(
+            "INSERT OR IGNORE INTO users (name, hash, created) VALUES (?1, ?2, ?3)",
+            params![name, hash, now_rfc3339()],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::UserExists(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The password hash of `name`, if such a user exists.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT hash FROM users WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// Stores the digest of a session or token for `user`, valid for `ttl` (forever if `None`).
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn add_credential(
+        &self,
+        digest: &[u8],
+        user: &str,
+        kind: CredentialKind,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let expires = ttl.map(|t| unix_now() + t.as_secs() as i64);
+        self.conn.execute(
+            "INSERT INTO credentials (digest, user, kind, expires) VALUES (?1, ?2, ?3, ?4)",
+            params![digest, user, kind.as_str(), expires],
+        )?;
+        Ok(())
+    }
+
+    /// The user a credential digest belongs to, if it exists, is of `kind` and has not expired.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn credential_user(
+        &self,
+        digest: &[u8],
+        kind: CredentialKind,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT user FROM credentials WHERE digest = ?1 AND kind = ?2
+                 AND (expires IS NULL OR expires > ?3)",
+                params![digest, kind.as_str(), unix_now()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Deletes a credential (logout).
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn delete_credential(&self, digest: &[u8]) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM credentials WHERE digest = ?1", [digest])?;
+        Ok(())
+    }
+
+    /// The highest message id stored for `room` (0 when none).
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn last_id(&self, room: &str) -> Result<u64, StoreError> {
+        let id: Option<i64> = self.conn.query_row(
+            "SELECT MAX(id) FROM messages WHERE room = ?1",
+            [room],
+            |r| r.get(0),
+        )?;
+        Ok(id.unwrap_or(0) as u64)
+    }
+
+    /// The lowest message id still stored for `room`, if any.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn first_id(&self, room: &str) -> Result<Option<u64>, StoreError> {
+        let id: Option<i64> = self.conn.query_row(
+            "SELECT MIN(id) FROM messages WHERE room = ?1",
+            [room],
+            |r| r.get(0),
+        )?;
+        Ok(id.map(|i| i as u64))
+    }
+
+    /// Messages of `room` with `since < id <= until`, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn messages(
+        &self,
+        room: &str,
+        since: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, user, text, ts FROM messages
+             WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                room,
+                since as i64,
+                until.min(i64::MAX as u64) as i64,
+                limit as i64
+            ],
+            |r| {
+                Ok(ChatMessage {
+                    id: r.get::<_, i64>(0)? as u64,
+                    room: room.to_owned(),
+                    user: r.get(1)?,
+                    text: r.get(2)?,
+                    ts: r.get(3)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The last `count` messages of `room` up to `until`, oldest first.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn recent(
+        &self,
+        room: &str,
+        until: u64,
+        count: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let since = until.saturating_sub(count as u64);
+        self.messages(room, since, until, count)
+    }
+
+    /// Rooms with stored messages: `(room, last id)`.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn rooms(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT room, MAX(id) FROM messages GROUP BY room ORDER BY room LIMIT 1000")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Starts a transaction for a batch of writes; see [`Batch`].
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn batch(&mut self) -> Result<Batch<'_>, StoreError> {
+        Ok(Batch {
+            tx: self.conn.transaction()?,
+        })
+    }
+
+    /// Creates a poll.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn create_poll(&self, question: &str, options: &[String]) -> Result<Poll, StoreError> {
+        let created = now_rfc3339();
+        let encoded = serde_json::to_string(options).expect("strings serialize");
+        self.conn.execute(
+            "INSERT INTO polls (question, options, created) VALUES (?1, ?2, ?3)",
+            params![question, encoded, created],
+        )?;
+        let id = self.conn.last_insert_rowid();
+        Ok(Poll {
+            id,
+            question: question.to_owned(),
+            options: options.to_vec(),
+            counts: options.iter().map(|o| (o.clone(), 0)).collect(),
+            total: 0,
+            created,
+        })
+    }
+
+    /// One poll with its counts.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn poll(&self, id: i64) -> Result<Option<Poll>, StoreError> {
+        let row: Option<(String, String, String)> = self
+            .conn
+            .query_row(
+                "SELECT question, options, created FROM polls WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((question, options, created)) = row else {
+            return Ok(None);
+        };
+        let options: Vec<String> = serde_json::from_str(&options).unwrap_or_default();
+        let counts = self.counts(id, &options)?;
+        let total = counts.values().sum();
+        Ok(Some(Poll {
+            id,
+            question,
+            options,
+            counts,
+            total,
+            created,
+        }))
+    }
+
+    /// The newest `limit` polls, newest first.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn polls(&self, limit: usize) -> Result<Vec<Poll>, StoreError> {
+        let ids: Vec<i64> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT id FROM polls ORDER BY id DESC LIMIT ?1")?;
+            let rows = stmt.query_map([limit as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut polls = Vec::with_capacity(ids.len());
+        for id in ids {
+            polls.extend(self.poll(id)?);
+        }
+        Ok(polls)
+    }
+
+    /// Votes per option of poll `id`.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn counts(&self, id: i64, options: &[String]) -> Result<BTreeMap<String, u64>, StoreError> {
+        counts(&self.conn, id, options)
+    }
+
+    /// The option `user` voted for in poll `id`.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn vote_of(&self, id: i64, user: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT option FROM votes WHERE poll = ?1 AND user = ?2",
+                params![id, user],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}
+
+/// The options of poll `id`, if it exists.
+fn poll_options(conn: &rusqlite::Connection, id: i64) -> Result<Option<Vec<String>>, StoreError> {
+    let options: Option<String> = conn
+        .query_row("SELECT options FROM polls WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(options.map(|o| serde_json::from_str(&o).unwrap_or_default()))
+}
+
+fn counts(
+    conn: &rusqlite::Connection,
+    id: i64,
+    options: &[String],
+) -> Result<BTreeMap<String, u64>, StoreError> {
+    let mut counts: BTreeMap<String, u64> = options.iter().map(|o| (o.clone(), 0)).collect();
+    let mut stmt =
+        conn.prepare_cached("SELECT option, COUNT(*) FROM votes WHERE poll = ?1 GROUP BY option")?;
+    let rows = stmt.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (option, n) = row?;
+        if let Some(c) = counts.get_mut(&option) {
+            *c = n as u64;
+        }
+    }
+    Ok(counts)
+}
+
+/// A transaction holding a batch of journal writes; nothing is visible until [`Batch::commit`].
+#[derive(Debug)]
+pub struct Batch<'a> {
+    tx: rusqlite::Transaction<'a>,
+}
+
+impl Batch<'_> {
+    /// The highest stored id of `room` as this transaction sees it.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn last_id(&self, room: &str) -> Result<u64, StoreError> {
+        let id: Option<i64> = self.tx.query_row(
+            "SELECT MAX(id) FROM messages WHERE room = ?1",
+            [room],
+            |r| r.get(0),
+        )?;
+        Ok(id.unwrap_or(0) as u64)
+    }
+
+    /// Inserts a message.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn insert_message(&self, m: &ChatMessage) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO messages (room, id, user, text, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![m.room, m.id as i64, m.user, m.text, m.ts])?;
+        Ok(())
+    }
+
+    /// Deletes the messages of `room` older than the newest `keep`, given its last id.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn retain(&self, room: &str, last_id: u64, keep: usize) -> Result<(), StoreError> {
+        let cutoff = last_id.saturating_sub(keep as u64);
+        if cutoff > 0 {
+            self.tx
+                .prepare_cached("DELETE FROM messages WHERE room = ?1 AND id <= ?2")?
+                .execute(params![room, cutoff as i64])?;
+        }
+        Ok(())
+    }
+
+    /// Records `user`'s vote in poll `id` (replacing an earlier one). Returns `false` when the
+    /// poll does not exist or `option` is not one of its options.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn vote(&self, id: i64, user: &str, option: &str) -> Result<bool, StoreError> {
+        let Some(options) = poll_options(&self.tx, id)? else {
+            return Ok(false);
+        };
+        if !options.iter().any(|o| o == option) {
+            return Ok(false);
+        }
+        self.tx
+            .prepare_cached(
+                "INSERT INTO votes (poll, user, option) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (poll, user) DO UPDATE SET option = excluded.option",
+            )?
+            .execute(params![id, user, option])?;
+        Ok(true)
+    }
+
+    /// The poll's counts as this transaction sees them, with its options.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn poll_counts(&self, id: i64) -> Result<Option<BTreeMap<String, u64>>, StoreError> {
+        let Some(options) = poll_options(&self.tx, id)? else {
+            return Ok(None);
+        };
+        Ok(Some(counts(&self.tx, id, &options)?))
+    }
+
+    /// Makes the batch durable.
+    ///
+    /// # Errors
+    /// A database failure; nothing of the batch is stored then.
+    pub fn commit(self) -> Result<(), StoreError> {
+        Ok(self.tx.commit()?)
+    }
+}

@@ -1,0 +1,389 @@
+//! The WebSocket sessions: a chat room member, a poll watcher, the echo endpoint.
+//!
+//! Each session is one task running one loop over three sources, in this priority: the hub's
+//! verdict that the connection fell behind (close 1013), the server's shutdown (close 1001),
+//! events queued for it (written in batches: everything queued goes out in one flush), and
+//! the client's messages (rate-limited, then handed to the journal).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tether::upgrade::UpgradedWebSocket;
+use tether::{CloseCode, CloseFrame, Message};
+
+use crate::app::{App, Slot};
+use crate::auth::Identity;
+use crate::hub::{encode, Outgoing, Subscription};
+use crate::journal::{Job, Reply};
+use crate::store::{ChatMessage, Poll};
+
+/// Events written per flush at most, so one busy connection cannot starve its own reads.
+const BATCH: usize = 256;
+
+/// A token bucket: `rate` per second sustained, bursts of `2 × rate`.
+#[derive(Debug)]
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: f64) -> RateLimit {
+        RateLimit {
+            rate,
+            tokens: rate * 2.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate * 2.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "welcome")]
+struct Welcome<'a> {
+    room: &'a str,
+    user: &'a str,
+    guest: bool,
+    members: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    truncated: bool,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "ready")]
+struct Ready {
+    last_id: u64,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "poll")]
+struct PollState<'a> {
+    poll: &'a Poll,
+    vote: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct ChatIn {
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct VoteIn {
+    vote: String,
+}
+
+fn error_event(text: &str) -> Message {
+    encode(&serde_json::json!({"type": "error", "error": text}))
+}
+
+/// What a session does with a client's text.
+enum Target {
+    Room { room: String, user: String },
+    Poll { poll: i64, user: String },
+}
+
+/// How a session ended, for the close frame and the log.
+enum End {
+    /// The client closed or the connection failed; nothing more to send.
+    Gone,
+    /// Close with this code and reason.
+    Close(CloseCode, &'static str),
+}
+
+/// Runs a chat room member: welcome, history (after `since`, or the recent messages), ready,
+/// then live events and the client's messages.
+pub async fn room(
+    app: Arc<App>,
+    mut ws: UpgradedWebSocket,
+    slot: Slot,
+    room: String,
+    who: Identity,
+    since: Option<u64>,
+) {
+    let joined = app.hub.join(&room, who.name());
+    let sub = joined.subscription;
+    let (history_limit, on_join) = (app.config.history_limit, app.config.history_on_join);
+    let r = room.clone();
+    let history = app
+        .db
+        .call(move |s| match since {
+            Some(since) => {
+                let first = s.first_id(&r)?;
+                let messages = s.messages(&r, since, u64::MAX, history_limit)?;
+                let truncated = first.is_some_and(|f| f > since + 1);
+                Ok((messages, truncated))
+            }
+            None => {
+                let last = s.last_id(&r)?;
+                Ok((s.recent(&r, last, on_join)?, false))
+            }
+        })
+        .await;
+    let (history, truncated): (Vec<ChatMessage>, bool) = match history {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, %room, "loading history failed");
+            close(
+                &app,
+                &mut ws,
+                CloseCode::INTERNAL_ERROR,
+                "history unavailable",
+            )
+            .await;
+            return;
+        }
+    };
+    let welcome = encode(&Welcome {
+        room: &room,
+        user: who.name(),
+        guest: who.is_guest(),
+        members: &joined.members,
+        truncated,
+    });
+    let mut high = since.unwrap_or(0);
+    let mut first = vec![welcome];
+    for m in &history {
+        high = high.max(m.id);
+        first.push(encode(m));
+    }
+    first.push(encode(&Ready { last_id: high }));
+    let target = Target::Room {
+        room,
+        user: who.name().to_owned(),
+    };
+    pump(app, ws, slot, sub, target, first, high).await;
+}
+
+/// Runs a poll watcher: the poll and this user's vote, then live counts and the user's votes.
+pub async fn poll(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot, poll: Poll, who: Identity) {
+    let sub = app.hub.watch_poll(poll.id, who.name());
+    let (id, user) = (poll.id, who.name().to_owned());
+    let state = app
+        .db
+        .call(move |s| Ok((s.poll(id)?, s.vote_of(id, &user)?)))
+        .await;
+    let (poll, vote) = match state {
+        Ok((Some(p), vote)) => (p, vote),
+        Ok((None, _)) => (poll, None),
+        Err(e) => {
+            tracing::error!(error = %e, poll = id, "loading a poll failed");
+            close(&app, &mut ws, CloseCode::INTERNAL_ERROR, "poll unavailable").await;
+            return;
+        }
+    };
+    let first = vec![encode(&PollState {
+        poll: &poll,
+        vote: vote.as_deref(),
+    })];
+    let target = Target::Poll {
+        poll: poll.id,
+        user: who.name().to_owned(),
+    };
+    pump(app, ws, slot, sub, target, first, 0).await;
+}
+
+/// Echoes every text and binary message until the client closes or the server shuts down.
+pub async fn echo(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot) {
+    let mut shutdown = app.shutdown.clone();
+    let end = loop {
+        tokio::select! {
+            () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
+            incoming = ws.recv() => match incoming {
+                Some(Ok(msg)) if msg.is_data() => {
+                    count_in(&app, &msg);
+                    app.metrics.sent(msg.as_payload().len());
+                    if ws.send(msg).await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "echo connection failed");
+                    break End::Gone;
+                }
+                None => break End::Gone,
+            },
+        }
+    };
+    if let End::Close(code, reason) = end {
+        close(&app, &mut ws, code, reason).await;
+    }
+    drop(slot);
+}
+
+/// Resolves once the server starts shutting down.
+async fn shutting_down(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let down = rx.wait_for(|down| *down).await.is_ok();
+    if !down {
+        // The sender is gone: the server is ending anyway.
+        std::future::pending::<()>().await;
+    }
+}
+
+fn count_in(app: &App, msg: &Message) {
+    app.metrics.messages_in.fetch_add(1, Relaxed);
+    app.metrics
+        .bytes_in
+        .fetch_add(msg.as_payload().len() as u64, Relaxed);
+}
+
+async fn close(app: &App, ws: &mut UpgradedWebSocket, code: CloseCode, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.to_owned(),
+    };
+    // The close waits for the peer's Close up to close_timeout; a peer that stopped reading
+    // may never let our Close out, so bound the whole attempt.
+    let limit = app.ws_config.close_timeout + Duration::from_secs(1);
+    let _ = tokio::time::timeout(limit, ws.close(Some(frame))).await;
+}
+
+/// Writes `first`, then loops over the subscription and the client until one ends.
+async fn pump(
+    app: Arc<App>,
+    mut ws: UpgradedWebSocket,
+    slot: Slot,
+    mut sub: Subscription,
+    target: Target,
+    first: Vec<Message>,
+    high: u64,
+) {
+    let mut shutdown = app.shutdown.clone();
+    let mut limit = RateLimit::new(app.config.message_rate);
+    let mut queued = Vec::with_capacity(BATCH);
+    let mut pending: Vec<Message> = first;
+    let end = loop {
+        if !pending.is_empty() {
+            // Writing may wait on a slow socket: meanwhile the hub may give up on us.
+            let write = async {
+                for msg in pending.drain(..) {
+                    ws.feed(msg).await?;
+                }
+                ws.flush().await
+            };
+            tokio::select! {
+                biased;
+                _ = sub.flags.slow() => break slow(&app),
+                () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
+                written = write => if written.is_err() { break End::Gone },
+            }
+            pending.clear();
+        }
+        tokio::select! {
+            biased;
+            _ = sub.flags.slow() => break slow(&app),
+            () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
+            n = sub.rx.recv_many(&mut queued, BATCH) => {
+                if n == 0 {
+                    break End::Gone;
+                }
+                // Live messages already sent as history are skipped (ids only grow).
+                pending.extend(queued.drain(..).filter(|o: &Outgoing| o.id == 0 || o.id > high).map(|o| o.msg));
+            }
+            incoming = ws.recv() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    count_in(&app, &Message::Text(text.clone()));
+                    if !limit.allow() {
+                        app.metrics.rate_limited.fetch_add(1, Relaxed);
+                        tracing::warn!(user = %target_user(&target), "message rate limit exceeded");
+                        break End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
+                    }
+                    if let Some(reply) = handle(&app, &target, &text, &sub).await {
+                        pending.push(reply);
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => pending.push(error_event("send JSON text, not binary")),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "connection failed");
+                    break End::Gone;
+                }
+                None => break End::Gone,
+            },
+        }
+    };
+    drop(sub);
+    if let End::Close(code, reason) = end {
+        close(&app, &mut ws, code, reason).await;
+    }
+    drop(slot);
+}
+
+fn slow(app: &App) -> End {
+    app.metrics.slow_consumers.fetch_add(1, Relaxed);
+    End::Close(CloseCode::TRY_AGAIN_LATER, "slow consumer: too far behind")
+}
+
+fn target_user(target: &Target) -> &str {
+    match target {
+        Target::Room { user, .. } | Target::Poll { user, .. } => user,
+    }
+}
+
+/// Hands a client's message to the journal; returns an error event for the client, if any.
+async fn handle(app: &App, target: &Target, text: &str, sub: &Subscription) -> Option<Message> {
+    let job = match target {
+        Target::Room { room, user } => {
+            let Ok(ChatIn { text }) = serde_json::from_str(text) else {
+                return Some(error_event("expected {\"text\": \"...\"}"));
+            };
+            if text.trim().is_empty() || text.len() > app.config.max_text {
+                return Some(error_event(&format!(
+                    "text must be 1 to {} bytes",
+                    app.config.max_text
+                )));
+            }
+            Job::Chat {
+                room: room.clone(),
+                user: user.clone(),
+                text,
+                reply: Reply::Socket(sub.sender()),
+            }
+        }
+        Target::Poll { poll, user } => {
+            let Ok(VoteIn { vote }) = serde_json::from_str(text) else {
+                return Some(error_event("expected {\"vote\": \"option\"}"));
+            };
+            Job::Vote {
+                poll: *poll,
+                user: user.clone(),
+                option: vote,
+                reply: Reply::Socket(sub.sender()),
+            }
+        }
+    };
+    match app.journal.submit(job).await {
+        Ok(()) => None,
+        Err(e) => Some(error_event(&e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_the_rate() {
+        let mut limit = RateLimit::new(5.0);
+        assert!((0..10).all(|_| limit.allow()), "a burst of twice the rate");
+        assert!(!limit.allow());
+        limit.last -= Duration::from_millis(400);
+        assert!(limit.allow() && limit.allow(), "0.4 s refills two");
+        assert!(!limit.allow());
+    }
+}

@@ -1,0 +1,671 @@
+//! The server over real sockets: history then live delivery, resume, presence, the publish
+//! API, polls, auth and Origin refusals, rate and slow-consumer limits, restart and shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether::{ClientBuilder, ClientStream, Message};
+use tether_server::{Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+async fn within<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f).await.expect("timed out")
+}
+
+struct Running {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        within(&mut self.done).await.unwrap();
+    }
+
+    fn ws(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+}
+
+fn config(data: &Path) -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.data = data.to_owned();
+    c
+}
+
+async fn start(config: ServerConfig) -> Running {
+    let server = Server::bind(config).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        stop: Some(tx),
+        done,
+    }
+}
+
+/// A minimal HTTP/1.1 exchange: returns the status and the parsed JSON body (Null if none).
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    within(tcp.read_to_end(&mut raw)).await.unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+async fn add_user(data: &Path, name: &str, password: &str) {
+    let hash = tether_server::auth::hash_password(password).unwrap();
+    tether_server::store::Store::open(data)
+        .unwrap()
+        .add_user(name, &hash)
+        .unwrap();
+}
+
+async fn token(addr: SocketAddr, user: &str, password: &str) -> String {
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/tokens",
+        &[],
+        Some(json!({"user": user, "password": password})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+async fn connect(url: &str) -> ClientStream {
+    within(tether::connect(url)).await.unwrap().0
+}
+
+/// The next JSON event, skipping nothing.
+async fn next(ws: &mut ClientStream) -> Value {
+    loop {
+        match within(ws.recv()).await {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
+
+/// The next event of `kind`, skipping others (presence and the like).
+async fn next_of(ws: &mut ClientStream, kind: &str) -> Value {
+    loop {
+        let v = next(ws).await;
+        if v["type"] == kind {
+            return v;
+        }
+    }
+}
+
+async fn say(ws: &mut ClientStream, text: &str) {
+    ws.send(Message::text(json!({"text": text}).to_string()))
+        .await
+        .unwrap();
+}
+
+/// The close code the server ends with.
+async fn close_code(ws: &mut ClientStream) -> u16 {
+    loop {
+        match within(ws.recv()).await {
+            Some(Ok(Message::Close(frame))) => return frame.map_or(1005, |f| f.code.0),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn history_then_live_then_resume_without_gap_or_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let mut ann = connect(&server.ws("/ws/rooms/lobby?name=ann")).await;
+    let welcome = next(&mut ann).await;
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome["members"], json!(["ann"]));
+    assert_eq!(next(&mut ann).await, json!({"type": "ready", "last_id": 0}));
+    for i in 1..=3 {
+        say(&mut ann, &format!("m{i}")).await;
+        let m = next_of(&mut ann, "message").await;
+        assert_eq!(
+            (m["id"].as_u64(), m["text"].as_str()),
+            (Some(i), Some(format!("m{i}").as_str()))
+        );
+        assert_eq!(m["user"], "ann");
+    }
+
+    // A newcomer sees the history, then live messages; the others see it arrive.
+    let mut ben = connect(&server.ws("/ws/rooms/lobby?name=ben")).await;
+    assert_eq!(next(&mut ben).await["members"], json!(["ann", "ben"]));
+    let ids: Vec<u64> = [
+        next(&mut ben).await,
+        next(&mut ben).await,
+        next(&mut ben).await,
+    ]
+    .iter()
+    .map(|m| m["id"].as_u64().unwrap())
+    .collect();
+    assert_eq!(ids, [1, 2, 3]);
+    assert_eq!(next(&mut ben).await, json!({"type": "ready", "last_id": 3}));
+    let join = next(&mut ann).await;
+    assert_eq!(
+        (
+            join["event"].as_str(),
+            join["user"].as_str(),
+            join["count"].as_u64()
+        ),
+        (Some("join"), Some("ben"), Some(2))
+    );
+
+    // Ben drops after id 3; meanwhile 4 and 5 are sent; he resumes with since=3.
+    drop(ben);
+    let leave = next_of(&mut ann, "presence").await;
+    assert_eq!(leave["event"], "leave");
+    say(&mut ann, "m4").await;
+    say(&mut ann, "m5").await;
+    let mut ben = connect(&server.ws("/ws/rooms/lobby?name=ben&since=3")).await;
+    assert_eq!(next(&mut ben).await["type"], "welcome");
+    assert_eq!(next(&mut ben).await["id"], 4);
+    assert_eq!(next(&mut ben).await["id"], 5);
+    assert_eq!(next(&mut ben).await, json!({"type": "ready", "last_id": 5}));
+    say(&mut ann, "m6").await;
+    assert_eq!(next_of(&mut ben, "message").await["id"], 6);
+
+    // The same history over HTTP, paged.
+    let (status, page) = http(
+        server.addr,
+        "GET",
+        "/api/rooms/lobby/messages?since=2&limit=2",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let ids: Vec<u64> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [3, 4]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_writers_and_a_resuming_reader_see_every_id_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.message_rate = 1e6;
+    let server = start(c).await;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let url = server.ws(&format!("/ws/rooms/busy?name=w{w}"));
+        writers.push(tokio::spawn(async move {
+            let mut ws = connect(&url).await;
+            for i in 0..50 {
+                say(&mut ws, &format!("w{w}-{i}")).await;
+            }
+            // Stay until our last message is back, so none is lost to an early close.
+            let mut seen = 0;
+            while seen < 50 {
+                let m = next_of(&mut ws, "message").await;
+                if m["user"] == format!("w{w}") {
+                    seen += 1;
+                }
+            }
+        }));
+    }
+    // A reader that reconnects several times while the writers run, resuming each time.
+    let mut last = 0u64;
+    let mut got = Vec::new();
+    while last < 200 {
+        let mut ws = connect(&server.ws(&format!("/ws/rooms/busy?name=reader&since={last}"))).await;
+        for _ in 0..37 {
+            let v = next(&mut ws).await;
+            if v["type"] == "message" {
+                let id = v["id"].as_u64().unwrap();
+                got.push(id);
+                last = id;
+                if last == 200 {
+                    break;
+                }
+            }
+        }
+    }
+    for w in writers {
+        within(w).await.unwrap();
+    }
+    assert_eq!(
+        got,
+        (1..=200).collect::<Vec<_>>(),
+        "every id exactly once, in order"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn publish_api_needs_a_token_and_reaches_members() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "ops", "s3cret").await;
+    let server = start(config(dir.path())).await;
+    let mut ann = connect(&server.ws("/ws/rooms/news?name=ann")).await;
+    next_of(&mut ann, "ready").await;
+    let mut other = connect(&server.ws("/ws/rooms/other?name=zed")).await;
+    next_of(&mut other, "ready").await;
+
+    let body = Some(json!({"text": "deploy done"}));
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/api/rooms/news/messages",
+        &[],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/api/rooms/news/messages",
+        &[("Authorization", "Bearer nope")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/api/tokens",
+        &[],
+        Some(json!({"user": "ops", "password": "wrong"})),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    let token = token(server.addr, "ops", "s3cret").await;
+    let bearer = format!("Bearer {token}");
+    let (status, stored) = http(
+        server.addr,
+        "POST",
+        "/api/rooms/news/messages",
+        &[("Authorization", &bearer)],
+        body,
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        (stored["id"].as_u64(), stored["user"].as_str()),
+        (Some(1), Some("ops"))
+    );
+    let live = next_of(&mut ann, "message").await;
+    assert_eq!(live, stored);
+
+    let (status, reached) = http(
+        server.addr,
+        "POST",
+        "/api/broadcast",
+        &[("Authorization", &bearer)],
+        Some(json!({"text": "maintenance"})),
+    )
+    .await;
+    assert_eq!((status, reached["delivered"].as_u64()), (200, Some(2)));
+    assert_eq!(next_of(&mut ann, "broadcast").await["text"], "maintenance");
+    assert_eq!(next_of(&mut other, "broadcast").await["user"], "ops");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn votes_update_every_watcher_and_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (status, poll) = http(
+        server.addr,
+        "POST",
+        "/api/polls",
+        &[],
+        Some(json!({"question": "Lunch?", "options": ["soup", "salad"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{poll}");
+    let id = poll["id"].as_i64().unwrap();
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/api/polls",
+        &[],
+        Some(json!({"question": "Dup?", "options": ["a", "a"]})),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    let mut ann = connect(&server.ws(&format!("/ws/polls/{id}?name=ann"))).await;
+    let mut ben = connect(&server.ws(&format!("/ws/polls/{id}?name=ben"))).await;
+    let first = next(&mut ann).await;
+    assert_eq!(
+        (first["type"].as_str(), first["vote"].clone()),
+        (Some("poll"), Value::Null)
+    );
+    next(&mut ben).await;
+
+    ann.send(Message::text(r#"{"vote":"soup"}"#)).await.unwrap();
+    let counts = next_of(&mut ben, "counts").await;
+    assert_eq!(counts["counts"], json!({"soup": 1, "salad": 0}));
+    // A changed vote moves, it does not add.
+    ann.send(Message::text(r#"{"vote":"salad"}"#))
+        .await
+        .unwrap();
+    loop {
+        let c = next_of(&mut ben, "counts").await;
+        if c["counts"] == json!({"soup": 0, "salad": 1}) {
+            assert_eq!(c["total"], 1);
+            break;
+        }
+    }
+    ben.send(Message::text(r#"{"vote":"pizza"}"#))
+        .await
+        .unwrap();
+    assert!(next_of(&mut ben, "error").await["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown option"));
+
+    let (status, _) = http(server.addr, "GET", "/ws/polls/999?name=x", &[], None).await;
+    assert_eq!(status, 404);
+    drop((ann, ben));
+    server.stop().await;
+
+    let server = start(config(dir.path())).await;
+    let (_, stored) = http(server.addr, "GET", &format!("/api/polls/{id}"), &[], None).await;
+    assert_eq!(stored["counts"], json!({"soup": 0, "salad": 1}));
+    let mut ann = connect(&server.ws(&format!("/ws/polls/{id}?name=ann"))).await;
+    assert_eq!(next(&mut ann).await["vote"], "salad");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn upgrades_are_refused_for_bad_identity_or_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "alice", "pw").await;
+    let server = start(config(dir.path())).await;
+    let refused = |url: String, headers: Vec<(&'static str, String)>| async move {
+        let mut b = ClientBuilder::new(&url).unwrap();
+        for (k, v) in headers {
+            b = b.header(k, v);
+        }
+        match within(b.connect()).await {
+            Ok(_) => panic!("{url} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = refused(server.ws("/ws/rooms/r"), vec![]).await;
+    assert!(e.contains("401"), "{e}");
+    let e = refused(server.ws("/ws/rooms/r?name=alice"), vec![]).await;
+    assert!(e.contains("401"), "registered name as a guest: {e}");
+    let e = refused(server.ws("/ws/rooms/r?token=forged"), vec![]).await;
+    assert!(e.contains("401"), "{e}");
+    let e = refused(server.ws("/ws/rooms/bad%20room?name=x"), vec![]).await;
+    assert!(e.contains("400"), "{e}");
+    let e = refused(
+        server.ws("/ws/rooms/r?name=x"),
+        vec![("Origin", "http://evil.example".into())],
+    )
+    .await;
+    assert!(e.contains("403"), "cross-site: {e}");
+
+    // The server's own origin is fine, and a token (query or header) names the user.
+    let own = format!("http://{}", server.addr);
+    let (mut ws, _) = within(
+        ClientBuilder::new(&server.ws("/ws/rooms/r?name=x"))
+            .unwrap()
+            .header("Origin", own)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next(&mut ws).await["user"], "x");
+    let token = token(server.addr, "alice", "pw").await;
+    let mut ws = connect(&server.ws(&format!("/ws/rooms/r?token={token}"))).await;
+    let welcome = next(&mut ws).await;
+    assert_eq!(
+        (welcome["user"].as_str(), welcome["guest"].as_bool()),
+        (Some("alice"), Some(false))
+    );
+
+    // A session cookie from the login works too.
+    let (status, me) = http(server.addr, "GET", "/api/me", &[], None).await;
+    assert_eq!((status, me["error"].is_string()), (401, true));
+    let (_, metrics) = (0, http_text(server.addr, "/metrics").await);
+    assert!(
+        metrics.contains("tether_handshake_failures_total{reason=\"auth\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tether_handshake_failures_total{reason=\"origin\"} 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+
+    let mut c = config(dir.path());
+    c.guests = false;
+    let server = start(c).await;
+    let e = refused(server.ws("/ws/rooms/r?name=guest"), vec![]).await;
+    assert!(e.contains("401"), "no guests: {e}");
+    server.stop().await;
+}
+
+async fn http_text(addr: SocketAddr, path: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    within(tcp.read_to_string(&mut raw)).await.unwrap();
+    raw
+}
+
+#[tokio::test]
+async fn login_sets_a_session_cookie_that_opens_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "alice", "pw").await;
+    let server = start(config(dir.path())).await;
+    let addr = server.addr;
+    let body = json!({"user": "alice", "password": "pw"}).to_string();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("POST /api/login HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    within(tcp.read_to_string(&mut raw)).await.unwrap();
+    let cookie_line = raw
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a cookie");
+    assert!(
+        cookie_line.contains("HttpOnly") && cookie_line.contains("SameSite=Lax"),
+        "{cookie_line}"
+    );
+    let cookie = cookie_line
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (status, me) = http(addr, "GET", "/api/me", &[("Cookie", &cookie)], None).await;
+    assert_eq!((status, me["user"].as_str()), (200, Some("alice")));
+    let (mut ws, _) = within(
+        ClientBuilder::new(&server.ws("/ws/rooms/r"))
+            .unwrap()
+            .header("Cookie", cookie.clone())
+            .connect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next(&mut ws).await["user"], "alice");
+    let (status, _) = http(addr, "POST", "/api/logout", &[("Cookie", &cookie)], None).await;
+    assert_eq!(status, 204);
+    let (status, _) = http(addr, "GET", "/api/me", &[("Cookie", &cookie)], None).await;
+    assert_eq!(status, 401);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_sending_too_fast_is_closed_with_1008() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.message_rate = 2.0;
+    let server = start(c).await;
+    let mut ws = connect(&server.ws("/ws/rooms/r?name=spam")).await;
+    next_of(&mut ws, "ready").await;
+    for i in 0..10 {
+        if ws
+            .send(Message::text(json!({"text": format!("{i}")}).to_string()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws).await, 1008);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.message_rate = 1e6;
+    // Above the journal's batch (512), which can arrive at once, so only a stalled reader overflows.
+    c.outbox = 600;
+    c.max_text = 16 << 10;
+    let server = start(c).await;
+    // Never reads: its socket buffers fill, then its queue.
+    let mut slow = connect(&server.ws("/ws/rooms/r?name=slow")).await;
+    let mut fast = connect(&server.ws("/ws/rooms/r?name=fast")).await;
+    next_of(&mut fast, "ready").await;
+    let text = "x".repeat(16 << 10);
+    let count = 2000;
+    let sender = connect(&server.ws("/ws/rooms/r?name=sender")).await;
+    let sending = tokio::spawn(async move {
+        // The sender is in the room too: it keeps reading so that only `slow` falls behind.
+        let (mut tx, mut rx) = sender.split();
+        let drain = tokio::spawn(async move { while let Some(Ok(_)) = rx.recv().await {} });
+        for _ in 0..count {
+            let msg = json!({ "text": text }).to_string();
+            tx.send(Message::text(msg)).await.unwrap();
+        }
+        // Keep both halves (and so the reading) alive until the test ends.
+        (tx, drain)
+    });
+    let mut got = 0;
+    while got < count {
+        if next(&mut fast).await["type"] == "message" {
+            got += 1;
+        }
+    }
+    let _sender = within(sending).await.unwrap();
+    let metrics = http_text(server.addr, "/metrics").await;
+    assert!(
+        metrics.contains("tether_slow_consumer_disconnects_total 1"),
+        "{metrics}"
+    );
+    // What the slow one finally reads ends with 1013 (or the transport was cut).
+    let mut code = None;
+    while let Some(msg) = within(slow.recv()).await {
+        match msg {
+            Ok(Message::Close(f)) => code = f.map(|f| f.code.0),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(matches!(code, Some(1013) | None), "{code:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn history_survives_a_restart_and_ids_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let mut ws = connect(&server.ws("/ws/rooms/keep?name=ann")).await;
+    next_of(&mut ws, "ready").await;
+    say(&mut ws, "before").await;
+    next_of(&mut ws, "message").await;
+    server.stop().await;
+    // Shutdown closed the socket with 1001.
+    assert_eq!(close_code(&mut ws).await, 1001);
+
+    let server = start(config(dir.path())).await;
+    let mut ws = connect(&server.ws("/ws/rooms/keep?name=ann")).await;
+    next(&mut ws).await;
+    assert_eq!(next(&mut ws).await["text"], "before");
+    next_of(&mut ws, "ready").await;
+    say(&mut ws, "after").await;
+    assert_eq!(next_of(&mut ws, "message").await["id"], 2);
+    let (status, health) = http(server.addr, "GET", "/healthz", &[], None).await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pages_and_echo_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    for path in [
+        "/",
+        "/polls",
+        "/console",
+        "/assets/chat.js",
+        "/assets/style.css",
+    ] {
+        let raw = http_text(server.addr, path).await;
+        assert!(
+            raw.starts_with("HTTP/1.1 200"),
+            "{path}: {}",
+            &raw[..40.min(raw.len())]
+        );
+    }
+    assert!(http_text(server.addr, "/nope")
+        .await
+        .starts_with("HTTP/1.1 404"));
+    let mut ws = connect(&server.ws("/ws/echo")).await;
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(
+        within(ws.recv()).await.unwrap().unwrap(),
+        Message::binary(vec![1u8, 2, 3])
+    );
+    server.stop().await;
+}
