@@ -374,13 +374,41 @@ impl Connection {
         Ok(())
     }
 
-    fn send_message(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+    /// Queues a message prepared once for many connections: its payload, or its compressed
+    /// form shared with every connection that compresses the same way (see
+    /// [`Prepared`](crate::Prepared)), is sent without being copied or compressed again.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] after a Close was sent; [`SendError::FragmentOrder`] inside a
+    /// fragmented message.
+    pub fn send_prepared(&mut self, message: &crate::Prepared) -> Result<(), SendError> {
+        self.check_can_send()?;
+        let (opcode, payload) = (message.opcode(), message.payload());
+        match self.deflate.as_mut() {
+            Some(deflate) if deflate.should_compress(payload.len()) => {
+                let compressed = match deflate.fresh_per_message() {
+                    Some(key) => message.compressed(deflate, key),
+                    None => deflate.compress(payload),
+                };
+                self.queue_frame_rsv(opcode, true, RSV1, compressed);
+            }
+            _ => self.queue_frame(opcode, true, payload.clone()),
+        }
+        Ok(())
+    }
+
+    fn check_can_send(&self) -> Result<(), SendError> {
         if self.state != State::Open {
             return Err(SendError::Closed);
         }
         if self.sending_fragmented {
             return Err(SendError::FragmentOrder);
         }
+        Ok(())
+    }
+
+    fn send_message(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+        self.check_can_send()?;
         match self.deflate.as_mut() {
             Some(deflate) if deflate.should_compress(payload.len()) => {
                 let compressed = deflate.compress(&payload);

@@ -50,6 +50,7 @@ pub mod extension;
 pub mod frame;
 pub mod handshake;
 pub mod mask;
+pub mod prepared;
 pub mod transmit;
 pub mod utf8;
 
@@ -59,5 +60,6 @@ pub use config::Limits;
 pub use connection::{Connection, Event, MaskSource, Role, State};
 pub use error::{ProtocolError, SendError};
 pub use frame::{FrameHeader, OpCode};
+pub use prepared::Prepared;
 pub use transmit::Transmit;
 pub use utf8::{InvalidUtf8, Utf8Bytes, Utf8Validator};

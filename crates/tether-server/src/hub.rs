@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
-use tether::{Message, Utf8Bytes};
+use tether::Prepared;
 use tokio::sync::{mpsc, Notify};
 
 use crate::metrics::Metrics;
@@ -22,8 +22,8 @@ use crate::store::ChatMessage;
 pub struct Outgoing {
     /// The chat message id, or 0.
     pub id: u64,
-    /// The encoded event.
-    pub msg: Message,
+    /// The encoded event, shared by every connection it goes to.
+    pub msg: Arc<Prepared>,
 }
 
 /// What a connection's task shares with the hub.
@@ -76,7 +76,7 @@ impl Topic {
             match peer.tx.try_send(event.clone()) {
                 Ok(()) => {
                     reached += 1;
-                    metrics.sent(event.msg.as_payload().len());
+                    metrics.sent(event.msg.payload().len());
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(user = %peer.user, "slow consumer: outbound queue full");
@@ -171,10 +171,10 @@ struct Counts<'a> {
     total: u64,
 }
 
-/// Serializes an event once into a text message.
-pub fn encode(event: &impl Serialize) -> Message {
+/// Serializes an event once into a text message that many connections can share.
+pub fn encode(event: &impl Serialize) -> Arc<Prepared> {
     let json = serde_json::to_string(event).expect("events serialize");
-    Message::Text(Utf8Bytes::from(json))
+    Arc::new(Prepared::text(json))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -370,6 +370,10 @@ impl Drop for Subscription {
 mod tests {
     use super::*;
 
+    fn text(o: &Outgoing) -> &str {
+        std::str::from_utf8(o.msg.payload()).unwrap()
+    }
+
     fn message(room: &str, id: u64) -> ChatMessage {
         ChatMessage {
             id,
@@ -391,9 +395,9 @@ mod tests {
         drop(ben1);
         drop(ben2);
         let join = ann.rx.try_recv().unwrap();
-        assert!(join.msg.as_text().unwrap().contains("\"event\":\"join\""));
+        assert!(text(&join).contains("\"event\":\"join\""));
         let leave = ann.rx.try_recv().unwrap();
-        assert!(leave.msg.as_text().unwrap().contains("\"event\":\"leave\""));
+        assert!(text(&leave).contains("\"event\":\"leave\""));
         assert!(
             ann.rx.try_recv().is_err(),
             "one join and one leave for two connections"

@@ -110,11 +110,13 @@ impl Server {
             .max_message_size(64 << 10)
             .max_frame_size(64 << 10)
             .ping_interval(Some(config.ping_interval()))
-            .deflate(
-                config
-                    .deflate
-                    .then(tether::proto::extension::deflate::DeflateConfig::default),
-            );
+            .deflate(config.deflate.then(|| {
+                // Every message compressed from a fresh state: fan-out compresses it once for
+                // all subscribers (tether::Prepared), and idle connections hold no compressor.
+                tether::proto::extension::deflate::DeflateConfig::default()
+                    .server_no_context_takeover(true)
+                    .client_no_context_takeover(true)
+            }));
         let (shutdown, rx) = watch::channel(false);
         let app = App::new(
             config,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tether::upgrade::UpgradedWebSocket;
-use tether::{CloseCode, CloseFrame, Message};
+use tether::{CloseCode, CloseFrame, Message, Prepared};
 
 use crate::app::{App, Slot};
 use crate::auth::Identity;
@@ -87,7 +87,7 @@ struct VoteIn {
     vote: String,
 }
 
-fn error_event(text: &str) -> Message {
+fn error_event(text: &str) -> Arc<Prepared> {
     encode(&serde_json::json!({"type": "error", "error": text}))
 }
 
@@ -260,19 +260,19 @@ async fn pump(
     slot: Slot,
     mut sub: Subscription,
     target: Target,
-    first: Vec<Message>,
+    first: Vec<Arc<Prepared>>,
     high: u64,
 ) {
     let mut shutdown = app.shutdown.clone();
     let mut limit = RateLimit::new(app.config.message_rate);
     let mut queued = Vec::with_capacity(BATCH);
-    let mut pending: Vec<Message> = first;
+    let mut pending: Vec<Arc<Prepared>> = first;
     let end = loop {
         if !pending.is_empty() {
             // Writing may wait on a slow socket: meanwhile the hub may give up on us.
             let write = async {
                 for msg in pending.drain(..) {
-                    ws.feed(msg).await?;
+                    ws.feed_prepared(&msg).await?;
                 }
                 ws.flush().await
             };
@@ -336,7 +336,12 @@ fn target_user(target: &Target) -> &str {
 }
 
 /// Hands a client's message to the journal; returns an error event for the client, if any.
-async fn handle(app: &App, target: &Target, text: &str, sub: &Subscription) -> Option<Message> {
+async fn handle(
+    app: &App,
+    target: &Target,
+    text: &str,
+    sub: &Subscription,
+) -> Option<Arc<Prepared>> {
     let job = match target {
         Target::Room { room, user } => {
             let Ok(ChatIn { text }) = serde_json::from_str(text) else {

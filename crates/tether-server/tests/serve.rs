@@ -669,3 +669,33 @@ async fn pages_and_echo_are_served() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn compressing_clients_share_one_compressed_copy_and_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let deflate = tether::Config::default().deflate(Some(Default::default()));
+    let mut clients = Vec::new();
+    for name in ["ann", "ben"] {
+        let url = server.ws(&format!("/ws/rooms/z?name={name}"));
+        let (mut ws, response) = within(
+            ClientBuilder::new(&url)
+                .unwrap()
+                .config(deflate.clone())
+                .connect(),
+        )
+        .await
+        .unwrap();
+        let ext = response.extensions.clone().unwrap_or_default();
+        assert!(ext.contains("server_no_context_takeover"), "{ext}");
+        assert!(ws.is_compressed());
+        next_of(&mut ws, "ready").await;
+        clients.push(ws);
+    }
+    let long = "a compressible sentence, again and again. ".repeat(20);
+    say(&mut clients[0], &long).await;
+    for ws in &mut clients {
+        assert_eq!(next_of(ws, "message").await["text"], long.as_str());
+    }
+    server.stop().await;
+}

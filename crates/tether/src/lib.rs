@@ -62,5 +62,5 @@ pub use error::{Error, Result};
 pub use handshake::{accept, accept_hdr, accept_with_config, client};
 pub use message::Message;
 pub use proxy::Proxy;
-pub use tether_proto::{self as proto, CloseCode, CloseFrame, Role, Utf8Bytes};
+pub use tether_proto::{self as proto, CloseCode, CloseFrame, Prepared, Role, Utf8Bytes};
 pub use websocket::{WebSocket, WsReceiver, WsSender};

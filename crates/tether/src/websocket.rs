@@ -10,7 +10,7 @@ use bytes::{Buf, BytesMut};
 use futures_core::Stream;
 use futures_sink::Sink;
 use tether_proto::extension::deflate::Deflate;
-use tether_proto::{CloseCode, CloseFrame, Connection, Event, Role, SendError, State};
+use tether_proto::{CloseCode, CloseFrame, Connection, Event, Prepared, Role, SendError, State};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
@@ -399,6 +399,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         Ok(())
     }
 
+    fn start_send_prepared(&mut self, msg: &Prepared) -> Result<()> {
+        self.conn.send_prepared(msg)?;
+        Ok(())
+    }
+
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         if matches!(self.phase, Phase::Done) && self.conn.queued_len() > 0 {
             // The transport is closed: what is still queued will never be written.
@@ -517,6 +522,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     pub async fn feed(&mut self, msg: Message) -> Result<()> {
         poll_fn(|cx| self.inner.poll_ready(cx)).await?;
         self.inner.start_send(msg)
+    }
+
+    /// Queues a message prepared once for many connections (see [`Prepared`]): fan-out
+    /// encodes, and with permessage-deflate without server context takeover compresses, each
+    /// message once and shares the bytes. Waits like [`WebSocket::feed`].
+    ///
+    /// # Errors
+    /// As [`WebSocket::send`].
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if cancelled, the message was not queued.
+    pub async fn feed_prepared(&mut self, msg: &Prepared) -> Result<()> {
+        poll_fn(|cx| self.inner.poll_ready(cx)).await?;
+        self.inner.start_send_prepared(msg)
     }
 
     /// Writes everything queued.
@@ -648,6 +667,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
     pub async fn feed(&mut self, msg: Message) -> Result<()> {
         poll_fn(|cx| lock(&self.shared).poll_ready(cx)).await?;
         lock(&self.shared).start_send(msg)
+    }
+
+    /// Queues a prepared message; see [`WebSocket::feed_prepared`].
+    ///
+    /// # Errors
+    /// As [`WebSocket::send`].
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if cancelled, the message was not queued.
+    pub async fn feed_prepared(&mut self, msg: &Prepared) -> Result<()> {
+        poll_fn(|cx| lock(&self.shared).poll_ready(cx)).await?;
+        lock(&self.shared).start_send_prepared(msg)
     }
 
     /// Writes everything queued.

@@ -360,6 +360,13 @@ impl Deflate {
         }
     }
 
+    /// `(window bits, level)` when every message is compressed from a fresh state (our
+    /// direction has no context takeover), so its output can be shared between connections.
+    pub(crate) fn fresh_per_message(&self) -> Option<(u8, u32)> {
+        self.reset_after_message
+            .then_some((self.window_bits, self.level))
+    }
+
     /// Whether a message of `len` bytes is sent compressed.
     pub(crate) fn should_compress(&self, len: usize) -> bool {
         self.window_bits > 8 && len >= self.threshold

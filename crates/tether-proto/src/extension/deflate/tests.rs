@@ -409,3 +409,57 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn prepared_messages_compress_once_for_connections_without_server_takeover() {
+    let params = DeflateParams {
+        server_no_context_takeover: true,
+        ..DeflateParams::default()
+    };
+    let config = DeflateConfig::default();
+    let message = crate::Prepared::text(json_like(7).repeat(4));
+    let mut wires = Vec::new();
+    for _ in 0..3 {
+        let (mut client, mut server) = pair(params, &config);
+        server.send_prepared(&message).unwrap();
+        server.send_prepared(&message).unwrap();
+        let out = server.transmit();
+        let wire = out.copy_to_bytes(out.remaining());
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut events = Vec::new();
+        loop {
+            client.receive(&mut buf).unwrap();
+            events.extend(std::iter::from_fn(|| client.poll_event()));
+            if !client.wants_receive(&buf) {
+                break;
+            }
+        }
+        let text = json_like(7).repeat(4);
+        assert_eq!(events.len(), 2);
+        assert!(events
+            .iter()
+            .all(|e| matches!(e, Event::Text(t) if t.as_str() == text)));
+        assert!(
+            wire.len() < 2 * text.len() / 2,
+            "compressed: {} bytes",
+            wire.len()
+        );
+        wires.push(wire);
+    }
+    assert!(
+        wires.windows(2).all(|w| w[0] == w[1]),
+        "every connection sends the same bytes"
+    );
+    assert_eq!(message.cached(), 1, "compressed once");
+
+    // With context takeover each connection compresses for itself; the second message refers
+    // back to the first and comes out smaller.
+    let (mut client, mut server) = pair(DeflateParams::default(), &config);
+    server.send_prepared(&message).unwrap();
+    let (_, first) = carry(&mut server, &mut client);
+    server.send_prepared(&message).unwrap();
+    let (events, second) = carry(&mut server, &mut client);
+    assert!(second < first, "{second} < {first}");
+    assert!(matches!(&events[..], [Event::Text(_)]));
+    assert_eq!(message.cached(), 1);
+}
