@@ -181,3 +181,49 @@ pub fn read_password(from_stdin: bool) -> Result<String, UserError> {
     }
     Ok(first)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("tether-serve-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tether.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:9000\"\nmessage_rate = 5.0\nallow_origins = [\"https://a.example\"]\n",
+        )
+        .unwrap();
+        let args = Cli::parse_from([
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--message-rate",
+            "50",
+            "--allow-origin",
+            "https://b.example",
+            "--no-guests",
+        ])
+        .serve;
+        let c = args.server_config().unwrap();
+        assert_eq!(c.listen.port(), 9000, "from the file");
+        assert_eq!(c.message_rate, 50.0, "the flag wins");
+        assert_eq!(c.allow_origins, ["https://a.example", "https://b.example"]);
+        assert!(!c.guests);
+        assert_eq!(c.outbox, 1024, "the default");
+
+        std::fs::write(&file, "listn = \"x\"\n").unwrap();
+        let e = args.server_config().unwrap_err().to_string();
+        assert!(e.contains("tether.toml") && e.contains("listn"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
