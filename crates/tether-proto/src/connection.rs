@@ -1,7 +1,5 @@
 //! The connection: a value that turns received bytes into events and calls into bytes to send.
 
-use std::collections::VecDeque;
-
 use bytes::{Buf, Bytes, BytesMut};
 use rand::{RngCore, SeedableRng};
 
@@ -117,7 +115,8 @@ pub struct Connection {
     current: Option<InFrame>,
     message: Option<Assembly>,
     utf8: Utf8Validator,
-    events: VecDeque<Event>,
+    /// The event `receive` stopped at; it stops at each one, so there is never a second.
+    event: Option<Event>,
     out: Transmit,
     error: Option<ProtocolError>,
     close_received: bool,
@@ -166,7 +165,7 @@ impl Connection {
             current: None,
             message: None,
             utf8: Utf8Validator::new(),
-            events: VecDeque::new(),
+            event: None,
             out: Transmit::default(),
             error: None,
             close_received: false,
@@ -255,7 +254,7 @@ impl Connection {
                 buf.clear();
                 return Ok(());
             }
-            if !self.events.is_empty() {
+            if self.event.is_some() {
                 return Ok(());
             }
             match self.step(buf) {
@@ -282,9 +281,14 @@ impl Connection {
         }
     }
 
+    fn emit(&mut self, event: Event) {
+        debug_assert!(self.event.is_none(), "receive stops at every event");
+        self.event = Some(event);
+    }
+
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.event.take()
     }
 
     /// The bytes waiting to be written: a [`Buf`] to write (vectored) and advance.
@@ -621,9 +625,9 @@ impl Connection {
                 if self.auto_pong && self.state != State::Closed {
                     self.queue_frame(OpCode::Pong, true, payload.clone());
                 }
-                self.events.push_back(Event::Ping(payload));
+                self.emit(Event::Ping(payload));
             }
-            OpCode::Pong => self.events.push_back(Event::Pong(payload)),
+            OpCode::Pong => self.emit(Event::Pong(payload)),
             OpCode::Close => self.on_close(&payload)?,
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 let Some(message) = self.message.as_mut() else {
@@ -658,7 +662,7 @@ impl Connection {
         } else {
             Event::Binary(data)
         };
-        self.events.push_back(event);
+        self.emit(event);
         Ok(())
     }
 
@@ -696,7 +700,7 @@ impl Connection {
             self.queue_close(echo.as_ref());
         }
         self.state = State::Closed;
-        self.events.push_back(Event::Close(frame));
+        self.emit(Event::Close(frame));
         Ok(())
     }
 }

@@ -31,23 +31,37 @@ fn from_client(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
     raw(opcode, fin, 0, payload, Some([0x11, 0x22, 0x33, 0x44]))
 }
 
+thread_local! {
+    /// Events `feed` collected, per connection (by address), until `events` takes them.
+    static FED: std::cell::RefCell<std::collections::HashMap<usize, Vec<Event>>> = Default::default();
+}
+
+fn key(conn: &Connection) -> usize {
+    conn as *const Connection as usize
+}
+
 /// Feeds `bytes` and parses all of them, as a driver does between reads.
 fn feed(conn: &mut Connection, bytes: &[u8]) -> Result<(), ProtocolError> {
     let mut buf = BytesMut::from(bytes);
-    let mut events = VecDeque::new();
-    loop {
-        conn.receive(&mut buf)?;
+    let mut events = Vec::new();
+    let result = loop {
+        if let Err(e) = conn.receive(&mut buf) {
+            break Err(e);
+        }
         events.extend(std::iter::from_fn(|| conn.poll_event()));
         if !conn.wants_receive(&buf) {
-            break;
+            break Ok(());
         }
-    }
-    conn.events = events;
-    Ok(())
+    };
+    FED.with_borrow_mut(|fed| fed.entry(key(conn)).or_default().extend(events));
+    result
 }
 
+/// The events `feed` collected, then any the connection still holds.
 fn events(conn: &mut Connection) -> Vec<Event> {
-    std::iter::from_fn(|| conn.poll_event()).collect()
+    let mut all = FED.with_borrow_mut(|fed| fed.remove(&key(conn)).unwrap_or_default());
+    all.extend(std::iter::from_fn(|| conn.poll_event()));
+    all
 }
 
 fn drain(conn: &mut Connection) -> Vec<u8> {
