@@ -55,6 +55,12 @@ pub struct ServeArgs {
     /// Refuse permessage-deflate.
     #[arg(long, env = "TETHER_NO_DEFLATE")]
     pub no_deflate: bool,
+    /// Share rooms, history and presence with other nodes through Redis (redis://HOST:PORT/).
+    #[arg(long, env = "TETHER_REDIS")]
+    pub redis: Option<String>,
+    /// This node's name in the cluster [default: host name and process id].
+    #[arg(long, env = "TETHER_NODE")]
+    pub node: Option<String>,
     /// Worker threads [default: one per core].
     #[arg(long, env = "TETHER_THREADS")]
     pub threads: Option<usize>,
@@ -102,6 +108,12 @@ impl ServeArgs {
         set(&mut c.max_connections, self.max_connections);
         set(&mut c.max_connections_per_ip, self.max_connections_per_ip);
         set(&mut c.outbox, self.outbox);
+        if self.redis.is_some() {
+            c.redis = self.redis.clone();
+        }
+        if self.node.is_some() {
+            c.node = self.node.clone();
+        }
         if let Some(v) = self.message_rate {
             c.message_rate = v;
         }

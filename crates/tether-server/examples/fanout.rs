@@ -9,6 +9,8 @@
 //! cargo run --release -p tether-server --example fanout -- 1000 200 10
 //! #                                             subscribers ─┘    │   └─ seconds
 //! #                                             messages per second
+//! # Across two nodes joined by Redis: the publisher on node a, the subscribers on node b.
+//! cargo run --release -p tether-server --example fanout -- 100 1000 10 redis://127.0.0.1:6379/
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -21,27 +23,44 @@ use tether_server::{Server, ServerConfig};
 
 #[tokio::main]
 async fn main() {
-    let mut args = std::env::args()
-        .skip(1)
-        .map(|a| a.parse::<u64>().expect("numbers"));
-    let subscribers = args.next().unwrap_or(1000);
-    let rate = args.next().unwrap_or(200);
-    let seconds = args.next().unwrap_or(10);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |i: usize, default: u64| {
+        args.get(i)
+            .map_or(default, |a| a.parse().expect("a number"))
+    };
+    let subscribers = number(0, 1000);
+    let rate = number(1, 200);
+    let seconds = number(2, 10);
+    let redis = args.get(3).cloned();
 
     let data = std::env::temp_dir().join(format!("tether-fanout-{}", std::process::id()));
-    let mut config = ServerConfig::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.data = data.clone();
-    config.max_connections_per_ip = usize::MAX;
-    config.message_rate = 1e9;
-    config.deflate = false;
-    let server = Server::bind(config).await.expect("bind");
-    let addr = server.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
-
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        let mut config = ServerConfig::default();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.data = data.join(name);
+        config.max_connections_per_ip = usize::MAX;
+        config.message_rate = 1e9;
+        config.deflate = false;
+        config.redis = redis.clone();
+        config.node = Some(name.to_owned());
+        let server = Server::bind(config).await.expect("bind");
+        let addr = server.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        nodes.push((addr, stop, running));
+        if redis.is_none() {
+            break;
+        }
+    }
+    // Subscribers on the last node, the publisher on the first: across Redis when there are two.
+    let (publish_addr, addr) = (nodes[0].0, nodes[nodes.len() - 1].0);
+    if redis.is_some() {
+        // Let both nodes subscribe to Redis.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let epoch = Instant::now();
     let expected = rate * seconds;
     let received = Arc::new(AtomicU64::new(0));
@@ -90,7 +109,8 @@ async fn main() {
         epoch.elapsed().as_secs_f64()
     );
 
-    let (publisher, _) = tether::connect(&format!("{url}publisher")).await.unwrap();
+    let publish_url = format!("ws://{publish_addr}/ws/rooms/bench?name=publisher");
+    let (publisher, _) = tether::connect(&publish_url).await.unwrap();
     let (mut ptx, mut prx) = publisher.split();
     tokio::spawn(async move { while let Some(Ok(_)) = prx.recv().await {} });
     let start = Instant::now();
@@ -111,15 +131,22 @@ async fn main() {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let delivered = received.load(Relaxed);
+    let across = if redis.is_some() {
+        " (across two nodes through Redis)"
+    } else {
+        ""
+    };
     println!(
-        "{subscribers} subscribers, {rate} msg/s for {seconds} s: {delivered} of {} deliveries, {:.0} deliveries/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "{subscribers} subscribers{across}, {rate} msg/s for {seconds} s: {delivered} of {} deliveries, {:.0} deliveries/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         expected * subscribers,
         delivered as f64 / elapsed,
         all.value_at_quantile(0.5) as f64 / 1000.0,
         all.value_at_quantile(0.99) as f64 / 1000.0,
         all.max() as f64 / 1000.0,
     );
-    let _ = stop.send(());
-    let _ = running.await;
+    for (_, stop, running) in nodes {
+        let _ = stop.send(());
+        let _ = running.await;
+    }
     let _ = std::fs::remove_dir_all(data);
 }

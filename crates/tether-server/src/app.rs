@@ -101,6 +101,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Whether the port speaks TLS.
     pub tls: bool,
+    /// The link to the other nodes, when running with Redis.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Becomes `true` when the server starts shutting down.
     pub shutdown: watch::Receiver<bool>,
     shutting_down: AtomicBool,
@@ -144,6 +146,7 @@ impl App {
         db: Db,
         metrics: Arc<Metrics>,
         tls: bool,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<App> {
         Arc::new(App {
@@ -154,6 +157,7 @@ impl App {
             db,
             metrics,
             tls,
+            cluster,
             shutdown,
             shutting_down: AtomicBool::new(false),
             per_ip: Mutex::new(HashMap::new()),

@@ -55,6 +55,11 @@ pub struct ServerConfig {
     pub deflate: bool,
     /// Session cookie lifetime in hours. Default 168 (a week).
     pub session_hours: u64,
+    /// `redis://…`: share rooms, history and presence with other nodes through Redis.
+    /// `None` (the default): one node, history in SQLite.
+    pub redis: Option<String>,
+    /// This node's name among the others (default: host name and process id).
+    pub node: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +82,8 @@ impl Default for ServerConfig {
             shutdown_secs: 5,
             deflate: true,
             session_hours: 168,
+            redis: None,
+            node: None,
         }
     }
 }

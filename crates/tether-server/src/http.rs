@@ -93,6 +93,11 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     if app.is_shutting_down() {
         error(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if app.cluster.as_ref().is_some_and(|c| !c.is_healthy()) {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "degraded", "redis": "disconnected"}),
+        )
     } else {
         json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
     }
@@ -225,7 +230,11 @@ async fn token_user(app: &App, headers: &HeaderMap) -> Result<String, Response> 
 }
 
 async fn rooms(State(app): State<Arc<App>>) -> Response {
-    let stored = match app.db.call(|s| s.rooms()).await {
+    let stored = match &app.cluster {
+        Some(cluster) => cluster.rooms().await,
+        None => app.db.call(|s| s.rooms()).await,
+    };
+    let stored = match stored {
         Ok(r) => r,
         Err(e) => return store_error(&e),
     };
@@ -264,11 +273,15 @@ async fn history(
     }
     let since = page.since.unwrap_or(0);
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
-    match app
-        .db
-        .call(move |s| s.messages(&room, since, u64::MAX, limit))
-        .await
-    {
+    let messages = match &app.cluster {
+        Some(cluster) => cluster.messages(&room, since, limit).await,
+        None => {
+            app.db
+                .call(move |s| s.messages(&room, since, u64::MAX, limit))
+                .await
+        }
+    };
+    match messages {
         Ok(messages) => json(StatusCode::OK, &messages),
         Err(e) => store_error(&e),
     }
@@ -313,7 +326,11 @@ async fn publish(
     if let Err(r) = check_text(&app, &input.text) {
         return r.into_response();
     }
-    match app.journal.chat(&room, &user, &input.text).await {
+    let stored = match &app.cluster {
+        Some(cluster) => cluster.append(&room, &user, &input.text).await,
+        None => app.journal.chat(&room, &user, &input.text).await,
+    };
+    match stored {
         Ok(message) => json(StatusCode::CREATED, &message),
         Err(e) => store_error(&e),
     }
@@ -330,6 +347,16 @@ async fn broadcast(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
     };
     if let Err(r) = check_text(&app, &input.text) {
         return r.into_response();
+    }
+    if let Some(cluster) = &app.cluster {
+        // Every node delivers it to its own connections.
+        return match cluster.broadcast(&user, &input.text).await {
+            Ok(nodes) => {
+                tracing::info!(%user, nodes, "broadcast");
+                json(StatusCode::OK, &serde_json::json!({"nodes": nodes}))
+            }
+            Err(e) => store_error(&e),
+        };
     }
     let delivered = app.hub.broadcast(&user, &input.text, &now_rfc3339());
     tracing::info!(%user, delivered, "broadcast");

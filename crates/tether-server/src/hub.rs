@@ -92,6 +92,9 @@ impl Topic {
 #[derive(Debug, Default)]
 struct RoomState {
     topic: Topic,
+    /// The last message id delivered; older or repeated ids are dropped (several nodes,
+    /// catch-up after a lost subscription).
+    position: u64,
     /// Connections per user, for presence (a user joins with the first, leaves with the last).
     users: BTreeMap<String, usize>,
 }
@@ -108,6 +111,8 @@ pub struct Hub {
     polls: Mutex<HashMap<i64, PollState>>,
     next_id: AtomicU64,
     queue_len: usize,
+    /// Where local joins and leaves go to be shared with other nodes (cluster mode).
+    presence: std::sync::OnceLock<mpsc::UnboundedSender<(String, String, bool)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -191,6 +196,7 @@ impl Hub {
             polls: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             queue_len: queue_len.max(1),
+            presence: std::sync::OnceLock::new(),
             metrics,
         })
     }
@@ -235,6 +241,7 @@ impl Hub {
                 }),
             };
             state.topic.fan_out(&event, Some(id), &self.metrics);
+            self.share(room, user, true);
         }
         let members = state.users.keys().cloned().collect();
         Joined {
@@ -272,6 +279,7 @@ impl Hub {
                     }),
                 };
                 state.topic.fan_out(&event, None, &self.metrics);
+                self.share(room, &peer.user, false);
             }
         }
         if state.topic.peers.is_empty() {
@@ -279,12 +287,17 @@ impl Hub {
         }
     }
 
-    /// Delivers a stored message to everyone in its room; returns how many it reached.
+    /// Delivers a stored message to everyone in its room; returns how many it reached. An id
+    /// at or below the last one delivered to the room is dropped.
     pub fn deliver(&self, message: &ChatMessage) -> usize {
-        let rooms = lock(&self.rooms);
-        let Some(state) = rooms.get(&message.room) else {
+        let mut rooms = lock(&self.rooms);
+        let Some(state) = rooms.get_mut(&message.room) else {
             return 0;
         };
+        if message.id <= state.position {
+            return 0;
+        }
+        state.position = message.id;
         let event = Outgoing {
             id: message.id,
             msg: encode(message),
@@ -303,6 +316,74 @@ impl Hub {
             .values()
             .map(|state| state.topic.fan_out(&event, None, &self.metrics))
             .sum()
+    }
+
+    /// Sends local joins and leaves to `tx` (for the other nodes).
+    pub fn share_presence(&self, tx: mpsc::UnboundedSender<(String, String, bool)>) {
+        let _ = self.presence.set(tx);
+    }
+
+    fn share(&self, room: &str, user: &str, join: bool) {
+        if let Some(tx) = self.presence.get() {
+            let _ = tx.send((room.to_owned(), user.to_owned(), join));
+        }
+    }
+
+    /// Tells local members that `user` joined or left on another node (unless the user is
+    /// also here); `remote` is how many users the room has on other nodes.
+    pub fn remote_presence(&self, room: &str, user: &str, join: bool, remote: usize) {
+        let rooms = lock(&self.rooms);
+        let Some(state) = rooms.get(room) else {
+            return;
+        };
+        if state.users.contains_key(user) {
+            return;
+        }
+        let event = Outgoing {
+            id: 0,
+            msg: encode(&Presence {
+                room,
+                user,
+                event: if join { "join" } else { "leave" },
+                count: state.users.len() + remote,
+            }),
+        };
+        state.topic.fan_out(&event, None, &self.metrics);
+    }
+
+    /// After a connection that created `room` read its history up to `high`: older ids need
+    /// not be delivered here. Only when it is alone, so no other member can miss anything.
+    pub fn advance(&self, room: &str, high: u64) {
+        if let Some(state) = lock(&self.rooms).get_mut(room) {
+            if state.topic.peers.len() == 1 {
+                state.position = state.position.max(high);
+            }
+        }
+    }
+
+    /// Sets the last delivered id of `room` (after the shared history was lost).
+    pub fn reset_position(&self, room: &str, id: u64) {
+        if let Some(state) = lock(&self.rooms).get_mut(room) {
+            state.position = id;
+        }
+    }
+
+    /// The rooms with local members.
+    pub fn room_names(&self) -> Vec<String> {
+        lock(&self.rooms).keys().cloned().collect()
+    }
+
+    /// The last id delivered in `room` (0 when none or the room has no local members).
+    pub fn position(&self, room: &str) -> u64 {
+        lock(&self.rooms).get(room).map_or(0, |s| s.position)
+    }
+
+    /// Local users per room.
+    pub fn local_users(&self) -> BTreeMap<String, Vec<String>> {
+        lock(&self.rooms)
+            .iter()
+            .map(|(room, state)| (room.clone(), state.users.keys().cloned().collect()))
+            .collect()
     }
 
     /// Rooms with connected members: `(room, distinct users)`.

@@ -18,6 +18,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod hub;

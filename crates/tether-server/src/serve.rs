@@ -117,6 +117,20 @@ impl Server {
                     .server_no_context_takeover(true)
                     .client_no_context_takeover(true)
             }));
+        let cluster = match &config.redis {
+            Some(url) => {
+                let node = config.node.clone().unwrap_or_else(default_node_name);
+                tracing::info!(%node, "joining the cluster through redis");
+                Some(crate::cluster::Cluster::start(
+                    url,
+                    node,
+                    hub.clone(),
+                    metrics.clone(),
+                    config.history_limit,
+                )?)
+            }
+            None => None,
+        };
         let (shutdown, rx) = watch::channel(false);
         let app = App::new(
             config,
@@ -126,6 +140,7 @@ impl Server {
             db,
             metrics,
             tls.is_some(),
+            cluster,
             rx,
         );
         Ok(Server {
@@ -200,6 +215,13 @@ impl Server {
         app.journal.flush().await;
         tracing::info!("stopped");
     }
+}
+
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "node".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 async fn connection(

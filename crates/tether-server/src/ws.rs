@@ -15,9 +15,10 @@ use tether::{CloseCode, CloseFrame, Message, Prepared};
 
 use crate::app::{App, Slot};
 use crate::auth::Identity;
+use crate::cluster::Cluster;
 use crate::hub::{encode, Outgoing, Subscription};
 use crate::journal::{Job, Reply};
-use crate::store::{ChatMessage, Poll};
+use crate::store::{ChatMessage, Poll, StoreError};
 
 /// Events written per flush at most, so one busy connection cannot starve its own reads.
 const BATCH: usize = 256;
@@ -117,23 +118,19 @@ pub async fn room(
 ) {
     let joined = app.hub.join(&room, who.name());
     let sub = joined.subscription;
-    let (history_limit, on_join) = (app.config.history_limit, app.config.history_on_join);
-    let r = room.clone();
-    let history = app
-        .db
-        .call(move |s| match since {
-            Some(since) => {
-                let first = s.first_id(&r)?;
-                let messages = s.messages(&r, since, u64::MAX, history_limit)?;
-                let truncated = first.is_some_and(|f| f > since + 1);
-                Ok((messages, truncated))
+    let mut members = joined.members;
+    let history = match &app.cluster {
+        Some(cluster) => {
+            // Members on every node; history from the shared streams.
+            if let Ok(everyone) = cluster.members(&room).await {
+                members.extend(everyone);
+                members.sort();
+                members.dedup();
             }
-            None => {
-                let last = s.last_id(&r)?;
-                Ok((s.recent(&r, last, on_join)?, false))
-            }
-        })
-        .await;
+            history_from_cluster(cluster, &room, since, &app.config).await
+        }
+        None => history_from_store(&app, &room, since).await,
+    };
     let (history, truncated): (Vec<ChatMessage>, bool) = match history {
         Ok(h) => h,
         Err(e) => {
@@ -152,7 +149,7 @@ pub async fn room(
         room: &room,
         user: who.name(),
         guest: who.is_guest(),
-        members: &joined.members,
+        members: &members,
         truncated,
     });
     let mut high = since.unwrap_or(0);
@@ -162,11 +159,50 @@ pub async fn room(
         first.push(encode(m));
     }
     first.push(encode(&Ready { last_id: high }));
+    app.hub.advance(&room, high);
     let target = Target::Room {
         room,
         user: who.name().to_owned(),
     };
     pump(app, ws, slot, sub, target, first, high).await;
+}
+
+async fn history_from_store(
+    app: &App,
+    room: &str,
+    since: Option<u64>,
+) -> Result<(Vec<ChatMessage>, bool), StoreError> {
+    let (history_limit, on_join) = (app.config.history_limit, app.config.history_on_join);
+    let r = room.to_owned();
+    app.db
+        .call(move |s| match since {
+            Some(since) => {
+                let first = s.first_id(&r)?;
+                let messages = s.messages(&r, since, u64::MAX, history_limit)?;
+                Ok((messages, first.is_some_and(|f| f > since + 1)))
+            }
+            None => {
+                let last = s.last_id(&r)?;
+                Ok((s.recent(&r, last, on_join)?, false))
+            }
+        })
+        .await
+}
+
+async fn history_from_cluster(
+    cluster: &Cluster,
+    room: &str,
+    since: Option<u64>,
+    config: &crate::ServerConfig,
+) -> Result<(Vec<ChatMessage>, bool), StoreError> {
+    match since {
+        Some(since) => {
+            let first = cluster.first_id(room).await?;
+            let messages = cluster.messages(room, since, config.history_limit).await?;
+            Ok((messages, first.is_some_and(|f| f > since + 1)))
+        }
+        None => Ok((cluster.recent(room, config.history_on_join).await?, false)),
+    }
 }
 
 /// Runs a poll watcher: the poll and this user's vote, then live counts and the user's votes.
@@ -352,6 +388,13 @@ async fn handle(
                     "text must be 1 to {} bytes",
                     app.config.max_text
                 )));
+            }
+            if let Some(cluster) = &app.cluster {
+                // Stored and published by Redis; it comes back through the subscription.
+                return match cluster.append(room, user, &text).await {
+                    Ok(_) => None,
+                    Err(e) => Some(error_event(&format!("message not stored: {e}"))),
+                };
             }
             Job::Chat {
                 room: room.clone(),

@@ -1,0 +1,330 @@
+//! Several `tether serve` processes joined through a real `redis-server`: cross-node chat,
+//! publish through any node, resume on another node, a crashed node's users expiring, and a
+//! Redis restart. Needs `redis-server` on the PATH (scripts/test installs Debian's).
+
+use std::io::{BufRead, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tether::{ClientStream, Message};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+const LIMIT: Duration = Duration::from_secs(20);
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A redis-server on `port` keeping its data (append-only file) in `dir`.
+fn redis(port: u16, dir: &std::path::Path) -> Proc {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is needed for the cluster tests (apt-get install redis-server)");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < LIMIT, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Proc(child)
+}
+
+struct Node {
+    _proc: Proc,
+    addr: String,
+    data: tempfile::TempDir,
+}
+
+impl Node {
+    fn ws(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+}
+
+fn node(name: &str, redis_port: u16) -> Node {
+    let data = tempfile::tempdir().unwrap();
+    let mut add = Command::new(BIN)
+        .args(["user", "add", "ops", "--password-stdin", "--data"])
+        .arg(data.path())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    add.stdin.take().unwrap().write_all(b"pw\n").unwrap();
+    assert!(add.wait().unwrap().success());
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node",
+            name,
+            "--message-rate",
+            "1000",
+        ])
+        .arg("--data")
+        .arg(data.path())
+        .arg("--redis")
+        .arg(format!("redis://127.0.0.1:{redis_port}/"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .expect(&line)
+        .trim_end_matches('/')
+        .to_owned();
+    Node {
+        _proc: Proc(child),
+        addr,
+        data,
+    }
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f).await.expect("timed out")
+}
+
+async fn join(url: &str) -> ClientStream {
+    let (mut ws, _) = within(tether::connect(url)).await.unwrap();
+    next_of(&mut ws, "ready").await;
+    ws
+}
+
+async fn next(ws: &mut ClientStream) -> Value {
+    loop {
+        match within(ws.recv()).await {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
+
+async fn next_of(ws: &mut ClientStream, kind: &str) -> Value {
+    loop {
+        let v = next(ws).await;
+        if v["type"] == kind {
+            return v;
+        }
+    }
+}
+
+async fn say(ws: &mut ClientStream, text: &str) {
+    ws.send(Message::text(json!({ "text": text }).to_string()))
+        .await
+        .unwrap();
+}
+
+/// A blocking HTTP/1.1 exchange: status and JSON body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    let auth = auth
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(tcp, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut raw = String::new();
+    std::io::Read::read_to_string(&mut tcp, &mut raw).unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn token(node: &Node) -> String {
+    let (status, body) = http(
+        &node.addr,
+        "POST",
+        "/api/tokens",
+        None,
+        Some(json!({"user": "ops", "password": "pw"})),
+    );
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_publish_and_resume_across_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let a = node("a", port);
+    let b = node("b", port);
+
+    let mut ann = join(&a.ws("/ws/rooms/hall?name=ann")).await;
+    let mut ben = join(&b.ws("/ws/rooms/hall?name=ben")).await;
+    let presence = next_of(&mut ann, "presence").await;
+    assert_eq!(
+        (presence["user"].as_str(), presence["event"].as_str()),
+        (Some("ben"), Some("join"))
+    );
+
+    say(&mut ann, "from a").await;
+    say(&mut ben, "from b").await;
+    // Both see both, in the same order, with ids 1 and 2.
+    let mut seen = [Vec::new(), Vec::new()];
+    for (i, ws) in [&mut ann, &mut ben].into_iter().enumerate() {
+        for _ in 0..2 {
+            let m = next_of(ws, "message").await;
+            seen[i].push((
+                m["id"].as_u64().unwrap(),
+                m["text"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0].iter().map(|m| m.0).collect::<Vec<_>>(), [1, 2]);
+
+    // Published through node b's API: everyone gets it exactly once.
+    let t = token(&b);
+    let (status, stored) = http(
+        &b.addr,
+        "POST",
+        "/api/rooms/hall/messages",
+        Some(&t),
+        Some(json!({"text": "api"})),
+    );
+    assert_eq!((status, stored["id"].as_u64()), (201, Some(3)));
+    assert_eq!(next_of(&mut ann, "message").await, stored);
+    assert_eq!(next_of(&mut ben, "message").await, stored);
+
+    // Ann leaves node a after id 3; messages 4 and 5 are sent on b; she resumes on b.
+    drop(ann);
+    say(&mut ben, "four").await;
+    say(&mut ben, "five").await;
+    assert_eq!(next_of(&mut ben, "message").await["id"], 4);
+    assert_eq!(next_of(&mut ben, "message").await["id"], 5);
+    let (mut ann, _) = within(tether::connect(&b.ws("/ws/rooms/hall?name=ann&since=3")))
+        .await
+        .unwrap();
+    next_of(&mut ann, "welcome").await;
+    assert_eq!(next(&mut ann).await["id"], 4);
+    assert_eq!(next(&mut ann).await["id"], 5);
+    assert_eq!(next(&mut ann).await, json!({"type": "ready", "last_id": 5}));
+    let (_, page) = http(
+        &a.addr,
+        "GET",
+        "/api/rooms/hall/messages?since=0",
+        None,
+        None,
+    );
+    assert_eq!(
+        page.as_array().unwrap().len(),
+        5,
+        "the same history on every node"
+    );
+
+    // A broadcast reaches both nodes.
+    let (status, reply) = http(
+        &a.addr,
+        "POST",
+        "/api/broadcast",
+        Some(&token(&a)),
+        Some(json!({"text": "all"})),
+    );
+    assert_eq!((status, reply["nodes"].as_u64()), (200, Some(2)));
+    assert_eq!(next_of(&mut ann, "broadcast").await["text"], "all");
+    assert_eq!(next_of(&mut ben, "broadcast").await["text"], "all");
+    drop((a.data, b.data));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_nodes_users_leave_and_redis_loss_is_reported_then_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis_proc = Some(redis(port, dir.path()));
+    let a = node("a", port);
+    let c = node("c", port);
+    let mut ann = join(&a.ws("/ws/rooms/ops?name=ann")).await;
+    let _carl = join(&c.ws("/ws/rooms/ops?name=carl")).await;
+    let p = next_of(&mut ann, "presence").await;
+    assert_eq!(
+        (p["user"].as_str(), p["event"].as_str()),
+        (Some("carl"), Some("join"))
+    );
+
+    // Node c dies without a word: its presence entries expire and node a announces the leave.
+    drop(c);
+    let started = Instant::now();
+    let p = next_of(&mut ann, "presence").await;
+    assert_eq!(
+        (p["user"].as_str(), p["event"].as_str()),
+        (Some("carl"), Some("leave"))
+    );
+    eprintln!(
+        "crashed node's user left after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    say(&mut ann, "before").await;
+    assert_eq!(next_of(&mut ann, "message").await["id"], 1);
+
+    // Redis goes away: node a keeps its sockets, reports unhealthy, and refuses to lose a message.
+    drop(redis_proc.take());
+    let started = Instant::now();
+    while http(&a.addr, "GET", "/healthz", None, None).0 != 503 {
+        assert!(
+            started.elapsed() < LIMIT,
+            "healthz never reported the lost redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    say(&mut ann, "during").await;
+    let e = next_of(&mut ann, "error").await;
+    assert!(e["error"].as_str().unwrap().contains("not stored"), "{e}");
+
+    // Redis is back (with its data): node a resubscribes and the room goes on.
+    redis_proc = Some(redis(port, dir.path()));
+    let started = Instant::now();
+    while http(&a.addr, "GET", "/healthz", None, None).0 != 200 {
+        assert!(started.elapsed() < LIMIT, "node a did not reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    say(&mut ann, "after").await;
+    let m = next_of(&mut ann, "message").await;
+    assert_eq!(
+        (m["id"].as_u64(), m["text"].as_str()),
+        (Some(2), Some("after"))
+    );
+    drop(redis_proc);
+}

@@ -1,0 +1,518 @@
+//! Several nodes joined through Redis (`--redis URL`): room history in Redis Streams, live
+//! fan-out through Redis pub/sub, presence in expiring sorted-set entries.
+//!
+//! Storing and publishing a message is one Lua script, so it is atomic: the script takes the
+//! room's next id from the stream's last entry, appends the message to the stream `tether:s:{room}`
+//! under the id `0-N`, and publishes it on `tether:r:{room}`. Every node (the sender's included)
+//! delivers what arrives on its pattern subscription to its local members, in id order, once
+//! (the hub drops ids it has delivered). After a lost subscription the node reads what it
+//! missed from the streams of its rooms before going on, so no member sees a gap.
+//!
+//! Presence: each node keeps `node\tuser` entries in `tether:m:{room}` (a sorted set scored by
+//! expiry time) for its local members and refreshes them every few seconds. A node that
+//! crashes stops refreshing; its users expire and the other nodes announce their leave.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::{now_rfc3339, ChatMessage, StoreError};
+
+const APPEND: &str = r#"
+local last = 0
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #top > 0 then last = tonumber(string.match(top[1][1], '%-(%d+)$')) end
+local id = last + 1
+local msg = ARGV[1] .. id .. ARGV[2]
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('PUBLISH', KEYS[2], msg)
+return msg
+"#;
+
+/// How long a node's presence entries live without a refresh.
+const PRESENCE_TTL: Duration = Duration::from_secs(15);
+/// How often a node refreshes its entries and looks for users of crashed nodes.
+const PRESENCE_EVERY: Duration = Duration::from_secs(3);
+
+fn stream_key(room: &str) -> String {
+    format!("tether:s:{room}")
+}
+
+fn channel(room: &str) -> String {
+    format!("tether:r:{room}")
+}
+
+fn members_key(room: &str) -> String {
+    format!("tether:m:{room}")
+}
+
+const ROOMS: &str = "tether:rooms";
+const BROADCAST: &str = "tether:broadcast";
+const PRESENCE: &str = "tether:p";
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A presence change announced to the other nodes.
+#[derive(Debug, Serialize, Deserialize)]
+struct PresenceNote {
+    node: String,
+    room: String,
+    user: String,
+    join: bool,
+}
+
+/// A broadcast notice for every node.
+#[derive(Debug, Serialize, Deserialize)]
+struct BroadcastNote {
+    user: String,
+    text: String,
+    ts: String,
+}
+
+/// This node's link to Redis.
+pub struct Cluster {
+    node: String,
+    commands: ConnectionManager,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    history_limit: usize,
+    append: redis::Script,
+    connected: AtomicBool,
+    /// Users of each local room present on other nodes, as last seen.
+    remote: Mutex<HashMap<String, BTreeSet<String>>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node)
+            .field("connected", &self.connected.load(Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> StoreError {
+    StoreError::Failed(format!("redis: {e}"))
+}
+
+impl Cluster {
+    /// Connects (lazily: a Redis that is down at start is retried like a lost one) and
+    /// starts the subscription and presence tasks.
+    ///
+    /// # Errors
+    /// The URL is not a valid Redis URL.
+    pub fn start(
+        url: &str,
+        node: String,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        history_limit: usize,
+    ) -> Result<Arc<Cluster>, StoreError> {
+        let client = redis::Client::open(url).map_err(redis_error)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let commands =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
+        let cluster = Arc::new(Cluster {
+            node,
+            commands,
+            hub,
+            metrics,
+            history_limit,
+            append: redis::Script::new(APPEND),
+            connected: AtomicBool::new(false),
+            remote: Mutex::new(HashMap::new()),
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String, bool)>();
+        cluster.hub.share_presence(tx);
+        let sharer = cluster.clone();
+        tokio::spawn(async move {
+            while let Some((room, user, join)) = rx.recv().await {
+                sharer.presence(&room, &user, join).await;
+            }
+        });
+        tokio::spawn(cluster.clone().subscribe_forever(client));
+        tokio::spawn(cluster.clone().presence_forever());
+        Ok(cluster)
+    }
+
+    /// Whether the subscription to Redis is up.
+    pub fn is_healthy(&self) -> bool {
+        self.connected.load(Relaxed)
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Stores a message under the room's next id and publishes it to every node.
+    ///
+    /// # Errors
+    /// Redis is unreachable or refused the script: the message was not stored.
+    pub async fn append(
+        &self,
+        room: &str,
+        user: &str,
+        text: &str,
+    ) -> Result<ChatMessage, StoreError> {
+        // The message is JSON with the id spliced in by the script: `{…"id":` + N + `,…}`.
+        let rest =
+            serde_json::json!({"room": room, "user": user, "text": text, "ts": now_rfc3339()});
+        let rest = rest.to_string();
+        let suffix = format!(",{}", &rest[1..]);
+        let mut con = self.commands.clone();
+        let stored: String = self
+            .append
+            .key(stream_key(room))
+            .key(channel(room))
+            .key(ROOMS)
+            .arg(r#"{"type":"message","id":"#)
+            .arg(suffix)
+            .arg(self.history_limit.max(1))
+            .arg(room)
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| {
+                self.metrics.store_failures.fetch_add(1, Relaxed);
+                redis_error(e)
+            })?;
+        serde_json::from_str(&stored)
+            .map_err(|e| StoreError::Failed(format!("stored message: {e}")))
+    }
+
+    /// Messages of `room` with `id > since`, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn messages(
+        &self,
+        room: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut con = self.commands.clone();
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(stream_key(room))
+            .arg(format!("0-{}", since.saturating_add(1)))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        Ok(parse_entries(entries))
+    }
+
+    /// The last `count` messages of `room`, oldest first.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn recent(&self, room: &str, count: usize) -> Result<Vec<ChatMessage>, StoreError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let mut con = self.commands.clone();
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+            .arg(stream_key(room))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        let mut messages = parse_entries(entries);
+        messages.reverse();
+        Ok(messages)
+    }
+
+    /// The lowest id still stored for `room`.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn first_id(&self, room: &str) -> Result<Option<u64>, StoreError> {
+        let mut con = self.commands.clone();
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(stream_key(room))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        Ok(parse_entries(entries).first().map(|m| m.id))
+    }
+
+    /// Rooms with stored messages and their last ids.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn rooms(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut con = self.commands.clone();
+        let rooms: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(ROOMS)
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        let mut out = Vec::with_capacity(rooms.len());
+        for room in rooms.into_iter().take(1000) {
+            let last = self.recent(&room, 1).await?.first().map_or(0, |m| m.id);
+            out.push((room, last));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Distinct users present in `room` on every node (entries not yet expired).
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn members(&self, room: &str) -> Result<BTreeSet<String>, StoreError> {
+        let mut con = self.commands.clone();
+        let entries: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(members_key(room))
+            .arg(unix_ms())
+            .arg("+inf")
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        Ok(entries
+            .iter()
+            .filter_map(|e| e.split_once('\t').map(|(_, user)| user.to_owned()))
+            .collect())
+    }
+
+    /// Sends a notice to every connection of every node.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn broadcast(&self, user: &str, text: &str) -> Result<usize, StoreError> {
+        let note = BroadcastNote {
+            user: user.to_owned(),
+            text: text.to_owned(),
+            ts: now_rfc3339(),
+        };
+        let mut con = self.commands.clone();
+        let nodes: usize = redis::cmd("PUBLISH")
+            .arg(BROADCAST)
+            .arg(serde_json::to_string(&note).expect("notes serialize"))
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        Ok(nodes)
+    }
+
+    /// Records that `user` joined or left `room` on this node, and tells the other nodes.
+    pub async fn presence(&self, room: &str, user: &str, join: bool) {
+        let member = format!("{}\t{user}", self.node);
+        let note = PresenceNote {
+            node: self.node.clone(),
+            room: room.to_owned(),
+            user: user.to_owned(),
+            join,
+        };
+        let mut con = self.commands.clone();
+        let mut pipe = redis::pipe();
+        if join {
+            pipe.cmd("ZADD")
+                .arg(members_key(room))
+                .arg(unix_ms() + PRESENCE_TTL.as_millis() as u64)
+                .arg(&member);
+        } else {
+            pipe.cmd("ZREM").arg(members_key(room)).arg(&member);
+        }
+        pipe.cmd("PUBLISH")
+            .arg(PRESENCE)
+            .arg(serde_json::to_string(&note).expect("notes serialize"));
+        if let Err(e) = pipe.query_async::<()>(&mut con).await {
+            tracing::warn!(error = %e, %room, %user, "presence not shared");
+        }
+    }
+
+    /// Keeps a pattern subscription up, reconnecting with backoff; after each (re)connect,
+    /// catches up every local room from its stream.
+    async fn subscribe_forever(self: Arc<Self>, client: redis::Client) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.subscription(&client).await {
+                // It was up: start the next attempts quickly.
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "redis unavailable"),
+            }
+            if self.connected.swap(false, Relaxed) {
+                tracing::error!("lost redis: serving local connections only until it is back");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn subscription(&self, client: &redis::Client) -> redis::RedisResult<()> {
+        let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
+        pubsub.psubscribe("tether:r:*").await?;
+        pubsub.subscribe(BROADCAST).await?;
+        pubsub.subscribe(PRESENCE).await?;
+        // Subscribed: whatever is published from now on arrives; what was missed is read.
+        if let Err(e) = self.catch_up().await {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "catch-up failed",
+                e.to_string(),
+            )));
+        }
+        if !self.connected.swap(true, Relaxed) {
+            tracing::info!(node = %self.node, "connected to redis");
+        }
+        let mut messages = pubsub.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let channel = msg.get_channel_name().to_owned();
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
+            if channel == BROADCAST {
+                if let Ok(note) = serde_json::from_str::<BroadcastNote>(&payload) {
+                    self.hub.broadcast(&note.user, &note.text, &note.ts);
+                }
+            } else if channel == PRESENCE {
+                if let Ok(note) = serde_json::from_str::<PresenceNote>(&payload) {
+                    self.remote_presence(note);
+                }
+            } else if let Ok(message) = serde_json::from_str::<ChatMessage>(&payload) {
+                self.hub.deliver(&message);
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers what each local room missed while the subscription was down.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        for room in self.hub.room_names() {
+            // A Redis that lost its data (no persistence) restarts ids at 1: follow it rather
+            // than drop every message until the old ids are passed.
+            let top = self.recent(&room, 1).await?.first().map_or(0, |m| m.id);
+            if top < self.hub.position(&room) {
+                tracing::error!(%room, stored = top, delivered = self.hub.position(&room), "redis lost this room's history; ids restart");
+                self.hub.reset_position(&room, top);
+            }
+            loop {
+                let missed = self.messages(&room, self.hub.position(&room), 500).await?;
+                if missed.is_empty() {
+                    break;
+                }
+                for m in &missed {
+                    self.hub.deliver(m);
+                }
+                if missed.len() < 500 {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remote_presence(&self, note: PresenceNote) {
+        if note.node == self.node {
+            return;
+        }
+        let mut remote = self
+            .remote
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let users = remote.entry(note.room.clone()).or_default();
+        let changed = if note.join {
+            users.insert(note.user.clone())
+        } else {
+            users.remove(&note.user)
+        };
+        if changed {
+            self.hub
+                .remote_presence(&note.room, &note.user, note.join, users.len());
+        }
+    }
+
+    /// Refreshes this node's presence entries and notices users whose node stopped refreshing.
+    async fn presence_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(PRESENCE_EVERY);
+        loop {
+            tick.tick().await;
+            if !self.is_healthy() {
+                continue;
+            }
+            let local: BTreeMap<String, Vec<String>> = self.hub.local_users();
+            let expiry = unix_ms() + PRESENCE_TTL.as_millis() as u64;
+            let mut con = self.commands.clone();
+            let mut pipe = redis::pipe();
+            for (room, users) in &local {
+                for user in users {
+                    pipe.cmd("ZADD")
+                        .arg(members_key(room))
+                        .arg(expiry)
+                        .arg(format!("{}\t{user}", self.node))
+                        .ignore();
+                }
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg(members_key(room))
+                    .arg("-inf")
+                    .arg(unix_ms())
+                    .ignore();
+            }
+            if let Err(e) = pipe.query_async::<()>(&mut con).await {
+                tracing::warn!(error = %e, "presence refresh failed");
+                continue;
+            }
+            for (room, users) in local {
+                let Ok(everyone) = self.members(&room).await else {
+                    continue;
+                };
+                let here: BTreeSet<String> = users.into_iter().collect();
+                let now_remote: BTreeSet<String> = everyone.difference(&here).cloned().collect();
+                let before = {
+                    let mut remote = self
+                        .remote
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    remote
+                        .insert(room.clone(), now_remote.clone())
+                        .unwrap_or_default()
+                };
+                for gone in before.difference(&now_remote) {
+                    self.hub
+                        .remote_presence(&room, gone, false, now_remote.len());
+                }
+                for came in now_remote.difference(&before) {
+                    self.hub
+                        .remote_presence(&room, came, true, now_remote.len());
+                }
+            }
+        }
+    }
+}
+
+fn parse_entries(entries: Vec<(String, Vec<(String, String)>)>) -> Vec<ChatMessage> {
+    entries
+        .into_iter()
+        .filter_map(|(_, fields)| {
+            let (_, json) = fields.into_iter().find(|(k, _)| k == "m")?;
+            serde_json::from_str(&json).ok()
+        })
+        .collect()
+}
