@@ -580,11 +580,17 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
     let text = "x".repeat(16 << 10);
     let count = 2000;
     let sender = connect(&server.ws("/ws/rooms/r?name=sender")).await;
+    // The fast reader tells the sender how far it got; the sender stays at most 100 messages
+    // ahead of it, so however slowly this machine runs the test, only `slow` falls behind.
+    let (progress, mut fast_got) = tokio::sync::watch::channel(0usize);
     let sending = tokio::spawn(async move {
-        // The sender is in the room too: it keeps reading so that only `slow` falls behind.
+        // The sender is in the room too: it keeps reading so that it does not fall behind.
         let (mut tx, mut rx) = sender.split();
         let drain = tokio::spawn(async move { while let Some(Ok(_)) = rx.recv().await {} });
-        for _ in 0..count {
+        for sent in 0..count {
+            if sent % 100 == 0 {
+                fast_got.wait_for(|got| *got + 100 >= sent).await.unwrap();
+            }
             let msg = json!({ "text": text }).to_string();
             tx.send(Message::text(msg)).await.unwrap();
         }
@@ -595,6 +601,7 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
     while got < count {
         if next(&mut fast).await["type"] == "message" {
             got += 1;
+            progress.send_replace(got);
         }
     }
     let _sender = within(sending).await.unwrap();
