@@ -758,3 +758,43 @@ async fn tls_serves_https_and_wss_on_one_port() {
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn connection_limits_answer_429_per_address_and_503_in_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.max_connections_per_ip = 2;
+    c.max_connections = 3;
+    let server = start(c).await;
+    let url = server.ws("/ws/echo");
+    let _first = connect(&url).await;
+    let _second = connect(&url).await;
+    let e = within(tether::connect(&url)).await.unwrap_err().to_string();
+    assert!(e.contains("429"), "a third from one address: {e}");
+    // Another loopback address counts separately, until the server is full.
+    let other = |ip: &'static str| {
+        let addr = server.addr;
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            let tcp = socket.connect(addr).await.unwrap();
+            let req = ClientBuilder::new(&format!("ws://{addr}/ws/echo"))
+                .unwrap()
+                .request();
+            tether::client(tcp, req, tether::Config::default())
+                .await
+                .map(|(ws, _)| ws)
+        }
+    };
+    let _third = within(other("127.0.0.2")).await.unwrap();
+    let e = within(other("127.0.0.3")).await.unwrap_err().to_string();
+    assert!(e.contains("503"), "the server is full: {e}");
+    let metrics = http_text(server.addr, "/metrics").await;
+    assert!(
+        metrics.contains("tether_handshake_failures_total{reason=\"limit\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tether_connections 3"), "{metrics}");
+    drop((_first, _second, _third));
+    server.stop().await;
+}
