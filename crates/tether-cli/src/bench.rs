@@ -4,16 +4,25 @@
 //!   echo byte for byte, and report messages/s, MB/s and round-trip latency percentiles.
 //! - `bench idle`: opens and holds C idle connections (spreading source addresses over
 //!   127.0.0.0/8 past ~25,000 so local ports do not run out) and reports how many held.
+//!
+//! Both take `--raw` for a plain TCP echo server (the ceiling a WebSocket server is measured
+//! against): no handshake; `bench echo --raw` writes the exact bytes a WebSocket client would
+//! put on the wire for each message (masked frame header and payload) and expects those same
+//! bytes back, with the same pipeline, latency and throughput accounting.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use tether::proto::extension::deflate::DeflateConfig;
+use tether::proto::{FrameHeader, OpCode};
 use tether::{ClientBuilder, Config, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Options of `tether bench echo`.
 #[derive(clap::Args, Debug, Clone)]
@@ -37,8 +46,12 @@ pub struct EchoArgs {
     #[arg(long)]
     pub binary: bool,
     /// Offer permessage-deflate (and send compressible JSON-like text).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "raw")]
     pub deflate: bool,
+    /// Plain TCP without a handshake, for a raw TCP echo server: write each message as the
+    /// masked frame a WebSocket client would send and expect exactly those bytes back.
+    #[arg(long)]
+    pub raw: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -62,6 +75,9 @@ pub struct IdleArgs {
     /// Connections opened at once.
     #[arg(long, default_value_t = 200)]
     pub concurrency: usize,
+    /// Plain TCP connections without a handshake, for a raw TCP echo server.
+    #[arg(long)]
+    pub raw: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -76,6 +92,9 @@ pub enum BenchError {
     /// Not one connection could be opened.
     #[error("could not connect: {0}")]
     Connect(tether::Error),
+    /// Not one plain TCP connection (`--raw`) could be opened.
+    #[error("could not connect: {0}")]
+    Tcp(std::io::Error),
 }
 
 /// The result of `bench echo`.
@@ -119,6 +138,46 @@ fn payload(size: usize, deflate: bool) -> Bytes {
         .into()
 }
 
+/// The mask key of every `--raw` frame (RFC 6455's own example key): a byte echo cannot tell.
+const RAW_MASK_KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// The bytes a WebSocket client puts on the wire for one unfragmented message: header with
+/// the mask bit and `key`, then the masked payload.
+fn client_frame(payload: &[u8], binary: bool, key: [u8; 4]) -> Vec<u8> {
+    let header = FrameHeader {
+        fin: true,
+        rsv: 0,
+        opcode: if binary { OpCode::Binary } else { OpCode::Text },
+        mask: Some(key),
+        payload_len: payload.len() as u64,
+    };
+    let mut frame = BytesMut::with_capacity(header.encoded_len() + payload.len());
+    header.encode(&mut frame);
+    let start = frame.len();
+    frame.extend_from_slice(payload);
+    tether::proto::mask::apply_mask(&mut frame[start..], key, 0);
+    frame.to_vec()
+}
+
+/// The address a `ws://` URL points at, for the plain TCP connections of `--raw` and `idle`.
+fn target(url: &str) -> Result<SocketAddr, BenchError> {
+    let url = url::Url::parse(url).map_err(|e| BenchError::Usage(e.to_string()))?;
+    if url.scheme() != "ws" {
+        return Err(BenchError::Usage("this benchmark takes a ws:// URL".into()));
+    }
+    url.socket_addrs(|| Some(80))
+        .map_err(|e| BenchError::Usage(e.to_string()))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| BenchError::Usage("the URL does not resolve".into()))
+}
+
+/// An open benchmark connection: a WebSocket `W`, or plain TCP with `--raw`.
+enum Peer<W> {
+    Ws(Box<W>),
+    Raw(TcpStream),
+}
+
 fn config(deflate: bool) -> Config {
     Config::default()
         .max_message_size(256 << 20)
@@ -138,12 +197,24 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
     }
     let duration = Duration::try_from_secs_f64(args.duration)
         .map_err(|_| BenchError::Usage("--duration must be a number of seconds".into()))?;
-    ClientBuilder::new(&args.url).map_err(|e| BenchError::Usage(e.to_string()))?;
+    let target = if args.raw {
+        Some(target(&args.url)?)
+    } else {
+        ClientBuilder::new(&args.url).map_err(|e| BenchError::Usage(e.to_string()))?;
+        None
+    };
     let body = payload(args.size, args.deflate);
     let message = if args.binary {
         Message::Binary(body.clone())
     } else {
         Message::Text(tether::Utf8Bytes::try_from_bytes(body.clone()).expect("ASCII payload"))
+    };
+    // `--raw`: the frame, repeated so that any run of in-flight frames is one slice of it.
+    let (frames, frame_len) = if args.raw {
+        let frame = client_frame(&body, args.binary, RAW_MASK_KEY);
+        (Bytes::from(frame.repeat(args.pipeline + 1)), frame.len())
+    } else {
+        (Bytes::new(), 0)
     };
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -156,15 +227,27 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
             let url = args.url.clone();
             let deflate = args.deflate;
             tokio::spawn(async move {
-                ClientBuilder::new(&url)?
-                    .config(config(deflate))
-                    .connect()
-                    .await
+                match target {
+                    Some(addr) => {
+                        let tcp = TcpStream::connect(addr).await.map_err(BenchError::Tcp)?;
+                        tcp.set_nodelay(true).map_err(BenchError::Tcp)?;
+                        Ok(Peer::Raw(tcp))
+                    }
+                    None => {
+                        let (ws, _) = ClientBuilder::new(&url)
+                            .map_err(BenchError::Connect)?
+                            .config(config(deflate))
+                            .connect()
+                            .await
+                            .map_err(BenchError::Connect)?;
+                        Ok(Peer::Ws(Box::new(ws)))
+                    }
+                }
             })
         });
         for open in opens.collect::<Vec<_>>() {
             match open.await.expect("connect task") {
-                Ok((ws, _)) => sockets.push(ws),
+                Ok(peer) => sockets.push(peer),
                 Err(e) => {
                     errors.fetch_add(1, Ordering::Relaxed);
                     first_error.get_or_insert(e);
@@ -173,9 +256,7 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
         }
     }
     if sockets.is_empty() {
-        return Err(BenchError::Connect(
-            first_error.expect("at least one attempt"),
-        ));
+        return Err(first_error.expect("at least one attempt"));
     }
     let connections = sockets.len();
     let progress = (!args.quiet).then(|| progress_bar(duration));
@@ -184,18 +265,27 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
     let deadline = tokio::time::Instant::now() + duration;
     let tasks: Vec<_> = sockets
         .into_iter()
-        .map(|ws| {
-            let (done, errors, message, body) =
-                (done.clone(), errors.clone(), message.clone(), body.clone());
-            tokio::spawn(drive(
-                ws,
-                message,
-                body,
-                args.pipeline,
-                deadline,
-                done,
-                errors,
-            ))
+        .map(|peer| {
+            let (done, errors) = (done.clone(), errors.clone());
+            match peer {
+                Peer::Ws(ws) => tokio::spawn(drive(
+                    *ws,
+                    message.clone(),
+                    body.clone(),
+                    args.pipeline,
+                    deadline,
+                    done,
+                    errors,
+                )),
+                Peer::Raw(tcp) => tokio::spawn(drive_raw(
+                    tcp,
+                    frames.clone(),
+                    frame_len,
+                    deadline,
+                    done,
+                    errors,
+                )),
+            }
         })
         .collect();
     if let Some(bar) = &progress {
@@ -242,7 +332,7 @@ async fn drive(
     errors: Arc<AtomicU64>,
 ) -> Histogram<u64> {
     let mut latency = Histogram::<u64>::new(3).expect("histogram");
-    let mut sent_at = std::collections::VecDeque::with_capacity(pipeline);
+    let mut sent_at = VecDeque::with_capacity(pipeline);
     let fail = |errors: &AtomicU64| {
         errors.fetch_add(1, Ordering::Relaxed);
     };
@@ -257,35 +347,111 @@ async fn drive(
         fail(&errors);
         return latency;
     }
-    while !sent_at.is_empty() {
-        let received =
-            match tokio::time::timeout_at(deadline + Duration::from_secs(5), ws.recv()).await {
-                Ok(Some(Ok(msg))) => msg,
-                _ => {
-                    fail(&errors);
-                    return latency;
-                }
+    // One timer for the whole loop, and one clock read per echo: at millions of echoes a
+    // second, a timer per `recv` and three clock reads took over a tenth of the client's CPU.
+    let window_end = deadline.into_std();
+    let echoes = async {
+        while !sent_at.is_empty() {
+            let Some(Ok(received)) = ws.recv().await else {
+                return Err(());
             };
-        if !received.is_data() {
-            continue;
-        }
-        let Some(at) = sent_at.pop_front() else { break };
-        if received.as_payload() != &body[..] {
-            fail(&errors);
-        }
-        // Only echoes inside the measured window count; the rest is draining.
-        if tokio::time::Instant::now() < deadline {
-            let _ = latency.record(at.elapsed().as_micros() as u64);
-            done.fetch_add(1, Ordering::Relaxed);
-            // Keep the pipeline full; `recv` writes what `feed` queued before it waits.
-            if ws.feed(message.clone()).await.is_err() {
-                fail(&errors);
-                return latency;
+            if !received.is_data() {
+                continue;
             }
-            sent_at.push_back(Instant::now());
+            let Some(at) = sent_at.pop_front() else { break };
+            if received.as_payload() != &body[..] {
+                fail(&errors);
+            }
+            // Only echoes inside the measured window count; the rest is draining.
+            let now = Instant::now();
+            if now < window_end {
+                let _ = latency.record((now - at).as_micros() as u64);
+                done.fetch_add(1, Ordering::Relaxed);
+                // Keep the pipeline full; `recv` writes what `feed` queued before it waits.
+                ws.feed(message.clone()).await.map_err(|_| ())?;
+                sent_at.push_back(now);
+            }
         }
+        Ok(())
+    };
+    if !matches!(
+        tokio::time::timeout_at(deadline + Duration::from_secs(5), echoes).await,
+        Ok(Ok(()))
+    ) {
+        fail(&errors);
+        return latency;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+    latency
+}
+
+/// One `--raw` connection: the same loop as [`drive`] over plain TCP. `frames` holds the frame
+/// (`frame_len` bytes) repeated pipeline + 1 times, so the bytes still to write — at most
+/// `pipeline` frames, starting anywhere inside one — are always a single slice of it.
+async fn drive_raw(
+    mut tcp: TcpStream,
+    frames: Bytes,
+    frame_len: usize,
+    deadline: tokio::time::Instant,
+    done: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+) -> Histogram<u64> {
+    let mut latency = Histogram::<u64>::new(3).expect("histogram");
+    let pipeline = frames.len() / frame_len - 1;
+    let frame = &frames[..frame_len];
+    let mut sent_at: VecDeque<Instant> = (0..pipeline).map(|_| Instant::now()).collect();
+    // Bytes queued and not yet written, and where in a frame the next written byte falls.
+    let (mut unsent, mut write_pos) = (pipeline * frame_len, 0);
+    // Where in a frame the next echoed byte falls.
+    let mut read_pos = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    let window_end = deadline.into_std();
+    let give_up = tokio::time::sleep_until(deadline + Duration::from_secs(5));
+    tokio::pin!(give_up);
+    let (mut rd, mut wr) = tcp.split();
+    while !sent_at.is_empty() {
+        tokio::select! {
+            read = rd.read(&mut buf) => {
+                let Ok(n @ 1..) = read else { break };
+                let mut echoed = &buf[..n];
+                while !echoed.is_empty() {
+                    let take = echoed.len().min(frame_len - read_pos);
+                    if echoed[..take] != frame[read_pos..read_pos + take] {
+                        // Out of step with the frames: nothing after this can be matched.
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        return latency;
+                    }
+                    echoed = &echoed[take..];
+                    read_pos += take;
+                    if read_pos < frame_len {
+                        continue;
+                    }
+                    read_pos = 0;
+                    let Some(at) = sent_at.pop_front() else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        return latency;
+                    };
+                    // Only echoes inside the measured window count; the rest is draining.
+                    let now = Instant::now();
+                    if now < window_end {
+                        let _ = latency.record((now - at).as_micros() as u64);
+                        done.fetch_add(1, Ordering::Relaxed);
+                        sent_at.push_back(now);
+                        unsent += frame_len;
+                    }
+                }
+            }
+            written = wr.write(&frames[write_pos..write_pos + unsent]), if unsent > 0 => {
+                let Ok(n @ 1..) = written else { break };
+                unsent -= n;
+                write_pos = (write_pos + n) % frame_len;
+            }
+            () = &mut give_up => break,
+        }
+    }
+    if !sent_at.is_empty() {
+        errors.fetch_add(1, Ordering::Relaxed);
+    }
     latency
 }
 
@@ -301,13 +467,14 @@ fn progress_bar(duration: Duration) -> indicatif::ProgressBar {
 /// Formats an echo summary for people.
 pub fn render_echo(s: &EchoSummary, args: &EchoArgs) -> String {
     format!(
-        "{} conns × pipeline {} × {} B{}{}: {:.0} msg/s, {:.1} MB/s over {:.1} s\n\
+        "{} conns × pipeline {} × {} B{}{}{}: {:.0} msg/s, {:.1} MB/s over {:.1} s\n\
          round trip: p50 {} µs, p90 {} µs, p99 {} µs, max {} µs; errors: {}",
         s.connections,
         args.pipeline,
         args.size,
         if args.binary { " binary" } else { " text" },
         if args.deflate { " deflate" } else { "" },
+        if args.raw { " raw TCP" } else { "" },
         s.messages_per_sec,
         s.mb_per_sec,
         s.seconds,
@@ -344,22 +511,14 @@ fn source_addr(i: usize) -> SocketAddr {
 /// # Errors
 /// [`BenchError`] for bad options.
 pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
-    let url = url::Url::parse(&args.url).map_err(|e| BenchError::Usage(e.to_string()))?;
-    if url.scheme() != "ws" {
-        return Err(BenchError::Usage("bench idle takes a ws:// URL".into()));
-    }
-    let target = url
-        .socket_addrs(|| Some(80))
-        .map_err(|e| BenchError::Usage(e.to_string()))?
-        .into_iter()
-        .next()
-        .ok_or_else(|| BenchError::Usage("the URL does not resolve".into()))?;
+    let target = target(&args.url)?;
     let hold = Duration::try_from_secs_f64(args.hold)
         .map_err(|_| BenchError::Usage("--hold must be seconds".into()))?;
     crate::raise_fd_limit(args.conns + 64);
     let builder = ClientBuilder::new(&args.url).map_err(|e| BenchError::Usage(e.to_string()))?;
     let started = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let raw = args.raw;
     let opens: Vec<_> = (0..args.conns)
         .map(|i| {
             let semaphore = semaphore.clone();
@@ -374,8 +533,11 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
                     .await
                     .ok()?
                     .ok()?;
+                if raw {
+                    return Some(Peer::Raw(tcp));
+                }
                 let (ws, _) = tether::client(tcp, request, Config::default()).await.ok()?;
-                Some(ws)
+                Some(Peer::Ws(Box::new(ws)))
             })
         })
         .collect();
@@ -387,18 +549,28 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
     }
     let open_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(hold).await;
-    // Still open: no close or error is waiting to be read.
+    // Still open: no close, error or stray byte is waiting to be read.
     let mut held = 0;
-    for ws in &mut sockets {
-        if tokio::time::timeout(Duration::from_millis(1), ws.recv())
-            .await
-            .is_err()
-        {
-            held += 1;
-        }
+    for peer in &mut sockets {
+        let quiet = match peer {
+            Peer::Ws(ws) => tokio::time::timeout(Duration::from_millis(1), ws.recv())
+                .await
+                .is_err(),
+            Peer::Raw(tcp) => tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut [0]))
+                .await
+                .is_err(),
+        };
+        held += usize::from(quiet);
     }
-    for ws in &mut sockets {
-        let _ = tokio::time::timeout(Duration::from_millis(50), ws.close(None)).await;
+    for peer in &mut sockets {
+        match peer {
+            Peer::Ws(ws) => {
+                let _ = tokio::time::timeout(Duration::from_millis(50), ws.close(None)).await;
+            }
+            Peer::Raw(tcp) => {
+                let _ = tcp.shutdown().await;
+            }
+        }
     }
     Ok(IdleSummary {
         requested: args.conns,
@@ -427,6 +599,24 @@ mod tests {
             source_addr(300 * 25_000).ip(),
             IpAddr::V4(Ipv4Addr::new(127, 0, 1, 45))
         );
+    }
+
+    #[test]
+    fn raw_frames_are_what_a_client_sends() {
+        for len in [0, 20, 125, 126, 65_535, 65_536] {
+            let body = payload(len, false);
+            let frame = client_frame(&body, true, RAW_MASK_KEY);
+            let (header, at) = FrameHeader::parse(&frame).unwrap().unwrap();
+            assert!(header.fin);
+            assert_eq!(header.opcode, OpCode::Binary);
+            assert_eq!(header.mask, Some(RAW_MASK_KEY));
+            assert_eq!(header.payload_len, len as u64);
+            let mut unmasked = frame[at..].to_vec();
+            tether::proto::mask::apply_mask(&mut unmasked, RAW_MASK_KEY, 0);
+            assert_eq!(unmasked, &body[..], "{len}");
+        }
+        let text = client_frame(b"hi", false, RAW_MASK_KEY);
+        assert_eq!(text[..2], [0x81, 0x82]);
     }
 
     #[test]

@@ -64,3 +64,87 @@ fn bench_idle_holds_its_connections() {
     assert_eq!(summary["held"], 50, "{summary}");
     assert_eq!(summary["failed"], 0);
 }
+
+/// A plain TCP echo on 127.0.0.1:0, one thread per connection, that applies `corrupt` to
+/// every chunk before writing it back. Returns its `ws://` URL; the threads end with the test.
+fn tcp_echo(corrupt: fn(&mut [u8])) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    corrupt(&mut buf[..n]);
+                    if stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn bench_echo_raw_gets_back_exactly_the_frames_it_sent() {
+    let url = tcp_echo(|_| {});
+    // 7-bit, 16-bit and 64-bit payload lengths; text and binary.
+    for (size, extra) in [
+        ("20", &["--binary"][..]),
+        ("300", &[]),
+        ("70000", &["--binary"]),
+    ] {
+        let mut args = vec![
+            "echo",
+            "--raw",
+            "--url",
+            &url,
+            "--conns",
+            "3",
+            "--size",
+            size,
+            "--pipeline",
+            "4",
+            "--duration",
+            "0.3",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let summary = bench(&args);
+        assert_eq!(summary["errors"], 0, "{size}: {summary}");
+        assert_eq!(summary["connections"], 3);
+        assert!(summary["messages"].as_u64().unwrap() > 10, "{summary}");
+    }
+}
+
+#[test]
+fn bench_echo_raw_counts_an_echo_that_differs_as_an_error() {
+    let url = tcp_echo(|chunk| chunk[chunk.len() - 1] ^= 1);
+    let summary = bench(&[
+        "echo",
+        "--raw",
+        "--url",
+        &url,
+        "--conns",
+        "2",
+        "--size",
+        "100",
+        "--duration",
+        "0.3",
+        "--quiet",
+    ]);
+    assert_eq!(summary["errors"], 2, "{summary}");
+    assert_eq!(summary["messages"], 0, "{summary}");
+}
+
+#[test]
+fn bench_idle_raw_holds_plain_tcp_connections() {
+    let url = tcp_echo(|_| {});
+    let summary = bench(&[
+        "idle", "--raw", "--url", &url, "--conns", "20", "--hold", "0.2",
+    ]);
+    assert_eq!(summary["held"], 20, "{summary}");
+}
