@@ -131,6 +131,13 @@ async fn check_password(app: &App, c: &Credentials) -> Result<bool, Response> {
     let Some(hash) = hash else {
         return Ok(false);
     };
+    // Each check costs ~20 ms of CPU and 19 MiB by design: bound how many run at once, so a
+    // flood of logins queues instead of exhausting memory and the blocking pool.
+    static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let _permit = CHECKS
+        .acquire()
+        .await
+        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
     let password = c.password.clone();
     tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
         .await

@@ -279,7 +279,7 @@ impl Store {
         let rows = stmt.query_map(
             params![
                 room,
-                since as i64,
+                since.min(i64::MAX as u64) as i64,
                 until.min(i64::MAX as u64) as i64,
                 limit as i64
             ],

@@ -179,7 +179,7 @@ async fn history_from_store(
             Some(since) => {
                 let first = s.first_id(&r)?;
                 let messages = s.messages(&r, since, u64::MAX, history_limit)?;
-                Ok((messages, first.is_some_and(|f| f > since + 1)))
+                Ok((messages, first.is_some_and(|f| f > since.saturating_add(1))))
             }
             None => {
                 let last = s.last_id(&r)?;
@@ -199,7 +199,7 @@ async fn history_from_cluster(
         Some(since) => {
             let first = cluster.first_id(room).await?;
             let messages = cluster.messages(room, since, config.history_limit).await?;
-            Ok((messages, first.is_some_and(|f| f > since + 1)))
+            Ok((messages, first.is_some_and(|f| f > since.saturating_add(1))))
         }
         None => Ok((cluster.recent(room, config.history_on_join).await?, false)),
     }

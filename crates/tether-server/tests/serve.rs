@@ -220,6 +220,24 @@ async fn history_then_live_then_resume_without_gap_or_duplicate() {
         .map(|m| m["id"].as_u64().unwrap())
         .collect();
     assert_eq!(ids, [3, 4]);
+
+    // Hostile positions neither overflow nor return everything.
+    let max = u64::MAX;
+    let (status, page) = http(
+        server.addr,
+        "GET",
+        &format!("/api/rooms/lobby/messages?since={max}"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!((status, page), (200, json!([])));
+    let mut far = connect(&server.ws(&format!("/ws/rooms/lobby?name=far&since={max}"))).await;
+    assert_eq!(next(&mut far).await["type"], "welcome");
+    assert_eq!(
+        next(&mut far).await,
+        json!({"type": "ready", "last_id": max})
+    );
     server.stop().await;
 }
 
