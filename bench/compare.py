@@ -231,6 +231,10 @@ def measure_echo(name, scenario, duration):
             load.append("--raw")
         elif spec.get("deflate"):
             load.append("--deflate")
+        else:
+            # Pre-encoded frames after a real handshake, every echo compared byte for byte:
+            # the cheapest correct client, so the one load core hides as little as it can.
+            load.append("--prebuilt")
         if spec.get("binary"):
             load.append("--binary")
         cpu_before, machine_before = cpu_seconds(server.pid), machine_cpu_seconds()
@@ -624,11 +628,13 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
         "runs around it (min / max, relative to the median).\n"
         "- Throughput (a–d, f): `tether bench echo` connects every connection first, then "
         "each keeps `pipeline` messages in flight for the duration and checks every echo byte "
-        "for byte; the value is verified echoes per second. Against the plain TCP echo it "
-        "runs with `--raw`: no handshake, it writes exactly the bytes a WebSocket client "
-        "would (masked frame header + payload) and expects them back unchanged, with the "
-        "same accounting. The raw client does no WebSocket decoding, so it is lighter than "
-        "the WebSocket client: the TCP row is the ceiling of the server side and kernel.\n"
+        "for byte; the value is verified echoes per second. In (a)–(d) it runs with "
+        "`--prebuilt`: after a real opening handshake (the accept key checked) it writes "
+        "pre-encoded masked frames and compares each echo with the exact unmasked frame the "
+        "server must send back, the cheapest correct client. Against the plain TCP echo it "
+        "runs with `--raw`: no handshake, the same masked frames, expected back unchanged, "
+        "with the same accounting: the TCP row is the ceiling of the server side and kernel. "
+        "(f) uses the full tether client, which compresses and decompresses.\n"
         "- Memory (e): the server's VmRSS before, and at its peak (sampled every 0.25 s) "
         f"while `tether bench idle --conns {opts.idle_conns}` holds its connections for "
         f"{opts.idle_hold:g} s (`--raw` against the TCP echo), divided by the connections "

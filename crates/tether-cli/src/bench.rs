@@ -52,6 +52,12 @@ pub struct EchoArgs {
     /// masked frame a WebSocket client would send and expect exactly those bytes back.
     #[arg(long)]
     pub raw: bool,
+    /// After a real opening handshake, write pre-encoded masked frames and compare each echo
+    /// byte for byte with the unmasked frame a server sends back: the cheapest correct client,
+    /// so a fast server is not hidden behind the load generator. For servers that echo each
+    /// message as one frame; no extensions are offered.
+    #[arg(long, conflicts_with_all = ["raw", "deflate"])]
+    pub prebuilt: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -95,6 +101,9 @@ pub enum BenchError {
     /// Not one plain TCP connection (`--raw`) could be opened.
     #[error("could not connect: {0}")]
     Tcp(std::io::Error),
+    /// The server refused the `--prebuilt` handshake.
+    #[error("handshake: {0}")]
+    Handshake(String),
 }
 
 /// The result of `bench echo`.
@@ -159,6 +168,68 @@ fn client_frame(payload: &[u8], binary: bool, key: [u8; 4]) -> Vec<u8> {
     frame.to_vec()
 }
 
+/// The bytes a server puts on the wire echoing that message: the header without a mask, then
+/// the payload.
+fn server_frame(payload: &[u8], binary: bool) -> Vec<u8> {
+    let header = FrameHeader {
+        fin: true,
+        rsv: 0,
+        opcode: if binary { OpCode::Binary } else { OpCode::Text },
+        mask: None,
+        payload_len: payload.len() as u64,
+    };
+    let mut frame = BytesMut::with_capacity(header.encoded_len() + payload.len());
+    header.encode(&mut frame);
+    frame.extend_from_slice(payload);
+    frame.to_vec()
+}
+
+/// The opening handshake of `--prebuilt`, by hand over `tcp`: a fixed key, and the exact
+/// accept key checked in the answer. The server sends nothing after it until we send.
+async fn handshake(tcp: &mut TcpStream, url: &str) -> Result<(), BenchError> {
+    let parsed = url::Url::parse(url).map_err(|e| BenchError::Usage(e.to_string()))?;
+    let host = parsed.host_str().unwrap_or("localhost");
+    let host = match parsed.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    let path = match parsed.query() {
+        Some(q) => format!("{}?{q}", parsed.path()),
+        None => parsed.path().to_owned(),
+    };
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes())
+        .await
+        .map_err(BenchError::Tcp)?;
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 << 10 || tcp.read(&mut byte).await.map_err(BenchError::Tcp)? == 0 {
+            return Err(BenchError::Handshake(
+                "the server closed during the handshake".into(),
+            ));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let accept = tether::proto::handshake::accept_key(key.as_bytes());
+    let accepted = head.starts_with("HTTP/1.1 101")
+        && head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept
+            })
+        });
+    if !accepted {
+        let line = head.lines().next().unwrap_or("").to_owned();
+        return Err(BenchError::Handshake(format!("not upgraded: {line}")));
+    }
+    Ok(())
+}
+
 /// The address a `ws://` URL points at, for the plain TCP connections of `--raw` and `idle`.
 fn target(url: &str) -> Result<SocketAddr, BenchError> {
     let url = url::Url::parse(url).map_err(|e| BenchError::Usage(e.to_string()))?;
@@ -197,7 +268,7 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
     }
     let duration = Duration::try_from_secs_f64(args.duration)
         .map_err(|_| BenchError::Usage("--duration must be a number of seconds".into()))?;
-    let target = if args.raw {
+    let target = if args.raw || args.prebuilt {
         Some(target(&args.url)?)
     } else {
         ClientBuilder::new(&args.url).map_err(|e| BenchError::Usage(e.to_string()))?;
@@ -209,13 +280,25 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
     } else {
         Message::Text(tether::Utf8Bytes::try_from_bytes(body.clone()).expect("ASCII payload"))
     };
-    // `--raw`: the frame, repeated so that any run of in-flight frames is one slice of it.
-    let (frames, frame_len) = if args.raw {
+    // `--raw` and `--prebuilt`: the frame, repeated so that any run of in-flight frames is one
+    // slice of it, and the echo expected for each: the same bytes from a TCP echo, the
+    // unmasked frame from a WebSocket server.
+    let (frames, frame_len, expected) = if args.raw || args.prebuilt {
         let frame = client_frame(&body, args.binary, RAW_MASK_KEY);
-        (Bytes::from(frame.repeat(args.pipeline + 1)), frame.len())
+        let expected = if args.prebuilt {
+            server_frame(&body, args.binary)
+        } else {
+            frame.clone()
+        };
+        (
+            Bytes::from(frame.repeat(args.pipeline + 1)),
+            frame.len(),
+            Bytes::from(expected),
+        )
     } else {
-        (Bytes::new(), 0)
+        (Bytes::new(), 0, Bytes::new())
     };
+    let prebuilt = args.prebuilt;
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
 
@@ -229,8 +312,11 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
             tokio::spawn(async move {
                 match target {
                     Some(addr) => {
-                        let tcp = TcpStream::connect(addr).await.map_err(BenchError::Tcp)?;
+                        let mut tcp = TcpStream::connect(addr).await.map_err(BenchError::Tcp)?;
                         tcp.set_nodelay(true).map_err(BenchError::Tcp)?;
+                        if prebuilt {
+                            handshake(&mut tcp, &url).await?;
+                        }
                         Ok(Peer::Raw(tcp))
                     }
                     None => {
@@ -281,6 +367,7 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
                     tcp,
                     frames.clone(),
                     frame_len,
+                    expected.clone(),
                     deadline,
                     done,
                     errors,
@@ -385,20 +472,23 @@ async fn drive(
     latency
 }
 
-/// One `--raw` connection: the same loop as [`drive`] over plain TCP. `frames` holds the frame
-/// (`frame_len` bytes) repeated pipeline + 1 times, so the bytes still to write — at most
-/// `pipeline` frames, starting anywhere inside one — are always a single slice of it.
+/// One `--raw` or `--prebuilt` connection: the same loop as [`drive`] over bytes. `frames`
+/// holds the frame (`frame_len` bytes) repeated pipeline + 1 times, so the bytes still to
+/// write — at most `pipeline` frames, starting anywhere inside one — are always a single slice
+/// of it; every echo must be exactly `expected`.
 async fn drive_raw(
     mut tcp: TcpStream,
     frames: Bytes,
     frame_len: usize,
+    expected: Bytes,
     deadline: tokio::time::Instant,
     done: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
 ) -> Histogram<u64> {
     let mut latency = Histogram::<u64>::new(3).expect("histogram");
     let pipeline = frames.len() / frame_len - 1;
-    let frame = &frames[..frame_len];
+    let frame = &expected[..];
+    let echo_len = frame.len();
     let mut sent_at: VecDeque<Instant> = (0..pipeline).map(|_| Instant::now()).collect();
     // Bytes queued and not yet written, and where in a frame the next written byte falls.
     let (mut unsent, mut write_pos) = (pipeline * frame_len, 0);
@@ -415,7 +505,7 @@ async fn drive_raw(
                 let Ok(n @ 1..) = read else { break };
                 let mut echoed = &buf[..n];
                 while !echoed.is_empty() {
-                    let take = echoed.len().min(frame_len - read_pos);
+                    let take = echoed.len().min(echo_len - read_pos);
                     if echoed[..take] != frame[read_pos..read_pos + take] {
                         // Out of step with the frames: nothing after this can be matched.
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +513,7 @@ async fn drive_raw(
                     }
                     echoed = &echoed[take..];
                     read_pos += take;
-                    if read_pos < frame_len {
+                    if read_pos < echo_len {
                         continue;
                     }
                     read_pos = 0;
@@ -474,7 +564,13 @@ pub fn render_echo(s: &EchoSummary, args: &EchoArgs) -> String {
         args.size,
         if args.binary { " binary" } else { " text" },
         if args.deflate { " deflate" } else { "" },
-        if args.raw { " raw TCP" } else { "" },
+        if args.raw {
+            " raw TCP"
+        } else if args.prebuilt {
+            " prebuilt frames"
+        } else {
+            ""
+        },
         s.messages_per_sec,
         s.mb_per_sec,
         s.seconds,

@@ -25,7 +25,13 @@ fn bench(args: &[&str]) -> serde_json::Value {
 #[test]
 fn bench_echo_verifies_every_echo_and_reports_latency() {
     let server = start_echo(&[]);
-    for extra in [&["--binary"][..], &["--deflate"][..]] {
+    let modes = [
+        &["--binary"][..],
+        &["--deflate"][..],
+        &["--prebuilt"][..],
+        &["--prebuilt", "--binary"][..],
+    ];
+    for extra in modes {
         let mut args = vec![
             "echo",
             "--url",
@@ -47,6 +53,52 @@ fn bench_echo_verifies_every_echo_and_reports_latency() {
         assert!(summary["messages"].as_u64().unwrap() > 10, "{summary}");
         assert!(summary["p50_us"].as_u64().unwrap() <= summary["max_us"].as_u64().unwrap());
     }
+}
+
+#[test]
+fn bench_prebuilt_checks_the_handshake_and_every_length_form() {
+    let server = start_echo(&[]);
+    // 7-bit, 16-bit and 64-bit payload lengths: the expected frames must match the server's.
+    for size in ["100", "1000", "70000"] {
+        let summary = bench(&[
+            "echo",
+            "--url",
+            &server.url,
+            "--conns",
+            "2",
+            "--size",
+            size,
+            "--pipeline",
+            "2",
+            "--duration",
+            "0.3",
+            "--quiet",
+            "--prebuilt",
+            "--binary",
+        ]);
+        assert_eq!(summary["errors"], 0, "{size}: {summary}");
+        assert!(
+            summary["messages"].as_u64().unwrap() > 0,
+            "{size}: {summary}"
+        );
+    }
+    // A plain TCP echo is not a WebSocket server: the handshake fails, loudly.
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "echo",
+            "--url",
+            &tcp_echo(|_| {}),
+            "--prebuilt",
+            "--duration",
+            "0.2",
+        ])
+        .args(["--conns", "1", "--quiet"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("handshake"));
 }
 
 #[test]
