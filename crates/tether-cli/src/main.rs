@@ -106,20 +106,20 @@ fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Echo(args) => {
             let summary = rt.block_on(bench::echo(args.clone()))?;
             if args.json {
-                println!("{}", serde_json::to_string(&summary)?);
+                say(&serde_json::to_string(&summary)?);
             } else {
-                println!("{}", bench::render_echo(&summary, &args));
+                say(&bench::render_echo(&summary, &args));
             }
         }
         BenchCommand::Idle(args) => {
             let summary = rt.block_on(bench::idle(args.clone()))?;
             if args.json {
-                println!("{}", serde_json::to_string(&summary)?);
+                say(&serde_json::to_string(&summary)?);
             } else {
-                println!(
+                say(&format!(
                     "{} of {} connections held ({} failed); opened in {:.1} s",
                     summary.held, summary.requested, summary.failed, summary.open_seconds
-                );
+                ));
             }
         }
     }
@@ -151,7 +151,7 @@ fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "echo server listening");
         // One plain line on stdout, so scripts (and `--port 0`) learn the address.
-        println!("listening on ws://{local}/");
+        say(&format!("listening on ws://{local}/"));
         let config = tether::Config::default()
             .max_message_size(args.max_message_size)
             .max_frame_size(args.max_frame_size)
@@ -175,7 +175,7 @@ fn run_serve(args: tether_cli::serve::ServeArgs) -> anyhow::Result<()> {
         let url = server.url();
         tracing::info!(%url, "serving");
         // One plain line on stdout, so scripts (and `--listen 127.0.0.1:0`) learn the address.
-        println!("listening on {url}");
+        say(&format!("listening on {url}"));
         server.run(shutdown_signal()).await;
         anyhow::Ok(())
     })
@@ -215,4 +215,16 @@ fn run_user(cmd: tether_cli::serve::UserCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints a line on stdout. A reader that went away (`| head -1`) is not an error: exit 0,
+/// as a Unix tool does on a broken pipe.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(exit::OK);
+        }
+    }
 }

@@ -200,3 +200,32 @@ fn bench_idle_raw_holds_plain_tcp_connections() {
     ]);
     assert_eq!(summary["held"], 20, "{summary}");
 }
+
+#[test]
+fn a_reader_that_went_away_is_not_an_error() {
+    let server = start_echo(&[]);
+    let mut child = Command::new(BIN)
+        .args([
+            "bench",
+            "echo",
+            "--url",
+            &server.url,
+            "--conns",
+            "1",
+            "--duration",
+            "0.2",
+        ])
+        .arg("--quiet")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // `| head -0`
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
