@@ -11,6 +11,8 @@
 //! #                                             messages per second
 //! # Across two nodes joined by Redis: the publisher on node a, the subscribers on node b.
 //! cargo run --release -p tether-server --example fanout -- 100 1000 10 redis://127.0.0.1:6379/
+//! # Against a running `tether serve` (e.g. pinned to another core than this load):
+//! cargo run --release -p tether-server --example fanout -- 1000 200 10 ws://127.0.0.1:8080/
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -31,11 +33,15 @@ async fn main() {
     let subscribers = number(0, 1000);
     let rate = number(1, 200);
     let seconds = number(2, 10);
-    let redis = args.get(3).cloned();
+    let external = args.get(3).filter(|a| a.starts_with("ws://")).cloned();
+    let redis = args.get(3).filter(|a| a.starts_with("redis://")).cloned();
 
     let data = std::env::temp_dir().join(format!("tether-fanout-{}", std::process::id()));
     let mut nodes = Vec::new();
     for name in ["a", "b"] {
+        if external.is_some() {
+            break;
+        }
         let mut config = ServerConfig::default();
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.data = data.join(name);
@@ -56,7 +62,16 @@ async fn main() {
         }
     }
     // Subscribers on the last node, the publisher on the first: across Redis when there are two.
-    let (publish_addr, addr) = (nodes[0].0, nodes[nodes.len() - 1].0);
+    let (publish_base, base) = match &external {
+        Some(url) => (
+            url.trim_end_matches('/').to_owned(),
+            url.trim_end_matches('/').to_owned(),
+        ),
+        None => (
+            format!("ws://{}", nodes[0].0),
+            format!("ws://{}", nodes[nodes.len() - 1].0),
+        ),
+    };
     if redis.is_some() {
         // Let both nodes subscribe to Redis.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -64,7 +79,7 @@ async fn main() {
     let epoch = Instant::now();
     let expected = rate * seconds;
     let received = Arc::new(AtomicU64::new(0));
-    let url = format!("ws://{addr}/ws/rooms/bench?name=");
+    let url = format!("{base}/ws/rooms/bench?name=");
     let mut subs = Vec::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(subscribers as usize);
     for i in 0..subscribers {
@@ -109,7 +124,7 @@ async fn main() {
         epoch.elapsed().as_secs_f64()
     );
 
-    let publish_url = format!("ws://{publish_addr}/ws/rooms/bench?name=publisher");
+    let publish_url = format!("{publish_base}/ws/rooms/bench?name=publisher");
     let (publisher, _) = tether::connect(&publish_url).await.unwrap();
     let (mut ptx, mut prx) = publisher.split();
     tokio::spawn(async move { while let Some(Ok(_)) = prx.recv().await {} });
