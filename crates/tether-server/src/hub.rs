@@ -74,10 +74,7 @@ impl Topic {
                 continue;
             }
             match peer.tx.try_send(event.clone()) {
-                Ok(()) => {
-                    reached += 1;
-                    metrics.sent(event.msg.payload().len());
-                }
+                Ok(()) => reached += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(user = %peer.user, "slow consumer: outbound queue full");
                     peer.flags.mark_slow();
@@ -85,6 +82,9 @@ impl Topic {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+        // Counted once per fan-out, not per subscriber: the counters are shared by every
+        // thread, and a room of thousands would make them a contended hot spot.
+        metrics.sent_many(reached, event.msg.payload().len());
         reached
     }
 }

@@ -71,8 +71,15 @@ impl Metrics {
 
     /// Counts one message of `len` payload bytes queued to a client.
     pub fn sent(&self, len: usize) {
-        self.messages_out.fetch_add(1, Relaxed);
-        self.bytes_out.fetch_add(len as u64, Relaxed);
+        self.sent_many(1, len);
+    }
+
+    /// Counts `count` copies of a message of `len` payload bytes queued to clients.
+    pub fn sent_many(&self, count: usize, len: usize) {
+        if count > 0 {
+            self.messages_out.fetch_add(count as u64, Relaxed);
+            self.bytes_out.fetch_add((count * len) as u64, Relaxed);
+        }
     }
 
     /// The Prometheus text exposition.

@@ -241,7 +241,7 @@ pub async fn echo(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot) {
             () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
             incoming = ws.recv() => match incoming {
                 Some(Ok(msg)) if msg.is_data() => {
-                    count_in(&app, &msg);
+                    count_in(&app, msg.as_payload().len());
                     app.metrics.sent(msg.as_payload().len());
                     if ws.send(msg).await.is_err() {
                         break End::Gone;
@@ -271,11 +271,9 @@ async fn shutting_down(rx: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-fn count_in(app: &App, msg: &Message) {
+fn count_in(app: &App, len: usize) {
     app.metrics.messages_in.fetch_add(1, Relaxed);
-    app.metrics
-        .bytes_in
-        .fetch_add(msg.as_payload().len() as u64, Relaxed);
+    app.metrics.bytes_in.fetch_add(len as u64, Relaxed);
 }
 
 async fn close(app: &App, ws: &mut UpgradedWebSocket, code: CloseCode, reason: &str) {
@@ -333,7 +331,7 @@ async fn pump(
             }
             incoming = ws.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => {
-                    count_in(&app, &Message::Text(text.clone()));
+                    count_in(&app, text.len());
                     if !limit.allow() {
                         app.metrics.rate_limited.fetch_add(1, Relaxed);
                         tracing::warn!(user = %target_user(&target), "message rate limit exceeded");
