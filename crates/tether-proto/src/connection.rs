@@ -62,27 +62,65 @@ pub enum Event {
     Close(Option<CloseFrame>),
 }
 
-/// A message being reassembled from fragments.
-#[derive(Debug)]
+/// The message being received. Its data so far (the payload of the frames before the current
+/// one, or for a compressed message what was inflated) is [`Extras::data`].
+#[derive(Debug, Clone, Copy)]
 struct Assembly {
     text: bool,
     /// RSV1 was set on the first frame: the payload is permessage-deflate data.
     compressed: bool,
-    /// Payload of the frames before the current one; empty until a second frame arrives.
-    data: BytesMut,
-    /// The inflated message so far, for a compressed message.
-    inflated: Vec<u8>,
     /// Total bytes so far, including the frame being received.
     len: usize,
+}
+
+/// Where receiving stands between calls to [`Connection::receive`]. A frame in progress and a
+/// pending event never coexist: a frame yields its event as it completes.
+#[derive(Debug)]
+enum Rx {
+    /// Between frames.
+    Idle,
+    /// Inside a frame.
+    Frame(InFrame),
+    /// Stopped at an event; `receive` stops at each one, so there is never a second.
+    Event(Event),
 }
 
 /// The frame being received: its header is consumed; its payload is the front of the buffer.
 #[derive(Debug, Clone, Copy)]
 struct InFrame {
     header: FrameHeader,
-    len: usize,
     /// Payload bytes already unmasked (and validated, for text).
     seen: usize,
+}
+
+impl InFrame {
+    /// The payload length (`check_header` bounded it by `max_frame_size`, a `usize`).
+    fn len(&self) -> usize {
+        self.header.payload_len as usize
+    }
+}
+
+/// What most idle server connections never need, boxed so that they do not carry it:
+/// a client's masking keys, permessage-deflate, the error that failed the connection, and the
+/// data of a fragmented (or compressed) message.
+#[derive(Default)]
+struct Extras {
+    mask: Option<MaskSource>,
+    deflate: Option<Deflate>,
+    error: Option<ProtocolError>,
+    /// The message being received, so far: the payload of its frames before the current one,
+    /// or for a compressed message what was inflated. Empty between messages.
+    data: Vec<u8>,
+}
+
+impl Extras {
+    /// Whether dropping it loses nothing.
+    fn is_unused(&self) -> bool {
+        self.mask.is_none()
+            && self.deflate.is_none()
+            && self.error.is_none()
+            && self.data.capacity() == 0
+    }
 }
 
 /// Payloads up to this size are copied out of the read buffer rather than shared with it.
@@ -107,24 +145,24 @@ pub type MaskSource = Box<dyn FnMut() -> [u8; 4] + Send>;
 /// server.receive(&mut wire).unwrap();
 /// assert_eq!(server.poll_event(), Some(Event::Text("hello".into())));
 /// ```
+///
+/// An idle connection is small (136 bytes on 64-bit targets) and, once its driver calls
+/// [`Transmit::shrink`], a server's owns no heap memory: what only some connections need is
+/// boxed on demand.
 pub struct Connection {
-    role: Role,
     limits: Limits,
+    out: Transmit,
+    rx: Rx,
+    message: Option<Assembly>,
+    /// `None` until something in it is needed.
+    extras: Option<Box<Extras>>,
+    utf8: Utf8Validator,
+    role: Role,
     state: State,
     auto_pong: bool,
-    current: Option<InFrame>,
-    message: Option<Assembly>,
-    utf8: Utf8Validator,
-    /// The event `receive` stopped at; it stops at each one, so there is never a second.
-    event: Option<Event>,
-    out: Transmit,
-    error: Option<ProtocolError>,
     close_received: bool,
-    /// Fragmented sending: whether a message we send is unfinished, and its type.
+    /// Fragmented sending: whether a message we send is unfinished.
     sending_fragmented: bool,
-    mask: Option<MaskSource>,
-    /// Boxed: its codec state is large, and most connections never negotiate it.
-    deflate: Option<Box<Deflate>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -133,7 +171,7 @@ impl std::fmt::Debug for Connection {
             .field("role", &self.role)
             .field("state", &self.state)
             .field("queued", &self.out.len())
-            .field("error", &self.error)
+            .field("error", &self.error())
             .finish_non_exhaustive()
     }
 }
@@ -146,32 +184,60 @@ impl Connection {
 
     /// A connection with the given limits.
     pub fn with_limits(role: Role, limits: Limits) -> Self {
-        let mask: Option<MaskSource> = match role {
+        let extras = match role {
             Role::Server => None,
             Role::Client => {
                 let mut rng = rand::rngs::StdRng::from_os_rng();
-                Some(Box::new(move || {
+                let mask: MaskSource = Box::new(move || {
                     let mut key = [0u8; 4];
                     rng.fill_bytes(&mut key);
                     key
+                });
+                Some(Box::new(Extras {
+                    mask: Some(mask),
+                    ..Extras::default()
                 }))
             }
         };
         Connection {
-            role,
             limits,
+            out: Transmit::default(),
+            rx: Rx::Idle,
+            message: None,
+            extras,
+            utf8: Utf8Validator::new(),
+            role,
             state: State::Open,
             auto_pong: true,
-            current: None,
-            message: None,
-            utf8: Utf8Validator::new(),
-            event: None,
-            out: Transmit::default(),
-            error: None,
             close_received: false,
             sending_fragmented: false,
-            mask,
-            deflate: None,
+        }
+    }
+
+    fn extras(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
+    fn deflate(&self) -> Option<&Deflate> {
+        self.extras.as_ref()?.deflate.as_ref()
+    }
+
+    fn deflate_mut(&mut self) -> Option<&mut Deflate> {
+        self.extras.as_mut()?.deflate.as_mut()
+    }
+
+    /// Forgets the data of the message being received.
+    fn drop_message(&mut self) {
+        self.message = None;
+        if let Some(extras) = self.extras.as_mut() {
+            extras.data = Vec::new();
+        }
+    }
+
+    /// Frees `extras` once nothing in it is needed (after a fragmented message).
+    fn release_extras(&mut self) {
+        if self.extras.as_ref().is_some_and(|x| x.is_unused()) {
+            self.extras = None;
         }
     }
 
@@ -179,7 +245,7 @@ impl Connection {
     /// Ignored for a server, which never masks.
     pub fn set_mask_source(&mut self, source: MaskSource) {
         if self.role == Role::Client {
-            self.mask = Some(source);
+            self.extras().mask = Some(source);
         }
     }
 
@@ -187,12 +253,12 @@ impl Connection {
     /// [`crate::extension::deflate`]): RSV1 becomes legal on the first frame of a message,
     /// such messages are inflated, and messages of at least the threshold are sent compressed.
     pub fn set_deflate(&mut self, deflate: Deflate) {
-        self.deflate = Some(Box::new(deflate));
+        self.extras().deflate = Some(deflate);
     }
 
     /// Whether permessage-deflate is in use.
     pub fn deflate_enabled(&self) -> bool {
-        self.deflate.is_some()
+        self.deflate().is_some()
     }
 
     /// Whether pings are answered automatically (default `true`).
@@ -227,7 +293,7 @@ impl Connection {
 
     /// The protocol error that failed the connection, if any.
     pub fn error(&self) -> Option<&ProtocolError> {
-        self.error.as_ref()
+        self.extras.as_ref()?.error.as_ref()
     }
 
     /// Parses frames from the front of `buf` until one yields an event or more bytes are
@@ -246,7 +312,7 @@ impl Connection {
     /// The [`ProtocolError`] that failed the connection. A Close carrying its code is queued;
     /// write it out, then close the transport. The same error is returned on later calls.
     pub fn receive(&mut self, buf: &mut BytesMut) -> Result<(), ProtocolError> {
-        if let Some(err) = &self.error {
+        if let Some(err) = self.error() {
             return Err(err.clone());
         }
         loop {
@@ -254,7 +320,7 @@ impl Connection {
                 buf.clear();
                 return Ok(());
             }
-            if self.event.is_some() {
+            if matches!(self.rx, Rx::Event(_)) {
                 return Ok(());
             }
             match self.step(buf) {
@@ -271,24 +337,30 @@ impl Connection {
     /// Whether [`Connection::receive`] could make progress on `buf` without more bytes:
     /// `buf` holds bytes beyond the partial frame already examined.
     pub fn wants_receive(&self, buf: &BytesMut) -> bool {
-        if self.error.is_some() || self.close_received {
+        if self.close_received || self.error().is_some() {
             return false;
         }
-        match self.current {
-            Some(frame) => buf.len() > frame.seen,
+        match &self.rx {
+            Rx::Frame(frame) => buf.len() > frame.seen,
             // A whole header (or a bad one) is buffered; a partial header needs more bytes.
-            None => !matches!(FrameHeader::parse(buf), Ok(None)),
+            Rx::Idle | Rx::Event(_) => !matches!(FrameHeader::parse(buf), Ok(None)),
         }
     }
 
     fn emit(&mut self, event: Event) {
-        debug_assert!(self.event.is_none(), "receive stops at every event");
-        self.event = Some(event);
+        debug_assert!(matches!(self.rx, Rx::Idle), "receive stops at every event");
+        self.rx = Rx::Event(event);
     }
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.event.take()
+        match std::mem::replace(&mut self.rx, Rx::Idle) {
+            Rx::Event(event) => Some(event),
+            other => {
+                self.rx = other;
+                None
+            }
+        }
     }
 
     /// The bytes waiting to be written: a [`Buf`] to write (vectored) and advance.
@@ -388,7 +460,7 @@ impl Connection {
     pub fn send_prepared(&mut self, message: &crate::Prepared) -> Result<(), SendError> {
         self.check_can_send()?;
         let (opcode, payload) = (message.opcode(), message.payload());
-        match self.deflate.as_mut() {
+        match self.deflate_mut() {
             Some(deflate) if deflate.should_compress(payload.len()) => {
                 let compressed = match deflate.fresh_per_message() {
                     Some(key) => message.compressed(deflate, key),
@@ -413,7 +485,7 @@ impl Connection {
 
     fn send_message(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
         self.check_can_send()?;
-        match self.deflate.as_mut() {
+        match self.deflate_mut() {
             Some(deflate) if deflate.should_compress(payload.len()) => {
                 let compressed = deflate.compress(&payload);
                 self.queue_frame_rsv(opcode, true, RSV1, compressed);
@@ -444,7 +516,7 @@ impl Connection {
     fn queue_close(&mut self, frame: Option<&CloseFrame>) {
         let payload = frame.map(CloseFrame::encode).unwrap_or_default();
         self.queue_frame(OpCode::Close, true, payload);
-        self.state = if self.close_received || self.error.is_some() {
+        self.state = if self.close_received || self.error().is_some() {
             State::Closed
         } else {
             State::Closing
@@ -458,7 +530,11 @@ impl Connection {
 
     /// Encodes one frame with reserved bits `rsv` into the transmit queue.
     fn queue_frame_rsv(&mut self, opcode: OpCode, fin: bool, rsv: u8, payload: Bytes) {
-        let mask = self.mask.as_mut().map(|source| source());
+        let mask = self
+            .extras
+            .as_mut()
+            .and_then(|x| x.mask.as_mut())
+            .map(|source| source());
         let header = FrameHeader {
             fin,
             rsv,
@@ -467,7 +543,6 @@ impl Connection {
             payload_len: payload.len() as u64,
         };
         let tail = self.out.tail();
-        let before = tail.len();
         header.encode(tail);
         match mask {
             Some(key) => {
@@ -475,23 +550,19 @@ impl Connection {
                 let start = tail.len();
                 tail.extend_from_slice(&payload);
                 apply_mask(&mut tail[start..], key, 0);
-                let added = tail.len() - before;
-                self.out.commit(added);
             }
-            None => {
-                let added = tail.len() - before;
-                self.out.commit(added);
-                self.out.push_shared(payload);
-            }
+            None => self.out.push_shared(payload),
         }
     }
 
     /// Fails the connection: queues a Close with the error's code, keeps the error.
     fn fail(&mut self, err: ProtocolError) {
         let code = err.close_code();
-        self.error = Some(err);
-        self.current = None;
-        self.message = None;
+        self.extras().error = Some(err);
+        if matches!(self.rx, Rx::Frame(_)) {
+            self.rx = Rx::Idle;
+        }
+        self.drop_message();
         if self.state == State::Open {
             self.queue_close(Some(&CloseFrame::new(code, "")));
         }
@@ -500,23 +571,19 @@ impl Connection {
 
     /// Makes progress on one frame. `Ok(true)`: a frame completed; `Ok(false)`: need more bytes.
     fn step(&mut self, buf: &mut BytesMut) -> Result<bool, ProtocolError> {
-        let mut frame = match self.current {
-            Some(frame) => frame,
-            None => {
+        let mut frame = match self.rx {
+            Rx::Frame(frame) => frame,
+            Rx::Idle | Rx::Event(_) => {
                 let Some((header, header_len)) = FrameHeader::parse(buf)? else {
                     return Ok(false);
                 };
                 self.check_header(&header)?;
                 buf.advance(header_len);
-                InFrame {
-                    header,
-                    // check_header bounded the length by max_frame_size (a usize).
-                    len: header.payload_len as usize,
-                    seen: 0,
-                }
+                InFrame { header, seen: 0 }
             }
         };
-        let available = buf.len().min(frame.len);
+        let len = frame.len();
+        let available = buf.len().min(len);
         if available > frame.seen {
             let fresh = &mut buf[frame.seen..available];
             if let Some(key) = frame.header.mask {
@@ -529,19 +596,19 @@ impl Connection {
             }
             frame.seen = available;
         }
-        if frame.seen < frame.len {
-            self.current = Some(frame);
+        if frame.seen < len {
+            self.rx = Rx::Frame(frame);
             return Ok(false);
         }
-        self.current = None;
+        self.rx = Rx::Idle;
         // Large payloads are handed out without a copy; small ones are copied so that they do
         // not keep a whole read buffer (possibly megabytes) alive for as long as they live.
-        let payload = if frame.len <= SMALL_PAYLOAD || frame.len < buf.capacity() / 8 {
-            let small = Bytes::copy_from_slice(&buf[..frame.len]);
-            buf.advance(frame.len);
+        let payload = if len <= SMALL_PAYLOAD || len < buf.capacity() / 8 {
+            let small = Bytes::copy_from_slice(&buf[..len]);
+            buf.advance(len);
             small
         } else {
-            buf.split_to(frame.len).freeze()
+            buf.split_to(len).freeze()
         };
         self.on_frame(frame.header, payload)?;
         Ok(true)
@@ -564,7 +631,7 @@ impl Connection {
     fn check_header(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
         // RSV1 belongs to permessage-deflate, and only on a message's first frame.
         let allowed = match h.opcode {
-            OpCode::Text | OpCode::Binary if self.deflate.is_some() => RSV1,
+            OpCode::Text | OpCode::Binary if self.deflate().is_some() => RSV1,
             _ => 0,
         };
         if h.rsv & !allowed != 0 {
@@ -610,8 +677,6 @@ impl Connection {
                 self.message = Some(Assembly {
                     text: opcode == OpCode::Text,
                     compressed: h.rsv & RSV1 != 0,
-                    data: BytesMut::new(),
-                    inflated: Vec::new(),
                     len,
                 });
                 Ok(())
@@ -630,23 +695,25 @@ impl Connection {
             OpCode::Pong => self.emit(Event::Pong(payload)),
             OpCode::Close => self.on_close(&payload)?,
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                let Some(message) = self.message.as_mut() else {
+                let Some(message) = self.message else {
                     return Err(ProtocolError::UnexpectedContinuation);
                 };
                 if message.compressed {
                     return self.on_compressed_frame(h.fin, &payload);
                 }
                 if !h.fin {
-                    message.data.extend_from_slice(&payload);
+                    self.extras().data.extend_from_slice(&payload);
                     return Ok(());
                 }
-                let message = self.message.take().expect("checked above");
-                let data = if message.data.is_empty() {
-                    payload
-                } else {
-                    let mut data = message.data;
-                    data.extend_from_slice(&payload);
-                    data.freeze()
+                self.message = None;
+                let data = match self.extras.as_mut() {
+                    Some(extras) if !extras.data.is_empty() => {
+                        let mut data = std::mem::take(&mut extras.data);
+                        data.extend_from_slice(&payload);
+                        self.release_extras();
+                        Bytes::from(data)
+                    }
+                    _ => payload,
                 };
                 self.deliver(message.text, data)?;
             }
@@ -669,21 +736,25 @@ impl Connection {
     /// Inflates one frame of a compressed message; the last one completes the message.
     fn on_compressed_frame(&mut self, fin: bool, payload: &[u8]) -> Result<(), ProtocolError> {
         let limit = self.limits.max_message_size;
-        let (Some(message), Some(deflate)) = (self.message.as_mut(), self.deflate.as_mut()) else {
+        let (Some(message), Some(extras)) = (self.message, self.extras.as_deref_mut()) else {
             return Err(ProtocolError::ReservedBits(RSV1));
         };
-        let before = message.inflated.len();
-        deflate.inflate(payload, fin, &mut message.inflated, limit)?;
+        let Some(deflate) = extras.deflate.as_mut() else {
+            return Err(ProtocolError::ReservedBits(RSV1));
+        };
+        let before = extras.data.len();
+        deflate.inflate(payload, fin, &mut extras.data, limit)?;
         if message.text {
             self.utf8
-                .feed(&message.inflated[before..])
+                .feed(&extras.data[before..])
                 .map_err(|_| ProtocolError::InvalidUtf8)?;
         }
         if !fin {
             return Ok(());
         }
-        let message = self.message.take().expect("checked above");
-        self.deliver(message.text, Bytes::from(message.inflated))
+        self.message = None;
+        let data = std::mem::take(&mut extras.data);
+        self.deliver(message.text, Bytes::from(data))
     }
 
     fn on_close(&mut self, payload: &[u8]) -> Result<(), ProtocolError> {
@@ -693,7 +764,7 @@ impl Connection {
             ClosePayloadError::InvalidUtf8 => ProtocolError::InvalidUtf8,
         })?;
         self.close_received = true;
-        self.message = None;
+        self.drop_message();
         if self.state == State::Open {
             // Echo the status code (RFC 6455 §5.5.1); no status is echoed as no status.
             let echo = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));

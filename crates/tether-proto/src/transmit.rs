@@ -12,75 +12,79 @@ const SHARE_THRESHOLD: usize = 4096;
 ///
 /// Small frames are copied together into one contiguous buffer, so many of them go out in
 /// one write; large unmasked payloads are queued as the caller's `Bytes`, without a copy.
+/// The queue of those is boxed and exists only while one is queued: an idle connection keeps
+/// one empty `BytesMut` and a null pointer here.
 #[derive(Debug, Default)]
 pub struct Transmit {
-    chunks: VecDeque<Bytes>,
+    /// Written before `tail`: large payloads, and the tail bytes queued before them.
+    shared: Option<Box<Shared>>,
+    /// Small frames, after everything in `shared`.
     tail: BytesMut,
+}
+
+/// Chunks queued by reference, and how many bytes they hold.
+#[derive(Debug, Default)]
+struct Shared {
+    chunks: VecDeque<Bytes>,
     len: usize,
 }
 
 impl Transmit {
     /// Queued bytes not yet written.
     pub fn len(&self) -> usize {
-        self.len
+        self.tail.len() + self.shared.as_ref().map_or(0, |s| s.len)
     }
 
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// The buffer small frames are encoded into; the caller appends and then calls
-    /// [`Transmit::commit`] with how many bytes it added.
+    /// The buffer small frames are encoded into, after everything queued.
     pub(crate) fn tail(&mut self) -> &mut BytesMut {
         &mut self.tail
-    }
-
-    /// Records `n` bytes appended to the tail.
-    pub(crate) fn commit(&mut self, n: usize) {
-        self.len += n;
     }
 
     /// Queues `payload` by reference after whatever the tail holds.
     pub(crate) fn push_shared(&mut self, payload: Bytes) {
         if payload.len() < SHARE_THRESHOLD {
             self.tail.extend_from_slice(&payload);
-            self.len += payload.len();
             return;
         }
+        let shared = self.shared.get_or_insert_with(Box::default);
         if !self.tail.is_empty() {
-            self.chunks.push_back(self.tail.split().freeze());
+            shared.len += self.tail.len();
+            shared.chunks.push_back(self.tail.split().freeze());
         }
-        self.len += payload.len();
-        self.chunks.push_back(payload);
+        shared.len += payload.len();
+        shared.chunks.push_back(payload);
     }
 
     /// Frees the tail's memory when nothing is queued (for idle connections).
     pub fn shrink(&mut self) {
-        if self.len == 0 {
+        if self.is_empty() {
             self.tail = BytesMut::new();
-            self.chunks = VecDeque::new();
+            self.shared = None;
         }
     }
 }
 
 impl Buf for Transmit {
     fn remaining(&self) -> usize {
-        self.len
+        self.len()
     }
 
     fn chunk(&self) -> &[u8] {
-        match self.chunks.front() {
+        match self.shared.as_ref().and_then(|s| s.chunks.front()) {
             Some(c) => c,
             None => &self.tail,
         }
     }
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let shared = self.shared.iter().flat_map(|s| s.chunks.iter());
         let mut n = 0;
-        for chunk in self
-            .chunks
-            .iter()
+        for chunk in shared
             .map(|c| &c[..])
             .chain(std::iter::once(&self.tail[..]))
         {
@@ -97,29 +101,26 @@ impl Buf for Transmit {
 
     fn advance(&mut self, mut cnt: usize) {
         assert!(
-            cnt <= self.len,
+            cnt <= self.len(),
             "advance past the end of the transmit queue"
         );
-        self.len -= cnt;
-        while cnt > 0 {
-            match self.chunks.front_mut() {
-                Some(front) if front.len() <= cnt => {
+        if let Some(shared) = self.shared.as_mut() {
+            while cnt > 0 {
+                let Some(front) = shared.chunks.front_mut() else {
+                    break;
+                };
+                if front.len() <= cnt {
                     cnt -= front.len();
-                    self.chunks.pop_front();
-                }
-                Some(front) => {
+                    shared.len -= front.len();
+                    shared.chunks.pop_front();
+                } else {
                     front.advance(cnt);
-                    return;
-                }
-                None => {
-                    self.tail.advance(cnt);
+                    shared.len -= cnt;
                     return;
                 }
             }
         }
-        if self.len == 0 {
-            self.tail.clear();
-        }
+        self.tail.advance(cnt);
     }
 }
 
@@ -131,10 +132,8 @@ mod tests {
     fn keeps_order_across_copied_and_shared_chunks() {
         let mut t = Transmit::default();
         t.tail().extend_from_slice(b"ab");
-        t.commit(2);
         t.push_shared(Bytes::from(vec![b'x'; 5000]));
         t.tail().extend_from_slice(b"cd");
-        t.commit(2);
         assert_eq!(t.len(), 5004);
         let mut slices = [IoSlice::new(&[]); 8];
         assert_eq!(t.chunks_vectored(&mut slices), 3);
@@ -144,5 +143,20 @@ mod tests {
         assert_eq!(t.chunk(), b"cd");
         t.advance(2);
         assert!(t.is_empty());
+        t.shrink();
+        assert_eq!(t.tail.capacity(), 0);
+        assert!(t.shared.is_none());
+    }
+
+    #[test]
+    fn advance_can_end_inside_the_tail_after_shared_chunks() {
+        let mut t = Transmit::default();
+        t.push_shared(Bytes::from(vec![b'x'; 5000]));
+        t.tail().extend_from_slice(b"abc");
+        t.advance(5001);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.chunk(), b"bc");
+        let mut slices = [IoSlice::new(&[]); 8];
+        assert_eq!(t.chunks_vectored(&mut slices), 1);
     }
 }

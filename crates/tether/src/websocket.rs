@@ -23,7 +23,7 @@ const READ_CHUNK: usize = 16 << 10;
 /// How many buffers one vectored write gathers.
 const MAX_IOVECS: usize = 64;
 
-/// Which half of a connection is waiting to write: both can, after [`WebSocket::split`].
+/// Which half of a connection is polling: both can write, after [`WebSocket::split`].
 #[derive(Clone, Copy)]
 enum Waiter {
     Reader = 0,
@@ -66,10 +66,30 @@ impl Wake for WriteWakers {
     }
 }
 
-/// Keepalive: a ping every `interval`, and a deadline for its pong.
+/// The wakers of a connection that two tasks poll: the halves of [`WebSocket::split`], or a
+/// socket polled from a second task (through `futures`' `StreamExt::split`, say).
+struct Shared {
+    wakers: Arc<WriteWakers>,
+    /// Given to the socket for every write: wakes both tasks.
+    write_waker: Waker,
+    /// The task last waiting in `poll_next_message`, woken when a Close is queued from the
+    /// sending side so that it arms the close timer.
+    read_waker: Option<Waker>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        let wakers = Arc::new(WriteWakers::default());
+        Shared {
+            write_waker: Waker::from(wakers.clone()),
+            wakers,
+            read_waker: None,
+        }
+    }
+}
+
+/// Keepalive: a ping every `ping_interval`, and a deadline for its pong.
 struct Keepalive {
-    interval: std::time::Duration,
-    timeout: std::time::Duration,
     timer: Pin<Box<Sleep>>,
     next_ping: Instant,
     pong_deadline: Option<Instant>,
@@ -77,11 +97,9 @@ struct Keepalive {
 }
 
 impl Keepalive {
-    fn new(interval: std::time::Duration, timeout: std::time::Duration) -> Self {
+    fn new(interval: std::time::Duration) -> Self {
         let next_ping = Instant::now() + interval;
         Keepalive {
-            interval,
-            timeout,
             timer: Box::pin(tokio::time::sleep_until(next_ping)),
             next_ping,
             pong_deadline: None,
@@ -90,7 +108,13 @@ impl Keepalive {
     }
 
     /// Sends due pings. `Err(())` when a pong is overdue.
-    fn poll(&mut self, cx: &mut Context<'_>, conn: &mut Connection) -> Result<(), ()> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut Connection,
+        config: &Config,
+    ) -> Result<(), ()> {
+        let interval = config.ping_interval.unwrap_or_default();
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             if self.pong_deadline.is_some_and(|d| now >= d) {
@@ -103,9 +127,9 @@ impl Keepalive {
                     .is_ok()
                     && self.pong_deadline.is_none()
                 {
-                    self.pong_deadline = Some(now + self.timeout);
+                    self.pong_deadline = Some(now + config.ping_timeout);
                 }
-                self.next_ping = now + self.interval;
+                self.next_ping = now + interval;
             }
             let wake_at = self
                 .pong_deadline
@@ -117,32 +141,58 @@ impl Keepalive {
 }
 
 /// Where the connection is in its life, as the driver sees it.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Reading and writing.
     Running,
     /// Finishing: write what is queued (the Close), close the transport, then end the stream
-    /// with this error (or cleanly with `None`).
-    Finishing(Option<Error>),
+    /// with [`Extra::error`] (or cleanly without one).
+    Finishing,
     /// The stream has ended.
     Done,
 }
 
+/// What most connections never need, boxed so that an idle connection does not carry it.
+#[derive(Default)]
+struct Extra {
+    protocol: Option<Box<str>>,
+    keepalive: Option<Keepalive>,
+    close_timer: Option<Pin<Box<Sleep>>>,
+    /// Set once two tasks poll the connection.
+    shared: Option<Shared>,
+    /// The error a finishing connection ends with.
+    error: Option<Box<Error>>,
+}
+
 /// The connection state shared by the whole socket or by its two halves.
+///
+/// An idle connection holds no buffer and no other allocation of its own (the read buffer is
+/// freed whenever a read would wait with nothing in it; cold state lives in `extra`), so that
+/// a server can hold many: see `tests/idle_memory.rs`.
 pub(crate) struct Inner<S> {
     io: S,
     conn: Connection,
     read_buf: BytesMut,
     config: Arc<Config>,
-    protocol: Option<String>,
+    /// `None` until something in it is needed.
+    extra: Option<Box<Extra>>,
+    /// While one task polls the connection: its waker, which the socket is given as is. A
+    /// second task moves the connection to [`Extra::shared`] wakers.
+    task: Option<Waker>,
     phase: Phase,
-    keepalive: Option<Keepalive>,
-    close_timer: Option<Pin<Box<Sleep>>>,
-    wakers: Arc<WriteWakers>,
-    write_waker: Waker,
     eof: bool,
-    /// The task last waiting in `poll_next_message`, woken when a Close is queued from the
-    /// sending side so that it arms the close timer.
-    read_waker: Option<Waker>,
+}
+
+/// The waker a write (or shutdown) by `who` gives the socket: the caller's own while one task
+/// polls the connection, otherwise one that wakes both tasks.
+fn write_waker<'a>(extra: &'a Option<Box<Extra>>, who: Waiter, waker: &'a Waker) -> &'a Waker {
+    match extra.as_ref().and_then(|x| x.shared.as_ref()) {
+        Some(shared) => {
+            shared.wakers.register(who, waker);
+            &shared.write_waker
+        }
+        None => waker,
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
@@ -161,28 +211,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         let keepalive = config
             .ping_interval
             .filter(|i| !i.is_zero())
-            .map(|i| Keepalive::new(i, config.ping_timeout));
-        let wakers = Arc::new(WriteWakers::default());
+            .map(Keepalive::new);
+        let extra = (protocol.is_some() || keepalive.is_some()).then(|| {
+            Box::new(Extra {
+                protocol: protocol.map(String::into_boxed_str),
+                keepalive,
+                ..Extra::default()
+            })
+        });
         Inner {
             io,
             conn,
             read_buf,
             config,
-            protocol,
+            extra,
+            task: None,
             phase: Phase::Running,
-            keepalive,
-            close_timer: None,
-            write_waker: Waker::from(wakers.clone()),
-            wakers,
             eof: false,
-            read_waker: None,
         }
+    }
+
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    fn shared(&mut self) -> Option<&mut Shared> {
+        self.extra.as_mut()?.shared.as_mut()
+    }
+
+    /// Notes the task polling as `who`. From a second task on (or after `split`), the
+    /// connection keeps wakers for both, so that neither loses a wake-up.
+    fn track_task(&mut self, cx: &Context<'_>, who: Waiter) {
+        let waker = cx.waker();
+        if let Some(shared) = self.shared() {
+            if matches!(who, Waiter::Reader)
+                && !shared
+                    .read_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(waker))
+            {
+                shared.read_waker = Some(waker.clone());
+            }
+            return;
+        }
+        match self.task.take() {
+            // The same task, even when `will_wake` says otherwise: a waker's data is its task,
+            // but its vtable may be one of several copies of the same (one per codegen unit,
+            // as with the waker of a current-thread runtime's `block_on`).
+            Some(task) if task.data() == waker.data() => self.task = Some(task),
+            None => self.task = Some(waker.clone()),
+            Some(first) => {
+                // The first task may be waiting to write with its own waker, which the
+                // socket is about to forget: the shared wakers wake it too.
+                let shared = self.start_sharing();
+                let (other, reader) = match who {
+                    Waiter::Reader => (Waiter::Sender, waker.clone()),
+                    Waiter::Sender => (Waiter::Reader, first.clone()),
+                };
+                shared.wakers.register(other, &first);
+                shared.read_waker = Some(reader);
+            }
+        }
+    }
+
+    /// Switches to the wakers of a connection polled by two tasks.
+    fn start_sharing(&mut self) -> &mut Shared {
+        self.task = None;
+        self.extra().shared.get_or_insert_with(Shared::new)
     }
 
     /// Writes queued frames (gathering many per syscall) and flushes the transport.
     fn poll_write_out(&mut self, cx: &mut Context<'_>, who: Waiter) -> Poll<io::Result<()>> {
-        self.wakers.register(who, cx.waker());
-        let mut wcx = Context::from_waker(&self.write_waker);
+        let mut wcx = Context::from_waker(write_waker(&self.extra, who, cx.waker()));
         let out = self.conn.transmit();
         while out.has_remaining() {
             let written = if self.io.is_write_vectored() {
@@ -205,26 +305,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         if let Some(e) = &err {
             tracing::info!(code = e.close_code().0, error = %e, "closing WebSocket connection");
         }
-        if matches!(self.phase, Phase::Running) {
-            self.phase = Phase::Finishing(err);
+        if self.phase == Phase::Running {
+            self.phase = Phase::Finishing;
+            if let Some(err) = err {
+                self.extra().error = Some(Box::new(err));
+            }
         }
     }
 
     fn end(&mut self) -> Poll<Option<Result<Message>>> {
-        match self.mark_done() {
-            Phase::Finishing(Some(err)) => Poll::Ready(Some(Err(err))),
-            _ => Poll::Ready(None),
-        }
+        let error = match self.mark_done() {
+            Phase::Finishing => self.extra.as_mut().and_then(|x| x.error.take()),
+            _ => None,
+        };
+        Poll::Ready(error.map(|err| Err(*err)))
     }
 
     /// Ends the connection for both halves: the transport is shut down (best effort) and a
     /// sender waiting to write is woken to find it closed. Returns the previous phase.
     fn mark_done(&mut self) -> Phase {
         let previous = std::mem::replace(&mut self.phase, Phase::Done);
-        if !matches!(previous, Phase::Done) {
-            let mut wcx = Context::from_waker(&self.write_waker);
-            let _ = Pin::new(&mut self.io).poll_shutdown(&mut wcx);
-            Wake::wake_by_ref(&self.wakers);
+        if previous != Phase::Done {
+            let shared = self.extra.as_ref().and_then(|x| x.shared.as_ref());
+            let waker = shared.map_or(Waker::noop(), |s| &s.write_waker);
+            let _ = Pin::new(&mut self.io).poll_shutdown(&mut Context::from_waker(waker));
+            if let Some(shared) = shared {
+                Wake::wake_by_ref(&shared.wakers);
+            }
         }
         previous
     }
@@ -238,9 +345,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         self.conn.transmit().shrink();
     }
 
-    /// Wakes the receiving side (it arms the close timer once a Close is queued).
+    /// Wakes the receiving side when another task polls it (it arms the close timer once a
+    /// Close is queued).
     fn wake_reader(&self) {
-        if let Some(waker) = &self.read_waker {
+        let shared = self.extra.as_ref().and_then(|x| x.shared.as_ref());
+        if let Some(waker) = shared.and_then(|s| s.read_waker.as_ref()) {
             waker.wake_by_ref();
         }
     }
@@ -249,22 +358,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     fn close_timer_fired(&mut self, cx: &mut Context<'_>) -> bool {
         let timeout = self.config.close_timeout;
         let timer = self
+            .extra()
             .close_timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         timer.as_mut().poll(cx).is_ready()
     }
 
     fn poll_next_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message>>> {
-        if !self
-            .read_waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            self.read_waker = Some(cx.waker().clone());
-        }
+        self.track_task(cx, Waiter::Reader);
         loop {
             if let Some(event) = self.conn.poll_event() {
-                if let (Event::Pong(payload), Some(k)) = (&event, self.keepalive.as_mut()) {
+                let keepalive = self.extra.as_mut().and_then(|x| x.keepalive.as_mut());
+                if let (Event::Pong(payload), Some(k)) = (&event, keepalive) {
                     // Only the answer to our latest ping proves the peer alive.
                     if payload[..] == k.sent.to_be_bytes() {
                         k.pong_deadline = None;
@@ -272,12 +377,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 }
                 return Poll::Ready(Some(Ok(event.into())));
             }
-            if matches!(self.phase, Phase::Done) {
+            if self.phase == Phase::Done {
                 return Poll::Ready(None);
             }
-            if matches!(self.phase, Phase::Running) {
-                if let Some(keepalive) = self.keepalive.as_mut() {
-                    if keepalive.poll(cx, &mut self.conn).is_err() {
+            if self.phase == Phase::Running {
+                let keepalive = self.extra.as_mut().and_then(|x| x.keepalive.as_mut());
+                if let Some(keepalive) = keepalive {
+                    if keepalive.poll(cx, &mut self.conn, &self.config).is_err() {
                         let _ = self.conn.send_close(Some(CloseFrame::new(
                             CloseCode::INTERNAL_ERROR,
                             "keepalive timeout",
@@ -288,7 +394,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             }
 
             // Frames already buffered come before anything new: parse them first.
-            if matches!(self.phase, Phase::Running) && self.conn.wants_receive(&self.read_buf) {
+            if self.phase == Phase::Running && self.conn.wants_receive(&self.read_buf) {
                 let before = self.read_buf.len();
                 if let Err(err) = self.conn.receive(&mut self.read_buf) {
                     self.finish(Some(Error::Protocol(err)));
@@ -310,7 +416,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 Poll::Pending => false,
             };
 
-            let finishing = !matches!(self.phase, Phase::Running);
+            let finishing = self.phase != Phase::Running;
             let state = self.conn.state();
             if finishing || state != State::Open {
                 if self.close_timer_fired(cx) {
@@ -325,8 +431,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     // TCP first (RFC 6455 §7.1.1); a server, or a failed connection, closes now.
                     let wait_for_peer = !finishing && self.conn.role() == Role::Client && !self.eof;
                     if !wait_for_peer {
-                        self.wakers.register(Waiter::Reader, cx.waker());
-                        let mut wcx = Context::from_waker(&self.write_waker);
+                        let waker = write_waker(&self.extra, Waiter::Reader, cx.waker());
+                        let mut wcx = Context::from_waker(waker);
                         let _ = ready!(Pin::new(&mut self.io).poll_shutdown(&mut wcx));
                         return self.end();
                     }
@@ -376,7 +482,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        if self.conn.close_sent() || matches!(self.phase, Phase::Done) {
+        self.track_task(cx, Waiter::Sender);
+        if self.conn.close_sent() || self.phase == Phase::Done {
             return Poll::Ready(Err(Error::Send(SendError::Closed)));
         }
         if self.conn.queued_len() >= self.config.write_buffer_size {
@@ -405,7 +512,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        if matches!(self.phase, Phase::Done) && self.conn.queued_len() > 0 {
+        self.track_task(cx, Waiter::Sender);
+        if self.phase == Phase::Done && self.conn.queued_len() > 0 {
             // The transport is closed: what is still queued will never be written.
             return Poll::Ready(Err(Error::Send(SendError::Closed)));
         }
@@ -460,7 +568,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
 
     /// The subprotocol agreed in the handshake, if any.
     pub fn protocol(&self) -> Option<&str> {
-        self.inner.protocol.as_deref()
+        self.inner.extra.as_ref()?.protocol.as_deref()
     }
 
     /// Whether permessage-deflate was negotiated.
@@ -495,8 +603,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     ///
     /// # Cancel safety
     /// Cancel-safe: use it in `tokio::select!`; no message is lost when the future is dropped.
-    pub async fn recv(&mut self) -> Option<Result<Message>> {
-        poll_fn(|cx| self.inner.poll_next_message(cx)).await
+    pub fn recv(&mut self) -> impl Future<Output = Option<Result<Message>>> + '_ {
+        // Not an `async fn`: the futures of `recv`, `feed` and `send` hold only what their
+        // poll needs, so that a task awaiting them stays small (see `tests/idle_memory.rs`).
+        poll_fn(|cx| self.inner.poll_next_message(cx))
     }
 
     /// Queues `msg` and writes everything queued.
@@ -507,9 +617,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     ///
     /// # Cancel safety
     /// If cancelled, the message may be queued and is written by a later call.
-    pub async fn send(&mut self, msg: Message) -> Result<()> {
-        self.feed(msg).await?;
-        self.flush().await
+    pub fn send(&mut self, msg: Message) -> impl Future<Output = Result<()>> + '_ {
+        let mut msg = Some(msg);
+        poll_fn(move |cx| {
+            if msg.is_some() {
+                ready!(self.inner.poll_ready(cx))?;
+                self.inner.start_send(msg.take().expect("checked above"))?;
+            }
+            self.inner.poll_flush(cx)
+        })
     }
 
     /// Queues `msg`, waiting only while more than `write_buffer_size` bytes are queued.
@@ -519,9 +635,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     ///
     /// # Cancel safety
     /// Cancel-safe: if cancelled, the message was not queued.
-    pub async fn feed(&mut self, msg: Message) -> Result<()> {
-        poll_fn(|cx| self.inner.poll_ready(cx)).await?;
-        self.inner.start_send(msg)
+    pub fn feed(&mut self, msg: Message) -> impl Future<Output = Result<()>> + '_ {
+        let mut msg = Some(msg);
+        poll_fn(move |cx| {
+            ready!(self.inner.poll_ready(cx))?;
+            let msg = msg.take().expect("polled after completion");
+            Poll::Ready(self.inner.start_send(msg))
+        })
     }
 
     /// Queues a message prepared once for many connections (see [`Prepared`]): fan-out
@@ -533,9 +653,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     ///
     /// # Cancel safety
     /// Cancel-safe: if cancelled, the message was not queued.
-    pub async fn feed_prepared(&mut self, msg: &Prepared) -> Result<()> {
-        poll_fn(|cx| self.inner.poll_ready(cx)).await?;
-        self.inner.start_send_prepared(msg)
+    pub fn feed_prepared<'a>(
+        &'a mut self,
+        msg: &'a Prepared,
+    ) -> impl Future<Output = Result<()>> + 'a {
+        poll_fn(move |cx| {
+            ready!(self.inner.poll_ready(cx))?;
+            Poll::Ready(self.inner.start_send_prepared(msg))
+        })
     }
 
     /// Writes everything queued.
@@ -545,8 +670,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     ///
     /// # Cancel safety
     /// Cancel-safe: what was written stays written; the rest stays queued.
-    pub async fn flush(&mut self) -> Result<()> {
-        poll_fn(|cx| self.inner.poll_flush(cx)).await
+    pub fn flush(&mut self) -> impl Future<Output = Result<()>> + '_ {
+        poll_fn(|cx| self.inner.poll_flush(cx))
     }
 
     /// Closes the connection: sends a Close (1000 unless `frame` says otherwise), then reads
@@ -564,7 +689,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     }
 
     /// Splits into a sending and a receiving half, usable from two tasks.
-    pub fn split(self) -> (WsSender<S>, WsReceiver<S>) {
+    pub fn split(mut self) -> (WsSender<S>, WsReceiver<S>) {
+        self.inner.start_sharing();
         let shared = Arc::new(Mutex::new(self.inner));
         (
             WsSender {
@@ -613,7 +739,10 @@ impl<S> std::fmt::Debug for WebSocket<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebSocket")
             .field("connection", &self.inner.conn)
-            .field("protocol", &self.inner.protocol)
+            .field(
+                "protocol",
+                &self.inner.extra.as_ref().and_then(|x| x.protocol.as_ref()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -652,9 +781,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
     ///
     /// # Cancel safety
     /// If cancelled, the message may be queued and is written by a later call.
-    pub async fn send(&mut self, msg: Message) -> Result<()> {
-        self.feed(msg).await?;
-        self.flush().await
+    pub fn send(&mut self, msg: Message) -> impl Future<Output = Result<()>> + '_ {
+        let mut msg = Some(msg);
+        poll_fn(move |cx| {
+            let mut inner = lock(&self.shared);
+            if msg.is_some() {
+                ready!(inner.poll_ready(cx))?;
+                inner.start_send(msg.take().expect("checked above"))?;
+            }
+            inner.poll_flush(cx)
+        })
     }
 
     /// Queues `msg`, waiting only while more than `write_buffer_size` bytes are queued.
@@ -664,9 +800,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
     ///
     /// # Cancel safety
     /// Cancel-safe: if cancelled, the message was not queued.
-    pub async fn feed(&mut self, msg: Message) -> Result<()> {
-        poll_fn(|cx| lock(&self.shared).poll_ready(cx)).await?;
-        lock(&self.shared).start_send(msg)
+    pub fn feed(&mut self, msg: Message) -> impl Future<Output = Result<()>> + '_ {
+        let mut msg = Some(msg);
+        poll_fn(move |cx| {
+            let mut inner = lock(&self.shared);
+            ready!(inner.poll_ready(cx))?;
+            let msg = msg.take().expect("polled after completion");
+            Poll::Ready(inner.start_send(msg))
+        })
     }
 
     /// Queues a prepared message; see [`WebSocket::feed_prepared`].
@@ -676,9 +817,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
     ///
     /// # Cancel safety
     /// Cancel-safe: if cancelled, the message was not queued.
-    pub async fn feed_prepared(&mut self, msg: &Prepared) -> Result<()> {
-        poll_fn(|cx| lock(&self.shared).poll_ready(cx)).await?;
-        lock(&self.shared).start_send_prepared(msg)
+    pub fn feed_prepared<'a>(
+        &'a mut self,
+        msg: &'a Prepared,
+    ) -> impl Future<Output = Result<()>> + 'a {
+        poll_fn(move |cx| {
+            let mut inner = lock(&self.shared);
+            ready!(inner.poll_ready(cx))?;
+            Poll::Ready(inner.start_send_prepared(msg))
+        })
     }
 
     /// Writes everything queued.
@@ -688,8 +835,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
     ///
     /// # Cancel safety
     /// Cancel-safe.
-    pub async fn flush(&mut self) -> Result<()> {
-        poll_fn(|cx| lock(&self.shared).poll_flush(cx)).await
+    pub fn flush(&mut self) -> impl Future<Output = Result<()>> + '_ {
+        poll_fn(|cx| lock(&self.shared).poll_flush(cx))
     }
 
     /// Sends a Close (1000 unless `frame` says otherwise) and writes it, waiting at most
@@ -723,8 +870,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsReceiver<S> {
     ///
     /// # Cancel safety
     /// Cancel-safe.
-    pub async fn recv(&mut self) -> Option<Result<Message>> {
-        poll_fn(|cx| lock(&self.shared).poll_next_message(cx)).await
+    pub fn recv(&mut self) -> impl Future<Output = Option<Result<Message>>> + '_ {
+        poll_fn(|cx| lock(&self.shared).poll_next_message(cx))
     }
 }
 

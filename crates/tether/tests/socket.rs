@@ -116,6 +116,37 @@ async fn split_halves_send_and_receive_from_two_tasks() {
 }
 
 #[tokio::test]
+async fn a_socket_shared_by_two_tasks_loses_no_wake_up() {
+    // `futures`' `StreamExt::split` shares the socket itself (not `split()`'s halves) between
+    // two tasks. Both come to wait for the full socket to take more; both must be woken.
+    let (listener, addr) = listener().await;
+    let (start_reading, reading) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tether::accept(tcp).await.unwrap();
+        reading.await.unwrap();
+        ws.recv().await.unwrap().unwrap()
+    });
+    let (ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    let (mut sink, mut stream) = StreamExt::split(ws);
+    let sender = tokio::spawn(async move {
+        sink.send(Message::binary(vec![7u8; 8 << 20]))
+            .await
+            .unwrap();
+        sink
+    });
+    // The sender fills the socket and waits; then this task waits to write the rest too.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let polled = tokio::time::timeout(Duration::from_millis(100), stream.next()).await;
+    assert!(polled.is_err(), "nothing to receive yet");
+    start_reading.send(()).unwrap();
+    // Only the sender is left polling: it finishes writing once the server reads.
+    drop(within(sender).await.unwrap());
+    let received = within(server).await.unwrap();
+    assert_eq!(received.as_payload().len(), 8 << 20);
+}
+
+#[tokio::test]
 async fn recv_is_cancel_safe_inside_select() {
     let addr = echo_server(Config::default()).await;
     let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();

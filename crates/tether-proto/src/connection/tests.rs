@@ -397,3 +397,20 @@ fn receive_stops_at_each_event_so_earlier_messages_are_answered_first() {
     assert_eq!(&out[..7], &raw(0x1, true, 0, b"first", None)[..]);
     assert_eq!(out[7], 0x88);
 }
+
+#[test]
+fn an_idle_connection_is_small() {
+    // Most of what a server holds per idle connection; it was 296 bytes.
+    assert!(std::mem::size_of::<Connection>() <= 136);
+}
+
+#[test]
+fn a_fragmented_message_leaves_nothing_boxed_behind() {
+    let mut server = Connection::new(Role::Server);
+    assert!(server.extras.is_none());
+    feed(&mut server, &from_client(0x1, false, b"hel")).unwrap();
+    assert!(server.extras.is_some(), "the first fragment is kept");
+    feed(&mut server, &from_client(0x0, true, b"lo")).unwrap();
+    assert_eq!(events(&mut server), vec![Event::Text("hello".into())]);
+    assert!(server.extras.is_none());
+}
