@@ -347,6 +347,16 @@ impl Connection {
         }
     }
 
+    /// How many bytes past the end of `buf` the frame being received still needs: a reader
+    /// can make room for them at once instead of growing its buffer read by read. Zero
+    /// between frames.
+    pub fn frame_missing(&self, buf: &BytesMut) -> usize {
+        match &self.rx {
+            Rx::Frame(frame) if !self.close_received => frame.len().saturating_sub(buf.len()),
+            _ => 0,
+        }
+    }
+
     fn emit(&mut self, event: Event) {
         debug_assert!(matches!(self.rx, Rx::Idle), "receive stops at every event");
         self.rx = Rx::Event(event);

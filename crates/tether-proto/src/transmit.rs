@@ -62,9 +62,27 @@ impl Transmit {
 
     /// Frees the tail's memory when nothing is queued (for idle connections).
     pub fn shrink(&mut self) {
-        if self.is_empty() {
-            self.tail = BytesMut::new();
-            self.shared = None;
+        drop(self.release());
+    }
+
+    /// Takes the tail's buffer out when nothing is queued, so the caller can free it or hand
+    /// it to another connection; `None` while bytes wait or when the tail holds no memory.
+    pub fn release(&mut self) -> Option<BytesMut> {
+        if !self.is_empty() {
+            return None;
+        }
+        self.shared = None;
+        (self.tail.capacity() > 0).then(|| std::mem::take(&mut self.tail))
+    }
+
+    /// Gives the tail an empty buffer to encode into when it has no memory of its own (after
+    /// [`Transmit::release`]), instead of growing a fresh one frame by frame. `make` runs
+    /// only then.
+    pub fn provide(&mut self, make: impl FnOnce() -> BytesMut) {
+        if self.tail.capacity() == 0 {
+            let buf = make();
+            debug_assert!(buf.is_empty());
+            self.tail = buf;
         }
     }
 }
@@ -146,6 +164,20 @@ mod tests {
         t.shrink();
         assert_eq!(t.tail.capacity(), 0);
         assert!(t.shared.is_none());
+    }
+
+    #[test]
+    fn release_hands_out_the_tail_only_when_nothing_waits() {
+        let mut t = Transmit::default();
+        assert!(t.release().is_none(), "no memory yet");
+        t.provide(|| BytesMut::with_capacity(1024));
+        t.provide(|| unreachable!("the tail has memory"));
+        t.tail().extend_from_slice(b"abc");
+        assert!(t.release().is_none(), "bytes are waiting");
+        t.advance(3);
+        let buf = t.release().expect("an empty buffer");
+        assert!(buf.is_empty() && buf.capacity() >= 1021);
+        assert_eq!(t.tail.capacity(), 0);
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub struct Utf8Validator {
 #[error("invalid UTF-8")]
 pub struct InvalidUtf8;
 
+/// Below this length a piece is first checked for plain ASCII (simdutf8 itself switches to
+/// the standard library's validator below 64 bytes).
+const SHORT: usize = 64;
+
 impl Utf8Validator {
     /// A validator at the start of a text.
     pub fn new() -> Self {
@@ -45,6 +49,11 @@ impl Utf8Validator {
                 }
                 Err(_) => return Err(InvalidUtf8),
             }
+        }
+        // Short ASCII pieces, the usual chat or JSON message, skip the general validator,
+        // which for inputs this small falls back to a byte-by-byte loop.
+        if input.len() < SHORT && input.is_ascii() {
+            return Ok(());
         }
         match simdutf8::compat::from_utf8(input) {
             Ok(_) => Ok(()),

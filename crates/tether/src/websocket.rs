@@ -17,9 +17,14 @@ use tokio::time::{Instant, Sleep};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::spare;
 
 /// How much spare room a read asks for.
-const READ_CHUNK: usize = 16 << 10;
+const READ_CHUNK: usize = spare::BUFFER;
+/// Room made at once for a large frame whose header has arrived, however little of it has:
+/// beyond this, up to four times what is already buffered, so that a peer cannot make a
+/// connection allocate much more than it has sent.
+const FRAME_AHEAD: usize = 64 << 10;
 /// How many buffers one vectored write gathers.
 const MAX_IOVECS: usize = 64;
 
@@ -340,9 +345,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// an idle connection holds no buffer memory; the next read allocates again.
     fn release_idle_buffers(&mut self) {
         if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
-            self.read_buf = BytesMut::new();
+            spare::give(std::mem::take(&mut self.read_buf));
         }
-        self.conn.transmit().shrink();
+        if let Some(tail) = self.conn.transmit().release() {
+            spare::give(tail);
+        }
+    }
+
+    /// Makes room in the read buffer when little is left: a spare buffer when it is empty,
+    /// room for the rest of a large frame whose header is in (one allocation rather than
+    /// regrowing read by read, but at most [`FRAME_AHEAD`] or four times what is buffered),
+    /// a chunk otherwise.
+    fn reserve_read(&mut self) {
+        let buf = &mut self.read_buf;
+        if buf.is_empty() && buf.capacity() < READ_CHUNK / 4 {
+            // Nothing buffered, and no room worth reading into (none after an idle wait, a
+            // little left from the handshake): a spare buffer rather than growing this one.
+            *buf = spare::take();
+        }
+        if buf.capacity() - buf.len() >= READ_CHUNK / 4 {
+            return;
+        }
+        let missing = self.conn.frame_missing(buf);
+        let ahead = FRAME_AHEAD.max(buf.len().saturating_mul(4));
+        buf.reserve(missing.min(ahead).max(READ_CHUNK));
     }
 
     /// Wakes the receiving side when another task polls it (it arms the close timer once a
@@ -364,18 +390,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         timer.as_mut().poll(cx).is_ready()
     }
 
+    /// Hands an event to the caller as a message; a Pong answering our latest ping proves the
+    /// peer alive.
+    fn deliver(&mut self, event: Event) -> Message {
+        let keepalive = self.extra.as_mut().and_then(|x| x.keepalive.as_mut());
+        if let (Event::Pong(payload), Some(k)) = (&event, keepalive) {
+            if payload[..] == k.sent.to_be_bytes() {
+                k.pong_deadline = None;
+            }
+        }
+        event.into()
+    }
+
     fn poll_next_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message>>> {
         self.track_task(cx, Waiter::Reader);
         loop {
             if let Some(event) = self.conn.poll_event() {
-                let keepalive = self.extra.as_mut().and_then(|x| x.keepalive.as_mut());
-                if let (Event::Pong(payload), Some(k)) = (&event, keepalive) {
-                    // Only the answer to our latest ping proves the peer alive.
-                    if payload[..] == k.sent.to_be_bytes() {
-                        k.pong_deadline = None;
-                    }
-                }
-                return Poll::Ready(Some(Ok(event.into())));
+                return Poll::Ready(Some(Ok(self.deliver(event))));
             }
             if self.phase == Phase::Done {
                 return Poll::Ready(None);
@@ -399,6 +430,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 if let Err(err) = self.conn.receive(&mut self.read_buf) {
                     self.finish(Some(Error::Protocol(err)));
                     continue;
+                }
+                if let Some(event) = self.conn.poll_event() {
+                    return Poll::Ready(Some(Ok(self.deliver(event))));
                 }
                 if self.read_buf.len() != before {
                     continue;
@@ -449,9 +483,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 return Poll::Pending;
             }
 
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-                self.read_buf.reserve(READ_CHUNK);
-            }
+            self.reserve_read();
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf) {
                 Poll::Pending => {
                     self.release_idle_buffers();
@@ -472,7 +504,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     self.eof = true;
                     continue;
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => {
+                    // What arrives may be answered (pongs, echoes): encode into a spare buffer.
+                    self.conn.transmit().provide(spare::take);
+                }
             }
             if self.conn.close_received() {
                 // Waiting for the peer to close TCP: whatever it still sends is discarded.
@@ -493,6 +528,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     fn start_send(&mut self, msg: Message) -> Result<()> {
+        self.conn.transmit().provide(spare::take);
         match msg {
             Message::Text(t) => self.conn.send_text(t)?,
             Message::Binary(b) => self.conn.send_binary(b)?,
@@ -507,6 +543,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     fn start_send_prepared(&mut self, msg: &Prepared) -> Result<()> {
+        self.conn.transmit().provide(spare::take);
         self.conn.send_prepared(msg)?;
         Ok(())
     }

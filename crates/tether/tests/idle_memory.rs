@@ -340,3 +340,68 @@ fn an_idle_echo_task_costs_two_allocations_and_less_than_800_bytes() {
         per.bytes
     );
 }
+
+/// A peer that announces a large frame and sends little of it makes the connection reserve
+/// room for what it has sent, not for what it announced: a connection can read a large frame
+/// into one allocation, but a header alone is not a licence to allocate megabytes.
+#[test]
+fn a_frame_header_alone_reserves_little_of_the_length_it_announces() {
+    const ANNOUNCED: u64 = 15 << 20; // under the default 16 MiB frame limit
+    const SENT: usize = 1_000;
+    let per = measure(
+        |listener, done| async move {
+            let config = Arc::new(Config::default());
+            let mut held = Vec::with_capacity(CONNECTIONS + 1);
+            let mut before = live();
+            for i in 0..=CONNECTIONS {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut ws = tether::accept_with_config(tcp, config.clone())
+                    .await
+                    .unwrap();
+                // The handshake, the header and the first bytes were written at once: one
+                // poll reads them all and waits for the rest of the frame.
+                let polled = std::future::poll_fn(|cx| Poll::Ready(ws.poll_next_unpin(cx))).await;
+                assert!(polled.is_pending(), "the frame is incomplete");
+                held.push(ws);
+                if i == 0 {
+                    before = live(); // after one to warm up with
+                }
+            }
+            let after = live();
+            done.wait();
+            drop(held);
+            per_connection(before, after)
+        },
+        |addr| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut wire = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                Sec-WebSocket-Version: 13\r\n\r\n"
+                .to_vec();
+            wire.extend_from_slice(&[0x82, 0x80 | 127]);
+            wire.extend_from_slice(&ANNOUNCED.to_be_bytes());
+            wire.extend_from_slice(&[1, 2, 3, 4]);
+            wire.extend_from_slice(&[0; SENT]);
+            let mut held: Vec<Box<dyn Send>> = Vec::new();
+            for _ in 0..=CONNECTIONS {
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                tcp.write_all(&wire).await.unwrap();
+                let mut response = [0u8; 12];
+                tcp.read_exact(&mut response).await.unwrap();
+                assert_eq!(&response, b"HTTP/1.1 101");
+                held.push(Box::new(tcp));
+            }
+            held
+        },
+    );
+    println!(
+        "a {ANNOUNCED}-byte frame header with {SENT} bytes: {:.0} B per connection",
+        per.bytes
+    );
+    // 64 KiB ahead of the frame, plus tokio's socket state.
+    assert!(
+        per.bytes < 80_000.0,
+        "{:.0} heap bytes per connection for a frame barely begun",
+        per.bytes
+    );
+}

@@ -414,3 +414,23 @@ fn a_fragmented_message_leaves_nothing_boxed_behind() {
     assert_eq!(events(&mut server), vec![Event::Text("hello".into())]);
     assert!(server.extras.is_none());
 }
+
+#[test]
+fn frame_missing_counts_what_the_partial_frame_still_needs() {
+    let mut s = server();
+    let wire = from_client(0x2, true, &[5u8; 70_000]);
+    // Header (2 + 8 + 4 mask bytes) and the first 1,000 payload bytes.
+    let mut buf = BytesMut::from(&wire[..14 + 1_000]);
+    assert_eq!(s.frame_missing(&buf), 0, "no header parsed yet");
+    s.receive(&mut buf).unwrap();
+    assert_eq!(s.frame_missing(&buf), 69_000);
+    buf.extend_from_slice(&wire[14 + 1_000..14 + 50_000]);
+    assert_eq!(s.frame_missing(&buf), 20_000);
+    buf.extend_from_slice(&wire[14 + 50_000..]);
+    s.receive(&mut buf).unwrap();
+    assert_eq!(s.frame_missing(&buf), 0, "between frames");
+    assert_eq!(
+        s.poll_event(),
+        Some(Event::Binary(Bytes::from(vec![5u8; 70_000])))
+    );
+}
