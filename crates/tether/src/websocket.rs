@@ -555,6 +555,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             return Poll::Ready(Err(Error::Send(SendError::Closed)));
         }
         ready!(self.poll_write_out(cx, Waiter::Sender))?;
+        // All written: the tail's buffer serves other connections until the next send (a
+        // sending half may flush and then wait long while its reader is parked).
+        if let Some(tail) = self.conn.transmit().release() {
+            spare::give(tail);
+        }
         Poll::Ready(Ok(()))
     }
 

@@ -405,3 +405,55 @@ fn a_frame_header_alone_reserves_little_of_the_length_it_announces() {
         per.bytes
     );
 }
+
+/// A sending half that has flushed keeps no write buffer while its receiving half waits: the
+/// buffer goes back for other connections to use.
+#[test]
+fn a_split_connection_that_sent_and_waits_keeps_no_write_buffer() {
+    let per = measure(
+        |listener, done| async move {
+            let config = Arc::new(Config::default());
+            let mut held = Vec::with_capacity(CONNECTIONS + 1);
+            let mut before = live();
+            for i in 0..=CONNECTIONS {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let ws = tether::accept_with_config(tcp, config.clone())
+                    .await
+                    .unwrap();
+                let (mut tx, mut rx) = ws.split();
+                let polled = std::future::poll_fn(|cx| Poll::Ready(rx.poll_next_unpin(cx))).await;
+                assert!(polled.is_pending(), "nothing to read");
+                tx.send(Message::text("hello")).await.unwrap();
+                held.push((tx, rx));
+                if i == 0 {
+                    before = live(); // after one to warm up with
+                }
+            }
+            let after = live();
+            done.wait();
+            drop(held);
+            per_connection(before, after)
+        },
+        |addr| async move {
+            let url = format!("ws://{addr}/");
+            let mut held: Vec<Box<dyn Send>> = Vec::new();
+            for _ in 0..=CONNECTIONS {
+                let (mut ws, _) = tether::connect(&url).await.unwrap();
+                assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("hello"));
+                held.push(Box::new(ws));
+            }
+            held
+        },
+    );
+    println!(
+        "a split connection after a send: {:.0} B in {:.2} allocations per connection",
+        per.bytes, per.allocs
+    );
+    // The halves' shared state and wakers, and tokio's socket state; a kept 16 KiB write
+    // buffer would be far above this.
+    assert!(
+        per.bytes < 2_048.0,
+        "{:.0} heap bytes per split connection that sent and waits",
+        per.bytes
+    );
+}
