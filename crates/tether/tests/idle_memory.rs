@@ -341,6 +341,35 @@ fn an_idle_echo_task_costs_two_allocations_and_less_than_800_bytes() {
     );
 }
 
+/// Accepts one connection to warm up with and then `CONNECTIONS` more, brings each to the
+/// state `setup` leaves it in, and returns what the measured ones hold.
+async fn hold_each<T, F>(
+    listener: TcpListener,
+    done: Arc<Barrier>,
+    setup: impl Fn(WebSocket<TcpStream>) -> F,
+) -> PerConnection
+where
+    F: Future<Output = T>,
+{
+    let config = Arc::new(Config::default());
+    let mut held = Vec::with_capacity(CONNECTIONS + 1);
+    let mut before = live();
+    for i in 0..=CONNECTIONS {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let ws = tether::accept_with_config(tcp, config.clone())
+            .await
+            .unwrap();
+        held.push(setup(ws).await);
+        if i == 0 {
+            before = live();
+        }
+    }
+    let after = live();
+    done.wait();
+    drop(held);
+    per_connection(before, after)
+}
+
 /// A peer that announces a large frame and sends little of it makes the connection reserve
 /// room for what it has sent, not for what it announced: a connection can read a large frame
 /// into one allocation, but a header alone is not a licence to allocate megabytes.
@@ -349,28 +378,14 @@ fn a_frame_header_alone_reserves_little_of_the_length_it_announces() {
     const ANNOUNCED: u64 = 15 << 20; // under the default 16 MiB frame limit
     const SENT: usize = 1_000;
     let per = measure(
-        |listener, done| async move {
-            let config = Arc::new(Config::default());
-            let mut held = Vec::with_capacity(CONNECTIONS + 1);
-            let mut before = live();
-            for i in 0..=CONNECTIONS {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let mut ws = tether::accept_with_config(tcp, config.clone())
-                    .await
-                    .unwrap();
+        |listener, done| {
+            hold_each(listener, done, |mut ws| async move {
                 // The handshake, the header and the first bytes were written at once: one
                 // poll reads them all and waits for the rest of the frame.
                 let polled = std::future::poll_fn(|cx| Poll::Ready(ws.poll_next_unpin(cx))).await;
                 assert!(polled.is_pending(), "the frame is incomplete");
-                held.push(ws);
-                if i == 0 {
-                    before = live(); // after one to warm up with
-                }
-            }
-            let after = live();
-            done.wait();
-            drop(held);
-            per_connection(before, after)
+                ws
+            })
         },
         |addr| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -411,28 +426,14 @@ fn a_frame_header_alone_reserves_little_of_the_length_it_announces() {
 #[test]
 fn a_split_connection_that_sent_and_waits_keeps_no_write_buffer() {
     let per = measure(
-        |listener, done| async move {
-            let config = Arc::new(Config::default());
-            let mut held = Vec::with_capacity(CONNECTIONS + 1);
-            let mut before = live();
-            for i in 0..=CONNECTIONS {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let ws = tether::accept_with_config(tcp, config.clone())
-                    .await
-                    .unwrap();
+        |listener, done| {
+            hold_each(listener, done, |ws| async move {
                 let (mut tx, mut rx) = ws.split();
                 let polled = std::future::poll_fn(|cx| Poll::Ready(rx.poll_next_unpin(cx))).await;
                 assert!(polled.is_pending(), "nothing to read");
                 tx.send(Message::text("hello")).await.unwrap();
-                held.push((tx, rx));
-                if i == 0 {
-                    before = live(); // after one to warm up with
-                }
-            }
-            let after = live();
-            done.wait();
-            drop(held);
-            per_connection(before, after)
+                (tx, rx)
+            })
         },
         |addr| async move {
             let url = format!("ws://{addr}/");
