@@ -494,7 +494,7 @@ async fn drive_raw(
     let (mut unsent, mut write_pos) = (pipeline * frame_len, 0);
     // Where in a frame the next echoed byte falls.
     let mut read_pos = 0;
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; 256 << 10];
     let window_end = deadline.into_std();
     let give_up = tokio::time::sleep_until(deadline + Duration::from_secs(5));
     tokio::pin!(give_up);
