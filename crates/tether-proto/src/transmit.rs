@@ -66,13 +66,14 @@ impl Transmit {
     }
 
     /// Takes the tail's buffer out when nothing is queued, so the caller can free it or hand
-    /// it to another connection; `None` while bytes wait or when the tail holds no memory.
+    /// it to another connection; `None` while bytes wait. (A tail written to its last byte
+    /// reports no capacity yet still owns its allocation, so it is handed out all the same.)
     pub fn release(&mut self) -> Option<BytesMut> {
         if !self.is_empty() {
             return None;
         }
         self.shared = None;
-        (self.tail.capacity() > 0).then(|| std::mem::take(&mut self.tail))
+        Some(std::mem::take(&mut self.tail))
     }
 
     /// Gives the tail an empty buffer to encode into when it has no memory of its own (after
@@ -169,7 +170,11 @@ mod tests {
     #[test]
     fn release_hands_out_the_tail_only_when_nothing_waits() {
         let mut t = Transmit::default();
-        assert!(t.release().is_none(), "no memory yet");
+        t.tail().extend_from_slice(b"abc");
+        assert!(t.release().is_none(), "bytes are waiting");
+        t.advance(3);
+        let full = t.release().expect("the written tail");
+        assert!(full.is_empty());
         t.provide(|| BytesMut::with_capacity(1024));
         t.provide(|| unreachable!("the tail has memory"));
         t.tail().extend_from_slice(b"abc");

@@ -32,7 +32,9 @@ pub(crate) fn take() -> BytesMut {
 /// Gives back a buffer that is no longer needed: kept for [`take`] when it is empty, the only
 /// owner of an allocation of the ordinary size, and the stock has room; freed otherwise.
 pub(crate) fn give(buf: BytesMut) {
-    if !buf.is_empty() || buf.capacity() == 0 {
+    // (Capacity alone says nothing: a buffer advanced to its end reports none yet still
+    // owns its allocation.)
+    if !buf.is_empty() {
         return;
     }
     // The whole allocation when `buf` is its only owner; an empty, unallocated vector (and
@@ -52,6 +54,7 @@ pub(crate) fn give(buf: BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Buf;
 
     fn stocked() -> usize {
         SPARE.with(|s| s.borrow().len())
@@ -78,6 +81,18 @@ mod tests {
         give(buf);
         assert_eq!(stocked(), 0, "the payload still holds the allocation");
         assert_eq!(&payload[..], &[1; 100]);
+    }
+
+    #[test]
+    fn takes_back_a_buffer_read_to_its_last_byte() {
+        let mut buf = take();
+        let room = buf.capacity();
+        buf.extend_from_slice(&vec![7; room]);
+        buf.advance(room);
+        assert_eq!(buf.capacity(), 0, "no room left in view");
+        give(buf);
+        assert_eq!(stocked(), 1, "the allocation is whole again");
+        assert!(take().capacity() >= BUFFER);
     }
 
     #[test]

@@ -21,10 +21,11 @@ use crate::spare;
 
 /// How much spare room a read asks for.
 const READ_CHUNK: usize = spare::BUFFER;
-/// Room made at once for a large frame whose header has arrived, however little of it has:
-/// beyond this, up to four times what is already buffered, so that a peer cannot make a
-/// connection allocate much more than it has sent.
-const FRAME_AHEAD: usize = 64 << 10;
+/// Room made at once for the rest of a large frame is at most this many times what is already
+/// buffered (and at least a chunk): a 64 KiB frame is read into one allocation after its first
+/// chunk, while a peer that announces a large frame cannot make a connection hold more than
+/// about five times what it has sent.
+const FRAME_AHEAD_FACTOR: usize = 4;
 /// How many buffers one vectored write gathers.
 const MAX_IOVECS: usize = 64;
 
@@ -354,7 +355,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
 
     /// Makes room in the read buffer when little is left: a spare buffer when it is empty,
     /// room for the rest of a large frame whose header is in (one allocation rather than
-    /// regrowing read by read, but at most [`FRAME_AHEAD`] or four times what is buffered),
+    /// regrowing read by read, but at most [`FRAME_AHEAD_FACTOR`] times what is buffered),
     /// a chunk otherwise.
     fn reserve_read(&mut self) {
         let buf = &mut self.read_buf;
@@ -367,7 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             return;
         }
         let missing = self.conn.frame_missing(buf);
-        let ahead = FRAME_AHEAD.max(buf.len().saturating_mul(4));
+        let ahead = buf.len().saturating_mul(FRAME_AHEAD_FACTOR);
         buf.reserve(missing.min(ahead).max(READ_CHUNK));
     }
 
@@ -504,10 +505,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     self.eof = true;
                     continue;
                 }
-                Poll::Ready(Ok(_)) => {
-                    // What arrives may be answered (pongs, echoes): encode into a spare buffer.
-                    self.conn.transmit().provide(spare::take);
-                }
+                Poll::Ready(Ok(_)) => {}
             }
             if self.conn.close_received() {
                 // Waiting for the peer to close TCP: whatever it still sends is discarded.
