@@ -59,7 +59,9 @@ export function freshDataDir() {
  */
 export function startServe(extraArgs = [], { dataDir = freshDataDir(), listen = '127.0.0.1:0' } = {}) {
   const args = ['serve', '--listen', listen, '--data', dataDir, ...extraArgs];
-  const child = spawn(tetherBin, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  // Sessions are logged at debug: a failed test's output shows who joined and how each ended.
+  const env = { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info,tether_server=debug' };
+  const child = spawn(tetherBin, args, { stdio: ['ignore', 'pipe', 'inherit'], env });
   const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal)));
   const stop = async () => {
     if (child.exitCode !== null || child.signalCode !== null) return;

@@ -24,6 +24,21 @@ function trackSockets() {
 }
 
 /**
+ * Runs in a page: its address, connection states, sockets (URL and readyState) and the last
+ * lines of its log, for the message of a failed test.
+ */
+function describePage() {
+  const attr = (id, name) => document.getElementById(id)?.dataset[name] ?? null;
+  return {
+    href: location.href,
+    conn: attr('conn-state', 'state') ?? attr('poll-conn-state', 'state') ?? attr('ready-state', 'state'),
+    sockets: (window.__sockets ?? []).map((ws) => [ws.url, ws.readyState]),
+    log: [...document.querySelectorAll('#messages > *, #frame-log > *')].slice(-8)
+      .map((li) => `${li.className}#${li.dataset.id ?? ''}: ${li.textContent.trim().slice(0, 80)}`),
+  };
+}
+
+/**
  * Adds `users` (password PASSWORD), starts `tether serve ARGS`, launches Chromium and runs
  * `fn({ server, open, restart })`; closes everything whatever happens. `open(label, options)`
  * makes a page in a new browser context (its own cookies and localStorage); an uncaught error
@@ -43,19 +58,39 @@ async function withServe({ users = [], args = [] }, fn) {
     const server = await start();
     browser = await launchChromium();
     const pageErrors = [];
+    const consoleLines = [];
+    const pages = [];
     const open = async (label, options = {}) => {
       const context = await browser.newContext(options);
       await context.addInitScript(trackSockets);
       const page = await context.newPage();
       page.setDefaultTimeout(15000);
       page.on('pageerror', (err) => pageErrors.push(`${label}: ${err.message}`));
+      page.on('console', (msg) => {
+        consoleLines.push(`${label} ${msg.type()}: ${msg.text()}`);
+      });
+      pages.push({ label, page });
       return page;
     };
     const restart = async () => {
       await servers.at(-1).stop();
       return start();
     };
-    await fn({ server, open, restart });
+    try {
+      await fn({ server, open, restart });
+    } catch (err) {
+      // Say what every page showed when the test failed: a timeout alone explains nothing.
+      const states = [];
+      for (const { label, page } of pages) {
+        if (page.isClosed()) continue;
+        const state = await page.evaluate(describePage).catch((e) => `unreadable: ${e.message}`);
+        states.push(`${label}: ${JSON.stringify(state)}`);
+      }
+      if (pageErrors.length) states.push(`page errors: ${JSON.stringify(pageErrors)}`);
+      if (consoleLines.length) states.push(`console: ${JSON.stringify(consoleLines.slice(-10))}`);
+      err.message += `\n${states.join('\n')}`;
+      throw err;
+    }
     assert.deepEqual(pageErrors, [], 'no uncaught errors in the pages');
   } finally {
     await browser?.close();
@@ -346,17 +381,24 @@ test('logging in through the page form makes chat messages carry the registered 
 
 const waitPollLive = (page) => page.waitForSelector('#poll-conn-state[data-state="live"]');
 
-async function waitForCounts(page, counts, total) {
+/**
+ * Waits until the poll shows these counts and total. It polls from Node with a function (never a
+ * string): the page's CSP has no 'unsafe-eval', so a string predicate fails whenever the wait has
+ * to poll inside the page.
+ */
+async function waitForCounts(page, counts, total, timeoutMs = 15000) {
   const want = JSON.stringify({ counts, total: String(total) });
   const read = () => {
-    const counts = {};
-    for (const button of document.querySelectorAll('#poll-choices .choice')) counts[button.dataset.option] = Number(button.dataset.count);
-    return JSON.stringify({ counts, total: document.getElementById('poll-total').dataset.total });
+    const shown = {};
+    for (const button of document.querySelectorAll('#poll-choices .choice')) shown[button.dataset.option] = Number(button.dataset.count);
+    return JSON.stringify({ counts: shown, total: document.getElementById('poll-total').dataset.total });
   };
-  try {
-    await page.waitForFunction(`(${read})() === ${JSON.stringify(want)}`);
-  } catch (err) {
-    throw new Error(`expected ${want}, page shows ${await page.evaluate(read)}: ${err.message}`);
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const shown = await page.evaluate(read);
+    if (shown === want) return;
+    if (Date.now() > deadline) throw new Error(`expected ${want}, page shows ${shown} after ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
   }
 }
 

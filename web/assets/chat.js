@@ -238,11 +238,18 @@ function scrollToEnd() {
   ui.messages.scrollTop = ui.messages.scrollHeight;
 }
 
+let roomsRequest = 0;
+
 async function refreshRooms() {
+  // Several requests may overlap (page load, `ready`, presence): only the newest answer is
+  // shown, so a slow older one never puts back a stale list.
+  const request = ++roomsRequest;
   let rooms;
   try {
     rooms = await api('/api/rooms');
+    if (request !== roomsRequest) return;
   } catch (err) {
+    if (request !== roomsRequest) return;
     ui.roomsEmpty.textContent = err instanceof ApiError && err.status ? `Rooms: ${err.message}` : 'Cannot load the rooms.';
     ui.roomsEmpty.hidden = false;
     return;

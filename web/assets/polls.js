@@ -254,11 +254,18 @@ function connect() {
 // ---------------------------------------------------------------------------------------------
 // The list and the create form
 
+let listRequest = 0;
+
 async function refreshList() {
+  // Requests may overlap (page load, a poll just created, the timer): only the newest answer
+  // is shown, so a slow older one never hides a poll that was just created.
+  const request = ++listRequest;
   let polls;
   try {
     polls = await api('/api/polls');
+    if (request !== listRequest) return;
   } catch (err) {
+    if (request !== listRequest) return;
     ui.listEmpty.textContent = `Cannot load the polls: ${err.message}`;
     ui.listEmpty.hidden = false;
     return;
