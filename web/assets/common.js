@@ -235,7 +235,7 @@ export async function initHeader() {
   });
   byId('logout').addEventListener('click', async () => {
     try {
-      await api('/api/logout', { method: 'POST' });
+      await api('/api/logout', { method: 'POST', body: {} });
     } catch (err) {
       if (err.status !== 401) {
         announce(`Logout failed: ${err.message}`);

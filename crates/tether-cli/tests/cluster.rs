@@ -150,7 +150,7 @@ async fn say(ws: &mut ClientStream, text: &str) {
         .unwrap();
 }
 
-/// A blocking HTTP/1.1 exchange: status and JSON body.
+/// A blocking HTTP/1.1 exchange: status and JSON body (declared JSON).
 fn http(
     addr: &str,
     method: &str,
@@ -163,7 +163,7 @@ fn http(
     let auth = auth
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(tcp, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(tcp, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut raw = String::new();
     std::io::Read::read_to_string(&mut tcp, &mut raw).unwrap();
     let status = raw[9..12].parse().unwrap();

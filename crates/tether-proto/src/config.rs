@@ -10,6 +10,11 @@ pub struct Limits {
     /// The largest message (all fragments together) accepted; larger fails with 1009.
     /// Default 64 MiB.
     pub max_message_size: usize,
+    /// The most frames one message may span (its first frame and every continuation); more
+    /// fails with 1009. Without it, a peer could keep one message open with endless empty
+    /// continuation frames, which cost the receiver work but never reach `max_message_size`.
+    /// Default 131,072 (a 64 MiB message in 512-byte fragments).
+    pub max_message_fragments: u32,
 }
 
 impl Default for Limits {
@@ -17,6 +22,7 @@ impl Default for Limits {
         Limits {
             max_frame_size: 16 << 20,
             max_message_size: 64 << 20,
+            max_message_fragments: 1 << 17,
         }
     }
 }
@@ -31,6 +37,12 @@ impl Limits {
     /// Sets [`Limits::max_message_size`].
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets [`Limits::max_message_fragments`].
+    pub fn max_message_fragments(mut self, frames: u32) -> Self {
+        self.max_message_fragments = frames;
         self
     }
 }

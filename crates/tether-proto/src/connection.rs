@@ -62,6 +62,13 @@ pub enum Event {
     Close(Option<CloseFrame>),
 }
 
+/// [`Limits`] in bytes, as a connection holds them.
+#[derive(Debug, Clone, Copy)]
+struct ByteLimits {
+    max_frame_size: usize,
+    max_message_size: usize,
+}
+
 /// The message being received. Its data so far (the payload of the frames before the current
 /// one, or for a compressed message what was inflated) is [`Extras::data`].
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +76,8 @@ struct Assembly {
     text: bool,
     /// RSV1 was set on the first frame: the payload is permessage-deflate data.
     compressed: bool,
+    /// Frames so far, including the one being received.
+    frames: u32,
     /// Total bytes so far, including the frame being received.
     len: usize,
 }
@@ -150,7 +159,10 @@ pub type MaskSource = Box<dyn FnMut() -> [u8; 4] + Send>;
 /// [`Transmit::shrink`], a server's owns no heap memory: what only some connections need is
 /// boxed on demand.
 pub struct Connection {
-    limits: Limits,
+    /// The byte limits; the fragment limit is `max_fragments`, kept apart so that it packs
+    /// beside the small fields (an idle connection's size matters at scale).
+    limits: ByteLimits,
+    max_fragments: u32,
     out: Transmit,
     rx: Rx,
     message: Option<Assembly>,
@@ -200,7 +212,11 @@ impl Connection {
             }
         };
         Connection {
-            limits,
+            limits: ByteLimits {
+                max_frame_size: limits.max_frame_size,
+                max_message_size: limits.max_message_size,
+            },
+            max_fragments: limits.max_message_fragments,
             out: Transmit::default(),
             rx: Rx::Idle,
             message: None,
@@ -272,8 +288,11 @@ impl Connection {
     }
 
     /// The limits in force.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    pub fn limits(&self) -> Limits {
+        Limits::default()
+            .max_frame_size(self.limits.max_frame_size)
+            .max_message_size(self.limits.max_message_size)
+            .max_message_fragments(self.max_fragments)
     }
 
     /// The closing state.
@@ -672,6 +691,11 @@ impl Connection {
         match (h.opcode, &mut self.message) {
             (OpCode::Continuation, None) => Err(ProtocolError::UnexpectedContinuation),
             (OpCode::Continuation, Some(m)) => {
+                m.frames = m.frames.saturating_add(1);
+                let max_frames = self.max_fragments;
+                if m.frames > max_frames {
+                    return Err(ProtocolError::TooManyFragments { limit: max_frames });
+                }
                 m.len = m.len.saturating_add(len);
                 if m.len > max_message {
                     return Err(ProtocolError::MessageTooLarge { limit: max_message });
@@ -687,6 +711,7 @@ impl Connection {
                 self.message = Some(Assembly {
                     text: opcode == OpCode::Text,
                     compressed: h.rsv & RSV1 != 0,
+                    frames: 1,
                     len,
                 });
                 Ok(())

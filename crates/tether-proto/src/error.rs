@@ -49,6 +49,12 @@ pub enum ProtocolError {
         /// The configured limit.
         limit: usize,
     },
+    /// A message spread over more frames than `max_message_fragments`.
+    #[error("message spans more than {limit} frames")]
+    TooManyFragments {
+        /// The configured limit.
+        limit: u32,
+    },
     /// A close frame whose payload is a single byte.
     #[error("close frame payload of one byte")]
     TruncatedClose,
@@ -65,9 +71,9 @@ impl ProtocolError {
     pub fn close_code(&self) -> CloseCode {
         match self {
             ProtocolError::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
-            ProtocolError::FrameTooLarge { .. } | ProtocolError::MessageTooLarge { .. } => {
-                CloseCode::MESSAGE_TOO_BIG
-            }
+            ProtocolError::FrameTooLarge { .. }
+            | ProtocolError::MessageTooLarge { .. }
+            | ProtocolError::TooManyFragments { .. } => CloseCode::MESSAGE_TOO_BIG,
             _ => CloseCode::PROTOCOL_ERROR,
         }
     }

@@ -323,7 +323,9 @@ impl App {
         }
     }
 
-    /// Checks the `Origin` of a browser upgrade against the server's own and the allowed list.
+    /// Checks the `Origin` of a browser request (an upgrade, or a request that changes state)
+    /// against the server's own and the allowed list; a request without one (not a browser)
+    /// passes.
     ///
     /// # Errors
     /// 403 for any other origin.
@@ -339,7 +341,7 @@ impl App {
         if auth::origin_allowed(origin, scheme, host, &self.config.allow_origins) {
             Ok(())
         } else {
-            tracing::warn!(%origin, "cross-origin WebSocket upgrade refused");
+            tracing::warn!(%origin, "cross-origin request refused");
             Err(Refused::new(
                 StatusCode::FORBIDDEN,
                 Refusal::Origin,

@@ -73,9 +73,25 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
 }
 
-/// Whether `name` is a valid room name: 1–64 of `A–Z a–z 0–9 _ - .`.
+/// Whether `name` is a valid room name: 1–64 of `A–Z a–z 0–9 _ - .`, not only dots (a
+/// browser resolves `.` and `..` in a URL path before the request is made).
 pub fn valid_room(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.chars().all(is_name_char)
+    (1..=64).contains(&name.len())
+        && name.chars().all(is_name_char)
+        && !name.chars().all(|c| c == '.')
+}
+
+/// Whether `c` may not appear in text shown to others: control characters (but tab and line
+/// breaks) and the bidirectional embeddings, overrides and isolates (U+202A–U+202E,
+/// U+2066–U+2069), which can make a message display as something it is not.
+pub fn is_forbidden_char(c: char) -> bool {
+    (c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether `text` (a chat message, a poll question or option) has no forbidden character.
+pub fn valid_text(text: &str) -> bool {
+    !text.chars().any(is_forbidden_char)
 }
 
 /// Whether `name` is a valid user name or nickname: 1–32 of `A–Z a–z 0–9 _ - .`.
@@ -142,6 +158,23 @@ mod tests {
                 && !valid_room(&"x".repeat(65))
         );
         assert!(valid_user("ann") && !valid_user(&"x".repeat(33)) && !valid_user("a/b"));
+        assert!(!valid_room(".") && !valid_room("..") && !valid_room("..."));
+        assert!(valid_room(".a") && valid_room("a..b"));
+    }
+
+    #[test]
+    fn texts_refuse_controls_and_bidi_overrides() {
+        assert!(valid_text("hello\n\tworld ✓ مرحبا"));
+        for bad in [
+            "a\0b",
+            "\u{202e}txt.exe",
+            "x\u{2066}y",
+            "bell\u{7}",
+            "c1\u{85}",
+            "del\u{7f}",
+        ] {
+            assert!(!valid_text(bad), "{bad:?}");
+        }
     }
 
     #[test]

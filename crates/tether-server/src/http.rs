@@ -19,6 +19,56 @@ use crate::metrics::Refusal;
 use crate::store::{now_rfc3339, CredentialKind, StoreError};
 use crate::{web, ws};
 
+const ROOM_RULE: &str = "a room name is 1-64 of A-Z a-z 0-9 _ - ., not only dots";
+
+/// The most bytes of header fields a request may carry (each name and value with its `: `
+/// and line end); more is answered 431. The same as the WebSocket handshake's limit.
+pub const MAX_HEADER_BYTES: usize = 16 << 10;
+
+/// Checks a request before it is routed; returns the answer to give instead, if any:
+/// - 431 when its header fields exceed [`MAX_HEADER_BYTES`];
+/// - for a state-changing method (anything but GET, HEAD and OPTIONS): 415 unless the body is
+///   declared `application/json` (a form or a `text/plain` POST from another page of the same
+///   site cannot declare it without a CORS preflight, which this server never grants), and
+///   403 for a browser `Origin` that is neither the server's own nor allowed.
+pub fn precheck(app: &App, method: &http::Method, headers: &HeaderMap) -> Option<Response> {
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        app.metrics.refused(Refusal::BadRequest);
+        return Some(error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            &format!("request header fields exceed {MAX_HEADER_BYTES} bytes"),
+        ));
+    }
+    if matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    ) {
+        return None;
+    }
+    if !is_json(headers) {
+        return Some(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    app.check_origin(headers)
+        .err()
+        .map(IntoResponse::into_response)
+}
+
+/// Whether the request declares a JSON body (`application/json`, parameters allowed).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
 /// The peer address of a request, set by the accept loop.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
@@ -273,10 +323,7 @@ async fn history(
     Query(page): Query<Page>,
 ) -> Response {
     if !auth::valid_room(&room) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a room name is 1-64 of A-Z a-z 0-9 _ - .",
-        );
+        return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
     let since = page.since.unwrap_or(0);
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
@@ -300,15 +347,28 @@ struct TextIn {
 }
 
 fn check_text(app: &App, text: &str) -> Result<(), Refused> {
-    if text.trim().is_empty() || text.len() > app.config.max_text {
-        return Err(Refused::new(
+    text_problem(app, text).map_or(Ok(()), |reason| {
+        Err(Refused::new(
             StatusCode::BAD_REQUEST,
             Refusal::BadRequest,
-            format!("text must be 1 to {} bytes", app.config.max_text),
-        ));
-    }
-    Ok(())
+            reason,
+        ))
+    })
 }
+
+/// What is wrong with a chat or broadcast text, if anything: the same rule for the API and
+/// the sockets.
+pub(crate) fn text_problem(app: &App, text: &str) -> Option<String> {
+    if text.trim().is_empty() || text.len() > app.config.max_text {
+        return Some(format!("text must be 1 to {} bytes", app.config.max_text));
+    }
+    if !auth::valid_text(text) {
+        return Some(FORBIDDEN_CHARS.to_owned());
+    }
+    None
+}
+
+const FORBIDDEN_CHARS: &str = "text may not contain control characters or bidirectional overrides";
 
 async fn publish(
     State(app): State<Arc<App>>,
@@ -321,10 +381,7 @@ async fn publish(
         Err(r) => return r,
     };
     if !auth::valid_room(&room) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a room name is 1-64 of A-Z a-z 0-9 _ - .",
-        );
+        return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
     let input: TextIn = match parse(&body) {
         Ok(t) => t,
@@ -407,6 +464,9 @@ async fn create_poll(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
             StatusCode::BAD_REQUEST,
             "a poll has a question of 1-200 characters and 2-20 distinct options of 1-100",
         );
+    }
+    if !auth::valid_text(&question) || !options.iter().all(|o| auth::valid_text(o)) {
+        return error(StatusCode::BAD_REQUEST, FORBIDDEN_CHARS);
     }
     match app
         .db
@@ -521,10 +581,7 @@ async fn room_socket(
 ) -> Response {
     if !auth::valid_room(&room) {
         app.metrics.refused(Refusal::BadRequest);
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a room name is 1-64 of A-Z a-z 0-9 _ - .",
-        );
+        return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
     let since = query.since;
     upgrade(app, req, query, true, move |app, socket, slot, who| {

@@ -13,7 +13,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::app::{App, Db};
 use crate::config::ServerConfig;
-use crate::http::{router, PeerAddr};
+use crate::http::{precheck, router, PeerAddr};
 use crate::hub::Hub;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
@@ -109,6 +109,9 @@ impl Server {
         let ws_config = tether::Config::default()
             .max_message_size(64 << 10)
             .max_frame_size(64 << 10)
+            // A 64 KiB message in fragments of 16 bytes; more frames for one message is a
+            // peer keeping it open on purpose (1009).
+            .max_message_fragments(4096)
             .ping_interval(Some(config.ping_interval()))
             .deflate(config.deflate.then(|| {
                 // Every message compressed from a fresh state: fan-out compresses it once for
@@ -187,7 +190,7 @@ impl Server {
                     Ok((stream, peer)) => {
                         let router = router.clone();
                         let tls = tls.clone();
-                        tokio::spawn(connection(stream, peer, tls, router));
+                        tokio::spawn(connection(stream, peer, tls, app.clone(), router));
                     }
                     Err(e) => {
                         // Out of file descriptors or similar: back off instead of spinning.
@@ -228,31 +231,42 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
+    app: Arc<App>,
     router: axum::Router,
 ) {
     let _ = stream.set_nodelay(true);
     match tls {
         Some(acceptor) => {
             match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_http(stream, peer, router).await,
+                Ok(Ok(stream)) => serve_http(stream, peer, app, router).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
-        None => serve_http(stream, peer, router).await,
+        None => serve_http(stream, peer, app, router).await,
     }
 }
 
-async fn serve_http<S>(stream: S, peer: SocketAddr, router: axum::Router)
+async fn serve_http<S>(stream: S, peer: SocketAddr, app: Arc<App>, router: axum::Router)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service =
-        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+    let service = hyper::service::service_fn(
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(PeerAddr(peer));
+            let checked = precheck(&app, req.method(), req.headers());
             let mut router = router.clone();
-            async move { tower_service::Service::call(&mut router, req).await }
-        });
+            async move {
+                match checked {
+                    None => tower_service::Service::call(&mut router, req).await,
+                    Some(refused) => {
+                        tracing::info!(%peer, status = refused.status().as_u16(), method = %req.method(), path = req.uri().path(), "request refused before routing");
+                        Ok(refused)
+                    }
+                }
+            }
+        },
+    );
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))

@@ -49,7 +49,7 @@ pub fn page(name: &str) -> Response {
                 (
                     header::CONTENT_SECURITY_POLICY,
                     HeaderValue::from_static(
-                        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:",
+                        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; frame-ancestors 'self'",
                     ),
                 ),
                 (

@@ -116,6 +116,7 @@ pub async fn room(
     who: Identity,
     since: Option<u64>,
 ) {
+    tracing::debug!(%room, user = who.name(), since = ?since, "joining");
     let joined = app.hub.join(&room, who.name());
     let sub = joined.subscription;
     let mut members = joined.members;
@@ -131,7 +132,11 @@ pub async fn room(
         }
         None => history_from_store(&app, &room, since).await,
     };
-    let (history, truncated): (Vec<ChatMessage>, bool) = match history {
+    let Replay {
+        messages: history,
+        truncated,
+        start,
+    } = match history {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, %room, "loading history failed");
@@ -152,13 +157,19 @@ pub async fn room(
         members: &members,
         truncated,
     });
-    let mut high = since.unwrap_or(0);
+    if since.is_some_and(|since| since > start) {
+        // A position this room never reached: hostile, or from storage that lost data.
+        // Resuming from it would hide every later message from this member.
+        tracing::info!(%room, since = ?since, last_id = start, "resume position ahead of the room: clamped to its last id");
+    }
+    let mut high = start;
     let mut first = vec![welcome];
     for m in &history {
         high = high.max(m.id);
         first.push(encode(m));
     }
     first.push(encode(&Ready { last_id: high }));
+    tracing::debug!(%room, user = who.name(), replayed = history.len(), last_id = high, "joined");
     app.hub.advance(&room, high);
     let target = Target::Room {
         room,
@@ -167,23 +178,52 @@ pub async fn room(
     pump(app, ws, slot, sub, target, first, high).await;
 }
 
+/// What a joining member is sent before live messages.
+struct Replay {
+    /// The stored messages after `start`, oldest first.
+    messages: Vec<ChatMessage>,
+    /// Some messages after the member's `since` are no longer kept.
+    truncated: bool,
+    /// Where the member resumes: its `since`, clamped to the room's last id (a position the
+    /// room never reached would hide every later message), or 0 on a first join.
+    start: u64,
+}
+
+impl Replay {
+    fn resume(messages: Vec<ChatMessage>, since: u64, first: Option<u64>) -> Replay {
+        Replay {
+            messages,
+            truncated: first.is_some_and(|f| f > since.saturating_add(1)),
+            start: since,
+        }
+    }
+
+    fn recent(messages: Vec<ChatMessage>) -> Replay {
+        Replay {
+            messages,
+            truncated: false,
+            start: 0,
+        }
+    }
+}
+
 async fn history_from_store(
     app: &App,
     room: &str,
     since: Option<u64>,
-) -> Result<(Vec<ChatMessage>, bool), StoreError> {
+) -> Result<Replay, StoreError> {
     let (history_limit, on_join) = (app.config.history_limit, app.config.history_on_join);
     let r = room.to_owned();
     app.db
-        .call(move |s| match since {
-            Some(since) => {
-                let first = s.first_id(&r)?;
-                let messages = s.messages(&r, since, u64::MAX, history_limit)?;
-                Ok((messages, first.is_some_and(|f| f > since.saturating_add(1))))
-            }
-            None => {
-                let last = s.last_id(&r)?;
-                Ok((s.recent(&r, last, on_join)?, false))
+        .call(move |s| {
+            let last = s.last_id(&r)?;
+            match since {
+                Some(since) => {
+                    let since = since.min(last);
+                    let messages = s.messages(&r, since, u64::MAX, history_limit)?;
+                    Ok(Replay::resume(messages, since, s.first_id(&r)?))
+                }
+                None => Ok(Replay::recent(s.recent(&r, last, on_join)?)),
             }
         })
         .await
@@ -194,14 +234,21 @@ async fn history_from_cluster(
     room: &str,
     since: Option<u64>,
     config: &crate::ServerConfig,
-) -> Result<(Vec<ChatMessage>, bool), StoreError> {
+) -> Result<Replay, StoreError> {
     match since {
         Some(since) => {
-            let first = cluster.first_id(room).await?;
+            let last = cluster.recent(room, 1).await?.first().map_or(0, |m| m.id);
+            let since = since.min(last);
             let messages = cluster.messages(room, since, config.history_limit).await?;
-            Ok((messages, first.is_some_and(|f| f > since.saturating_add(1))))
+            Ok(Replay::resume(
+                messages,
+                since,
+                cluster.first_id(room).await?,
+            ))
         }
-        None => Ok((cluster.recent(room, config.history_on_join).await?, false)),
+        None => Ok(Replay::recent(
+            cluster.recent(room, config.history_on_join).await?,
+        )),
     }
 }
 
@@ -352,8 +399,12 @@ async fn pump(
         }
     };
     drop(sub);
-    if let End::Close(code, reason) = end {
-        close(&app, &mut ws, code, reason).await;
+    match end {
+        End::Gone => tracing::debug!(user = %target_user(&target), "session ended by the client"),
+        End::Close(code, reason) => {
+            tracing::debug!(user = %target_user(&target), code = code.0, reason, "closing session");
+            close(&app, &mut ws, code, reason).await;
+        }
     }
     drop(slot);
 }
@@ -381,11 +432,8 @@ async fn handle(
             let Ok(ChatIn { text }) = serde_json::from_str(text) else {
                 return Some(error_event("expected {\"text\": \"...\"}"));
             };
-            if text.trim().is_empty() || text.len() > app.config.max_text {
-                return Some(error_event(&format!(
-                    "text must be 1 to {} bytes",
-                    app.config.max_text
-                )));
+            if let Some(problem) = crate::http::text_problem(app, &text) {
+                return Some(error_event(&problem));
             }
             if let Some(cluster) = &app.cluster {
                 // Stored and published by Redis; it comes back through the subscription.

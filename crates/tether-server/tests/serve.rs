@@ -1,151 +1,12 @@
 //! The server over real sockets: history then live delivery, resume, presence, the publish
 //! API, polls, auth and Origin refusals, rate and slow-consumer limits, restart and shutdown.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::Duration;
-
 use serde_json::{json, Value};
-use tether::{ClientBuilder, ClientStream, Message};
-use tether_server::{Server, ServerConfig};
+use tether::{ClientBuilder, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
 
-const LIMIT: Duration = Duration::from_secs(15);
-
-async fn within<T>(f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.expect("timed out")
-}
-
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        within(&mut self.done).await.unwrap();
-    }
-
-    fn ws(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.addr)
-    }
-}
-
-fn config(data: &Path) -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.data = data.to_owned();
-    c
-}
-
-async fn start(config: ServerConfig) -> Running {
-    let server = Server::bind(config).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(server.run(async move {
-        let _ = rx.await;
-    }));
-    Running {
-        addr,
-        stop: Some(tx),
-        done,
-    }
-}
-
-/// A minimal HTTP/1.1 exchange: returns the status and the parsed JSON body (Null if none).
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> (u16, Value) {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(&body);
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    within(tcp.read_to_end(&mut raw)).await.unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-async fn add_user(data: &Path, name: &str, password: &str) {
-    let hash = tether_server::auth::hash_password(password).unwrap();
-    tether_server::store::Store::open(data)
-        .unwrap()
-        .add_user(name, &hash)
-        .unwrap();
-}
-
-async fn token(addr: SocketAddr, user: &str, password: &str) -> String {
-    let (status, body) = http(
-        addr,
-        "POST",
-        "/api/tokens",
-        &[],
-        Some(json!({"user": user, "password": password})),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    body["token"].as_str().unwrap().to_owned()
-}
-
-async fn connect(url: &str) -> ClientStream {
-    within(tether::connect(url)).await.unwrap().0
-}
-
-/// The next JSON event, skipping nothing.
-async fn next(ws: &mut ClientStream) -> Value {
-    loop {
-        match within(ws.recv()).await {
-            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            other => panic!("expected an event, got {other:?}"),
-        }
-    }
-}
-
-/// The next event of `kind`, skipping others (presence and the like).
-async fn next_of(ws: &mut ClientStream, kind: &str) -> Value {
-    loop {
-        let v = next(ws).await;
-        if v["type"] == kind {
-            return v;
-        }
-    }
-}
-
-async fn say(ws: &mut ClientStream, text: &str) {
-    ws.send(Message::text(json!({"text": text}).to_string()))
-        .await
-        .unwrap();
-}
-
-/// The close code the server ends with.
-async fn close_code(ws: &mut ClientStream) -> u16 {
-    loop {
-        match within(ws.recv()).await {
-            Some(Ok(Message::Close(frame))) => return frame.map_or(1005, |f| f.code.0),
-            Some(Ok(_)) => {}
-            other => panic!("expected a close, got {other:?}"),
-        }
-    }
-}
+mod common;
+use common::*;
 
 #[tokio::test]
 async fn history_then_live_then_resume_without_gap_or_duplicate() {
@@ -232,12 +93,12 @@ async fn history_then_live_then_resume_without_gap_or_duplicate() {
     )
     .await;
     assert_eq!((status, page), (200, json!([])));
+    // A position past the room's end is clamped to it, so live messages still arrive.
     let mut far = connect(&server.ws(&format!("/ws/rooms/lobby?name=far&since={max}"))).await;
     assert_eq!(next(&mut far).await["type"], "welcome");
-    assert_eq!(
-        next(&mut far).await,
-        json!({"type": "ready", "last_id": max})
-    );
+    assert_eq!(next(&mut far).await, json!({"type": "ready", "last_id": 6}));
+    say(&mut ann, "m7").await;
+    assert_eq!(next_of(&mut far, "message").await["id"], 7);
     server.stop().await;
 }
 
@@ -503,18 +364,6 @@ async fn upgrades_are_refused_for_bad_identity_or_origin() {
     server.stop().await;
 }
 
-async fn http_text(addr: SocketAddr, path: &str) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = String::new();
-    within(tcp.read_to_string(&mut raw)).await.unwrap();
-    raw
-}
-
 #[tokio::test]
 async fn login_sets_a_session_cookie_that_opens_sockets() {
     let dir = tempfile::tempdir().unwrap();
@@ -523,7 +372,7 @@ async fn login_sets_a_session_cookie_that_opens_sockets() {
     let addr = server.addr;
     let body = json!({"user": "alice", "password": "pw"}).to_string();
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("POST /api/login HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).await.unwrap();
+    tcp.write_all(format!("POST /api/login HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).await.unwrap();
     let mut raw = String::new();
     within(tcp.read_to_string(&mut raw)).await.unwrap();
     let cookie_line = raw

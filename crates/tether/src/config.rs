@@ -27,6 +27,9 @@ pub struct Config {
     pub max_frame_size: usize,
     /// The largest message accepted (all fragments); larger fails with 1009. Default 64 MiB.
     pub max_message_size: usize,
+    /// The most frames one message may span; more fails with 1009 (a peer cannot keep a
+    /// message open with endless empty continuations). Default 131,072.
+    pub max_message_fragments: u32,
     /// Outbound bytes queued before sending waits for the socket to drain (backpressure).
     /// Default 1 MiB. A single larger message is still accepted, then drained.
     pub write_buffer_size: usize,
@@ -60,6 +63,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             max_frame_size: limits.max_frame_size,
             max_message_size: limits.max_message_size,
+            max_message_fragments: limits.max_message_fragments,
             write_buffer_size: 1 << 20,
             close_timeout: Duration::from_secs(5),
             ping_interval: None,
@@ -94,6 +98,8 @@ setters! {
     max_frame_size: usize,
     /// Sets [`Config::max_message_size`].
     max_message_size: usize,
+    /// Sets [`Config::max_message_fragments`].
+    max_message_fragments: u32,
     /// Sets [`Config::write_buffer_size`].
     write_buffer_size: usize,
     /// Sets [`Config::close_timeout`].
@@ -116,5 +122,6 @@ impl Config {
         Limits::default()
             .max_frame_size(self.max_frame_size)
             .max_message_size(self.max_message_size)
+            .max_message_fragments(self.max_message_fragments)
     }
 }

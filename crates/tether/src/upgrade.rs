@@ -57,13 +57,28 @@ pub type UpgradedWebSocket = WebSocket<TokioIo<Upgraded>>;
 /// Pass an `Arc<Config>` to share one configuration among many connections.
 ///
 /// # Errors
-/// A [`HandshakeError`] when the request is not a valid upgrade or its Origin is refused;
-/// answer with [`HandshakeError::status`].
+/// A [`HandshakeError`] when the request is not a valid upgrade, its head (request line and
+/// headers) exceeds [`Config::max_handshake_size`] (431), or its Origin is refused; answer
+/// with [`HandshakeError::status`].
 pub fn upgrade<B, R: Default>(
     req: &mut http::Request<B>,
     config: impl Into<Arc<Config>>,
 ) -> Result<(http::Response<R>, PendingUpgrade), HandshakeError> {
     let config = config.into();
+    // The same limit as a handshake read from a socket: request line plus header lines.
+    let head: usize = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |pq| pq.as_str().len())
+        + 12
+        + req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if head > config.max_handshake_size {
+        return Err(HandshakeError::TooLarge {
+            limit: config.max_handshake_size,
+        });
+    }
     let headers = Headers(
         req.headers()
             .iter()
@@ -145,5 +160,35 @@ impl Future for PendingUpgrade {
             this.protocol.take(),
             this.deflate.take(),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(extra: &str) -> http::Request<()> {
+        http::Request::get("/chat")
+            .header(http::header::HOST, "example.test")
+            .header(http::header::UPGRADE, "websocket")
+            .header(http::header::CONNECTION, "Upgrade")
+            .header(http::header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
+            .header(http::header::SEC_WEBSOCKET_VERSION, "13")
+            .header("x-extra", extra)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_head_over_the_handshake_limit_is_431() {
+        let config = Config::default().max_handshake_size(1024);
+        let (response, _pending) = upgrade::<_, ()>(&mut request(&"a".repeat(700)), config.clone())
+            .expect("a head within the limit is accepted");
+        assert_eq!(response.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+        let Err(err) = upgrade::<_, ()>(&mut request(&"a".repeat(1000)), config) else {
+            panic!("a head over the limit is refused");
+        };
+        assert_eq!(err, HandshakeError::TooLarge { limit: 1024 });
+        assert_eq!(err.status(), 431);
     }
 }

@@ -239,6 +239,34 @@ fn oversized_message_across_fragments_fails_with_1009() {
 }
 
 #[test]
+fn endless_empty_continuations_fail_with_1009_at_the_fragment_limit() {
+    let limits = Limits::default().max_message_fragments(4);
+    let mut s = Connection::with_limits(Role::Server, limits.clone());
+    // Four frames (the first and three continuations) are within the limit, and each
+    // message counts afresh.
+    let mut wire = from_client(0x1, false, b"a");
+    for _ in 0..2 {
+        wire.extend(from_client(0x0, false, b""));
+    }
+    wire.extend(from_client(0x0, true, b"b"));
+    for _ in 0..2 {
+        feed(&mut s, &wire).unwrap();
+        assert_eq!(events(&mut s), vec![Event::Text("ab".into())]);
+    }
+
+    // A fifth frame of the same message fails, however small.
+    let mut s = Connection::with_limits(Role::Server, limits);
+    let mut wire = from_client(0x2, false, b"");
+    for _ in 0..4 {
+        wire.extend(from_client(0x0, false, b""));
+    }
+    let err = feed(&mut s, &wire).unwrap_err();
+    assert_eq!(err, ProtocolError::TooManyFragments { limit: 4 });
+    assert_eq!(err.close_code(), CloseCode::MESSAGE_TOO_BIG);
+    assert_eq!(queued_close_code(&mut s), Some(1009));
+}
+
+#[test]
 fn close_is_echoed_with_its_code_and_ends_the_connection() {
     let mut s = server();
     feed(&mut s, &from_client(0x8, true, b"\x0b\xb8custom")).unwrap();

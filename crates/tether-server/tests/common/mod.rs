@@ -1,0 +1,168 @@
+//! Shared by the server's integration tests: start a server on a fresh port, speak HTTP and
+//! WebSocket to it, read its events.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether::{ClientStream, Message};
+use tether_server::{Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+pub const LIMIT: Duration = Duration::from_secs(15);
+
+pub async fn within<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f).await.expect("timed out")
+}
+
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        within(&mut self.done).await.unwrap();
+    }
+
+    pub fn ws(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+}
+
+pub fn config(data: &Path) -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.data = data.to_owned();
+    c
+}
+
+pub async fn start(config: ServerConfig) -> Running {
+    let server = Server::bind(config).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        stop: Some(tx),
+        done,
+    }
+}
+
+/// A minimal HTTP/1.1 exchange: returns the status and the parsed JSON body (Null if none).
+/// A POST declares its body JSON unless `headers` name another `Content-Type`.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    let typed = headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+    if method == "POST" && !typed {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    within(tcp.read_to_end(&mut raw)).await.unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+pub async fn add_user(data: &Path, name: &str, password: &str) {
+    let hash = tether_server::auth::hash_password(password).unwrap();
+    tether_server::store::Store::open(data)
+        .unwrap()
+        .add_user(name, &hash)
+        .unwrap();
+}
+
+pub async fn token(addr: SocketAddr, user: &str, password: &str) -> String {
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/tokens",
+        &[],
+        Some(json!({"user": user, "password": password})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+pub async fn connect(url: &str) -> ClientStream {
+    within(tether::connect(url)).await.unwrap().0
+}
+
+/// The next JSON event, skipping nothing.
+pub async fn next(ws: &mut ClientStream) -> Value {
+    loop {
+        match within(ws.recv()).await {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
+
+/// The next event of `kind`, skipping others (presence and the like).
+pub async fn next_of(ws: &mut ClientStream, kind: &str) -> Value {
+    loop {
+        let v = next(ws).await;
+        if v["type"] == kind {
+            return v;
+        }
+    }
+}
+
+pub async fn say(ws: &mut ClientStream, text: &str) {
+    ws.send(Message::text(json!({"text": text}).to_string()))
+        .await
+        .unwrap();
+}
+
+/// The close code the server ends with.
+pub async fn close_code(ws: &mut ClientStream) -> u16 {
+    loop {
+        match within(ws.recv()).await {
+            Some(Ok(Message::Close(frame))) => return frame.map_or(1005, |f| f.code.0),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+}
+
+pub async fn http_text(addr: SocketAddr, path: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    within(tcp.read_to_string(&mut raw)).await.unwrap();
+    raw
+}

@@ -1,0 +1,243 @@
+//! What a hostile peer tries, over real sockets on loopback: resume positions the room never
+//! reached, requests from other pages of the same site, oversized headers, misleading names and
+//! texts, messages that never end. Each is refused the documented way, and the server keeps
+//! serving everyone else.
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+mod common;
+use common::*;
+
+#[tokio::test]
+async fn a_first_member_resuming_past_the_end_does_not_silence_the_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let max = u64::MAX;
+    let mut ann = connect(&server.ws(&format!("/ws/rooms/quiet?name=ann&since={max}"))).await;
+    assert_eq!(next(&mut ann).await["type"], "welcome");
+    assert_eq!(next(&mut ann).await, json!({"type": "ready", "last_id": 0}));
+
+    let mut ben = connect(&server.ws("/ws/rooms/quiet?name=ben")).await;
+    next_of(&mut ben, "ready").await;
+    say(&mut ben, "anyone?").await;
+    for ws in [&mut ann, &mut ben] {
+        let m = next_of(ws, "message").await;
+        assert_eq!(
+            (m["id"].as_u64(), m["text"].as_str()),
+            (Some(1), Some("anyone?"))
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn state_changing_requests_must_declare_json_and_come_from_our_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "alice", "pw").await;
+    let server = start(config(dir.path())).await;
+    let addr = server.addr;
+    let poll = json!({"question": "Lunch?", "options": ["a", "b"]});
+    let login = json!({"user": "alice", "password": "pw"});
+
+    // What a page on another port of this host can send without a CORS preflight.
+    for kind in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        for (path, body) in [("/api/polls", &poll), ("/api/login", &login)] {
+            let (status, reply) = http(
+                addr,
+                "POST",
+                path,
+                &[("Content-Type", kind)],
+                Some(body.clone()),
+            )
+            .await;
+            assert_eq!(status, 415, "{kind} to {path}: {reply}");
+            assert!(reply["error"]
+                .as_str()
+                .unwrap()
+                .contains("application/json"));
+        }
+    }
+    let (status, _) = http(
+        addr,
+        "POST",
+        "/api/logout",
+        &[("Content-Type", "text/plain")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 415);
+
+    // Declared JSON, but from a foreign origin: refused; from our own, or none (a script), fine.
+    let foreign = [("Origin", "http://127.0.0.1:1")];
+    let (status, _) = http(addr, "POST", "/api/polls", &foreign, Some(poll.clone())).await;
+    assert_eq!(status, 403);
+    let own = format!("http://{addr}");
+    let (status, _) = http(
+        addr,
+        "POST",
+        "/api/polls",
+        &[("Origin", &own)],
+        Some(poll.clone()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let json_utf8 = [("Content-Type", "application/json; charset=utf-8")];
+    let (status, _) = http(addr, "POST", "/api/login", &json_utf8, Some(login)).await;
+    assert_eq!(status, 200);
+    let (_, polls) = http(addr, "GET", "/api/polls", &[], None).await;
+    assert_eq!(
+        polls.as_array().unwrap().len(),
+        1,
+        "only the same-origin poll exists"
+    );
+    server.stop().await;
+}
+
+/// Sends a raw request with one extra header of `size` bytes; returns the status.
+async fn status_with_header(
+    addr: std::net::SocketAddr,
+    path: &str,
+    upgrade: bool,
+    size: usize,
+) -> u16 {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let upgrade = if upgrade {
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    } else {
+        "Connection: close\r\n"
+    };
+    let filler = "x".repeat(size);
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{upgrade}X-Filler: {filler}\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    within(tcp.read_exact(&mut head)).await.unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn header_fields_over_16_kib_are_431_on_pages_api_and_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let addr = server.addr;
+    for (path, upgrade) in [("/", false), ("/api/rooms", false), ("/ws/echo", true)] {
+        let fine = status_with_header(addr, path, upgrade, 8 << 10).await;
+        assert_eq!(
+            fine,
+            if upgrade { 101 } else { 200 },
+            "{path} with an 8 KiB header"
+        );
+        assert_eq!(
+            status_with_header(addr, path, upgrade, 20 << 10).await,
+            431,
+            "{path} with 20 KiB"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn misleading_names_and_texts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "alice", "pw").await;
+    let server = start(config(dir.path())).await;
+    let addr = server.addr;
+    let bearer = format!("Bearer {}", token(addr, "alice", "pw").await);
+    let auth = [("Authorization", bearer.as_str())];
+
+    // `.` and `..` are path segments a browser resolves away: never room names.
+    for room in [".", ".."] {
+        let (status, _) = http(
+            addr,
+            "GET",
+            &format!("/api/rooms/{room}/messages"),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "room {room:?}");
+    }
+    let (status, _) = http(addr, "GET", "/api/rooms/.a/messages", &[], None).await;
+    assert_eq!(status, 200);
+
+    // A right-to-left override, NUL and other controls, over HTTP and over a socket.
+    for text in [
+        "invoice\u{202e}fdp.exe",
+        "nul\0byte",
+        "bell\u{7}",
+        "iso\u{2067}late",
+    ] {
+        let body = json!({"text": text});
+        let (status, reply) =
+            http(addr, "POST", "/api/rooms/lobby/messages", &auth, Some(body)).await;
+        assert_eq!(status, 400, "{text:?}: {reply}");
+        let poll = json!({"question": text, "options": ["a", "b"]});
+        let (status, _) = http(addr, "POST", "/api/polls", &[], Some(poll)).await;
+        assert_eq!(status, 400, "poll question {text:?}");
+    }
+    let mut ann = connect(&server.ws("/ws/rooms/lobby?name=ann")).await;
+    next_of(&mut ann, "ready").await;
+    say(&mut ann, "look: \u{202e}txt.exe").await;
+    let refused = next_of(&mut ann, "error").await;
+    assert!(
+        refused["error"].as_str().unwrap().contains("bidirectional"),
+        "{refused}"
+    );
+    say(&mut ann, "multi\nline\tis fine ✓").await;
+    assert_eq!(
+        next_of(&mut ann, "message").await["text"],
+        "multi\nline\tis fine ✓"
+    );
+
+    // Pages may be framed by the server's own pages only.
+    let page = http_text(addr, "/").await;
+    let csp = page
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("content-security-policy:")
+        })
+        .expect("a CSP header");
+    assert!(csp.contains("frame-ancestors 'self'"), "{csp}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_of_endless_fragments_is_closed_with_1009() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let req = format!(
+        "GET /ws/echo HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        server.addr
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        within(tcp.read_exact(&mut byte)).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+
+    // A text message opened with an empty frame, then empty masked continuations, never FIN:
+    // far more than any real sender splits 64 KiB into.
+    let mut frames = vec![0x01, 0x80, 1, 2, 3, 4];
+    for _ in 0..20_000 {
+        frames.extend_from_slice(&[0x00, 0x80, 1, 2, 3, 4]);
+    }
+    // The server may close before it has read everything: a failed write is fine.
+    let _ = tcp.write_all(&frames).await;
+    let mut close = [0u8; 4];
+    within(tcp.read_exact(&mut close)).await.unwrap();
+    assert_eq!(close[0], 0x88, "a close frame");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1009);
+    server.stop().await;
+}
