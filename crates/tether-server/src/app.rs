@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 use tokio::sync::watch;
@@ -13,7 +14,9 @@ use crate::config::ServerConfig;
 use crate::hub::Hub;
 use crate::journal::Journal;
 use crate::metrics::{Metrics, Refusal};
+use crate::password::PasswordChecker;
 use crate::store::{CredentialKind, Store, StoreError};
+use crate::throttle::Throttle;
 
 /// The name of the session cookie.
 pub const SESSION_COOKIE: &str = "tether_session";
@@ -105,9 +108,18 @@ pub struct App {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Becomes `true` when the server starts shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// Password checks: a fixed pool of threads behind a bounded queue.
+    pub passwords: PasswordChecker,
+    /// Failed logins per address.
+    pub login_failures: Throttle<IpAddr>,
+    /// Failed logins per account at one address.
+    pub account_failures: Throttle<(String, IpAddr)>,
     shutting_down: AtomicBool,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
+
+/// Addresses (and account-address pairs) whose failed logins are remembered at most.
+const THROTTLE_CAPACITY: usize = 100_000;
 
 /// A place among the server's WebSocket connections; freed on drop.
 #[derive(Debug)]
@@ -148,8 +160,22 @@ impl App {
         tls: bool,
         cluster: Option<Arc<crate::cluster::Cluster>>,
         shutdown: watch::Receiver<bool>,
-    ) -> Arc<App> {
-        Arc::new(App {
+    ) -> std::io::Result<Arc<App>> {
+        let passwords = PasswordChecker::start(config.password_threads, config.password_queue)?;
+        let login_failures = Throttle::new(
+            config.login_failures_per_address,
+            Duration::from_secs(10),
+            THROTTLE_CAPACITY,
+        );
+        let account_failures = Throttle::new(
+            config.login_failures_per_account,
+            Duration::from_secs(60),
+            THROTTLE_CAPACITY,
+        );
+        Ok(Arc::new(App {
+            passwords,
+            login_failures,
+            account_failures,
             config,
             ws_config: Arc::new(ws_config),
             hub,
@@ -161,7 +187,7 @@ impl App {
             shutdown,
             shutting_down: AtomicBool::new(false),
             per_ip: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     /// Marks the server as shutting down (health turns 503, upgrades are refused).
@@ -174,7 +200,8 @@ impl App {
         self.shutting_down.load(Relaxed)
     }
 
-    /// Takes a connection slot, within the total and per-address limits.
+    /// Takes a connection slot, within the total and per-address limits (IPv6 addresses
+    /// count by their /64).
     ///
     /// # Errors
     /// 503 when the server is full or shutting down, 429 when `ip` has too many.
@@ -197,6 +224,7 @@ impl App {
                 "too many connections",
             ));
         }
+        let ip = ip.map(crate::throttle::address_key);
         if let Some(ip) = ip {
             let n = per_ip.entry(ip).or_insert(0);
             if *n >= self.config.max_connections_per_ip {

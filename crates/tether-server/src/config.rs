@@ -55,6 +55,18 @@ pub struct ServerConfig {
     pub deflate: bool,
     /// Session cookie lifetime in hours. Default 168 (a week).
     pub session_hours: u64,
+    /// Threads that check passwords, each with one reused argon2 work area (19 MiB). Default 2.
+    pub password_threads: usize,
+    /// Password checks that may wait for a thread; more logins at once are answered 503 with
+    /// `Retry-After`. Default 32.
+    pub password_queue: usize,
+    /// Failed logins an address may make in a burst; it regains one every 10 s, and past it
+    /// logins from there are answered 429 with `Retry-After`. Default 20.
+    pub login_failures_per_address: u32,
+    /// Failed logins for one account from one address in a burst; it regains one a minute.
+    /// Counted per address, so guessing from one place never locks the real user out from
+    /// another. Default 5.
+    pub login_failures_per_account: u32,
     /// `redis://…`: share rooms, history and presence with other nodes through Redis.
     /// `None` (the default): one node, history in SQLite.
     pub redis: Option<String>,
@@ -82,6 +94,10 @@ impl Default for ServerConfig {
             shutdown_secs: 5,
             deflate: true,
             session_hours: 168,
+            password_threads: 2,
+            password_queue: 32,
+            login_failures_per_address: 20,
+            login_failures_per_account: 5,
             redis: None,
             node: None,
         }

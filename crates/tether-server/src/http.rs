@@ -1,13 +1,14 @@
 //! The HTTP side: pages, the JSON API, health and metrics, and the WebSocket upgrades.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
@@ -16,7 +17,9 @@ use serde::Deserialize;
 use crate::app::{App, Refused, SESSION_COOKIE};
 use crate::auth::{self, Identity};
 use crate::metrics::Refusal;
+use crate::password::Busy;
 use crate::store::{now_rfc3339, CredentialKind, StoreError};
+use crate::throttle::address_key;
 use crate::{web, ws};
 
 const ROOM_RULE: &str = "a room name is 1-64 of A-Z a-z 0-9 _ - ., not only dots";
@@ -159,7 +162,13 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        app.metrics.render(),
+        format!(
+            "{}# HELP tether_password_checks_total Password checks run (stand-ins for unknown users included).\n\
+             # TYPE tether_password_checks_total counter\n\
+             tether_password_checks_total {}\n",
+            app.metrics.render(),
+            app.passwords.checks()
+        ),
     )
         .into_response()
 }
@@ -170,40 +179,106 @@ struct Credentials {
     password: String,
 }
 
-/// Checks a user's password on a blocking thread; `Ok(false)` for a wrong user or password.
-async fn check_password(app: &App, c: &Credentials) -> Result<bool, Response> {
-    let user = c.user.clone();
-    let hash = app
-        .db
-        .call(move |s| s.password_hash(&user))
-        .await
-        .map_err(|e| store_error(&e))?;
-    let Some(hash) = hash else {
-        return Ok(false);
+/// Why a login was not granted.
+enum LoginRefused {
+    /// Wrong user or password (401).
+    Wrong,
+    /// Too many failures from this address, or for this account from it (429).
+    Throttled(Duration),
+    /// Every password-check thread is busy and the queue is full (503).
+    Busy,
+    /// Any other answer, ready to send.
+    Answer(Response),
+}
+
+impl IntoResponse for LoginRefused {
+    fn into_response(self) -> Response {
+        let retry = |status, reason: &str, after: Duration| {
+            let mut response = error(status, reason);
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            response
+        };
+        match self {
+            LoginRefused::Wrong => error(StatusCode::UNAUTHORIZED, "wrong user or password"),
+            LoginRefused::Throttled(after) => retry(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed logins: wait before trying again",
+                after,
+            ),
+            LoginRefused::Busy => retry(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many logins at once: try again",
+                Duration::from_secs(1),
+            ),
+            LoginRefused::Answer(response) => response,
+        }
+    }
+}
+
+/// Checks `c` for a login from `ip`: a failure is spent from the address's and the account's
+/// budgets first (cheap, and before the check, so that attempts made at once cannot all pass),
+/// then the password is checked on a check thread and a success gives it back. An unknown
+/// user costs the same check as a wrong password.
+async fn check_password(app: &App, ip: IpAddr, c: &Credentials) -> Result<(), LoginRefused> {
+    let now = Instant::now();
+    let ip = address_key(ip);
+    let account = (c.user.to_ascii_lowercase(), ip);
+    app.login_failures
+        .take(&ip, now)
+        .map_err(LoginRefused::Throttled)?;
+    if let Err(wait) = app.account_failures.take(&account, now) {
+        app.login_failures.refund(&ip, now);
+        return Err(LoginRefused::Throttled(wait));
+    }
+    let refund = || {
+        let now = Instant::now();
+        app.login_failures.refund(&ip, now);
+        app.account_failures.refund(&account, now);
     };
-    // Each check costs ~20 ms of CPU and 19 MiB by design: bound how many run at once, so a
-    // flood of logins queues instead of exhausting memory and the blocking pool.
-    static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-    let _permit = CHECKS
-        .acquire()
-        .await
-        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
-    let password = c.password.clone();
-    tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
-        .await
-        .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "password check failed"))
+    let user = c.user.clone();
+    let hash = match app.db.call(move |s| s.password_hash(&user)).await {
+        Ok(hash) => hash,
+        Err(e) => {
+            refund();
+            return Err(LoginRefused::Answer(store_error(&e)));
+        }
+    };
+    match app.passwords.verify(hash, c.password.clone()).await {
+        Ok(true) => {
+            refund();
+            app.account_failures.forgive(&account);
+            Ok(())
+        }
+        Ok(false) => Err(LoginRefused::Wrong),
+        Err(Busy) => {
+            refund();
+            Err(LoginRefused::Busy)
+        }
+    }
 }
 
 async fn issue(
     app: &App,
+    peer: Option<PeerAddr>,
     body: &[u8],
     kind: CredentialKind,
     ttl: Option<Duration>,
 ) -> Result<(String, String), Response> {
     let c: Credentials = parse(body).map_err(IntoResponse::into_response)?;
-    if !check_password(app, &c).await? {
-        tracing::warn!(user = %c.user, "login failed");
-        return Err(error(StatusCode::UNAUTHORIZED, "wrong user or password"));
+    let ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
+    if let Err(refused) = check_password(app, ip, &c).await {
+        match &refused {
+            LoginRefused::Wrong => tracing::warn!(user = %c.user, %ip, "login failed"),
+            LoginRefused::Throttled(_) => {
+                tracing::warn!(user = %c.user, %ip, "login refused: too many failures");
+            }
+            LoginRefused::Busy => tracing::warn!(%ip, "login refused: password checks busy"),
+            LoginRefused::Answer(_) => {}
+        }
+        return Err(refused.into_response());
     }
     let secret = auth::new_secret();
     let digest = auth::digest(&secret);
@@ -215,9 +290,14 @@ async fn issue(
     Ok((c.user, secret))
 }
 
-async fn login(State(app): State<Arc<App>>, body: Bytes) -> Response {
+async fn login(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<PeerAddr>>,
+    body: Bytes,
+) -> Response {
     let ttl = Duration::from_secs(app.config.session_hours * 3600);
-    match issue(&app, &body, CredentialKind::Session, Some(ttl)).await {
+    let peer = peer.map(|p| p.0);
+    match issue(&app, peer, &body, CredentialKind::Session, Some(ttl)).await {
         Ok((user, secret)) => {
             tracing::info!(%user, "logged in");
             let secure = if app.tls { "; Secure" } else { "" };
@@ -261,8 +341,12 @@ async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     }
 }
 
-async fn tokens(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    match issue(&app, &body, CredentialKind::Token, None).await {
+async fn tokens(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<PeerAddr>>,
+    body: Bytes,
+) -> Response {
+    match issue(&app, peer.map(|p| p.0), &body, CredentialKind::Token, None).await {
         Ok((user, token)) => {
             tracing::info!(%user, "token issued");
             json(StatusCode::CREATED, &serde_json::json!({"token": token}))

@@ -24,8 +24,10 @@ pub mod http;
 pub mod hub;
 pub mod journal;
 pub mod metrics;
+pub mod password;
 pub mod serve;
 pub mod store;
+pub mod throttle;
 pub mod web;
 pub mod ws;
 

@@ -145,7 +145,7 @@ impl Server {
             tls.is_some(),
             cluster,
             rx,
-        );
+        )?;
         Ok(Server {
             app,
             listener,

@@ -66,6 +66,20 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: Option<Value>,
 ) -> (u16, Value) {
+    let (status, _, body) =
+        http_from([127, 0, 0, 1].into(), addr, method, path, headers, body).await;
+    (status, body)
+}
+
+/// [`http`] from the local address `source` (any of 127.0.0.0/8); also returns the head.
+pub async fn http_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, String, Value) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -82,14 +96,20 @@ pub async fn http(
     }
     req.push_str("\r\n");
     req.push_str(&body);
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let mut tcp = within(socket.connect(addr)).await.unwrap();
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     within(tcp.read_to_end(&mut raw)).await.unwrap();
     let text = String::from_utf8_lossy(&raw);
     let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        status,
+        head.to_owned(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
 }
 
 pub async fn add_user(data: &Path, name: &str, password: &str) {
