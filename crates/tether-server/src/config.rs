@@ -47,6 +47,12 @@ pub struct ServerConfig {
     /// Messages queued for one connection before it counts as a slow consumer and is closed
     /// with 1013. Default 1,024.
     pub outbox: usize,
+    /// Seconds a client may accept nothing of what the server writes to it (history, live
+    /// events) before it is dropped. Default 30.
+    pub write_timeout_secs: u64,
+    /// Most messages replayed to a client resuming with `?since=`; older ones are skipped and
+    /// the welcome says `truncated`. Default 1,000.
+    pub max_replay: usize,
     /// Keepalive ping interval in seconds (a missing pong closes with 1011). Default 30.
     pub ping_interval_secs: u64,
     /// Seconds to finish closing sockets on shutdown. Default 5.
@@ -90,6 +96,8 @@ impl Default for ServerConfig {
             max_connections_per_ip: 1000,
             message_rate: 20.0,
             outbox: 1024,
+            write_timeout_secs: 30,
+            max_replay: 1000,
             ping_interval_secs: 30,
             shutdown_secs: 5,
             deflate: true,
@@ -108,6 +116,11 @@ impl ServerConfig {
     /// The keepalive interval.
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.ping_interval_secs.max(1))
+    }
+
+    /// How long a client may accept nothing before it is dropped.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs.max(1))
     }
 
     /// How long shutdown waits for sockets to close.

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Connections closed with 1013 because their outbound queue overflowed.
     pub slow_consumers: AtomicU64,
+    /// Connections dropped because they accepted nothing within the write timeout.
+    pub write_timeouts: AtomicU64,
     /// Connections closed with 1008 for sending too fast.
     pub rate_limited: AtomicU64,
     /// Messages that could not be stored.
@@ -132,6 +134,12 @@ impl Metrics {
             "counter",
             "Connections closed with 1013 because they fell behind.",
             self.slow_consumers.load(Relaxed),
+        );
+        metric(
+            "tether_write_timeouts_total",
+            "counter",
+            "Connections dropped because they accepted nothing within the write timeout.",
+            self.write_timeouts.load(Relaxed),
         );
         metric(
             "tether_rate_limited_total",

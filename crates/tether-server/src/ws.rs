@@ -15,7 +15,6 @@ use tether::{CloseCode, CloseFrame, Message, Prepared};
 
 use crate::app::{App, Slot};
 use crate::auth::Identity;
-use crate::cluster::Cluster;
 use crate::hub::{encode, Outgoing, Subscription};
 use crate::journal::{Job, Reply};
 use crate::store::{ChatMessage, Poll, StoreError};
@@ -108,6 +107,10 @@ enum End {
 
 /// Runs a chat room member: welcome, history (after `since`, or the recent messages), ready,
 /// then live events and the client's messages.
+///
+/// History is replayed in pages of [`REPLAY_PAGE`] messages, each read from storage only once
+/// the previous one is written: a client that does not read holds one page and the socket's
+/// write buffer, not the whole history, and the write timeout ends it.
 pub async fn room(
     app: Arc<App>,
     mut ws: UpgradedWebSocket,
@@ -120,24 +123,16 @@ pub async fn room(
     let joined = app.hub.join(&room, who.name());
     let sub = joined.subscription;
     let mut members = joined.members;
-    let history = match &app.cluster {
-        Some(cluster) => {
-            // Members on every node; history from the shared streams.
-            if let Ok(everyone) = cluster.members(&room).await {
-                members.extend(everyone);
-                members.sort();
-                members.dedup();
-            }
-            history_from_cluster(cluster, &room, since, &app.config).await
+    if let Some(cluster) = &app.cluster {
+        // Members on every node.
+        if let Ok(everyone) = cluster.members(&room).await {
+            members.extend(everyone);
+            members.sort();
+            members.dedup();
         }
-        None => history_from_store(&app, &room, since).await,
-    };
-    let Replay {
-        messages: history,
-        truncated,
-        start,
-    } = match history {
-        Ok(h) => h,
+    }
+    let plan = match plan_replay(&app, &room, since).await {
+        Ok(plan) => plan,
         Err(e) => {
             tracing::error!(error = %e, %room, "loading history failed");
             close(
@@ -150,106 +145,130 @@ pub async fn room(
             return;
         }
     };
+    if since.is_some_and(|since| since > plan.end) {
+        // A position this room never reached: hostile, or from storage that lost data.
+        // Resuming from it would hide every later message from this member.
+        tracing::info!(%room, since = ?since, last_id = plan.end, "resume position ahead of the room: clamped to its last id");
+    }
     let welcome = encode(&Welcome {
         room: &room,
         user: who.name(),
         guest: who.is_guest(),
         members: &members,
-        truncated,
+        truncated: plan.truncated,
     });
-    if since.is_some_and(|since| since > start) {
-        // A position this room never reached: hostile, or from storage that lost data.
-        // Resuming from it would hide every later message from this member.
-        tracing::info!(%room, since = ?since, last_id = start, "resume position ahead of the room: clamped to its last id");
+    let mut shutdown = app.shutdown.clone();
+    let mut batch = vec![welcome];
+    let mut high = plan.start;
+    let mut replayed = 0;
+    loop {
+        if let Some(end) = write_all(&app, &mut ws, &mut batch, &sub, &mut shutdown).await {
+            finish(&app, ws, slot, sub, end, who.name()).await;
+            return;
+        }
+        if high >= plan.end {
+            break;
+        }
+        let page = match read_page(&app, &room, high, plan.end).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::error!(error = %e, %room, "loading history failed");
+                let end = End::Close(CloseCode::INTERNAL_ERROR, "history unavailable");
+                finish(&app, ws, slot, sub, end, who.name()).await;
+                return;
+            }
+        };
+        let Some(last) = page.last() else {
+            break;
+        };
+        high = last.id;
+        replayed += page.len();
+        batch.extend(page.iter().map(encode));
     }
-    let mut high = start;
-    let mut first = vec![welcome];
-    for m in &history {
-        high = high.max(m.id);
-        first.push(encode(m));
-    }
-    first.push(encode(&Ready { last_id: high }));
-    tracing::debug!(%room, user = who.name(), replayed = history.len(), last_id = high, "joined");
+    tracing::debug!(%room, user = who.name(), replayed, last_id = high, "joined");
     app.hub.advance(&room, high);
     let target = Target::Room {
         room,
         user: who.name().to_owned(),
     };
-    pump(app, ws, slot, sub, target, first, high).await;
+    let ready = vec![encode(&Ready { last_id: high })];
+    pump(app, ws, slot, sub, target, ready, high).await;
 }
 
-/// What a joining member is sent before live messages.
-struct Replay {
-    /// The stored messages after `start`, oldest first.
-    messages: Vec<ChatMessage>,
-    /// Some messages after the member's `since` are no longer kept.
-    truncated: bool,
-    /// Where the member resumes: its `since`, clamped to the room's last id (a position the
-    /// room never reached would hide every later message), or 0 on a first join.
+/// Messages replayed per page (read from storage, then written, before the next is read).
+const REPLAY_PAGE: usize = 100;
+
+/// What a joining member is replayed: the stored messages with `start < id <= end`.
+struct ReplayPlan {
+    /// The member resumes after this id: its `since` (clamped to the room's last id, since a
+    /// position the room never reached would hide every later message, and to the replay
+    /// limit), or on a first join the id before the recent messages.
     start: u64,
+    /// The room's last id when the member joined; later messages arrive live.
+    end: u64,
+    /// Some messages after the member's `since` are not replayed: no longer kept, or past
+    /// the replay limit.
+    truncated: bool,
 }
 
-impl Replay {
-    fn resume(messages: Vec<ChatMessage>, since: u64, first: Option<u64>) -> Replay {
-        Replay {
-            messages,
-            truncated: first.is_some_and(|f| f > since.saturating_add(1)),
-            start: since,
-        }
-    }
-
-    fn recent(messages: Vec<ChatMessage>) -> Replay {
-        Replay {
-            messages,
-            truncated: false,
-            start: 0,
+impl ReplayPlan {
+    fn new(
+        since: Option<u64>,
+        first: Option<u64>,
+        last: u64,
+        config: &crate::ServerConfig,
+    ) -> ReplayPlan {
+        let Some(since) = since else {
+            return ReplayPlan {
+                start: last.saturating_sub(config.history_on_join as u64),
+                end: last,
+                truncated: false,
+            };
+        };
+        let since = since.min(last);
+        let start = since.max(last.saturating_sub(config.max_replay as u64));
+        ReplayPlan {
+            start,
+            end: last,
+            truncated: start > since || first.is_some_and(|f| f > since.saturating_add(1)),
         }
     }
 }
 
-async fn history_from_store(
+async fn plan_replay(app: &App, room: &str, since: Option<u64>) -> Result<ReplayPlan, StoreError> {
+    let (first, last) = match &app.cluster {
+        Some(cluster) => {
+            let last = cluster.recent(room, 1).await?.first().map_or(0, |m| m.id);
+            (cluster.first_id(room).await?, last)
+        }
+        None => {
+            let r = room.to_owned();
+            app.db
+                .call(move |s| Ok((s.first_id(&r)?, s.last_id(&r)?)))
+                .await?
+        }
+    };
+    Ok(ReplayPlan::new(since, first, last, &app.config))
+}
+
+/// The next page of history: messages with `after < id <= end`, oldest first.
+async fn read_page(
     app: &App,
     room: &str,
-    since: Option<u64>,
-) -> Result<Replay, StoreError> {
-    let (history_limit, on_join) = (app.config.history_limit, app.config.history_on_join);
-    let r = room.to_owned();
-    app.db
-        .call(move |s| {
-            let last = s.last_id(&r)?;
-            match since {
-                Some(since) => {
-                    let since = since.min(last);
-                    let messages = s.messages(&r, since, u64::MAX, history_limit)?;
-                    Ok(Replay::resume(messages, since, s.first_id(&r)?))
-                }
-                None => Ok(Replay::recent(s.recent(&r, last, on_join)?)),
-            }
-        })
-        .await
-}
-
-async fn history_from_cluster(
-    cluster: &Cluster,
-    room: &str,
-    since: Option<u64>,
-    config: &crate::ServerConfig,
-) -> Result<Replay, StoreError> {
-    match since {
-        Some(since) => {
-            let last = cluster.recent(room, 1).await?.first().map_or(0, |m| m.id);
-            let since = since.min(last);
-            let messages = cluster.messages(room, since, config.history_limit).await?;
-            Ok(Replay::resume(
-                messages,
-                since,
-                cluster.first_id(room).await?,
-            ))
+    after: u64,
+    end: u64,
+) -> Result<Vec<ChatMessage>, StoreError> {
+    let mut page = match &app.cluster {
+        Some(cluster) => cluster.messages(room, after, REPLAY_PAGE).await?,
+        None => {
+            let r = room.to_owned();
+            app.db
+                .call(move |s| s.messages(&r, after, end, REPLAY_PAGE))
+                .await?
         }
-        None => Ok(Replay::recent(
-            cluster.recent(room, config.history_on_join).await?,
-        )),
-    }
+    };
+    page.retain(|m| m.id > after && m.id <= end);
+    Ok(page)
 }
 
 /// Runs a poll watcher: the poll and this user's vote, then live counts and the user's votes.
@@ -290,8 +309,16 @@ pub async fn echo(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot) {
                 Some(Ok(msg)) if msg.is_data() => {
                     count_in(&app, msg.as_payload().len());
                     app.metrics.sent(msg.as_payload().len());
-                    if ws.send(msg).await.is_err() {
-                        break End::Gone;
+                    // A client that sends but never reads would otherwise hold this task
+                    // in `send` for good, once the write buffer is full.
+                    match tokio::time::timeout(app.config.write_timeout(), ws.send(msg)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break End::Gone,
+                        Err(_) => {
+                            app.metrics.write_timeouts.fetch_add(1, Relaxed);
+                            tracing::info!("echo client accepted nothing within the write timeout: dropping it");
+                            break End::Gone;
+                        }
                     }
                 }
                 Some(Ok(_)) => {}
@@ -349,21 +376,8 @@ async fn pump(
     let mut queued = Vec::with_capacity(BATCH);
     let mut pending: Vec<Arc<Prepared>> = first;
     let end = loop {
-        if !pending.is_empty() {
-            // Writing may wait on a slow socket: meanwhile the hub may give up on us.
-            let write = async {
-                for msg in pending.drain(..) {
-                    ws.feed_prepared(&msg).await?;
-                }
-                ws.flush().await
-            };
-            tokio::select! {
-                biased;
-                _ = sub.flags.slow() => break slow(&app),
-                () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
-                written = write => if written.is_err() { break End::Gone },
-            }
-            pending.clear();
+        if let Some(end) = write_all(&app, &mut ws, &mut pending, &sub, &mut shutdown).await {
+            break end;
         }
         tokio::select! {
             biased;
@@ -398,12 +412,63 @@ async fn pump(
             },
         }
     };
+    finish(&app, ws, slot, sub, end, target_user(&target)).await;
+}
+
+/// Writes `batch` (emptying it) unless the session must end first: the hub gave up on a slow
+/// consumer, the server is shutting down, the connection failed, or the client accepted
+/// nothing for the write timeout (it may never read again: a close frame could not reach it
+/// either, so the connection is just dropped).
+async fn write_all(
+    app: &App,
+    ws: &mut UpgradedWebSocket,
+    batch: &mut Vec<Arc<Prepared>>,
+    sub: &Subscription,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<End> {
+    if batch.is_empty() {
+        return None;
+    }
+    let write = async {
+        for msg in batch.drain(..) {
+            ws.feed_prepared(&msg).await?;
+        }
+        ws.flush().await
+    };
+    let end = tokio::select! {
+        biased;
+        _ = sub.flags.slow() => Some(slow(app)),
+        () = shutting_down(shutdown) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
+        written = tokio::time::timeout(app.config.write_timeout(), write) => match written {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some(End::Gone),
+            Err(_) => {
+                app.metrics.write_timeouts.fetch_add(1, Relaxed);
+                tracing::info!(timeout = ?app.config.write_timeout(), "client accepted nothing within the write timeout: dropping it");
+                Some(End::Gone)
+            }
+        },
+    };
+    batch.clear();
+    end
+}
+
+/// Ends a session: leaves the hub, sends the close frame if there is one to send, frees the
+/// connection's slot.
+async fn finish(
+    app: &App,
+    mut ws: UpgradedWebSocket,
+    slot: Slot,
+    sub: Subscription,
+    end: End,
+    user: &str,
+) {
     drop(sub);
     match end {
-        End::Gone => tracing::debug!(user = %target_user(&target), "session ended by the client"),
+        End::Gone => tracing::debug!(user, "session ended"),
         End::Close(code, reason) => {
-            tracing::debug!(user = %target_user(&target), code = code.0, reason, "closing session");
-            close(&app, &mut ws, code, reason).await;
+            tracing::debug!(user, code = code.0, reason, "closing session");
+            close(app, &mut ws, code, reason).await;
         }
     }
     drop(slot);

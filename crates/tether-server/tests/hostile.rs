@@ -212,20 +212,7 @@ async fn misleading_names_and_texts_are_refused() {
 async fn a_message_of_endless_fragments_is_closed_with_1009() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(config(dir.path())).await;
-    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-    let req = format!(
-        "GET /ws/echo HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        server.addr
-    );
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        within(tcp.read_exact(&mut byte)).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut tcp = raw_upgrade(server.addr, "/ws/echo", None).await;
 
     // A text message opened with an empty frame, then empty masked continuations, never FIN:
     // far more than any real sender splits 64 KiB into.

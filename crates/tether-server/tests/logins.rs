@@ -13,12 +13,6 @@ use serde_json::json;
 mod common;
 use common::*;
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 async fn login(
     source: IpAddr,
     addr: std::net::SocketAddr,

@@ -1,0 +1,124 @@
+//! History replay over real sockets: a long history is replayed in pages, so clients that ask for
+//! all of it and never read cost a bounded amount; the write timeout drops them; the replay
+//! limit skips what is older and says so.
+//!
+//! One test binary of its own: the memory test reads this process's RSS, which other tests
+//! running beside it would disturb.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether_server::store::{now_rfc3339, ChatMessage, Store};
+
+mod common;
+use common::*;
+
+const MESSAGES: u64 = 10_000;
+
+/// Stores MESSAGES messages of ~4 KB in room `big`, as a busy room would have kept.
+fn fill(dir: &std::path::Path) {
+    let mut store = Store::open(dir).unwrap();
+    let batch = store.batch().unwrap();
+    let text = "x".repeat(4000);
+    for id in 1..=MESSAGES {
+        let m = ChatMessage {
+            id,
+            room: "big".into(),
+            user: "old".into(),
+            text: text.clone(),
+            ts: now_rfc3339(),
+        };
+        batch.insert_message(&m).unwrap();
+    }
+    batch.commit().unwrap();
+}
+
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_is_paged_bounded_in_memory_and_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path());
+
+    // 1. A client reading everything gets the whole history, in order, then ready.
+    let mut c = config(dir.path());
+    c.max_replay = MESSAGES as usize;
+    let server = start(c).await;
+    let mut reader = connect(&server.ws("/ws/rooms/big?name=reader&since=0")).await;
+    let welcome = next(&mut reader).await;
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome.get("truncated"), None);
+    for id in 1..=MESSAGES {
+        assert_eq!(next(&mut reader).await["id"], id);
+    }
+    assert_eq!(
+        next(&mut reader).await,
+        json!({"type": "ready", "last_id": MESSAGES})
+    );
+    drop(reader);
+
+    // 2. Twenty clients ask for all 40 MB of it and never read: each holds one page and its
+    //    socket's write buffer, not the history.
+    let before = rss_kib();
+    let mut stuck = Vec::new();
+    for i in 0..20 {
+        stuck.push(
+            raw_upgrade(
+                server.addr,
+                &format!("/ws/rooms/big?name=stuck{i}&since=0"),
+                Some(4096),
+            )
+            .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = rss_kib().saturating_sub(before);
+    println!(
+        "20 clients replaying {MESSAGES} messages of 4 KB without reading: RSS grew {grown} KiB"
+    );
+    assert!(grown < 100 << 10, "RSS grew {grown} KiB");
+    // Meanwhile the room works for everyone else.
+    let mut ann = connect(&server.ws("/ws/rooms/big?name=ann")).await;
+    next_of(&mut ann, "ready").await;
+    say(&mut ann, "still here").await;
+    assert_eq!(next_of(&mut ann, "message").await["id"], MESSAGES + 1);
+    drop(stuck);
+    server.stop().await;
+
+    // 3. The write timeout drops a client that accepts nothing.
+    let mut c = config(dir.path());
+    c.max_replay = MESSAGES as usize;
+    c.write_timeout_secs = 1;
+    let server = start(c).await;
+    let _stuck = raw_upgrade(server.addr, "/ws/rooms/big?name=stuck&since=0", Some(4096)).await;
+    let dropped = async {
+        loop {
+            let metrics = http_text(server.addr, "/metrics").await;
+            if metric(&metrics, "tether_write_timeouts_total") == 1 {
+                return metric(&metrics, "tether_connections");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(within(dropped).await, 0, "its slot is freed");
+    server.stop().await;
+
+    // 4. With the default replay limit, a resume from the beginning gets the last 1,000 and
+    //    is told that older ones were skipped.
+    let server = start(config(dir.path())).await;
+    let mut late = connect(&server.ws("/ws/rooms/big?name=late&since=0")).await;
+    let welcome: Value = next(&mut late).await;
+    assert_eq!(welcome["truncated"], true, "{welcome}");
+    // The room's last id is MESSAGES + 1 (ann's message): 1,000 back from it.
+    assert_eq!(next(&mut late).await["id"], MESSAGES + 2 - 1000);
+    let ready = next_of(&mut late, "ready").await;
+    assert_eq!(ready["last_id"], MESSAGES + 1);
+    server.stop().await;
+}
