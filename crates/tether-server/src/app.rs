@@ -1,6 +1,5 @@
 //! The state every request handler and socket task shares.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -11,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::auth::{self, Identity};
 use crate::config::ServerConfig;
+use crate::gate::{Full, Gate, Pass};
 use crate::hub::Hub;
 use crate::journal::Journal;
 use crate::metrics::{Metrics, Refusal};
@@ -115,7 +115,7 @@ pub struct App {
     /// Failed logins per account at one address.
     pub account_failures: Throttle<(String, IpAddr)>,
     shutting_down: AtomicBool,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    sockets: Arc<Gate>,
 }
 
 /// Addresses (and account-address pairs) whose failed logins are remembered at most.
@@ -125,25 +125,12 @@ const THROTTLE_CAPACITY: usize = 100_000;
 #[derive(Debug)]
 pub struct Slot {
     app: Arc<App>,
-    ip: Option<IpAddr>,
+    _pass: Pass,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.app.metrics.connections.fetch_sub(1, Relaxed);
-        if let Some(ip) = self.ip {
-            let mut per_ip = self
-                .app
-                .per_ip
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(n) = per_ip.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    per_ip.remove(&ip);
-                }
-            }
-        }
     }
 }
 
@@ -162,6 +149,7 @@ impl App {
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Arc<App>> {
         let passwords = PasswordChecker::start(config.password_threads, config.password_queue)?;
+        let config_limits = (config.max_connections, config.max_connections_per_ip);
         let login_failures = Throttle::new(
             config.login_failures_per_address,
             Duration::from_secs(10),
@@ -186,7 +174,7 @@ impl App {
             cluster,
             shutdown,
             shutting_down: AtomicBool::new(false),
-            per_ip: Mutex::new(HashMap::new()),
+            sockets: Gate::new(config_limits.0, config_limits.1),
         }))
     }
 
@@ -213,34 +201,23 @@ impl App {
                 "shutting down",
             ));
         }
-        let mut per_ip = self
-            .per_ip
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if self.metrics.connections.load(Relaxed) as usize >= self.config.max_connections {
-            return Err(Refused::new(
+        let pass = self.sockets.enter(ip).map_err(|full| match full {
+            Full::Total => Refused::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Refusal::Limit,
                 "too many connections",
-            ));
-        }
-        let ip = ip.map(crate::throttle::address_key);
-        if let Some(ip) = ip {
-            let n = per_ip.entry(ip).or_insert(0);
-            if *n >= self.config.max_connections_per_ip {
-                return Err(Refused::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Refusal::Limit,
-                    "too many connections from this address",
-                ));
-            }
-            *n += 1;
-        }
+            ),
+            Full::Address => Refused::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                Refusal::Limit,
+                "too many connections from this address",
+            ),
+        })?;
         self.metrics.connections.fetch_add(1, Relaxed);
         self.metrics.connections_total.fetch_add(1, Relaxed);
         Ok(Slot {
             app: self.clone(),
-            ip,
+            _pass: pass,
         })
     }
 

@@ -53,6 +53,15 @@ pub struct ServerConfig {
     /// Most messages replayed to a client resuming with `?since=`; older ones are skipped and
     /// the welcome says `truncated`. Default 1,000.
     pub max_replay: usize,
+    /// Plain HTTP connections at once (not counting those upgraded to WebSocket); more are
+    /// answered 503 and closed. Default 1,024 (lowered to fit the file-descriptor limit).
+    pub max_http_connections: usize,
+    /// Plain HTTP connections at once from one address (IPv6: its /64); more are answered 429
+    /// and closed. Default 64.
+    pub max_http_connections_per_ip: usize,
+    /// Seconds a request may take from its head to the handler's answer, its body included;
+    /// past it, 408. Default 30.
+    pub request_timeout_secs: u64,
     /// Keepalive ping interval in seconds (a missing pong closes with 1011). Default 30.
     pub ping_interval_secs: u64,
     /// Seconds to finish closing sockets on shutdown. Default 5.
@@ -96,6 +105,9 @@ impl Default for ServerConfig {
             max_connections_per_ip: 1000,
             message_rate: 20.0,
             outbox: 1024,
+            max_http_connections: 1024,
+            max_http_connections_per_ip: 64,
+            request_timeout_secs: 30,
             write_timeout_secs: 30,
             max_replay: 1000,
             ping_interval_secs: 30,
@@ -121,6 +133,11 @@ impl ServerConfig {
     /// How long a client may accept nothing before it is dropped.
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs(self.write_timeout_secs.max(1))
+    }
+
+    /// How long a request may take, body included.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
     }
 
     /// How long shutdown waits for sockets to close.

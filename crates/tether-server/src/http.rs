@@ -118,7 +118,8 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
         .into_response()
 }
 
-fn error(status: StatusCode, reason: &str) -> Response {
+/// A JSON error answer: `{"error": reason}` with `status`.
+pub(crate) fn error(status: StatusCode, reason: &str) -> Response {
     json(status, &serde_json::json!({ "error": reason }))
 }
 
@@ -131,6 +132,42 @@ impl IntoResponse for Refused {
 fn store_error(e: &StoreError) -> Response {
     tracing::error!(error = %e, "store failed");
     error(StatusCode::INTERNAL_SERVER_ERROR, "storage failed")
+}
+
+/// The largest request body accepted: every command of the API is a small JSON object.
+pub const MAX_BODY: usize = 64 << 10;
+
+/// Reads a request body of at most [`MAX_BODY`] bytes into one buffer of its own. Each chunk
+/// is copied as it arrives, so the transport's buffers are released at once: a body sent a byte
+/// at a time costs its bytes, not a buffer per byte. How long it may take is bounded by the
+/// request timeout around every request.
+///
+/// # Errors
+/// 413 past the limit (at once when `Content-Length` says so), 400 when the body fails.
+async fn read_body(mut body: Body) -> Result<Bytes, Response> {
+    use http_body_util::BodyExt as _;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body exceeds {MAX_BODY} bytes"),
+        )
+    };
+    let hint = http_body::Body::size_hint(&body);
+    if hint.lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    let mut buf = bytes::BytesMut::with_capacity(hint.exact().map_or(0, |n| n as usize));
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|_| error(StatusCode::BAD_REQUEST, "the body could not be read"))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_BODY {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
@@ -293,10 +330,14 @@ async fn issue(
 async fn login(
     State(app): State<Arc<App>>,
     peer: Option<Extension<PeerAddr>>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let ttl = Duration::from_secs(app.config.session_hours * 3600);
     let peer = peer.map(|p| p.0);
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     match issue(&app, peer, &body, CredentialKind::Session, Some(ttl)).await {
         Ok((user, secret)) => {
             tracing::info!(%user, "logged in");
@@ -344,8 +385,12 @@ async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 async fn tokens(
     State(app): State<Arc<App>>,
     peer: Option<Extension<PeerAddr>>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     match issue(&app, peer.map(|p| p.0), &body, CredentialKind::Token, None).await {
         Ok((user, token)) => {
             tracing::info!(%user, "token issued");
@@ -458,8 +503,9 @@ async fn publish(
     State(app): State<Arc<App>>,
     Path(room): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    // Credentials and the room first: an anonymous client never gets to make us read a body.
     let user = match token_user(&app, &headers).await {
         Ok(u) => u,
         Err(r) => return r,
@@ -467,6 +513,10 @@ async fn publish(
     if !auth::valid_room(&room) {
         return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let input: TextIn = match parse(&body) {
         Ok(t) => t,
         Err(r) => return r.into_response(),
@@ -484,9 +534,13 @@ async fn publish(
     }
 }
 
-async fn broadcast(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn broadcast(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     let user = match token_user(&app, &headers).await {
         Ok(u) => u,
+        Err(r) => return r,
+    };
+    let body = match read_body(body).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let input: TextIn = match parse(&body) {
@@ -517,7 +571,7 @@ struct NewPoll {
     options: Vec<String>,
 }
 
-async fn create_poll(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn create_poll(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     match app.user(&headers, None).await {
         Ok(None) if !app.config.guests => {
             return error(StatusCode::UNAUTHORIZED, "log in to create a poll")
@@ -525,6 +579,10 @@ async fn create_poll(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
         Err(refused) => return refused.into_response(),
         _ => {}
     }
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let new: NewPoll = match parse(&body) {
         Ok(p) => p,
         Err(r) => return r.into_response(),

@@ -20,6 +20,7 @@ pub mod app;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod gate;
 pub mod http;
 pub mod hub;
 pub mod journal;

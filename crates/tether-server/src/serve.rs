@@ -6,13 +6,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::StatusCode;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::{App, Db};
 use crate::config::ServerConfig;
+use crate::gate::{Full, Gate, Pass};
 use crate::http::{precheck, router, PeerAddr};
 use crate::hub::Hub;
 use crate::journal::Journal;
@@ -88,7 +90,8 @@ impl Server {
     ///
     /// # Errors
     /// The store, the TLS files or the address.
-    pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+    pub async fn bind(mut config: ServerConfig) -> Result<Server, ServerError> {
+        fit_to_descriptors(&mut config);
         let tls = tls_acceptor(&config)?;
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(config.outbox, metrics.clone());
@@ -182,20 +185,40 @@ impl Server {
             shutdown,
         } = self;
         let router = router(app.clone());
+        let http = Gate::new(
+            app.config.max_http_connections,
+            app.config.max_http_connections_per_ip,
+        );
+        let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
+        let mut failures = 0u32;
         tokio::pin!(signal);
         loop {
             tokio::select! {
                 () = &mut signal => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let router = router.clone();
-                        let tls = tls.clone();
-                        tokio::spawn(connection(stream, peer, tls, app.clone(), router));
+                        if failures > 0 {
+                            tracing::info!(failures, "accepting connections again");
+                            failures = 0;
+                        }
+                        match http.enter(Some(peer.ip())) {
+                            Ok(pass) => {
+                                let router = router.clone();
+                                let tls = tls.clone();
+                                tokio::spawn(connection(stream, peer, tls, app.clone(), router, pass));
+                            }
+                            Err(full) => refuse_connection(stream, peer, full, tls.is_none(), &refusals),
+                        }
                     }
                     Err(e) => {
-                        // Out of file descriptors or similar: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors or similar: back off (10 ms doubling to 1 s)
+                        // instead of spinning, and say so once per burst.
+                        failures += 1;
+                        if failures == 1 {
+                            tracing::warn!(error = %e, "accept failed: backing off until it succeeds");
+                        }
+                        let delay = Duration::from_millis((10u64 << failures.min(7)).min(1000));
+                        tokio::time::sleep(delay).await;
                     }
                 },
             }
@@ -220,6 +243,80 @@ impl Server {
     }
 }
 
+/// Descriptors kept for the process itself (listener, database, journal, Redis, logs) and
+/// for answering refusals, whatever the connections take.
+const DESCRIPTOR_RESERVE: usize = 64;
+
+/// Connections refused with a canned answer at once; past it, refused ones are just closed.
+const REFUSALS_AT_ONCE: usize = 64;
+
+/// Lowers the connection caps to what the open-file limit allows, keeping
+/// [`DESCRIPTOR_RESERVE`] descriptors free: a quarter of the rest for plain HTTP, the remainder
+/// for WebSocket connections. Running out of descriptors then means answering 503, not failing
+/// to accept.
+fn fit_to_descriptors(config: &mut ServerConfig) {
+    use nix::sys::resource::{getrlimit, Resource};
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let budget = usize::try_from(soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(DESCRIPTOR_RESERVE)
+        .max(8);
+    let http = config.max_http_connections.min(budget / 4).max(1);
+    let sockets = config
+        .max_connections
+        .min(budget.saturating_sub(http))
+        .max(1);
+    if http < config.max_http_connections || sockets < config.max_connections {
+        tracing::warn!(
+            open_files = soft,
+            max_connections = sockets,
+            max_http_connections = http,
+            "the open-file limit is lower than the configured connections: caps lowered to fit"
+        );
+    }
+    config.max_http_connections = http;
+    config.max_connections = sockets;
+}
+
+/// Answers a connection over the HTTP caps with a canned 503 (all full) or 429 (its address
+/// has its share) on plain ports, and closes it; never waits on it for more than a second.
+fn refuse_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    full: Full,
+    plain: bool,
+    refusals: &Arc<Semaphore>,
+) {
+    tracing::debug!(%peer, ?full, "HTTP connection refused: over the cap");
+    let Ok(permit) = refusals.clone().try_acquire_owned() else {
+        return; // dropped: closed at once
+    };
+    if !plain {
+        return;
+    }
+    let (status, reason) = match full {
+        Full::Total => ("503 Service Unavailable", "too many connections"),
+        Full::Address => (
+            "429 Too Many Requests",
+            "too many connections from this address",
+        ),
+    };
+    let body = format!("{{\"error\":\"{reason}\"}}");
+    let answer = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+        drop(permit);
+    });
+}
+
 fn default_node_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
@@ -227,12 +324,15 @@ fn default_node_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Serves one TCP connection; `_pass` holds its place among the HTTP connections until it
+/// ends or is upgraded (a WebSocket then holds a place of its own).
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     app: Arc<App>,
     router: axum::Router,
+    _pass: Pass,
 ) {
     let _ = stream.set_nodelay(true);
     match tls {
@@ -256,9 +356,26 @@ where
             req.extensions_mut().insert(PeerAddr(peer));
             let checked = precheck(&app, req.method(), req.headers());
             let mut router = router.clone();
+            let timeout = app.config.request_timeout();
             async move {
                 match checked {
-                    None => tower_service::Service::call(&mut router, req).await,
+                    None => {
+                        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+                        let answer = tokio::time::timeout(
+                            timeout,
+                            tower_service::Service::call(&mut router, req),
+                        );
+                        match answer.await {
+                            Ok(answered) => answered,
+                            Err(_) => {
+                                tracing::info!(%peer, %method, path, ?timeout, "request timed out");
+                                Ok(crate::http::error(
+                                    StatusCode::REQUEST_TIMEOUT,
+                                    "the request took too long",
+                                ))
+                            }
+                        }
+                    }
                     Some(refused) => {
                         tracing::info!(%peer, status = refused.status().as_u16(), method = %req.method(), path = req.uri().path(), "request refused before routing");
                         Ok(refused)

@@ -228,3 +228,112 @@ async fn a_message_of_endless_fragments_is_closed_with_1009() {
     assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1009);
     server.stop().await;
 }
+
+/// Reads what the server sends until it closes (at most 15 s).
+async fn read_all(tcp: &mut TcpStream) -> String {
+    let mut raw = Vec::new();
+    let _ = within(tcp.read_to_end(&mut raw)).await;
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[tokio::test]
+async fn requests_have_deadlines_and_credentials_come_before_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.request_timeout_secs = 1;
+    let server = start(c).await;
+    let addr = server.addr;
+    let head = |path: &str, extra: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\n{extra}\r\n{{\"te"
+        )
+    };
+
+    // A body that never arrives: 408 once the request timeout passes.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(head("/api/polls", "").as_bytes())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = read_all(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    // Without a token, the publish API refuses before reading a byte of the body.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(head("/api/rooms/lobby/messages", "").as_bytes())
+        .await
+        .unwrap();
+    let mut status = [0u8; 12];
+    within(tcp.read_exact(&mut status)).await.unwrap();
+    assert_eq!(&status[9..12], b"401");
+
+    // A body over 64 KiB is 413, announced or not.
+    let big = "x".repeat(70 << 10);
+    let (status, _) = http(
+        addr,
+        "POST",
+        "/api/login",
+        &[],
+        Some(json!({"user": big, "password": "x"})),
+    )
+    .await;
+    assert_eq!(status, 413);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn plain_http_connections_are_capped_per_address_and_in_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.max_http_connections = 6;
+    c.max_http_connections_per_ip = 4;
+    let server = start(c).await;
+    let addr = server.addr;
+    let from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind((std::net::Ipv4Addr::from(ip), 0).into())
+            .unwrap();
+        within(socket.connect(addr)).await.unwrap()
+    };
+    let healthz = |ip: [u8; 4]| async move {
+        http_from(ip.into(), addr, "GET", "/healthz", &[], None)
+            .await
+            .0
+    };
+
+    // Four idle connections (no request yet) fill 127.0.0.1's share: the next one from there is
+    // answered 429 and closed, while another address is served.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(from([127, 0, 0, 1]).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut fifth = from([127, 0, 0, 1]).await;
+    let answer = read_all(&mut fifth).await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("Retry-After: 1"), "{answer}");
+    assert_eq!(healthz([127, 0, 0, 2]).await, 200);
+
+    // Two more from a third address fill the total of six: everyone else gets 503.
+    for _ in 0..2 {
+        idle.push(from([127, 0, 0, 3]).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut late = from([127, 0, 0, 4]).await;
+    assert!(read_all(&mut late).await.starts_with("HTTP/1.1 503"));
+
+    // Places come back when connections end; upgraded sockets do not hold one.
+    drop(idle);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut sockets = Vec::new();
+    for i in 0..8 {
+        let mut ws = connect(&server.ws(&format!("/ws/rooms/r?name=u{i}"))).await;
+        next_of(&mut ws, "ready").await;
+        sockets.push(ws);
+    }
+    assert_eq!(healthz([127, 0, 0, 1]).await, 200);
+    server.stop().await;
+}
