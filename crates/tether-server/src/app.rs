@@ -114,12 +114,69 @@ pub struct App {
     pub login_failures: Throttle<IpAddr>,
     /// Failed logins per account at one address.
     pub account_failures: Throttle<(String, IpAddr)>,
+    /// Quotas on writes to storage, per identity.
+    pub quotas: Quotas,
     shutting_down: AtomicBool,
     sockets: Arc<Gate>,
 }
 
-/// Addresses (and account-address pairs) whose failed logins are remembered at most.
+/// Addresses (and account-address pairs, identities) whose budgets are remembered at most.
 const THROTTLE_CAPACITY: usize = 100_000;
+
+/// Who a write is counted against: a registered user wherever they are, a guest or an
+/// anonymous client by address (IPv6: its /64).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Writer {
+    /// A registered user.
+    User(String),
+    /// Anyone else, by address.
+    Address(IpAddr),
+}
+
+impl Writer {
+    /// The writer of a request by `user` (if logged in) from `ip`.
+    pub fn new(user: Option<&str>, ip: Option<IpAddr>) -> Writer {
+        match (user, ip) {
+            (Some(user), _) => Writer::User(user.to_owned()),
+            (None, Some(ip)) => Writer::Address(crate::throttle::address_key(ip)),
+            (None, None) => Writer::Address(IpAddr::from([0, 0, 0, 0])),
+        }
+    }
+}
+
+/// Budgets on what clients may store: polls, credentials, API publishes.
+#[derive(Debug)]
+pub struct Quotas {
+    /// Polls created.
+    pub polls: Throttle<Writer>,
+    /// Sessions and tokens issued, per user.
+    pub credentials: Throttle<String>,
+    /// Messages and broadcasts published through the HTTP API, per user.
+    pub publishes: Throttle<String>,
+}
+
+impl Quotas {
+    fn new(config: &ServerConfig) -> Quotas {
+        let per_hour = |n: u32| Duration::from_secs(3600) / n.max(1);
+        Quotas {
+            polls: Throttle::new(
+                config.polls_per_hour,
+                per_hour(config.polls_per_hour),
+                THROTTLE_CAPACITY,
+            ),
+            credentials: Throttle::new(
+                config.credentials_per_hour,
+                per_hour(config.credentials_per_hour),
+                THROTTLE_CAPACITY,
+            ),
+            publishes: Throttle::new(
+                config.api_publish_rate.saturating_mul(2),
+                Duration::from_secs(1) / config.api_publish_rate.max(1),
+                THROTTLE_CAPACITY,
+            ),
+        }
+    }
+}
 
 /// A place among the server's WebSocket connections; freed on drop.
 #[derive(Debug)]
@@ -160,7 +217,9 @@ impl App {
             Duration::from_secs(60),
             THROTTLE_CAPACITY,
         );
+        let quotas = Quotas::new(&config);
         Ok(Arc::new(App {
+            quotas,
             passwords,
             login_failures,
             account_failures,

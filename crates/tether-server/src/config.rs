@@ -82,6 +82,14 @@ pub struct ServerConfig {
     /// Counted per address, so guessing from one place never locks the real user out from
     /// another. Default 5.
     pub login_failures_per_account: u32,
+    /// Polls one identity (a user, or a guest's address) may create per hour, in bursts of as
+    /// many; more are answered 429 with `Retry-After`. Default 10.
+    pub polls_per_hour: u32,
+    /// Sessions and tokens one user may be issued per hour, in bursts of as many. Default 20.
+    pub credentials_per_hour: u32,
+    /// Messages and broadcasts one user may publish per second through the HTTP API, in bursts
+    /// of twice as many. Default 20.
+    pub api_publish_rate: u32,
     /// `redis://…`: share rooms, history and presence with other nodes through Redis.
     /// `None` (the default): one node, history in SQLite.
     pub redis: Option<String>,
@@ -118,6 +126,9 @@ impl Default for ServerConfig {
             password_queue: 32,
             login_failures_per_address: 20,
             login_failures_per_account: 5,
+            polls_per_hour: 10,
+            credentials_per_hour: 20,
+            api_publish_rate: 20,
             redis: None,
             node: None,
         }

@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::app::{App, Refused, SESSION_COOKIE};
+use crate::app::{App, Refused, Writer, SESSION_COOKIE};
 use crate::auth::{self, Identity};
 use crate::metrics::Refusal;
 use crate::password::Busy;
@@ -228,16 +228,34 @@ enum LoginRefused {
     Answer(Response),
 }
 
+/// An error answer that says when to try again (`Retry-After`, whole seconds, at least 1).
+fn retry(status: StatusCode, reason: &str, after: Duration) -> Response {
+    let mut response = error(status, reason);
+    let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
+/// Spends one of `writer`'s `quota`; when none is left, the 429 to answer, saying what was
+/// exceeded and when to retry.
+fn spend<K: Eq + std::hash::Hash + Clone>(
+    quota: &crate::throttle::Throttle<K>,
+    writer: &K,
+    what: &str,
+) -> Option<Response> {
+    let wait = quota.take(writer, Instant::now()).err()?;
+    tracing::info!(what, "write quota exceeded");
+    Some(retry(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format!("too many {what}: wait before trying again"),
+        wait,
+    ))
+}
+
 impl IntoResponse for LoginRefused {
     fn into_response(self) -> Response {
-        let retry = |status, reason: &str, after: Duration| {
-            let mut response = error(status, reason);
-            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            response
-        };
         match self {
             LoginRefused::Wrong => error(StatusCode::UNAUTHORIZED, "wrong user or password"),
             LoginRefused::Throttled(after) => retry(
@@ -316,6 +334,10 @@ async fn issue(
             LoginRefused::Answer(_) => {}
         }
         return Err(refused.into_response());
+    }
+    let quota = &app.quotas.credentials;
+    if let Some(refused) = spend(quota, &c.user.to_ascii_lowercase(), "sessions and tokens") {
+        return Err(refused);
     }
     let secret = auth::new_secret();
     let digest = auth::digest(&secret);
@@ -513,6 +535,9 @@ async fn publish(
     if !auth::valid_room(&room) {
         return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
+    if let Some(refused) = spend(&app.quotas.publishes, &user, "publishes") {
+        return refused;
+    }
     let body = match read_body(body).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -539,6 +564,9 @@ async fn broadcast(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) 
         Ok(u) => u,
         Err(r) => return r,
     };
+    if let Some(refused) = spend(&app.quotas.publishes, &user, "publishes") {
+        return refused;
+    }
     let body = match read_body(body).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -571,13 +599,22 @@ struct NewPoll {
     options: Vec<String>,
 }
 
-async fn create_poll(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    match app.user(&headers, None).await {
+async fn create_poll(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<PeerAddr>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let user = match app.user(&headers, None).await {
         Ok(None) if !app.config.guests => {
             return error(StatusCode::UNAUTHORIZED, "log in to create a poll")
         }
         Err(refused) => return refused.into_response(),
-        _ => {}
+        Ok(user) => user,
+    };
+    let writer = Writer::new(user.as_deref(), peer.map(|p| p.0 .0.ip()));
+    if let Some(refused) = spend(&app.quotas.polls, &writer, "polls") {
+        return refused;
     }
     let body = match read_body(body).await {
         Ok(b) => b,

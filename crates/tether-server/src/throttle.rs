@@ -1,5 +1,6 @@
-//! Failure budgets per key (an address, or an account at an address): token buckets that a
-//! failure drains and time refills, in a table of bounded size.
+//! Budgets per key (an address, an account at an address, an identity): token buckets that
+//! each counted act (a failed login, a stored write) drains and time refills, in a table of
+//! bounded size.
 
 use std::collections::HashMap;
 use std::hash::Hash;

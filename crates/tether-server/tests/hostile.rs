@@ -337,3 +337,70 @@ async fn plain_http_connections_are_capped_per_address_and_in_all() {
     assert_eq!(healthz([127, 0, 0, 1]).await, 200);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn writes_to_storage_have_quotas_per_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "alice", "pw").await;
+    let mut c = config(dir.path());
+    c.polls_per_hour = 3;
+    c.credentials_per_hour = 3;
+    c.api_publish_rate = 1;
+    let server = start(c).await;
+    let addr = server.addr;
+    let retry_after = |head: &str| -> u64 {
+        let line = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("retry-after:"))
+            .unwrap_or_else(|| panic!("no Retry-After: {head}"));
+        line[12..].trim().parse().unwrap()
+    };
+
+    // Polls: three an hour from one address, then 429 until one is regained (20 minutes);
+    // another address has its own.
+    let poll = json!({"question": "Q?", "options": ["a", "b"]});
+    let create = |ip: [u8; 4]| {
+        let poll = poll.clone();
+        async move { http_from(ip.into(), addr, "POST", "/api/polls", &[], Some(poll)).await }
+    };
+    for _ in 0..3 {
+        assert_eq!(create([127, 0, 0, 1]).await.0, 201);
+    }
+    let (status, head, body) = create([127, 0, 0, 1]).await;
+    assert_eq!(status, 429, "{body}");
+    assert!((1100..=1200).contains(&retry_after(&head)), "{head}");
+    assert_eq!(create([127, 0, 0, 2]).await.0, 201);
+
+    // Sessions and tokens: three an hour for alice, however they are asked for.
+    let bearer = format!("Bearer {}", token(addr, "alice", "pw").await);
+    token(addr, "alice", "pw").await;
+    let login = json!({"user": "alice", "password": "pw"});
+    let (status, _) = http(addr, "POST", "/api/login", &[], Some(login.clone())).await;
+    assert_eq!(status, 200);
+    let (status, _) = http(addr, "POST", "/api/login", &[], Some(login)).await;
+    assert_eq!(status, 429);
+
+    // Publishing through the API: bursts of twice the rate (here 1/s), then 429 for a second.
+    let auth = [("Authorization", bearer.as_str())];
+    let publish = || async {
+        let text = json!({"text": "news"});
+        http_from(
+            [127, 0, 0, 1].into(),
+            addr,
+            "POST",
+            "/api/rooms/news/messages",
+            &auth,
+            Some(text),
+        )
+        .await
+    };
+    for _ in 0..2 {
+        assert_eq!(publish().await.0, 201);
+    }
+    let (status, head, _) = publish().await;
+    assert_eq!(status, 429);
+    assert_eq!(retry_after(&head), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(publish().await.0, 201);
+    server.stop().await;
+}
