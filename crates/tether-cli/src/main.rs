@@ -205,13 +205,21 @@ async fn shutdown_signal() {
 }
 
 fn run_user(cmd: tether_cli::serve::UserCommand) -> anyhow::Result<()> {
-    use tether_cli::serve::{add_user, read_password, UserCommand};
+    use tether_cli::serve::{add_user, read_password, revoke_user, UserCommand};
     match cmd {
         UserCommand::Add(args) => {
             let password = read_password(args.password_stdin)?;
             add_user(&args.name, &args.data, &password)
                 .with_context(|| format!("adding user {}", args.name))?;
             eprintln!("user {} added to {}", args.name, args.data.display());
+        }
+        UserCommand::Revoke(args) => {
+            let n = revoke_user(&args.name, &args.data)
+                .with_context(|| format!("revoking the credentials of {}", args.name))?;
+            eprintln!(
+                "revoked {n} sessions and tokens of {}; its open connections close within a minute",
+                args.name
+            );
         }
     }
     Ok(())

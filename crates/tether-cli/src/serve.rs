@@ -126,6 +126,27 @@ impl ServeArgs {
 pub enum UserCommand {
     /// Add a user (asks for the password, or reads one line with --password-stdin).
     Add(UserAddArgs),
+    /// Revoke every session and token of a user; their open connections close within a
+    /// minute.
+    Revoke(UserRevokeArgs),
+}
+
+/// `tether user revoke` options.
+#[derive(clap::Args, Debug)]
+pub struct UserRevokeArgs {
+    /// The user name.
+    pub name: String,
+    /// Data directory [default: ./tether-data].
+    #[arg(long, env = "TETHER_DATA", default_value = "tether-data")]
+    pub data: PathBuf,
+}
+
+/// Revokes every session and token of `name` in the store in `data`; returns how many.
+///
+/// # Errors
+/// The store cannot be opened or written.
+pub fn revoke_user(name: &str, data: &std::path::Path) -> Result<usize, UserError> {
+    Ok(tether_server::store::Store::open(data)?.revoke_credentials(name)?)
 }
 
 /// `tether user add` options.

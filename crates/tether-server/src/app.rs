@@ -116,12 +116,32 @@ pub struct App {
     pub account_failures: Throttle<(String, IpAddr)>,
     /// Quotas on writes to storage, per identity.
     pub quotas: Quotas,
+    /// Bumped whenever credentials are revoked here: open connections check theirs again.
+    revocations: watch::Sender<u64>,
     shutting_down: AtomicBool,
     sockets: Arc<Gate>,
 }
 
 /// Addresses (and account-address pairs, identities) whose budgets are remembered at most.
 const THROTTLE_CAPACITY: usize = 100_000;
+
+/// The token of an `Authorization: Bearer …` header (the scheme in any case), if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The stored credential (session or token) a connection was opened with, so that it can be
+/// checked again while the connection lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credential {
+    digest: [u8; 32],
+    kind: CredentialKind,
+}
 
 /// Who a write is counted against: a registered user wherever they are, a guest or an
 /// anonymous client by address (IPv6: its /64).
@@ -219,6 +239,7 @@ impl App {
         );
         let quotas = Quotas::new(&config);
         Ok(Arc::new(App {
+            revocations: watch::channel(0).0,
             quotas,
             passwords,
             login_failures,
@@ -291,23 +312,34 @@ impl App {
         headers: &HeaderMap,
         query_token: Option<&str>,
     ) -> Result<Option<String>, Refused> {
-        let bearer = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .or(query_token);
+        Ok(self
+            .user_and_credential(headers, query_token)
+            .await?
+            .map(|(user, _)| user))
+    }
+
+    /// [`App::user`], with the credential that proves it.
+    ///
+    /// # Errors
+    /// As [`App::user`].
+    pub async fn user_and_credential(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<Option<(String, Credential)>, Refused> {
+        let bearer = bearer(headers).or(query_token);
         if let Some(token) = bearer {
             let d = auth::digest(token);
+            let credential = Credential {
+                digest: d,
+                kind: CredentialKind::Token,
+            };
             return match self
                 .db
                 .call(move |s| s.credential_user(&d, CredentialKind::Token))
                 .await
             {
-                Ok(Some(user)) => Ok(Some(user)),
+                Ok(Some(user)) => Ok(Some((user, credential))),
                 Ok(None) => Err(Refused::new(
                     StatusCode::UNAUTHORIZED,
                     Refusal::Auth,
@@ -318,16 +350,62 @@ impl App {
         }
         if let Some(session) = self.session(headers) {
             let d = auth::digest(&session);
+            let credential = Credential {
+                digest: d,
+                kind: CredentialKind::Session,
+            };
             return match self
                 .db
                 .call(move |s| s.credential_user(&d, CredentialKind::Session))
                 .await
             {
-                Ok(user) => Ok(user),
+                Ok(user) => Ok(user.map(|user| (user, credential))),
                 Err(e) => Err(Refused::store(&e)),
             };
         }
         Ok(None)
+    }
+
+    /// Whether `credential` is still valid (not revoked, not expired). A storage failure
+    /// counts as valid: an outage must not log everyone out.
+    pub async fn credential_valid(&self, credential: Credential) -> bool {
+        let Credential { digest, kind } = credential;
+        !matches!(
+            self.db
+                .call(move |s| s.credential_user(&digest, kind))
+                .await,
+            Ok(None)
+        )
+    }
+
+    /// Tells open connections that credentials were revoked: each checks its own again.
+    pub fn credentials_revoked(&self) {
+        self.revocations.send_modify(|n| *n += 1);
+    }
+
+    /// Resolves once `credential` is revoked or expired: checked again at every revocation on
+    /// this server and every `every` (revocations by another process, expiry). Never resolves
+    /// for `None` (a guest).
+    pub async fn credential_lost(
+        &self,
+        credential: Option<Credential>,
+        every: std::time::Duration,
+    ) {
+        let Some(credential) = credential else {
+            return std::future::pending().await;
+        };
+        let mut revoked = self.revocations.subscribe();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                changed = revoked.changed() => if changed.is_err() {
+                    return std::future::pending().await;
+                },
+            }
+            if !self.credential_valid(credential).await {
+                return;
+            }
+        }
     }
 
     /// The session secret of the request's cookie, if any.
@@ -340,7 +418,8 @@ impl App {
             .map(str::to_owned)
     }
 
-    /// Who opens a socket: a token or session's user, else a guest with `name`.
+    /// Who opens a socket: a token or session's user (with that credential), else a guest with
+    /// `name`.
     ///
     /// # Errors
     /// 401 for a bad token, no identity at all, a guest when guests are off, or a nickname
@@ -350,9 +429,9 @@ impl App {
         headers: &HeaderMap,
         token: Option<&str>,
         name: Option<&str>,
-    ) -> Result<Identity, Refused> {
-        if let Some(user) = self.user(headers, token).await? {
-            return Ok(Identity::User(user));
+    ) -> Result<(Identity, Option<Credential>), Refused> {
+        if let Some((user, credential)) = self.user_and_credential(headers, token).await? {
+            return Ok((Identity::User(user), Some(credential)));
         }
         let Some(name) = name else {
             return Err(Refused::new(
@@ -382,7 +461,7 @@ impl App {
                 Refusal::Auth,
                 "this name belongs to a registered user: log in",
             )),
-            Ok(None) => Ok(Identity::Guest(name.to_owned())),
+            Ok(None) => Ok((Identity::Guest(name.to_owned()), None)),
             Err(e) => Err(Refused::store(&e)),
         }
     }

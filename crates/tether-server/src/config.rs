@@ -70,6 +70,12 @@ pub struct ServerConfig {
     pub deflate: bool,
     /// Session cookie lifetime in hours. Default 168 (a week).
     pub session_hours: u64,
+    /// Bearer token lifetime in days. Default 90.
+    pub token_days: u64,
+    /// Seconds between checks that an open connection's session or token is still valid
+    /// (revoked by `tether user revoke`, or expired); revocations through this server's API
+    /// are noticed at once. Default 60.
+    pub credential_check_secs: u64,
     /// Threads that check passwords, each with one reused argon2 work area (19 MiB). Default 2.
     pub password_threads: usize,
     /// Password checks that may wait for a thread; more logins at once are answered 503 with
@@ -122,6 +128,8 @@ impl Default for ServerConfig {
             shutdown_secs: 5,
             deflate: true,
             session_hours: 168,
+            token_days: 90,
+            credential_check_secs: 60,
             password_threads: 2,
             password_queue: 32,
             login_failures_per_address: 20,

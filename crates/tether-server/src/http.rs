@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::app::{App, Refused, Writer, SESSION_COOKIE};
+use crate::app::{App, Credential, Refused, Writer, SESSION_COOKIE};
 use crate::auth::{self, Identity};
 use crate::metrics::Refusal;
 use crate::password::Busy;
@@ -378,13 +378,51 @@ async fn login(
     }
 }
 
-async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Some(secret) = app.session(&headers) {
-        let digest = auth::digest(&secret);
-        if let Err(e) = app.db.call(move |s| s.delete_credential(&digest)).await {
-            return store_error(&e);
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct LogoutIn {
+    /// Revoke every session and token of the user, not only the one presented.
+    everywhere: bool,
+}
+
+/// Revokes the session cookie and the bearer token the request presents (or, with
+/// `{"everywhere": true}`, every credential of their user); connections opened with them close.
+async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let input: LogoutIn = if body.is_empty() {
+        LogoutIn::default()
+    } else {
+        match parse(&body) {
+            Ok(i) => i,
+            Err(r) => return r.into_response(),
+        }
+    };
+    if input.everywhere {
+        match app.user(&headers, None).await {
+            Ok(Some(user)) => {
+                let who = user.clone();
+                match app.db.call(move |s| s.revoke_credentials(&who)).await {
+                    Ok(n) => tracing::info!(%user, revoked = n, "logged out everywhere"),
+                    Err(e) => return store_error(&e),
+                }
+            }
+            Ok(None) => return error(StatusCode::UNAUTHORIZED, "not logged in"),
+            Err(refused) => return refused.into_response(),
+        }
+    } else {
+        let bearer = crate::app::bearer(&headers).map(str::to_owned);
+        let presented = app.session(&headers).into_iter().chain(bearer);
+        for secret in presented {
+            let digest = auth::digest(&secret);
+            if let Err(e) = app.db.call(move |s| s.delete_credential(&digest)).await {
+                return store_error(&e);
+            }
         }
     }
+    app.credentials_revoked();
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
@@ -413,7 +451,16 @@ async fn tokens(
         Ok(b) => b,
         Err(r) => return r,
     };
-    match issue(&app, peer.map(|p| p.0), &body, CredentialKind::Token, None).await {
+    let ttl = Duration::from_secs(app.config.token_days * 86_400);
+    match issue(
+        &app,
+        peer.map(|p| p.0),
+        &body,
+        CredentialKind::Token,
+        Some(ttl),
+    )
+    .await
+    {
         Ok((user, token)) => {
             tracing::info!(%user, "token issued");
             json(StatusCode::CREATED, &serde_json::json!({"token": token}))
@@ -696,7 +743,13 @@ async fn upgrade<F, Fut>(
     session: F,
 ) -> Response
 where
-    F: FnOnce(Arc<App>, tether::upgrade::UpgradedWebSocket, crate::app::Slot, Identity) -> Fut
+    F: FnOnce(
+            Arc<App>,
+            tether::upgrade::UpgradedWebSocket,
+            crate::app::Slot,
+            Identity,
+            Option<Credential>,
+        ) -> Fut
         + Send
         + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -705,16 +758,16 @@ where
     if let Err(refused) = app.check_origin(req.headers()) {
         return refuse(&app, peer, refused);
     }
-    let who = if needs_identity {
+    let (who, credential) = if needs_identity {
         match app
             .identify(req.headers(), query.token.as_deref(), query.name.as_deref())
             .await
         {
-            Ok(who) => who,
+            Ok(found) => found,
             Err(refused) => return refuse(&app, peer, refused),
         }
     } else {
-        Identity::Guest(String::new())
+        (Identity::Guest(String::new()), None)
     };
     let slot = match app.slot(peer.map(|p| p.ip())) {
         Ok(slot) => slot,
@@ -724,7 +777,7 @@ where
         Ok((response, pending)) => {
             tokio::spawn(async move {
                 match pending.await {
-                    Ok(socket) => session(app, socket, slot, who).await,
+                    Ok(socket) => session(app, socket, slot, who, credential).await,
                     Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
                 }
             });
@@ -747,7 +800,7 @@ async fn echo_socket(State(app): State<Arc<App>>, req: Request) -> Response {
         req,
         SocketQuery::default(),
         false,
-        |app, socket, slot, _| ws::echo(app, socket, slot),
+        |app, socket, slot, _, _| ws::echo(app, socket, slot),
     )
     .await
 }
@@ -763,9 +816,15 @@ async fn room_socket(
         return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
     let since = query.since;
-    upgrade(app, req, query, true, move |app, socket, slot, who| {
-        ws::room(app, socket, slot, room, who, since)
-    })
+    upgrade(
+        app,
+        req,
+        query,
+        true,
+        move |app, socket, slot, who, credential| {
+            ws::room(app, socket, slot, room, who, credential, since)
+        },
+    )
     .await
 }
 
@@ -783,8 +842,14 @@ async fn poll_socket(
         }
         Err(e) => return store_error(&e),
     };
-    upgrade(app, req, query, true, move |app, socket, slot, who| {
-        ws::poll(app, socket, slot, poll, who)
-    })
+    upgrade(
+        app,
+        req,
+        query,
+        true,
+        move |app, socket, slot, who, credential| {
+            ws::poll(app, socket, slot, poll, who, credential)
+        },
+    )
     .await
 }

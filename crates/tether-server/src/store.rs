@@ -235,6 +235,17 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes every session and token of `user` (any case of the name); returns how many.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn revoke_credentials(&self, user: &str) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM credentials WHERE user = ?1 COLLATE NOCASE",
+            [user],
+        )?)
+    }
+
     /// The highest message id stored for `room` (0 when none).
     ///
     /// # Errors

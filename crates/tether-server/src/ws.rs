@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tether::upgrade::UpgradedWebSocket;
 use tether::{CloseCode, CloseFrame, Message, Prepared};
 
-use crate::app::{App, Slot};
+use crate::app::{App, Credential, Slot};
 use crate::auth::Identity;
 use crate::hub::{encode, Outgoing, Subscription};
 use crate::journal::{Job, Reply};
@@ -91,10 +91,20 @@ fn error_event(text: &str) -> Arc<Prepared> {
     encode(&serde_json::json!({"type": "error", "error": text}))
 }
 
-/// What a session does with a client's text.
-enum Target {
-    Room { room: String, user: String },
-    Poll { poll: i64, user: String },
+/// What a session does with a client's text, and on whose behalf.
+struct Target {
+    /// The member's name.
+    user: String,
+    /// The credential the connection was opened with (a guest has none): checked again while
+    /// the connection lasts, so a revoked or expired one ends it.
+    credential: Option<Credential>,
+    /// Where the client's messages go.
+    place: Place,
+}
+
+enum Place {
+    Room(String),
+    Poll(i64),
 }
 
 /// How a session ended, for the close frame and the log.
@@ -117,6 +127,7 @@ pub async fn room(
     slot: Slot,
     room: String,
     who: Identity,
+    credential: Option<Credential>,
     since: Option<u64>,
 ) {
     tracing::debug!(%room, user = who.name(), since = ?since, "joining");
@@ -187,9 +198,10 @@ pub async fn room(
     }
     tracing::debug!(%room, user = who.name(), replayed, last_id = high, "joined");
     app.hub.advance(&room, high);
-    let target = Target::Room {
-        room,
+    let target = Target {
         user: who.name().to_owned(),
+        credential,
+        place: Place::Room(room),
     };
     let ready = vec![encode(&Ready { last_id: high })];
     pump(app, ws, slot, sub, target, ready, high).await;
@@ -272,7 +284,14 @@ async fn read_page(
 }
 
 /// Runs a poll watcher: the poll and this user's vote, then live counts and the user's votes.
-pub async fn poll(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot, poll: Poll, who: Identity) {
+pub async fn poll(
+    app: Arc<App>,
+    mut ws: UpgradedWebSocket,
+    slot: Slot,
+    poll: Poll,
+    who: Identity,
+    credential: Option<Credential>,
+) {
     let sub = app.hub.watch_poll(poll.id, who.name());
     let (id, user) = (poll.id, who.name().to_owned());
     let state = app
@@ -292,9 +311,10 @@ pub async fn poll(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot, poll: Po
         poll: &poll,
         vote: vote.as_deref(),
     })];
-    let target = Target::Poll {
-        poll: poll.id,
+    let target = Target {
         user: who.name().to_owned(),
+        credential,
+        place: Place::Poll(poll.id),
     };
     pump(app, ws, slot, sub, target, first, 0).await;
 }
@@ -375,6 +395,9 @@ async fn pump(
     let mut limit = RateLimit::new(app.config.message_rate);
     let mut queued = Vec::with_capacity(BATCH);
     let mut pending: Vec<Arc<Prepared>> = first;
+    let every = Duration::from_secs(app.config.credential_check_secs.max(1));
+    let lost = app.credential_lost(target.credential, every);
+    tokio::pin!(lost);
     let end = loop {
         if let Some(end) = write_all(&app, &mut ws, &mut pending, &sub, &mut shutdown).await {
             break end;
@@ -383,6 +406,10 @@ async fn pump(
             biased;
             _ = sub.flags.slow() => break slow(&app),
             () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
+            () = &mut lost => {
+                tracing::info!(user = %target.user, "credential revoked or expired: closing");
+                break End::Close(CloseCode::POLICY_VIOLATION, "credentials revoked or expired");
+            }
             n = sub.rx.recv_many(&mut queued, BATCH) => {
                 if n == 0 {
                     break End::Gone;
@@ -395,7 +422,7 @@ async fn pump(
                     count_in(&app, text.len());
                     if !limit.allow() {
                         app.metrics.rate_limited.fetch_add(1, Relaxed);
-                        tracing::warn!(user = %target_user(&target), "message rate limit exceeded");
+                        tracing::warn!(user = %&target.user, "message rate limit exceeded");
                         break End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
                     }
                     if let Some(reply) = handle(&app, &target, &text, &sub).await {
@@ -412,7 +439,7 @@ async fn pump(
             },
         }
     };
-    finish(&app, ws, slot, sub, end, target_user(&target)).await;
+    finish(&app, ws, slot, sub, end, &target.user).await;
 }
 
 /// Writes `batch` (emptying it) unless the session must end first: the hub gave up on a slow
@@ -479,12 +506,6 @@ fn slow(app: &App) -> End {
     End::Close(CloseCode::TRY_AGAIN_LATER, "slow consumer: too far behind")
 }
 
-fn target_user(target: &Target) -> &str {
-    match target {
-        Target::Room { user, .. } | Target::Poll { user, .. } => user,
-    }
-}
-
 /// Hands a client's message to the journal; returns an error event for the client, if any.
 async fn handle(
     app: &App,
@@ -493,7 +514,11 @@ async fn handle(
     sub: &Subscription,
 ) -> Option<Arc<Prepared>> {
     let job = match target {
-        Target::Room { room, user } => {
+        Target {
+            place: Place::Room(room),
+            user,
+            ..
+        } => {
             let Ok(ChatIn { text }) = serde_json::from_str(text) else {
                 return Some(error_event("expected {\"text\": \"...\"}"));
             };
@@ -514,7 +539,11 @@ async fn handle(
                 reply: Reply::Socket(sub.sender()),
             }
         }
-        Target::Poll { poll, user } => {
+        Target {
+            place: Place::Poll(poll),
+            user,
+            ..
+        } => {
             let Ok(VoteIn { vote }) = serde_json::from_str(text) else {
                 return Some(error_event("expected {\"vote\": \"option\"}"));
             };

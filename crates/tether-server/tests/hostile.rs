@@ -404,3 +404,85 @@ async fn writes_to_storage_have_quotas_per_identity() {
     assert_eq!(publish().await.0, 201);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn tokens_expire_and_revocations_close_open_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "alice", "pw").await;
+    let mut c = config(dir.path());
+    c.credential_check_secs = 1;
+    let server = start(c).await;
+    let addr = server.addr;
+    let publish = |token: String| async move {
+        let bearer = format!("Bearer {token}");
+        let text = Some(json!({"text": "hi"}));
+        http(
+            addr,
+            "POST",
+            "/api/rooms/r/messages",
+            &[("Authorization", &bearer)],
+            text,
+        )
+        .await
+        .0
+    };
+
+    // Logging out with a bearer token revokes it; its open socket is closed with 1008 at once.
+    let token_a = token(addr, "alice", "pw").await;
+    let mut ws = connect(&server.ws(&format!("/ws/rooms/r?token={token_a}"))).await;
+    next_of(&mut ws, "ready").await;
+    let bearer = format!("Bearer {token_a}");
+    let (status, _) = http(
+        addr,
+        "POST",
+        "/api/logout",
+        &[("Authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(close_code(&mut ws).await, 1008);
+    assert_eq!(publish(token_a).await, 401);
+
+    // Everywhere: every token of the user goes at once.
+    let (token_b, token_c) = (
+        token(addr, "alice", "pw").await,
+        token(addr, "alice", "pw").await,
+    );
+    let bearer = format!("Bearer {token_b}");
+    let everywhere = Some(json!({"everywhere": true}));
+    let (status, _) = http(
+        addr,
+        "POST",
+        "/api/logout",
+        &[("Authorization", &bearer)],
+        everywhere,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(publish(token_c).await, 401);
+
+    // Revoked by another process (`tether user revoke` writes the store): open sockets notice
+    // at the next check.
+    let token_d = token(addr, "alice", "pw").await;
+    let mut ws = connect(&server.ws(&format!("/ws/rooms/r?token={token_d}"))).await;
+    next_of(&mut ws, "ready").await;
+    let revoked = tether_server::store::Store::open(dir.path())
+        .unwrap()
+        .revoke_credentials("ALICE")
+        .unwrap();
+    assert_eq!(revoked, 1);
+    assert_eq!(close_code(&mut ws).await, 1008);
+    server.stop().await;
+
+    // Tokens have a lifetime: with zero days, one is expired as soon as it is issued.
+    let mut c = config(dir.path());
+    c.token_days = 0;
+    let server = start(c).await;
+    let token_e = token(server.addr, "alice", "pw").await;
+    let addr = server.addr;
+    let bearer = format!("Bearer {token_e}");
+    let (status, _) = http(addr, "GET", "/api/me", &[("Authorization", &bearer)], None).await;
+    assert_eq!(status, 401);
+    server.stop().await;
+}
