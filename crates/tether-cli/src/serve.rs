@@ -31,6 +31,14 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub allow_origin: Vec<String>,
+    /// A reverse proxy (ADDR or ADDR/LEN) whose Forwarded / X-Forwarded-For name the client
+    /// (repeatable).
+    #[arg(
+        long = "trusted-proxy",
+        env = "TETHER_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    pub trusted_proxy: Vec<String>,
     /// Refuse guests: chatting and voting need a login or token.
     #[arg(long, env = "TETHER_NO_GUESTS")]
     pub no_guests: bool,
@@ -92,6 +100,7 @@ impl ServeArgs {
             c.tls_key = self.tls_key.clone();
         }
         c.allow_origins.extend(self.allow_origin.iter().cloned());
+        c.trusted_proxies.extend(self.trusted_proxy.iter().cloned());
         if self.no_guests {
             c.guests = false;
         }

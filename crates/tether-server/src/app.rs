@@ -116,6 +116,8 @@ pub struct App {
     pub account_failures: Throttle<(String, IpAddr)>,
     /// Quotas on writes to storage, per identity.
     pub quotas: Quotas,
+    /// Reverse proxies allowed to name the client's address.
+    pub trusted_proxies: Vec<crate::proxy::Cidr>,
     /// Bumped whenever credentials are revoked here: open connections check theirs again.
     revocations: watch::Sender<u64>,
     shutting_down: AtomicBool,
@@ -224,6 +226,7 @@ impl App {
         tls: bool,
         cluster: Option<Arc<crate::cluster::Cluster>>,
         shutdown: watch::Receiver<bool>,
+        trusted_proxies: Vec<crate::proxy::Cidr>,
     ) -> std::io::Result<Arc<App>> {
         let passwords = PasswordChecker::start(config.password_threads, config.password_queue)?;
         let config_limits = (config.max_connections, config.max_connections_per_ip);
@@ -239,6 +242,7 @@ impl App {
         );
         let quotas = Quotas::new(&config);
         Ok(Arc::new(App {
+            trusted_proxies,
             revocations: watch::channel(0).0,
             quotas,
             passwords,

@@ -29,6 +29,10 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     /// Origins accepted on WebSocket upgrades besides the server's own (`scheme://host[:port]`).
     pub allow_origins: Vec<String>,
+    /// Reverse proxies (`ADDR` or `ADDR/LEN`) whose `Forwarded` / `X-Forwarded-For` name the
+    /// client: its address then counts for every per-address limit. Default none: the
+    /// headers are ignored.
+    pub trusted_proxies: Vec<String>,
     /// Whether guests (a `?name=` nickname, no login) may chat and vote. Default true.
     pub guests: bool,
     /// Messages kept per room; older ones are deleted. Default 10,000.
@@ -111,6 +115,7 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             allow_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
             guests: true,
             history_limit: 10_000,
             history_on_join: 50,

@@ -26,6 +26,7 @@ pub mod hub;
 pub mod journal;
 pub mod metrics;
 pub mod password;
+pub mod proxy;
 pub mod serve;
 pub mod store;
 pub mod throttle;

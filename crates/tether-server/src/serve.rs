@@ -19,6 +19,7 @@ use crate::http::{precheck, router, PeerAddr};
 use crate::hub::Hub;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
+use crate::proxy::{client_address, is_trusted};
 use crate::store::{Store, StoreError};
 
 /// Starting or running the server failed.
@@ -39,6 +40,9 @@ pub enum ServerError {
     /// The certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A `trusted_proxies` entry is not an address or address block.
+    #[error("trusted_proxies: {0}")]
+    TrustedProxy(#[from] crate::proxy::CidrError),
     /// Another I/O failure (spawning the journal thread, …).
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -92,6 +96,11 @@ impl Server {
     /// The store, the TLS files or the address.
     pub async fn bind(mut config: ServerConfig) -> Result<Server, ServerError> {
         fit_to_descriptors(&mut config);
+        let trusted_proxies = config
+            .trusted_proxies
+            .iter()
+            .map(|c| c.parse())
+            .collect::<Result<Vec<crate::proxy::Cidr>, _>>()?;
         let tls = tls_acceptor(&config)?;
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(config.outbox, metrics.clone());
@@ -148,6 +157,7 @@ impl Server {
             tls.is_some(),
             cluster,
             rx,
+            trusted_proxies,
         )?;
         Ok(Server {
             app,
@@ -201,7 +211,9 @@ impl Server {
                             tracing::info!(failures, "accepting connections again");
                             failures = 0;
                         }
-                        match http.enter(Some(peer.ip())) {
+                        // A trusted proxy carries many clients: it counts in the total only.
+                        let counted = (!is_trusted(&app.trusted_proxies, peer.ip())).then_some(peer.ip());
+                        match http.enter(counted) {
                             Ok(pass) => {
                                 let router = router.clone();
                                 let tls = tls.clone();
@@ -353,7 +365,9 @@ where
 {
     let service = hyper::service::service_fn(
         move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(PeerAddr(peer));
+            let client = client_address(&app.trusted_proxies, peer.ip(), req.headers());
+            req.extensions_mut()
+                .insert(PeerAddr(SocketAddr::new(client, peer.port())));
             let checked = precheck(&app, req.method(), req.headers());
             let mut router = router.clone();
             let timeout = app.config.request_timeout();

@@ -486,3 +486,47 @@ async fn tokens_expire_and_revocations_close_open_sockets() {
     assert_eq!(status, 401);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "alice", "pw").await;
+    let mut c = config(dir.path());
+    c.trusted_proxies = vec!["127.0.0.2".into()];
+    let server = start(c).await;
+    let addr = server.addr;
+    let login = |source: [u8; 4], forwarded: &'static str| async move {
+        let body = json!({"user": "alice", "password": "guess"});
+        let headers = [("X-Forwarded-For", forwarded)];
+        http_from(
+            source.into(),
+            addr,
+            "POST",
+            "/api/login",
+            &headers,
+            Some(body),
+        )
+        .await
+        .0
+    };
+
+    // Through the proxy, each client has its own budget.
+    for _ in 0..5 {
+        assert_eq!(login([127, 0, 0, 2], "203.0.113.1").await, 401);
+    }
+    assert_eq!(login([127, 0, 0, 2], "203.0.113.1").await, 429);
+    assert_eq!(login([127, 0, 0, 2], "6.6.6.6, 203.0.113.2").await, 401);
+
+    // From anyone else the header proves nothing: rotating it does not escape the budget.
+    for forwarded in [
+        "198.51.100.1",
+        "198.51.100.2",
+        "198.51.100.3",
+        "198.51.100.4",
+        "198.51.100.5",
+    ] {
+        assert_eq!(login([127, 0, 0, 1], forwarded).await, 401);
+    }
+    assert_eq!(login([127, 0, 0, 1], "198.51.100.6").await, 429);
+    server.stop().await;
+}
