@@ -135,7 +135,7 @@ function handleClose({ code, reason, opened, wasLive, failuresBeforeOpen }) {
       ui.joinError.textContent = 'Cannot reach the server; still trying.';
     } else if (identity.guest) {
       ui.joinError.textContent = `Cannot join “${chat.room}”. The server may be down, or “${chat.nick}” may be `
-        + "a registered user's name (log in instead).";
+        + "in use by another guest or a registered user's name (pick another, or log in).";
     } else {
       ui.joinError.textContent = `Cannot join “${chat.room}”. The server may be down, or your session may have expired.`;
     }

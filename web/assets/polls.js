@@ -98,7 +98,7 @@ function handleClose({ code, opened, failuresBeforeOpen }) {
   }
   if (!opened && failuresBeforeOpen === 2) {
     ui.error.textContent = currentIdentity().guest
-      ? `Cannot connect to this poll. The server may be down, or “${view.nick}” may be a registered user's name (log in instead).`
+      ? `Cannot connect to this poll. The server may be down, or “${view.nick}” may be in use by another guest or a registered user's name (pick another, or log in).`
       : 'Cannot connect to this poll. The server may be down, or your session may have expired.';
   }
 }

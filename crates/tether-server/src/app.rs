@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::auth::{self, Identity};
 use crate::config::ServerConfig;
 use crate::gate::{Full, Gate, Pass};
+use crate::guests::{NickHold, Nicknames, GUEST_COOKIE};
 use crate::hub::Hub;
 use crate::journal::Journal;
 use crate::metrics::{Metrics, Refusal};
@@ -116,6 +117,8 @@ pub struct App {
     pub account_failures: Throttle<(String, IpAddr)>,
     /// Quotas on writes to storage, per identity.
     pub quotas: Quotas,
+    /// Guest nicknames in use, each held by one guest.
+    pub nicknames: Arc<Nicknames>,
     /// Reverse proxies allowed to name the client's address.
     pub trusted_proxies: Vec<crate::proxy::Cidr>,
     /// Bumped whenever credentials are revoked here: open connections check theirs again.
@@ -200,11 +203,26 @@ impl Quotas {
     }
 }
 
-/// A place among the server's WebSocket connections; freed on drop.
+/// A place among the server's WebSocket connections (and a guest's hold on its nickname);
+/// freed on drop.
 #[derive(Debug)]
 pub struct Slot {
     app: Arc<App>,
     _pass: Pass,
+    nickname: Option<NickHold>,
+}
+
+impl Slot {
+    /// Keeps `hold` on a guest's nickname for as long as this connection lasts.
+    pub fn keep(&mut self, hold: NickHold) {
+        self.nickname = Some(hold);
+    }
+
+    /// Frees the nickname now, before the others hear that its guest left (the guest may be
+    /// reconnecting already).
+    pub fn release_nickname(&mut self) {
+        self.nickname = None;
+    }
 }
 
 impl Drop for Slot {
@@ -242,6 +260,7 @@ impl App {
         );
         let quotas = Quotas::new(&config);
         Ok(Arc::new(App {
+            nicknames: Nicknames::new(),
             trusted_proxies,
             revocations: watch::channel(0).0,
             quotas,
@@ -302,6 +321,7 @@ impl App {
         Ok(Slot {
             app: self.clone(),
             _pass: pass,
+            nickname: None,
         })
     }
 
@@ -412,6 +432,20 @@ impl App {
         }
     }
 
+    /// The guest id of the request's `tether_guest` cookie, or a new one (`true`: to be set).
+    pub fn guest_id(&self, headers: &HeaderMap) -> (String, bool) {
+        let known = headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|h| auth::cookie(h, GUEST_COOKIE))
+            .filter(|id| (16..=64).contains(&id.len()));
+        match known {
+            Some(id) => (id.to_owned(), false),
+            None => (auth::new_secret(), true),
+        }
+    }
+
     /// The session secret of the request's cookie, if any.
     pub fn session(&self, headers: &HeaderMap) -> Option<String> {
         headers
@@ -459,7 +493,7 @@ impl App {
             ));
         }
         let owned = name.to_owned();
-        match self.db.call(move |s| s.password_hash(&owned)).await {
+        match self.db.call(move |s| s.user_named_like(&owned)).await {
             Ok(Some(_)) => Err(Refused::new(
                 StatusCode::UNAUTHORIZED,
                 Refusal::Auth,

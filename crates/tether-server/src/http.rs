@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::app::{App, Credential, Refused, Writer, SESSION_COOKIE};
 use crate::auth::{self, Identity};
+use crate::guests::GUEST_COOKIE;
 use crate::metrics::Refusal;
 use crate::password::Busy;
 use crate::store::{now_rfc3339, CredentialKind, StoreError};
@@ -769,12 +770,42 @@ where
     } else {
         (Identity::Guest(String::new()), None)
     };
-    let slot = match app.slot(peer.map(|p| p.ip())) {
+    // A guest's nickname belongs to that guest (its cookie) while any connection uses it.
+    let mut nickname = None;
+    let mut new_guest = None;
+    if let (true, Identity::Guest(name)) = (needs_identity, &who) {
+        let (guest, is_new) = app.guest_id(req.headers());
+        match app.nicknames.hold(name, &guest) {
+            Some(hold) => nickname = Some(hold),
+            None => {
+                let refused = Refused::new(
+                    StatusCode::CONFLICT,
+                    Refusal::Auth,
+                    "this nickname is in use by another guest: pick another",
+                );
+                return refuse(&app, peer, refused);
+            }
+        }
+        new_guest = is_new.then_some(guest);
+    }
+    let mut slot = match app.slot(peer.map(|p| p.ip())) {
         Ok(slot) => slot,
         Err(refused) => return refuse(&app, peer, refused),
     };
+    if let Some(hold) = nickname {
+        slot.keep(hold);
+    }
     match tether::upgrade::upgrade::<_, Body>(&mut req, app.ws_config.clone()) {
-        Ok((response, pending)) => {
+        Ok((mut response, pending)) => {
+            if let Some(guest) = new_guest {
+                let secure = if app.tls { "; Secure" } else { "" };
+                let cookie = format!(
+                    "{GUEST_COOKIE}={guest}; HttpOnly; SameSite=Lax; Path=/; Max-Age=31536000{secure}"
+                );
+                if let Ok(v) = HeaderValue::from_str(&cookie) {
+                    response.headers_mut().insert(header::SET_COOKIE, v);
+                }
+            }
             tokio::spawn(async move {
                 match pending.await {
                     Ok(socket) => session(app, socket, slot, who, credential).await,

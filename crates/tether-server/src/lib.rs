@@ -21,6 +21,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod gate;
+pub mod guests;
 pub mod http;
 pub mod hub;
 pub mod journal;

@@ -161,8 +161,12 @@ impl Store {
     /// Adds a user with an already hashed password.
     ///
     /// # Errors
-    /// [`StoreError::UserExists`], or a database failure.
+    /// [`StoreError::UserExists`] (also for a name that differs from an existing one only in
+    /// case: `Alice` and `alice` would look the same to people), or a database failure.
     pub fn add_user(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+        if self.user_named_like(name)?.is_some() {
+            return Err(StoreError::UserExists(name.to_owned()));
+        }
         let inserted = self.conn.execute(
             "INSERT OR IGNORE INTO users (name, hash, created) VALUES (?1, ?2, ?3)",
             params![name, hash, now_rfc3339()],
@@ -171,6 +175,21 @@ impl Store {
             return Err(StoreError::UserExists(name.to_owned()));
         }
         Ok(())
+    }
+
+    /// The registered user whose name equals `name` ignoring ASCII case, if any.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn user_named_like(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT name FROM users WHERE name = ?1 COLLATE NOCASE LIMIT 1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// The password hash of `name`, if such a user exists.

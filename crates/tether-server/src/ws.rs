@@ -485,11 +485,12 @@ async fn write_all(
 async fn finish(
     app: &App,
     mut ws: UpgradedWebSocket,
-    slot: Slot,
+    mut slot: Slot,
     sub: Subscription,
     end: End,
     user: &str,
 ) {
+    slot.release_nickname();
     drop(sub);
     match end {
         End::Gone => tracing::debug!(user, "session ended"),

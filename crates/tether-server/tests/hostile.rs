@@ -530,3 +530,64 @@ async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
     assert_eq!(login([127, 0, 0, 1], "198.51.100.6").await, 429);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_guest_nickname_belongs_to_one_guest_and_registered_names_to_their_users() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "alice", "pw").await;
+    let server = start(config(dir.path())).await;
+
+    // A registered name is reserved in every case.
+    for name in ["alice", "Alice", "ALICE"] {
+        let url = server.ws(&format!("/ws/rooms/r?name={name}"));
+        let err = within(tether::connect(&url)).await.unwrap_err().to_string();
+        assert!(err.contains("401"), "{name}: {err}");
+    }
+    let store = tether_server::store::Store::open(dir.path()).unwrap();
+    assert!(
+        store.add_user("ALICE", "x").is_err(),
+        "no user differing only in case"
+    );
+
+    // Bob's nickname is Bob's (his cookie) while he is connected: another guest gets 409,
+    // Bob himself may open a second tab.
+    let url = server.ws("/ws/rooms/r?name=bob");
+    let (mut bob, response) = within(tether::connect(&url)).await.unwrap();
+    next_of(&mut bob, "ready").await;
+    let cookie = response
+        .headers
+        .get_str("set-cookie")
+        .expect("a guest cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.starts_with("tether_guest="), "{cookie}");
+    let err = within(tether::connect(&server.ws("/ws/rooms/r?name=BOB")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("409"), "{err}");
+    let builder = tether::ClientBuilder::new(&url)
+        .unwrap()
+        .header("Cookie", cookie);
+    let (mut tab, _) = within(builder.connect()).await.unwrap();
+    next_of(&mut tab, "ready").await;
+    say(&mut tab, "from bob's second tab").await;
+    assert_eq!(next_of(&mut bob, "message").await["user"], "bob");
+
+    // Once Bob has gone, the name is free for anyone.
+    drop(bob);
+    drop(tab);
+    let free = async {
+        loop {
+            if let Ok((ws, _)) = tether::connect(&server.ws("/ws/rooms/r?name=bob")).await {
+                return ws;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let mut carol_as_bob = within(free).await;
+    next_of(&mut carol_as_bob, "ready").await;
+    server.stop().await;
+}

@@ -126,11 +126,22 @@ async fn concurrent_writers_and_a_resuming_reader_see_every_id_once() {
             }
         }));
     }
-    // A reader that reconnects several times while the writers run, resuming each time.
+    // A reader that reconnects several times while the writers run, resuming each time. Like
+    // a browser it keeps its guest cookie, so its nickname is its own at once, even while the
+    // server has not yet noticed the previous connection end.
     let mut last = 0u64;
     let mut got = Vec::new();
+    let mut cookie: Option<String> = None;
     while last < 200 {
-        let mut ws = connect(&server.ws(&format!("/ws/rooms/busy?name=reader&since={last}"))).await;
+        let url = server.ws(&format!("/ws/rooms/busy?name=reader&since={last}"));
+        let mut builder = ClientBuilder::new(&url).unwrap();
+        if let Some(c) = &cookie {
+            builder = builder.header("Cookie", c.clone());
+        }
+        let (mut ws, response) = within(builder.connect()).await.unwrap();
+        if let Some(set) = response.headers.get_str("set-cookie") {
+            cookie = Some(set.split(';').next().unwrap().to_owned());
+        }
         for _ in 0..37 {
             let v = next(&mut ws).await;
             if v["type"] == "message" {

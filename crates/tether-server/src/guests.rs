@@ -1,0 +1,106 @@
+//! Guest nicknames: a nickname belongs to one guest while any of that guest's connections uses
+//! it, so nobody else can speak or vote under it meanwhile. A guest is the random id in its
+//! `tether_guest` cookie (issued with its first upgrade; a client without cookies is a new guest
+//! on every connection). The table lives on this node and holds only names in use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The name of the guest cookie.
+pub const GUEST_COOKIE: &str = "tether_guest";
+
+#[derive(Debug)]
+struct Holder {
+    guest: String,
+    connections: usize,
+}
+
+/// The nicknames in use, each with the guest that holds it.
+#[derive(Debug, Default)]
+pub struct Nicknames {
+    held: Mutex<HashMap<String, Holder>>,
+}
+
+/// A connection's hold on a nickname; the last one dropped frees the name.
+#[derive(Debug)]
+pub struct NickHold {
+    names: Arc<Nicknames>,
+    key: String,
+}
+
+impl Nicknames {
+    /// An empty table.
+    pub fn new() -> Arc<Nicknames> {
+        Arc::new(Nicknames::default())
+    }
+
+    /// Holds `name` (compared without ASCII case) for `guest`; `None` when another guest holds
+    /// it.
+    pub fn hold(self: &Arc<Self>, name: &str, guest: &str) -> Option<NickHold> {
+        let key = name.to_ascii_lowercase();
+        let mut held = self.lock();
+        let holder = held.entry(key.clone()).or_insert_with(|| Holder {
+            guest: guest.to_owned(),
+            connections: 0,
+        });
+        if holder.guest != guest {
+            return None;
+        }
+        holder.connections += 1;
+        Some(NickHold {
+            names: self.clone(),
+            key,
+        })
+    }
+
+    /// Names in use.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no name is in use.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holder>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for NickHold {
+    fn drop(&mut self) {
+        let mut held = self.names.lock();
+        if let Some(holder) = held.get_mut(&self.key) {
+            holder.connections -= 1;
+            if holder.connections == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_belongs_to_one_guest_while_in_use() {
+        let names = Nicknames::new();
+        let tab1 = names.hold("Bob", "guest-1").unwrap();
+        let tab2 = names
+            .hold("bob", "guest-1")
+            .expect("the same guest, another tab");
+        assert!(names.hold("BOB", "guest-2").is_none(), "another guest");
+        drop(tab1);
+        assert!(
+            names.hold("bob", "guest-2").is_none(),
+            "still in use by tab 2"
+        );
+        drop(tab2);
+        assert!(names.is_empty());
+        let _taken = names.hold("bob", "guest-2").expect("free again");
+    }
+}
