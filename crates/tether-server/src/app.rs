@@ -218,7 +218,7 @@ impl Slot {
         self.nickname = Some(hold);
     }
 
-    /// Frees the nickname now, before the others hear that its guest left (the guest may be
+    /// Frees the nickname now, rather than after the close handshake (the guest may be
     /// reconnecting already).
     pub fn release_nickname(&mut self) {
         self.nickname = None;
@@ -407,18 +407,24 @@ impl App {
         self.revocations.send_modify(|n| *n += 1);
     }
 
+    /// Revocations from now on, for [`App::credential_lost`]: take it before checking a
+    /// credential, so that a revocation between the check and the session is not missed.
+    pub fn revocations(&self) -> watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
     /// Resolves once `credential` is revoked or expired: checked again at every revocation on
-    /// this server and every `every` (revocations by another process, expiry). Never resolves
-    /// for `None` (a guest).
+    /// this server since `revoked` was taken, and every `every` (revocations by another
+    /// process, expiry). Never resolves for `None` (a guest).
     pub async fn credential_lost(
         &self,
         credential: Option<Credential>,
+        mut revoked: watch::Receiver<u64>,
         every: std::time::Duration,
     ) {
         let Some(credential) = credential else {
             return std::future::pending().await;
         };
-        let mut revoked = self.revocations.subscribe();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(every) => {}

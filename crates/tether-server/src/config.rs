@@ -92,6 +92,12 @@ pub struct ServerConfig {
     /// Counted per address, so guessing from one place never locks the real user out from
     /// another. Default 5.
     pub login_failures_per_account: u32,
+    /// Who may vote in polls: `"everyone"` (registered users, and guests one vote per guest
+    /// id, at most `guest_votes_per_address` guests per address and poll) or `"users"`.
+    /// Default `"everyone"`.
+    pub poll_voters: Voters,
+    /// Guests that may vote in one poll from one address (IPv6: its /64). Default 5.
+    pub guest_votes_per_address: u32,
     /// Polls one identity (a user, or a guest's address) may create per hour, in bursts of as
     /// many; more are answered 429 with `Retry-After`. Default 10.
     pub polls_per_hour: u32,
@@ -139,6 +145,8 @@ impl Default for ServerConfig {
             password_queue: 32,
             login_failures_per_address: 20,
             login_failures_per_account: 5,
+            poll_voters: Voters::Everyone,
+            guest_votes_per_address: 5,
             polls_per_hour: 10,
             credentials_per_hour: 20,
             api_publish_rate: 20,
@@ -146,6 +154,17 @@ impl Default for ServerConfig {
             node: None,
         }
     }
+}
+
+/// Who may vote in polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Voters {
+    /// Registered users, and guests (one vote per guest, a few guests per address).
+    Everyone,
+    /// Registered users only.
+    Users,
 }
 
 impl ServerConfig {

@@ -14,12 +14,13 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::app::{App, Credential, Refused, Writer, SESSION_COOKIE};
+use crate::app::{App, Refused, Writer, SESSION_COOKIE};
 use crate::auth::{self, Identity};
+use crate::config::Voters;
 use crate::guests::GUEST_COOKIE;
 use crate::metrics::Refusal;
 use crate::password::Busy;
-use crate::store::{now_rfc3339, CredentialKind, StoreError};
+use crate::store::{now_rfc3339, CredentialKind, StoreError, Voter};
 use crate::throttle::address_key;
 use crate::{web, ws};
 
@@ -217,6 +218,9 @@ struct Credentials {
     password: String,
 }
 
+/// The longest password checked; longer ones are wrong without a check.
+const MAX_PASSWORD: usize = 1024;
+
 /// Why a login was not granted.
 enum LoginRefused {
     /// Wrong user or password (401).
@@ -279,6 +283,10 @@ impl IntoResponse for LoginRefused {
 /// then the password is checked on a check thread and a success gives it back. An unknown
 /// user costs the same check as a wrong password.
 async fn check_password(app: &App, ip: IpAddr, c: &Credentials) -> Result<(), LoginRefused> {
+    if !auth::valid_user(&c.user) || c.password.len() > MAX_PASSWORD {
+        // No such user can exist: refused before it can key a budget or reach a check.
+        return Err(LoginRefused::Wrong);
+    }
     let now = Instant::now();
     let ip = address_key(ip);
     let account = (c.user.to_ascii_lowercase(), ip);
@@ -326,10 +334,12 @@ async fn issue(
     let c: Credentials = parse(body).map_err(IntoResponse::into_response)?;
     let ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
     if let Err(refused) = check_password(app, ip, &c).await {
+        // The name as given, cut short: it may be anything up to the body limit.
+        let user: String = c.user.chars().take(64).collect();
         match &refused {
-            LoginRefused::Wrong => tracing::warn!(user = %c.user, %ip, "login failed"),
+            LoginRefused::Wrong => tracing::warn!(%user, %ip, "login failed"),
             LoginRefused::Throttled(_) => {
-                tracing::warn!(user = %c.user, %ip, "login refused: too many failures");
+                tracing::warn!(%user, %ip, "login refused: too many failures");
             }
             LoginRefused::Busy => tracing::warn!(%ip, "login refused: password checks busy"),
             LoginRefused::Answer(_) => {}
@@ -401,12 +411,16 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
             Err(r) => return r.into_response(),
         }
     };
+    let mut revoked = 0;
     if input.everywhere {
         match app.user(&headers, None).await {
             Ok(Some(user)) => {
                 let who = user.clone();
                 match app.db.call(move |s| s.revoke_credentials(&who)).await {
-                    Ok(n) => tracing::info!(%user, revoked = n, "logged out everywhere"),
+                    Ok(n) => {
+                        tracing::info!(%user, revoked = n, "logged out everywhere");
+                        revoked += n;
+                    }
                     Err(e) => return store_error(&e),
                 }
             }
@@ -418,12 +432,17 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
         let presented = app.session(&headers).into_iter().chain(bearer);
         for secret in presented {
             let digest = auth::digest(&secret);
-            if let Err(e) = app.db.call(move |s| s.delete_credential(&digest)).await {
-                return store_error(&e);
+            match app.db.call(move |s| s.delete_credential(&digest)).await {
+                Ok(n) => revoked += n,
+                Err(e) => return store_error(&e),
             }
         }
     }
-    app.credentials_revoked();
+    // Open connections check their credentials again only when one was actually revoked:
+    // anonymous logouts cost nothing.
+    if revoked > 0 {
+        app.credentials_revoked();
+    }
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
@@ -744,13 +763,7 @@ async fn upgrade<F, Fut>(
     session: F,
 ) -> Response
 where
-    F: FnOnce(
-            Arc<App>,
-            tether::upgrade::UpgradedWebSocket,
-            crate::app::Slot,
-            Identity,
-            Option<Credential>,
-        ) -> Fut
+    F: FnOnce(Arc<App>, tether::upgrade::UpgradedWebSocket, crate::app::Slot, ws::Member) -> Fut
         + Send
         + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -759,6 +772,7 @@ where
     if let Err(refused) = app.check_origin(req.headers()) {
         return refuse(&app, peer, refused);
     }
+    let revocations = app.revocations();
     let (who, credential) = if needs_identity {
         match app
             .identify(req.headers(), query.token.as_deref(), query.name.as_deref())
@@ -773,8 +787,22 @@ where
     // A guest's nickname belongs to that guest (its cookie) while any connection uses it.
     let mut nickname = None;
     let mut new_guest = None;
+    let mut voter = match &who {
+        Identity::User(name) => Some(Voter {
+            key: name.clone(),
+            guest: None,
+        }),
+        Identity::Guest(_) => None,
+    };
     if let (true, Identity::Guest(name)) = (needs_identity, &who) {
         let (guest, is_new) = app.guest_id(req.headers());
+        if app.config.poll_voters == Voters::Everyone {
+            let address = peer.map_or_else(String::new, |p| address_key(p.ip()).to_string());
+            voter = Some(Voter {
+                key: format!("guest:{guest}"),
+                guest: Some((address, app.config.guest_votes_per_address)),
+            });
+        }
         match app.nicknames.hold(name, &guest) {
             Some(hold) => nickname = Some(hold),
             None => {
@@ -808,7 +836,15 @@ where
             }
             tokio::spawn(async move {
                 match pending.await {
-                    Ok(socket) => session(app, socket, slot, who, credential).await,
+                    Ok(socket) => {
+                        let member = ws::Member {
+                            who,
+                            credential,
+                            voter,
+                            revocations,
+                        };
+                        session(app, socket, slot, member).await;
+                    }
                     Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
                 }
             });
@@ -831,7 +867,7 @@ async fn echo_socket(State(app): State<Arc<App>>, req: Request) -> Response {
         req,
         SocketQuery::default(),
         false,
-        |app, socket, slot, _, _| ws::echo(app, socket, slot),
+        |app, socket, slot, _| ws::echo(app, socket, slot),
     )
     .await
 }
@@ -847,15 +883,9 @@ async fn room_socket(
         return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
     let since = query.since;
-    upgrade(
-        app,
-        req,
-        query,
-        true,
-        move |app, socket, slot, who, credential| {
-            ws::room(app, socket, slot, room, who, credential, since)
-        },
-    )
+    upgrade(app, req, query, true, move |app, socket, slot, member| {
+        ws::room(app, socket, slot, room, member, since)
+    })
     .await
 }
 
@@ -873,14 +903,8 @@ async fn poll_socket(
         }
         Err(e) => return store_error(&e),
     };
-    upgrade(
-        app,
-        req,
-        query,
-        true,
-        move |app, socket, slot, who, credential| {
-            ws::poll(app, socket, slot, poll, who, credential)
-        },
-    )
+    upgrade(app, req, query, true, move |app, socket, slot, member| {
+        ws::poll(app, socket, slot, poll, member)
+    })
     .await
 }

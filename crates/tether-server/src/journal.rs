@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{encode, Hub, Outgoing};
 use crate::metrics::Metrics;
-use crate::store::{now_rfc3339, ChatMessage, Store, StoreError};
+use crate::store::{now_rfc3339, ChatMessage, Store, StoreError, VoteOutcome, Voter};
 
 const BATCH: usize = 512;
 
@@ -66,7 +66,7 @@ pub enum Job {
         /// The poll.
         poll: i64,
         /// The voter.
-        user: String,
+        voter: Voter,
         /// The chosen option.
         option: String,
         /// `Ok(false)` when the poll or option does not exist.
@@ -158,7 +158,7 @@ struct Writer {
 
 enum Outcome {
     Chat(ChatMessage),
-    Vote(bool),
+    Vote(VoteOutcome),
     Flush,
 }
 
@@ -237,13 +237,16 @@ impl Writer {
                     Outcome::Chat(message)
                 }
                 Job::Vote {
-                    poll, user, option, ..
+                    poll,
+                    voter,
+                    option,
+                    ..
                 } => {
-                    let ok = batch.vote(*poll, user, option)?;
-                    if ok && !polls.contains(poll) {
+                    let outcome = batch.vote(*poll, voter, option)?;
+                    if outcome == VoteOutcome::Counted && !polls.contains(poll) {
                         polls.push(*poll);
                     }
-                    Outcome::Vote(ok)
+                    Outcome::Vote(outcome)
                 }
                 Job::Flush(_) => Outcome::Flush,
             });
@@ -268,10 +271,18 @@ impl Writer {
                 self.hub.deliver(&message);
                 reply.send(Ok(message), "message");
             }
-            (Job::Vote { reply, .. }, Outcome::Vote(true)) => reply.send(Ok(true), "vote"),
-            (Job::Vote { reply, .. }, Outcome::Vote(false)) => match reply {
+            (Job::Vote { reply, .. }, Outcome::Vote(VoteOutcome::Counted)) => {
+                reply.send(Ok(true), "vote");
+            }
+            (Job::Vote { reply, .. }, Outcome::Vote(refused)) => match reply {
                 Reply::Socket(_) => {
-                    reply.send(Err(StoreError::Failed("unknown option".into())), "vote")
+                    let why = match refused {
+                        VoteOutcome::AddressFull => {
+                            "too many guests have voted in this poll from your address: log in to vote"
+                        }
+                        _ => "unknown option",
+                    };
+                    reply.send(Err(StoreError::Failed(why.into())), "vote");
                 }
                 Reply::Wait(_) => reply.send(Ok(false), "vote"),
             },

@@ -1,4 +1,4 @@
-//! The client's address behind trusted reverse proxies (`Forwarded`, `X-Forwarded-For`).
+//! The client's address behind trusted reverse proxies (`X-Forwarded-For`).
 //!
 //! Only a connection from a trusted proxy may name another client address; from anyone else the
 //! headers are ignored, so they cannot be used to dodge the per-address limits. Behind a chain
@@ -69,37 +69,22 @@ pub fn is_trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
 }
 
 /// The client address of a request that reached us from `peer`: `peer` itself unless it is a
-/// trusted proxy, else the rightmost untrusted address of `Forwarded` (preferred) or
-/// `X-Forwarded-For`.
+/// trusted proxy, else the rightmost address of `X-Forwarded-For` that is not a trusted proxy.
+///
+/// Only `X-Forwarded-For` is read, the header every common proxy appends to (nginx's
+/// `$proxy_add_x_forwarded_for`, Caddy, HAProxy's `forwardfor`): a proxy passes a client's own
+/// `Forwarded` header through unchanged, so trusting it would let any client name its address.
 pub fn client_address(trusted: &[Cidr], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     if !is_trusted(trusted, peer) {
         return peer;
     }
-    let forwarded: Vec<IpAddr> = headers
-        .get_all(http::header::FORWARDED)
+    let chain: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|element| {
-            element.split(';').find_map(|pair| {
-                let (key, value) = pair.trim().split_once('=')?;
-                key.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| node_address(value))?
-            })
-        })
+        .filter_map(node_address)
         .collect();
-    let chain = if forwarded.is_empty() {
-        headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(node_address)
-            .collect()
-    } else {
-        forwarded
-    };
     chain
         .iter()
         .rev()
@@ -109,8 +94,8 @@ pub fn client_address(trusted: &[Cidr], peer: IpAddr, headers: &HeaderMap) -> Ip
         .unwrap_or(peer)
 }
 
-/// An address from a `for=` node or an `X-Forwarded-For` entry: `1.2.3.4`, `1.2.3.4:80`,
-/// `"[2001:db8::1]:4711"`, `2001:db8::1`; `None` for obfuscated or unknown nodes.
+/// An address from an `X-Forwarded-For` entry: `1.2.3.4`, `1.2.3.4:80`, `[2001:db8::1]:4711`,
+/// `2001:db8::1`; `None` for anything else (`unknown`, obfuscated names).
 fn node_address(node: &str) -> Option<IpAddr> {
     let node = node.trim().trim_matches('"');
     if let Ok(ip) = node.parse() {
@@ -173,12 +158,15 @@ mod tests {
             stranger,
             "not a proxy: ignored"
         );
-        let fwd = headers(&[(
-            "forwarded",
-            "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https",
-        )]);
+        let forged = headers(&[("forwarded", "for=6.6.6.6")]);
         assert_eq!(
-            client_address(&trusted, proxy, &fwd),
+            client_address(&trusted, proxy, &forged),
+            proxy,
+            "Forwarded is not read"
+        );
+        let v6 = headers(&[("x-forwarded-for", "[2001:db8::7]:4711")]);
+        assert_eq!(
+            client_address(&trusted, proxy, &v6),
             "2001:db8::7".parse::<IpAddr>().unwrap()
         );
         let port = headers(&[("x-forwarded-for", "203.0.113.5:5000")]);

@@ -110,7 +110,17 @@ impl Server {
             metrics.clone(),
             config.history_limit,
         )?;
-        let db = Db::new(Store::open(&config.data)?);
+        let store = Store::open(&config.data)?;
+        let bounded =
+            store.bound_token_lifetimes(Duration::from_secs(config.token_days * 86_400))?;
+        if bounded > 0 {
+            tracing::info!(
+                tokens = bounded,
+                days = config.token_days,
+                "tokens without an expiry now expire"
+            );
+        }
+        let db = Db::new(store);
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -255,12 +265,12 @@ impl Server {
     }
 }
 
-/// Descriptors kept for the process itself (listener, database, journal, Redis, logs) and
-/// for answering refusals, whatever the connections take.
-const DESCRIPTOR_RESERVE: usize = 64;
-
 /// Connections refused with a canned answer at once; past it, refused ones are just closed.
 const REFUSALS_AT_ONCE: usize = 64;
+
+/// Descriptors kept, whatever the connections take: the refusals being answered, and the
+/// process's own (listener, database and its journal files, Redis, logs, the runtime).
+const DESCRIPTOR_RESERVE: usize = REFUSALS_AT_ONCE + 64;
 
 /// Lowers the connection caps to what the open-file limit allows, keeping
 /// [`DESCRIPTOR_RESERVE`] descriptors free: a quarter of the rest for plain HTTP, the remainder

@@ -70,6 +70,26 @@ pub struct Poll {
     pub created: String,
 }
 
+/// Who casts a vote: one vote per key per poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Voter {
+    /// A registered user's name, or `guest:` and a guest's id.
+    pub key: String,
+    /// For a guest: its address (IPv6: the /64) and how many guests may vote from there.
+    pub guest: Option<(String, u32)>,
+}
+
+/// What became of a vote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VoteOutcome {
+    /// Stored (or changed).
+    Counted,
+    /// No such poll or option.
+    Unknown,
+    /// Enough other guests have voted in this poll from the voter's address.
+    AddressFull,
+}
+
 /// What a stored credential is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredentialKind {
@@ -129,6 +149,7 @@ CREATE TABLE IF NOT EXISTS votes (
     poll INTEGER NOT NULL REFERENCES polls(id) ON DELETE CASCADE,
     user TEXT NOT NULL,
     option TEXT NOT NULL,
+    address TEXT,
     PRIMARY KEY (poll, user)
 ) WITHOUT ROWID;
 ";
@@ -155,6 +176,15 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        // Databases from before guest votes were capped per address lack the column.
+        let has_address: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('votes') WHERE name = 'address'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_address {
+            conn.execute_batch("ALTER TABLE votes ADD COLUMN address TEXT")?;
+        }
         Ok(Store { conn })
     }
 
@@ -244,14 +274,26 @@ impl Store {
             .optional()?)
     }
 
-    /// Deletes a credential (logout).
+    /// Deletes a credential (logout); returns how many were deleted (0 or 1).
     ///
     /// # Errors
     /// A database failure.
-    pub fn delete_credential(&self, digest: &[u8]) -> Result<(), StoreError> {
-        self.conn
-            .execute("DELETE FROM credentials WHERE digest = ?1", [digest])?;
-        Ok(())
+    pub fn delete_credential(&self, digest: &[u8]) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM credentials WHERE digest = ?1", [digest])?)
+    }
+
+    /// Gives tokens stored without an expiry (by versions before tokens had a lifetime) one of
+    /// `ttl` from now; returns how many.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn bound_token_lifetimes(&self, ttl: Duration) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE credentials SET expires = ?1 WHERE kind = 'token' AND expires IS NULL",
+            [unix_now() + ttl.as_secs() as i64],
+        )?)
     }
 
     /// Deletes every session and token of `user` (any case of the name); returns how many.
@@ -531,25 +573,43 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Records `user`'s vote in poll `id` (replacing an earlier one). Returns `false` when the
-    /// poll does not exist or `option` is not one of its options.
+    /// Records `voter`'s vote in poll `id` (replacing an earlier one), unless the poll or
+    /// `option` does not exist, or the voter is a guest and enough other guests voted from its
+    /// address.
     ///
     /// # Errors
     /// A database failure.
-    pub fn vote(&self, id: i64, user: &str, option: &str) -> Result<bool, StoreError> {
+    pub fn vote(&self, id: i64, voter: &Voter, option: &str) -> Result<VoteOutcome, StoreError> {
         let Some(options) = poll_options(&self.tx, id)? else {
-            return Ok(false);
+            return Ok(VoteOutcome::Unknown);
         };
         if !options.iter().any(|o| o == option) {
-            return Ok(false);
+            return Ok(VoteOutcome::Unknown);
         }
+        if let Some((address, cap)) = &voter.guest {
+            // Other guests who voted from this address; this guest changing its vote is free.
+            let others: u32 = self
+                .tx
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM votes WHERE poll = ?1 AND address = ?2 AND user != ?3",
+                )?
+                .query_row(params![id, address, voter.key], |r| r.get(0))?;
+            let voted: bool = self
+                .tx
+                .prepare_cached("SELECT COUNT(*) > 0 FROM votes WHERE poll = ?1 AND user = ?2")?
+                .query_row(params![id, voter.key], |r| r.get(0))?;
+            if !voted && others >= *cap {
+                return Ok(VoteOutcome::AddressFull);
+            }
+        }
+        let address = voter.guest.as_ref().map(|(a, _)| a.as_str());
         self.tx
             .prepare_cached(
-                "INSERT INTO votes (poll, user, option) VALUES (?1, ?2, ?3)
+                "INSERT INTO votes (poll, user, option, address) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (poll, user) DO UPDATE SET option = excluded.option",
             )?
-            .execute(params![id, user, option])?;
-        Ok(true)
+            .execute(params![id, voter.key, option, address])?;
+        Ok(VoteOutcome::Counted)
     }
 
     /// The poll's counts as this transaction sees them, with its options.
@@ -569,5 +629,50 @@ impl Batch<'_> {
     /// A database failure; nothing of the batch is stored then.
     pub fn commit(self) -> Result<(), StoreError> {
         Ok(self.tx.commit()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_from_before_guest_vote_caps_gains_the_address_column() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = rusqlite::Connection::open(dir.path().join("tether.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE polls (id INTEGER PRIMARY KEY, question TEXT NOT NULL,
+                     options TEXT NOT NULL, created TEXT NOT NULL);
+                 CREATE TABLE votes (poll INTEGER NOT NULL, user TEXT NOT NULL,
+                     option TEXT NOT NULL, PRIMARY KEY (poll, user)) WITHOUT ROWID;
+                 INSERT INTO polls VALUES (1, 'Q?', '[\"a\",\"b\"]', 'then');
+                 INSERT INTO votes VALUES (1, 'alice', 'a');",
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.vote_of(1, "alice").unwrap().as_deref(), Some("a"));
+        let guest = |key: &str| Voter {
+            key: key.into(),
+            guest: Some(("10.0.0.1".into(), 1)),
+        };
+        let batch = store.batch().unwrap();
+        assert_eq!(
+            batch.vote(1, &guest("guest:x"), "b").unwrap(),
+            VoteOutcome::Counted
+        );
+        assert_eq!(
+            batch.vote(1, &guest("guest:y"), "b").unwrap(),
+            VoteOutcome::AddressFull
+        );
+        assert_eq!(
+            batch.vote(1, &guest("guest:x"), "a").unwrap(),
+            VoteOutcome::Counted,
+            "a change is free"
+        );
+        batch.commit().unwrap();
+        drop(store);
+        Store::open(dir.path()).expect("opening again leaves the column alone");
     }
 }

@@ -17,7 +17,7 @@ use crate::app::{App, Credential, Slot};
 use crate::auth::Identity;
 use crate::hub::{encode, Outgoing, Subscription};
 use crate::journal::{Job, Reply};
-use crate::store::{ChatMessage, Poll, StoreError};
+use crate::store::{ChatMessage, Poll, StoreError, Voter};
 
 /// Events written per flush at most, so one busy connection cannot starve its own reads.
 const BATCH: usize = 256;
@@ -91,6 +91,20 @@ fn error_event(text: &str) -> Arc<Prepared> {
     encode(&serde_json::json!({"type": "error", "error": text}))
 }
 
+/// Who a session serves: the identity, the credential that proves it (a guest has none, and
+/// it is checked again while the connection lasts), and how it votes (`None`: it may not).
+#[derive(Debug)]
+pub struct Member {
+    /// The registered user or guest.
+    pub who: Identity,
+    /// The session or token the connection was opened with.
+    pub credential: Option<Credential>,
+    /// Its key in polls.
+    pub voter: Option<Voter>,
+    /// Revocations since before the credential was checked.
+    pub revocations: tokio::sync::watch::Receiver<u64>,
+}
+
 /// What a session does with a client's text, and on whose behalf.
 struct Target {
     /// The member's name.
@@ -98,13 +112,15 @@ struct Target {
     /// The credential the connection was opened with (a guest has none): checked again while
     /// the connection lasts, so a revoked or expired one ends it.
     credential: Option<Credential>,
+    /// Revocations since before the credential was checked.
+    revocations: tokio::sync::watch::Receiver<u64>,
     /// Where the client's messages go.
     place: Place,
 }
 
 enum Place {
     Room(String),
-    Poll(i64),
+    Poll { id: i64, voter: Option<Voter> },
 }
 
 /// How a session ended, for the close frame and the log.
@@ -126,10 +142,15 @@ pub async fn room(
     mut ws: UpgradedWebSocket,
     slot: Slot,
     room: String,
-    who: Identity,
-    credential: Option<Credential>,
+    member: Member,
     since: Option<u64>,
 ) {
+    let Member {
+        who,
+        credential,
+        revocations,
+        ..
+    } = member;
     tracing::debug!(%room, user = who.name(), since = ?since, "joining");
     let joined = app.hub.join(&room, who.name());
     let sub = joined.subscription;
@@ -201,6 +222,7 @@ pub async fn room(
     let target = Target {
         user: who.name().to_owned(),
         credential,
+        revocations,
         place: Place::Room(room),
     };
     let ready = vec![encode(&Ready { last_id: high })];
@@ -289,14 +311,26 @@ pub async fn poll(
     mut ws: UpgradedWebSocket,
     slot: Slot,
     poll: Poll,
-    who: Identity,
-    credential: Option<Credential>,
+    member: Member,
 ) {
+    let Member {
+        who,
+        credential,
+        voter,
+        revocations,
+    } = member;
     let sub = app.hub.watch_poll(poll.id, who.name());
-    let (id, user) = (poll.id, who.name().to_owned());
+    let id = poll.id;
+    let key = voter.as_ref().map(|v| v.key.clone());
     let state = app
         .db
-        .call(move |s| Ok((s.poll(id)?, s.vote_of(id, &user)?)))
+        .call(move |s| {
+            let vote = match &key {
+                Some(key) => s.vote_of(id, key)?,
+                None => None,
+            };
+            Ok((s.poll(id)?, vote))
+        })
         .await;
     let (poll, vote) = match state {
         Ok((Some(p), vote)) => (p, vote),
@@ -314,7 +348,8 @@ pub async fn poll(
     let target = Target {
         user: who.name().to_owned(),
         credential,
-        place: Place::Poll(poll.id),
+        revocations,
+        place: Place::Poll { id: poll.id, voter },
     };
     pump(app, ws, slot, sub, target, first, 0).await;
 }
@@ -334,11 +369,7 @@ pub async fn echo(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot) {
                     match tokio::time::timeout(app.config.write_timeout(), ws.send(msg)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break End::Gone,
-                        Err(_) => {
-                            app.metrics.write_timeouts.fetch_add(1, Relaxed);
-                            tracing::info!("echo client accepted nothing within the write timeout: dropping it");
-                            break End::Gone;
-                        }
+                        Err(_) => break stalled(&app),
                     }
                 }
                 Some(Ok(_)) => {}
@@ -396,7 +427,7 @@ async fn pump(
     let mut queued = Vec::with_capacity(BATCH);
     let mut pending: Vec<Arc<Prepared>> = first;
     let every = Duration::from_secs(app.config.credential_check_secs.max(1));
-    let lost = app.credential_lost(target.credential, every);
+    let lost = app.credential_lost(target.credential, target.revocations.clone(), every);
     tokio::pin!(lost);
     let end = loop {
         if let Some(end) = write_all(&app, &mut ws, &mut pending, &sub, &mut shutdown).await {
@@ -456,28 +487,44 @@ async fn write_all(
     if batch.is_empty() {
         return None;
     }
+    // The deadline runs only while nothing moves: each message must find room in the write
+    // buffer, and the flush must shrink what is queued, within the write timeout. A slow
+    // reader keeps going; one that accepts nothing is dropped.
+    let timeout = app.config.write_timeout();
     let write = async {
         for msg in batch.drain(..) {
-            ws.feed_prepared(&msg).await?;
+            match tokio::time::timeout(timeout, ws.feed_prepared(&msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Some(End::Gone),
+                Err(_) => return Some(stalled(app)),
+            }
         }
-        ws.flush().await
+        let mut queued = ws.queued_len();
+        loop {
+            match tokio::time::timeout(timeout, ws.flush()).await {
+                Ok(Ok(())) => return None,
+                Ok(Err(_)) => return Some(End::Gone),
+                Err(_) if ws.queued_len() < queued => queued = ws.queued_len(),
+                Err(_) => return Some(stalled(app)),
+            }
+        }
     };
     let end = tokio::select! {
         biased;
         _ = sub.flags.slow() => Some(slow(app)),
         () = shutting_down(shutdown) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
-        written = tokio::time::timeout(app.config.write_timeout(), write) => match written {
-            Ok(Ok(())) => None,
-            Ok(Err(_)) => Some(End::Gone),
-            Err(_) => {
-                app.metrics.write_timeouts.fetch_add(1, Relaxed);
-                tracing::info!(timeout = ?app.config.write_timeout(), "client accepted nothing within the write timeout: dropping it");
-                Some(End::Gone)
-            }
-        },
+        end = write => end,
     };
     batch.clear();
     end
+}
+
+/// A client that accepted nothing for the write timeout: counted, logged, dropped (a close
+/// frame could not reach it either).
+fn stalled(app: &App) -> End {
+    app.metrics.write_timeouts.fetch_add(1, Relaxed);
+    tracing::info!(timeout = ?app.config.write_timeout(), "client accepted nothing within the write timeout: dropping it");
+    End::Gone
 }
 
 /// Ends a session: leaves the hub, sends the close frame if there is one to send, frees the
@@ -490,8 +537,10 @@ async fn finish(
     end: End,
     user: &str,
 ) {
-    slot.release_nickname();
+    // Leave first, then free the nickname: nobody else can take it while the room still
+    // counts this connection under it.
     drop(sub);
+    slot.release_nickname();
     match end {
         End::Gone => tracing::debug!(user, "session ended"),
         End::Close(code, reason) => {
@@ -541,16 +590,20 @@ async fn handle(
             }
         }
         Target {
-            place: Place::Poll(poll),
-            user,
+            place: Place::Poll { id, voter },
             ..
         } => {
             let Ok(VoteIn { vote }) = serde_json::from_str(text) else {
                 return Some(error_event("expected {\"vote\": \"option\"}"));
             };
+            let Some(voter) = voter else {
+                return Some(error_event(
+                    "only registered users vote here: log in to vote",
+                ));
+            };
             Job::Vote {
-                poll: *poll,
-                user: user.clone(),
+                poll: *id,
+                voter: voter.clone(),
                 option: vote,
                 reply: Reply::Socket(sub.sender()),
             }

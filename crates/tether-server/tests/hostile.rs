@@ -394,11 +394,17 @@ async fn writes_to_storage_have_quotas_per_identity() {
         )
         .await
     };
-    for _ in 0..2 {
-        assert_eq!(publish().await.0, 201);
+    // Six at once cannot all pass (they could only if they took over four seconds).
+    let mut refused = None;
+    for _ in 0..6 {
+        let (status, head, _) = publish().await;
+        match status {
+            201 => {}
+            429 => refused = Some(head),
+            other => panic!("publish answered {other}"),
+        }
     }
-    let (status, head, _) = publish().await;
-    assert_eq!(status, 429);
+    let head = refused.expect("the publish quota refused some");
     assert_eq!(retry_after(&head), 1);
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(publish().await.0, 201);
@@ -409,8 +415,9 @@ async fn writes_to_storage_have_quotas_per_identity() {
 async fn tokens_expire_and_revocations_close_open_sockets() {
     let dir = tempfile::tempdir().unwrap();
     add_user(dir.path(), "alice", "pw").await;
+    // Checks every hour: only the revocation itself can close a socket within the test.
     let mut c = config(dir.path());
-    c.credential_check_secs = 1;
+    c.credential_check_secs = 3600;
     let server = start(c).await;
     let addr = server.addr;
     let publish = |token: String| async move {
@@ -462,8 +469,14 @@ async fn tokens_expire_and_revocations_close_open_sockets() {
     assert_eq!(status, 204);
     assert_eq!(publish(token_c).await, 401);
 
+    server.stop().await;
+
     // Revoked by another process (`tether user revoke` writes the store): open sockets notice
     // at the next check.
+    let mut c = config(dir.path());
+    c.credential_check_secs = 1;
+    let server = start(c).await;
+    let addr = server.addr;
     let token_d = token(addr, "alice", "pw").await;
     let mut ws = connect(&server.ws(&format!("/ws/rooms/r?token={token_d}"))).await;
     next_of(&mut ws, "ready").await;
@@ -552,26 +565,15 @@ async fn a_guest_nickname_belongs_to_one_guest_and_registered_names_to_their_use
     // Bob's nickname is Bob's (his cookie) while he is connected: another guest gets 409,
     // Bob himself may open a second tab.
     let url = server.ws("/ws/rooms/r?name=bob");
-    let (mut bob, response) = within(tether::connect(&url)).await.unwrap();
+    let (mut bob, cookie) = connect_guest(&url).await;
     next_of(&mut bob, "ready").await;
-    let cookie = response
-        .headers
-        .get_str("set-cookie")
-        .expect("a guest cookie")
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
     assert!(cookie.starts_with("tether_guest="), "{cookie}");
     let err = within(tether::connect(&server.ws("/ws/rooms/r?name=BOB")))
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("409"), "{err}");
-    let builder = tether::ClientBuilder::new(&url)
-        .unwrap()
-        .header("Cookie", cookie);
-    let (mut tab, _) = within(builder.connect()).await.unwrap();
+    let mut tab = connect_with_cookie(&url, &cookie).await;
     next_of(&mut tab, "ready").await;
     say(&mut tab, "from bob's second tab").await;
     assert_eq!(next_of(&mut bob, "message").await["user"], "bob");
@@ -589,5 +591,99 @@ async fn a_guest_nickname_belongs_to_one_guest_and_registered_names_to_their_use
     };
     let mut carol_as_bob = within(free).await;
     next_of(&mut carol_as_bob, "ready").await;
+    server.stop().await;
+}
+
+async fn vote(ws: &mut tether::ClientStream, option: &str) {
+    let msg = tether::Message::text(json!({"vote": option}).to_string());
+    ws.send(msg).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_poll_counts_people_not_sockets_or_nicknames() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "alice", "pw").await;
+    let mut c = config(dir.path());
+    c.guest_votes_per_address = 3;
+    let server = start(c).await;
+    let poll = json!({"question": "Lunch?", "options": ["soup", "salad"]});
+    let (status, created) = http(server.addr, "POST", "/api/polls", &[], Some(poll)).await;
+    assert_eq!(status, 201);
+    let id = created["id"].as_i64().unwrap();
+
+    // A guest who changes nickname is still one voter: its cookie is its identity.
+    let url = server.ws(&format!("/ws/polls/{id}?name=g1"));
+    let (mut g1, cookie) = connect_guest(&url).await;
+    next_of(&mut g1, "poll").await;
+    vote(&mut g1, "soup").await;
+    assert_eq!(next_of(&mut g1, "counts").await["total"], 1);
+    let renamed = server.ws(&format!("/ws/polls/{id}?name=g1-again"));
+    let mut again = connect_with_cookie(&renamed, &cookie).await;
+    assert_eq!(
+        next_of(&mut again, "poll").await["vote"],
+        "soup",
+        "its vote follows it"
+    );
+    vote(&mut again, "salad").await;
+    let counts = next_of(&mut g1, "counts").await;
+    assert_eq!(
+        (counts["total"].as_u64(), counts["counts"]["salad"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    // New guests (no cookie) from the same address: three in all may vote, then not.
+    let mut guests = Vec::new();
+    for i in 2..=4 {
+        let (mut g, _) = within(tether::connect(
+            &server.ws(&format!("/ws/polls/{id}?name=g{i}")),
+        ))
+        .await
+        .unwrap();
+        next_of(&mut g, "poll").await;
+        vote(&mut g, "soup").await;
+        guests.push(g);
+    }
+    let refused = next_of(&mut guests[2], "error").await;
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("log in to vote"),
+        "{refused}"
+    );
+    let (_, stored) = http(server.addr, "GET", &format!("/api/polls/{id}"), &[], None).await;
+    assert_eq!(stored["total"], 3, "{stored}");
+
+    // A registered user always has a vote of their own.
+    let token = token(server.addr, "alice", "pw").await;
+    let (mut alice, _) = within(tether::connect(
+        &server.ws(&format!("/ws/polls/{id}?token={token}")),
+    ))
+    .await
+    .unwrap();
+    next_of(&mut alice, "poll").await;
+    vote(&mut alice, "soup").await;
+    assert_eq!(next_of(&mut alice, "counts").await["total"], 4);
+    server.stop().await;
+
+    // With poll_voters = "users", guests watch but do not vote.
+    let mut c = config(dir.path());
+    c.poll_voters = tether_server::config::Voters::Users;
+    let server = start(c).await;
+    let (mut guest, _) = within(tether::connect(
+        &server.ws(&format!("/ws/polls/{id}?name=late")),
+    ))
+    .await
+    .unwrap();
+    next_of(&mut guest, "poll").await;
+    vote(&mut guest, "salad").await;
+    let refused = next_of(&mut guest, "error").await;
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("registered users"),
+        "{refused}"
+    );
     server.stop().await;
 }

@@ -98,16 +98,18 @@ async fn replay_is_paged_bounded_in_memory_and_limited() {
     c.write_timeout_secs = 1;
     let server = start(c).await;
     let _stuck = raw_upgrade(server.addr, "/ws/rooms/big?name=stuck&since=0", Some(4096)).await;
+    // Dropped for the write timeout, and its slot freed (within the test's time limit).
     let dropped = async {
         loop {
             let metrics = http_text(server.addr, "/metrics").await;
-            if metric(&metrics, "tether_write_timeouts_total") == 1 {
-                return metric(&metrics, "tether_connections");
+            let timeouts = metric(&metrics, "tether_write_timeouts_total");
+            if timeouts == 1 && metric(&metrics, "tether_connections") == 0 {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    assert_eq!(within(dropped).await, 0, "its slot is freed");
+    within(dropped).await;
     server.stop().await;
 
     // 4. With the default replay limit, a resume from the beginning gets the last 1,000 and

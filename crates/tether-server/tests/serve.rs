@@ -28,7 +28,8 @@ async fn history_then_live_then_resume_without_gap_or_duplicate() {
     }
 
     // A newcomer sees the history, then live messages; the others see it arrive.
-    let mut ben = connect(&server.ws("/ws/rooms/lobby?name=ben")).await;
+    // Ben keeps his guest cookie for his reconnection, as a browser does.
+    let (mut ben, ben_cookie) = connect_guest(&server.ws("/ws/rooms/lobby?name=ben")).await;
     assert_eq!(next(&mut ben).await["members"], json!(["ann", "ben"]));
     let ids: Vec<u64> = [
         next(&mut ben).await,
@@ -56,7 +57,8 @@ async fn history_then_live_then_resume_without_gap_or_duplicate() {
     assert_eq!(leave["event"], "leave");
     say(&mut ann, "m4").await;
     say(&mut ann, "m5").await;
-    let mut ben = connect(&server.ws("/ws/rooms/lobby?name=ben&since=3")).await;
+    let url = server.ws("/ws/rooms/lobby?name=ben&since=3");
+    let mut ben = connect_with_cookie(&url, &ben_cookie).await;
     assert_eq!(next(&mut ben).await["type"], "welcome");
     assert_eq!(next(&mut ben).await["id"], 4);
     assert_eq!(next(&mut ben).await["id"], 5);
@@ -260,7 +262,9 @@ async fn votes_update_every_watcher_and_persist() {
     .await;
     assert_eq!(status, 400);
 
-    let mut ann = connect(&server.ws(&format!("/ws/polls/{id}?name=ann"))).await;
+    // Ann keeps her guest cookie, as a browser does: her vote is hers across connections.
+    let (mut ann, ann_cookie) =
+        connect_guest(&server.ws(&format!("/ws/polls/{id}?name=ann"))).await;
     let mut ben = connect(&server.ws(&format!("/ws/polls/{id}?name=ben"))).await;
     let first = next(&mut ann).await;
     assert_eq!(
@@ -299,7 +303,8 @@ async fn votes_update_every_watcher_and_persist() {
     let server = start(config(dir.path())).await;
     let (_, stored) = http(server.addr, "GET", &format!("/api/polls/{id}"), &[], None).await;
     assert_eq!(stored["counts"], json!({"soup": 0, "salad": 1}));
-    let mut ann = connect(&server.ws(&format!("/ws/polls/{id}?name=ann"))).await;
+    let url = server.ws(&format!("/ws/polls/{id}?name=ann"));
+    let mut ann = connect_with_cookie(&url, &ann_cookie).await;
     assert_eq!(next(&mut ann).await["vote"], "salad");
     server.stop().await;
 }

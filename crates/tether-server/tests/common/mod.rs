@@ -224,3 +224,26 @@ pub fn rss_kib() -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// Connects as a new guest (no cookie); returns the socket and the guest cookie the server set
+/// (`tether_guest=…`), to send again as a browser would.
+pub async fn connect_guest(url: &str) -> (ClientStream, String) {
+    let (ws, response) = within(tether::connect(url)).await.unwrap();
+    let cookie = response
+        .headers
+        .get_str("set-cookie")
+        .expect("a guest cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    (ws, cookie)
+}
+
+/// Connects sending `cookie`.
+pub async fn connect_with_cookie(url: &str, cookie: &str) -> ClientStream {
+    let builder = tether::ClientBuilder::new(url)
+        .unwrap()
+        .header("Cookie", cookie);
+    within(builder.connect()).await.unwrap().0
+}
