@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use serde::{Deserialize, Serialize};
 use tether::upgrade::UpgradedWebSocket;
 use tether::{CloseCode, CloseFrame, Message, Prepared};
@@ -493,6 +494,12 @@ async fn write_all(
     let timeout = app.config.write_timeout();
     let write = async {
         for msg in batch.drain(..) {
+            // Usually there is room at once: no timer for that (fan-out feeds every message).
+            match ws.feed_prepared(&msg).now_or_never() {
+                Some(Ok(())) => continue,
+                Some(Err(_)) => return Some(End::Gone),
+                None => {}
+            }
             match tokio::time::timeout(timeout, ws.feed_prepared(&msg)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Some(End::Gone),
