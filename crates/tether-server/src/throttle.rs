@@ -30,7 +30,7 @@ struct Bucket {
 }
 
 /// `burst` failures per key, then one more every `refill`; at most `capacity` keys are
-/// remembered (when full, a key whose budget has refilled is forgotten first, else the one
+/// remembered (when full, keys whose budget has refilled are forgotten first, else the eighth
 /// idle longest).
 #[derive(Debug)]
 pub struct Throttle<K> {
@@ -108,17 +108,23 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
         self.len() == 0
     }
 
+    /// Makes room in a full table in one pass: keys whose budget has refilled go, and if
+    /// that is not enough, the eighth idle longest. Each pass frees many places, so a stream
+    /// of new keys (one address after another) costs a scan per many inserts, not per insert.
     fn evict(&self, buckets: &mut HashMap<K, Bucket>, now: Instant) {
         buckets.retain(|_, b| self.refilled(b, now) < self.burst);
-        if buckets.len() >= self.capacity {
-            if let Some(oldest) = buckets
-                .iter()
-                .min_by_key(|(_, b)| b.last)
-                .map(|(k, _)| k.clone())
-            {
-                buckets.remove(&oldest);
-            }
+        if buckets.len() < self.capacity {
+            return;
         }
+        let mut idle: Vec<Instant> = buckets.values().map(|b| b.last).collect();
+        let cut = (idle.len() / 8).max(1);
+        let (_, &mut threshold, _) = idle.select_nth_unstable(cut - 1);
+        let mut dropped = 0;
+        buckets.retain(|_, b| {
+            let keep = b.last > threshold || dropped >= cut;
+            dropped += usize::from(!keep);
+            keep
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Bucket>> {
