@@ -46,6 +46,7 @@ function describePage() {
  */
 async function withServe({ users = [], args = [] }, fn) {
   const dataDir = freshDataDir();
+  const extraDirs = [];
   const servers = [];
   let browser;
   try {
@@ -72,9 +73,21 @@ async function withServe({ users = [], args = [] }, fn) {
       pages.push({ label, page });
       return page;
     };
-    const restart = async () => {
-      await servers.at(-1).stop();
-      return start();
+    // `samePort`: the new server listens where the old one did (pages reconnect to it);
+    // `freshData`: on a new data directory (the users added again), as if the old were lost.
+    const restart = async ({ samePort = false, freshData = false } = {}) => {
+      const last = servers.at(-1);
+      await last.stop();
+      if (!samePort && !freshData) return start();
+      const dir = freshData ? freshDataDir() : dataDir;
+      if (freshData) {
+        extraDirs.push(dir);
+        for (const name of users) await addUser(dir, name, PASSWORD);
+      }
+      const listen = samePort ? new URL(last.url).host : '127.0.0.1:0';
+      const server = await startServe(args, { dataDir: dir, listen });
+      servers.push(server);
+      return server;
     };
     try {
       await fn({ server, open, restart });
@@ -95,7 +108,7 @@ async function withServe({ users = [], args = [] }, fn) {
   } finally {
     await browser?.close();
     for (const server of servers) await server.stop();
-    rmSync(dataDir, { recursive: true, force: true });
+    for (const dir of [dataDir, ...extraDirs]) rmSync(dir, { recursive: true, force: true });
   }
 }
 
@@ -325,6 +338,33 @@ test('history: a late page sees earlier messages; reconnects resume without loss
     const page = await (await fetch(`${next.url}/api/rooms/history/messages?since=${posted[1].id}&limit=2`)).json();
     assert.deepEqual(page.map((m) => m.text), ['three', 'four']);
     await screenshot(ben, 'chat-history-after-restart');
+  }));
+
+test('a server whose history was lost: the resuming page says so and shows what it holds now', { timeout: 120000 }, () =>
+  withServe({ users: ['alice'] }, async ({ server, open, restart }) => {
+    let token = await getToken(server.url, 'alice', PASSWORD);
+    for (const text of ['old one', 'old two', 'old three']) await publish(server.url, token, 'reset', text);
+    const ann = await open('ann');
+    await joinChat(ann, server.url, 'reset', 'ann');
+    await waitForTexts(ann, ['old one', 'old two', 'old three']);
+    const socketsBefore = await ann.evaluate(() => window.__sockets.length);
+
+    // The server comes back on the same port with an empty database: ids start again at 1, so
+    // "new one" and "new two" are ids 1 and 2, below the page's last id (3).
+    const next = await restart({ samePort: true, freshData: true });
+    token = await getToken(next.url, 'alice', PASSWORD);
+    for (const text of ['new one', 'new two']) await publish(next.url, token, 'reset', text);
+    await ann.waitForSelector('#reconnect-now:not([hidden])');
+    await ann.click('#reconnect-now');
+    await ann.waitForFunction((n) => window.__sockets.length > n, socketsBefore);
+    await waitLive(ann);
+    const resumeUrl = new URL(await ann.evaluate(() => window.__sockets.at(-1).url));
+    assert.equal(resumeUrl.searchParams.get('since'), '3', `resumed with ${resumeUrl.search}`);
+    assert.match(resumeUrl.searchParams.get('epoch') ?? '', /^[0-9a-f]{16}$/, 'the epoch goes with the position');
+    await waitForTexts(ann, ['new one', 'new two']);
+    const notices = await ann.evaluate(() => document.querySelector('#messages').textContent);
+    assert.match(notices, /history of this room was reset/);
+    await screenshot(ann, 'chat-history-reset');
   }));
 
 test('logging in through the page form makes chat messages carry the registered name', { timeout: 90000 }, () =>

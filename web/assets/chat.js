@@ -1,6 +1,7 @@
 // The chat page (GET /): pick a room, read its history, talk, see who is here. The socket comes
-// back by itself after a loss and resumes with ?since=LAST_ID, so no message is lost or shown
-// twice (ids are also deduplicated here, defensively).
+// back by itself after a loss and resumes with ?since=LAST_ID&epoch=EPOCH, so no message is lost
+// or shown twice (ids are also deduplicated here, defensively). Should the server's history have
+// been reset (a new epoch), it says the resume was not recovered and the list starts afresh.
 import {
   ApiError, ConnStatus, LiveSocket, NICK_RE, ROOM_RE, announce, api, byId, currentIdentity,
   describeClose, el, hashParams, initHeader, isNearBottom, nickProblem, onIdentityChange,
@@ -39,6 +40,7 @@ const chat = {
   seen: new Set(),       // ids of the messages shown
   maxId: 0,              // the highest id shown
   readyId: null,         // last_id of the latest `ready`
+  epoch: null,           // the room's epoch: the stream our ids belong to
   members: new Set(),
   catchingUp: false,     // between `welcome` and `ready`
   caughtUp: 0,           // new messages received while catching up
@@ -52,7 +54,8 @@ const socket = new LiveSocket({
     const since = resumePoint();
     chat.resuming = since !== undefined;
     const name = currentIdentity().guest ? chat.nick : undefined;
-    return wsUrl(`/ws/rooms/${encodeURIComponent(chat.room)}`, { name, since });
+    const epoch = since === undefined ? undefined : chat.epoch;
+    return wsUrl(`/ws/rooms/${encodeURIComponent(chat.room)}`, { name, since, epoch });
   },
   onMessage: handleEvent,
   onClose: handleClose,
@@ -80,7 +83,13 @@ function handleEvent(event) {
       markOwnMessages();
       if (event.truncated) {
         addNotice('Some messages were missed while you were away: the room no longer keeps them.', 'warn');
+      } else if (event.recovered === false && chat.resuming) {
+        // Our ids name other messages now: start the list again from what the server has.
+        clearMessages();
+        chat.resuming = false; // nothing was caught up on: the notice says what happened
+        addNotice("The server's history of this room was reset; showing what it holds now.", 'warn');
       }
+      if (typeof event.epoch === 'string') chat.epoch = event.epoch;
       break;
     case 'message':
       if (addMessage(event) && chat.catchingUp) chat.caughtUp += 1;
@@ -88,6 +97,7 @@ function handleEvent(event) {
     case 'ready': {
       const firstLoad = chat.readyId === null;
       if (Number.isFinite(event.last_id)) chat.readyId = event.last_id;
+      if (typeof event.epoch === 'string') chat.epoch = event.epoch;
       chat.catchingUp = false;
       ui.messages.removeAttribute('aria-busy');
       ui.empty.hidden = chat.seen.size > 0;
@@ -194,6 +204,14 @@ function addMessage(message) {
   ui.empty.hidden = true;
   if (stick || mine) scrollToEnd();
   return true;
+}
+
+/** Forgets every message shown (the notices stay). */
+function clearMessages() {
+  for (const node of ui.messages.querySelectorAll('.msg')) node.remove();
+  chat.seen.clear();
+  chat.maxId = 0;
+  chat.caughtUp = 0;
 }
 
 /** A line in the log that is not a message: presence, broadcast, error, connection news. */
@@ -315,7 +333,7 @@ function enterRoom(room, { reconnect = false } = {}) {
   if (room !== chat.room) {
     socket.stop();
     Object.assign(chat, {
-      room, me: null, seen: new Set(), maxId: 0, readyId: null, members: new Set(),
+      room, me: null, seen: new Set(), maxId: 0, readyId: null, epoch: null, members: new Set(),
       catchingUp: false, caughtUp: 0, resuming: false,
     });
     ui.messages.replaceChildren();

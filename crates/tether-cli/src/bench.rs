@@ -69,7 +69,8 @@ pub struct EchoArgs {
 /// Options of `tether bench idle`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct IdleArgs {
-    /// The server, e.g. ws://127.0.0.1:9001/
+    /// The server, e.g. ws://127.0.0.1:9001/; `{n}` in it becomes the connection's number
+    /// (0, 1, …), e.g. ws://127.0.0.1:8080/ws/rooms/r{n}?name=guest{n}
     #[arg(long)]
     pub url: String,
     /// Connections to open and hold.
@@ -611,14 +612,21 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
     let hold = Duration::try_from_secs_f64(args.hold)
         .map_err(|_| BenchError::Usage("--hold must be seconds".into()))?;
     crate::raise_fd_limit(args.conns + 64);
-    let builder = ClientBuilder::new(&args.url).map_err(|e| BenchError::Usage(e.to_string()))?;
+    let numbered = args.url.contains("{n}");
+    let builder = ClientBuilder::new(&args.url.replace("{n}", "0"))
+        .map_err(|e| BenchError::Usage(e.to_string()))?;
     let started = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let raw = args.raw;
     let opens: Vec<_> = (0..args.conns)
         .map(|i| {
             let semaphore = semaphore.clone();
-            let request = builder.request();
+            let request = if numbered {
+                ClientBuilder::new(&args.url.replace("{n}", &i.to_string()))
+                    .map_or_else(|_| builder.request(), |b| b.request())
+            } else {
+                builder.request()
+            };
             tokio::spawn(async move {
                 let _permit = semaphore.acquire_owned().await.ok()?;
                 let socket = tokio::net::TcpSocket::new_v4().ok()?;
@@ -649,9 +657,15 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
     let mut held = 0;
     for peer in &mut sockets {
         let quiet = match peer {
-            Peer::Ws(ws) => tokio::time::timeout(Duration::from_millis(1), ws.recv())
-                .await
-                .is_err(),
+            // What the server sent on its own (a greeting) is read; the connection must
+            // then be open and quiet.
+            Peer::Ws(ws) => loop {
+                match tokio::time::timeout(Duration::from_millis(1), ws.recv()).await {
+                    Err(_) => break true,
+                    Ok(Some(Ok(message))) if !matches!(message, Message::Close(_)) => {}
+                    Ok(_) => break false,
+                }
+            },
             Peer::Raw(tcp) => tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut [0]))
                 .await
                 .is_err(),

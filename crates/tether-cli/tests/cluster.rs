@@ -240,7 +240,7 @@ async fn chat_publish_and_resume_across_nodes() {
     next_of(&mut ann, "welcome").await;
     assert_eq!(next(&mut ann).await["id"], 4);
     assert_eq!(next(&mut ann).await["id"], 5);
-    assert_eq!(next(&mut ann).await, json!({"type": "ready", "last_id": 5}));
+    assert_ready(&next(&mut ann).await, 5);
     let (_, page) = http(
         &a.addr,
         "GET",
@@ -326,5 +326,114 @@ async fn a_crashed_nodes_users_leave_and_redis_loss_is_reported_then_survived() 
         (m["id"].as_u64(), m["text"].as_str()),
         (Some(2), Some("after"))
     );
+    drop(redis_proc);
+}
+
+/// Asserts `event` is a `ready` at `last_id`, with an epoch.
+fn assert_ready(event: &Value, last_id: u64) {
+    assert_eq!(
+        (&event["type"], event["last_id"].as_u64()),
+        (&json!("ready"), Some(last_id)),
+        "{event}"
+    );
+    assert_eq!(event["epoch"].as_str().map(str::len), Some(16), "{event}");
+}
+
+/// Joins and returns the socket with its `welcome` and `ready`.
+async fn join_with(url: &str) -> (ClientStream, Value, Value) {
+    let (mut ws, _) = within(tether::connect(url)).await.unwrap();
+    let welcome = next_of(&mut ws, "welcome").await;
+    let ready = next_of(&mut ws, "ready").await;
+    (ws, welcome, ready)
+}
+
+/// Reads until the server closes; returns the close code.
+async fn closed(ws: &mut ClientStream) -> u16 {
+    loop {
+        match within(ws.recv()).await {
+            Some(Ok(Message::Close(frame))) => return frame.map_or(1005, |f| f.code.0),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_is_a_new_epoch_and_nothing_is_lost_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis_proc = Some(redis(port, dir.path()));
+    let a = node("a", port);
+    let b = node("b", port);
+    let bearer = token(&b);
+    let (mut ann, _, ready) = join_with(&a.ws("/ws/rooms/ops?name=ann")).await;
+    let (mut bob, _, _) = join_with(&b.ws("/ws/rooms/ops?name=bob")).await;
+    let old_epoch = ready["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=5 {
+        say(&mut ann, &format!("old {i}")).await;
+    }
+    for ws in [&mut ann, &mut bob] {
+        for id in 1..=5 {
+            assert_eq!(next_of(ws, "message").await["id"], id);
+        }
+    }
+
+    // Redis comes back empty (a new data directory): ids start again at 1. Messages published
+    // before the nodes resubscribe are stored in the new stream.
+    drop(redis_proc.take());
+    let empty = tempfile::tempdir().unwrap();
+    redis_proc = Some(redis(port, empty.path()));
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < 3 {
+        let (status, _) = http(
+            &b.addr,
+            "POST",
+            "/api/rooms/ops/messages",
+            Some(&bearer),
+            Some(json!({"text": format!("new {}", sent + 1)})),
+        );
+        if status == 201 {
+            sent += 1;
+        } else {
+            assert!(started.elapsed() < LIMIT, "publishing never worked again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // Both members are told their ids are stale (1012), then resume from the old position.
+    let mut back = Vec::new();
+    for (ws, node, name) in [(&mut ann, &a, "ann"), (&mut bob, &b, "bob")] {
+        assert_eq!(closed(ws).await, 1012, "{name}");
+        let url = node.ws(&format!(
+            "/ws/rooms/ops?name={name}&since=5&epoch={old_epoch}"
+        ));
+        let (mut again, _) = within(tether::connect(&url)).await.unwrap();
+        let welcome = next_of(&mut again, "welcome").await;
+        assert_eq!(welcome["recovered"], false, "{name}: {welcome}");
+        assert_ne!(welcome["epoch"], old_epoch.as_str());
+        // Every message of the new stream is replayed, none taken as already seen.
+        for id in 1..=3 {
+            let m = next_of(&mut again, "message").await;
+            assert_eq!(
+                (m["id"].as_u64(), m["text"].clone()),
+                (Some(id), json!(format!("new {id}"))),
+                "{name}"
+            );
+        }
+        let ready = next_of(&mut again, "ready").await;
+        assert_ready(&ready, 3);
+        assert_eq!(ready["epoch"], welcome["epoch"]);
+        back.push(again);
+    }
+    // And the room goes on across both nodes.
+    say(&mut back[0], "ann is back").await;
+    for ws in &mut back {
+        let m = next_of(ws, "message").await;
+        assert_eq!(
+            (m["id"].as_u64(), m["text"].as_str()),
+            (Some(4), Some("ann is back"))
+        );
+    }
     drop(redis_proc);
 }

@@ -25,17 +25,47 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::store::{now_rfc3339, ChatMessage, StoreError};
 
-const APPEND: &str = r#"
+/// Lua: `epoch` is the rooms' epoch in the key KEYS[K], made from the proposal ARGV[A] when
+/// missing (Redis is new or lost its data).
+macro_rules! read_or_make_epoch {
+    ($k:literal, $a:literal) => {
+        concat!(
+            "local epoch = redis.call('GET', KEYS[",
+            $k,
+            "])\n",
+            "if not epoch then\n",
+            "  epoch = ARGV[",
+            $a,
+            "]\n",
+            "  redis.call('SET', KEYS[",
+            $k,
+            "], epoch)\n",
+            "end\n"
+        )
+    };
+}
+
+const APPEND: &str = concat!(
+    read_or_make_epoch!(4, 5),
+    r#"
 local last = 0
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #top > 0 then last = tonumber(string.match(top[1][1], '%-(%d+)$')) end
 local id = last + 1
-local msg = ARGV[1] .. id .. ARGV[2]
+local msg = ARGV[1] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[2]
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('PUBLISH', KEYS[2], msg)
 return msg
-"#;
+"#
+);
+
+/// The rooms' epoch: read, or made (with the node's proposal) when Redis has none, which is
+/// when it is new or lost its data.
+const EPOCH_SCRIPT: &str = concat!(read_or_make_epoch!(1, 1), "return epoch\n");
+
+/// The key of the rooms' epoch.
+const EPOCH: &str = "tether:epoch";
 
 /// How long a node's presence entries live without a refresh.
 const PRESENCE_TTL: Duration = Duration::from_secs(15);
@@ -89,6 +119,7 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     history_limit: usize,
     append: redis::Script,
+    epoch: redis::Script,
     connected: AtomicBool,
     /// Users of each local room present on other nodes, as last seen.
     remote: Mutex<HashMap<String, BTreeSet<String>>>,
@@ -135,6 +166,7 @@ impl Cluster {
             metrics,
             history_limit,
             append: redis::Script::new(APPEND),
+            epoch: redis::Script::new(EPOCH_SCRIPT),
             connected: AtomicBool::new(false),
             remote: Mutex::new(HashMap::new()),
         });
@@ -182,10 +214,12 @@ impl Cluster {
             .key(stream_key(room))
             .key(channel(room))
             .key(ROOMS)
+            .key(EPOCH)
             .arg(r#"{"type":"message","id":"#)
             .arg(suffix)
             .arg(self.history_limit.max(1))
             .arg(room)
+            .arg(crate::store::new_epoch())
             .invoke_async(&mut con)
             .await
             .map_err(|e| {
@@ -194,6 +228,24 @@ impl Cluster {
             })?;
         serde_json::from_str(&stored)
             .map_err(|e| StoreError::Failed(format!("stored message: {e}")))
+    }
+
+    /// The rooms' epoch in Redis (made if Redis has none); the hub takes note of it, so a
+    /// changed one resets the local rooms.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn epoch(&self) -> Result<String, StoreError> {
+        let mut con = self.commands.clone();
+        let epoch: String = self
+            .epoch
+            .key(EPOCH)
+            .arg(crate::store::new_epoch())
+            .invoke_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        self.hub.observe_epoch(&epoch);
+        Ok(epoch)
     }
 
     /// Messages of `room` with `id > since`, oldest first, at most `limit`.
@@ -403,15 +455,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// Delivers what each local room missed while the subscription was down.
+    /// Delivers what each local room missed while the subscription was down. A Redis that
+    /// lost its data has a new epoch: the hub resets every room (its members reconnect and
+    /// are told `recovered: false`), and nothing stored since is marked delivered unseen.
     async fn catch_up(&self) -> Result<(), StoreError> {
+        self.epoch().await?;
         for room in self.hub.room_names() {
-            // A Redis that lost its data (no persistence) restarts ids at 1: follow it rather
-            // than drop every message until the old ids are passed.
             let top = self.recent(&room, 1).await?.first().map_or(0, |m| m.id);
             if top < self.hub.position(&room) {
-                tracing::error!(%room, stored = top, delivered = self.hub.position(&room), "redis lost this room's history; ids restart");
-                self.hub.reset_position(&room, top);
+                // Same epoch, fewer messages: Redis lost its last writes (a restart from an
+                // older snapshot). The ids past `top` will be given to other messages.
+                tracing::error!(%room, stored = top, delivered = self.hub.position(&room), "redis lost this room's last messages: its members reconnect");
+                self.hub.reset_room(&room);
             }
             loop {
                 let missed = self.messages(&room, self.hub.position(&room), 500).await?;

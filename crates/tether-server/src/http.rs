@@ -742,6 +742,7 @@ async fn poll(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
 #[derive(Deserialize, Default)]
 struct SocketQuery {
     since: Option<u64>,
+    epoch: Option<String>,
     name: Option<String>,
     token: Option<String>,
 }
@@ -882,9 +883,16 @@ async fn room_socket(
         app.metrics.refused(Refusal::BadRequest);
         return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
-    let since = query.since;
+    let resume = ws::Resume {
+        since: query.since,
+        // Epochs are 16 hex digits: anything long is not one (and is not worth logging).
+        epoch: query
+            .epoch
+            .clone()
+            .map(|e| if e.len() <= 64 { e } else { String::new() }),
+    };
     upgrade(app, req, query, true, move |app, socket, slot, member| {
-        ws::room(app, socket, slot, room, member, since)
+        ws::room(app, socket, slot, room, member, resume)
     })
     .await
 }

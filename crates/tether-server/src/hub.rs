@@ -6,7 +6,7 @@
 //! never slows the others, and memory per subscriber is bounded by the queue length.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -26,28 +26,59 @@ pub struct Outgoing {
     pub msg: Arc<Prepared>,
 }
 
+/// Why the hub ended a connection's place in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Its queue overflowed: it fell too far behind (close 1013).
+    Slow,
+    /// The room's stream was lost and started again (a new epoch): what the client holds no
+    /// longer matches the ids, so it reconnects and resumes from what storage has now (1012).
+    Reset,
+}
+
 /// What a connection's task shares with the hub.
 #[derive(Debug, Default)]
 pub struct Flags {
-    slow: AtomicBool,
+    /// 0: none; 1: slow; 2: reset.
+    verdict: AtomicU8,
     notify: Notify,
 }
 
 impl Flags {
-    /// Whether the hub found this connection's queue full.
-    pub fn is_slow(&self) -> bool {
-        self.slow.load(Relaxed)
+    /// The hub's verdict on this connection, if it gave one.
+    pub fn verdict(&self) -> Option<Verdict> {
+        match self.verdict.load(Relaxed) {
+            0 => None,
+            1 => Some(Verdict::Slow),
+            _ => Some(Verdict::Reset),
+        }
     }
 
-    /// Resolves once the connection is marked slow.
-    pub async fn slow(&self) {
-        while !self.is_slow() {
+    /// Whether the hub found this connection's queue full.
+    pub fn is_slow(&self) -> bool {
+        self.verdict() == Some(Verdict::Slow)
+    }
+
+    /// Resolves once the hub gives its verdict.
+    pub async fn ended(&self) -> Verdict {
+        loop {
+            if let Some(verdict) = self.verdict() {
+                return verdict;
+            }
             self.notify.notified().await;
         }
     }
 
-    fn mark_slow(&self) {
-        if !self.slow.swap(true, Relaxed) {
+    fn mark(&self, verdict: Verdict) {
+        let code = match verdict {
+            Verdict::Slow => 1,
+            Verdict::Reset => 2,
+        };
+        if self
+            .verdict
+            .compare_exchange(0, code, Relaxed, Relaxed)
+            .is_ok()
+        {
             self.notify.notify_one();
         }
     }
@@ -70,14 +101,14 @@ impl Topic {
     fn fan_out(&self, event: &Outgoing, skip: Option<u64>, metrics: &Metrics) -> usize {
         let mut reached = 0;
         for (id, peer) in &self.peers {
-            if Some(*id) == skip || peer.flags.is_slow() {
+            if Some(*id) == skip || peer.flags.verdict().is_some() {
                 continue;
             }
             match peer.tx.try_send(event.clone()) {
                 Ok(()) => reached += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(user = %peer.user, "slow consumer: outbound queue full");
-                    peer.flags.mark_slow();
+                    peer.flags.mark(Verdict::Slow);
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
@@ -107,6 +138,8 @@ struct PollState {
 /// Subscriptions of every room and poll on this node.
 #[derive(Debug)]
 pub struct Hub {
+    /// The epoch of the rooms' streams in storage, once known (empty before).
+    epoch: Mutex<String>,
     rooms: Mutex<HashMap<String, RoomState>>,
     polls: Mutex<HashMap<i64, PollState>>,
     next_id: AtomicU64,
@@ -192,6 +225,7 @@ impl Hub {
     /// A hub whose subscribers each queue at most `queue_len` events.
     pub fn new(queue_len: usize, metrics: Arc<Metrics>) -> Arc<Hub> {
         Arc::new(Hub {
+            epoch: Mutex::new(String::new()),
             rooms: Mutex::new(HashMap::new()),
             polls: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -287,9 +321,47 @@ impl Hub {
         }
     }
 
+    /// The epoch of the rooms' streams, as last seen in storage (empty before it is known).
+    pub fn epoch(&self) -> String {
+        lock(&self.epoch).clone()
+    }
+
+    /// Takes note of the rooms' epoch as read from storage. When it differs from the one seen
+    /// before, storage lost the streams and started their ids again: every room here forgets
+    /// what it delivered and every member is told to reconnect ([`Verdict::Reset`]), since
+    /// the ids it holds now name other messages. Returns whether that happened.
+    pub fn observe_epoch(&self, epoch: &str) -> bool {
+        let mut current = lock(&self.epoch);
+        if *current == epoch {
+            return false;
+        }
+        let known = !current.is_empty();
+        let before = std::mem::replace(&mut *current, epoch.to_owned());
+        if !known {
+            return false;
+        }
+        let mut rooms = lock(&self.rooms);
+        tracing::error!(old = %before, new = %epoch, rooms = rooms.len(), "storage lost the rooms' history (a new epoch): their members reconnect and resume from what it holds now");
+        for state in rooms.values_mut() {
+            Self::reset(state);
+        }
+        true
+    }
+
+    fn reset(state: &mut RoomState) {
+        state.position = 0;
+        for peer in state.topic.peers.values() {
+            peer.flags.mark(Verdict::Reset);
+        }
+    }
+
     /// Delivers a stored message to everyone in its room; returns how many it reached. An id
-    /// at or below the last one delivered to the room is dropped.
+    /// at or below the last one delivered to the room is dropped. A message of another epoch
+    /// resets every room first ([`Hub::observe_epoch`]).
     pub fn deliver(&self, message: &ChatMessage) -> usize {
+        if let Some(epoch) = &message.epoch {
+            self.observe_epoch(epoch);
+        }
         let mut rooms = lock(&self.rooms);
         let Some(state) = rooms.get_mut(&message.room) else {
             return 0;
@@ -361,10 +433,12 @@ impl Hub {
         }
     }
 
-    /// Sets the last delivered id of `room` (after the shared history was lost).
-    pub fn reset_position(&self, room: &str, id: u64) {
+    /// Storage holds fewer messages of `room` than were delivered here (it lost its last
+    /// writes but kept its epoch): the ids delivered past its end will name other messages.
+    /// The room forgets what it delivered and its members reconnect ([`Verdict::Reset`]).
+    pub fn reset_room(&self, room: &str) {
         if let Some(state) = lock(&self.rooms).get_mut(room) {
-            state.position = id;
+            Self::reset(state);
         }
     }
 
@@ -462,6 +536,7 @@ mod tests {
             user: "ann".into(),
             text: "hi".into(),
             ts: "2026-01-01T00:00:00.000Z".into(),
+            epoch: None,
         }
     }
 
@@ -497,6 +572,26 @@ mod tests {
         assert!(slow.flags.is_slow());
         assert!(!fast.flags.is_slow());
         assert_eq!(hub.metrics.messages_out.load(Relaxed), 5);
+    }
+
+    #[test]
+    fn a_new_epoch_resets_every_room_and_its_members() {
+        let hub = Hub::new(16, Arc::default());
+        assert!(!hub.observe_epoch("a"), "the first epoch seen is no change");
+        let ann = hub.join("r", "ann").subscription;
+        assert_eq!(hub.deliver(&message("r", 7)), 1);
+        assert_eq!(hub.position("r"), 7);
+        assert!(!hub.observe_epoch("a"));
+        assert_eq!(ann.flags.verdict(), None);
+        let mut lost = message("r", 1);
+        lost.epoch = Some("b".into());
+        // Id 1 of the new stream is below what was delivered, yet it is a new message.
+        hub.deliver(&lost);
+        assert_eq!(hub.epoch(), "b");
+        assert_eq!(ann.flags.verdict(), Some(Verdict::Reset));
+        assert_eq!(hub.position("r"), 1, "the new stream's ids are followed");
+        let ben = hub.join("r", "ben").subscription;
+        assert_eq!(ben.flags.verdict(), None, "later members are not reset");
     }
 
     #[test]

@@ -230,6 +230,7 @@ impl Writer {
                         user: user.clone(),
                         text: text.clone(),
                         ts: now_rfc3339(),
+                        epoch: None,
                     };
                     batch.insert_message(&message)?;
                     last_ids.insert(room.clone(), message.id);

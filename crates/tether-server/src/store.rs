@@ -51,6 +51,11 @@ pub struct ChatMessage {
     pub text: String,
     /// When it was stored, RFC 3339 with milliseconds, UTC.
     pub ts: String,
+    /// The epoch of the stream it belongs to, when it came from shared storage (Redis): a
+    /// node learns from it that the stream was lost and started again. Not sent to clients
+    /// (`welcome` and `ready` carry the epoch).
+    #[serde(default, skip_serializing)]
+    pub epoch: Option<String>,
 }
 
 /// A poll with its current counts.
@@ -113,6 +118,12 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
+/// A fresh epoch: 64 random bits in hex.
+pub fn new_epoch() -> String {
+    use rand::{RngCore as _, SeedableRng as _};
+    format!("{:016x}", rand::rngs::StdRng::from_os_rng().next_u64())
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -120,6 +131,10 @@ fn unix_now() -> i64 {
 }
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     hash TEXT NOT NULL,
@@ -185,7 +200,25 @@ impl Store {
         if !has_address {
             conn.execute_batch("ALTER TABLE votes ADD COLUMN address TEXT")?;
         }
+        // The rooms' epoch: made with the database, so a new database (or one whose rooms were
+        // lost) is a new epoch and clients resuming from the old one are told.
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
+            [new_epoch()],
+        )?;
         Ok(Store { conn })
+    }
+
+    /// The epoch of every room's stream of ids in this database.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn epoch(&self) -> Result<String, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })?)
     }
 
     /// Adds a user with an already hashed password.
@@ -362,6 +395,7 @@ impl Store {
                     user: r.get(1)?,
                     text: r.get(2)?,
                     ts: r.get(3)?,
+                    epoch: None,
                 })
             },
         )?;

@@ -16,7 +16,7 @@ use tether::{CloseCode, CloseFrame, Message, Prepared};
 
 use crate::app::{App, Credential, Slot};
 use crate::auth::Identity;
-use crate::hub::{encode, Outgoing, Subscription};
+use crate::hub::{encode, Outgoing, Subscription, Verdict};
 use crate::journal::{Job, Reply};
 use crate::store::{ChatMessage, Poll, StoreError, Voter};
 
@@ -61,14 +61,22 @@ struct Welcome<'a> {
     user: &'a str,
     guest: bool,
     members: &'a [String],
+    /// The epoch of the room's stream of ids: a client resumes with it and `since`.
+    epoch: &'a str,
+    /// Only when the client asked to resume: whether exactly the messages after its `since`
+    /// follow. `false`: what it holds is stale (another epoch, a position the room never
+    /// reached, or messages no longer kept); the recent history follows instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     truncated: bool,
 }
 
 #[derive(Serialize)]
 #[serde(tag = "type", rename = "ready")]
-struct Ready {
+struct Ready<'a> {
     last_id: u64,
+    epoch: &'a str,
 }
 
 #[derive(Serialize)]
@@ -132,6 +140,16 @@ enum End {
     Close(CloseCode, &'static str),
 }
 
+/// Where a client resumes: after message `since` of the stream of `epoch` (`None`: the
+/// client did not say, as before epochs existed; only the position is checked).
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// The last id the client holds.
+    pub since: Option<u64>,
+    /// The epoch that id belongs to.
+    pub epoch: Option<String>,
+}
+
 /// Runs a chat room member: welcome, history (after `since`, or the recent messages), ready,
 /// then live events and the client's messages.
 ///
@@ -144,7 +162,7 @@ pub async fn room(
     slot: Slot,
     room: String,
     member: Member,
-    since: Option<u64>,
+    resume: Resume,
 ) {
     let Member {
         who,
@@ -152,20 +170,27 @@ pub async fn room(
         revocations,
         ..
     } = member;
-    tracing::debug!(%room, user = who.name(), since = ?since, "joining");
-    let joined = app.hub.join(&room, who.name());
-    let sub = joined.subscription;
-    let mut members = joined.members;
-    if let Some(cluster) = &app.cluster {
-        // Members on every node.
-        if let Ok(everyone) = cluster.members(&room).await {
-            members.extend(everyone);
-            members.sort();
-            members.dedup();
+    tracing::debug!(%room, user = who.name(), since = ?resume.since, epoch = ?resume.epoch, "joining");
+    let joining = async {
+        // The epoch first: should storage have a new one, the hub resets the room before
+        // this member is in it, not after.
+        let epoch = current_epoch(&app).await?;
+        let joined = app.hub.join(&room, who.name());
+        let mut members = joined.members;
+        if let Some(cluster) = &app.cluster {
+            // Members on every node.
+            if let Ok(everyone) = cluster.members(&room).await {
+                members.extend(everyone);
+                members.sort();
+                members.dedup();
+            }
         }
-    }
-    let plan = match plan_replay(&app, &room, since).await {
-        Ok(plan) => plan,
+        let same_epoch = resume.epoch.as_deref().is_none_or(|e| e == epoch);
+        let plan = plan_replay(&app, &room, resume.since, same_epoch).await?;
+        Ok::<_, StoreError>((epoch, joined.subscription, members, plan))
+    };
+    let (epoch, sub, members, plan) = match joining.await {
+        Ok(joined) => joined,
         Err(e) => {
             tracing::error!(error = %e, %room, "loading history failed");
             close(
@@ -178,16 +203,18 @@ pub async fn room(
             return;
         }
     };
-    if since.is_some_and(|since| since > plan.end) {
-        // A position this room never reached: hostile, or from storage that lost data.
-        // Resuming from it would hide every later message from this member.
-        tracing::info!(%room, since = ?since, last_id = plan.end, "resume position ahead of the room: clamped to its last id");
+    if plan.recovered == Some(false) && !plan.truncated {
+        // Another epoch, or a position this room never reached (hostile, or storage that lost
+        // data): resuming from it would hide messages from this member.
+        tracing::info!(%room, since = ?resume.since, client_epoch = ?resume.epoch, %epoch, last_id = plan.end, "resume position not in this room's stream: sending the recent history");
     }
     let welcome = encode(&Welcome {
         room: &room,
         user: who.name(),
         guest: who.is_guest(),
         members: &members,
+        epoch: &epoch,
+        recovered: plan.recovered,
         truncated: plan.truncated,
     });
     let mut shutdown = app.shutdown.clone();
@@ -226,7 +253,10 @@ pub async fn room(
         revocations,
         place: Place::Room(room),
     };
-    let ready = vec![encode(&Ready { last_id: high })];
+    let ready = vec![encode(&Ready {
+        last_id: high,
+        epoch: &epoch,
+    })];
     pump(app, ws, slot, sub, target, ready, high).await;
 }
 
@@ -234,43 +264,80 @@ pub async fn room(
 const REPLAY_PAGE: usize = 100;
 
 /// What a joining member is replayed: the stored messages with `start < id <= end`.
+#[derive(Debug, PartialEq, Eq)]
 struct ReplayPlan {
-    /// The member resumes after this id: its `since` (clamped to the room's last id, since a
-    /// position the room never reached would hide every later message, and to the replay
-    /// limit), or on a first join the id before the recent messages.
+    /// The member resumes after this id: its `since` (raised to the replay limit), or on a
+    /// first join or a failed resume the id before the recent messages.
     start: u64,
     /// The room's last id when the member joined; later messages arrive live.
     end: u64,
     /// Some messages after the member's `since` are not replayed: no longer kept, or past
     /// the replay limit.
     truncated: bool,
+    /// For a resume: whether exactly the messages after its `since` follow.
+    recovered: Option<bool>,
 }
 
 impl ReplayPlan {
+    /// `same_epoch`: the client's `since` belongs to the room's current stream (or it gave
+    /// no epoch).
     fn new(
         since: Option<u64>,
+        same_epoch: bool,
         first: Option<u64>,
         last: u64,
         config: &crate::ServerConfig,
     ) -> ReplayPlan {
-        let Some(since) = since else {
-            return ReplayPlan {
-                start: last.saturating_sub(config.history_on_join as u64),
-                end: last,
-                truncated: false,
-            };
+        let fresh = ReplayPlan {
+            start: last.saturating_sub(config.history_on_join as u64),
+            end: last,
+            truncated: false,
+            recovered: None,
         };
-        let since = since.min(last);
+        let Some(since) = since else {
+            return fresh;
+        };
+        if !same_epoch || since > last {
+            // The client's ids are not this stream's: start it afresh, and say so.
+            return ReplayPlan {
+                recovered: Some(false),
+                ..fresh
+            };
+        }
         let start = since.max(last.saturating_sub(config.max_replay as u64));
+        let truncated = start > since || first.is_some_and(|f| f > since.saturating_add(1));
         ReplayPlan {
             start,
             end: last,
-            truncated: start > since || first.is_some_and(|f| f > since.saturating_add(1)),
+            truncated,
+            recovered: Some(!truncated),
         }
     }
 }
 
-async fn plan_replay(app: &App, room: &str, since: Option<u64>) -> Result<ReplayPlan, StoreError> {
+/// The rooms' epoch in storage.
+async fn current_epoch(app: &App) -> Result<String, StoreError> {
+    match &app.cluster {
+        Some(cluster) => cluster.epoch().await,
+        None => {
+            let epoch = app.hub.epoch();
+            if epoch.is_empty() {
+                let epoch = app.db.call(|s| s.epoch()).await?;
+                app.hub.observe_epoch(&epoch);
+                Ok(epoch)
+            } else {
+                Ok(epoch)
+            }
+        }
+    }
+}
+
+async fn plan_replay(
+    app: &App,
+    room: &str,
+    since: Option<u64>,
+    same_epoch: bool,
+) -> Result<ReplayPlan, StoreError> {
     let (first, last) = match &app.cluster {
         Some(cluster) => {
             let last = cluster.recent(room, 1).await?.first().map_or(0, |m| m.id);
@@ -283,7 +350,7 @@ async fn plan_replay(app: &App, room: &str, since: Option<u64>) -> Result<Replay
                 .await?
         }
     };
-    Ok(ReplayPlan::new(since, first, last, &app.config))
+    Ok(ReplayPlan::new(since, same_epoch, first, last, &app.config))
 }
 
 /// The next page of history: messages with `after < id <= end`, oldest first.
@@ -436,7 +503,7 @@ async fn pump(
         }
         tokio::select! {
             biased;
-            _ = sub.flags.slow() => break slow(&app),
+            verdict = sub.flags.ended() => break judged(&app, verdict),
             () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
             () = &mut lost => {
                 tracing::info!(user = %target.user, "credential revoked or expired: closing");
@@ -518,7 +585,7 @@ async fn write_all(
     };
     let end = tokio::select! {
         biased;
-        _ = sub.flags.slow() => Some(slow(app)),
+        verdict = sub.flags.ended() => Some(judged(app, verdict)),
         () = shutting_down(shutdown) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
         end = write => end,
     };
@@ -558,9 +625,18 @@ async fn finish(
     drop(slot);
 }
 
-fn slow(app: &App) -> End {
-    app.metrics.slow_consumers.fetch_add(1, Relaxed);
-    End::Close(CloseCode::TRY_AGAIN_LATER, "slow consumer: too far behind")
+/// How a session ends on the hub's verdict.
+fn judged(app: &App, verdict: Verdict) -> End {
+    match verdict {
+        Verdict::Slow => {
+            app.metrics.slow_consumers.fetch_add(1, Relaxed);
+            End::Close(CloseCode::TRY_AGAIN_LATER, "slow consumer: too far behind")
+        }
+        Verdict::Reset => End::Close(
+            CloseCode::SERVICE_RESTART,
+            "the room's history was reset: reconnect",
+        ),
+    }
 }
 
 /// Hands a client's message to the journal; returns an error event for the client, if any.
@@ -625,6 +701,53 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plan(since: Option<u64>, same_epoch: bool, first: Option<u64>, last: u64) -> ReplayPlan {
+        let config = crate::ServerConfig {
+            history_on_join: 50,
+            max_replay: 1000,
+            ..crate::ServerConfig::default()
+        };
+        ReplayPlan::new(since, same_epoch, first, last, &config)
+    }
+
+    #[test]
+    fn replay_plans() {
+        let fresh = |recovered| ReplayPlan {
+            start: 450,
+            end: 500,
+            truncated: false,
+            recovered,
+        };
+        assert_eq!(plan(None, true, Some(1), 500), fresh(None), "first join");
+        assert_eq!(
+            plan(Some(10_000), true, Some(1), 500),
+            fresh(Some(false)),
+            "ahead of the room"
+        );
+        assert_eq!(
+            plan(Some(400), false, Some(1), 500),
+            fresh(Some(false)),
+            "another epoch"
+        );
+        let exact = plan(Some(400), true, Some(1), 500);
+        assert_eq!((exact.start, exact.recovered), (400, Some(true)));
+        let trimmed = plan(Some(5), true, Some(100), 500);
+        assert_eq!(
+            (trimmed.start, trimmed.truncated, trimmed.recovered),
+            (5, true, Some(false))
+        );
+        let capped = plan(Some(5), true, Some(1), 5000);
+        assert_eq!(
+            (capped.start, capped.truncated, capped.recovered),
+            (4000, true, Some(false))
+        );
+        assert_eq!(
+            plan(Some(500), true, Some(1), 500).recovered,
+            Some(true),
+            "up to date"
+        );
+    }
 
     #[test]
     fn rate_limit_allows_a_burst_then_the_rate() {

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tether_server::store::{now_rfc3339, ChatMessage, Store};
 
 mod common;
@@ -27,6 +27,7 @@ fn fill(dir: &std::path::Path) {
             user: "old".into(),
             text: text.clone(),
             ts: now_rfc3339(),
+            epoch: None,
         };
         batch.insert_message(&m).unwrap();
     }
@@ -58,10 +59,7 @@ async fn replay_is_paged_bounded_in_memory_and_limited() {
     for id in 1..=MESSAGES {
         assert_eq!(next(&mut reader).await["id"], id);
     }
-    assert_eq!(
-        next(&mut reader).await,
-        json!({"type": "ready", "last_id": MESSAGES})
-    );
+    assert_ready(&next(&mut reader).await, MESSAGES);
     drop(reader);
 
     // 2. Twenty clients ask for all 40 MB of it and never read: each holds one page and its

@@ -16,7 +16,7 @@ async fn history_then_live_then_resume_without_gap_or_duplicate() {
     let welcome = next(&mut ann).await;
     assert_eq!(welcome["type"], "welcome");
     assert_eq!(welcome["members"], json!(["ann"]));
-    assert_eq!(next(&mut ann).await, json!({"type": "ready", "last_id": 0}));
+    assert_ready(&next(&mut ann).await, 0);
     for i in 1..=3 {
         say(&mut ann, &format!("m{i}")).await;
         let m = next_of(&mut ann, "message").await;
@@ -40,7 +40,7 @@ async fn history_then_live_then_resume_without_gap_or_duplicate() {
     .map(|m| m["id"].as_u64().unwrap())
     .collect();
     assert_eq!(ids, [1, 2, 3]);
-    assert_eq!(next(&mut ben).await, json!({"type": "ready", "last_id": 3}));
+    assert_ready(&next(&mut ben).await, 3);
     let join = next(&mut ann).await;
     assert_eq!(
         (
@@ -59,10 +59,14 @@ async fn history_then_live_then_resume_without_gap_or_duplicate() {
     say(&mut ann, "m5").await;
     let url = server.ws("/ws/rooms/lobby?name=ben&since=3");
     let mut ben = connect_with_cookie(&url, &ben_cookie).await;
-    assert_eq!(next(&mut ben).await["type"], "welcome");
+    let welcome = next(&mut ben).await;
+    assert_eq!(
+        (&welcome["type"], &welcome["recovered"]),
+        (&json!("welcome"), &json!(true))
+    );
     assert_eq!(next(&mut ben).await["id"], 4);
     assert_eq!(next(&mut ben).await["id"], 5);
-    assert_eq!(next(&mut ben).await, json!({"type": "ready", "last_id": 5}));
+    assert_ready(&next(&mut ben).await, 5);
     say(&mut ann, "m6").await;
     assert_eq!(next_of(&mut ben, "message").await["id"], 6);
 
@@ -95,10 +99,15 @@ async fn history_then_live_then_resume_without_gap_or_duplicate() {
     )
     .await;
     assert_eq!((status, page), (200, json!([])));
-    // A position past the room's end is clamped to it, so live messages still arrive.
+    // A position past the room's end is not this room's: the client is told, and gets the
+    // recent history as on a first join; live messages still arrive.
     let mut far = connect(&server.ws(&format!("/ws/rooms/lobby?name=far&since={max}"))).await;
-    assert_eq!(next(&mut far).await["type"], "welcome");
-    assert_eq!(next(&mut far).await, json!({"type": "ready", "last_id": 6}));
+    let welcome = next(&mut far).await;
+    assert_eq!(
+        (&welcome["type"], &welcome["recovered"]),
+        (&json!("welcome"), &json!(false))
+    );
+    assert_ready(&next_of(&mut far, "ready").await, 6);
     say(&mut ann, "m7").await;
     assert_eq!(next_of(&mut far, "message").await["id"], 7);
     server.stop().await;
@@ -679,5 +688,57 @@ async fn connection_limits_answer_429_per_address_and_503_in_all() {
     );
     assert!(metrics.contains("tether_connections 3"), "{metrics}");
     drop((_first, _second, _third));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_into_another_database_is_not_recovered() {
+    let old = tempfile::tempdir().unwrap();
+    let server = start(config(old.path())).await;
+    let mut ann = connect(&server.ws("/ws/rooms/r?name=ann")).await;
+    let ready = next_of(&mut ann, "ready").await;
+    let epoch = ready["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=3 {
+        say(&mut ann, &format!("old {i}")).await;
+        assert_eq!(next_of(&mut ann, "message").await["id"], i);
+    }
+    drop(ann);
+    server.stop().await;
+
+    // The same database again: the same epoch, and an exact resume.
+    let server = start(config(old.path())).await;
+    let url = server.ws(&format!("/ws/rooms/r?name=ann&since=2&epoch={epoch}"));
+    let mut ann = connect(&url).await;
+    let welcome = next(&mut ann).await;
+    assert_eq!(
+        (&welcome["recovered"], &welcome["epoch"]),
+        (&json!(true), &json!(epoch))
+    );
+    assert_eq!(next(&mut ann).await["text"], "old 3");
+    assert_ready(&next(&mut ann).await, 3);
+    drop(ann);
+    server.stop().await;
+
+    // A new database (the old one lost): its ids name other messages. Without the epoch,
+    // ann resuming after id 1 would take "new 2" for the one after "old 1" and never see
+    // "new 1".
+    let new = tempfile::tempdir().unwrap();
+    let server = start(config(new.path())).await;
+    let mut bob = connect(&server.ws("/ws/rooms/r?name=bob")).await;
+    next_of(&mut bob, "ready").await;
+    for i in 1..=2 {
+        say(&mut bob, &format!("new {i}")).await;
+        assert_eq!(next_of(&mut bob, "message").await["id"], i);
+    }
+    let url = server.ws(&format!("/ws/rooms/r?name=ann&since=1&epoch={epoch}"));
+    let mut ann = connect(&url).await;
+    let welcome = next(&mut ann).await;
+    assert_eq!(welcome["recovered"], false, "{welcome}");
+    assert_ne!(welcome["epoch"], json!(epoch));
+    assert_eq!(next(&mut ann).await["text"], "new 1");
+    assert_eq!(next(&mut ann).await["text"], "new 2");
+    let ready = next(&mut ann).await;
+    assert_ready(&ready, 2);
+    assert_eq!(ready["epoch"], welcome["epoch"]);
     server.stop().await;
 }

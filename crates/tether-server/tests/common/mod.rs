@@ -247,3 +247,17 @@ pub async fn connect_with_cookie(url: &str, cookie: &str) -> ClientStream {
         .header("Cookie", cookie);
     within(builder.connect()).await.unwrap().0
 }
+
+/// Asserts `event` is a `ready` at `last_id`, with an epoch (16 hex digits).
+pub fn assert_ready(event: &Value, last_id: u64) {
+    assert_eq!(
+        (&event["type"], event["last_id"].as_u64()),
+        (&serde_json::json!("ready"), Some(last_id)),
+        "{event}"
+    );
+    let epoch = event["epoch"].as_str().unwrap_or_default();
+    assert!(
+        epoch.len() == 16 && epoch.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{event}"
+    );
+}
