@@ -69,7 +69,14 @@ impl Node {
 }
 
 fn node(name: &str, redis_port: u16) -> Node {
+    node_with(name, redis_port, "")
+}
+
+/// A node whose config file holds `toml`.
+fn node_with(name: &str, redis_port: u16, toml: &str) -> Node {
     let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("node.toml");
+    std::fs::write(&config, toml).unwrap();
     let mut add = Command::new(BIN)
         .args(["user", "add", "ops", "--password-stdin", "--data"])
         .arg(data.path())
@@ -91,6 +98,8 @@ fn node(name: &str, redis_port: u16) -> Node {
         ])
         .arg("--data")
         .arg(data.path())
+        .arg("--config")
+        .arg(&config)
         .arg("--redis")
         .arg(format!("redis://127.0.0.1:{redis_port}/"))
         .stdin(Stdio::null())
@@ -436,4 +445,64 @@ async fn a_redis_that_lost_its_data_is_a_new_epoch_and_nothing_is_lost_silently(
         );
     }
     drop(redis_proc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_are_listed_in_pages_with_members_of_every_node_and_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let limits = "max_rooms = 5\napi_publish_rate = 1000\n";
+    let a = node_with("a", port, limits);
+    let b = node_with("b", port, limits);
+    let bearer = token(&a);
+    for room in ["r1", "r2", "r3", "r4", "r5"] {
+        let (status, body) = http(
+            &a.addr,
+            "POST",
+            &format!("/api/rooms/{room}/messages"),
+            Some(&bearer),
+            Some(json!({"text": "first"})),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    // The cap is the cluster's: node b refuses a sixth room too.
+    let bearer_b = token(&b);
+    let (status, body) = http(
+        &b.addr,
+        "POST",
+        "/api/rooms/r6/messages",
+        Some(&bearer_b),
+        Some(json!({"text": "first"})),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("max_rooms"),
+        "{body}"
+    );
+
+    // Ann is in r2 on node a, bob and cy on node b: every node counts three.
+    let _ann = join(&a.ws("/ws/rooms/r2?name=ann")).await;
+    let _bob = join(&b.ws("/ws/rooms/r2?name=bob")).await;
+    let _cy = join(&b.ws("/ws/rooms/r2?name=cy")).await;
+    for node in [&a, &b] {
+        let (_, page) = http(&node.addr, "GET", "/api/rooms?after=r1&limit=2", None, None);
+        assert_eq!(
+            page,
+            json!([
+                {"room": "r2", "members": 3, "last_id": 1},
+                {"room": "r3", "members": 0, "last_id": 1}
+            ]),
+            "{}",
+            node.addr
+        );
+    }
+    let (_, page) = http(&a.addr, "GET", "/api/rooms?after=r3", None, None);
+    let names: Vec<&str> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["room"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["r4", "r5"]);
 }

@@ -48,13 +48,16 @@ macro_rules! read_or_make_epoch {
 const APPEND: &str = concat!(
     read_or_make_epoch!(4, 5),
     r#"
+if not redis.call('ZSCORE', KEYS[3], ARGV[4]) and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
+  return redis.error_reply('ROOMLIMIT the room cap is reached')
+end
 local last = 0
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #top > 0 then last = tonumber(string.match(top[1][1], '%-(%d+)$')) end
 local id = last + 1
 local msg = ARGV[1] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[2]
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
-redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('ZADD', KEYS[3], 0, ARGV[4])
 redis.call('PUBLISH', KEYS[2], msg)
 return msg
 "#
@@ -84,7 +87,20 @@ fn members_key(room: &str) -> String {
     format!("tether:m:{room}")
 }
 
-const ROOMS: &str = "tether:rooms";
+/// Rooms with stored messages: a sorted set, every score 0, so it pages in name order.
+const ROOMS: &str = "tether:room-names";
+/// Where clusters before the sorted set listed their rooms (a set); moved once.
+const OLD_ROOMS: &str = "tether:rooms";
+
+const MOVE_ROOMS: &str = r#"
+if redis.call('TYPE', KEYS[1]).ok == 'set' then
+  for _, room in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    redis.call('ZADD', KEYS[2], 0, room)
+  end
+  redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
 const BROADCAST: &str = "tether:broadcast";
 const PRESENCE: &str = "tether:p";
 
@@ -118,9 +134,13 @@ pub struct Cluster {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     history_limit: usize,
+    max_rooms: usize,
     append: redis::Script,
     epoch: redis::Script,
     connected: AtomicBool,
+    /// Redis stopped answering commands (the last presence refresh failed) though the
+    /// subscription may look alive: a stalled or overloaded Redis.
+    stalled: AtomicBool,
     /// Users of each local room present on other nodes, as last seen.
     remote: Mutex<HashMap<String, BTreeSet<String>>>,
 }
@@ -150,6 +170,7 @@ impl Cluster {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         history_limit: usize,
+        max_rooms: usize,
     ) -> Result<Arc<Cluster>, StoreError> {
         let client = redis::Client::open(url).map_err(redis_error)?;
         let config = ConnectionManagerConfig::new()
@@ -165,9 +186,11 @@ impl Cluster {
             hub,
             metrics,
             history_limit,
+            max_rooms,
             append: redis::Script::new(APPEND),
             epoch: redis::Script::new(EPOCH_SCRIPT),
             connected: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
             remote: Mutex::new(HashMap::new()),
         });
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String, bool)>();
@@ -183,9 +206,21 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Whether the subscription to Redis is up.
+    /// Whether the subscription to Redis is up and Redis answers commands.
     pub fn is_healthy(&self) -> bool {
-        self.connected.load(Relaxed)
+        self.connected.load(Relaxed) && !self.stalled.load(Relaxed)
+    }
+
+    /// What is wrong with Redis, for `/healthz`: "disconnected" (no subscription) or "not
+    /// answering" (commands time out); "ok" otherwise.
+    pub fn health(&self) -> &'static str {
+        if !self.connected.load(Relaxed) {
+            "disconnected"
+        } else if self.stalled.load(Relaxed) {
+            "not answering"
+        } else {
+            "ok"
+        }
     }
 
     /// This node's name.
@@ -220,12 +255,21 @@ impl Cluster {
             .arg(self.history_limit.max(1))
             .arg(room)
             .arg(crate::store::new_epoch())
+            .arg(self.max_rooms)
             .invoke_async(&mut con)
             .await
             .map_err(|e| {
+                if e.code() == Some("ROOMLIMIT") {
+                    return StoreError::Limit(format!(
+                        "the server keeps at most {} rooms (max_rooms): pick an existing room",
+                        self.max_rooms
+                    ));
+                }
                 self.metrics.store_failures.fetch_add(1, Relaxed);
+                self.metrics.stored(false);
                 redis_error(e)
             })?;
+        self.metrics.stored(true);
         serde_json::from_str(&stored)
             .map_err(|e| StoreError::Failed(format!("stored message: {e}")))
     }
@@ -259,7 +303,7 @@ impl Cluster {
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let mut con = self.commands.clone();
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        let entries: Vec<Entry> = redis::cmd("XRANGE")
             .arg(stream_key(room))
             .arg(format!("0-{}", since.saturating_add(1)))
             .arg("+")
@@ -280,7 +324,7 @@ impl Cluster {
             return Ok(Vec::new());
         }
         let mut con = self.commands.clone();
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        let entries: Vec<Entry> = redis::cmd("XREVRANGE")
             .arg(stream_key(room))
             .arg("+")
             .arg("-")
@@ -300,7 +344,7 @@ impl Cluster {
     /// Redis is unreachable.
     pub async fn first_id(&self, room: &str) -> Result<Option<u64>, StoreError> {
         let mut con = self.commands.clone();
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        let entries: Vec<Entry> = redis::cmd("XRANGE")
             .arg(stream_key(room))
             .arg("-")
             .arg("+")
@@ -312,24 +356,71 @@ impl Cluster {
         Ok(parse_entries(entries).first().map(|m| m.id))
     }
 
-    /// Rooms with stored messages and their last ids.
+    /// Rooms with stored messages, `(room, last id)` in name order: the first `limit` after
+    /// `after` (from the start when `None`).
     ///
     /// # Errors
     /// Redis is unreachable.
-    pub async fn rooms(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    pub async fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         let mut con = self.commands.clone();
-        let rooms: Vec<String> = redis::cmd("SMEMBERS")
+        let names: Vec<String> = redis::cmd("ZRANGEBYLEX")
             .arg(ROOMS)
+            .arg(after.map_or_else(|| "-".to_owned(), |a| format!("({a}")))
+            .arg("+")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
             .query_async(&mut con)
             .await
             .map_err(redis_error)?;
-        let mut out = Vec::with_capacity(rooms.len());
-        for room in rooms.into_iter().take(1000) {
-            let last = self.recent(&room, 1).await?.first().map_or(0, |m| m.id);
-            out.push((room, last));
+        let mut pipe = redis::pipe();
+        for room in &names {
+            pipe.cmd("XREVRANGE")
+                .arg(stream_key(room))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1);
         }
-        out.sort();
-        Ok(out)
+        let tops: Vec<Vec<Entry>> = pipe.query_async(&mut con).await.map_err(redis_error)?;
+        Ok(names
+            .into_iter()
+            .zip(tops)
+            .map(|(room, top)| {
+                let last = parse_entries(top).first().map_or(0, |m| m.id);
+                (room, last)
+            })
+            .collect())
+    }
+
+    /// Distinct users present in each of `rooms` on every node.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn member_counts(&self, rooms: &[String]) -> Result<Vec<usize>, StoreError> {
+        let mut con = self.commands.clone();
+        let mut pipe = redis::pipe();
+        for room in rooms {
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(members_key(room))
+                .arg(unix_ms())
+                .arg("+inf");
+        }
+        let entries: Vec<Vec<String>> = pipe.query_async(&mut con).await.map_err(redis_error)?;
+        Ok(entries
+            .iter()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter_map(|e| e.split_once('\t').map(|(_, user)| user))
+                    .collect::<BTreeSet<_>>()
+                    .len()
+            })
+            .collect())
     }
 
     /// Distinct users present in `room` on every node (entries not yet expired).
@@ -459,6 +550,13 @@ impl Cluster {
     /// lost its data has a new epoch: the hub resets every room (its members reconnect and
     /// are told `recovered: false`), and nothing stored since is marked delivered unseen.
     async fn catch_up(&self) -> Result<(), StoreError> {
+        let mut con = self.commands.clone();
+        redis::Script::new(MOVE_ROOMS)
+            .key(OLD_ROOMS)
+            .key(ROOMS)
+            .invoke_async::<i64>(&mut con)
+            .await
+            .map_err(redis_error)?;
         self.epoch().await?;
         for room in self.hub.room_names() {
             let top = self.recent(&room, 1).await?.first().map_or(0, |m| m.id);
@@ -509,13 +607,21 @@ impl Cluster {
         let mut tick = tokio::time::interval(PRESENCE_EVERY);
         loop {
             tick.tick().await;
-            if !self.is_healthy() {
+            if !self.connected.load(Relaxed) {
                 continue;
             }
             let local: BTreeMap<String, Vec<String>> = self.hub.local_users();
             let expiry = unix_ms() + PRESENCE_TTL.as_millis() as u64;
             let mut con = self.commands.clone();
             let mut pipe = redis::pipe();
+            // Also the health probe, a write, when there is nothing to refresh: its success
+            // says Redis stores again after a failure.
+            pipe.cmd("SET")
+                .arg(format!("tether:n:{}", self.node))
+                .arg(unix_ms())
+                .arg("EX")
+                .arg(60)
+                .ignore();
             for (room, users) in &local {
                 for user in users {
                     pipe.cmd("ZADD")
@@ -531,9 +637,15 @@ impl Cluster {
                     .ignore();
             }
             if let Err(e) = pipe.query_async::<()>(&mut con).await {
-                tracing::warn!(error = %e, "presence refresh failed");
+                if !self.stalled.swap(true, Relaxed) {
+                    tracing::error!(error = %e, "redis does not answer: reporting degraded until it does");
+                }
                 continue;
             }
+            if self.stalled.swap(false, Relaxed) {
+                tracing::info!("redis answers again");
+            }
+            self.metrics.stored(true);
             for (room, users) in local {
                 let Ok(everyone) = self.members(&room).await else {
                     continue;
@@ -562,7 +674,10 @@ impl Cluster {
     }
 }
 
-fn parse_entries(entries: Vec<(String, Vec<(String, String)>)>) -> Vec<ChatMessage> {
+/// A stream entry as Redis returns it: its id and its fields.
+type Entry = (String, Vec<(String, String)>);
+
+fn parse_entries(entries: Vec<Entry>) -> Vec<ChatMessage> {
     entries
         .into_iter()
         .filter_map(|(_, fields)| {

@@ -37,6 +37,12 @@ pub struct ServerConfig {
     pub guests: bool,
     /// Messages kept per room; older ones are deleted. Default 10,000.
     pub history_limit: usize,
+    /// Rooms with stored messages at most; a message that would start another is refused
+    /// (an `error` event, 403 from the API). Default 10,000.
+    pub max_rooms: usize,
+    /// Size of the SQLite file at most, in MiB (0: no cap); past it writes fail as on a full
+    /// disk and `/healthz` reports storage as failing. Default 4,096.
+    pub max_database_mb: u64,
     /// Messages sent to a client that joins without `since`. Default 50.
     pub history_on_join: usize,
     /// Largest chat message text, in bytes. Default 4,096.
@@ -125,6 +131,8 @@ impl Default for ServerConfig {
             guests: true,
             history_limit: 10_000,
             history_on_join: 50,
+            max_rooms: 10_000,
+            max_database_mb: 4096,
             max_text: 4096,
             max_connections: 10_000,
             max_connections_per_ip: 1000,

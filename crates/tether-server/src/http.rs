@@ -132,6 +132,9 @@ impl IntoResponse for Refused {
 }
 
 fn store_error(e: &StoreError) -> Response {
+    if let StoreError::Limit(why) = e {
+        return error(StatusCode::FORBIDDEN, why);
+    }
     tracing::error!(error = %e, "store failed");
     error(StatusCode::INTERNAL_SERVER_ERROR, "storage failed")
 }
@@ -184,14 +187,27 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     if app.is_shutting_down() {
-        error(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
-    } else if app.cluster.as_ref().is_some_and(|c| !c.is_healthy()) {
-        json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"status": "degraded", "redis": "disconnected"}),
-        )
-    } else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    let mut report = serde_json::Map::new();
+    if let Some(cluster) = &app.cluster {
+        if !cluster.is_healthy() {
+            report.insert("redis".into(), cluster.health().into());
+        }
+    }
+    if app
+        .metrics
+        .storage_failing
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        // The last write failed (a full disk, a broken database, Redis refusing writes).
+        report.insert("storage".into(), "failing".into());
+    }
+    if report.is_empty() {
         json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+    } else {
+        report.insert("status".into(), "degraded".into());
+        json(StatusCode::SERVICE_UNAVAILABLE, &report)
     }
 }
 
@@ -504,29 +520,70 @@ async fn token_user(app: &App, headers: &HeaderMap) -> Result<String, Response> 
     }
 }
 
-async fn rooms(State(app): State<Arc<App>>) -> Response {
+#[derive(Deserialize)]
+struct RoomsPage {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Rooms listed per page by default, and at most.
+const ROOMS_PAGE: usize = 100;
+const ROOMS_PAGE_MAX: usize = 1000;
+
+/// Rooms with stored messages or members here, in name order, a page at a time: the first
+/// `limit` after `after`. A full page links to the next (`Link: <…>; rel="next"`).
+async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Response {
+    let limit = page.limit.unwrap_or(ROOMS_PAGE).clamp(1, ROOMS_PAGE_MAX);
+    let after = page.after;
     let stored = match &app.cluster {
-        Some(cluster) => cluster.rooms().await,
-        None => app.db.call(|s| s.rooms()).await,
+        Some(cluster) => cluster.rooms(after.as_deref(), limit).await,
+        None => {
+            let after = after.clone();
+            app.db.call(move |s| s.rooms(after.as_deref(), limit)).await
+        }
     };
     let stored = match stored {
         Ok(r) => r,
         Err(e) => return store_error(&e),
     };
-    let live = app.hub.rooms();
+    // The page is the first `limit` names after `after` among stored rooms and rooms with
+    // members here: whichever page a name falls in, it is listed exactly once.
     let mut all: std::collections::BTreeMap<String, (usize, u64)> =
         std::collections::BTreeMap::new();
     for (room, last) in stored {
         all.entry(room).or_default().1 = last;
     }
-    for (room, members) in live {
-        all.entry(room).or_default().0 = members;
+    for (room, members) in app.hub.rooms() {
+        if after.as_deref().is_none_or(|a| room.as_str() > a) {
+            all.entry(room).or_default().0 = members;
+        }
     }
-    let list: Vec<_> = all
+    let mut list: Vec<(String, (usize, u64))> = all.into_iter().take(limit).collect();
+    if let Some(cluster) = &app.cluster {
+        // Members on every node, not only here.
+        let names: Vec<String> = list.iter().map(|(room, _)| room.clone()).collect();
+        match cluster.member_counts(&names).await {
+            Ok(counts) => {
+                for ((_, (members, _)), everywhere) in list.iter_mut().zip(counts) {
+                    *members = (*members).max(everywhere);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "member counts of other nodes unavailable"),
+        }
+    }
+    let next = (list.len() == limit).then(|| {
+        let last = &list[list.len() - 1].0;
+        format!("</api/rooms?after={last}&limit={limit}>; rel=\"next\"")
+    });
+    let body: Vec<_> = list
         .into_iter()
         .map(|(room, (members, last_id))| serde_json::json!({"room": room, "members": members, "last_id": last_id}))
         .collect();
-    json(StatusCode::OK, &list)
+    let mut response = json(StatusCode::OK, &body);
+    if let Some(next) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        response.headers_mut().insert(header::LINK, next);
+    }
+    response
 }
 
 #[derive(Deserialize)]

@@ -92,7 +92,9 @@ impl Journal {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         history_limit: usize,
-    ) -> std::io::Result<Journal> {
+        max_rooms: usize,
+    ) -> Result<Journal, StoreError> {
+        let rooms = store.room_count()?;
         let (tx, rx) = mpsc::channel(4096);
         std::thread::Builder::new()
             .name("tether-journal".into())
@@ -102,10 +104,13 @@ impl Journal {
                     hub,
                     metrics,
                     history_limit,
+                    max_rooms,
+                    rooms,
                     last_ids: HashMap::new(),
                 }
                 .run(rx);
-            })?;
+            })
+            .map_err(|e| StoreError::Failed(format!("starting the journal: {e}")))?;
         Ok(Journal { tx })
     }
 
@@ -152,12 +157,18 @@ struct Writer {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     history_limit: usize,
+    /// Rooms with stored messages at most; a message to a new room past it is refused.
+    max_rooms: usize,
+    /// Rooms with stored messages (only this thread adds rooms).
+    rooms: usize,
     /// The last id of each room this thread has stored (ids are only assigned here).
     last_ids: HashMap<String, u64>,
 }
 
 enum Outcome {
     Chat(ChatMessage),
+    /// Not stored: a limit is reached.
+    Refused(StoreError),
     Vote(VoteOutcome),
     Flush,
 }
@@ -175,6 +186,7 @@ impl Writer {
             }
             match self.store_batch(&jobs) {
                 Ok((outcomes, counts)) => {
+                    self.metrics.stored(true);
                     for (job, outcome) in jobs.drain(..).zip(outcomes) {
                         self.finish(job, outcome);
                     }
@@ -184,6 +196,7 @@ impl Writer {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, jobs = jobs.len(), "storing a batch failed; nothing of it was delivered");
+                    self.metrics.stored(false);
                     self.last_ids.clear();
                     for job in jobs.drain(..) {
                         self.fail(job, &e);
@@ -208,6 +221,7 @@ impl Writer {
         let mut polls = Vec::new();
         // Ids this batch assigns; they become the writer's only once the batch commits.
         let mut last_ids: HashMap<String, u64> = HashMap::new();
+        let mut new_rooms = 0;
         for job in jobs {
             if let Job::Chat { room, .. } = job {
                 if let Some(id) = self.last_ids.get(room) {
@@ -224,6 +238,16 @@ impl Writer {
                         Some(id) => *id,
                         None => batch.last_id(room)?,
                     };
+                    if last == 0 && !rooms.contains_key(room.as_str()) {
+                        if self.rooms + new_rooms >= self.max_rooms {
+                            outcomes.push(Outcome::Refused(StoreError::Limit(format!(
+                                "the server keeps at most {} rooms (max_rooms): pick an existing room",
+                                self.max_rooms
+                            ))));
+                            continue;
+                        }
+                        new_rooms += 1;
+                    }
                     let message = ChatMessage {
                         id: last + 1,
                         room: room.clone(),
@@ -253,6 +277,7 @@ impl Writer {
             });
         }
         for (room, last) in &rooms {
+            batch.set_room(room, *last)?;
             batch.retain(room, *last, self.history_limit)?;
         }
         let mut counts = Vec::with_capacity(polls.len());
@@ -262,6 +287,7 @@ impl Writer {
             }
         }
         batch.commit()?;
+        self.rooms += new_rooms;
         self.last_ids.extend(last_ids);
         Ok((outcomes, counts))
     }
@@ -271,6 +297,9 @@ impl Writer {
             (Job::Chat { reply, .. }, Outcome::Chat(message)) => {
                 self.hub.deliver(&message);
                 reply.send(Ok(message), "message");
+            }
+            (Job::Chat { reply, .. }, Outcome::Refused(e)) => {
+                reply.send(Err(e), "message not stored");
             }
             (Job::Vote { reply, .. }, Outcome::Vote(VoteOutcome::Counted)) => {
                 reply.send(Ok(true), "vote");

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     /// Messages that could not be stored.
     pub store_failures: AtomicU64,
+    /// Whether the last write to storage failed (`/healthz` says degraded until one succeeds).
+    pub storage_failing: std::sync::atomic::AtomicBool,
     refusals: [AtomicU64; 5],
 }
 
@@ -69,6 +71,12 @@ impl Metrics {
     pub fn refused(&self, why: Refusal) {
         let i = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
         self.refusals[i].fetch_add(1, Relaxed);
+    }
+
+    /// Records the outcome of a write to storage: a failure marks storage as failing, a
+    /// success clears it.
+    pub fn stored(&self, ok: bool) {
+        self.storage_failing.store(!ok, Relaxed);
     }
 
     /// Counts one message of `len` payload bytes queued to a client.
@@ -152,6 +160,12 @@ impl Metrics {
             "counter",
             "Messages or votes that could not be stored.",
             self.store_failures.load(Relaxed),
+        );
+        metric(
+            "tether_storage_failing",
+            "gauge",
+            "1 while the last write to storage failed.",
+            u64::from(self.storage_failing.load(Relaxed)),
         );
         let _ = writeln!(
             out,

@@ -104,13 +104,19 @@ impl Server {
         let tls = tls_acceptor(&config)?;
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(config.outbox, metrics.clone());
+        let open = || {
+            let store = Store::open(&config.data)?;
+            store.limit_size(config.max_database_mb.saturating_mul(1 << 20))?;
+            Ok::<_, crate::store::StoreError>(store)
+        };
         let journal = Journal::start(
-            Store::open(&config.data)?,
+            open()?,
             hub.clone(),
             metrics.clone(),
             config.history_limit,
+            config.max_rooms,
         )?;
-        let store = Store::open(&config.data)?;
+        let store = open()?;
         let bounded =
             store.bound_token_lifetimes(Duration::from_secs(config.token_days * 86_400))?;
         if bounded > 0 {
@@ -152,6 +158,7 @@ impl Server {
                     hub.clone(),
                     metrics.clone(),
                     config.history_limit,
+                    config.max_rooms,
                 )?)
             }
             None => None,

@@ -32,6 +32,9 @@ pub enum StoreError {
     /// The batch this write was part of failed; nothing of it was stored.
     #[error("not stored: {0}")]
     Failed(String),
+    /// A configured limit on what is stored is reached (nothing was stored).
+    #[error("{0}")]
+    Limit(String),
     /// The journal's writer thread has stopped (the server is shutting down).
     #[error("the store is shut down")]
     Closed,
@@ -135,6 +138,10 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rooms (
+    name TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     hash TEXT NOT NULL,
@@ -199,6 +206,19 @@ impl Store {
         )?;
         if !has_address {
             conn.execute_batch("ALTER TABLE votes ADD COLUMN address TEXT")?;
+        }
+        // Databases from before the rooms table list their rooms once, from their messages.
+        let indexed: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM meta WHERE key = 'rooms_indexed'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !indexed {
+            conn.execute_batch(
+                "INSERT OR IGNORE INTO rooms (name, last_id)
+                     SELECT room, MAX(id) FROM messages GROUP BY room;
+                 INSERT INTO meta (key, value) VALUES ('rooms_indexed', '1');",
+            )?;
         }
         // The rooms' epoch: made with the database, so a new database (or one whose rooms were
         // lost) is a new epoch and clients resuming from the old one are told.
@@ -416,16 +436,50 @@ impl Store {
         self.messages(room, since, until, count)
     }
 
-    /// Rooms with stored messages: `(room, last id)`.
+    /// Rooms with stored messages, `(room, last id)` in name order: the first `limit` after
+    /// `after` (from the start when `None`).
     ///
     /// # Errors
     /// A database failure.
-    pub fn rooms(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT room, MAX(id) FROM messages GROUP BY room ORDER BY room LIMIT 1000")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+    pub fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, last_id FROM rooms WHERE name > ?1 ORDER BY name LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after.unwrap_or(""), limit as i64], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// How many rooms have stored messages.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn room_count(&self) -> Result<usize, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM rooms", [], |r| r.get(0))?;
+        Ok(n as usize)
+    }
+
+    /// Caps the database file at about `max_bytes` (0: no cap): past it, writes fail with
+    /// "database or disk is full", as on a full disk, and reads go on. Per connection.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn limit_size(&self, max_bytes: u64) -> Result<(), StoreError> {
+        if max_bytes == 0 {
+            return Ok(());
+        }
+        let page: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = (max_bytes / page.max(512) as u64).max(16);
+        self.conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+        Ok(())
     }
 
     /// Starts a transaction for a batch of writes; see [`Batch`].
@@ -590,6 +644,20 @@ impl Batch<'_> {
                 "INSERT INTO messages (room, id, user, text, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![m.room, m.id as i64, m.user, m.text, m.ts])?;
+        Ok(())
+    }
+
+    /// Records `last_id` as the last id of `room` (listing it if it is new).
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn set_room(&self, room: &str, last_id: u64) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO rooms (name, last_id) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id",
+            )?
+            .execute(params![room, last_id as i64])?;
         Ok(())
     }
 

@@ -1,0 +1,182 @@
+//! Limits on what is stored, over real sockets: the room cap, `GET /api/rooms` in pages that
+//! list every room once, and a database that cannot grow (a full disk) reported by
+//! `/healthz` as it reports a lost Redis.
+
+use serde_json::{json, Value};
+use tether_server::store::{now_rfc3339, ChatMessage, Store};
+
+mod common;
+use common::*;
+
+/// Stores one message in each of `rooms` rooms named `r0000`, `r0001`, … directly.
+fn fill(dir: &std::path::Path, rooms: usize) {
+    let mut store = Store::open(dir).unwrap();
+    let batch = store.batch().unwrap();
+    for i in 0..rooms {
+        let room = format!("r{i:04}");
+        let m = ChatMessage {
+            id: 1,
+            room: room.clone(),
+            user: "old".into(),
+            text: "hi".into(),
+            ts: now_rfc3339(),
+            epoch: None,
+        };
+        batch.insert_message(&m).unwrap();
+        batch.set_room(&room, 1).unwrap();
+    }
+    batch.commit().unwrap();
+}
+
+/// The `Link: <…>; rel="next"` target of a response head, if any.
+fn next_link(head: &str) -> Option<String> {
+    let line = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("link:"))?;
+    let start = line.find('<')? + 1;
+    let end = line.find('>')?;
+    Some(line[start..end].to_owned())
+}
+
+#[tokio::test]
+async fn rooms_are_listed_in_pages_and_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 250);
+    add_user(dir.path(), "ops", "pw").await;
+    let mut c = config(dir.path());
+    c.max_rooms = 252;
+    c.api_publish_rate = 1000;
+    let server = start(c).await;
+    // A room with a member and no stored message, named between stored ones.
+    let mut ann = connect(&server.ws("/ws/rooms/r0100x?name=ann")).await;
+    next_of(&mut ann, "ready").await;
+
+    // Every room once, in name order, 100 at a time, following the links.
+    let mut path = Some("/api/rooms".to_owned());
+    let mut seen: Vec<Value> = Vec::new();
+    let mut pages = 0;
+    while let Some(p) = path {
+        let (status, head, page) =
+            http_from([127, 0, 0, 1].into(), server.addr, "GET", &p, &[], None).await;
+        assert_eq!(status, 200, "{head}");
+        let page = page.as_array().unwrap().clone();
+        assert!(page.len() <= 100);
+        seen.extend(page);
+        path = next_link(&head);
+        pages += 1;
+        assert!(pages < 10, "the links end");
+    }
+    let names: Vec<&str> = seen.iter().map(|r| r["room"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 251, "250 stored rooms and one live one");
+    assert!(
+        names.windows(2).all(|w| w[0] < w[1]),
+        "in order, none twice"
+    );
+    let live = seen.iter().find(|r| r["room"] == "r0100x").unwrap();
+    assert_eq!(
+        (live["members"].as_u64(), live["last_id"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let (status, page) = http(
+        server.addr,
+        "GET",
+        "/api/rooms?after=r0248&limit=5",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(page, json!([{"room": "r0249", "members": 0, "last_id": 1}]));
+
+    // Two more rooms may start; the next is refused, over the API and over a socket.
+    let bearer = token(server.addr, "ops", "pw").await;
+    let auth = format!("Bearer {bearer}");
+    for room in ["new1", "new2"] {
+        let (status, body) = http(
+            server.addr,
+            "POST",
+            &format!("/api/rooms/{room}/messages"),
+            &[("Authorization", &auth)],
+            Some(json!({"text": "first"})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/api/rooms/new3/messages",
+        &[("Authorization", &auth)],
+        Some(json!({"text": "first"})),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("max_rooms"),
+        "{body}"
+    );
+    let mut ben = connect(&server.ws("/ws/rooms/new4?name=ben")).await;
+    next_of(&mut ben, "ready").await;
+    say(&mut ben, "hello?").await;
+    let e = next_of(&mut ben, "error").await;
+    assert!(e["error"].as_str().unwrap().contains("max_rooms"), "{e}");
+    // A room with members but no stored message is not stored either; existing rooms go on,
+    // and the refusals are not storage failures.
+    say(&mut ann, "still here").await;
+    let e = next_of(&mut ann, "error").await;
+    assert!(e["error"].as_str().unwrap().contains("max_rooms"), "{e}");
+    let mut cy = connect(&server.ws("/ws/rooms/r0001?name=cy")).await;
+    next_of(&mut cy, "ready").await;
+    say(&mut cy, "still here").await;
+    assert_eq!(next_of(&mut cy, "message").await["id"], 2);
+    let (status, _) = http(server.addr, "GET", "/healthz", &[], None).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_database_that_cannot_grow_is_reported_by_healthz() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.max_database_mb = 1;
+    c.message_rate = 10_000.0;
+    let server = start(c).await;
+    let mut ann = connect(&server.ws("/ws/rooms/big?name=ann")).await;
+    next_of(&mut ann, "ready").await;
+    let text = "x".repeat(4000);
+    // About 1 MiB of 4 KB messages fills it; a failed write comes back as an error event.
+    let mut failed = None;
+    for _ in 0..400 {
+        say(&mut ann, &text).await;
+        let event = next(&mut ann).await;
+        if event["type"] == "error" {
+            failed = Some(event);
+            break;
+        }
+        assert_eq!(event["type"], "message", "{event}");
+    }
+    let failed = failed.expect("a 1 MiB database is full after 400 messages of 4 KB");
+    assert!(
+        failed["error"].as_str().unwrap().contains("not stored"),
+        "{failed}"
+    );
+    let (status, health) = http(server.addr, "GET", "/healthz", &[], None).await;
+    assert_eq!(
+        (status, health),
+        (503, json!({"status": "degraded", "storage": "failing"}))
+    );
+    let metrics = http_text(server.addr, "/metrics").await;
+    assert!(metrics.contains("tether_storage_failing 1"), "{metrics}");
+    // Reading goes on.
+    let (status, page) = http(
+        server.addr,
+        "GET",
+        "/api/rooms/big/messages?limit=2",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(page.as_array().unwrap().len(), 2);
+    server.stop().await;
+}
