@@ -48,6 +48,10 @@ macro_rules! read_or_make_epoch {
 const APPEND: &str = concat!(
     read_or_make_epoch!(4, 5),
     r#"
+if ARGV[7] ~= '' then
+  local earlier = redis.call('GET', KEYS[5])
+  if earlier then return earlier end
+end
 if not redis.call('ZSCORE', KEYS[3], ARGV[4]) and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
   return redis.error_reply('ROOMLIMIT the room cap is reached')
 end
@@ -59,6 +63,7 @@ local msg = ARGV[1] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[2]
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
 redis.call('ZADD', KEYS[3], 0, ARGV[4])
 redis.call('PUBLISH', KEYS[2], msg)
+if ARGV[7] ~= '' then redis.call('SET', KEYS[5], msg, 'EX', ARGV[8]) end
 return msg
 "#
 );
@@ -77,6 +82,14 @@ const PRESENCE_EVERY: Duration = Duration::from_secs(3);
 
 fn stream_key(room: &str) -> String {
     format!("tether:s:{room}")
+}
+
+/// How long Redis remembers a message's idempotency key.
+pub const KEY_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Where a message's idempotency key is remembered (per room and sender).
+fn key_name(room: &str, user: &str, key: &str) -> String {
+    format!("tether:k:{room}\t{user}\t{key}")
 }
 
 fn channel(room: &str) -> String {
@@ -228,15 +241,20 @@ impl Cluster {
         &self.node
     }
 
-    /// Stores a message under the room's next id and publishes it to every node.
+    /// Stores a message under the room's next id and publishes it to every node. With an
+    /// idempotency `key`, a message `user` sent to `room` with the same key within
+    /// [`KEY_WINDOW`] is answered again instead.
     ///
     /// # Errors
-    /// Redis is unreachable or refused the script: the message was not stored.
+    /// [`StoreError::Unknown`] when Redis did not answer in time or the connection dropped
+    /// with the script sent (it may have run); otherwise nothing was stored: Redis is
+    /// unreachable, refused the script, or the room cap is reached.
     pub async fn append(
         &self,
         room: &str,
         user: &str,
         text: &str,
+        key: Option<&str>,
     ) -> Result<ChatMessage, StoreError> {
         // The message is JSON with the id spliced in by the script: `{…"id":` + N + `,…}`.
         let rest =
@@ -250,12 +268,15 @@ impl Cluster {
             .key(channel(room))
             .key(ROOMS)
             .key(EPOCH)
+            .key(key.map_or_else(String::new, |k| key_name(room, user, k)))
             .arg(r#"{"type":"message","id":"#)
             .arg(suffix)
             .arg(self.history_limit.max(1))
             .arg(room)
             .arg(crate::store::new_epoch())
             .arg(self.max_rooms)
+            .arg(key.unwrap_or_default())
+            .arg(KEY_WINDOW.as_secs())
             .invoke_async(&mut con)
             .await
             .map_err(|e| {
@@ -267,6 +288,9 @@ impl Cluster {
                 }
                 self.metrics.store_failures.fetch_add(1, Relaxed);
                 self.metrics.stored(false);
+                if e.is_timeout() || e.is_connection_dropped() {
+                    return StoreError::Unknown(format!("redis: {e}"));
+                }
                 redis_error(e)
             })?;
         self.metrics.stored(true);

@@ -132,8 +132,13 @@ impl IntoResponse for Refused {
 }
 
 fn store_error(e: &StoreError) -> Response {
-    if let StoreError::Limit(why) = e {
-        return error(StatusCode::FORBIDDEN, why);
+    match e {
+        StoreError::Limit(why) => return error(StatusCode::FORBIDDEN, why),
+        StoreError::Unknown(_) => {
+            tracing::warn!(error = %e, "store did not answer in time");
+            return error(StatusCode::GATEWAY_TIMEOUT, &e.to_string());
+        }
+        _ => {}
     }
     tracing::error!(error = %e, "store failed");
     error(StatusCode::INTERNAL_SERVER_ERROR, "storage failed")
@@ -673,9 +678,14 @@ async fn publish(
     if let Err(r) = check_text(&app, &input.text) {
         return r.into_response();
     }
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(key)) if auth::valid_key(key) => Some(key),
+        Some(_) => return error(StatusCode::BAD_REQUEST, auth::KEY_RULE),
+    };
     let stored = match &app.cluster {
-        Some(cluster) => cluster.append(&room, &user, &input.text).await,
-        None => app.journal.chat(&room, &user, &input.text).await,
+        Some(cluster) => cluster.append(&room, &user, &input.text, key).await,
+        None => app.journal.chat(&room, &user, &input.text, key).await,
     };
     match stored {
         Ok(message) => json(StatusCode::CREATED, &message),

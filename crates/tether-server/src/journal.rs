@@ -58,6 +58,9 @@ pub enum Job {
         user: String,
         /// The text (already validated).
         text: String,
+        /// The sender's idempotency key: a message it sent to this room with the same key,
+        /// while kept, is answered again instead of storing another.
+        key: Option<String>,
         /// Where the stored message (or the failure) goes.
         reply: Reply<ChatMessage>,
     },
@@ -131,12 +134,14 @@ impl Journal {
         room: &str,
         user: &str,
         text: &str,
+        key: Option<&str>,
     ) -> Result<ChatMessage, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.submit(Job::Chat {
             room: room.to_owned(),
             user: user.to_owned(),
             text: text.to_owned(),
+            key: key.map(str::to_owned),
             reply: Reply::Wait(tx),
         })
         .await?;
@@ -167,6 +172,8 @@ struct Writer {
 
 enum Outcome {
     Chat(ChatMessage),
+    /// Stored before under the same idempotency key: answered again, not delivered again.
+    Again(ChatMessage),
     /// Not stored: a limit is reached.
     Refused(StoreError),
     Vote(VoteOutcome),
@@ -232,8 +239,18 @@ impl Writer {
         for job in jobs {
             outcomes.push(match job {
                 Job::Chat {
-                    room, user, text, ..
+                    room,
+                    user,
+                    text,
+                    key,
+                    ..
                 } => {
+                    if let Some(key) = key {
+                        if let Some(earlier) = batch.keyed_message(room, user, key)? {
+                            outcomes.push(Outcome::Again(earlier));
+                            continue;
+                        }
+                    }
                     let last = match last_ids.get(room.as_str()) {
                         Some(id) => *id,
                         None => batch.last_id(room)?,
@@ -256,7 +273,7 @@ impl Writer {
                         ts: now_rfc3339(),
                         epoch: None,
                     };
-                    batch.insert_message(&message)?;
+                    batch.insert_message(&message, key.as_deref())?;
                     last_ids.insert(room.clone(), message.id);
                     rooms.insert(room, message.id);
                     Outcome::Chat(message)
@@ -296,6 +313,9 @@ impl Writer {
         match (job, outcome) {
             (Job::Chat { reply, .. }, Outcome::Chat(message)) => {
                 self.hub.deliver(&message);
+                reply.send(Ok(message), "message");
+            }
+            (Job::Chat { reply, .. }, Outcome::Again(message)) => {
                 reply.send(Ok(message), "message");
             }
             (Job::Chat { reply, .. }, Outcome::Refused(e)) => {

@@ -32,6 +32,11 @@ pub enum StoreError {
     /// The batch this write was part of failed; nothing of it was stored.
     #[error("not stored: {0}")]
     Failed(String),
+    /// The write may or may not have happened: storage did not answer in time (a stalled
+    /// Redis), or the connection dropped after the request went out. Retrying with the same
+    /// idempotency key cannot store it twice.
+    #[error("outcome unknown ({0}): it may have been stored; send it again with the same key to be sure")]
+    Unknown(String),
     /// A configured limit on what is stored is reached (nothing was stored).
     #[error("{0}")]
     Limit(String),
@@ -207,6 +212,19 @@ impl Store {
         if !has_address {
             conn.execute_batch("ALTER TABLE votes ADD COLUMN address TEXT")?;
         }
+        // Databases from before idempotency keys lack the column.
+        let has_key: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'idem'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_key {
+            conn.execute_batch("ALTER TABLE messages ADD COLUMN idem TEXT")?;
+        }
+        conn.execute_batch(
+            "CREATE UNIQUE INDEX IF NOT EXISTS messages_idem ON messages (room, user, idem)
+             WHERE idem IS NOT NULL",
+        )?;
         // Databases from before the rooms table list their rooms once, from their messages.
         let indexed: bool = conn.query_row(
             "SELECT COUNT(*) > 0 FROM meta WHERE key = 'rooms_indexed'",
@@ -634,17 +652,46 @@ impl Batch<'_> {
         Ok(id.unwrap_or(0) as u64)
     }
 
-    /// Inserts a message.
+    /// Inserts a message, with the sender's idempotency key if it gave one.
+    ///
+    /// # Errors
+    /// A database failure (a key the sender used in this room before included).
+    pub fn insert_message(&self, m: &ChatMessage, key: Option<&str>) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO messages (room, id, user, text, ts, idem)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![m.room, m.id as i64, m.user, m.text, m.ts, key])?;
+        Ok(())
+    }
+
+    /// The message `user` sent to `room` with idempotency key `key`, while it is kept.
     ///
     /// # Errors
     /// A database failure.
-    pub fn insert_message(&self, m: &ChatMessage) -> Result<(), StoreError> {
-        self.tx
+    pub fn keyed_message(
+        &self,
+        room: &str,
+        user: &str,
+        key: &str,
+    ) -> Result<Option<ChatMessage>, StoreError> {
+        Ok(self
+            .tx
             .prepare_cached(
-                "INSERT INTO messages (room, id, user, text, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "SELECT id, text, ts FROM messages WHERE room = ?1 AND user = ?2 AND idem = ?3",
             )?
-            .execute(params![m.room, m.id as i64, m.user, m.text, m.ts])?;
-        Ok(())
+            .query_row(params![room, user, key], |r| {
+                Ok(ChatMessage {
+                    id: r.get::<_, i64>(0)? as u64,
+                    room: room.to_owned(),
+                    user: user.to_owned(),
+                    text: r.get(1)?,
+                    ts: r.get(2)?,
+                    epoch: None,
+                })
+            })
+            .optional()?)
     }
 
     /// Records `last_id` as the last id of `room` (listing it if it is new).

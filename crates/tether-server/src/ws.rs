@@ -89,6 +89,8 @@ struct PollState<'a> {
 #[derive(Deserialize)]
 struct ChatIn {
     text: String,
+    /// An idempotency key: sending again with it cannot store the message twice.
+    key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -652,16 +654,20 @@ async fn handle(
             user,
             ..
         } => {
-            let Ok(ChatIn { text }) = serde_json::from_str(text) else {
+            let Ok(ChatIn { text, key }) = serde_json::from_str(text) else {
                 return Some(error_event("expected {\"text\": \"...\"}"));
             };
             if let Some(problem) = crate::http::text_problem(app, &text) {
                 return Some(error_event(&problem));
             }
+            if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {
+                return Some(error_event(crate::auth::KEY_RULE));
+            }
             if let Some(cluster) = &app.cluster {
                 // Stored and published by Redis; it comes back through the subscription.
-                return match cluster.append(room, user, &text).await {
+                return match cluster.append(room, user, &text, key.as_deref()).await {
                     Ok(_) => None,
+                    Err(e @ StoreError::Unknown(_)) => Some(error_event(&format!("message {e}"))),
                     Err(e) => Some(error_event(&format!("message not stored: {e}"))),
                 };
             }
@@ -669,6 +675,7 @@ async fn handle(
                 room: room.clone(),
                 user: user.clone(),
                 text,
+                key,
                 reply: Reply::Socket(sub.sender()),
             }
         }

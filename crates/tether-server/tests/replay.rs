@@ -29,7 +29,7 @@ fn fill(dir: &std::path::Path) {
             ts: now_rfc3339(),
             epoch: None,
         };
-        batch.insert_message(&m).unwrap();
+        batch.insert_message(&m, None).unwrap();
     }
     batch.commit().unwrap();
 }

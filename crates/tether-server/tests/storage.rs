@@ -22,7 +22,7 @@ fn fill(dir: &std::path::Path, rooms: usize) {
             ts: now_rfc3339(),
             epoch: None,
         };
-        batch.insert_message(&m).unwrap();
+        batch.insert_message(&m, None).unwrap();
         batch.set_room(&room, 1).unwrap();
     }
     batch.commit().unwrap();
@@ -178,5 +178,59 @@ async fn a_database_that_cannot_grow_is_reported_by_healthz() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(page.as_array().unwrap().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_sent_again_with_its_key_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "ops", "pw").await;
+    let server = start(config(dir.path())).await;
+    let auth = format!("Bearer {}", token(server.addr, "ops", "pw").await);
+    let publish = |key: &'static str, text: &'static str| {
+        let auth = auth.clone();
+        let addr = server.addr;
+        async move {
+            http(
+                addr,
+                "POST",
+                "/api/rooms/keys/messages",
+                &[("Authorization", &auth), ("Idempotency-Key", key)],
+                Some(json!({ "text": text })),
+            )
+            .await
+        }
+    };
+    let (status, first) = publish("order-17", "deliver at 9").await;
+    assert_eq!(status, 201, "{first}");
+    // A retry (the client never saw the answer) is answered with the stored message.
+    let (status, again) = publish("order-17", "deliver at 9").await;
+    assert_eq!((status, &again), (201, &first));
+    let (status, other) = publish("order-18", "deliver at 10").await;
+    assert_eq!((status, other["id"].as_u64()), (201, Some(2)));
+    let (status, body) = publish("has space", "x").await;
+    assert_eq!(status, 400, "{body}");
+
+    // Over a socket: the second send with the key stores nothing and delivers nothing.
+    let mut ann = connect(&server.ws("/ws/rooms/keys?name=ann")).await;
+    next_of(&mut ann, "ready").await;
+    for _ in 0..2 {
+        let m = json!({"text": "once", "key": "ann-1"}).to_string();
+        ann.send(tether::Message::text(m)).await.unwrap();
+    }
+    say(&mut ann, "after").await;
+    let texts = [
+        next_of(&mut ann, "message").await,
+        next_of(&mut ann, "message").await,
+    ];
+    assert_eq!(
+        texts
+            .iter()
+            .map(|m| (m["id"].as_u64().unwrap(), m["text"].as_str().unwrap()))
+            .collect::<Vec<_>>(),
+        [(3, "once"), (4, "after")]
+    );
+    let (_, page) = http(server.addr, "GET", "/api/rooms/keys/messages", &[], None).await;
+    assert_eq!(page.as_array().unwrap().len(), 4);
     server.stop().await;
 }
