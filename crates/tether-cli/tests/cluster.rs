@@ -599,3 +599,90 @@ async fn a_stalled_redis_is_reported_and_a_retried_publish_is_stored_once() {
     );
     drop(redis_proc);
 }
+
+/// Reads a socket until it closes or `want` messages have arrived; returns the texts of the
+/// messages and the close code, if the server closed.
+async fn collect(
+    mut rx: tether::WsReceiver<tether::tls::MaybeTlsStream<tokio::net::TcpStream>>,
+    want: usize,
+) -> (Vec<String>, Option<u16>) {
+    let mut texts = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while texts.len() < want {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "message" {
+                    texts.push(v["text"].as_str().unwrap().to_owned());
+                } else if v["type"] == "error" {
+                    eprintln!("error event: {v}");
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return (texts, Some(frame.map_or(1005, |f| f.code.0)))
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    (texts, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_drains_its_backlog_without_closing_members_or_losing_messages() {
+    // Over 10 s: bob (on node b) sends 400 a second, sam (on node a) 100 a second, so sam
+    // stays within his burst allowance however his messages bunch up.
+    const BOB: usize = 4000;
+    const SAM: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let a = node("a", port);
+    let b = node("b", port);
+    let ann = join(&a.ws("/ws/rooms/busy?name=ann")).await;
+    let sam = join(&a.ws("/ws/rooms/busy?name=sam")).await;
+    let bob = join(&b.ws("/ws/rooms/busy?name=bob")).await;
+    let mut sockets: Vec<_> = [ann, sam, bob]
+        .into_iter()
+        .map(|ws| {
+            let (tx, rx) = ws.split();
+            (tx, Some(tokio::spawn(collect(rx, BOB + SAM))))
+        })
+        .collect();
+
+    // Node a stops while they send: sam's messages wait in a's socket, bob's in Redis's
+    // buffer for a's subscription, and reach a at once when it resumes.
+    signal(&a._proc, "-STOP");
+    let started = Instant::now();
+    for i in 0..BOB {
+        let mut texts = vec![(2, format!("bob {i}"))];
+        if i % (BOB / SAM) == 0 {
+            texts.push((1, format!("sam {}", i / (BOB / SAM))));
+        }
+        for (who, text) in texts {
+            let m = json!({ "text": text }).to_string();
+            sockets[who].0.send(Message::text(m)).await.unwrap();
+        }
+        let due = started + Duration::from_micros(2500 * i as u64);
+        tokio::time::sleep_until(due.into()).await;
+    }
+    signal(&a._proc, "-CONT");
+
+    // Everyone gets every message, in each sender's order; nobody is closed.
+    for (name, (_, handle)) in ["ann", "sam", "bob"].iter().zip(sockets.iter_mut()) {
+        let (texts, closed) = handle.take().unwrap().await.unwrap();
+        let from_sam = texts.iter().filter(|t| t.starts_with("sam")).count();
+        assert_eq!(closed, None, "{name} was closed");
+        assert_eq!(
+            texts.len(),
+            BOB + SAM,
+            "{name} got {} messages ({from_sam} from sam)",
+            texts.len()
+        );
+        for (who, count) in [("sam", SAM), ("bob", BOB)] {
+            let own = texts.iter().filter(|t| t.starts_with(who));
+            let expected: Vec<String> = (0..count).map(|i| format!("{who} {i}")).collect();
+            assert!(own.eq(expected.iter()), "{name}: {who}'s messages out of order");
+        }
+    }
+}

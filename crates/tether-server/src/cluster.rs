@@ -21,7 +21,10 @@ use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
+use tokio::sync::mpsc;
+
 use crate::hub::Hub;
+use crate::journal::Reply;
 use crate::metrics::Metrics;
 use crate::store::{now_rfc3339, ChatMessage, StoreError};
 
@@ -83,6 +86,26 @@ const PRESENCE_EVERY: Duration = Duration::from_secs(3);
 fn stream_key(room: &str) -> String {
     format!("tether:s:{room}")
 }
+
+/// A message to store (see [`Cluster::submit`]).
+#[derive(Debug)]
+pub struct Append {
+    /// The room.
+    pub room: String,
+    /// The sender.
+    pub user: String,
+    /// The text (already validated).
+    pub text: String,
+    /// The sender's idempotency key.
+    pub key: Option<String>,
+    /// Where the stored message or the failure goes.
+    pub reply: Reply<ChatMessage>,
+}
+
+/// Appends sent to Redis in one pipeline at most.
+const APPEND_BATCH: usize = 128;
+/// Appends waiting at most; a session queuing more waits (backpressure).
+const APPEND_QUEUE: usize = 4096;
 
 /// How long Redis remembers a message's idempotency key.
 pub const KEY_WINDOW: Duration = Duration::from_secs(3600);
@@ -148,7 +171,8 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     history_limit: usize,
     max_rooms: usize,
-    append: redis::Script,
+    /// Messages waiting to be stored, in order.
+    appends: mpsc::Sender<Append>,
     epoch: redis::Script,
     connected: AtomicBool,
     /// Redis stopped answering commands (the last presence refresh failed) though the
@@ -193,6 +217,7 @@ impl Cluster {
             .set_max_delay(Duration::from_secs(1));
         let commands =
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
+        let (appends, queued) = mpsc::channel(APPEND_QUEUE);
         let cluster = Arc::new(Cluster {
             node,
             commands,
@@ -200,7 +225,7 @@ impl Cluster {
             metrics,
             history_limit,
             max_rooms,
-            append: redis::Script::new(APPEND),
+            appends,
             epoch: redis::Script::new(EPOCH_SCRIPT),
             connected: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
@@ -215,6 +240,7 @@ impl Cluster {
             }
         });
         tokio::spawn(cluster.clone().subscribe_forever(client));
+        tokio::spawn(cluster.clone().append_forever(queued));
         tokio::spawn(cluster.clone().presence_forever());
         Ok(cluster)
     }
@@ -241,9 +267,9 @@ impl Cluster {
         &self.node
     }
 
-    /// Stores a message under the room's next id and publishes it to every node. With an
-    /// idempotency `key`, a message `user` sent to `room` with the same key within
-    /// [`KEY_WINDOW`] is answered again instead.
+    /// Stores a message under the room's next id and publishes it to every node, and waits
+    /// for the outcome. With an idempotency `key`, a message `user` sent to `room` with the
+    /// same key within [`KEY_WINDOW`] is answered again instead.
     ///
     /// # Errors
     /// [`StoreError::Unknown`] when Redis did not answer in time or the connection dropped
@@ -256,46 +282,116 @@ impl Cluster {
         text: &str,
         key: Option<&str>,
     ) -> Result<ChatMessage, StoreError> {
+        Reply::wait(|reply| {
+            self.submit(Append {
+                room: room.to_owned(),
+                user: user.to_owned(),
+                text: text.to_owned(),
+                key: key.map(str::to_owned),
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Queues a message for storing, waiting only while the queue is full; the outcome goes to
+    /// `append.reply`. Messages are stored in the order they are queued.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] when the appender has stopped.
+    pub async fn submit(&self, append: Append) -> Result<(), StoreError> {
+        self.appends
+            .send(append)
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Stores queued messages in order, many per round trip: each pipeline holds the appends
+    /// waiting when the previous one returned. A session that queues a message goes on
+    /// draining its own outbox meanwhile, so a burst of its client's messages (after a pause)
+    /// cannot make it a slow consumer.
+    async fn append_forever(self: Arc<Self>, mut rx: mpsc::Receiver<Append>) {
+        let mut batch = Vec::with_capacity(APPEND_BATCH);
+        while rx.recv_many(&mut batch, APPEND_BATCH).await > 0 {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for job in &batch {
+                pipe.add_command(self.append_command(job));
+            }
+            let mut con = self.commands.clone();
+            match pipe
+                .query_async::<Vec<redis::RedisResult<String>>>(&mut con)
+                .await
+            {
+                Ok(results) => {
+                    for (job, result) in batch.drain(..).zip(results) {
+                        let outcome = result.map_err(|e| self.append_error(&e)).and_then(|s| {
+                            serde_json::from_str(&s)
+                                .map_err(|e| StoreError::Failed(format!("stored message: {e}")))
+                        });
+                        // A refusal at the room cap is no storage failure.
+                        let failed =
+                            matches!(&outcome, Err(e) if !matches!(e, StoreError::Limit(_)));
+                        self.metrics.stored(!failed);
+                        job.reply.send(outcome, "message not stored");
+                    }
+                }
+                Err(e) => {
+                    self.metrics.stored(false);
+                    for job in batch.drain(..) {
+                        job.reply
+                            .send(Err(self.append_error(&e)), "message not stored");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The script that stores `job` (EVAL with the script's text: a Redis that restarted has
+    /// no cached scripts, and a pipeline cannot load one midway).
+    fn append_command(&self, job: &Append) -> redis::Cmd {
         // The message is JSON with the id spliced in by the script: `{…"id":` + N + `,…}`.
-        let rest =
-            serde_json::json!({"room": room, "user": user, "text": text, "ts": now_rfc3339()});
+        let rest = serde_json::json!({
+            "room": job.room, "user": job.user, "text": job.text, "ts": now_rfc3339()
+        });
         let rest = rest.to_string();
         let suffix = format!(",{}", &rest[1..]);
-        let mut con = self.commands.clone();
-        let stored: String = self
-            .append
-            .key(stream_key(room))
-            .key(channel(room))
-            .key(ROOMS)
-            .key(EPOCH)
-            .key(key.map_or_else(String::new, |k| key_name(room, user, k)))
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(APPEND)
+            .arg(5)
+            .arg(stream_key(&job.room))
+            .arg(channel(&job.room))
+            .arg(ROOMS)
+            .arg(EPOCH)
+            .arg(
+                job.key
+                    .as_deref()
+                    .map_or_else(String::new, |k| key_name(&job.room, &job.user, k)),
+            )
             .arg(r#"{"type":"message","id":"#)
             .arg(suffix)
             .arg(self.history_limit.max(1))
-            .arg(room)
+            .arg(&job.room)
             .arg(crate::store::new_epoch())
             .arg(self.max_rooms)
-            .arg(key.unwrap_or_default())
-            .arg(KEY_WINDOW.as_secs())
-            .invoke_async(&mut con)
-            .await
-            .map_err(|e| {
-                if e.code() == Some("ROOMLIMIT") {
-                    return StoreError::Limit(format!(
-                        "the server keeps at most {} rooms (max_rooms): pick an existing room",
-                        self.max_rooms
-                    ));
-                }
-                self.metrics.store_failures.fetch_add(1, Relaxed);
-                self.metrics.stored(false);
-                if e.is_timeout() || e.is_connection_dropped() {
-                    return StoreError::Unknown(format!("redis: {e}"));
-                }
-                redis_error(e)
-            })?;
-        self.metrics.stored(true);
-        serde_json::from_str(&stored)
-            .map_err(|e| StoreError::Failed(format!("stored message: {e}")))
+            .arg(job.key.as_deref().unwrap_or_default())
+            .arg(KEY_WINDOW.as_secs());
+        cmd
+    }
+
+    /// What a failed append means for its sender.
+    fn append_error(&self, e: &redis::RedisError) -> StoreError {
+        if e.code() == Some("ROOMLIMIT") {
+            return StoreError::Limit(format!(
+                "the server keeps at most {} rooms (max_rooms): pick an existing room",
+                self.max_rooms
+            ));
+        }
+        self.metrics.store_failures.fetch_add(1, Relaxed);
+        if e.is_timeout() || e.is_connection_dropped() {
+            return StoreError::Unknown(format!("redis: {e}"));
+        }
+        redis_error(e.clone())
     }
 
     /// The rooms' epoch in Redis (made if Redis has none); the hub takes note of it, so a
@@ -550,7 +646,15 @@ impl Cluster {
             tracing::info!(node = %self.node, "connected to redis");
         }
         let mut messages = pubsub.into_on_message();
+        let mut handled = 0u32;
         while let Some(msg) = messages.next().await {
+            // After a pause (this process stopped, a slow scheduler) Redis has a backlog
+            // buffered: hand the thread to the sessions now and then, so they drain their
+            // outboxes as the burst fills them instead of falling behind it (1013).
+            handled = handled.wrapping_add(1);
+            if handled % 32 == 0 {
+                tokio::task::yield_now().await;
+            }
             let channel = msg.get_channel_name().to_owned();
             let Ok(payload) = msg.get_payload::<String>() else {
                 continue;

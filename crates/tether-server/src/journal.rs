@@ -28,15 +28,35 @@ pub enum Reply<T> {
 }
 
 impl<T> Reply<T> {
-    fn send(self, result: Result<T, StoreError>, what: &str) {
+    /// Submits a job made with a waiting reply, then waits for its outcome.
+    ///
+    /// # Errors
+    /// What `submit` or the job's outcome says; [`StoreError::Closed`] when the job was
+    /// dropped unanswered.
+    pub async fn wait<F, Fut>(submit: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Reply<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        let (tx, rx) = oneshot::channel();
+        submit(Reply::Wait(tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Hands over the outcome; a failure sent to a socket reads "`what`: error", or for an
+    /// outcome that is unknown, "message outcome unknown …".
+    pub fn send(self, result: Result<T, StoreError>, what: &str) {
         match self {
             Reply::Wait(tx) => {
                 let _ = tx.send(result);
             }
             Reply::Socket(tx) => {
                 if let Err(e) = result {
-                    let event =
-                        serde_json::json!({"type": "error", "error": format!("{what}: {e}")});
+                    let text = match e {
+                        StoreError::Unknown(_) => format!("message {e}"),
+                        _ => format!("{what}: {e}"),
+                    };
+                    let event = serde_json::json!({"type": "error", "error": text});
                     let _ = tx.try_send(Outgoing {
                         id: 0,
                         msg: encode(&event),
@@ -136,16 +156,16 @@ impl Journal {
         text: &str,
         key: Option<&str>,
     ) -> Result<ChatMessage, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.submit(Job::Chat {
-            room: room.to_owned(),
-            user: user.to_owned(),
-            text: text.to_owned(),
-            key: key.map(str::to_owned),
-            reply: Reply::Wait(tx),
+        Reply::wait(|reply| {
+            self.submit(Job::Chat {
+                room: room.to_owned(),
+                user: user.to_owned(),
+                text: text.to_owned(),
+                key: key.map(str::to_owned),
+                reply,
+            })
         })
-        .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        .await
     }
 
     /// Waits until every job submitted before is committed and delivered.

@@ -664,10 +664,17 @@ async fn handle(
                 return Some(error_event(crate::auth::KEY_RULE));
             }
             if let Some(cluster) = &app.cluster {
-                // Stored and published by Redis; it comes back through the subscription.
-                return match cluster.append(room, user, &text, key.as_deref()).await {
-                    Ok(_) => None,
-                    Err(e @ StoreError::Unknown(_)) => Some(error_event(&format!("message {e}"))),
+                // Stored and published by Redis; it comes back through the subscription, a
+                // failure as an error event.
+                let append = crate::cluster::Append {
+                    room: room.clone(),
+                    user: user.clone(),
+                    text,
+                    key,
+                    reply: Reply::Socket(sub.sender()),
+                };
+                return match cluster.submit(append).await {
+                    Ok(()) => None,
                     Err(e) => Some(error_event(&format!("message not stored: {e}"))),
                 };
             }
