@@ -682,7 +682,10 @@ async fn a_paused_node_drains_its_backlog_without_closing_members_or_losing_mess
         for (who, count) in [("sam", SAM), ("bob", BOB)] {
             let own = texts.iter().filter(|t| t.starts_with(who));
             let expected: Vec<String> = (0..count).map(|i| format!("{who} {i}")).collect();
-            assert!(own.eq(expected.iter()), "{name}: {who}'s messages out of order");
+            assert!(
+                own.eq(expected.iter()),
+                "{name}: {who}'s messages out of order"
+            );
         }
     }
 }

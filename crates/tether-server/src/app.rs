@@ -415,16 +415,13 @@ impl App {
 
     /// Resolves once `credential` is revoked or expired: checked again at every revocation on
     /// this server since `revoked` was taken, and every `every` (revocations by another
-    /// process, expiry). Never resolves for `None` (a guest).
+    /// process, expiry).
     pub async fn credential_lost(
         &self,
-        credential: Option<Credential>,
+        credential: Credential,
         mut revoked: watch::Receiver<u64>,
         every: std::time::Duration,
     ) {
-        let Some(credential) = credential else {
-            return std::future::pending().await;
-        };
         loop {
             tokio::select! {
                 () = tokio::time::sleep(every) => {}

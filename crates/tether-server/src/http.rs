@@ -902,19 +902,30 @@ where
                     response.headers_mut().insert(header::SET_COOKIE, v);
                 }
             }
+            // The task of an idle connection should hold its session and little else: the
+            // upgrade's future and what the session starts from wait in allocations of their
+            // own, freed as the session starts, which is itself boxed in a block that ends
+            // before it is awaited (a value alive across an `.await` stays in the task's state).
+            let pending = Box::pin(pending);
+            let start = Box::new((app, slot, session, who, credential, voter, revocations));
             tokio::spawn(async move {
-                match pending.await {
+                let session = match pending.await {
                     Ok(socket) => {
+                        let (app, slot, session, who, credential, voter, revocations) = *start;
                         let member = ws::Member {
                             who,
                             credential,
                             voter,
                             revocations,
                         };
-                        session(app, socket, slot, member).await;
+                        Box::pin(session(app, socket, slot, member))
                     }
-                    Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
-                }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upgrade did not complete");
+                        return;
+                    }
+                };
+                session.await;
             });
             response
         }

@@ -158,14 +158,50 @@ pub struct Resume {
 /// History is replayed in pages of [`REPLAY_PAGE`] messages, each read from storage only once
 /// the previous one is written: a client that does not read holds one page and the socket's
 /// write buffer, not the whole history, and the write timeout ends it.
-pub async fn room(
+pub fn room(
+    app: Arc<App>,
+    ws: UpgradedWebSocket,
+    slot: Slot,
+    room: String,
+    member: Member,
+    resume: Resume,
+) -> impl std::future::Future<Output = ()> + Send {
+    // An idle member's task holds the live loop and little else. The join runs in an
+    // allocation of its own, freed before the member goes live; the arguments go straight
+    // into it (an `async fn` would keep a copy of them in its state for the whole session);
+    // each future is boxed in a statement of its own (a value alive across an `.await` stays
+    // in the state, boxed or not).
+    let join = Box::pin(join_room(app.clone(), ws, slot, room, member, resume));
+    async move {
+        let Some(live) = join.await else {
+            return;
+        };
+        let live = Box::pin(pump(app, Box::new(live)));
+        live.await;
+    }
+}
+
+/// A session that has joined: what the live loop starts from.
+struct Live {
+    ws: UpgradedWebSocket,
+    slot: Slot,
+    sub: Subscription,
+    target: Target,
+    /// Written first (`ready`, or the poll's state).
+    first: Vec<Arc<Prepared>>,
+    /// Live messages up to this id were already sent as history.
+    high: u64,
+}
+
+/// Joins a room: welcome, history, ready; `None` when the session ended meanwhile.
+async fn join_room(
     app: Arc<App>,
     mut ws: UpgradedWebSocket,
     slot: Slot,
     room: String,
     member: Member,
     resume: Resume,
-) {
+) -> Option<Live> {
     let Member {
         who,
         credential,
@@ -202,7 +238,7 @@ pub async fn room(
                 "history unavailable",
             )
             .await;
-            return;
+            return None;
         }
     };
     if plan.recovered == Some(false) && !plan.truncated {
@@ -226,7 +262,7 @@ pub async fn room(
     loop {
         if let Some(end) = write_all(&app, &mut ws, &mut batch, &sub, &mut shutdown).await {
             finish(&app, ws, slot, sub, end, who.name()).await;
-            return;
+            return None;
         }
         if high >= plan.end {
             break;
@@ -237,7 +273,7 @@ pub async fn room(
                 tracing::error!(error = %e, %room, "loading history failed");
                 let end = End::Close(CloseCode::INTERNAL_ERROR, "history unavailable");
                 finish(&app, ws, slot, sub, end, who.name()).await;
-                return;
+                return None;
             }
         };
         let Some(last) = page.last() else {
@@ -255,11 +291,18 @@ pub async fn room(
         revocations,
         place: Place::Room(room),
     };
-    let ready = vec![encode(&Ready {
+    let first = vec![encode(&Ready {
         last_id: high,
         epoch: &epoch,
     })];
-    pump(app, ws, slot, sub, target, ready, high).await;
+    Some(Live {
+        ws,
+        slot,
+        sub,
+        target,
+        first,
+        high,
+    })
 }
 
 /// Messages replayed per page (read from storage, then written, before the next is read).
@@ -421,11 +464,29 @@ pub async fn poll(
         revocations,
         place: Place::Poll { id: poll.id, voter },
     };
-    pump(app, ws, slot, sub, target, first, 0).await;
+    let live = Box::new(Live {
+        ws,
+        slot,
+        sub,
+        target,
+        first,
+        high: 0,
+    });
+    pump(app, live).await;
 }
 
 /// Echoes every text and binary message until the client closes or the server shuts down.
-pub async fn echo(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot) {
+pub fn echo(
+    app: Arc<App>,
+    ws: UpgradedWebSocket,
+    slot: Slot,
+) -> impl std::future::Future<Output = ()> + Send {
+    // Boxed arguments: an `async fn` keeps its arguments in its state for good (see `room`).
+    echo_loop(Box::new((app, ws, slot)))
+}
+
+async fn echo_loop(parts: Box<(Arc<App>, UpgradedWebSocket, Slot)>) {
+    let (app, mut ws, slot) = *parts;
     let mut shutdown = app.shutdown.clone();
     let end = loop {
         tokio::select! {
@@ -483,25 +544,43 @@ async fn close(app: &App, ws: &mut UpgradedWebSocket, code: CloseCode, reason: &
 }
 
 /// Writes `first`, then loops over the subscription and the client until one ends.
-async fn pump(
-    app: Arc<App>,
-    mut ws: UpgradedWebSocket,
-    slot: Slot,
-    mut sub: Subscription,
-    target: Target,
-    first: Vec<Arc<Prepared>>,
-    high: u64,
-) {
+///
+/// This loop is what an idle connection's task holds, so it keeps little: no buffer reserved
+/// ahead (events go straight from the queue into the batch written, which is let go once large),
+/// and the rare long steps (a client's message, the end) in allocations of their own.
+async fn pump(app: Arc<App>, live: Box<Live>) {
+    // Taken by box: the argument stays in the state for good, so it is a pointer (and the box
+    // is freed here).
+    let Live {
+        mut ws,
+        slot,
+        mut sub,
+        target,
+        first,
+        high,
+    } = *live;
     let mut shutdown = app.shutdown.clone();
     let mut limit = RateLimit::new(app.config.message_rate);
-    let mut queued = Vec::with_capacity(BATCH);
     let mut pending: Vec<Arc<Prepared>> = first;
     let every = Duration::from_secs(app.config.credential_check_secs.max(1));
-    let lost = app.credential_lost(target.credential, target.revocations.clone(), every);
+    // Only a member with a credential has it checked again (a guest's task holds no timer).
+    let mut lost = target
+        .credential
+        .map(|c| Box::pin(app.credential_lost(c, target.revocations.clone(), every)));
+    let lost = async {
+        match &mut lost {
+            Some(check) => check.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(lost);
     let end = loop {
         if let Some(end) = write_all(&app, &mut ws, &mut pending, &sub, &mut shutdown).await {
             break end;
+        }
+        if pending.capacity() > BATCH / 4 {
+            // A burst (history, a busy moment) is over: do not keep its room while idle.
+            pending = Vec::new();
         }
         tokio::select! {
             biased;
@@ -511,12 +590,19 @@ async fn pump(
                 tracing::info!(user = %target.user, "credential revoked or expired: closing");
                 break End::Close(CloseCode::POLICY_VIOLATION, "credentials revoked or expired");
             }
-            n = sub.rx.recv_many(&mut queued, BATCH) => {
-                if n == 0 {
+            first = sub.rx.recv() => {
+                let Some(first) = first else {
                     break End::Gone;
-                }
+                };
                 // Live messages already sent as history are skipped (ids only grow).
-                pending.extend(queued.drain(..).filter(|o: &Outgoing| o.id == 0 || o.id > high).map(|o| o.msg));
+                let fresh = |o: &Outgoing| o.id == 0 || o.id > high;
+                pending.extend(Some(first).filter(fresh).map(|o| o.msg));
+                while pending.len() < BATCH {
+                    match sub.rx.try_recv() {
+                        Ok(o) => pending.extend(Some(o).filter(fresh).map(|o| o.msg)),
+                        Err(_) => break,
+                    }
+                }
             }
             incoming = ws.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => {
@@ -526,7 +612,8 @@ async fn pump(
                         tracing::warn!(user = %&target.user, "message rate limit exceeded");
                         break End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
                     }
-                    if let Some(reply) = handle(&app, &target, &text, &sub).await {
+                    let handled = Box::pin(handle(&app, &target, &text, &sub));
+                    if let Some(reply) = handled.await {
                         pending.push(reply);
                     }
                 }
@@ -540,7 +627,8 @@ async fn pump(
             },
         }
     };
-    finish(&app, ws, slot, sub, end, &target.user).await;
+    let finished = Box::pin(finish(&app, ws, slot, sub, end, &target.user));
+    finished.await;
 }
 
 /// Writes `batch` (emptying it) unless the session must end first: the hub gave up on a slow
