@@ -70,7 +70,8 @@ pub struct EchoArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct IdleArgs {
     /// The server, e.g. ws://127.0.0.1:9001/; `{n}` in it becomes the connection's number
-    /// (0, 1, …), e.g. ws://127.0.0.1:8080/ws/rooms/r{n}?name=guest{n}
+    /// (0, 1, …) and `{n/K}` that number divided by K, e.g.
+    /// ws://127.0.0.1:8080/ws/rooms/r{n/100}?name=guest{n} (100 guests per room)
     #[arg(long)]
     pub url: String,
     /// Connections to open and hold.
@@ -603,6 +604,27 @@ fn source_addr(i: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), 0)
 }
 
+/// `url` with `{n}` replaced by `i` and `{n/K}` by `i / K`.
+fn number_url(url: &str, i: usize) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(start) = rest.find("{n") {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let Some(end) = tail.find('}') else {
+            break;
+        };
+        let value = match tail[2..end].strip_prefix('/').map(str::parse::<usize>) {
+            Some(Ok(k)) if k > 0 => i / k,
+            _ => i,
+        };
+        out.push_str(&value.to_string());
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Runs `bench idle`.
 ///
 /// # Errors
@@ -612,8 +634,8 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
     let hold = Duration::try_from_secs_f64(args.hold)
         .map_err(|_| BenchError::Usage("--hold must be seconds".into()))?;
     crate::raise_fd_limit(args.conns + 64);
-    let numbered = args.url.contains("{n}");
-    let builder = ClientBuilder::new(&args.url.replace("{n}", "0"))
+    let numbered = args.url.contains("{n");
+    let builder = ClientBuilder::new(&number_url(&args.url, 0))
         .map_err(|e| BenchError::Usage(e.to_string()))?;
     let started = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
@@ -622,7 +644,7 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
         .map(|i| {
             let semaphore = semaphore.clone();
             let request = if numbered {
-                ClientBuilder::new(&args.url.replace("{n}", &i.to_string()))
+                ClientBuilder::new(&number_url(&args.url, i))
                     .map_or_else(|_| builder.request(), |b| b.request())
             } else {
                 builder.request()
@@ -693,6 +715,14 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbered_urls() {
+        let url = "ws://h/ws/rooms/r{n/100}?name=g{n}";
+        assert_eq!(number_url(url, 0), "ws://h/ws/rooms/r0?name=g0");
+        assert_eq!(number_url(url, 250), "ws://h/ws/rooms/r2?name=g250");
+        assert_eq!(number_url("ws://h/", 7), "ws://h/");
+    }
 
     #[test]
     fn source_addresses_spread_over_loopback() {

@@ -173,10 +173,10 @@ pub fn room(
     // in the state, boxed or not).
     let join = Box::pin(join_room(app.clone(), ws, slot, room, member, resume));
     async move {
-        let Some(live) = join.await else {
-            return;
+        let live = match join.await {
+            Some(live) => Box::pin(pump(app, Box::new(live))),
+            None => return,
         };
-        let live = Box::pin(pump(app, Box::new(live)));
         live.await;
     }
 }
