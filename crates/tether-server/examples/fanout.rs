@@ -11,7 +11,8 @@
 //! #                                             messages per second
 //! # Across two nodes joined by Redis: the publisher on node a, the subscribers on node b.
 //! cargo run --release -p tether-server --example fanout -- 100 1000 10 redis://127.0.0.1:6379/
-//! # Against a running `tether serve` (e.g. pinned to another core than this load):
+//! # Against a running `tether serve` (e.g. pinned to another core than this load), started
+//! # with `message_rate` and `identity_message_rate` above the rate in its config file:
 //! cargo run --release -p tether-server --example fanout -- 1000 200 10 ws://127.0.0.1:8080/
 //! ```
 
@@ -47,6 +48,7 @@ async fn main() {
         config.data = data.join(name);
         config.max_connections_per_ip = usize::MAX;
         config.message_rate = 1e9;
+        config.identity_message_rate = u32::MAX / 2;
         config.deflate = false;
         config.redis = redis.clone();
         config.node = Some(name.to_owned());

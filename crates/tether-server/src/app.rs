@@ -178,6 +178,9 @@ pub struct Quotas {
     pub credentials: Throttle<String>,
     /// Messages and broadcasts published through the HTTP API, per user.
     pub publishes: Throttle<String>,
+    /// Chat messages and votes sent over sockets, per user or guest address, over all its
+    /// connections.
+    pub socket_messages: Throttle<Writer>,
 }
 
 impl Quotas {
@@ -197,6 +200,11 @@ impl Quotas {
             publishes: Throttle::new(
                 config.api_publish_rate.saturating_mul(2),
                 Duration::from_secs(1) / config.api_publish_rate.max(1),
+                THROTTLE_CAPACITY,
+            ),
+            socket_messages: Throttle::new(
+                config.identity_message_rate.saturating_mul(2),
+                Duration::from_secs(1) / config.identity_message_rate.max(1),
                 THROTTLE_CAPACITY,
             ),
         }

@@ -54,6 +54,10 @@ pub struct ServerConfig {
     /// Messages per second a connection may send (sustained); a burst of twice as many is
     /// allowed. Past it the connection is closed with 1008. Default 20.
     pub message_rate: f64,
+    /// Messages per second one identity (a registered user, or a guest's address) may send
+    /// over all its sockets, chat and votes (sustained; bursts of twice as many). Past it a
+    /// message gets an `error` event and is not stored; the connections stay. Default 40.
+    pub identity_message_rate: u32,
     /// Messages queued for one connection before it counts as a slow consumer and is closed
     /// with 1013. Default 1,024.
     pub outbox: usize,
@@ -137,6 +141,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_connections_per_ip: 1000,
             message_rate: 20.0,
+            identity_message_rate: 40,
             outbox: 1024,
             max_http_connections: 1024,
             max_http_connections_per_ip: 64,

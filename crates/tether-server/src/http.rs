@@ -907,16 +907,28 @@ where
             // own, freed as the session starts, which is itself boxed in a block that ends
             // before it is awaited (a value alive across an `.await` stays in the task's state).
             let pending = Box::pin(pending);
-            let start = Box::new((app, slot, session, who, credential, voter, revocations));
+            let writer = Writer::new((!who.is_guest()).then(|| who.name()), peer.map(|p| p.ip()));
+            let start = Box::new((
+                app,
+                slot,
+                session,
+                who,
+                credential,
+                voter,
+                revocations,
+                writer,
+            ));
             tokio::spawn(async move {
                 let session = match pending.await {
                     Ok(socket) => {
-                        let (app, slot, session, who, credential, voter, revocations) = *start;
+                        let (app, slot, session, who, credential, voter, revocations, writer) =
+                            *start;
                         let member = ws::Member {
                             who,
                             credential,
                             voter,
                             revocations,
+                            writer,
                         };
                         Box::pin(session(app, socket, slot, member))
                     }

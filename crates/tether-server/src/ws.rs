@@ -114,6 +114,9 @@ pub struct Member {
     pub voter: Option<Voter>,
     /// Revocations since before the credential was checked.
     pub revocations: tokio::sync::watch::Receiver<u64>,
+    /// Whose budget its messages spend, over all its connections: the user, or a guest's
+    /// address.
+    pub writer: crate::app::Writer,
 }
 
 /// What a session does with a client's text, and on whose behalf.
@@ -125,6 +128,8 @@ struct Target {
     credential: Option<Credential>,
     /// Revocations since before the credential was checked.
     revocations: tokio::sync::watch::Receiver<u64>,
+    /// Whose budget its messages spend, over all its connections.
+    writer: crate::app::Writer,
     /// Where the client's messages go.
     place: Place,
 }
@@ -206,6 +211,7 @@ async fn join_room(
         who,
         credential,
         revocations,
+        writer,
         ..
     } = member;
     tracing::debug!(%room, user = who.name(), since = ?resume.since, epoch = ?resume.epoch, "joining");
@@ -289,6 +295,7 @@ async fn join_room(
         user: who.name().to_owned(),
         credential,
         revocations,
+        writer,
         place: Place::Room(room),
     };
     let first = vec![encode(&Ready {
@@ -431,6 +438,7 @@ pub async fn poll(
         credential,
         voter,
         revocations,
+        writer,
     } = member;
     let sub = app.hub.watch_poll(poll.id, who.name());
     let id = poll.id;
@@ -462,6 +470,7 @@ pub async fn poll(
         user: who.name().to_owned(),
         credential,
         revocations,
+        writer,
         place: Place::Poll { id: poll.id, voter },
     };
     let live = Box::new(Live {
@@ -611,6 +620,13 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
                         app.metrics.rate_limited.fetch_add(1, Relaxed);
                         tracing::warn!(user = %&target.user, "message rate limit exceeded");
                         break End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
+                    }
+                    // The same person over several connections: the message is refused, the
+                    // connections stay (none of them alone went too fast).
+                    if app.quotas.socket_messages.take(&target.writer, Instant::now()).is_err() {
+                        app.metrics.rate_limited.fetch_add(1, Relaxed);
+                        pending.push(error_event("too many messages from you over all your connections: slow down"));
+                        continue;
                     }
                     let handled = Box::pin(handle(&app, &target, &text, &sub));
                     if let Some(reply) = handled.await {

@@ -687,3 +687,64 @@ async fn a_poll_counts_people_not_sockets_or_nicknames() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn many_connections_of_one_person_share_one_message_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "mal", "pw").await;
+    let mut c = config(dir.path());
+    c.message_rate = 1000.0;
+    c.identity_message_rate = 10;
+    let server = start(c).await;
+    let token = token(server.addr, "mal", "pw").await;
+    // Ten connections of one user, each far below its own limit, 100 messages in all.
+    let mut sockets = Vec::new();
+    for _ in 0..10 {
+        let mut ws = connect(&server.ws(&format!("/ws/rooms/spam?token={token}"))).await;
+        next_of(&mut ws, "ready").await;
+        sockets.push(ws);
+    }
+    for (k, ws) in sockets.iter_mut().enumerate() {
+        for i in 0..10 {
+            say(ws, &format!("s{k} m{i}")).await;
+        }
+    }
+    // Each of a connection's ten is either stored (every member hears it) or refused (an
+    // error on that connection); none is closed.
+    let (mut stored, mut refused) = (0, 0);
+    for (k, ws) in sockets.iter_mut().enumerate() {
+        let own = format!("s{k} ");
+        let (mut mine, mut errors) = (0, 0);
+        while mine + errors < 10 {
+            let event = next(ws).await;
+            match event["type"].as_str() {
+                Some("error") => {
+                    assert!(
+                        event["error"]
+                            .as_str()
+                            .unwrap()
+                            .contains("all your connections"),
+                        "{event}"
+                    );
+                    errors += 1;
+                }
+                Some("message") if event["text"].as_str().unwrap().starts_with(&own) => mine += 1,
+                _ => {}
+            }
+        }
+        stored += mine;
+        refused += errors;
+    }
+    // A burst of twice the rate, plus what refilled while the test sent.
+    assert!(
+        (20..=40).contains(&stored),
+        "{stored} of 100 stored, {refused} refused"
+    );
+    assert_eq!(stored + refused, 100);
+    // Another identity (a guest, by its address) has a budget of its own.
+    let mut ann = connect(&server.ws("/ws/rooms/spam?name=ann")).await;
+    next_of(&mut ann, "ready").await;
+    say(&mut ann, "hello").await;
+    assert_eq!(next_of(&mut ann, "message").await["text"], "hello");
+    server.stop().await;
+}

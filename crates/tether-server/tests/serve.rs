@@ -118,6 +118,7 @@ async fn concurrent_writers_and_a_resuming_reader_see_every_id_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
     c.message_rate = 1e6;
+    c.identity_message_rate = 1_000_000;
     let server = start(c).await;
     let mut writers = Vec::new();
     for w in 0..4 {
@@ -461,6 +462,7 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
     c.message_rate = 1e6;
+    c.identity_message_rate = 1_000_000;
     // Above the journal's batch (512), which can arrive at once, so only a stalled reader overflows.
     c.outbox = 600;
     c.max_text = 16 << 10;
