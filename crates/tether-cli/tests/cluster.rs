@@ -690,3 +690,42 @@ async fn a_paused_node_drains_its_backlog_without_closing_members_or_losing_mess
         }
     }
 }
+
+/// The status of a WebSocket upgrade request to `path` on `addr`.
+fn upgrade_status(addr: &str, path: &str) -> u16 {
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    std::io::Read::read_exact(&mut tcp, &mut head).unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_nickname_belongs_to_one_guest_across_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let a = node("a", port);
+    let b = node("b", port);
+    // A guest on node a is "Zed"; another guest (no cookie: a new one) may not be "zed" on b.
+    let zed = join(&a.ws("/ws/rooms/lobby?name=Zed")).await;
+    assert_eq!(upgrade_status(&b.addr, "/ws/rooms/lobby?name=zed"), 409);
+    assert_eq!(upgrade_status(&a.addr, "/ws/rooms/lobby?name=ZED"), 409);
+    // Once Zed leaves, the name is free on every node.
+    drop(zed);
+    let started = Instant::now();
+    loop {
+        let status = upgrade_status(&b.addr, "/ws/rooms/lobby?name=zed");
+        if status == 101 {
+            break;
+        }
+        assert_eq!(status, 409);
+        assert!(started.elapsed() < LIMIT, "the name was never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

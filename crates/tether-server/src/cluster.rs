@@ -75,6 +75,25 @@ return msg
 /// when it is new or lost its data.
 const EPOCH_SCRIPT: &str = concat!(read_or_make_epoch!(1, 1), "return epoch\n");
 
+/// Claims a guest nickname (KEYS[1]) for a guest (ARGV[1]) for ARGV[2] seconds, unless another
+/// guest holds it: 1 when it is this guest's now, 0 when another's.
+const CLAIM_NICK: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"#;
+
+/// Releases a guest nickname (KEYS[1]) if this guest (ARGV[1]) holds it.
+const RELEASE_NICK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+fn nick_key(name: &str) -> String {
+    format!("tether:nick:{name}")
+}
+
 /// The key of the rooms' epoch.
 const EPOCH: &str = "tether:epoch";
 
@@ -392,6 +411,65 @@ impl Cluster {
             return StoreError::Unknown(format!("redis: {e}"));
         }
         redis_error(e.clone())
+    }
+
+    /// Shares this node's guest nicknames with the cluster: names it stops using are released
+    /// in Redis, names in use are claimed again every few seconds.
+    pub fn follow_nicknames(self: &Arc<Self>, nicknames: Arc<crate::guests::Nicknames>) {
+        let (released, mut releases) = mpsc::unbounded_channel::<(String, String)>();
+        nicknames.share_releases(released);
+        let releaser = self.clone();
+        tokio::spawn(async move {
+            while let Some((name, guest)) = releases.recv().await {
+                releaser.release_nickname(&name, &guest).await;
+            }
+        });
+        tokio::spawn(self.clone().refresh_nicknames_forever(nicknames));
+    }
+
+    /// Claims guest nickname `name` (lowercase) for `guest` across the cluster: `true` when
+    /// it is this guest's, `false` when a guest on another node holds it. Held names are
+    /// refreshed every few seconds and expire when their node stops refreshing them.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn claim_nickname(&self, name: &str, guest: &str) -> Result<bool, StoreError> {
+        let mut con = self.commands.clone();
+        let claimed: i64 = redis::Script::new(CLAIM_NICK)
+            .key(nick_key(name))
+            .arg(guest)
+            .arg(PRESENCE_TTL.as_secs())
+            .invoke_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        Ok(claimed == 1)
+    }
+
+    async fn release_nickname(&self, name: &str, guest: &str) {
+        let mut con = self.commands.clone();
+        let released = redis::Script::new(RELEASE_NICK)
+            .key(nick_key(name))
+            .arg(guest)
+            .invoke_async::<i64>(&mut con)
+            .await;
+        if let Err(e) = released {
+            tracing::debug!(error = %e, name, "nickname not released in redis (it expires)");
+        }
+    }
+
+    /// Keeps this node's nicknames claimed in Redis.
+    async fn refresh_nicknames_forever(self: Arc<Self>, nicknames: Arc<crate::guests::Nicknames>) {
+        let mut tick = tokio::time::interval(PRESENCE_EVERY);
+        loop {
+            tick.tick().await;
+            for (name, guest) in nicknames.held() {
+                match self.claim_nickname(&name, &guest).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(name, "a guest on another node holds this nickname too (it expired here while redis was away)"),
+                    Err(_) => break,
+                }
+            }
+        }
     }
 
     /// The rooms' epoch in Redis (made if Redis has none); the hub takes note of it, so a

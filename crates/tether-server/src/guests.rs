@@ -1,7 +1,9 @@
 //! Guest nicknames: a nickname belongs to one guest while any of that guest's connections uses
 //! it, so nobody else can speak or vote under it meanwhile. A guest is the random id in its
 //! `tether_guest` cookie (issued with its first upgrade; a client without cookies is a new guest
-//! on every connection). The table lives on this node and holds only names in use.
+//! on every connection). The table lives on this node and holds only names in use; in a
+//! cluster each name is also claimed in Redis (see `Cluster::claim_nickname`), so a guest on
+//! another node cannot take it either.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,8 @@ struct Holder {
 #[derive(Debug, Default)]
 pub struct Nicknames {
     held: Mutex<HashMap<String, Holder>>,
+    /// Where names no longer used here go (name, guest), to be released in the cluster.
+    released: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
 }
 
 /// A connection's hold on a nickname; the last one dropped frees the name.
@@ -53,6 +57,19 @@ impl Nicknames {
         })
     }
 
+    /// Sends every name this node stops using, with its guest, to `tx`.
+    pub fn share_releases(&self, tx: tokio::sync::mpsc::UnboundedSender<(String, String)>) {
+        let _ = self.released.set(tx);
+    }
+
+    /// The names in use here (lowercase) and their guests.
+    pub fn held(&self) -> Vec<(String, String)> {
+        self.lock()
+            .iter()
+            .map(|(name, holder)| (name.clone(), holder.guest.clone()))
+            .collect()
+    }
+
     /// Names in use.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -70,13 +87,24 @@ impl Nicknames {
     }
 }
 
+impl NickHold {
+    /// The name held, lowercase.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
 impl Drop for NickHold {
     fn drop(&mut self) {
         let mut held = self.names.lock();
         if let Some(holder) = held.get_mut(&self.key) {
             holder.connections -= 1;
             if holder.connections == 0 {
-                held.remove(&self.key);
+                if let Some(holder) = held.remove(&self.key) {
+                    if let Some(tx) = self.names.released.get() {
+                        let _ = tx.send((self.key.clone(), holder.guest));
+                    }
+                }
             }
         }
     }

@@ -871,17 +871,27 @@ where
                 guest: Some((address, app.config.guest_votes_per_address)),
             });
         }
-        match app.nicknames.hold(name, &guest) {
-            Some(hold) => nickname = Some(hold),
-            None => {
-                let refused = Refused::new(
-                    StatusCode::CONFLICT,
-                    Refusal::Auth,
-                    "this nickname is in use by another guest: pick another",
-                );
-                return refuse(&app, peer, refused);
+        let taken = || {
+            Refused::new(
+                StatusCode::CONFLICT,
+                Refusal::Auth,
+                "this nickname is in use by another guest: pick another",
+            )
+        };
+        let Some(hold) = app.nicknames.hold(name, &guest) else {
+            return refuse(&app, peer, taken());
+        };
+        if let Some(cluster) = &app.cluster {
+            // Not held by a guest on another node either.
+            match cluster.claim_nickname(hold.key(), &guest).await {
+                Ok(true) => {}
+                Ok(false) => return refuse(&app, peer, taken()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "nickname not claimed in redis: checked on this node only");
+                }
             }
         }
+        nickname = Some(hold);
         new_guest = is_new.then_some(guest);
     }
     let mut slot = match app.slot(peer.map(|p| p.ip())) {

@@ -176,6 +176,9 @@ impl Server {
             rx,
             trusted_proxies,
         )?;
+        if let Some(cluster) = &app.cluster {
+            cluster.follow_nicknames(app.nicknames.clone());
+        }
         Ok(Server {
             app,
             listener,
