@@ -5,7 +5,7 @@
 //! a slow consumer, which its task then closes with 1013. Fan-out never waits, so a slow reader
 //! never slows the others, and memory per subscriber is bounded by the queue length.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,15 +36,81 @@ pub enum Verdict {
     Reset,
 }
 
-/// What a connection's task shares with the hub.
-#[derive(Debug, Default)]
-pub struct Flags {
+/// A connection's outbound queue and the hub's verdict on it, shared by the hub (which pushes)
+/// and the connection's task (which takes). An idle queue holds no buffer: it grows while
+/// events wait and is let go once drained, so an idle connection costs this struct alone
+/// (tokio's bounded channel keeps a 32-slot block or two for good).
+#[derive(Debug)]
+pub struct Outbox {
+    queue: Mutex<VecDeque<Outgoing>>,
+    /// Events queued at most; a push past it makes the connection a slow consumer.
+    cap: usize,
+    /// The task waiting for events.
+    waker: futures_util::task::AtomicWaker,
     /// 0: none; 1: slow; 2: reset.
     verdict: AtomicU8,
-    notify: Notify,
+    /// The task waiting for a verdict.
+    judged: Notify,
 }
 
-impl Flags {
+/// Why an event was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+impl Outbox {
+    fn new(cap: usize) -> Outbox {
+        Outbox {
+            queue: Mutex::new(VecDeque::new()),
+            cap,
+            waker: futures_util::task::AtomicWaker::new(),
+            verdict: AtomicU8::new(0),
+            judged: Notify::new(),
+        }
+    }
+
+    /// Queues `event` unless the queue is full.
+    ///
+    /// # Errors
+    /// [`Full`]: `cap` events wait already.
+    pub fn push(&self, event: Outgoing) -> Result<(), Full> {
+        {
+            let mut queue = lock(&self.queue);
+            if queue.len() >= self.cap {
+                return Err(Full);
+            }
+            queue.push_back(event);
+        }
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// The next event, if one waits.
+    pub fn try_recv(&self) -> Option<Outgoing> {
+        let mut queue = lock(&self.queue);
+        let event = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 8 {
+            // A burst is over: do not keep its room while idle.
+            *queue = VecDeque::new();
+        }
+        event
+    }
+
+    /// The next event, waiting for one.
+    pub async fn recv(&self) -> Outgoing {
+        std::future::poll_fn(|cx| {
+            if let Some(event) = self.try_recv() {
+                return std::task::Poll::Ready(event);
+            }
+            self.waker.register(cx.waker());
+            // An event pushed between the check and the registration woke nobody.
+            match self.try_recv() {
+                Some(event) => std::task::Poll::Ready(event),
+                None => std::task::Poll::Pending,
+            }
+        })
+        .await
+    }
+
     /// The hub's verdict on this connection, if it gave one.
     pub fn verdict(&self) -> Option<Verdict> {
         match self.verdict.load(Relaxed) {
@@ -62,10 +128,11 @@ impl Flags {
     /// Resolves once the hub gives its verdict.
     pub async fn ended(&self) -> Verdict {
         loop {
+            let judged = self.judged.notified();
             if let Some(verdict) = self.verdict() {
                 return verdict;
             }
-            self.notify.notified().await;
+            judged.await;
         }
     }
 
@@ -79,7 +146,8 @@ impl Flags {
             .compare_exchange(0, code, Relaxed, Relaxed)
             .is_ok()
         {
-            self.notify.notify_one();
+            self.judged.notify_waiters();
+            self.judged.notify_one();
         }
     }
 }
@@ -87,8 +155,7 @@ impl Flags {
 #[derive(Debug)]
 struct Peer {
     user: String,
-    tx: mpsc::Sender<Outgoing>,
-    flags: Arc<Flags>,
+    outbox: Arc<Outbox>,
 }
 
 #[derive(Debug, Default)]
@@ -101,16 +168,15 @@ impl Topic {
     fn fan_out(&self, event: &Outgoing, skip: Option<u64>, metrics: &Metrics) -> usize {
         let mut reached = 0;
         for (id, peer) in &self.peers {
-            if Some(*id) == skip || peer.flags.verdict().is_some() {
+            if Some(*id) == skip || peer.outbox.verdict().is_some() {
                 continue;
             }
-            match peer.tx.try_send(event.clone()) {
+            match peer.outbox.push(event.clone()) {
                 Ok(()) => reached += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Full) => {
                     tracing::warn!(user = %peer.user, "slow consumer: outbound queue full");
-                    peer.flags.mark(Verdict::Slow);
+                    peer.outbox.mark(Verdict::Slow);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         // Counted once per fan-out, not per subscriber: the counters are shared by every
@@ -149,23 +215,20 @@ pub struct Hub {
     metrics: Arc<Metrics>,
 }
 
-/// A connection's place in a room or poll: its queue, its flags, and on drop, its leaving.
+/// A connection's place in a room or poll: its outbox, and on drop, its leaving.
 #[derive(Debug)]
 pub struct Subscription {
     hub: Arc<Hub>,
     id: u64,
     topic: TopicKey,
-    /// Events to send, in order.
-    pub rx: mpsc::Receiver<Outgoing>,
-    /// Set by the hub when the queue overflowed.
-    pub flags: Arc<Flags>,
-    tx: mpsc::Sender<Outgoing>,
+    /// Events to send, in order, and the hub's verdict.
+    pub outbox: Arc<Outbox>,
 }
 
 impl Subscription {
-    /// A sender into this connection's own queue (for replies to what it sent).
-    pub fn sender(&self) -> mpsc::Sender<Outgoing> {
-        self.tx.clone()
+    /// This connection's own queue, for replies to what it sent.
+    pub fn sender(&self) -> Arc<Outbox> {
+        self.outbox.clone()
     }
 }
 
@@ -235,30 +298,19 @@ impl Hub {
         })
     }
 
-    fn peer(
-        &self,
-        user: &str,
-    ) -> (
-        u64,
-        Peer,
-        mpsc::Receiver<Outgoing>,
-        Arc<Flags>,
-        mpsc::Sender<Outgoing>,
-    ) {
-        let (tx, rx) = mpsc::channel(self.queue_len);
-        let flags = Arc::new(Flags::default());
+    fn peer(&self, user: &str) -> (u64, Peer, Arc<Outbox>) {
+        let outbox = Arc::new(Outbox::new(self.queue_len));
         let id = self.next_id.fetch_add(1, Relaxed);
         let peer = Peer {
             user: user.to_owned(),
-            tx: tx.clone(),
-            flags: flags.clone(),
+            outbox: outbox.clone(),
         };
-        (id, peer, rx, flags, tx)
+        (id, peer, outbox)
     }
 
     /// Subscribes a connection of `user` to `room`; the others learn of a new user.
     pub fn join(self: &Arc<Self>, room: &str, user: &str) -> Joined {
-        let (id, peer, rx, flags, tx) = self.peer(user);
+        let (id, peer, outbox) = self.peer(user);
         let mut rooms = lock(&self.rooms);
         let state = rooms.entry(room.to_owned()).or_default();
         state.topic.peers.insert(id, peer);
@@ -283,9 +335,7 @@ impl Hub {
                 hub: self.clone(),
                 id,
                 topic: TopicKey::Room(room.to_owned()),
-                rx,
-                flags,
-                tx,
+                outbox,
             },
             members,
         }
@@ -351,7 +401,7 @@ impl Hub {
     fn reset(state: &mut RoomState) {
         state.position = 0;
         for peer in state.topic.peers.values() {
-            peer.flags.mark(Verdict::Reset);
+            peer.outbox.mark(Verdict::Reset);
         }
     }
 
@@ -471,16 +521,14 @@ impl Hub {
 
     /// Subscribes a connection to poll `poll`'s counts.
     pub fn watch_poll(self: &Arc<Self>, poll: i64, user: &str) -> Subscription {
-        let (id, peer, rx, flags, tx) = self.peer(user);
+        let (id, peer, outbox) = self.peer(user);
         let mut polls = lock(&self.polls);
         polls.entry(poll).or_default().topic.peers.insert(id, peer);
         Subscription {
             hub: self.clone(),
             id,
             topic: TopicKey::Poll(poll),
-            rx,
-            flags,
-            tx,
+            outbox,
         }
     }
 
@@ -550,12 +598,12 @@ mod tests {
         assert_eq!(ben2.members, ["ann", "ben"]);
         drop(ben1);
         drop(ben2);
-        let join = ann.rx.try_recv().unwrap();
+        let join = ann.outbox.try_recv().unwrap();
         assert!(text(&join).contains("\"event\":\"join\""));
-        let leave = ann.rx.try_recv().unwrap();
+        let leave = ann.outbox.try_recv().unwrap();
         assert!(text(&leave).contains("\"event\":\"leave\""));
         assert!(
-            ann.rx.try_recv().is_err(),
+            ann.outbox.try_recv().is_none(),
             "one join and one leave for two connections"
         );
     }
@@ -567,10 +615,10 @@ mod tests {
         let mut fast = hub.join("r", "fast").subscription;
         for id in 1..=3 {
             assert!(hub.deliver(&message("r", id)) >= 1);
-            while fast.rx.try_recv().is_ok() {}
+            while fast.outbox.try_recv().is_some() {}
         }
-        assert!(slow.flags.is_slow());
-        assert!(!fast.flags.is_slow());
+        assert!(slow.outbox.is_slow());
+        assert!(!fast.outbox.is_slow());
         assert_eq!(hub.metrics.messages_out.load(Relaxed), 5);
     }
 
@@ -582,16 +630,16 @@ mod tests {
         assert_eq!(hub.deliver(&message("r", 7)), 1);
         assert_eq!(hub.position("r"), 7);
         assert!(!hub.observe_epoch("a"));
-        assert_eq!(ann.flags.verdict(), None);
+        assert_eq!(ann.outbox.verdict(), None);
         let mut lost = message("r", 1);
         lost.epoch = Some("b".into());
         // Id 1 of the new stream is below what was delivered, yet it is a new message.
         hub.deliver(&lost);
         assert_eq!(hub.epoch(), "b");
-        assert_eq!(ann.flags.verdict(), Some(Verdict::Reset));
+        assert_eq!(ann.outbox.verdict(), Some(Verdict::Reset));
         assert_eq!(hub.position("r"), 1, "the new stream's ids are followed");
         let ben = hub.join("r", "ben").subscription;
-        assert_eq!(ben.flags.verdict(), None, "later members are not reset");
+        assert_eq!(ben.outbox.verdict(), None, "later members are not reset");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::{encode, Hub, Outgoing};
+use crate::hub::{encode, Hub, Outbox, Outgoing};
 use crate::metrics::Metrics;
 use crate::store::{now_rfc3339, ChatMessage, Store, StoreError, VoteOutcome, Voter};
 
@@ -24,7 +24,7 @@ pub enum Reply<T> {
     /// To a waiting caller (the HTTP API).
     Wait(oneshot::Sender<Result<T, StoreError>>),
     /// A failure is queued as an `error` event to the socket that sent the job.
-    Socket(mpsc::Sender<Outgoing>),
+    Socket(Arc<Outbox>),
 }
 
 impl<T> Reply<T> {
@@ -57,7 +57,7 @@ impl<T> Reply<T> {
                         _ => format!("{what}: {e}"),
                     };
                     let event = serde_json::json!({"type": "error", "error": text});
-                    let _ = tx.try_send(Outgoing {
+                    let _ = tx.push(Outgoing {
                         id: 0,
                         msg: encode(&event),
                     });

@@ -563,7 +563,7 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
     let Live {
         mut ws,
         slot,
-        mut sub,
+        sub,
         target,
         first,
         high,
@@ -584,32 +584,38 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
     };
     tokio::pin!(lost);
     let end = loop {
-        if let Some(end) = write_all(&app, &mut ws, &mut pending, &sub, &mut shutdown).await {
-            break end;
+        // Usually the socket takes the batch at once; only when it would wait does the write
+        // (with its timeouts) need a future, boxed so the loop's state stays small.
+        match write_now(&mut ws, &mut pending) {
+            Err(()) => break End::Gone,
+            Ok(true) => {}
+            Ok(false) => {
+                let write = Box::pin(write_all(&app, &mut ws, &mut pending, &sub, &mut shutdown));
+                if let Some(end) = write.await {
+                    break end;
+                }
+            }
         }
-        if pending.capacity() > BATCH / 4 {
+        if pending.capacity() > 8 {
             // A burst (history, a busy moment) is over: do not keep its room while idle.
             pending = Vec::new();
         }
         tokio::select! {
             biased;
-            verdict = sub.flags.ended() => break judged(&app, verdict),
+            verdict = sub.outbox.ended() => break judged(&app, verdict),
             () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
             () = &mut lost => {
                 tracing::info!(user = %target.user, "credential revoked or expired: closing");
                 break End::Close(CloseCode::POLICY_VIOLATION, "credentials revoked or expired");
             }
-            first = sub.rx.recv() => {
-                let Some(first) = first else {
-                    break End::Gone;
-                };
+            first = sub.outbox.recv() => {
                 // Live messages already sent as history are skipped (ids only grow).
                 let fresh = |o: &Outgoing| o.id == 0 || o.id > high;
                 pending.extend(Some(first).filter(fresh).map(|o| o.msg));
                 while pending.len() < BATCH {
-                    match sub.rx.try_recv() {
-                        Ok(o) => pending.extend(Some(o).filter(fresh).map(|o| o.msg)),
-                        Err(_) => break,
+                    match sub.outbox.try_recv() {
+                        Some(o) => pending.extend(Some(o).filter(fresh).map(|o| o.msg)),
+                        None => break,
                     }
                 }
             }
@@ -647,6 +653,28 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
     finished.await;
 }
 
+/// Writes what the socket takes without waiting: `Ok(true)` when all of `batch` is written and
+/// flushed, `Ok(false)` when it would wait (`batch` keeps what is not queued yet).
+fn write_now(ws: &mut UpgradedWebSocket, batch: &mut Vec<Arc<Prepared>>) -> Result<bool, ()> {
+    let mut queued = 0;
+    for msg in batch.iter() {
+        match ws.feed_prepared(msg).now_or_never() {
+            Some(Ok(())) => queued += 1,
+            Some(Err(_)) => return Err(()),
+            None => break,
+        }
+    }
+    batch.drain(..queued);
+    if !batch.is_empty() {
+        return Ok(false);
+    }
+    match ws.flush().now_or_never() {
+        Some(Ok(())) => Ok(true),
+        Some(Err(_)) => Err(()),
+        None => Ok(false),
+    }
+}
+
 /// Writes `batch` (emptying it) unless the session must end first: the hub gave up on a slow
 /// consumer, the server is shutting down, the connection failed, or the client accepted
 /// nothing for the write timeout (it may never read again: a close frame could not reach it
@@ -658,7 +686,7 @@ async fn write_all(
     sub: &Subscription,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<End> {
-    if batch.is_empty() {
+    if batch.is_empty() && ws.queued_len() == 0 {
         return None;
     }
     // The deadline runs only while nothing moves: each message must find room in the write
@@ -691,7 +719,7 @@ async fn write_all(
     };
     let end = tokio::select! {
         biased;
-        verdict = sub.flags.ended() => Some(judged(app, verdict)),
+        verdict = sub.outbox.ended() => Some(judged(app, verdict)),
         () = shutting_down(shutdown) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
         end = write => end,
     };

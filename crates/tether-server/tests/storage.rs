@@ -140,6 +140,7 @@ async fn a_database_that_cannot_grow_is_reported_by_healthz() {
     let mut c = config(dir.path());
     c.max_database_mb = 1;
     c.message_rate = 10_000.0;
+    c.identity_message_rate = 10_000;
     let server = start(c).await;
     let mut ann = connect(&server.ws("/ws/rooms/big?name=ann")).await;
     next_of(&mut ann, "ready").await;
