@@ -29,7 +29,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A redis-server on `port` keeping its data (append-only file) in `dir`.
+/// A redis-server on `port` keeping its data (append-only file, synced on every write) in `dir`.
 fn redis(port: u16, dir: &std::path::Path) -> Proc {
     let child = Command::new("redis-server")
         .args([
@@ -41,6 +41,10 @@ fn redis(port: u16, dir: &std::path::Path) -> Proc {
             "",
             "--appendonly",
             "yes",
+            // Every write on disk before Redis answers: a restart keeps all it acknowledged
+            // (with the default, once a second, it may lose the last second: a new epoch).
+            "--appendfsync",
+            "always",
         ])
         .arg("--dir")
         .arg(dir)
@@ -728,4 +732,58 @@ async fn a_guest_nickname_belongs_to_one_guest_across_nodes() {
         assert!(started.elapsed() < LIMIT, "the name was never released");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Copies directory `from` (flat, or one level of subdirectories) into `to`.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restored_from_an_older_copy_starts_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis_proc = Some(redis(port, dir.path()));
+    let a = node("a", port);
+    let (mut ann, _, ready) = join_with(&a.ws("/ws/rooms/ops?name=ann")).await;
+    let old_epoch = ready["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=2 {
+        say(&mut ann, &format!("kept {i}")).await;
+        assert_eq!(next_of(&mut ann, "message").await["id"], i);
+    }
+    // A copy of Redis's data now (every write is on disk before it answers), then more.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), copy.path());
+    for i in 3..=5 {
+        say(&mut ann, &format!("lost {i}")).await;
+        assert_eq!(next_of(&mut ann, "message").await["id"], i);
+    }
+
+    // Redis comes back from the copy: the same epoch, but ids 3-5 are gone and will be given
+    // to other messages. The node starts a new epoch and its members reconnect.
+    drop(redis_proc.take());
+    redis_proc = Some(redis(port, copy.path()));
+    assert_eq!(closed(&mut ann).await, 1012);
+    // A client that was away, resuming from id 2 of the old epoch, is told too.
+    let url = a.ws(&format!("/ws/rooms/ops?name=ben&since=2&epoch={old_epoch}"));
+    let (mut ben, _) = within(tether::connect(&url)).await.unwrap();
+    let welcome = next_of(&mut ben, "welcome").await;
+    assert_eq!(welcome["recovered"], false, "{welcome}");
+    assert_ne!(welcome["epoch"], old_epoch.as_str());
+    let texts: Vec<Value> = vec![
+        next_of(&mut ben, "message").await["text"].clone(),
+        next_of(&mut ben, "message").await["text"].clone(),
+    ];
+    assert_eq!(texts, [json!("kept 1"), json!("kept 2")]);
+    assert_ready(&next_of(&mut ben, "ready").await, 2);
+    drop(redis_proc);
 }

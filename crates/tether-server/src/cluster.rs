@@ -53,7 +53,10 @@ const APPEND: &str = concat!(
     r#"
 if ARGV[7] ~= '' then
   local earlier = redis.call('GET', KEYS[5])
-  if earlier then return earlier end
+  if earlier then
+    local kept = redis.call('XRANGE', KEYS[1], '0-' .. earlier, '0-' .. earlier)
+    if #kept > 0 then return kept[1][2][2] end
+  end
 end
 if not redis.call('ZSCORE', KEYS[3], ARGV[4]) and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
   return redis.error_reply('ROOMLIMIT the room cap is reached')
@@ -66,7 +69,7 @@ local msg = ARGV[1] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[2]
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
 redis.call('ZADD', KEYS[3], 0, ARGV[4])
 redis.call('PUBLISH', KEYS[2], msg)
-if ARGV[7] ~= '' then redis.call('SET', KEYS[5], msg, 'EX', ARGV[8]) end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[5], id, 'EX', ARGV[8]) end
 return msg
 "#
 );
@@ -351,12 +354,12 @@ impl Cluster {
                         // A refusal at the room cap is no storage failure.
                         let failed =
                             matches!(&outcome, Err(e) if !matches!(e, StoreError::Limit(_)));
-                        self.metrics.stored(!failed);
+                        self.metrics.stored_in_redis(!failed);
                         job.reply.send(outcome, "message not stored");
                     }
                 }
                 Err(e) => {
-                    self.metrics.stored(false);
+                    self.metrics.stored_in_redis(false);
                     for job in batch.drain(..) {
                         job.reply
                             .send(Err(self.append_error(&e)), "message not stored");
@@ -416,12 +419,18 @@ impl Cluster {
     /// Shares this node's guest nicknames with the cluster: names it stops using are released
     /// in Redis, names in use are claimed again every few seconds.
     pub fn follow_nicknames(self: &Arc<Self>, nicknames: Arc<crate::guests::Nicknames>) {
-        let (released, mut releases) = mpsc::unbounded_channel::<(String, String)>();
+        // Bounded: a release that does not fit is left to expire (15 s).
+        let (released, mut releases) = mpsc::channel::<(String, String)>(4096);
         nicknames.share_releases(released);
         let releaser = self.clone();
+        let names = nicknames.clone();
         tokio::spawn(async move {
             while let Some((name, guest)) = releases.recv().await {
-                releaser.release_nickname(&name, &guest).await;
+                // The guest may have come back since (its claim went out already): then the
+                // name is still its own and stays claimed.
+                if !names.holds(&name, &guest) {
+                    releaser.release_nickname(&name, &guest).await;
+                }
             }
         });
         tokio::spawn(self.clone().refresh_nicknames_forever(nicknames));
@@ -457,17 +466,34 @@ impl Cluster {
         }
     }
 
-    /// Keeps this node's nicknames claimed in Redis.
+    /// Keeps this node's nicknames claimed in Redis: one pipeline a round.
     async fn refresh_nicknames_forever(self: Arc<Self>, nicknames: Arc<crate::guests::Nicknames>) {
         let mut tick = tokio::time::interval(PRESENCE_EVERY);
         loop {
             tick.tick().await;
-            for (name, guest) in nicknames.held() {
-                match self.claim_nickname(&name, &guest).await {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!(name, "a guest on another node holds this nickname too (it expired here while redis was away)"),
-                    Err(_) => break,
+            let held = nicknames.held();
+            if held.is_empty() || !self.connected.load(Relaxed) {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for (name, guest) in &held {
+                pipe.cmd("EVAL")
+                    .arg(CLAIM_NICK)
+                    .arg(1)
+                    .arg(nick_key(name))
+                    .arg(guest)
+                    .arg(PRESENCE_TTL.as_secs());
+            }
+            let mut con = self.commands.clone();
+            match pipe.query_async::<Vec<i64>>(&mut con).await {
+                Ok(claimed) => {
+                    for ((name, _), ok) in held.iter().zip(claimed) {
+                        if ok != 1 {
+                            tracing::warn!(name, "a guest on another node holds this nickname too (it expired here while redis was away)");
+                        }
+                    }
                 }
+                Err(e) => tracing::debug!(error = %e, "nicknames not refreshed"),
             }
         }
     }
@@ -488,6 +514,21 @@ impl Cluster {
             .map_err(redis_error)?;
         self.hub.observe_epoch(&epoch);
         Ok(epoch)
+    }
+
+    /// Replaces the rooms' epoch (storage lost messages without losing the epoch); the hub
+    /// resets every room.
+    async fn new_epoch(&self) -> Result<(), StoreError> {
+        let epoch = crate::store::new_epoch();
+        let mut con = self.commands.clone();
+        redis::cmd("SET")
+            .arg(EPOCH)
+            .arg(&epoch)
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(redis_error)?;
+        self.hub.observe_epoch(&epoch);
+        Ok(())
     }
 
     /// Messages of `room` with `id > since`, oldest first, at most `limit`.
@@ -575,6 +616,10 @@ impl Cluster {
             .query_async(&mut con)
             .await
             .map_err(redis_error)?;
+        if names.is_empty() {
+            // An empty pipeline is an error to the client library.
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for room in &names {
             pipe.cmd("XREVRANGE")
@@ -600,6 +645,9 @@ impl Cluster {
     /// # Errors
     /// Redis is unreachable.
     pub async fn member_counts(&self, rooms: &[String]) -> Result<Vec<usize>, StoreError> {
+        if rooms.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut con = self.commands.clone();
         let mut pipe = redis::pipe();
         for room in rooms {
@@ -768,9 +816,11 @@ impl Cluster {
             let top = self.recent(&room, 1).await?.first().map_or(0, |m| m.id);
             if top < self.hub.position(&room) {
                 // Same epoch, fewer messages: Redis lost its last writes (a restart from an
-                // older snapshot). The ids past `top` will be given to other messages.
-                tracing::error!(%room, stored = top, delivered = self.hub.position(&room), "redis lost this room's last messages: its members reconnect");
-                self.hub.reset_room(&room);
+                // older snapshot). The ids past `top` will be given to other messages, so the
+                // streams get a new epoch: every node resets its rooms, and clients that
+                // resume tell by the epoch, whether or not they were here to see it.
+                tracing::error!(%room, stored = top, delivered = self.hub.position(&room), "redis lost this room's last messages: starting a new epoch");
+                self.new_epoch().await?;
             }
             loop {
                 let missed = self.messages(&room, self.hub.position(&room), 500).await?;
@@ -851,7 +901,7 @@ impl Cluster {
             if self.stalled.swap(false, Relaxed) {
                 tracing::info!("redis answers again");
             }
-            self.metrics.stored(true);
+            self.metrics.stored_in_redis(true);
             for (room, users) in local {
                 let Ok(everyone) = self.members(&room).await else {
                     continue;

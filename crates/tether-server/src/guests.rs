@@ -22,7 +22,7 @@ struct Holder {
 pub struct Nicknames {
     held: Mutex<HashMap<String, Holder>>,
     /// Where names no longer used here go (name, guest), to be released in the cluster.
-    released: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+    released: std::sync::OnceLock<tokio::sync::mpsc::Sender<(String, String)>>,
 }
 
 /// A connection's hold on a nickname; the last one dropped frees the name.
@@ -58,8 +58,13 @@ impl Nicknames {
     }
 
     /// Sends every name this node stops using, with its guest, to `tx`.
-    pub fn share_releases(&self, tx: tokio::sync::mpsc::UnboundedSender<(String, String)>) {
+    pub fn share_releases(&self, tx: tokio::sync::mpsc::Sender<(String, String)>) {
         let _ = self.released.set(tx);
+    }
+
+    /// Whether `guest` holds `name` (lowercase) here.
+    pub fn holds(&self, name: &str, guest: &str) -> bool {
+        self.lock().get(name).is_some_and(|h| h.guest == guest)
     }
 
     /// The names in use here (lowercase) and their guests.
@@ -102,7 +107,7 @@ impl Drop for NickHold {
             if holder.connections == 0 {
                 if let Some(holder) = held.remove(&self.key) {
                     if let Some(tx) = self.names.released.get() {
-                        let _ = tx.send((self.key.clone(), holder.guest));
+                        let _ = tx.try_send((self.key.clone(), holder.guest));
                     }
                 }
             }

@@ -200,11 +200,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
             report.insert("redis".into(), cluster.health().into());
         }
     }
-    if app
-        .metrics
-        .storage_failing
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
+    if app.metrics.storage_failing() {
         // The last write failed (a full disk, a broken database, Redis refusing writes).
         report.insert("storage".into(), "failing".into());
     }

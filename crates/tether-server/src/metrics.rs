@@ -61,8 +61,10 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     /// Messages that could not be stored.
     pub store_failures: AtomicU64,
-    /// Whether the last write to storage failed (`/healthz` says degraded until one succeeds).
-    pub storage_failing: std::sync::atomic::AtomicBool,
+    /// Whether the last write to the SQLite store failed.
+    sqlite_failing: std::sync::atomic::AtomicBool,
+    /// Whether the last write to Redis failed.
+    redis_failing: std::sync::atomic::AtomicBool,
     refusals: [AtomicU64; 5],
 }
 
@@ -73,10 +75,21 @@ impl Metrics {
         self.refusals[i].fetch_add(1, Relaxed);
     }
 
-    /// Records the outcome of a write to storage: a failure marks storage as failing, a
-    /// success clears it.
+    /// Records the outcome of a write to the SQLite store: a failure marks storage as
+    /// failing, a success clears it.
     pub fn stored(&self, ok: bool) {
-        self.storage_failing.store(!ok, Relaxed);
+        self.sqlite_failing.store(!ok, Relaxed);
+    }
+
+    /// Records the outcome of a write to Redis, as [`Metrics::stored`] for SQLite.
+    pub fn stored_in_redis(&self, ok: bool) {
+        self.redis_failing.store(!ok, Relaxed);
+    }
+
+    /// Whether the last write to either store failed (`/healthz` says degraded until one to
+    /// that store succeeds).
+    pub fn storage_failing(&self) -> bool {
+        self.sqlite_failing.load(Relaxed) || self.redis_failing.load(Relaxed)
     }
 
     /// Counts one message of `len` payload bytes queued to a client.
@@ -165,7 +178,7 @@ impl Metrics {
             "tether_storage_failing",
             "gauge",
             "1 while the last write to storage failed.",
-            u64::from(self.storage_failing.load(Relaxed)),
+            u64::from(self.storage_failing()),
         );
         let _ = writeln!(
             out,

@@ -218,8 +218,14 @@ async fn join_room(
     let joining = async {
         // The epoch first: should storage have a new one, the hub resets the room before
         // this member is in it, not after.
-        let epoch = current_epoch(&app).await?;
+        let mut epoch = current_epoch(&app).await?;
         let joined = app.hub.join(&room, who.name());
+        let now = app.hub.epoch();
+        if now != epoch {
+            // Storage changed epoch between the read and the join (another task noticed):
+            // this member joined after the reset, so it takes the new one.
+            epoch = now;
+        }
         let mut members = joined.members;
         if let Some(cluster) = &app.cluster {
             // Members on every node.
