@@ -462,20 +462,35 @@ async fn rooms_are_listed_in_pages_with_members_of_every_node_and_capped() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let _redis = redis(port, dir.path());
-    let limits = "max_rooms = 5\napi_publish_rate = 1000\n";
+    let limits = "max_rooms = 5\nrooms_per_hour = 4\napi_publish_rate = 1000\n";
     let a = node_with("a", port, limits);
     let b = node_with("b", port, limits);
     let bearer = token(&a);
-    for room in ["r1", "r2", "r3", "r4", "r5"] {
-        let (status, body) = http(
+    let publish = |room: &str| {
+        http(
             &a.addr,
             "POST",
             &format!("/api/rooms/{room}/messages"),
             Some(&bearer),
             Some(json!({"text": "first"})),
-        );
+        )
+    };
+    for room in ["r1", "r2", "r3", "r4"] {
+        let (status, body) = publish(room);
         assert_eq!(status, 201, "{body}");
     }
+    // One user may start four rooms an hour; a message to an existing room still goes.
+    let (status, body) = publish("r5");
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("rooms_per_hour"),
+        "{body}"
+    );
+    assert_eq!(publish("r1").0, 201);
+    // Someone else starts the fifth.
+    let mut gil = join(&b.ws("/ws/rooms/r5?name=gil")).await;
+    say(&mut gil, "first").await;
+    assert_eq!(next_of(&mut gil, "message").await["id"], 1);
     // The cap is the cluster's: node b refuses a sixth room too.
     let bearer_b = token(&b);
     let (status, body) = http(

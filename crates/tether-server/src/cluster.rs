@@ -55,11 +55,18 @@ if ARGV[7] ~= '' then
   local earlier = redis.call('GET', KEYS[5])
   if earlier then
     local kept = redis.call('XRANGE', KEYS[1], '0-' .. earlier, '0-' .. earlier)
-    if #kept > 0 then return kept[1][2][2] end
+    if #kept > 0 then return {kept[1][2][2], 0} end
   end
 end
-if not redis.call('ZSCORE', KEYS[3], ARGV[4]) and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
-  return redis.error_reply('ROOMLIMIT the room cap is reached')
+local created = 0
+if not redis.call('ZSCORE', KEYS[3], ARGV[4]) then
+  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
+    return redis.error_reply('ROOMLIMIT the room cap is reached')
+  end
+  if ARGV[9] ~= '1' then
+    return redis.error_reply('ROOMQUOTA this sender may start no more rooms for now')
+  end
+  created = 1
 end
 local last = 0
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -70,7 +77,7 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
 redis.call('ZADD', KEYS[3], 0, ARGV[4])
 redis.call('PUBLISH', KEYS[2], msg)
 if ARGV[7] ~= '' then redis.call('SET', KEYS[5], id, 'EX', ARGV[8]) end
-return msg
+return {msg, created}
 "#
 );
 
@@ -120,6 +127,8 @@ pub struct Append {
     pub text: String,
     /// The sender's idempotency key.
     pub key: Option<String>,
+    /// Whose budget of new rooms a message that starts one spends.
+    pub writer: crate::app::Writer,
     /// Where the stored message or the failure goes.
     pub reply: Reply<ChatMessage>,
 }
@@ -193,6 +202,8 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     history_limit: usize,
     max_rooms: usize,
+    /// New rooms per identity.
+    room_quota: crate::journal::RoomQuota,
     /// Messages waiting to be stored, in order.
     appends: mpsc::Sender<Append>,
     epoch: redis::Script,
@@ -230,6 +241,7 @@ impl Cluster {
         metrics: Arc<Metrics>,
         history_limit: usize,
         max_rooms: usize,
+        room_quota: crate::journal::RoomQuota,
     ) -> Result<Arc<Cluster>, StoreError> {
         let client = redis::Client::open(url).map_err(redis_error)?;
         let config = ConnectionManagerConfig::new()
@@ -247,6 +259,7 @@ impl Cluster {
             metrics,
             history_limit,
             max_rooms,
+            room_quota,
             appends,
             epoch: redis::Script::new(EPOCH_SCRIPT),
             connected: AtomicBool::new(false),
@@ -303,6 +316,7 @@ impl Cluster {
         user: &str,
         text: &str,
         key: Option<&str>,
+        writer: crate::app::Writer,
     ) -> Result<ChatMessage, StoreError> {
         Reply::wait(|reply| {
             self.submit(Append {
@@ -310,6 +324,7 @@ impl Cluster {
                 user: user.to_owned(),
                 text: text.to_owned(),
                 key: key.map(str::to_owned),
+                writer,
                 reply,
             })
         })
@@ -337,20 +352,35 @@ impl Cluster {
         while rx.recv_many(&mut batch, APPEND_BATCH).await > 0 {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
+            // Each sender may start a room only with a token of its room quota in hand; the
+            // token goes back unless the script did start one.
+            let now = std::time::Instant::now();
+            let mut tokens = Vec::with_capacity(batch.len());
             for job in &batch {
-                pipe.add_command(self.append_command(job));
+                let token = self.room_quota.take(&job.writer, now).is_ok();
+                tokens.push(token);
+                pipe.add_command(self.append_command(job, token));
             }
             let mut con = self.commands.clone();
-            match pipe
-                .query_async::<Vec<redis::RedisResult<String>>>(&mut con)
-                .await
-            {
+            let sent = pipe
+                .query_async::<Vec<redis::RedisResult<(String, i64)>>>(&mut con)
+                .await;
+            for ((job, token), result) in batch.iter().zip(&tokens).zip(sent.iter().flatten()) {
+                if *token && !matches!(result, Ok((_, 1))) {
+                    self.room_quota.refund(&job.writer, now);
+                }
+            }
+            match sent {
                 Ok(results) => {
                     for (job, result) in batch.drain(..).zip(results) {
-                        let outcome = result.map_err(|e| self.append_error(&e)).and_then(|s| {
-                            serde_json::from_str(&s)
-                                .map_err(|e| StoreError::Failed(format!("stored message: {e}")))
-                        });
+                        let outcome =
+                            result
+                                .map_err(|e| self.append_error(&e))
+                                .and_then(|(s, _)| {
+                                    serde_json::from_str(&s).map_err(|e| {
+                                        StoreError::Failed(format!("stored message: {e}"))
+                                    })
+                                });
                         // A refusal at the room cap is no storage failure.
                         let failed =
                             matches!(&outcome, Err(e) if !matches!(e, StoreError::Limit(_)));
@@ -371,7 +401,7 @@ impl Cluster {
 
     /// The script that stores `job` (EVAL with the script's text: a Redis that restarted has
     /// no cached scripts, and a pipeline cannot load one midway).
-    fn append_command(&self, job: &Append) -> redis::Cmd {
+    fn append_command(&self, job: &Append, may_start_room: bool) -> redis::Cmd {
         // The message is JSON with the id spliced in by the script: `{…"id":` + N + `,…}`.
         let rest = serde_json::json!({
             "room": job.room, "user": job.user, "text": job.text, "ts": now_rfc3339()
@@ -397,7 +427,8 @@ impl Cluster {
             .arg(crate::store::new_epoch())
             .arg(self.max_rooms)
             .arg(job.key.as_deref().unwrap_or_default())
-            .arg(KEY_WINDOW.as_secs());
+            .arg(KEY_WINDOW.as_secs())
+            .arg(if may_start_room { "1" } else { "0" });
         cmd
     }
 
@@ -408,6 +439,9 @@ impl Cluster {
                 "the server keeps at most {} rooms (max_rooms): pick an existing room",
                 self.max_rooms
             ));
+        }
+        if e.code() == Some("ROOMQUOTA") {
+            return StoreError::Limit(crate::journal::ROOM_QUOTA.to_owned());
         }
         self.metrics.store_failures.fetch_add(1, Relaxed);
         if e.is_timeout() || e.is_connection_dropped() {

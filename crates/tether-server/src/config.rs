@@ -40,6 +40,10 @@ pub struct ServerConfig {
     /// Rooms with stored messages at most; a message that would start another is refused
     /// (an `error` event, 403 from the API). Default 10,000.
     pub max_rooms: usize,
+    /// Rooms one identity (a registered user, or a guest's address) may start per hour, in
+    /// bursts of as many; past it a message that would start another is refused (403, an
+    /// `error` event), so nobody alone can use up `max_rooms`. Default 20.
+    pub rooms_per_hour: u32,
     /// Size of the SQLite file at most, in MiB (0: no cap); past it writes fail as on a full
     /// disk and `/healthz` reports storage as failing. Default 4,096.
     pub max_database_mb: u64,
@@ -136,6 +140,7 @@ impl Default for ServerConfig {
             history_limit: 10_000,
             history_on_join: 50,
             max_rooms: 10_000,
+            rooms_per_hour: 20,
             max_database_mb: 4096,
             max_text: 4096,
             max_connections: 10_000,

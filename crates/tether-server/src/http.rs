@@ -679,9 +679,14 @@ async fn publish(
         Some(Ok(key)) if auth::valid_key(key) => Some(key),
         Some(_) => return error(StatusCode::BAD_REQUEST, auth::KEY_RULE),
     };
+    let writer = Writer::User(user.clone());
     let stored = match &app.cluster {
-        Some(cluster) => cluster.append(&room, &user, &input.text, key).await,
-        None => app.journal.chat(&room, &user, &input.text, key).await,
+        Some(cluster) => cluster.append(&room, &user, &input.text, key, writer).await,
+        None => {
+            app.journal
+                .chat(&room, &user, &input.text, key, writer)
+                .await
+        }
     };
     match stored {
         Ok(message) => json(StatusCode::CREATED, &message),

@@ -67,6 +67,13 @@ impl<T> Reply<T> {
     }
 }
 
+/// New rooms one identity may start: a token bucket per user or guest address.
+pub type RoomQuota = std::sync::Arc<crate::throttle::Throttle<crate::app::Writer>>;
+
+/// What a client past its [`RoomQuota`] is told.
+pub const ROOM_QUOTA: &str =
+    "you have started too many rooms lately (rooms_per_hour): use an existing room or wait";
+
 /// A write for the journal.
 #[derive(Debug)]
 pub enum Job {
@@ -81,6 +88,8 @@ pub enum Job {
         /// The sender's idempotency key: a message it sent to this room with the same key,
         /// while kept, is answered again instead of storing another.
         key: Option<String>,
+        /// Whose budget of new rooms a message that starts one spends.
+        writer: crate::app::Writer,
         /// Where the stored message (or the failure) goes.
         reply: Reply<ChatMessage>,
     },
@@ -116,6 +125,7 @@ impl Journal {
         metrics: Arc<Metrics>,
         history_limit: usize,
         max_rooms: usize,
+        room_quota: RoomQuota,
     ) -> Result<Journal, StoreError> {
         let rooms = store.room_count()?;
         let (tx, rx) = mpsc::channel(4096);
@@ -128,6 +138,7 @@ impl Journal {
                     metrics,
                     history_limit,
                     max_rooms,
+                    room_quota,
                     rooms,
                     last_ids: HashMap::new(),
                 }
@@ -155,6 +166,7 @@ impl Journal {
         user: &str,
         text: &str,
         key: Option<&str>,
+        writer: crate::app::Writer,
     ) -> Result<ChatMessage, StoreError> {
         Reply::wait(|reply| {
             self.submit(Job::Chat {
@@ -162,6 +174,7 @@ impl Journal {
                 user: user.to_owned(),
                 text: text.to_owned(),
                 key: key.map(str::to_owned),
+                writer,
                 reply,
             })
         })
@@ -184,6 +197,8 @@ struct Writer {
     history_limit: usize,
     /// Rooms with stored messages at most; a message to a new room past it is refused.
     max_rooms: usize,
+    /// New rooms per identity.
+    room_quota: RoomQuota,
     /// Rooms with stored messages (only this thread adds rooms).
     rooms: usize,
     /// The last id of each room this thread has stored (ids are only assigned here).
@@ -263,6 +278,7 @@ impl Writer {
                     user,
                     text,
                     key,
+                    writer,
                     ..
                 } => {
                     if let Some(key) = key {
@@ -281,6 +297,16 @@ impl Writer {
                                 "the server keeps at most {} rooms (max_rooms): pick an existing room",
                                 self.max_rooms
                             ))));
+                            continue;
+                        }
+                        if self
+                            .room_quota
+                            .take(writer, std::time::Instant::now())
+                            .is_err()
+                        {
+                            outcomes.push(Outcome::Refused(StoreError::Limit(
+                                ROOM_QUOTA.to_owned(),
+                            )));
                             continue;
                         }
                         new_rooms += 1;

@@ -109,12 +109,18 @@ impl Server {
             store.limit_size(config.max_database_mb.saturating_mul(1 << 20))?;
             Ok::<_, crate::store::StoreError>(store)
         };
+        let room_quota = Arc::new(crate::throttle::Throttle::new(
+            config.rooms_per_hour,
+            Duration::from_secs(3600) / config.rooms_per_hour.max(1),
+            100_000,
+        ));
         let journal = Journal::start(
             open()?,
             hub.clone(),
             metrics.clone(),
             config.history_limit,
             config.max_rooms,
+            room_quota.clone(),
         )?;
         let store = open()?;
         let bounded =
@@ -159,6 +165,7 @@ impl Server {
                     metrics.clone(),
                     config.history_limit,
                     config.max_rooms,
+                    room_quota,
                 )?)
             }
             None => None,

@@ -809,6 +809,7 @@ async fn handle(
                     user: user.clone(),
                     text,
                     key,
+                    writer: target.writer.clone(),
                     reply: Reply::Socket(sub.sender()),
                 };
                 return match cluster.submit(append).await {
@@ -821,6 +822,7 @@ async fn handle(
                 user: user.clone(),
                 text,
                 key,
+                writer: target.writer.clone(),
                 reply: Reply::Socket(sub.sender()),
             }
         }

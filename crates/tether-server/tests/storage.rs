@@ -135,6 +135,49 @@ async fn rooms_are_listed_in_pages_and_capped() {
 }
 
 #[tokio::test]
+async fn one_person_may_start_only_so_many_rooms() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "ops", "pw").await;
+    add_user(dir.path(), "eve", "pw").await;
+    let mut c = config(dir.path());
+    c.rooms_per_hour = 3;
+    let server = start(c).await;
+    let publish = |auth: String, room: &'static str| {
+        let addr = server.addr;
+        async move {
+            http(
+                addr,
+                "POST",
+                &format!("/api/rooms/{room}/messages"),
+                &[("Authorization", &auth)],
+                Some(json!({"text": "hi"})),
+            )
+            .await
+        }
+    };
+    let ops = format!("Bearer {}", token(server.addr, "ops", "pw").await);
+    let eve = format!("Bearer {}", token(server.addr, "eve", "pw").await);
+    for room in ["a1", "a2", "a3"] {
+        assert_eq!(publish(ops.clone(), room).await.0, 201);
+    }
+    let (status, body) = publish(ops.clone(), "a4").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("rooms_per_hour"),
+        "{body}"
+    );
+    // Existing rooms take more; someone else may start one.
+    assert_eq!(publish(ops.clone(), "a1").await.0, 201);
+    assert_eq!(publish(eve, "a4").await.0, 201);
+    // A guest over a socket spends its address's budget.
+    let mut gus = connect(&server.ws("/ws/rooms/g1?name=gus")).await;
+    next_of(&mut gus, "ready").await;
+    say(&mut gus, "hi").await;
+    assert_eq!(next_of(&mut gus, "message").await["id"], 1);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_database_that_cannot_grow_is_reported_by_healthz() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
