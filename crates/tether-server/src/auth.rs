@@ -126,6 +126,14 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Whether `key` may be an idempotency key: 1 to 64 visible ASCII characters.
+pub fn valid_key(key: &str) -> bool {
+    (1..=64).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// What is wrong with an idempotency key, for the client.
+pub const KEY_RULE: &str = "an idempotency key is 1-64 visible ASCII characters";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,11 +235,3 @@ mod tests {
         assert_eq!(cookie("tether_sessionx=1", "tether_session"), None);
     }
 }
-
-/// Whether `key` may be an idempotency key: 1 to 64 visible ASCII characters.
-pub fn valid_key(key: &str) -> bool {
-    (1..=64).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// What is wrong with an idempotency key, for the client.
-pub const KEY_RULE: &str = "an idempotency key is 1-64 visible ASCII characters";

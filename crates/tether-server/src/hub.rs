@@ -591,7 +591,7 @@ mod tests {
     #[test]
     fn presence_counts_users_not_connections() {
         let hub = Hub::new(16, Arc::default());
-        let mut ann = hub.join("r", "ann").subscription;
+        let ann = hub.join("r", "ann").subscription;
         let ben1 = hub.join("r", "ben");
         assert_eq!(ben1.members, ["ann", "ben"]);
         let ben2 = hub.join("r", "ben");
@@ -612,7 +612,7 @@ mod tests {
     fn full_queue_marks_only_that_subscriber_slow() {
         let hub = Hub::new(2, Arc::default());
         let slow = hub.join("r", "slow").subscription;
-        let mut fast = hub.join("r", "fast").subscription;
+        let fast = hub.join("r", "fast").subscription;
         for id in 1..=3 {
             assert!(hub.deliver(&message("r", id)) >= 1);
             while fast.outbox.try_recv().is_some() {}
