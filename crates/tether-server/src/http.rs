@@ -104,7 +104,40 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws/rooms/{room}", get(room_socket))
         .route("/ws/polls/{id}", get(poll_socket))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such page") })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(app)
+}
+
+/// The answers axum makes by itself (a query string that does not parse, a method the route
+/// does not take) are plain text or empty; the API answers every error as `{"error": …}`, with
+/// the original status and headers (`Allow` on a 405).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // These bodies are axum's own short messages; anything longer is cut.
+    let text = axum::body::to_bytes(body, 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let reason = match text.trim() {
+        "" => status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_ascii_lowercase(),
+        text => text.to_owned(),
+    };
+    let mut answer = error(status, &reason);
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {

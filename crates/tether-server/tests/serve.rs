@@ -744,3 +744,30 @@ async fn a_resume_into_another_database_is_not_recovered() {
     assert_eq!(ready["epoch"], welcome["epoch"]);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn every_api_error_is_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    // A query string that does not parse.
+    let (status, body) = http(server.addr, "GET", "/api/rooms?limit=abc", &[], None).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("limit"), "{body}");
+    let (status, body) = http(server.addr, "GET", "/ws/rooms/r?since=-1", &[], None).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].is_string(), "{body}");
+    // A method the route does not take: 405 with Allow, and a JSON body.
+    let (status, head, body) = http_from(
+        [127, 0, 0, 1].into(),
+        server.addr,
+        "DELETE",
+        "/api/rooms",
+        &[("Content-Type", "application/json")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 405, "{head}");
+    assert!(head.to_ascii_lowercase().contains("allow: get"), "{head}");
+    assert_eq!(body, json!({"error": "method not allowed"}));
+    server.stop().await;
+}
