@@ -13,7 +13,7 @@ use crate::config::ServerConfig;
 use crate::gate::{Full, Gate, Pass};
 use crate::guests::{NickHold, Nicknames, GUEST_COOKIE};
 use crate::hub::Hub;
-use crate::journal::Journal;
+use crate::journal::{ChatWrite, Job, Journal};
 use crate::metrics::{Metrics, Refusal};
 use crate::password::PasswordChecker;
 use crate::store::{CredentialKind, Store, StoreError};
@@ -413,6 +413,18 @@ impl App {
     /// Tells open connections that credentials were revoked: each checks its own again.
     pub fn credentials_revoked(&self) {
         self.revocations.send_modify(|n| *n += 1);
+    }
+
+    /// Queues a chat message for storing where this server keeps them: the journal (SQLite),
+    /// or Redis through the cluster's appender. The outcome goes to `write.reply`.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] when the writer has stopped.
+    pub async fn submit_chat(&self, write: ChatWrite) -> Result<(), StoreError> {
+        match &self.cluster {
+            Some(cluster) => cluster.submit(write).await,
+            None => self.journal.submit(Job::Chat(write)).await,
+        }
     }
 
     /// Revocations from now on, for [`App::credential_lost`]: take it before checking a

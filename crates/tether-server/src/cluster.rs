@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::hub::Hub;
-use crate::journal::Reply;
+use crate::journal::ChatWrite;
 use crate::metrics::Metrics;
 use crate::store::{now_rfc3339, ChatMessage, StoreError};
 
@@ -116,23 +116,6 @@ fn stream_key(room: &str) -> String {
     format!("tether:s:{room}")
 }
 
-/// A message to store (see [`Cluster::submit`]).
-#[derive(Debug)]
-pub struct Append {
-    /// The room.
-    pub room: String,
-    /// The sender.
-    pub user: String,
-    /// The text (already validated).
-    pub text: String,
-    /// The sender's idempotency key.
-    pub key: Option<String>,
-    /// Whose budget of new rooms a message that starts one spends.
-    pub writer: crate::app::Writer,
-    /// Where the stored message or the failure goes.
-    pub reply: Reply<ChatMessage>,
-}
-
 /// Appends sent to Redis in one pipeline at most.
 const APPEND_BATCH: usize = 128;
 /// Appends waiting at most; a session queuing more waits (backpressure).
@@ -205,7 +188,7 @@ pub struct Cluster {
     /// New rooms per identity.
     room_quota: crate::journal::RoomQuota,
     /// Messages waiting to be stored, in order.
-    appends: mpsc::Sender<Append>,
+    appends: mpsc::Sender<ChatWrite>,
     epoch: redis::Script,
     connected: AtomicBool,
     /// Redis stopped answering commands (the last presence refresh failed) though the
@@ -302,41 +285,16 @@ impl Cluster {
         &self.node
     }
 
-    /// Stores a message under the room's next id and publishes it to every node, and waits
-    /// for the outcome. With an idempotency `key`, a message `user` sent to `room` with the
-    /// same key within [`KEY_WINDOW`] is answered again instead.
-    ///
-    /// # Errors
-    /// [`StoreError::Unknown`] when Redis did not answer in time or the connection dropped
-    /// with the script sent (it may have run); otherwise nothing was stored: Redis is
-    /// unreachable, refused the script, or the room cap is reached.
-    pub async fn append(
-        &self,
-        room: &str,
-        user: &str,
-        text: &str,
-        key: Option<&str>,
-        writer: crate::app::Writer,
-    ) -> Result<ChatMessage, StoreError> {
-        Reply::wait(|reply| {
-            self.submit(Append {
-                room: room.to_owned(),
-                user: user.to_owned(),
-                text: text.to_owned(),
-                key: key.map(str::to_owned),
-                writer,
-                reply,
-            })
-        })
-        .await
-    }
-
-    /// Queues a message for storing, waiting only while the queue is full; the outcome goes to
-    /// `append.reply`. Messages are stored in the order they are queued.
+    /// Queues a message for storing under the room's next id and publishing to every node,
+    /// waiting only while the queue is full. Messages are stored in the order they are queued.
+    /// The outcome goes to `append.reply`: the stored message (with an idempotency key already
+    /// used in this room within [`KEY_WINDOW`], the one stored then); [`StoreError::Unknown`]
+    /// when Redis did not answer in time or the connection dropped with the script sent (it may
+    /// have run); otherwise a failure means nothing was stored.
     ///
     /// # Errors
     /// [`StoreError::Closed`] when the appender has stopped.
-    pub async fn submit(&self, append: Append) -> Result<(), StoreError> {
+    pub async fn submit(&self, append: ChatWrite) -> Result<(), StoreError> {
         self.appends
             .send(append)
             .await
@@ -347,7 +305,7 @@ impl Cluster {
     /// waiting when the previous one returned. A session that queues a message goes on
     /// draining its own outbox meanwhile, so a burst of its client's messages (after a pause)
     /// cannot make it a slow consumer.
-    async fn append_forever(self: Arc<Self>, mut rx: mpsc::Receiver<Append>) {
+    async fn append_forever(self: Arc<Self>, mut rx: mpsc::Receiver<ChatWrite>) {
         let mut batch = Vec::with_capacity(APPEND_BATCH);
         while rx.recv_many(&mut batch, APPEND_BATCH).await > 0 {
             let mut pipe = redis::pipe();
@@ -401,7 +359,7 @@ impl Cluster {
 
     /// The script that stores `job` (EVAL with the script's text: a Redis that restarted has
     /// no cached scripts, and a pipeline cannot load one midway).
-    fn append_command(&self, job: &Append, may_start_room: bool) -> redis::Cmd {
+    fn append_command(&self, job: &ChatWrite, may_start_room: bool) -> redis::Cmd {
         // The message is JSON with the id spliced in by the script: `{…"id":` + N + `,…}`.
         let rest = serde_json::json!({
             "room": job.room, "user": job.user, "text": job.text, "ts": now_rfc3339()

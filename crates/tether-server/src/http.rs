@@ -18,6 +18,7 @@ use crate::app::{App, Refused, Writer, SESSION_COOKIE};
 use crate::auth::{self, Identity};
 use crate::config::Voters;
 use crate::guests::GUEST_COOKIE;
+use crate::journal::{ChatWrite, Reply};
 use crate::metrics::Refusal;
 use crate::password::Busy;
 use crate::store::{now_rfc3339, CredentialKind, StoreError, Voter};
@@ -712,15 +713,17 @@ async fn publish(
         Some(Ok(key)) if auth::valid_key(key) => Some(key),
         Some(_) => return error(StatusCode::BAD_REQUEST, auth::KEY_RULE),
     };
-    let writer = Writer::User(user.clone());
-    let stored = match &app.cluster {
-        Some(cluster) => cluster.append(&room, &user, &input.text, key, writer).await,
-        None => {
-            app.journal
-                .chat(&room, &user, &input.text, key, writer)
-                .await
-        }
-    };
+    let stored = Reply::wait(|reply| {
+        app.submit_chat(ChatWrite {
+            writer: Writer::User(user.clone()),
+            room,
+            user,
+            text: input.text,
+            key: key.map(str::to_owned),
+            reply,
+        })
+    })
+    .await;
     match stored {
         Ok(message) => json(StatusCode::CREATED, &message),
         Err(e) => store_error(&e),

@@ -74,25 +74,30 @@ pub type RoomQuota = std::sync::Arc<crate::throttle::Throttle<crate::app::Writer
 pub const ROOM_QUOTA: &str =
     "you have started too many rooms lately (rooms_per_hour): use an existing room or wait";
 
+/// A chat message to store, by the journal or by the cluster's appender (see
+/// [`crate::app::App::submit_chat`]).
+#[derive(Debug)]
+pub struct ChatWrite {
+    /// The room.
+    pub room: String,
+    /// The sender.
+    pub user: String,
+    /// The text (already validated).
+    pub text: String,
+    /// The sender's idempotency key: a message it sent to this room with the same key,
+    /// while kept, is answered again instead of storing another.
+    pub key: Option<String>,
+    /// Whose budget of new rooms a message that starts one spends.
+    pub writer: crate::app::Writer,
+    /// Where the stored message (or the failure) goes.
+    pub reply: Reply<ChatMessage>,
+}
+
 /// A write for the journal.
 #[derive(Debug)]
 pub enum Job {
     /// Store and deliver a chat message.
-    Chat {
-        /// The room.
-        room: String,
-        /// The sender.
-        user: String,
-        /// The text (already validated).
-        text: String,
-        /// The sender's idempotency key: a message it sent to this room with the same key,
-        /// while kept, is answered again instead of storing another.
-        key: Option<String>,
-        /// Whose budget of new rooms a message that starts one spends.
-        writer: crate::app::Writer,
-        /// Where the stored message (or the failure) goes.
-        reply: Reply<ChatMessage>,
-    },
+    Chat(ChatWrite),
     /// Record a vote and deliver the poll's new counts.
     Vote {
         /// The poll.
@@ -154,31 +159,6 @@ impl Journal {
     /// [`StoreError::Closed`] when the writer thread has stopped.
     pub async fn submit(&self, job: Job) -> Result<(), StoreError> {
         self.tx.send(job).await.map_err(|_| StoreError::Closed)
-    }
-
-    /// Stores a chat message and waits for it to be committed and delivered.
-    ///
-    /// # Errors
-    /// The store failed or is shut down.
-    pub async fn chat(
-        &self,
-        room: &str,
-        user: &str,
-        text: &str,
-        key: Option<&str>,
-        writer: crate::app::Writer,
-    ) -> Result<ChatMessage, StoreError> {
-        Reply::wait(|reply| {
-            self.submit(Job::Chat {
-                room: room.to_owned(),
-                user: user.to_owned(),
-                text: text.to_owned(),
-                key: key.map(str::to_owned),
-                writer,
-                reply,
-            })
-        })
-        .await
     }
 
     /// Waits until every job submitted before is committed and delivered.
@@ -265,7 +245,7 @@ impl Writer {
         let mut last_ids: HashMap<String, u64> = HashMap::new();
         let mut new_rooms = 0;
         for job in jobs {
-            if let Job::Chat { room, .. } = job {
+            if let Job::Chat(ChatWrite { room, .. }) = job {
                 if let Some(id) = self.last_ids.get(room) {
                     last_ids.insert(room.clone(), *id);
                 }
@@ -273,14 +253,14 @@ impl Writer {
         }
         for job in jobs {
             outcomes.push(match job {
-                Job::Chat {
+                Job::Chat(ChatWrite {
                     room,
                     user,
                     text,
                     key,
                     writer,
                     ..
-                } => {
+                }) => {
                     if let Some(key) = key {
                         if let Some(earlier) = batch.keyed_message(room, user, key)? {
                             outcomes.push(Outcome::Again(earlier));
@@ -357,14 +337,14 @@ impl Writer {
 
     fn finish(&self, job: Job, outcome: Outcome) {
         match (job, outcome) {
-            (Job::Chat { reply, .. }, Outcome::Chat(message)) => {
+            (Job::Chat(ChatWrite { reply, .. }), Outcome::Chat(message)) => {
                 self.hub.deliver(&message);
                 reply.send(Ok(message), "message");
             }
-            (Job::Chat { reply, .. }, Outcome::Again(message)) => {
+            (Job::Chat(ChatWrite { reply, .. }), Outcome::Again(message)) => {
                 reply.send(Ok(message), "message");
             }
-            (Job::Chat { reply, .. }, Outcome::Refused(e)) => {
+            (Job::Chat(ChatWrite { reply, .. }), Outcome::Refused(e)) => {
                 reply.send(Err(e), "message not stored");
             }
             (Job::Vote { reply, .. }, Outcome::Vote(VoteOutcome::Counted)) => {
@@ -391,7 +371,7 @@ impl Writer {
 
     fn fail(&self, job: Job, e: &StoreError) {
         match job {
-            Job::Chat { reply, .. } => {
+            Job::Chat(ChatWrite { reply, .. }) => {
                 self.metrics.store_failures.fetch_add(1, Relaxed);
                 reply.send(Err(StoreError::Failed(e.to_string())), "message not stored");
             }

@@ -17,7 +17,7 @@ use tether::{CloseCode, CloseFrame, Message, Prepared};
 use crate::app::{App, Credential, Slot};
 use crate::auth::Identity;
 use crate::hub::{encode, Outgoing, Subscription, Verdict};
-use crate::journal::{Job, Reply};
+use crate::journal::{ChatWrite, Job, Reply};
 use crate::store::{ChatMessage, Poll, StoreError, Voter};
 
 /// Events written per flush at most, so one busy connection cannot starve its own reads.
@@ -801,30 +801,20 @@ async fn handle(
             if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {
                 return Some(error_event(crate::auth::KEY_RULE));
             }
-            if let Some(cluster) = &app.cluster {
-                // Stored and published by Redis; it comes back through the subscription, a
-                // failure as an error event.
-                let append = crate::cluster::Append {
-                    room: room.clone(),
-                    user: user.clone(),
-                    text,
-                    key,
-                    writer: target.writer.clone(),
-                    reply: Reply::Socket(sub.sender()),
-                };
-                return match cluster.submit(append).await {
-                    Ok(()) => None,
-                    Err(e) => Some(error_event(&format!("message not stored: {e}"))),
-                };
-            }
-            Job::Chat {
+            // Stored, then delivered to the room, this member included; a failure comes back
+            // as an error event.
+            let write = ChatWrite {
                 room: room.clone(),
                 user: user.clone(),
                 text,
                 key,
                 writer: target.writer.clone(),
                 reply: Reply::Socket(sub.sender()),
-            }
+            };
+            return match app.submit_chat(write).await {
+                Ok(()) => None,
+                Err(e) => Some(error_event(&format!("message not stored: {e}"))),
+            };
         }
         Target {
             place: Place::Poll { id, voter },
