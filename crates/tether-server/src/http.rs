@@ -969,7 +969,7 @@ where
                 let session = match pending.await {
                     Ok(socket) => {
                         let (app, slot, session, who, credential, voter, revocations, writer) =
-                            *start;
+                            ws::unbox(start);
                         let member = ws::Member {
                             who,
                             credential,

@@ -501,7 +501,7 @@ pub fn echo(
 }
 
 async fn echo_loop(parts: Box<(Arc<App>, UpgradedWebSocket, Slot)>) {
-    let (app, mut ws, slot) = *parts;
+    let (app, mut ws, slot) = unbox(parts);
     let mut shutdown = app.shutdown.clone();
     let end = loop {
         tokio::select! {
@@ -531,6 +531,14 @@ async fn echo_loop(parts: Box<(Arc<App>, UpgradedWebSocket, Slot)>) {
         close(&app, &mut ws, code, reason).await;
     }
     drop(slot);
+}
+
+/// Moves the value out of `boxed` and frees the box at once. `let x = *boxed;` in an `async`
+/// body would keep the emptied allocation until `boxed` goes out of scope: for an argument or
+/// a captured variable, the whole session.
+#[allow(clippy::boxed_local)] // taking the box is the point
+pub(crate) fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
 }
 
 /// Resolves once the server starts shutting down.
@@ -564,8 +572,8 @@ async fn close(app: &App, ws: &mut UpgradedWebSocket, code: CloseCode, reason: &
 /// ahead (events go straight from the queue into the batch written, which is let go once large),
 /// and the rare long steps (a client's message, the end) in allocations of their own.
 async fn pump(app: Arc<App>, live: Box<Live>) {
-    // Taken by box: the argument stays in the state for good, so it is a pointer (and the box
-    // is freed here).
+    // Taken by box: the argument stays in the state for good, so it is a pointer, and the box
+    // is freed by `unbox`.
     let Live {
         mut ws,
         slot,
@@ -573,7 +581,7 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
         target,
         first,
         high,
-    } = *live;
+    } = unbox(live);
     let mut shutdown = app.shutdown.clone();
     let mut limit = RateLimit::new(app.config.message_rate);
     let mut pending: Vec<Arc<Prepared>> = first;
