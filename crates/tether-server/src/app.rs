@@ -107,8 +107,6 @@ pub struct App {
     pub tls: bool,
     /// The link to the other nodes, when running with Redis.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// Becomes `true` when the server starts shutting down.
-    pub shutdown: watch::Receiver<bool>,
     /// Password checks: a fixed pool of threads behind a bounded queue.
     pub passwords: PasswordChecker,
     /// Failed logins per address.
@@ -121,6 +119,8 @@ pub struct App {
     pub nicknames: Arc<Nicknames>,
     /// Reverse proxies allowed to name the client's address.
     pub trusted_proxies: Vec<crate::proxy::Cidr>,
+    /// Where WebSocket sessions run.
+    pub sessions: crate::sessions::Sessions,
     /// Bumped whenever credentials are revoked here: open connections check theirs again.
     revocations: watch::Sender<u64>,
     shutting_down: AtomicBool,
@@ -251,7 +251,6 @@ impl App {
         metrics: Arc<Metrics>,
         tls: bool,
         cluster: Option<Arc<crate::cluster::Cluster>>,
-        shutdown: watch::Receiver<bool>,
         trusted_proxies: Vec<crate::proxy::Cidr>,
     ) -> std::io::Result<Arc<App>> {
         let passwords = PasswordChecker::start(config.password_threads, config.password_queue)?;
@@ -270,6 +269,7 @@ impl App {
         Ok(Arc::new(App {
             nicknames: Nicknames::new(),
             trusted_proxies,
+            sessions: crate::sessions::Sessions::start(),
             revocations: watch::channel(0).0,
             quotas,
             passwords,
@@ -283,15 +283,16 @@ impl App {
             metrics,
             tls,
             cluster,
-            shutdown,
             shutting_down: AtomicBool::new(false),
             sockets: Gate::new(config_limits.0, config_limits.1),
         }))
     }
 
-    /// Marks the server as shutting down (health turns 503, upgrades are refused).
+    /// Marks the server as shutting down (health turns 503, upgrades are refused) and has
+    /// every WebSocket session look (they close with 1001).
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Relaxed);
+        self.sessions.wake_all();
     }
 
     /// Whether the server is shutting down.

@@ -949,11 +949,12 @@ where
                     response.headers_mut().insert(header::SET_COOKIE, v);
                 }
             }
-            // The task of an idle connection should hold its session and little else: the
+            // An idle connection's session should hold its live loop and little else: the
             // upgrade's future and what the session starts from wait in allocations of their
             // own, freed as the session starts, which is itself boxed in a block that ends
-            // before it is awaited (a value alive across an `.await` stays in the task's state).
+            // before it is awaited (a value alive across an `.await` stays in the state).
             let pending = Box::pin(pending);
+            let shards = app.clone();
             let writer = Writer::new((!who.is_guest()).then(|| who.name()), peer.map(|p| p.ip()));
             let start = Box::new((
                 app,
@@ -965,7 +966,7 @@ where
                 revocations,
                 writer,
             ));
-            tokio::spawn(async move {
+            shards.sessions.spawn(Box::pin(async move {
                 let session = match pending.await {
                     Ok(socket) => {
                         let (app, slot, session, who, credential, voter, revocations, writer) =
@@ -985,7 +986,7 @@ where
                     }
                 };
                 session.await;
-            });
+            }));
             response
         }
         Err(e) => {

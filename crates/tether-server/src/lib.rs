@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod password;
 pub mod proxy;
 pub mod serve;
+pub mod sessions;
 pub mod store;
 pub mod throttle;
 pub mod web;

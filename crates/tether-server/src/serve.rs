@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::StatusCode;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::{App, Db};
@@ -53,7 +53,6 @@ pub struct Server {
     app: Arc<App>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    shutdown: watch::Sender<bool>,
 }
 
 fn tls_acceptor(config: &ServerConfig) -> Result<Option<TlsAcceptor>, ServerError> {
@@ -170,7 +169,6 @@ impl Server {
             }
             None => None,
         };
-        let (shutdown, rx) = watch::channel(false);
         let app = App::new(
             config,
             ws_config,
@@ -180,18 +178,12 @@ impl Server {
             metrics,
             tls.is_some(),
             cluster,
-            rx,
             trusted_proxies,
         )?;
         if let Some(cluster) = &app.cluster {
             cluster.follow_nicknames(app.nicknames.clone());
         }
-        Ok(Server {
-            app,
-            listener,
-            tls,
-            shutdown,
-        })
+        Ok(Server { app, listener, tls })
     }
 
     /// The bound address.
@@ -215,12 +207,7 @@ impl Server {
     /// with 1001, waits for them (at most the configured deadline) and for the journal to
     /// store what it holds.
     pub async fn run(self, signal: impl Future<Output = ()>) {
-        let Server {
-            app,
-            listener,
-            tls,
-            shutdown,
-        } = self;
+        let Server { app, listener, tls } = self;
         let router = router(app.clone());
         let http = Gate::new(
             app.config.max_http_connections,
@@ -268,7 +255,6 @@ impl Server {
             "shutting down: closing sockets with 1001"
         );
         app.begin_shutdown();
-        let _ = shutdown.send(true);
         let deadline = tokio::time::Instant::now() + app.config.shutdown_timeout();
         while app.metrics.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

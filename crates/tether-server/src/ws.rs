@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt as _;
 use serde::{Deserialize, Serialize};
 use tether::upgrade::UpgradedWebSocket;
 use tether::{CloseCode, CloseFrame, Message, Prepared};
@@ -18,6 +17,7 @@ use crate::app::{App, Credential, Slot};
 use crate::auth::Identity;
 use crate::hub::{encode, Outgoing, Subscription, Verdict};
 use crate::journal::{ChatWrite, Job, Reply};
+use crate::sessions::Turn;
 use crate::store::{ChatMessage, Poll, StoreError, Voter};
 
 /// Events written per flush at most, so one busy connection cannot starve its own reads.
@@ -267,12 +267,11 @@ async fn join_room(
         recovered: plan.recovered,
         truncated: plan.truncated,
     });
-    let mut shutdown = app.shutdown.clone();
     let mut batch = vec![welcome];
     let mut high = plan.start;
     let mut replayed = 0;
     loop {
-        if let Some(end) = write_all(&app, &mut ws, &mut batch, &sub, &mut shutdown).await {
+        if let Some(end) = write_all(&app, &mut ws, &mut batch, &sub).await {
             finish(&app, ws, slot, sub, end, who.name()).await;
             return None;
         }
@@ -502,21 +501,24 @@ pub fn echo(
 
 async fn echo_loop(parts: Box<(Arc<App>, UpgradedWebSocket, Slot)>) {
     let (app, mut ws, slot) = unbox(parts);
-    let mut shutdown = app.shutdown.clone();
+    let mut turn = Turn::default();
     let end = loop {
         tokio::select! {
-            () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
+            biased;
+            () = shutting_down(&app) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
             incoming = ws.recv() => match incoming {
                 Some(Ok(msg)) if msg.is_data() => {
                     count_in(&app, msg.as_payload().len());
                     app.metrics.sent(msg.as_payload().len());
-                    // A client that sends but never reads would otherwise hold this task
+                    // A client that sends but never reads would otherwise hold this session
                     // in `send` for good, once the write buffer is full.
-                    match tokio::time::timeout(app.config.write_timeout(), ws.send(msg)).await {
+                    let send = Box::pin(tokio::time::timeout(app.config.write_timeout(), ws.send(msg)));
+                    match send.await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break End::Gone,
                         Err(_) => break stalled(&app),
                     }
+                    turn.step().await;
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
@@ -528,7 +530,9 @@ async fn echo_loop(parts: Box<(Arc<App>, UpgradedWebSocket, Slot)>) {
         }
     };
     if let End::Close(code, reason) = end {
-        close(&app, &mut ws, code, reason).await;
+        // Boxed: the close handshake's timer and frame would otherwise take room in the state
+        // for the whole session.
+        Box::pin(close(&app, &mut ws, code, reason)).await;
     }
     drop(slot);
 }
@@ -541,13 +545,17 @@ pub(crate) fn unbox<T>(boxed: Box<T>) -> T {
     *boxed
 }
 
-/// Resolves once the server starts shutting down.
-async fn shutting_down(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    let down = rx.wait_for(|down| *down).await.is_ok();
-    if !down {
-        // The sender is gone: the server is ending anyway.
-        std::future::pending::<()>().await;
-    }
+/// Resolves once the server is shutting down. It registers no waker: when shutdown begins,
+/// every session is polled ([`crate::sessions::Sessions::wake_all`]), so an idle one holds
+/// nothing for it.
+fn shutting_down(app: &App) -> impl std::future::Future<Output = ()> + '_ {
+    std::future::poll_fn(move |_| {
+        if app.is_shutting_down() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
 }
 
 fn count_in(app: &App, len: usize) {
@@ -582,7 +590,7 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
         first,
         high,
     } = unbox(live);
-    let mut shutdown = app.shutdown.clone();
+    let mut turn = Turn::default();
     let mut limit = RateLimit::new(app.config.message_rate);
     let mut pending: Vec<Arc<Prepared>> = first;
     let every = Duration::from_secs(app.config.credential_check_secs.max(1));
@@ -598,13 +606,14 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
     };
     tokio::pin!(lost);
     let end = loop {
+        turn.step().await;
         // Usually the socket takes the batch at once; only when it would wait does the write
         // (with its timeouts) need a future, boxed so the loop's state stays small.
-        match write_now(&mut ws, &mut pending) {
+        match write_now(&mut ws, &mut pending).await {
             Err(()) => break End::Gone,
             Ok(true) => {}
             Ok(false) => {
-                let write = Box::pin(write_all(&app, &mut ws, &mut pending, &sub, &mut shutdown));
+                let write = Box::pin(write_all(&app, &mut ws, &mut pending, &sub));
                 if let Some(end) = write.await {
                     break end;
                 }
@@ -617,7 +626,7 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
         tokio::select! {
             biased;
             verdict = sub.outbox.ended() => break judged(&app, verdict),
-            () = shutting_down(&mut shutdown) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
+            () = shutting_down(&app) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
             () = &mut lost => {
                 tracing::info!(user = %target.user, "credential revoked or expired: closing");
                 break End::Close(CloseCode::POLICY_VIOLATION, "credentials revoked or expired");
@@ -669,10 +678,10 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
 
 /// Writes what the socket takes without waiting: `Ok(true)` when all of `batch` is written and
 /// flushed, `Ok(false)` when it would wait (`batch` keeps what is not queued yet).
-fn write_now(ws: &mut UpgradedWebSocket, batch: &mut Vec<Arc<Prepared>>) -> Result<bool, ()> {
+async fn write_now(ws: &mut UpgradedWebSocket, batch: &mut Vec<Arc<Prepared>>) -> Result<bool, ()> {
     let mut queued = 0;
     for msg in batch.iter() {
-        match ws.feed_prepared(msg).now_or_never() {
+        match at_once(ws.feed_prepared(msg)).await {
             Some(Ok(())) => queued += 1,
             Some(Err(_)) => return Err(()),
             None => break,
@@ -682,11 +691,22 @@ fn write_now(ws: &mut UpgradedWebSocket, batch: &mut Vec<Arc<Prepared>>) -> Resu
     if !batch.is_empty() {
         return Ok(false);
     }
-    match ws.flush().now_or_never() {
+    match at_once(ws.flush()).await {
         Some(Ok(())) => Ok(true),
         Some(Err(_)) => Err(()),
         None => Ok(false),
     }
+}
+
+/// Polls `fut` once, with the session's own waker: its output if it is done at once. (Not
+/// `now_or_never`: the socket would see another waker and track a second task, at a cost.)
+async fn at_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        std::task::Poll::Ready(output) => std::task::Poll::Ready(Some(output)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
 }
 
 /// Writes `batch` (emptying it) unless the session must end first: the hub gave up on a slow
@@ -698,7 +718,6 @@ async fn write_all(
     ws: &mut UpgradedWebSocket,
     batch: &mut Vec<Arc<Prepared>>,
     sub: &Subscription,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<End> {
     if batch.is_empty() && ws.queued_len() == 0 {
         return None;
@@ -710,7 +729,7 @@ async fn write_all(
     let write = async {
         for msg in batch.drain(..) {
             // Usually there is room at once: no timer for that (fan-out feeds every message).
-            match ws.feed_prepared(&msg).now_or_never() {
+            match at_once(ws.feed_prepared(&msg)).await {
                 Some(Ok(())) => continue,
                 Some(Err(_)) => return Some(End::Gone),
                 None => {}
@@ -734,7 +753,7 @@ async fn write_all(
     let end = tokio::select! {
         biased;
         verdict = sub.outbox.ended() => Some(judged(app, verdict)),
-        () = shutting_down(shutdown) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
+        () = shutting_down(app) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
         end = write => end,
     };
     batch.clear();

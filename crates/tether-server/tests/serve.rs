@@ -525,9 +525,18 @@ async fn history_survives_a_restart_and_ids_continue() {
     next_of(&mut ws, "ready").await;
     say(&mut ws, "before").await;
     next_of(&mut ws, "message").await;
+    // An idle echo socket is told too: sessions register nothing for
+    // shutdown, they are all polled when it begins.
+    let mut echo = connect(&server.ws("/ws/echo")).await;
+    echo.send(Message::text("hi")).await.unwrap();
+    assert_eq!(
+        within(echo.recv()).await.unwrap().unwrap(),
+        Message::text("hi")
+    );
     server.stop().await;
-    // Shutdown closed the socket with 1001.
+    // Shutdown closed the sockets with 1001.
     assert_eq!(close_code(&mut ws).await, 1001);
+    assert_eq!(close_code(&mut echo).await, 1001);
 
     let server = start(config(dir.path())).await;
     let mut ws = connect(&server.ws("/ws/rooms/keep?name=ann")).await;
