@@ -119,8 +119,8 @@ pub struct App {
     pub nicknames: Arc<Nicknames>,
     /// Reverse proxies allowed to name the client's address.
     pub trusted_proxies: Vec<crate::proxy::Cidr>,
-    /// Where WebSocket sessions run.
-    pub sessions: crate::sessions::Sessions,
+    /// Sessions to wake at shutdown that the hub does not know (echo).
+    pub wakers: crate::sessions::Wakers,
     /// Bumped whenever credentials are revoked here: open connections check theirs again.
     revocations: watch::Sender<u64>,
     shutting_down: AtomicBool,
@@ -269,7 +269,7 @@ impl App {
         Ok(Arc::new(App {
             nicknames: Nicknames::new(),
             trusted_proxies,
-            sessions: crate::sessions::Sessions::start(),
+            wakers: crate::sessions::Wakers::default(),
             revocations: watch::channel(0).0,
             quotas,
             passwords,
@@ -288,11 +288,12 @@ impl App {
         }))
     }
 
-    /// Marks the server as shutting down (health turns 503, upgrades are refused) and has
-    /// every WebSocket session look (they close with 1001).
+    /// Marks the server as shutting down (health turns 503, upgrades are refused) and wakes
+    /// every WebSocket session, which then closes with 1001.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Relaxed);
-        self.sessions.wake_all();
+        self.hub.wake_all();
+        self.wakers.wake_all();
     }
 
     /// Whether the server is shutting down.

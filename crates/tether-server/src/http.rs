@@ -949,12 +949,11 @@ where
                     response.headers_mut().insert(header::SET_COOKIE, v);
                 }
             }
-            // An idle connection's session should hold its live loop and little else: the
+            // The task of an idle connection should hold its session and little else: the
             // upgrade's future and what the session starts from wait in allocations of their
             // own, freed as the session starts, which is itself boxed in a block that ends
-            // before it is awaited (a value alive across an `.await` stays in the state).
+            // before it is awaited (a value alive across an `.await` stays in the task's state).
             let pending = Box::pin(pending);
-            let shards = app.clone();
             let writer = Writer::new((!who.is_guest()).then(|| who.name()), peer.map(|p| p.ip()));
             let start = Box::new((
                 app,
@@ -966,7 +965,7 @@ where
                 revocations,
                 writer,
             ));
-            shards.sessions.spawn(Box::pin(async move {
+            tokio::spawn(async move {
                 let session = match pending.await {
                     Ok(socket) => {
                         let (app, slot, session, who, credential, voter, revocations, writer) =
@@ -986,7 +985,7 @@ where
                     }
                 };
                 session.await;
-            }));
+            });
             response
         }
         Err(e) => {

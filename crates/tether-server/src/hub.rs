@@ -6,12 +6,15 @@
 //! never slows the others, and memory per subscriber is bounded by the queue length.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64, AtomicU8, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use serde::Serialize;
 use tether::Prepared;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::store::ChatMessage;
@@ -37,7 +40,7 @@ pub enum Verdict {
 }
 
 /// A connection's outbound queue and the hub's verdict on it, shared by the hub (which pushes)
-/// and the connection's task (which takes). An idle queue holds no buffer: it grows while
+/// and the connection's session (which takes). An idle queue holds no buffer: it grows while
 /// events wait and is let go once drained, so an idle connection costs this struct alone
 /// (tokio's bounded channel keeps a 32-slot block or two for good).
 #[derive(Debug)]
@@ -45,12 +48,10 @@ pub struct Outbox {
     queue: Mutex<VecDeque<Outgoing>>,
     /// Events queued at most; a push past it makes the connection a slow consumer.
     cap: usize,
-    /// The task waiting for events.
+    /// The session waiting for events or for the verdict.
     waker: futures_util::task::AtomicWaker,
     /// 0: none; 1: slow; 2: reset.
     verdict: AtomicU8,
-    /// The task waiting for a verdict.
-    judged: Notify,
 }
 
 /// Why an event was not queued.
@@ -64,7 +65,6 @@ impl Outbox {
             cap,
             waker: futures_util::task::AtomicWaker::new(),
             verdict: AtomicU8::new(0),
-            judged: Notify::new(),
         }
     }
 
@@ -88,32 +88,30 @@ impl Outbox {
     pub fn try_recv(&self) -> Option<Outgoing> {
         let mut queue = lock(&self.queue);
         let event = queue.pop_front();
-        if queue.is_empty() && queue.capacity() > 8 {
-            // A burst is over: do not keep its room while idle.
+        if queue.is_empty() && queue.capacity() > 0 {
+            // Drained: an idle connection keeps no room for events.
             *queue = VecDeque::new();
         }
         event
     }
 
-    /// The next event, waiting for one.
-    pub async fn recv(&self) -> Outgoing {
-        std::future::poll_fn(|cx| {
-            if let Some(event) = self.try_recv() {
-                return std::task::Poll::Ready(event);
-            }
-            self.waker.register(cx.waker());
-            // An event pushed between the check and the registration woke nobody.
-            match self.try_recv() {
-                Some(event) => std::task::Poll::Ready(event),
-                None => std::task::Poll::Pending,
-            }
-        })
-        .await
+    /// The next event; without one, the session is woken when one is queued (or a verdict
+    /// given).
+    pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Outgoing> {
+        if let Some(event) = self.try_recv() {
+            return Poll::Ready(event);
+        }
+        self.waker.register(cx.waker());
+        // An event pushed between the check and the registration woke nobody.
+        match self.try_recv() {
+            Some(event) => Poll::Ready(event),
+            None => Poll::Pending,
+        }
     }
 
     /// The hub's verdict on this connection, if it gave one.
     pub fn verdict(&self) -> Option<Verdict> {
-        match self.verdict.load(Relaxed) {
+        match self.verdict.load(Acquire) {
             0 => None,
             1 => Some(Verdict::Slow),
             _ => Some(Verdict::Reset),
@@ -125,14 +123,16 @@ impl Outbox {
         self.verdict() == Some(Verdict::Slow)
     }
 
-    /// Resolves once the hub gives its verdict.
-    pub async fn ended(&self) -> Verdict {
-        loop {
-            let judged = self.judged.notified();
-            if let Some(verdict) = self.verdict() {
-                return verdict;
-            }
-            judged.await;
+    /// The hub's verdict; without one, the session is woken when it comes (or an event is
+    /// queued).
+    pub fn poll_verdict(&self, cx: &mut Context<'_>) -> Poll<Verdict> {
+        if let Some(verdict) = self.verdict() {
+            return Poll::Ready(verdict);
+        }
+        self.waker.register(cx.waker());
+        match self.verdict() {
+            Some(verdict) => Poll::Ready(verdict),
+            None => Poll::Pending,
         }
     }
 
@@ -143,11 +143,10 @@ impl Outbox {
         };
         if self
             .verdict
-            .compare_exchange(0, code, Relaxed, Relaxed)
+            .compare_exchange(0, code, Release, Relaxed)
             .is_ok()
         {
-            self.judged.notify_waiters();
-            self.judged.notify_one();
+            self.waker.wake();
         }
     }
 }
@@ -396,6 +395,20 @@ impl Hub {
             Self::reset(state);
         }
         true
+    }
+
+    /// Wakes every room and poll member (at shutdown: each then reads the server's flag).
+    pub fn wake_all(&self) {
+        let mut outboxes: Vec<Arc<Outbox>> = Vec::new();
+        for state in lock(&self.rooms).values() {
+            outboxes.extend(state.topic.peers.values().map(|p| p.outbox.clone()));
+        }
+        for state in lock(&self.polls).values() {
+            outboxes.extend(state.topic.peers.values().map(|p| p.outbox.clone()));
+        }
+        for outbox in outboxes {
+            outbox.waker.wake();
+        }
     }
 
     fn reset(state: &mut RoomState) {

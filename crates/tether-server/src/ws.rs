@@ -15,10 +15,14 @@ use tether::{CloseCode, CloseFrame, Message, Prepared};
 
 use crate::app::{App, Credential, Slot};
 use crate::auth::Identity;
-use crate::hub::{encode, Outgoing, Subscription, Verdict};
+use crate::hub::{encode, Subscription, Verdict};
 use crate::journal::{ChatWrite, Job, Reply};
 use crate::sessions::Turn;
 use crate::store::{ChatMessage, Poll, StoreError, Voter};
+use futures_util::{Sink as _, Stream as _, StreamExt as _};
+use std::future::Future as _;
+use std::task::Context;
+use std::task::Poll as TaskPoll;
 
 /// Events written per flush at most, so one busy connection cannot starve its own reads.
 const BATCH: usize = 256;
@@ -123,11 +127,6 @@ pub struct Member {
 struct Target {
     /// The member's name.
     user: String,
-    /// The credential the connection was opened with (a guest has none): checked again while
-    /// the connection lasts, so a revoked or expired one ends it.
-    credential: Option<Credential>,
-    /// Revocations since before the credential was checked.
-    revocations: tokio::sync::watch::Receiver<u64>,
     /// Whose budget its messages spend, over all its connections.
     writer: crate::app::Writer,
     /// Where the client's messages go.
@@ -196,6 +195,26 @@ struct Live {
     first: Vec<Arc<Prepared>>,
     /// Live messages up to this id were already sent as history.
     high: u64,
+    /// Resolves when the credential is revoked or expires (a guest has none to check).
+    lost: Option<Lost>,
+}
+
+/// A credential's check, running while the connection lasts.
+type Lost = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Checks `credential` again while the session lasts (see [`App::credential_lost`]); `None`
+/// for a guest, whose session then holds no timer.
+fn check_credential(
+    app: &Arc<App>,
+    credential: Option<Credential>,
+    revocations: tokio::sync::watch::Receiver<u64>,
+) -> Option<Lost> {
+    let credential = credential?;
+    let app = app.clone();
+    let every = Duration::from_secs(app.config.credential_check_secs.max(1));
+    Some(Box::pin(async move {
+        app.credential_lost(credential, revocations, every).await;
+    }))
 }
 
 /// Joins a room: welcome, history, ready; `None` when the session ended meanwhile.
@@ -298,8 +317,6 @@ async fn join_room(
     app.hub.advance(&room, high);
     let target = Target {
         user: who.name().to_owned(),
-        credential,
-        revocations,
         writer,
         place: Place::Room(room),
     };
@@ -308,6 +325,7 @@ async fn join_room(
         epoch: &epoch,
     })];
     Some(Live {
+        lost: check_credential(&app, credential, revocations),
         ws,
         slot,
         sub,
@@ -473,12 +491,11 @@ pub async fn poll(
     })];
     let target = Target {
         user: who.name().to_owned(),
-        credential,
-        revocations,
         writer,
         place: Place::Poll { id: poll.id, voter },
     };
     let live = Box::new(Live {
+        lost: check_credential(&app, credential, revocations),
         ws,
         slot,
         sub,
@@ -486,7 +503,9 @@ pub async fn poll(
         first,
         high: 0,
     });
-    pump(app, live).await;
+    // Boxed in a statement of its own, so that the loading above takes no room beside it.
+    let live = Box::pin(pump(app, live));
+    live.await;
 }
 
 /// Echoes every text and binary message until the client closes or the server shuts down.
@@ -495,46 +514,149 @@ pub fn echo(
     ws: UpgradedWebSocket,
     slot: Slot,
 ) -> impl std::future::Future<Output = ()> + Send {
-    // Boxed arguments: an `async fn` keeps its arguments in its state for good (see `room`).
-    echo_loop(Box::new((app, ws, slot)))
+    Echo::Open(EchoSession {
+        app: Registered { app, key: None },
+        ws,
+        slot,
+        turn: Turn::default(),
+        stall: None,
+    })
 }
 
-async fn echo_loop(parts: Box<(Arc<App>, UpgradedWebSocket, Slot)>) {
-    let (app, mut ws, slot) = unbox(parts);
-    let mut turn = Turn::default();
-    let end = loop {
-        tokio::select! {
-            biased;
-            () = shutting_down(&app) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
-            incoming = ws.recv() => match incoming {
-                Some(Ok(msg)) if msg.is_data() => {
-                    count_in(&app, msg.as_payload().len());
-                    app.metrics.sent(msg.as_payload().len());
-                    // A client that sends but never reads would otherwise hold this session
-                    // in `send` for good, once the write buffer is full.
-                    let send = Box::pin(tokio::time::timeout(app.config.write_timeout(), ws.send(msg)));
-                    match send.await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => break End::Gone,
-                        Err(_) => break stalled(&app),
-                    }
-                    turn.step().await;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "echo connection failed");
-                    break End::Gone;
-                }
-                None => break End::Gone,
-            },
+/// An echo session, written out by hand: an `async fn` doing the same kept the close
+/// handshake's and each wait's futures in its state beside the socket (592 bytes; this is the
+/// socket, its slot and five words).
+// Open is the state a session spends its life in: boxing it would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Echo {
+    Open(EchoSession),
+    /// Sending the close frame, boxed: its timer and frame exist only while it runs.
+    Closing(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+    Done,
+}
+
+struct EchoSession {
+    app: Registered,
+    ws: UpgradedWebSocket,
+    slot: Slot,
+    turn: Turn,
+    /// While bytes wait to be written: the deadline for the client to take some, and how
+    /// many were waiting when it was set.
+    stall: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
+}
+
+/// The app, and the key of the session's waker among those woken at shutdown (the hub does
+/// not know an echo session); the waker is forgotten when this is dropped.
+struct Registered {
+    app: Arc<App>,
+    key: Option<u64>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.app.wakers.remove(key);
         }
-    };
-    if let End::Close(code, reason) = end {
-        // Boxed: the close handshake's timer and frame would otherwise take room in the state
-        // for the whole session.
-        Box::pin(close(&app, &mut ws, code, reason)).await;
     }
-    drop(slot);
+}
+
+impl EchoSession {
+    /// Echoes until the session must end.
+    fn poll_echo(&mut self, cx: &mut Context<'_>) -> TaskPoll<End> {
+        if self.app.key.is_none() {
+            self.app.key = Some(self.app.app.wakers.insert(cx.waker()));
+        }
+        let app = &self.app.app;
+        let mut ws = std::pin::Pin::new(&mut self.ws);
+        loop {
+            if app.is_shutting_down() {
+                return TaskPoll::Ready(End::Close(CloseCode::GOING_AWAY, "server shutting down"));
+            }
+            // Over the write budget, what waits is written out before more is read: a
+            // client that sends but never reads is held here, then dropped by the deadline.
+            match ws.as_mut().poll_ready(cx) {
+                TaskPoll::Ready(Ok(())) => {}
+                TaskPoll::Ready(Err(_)) => return TaskPoll::Ready(End::Gone),
+                TaskPoll::Pending => return self.poll_stall(cx),
+            }
+            match ws.as_mut().poll_next(cx) {
+                TaskPoll::Ready(Some(Ok(msg))) if msg.is_data() => {
+                    let len = msg.as_payload().len();
+                    count_in(app, len);
+                    app.metrics.sent(len);
+                    if ws.as_mut().start_send(msg).is_err() {
+                        return TaskPoll::Ready(End::Gone);
+                    }
+                    if self.turn.poll_step(cx).is_pending() {
+                        return TaskPoll::Pending;
+                    }
+                }
+                TaskPoll::Ready(Some(Ok(_))) => {}
+                TaskPoll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "echo connection failed");
+                    return TaskPoll::Ready(End::Gone);
+                }
+                TaskPoll::Ready(None) => return TaskPoll::Ready(End::Gone),
+                // Receiving wrote what it could of the echoes.
+                TaskPoll::Pending if ws.queued_len() > 0 => return self.poll_stall(cx),
+                TaskPoll::Pending => {
+                    self.stall = None;
+                    return TaskPoll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Bytes wait for the client: it must take some within the write timeout.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> TaskPoll<End> {
+        let queued = self.ws.queued_len();
+        let timeout = self.app.app.config.write_timeout();
+        match &mut self.stall {
+            // Nothing taken (more may have been queued since).
+            Some((_, before)) if queued >= *before => *before = queued,
+            // New, or the client took some: the deadline starts again.
+            stall => *stall = Some((Box::pin(tokio::time::sleep(timeout)), queued)),
+        }
+        match &mut self.stall {
+            Some((deadline, _)) => match deadline.as_mut().poll(cx) {
+                TaskPoll::Ready(()) => TaskPoll::Ready(stalled(&self.app.app)),
+                TaskPoll::Pending => TaskPoll::Pending,
+            },
+            None => TaskPoll::Pending,
+        }
+    }
+}
+
+impl std::future::Future for Echo {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<()> {
+        loop {
+            match &mut *self {
+                Echo::Open(session) => {
+                    let end = std::task::ready!(session.poll_echo(cx));
+                    let Echo::Open(session) = std::mem::replace(&mut *self, Echo::Done) else {
+                        unreachable!("the session was open");
+                    };
+                    if let End::Close(code, reason) = end {
+                        let EchoSession {
+                            app, mut ws, slot, ..
+                        } = session;
+                        *self = Echo::Closing(Box::pin(async move {
+                            close(&app.app, &mut ws, code, reason).await;
+                            drop(slot);
+                            drop(app);
+                        }));
+                    }
+                }
+                Echo::Closing(closing) => {
+                    std::task::ready!(closing.as_mut().poll(cx));
+                    *self = Echo::Done;
+                }
+                Echo::Done => return TaskPoll::Ready(()),
+            }
+        }
+    }
 }
 
 /// Moves the value out of `boxed` and frees the box at once. `let x = *boxed;` in an `async`
@@ -551,9 +673,9 @@ pub(crate) fn unbox<T>(boxed: Box<T>) -> T {
 fn shutting_down(app: &App) -> impl std::future::Future<Output = ()> + '_ {
     std::future::poll_fn(move |_| {
         if app.is_shutting_down() {
-            std::task::Poll::Ready(())
+            TaskPoll::Ready(())
         } else {
-            std::task::Poll::Pending
+            TaskPoll::Pending
         }
     })
 }
@@ -589,27 +711,17 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
         target,
         first,
         high,
+        mut lost,
     } = unbox(live);
     let mut turn = Turn::default();
     let mut limit = RateLimit::new(app.config.message_rate);
     let mut pending: Vec<Arc<Prepared>> = first;
-    let every = Duration::from_secs(app.config.credential_check_secs.max(1));
-    // Only a member with a credential has it checked again (a guest's task holds no timer).
-    let mut lost = target
-        .credential
-        .map(|c| Box::pin(app.credential_lost(c, target.revocations.clone(), every)));
-    let lost = async {
-        match &mut lost {
-            Some(check) => check.await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(lost);
     let end = loop {
-        turn.step().await;
+        std::future::poll_fn(|cx| turn.poll_step(cx)).await;
         // Usually the socket takes the batch at once; only when it would wait does the write
         // (with its timeouts) need a future, boxed so the loop's state stays small.
-        match write_now(&mut ws, &mut pending).await {
+        match std::future::poll_fn(|cx| TaskPoll::Ready(write_now(&mut ws, &mut pending, cx))).await
+        {
             Err(()) => break End::Gone,
             Ok(true) => {}
             Ok(false) => {
@@ -619,42 +731,48 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
                 }
             }
         }
-        if pending.capacity() > 8 {
-            // A burst (history, a busy moment) is over: do not keep its room while idle.
+        if pending.capacity() > 0 {
+            // Written: an idle session keeps no room for a batch.
             pending = Vec::new();
         }
-        tokio::select! {
-            biased;
-            verdict = sub.outbox.ended() => break judged(&app, verdict),
-            () = shutting_down(&app) => break End::Close(CloseCode::GOING_AWAY, "server shutting down"),
-            () = &mut lost => {
-                tracing::info!(user = %target.user, "credential revoked or expired: closing");
-                break End::Close(CloseCode::POLICY_VIOLATION, "credentials revoked or expired");
-            }
-            first = sub.outbox.recv() => {
-                // Live messages already sent as history are skipped (ids only grow).
-                let fresh = |o: &Outgoing| o.id == 0 || o.id > high;
-                pending.extend(Some(first).filter(fresh).map(|o| o.msg));
-                while pending.len() < BATCH {
-                    match sub.outbox.try_recv() {
-                        Some(o) => pending.extend(Some(o).filter(fresh).map(|o| o.msg)),
-                        None => break,
-                    }
-                }
-            }
-            incoming = ws.recv() => match incoming {
+        let woke = std::future::poll_fn(|cx| {
+            wait(
+                cx,
+                &app,
+                &sub,
+                &mut lost,
+                &mut ws,
+                &mut pending,
+                high,
+                &target.user,
+            )
+        });
+        match woke.await {
+            Woke::End(end) => break end,
+            Woke::Events => {}
+            Woke::Message(incoming) => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     count_in(&app, text.len());
                     if !limit.allow() {
                         app.metrics.rate_limited.fetch_add(1, Relaxed);
                         tracing::warn!(user = %&target.user, "message rate limit exceeded");
-                        break End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
+                        break End::Close(
+                            CloseCode::POLICY_VIOLATION,
+                            "message rate limit exceeded",
+                        );
                     }
                     // The same person over several connections: the message is refused, the
                     // connections stay (none of them alone went too fast).
-                    if app.quotas.socket_messages.take(&target.writer, Instant::now()).is_err() {
+                    if app
+                        .quotas
+                        .socket_messages
+                        .take(&target.writer, Instant::now())
+                        .is_err()
+                    {
                         app.metrics.rate_limited.fetch_add(1, Relaxed);
-                        pending.push(error_event("too many messages from you over all your connections: slow down"));
+                        pending.push(error_event(
+                            "too many messages from you over all your connections: slow down",
+                        ));
                         continue;
                     }
                     let handled = Box::pin(handle(&app, &target, &text, &sub));
@@ -662,7 +780,9 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
                         pending.push(reply);
                     }
                 }
-                Some(Ok(Message::Binary(_))) => pending.push(error_event("send JSON text, not binary")),
+                Some(Ok(Message::Binary(_))) => {
+                    pending.push(error_event("send JSON text, not binary"))
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "connection failed");
@@ -676,35 +796,95 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
     finished.await;
 }
 
+/// What woke a waiting session.
+enum Woke {
+    /// The session must end.
+    End(End),
+    /// Events to write are in the batch.
+    Events,
+    /// The client sent something, or its connection ended.
+    Message(Option<tether::Result<Message>>),
+}
+
+/// Waits for whatever comes first, in this order: the hub's verdict, the server's shutdown,
+/// the credential's loss, events (taken into `batch`), the client. Written as a function
+/// polled in place rather than a `select!` of futures, so a waiting session holds references
+/// and nothing else.
+#[allow(clippy::too_many_arguments)]
+fn wait(
+    cx: &mut Context<'_>,
+    app: &App,
+    sub: &Subscription,
+    lost: &mut Option<Lost>,
+    ws: &mut UpgradedWebSocket,
+    batch: &mut Vec<Arc<Prepared>>,
+    high: u64,
+    user: &str,
+) -> TaskPoll<Woke> {
+    if let TaskPoll::Ready(verdict) = sub.outbox.poll_verdict(cx) {
+        return TaskPoll::Ready(Woke::End(judged(app, verdict)));
+    }
+    if app.is_shutting_down() {
+        let end = End::Close(CloseCode::GOING_AWAY, "server shutting down");
+        return TaskPoll::Ready(Woke::End(end));
+    }
+    if let Some(check) = lost {
+        if check.as_mut().poll(cx).is_ready() {
+            tracing::info!(user, "credential revoked or expired: closing");
+            let end = End::Close(
+                CloseCode::POLICY_VIOLATION,
+                "credentials revoked or expired",
+            );
+            return TaskPoll::Ready(Woke::End(end));
+        }
+    }
+    while batch.len() < BATCH {
+        match sub.outbox.poll_recv(cx) {
+            // Live messages already sent as history are skipped (ids only grow).
+            TaskPoll::Ready(o) if o.id == 0 || o.id > high => batch.push(o.msg),
+            TaskPoll::Ready(_) => {}
+            TaskPoll::Pending => break,
+        }
+    }
+    if !batch.is_empty() {
+        return TaskPoll::Ready(Woke::Events);
+    }
+    ws.poll_next_unpin(cx).map(Woke::Message)
+}
+
 /// Writes what the socket takes without waiting: `Ok(true)` when all of `batch` is written and
-/// flushed, `Ok(false)` when it would wait (`batch` keeps what is not queued yet).
-async fn write_now(ws: &mut UpgradedWebSocket, batch: &mut Vec<Arc<Prepared>>) -> Result<bool, ()> {
+/// flushed, `Ok(false)` when it would wait (`batch` keeps what is not queued yet). Polled with
+/// the session's own waker (`now_or_never`'s would make the socket track a second task).
+fn write_now(
+    ws: &mut UpgradedWebSocket,
+    batch: &mut Vec<Arc<Prepared>>,
+    cx: &mut Context<'_>,
+) -> Result<bool, ()> {
     let mut queued = 0;
     for msg in batch.iter() {
-        match at_once(ws.feed_prepared(msg)).await {
-            Some(Ok(())) => queued += 1,
-            Some(Err(_)) => return Err(()),
-            None => break,
+        match std::pin::pin!(ws.feed_prepared(msg)).poll(cx) {
+            TaskPoll::Ready(Ok(())) => queued += 1,
+            TaskPoll::Ready(Err(_)) => return Err(()),
+            TaskPoll::Pending => break,
         }
     }
     batch.drain(..queued);
     if !batch.is_empty() {
         return Ok(false);
     }
-    match at_once(ws.flush()).await {
-        Some(Ok(())) => Ok(true),
-        Some(Err(_)) => Err(()),
-        None => Ok(false),
+    match std::pin::pin!(ws.flush()).poll(cx) {
+        TaskPoll::Ready(Ok(())) => Ok(true),
+        TaskPoll::Ready(Err(_)) => Err(()),
+        TaskPoll::Pending => Ok(false),
     }
 }
 
-/// Polls `fut` once, with the session's own waker: its output if it is done at once. (Not
-/// `now_or_never`: the socket would see another waker and track a second task, at a cost.)
+/// Polls `fut` once, with the session's own waker: its output if it is done at once.
 async fn at_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
     std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
-        std::task::Poll::Ready(output) => std::task::Poll::Ready(Some(output)),
-        std::task::Poll::Pending => std::task::Poll::Ready(None),
+        TaskPoll::Ready(output) => TaskPoll::Ready(Some(output)),
+        TaskPoll::Pending => TaskPoll::Ready(None),
     })
     .await
 }
@@ -752,7 +932,7 @@ async fn write_all(
     };
     let end = tokio::select! {
         biased;
-        verdict = sub.outbox.ended() => Some(judged(app, verdict)),
+        verdict = std::future::poll_fn(|cx| sub.outbox.poll_verdict(cx)) => Some(judged(app, verdict)),
         () = shutting_down(app) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
         end = write => end,
     };

@@ -229,6 +229,42 @@ async fn a_message_of_endless_fragments_is_closed_with_1009() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn an_echo_client_that_sends_but_never_reads_is_dropped_by_the_write_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.write_timeout_secs = 1;
+    let server = start(c).await;
+    let mut tcp = raw_upgrade(server.addr, "/ws/echo", Some(4096)).await;
+    // Masked 16 KiB binary messages, far more than the socket buffers and the server's write
+    // budget hold: the echoes back up until the server stops reading.
+    let mut frame = vec![0x82, 0xFE, 0x40, 0x00, 0, 0, 0, 0];
+    frame.resize(8 + (16 << 10), 0);
+    let sending = tokio::spawn(async move {
+        for _ in 0..1024 {
+            if tcp.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        tcp
+    });
+    let dropped = async {
+        loop {
+            let metrics = http_text(server.addr, "/metrics").await;
+            if metric(&metrics, "tether_write_timeouts_total") == 1
+                && metric(&metrics, "tether_connections") == 0
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    within(dropped).await;
+    // Nothing reads the server's close: the connection is cut, and the sender stops.
+    drop(within(sending).await);
+    server.stop().await;
+}
+
 /// Reads what the server sends until it closes (at most 15 s).
 async fn read_all(tcp: &mut TcpStream) -> String {
     let mut raw = Vec::new();

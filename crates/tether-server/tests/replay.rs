@@ -34,15 +34,6 @@ fn fill(dir: &std::path::Path) {
     batch.commit().unwrap();
 }
 
-fn metric(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name}"))
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_is_paged_bounded_in_memory_and_limited() {
     let dir = tempfile::tempdir().unwrap();

@@ -261,3 +261,14 @@ pub fn assert_ready(event: &Value, last_id: u64) {
         "{event}"
     );
 }
+
+/// The value of metric `name` in the `/metrics` text.
+#[allow(dead_code)]
+pub fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name}"))
+        .parse()
+        .unwrap()
+}
