@@ -36,7 +36,8 @@ pub struct Config {
     /// How long to wait for the peer's Close (and, as a client, for the server to close TCP)
     /// once ours is sent, and for a failed connection's Close to be written. Default 5 s.
     pub close_timeout: Duration,
-    /// Send a ping after this long without one; `None` (the default) disables keepalive.
+    /// Send a ping this long after the connection opened or the last ping was answered;
+    /// `None` (the default) disables keepalive. One ping awaits its pong at a time.
     pub ping_interval: Option<Duration>,
     /// Without a pong this long after a keepalive ping, close with 1011 and fail with
     /// [`Error::KeepaliveTimeout`](crate::Error::KeepaliveTimeout). Default 20 s.

@@ -94,55 +94,64 @@ impl Shared {
     }
 }
 
-/// Keepalive: a ping every `ping_interval`, and a deadline for its pong.
+/// Keepalive: a ping `ping_interval` after the last pong (or the start), and a deadline for
+/// its pong. One timer serves both: it runs to the next ping, or, while a pong is awaited, to
+/// the pong's deadline. Two words, kept in the connection itself: a server with keepalive on
+/// holds no allocation for it besides the timer.
 struct Keepalive {
     timer: Pin<Box<Sleep>>,
-    next_ping: Instant,
-    pong_deadline: Option<Instant>,
-    sent: u64,
+    /// Pings sent; the latest one's number is its payload.
+    sent: u32,
+    /// Whether the latest ping awaits its pong.
+    awaiting: bool,
 }
 
 impl Keepalive {
     fn new(interval: std::time::Duration) -> Self {
-        let next_ping = Instant::now() + interval;
         Keepalive {
-            timer: Box::pin(tokio::time::sleep_until(next_ping)),
-            next_ping,
-            pong_deadline: None,
+            timer: Box::pin(tokio::time::sleep(interval)),
             sent: 0,
+            awaiting: false,
         }
     }
 
-    /// Sends due pings. `Err(())` when a pong is overdue.
+    /// Sends a ping when one is due. `Err(())` when a pong is overdue.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         conn: &mut Connection,
         config: &Config,
     ) -> Result<(), ()> {
-        let interval = config.ping_interval.unwrap_or_default();
         while self.timer.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            if self.pong_deadline.is_some_and(|d| now >= d) {
+            if self.awaiting {
                 return Err(());
             }
-            if now >= self.next_ping {
-                self.sent += 1;
-                if conn
-                    .send_ping(bytes::Bytes::copy_from_slice(&self.sent.to_be_bytes()))
-                    .is_ok()
-                    && self.pong_deadline.is_none()
-                {
-                    self.pong_deadline = Some(now + config.ping_timeout);
-                }
-                self.next_ping = now + interval;
+            let now = Instant::now();
+            self.sent = self.sent.wrapping_add(1);
+            let payload = u64::from(self.sent).to_be_bytes();
+            if conn
+                .send_ping(bytes::Bytes::copy_from_slice(&payload))
+                .is_ok()
+            {
+                self.awaiting = true;
+                self.timer.as_mut().reset(now + config.ping_timeout);
+            } else {
+                // Closing: nothing more to prove.
+                let interval = config.ping_interval.unwrap_or_default();
+                self.timer.as_mut().reset(now + interval);
             }
-            let wake_at = self
-                .pong_deadline
-                .map_or(self.next_ping, |d| d.min(self.next_ping));
-            self.timer.as_mut().reset(wake_at);
         }
         Ok(())
+    }
+
+    /// A pong: when it answers the latest ping, the peer is alive and the next ping is due
+    /// an interval from now.
+    fn pong(&mut self, payload: &[u8], config: &Config) {
+        if self.awaiting && payload == u64::from(self.sent).to_be_bytes() {
+            self.awaiting = false;
+            let interval = config.ping_interval.unwrap_or_default();
+            self.timer.as_mut().reset(Instant::now() + interval);
+        }
     }
 }
 
@@ -162,7 +171,6 @@ enum Phase {
 #[derive(Default)]
 struct Extra {
     protocol: Option<Box<str>>,
-    keepalive: Option<Keepalive>,
     close_timer: Option<Pin<Box<Sleep>>>,
     /// Set once two tasks poll the connection.
     shared: Option<Shared>,
@@ -182,6 +190,7 @@ pub(crate) struct Inner<S> {
     config: Arc<Config>,
     /// `None` until something in it is needed.
     extra: Option<Box<Extra>>,
+    keepalive: Option<Keepalive>,
     /// While one task polls the connection: its waker, which the socket is given as is. A
     /// second task moves the connection to [`Extra::shared`] wakers.
     task: Option<Waker>,
@@ -218,10 +227,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             .ping_interval
             .filter(|i| !i.is_zero())
             .map(Keepalive::new);
-        let extra = (protocol.is_some() || keepalive.is_some()).then(|| {
+        let extra = protocol.map(|protocol| {
             Box::new(Extra {
-                protocol: protocol.map(String::into_boxed_str),
-                keepalive,
+                protocol: Some(protocol.into_boxed_str()),
                 ..Extra::default()
             })
         });
@@ -231,6 +239,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             read_buf,
             config,
             extra,
+            keepalive,
             task: None,
             phase: Phase::Running,
             eof: false,
@@ -394,11 +403,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// Hands an event to the caller as a message; a Pong answering our latest ping proves the
     /// peer alive.
     fn deliver(&mut self, event: Event) -> Message {
-        let keepalive = self.extra.as_mut().and_then(|x| x.keepalive.as_mut());
-        if let (Event::Pong(payload), Some(k)) = (&event, keepalive) {
-            if payload[..] == k.sent.to_be_bytes() {
-                k.pong_deadline = None;
-            }
+        if let (Event::Pong(payload), Some(k)) = (&event, &mut self.keepalive) {
+            k.pong(payload, &self.config);
         }
         event.into()
     }
@@ -413,8 +419,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 return Poll::Ready(None);
             }
             if self.phase == Phase::Running {
-                let keepalive = self.extra.as_mut().and_then(|x| x.keepalive.as_mut());
-                if let Some(keepalive) = keepalive {
+                if let Some(keepalive) = &mut self.keepalive {
                     if keepalive.poll(cx, &mut self.conn, &self.config).is_err() {
                         let _ = self.conn.send_close(Some(CloseFrame::new(
                             CloseCode::INTERNAL_ERROR,
