@@ -13,14 +13,15 @@ pub const GUEST_COOKIE: &str = "tether_guest";
 
 #[derive(Debug)]
 struct Holder {
-    guest: String,
-    connections: usize,
+    guest: Box<str>,
+    connections: u32,
 }
 
-/// The nicknames in use, each with the guest that holds it.
+/// The nicknames in use, each with the guest that holds it. A name's key (lowercase) is one
+/// allocation shared by the table and every hold on it.
 #[derive(Debug, Default)]
 pub struct Nicknames {
-    held: Mutex<HashMap<String, Holder>>,
+    held: Mutex<HashMap<Arc<str>, Holder>>,
     /// Where names no longer used here go (name, guest), to be released in the cluster.
     released: std::sync::OnceLock<tokio::sync::mpsc::Sender<(String, String)>>,
 }
@@ -29,7 +30,7 @@ pub struct Nicknames {
 #[derive(Debug)]
 pub struct NickHold {
     names: Arc<Nicknames>,
-    key: String,
+    key: Arc<str>,
 }
 
 impl Nicknames {
@@ -41,16 +42,24 @@ impl Nicknames {
     /// Holds `name` (compared without ASCII case) for `guest`; `None` when another guest holds
     /// it.
     pub fn hold(self: &Arc<Self>, name: &str, guest: &str) -> Option<NickHold> {
-        let key = name.to_ascii_lowercase();
+        let lower = name.to_ascii_lowercase();
         let mut held = self.lock();
-        let holder = held.entry(key.clone()).or_insert_with(|| Holder {
-            guest: guest.to_owned(),
-            connections: 0,
-        });
-        if holder.guest != guest {
-            return None;
+        let key = match held.get_key_value(lower.as_str()) {
+            Some((key, holder)) if &*holder.guest == guest => key.clone(),
+            Some(_) => return None,
+            None => {
+                let key: Arc<str> = lower.into();
+                let holder = Holder {
+                    guest: guest.into(),
+                    connections: 0,
+                };
+                held.insert(key.clone(), holder);
+                key
+            }
+        };
+        if let Some(holder) = held.get_mut(&*key) {
+            holder.connections += 1;
         }
-        holder.connections += 1;
         Some(NickHold {
             names: self.clone(),
             key,
@@ -64,14 +73,14 @@ impl Nicknames {
 
     /// Whether `guest` holds `name` (lowercase) here.
     pub fn holds(&self, name: &str, guest: &str) -> bool {
-        self.lock().get(name).is_some_and(|h| h.guest == guest)
+        self.lock().get(name).is_some_and(|h| &*h.guest == guest)
     }
 
     /// The names in use here (lowercase) and their guests.
     pub fn held(&self) -> Vec<(String, String)> {
         self.lock()
             .iter()
-            .map(|(name, holder)| (name.clone(), holder.guest.clone()))
+            .map(|(name, holder)| (name.to_string(), holder.guest.to_string()))
             .collect()
     }
 
@@ -85,7 +94,7 @@ impl Nicknames {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holder>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Holder>> {
         self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -102,12 +111,12 @@ impl NickHold {
 impl Drop for NickHold {
     fn drop(&mut self) {
         let mut held = self.names.lock();
-        if let Some(holder) = held.get_mut(&self.key) {
+        if let Some(holder) = held.get_mut(&*self.key) {
             holder.connections -= 1;
             if holder.connections == 0 {
-                if let Some(holder) = held.remove(&self.key) {
+                if let Some(holder) = held.remove(&*self.key) {
                     if let Some(tx) = self.names.released.get() {
-                        let _ = tx.try_send((self.key.clone(), holder.guest));
+                        let _ = tx.try_send((self.key.to_string(), holder.guest.into()));
                     }
                 }
             }

@@ -135,7 +135,11 @@ struct Target {
 
 enum Place {
     Room(String),
-    Poll { id: i64, voter: Option<Voter> },
+    /// The voter boxed: a room member's place is then a name and a word.
+    Poll {
+        id: i64,
+        voter: Option<Box<Voter>>,
+    },
 }
 
 /// How a session ended, for the close frame and the log.
@@ -492,7 +496,10 @@ pub async fn poll(
     let target = Target {
         user: who.name().to_owned(),
         writer,
-        place: Place::Poll { id: poll.id, voter },
+        place: Place::Poll {
+            id: poll.id,
+            voter: voter.map(Box::new),
+        },
     };
     let live = Box::new(Live {
         lost: check_credential(&app, credential, revocations),
@@ -1037,7 +1044,7 @@ async fn handle(
             };
             Job::Vote {
                 poll: *id,
-                voter: voter.clone(),
+                voter: Voter::clone(voter),
                 option: vote,
                 reply: Reply::Socket(sub.sender()),
             }
