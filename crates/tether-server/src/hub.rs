@@ -153,7 +153,8 @@ impl Outbox {
 
 #[derive(Debug)]
 struct Peer {
-    user: String,
+    /// Shared with the room's count of the user's connections.
+    user: Arc<str>,
     outbox: Arc<Outbox>,
 }
 
@@ -192,7 +193,7 @@ struct RoomState {
     /// catch-up after a lost subscription).
     position: u64,
     /// Connections per user, for presence (a user joins with the first, leaves with the last).
-    users: BTreeMap<String, usize>,
+    users: BTreeMap<Arc<str>, usize>,
 }
 
 #[derive(Debug, Default)]
@@ -205,7 +206,8 @@ struct PollState {
 pub struct Hub {
     /// The epoch of the rooms' streams in storage, once known (empty before).
     epoch: Mutex<String>,
-    rooms: Mutex<HashMap<String, RoomState>>,
+    /// By name; a name is one allocation shared with its members' subscriptions.
+    rooms: Mutex<HashMap<Arc<str>, RoomState>>,
     polls: Mutex<HashMap<i64, PollState>>,
     next_id: AtomicU64,
     queue_len: usize,
@@ -220,11 +222,26 @@ pub struct Subscription {
     hub: Arc<Hub>,
     id: u64,
     topic: TopicKey,
+    /// Whose connection it is.
+    user: Arc<str>,
     /// Events to send, in order, and the hub's verdict.
     pub outbox: Arc<Outbox>,
 }
 
 impl Subscription {
+    /// The user whose connection it is.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The room, for a room's subscription.
+    pub fn room(&self) -> Option<&str> {
+        match &self.topic {
+            TopicKey::Room(room) => Some(room),
+            TopicKey::Poll(_) => None,
+        }
+    }
+
     /// This connection's own queue, for replies to what it sent.
     pub fn sender(&self) -> Arc<Outbox> {
         self.outbox.clone()
@@ -233,7 +250,7 @@ impl Subscription {
 
 #[derive(Debug, Clone)]
 enum TopicKey {
-    Room(String),
+    Room(Arc<str>),
     Poll(i64),
 }
 
@@ -297,11 +314,11 @@ impl Hub {
         })
     }
 
-    fn peer(&self, user: &str) -> (u64, Peer, Arc<Outbox>) {
+    fn peer(&self, user: Arc<str>) -> (u64, Peer, Arc<Outbox>) {
         let outbox = Arc::new(Outbox::new(self.queue_len));
         let id = self.next_id.fetch_add(1, Relaxed);
         let peer = Peer {
-            user: user.to_owned(),
+            user,
             outbox: outbox.clone(),
         };
         (id, peer, outbox)
@@ -309,11 +326,19 @@ impl Hub {
 
     /// Subscribes a connection of `user` to `room`; the others learn of a new user.
     pub fn join(self: &Arc<Self>, room: &str, user: &str) -> Joined {
-        let (id, peer, outbox) = self.peer(user);
         let mut rooms = lock(&self.rooms);
-        let state = rooms.entry(room.to_owned()).or_default();
+        // The names already held are shared, not copied.
+        let room_key = rooms
+            .get_key_value(room)
+            .map_or_else(|| Arc::from(room), |(k, _)| k.clone());
+        let state = rooms.entry(room_key.clone()).or_default();
+        let user_key = state
+            .users
+            .get_key_value(user)
+            .map_or_else(|| Arc::from(user), |(k, _)| k.clone());
+        let (id, peer, outbox) = self.peer(user_key.clone());
         state.topic.peers.insert(id, peer);
-        let n = state.users.entry(user.to_owned()).or_insert(0);
+        let n = state.users.entry(user_key.clone()).or_insert(0);
         *n += 1;
         if *n == 1 {
             let event = Outgoing {
@@ -328,12 +353,13 @@ impl Hub {
             state.topic.fan_out(&event, Some(id), &self.metrics);
             self.share(room, user, true);
         }
-        let members = state.users.keys().cloned().collect();
+        let members = state.users.keys().map(|u| u.to_string()).collect();
         Joined {
             subscription: Subscription {
                 hub: self.clone(),
                 id,
-                topic: TopicKey::Room(room.to_owned()),
+                topic: TopicKey::Room(room_key),
+                user: user_key,
                 outbox,
             },
             members,
@@ -348,10 +374,10 @@ impl Hub {
         let Some(peer) = state.topic.peers.remove(&id) else {
             return;
         };
-        if let Some(n) = state.users.get_mut(&peer.user) {
+        if let Some(n) = state.users.get_mut(&*peer.user) {
             *n -= 1;
             if *n == 0 {
-                state.users.remove(&peer.user);
+                state.users.remove(&*peer.user);
                 let event = Outgoing {
                     id: 0,
                     msg: encode(&Presence {
@@ -426,7 +452,7 @@ impl Hub {
             self.observe_epoch(epoch);
         }
         let mut rooms = lock(&self.rooms);
-        let Some(state) = rooms.get_mut(&message.room) else {
+        let Some(state) = rooms.get_mut(message.room.as_str()) else {
             return 0;
         };
         if message.id <= state.position {
@@ -507,7 +533,7 @@ impl Hub {
 
     /// The rooms with local members.
     pub fn room_names(&self) -> Vec<String> {
-        lock(&self.rooms).keys().cloned().collect()
+        lock(&self.rooms).keys().map(|r| r.to_string()).collect()
     }
 
     /// The last id delivered in `room` (0 when none or the room has no local members).
@@ -519,7 +545,10 @@ impl Hub {
     pub fn local_users(&self) -> BTreeMap<String, Vec<String>> {
         lock(&self.rooms)
             .iter()
-            .map(|(room, state)| (room.clone(), state.users.keys().cloned().collect()))
+            .map(|(room, state)| {
+                let users = state.users.keys().map(|u| u.to_string()).collect();
+                (room.to_string(), users)
+            })
             .collect()
     }
 
@@ -528,19 +557,21 @@ impl Hub {
         let rooms = lock(&self.rooms);
         rooms
             .iter()
-            .map(|(name, state)| (name.clone(), state.users.len()))
+            .map(|(name, state)| (name.to_string(), state.users.len()))
             .collect()
     }
 
     /// Subscribes a connection to poll `poll`'s counts.
     pub fn watch_poll(self: &Arc<Self>, poll: i64, user: &str) -> Subscription {
-        let (id, peer, outbox) = self.peer(user);
+        let user: Arc<str> = Arc::from(user);
+        let (id, peer, outbox) = self.peer(user.clone());
         let mut polls = lock(&self.polls);
         polls.entry(poll).or_default().topic.peers.insert(id, peer);
         Subscription {
             hub: self.clone(),
             id,
             topic: TopicKey::Poll(poll),
+            user,
             outbox,
         }
     }

@@ -125,8 +125,6 @@ pub struct Member {
 
 /// What a session does with a client's text, and on whose behalf.
 struct Target {
-    /// The member's name.
-    user: String,
     /// Whose budget its messages spend, over all its connections.
     writer: crate::app::Writer,
     /// Where the client's messages go.
@@ -134,12 +132,10 @@ struct Target {
 }
 
 enum Place {
-    Room(String),
+    /// The subscription's room.
+    Room,
     /// The voter boxed: a room member's place is then a name and a word.
-    Poll {
-        id: i64,
-        voter: Option<Box<Voter>>,
-    },
+    Poll { id: i64, voter: Option<Box<Voter>> },
 }
 
 /// How a session ended, for the close frame and the log.
@@ -320,9 +316,8 @@ async fn join_room(
     tracing::debug!(%room, user = who.name(), replayed, last_id = high, "joined");
     app.hub.advance(&room, high);
     let target = Target {
-        user: who.name().to_owned(),
         writer,
-        place: Place::Room(room),
+        place: Place::Room,
     };
     let first = vec![encode(&Ready {
         last_id: high,
@@ -494,7 +489,6 @@ pub async fn poll(
         vote: vote.as_deref(),
     })];
     let target = Target {
-        user: who.name().to_owned(),
         writer,
         place: Place::Poll {
             id: poll.id,
@@ -742,18 +736,8 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
             // Written: an idle session keeps no room for a batch.
             pending = Vec::new();
         }
-        let woke = std::future::poll_fn(|cx| {
-            wait(
-                cx,
-                &app,
-                &sub,
-                &mut lost,
-                &mut ws,
-                &mut pending,
-                high,
-                &target.user,
-            )
-        });
+        let woke =
+            std::future::poll_fn(|cx| wait(cx, &app, &sub, &mut lost, &mut ws, &mut pending, high));
         match woke.await {
             Woke::End(end) => break end,
             Woke::Events => {}
@@ -762,7 +746,7 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
                     count_in(&app, text.len());
                     if !limit.allow() {
                         app.metrics.rate_limited.fetch_add(1, Relaxed);
-                        tracing::warn!(user = %&target.user, "message rate limit exceeded");
+                        tracing::warn!(user = sub.user(), "message rate limit exceeded");
                         break End::Close(
                             CloseCode::POLICY_VIOLATION,
                             "message rate limit exceeded",
@@ -799,7 +783,8 @@ async fn pump(app: Arc<App>, live: Box<Live>) {
             },
         }
     };
-    let finished = Box::pin(finish(&app, ws, slot, sub, end, &target.user));
+    let user = sub.user().to_owned();
+    let finished = Box::pin(finish(&app, ws, slot, sub, end, &user));
     finished.await;
 }
 
@@ -817,7 +802,6 @@ enum Woke {
 /// the credential's loss, events (taken into `batch`), the client. Written as a function
 /// polled in place rather than a `select!` of futures, so a waiting session holds references
 /// and nothing else.
-#[allow(clippy::too_many_arguments)]
 fn wait(
     cx: &mut Context<'_>,
     app: &App,
@@ -826,7 +810,6 @@ fn wait(
     ws: &mut UpgradedWebSocket,
     batch: &mut Vec<Arc<Prepared>>,
     high: u64,
-    user: &str,
 ) -> TaskPoll<Woke> {
     if let TaskPoll::Ready(verdict) = sub.outbox.poll_verdict(cx) {
         return TaskPoll::Ready(Woke::End(judged(app, verdict)));
@@ -837,7 +820,7 @@ fn wait(
     }
     if let Some(check) = lost {
         if check.as_mut().poll(cx).is_ready() {
-            tracing::info!(user, "credential revoked or expired: closing");
+            tracing::info!(user = sub.user(), "credential revoked or expired: closing");
             let end = End::Close(
                 CloseCode::POLICY_VIOLATION,
                 "credentials revoked or expired",
@@ -1002,9 +985,7 @@ async fn handle(
 ) -> Option<Arc<Prepared>> {
     let job = match target {
         Target {
-            place: Place::Room(room),
-            user,
-            ..
+            place: Place::Room, ..
         } => {
             let Ok(ChatIn { text, key }) = serde_json::from_str(text) else {
                 return Some(error_event("expected {\"text\": \"...\"}"));
@@ -1018,8 +999,8 @@ async fn handle(
             // Stored, then delivered to the room, this member included; a failure comes back
             // as an error event.
             let write = ChatWrite {
-                room: room.clone(),
-                user: user.clone(),
+                room: sub.room().unwrap_or_default().to_owned(),
+                user: sub.user().to_owned(),
                 text,
                 key,
                 writer: target.writer.clone(),
