@@ -124,6 +124,7 @@ pub struct Member {
 }
 
 /// What a session does with a client's text, and on whose behalf.
+#[derive(Clone)]
 struct Target {
     /// Whose budget its messages spend, over all its connections.
     writer: crate::app::Writer,
@@ -131,6 +132,7 @@ struct Target {
     place: Place,
 }
 
+#[derive(Clone)]
 enum Place {
     /// The subscription's room.
     Room,
@@ -178,7 +180,7 @@ pub fn room(
     let join = Box::pin(join_room(app.clone(), ws, slot, room, member, resume));
     async move {
         let live = match join.await {
-            Some(live) => Box::pin(pump(app, Box::new(live))),
+            Some(live) => Box::pin(pump(app, live)),
             None => return,
         };
         live.await;
@@ -495,7 +497,7 @@ pub async fn poll(
             voter: voter.map(Box::new),
         },
     };
-    let live = Box::new(Live {
+    let live = Live {
         lost: check_credential(&app, credential, revocations),
         ws,
         slot,
@@ -503,7 +505,7 @@ pub async fn poll(
         target,
         first,
         high: 0,
-    });
+    };
     // Boxed in a statement of its own, so that the loading above takes no room beside it.
     let live = Box::pin(pump(app, live));
     live.await;
@@ -697,95 +699,215 @@ async fn close(app: &App, ws: &mut UpgradedWebSocket, code: CloseCode, reason: &
     let _ = tokio::time::timeout(limit, ws.close(Some(frame))).await;
 }
 
-/// Writes `first`, then loops over the subscription and the client until one ends.
-///
-/// This loop is what an idle connection's task holds, so it keeps little: no buffer reserved
-/// ahead (events go straight from the queue into the batch written, which is let go once large),
-/// and the rare long steps (a client's message, the end) in allocations of their own.
-async fn pump(app: Arc<App>, live: Box<Live>) {
-    // Taken by box: the argument stays in the state for good, so it is a pointer, and the box
-    // is freed by `unbox`.
+/// Writes `first`, then events and the client's messages until one side ends.
+fn pump(app: Arc<App>, live: Live) -> Pump {
     let Live {
-        mut ws,
+        ws,
         slot,
         sub,
         target,
         first,
         high,
-        mut lost,
-    } = unbox(live);
-    let mut turn = Turn::default();
-    let mut limit = RateLimit::new(app.config.message_rate);
-    let mut pending: Vec<Arc<Prepared>> = first;
-    let end = loop {
-        std::future::poll_fn(|cx| turn.poll_step(cx)).await;
-        // Usually the socket takes the batch at once; only when it would wait does the write
-        // (with its timeouts) need a future, boxed so the loop's state stays small.
-        match std::future::poll_fn(|cx| TaskPoll::Ready(write_now(&mut ws, &mut pending, cx))).await
-        {
-            Err(()) => break End::Gone,
-            Ok(true) => {}
-            Ok(false) => {
-                let write = Box::pin(write_all(&app, &mut ws, &mut pending, &sub));
-                if let Some(end) = write.await {
-                    break end;
+        lost,
+    } = live;
+    Pump::Live(LiveLoop {
+        limit: RateLimit::new(app.config.message_rate),
+        app,
+        ws,
+        slot,
+        sub,
+        target,
+        lost,
+        batch: first,
+        high,
+        turn: Turn::default(),
+        stall: None,
+        handling: None,
+    })
+}
+
+/// A member's session once it has joined, written out by hand: it is what an idle
+/// connection's task holds, and an `async fn` kept each wait's future and temporaries in its
+/// state beside the socket (768 bytes). Nothing is reserved ahead: the batch is let go once
+/// written, and the rare long steps (a client's message, the end) run in allocations of their
+/// own.
+// Live is the state a session spends its life in: boxing it would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Pump {
+    Live(LiveLoop),
+    /// Leaving the hub and sending the close frame.
+    Ending(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+    Done,
+}
+
+struct LiveLoop {
+    app: Arc<App>,
+    ws: UpgradedWebSocket,
+    slot: Slot,
+    sub: Subscription,
+    target: Target,
+    lost: Option<Lost>,
+    limit: RateLimit,
+    /// Events to write (`ready` or the poll's state first).
+    batch: Vec<Arc<Prepared>>,
+    /// Live messages up to this id were already sent as history.
+    high: u64,
+    turn: Turn,
+    /// While the client takes nothing: the deadline, and the bytes queued and events waiting
+    /// when it was set (less of either is progress, and the deadline starts again).
+    stall: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize, usize)>,
+    /// The client's message being handed to storage; its reply, if any, is written next.
+    handling: Option<Handling>,
+}
+
+/// A client's message on its way to storage.
+type Handling = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Arc<Prepared>>> + Send>>;
+
+impl LiveLoop {
+    fn poll_live(&mut self, cx: &mut Context<'_>) -> TaskPoll<End> {
+        loop {
+            if let Some(handling) = &mut self.handling {
+                let reply = std::task::ready!(handling.as_mut().poll(cx));
+                self.handling = None;
+                self.batch.extend(reply);
+            }
+            std::task::ready!(self.turn.poll_step(cx));
+            match self.poll_write(cx) {
+                TaskPoll::Ready(Ok(())) => {}
+                TaskPoll::Ready(Err(end)) => return TaskPoll::Ready(end),
+                TaskPoll::Pending => return TaskPoll::Pending,
+            }
+            if self.batch.capacity() > 0 {
+                // Written: an idle session keeps no room for a batch.
+                self.batch = Vec::new();
+            }
+            let woke = wait(
+                cx,
+                &self.app,
+                &self.sub,
+                &mut self.lost,
+                &mut self.ws,
+                &mut self.batch,
+                self.high,
+            );
+            match std::task::ready!(woke) {
+                Woke::End(end) => return TaskPoll::Ready(end),
+                Woke::Events => {}
+                Woke::Message(incoming) => {
+                    if let Some(end) = self.take(incoming) {
+                        return TaskPoll::Ready(end);
+                    }
                 }
             }
         }
-        if pending.capacity() > 0 {
-            // Written: an idle session keeps no room for a batch.
-            pending = Vec::new();
+    }
+
+    /// Writes the batch. While the socket takes nothing, the hub's verdict and the server's
+    /// shutdown still end the session, and so does the write timeout: each message must find
+    /// room, and the flush must shrink what is queued, within it. A slow reader goes on; one
+    /// that accepts nothing is dropped (a close frame could not reach it either).
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> TaskPoll<Result<(), End>> {
+        match write_now(&mut self.ws, &mut self.batch, cx) {
+            Err(()) => return TaskPoll::Ready(Err(End::Gone)),
+            Ok(true) => {
+                self.stall = None;
+                return TaskPoll::Ready(Ok(()));
+            }
+            Ok(false) => {}
         }
-        let woke =
-            std::future::poll_fn(|cx| wait(cx, &app, &sub, &mut lost, &mut ws, &mut pending, high));
-        match woke.await {
-            Woke::End(end) => break end,
-            Woke::Events => {}
-            Woke::Message(incoming) => match incoming {
-                Some(Ok(Message::Text(text))) => {
-                    count_in(&app, text.len());
-                    if !limit.allow() {
-                        app.metrics.rate_limited.fetch_add(1, Relaxed);
-                        tracing::warn!(user = sub.user(), "message rate limit exceeded");
-                        break End::Close(
-                            CloseCode::POLICY_VIOLATION,
-                            "message rate limit exceeded",
-                        );
-                    }
-                    // The same person over several connections: the message is refused, the
-                    // connections stay (none of them alone went too fast).
-                    if app
-                        .quotas
-                        .socket_messages
-                        .take(&target.writer, Instant::now())
-                        .is_err()
-                    {
-                        app.metrics.rate_limited.fetch_add(1, Relaxed);
-                        pending.push(error_event(
-                            "too many messages from you over all your connections: slow down",
-                        ));
-                        continue;
-                    }
-                    let handled = Box::pin(handle(&app, &target, &text, &sub));
-                    if let Some(reply) = handled.await {
-                        pending.push(reply);
-                    }
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    pending.push(error_event("send JSON text, not binary"))
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "connection failed");
-                    break End::Gone;
-                }
-                None => break End::Gone,
+        if let TaskPoll::Ready(verdict) = self.sub.outbox.poll_verdict(cx) {
+            return TaskPoll::Ready(Err(judged(&self.app, verdict)));
+        }
+        if self.app.is_shutting_down() {
+            let end = End::Close(CloseCode::GOING_AWAY, "server shutting down");
+            return TaskPoll::Ready(Err(end));
+        }
+        let (queued, waiting) = (self.ws.queued_len(), self.batch.len());
+        let timeout = self.app.config.write_timeout();
+        match &mut self.stall {
+            Some((_, q, w)) if queued >= *q && waiting >= *w => {}
+            stall => *stall = Some((Box::pin(tokio::time::sleep(timeout)), queued, waiting)),
+        }
+        match &mut self.stall {
+            Some((deadline, ..)) => match deadline.as_mut().poll(cx) {
+                TaskPoll::Ready(()) => TaskPoll::Ready(Err(stalled(&self.app))),
+                TaskPoll::Pending => TaskPoll::Pending,
             },
+            None => TaskPoll::Pending,
         }
-    };
-    let user = sub.user().to_owned();
-    let finished = Box::pin(finish(&app, ws, slot, sub, end, &user));
-    finished.await;
+    }
+
+    /// Takes what the client sent; `Some` when the session must end.
+    fn take(&mut self, incoming: Option<tether::Result<Message>>) -> Option<End> {
+        match incoming {
+            Some(Ok(Message::Text(text))) => {
+                count_in(&self.app, text.len());
+                if !self.limit.allow() {
+                    self.app.metrics.rate_limited.fetch_add(1, Relaxed);
+                    tracing::warn!(user = self.sub.user(), "message rate limit exceeded");
+                    let end =
+                        End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
+                    return Some(end);
+                }
+                // The same person over several connections: the message is refused, the
+                // connections stay (none of them alone went too fast).
+                let quota = &self.app.quotas.socket_messages;
+                if quota.take(&self.target.writer, Instant::now()).is_err() {
+                    self.app.metrics.rate_limited.fetch_add(1, Relaxed);
+                    self.batch.push(error_event(
+                        "too many messages from you over all your connections: slow down",
+                    ));
+                    return None;
+                }
+                let (app, target) = (self.app.clone(), self.target.clone());
+                let room = self.sub.room().map(str::to_owned);
+                let (user, sender) = (self.sub.user().to_owned(), self.sub.sender());
+                self.handling = Some(Box::pin(async move {
+                    handle(&app, &target, room, user, &text, sender).await
+                }));
+                None
+            }
+            Some(Ok(Message::Binary(_))) => {
+                self.batch.push(error_event("send JSON text, not binary"));
+                None
+            }
+            Some(Ok(_)) => None,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "connection failed");
+                Some(End::Gone)
+            }
+            None => Some(End::Gone),
+        }
+    }
+}
+
+impl std::future::Future for Pump {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<()> {
+        loop {
+            match &mut *self {
+                Pump::Live(live) => {
+                    let end = std::task::ready!(live.poll_live(cx));
+                    let Pump::Live(live) = std::mem::replace(&mut *self, Pump::Done) else {
+                        unreachable!("the session was live");
+                    };
+                    let LiveLoop {
+                        app, ws, slot, sub, ..
+                    } = live;
+                    *self = Pump::Ending(Box::pin(async move {
+                        let user = sub.user().to_owned();
+                        finish(&app, ws, slot, sub, end, &user).await;
+                    }));
+                }
+                Pump::Ending(ending) => {
+                    std::task::ready!(ending.as_mut().poll(cx));
+                    *self = Pump::Done;
+                }
+                Pump::Done => return TaskPoll::Ready(()),
+            }
+        }
+    }
 }
 
 /// What woke a waiting session.
@@ -980,8 +1102,10 @@ fn judged(app: &App, verdict: Verdict) -> End {
 async fn handle(
     app: &App,
     target: &Target,
+    room: Option<String>,
+    user: String,
     text: &str,
-    sub: &Subscription,
+    sender: Arc<crate::hub::Outbox>,
 ) -> Option<Arc<Prepared>> {
     let job = match target {
         Target {
@@ -999,12 +1123,12 @@ async fn handle(
             // Stored, then delivered to the room, this member included; a failure comes back
             // as an error event.
             let write = ChatWrite {
-                room: sub.room().unwrap_or_default().to_owned(),
-                user: sub.user().to_owned(),
+                room: room.unwrap_or_default(),
+                user,
                 text,
                 key,
                 writer: target.writer.clone(),
-                reply: Reply::Socket(sub.sender()),
+                reply: Reply::Socket(sender.clone()),
             };
             return match app.submit_chat(write).await {
                 Ok(()) => None,
@@ -1027,7 +1151,7 @@ async fn handle(
                 poll: *id,
                 voter: Voter::clone(voter),
                 option: vote,
-                reply: Reply::Socket(sub.sender()),
+                reply: Reply::Socket(sender.clone()),
             }
         }
     };
