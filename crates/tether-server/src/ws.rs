@@ -522,7 +522,7 @@ pub fn echo(
         ws,
         slot,
         turn: Turn::default(),
-        stall: None,
+        stall: Stall::default(),
     })
 }
 
@@ -543,9 +543,41 @@ struct EchoSession {
     ws: UpgradedWebSocket,
     slot: Slot,
     turn: Turn,
-    /// While bytes wait to be written: the deadline for the client to take some, and how
-    /// many were waiting when it was set.
-    stall: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
+    stall: Stall,
+}
+
+/// The write deadline of a session whose client takes nothing: set when bytes start to wait,
+/// started again whenever what waits shrinks, let go once everything is written.
+#[derive(Default)]
+struct Stall(Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize, usize)>);
+
+impl Stall {
+    /// Nothing waits.
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    /// `Ready` once neither `queued` (bytes) nor `waiting` (messages) went down for `timeout`.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        timeout: Duration,
+        queued: usize,
+        waiting: usize,
+    ) -> TaskPoll<()> {
+        let deadline = match &mut self.0 {
+            Some((deadline, q, w)) if queued >= *q && waiting >= *w => {
+                // Nothing taken (more may have been queued since).
+                (*q, *w) = (queued, waiting);
+                deadline
+            }
+            stall => {
+                let started = (Box::pin(tokio::time::sleep(timeout)), queued, waiting);
+                &mut stall.insert(started).0
+            }
+        };
+        deadline.as_mut().poll(cx)
+    }
 }
 
 /// The app, and the key of the session's waker among those woken at shutdown (the hub does
@@ -603,7 +635,7 @@ impl EchoSession {
                 // Receiving wrote what it could of the echoes.
                 TaskPoll::Pending if ws.queued_len() > 0 => return self.poll_stall(cx),
                 TaskPoll::Pending => {
-                    self.stall = None;
+                    self.stall.clear();
                     return TaskPoll::Pending;
                 }
             }
@@ -612,21 +644,10 @@ impl EchoSession {
 
     /// Bytes wait for the client: it must take some within the write timeout.
     fn poll_stall(&mut self, cx: &mut Context<'_>) -> TaskPoll<End> {
-        let queued = self.ws.queued_len();
         let timeout = self.app.app.config.write_timeout();
-        match &mut self.stall {
-            // Nothing taken (more may have been queued since).
-            Some((_, before)) if queued >= *before => *before = queued,
-            // New, or the client took some: the deadline starts again.
-            stall => *stall = Some((Box::pin(tokio::time::sleep(timeout)), queued)),
-        }
-        match &mut self.stall {
-            Some((deadline, _)) => match deadline.as_mut().poll(cx) {
-                TaskPoll::Ready(()) => TaskPoll::Ready(stalled(&self.app.app)),
-                TaskPoll::Pending => TaskPoll::Pending,
-            },
-            None => TaskPoll::Pending,
-        }
+        let queued = self.ws.queued_len();
+        std::task::ready!(self.stall.poll(cx, timeout, queued, 0));
+        TaskPoll::Ready(stalled(&self.app.app))
     }
 }
 
@@ -721,7 +742,7 @@ fn pump(app: Arc<App>, live: Live) -> Pump {
         batch: first,
         high,
         turn: Turn::default(),
-        stall: None,
+        stall: Stall::default(),
         handling: None,
     })
 }
@@ -753,9 +774,7 @@ struct LiveLoop {
     /// Live messages up to this id were already sent as history.
     high: u64,
     turn: Turn,
-    /// While the client takes nothing: the deadline, and the bytes queued and events waiting
-    /// when it was set (less of either is progress, and the deadline starts again).
-    stall: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize, usize)>,
+    stall: Stall,
     /// The client's message being handed to storage; its reply, if any, is written next.
     handling: Option<Handling>,
 }
@@ -810,7 +829,7 @@ impl LiveLoop {
         match write_now(&mut self.ws, &mut self.batch, cx) {
             Err(()) => return TaskPoll::Ready(Err(End::Gone)),
             Ok(true) => {
-                self.stall = None;
+                self.stall.clear();
                 return TaskPoll::Ready(Ok(()));
             }
             Ok(false) => {}
@@ -822,19 +841,10 @@ impl LiveLoop {
             let end = End::Close(CloseCode::GOING_AWAY, "server shutting down");
             return TaskPoll::Ready(Err(end));
         }
-        let (queued, waiting) = (self.ws.queued_len(), self.batch.len());
         let timeout = self.app.config.write_timeout();
-        match &mut self.stall {
-            Some((_, q, w)) if queued >= *q && waiting >= *w => {}
-            stall => *stall = Some((Box::pin(tokio::time::sleep(timeout)), queued, waiting)),
-        }
-        match &mut self.stall {
-            Some((deadline, ..)) => match deadline.as_mut().poll(cx) {
-                TaskPoll::Ready(()) => TaskPoll::Ready(Err(stalled(&self.app))),
-                TaskPoll::Pending => TaskPoll::Pending,
-            },
-            None => TaskPoll::Pending,
-        }
+        let (queued, waiting) = (self.ws.queued_len(), self.batch.len());
+        std::task::ready!(self.stall.poll(cx, timeout, queued, waiting));
+        TaskPoll::Ready(Err(stalled(&self.app)))
     }
 
     /// Takes what the client sent; `Some` when the session must end.
