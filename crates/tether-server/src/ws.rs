@@ -172,18 +172,39 @@ pub fn room(
     member: Member,
     resume: Resume,
 ) -> impl std::future::Future<Output = ()> + Send {
-    // An idle member's task holds the live loop and little else. The join runs in an
+    // An idle member's session is its live loop and little else. The join runs in an
     // allocation of its own, freed before the member goes live; the arguments go straight
-    // into it (an `async fn` would keep a copy of them in its state for the whole session);
-    // each future is boxed in a statement of its own (a value alive across an `.await` stays
-    // in the state, boxed or not).
+    // into it (an `async fn` would keep a copy of them in its state for the whole session).
     let join = Box::pin(join_room(app.clone(), ws, slot, room, member, resume));
-    async move {
-        let live = match join.await {
-            Some(live) => Box::pin(pump(app, live)),
-            None => return,
-        };
-        live.await;
+    RoomSession::Joining(app, join)
+}
+
+/// A room member's session: the join, then the live loop in the same allocation.
+// Live is the state a session spends its life in: boxing it would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum RoomSession {
+    Joining(
+        Arc<App>,
+        std::pin::Pin<Box<dyn std::future::Future<Output = Option<Live>> + Send>>,
+    ),
+    Live(Pump),
+}
+
+impl std::future::Future for RoomSession {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<()> {
+        loop {
+            match &mut *self {
+                RoomSession::Joining(app, join) => {
+                    match std::task::ready!(join.as_mut().poll(cx)) {
+                        Some(live) => *self = RoomSession::Live(pump(app.clone(), live)),
+                        None => return TaskPoll::Ready(()),
+                    }
+                }
+                RoomSession::Live(pump) => return std::pin::Pin::new(pump).poll(cx),
+            }
+        }
     }
 }
 
