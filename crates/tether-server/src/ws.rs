@@ -630,10 +630,14 @@ impl EchoSession {
             }
             // Over the write budget, what waits is written out before more is read: a
             // client that sends but never reads is held here, then dropped by the deadline.
-            match ws.as_mut().poll_ready(cx) {
-                TaskPoll::Ready(Ok(())) => {}
-                TaskPoll::Ready(Err(_)) => return TaskPoll::Ready(End::Gone),
-                TaskPoll::Pending => return self.poll_stall(cx),
+            // (Not `poll_ready`: once the client's Close is answered it refuses, and the
+            // answer must still be written.)
+            if ws.queued_len() >= ws.config().write_buffer_size {
+                match ws.as_mut().poll_flush(cx) {
+                    TaskPoll::Ready(Ok(())) => {}
+                    TaskPoll::Ready(Err(_)) => return TaskPoll::Ready(End::Gone),
+                    TaskPoll::Pending => return self.poll_stall(cx),
+                }
             }
             match ws.as_mut().poll_next(cx) {
                 TaskPoll::Ready(Some(Ok(msg))) if msg.is_data() => {

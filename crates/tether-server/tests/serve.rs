@@ -577,6 +577,17 @@ async fn pages_and_echo_are_served() {
         within(ws.recv()).await.unwrap().unwrap(),
         Message::binary(vec![1u8, 2, 3])
     );
+    // A clean close: the echo answers the client's Close before it ends.
+    let bye = tether::CloseFrame::new(tether::CloseCode::NORMAL, "bye");
+    within(ws.close(Some(bye.clone())))
+        .await
+        .expect("the echo answers the Close");
+    // So does a room member's session.
+    let mut member = connect(&server.ws("/ws/rooms/lobby?name=ann")).await;
+    next_of(&mut member, "ready").await;
+    within(member.close(Some(bye)))
+        .await
+        .expect("the room session answers the Close");
     server.stop().await;
 }
 
