@@ -153,7 +153,7 @@ pub struct Credential {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Writer {
     /// A registered user.
-    User(String),
+    User(Box<str>),
     /// Anyone else, by address.
     Address(IpAddr),
 }
@@ -162,7 +162,7 @@ impl Writer {
     /// The writer of a request by `user` (if logged in) from `ip`.
     pub fn new(user: Option<&str>, ip: Option<IpAddr>) -> Writer {
         match (user, ip) {
-            (Some(user), _) => Writer::User(user.to_owned()),
+            (Some(user), _) => Writer::User(user.into()),
             (None, Some(ip)) => Writer::Address(crate::throttle::address_key(ip)),
             (None, None) => Writer::Address(IpAddr::from([0, 0, 0, 0])),
         }

@@ -715,7 +715,7 @@ async fn publish(
     };
     let stored = Reply::wait(|reply| {
         app.submit_chat(ChatWrite {
-            writer: Writer::User(user.clone()),
+            writer: Writer::User(user.as_str().into()),
             room,
             user,
             text: input.text,

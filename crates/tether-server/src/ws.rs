@@ -27,27 +27,31 @@ use std::task::Poll as TaskPoll;
 /// Events written per flush at most, so one busy connection cannot starve its own reads.
 const BATCH: usize = 256;
 
-/// A token bucket: `rate` per second sustained, bursts of `2 × rate`.
+/// A token bucket: `rate` per second sustained, bursts of `2 × rate`. Two words: the rate is
+/// the caller's, and time is milliseconds since [`since_start`]'s origin.
 #[derive(Debug)]
 struct RateLimit {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
+    tokens: f32,
+    /// When tokens were last counted.
+    last: u64,
 }
 
 impl RateLimit {
     fn new(rate: f64) -> RateLimit {
         RateLimit {
-            rate,
-            tokens: rate * 2.0,
-            last: Instant::now(),
+            tokens: (rate * 2.0) as f32,
+            last: since_start(),
         }
     }
 
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate * 2.0);
+    fn allow(&mut self, rate: f64) -> bool {
+        self.allow_at(rate, since_start())
+    }
+
+    /// [`RateLimit::allow`] at `now` (milliseconds).
+    fn allow_at(&mut self, rate: f64, now: u64) -> bool {
+        let refill = now.saturating_sub(self.last) as f64 / 1000.0 * rate;
+        self.tokens = (f64::from(self.tokens) + refill).min(rate * 2.0) as f32;
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -56,6 +60,13 @@ impl RateLimit {
             false
         }
     }
+}
+
+/// Milliseconds since the first call in this process.
+fn since_start() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 #[derive(Serialize)]
@@ -132,12 +143,19 @@ struct Target {
     place: Place,
 }
 
+/// A poll watcher's poll, and how it votes (`None`: it may not).
+#[derive(Clone)]
+struct PollPlace {
+    id: i64,
+    voter: Option<Voter>,
+}
+
 #[derive(Clone)]
 enum Place {
     /// The subscription's room.
     Room,
-    /// The voter boxed: a room member's place is then a name and a word.
-    Poll { id: i64, voter: Option<Box<Voter>> },
+    /// Boxed: a room member's place is then a word.
+    Poll(Box<PollPlace>),
 }
 
 /// How a session ended, for the close frame and the log.
@@ -222,8 +240,9 @@ struct Live {
     lost: Option<Lost>,
 }
 
-/// A credential's check, running while the connection lasts.
-type Lost = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// A credential's check, running while the connection lasts (boxed twice: a thin pointer in
+/// the session, and none for a guest).
+type Lost = Box<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>;
 
 /// Checks `credential` again while the session lasts (see [`App::credential_lost`]); `None`
 /// for a guest, whose session then holds no timer.
@@ -235,9 +254,9 @@ fn check_credential(
     let credential = credential?;
     let app = app.clone();
     let every = Duration::from_secs(app.config.credential_check_secs.max(1));
-    Some(Box::pin(async move {
+    Some(Box::new(Box::pin(async move {
         app.credential_lost(credential, revocations, every).await;
-    }))
+    })))
 }
 
 /// Joins a room: welcome, history, ready; `None` when the session ended meanwhile.
@@ -513,10 +532,7 @@ pub async fn poll(
     })];
     let target = Target {
         writer,
-        place: Place::Poll {
-            id: poll.id,
-            voter: voter.map(Box::new),
-        },
+        place: Place::Poll(Box::new(PollPlace { id: poll.id, voter })),
     };
     let live = Live {
         lost: check_credential(&app, credential, revocations),
@@ -570,7 +586,14 @@ struct EchoSession {
 /// The write deadline of a session whose client takes nothing: set when bytes start to wait,
 /// started again whenever what waits shrinks, let go once everything is written.
 #[derive(Default)]
-struct Stall(Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize, usize)>);
+struct Stall(Option<Box<Deadline>>);
+
+/// A stall's deadline, and what waited when it was (re)started.
+struct Deadline {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    queued: usize,
+    waiting: usize,
+}
 
 impl Stall {
     /// Nothing waits.
@@ -587,14 +610,18 @@ impl Stall {
         waiting: usize,
     ) -> TaskPoll<()> {
         let deadline = match &mut self.0 {
-            Some((deadline, q, w)) if queued >= *q && waiting >= *w => {
+            Some(set) if queued >= set.queued && waiting >= set.waiting => {
                 // Nothing taken (more may have been queued since).
-                (*q, *w) = (queued, waiting);
-                deadline
+                (set.queued, set.waiting) = (queued, waiting);
+                &mut set.sleep
             }
             stall => {
-                let started = (Box::pin(tokio::time::sleep(timeout)), queued, waiting);
-                &mut stall.insert(started).0
+                let started = Deadline {
+                    sleep: Box::pin(tokio::time::sleep(timeout)),
+                    queued,
+                    waiting,
+                };
+                &mut stall.insert(Box::new(started)).sleep
             }
         };
         deadline.as_mut().poll(cx)
@@ -801,7 +828,8 @@ struct LiveLoop {
     turn: Turn,
     stall: Stall,
     /// The client's message being handed to storage; its reply, if any, is written next.
-    handling: Option<Handling>,
+    /// Boxed twice: a thin pointer in the session, for a step most sessions rarely take.
+    handling: Option<Box<Handling>>,
 }
 
 /// A client's message on its way to storage.
@@ -811,7 +839,7 @@ impl LiveLoop {
     fn poll_live(&mut self, cx: &mut Context<'_>) -> TaskPoll<End> {
         loop {
             if let Some(handling) = &mut self.handling {
-                let reply = std::task::ready!(handling.as_mut().poll(cx));
+                let reply = std::task::ready!(handling.as_mut().as_mut().poll(cx));
                 self.handling = None;
                 self.batch.extend(reply);
             }
@@ -877,7 +905,7 @@ impl LiveLoop {
         match incoming {
             Some(Ok(Message::Text(text))) => {
                 count_in(&self.app, text.len());
-                if !self.limit.allow() {
+                if !self.limit.allow(self.app.config.message_rate) {
                     self.app.metrics.rate_limited.fetch_add(1, Relaxed);
                     tracing::warn!(user = self.sub.user(), "message rate limit exceeded");
                     let end =
@@ -897,9 +925,9 @@ impl LiveLoop {
                 let (app, target) = (self.app.clone(), self.target.clone());
                 let room = self.sub.room().map(str::to_owned);
                 let (user, sender) = (self.sub.user().to_owned(), self.sub.sender());
-                self.handling = Some(Box::pin(async move {
+                self.handling = Some(Box::new(Box::pin(async move {
                     handle(&app, &target, room, user, &text, sender).await
-                }));
+                })));
                 None
             }
             Some(Ok(Message::Binary(_))) => {
@@ -976,7 +1004,7 @@ fn wait(
         return TaskPoll::Ready(Woke::End(end));
     }
     if let Some(check) = lost {
-        if check.as_mut().poll(cx).is_ready() {
+        if check.as_mut().as_mut().poll(cx).is_ready() {
             tracing::info!(user = sub.user(), "credential revoked or expired: closing");
             let end = End::Close(
                 CloseCode::POLICY_VIOLATION,
@@ -1171,9 +1199,10 @@ async fn handle(
             };
         }
         Target {
-            place: Place::Poll { id, voter },
+            place: Place::Poll(poll),
             ..
         } => {
+            let PollPlace { id, voter } = &**poll;
             let Ok(VoteIn { vote }) = serde_json::from_str(text) else {
                 return Some(error_event("expected {\"vote\": \"option\"}"));
             };
@@ -1184,7 +1213,7 @@ async fn handle(
             };
             Job::Vote {
                 poll: *id,
-                voter: Voter::clone(voter),
+                voter: voter.clone(),
                 option: vote,
                 reply: Reply::Socket(sender.clone()),
             }
@@ -1247,13 +1276,28 @@ mod tests {
         );
     }
 
+    /// What an idle room member's task points to: at most 512 bytes, jemalloc's size class
+    /// below 640 (about 128 bytes per member; docs/decisions.md, 14).
+    #[test]
+    fn a_room_session_fits_in_512_bytes() {
+        let size = std::mem::size_of::<RoomSession>();
+        assert!(size <= 512, "a room session takes {size} bytes");
+    }
+
     #[test]
     fn rate_limit_allows_a_burst_then_the_rate() {
         let mut limit = RateLimit::new(5.0);
-        assert!((0..10).all(|_| limit.allow()), "a burst of twice the rate");
-        assert!(!limit.allow());
-        limit.last -= Duration::from_millis(400);
-        assert!(limit.allow() && limit.allow(), "0.4 s refills two");
-        assert!(!limit.allow());
+        let start = limit.last;
+        assert!(
+            (0..10).all(|_| limit.allow_at(5.0, start)),
+            "a burst of twice the rate"
+        );
+        assert!(!limit.allow_at(5.0, start));
+        let later = start + 400;
+        assert!(
+            limit.allow_at(5.0, later) && limit.allow_at(5.0, later),
+            "0.4 s refills two"
+        );
+        assert!(!limit.allow_at(5.0, later));
     }
 }
