@@ -652,7 +652,7 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
         "- Memory (e): the server's VmRSS before, and at its peak (sampled every 0.25 s) "
         f"while `tether bench idle --conns {opts.idle_conns}` holds its connections for "
         f"{opts.idle_hold:g} s (`--raw` against the TCP echo), divided by the connections "
-        "held — the method of `scripts/idle-memory`. Kernel socket buffers are not in RSS.\n"
+        "held — the peak that `scripts/idle-memory` prints beside its figure after 12 s idle. Kernel socket buffers are not in RSS.\n"
         "- (f): the client offers permessage-deflate and sends 1 KiB of JSON-like text; "
         "fastwebsockets and tokio-tungstenite do not implement permessage-deflate and sit "
         "this one out; the TCP row echoes the same 1 KiB uncompressed, for scale only.\n"

@@ -131,7 +131,7 @@ impl Server {
                 "tokens without an expiry now expire"
             );
         }
-        let db = Db::new(store);
+        let db = Db::new(store)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
