@@ -127,9 +127,6 @@ fn describe(e: &tether::Error) -> String {
                 format!("handshake rejected: HTTP {status} {reason}: {body}")
             }
         }
-        tether::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            format!("connection refused ({io})")
-        }
         other => other.to_string(),
     }
 }
@@ -185,11 +182,11 @@ pub fn builder(args: &ConnectArgs) -> Result<ClientBuilder, ConnectError> {
         None => b.proxy_from_env()?,
     };
     if args.insecure {
-        b = b.tls_config(tether::tls::insecure_client_config()?);
+        b = b.tls_config(tether::tls::insecure_client_config().map_err(tether::Error::from)?);
     } else if let Some(path) = &args.ca {
         let pem = std::fs::read(path)
             .map_err(|e| ConnectError::Usage(format!("reading {}: {e}", path.display())))?;
-        b = b.tls_config(tether::tls::client_config(&pem)?);
+        b = b.tls_config(tether::tls::client_config(&pem).map_err(tether::Error::from)?);
     }
     Ok(b)
 }

@@ -293,10 +293,10 @@ fn bad_urls_and_unreachable_servers_are_one_line_errors() {
     drop(closed);
     let out = connect(&[&format!("ws://{addr}/")], "");
     assert_eq!(out.status.code(), Some(1));
+    let said = text(&out.stderr);
     assert!(
-        text(&out.stderr).contains("connection refused"),
-        "{}",
-        text(&out.stderr)
+        said.contains(&format!("connecting to {addr}")) && said.contains("Connection refused"),
+        "{said}"
     );
 }
 

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use url::Url;
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TlsError, UrlError};
 use crate::handshake::client_until;
 use crate::proxy::Proxy;
 use crate::tls::MaybeTlsStream;
@@ -56,13 +56,27 @@ impl ClientBuilder {
     /// # Errors
     /// [`Error::Url`] unless `url` is a `ws://` or `wss://` URL with a host.
     pub fn new(url: &str) -> Result<Self> {
-        let url = Url::parse(url).map_err(|e| Error::Url(format!("{url}: {e}")))?;
+        let given = url;
+        let url = Url::parse(given).map_err(|source| UrlError::Parse {
+            url: given.to_owned(),
+            source,
+        })?;
         match url.scheme() {
             "ws" | "wss" => {}
-            other => return Err(Error::Url(format!("scheme {other:?} is not ws or wss"))),
+            other => {
+                return Err(UrlError::Scheme {
+                    url: given.to_owned(),
+                    scheme: other.to_owned(),
+                    expected: "ws or wss",
+                }
+                .into())
+            }
         }
         if url.host().is_none() {
-            return Err(Error::Url(format!("{url}: no host")));
+            return Err(UrlError::NoHost {
+                url: given.to_owned(),
+            }
+            .into());
         }
         Ok(ClientBuilder {
             url,
@@ -142,7 +156,8 @@ impl ClientBuilder {
     /// Connects: TCP (no Nagle delay), TLS for `wss://`, then the upgrade.
     ///
     /// # Errors
-    /// [`Error::Io`] when the host cannot be resolved or reached, [`Error::Tls`],
+    /// [`Error::Connect`] when the host cannot be resolved or reached, [`Error::Proxy`],
+    /// [`Error::Tls`],
     /// [`Error::ClientHandshake`] when the server refuses, [`Error::HandshakeTimeout`].
     pub async fn connect(self) -> Result<(ClientStream, Response)> {
         let request = self.request();
@@ -172,7 +187,13 @@ impl ClientBuilder {
                     .tunnel(self.url.host_str().unwrap_or_default(), port)
                     .await?
             }
-            (None, host) => Self::direct(host, port).await?,
+            (None, host) => Self::direct(host, port)
+                .await
+                .map_err(|source| Error::Connect {
+                    host: self.url.host_str().unwrap_or_default().to_owned(),
+                    port,
+                    source,
+                })?,
         };
         tcp.set_nodelay(true)?;
         if self.url.scheme() == "ws" {
@@ -181,18 +202,21 @@ impl ClientBuilder {
         self.wrap_tls(tcp).await
     }
 
-    async fn direct(host: Option<url::Host<&str>>, port: u16) -> Result<TcpStream> {
-        let tcp = match host {
+    /// The builder checked that the URL has a host.
+    async fn direct(host: Option<url::Host<&str>>, port: u16) -> std::io::Result<TcpStream> {
+        match host {
             Some(url::Host::Ipv4(ip)) => {
-                TcpStream::connect(SocketAddr::new(IpAddr::V4(ip), port)).await?
+                TcpStream::connect(SocketAddr::new(IpAddr::V4(ip), port)).await
             }
             Some(url::Host::Ipv6(ip)) => {
-                TcpStream::connect(SocketAddr::new(IpAddr::V6(ip), port)).await?
+                TcpStream::connect(SocketAddr::new(IpAddr::V6(ip), port)).await
             }
-            Some(url::Host::Domain(name)) => TcpStream::connect((name, port)).await?,
-            None => return Err(Error::Url("no host".into())),
-        };
-        Ok(tcp)
+            Some(url::Host::Domain(name)) => TcpStream::connect((name, port)).await,
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the URL has no host",
+            )),
+        }
     }
 
     #[cfg(feature = "tls")]
@@ -203,17 +227,50 @@ impl ClientBuilder {
         };
         let host = self.url.host_str().unwrap_or_default();
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let name = rustls_pki_types::ServerName::try_from(host.to_owned())
-            .map_err(|e| Error::Tls(format!("{host}: {e}")))?;
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|source| {
+            TlsError::ServerName {
+                host: host.to_owned(),
+                source,
+            }
+        })?;
         let stream = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
-            .map_err(|e| Error::Tls(e.to_string()))?;
+            .map_err(|e| tls_handshake_error(host, e))?;
         Ok(MaybeTlsStream::Rustls(Box::new(stream)))
     }
 
     #[cfg(not(feature = "tls"))]
     async fn wrap_tls(&self, _tcp: TcpStream) -> Result<MaybeTlsStream<TcpStream>> {
-        Err(Error::Tls("wss:// needs the `tls` feature".into()))
+        Err(TlsError::Disabled.into())
+    }
+}
+
+/// rustls's own error when the handshake failed on it (tokio-rustls wraps it in an I/O
+/// error), else the I/O error.
+#[cfg(feature = "tls")]
+fn tls_handshake_error(host: &str, e: std::io::Error) -> TlsError {
+    let host = host.to_owned();
+    if !e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+        return TlsError::Io { host, source: e };
+    }
+    let kind = e.kind();
+    match e
+        .into_inner()
+        .map(|inner| inner.downcast::<rustls::Error>())
+    {
+        Some(Ok(source)) => TlsError::Handshake {
+            host,
+            source: *source,
+        },
+        // Checked above; an I/O error all the same rather than a panic.
+        Some(Err(other)) => TlsError::Io {
+            host,
+            source: std::io::Error::new(kind, other),
+        },
+        None => TlsError::Io {
+            host,
+            source: kind.into(),
+        },
     }
 }

@@ -6,6 +6,10 @@ use tether_proto::{CloseCode, ProtocolError, SendError};
 
 /// Everything that can go wrong with a WebSocket.
 ///
+/// Each message names its cause, and [`std::error::Error::source`] returns the cause as a
+/// value (an [`std::io::Error`], a [`rustls::Error`](https://docs.rs/rustls), a
+/// [`url::ParseError`], …) for code that needs to tell causes apart.
+///
 /// A clean close is not an error: the stream yields [`Message::Close`](crate::Message::Close)
 /// and then ends.
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +46,150 @@ pub enum Error {
     AbnormalClosure,
     /// A URL that is not `ws://` or `wss://`, or has no host.
     #[error("invalid URL: {0}")]
-    Url(String),
+    Url(#[from] UrlError),
+    /// The TCP connection to the server (or to the proxy's target) could not be made: the
+    /// name did not resolve, or nothing accepted on the port.
+    #[error("connecting to {host}:{port}: {source}")]
+    Connect {
+        /// The host as the URL names it.
+        host: String,
+        /// The port.
+        port: u16,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// TLS setup or handshake failed.
-    #[error("TLS error: {0}")]
-    Tls(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     /// The HTTP proxy could not be reached or refused the tunnel.
-    #[error("proxy error: {0}")]
-    Proxy(String),
+    #[error("{0}")]
+    Proxy(#[from] ProxyError),
+    /// The peer did not take our Close within `close_timeout`.
+    #[error("the peer did not take the Close within the close timeout")]
+    CloseTimeout,
+}
+
+/// A URL that cannot be used, as a server's or a proxy's.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UrlError {
+    /// Not a URL at all.
+    #[error("{url}: {source}")]
+    Parse {
+        /// The text given.
+        url: String,
+        /// Why it did not parse.
+        #[source]
+        source: url::ParseError,
+    },
+    /// A scheme this use does not take (a server's URL is `ws` or `wss`, a proxy's `http`).
+    #[error("{url}: scheme {scheme:?} is not {expected}")]
+    Scheme {
+        /// The text given.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+        /// What the URL may use.
+        expected: &'static str,
+    },
+    /// No host to connect to.
+    #[error("{url}: no host")]
+    NoHost {
+        /// The text given.
+        url: String,
+    },
+}
+
+/// Why TLS could not be set up or its handshake failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// `wss://` in a build without the `tls` feature.
+    #[error("wss:// needs the `tls` feature")]
+    Disabled,
+    /// The URL's host cannot be a TLS server name.
+    #[cfg(feature = "tls")]
+    #[error("{host:?} is not a valid server name")]
+    ServerName {
+        /// The host.
+        host: String,
+        /// Why.
+        #[source]
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    /// The handshake failed: rustls's reason (the certificate's, for one it does not trust).
+    #[cfg(feature = "tls")]
+    #[error("handshake with {host}: {source}")]
+    Handshake {
+        /// The server name.
+        host: String,
+        /// Why.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The transport failed during the handshake.
+    #[cfg(feature = "tls")]
+    #[error("handshake with {host}: {source}")]
+    Io {
+        /// The server name.
+        host: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CA file is not PEM.
+    #[cfg(feature = "tls")]
+    #[error("reading a CA certificate: {0}")]
+    CaPem(#[source] rustls_pki_types::pem::Error),
+    /// A CA certificate cannot be a root.
+    #[cfg(feature = "tls")]
+    #[error("adding a CA certificate: {0}")]
+    CaCertificate(#[source] rustls::Error),
+    /// A CA file holds no certificate.
+    #[error("no certificate found in the CA file")]
+    NoCaCertificate,
+    /// rustls refused the configuration.
+    #[cfg(feature = "tls")]
+    #[error("configuration: {0}")]
+    Config(#[source] rustls::Error),
+}
+
+/// Why a tunnel through an HTTP proxy could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The proxy's URL cannot be used.
+    #[error("invalid proxy URL: {0}")]
+    Url(#[source] UrlError),
+    /// The proxy could not be reached, or the connection to it failed before it answered.
+    #[error("talking to proxy {addr}: {source}")]
+    Io {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Its answer's head is longer than the library reads.
+    #[error("proxy response head over {limit} bytes")]
+    HeadTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// Its answer is not HTTP.
+    #[error("malformed proxy response: {0}")]
+    Malformed(#[source] httparse::Error),
+    /// It answered `CONNECT` with an error status.
+    #[error("proxy refused CONNECT {authority}: {status} {reason}")]
+    Refused {
+        /// The tunnel asked for (`host:port`).
+        authority: String,
+        /// The HTTP status.
+        status: u16,
+        /// The reason phrase.
+        reason: String,
+    },
 }
 
 impl Error {

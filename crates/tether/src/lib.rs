@@ -59,7 +59,7 @@ mod websocket;
 
 pub use client::{connect, ClientBuilder, ClientStream};
 pub use config::Config;
-pub use error::{Error, Result};
+pub use error::{Error, ProxyError, Result, TlsError, UrlError};
 pub use handshake::{accept, accept_hdr, accept_with_config, client};
 pub use message::Message;
 pub use proxy::Proxy;

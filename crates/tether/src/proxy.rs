@@ -5,7 +5,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use url::Url;
 
-use crate::error::{Error, Result};
+use crate::error::{ProxyError, UrlError};
 
 /// The largest proxy response head read.
 const MAX_HEAD: usize = 8 << 10;
@@ -35,22 +35,33 @@ impl Proxy {
     /// is read as `http://host:port`).
     ///
     /// # Errors
-    /// [`Error::Proxy`] for another scheme or a URL without a host.
-    pub fn parse(url: &str) -> Result<Proxy> {
+    /// [`ProxyError::Url`] for another scheme or a URL without a host.
+    pub fn parse(url: &str) -> Result<Proxy, ProxyError> {
         let with_scheme = if url.contains("://") {
             url.to_owned()
         } else {
             format!("http://{url}")
         };
-        let parsed = Url::parse(&with_scheme).map_err(|e| Error::Proxy(format!("{url}: {e}")))?;
+        let parsed = Url::parse(&with_scheme).map_err(|source| {
+            ProxyError::Url(UrlError::Parse {
+                url: url.to_owned(),
+                source,
+            })
+        })?;
         if parsed.scheme() != "http" {
-            return Err(Error::Proxy(format!(
-                "{url}: only http:// proxies are supported"
-            )));
+            return Err(ProxyError::Url(UrlError::Scheme {
+                url: url.to_owned(),
+                scheme: parsed.scheme().to_owned(),
+                expected: "http (the only proxies supported)",
+            }));
         }
         let host = parsed
             .host_str()
-            .ok_or_else(|| Error::Proxy(format!("{url}: no host")))?
+            .ok_or_else(|| {
+                ProxyError::Url(UrlError::NoHost {
+                    url: url.to_owned(),
+                })
+            })?
             .to_owned();
         let authorization = (!parsed.username().is_empty()).then(|| {
             let user = percent_decode(parsed.username());
@@ -72,8 +83,8 @@ impl Proxy {
     /// domain; `*` for all).
     ///
     /// # Errors
-    /// [`Error::Proxy`] when the variable holds an unusable URL.
-    pub fn from_env(target: &Url) -> Result<Option<Proxy>> {
+    /// [`ProxyError::Url`] when the variable holds an unusable URL.
+    pub fn from_env(target: &Url) -> Result<Option<Proxy>, ProxyError> {
         let var = |names: &[&str]| {
             names
                 .iter()
@@ -95,48 +106,43 @@ impl Proxy {
     }
 
     /// Opens a tunnel to `host:port` through the proxy.
-    pub(crate) async fn tunnel(&self, host: &str, port: u16) -> Result<TcpStream> {
+    pub(crate) async fn tunnel(&self, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
+        let io = |source| ProxyError::Io {
+            addr: format!("{}:{}", self.host, self.port),
+            source,
+        };
         let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| {
-                Error::Proxy(format!(
-                    "connecting to proxy {}:{}: {e}",
-                    self.host, self.port
-                ))
-            })?;
-        tcp.set_nodelay(true)?;
+            .map_err(io)?;
+        tcp.set_nodelay(true).map_err(io)?;
         let authority = format!("{host}:{port}");
         let mut request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
         if let Some(auth) = &self.authorization {
             request.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
         }
         request.push_str("\r\n");
-        tcp.write_all(request.as_bytes()).await?;
+        tcp.write_all(request.as_bytes()).await.map_err(io)?;
         // Read the answer byte by byte: nothing past its head may be consumed, it belongs
         // to the tunnel.
         let mut head = Vec::with_capacity(256);
         while !head.ends_with(b"\r\n\r\n") {
             if head.len() >= MAX_HEAD {
-                return Err(Error::Proxy("proxy response head too large".into()));
+                return Err(ProxyError::HeadTooLarge { limit: MAX_HEAD });
             }
-            let byte = tcp
-                .read_u8()
-                .await
-                .map_err(|e| Error::Proxy(format!("proxy closed the connection: {e}")))?;
-            head.push(byte);
+            head.push(tcp.read_u8().await.map_err(io)?);
         }
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
-        response
-            .parse(&head)
-            .map_err(|e| Error::Proxy(format!("malformed proxy response: {e}")))?;
+        response.parse(&head).map_err(ProxyError::Malformed)?;
         match response.code {
             Some(200..=299) => Ok(tcp),
-            Some(code) => Err(Error::Proxy(format!(
-                "proxy refused CONNECT {authority}: {code} {}",
-                response.reason.unwrap_or("")
-            ))),
-            None => Err(Error::Proxy("malformed proxy response".into())),
+            Some(status) => Err(ProxyError::Refused {
+                authority,
+                status,
+                reason: response.reason.unwrap_or("").to_owned(),
+            }),
+            // A complete head always has a status.
+            None => Err(ProxyError::Malformed(httparse::Error::Status)),
         }
     }
 }
@@ -196,7 +202,10 @@ mod tests {
         // "ann:p@ss" in base64.
         assert_eq!(p.authorization.as_deref(), Some("Basic YW5uOnBAc3M="));
         assert_eq!(Proxy::parse("proxy.local:8080").unwrap().port, 8080);
-        assert!(Proxy::parse("https://proxy.local").is_err());
+        assert!(matches!(
+            Proxy::parse("https://proxy.local"),
+            Err(ProxyError::Url(UrlError::Scheme { .. }))
+        ));
         assert!(!format!("{p:?}").contains("YW5u"));
     }
 
@@ -211,5 +220,43 @@ mod tests {
         assert!(no_proxy_matches("*", "anything"));
         assert!(!no_proxy_matches("example.com", "notexample.com"));
         assert!(!no_proxy_matches("", "example.com"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_tunnel_carries_the_status_and_an_unreachable_proxy_its_cause() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(tcp.read_u8().await.unwrap());
+            }
+            tcp.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        let proxy = Proxy::parse(&addr.to_string()).unwrap();
+        let err = proxy.tunnel("example.test", 80).await.unwrap_err();
+        assert!(
+            matches!(&err, ProxyError::Refused { status: 407, authority, .. } if authority == "example.test:80"),
+            "{err:?}"
+        );
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        let err = Proxy::parse(&gone.to_string())
+            .unwrap()
+            .tunnel("example.test", 80)
+            .await
+            .unwrap_err();
+        let cause =
+            std::error::Error::source(&err).and_then(|e| e.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            cause.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{err:?}"
+        );
     }
 }

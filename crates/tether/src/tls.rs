@@ -2,12 +2,14 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+#[cfg(feature = "tls")]
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::error::Error;
+#[cfg(feature = "tls")]
+use crate::error::TlsError;
 
 /// A transport that is either plain or wrapped in TLS.
 #[derive(Debug)]
@@ -84,9 +86,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTlsStream<S> {
 /// `extra_roots_pem` (PEM, e.g. a private CA), with `http/1.1` as the ALPN protocol.
 ///
 /// # Errors
-/// [`Error::Tls`] when the PEM holds no certificate or one that cannot be used as a root.
+/// [`TlsError`] when the PEM holds no certificate or one that cannot be used as a root.
 #[cfg(feature = "tls")]
-pub fn client_config(extra_roots_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, Error> {
+pub fn client_config(extra_roots_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
 
@@ -95,20 +97,18 @@ pub fn client_config(extra_roots_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>
     if !extra_roots_pem.is_empty() {
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(extra_roots_pem) {
-            let cert = cert.map_err(|e| Error::Tls(format!("reading CA certificate: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| Error::Tls(format!("adding CA certificate: {e}")))?;
+            let cert = cert.map_err(TlsError::CaPem)?;
+            roots.add(cert).map_err(TlsError::CaCertificate)?;
             added += 1;
         }
         if added == 0 {
-            return Err(Error::Tls("no certificate found in the CA file".into()));
+            return Err(TlsError::NoCaCertificate);
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(TlsError::Config)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -121,11 +121,11 @@ pub fn client_config(extra_roots_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>
 /// --insecure`): it gives no protection against an attacker in the middle. Handshake
 /// signatures are still checked, so the session is encrypted to whoever holds the key.
 #[cfg(feature = "tls")]
-pub fn insecure_client_config() -> Result<Arc<rustls::ClientConfig>, Error> {
+pub fn insecure_client_config() -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(TlsError::Config)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
         .with_no_client_auth();

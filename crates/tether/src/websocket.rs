@@ -890,7 +890,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
     ///
     /// # Errors
     /// [`Error::Send`] for a code that may not be sent; [`Error::Io`] when the transport
-    /// fails or the peer does not read within the close timeout.
+    /// fails; [`Error::CloseTimeout`] when the peer does not read within the close timeout.
     pub async fn close(&mut self, frame: Option<CloseFrame>) -> Result<()> {
         let timeout = {
             let mut inner = lock(&self.shared);
@@ -899,10 +899,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
         };
         match tokio::time::timeout(timeout, self.flush()).await {
             Ok(result) => result,
-            Err(_) => Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the peer did not take the Close within the close timeout",
-            ))),
+            Err(_) => Err(Error::CloseTimeout),
         }
     }
 }

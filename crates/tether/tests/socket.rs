@@ -239,14 +239,7 @@ async fn oversized_message_is_closed_with_1009_and_reported_to_the_client() {
 async fn client_limit_fails_oversized_server_message_with_1009() {
     let addr = echo_server(Config::default()).await;
     let config = Config::default().max_message_size(100);
-    let (mut ws, _) = within(
-        tether::ClientBuilder::new(&url(addr))
-            .unwrap()
-            .config(config)
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let mut ws = within(ClientBuilderExt::connect_with_config(addr, config)).await;
     ws.send(Message::binary(vec![0u8; 500])).await.unwrap();
     let err = within(ws.recv()).await.unwrap().unwrap_err();
     assert_eq!(err.close_code(), CloseCode::MESSAGE_TOO_BIG, "{err}");
@@ -473,11 +466,15 @@ async fn bad_urls_are_clear_errors() {
         let err = tether::ClientBuilder::new(bad).unwrap_err();
         assert!(matches!(err, Error::Url(_)), "{bad}: {err}");
     }
-    // Nothing listens on this port: a refused connection is an I/O error.
+    // Nothing listens on this port: a refused connection names where it went.
     let (l, addr) = listener().await;
     drop(l);
     let err = within(tether::connect(&url(addr))).await.unwrap_err();
-    assert!(matches!(err, Error::Io(_)), "{err}");
+    assert!(
+        matches!(&err, Error::Connect { port, source, .. }
+            if *port == addr.port() && source.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -637,4 +634,31 @@ async fn serve_one_until_end(listener: TcpListener, config: Config) -> Option<Er
             None => return None,
         }
     }
+}
+
+#[tokio::test]
+async fn closing_toward_a_peer_that_never_reads_ends_with_close_timeout() {
+    let (listener, addr) = listener().await;
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        // Completes the handshake, then reads nothing more.
+        let _ws = tether::accept(tcp).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let config = Config::default().close_timeout(Duration::from_millis(300));
+    let (ws, _) = within(
+        tether::ClientBuilder::new(&url(addr))
+            .unwrap()
+            .config(config)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let (mut sender, _receiver) = ws.split();
+    // More than loopback's socket buffers can hold.
+    within(sender.feed(Message::binary(vec![0u8; 64 << 20])))
+        .await
+        .unwrap();
+    let err = within(sender.close(None)).await.unwrap_err();
+    assert!(matches!(err, Error::CloseTimeout), "{err:?}");
 }
