@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
+use axum::extract::FromRequestParts;
 use axum::extract::{Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +25,8 @@ use crate::password::Busy;
 use crate::store::{now_rfc3339, CredentialKind, StoreError, Voter};
 use crate::throttle::address_key;
 use crate::{web, ws};
+use tether::axum::{UpgradeRejection, WebSocketUpgrade};
+use tether::handshake::HandshakeError;
 
 const ROOM_RULE: &str = "a room name is 1-64 of A-Z a-z 0-9 _ - ., not only dots";
 
@@ -862,7 +865,7 @@ fn refuse(app: &App, peer: Option<SocketAddr>, refused: Refused) -> Response {
 /// session runs in its own task.
 async fn upgrade<F, Fut>(
     app: Arc<App>,
-    mut req: Request,
+    req: Request,
     query: SocketQuery,
     needs_identity: bool,
     session: F,
@@ -873,14 +876,22 @@ where
         + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
-    if let Err(refused) = app.check_origin(req.headers()) {
-        return refuse(&app, peer, refused);
+    let (mut parts, _) = req.into_parts();
+    let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
+    // The request must be an upgrade that the WebSocket configuration accepts (its Origin
+    // policy, its head limit) before anything else is spent on it.
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws.config(app.ws_config.clone()),
+        Err(rejection) => return refuse(&app, peer, upgrade_refusal(rejection)),
+    };
+    if let Err(rejection) = ws.check() {
+        return refuse(&app, peer, upgrade_refusal(rejection));
     }
+    let headers = &parts.headers;
     let revocations = app.revocations();
     let (who, credential) = if needs_identity {
         match app
-            .identify(req.headers(), query.token.as_deref(), query.name.as_deref())
+            .identify(headers, query.token.as_deref(), query.name.as_deref())
             .await
         {
             Ok(found) => found,
@@ -900,7 +911,7 @@ where
         Identity::Guest(_) => None,
     };
     if let (true, Identity::Guest(name)) = (needs_identity, &who) {
-        let (guest, is_new) = app.guest_id(req.headers());
+        let (guest, is_new) = app.guest_id(headers);
         if app.config.poll_voters == Voters::Everyone {
             let address = peer.map_or_else(String::new, |p| address_key(p.ip()).to_string());
             voter = Some(Voter {
@@ -938,7 +949,7 @@ where
     if let Some(hold) = nickname {
         slot.keep(hold);
     }
-    match tether::upgrade::upgrade::<_, Body>(&mut req, app.ws_config.clone()) {
+    match ws.accept() {
         Ok((mut response, pending)) => {
             if let Some(guest) = new_guest {
                 let secure = if app.tls { "; Secure" } else { "" };
@@ -988,15 +999,18 @@ where
             });
             response
         }
-        Err(e) => {
-            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            refuse(
-                &app,
-                peer,
-                Refused::new(status, Refusal::BadRequest, e.to_string()),
-            )
-        }
+        Err(rejection) => refuse(&app, peer, upgrade_refusal(rejection)),
     }
+}
+
+/// What a request that is not an acceptable upgrade is answered with.
+fn upgrade_refusal(rejection: UpgradeRejection) -> Refused {
+    if let UpgradeRejection::Handshake(HandshakeError::OriginRefused(origin)) = &rejection {
+        tracing::warn!(%origin, "cross-origin request refused");
+        return Refused::new(StatusCode::FORBIDDEN, Refusal::Origin, "origin not allowed");
+    }
+    let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    Refused::new(status, Refusal::BadRequest, rejection.to_string())
 }
 
 async fn echo_socket(State(app): State<Arc<App>>, req: Request) -> Response {

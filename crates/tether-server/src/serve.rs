@@ -146,6 +146,9 @@ impl Server {
             // peer keeping it open on purpose (1009).
             .max_message_fragments(4096)
             .ping_interval(Some(config.ping_interval()))
+            // Pages this server serves, and the origins the configuration lists.
+            .allowed_origins(Some(config.allow_origins.clone()))
+            .same_origin_scheme(Some(if tls.is_some() { "https" } else { "http" }.into()))
             .deflate(config.deflate.then(|| {
                 // Every message compressed from a fresh state: fan-out compresses it once for
                 // all subscribers (tether::Prepared), and idle connections hold no compressor.

@@ -49,6 +49,11 @@ pub struct Config {
     /// (the default) accepts any, and requests without an `Origin` (non-browser clients) are
     /// always accepted; a refused origin is answered 403.
     pub allowed_origins: Option<Vec<String>>,
+    /// With [`Config::allowed_origins`] set, also accept the server's own origin:
+    /// `{scheme}://{Host}`, for the scheme the server is reached by (`"http"` or `"https"`),
+    /// so that pages it serves connect without being listed. `None` (the default): only the
+    /// list counts.
+    pub same_origin_scheme: Option<String>,
     /// permessage-deflate (RFC 7692): a client offers it, a server accepts a client's offer.
     /// `None` (the default) neither offers nor accepts. Inflated messages are capped by
     /// `max_message_size` (a decompression bomb gets 1009); compressor memory is bounded by
@@ -71,6 +76,7 @@ impl Default for Config {
             ping_timeout: Duration::from_secs(20),
             protocols: Vec::new(),
             allowed_origins: None,
+            same_origin_scheme: None,
             deflate: None,
         }
     }
@@ -113,6 +119,8 @@ setters! {
     protocols: Vec<String>,
     /// Sets [`Config::allowed_origins`].
     allowed_origins: Option<Vec<String>>,
+    /// Sets [`Config::same_origin_scheme`].
+    same_origin_scheme: Option<String>,
     /// Sets [`Config::deflate`].
     deflate: Option<DeflateConfig>,
 }

@@ -167,13 +167,23 @@ fn accept_deflate(config: &Config, response: &Response) -> Result<Option<Deflate
 }
 
 pub(crate) fn check_origin(config: &Config, request: &Request) -> Result<(), HandshakeError> {
-    match (&config.allowed_origins, request.origin()) {
-        (Some(allowed), Some(origin))
-            if !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) =>
-        {
-            Err(HandshakeError::OriginRefused(origin.to_owned()))
-        }
-        _ => Ok(()),
+    let (Some(allowed), Some(origin)) = (&config.allowed_origins, request.origin()) else {
+        return Ok(());
+    };
+    let own = match (&config.same_origin_scheme, request.host()) {
+        (Some(scheme), Some(host)) => origin
+            .split_once("://")
+            .is_some_and(|(s, h)| s.eq_ignore_ascii_case(scheme) && h.eq_ignore_ascii_case(host)),
+        _ => false,
+    };
+    if own
+        || allowed
+            .iter()
+            .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        Ok(())
+    } else {
+        Err(HandshakeError::OriginRefused(origin.to_owned()))
     }
 }
 

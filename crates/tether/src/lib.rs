@@ -42,9 +42,12 @@
 //! ## Features
 //! - `tls` (default): `wss://` through rustls with the webpki roots ([`tls`]).
 //! - `hyper` (default): upgrade a hyper or axum request ([`upgrade`]).
+//! - `axum`: an axum extractor, `tether::axum::WebSocketUpgrade`.
 
 #![deny(unsafe_code)]
 
+#[cfg(feature = "axum")]
+pub mod axum;
 mod client;
 mod config;
 mod error;

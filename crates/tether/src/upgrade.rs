@@ -65,22 +65,48 @@ pub fn upgrade<B, R: Default>(
     config: impl Into<Arc<Config>>,
 ) -> Result<(http::Response<R>, PendingUpgrade), HandshakeError> {
     let config = config.into();
-    // The same limit as a handshake read from a socket: request line plus header lines.
-    let head: usize = req.method().as_str().len()
-        + req.uri().path_and_query().map_or(1, |pq| pq.as_str().len())
+    let head = head_size(req.method(), req.uri(), req.headers());
+    check_size(head, &config)?;
+    let request = parse(req.method(), req.uri(), req.version(), req.headers())?;
+    let (response, agreed) = answer(&request, &config)?;
+    Ok((response, agreed.pending(hyper::upgrade::on(req), config)))
+}
+
+/// The size of a request head as a handshake read from a socket counts it: request line
+/// plus header lines.
+pub(crate) fn head_size(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> usize {
+    method.as_str().len()
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len())
         + 12
-        + req
-            .headers()
+        + headers
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
-            .sum::<usize>();
+            .sum::<usize>()
+}
+
+/// Refuses a head over [`Config::max_handshake_size`] (431).
+pub(crate) fn check_size(head: usize, config: &Config) -> Result<(), HandshakeError> {
     if head > config.max_handshake_size {
         return Err(HandshakeError::TooLarge {
             limit: config.max_handshake_size,
         });
     }
+    Ok(())
+}
+
+/// Validates a request head as a WebSocket upgrade.
+pub(crate) fn parse(
+    method: &http::Method,
+    uri: &http::Uri,
+    version: http::Version,
+    headers: &http::HeaderMap,
+) -> Result<Request, HandshakeError> {
     let headers = Headers(
-        req.headers()
+        headers
             .iter()
             .map(|(name, value)| Header {
                 name: name.as_str().to_owned(),
@@ -88,18 +114,43 @@ pub fn upgrade<B, R: Default>(
             })
             .collect(),
     );
-    let target = req
-        .uri()
+    let target = uri
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
-    let http11 = req.version() >= http::Version::HTTP_11;
-    let request = Request::from_parts(req.method().as_str(), http11, target, headers)?;
-    check_origin(&config, &request)?;
+    let http11 = version >= http::Version::HTTP_11;
+    Request::from_parts(method.as_str(), http11, target, headers)
+}
+
+/// What an answered upgrade agreed on.
+pub(crate) struct Agreed {
+    protocol: Option<String>,
+    deflate: Option<Deflate>,
+}
+
+impl Agreed {
+    /// The WebSocket to come once hyper releases the connection.
+    pub(crate) fn pending(self, on_upgrade: OnUpgrade, config: Arc<Config>) -> PendingUpgrade {
+        PendingUpgrade {
+            on_upgrade,
+            config: Some(config),
+            protocol: self.protocol,
+            deflate: self.deflate,
+        }
+    }
+}
+
+/// The `101` for a valid upgrade under `config`: the Origin checked, the subprotocol and
+/// permessage-deflate chosen.
+pub(crate) fn answer<R: Default>(
+    request: &Request,
+    config: &Config,
+) -> Result<(http::Response<R>, Agreed), HandshakeError> {
+    check_origin(config, request)?;
     let protocol = request
         .select_protocol(&config.protocols)
         .map(str::to_owned);
     let mut negotiated = Accept::default();
-    let deflate = negotiate_deflate(&config, &request, &mut negotiated);
+    let deflate = negotiate_deflate(config, request, &mut negotiated);
 
     let mut response = http::Response::new(R::default());
     *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
@@ -125,13 +176,7 @@ pub fn upgrade<B, R: Default>(
             .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
         h.insert(http::header::SEC_WEBSOCKET_EXTENSIONS, value);
     }
-    let pending = PendingUpgrade {
-        on_upgrade: hyper::upgrade::on(req),
-        config: Some(config),
-        protocol,
-        deflate,
-    };
-    Ok((response, pending))
+    Ok((response, Agreed { protocol, deflate }))
 }
 
 /// Resolves to the WebSocket once the `101` response is sent and hyper releases the
