@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod connect;
 pub mod echo;
+pub mod report;
 pub mod serve;
 
 /// Raises the open-file limit towards `wanted` (best effort), so that a server or load

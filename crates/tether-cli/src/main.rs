@@ -91,7 +91,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("tether: {e:#}");
+            eprintln!("tether: {}", tether_cli::report::one_line(&*e));
             ExitCode::from(exit::FAILURE as u8)
         }
     }
@@ -140,7 +140,7 @@ fn run_connect(args: tether_cli::connect::ConnectArgs) -> anyhow::Result<i32> {
     match rt.block_on(tether_cli::connect::run(args)) {
         Ok(code) => Ok(code),
         Err(e) => {
-            eprintln!("tether: {e}");
+            eprintln!("tether: {}", tether_cli::report::one_line(&e));
             Ok(e.exit_code())
         }
     }

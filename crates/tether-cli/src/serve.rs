@@ -145,7 +145,7 @@ pub enum UserCommand {
 pub struct UserRevokeArgs {
     /// The user name.
     pub name: String,
-    /// Data directory [default: ./tether-data].
+    /// Data directory.
     #[arg(long, env = "TETHER_DATA", default_value = "tether-data")]
     pub data: PathBuf,
 }
@@ -163,7 +163,7 @@ pub fn revoke_user(name: &str, data: &std::path::Path) -> Result<usize, UserErro
 pub struct UserAddArgs {
     /// The user name: 1-32 of A-Z a-z 0-9 _ - .
     pub name: String,
-    /// Data directory [default: ./tether-data].
+    /// Data directory.
     #[arg(long, env = "TETHER_DATA", default_value = "tether-data")]
     pub data: PathBuf,
     /// Read the password from the first line of standard input.

@@ -312,6 +312,11 @@ fn tls_echo_server() -> (u16, String) {
         .unwrap()
         .signed_by(&key, &ca, &ca_key)
         .unwrap();
+    (tls_echo_server_with(&cert, &key), ca.pem())
+}
+
+/// A TLS echo server presenting `cert`; returns its port.
+fn tls_echo_server_with(cert: &rcgen::Certificate, key: &rcgen::KeyPair) -> u16 {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -352,7 +357,7 @@ fn tls_echo_server() -> (u16, String) {
             }
         });
     });
-    (port, ca.pem())
+    port
 }
 
 #[test]
@@ -371,7 +376,12 @@ fn wss_with_a_custom_ca_works_and_without_it_explains_why_not() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(
-        err.contains("TLS") && err.contains("UnknownIssuer"),
+        err.contains("TLS: handshake with localhost: invalid peer certificate: UnknownIssuer")
+            && err.contains(
+                "(the server's certificate is signed by a CA this client does not trust: pass \
+                 that CA's certificate with --ca FILE (PEM), or use --insecure for a test server)"
+            )
+            && err.matches("UnknownIssuer").count() == 1,
         "{err}"
     );
 
@@ -588,4 +598,42 @@ fn max_message_size_refuses_a_large_echo_with_1009() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("1009"), "{err}");
+}
+
+#[test]
+fn tls_mistakes_are_explained_with_what_to_do() {
+    // A self-signed certificate made as a CA (what `openssl req -x509` makes by default),
+    // presented by the server and passed as --ca.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    let port = tls_echo_server_with(&cert, &key);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("self-signed.pem");
+    std::fs::write(&ca_file, cert.pem()).unwrap();
+    let out = connect(
+        &[
+            &format!("wss://localhost:{port}/"),
+            "--ca",
+            ca_file.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("(the server presents a CA certificate as its own"),
+        "{err}"
+    );
+
+    // wss:// to a plain server.
+    let plain = echo_server(Config::default());
+    let out = connect(&[&format!("wss://{plain}/")], "");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("(the server did not answer in TLS: is it a plain ws:// server?)"),
+        "{err}"
+    );
 }

@@ -101,6 +101,14 @@ impl Server {
             .map(|c| c.parse())
             .collect::<Result<Vec<crate::proxy::Cidr>, _>>()?;
         let tls = tls_acceptor(&config)?;
+        // Bound before the store is opened: a taken port leaves no data directory behind.
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(config.outbox, metrics.clone());
         let open = || {
@@ -132,13 +140,6 @@ impl Server {
             );
         }
         let db = Db::new(store)?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
         let ws_config = tether::Config::default()
             .max_message_size(64 << 10)
             .max_frame_size(64 << 10)
