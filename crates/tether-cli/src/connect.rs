@@ -16,16 +16,28 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::exit;
 
-/// Options of `tether connect`.
+/// Options of `tether connect`. The spellings wscat and websocat users type from habit are
+/// accepted too (`-c URL`, `-k`/`--no-check`, `-s`/`--protocol`, `-x`/`--execute`, `-w`,
+/// `-P`, `-b`), beside the documented ones.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnectArgs {
-    /// The server: ws://host[:port]/path or wss://…
-    pub url: String,
+    /// The server: ws://host[:port]/path or wss://… (http:// and https:// are taken as ws://
+    /// and wss://, and host:port/path without a scheme as ws://).
+    #[arg(required_unless_present = "connect", conflicts_with = "connect")]
+    pub url: Option<String>,
+    /// The server, as wscat takes it.
+    #[arg(short = 'c', long = "connect", value_name = "URL", hide = true)]
+    pub connect: Option<String>,
     /// Extra request header, `Name: value` (repeatable).
     #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
     pub headers: Vec<String>,
     /// Subprotocol to offer, in order of preference (repeatable).
-    #[arg(long = "subprotocol", value_name = "NAME")]
+    #[arg(
+        short = 's',
+        long = "subprotocol",
+        alias = "protocol",
+        value_name = "NAME"
+    )]
     pub subprotocols: Vec<String>,
     /// Origin header to send.
     #[arg(long)]
@@ -52,13 +64,13 @@ pub struct ConnectArgs {
     #[arg(long, value_name = "BYTES")]
     pub max_message_size: Option<usize>,
     /// Accept any TLS certificate (testing only).
-    #[arg(long)]
+    #[arg(short = 'k', long, alias = "no-check")]
     pub insecure: bool,
     /// Trust this CA certificate (PEM) for wss:// besides the public roots.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
     /// Send each input line as a binary message instead of text.
-    #[arg(long)]
+    #[arg(short = 'b', long)]
     pub binary: bool,
     /// Pretty-print received JSON text.
     #[arg(long)]
@@ -67,8 +79,15 @@ pub struct ConnectArgs {
     #[arg(short = 'n', long)]
     pub no_newline: bool,
     /// Send this message after connecting (repeatable); stdin is then not read.
-    #[arg(long = "send", value_name = "MESSAGE")]
+    #[arg(short = 'x', long = "send", alias = "execute", value_name = "MESSAGE")]
     pub send: Vec<String>,
+    /// With --send: close this many seconds after the messages are sent, showing what
+    /// arrives meanwhile.
+    #[arg(short = 'w', long, value_name = "SECS")]
+    pub wait: Option<f64>,
+    /// Show pings and pongs from the server (on stderr in a pipe).
+    #[arg(short = 'P', long)]
+    pub show_ping_pong: bool,
     /// Close and exit after receiving N messages.
     #[arg(long, value_name = "N")]
     pub exit_after: Option<usize>,
@@ -136,6 +155,28 @@ fn secs(s: f64) -> Result<Duration, ConnectError> {
         .map_err(|_| ConnectError::Usage(format!("{s} is not a number of seconds")))
 }
 
+impl ConnectArgs {
+    /// The server's URL as given (positionally or with `-c`), with `http(s)://` taken as
+    /// `ws(s)://` and a URL without a scheme as `ws://`.
+    pub fn server_url(&self) -> String {
+        let given = self
+            .url
+            .as_deref()
+            .or(self.connect.as_deref())
+            .unwrap_or_default();
+        let lower = given.to_ascii_lowercase();
+        if let Some(rest) = lower.starts_with("http://").then(|| &given[7..]) {
+            format!("ws://{rest}")
+        } else if let Some(rest) = lower.starts_with("https://").then(|| &given[8..]) {
+            format!("wss://{rest}")
+        } else if given.contains("://") {
+            given.to_owned()
+        } else {
+            format!("ws://{given}")
+        }
+    }
+}
+
 /// The client configuration the options describe.
 pub fn builder(args: &ConnectArgs) -> Result<ClientBuilder, ConnectError> {
     let mut config = Config::default().handshake_timeout(secs(args.connect_timeout)?);
@@ -150,7 +191,7 @@ pub fn builder(args: &ConnectArgs) -> Result<ClientBuilder, ConnectError> {
     if args.deflate {
         config = config.deflate(Some(DeflateConfig::default()));
     }
-    let mut b = ClientBuilder::new(&args.url)
+    let mut b = ClientBuilder::new(&args.server_url())
         .map_err(|e| ConnectError::Usage(e.to_string()))?
         .config(config);
     for p in &args.subprotocols {
@@ -359,6 +400,9 @@ async fn pipe_session(
     let mut out = std::io::stdout();
     let mut closing = false;
     let done = |received: usize| args.exit_after.is_some_and(|n| received >= n);
+    // `--wait`: when to close once the `--send` messages are out.
+    let wait = args.wait.map(secs).transpose()?;
+    let mut close_at: Option<tokio::time::Instant> = None;
     // Input already ended in an earlier session: only the close is left to do.
     let input_ended = args.send.is_empty() && input.is_none() && to_send.is_empty();
     if done(*received) || (input_ended && args.exit_after.is_none()) {
@@ -377,7 +421,14 @@ async fn pipe_session(
             }
             continue;
         }
+        if let (Some(wait), None, false) = (wait, close_at, args.send.is_empty()) {
+            close_at = Some(tokio::time::Instant::now() + wait);
+        }
         tokio::select! {
+            () = async { tokio::time::sleep_until(close_at.expect("guarded")).await }, if close_at.is_some() && !closing => {
+                closing = true;
+                let _ = tx.close(None).await;
+            }
             line = async { input.as_mut().expect("guarded").next_line().await }, if input.is_some() && !closing => {
                 match line? {
                     Some(line) => to_send.push_back(outgoing(args, line)),
@@ -429,6 +480,10 @@ async fn pipe_session(
                             closing = true;
                             let _ = tx.close(None).await;
                         }
+                    }
+                    Message::Ping(payload) | Message::Pong(payload) if args.show_ping_pong => {
+                        let kind = if matches!(msg, Message::Ping(_)) { "ping" } else { "pong" };
+                        eprintln!("< {kind} ({} bytes)", payload.len());
                     }
                     _ => {}
                 }

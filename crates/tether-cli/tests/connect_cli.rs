@@ -280,7 +280,7 @@ fn a_refused_handshake_shows_status_and_body() {
 
 #[test]
 fn bad_urls_and_unreachable_servers_are_one_line_errors() {
-    let out = connect(&["http://example.com/"], "");
+    let out = connect(&["ftp://example.com/"], "");
     assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("not ws or wss"),
@@ -636,4 +636,59 @@ fn tls_mistakes_are_explained_with_what_to_do() {
         err.contains("(the server did not answer in TLS: is it a plain ws:// server?)"),
         "{err}"
     );
+}
+
+#[test]
+fn wscat_and_websocat_spellings_are_understood() {
+    // Says which subprotocol was agreed, pings, then echoes.
+    let addr = serve(
+        |mut ws| async move {
+            let agreed = ws.protocol().unwrap_or("none").to_owned();
+            let _ = ws.send(Message::text(format!("protocol {agreed}"))).await;
+            let _ = ws.send(Message::Ping("are you there".into())).await;
+            while let Some(Ok(msg)) = ws.recv().await {
+                if msg.is_data() && ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        },
+        Config::default().protocols(vec!["chat".into()]),
+    );
+    // wscat: -c URL, -s, -P, -x, -w; websocat: -k (a no-op for ws://).
+    let url = format!("ws://{addr}/");
+    let out = connect(
+        &[
+            "-c", &url, "-k", "-s", "chat", "-P", "-x", "hello", "-w", "0.5",
+        ],
+        "",
+    );
+    expect(&out, "protocol chat\nhello\n", 0);
+    assert!(
+        text(&out.stderr).contains("< ping (13 bytes)"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = connect(
+        &[
+            &url,
+            "--protocol",
+            "chat",
+            "--execute",
+            "again",
+            "--wait",
+            "0.5",
+        ],
+        "",
+    );
+    expect(&out, "protocol chat\nagain\n", 0);
+
+    // http:// is taken as ws://, and an address without a scheme too.
+    for given in [
+        format!("http://{addr}/"),
+        format!("{addr}/"),
+        addr.to_string(),
+    ] {
+        let out = connect(&[&given, "-b"], "bytes\n");
+        expect(&out, "protocol none\nbytes\n", 0);
+    }
 }
