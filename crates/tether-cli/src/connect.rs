@@ -138,7 +138,8 @@ fn describe(e: &tether::Error) -> String {
             body,
             ..
         }) => {
-            let body = String::from_utf8_lossy(body);
+            let body = printable(&String::from_utf8_lossy(body));
+            let reason = printable(reason);
             let body = body.trim();
             if body.is_empty() {
                 format!("handshake rejected: HTTP {status} {reason}")
@@ -265,7 +266,11 @@ pub async fn run(args: ConnectArgs) -> Result<i32, ConnectError> {
     if args.verbose {
         eprintln!("< HTTP/1.1 101 Switching Protocols");
         for h in &response.headers.0 {
-            eprintln!("< {}: {}", h.name, String::from_utf8_lossy(&h.value));
+            eprintln!(
+                "< {}: {}",
+                printable(&h.name),
+                printable(&String::from_utf8_lossy(&h.value))
+            );
         }
     }
     let interactive = args.send.is_empty() && std::io::stdin().is_terminal();
@@ -459,12 +464,12 @@ async fn pipe_session(
                         // Let the close handshake finish.
                         while let Some(Ok(_)) = rx.recv().await {}
                         if let Some(f) = frame.as_ref().filter(|f| !closing && worth_retrying(f.code)) {
-                            return Ok(SessionEnd::Lost(format!("closed by the server: {} {}", f.code, f.reason)));
+                            return Ok(SessionEnd::Lost(format!("closed by the server: {} {}", f.code, printable(&f.reason))));
                         }
                         // Our own Close is always 1000, so any other code is the server's verdict,
                         // even when it crossed our Close on the wire.
                         if let Some(f) = frame.as_ref().filter(|f| f.code != CloseCode::NORMAL) {
-                            eprintln!("tether: closed by the server: {} {}", f.code, f.reason);
+                            eprintln!("tether: closed by the server: {} {}", f.code, printable(&f.reason));
                         }
                         return Ok(SessionEnd::Exit(exit_code_for(frame.as_ref())));
                     }
@@ -513,6 +518,22 @@ fn write_message(out: &mut impl Write, args: &ConnectArgs, msg: &Message) -> std
     out.flush()
 }
 
+/// Text from the server made safe for a terminal: control characters (escape sequences,
+/// carriage returns, bells…) and bidirectional overrides are shown escaped, `\u{1b}`, so a
+/// server cannot retitle the window, clear the screen or forge a line.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Text as shown: pretty-printed when `--json` is set and it parses as JSON.
 fn render_text(args: &ConnectArgs, text: &str) -> String {
     if args.json {
@@ -551,19 +572,28 @@ fn hex(bytes: &[u8]) -> String {
 fn show(args: &ConnectArgs, msg: &Message) -> String {
     let t = clock();
     match msg {
-        Message::Text(text) => format!("< [{t}] {}", render_text(args, text)),
+        Message::Text(text) => {
+            let shown = render_text(args, text);
+            // Pretty JSON's line breaks are ours (its strings escape their own).
+            let lines: Vec<String> = if args.json && shown != **text {
+                shown.split('\n').map(printable).collect()
+            } else {
+                vec![printable(&shown)]
+            };
+            format!("< [{t}] {}", lines.join("\n"))
+        }
         Message::Binary(b) => format!("< [{t}] binary ({} bytes): {}", b.len(), hex(b)),
         Message::Ping(b) => format!(
             "< [{t}] ping ({} bytes) {}",
             b.len(),
-            String::from_utf8_lossy(b)
+            printable(&String::from_utf8_lossy(b))
         ),
         Message::Pong(b) => format!(
             "< [{t}] pong ({} bytes) {}",
             b.len(),
-            String::from_utf8_lossy(b)
+            printable(&String::from_utf8_lossy(b))
         ),
-        Message::Close(Some(f)) => format!("< [{t}] close {} {}", f.code, f.reason),
+        Message::Close(Some(f)) => format!("< [{t}] close {} {}", f.code, printable(&f.reason)),
         Message::Close(None) => format!("< [{t}] close (no status)"),
     }
 }
@@ -766,7 +796,7 @@ mod interactive {
                         while let Some(Ok(_)) = rx.recv().await {}
                         let status = frame
                             .as_ref()
-                            .map_or_else(|| "no status".to_owned(), |f| format!("{} {}", f.code, f.reason));
+                            .map_or_else(|| "no status".to_owned(), |f| format!("{} {}", f.code, printable(&f.reason)));
                         if we_closed {
                             terminal.finish(&format!("closed ({})", status.trim_end()));
                             return Ok(exit::OK);

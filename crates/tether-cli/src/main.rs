@@ -137,7 +137,11 @@ fn run_connect(args: tether_cli::connect::ConnectArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    match rt.block_on(tether_cli::connect::run(args)) {
+    let result = rt.block_on(tether_cli::connect::run(args));
+    // A read of stdin may still be pending on a blocking thread (it cannot be cancelled), and
+    // dropping the runtime would wait for it: the connection has ended, so leave it behind.
+    rt.shutdown_background();
+    match result {
         Ok(code) => Ok(code),
         Err(e) => {
             eprintln!("tether: {}", tether_cli::report::one_line(&e));

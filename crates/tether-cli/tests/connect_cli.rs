@@ -692,3 +692,92 @@ fn wscat_and_websocat_spellings_are_understood() {
         expect(&out, "protocol none\nbytes\n", 0);
     }
 }
+
+#[test]
+fn a_pipe_ends_with_the_connection_while_stdin_stays_open() {
+    // Closes each connection 200 ms after it opens, normally or with an error.
+    for (code, exit) in [(CloseCode::NORMAL, 0), (CloseCode::INTERNAL_ERROR, 1)] {
+        let addr = serve(
+            move |mut ws| async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = ws.close(Some(CloseFrame::new(code, "bye"))).await;
+                while let Some(Ok(_)) = ws.recv().await {}
+            },
+            Config::default(),
+        );
+        let mut child = Command::new(BIN)
+            .args(["connect", &format!("ws://{addr}/")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Held open and silent, like `tail -f | tether connect`.
+        let _stdin = child.stdin.take().unwrap();
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(exit),
+            "connect must exit when the server closes with {code}, stdin open or not"
+        );
+    }
+}
+
+#[test]
+fn text_from_the_server_reaches_the_terminal_escaped() {
+    // A close reason that would retitle the window and clear the screen.
+    let addr = serve(
+        |mut ws| async move {
+            let reason = "\u{1b}]0;pwned\u{7}\u{1b}[2J\rfake line";
+            let frame = CloseFrame::new(CloseCode::POLICY_VIOLATION, reason);
+            let _ = ws.close(Some(frame)).await;
+            while let Some(Ok(_)) = ws.recv().await {}
+        },
+        Config::default(),
+    );
+    let out = connect(&[&format!("ws://{addr}/")], "");
+    let err = text(&out.stderr);
+    assert!(!err.contains('\u{1b}') && !err.contains('\r'), "{err:?}");
+    assert!(
+        err.contains("closed by the server: 1008 \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{d}fake line"),
+        "{err}"
+    );
+
+    // A refusal whose body carries the same.
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refusing = std_listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut tcp, _) = std_listener.accept().unwrap();
+        let mut buf = [0u8; 2048];
+        let _ = tcp.read(&mut buf);
+        let body = "\u{1b}[2Jgo away\u{202e}";
+        let _ = tcp.write_all(
+            format!(
+                "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    });
+    let out = connect(&[&format!("ws://{refusing}/")], "");
+    let err = text(&out.stderr);
+    assert!(
+        !err.contains('\u{1b}') && !err.contains('\u{202e}'),
+        "{err:?}"
+    );
+    assert!(
+        err.contains("HTTP 403 Forbidden: \\u{1b}[2Jgo away\\u{202e}"),
+        "{err}"
+    );
+}
