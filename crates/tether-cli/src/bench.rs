@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Options of `tether bench echo`.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct EchoArgs {
     /// The echo server, e.g. ws://127.0.0.1:9001/
     #[arg(long)]
@@ -67,7 +67,7 @@ pub struct EchoArgs {
 }
 
 /// Options of `tether bench idle`.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct IdleArgs {
     /// The server, e.g. ws://127.0.0.1:9001/; `{n}` in it becomes the connection's number
     /// (0, 1, …) and `{n/K}` that number divided by K, e.g.
@@ -131,6 +131,35 @@ pub struct EchoSummary {
     pub max_us: u64,
     /// Connections that failed, and echoes that did not match.
     pub errors: u64,
+    /// The first of them, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+}
+
+/// Failures during a run: how many, and the first in words.
+#[derive(Debug, Default)]
+struct Failures {
+    count: AtomicU64,
+    first: std::sync::Mutex<Option<String>>,
+}
+
+impl Failures {
+    /// Counts one; keeps `what` if it is the first.
+    fn note(&self, what: impl FnOnce() -> String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_none() {
+            *first = Some(what());
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn first(&self) -> Option<String> {
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// One message's payload: `size` bytes, compressible JSON-like text with `--deflate`.
@@ -302,7 +331,7 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
     };
     let prebuilt = args.prebuilt;
     let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Failures::default());
 
     // Connect everything first, so the measurement covers only the steady state.
     let mut sockets = Vec::with_capacity(args.conns);
@@ -319,7 +348,7 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
                         if prebuilt {
                             handshake(&mut tcp, &url).await?;
                         }
-                        Ok(Peer::Raw(tcp))
+                        Ok::<_, BenchError>(Peer::Raw(tcp))
                     }
                     None => {
                         let (ws, _) = ClientBuilder::new(&url)
@@ -337,7 +366,7 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
             match open.await.expect("connect task") {
                 Ok(peer) => sockets.push(peer),
                 Err(e) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                    errors.note(|| e.to_string());
                     first_error.get_or_insert(e);
                 }
             }
@@ -405,7 +434,8 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
         p90_us: latency.value_at_quantile(0.90),
         p99_us: latency.value_at_quantile(0.99),
         max_us: latency.max(),
-        errors: errors.load(Ordering::Relaxed),
+        errors: errors.count(),
+        first_error: errors.first(),
     })
 }
 
@@ -418,22 +448,19 @@ async fn drive(
     pipeline: usize,
     deadline: tokio::time::Instant,
     done: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
+    errors: Arc<Failures>,
 ) -> Histogram<u64> {
     let mut latency = Histogram::<u64>::new(3).expect("histogram");
     let mut sent_at = VecDeque::with_capacity(pipeline);
-    let fail = |errors: &AtomicU64| {
-        errors.fetch_add(1, Ordering::Relaxed);
-    };
     for _ in 0..pipeline {
-        if ws.feed(message.clone()).await.is_err() {
-            fail(&errors);
+        if let Err(e) = ws.feed(message.clone()).await {
+            errors.note(|| format!("sending failed: {e}"));
             return latency;
         }
         sent_at.push_back(Instant::now());
     }
-    if ws.flush().await.is_err() {
-        fail(&errors);
+    if let Err(e) = ws.flush().await {
+        errors.note(|| format!("sending failed: {e}"));
         return latency;
     }
     // One timer for the whole loop, and one clock read per echo: at millions of echoes a
@@ -441,15 +468,23 @@ async fn drive(
     let window_end = deadline.into_std();
     let echoes = async {
         while !sent_at.is_empty() {
-            let Some(Ok(received)) = ws.recv().await else {
-                return Err(());
+            let received = match ws.recv().await {
+                Some(Ok(received)) => received,
+                Some(Err(e)) => return Err(format!("the connection failed: {e}")),
+                None => return Err("the server closed the connection".to_owned()),
             };
             if !received.is_data() {
                 continue;
             }
             let Some(at) = sent_at.pop_front() else { break };
             if received.as_payload() != &body[..] {
-                fail(&errors);
+                errors.note(|| {
+                    format!(
+                        "an echo of {} bytes differs from the {} bytes sent",
+                        received.as_payload().len(),
+                        body.len()
+                    )
+                });
             }
             // Only echoes inside the measured window count; the rest is draining.
             let now = Instant::now();
@@ -457,18 +492,24 @@ async fn drive(
                 let _ = latency.record((now - at).as_micros() as u64);
                 done.fetch_add(1, Ordering::Relaxed);
                 // Keep the pipeline full; `recv` writes what `feed` queued before it waits.
-                ws.feed(message.clone()).await.map_err(|_| ())?;
+                ws.feed(message.clone())
+                    .await
+                    .map_err(|e| format!("sending failed: {e}"))?;
                 sent_at.push_back(now);
             }
         }
         Ok(())
     };
-    if !matches!(
-        tokio::time::timeout_at(deadline + Duration::from_secs(5), echoes).await,
-        Ok(Ok(()))
-    ) {
-        fail(&errors);
-        return latency;
+    match tokio::time::timeout_at(deadline + Duration::from_secs(5), echoes).await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => {
+            errors.note(|| why);
+            return latency;
+        }
+        Err(_) => {
+            errors.note(|| "echoes still missing 5 s after the run".to_owned());
+            return latency;
+        }
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
     latency
@@ -485,7 +526,7 @@ async fn drive_raw(
     expected: Bytes,
     deadline: tokio::time::Instant,
     done: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
+    errors: Arc<Failures>,
 ) -> Histogram<u64> {
     let mut latency = Histogram::<u64>::new(3).expect("histogram");
     let pipeline = frames.len() / frame_len - 1;
@@ -510,7 +551,7 @@ async fn drive_raw(
                     let take = echoed.len().min(echo_len - read_pos);
                     if echoed[..take] != frame[read_pos..read_pos + take] {
                         // Out of step with the frames: nothing after this can be matched.
-                        errors.fetch_add(1, Ordering::Relaxed);
+                        errors.note(|| "an echo differs from the frame sent".to_owned());
                         return latency;
                     }
                     echoed = &echoed[take..];
@@ -520,7 +561,7 @@ async fn drive_raw(
                     }
                     read_pos = 0;
                     let Some(at) = sent_at.pop_front() else {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                        errors.note(|| "more echoes than frames sent".to_owned());
                         return latency;
                     };
                     // Only echoes inside the measured window count; the rest is draining.
@@ -542,7 +583,7 @@ async fn drive_raw(
         }
     }
     if !sent_at.is_empty() {
-        errors.fetch_add(1, Ordering::Relaxed);
+        errors.note(|| "the connection ended with echoes missing".to_owned());
     }
     latency
 }

@@ -107,25 +107,52 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
     use tether_cli::bench;
+    /// The summary of a run with the options it ran with, for `--json`.
+    #[derive(serde::Serialize)]
+    struct Report<'a, A, S> {
+        params: &'a A,
+        #[serde(flatten)]
+        summary: &'a S,
+    }
     let rt = runtime(None)?;
     match kind {
         BenchCommand::Echo(args) => {
             let summary = rt.block_on(bench::echo(args.clone()))?;
             if args.json {
-                say(&serde_json::to_string(&summary)?);
+                say(&serde_json::to_string(&Report {
+                    params: &args,
+                    summary: &summary,
+                })?);
             } else {
                 say(&bench::render_echo(&summary, &args));
+            }
+            if summary.errors > 0 {
+                anyhow::bail!(
+                    "{} errors; the first: {}",
+                    summary.errors,
+                    summary.first_error.as_deref().unwrap_or("unknown")
+                );
             }
         }
         BenchCommand::Idle(args) => {
             let summary = rt.block_on(bench::idle(args.clone()))?;
             if args.json {
-                say(&serde_json::to_string(&summary)?);
+                say(&serde_json::to_string(&Report {
+                    params: &args,
+                    summary: &summary,
+                })?);
             } else {
                 say(&format!(
                     "{} of {} connections held ({} failed); opened in {:.1} s",
                     summary.held, summary.requested, summary.failed, summary.open_seconds
                 ));
+            }
+            if summary.held < summary.requested {
+                anyhow::bail!(
+                    "{} of {} connections failed to open or did not stay open",
+                    summary.requested - summary.held,
+                    summary.requested
+                );
             }
         }
     }

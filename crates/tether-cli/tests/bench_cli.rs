@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 
 use common::{start_echo, BIN};
 
-fn bench(args: &[&str]) -> serde_json::Value {
+/// Runs `tether bench ARGS --json`: its summary, exit code and stderr.
+fn run_bench(args: &[&str]) -> (serde_json::Value, Option<i32>, String) {
     let out = Command::new(BIN)
         .arg("bench")
         .args(args)
@@ -14,12 +15,17 @@ fn bench(args: &[&str]) -> serde_json::Value {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let summary = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no summary ({e}): {stderr}"));
+    (summary, out.status.code(), stderr)
+}
+
+/// Runs a bench that must succeed; returns its summary.
+fn bench(args: &[&str]) -> serde_json::Value {
+    let (summary, code, stderr) = run_bench(args);
+    assert_eq!(code, Some(0), "{stderr}");
+    summary
 }
 
 #[test]
@@ -175,7 +181,7 @@ fn bench_echo_raw_gets_back_exactly_the_frames_it_sent() {
 #[test]
 fn bench_echo_raw_counts_an_echo_that_differs_as_an_error() {
     let url = tcp_echo(|chunk| chunk[chunk.len() - 1] ^= 1);
-    let summary = bench(&[
+    let (summary, code, stderr) = run_bench(&[
         "echo",
         "--raw",
         "--url",
@@ -190,6 +196,33 @@ fn bench_echo_raw_counts_an_echo_that_differs_as_an_error() {
     ]);
     assert_eq!(summary["errors"], 2, "{summary}");
     assert_eq!(summary["messages"], 0, "{summary}");
+    // A run with errors fails, and says what the first was; the summary names the run.
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "tether: 2 errors; the first: an echo differs from the frame sent"
+    );
+    assert_eq!(
+        summary["first_error"],
+        "an echo differs from the frame sent"
+    );
+    assert_eq!(summary["params"]["url"], url.as_str());
+    assert_eq!(summary["params"]["size"], 100);
+}
+
+#[test]
+fn bench_idle_fails_when_connections_do_not_hold() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let (summary, code, stderr) =
+        run_bench(&["idle", "--url", &url, "--conns", "5", "--hold", "0.1"]);
+    assert_eq!(summary["held"], 0, "{summary}");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("tether: 5 of 5 connections failed to open or did not stay open"),
+        "{stderr}"
+    );
 }
 
 #[test]
