@@ -99,7 +99,8 @@ pub struct ConnectArgs {
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
     /// When the connection is lost (or the server goes away), reconnect with exponential
-    /// backoff and jitter and carry on with the input; gives up after 10 failed attempts.
+    /// backoff and jitter and carry on with the input; a connection that closes within 10 s
+    /// of opening counts as a failure; gives up after 10 failures in a row.
     #[arg(long)]
     pub reconnect: bool,
 }
@@ -252,8 +253,15 @@ pub async fn run(args: ConnectArgs) -> Result<i32, ConnectError> {
     let (ws, response) = match builder.connect_with(request).await {
         Ok(pair) => pair,
         Err(e) if args.reconnect => {
-            eprintln!("tether: {}", describe(&e));
-            let ws = connect_retrying(&args).await?;
+            let mut retry = Retry { failures: 1 };
+            let wait = backoff(1);
+            eprintln!(
+                "tether: {}; retrying in {:.1} s",
+                describe(&e),
+                wait.as_secs_f64()
+            );
+            tokio::time::sleep(wait).await;
+            let ws = retry.connect(&args).await?;
             let response = tether::handshake::Response {
                 headers: Default::default(),
                 protocol: ws.protocol().map(str::to_owned),
@@ -331,23 +339,46 @@ fn backoff(n: u32) -> Duration {
     base / 2 + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
 
-/// Connects, retrying with [`backoff`] when `--reconnect` is set.
-async fn connect_retrying(args: &ConnectArgs) -> Result<tether::ClientStream, ConnectError> {
-    let mut attempt = 0;
-    loop {
-        match builder(args)?.connect().await {
-            Ok((ws, _)) => return Ok(ws),
-            Err(e) if args.reconnect && attempt + 1 < RECONNECT_ATTEMPTS => {
-                attempt += 1;
-                let wait = backoff(attempt);
-                eprintln!(
-                    "tether: {}; retrying in {:.1} s",
-                    describe(&e),
-                    wait.as_secs_f64()
-                );
-                tokio::time::sleep(wait).await;
+/// A connection that lasts this long is not a failure: the next loss starts the backoff over.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// `--reconnect`'s state: failures in a row, counting connections that could not be opened
+/// and connections that ended within [`STABLE`] of opening (a server that accepts and then
+/// closes at once must not be hammered), so every retry waits [`backoff`] and the attempts
+/// stop after [`RECONNECT_ATTEMPTS`].
+#[derive(Default)]
+struct Retry {
+    failures: u32,
+}
+
+impl Retry {
+    /// After a connection that opened at `opened` was lost: how long to wait before
+    /// reconnecting, or `None` when the failures in a row are used up.
+    fn after_loss(&mut self, opened: std::time::Instant) -> Option<Duration> {
+        if opened.elapsed() >= STABLE {
+            self.failures = 0;
+        }
+        self.failures += 1;
+        (self.failures < RECONNECT_ATTEMPTS).then(|| backoff(self.failures))
+    }
+
+    /// Connects, retrying with [`backoff`] while failures in a row are left.
+    async fn connect(&mut self, args: &ConnectArgs) -> Result<tether::ClientStream, ConnectError> {
+        loop {
+            match builder(args)?.connect().await {
+                Ok((ws, _)) => return Ok(ws),
+                Err(e) if self.failures + 1 < RECONNECT_ATTEMPTS => {
+                    self.failures += 1;
+                    let wait = backoff(self.failures);
+                    eprintln!(
+                        "tether: {}; retrying in {:.1} s",
+                        describe(&e),
+                        wait.as_secs_f64()
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -366,30 +397,39 @@ async fn pipe(ws: tether::ClientStream, args: &ConnectArgs) -> Result<i32, Conne
         .map(|m| outgoing(args, m.clone()))
         .collect();
     let mut received = 0usize;
-    let mut ws = Some(ws);
+    let mut retry = Retry::default();
+    let mut current = ws;
     loop {
-        let current = match ws.take() {
-            Some(ws) => ws,
-            None => {
-                let lost_at = std::time::Instant::now();
-                let ws = connect_retrying(args).await?;
-                eprintln!(
-                    "tether: reconnected after {:.1} s; messages sent to this client meanwhile are missing",
-                    lost_at.elapsed().as_secs_f64()
-                );
-                ws
-            }
-        };
-        match pipe_session(current, args, &mut input, &mut to_send, &mut received).await? {
+        let opened = std::time::Instant::now();
+        let why = match pipe_session(current, args, &mut input, &mut to_send, &mut received).await?
+        {
             SessionEnd::Exit(code) => return Ok(code),
-            SessionEnd::Lost(why) if args.reconnect => {
-                eprintln!("tether: connection lost ({why}); reconnecting");
-            }
-            SessionEnd::Lost(why) => {
+            SessionEnd::Lost(why) => why,
+        };
+        let wait = if args.reconnect {
+            retry.after_loss(opened)
+        } else {
+            None
+        };
+        let Some(wait) = wait else {
+            if args.reconnect {
+                eprintln!("tether: {why}; gave up after {RECONNECT_ATTEMPTS} failures in a row");
+            } else {
                 eprintln!("tether: {why}");
-                return Ok(exit::FAILURE);
             }
-        }
+            return Ok(exit::FAILURE);
+        };
+        eprintln!(
+            "tether: connection lost ({why}); reconnecting in {:.1} s",
+            wait.as_secs_f64()
+        );
+        let lost_at = std::time::Instant::now();
+        tokio::time::sleep(wait).await;
+        current = retry.connect(args).await?;
+        eprintln!(
+            "tether: reconnected after {:.1} s; messages sent to this client meanwhile are missing",
+            lost_at.elapsed().as_secs_f64()
+        );
     }
 }
 
@@ -697,6 +737,38 @@ mod interactive {
         }
     }
 
+    /// Reconnects after `why` ended the connection opened at `opened`, saying so above the
+    /// prompt; `Err` with the last line to show when it gives up.
+    async fn reconnect(
+        args: &ConnectArgs,
+        retry: &mut Retry,
+        opened: std::time::Instant,
+        why: &str,
+        printer: &mut impl rustyline::ExternalPrinter,
+    ) -> Result<tether::ClientStream, String> {
+        let Some(wait) = retry.after_loss(opened) else {
+            return Err(format!(
+                "{why}; gave up after {RECONNECT_ATTEMPTS} failures in a row"
+            ));
+        };
+        let _ = printer.print(format!(
+            "connection lost ({why}); reconnecting in {:.1} s",
+            wait.as_secs_f64()
+        ));
+        let lost_at = std::time::Instant::now();
+        tokio::time::sleep(wait).await;
+        match retry.connect(args).await {
+            Ok(ws) => {
+                let _ = printer.print(format!(
+                    "reconnected after {:.1} s; messages sent meanwhile are missing",
+                    lost_at.elapsed().as_secs_f64()
+                ));
+                Ok(ws)
+            }
+            Err(e) => Err(format!("gave up reconnecting: {e}")),
+        }
+    }
+
     /// Runs the interactive session; returns the exit code.
     pub(super) async fn run(
         ws: tether::ClientStream,
@@ -730,7 +802,11 @@ mod interactive {
         let mut received = 0usize;
         // Set once we asked to close: the server's echo then ends the session normally.
         let mut we_closed = false;
+        let mut retry = Retry::default();
+        let mut opened = std::time::Instant::now();
         loop {
+            // Why the connection ended, when `--reconnect` is to open another.
+            let mut reopen = None;
             tokio::select! {
                 line = lines.recv() => {
                     let command = match line.flatten() {
@@ -775,21 +851,7 @@ mod interactive {
                             terminal.finish(&format!("connection lost: {why}"));
                             return Ok(exit::FAILURE);
                         }
-                        let _ = printer.print(format!("connection lost ({why}); reconnecting"));
-                        let lost_at = std::time::Instant::now();
-                        match connect_retrying(args).await {
-                            Ok(ws) => {
-                                (tx, rx) = ws.split();
-                                let _ = printer.print(format!(
-                                    "reconnected after {:.1} s; messages sent meanwhile are missing",
-                                    lost_at.elapsed().as_secs_f64()
-                                ));
-                            }
-                            Err(e) => {
-                                terminal.finish(&format!("gave up reconnecting: {e}"));
-                                return Ok(exit::FAILURE);
-                            }
-                        }
+                        reopen = Some(why);
                     }
                     Some(Ok(Message::Close(frame))) => {
                         log_frame(args, "<", &Message::Close(frame.clone()));
@@ -801,8 +863,14 @@ mod interactive {
                             terminal.finish(&format!("closed ({})", status.trim_end()));
                             return Ok(exit::OK);
                         }
-                        terminal.finish(&format!("closed by the server ({})", status.trim_end()));
-                        return Ok(exit_code_for(frame.as_ref()));
+                        // A server restarting or overloaded (1001, 1012, 1013…): as when the
+                        // connection is lost.
+                        if args.reconnect && frame.as_ref().is_some_and(|f| worth_retrying(f.code)) {
+                            reopen = Some(format!("closed by the server: {}", status.trim_end()));
+                        } else {
+                            terminal.finish(&format!("closed by the server ({})", status.trim_end()));
+                            return Ok(exit_code_for(frame.as_ref()));
+                        }
                     }
                     Some(Ok(msg)) => {
                         log_frame(args, "<", &msg);
@@ -816,6 +884,16 @@ mod interactive {
                         }
                     }
                 }
+            }
+            if let Some(why) = reopen {
+                match reconnect(args, &mut retry, opened, &why, &mut printer).await {
+                    Ok(ws) => (tx, rx) = ws.split(),
+                    Err(gave_up) => {
+                        terminal.finish(&gave_up);
+                        return Ok(exit::FAILURE);
+                    }
+                }
+                opened = std::time::Instant::now();
             }
         }
     }

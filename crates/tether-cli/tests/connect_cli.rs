@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 
 mod common;
 
-use common::BIN;
+use common::{serve, BIN};
 
 /// Runs `tether connect ARGS` with `input` on stdin; kills it after 20 s.
 fn connect(args: &[&str], input: &str) -> Output {
@@ -65,38 +65,6 @@ fn echo_server(config: Config) -> SocketAddr {
         },
         config,
     )
-}
-
-/// Runs `handler` for every WebSocket accepted on a fresh loopback port.
-fn serve<F, Fut>(handler: F, config: Config) -> SocketAddr
-where
-    F: Fn(tether::WebSocket<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let addr = std_listener.local_addr().unwrap();
-    let handler = Arc::new(handler);
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = TcpListener::from_std(std_listener).unwrap();
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let handler = handler.clone();
-                let config = config.clone();
-                tokio::spawn(async move {
-                    if let Ok(ws) = tether::accept_with_config(tcp, config).await {
-                        handler(ws).await;
-                    }
-                });
-            }
-        });
-    });
-    addr
 }
 
 #[test]
@@ -779,5 +747,46 @@ fn text_from_the_server_reaches_the_terminal_escaped() {
     assert!(
         err.contains("HTTP 403 Forbidden: \\u{1b}[2Jgo away\\u{202e}"),
         "{err}"
+    );
+}
+
+#[test]
+fn reconnecting_to_a_server_that_closes_at_once_backs_off() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Accepts, then closes with 1011 at once: every connection opens and fails.
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counter = opened.clone();
+    let addr = serve(
+        move |mut ws| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                let frame = CloseFrame::new(CloseCode::INTERNAL_ERROR, "down");
+                let _ = ws.close(Some(frame)).await;
+                while let Some(Ok(_)) = ws.recv().await {}
+            }
+        },
+        Config::default(),
+    );
+    let mut child = Command::new(BIN)
+        .args(["connect", "--reconnect", &format!("ws://{addr}/")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    // Waits of 0.125–0.25, 0.25–0.5, 0.5–1 and 1–2 s: at most 5 connections in 3 s.
+    let n = opened.load(Ordering::Relaxed);
+    assert!(
+        (2..=5).contains(&n),
+        "{n} connections in 3 s: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("reconnecting in"),
+        "{}",
+        text(&out.stderr)
     );
 }

@@ -1,4 +1,5 @@
-//! Shared by the CLI tests: the real `tether echo` binary on a free port.
+//! Shared by the CLI tests: the real `tether echo` binary on a free port, and in-process
+//! servers that misbehave on purpose.
 
 #![allow(dead_code)]
 
@@ -42,4 +43,36 @@ pub fn start_echo(extra: &[&str]) -> Echo {
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
     Echo { child, url }
+}
+
+/// Runs `handler` for every WebSocket accepted on a fresh loopback port.
+pub fn serve<F, Fut>(handler: F, config: tether::Config) -> std::net::SocketAddr
+where
+    F: Fn(tether::WebSocket<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let handler = std::sync::Arc::new(handler);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let handler = handler.clone();
+                let config = config.clone();
+                tokio::spawn(async move {
+                    if let Ok(ws) = tether::accept_with_config(tcp, config).await {
+                        handler(ws).await;
+                    }
+                });
+            }
+        });
+    });
+    addr
 }
