@@ -53,6 +53,10 @@ struct EchoArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Address to listen on, spelled as for `serve --listen` (PORT, :PORT, HOST:PORT,
+    /// [IPv6]:PORT); instead of --host and --port.
+    #[arg(long, value_parser = tether_server::config::parse_listen, conflicts_with_all = ["port", "host"])]
+    listen: Option<std::net::SocketAddr>,
     /// Largest message accepted, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_message_size: usize,
@@ -181,7 +185,9 @@ fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
     tether_cli::raise_fd_limit(1 << 20);
     let rt = runtime(args.threads)?;
     rt.block_on(async {
-        let addr = format!("{}:{}", args.host, args.port);
+        let addr = args
+            .listen
+            .map_or_else(|| format!("{}:{}", args.host, args.port), |a| a.to_string());
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;

@@ -12,8 +12,9 @@ pub struct ServeArgs {
     /// TOML config file (keys as in the config reference; flags override it).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:8080]; port 0 picks a free one.
-    #[arg(long, env = "TETHER_LISTEN")]
+    /// Address to listen on: PORT (on 127.0.0.1), :PORT (every interface), HOST:PORT or
+    /// [IPv6]:PORT [default: 127.0.0.1:8080]; port 0 picks a free one.
+    #[arg(long, env = "TETHER_LISTEN", value_parser = tether_server::config::parse_listen)]
     pub listen: Option<SocketAddr>,
     /// Data directory (the SQLite file) [default: ./tether-data].
     #[arg(long, env = "TETHER_DATA")]

@@ -42,3 +42,9 @@ fn echo_command_reports_a_port_in_use() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("binding 127.0.0.1:"), "{stderr}");
 }
+
+#[test]
+fn echo_listens_where_listen_says() {
+    let line = common::first_line(Command::new(BIN).args(["echo", "--listen", "0"]));
+    assert!(line.starts_with("listening on ws://127.0.0.1:"), "{line}");
+}

@@ -52,3 +52,37 @@ fn a_data_path_that_is_a_file_is_one_line_with_a_hint() {
         )
     );
 }
+
+/// Starts `tether serve --listen LISTEN` and returns the first line it prints.
+fn first_line_of_serve(listen: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    common::first_line(
+        Command::new(BIN)
+            .args(["serve", "--listen", listen, "--data"])
+            .arg(dir.path())
+            .env("RUST_LOG", "off"),
+    )
+}
+
+#[test]
+fn listen_takes_a_port_a_colon_port_and_a_name() {
+    for (listen, starts) in [
+        ("0", "listening on http://127.0.0.1:"),
+        (":0", "listening on http://0.0.0.0:"),
+        ("localhost:0", "listening on http://"),
+        ("[::1]:0", "listening on http://[::1]:"),
+    ] {
+        let line = first_line_of_serve(listen);
+        assert!(line.starts_with(starts), "--listen {listen}: {line}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "localhost"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give a port, as PORT, :PORT, HOST:PORT"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

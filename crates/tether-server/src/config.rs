@@ -7,6 +7,54 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// An address to listen on, as people write it: `PORT` (on 127.0.0.1), `:PORT` (on every
+/// interface), `HOST:PORT` with an IPv4 address or a name (its first address), or
+/// `[IPv6]:PORT`.
+///
+/// ```
+/// use tether_server::config::parse_listen;
+/// assert_eq!(parse_listen("8080").unwrap().to_string(), "127.0.0.1:8080");
+/// assert_eq!(parse_listen(":8080").unwrap().to_string(), "0.0.0.0:8080");
+/// assert_eq!(parse_listen("[::1]:8080").unwrap().to_string(), "[::1]:8080");
+/// assert_eq!(parse_listen("localhost:8080").unwrap().port(), 8080);
+/// assert!(parse_listen("localhost").is_err());
+/// ```
+///
+/// # Errors
+/// A message naming what is wrong: no port, a port that is not 0–65535, a name that does not
+/// resolve.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("{text:?}: the port must be a number from 0 to 65535"))
+    };
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port(text)?)));
+    }
+    if let Some(p) = text.strip_prefix(':') {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port(p)?)));
+    }
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, p)) = text.rsplit_once(':') else {
+        return Err(format!(
+            "{text:?}: give a port, as PORT, :PORT, HOST:PORT or [IPv6]:PORT"
+        ));
+    };
+    let port = port(p)?;
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("{text:?}: {host} does not resolve: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{text:?}: {host} has no address"))
+}
+
+fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
 /// What a server does, with defaults for one machine and no external service.
 ///
 /// ```
@@ -19,7 +67,8 @@ use serde::Deserialize;
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ServerConfig {
-    /// Address to listen on. Default `127.0.0.1:8080`.
+    /// Address to listen on, in any spelling [`parse_listen`] takes. Default `127.0.0.1:8080`.
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Directory of the SQLite file `tether.db`. Default `./tether-data`.
     pub data: PathBuf,

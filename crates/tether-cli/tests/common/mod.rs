@@ -76,3 +76,19 @@ where
     });
     addr
 }
+
+/// Runs `command` until it prints its first line on stdout, then kills it; returns the line.
+pub fn first_line(command: &mut Command) -> String {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    line.trim().to_owned()
+}
