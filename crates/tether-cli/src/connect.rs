@@ -450,6 +450,10 @@ async fn pipe_session(
     let mut close_at: Option<tokio::time::Instant> = None;
     // Input already ended in an earlier session: only the close is left to do.
     let input_ended = args.send.is_empty() && input.is_none() && to_send.is_empty();
+    if done(*received) {
+        // `--exit-after 0` (or the count reached before a reconnect): nothing more to send.
+        to_send.clear();
+    }
     if done(*received) || (input_ended && args.exit_after.is_none()) {
         closing = true;
         let _ = tx.close(None).await;
@@ -647,9 +651,16 @@ pub enum Command {
     Close(Option<CloseFrame>),
     /// Close normally and exit.
     Quit,
+    /// Show the commands.
+    Help,
     /// The line was not understood; print this.
     Invalid(String),
 }
+
+/// What `/help` prints.
+const HELP: &str = "commands: /ping [data] sends a ping; /close [code] [reason] closes and exits \
+once the server answers; /binary HEX sends bytes (e.g. /binary 68 69); /quit closes normally; \
+//text sends /text; any other line is sent as a message";
 
 /// Parses a line of interactive input: `/ping [data]`, `/close [code] [reason]`,
 /// `/binary HEX`, `/quit`, or a message (`--binary` sends lines as binary). `//x` sends `/x`.
@@ -670,6 +681,7 @@ pub fn parse_command(line: &str, binary: bool) -> Command {
         .map_or((rest, ""), |(c, a)| (c, a.trim()));
     match cmd {
         "quit" | "exit" => Command::Quit,
+        "help" | "?" => Command::Help,
         "ping" if arg.len() <= 125 => Command::Send(Message::Ping(data(arg))),
         "ping" => Command::Invalid("a ping carries at most 125 bytes".into()),
         "close" if arg.is_empty() => Command::Close(Some(CloseFrame::new(CloseCode::NORMAL, ""))),
@@ -703,9 +715,7 @@ pub fn parse_command(line: &str, binary: bool) -> Command {
                 }
             }
         }
-        other => Command::Invalid(format!(
-            "unknown command /{other}: try /ping, /close, /binary, /quit"
-        )),
+        other => Command::Invalid(format!("unknown command /{other}: try /help")),
     }
 }
 
@@ -774,6 +784,22 @@ mod interactive {
         ws: tether::ClientStream,
         args: &ConnectArgs,
     ) -> Result<i32, ConnectError> {
+        let mut agreed = Vec::new();
+        if let Some(protocol) = ws.protocol() {
+            agreed.push(format!("subprotocol {protocol}"));
+        }
+        if ws.is_compressed() {
+            agreed.push("permessage-deflate".to_owned());
+        }
+        let agreed = if agreed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", agreed.join(", "))
+        };
+        eprintln!(
+            "connected to {}{agreed}; /help for commands",
+            args.server_url()
+        );
         let terminal = Terminal::save();
         let mut editor =
             rustyline::DefaultEditor::new().map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -827,6 +853,9 @@ mod interactive {
                         Command::Quit => {
                             we_closed = true;
                             let _ = tx.close(None).await;
+                        }
+                        Command::Help => {
+                            let _ = printer.print(HELP.to_owned());
                         }
                         Command::Invalid(why) => {
                             let _ = printer.print(why);
@@ -917,6 +946,7 @@ mod tests {
             parse_command("//x", false),
             Command::Send(Message::text("/x"))
         );
+        assert_eq!(parse_command("/help", false), Command::Help);
         assert_eq!(
             parse_command("/ping hi", false),
             Command::Send(Message::Ping("hi".into()))

@@ -92,6 +92,11 @@ fn send_and_exit_after_script_a_conversation() {
         "",
     );
     expect(&out, "one\n{\n  \"a\": 1\n}\n", 0);
+
+    // Nothing to wait for: connect, close normally, exit 0, whatever --send says.
+    let out = connect(&[&url, "--send", "unsent", "--exit-after", "0"], "");
+    expect(&out, "", 0);
+    assert_eq!(text(&out.stderr), "", "no error");
 }
 
 #[test]

@@ -15,7 +15,10 @@ fn interactive_session_against_tether_echo() -> Result<(), rexpect::error::Error
     let mut client = Command::new(common::BIN);
     client.args(["connect", &url]);
     let mut p = spawn_command(client, Some(10_000))?;
+    p.exp_string(&format!("connected to {url}; /help for commands"))?;
     p.exp_string("> ")?;
+    p.send_line("/help")?;
+    p.exp_string("commands: /ping [data] sends a ping")?;
     p.send_line("hello from a terminal")?;
     p.exp_regex(r"< \[\d\d:\d\d:\d\d\] hello from a terminal")?;
     p.send_line("/ping are you there")?;
@@ -23,7 +26,7 @@ fn interactive_session_against_tether_echo() -> Result<(), rexpect::error::Error
     p.send_line("/binary 68 69 ff")?;
     p.exp_string("binary (3 bytes): 68 69 ff")?;
     p.send_line("/frobnicate")?;
-    p.exp_string("unknown command /frobnicate")?;
+    p.exp_string("unknown command /frobnicate: try /help")?;
     p.send_line("/close 4001 see you")?;
     p.exp_string("closed (4001")?;
     p.exp_eof()?;
