@@ -9,7 +9,7 @@ use std::process::ExitCode;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use tether::proto::extension::deflate::DeflateConfig;
 use tether_cli::exit;
 
@@ -72,7 +72,8 @@ struct EchoArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -86,7 +87,12 @@ fn main() -> ExitCode {
             .init();
     }
     let result = match cli.command {
-        Command::Serve(args) => run_serve(*args).map(|()| exit::OK),
+        Command::Serve(args) => {
+            let matches = matches
+                .subcommand_matches("serve")
+                .expect("the serve subcommand");
+            run_serve(*args, matches).map(|()| exit::OK)
+        }
         Command::User(cmd) => run_user(cmd).map(|()| exit::OK),
         Command::Echo(args) => run_echo(args).map(|()| exit::OK),
         Command::Connect(args) => run_connect(*args),
@@ -209,10 +215,14 @@ fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
     })
 }
 
-fn run_serve(args: tether_cli::serve::ServeArgs) -> anyhow::Result<()> {
-    let config = args.server_config()?;
+fn run_serve(args: tether_cli::serve::ServeArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let config = args.server_config(matches)?;
+    if args.print_config {
+        say(&tether_cli::serve::config_file(&config)?);
+        return Ok(());
+    }
     tether_cli::raise_fd_limit(1 << 20);
-    let rt = runtime(args.threads)?;
+    let rt = runtime(config.threads)?;
     rt.block_on(async {
         let server = tether_server::Server::bind(config).await?;
         let url = server.url();

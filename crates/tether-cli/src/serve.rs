@@ -1,78 +1,26 @@
 //! `tether serve` and `tether user`: the server's settings from a file, the environment and
 //! flags (flags win, then the environment, then the file, then the defaults).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use tether_server::ServerConfig;
 
-/// `tether serve` options. Each also reads a `TETHER_…` environment variable.
-#[derive(clap::Args, Debug, Clone, Default)]
+/// `tether serve` options: the config file, then every setting of [`ServerConfig`] as a flag
+/// that also reads its `TETHER_…` variable.
+#[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// TOML config file (keys as in the config reference; flags override it).
-    #[arg(long, env = "TETHER_CONFIG")]
+    /// TOML config file, its keys named as the flags with `_` for `-` (flags and variables
+    /// override it).
+    #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address to listen on: PORT (on 127.0.0.1), :PORT (every interface), HOST:PORT or
-    /// [IPv6]:PORT [default: 127.0.0.1:8080]; port 0 picks a free one.
-    #[arg(long, env = "TETHER_LISTEN", value_parser = tether_server::config::parse_listen)]
-    pub listen: Option<SocketAddr>,
-    /// Data directory (the SQLite file) [default: ./tether-data].
-    #[arg(long, env = "TETHER_DATA")]
-    pub data: Option<PathBuf>,
-    /// PEM certificate chain: serve https:// and wss:// on the same port.
-    #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// An origin allowed to open sockets besides the server's own (repeatable).
-    #[arg(
-        long = "allow-origin",
-        env = "TETHER_ALLOW_ORIGIN",
-        value_delimiter = ','
-    )]
-    pub allow_origin: Vec<String>,
-    /// A reverse proxy (ADDR or ADDR/LEN) whose Forwarded / X-Forwarded-For name the client
-    /// (repeatable).
-    #[arg(
-        long = "trusted-proxy",
-        env = "TETHER_TRUSTED_PROXY",
-        value_delimiter = ','
-    )]
-    pub trusted_proxy: Vec<String>,
-    /// Refuse guests: chatting and voting need a login or token.
-    #[arg(long, env = "TETHER_NO_GUESTS")]
-    pub no_guests: bool,
-    /// Messages kept per room [default: 10000].
-    #[arg(long, env = "TETHER_HISTORY_LIMIT")]
-    pub history_limit: Option<usize>,
-    /// Messages sent to a client joining without ?since= [default: 50].
-    #[arg(long, env = "TETHER_HISTORY_ON_JOIN")]
-    pub history_on_join: Option<usize>,
-    /// Most WebSocket connections [default: 10000].
-    #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Most WebSocket connections from one IP address [default: 1000].
-    #[arg(long, env = "TETHER_MAX_CONNECTIONS_PER_IP")]
-    pub max_connections_per_ip: Option<usize>,
-    /// Messages per second one connection may send [default: 20].
-    #[arg(long, env = "TETHER_MESSAGE_RATE")]
-    pub message_rate: Option<f64>,
-    /// Events queued per connection before it is closed as a slow consumer (1013) [default: 1024].
-    #[arg(long, env = "TETHER_OUTBOX")]
-    pub outbox: Option<usize>,
-    /// Refuse permessage-deflate.
-    #[arg(long, env = "TETHER_NO_DEFLATE")]
-    pub no_deflate: bool,
-    /// Share rooms, history and presence with other nodes through Redis (redis://HOST:PORT/).
-    #[arg(long, env = "TETHER_REDIS")]
-    pub redis: Option<String>,
-    /// This node's name in the cluster [default: host name and process id].
-    #[arg(long, env = "TETHER_NODE")]
-    pub node: Option<String>,
-    /// Worker threads [default: one per core].
-    #[arg(long, env = "TETHER_THREADS")]
-    pub threads: Option<usize>,
+    /// Print the settings this command line, the environment and the file come to, as a
+    /// config file, and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// The settings as given (each flag, else its variable, else its default): what
+    /// [`ServeArgs::server_config`] layers over the file.
+    #[command(flatten)]
+    pub settings: ServerConfig,
 }
 
 /// A setting that could not be used.
@@ -81,54 +29,31 @@ pub struct ServeArgs {
 pub struct SettingsError(#[from] tether_server::config::ConfigError);
 
 impl ServeArgs {
-    /// The server config: the file (or defaults), then every flag given.
+    /// The server config: each setting from its flag, else its `TETHER_…` variable, else the
+    /// config file, else its default. `matches` are the `serve` subcommand's.
     ///
     /// # Errors
-    /// The config file cannot be read or parsed.
-    pub fn server_config(&self) -> Result<ServerConfig, SettingsError> {
-        let mut c = match &self.config {
-            Some(path) => ServerConfig::from_file(path)?,
-            None => ServerConfig::default(),
-        };
-        if let Some(v) = self.listen {
-            c.listen = v;
-        }
-        if let Some(v) = &self.data {
-            c.data = v.clone();
-        }
-        if self.tls_cert.is_some() {
-            c.tls_cert = self.tls_cert.clone();
-            c.tls_key = self.tls_key.clone();
-        }
-        c.allow_origins.extend(self.allow_origin.iter().cloned());
-        c.trusted_proxies.extend(self.trusted_proxy.iter().cloned());
-        if self.no_guests {
-            c.guests = false;
-        }
-        if self.no_deflate {
-            c.deflate = false;
-        }
-        let set = |slot: &mut usize, v: Option<usize>| {
-            if let Some(v) = v {
-                *slot = v;
-            }
-        };
-        set(&mut c.history_limit, self.history_limit);
-        set(&mut c.history_on_join, self.history_on_join);
-        set(&mut c.max_connections, self.max_connections);
-        set(&mut c.max_connections_per_ip, self.max_connections_per_ip);
-        set(&mut c.outbox, self.outbox);
-        if self.redis.is_some() {
-            c.redis = self.redis.clone();
-        }
-        if self.node.is_some() {
-            c.node = self.node.clone();
-        }
-        if let Some(v) = self.message_rate {
-            c.message_rate = v;
-        }
-        Ok(c)
+    /// The config file cannot be read or parsed, or the settings cannot work together.
+    pub fn server_config(&self, matches: &clap::ArgMatches) -> Result<ServerConfig, SettingsError> {
+        Ok(ServerConfig::layered(matches, self.config.as_deref())?)
     }
+}
+
+/// The settings as a TOML config file, every key written (unset optional ones as comments).
+///
+/// # Errors
+/// A value TOML cannot hold (none of the settings' types).
+pub fn config_file(config: &ServerConfig) -> Result<String, toml::ser::Error> {
+    let mut text = toml::to_string(config)?;
+    let serde_json::Value::Object(all) = serde_json::to_value(config).unwrap_or_default() else {
+        return Ok(text);
+    };
+    for (key, value) in all {
+        if value.is_null() {
+            text.push_str(&format!("# {key} = (unset)\n"));
+        }
+    }
+    Ok(text)
 }
 
 /// `tether user` subcommands.
@@ -223,50 +148,4 @@ pub fn read_password(from_stdin: bool) -> Result<String, UserError> {
         return Err(UserError::Password("the two entries differ".into()));
     }
     Ok(first)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        serve: ServeArgs,
-    }
-
-    #[test]
-    fn flags_override_the_file_which_overrides_defaults() {
-        let dir = std::env::temp_dir().join(format!("tether-serve-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("tether.toml");
-        std::fs::write(
-            &file,
-            "listen = \"0.0.0.0:9000\"\nmessage_rate = 5.0\nallow_origins = [\"https://a.example\"]\n",
-        )
-        .unwrap();
-        let args = Cli::parse_from([
-            "serve",
-            "--config",
-            file.to_str().unwrap(),
-            "--message-rate",
-            "50",
-            "--allow-origin",
-            "https://b.example",
-            "--no-guests",
-        ])
-        .serve;
-        let c = args.server_config().unwrap();
-        assert_eq!(c.listen.port(), 9000, "from the file");
-        assert_eq!(c.message_rate, 50.0, "the flag wins");
-        assert_eq!(c.allow_origins, ["https://a.example", "https://b.example"]);
-        assert!(!c.guests);
-        assert_eq!(c.outbox, 1024, "the default");
-
-        std::fs::write(&file, "listn = \"x\"\n").unwrap();
-        let e = args.server_config().unwrap_err().to_string();
-        assert!(e.contains("tether.toml") && e.contains("listn"), "{e}");
-        std::fs::remove_dir_all(dir).unwrap();
-    }
 }

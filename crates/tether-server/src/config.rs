@@ -1,11 +1,11 @@
-//! The server's settings: every field has an embedded default, a TOML key of the same name,
-//! and a `tether serve` flag.
+//! The server's settings: one type, [`ServerConfig`], whose every field has an embedded
+//! default, a TOML key of the same name, a `tether serve` flag and a `TETHER_…` variable.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// An address to listen on, as people write it: `PORT` (on 127.0.0.1), `:PORT` (on every
 /// interface), `HOST:PORT` with an IPv4 address or a name (its first address), or
@@ -55,176 +55,407 @@ fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, 
     parse_listen(&text).map_err(serde::de::Error::custom)
 }
 
-/// What a server does, with defaults for one machine and no external service.
+/// A span of time as people write it: `30s`, `5m`, `1h 30m`, `7days` (humantime's
+/// spelling); a bare number counts seconds.
 ///
 /// ```
-/// let config: tether_server::ServerConfig = toml::from_str("listen = \"0.0.0.0:9000\"\nguests = false").unwrap();
-/// assert_eq!(config.listen.port(), 9000);
-/// assert!(!config.guests);
-/// assert_eq!(config.history_on_join, 50);
+/// use std::time::Duration;
+/// use tether_server::config::parse_duration;
+/// assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+/// assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+/// assert!(parse_duration("soon").is_err());
 /// ```
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
-pub struct ServerConfig {
-    /// Address to listen on, in any spelling [`parse_listen`] takes. Default `127.0.0.1:8080`.
-    #[serde(deserialize_with = "listen_address")]
-    pub listen: SocketAddr,
-    /// Directory of the SQLite file `tether.db`. Default `./tether-data`.
-    pub data: PathBuf,
-    /// PEM certificate chain; with `tls_key`, the port speaks `https://` and `wss://`.
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for `tls_cert`.
-    pub tls_key: Option<PathBuf>,
-    /// Origins accepted on WebSocket upgrades besides the server's own (`scheme://host[:port]`).
-    pub allow_origins: Vec<String>,
-    /// Reverse proxies (`ADDR` or `ADDR/LEN`) whose `Forwarded` / `X-Forwarded-For` name the
-    /// client: its address then counts for every per-address limit. Default none: the
-    /// headers are ignored.
-    pub trusted_proxies: Vec<String>,
-    /// Whether guests (a `?name=` nickname, no login) may chat and vote. Default true.
-    pub guests: bool,
-    /// Messages kept per room; older ones are deleted. Default 10,000.
-    pub history_limit: usize,
-    /// Rooms with stored messages at most; a message that would start another is refused
-    /// (an `error` event, 403 from the API). Default 10,000.
-    pub max_rooms: usize,
-    /// Rooms one identity (a registered user, or a guest's address) may start per hour, in
-    /// bursts of as many; past it a message that would start another is refused (403, an
-    /// `error` event), so nobody alone can use up `max_rooms`. Default 20.
-    pub rooms_per_hour: u32,
-    /// Size of the SQLite file at most, in MiB (0: no cap); past it writes fail as on a full
-    /// disk and `/healthz` reports storage as failing. Default 4,096.
-    pub max_database_mb: u64,
-    /// Messages sent to a client that joins without `since`. Default 50.
-    pub history_on_join: usize,
-    /// Largest chat message text, in bytes. Default 4,096.
-    pub max_text: usize,
-    /// Most WebSocket connections at once; more are answered 503. Default 10,000.
-    pub max_connections: usize,
-    /// Most WebSocket connections from one IP address; more are answered 429. Default 1,000.
-    pub max_connections_per_ip: usize,
-    /// Messages per second a connection may send (sustained); a burst of twice as many is
-    /// allowed. Past it the connection is closed with 1008. Default 20.
-    pub message_rate: f64,
-    /// Messages per second one identity (a registered user, or a guest's address) may send
-    /// over all its sockets, chat and votes (sustained; bursts of twice as many). Past it a
-    /// message gets an `error` event and is not stored; the connections stay. Default 40.
-    pub identity_message_rate: u32,
-    /// Messages queued for one connection before it counts as a slow consumer and is closed
-    /// with 1013. Default 1,024.
-    pub outbox: usize,
-    /// Seconds a client may accept nothing of what the server writes to it (history, live
-    /// events) before it is dropped. Default 30.
-    pub write_timeout_secs: u64,
-    /// Most messages replayed to a client resuming with `?since=`; older ones are skipped and
-    /// the welcome says `truncated`. Default 1,000.
-    pub max_replay: usize,
-    /// Plain HTTP connections at once (not counting those upgraded to WebSocket); more are
-    /// answered 503 and closed. Default 1,024 (lowered to fit the file-descriptor limit).
-    pub max_http_connections: usize,
-    /// Plain HTTP connections at once from one address (IPv6: its /64); more are answered 429
-    /// and closed. Default 64.
-    pub max_http_connections_per_ip: usize,
-    /// Seconds a request may take from its head to the handler's answer, its body included;
-    /// past it, 408. Default 30.
-    pub request_timeout_secs: u64,
-    /// Keepalive ping interval in seconds (a missing pong closes with 1011). Default 30.
-    pub ping_interval_secs: u64,
-    /// Seconds to finish closing sockets on shutdown. Default 5.
-    pub shutdown_secs: u64,
-    /// Accept permessage-deflate when a client offers it. Default true.
-    pub deflate: bool,
-    /// Session cookie lifetime in hours. Default 168 (a week).
-    pub session_hours: u64,
-    /// Bearer token lifetime in days. Default 90.
-    pub token_days: u64,
-    /// Seconds between checks that an open connection's session or token is still valid
-    /// (revoked by `tether user revoke`, or expired); revocations through this server's API
-    /// are noticed at once. Default 60.
-    pub credential_check_secs: u64,
-    /// Threads that check passwords, each with one reused argon2 work area (19 MiB). Default 2.
-    pub password_threads: usize,
-    /// Password checks that may wait for a thread; more logins at once are answered 503 with
-    /// `Retry-After`. Default 32.
-    pub password_queue: usize,
-    /// Failed logins an address may make in a burst; it regains one every 10 s, and past it
-    /// logins from there are answered 429 with `Retry-After`. Default 20.
-    pub login_failures_per_address: u32,
-    /// Failed logins for one account from one address in a burst; it regains one a minute.
-    /// Counted per address, so guessing from one place never locks the real user out from
-    /// another. Default 5.
-    pub login_failures_per_account: u32,
-    /// Who may vote in polls: `"everyone"` (registered users, and guests one vote per guest
-    /// id, at most `guest_votes_per_address` guests per address and poll) or `"users"`.
-    /// Default `"everyone"`.
-    pub poll_voters: Voters,
-    /// Guests that may vote in one poll from one address (IPv6: its /64). Default 5.
-    pub guest_votes_per_address: u32,
-    /// Polls one identity (a user, or a guest's address) may create per hour, in bursts of as
-    /// many; more are answered 429 with `Retry-After`. Default 10.
-    pub polls_per_hour: u32,
-    /// Sessions and tokens one user may be issued per hour, in bursts of as many. Default 20.
-    pub credentials_per_hour: u32,
-    /// Messages and broadcasts one user may publish per second through the HTTP API, in bursts
-    /// of twice as many. Default 20.
-    pub api_publish_rate: u32,
-    /// `redis://…`: share rooms, history and presence with other nodes through Redis.
-    /// `None` (the default): one node, history in SQLite.
-    pub redis: Option<String>,
-    /// This node's name among the others (default: host name and process id).
-    pub node: Option<String>,
+///
+/// # Errors
+/// A message naming the text and the spelling expected.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?}: {e}; write a duration as 30s, 5m, 2h or 7days"))
 }
 
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            data: PathBuf::from("tether-data"),
-            tls_cert: None,
-            tls_key: None,
-            allow_origins: Vec::new(),
-            trusted_proxies: Vec::new(),
-            guests: true,
-            history_limit: 10_000,
-            history_on_join: 50,
-            max_rooms: 10_000,
-            rooms_per_hour: 20,
-            max_database_mb: 4096,
-            max_text: 4096,
-            max_connections: 10_000,
-            max_connections_per_ip: 1000,
-            message_rate: 20.0,
-            identity_message_rate: 40,
-            outbox: 1024,
-            max_http_connections: 1024,
-            max_http_connections_per_ip: 64,
-            request_timeout_secs: 30,
-            write_timeout_secs: 30,
-            max_replay: 1000,
-            ping_interval_secs: 30,
-            shutdown_secs: 5,
-            deflate: true,
-            session_hours: 168,
-            token_days: 90,
-            credential_check_secs: 60,
-            password_threads: 2,
-            password_queue: 32,
-            login_failures_per_address: 20,
-            login_failures_per_account: 5,
-            poll_voters: Voters::Everyone,
-            guest_votes_per_address: 5,
-            polls_per_hour: 10,
-            credentials_per_hour: 20,
-            api_publish_rate: 20,
-            redis: None,
-            node: None,
+/// A duration in the largest unit that holds it whole (`90d`, `36h`, `30s`, `250ms`), which
+/// [`parse_duration`] reads back.
+///
+/// ```
+/// use std::time::Duration;
+/// use tether_server::config::format_duration;
+/// assert_eq!(format_duration(Duration::from_secs(90 * 86_400)), "90d");
+/// assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+/// assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+/// assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+/// ```
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() != 0 {
+        if d.subsec_nanos() % 1_000_000 == 0 {
+            return format!("{}ms", d.as_millis());
+        }
+        return format!("{}ns", d.as_nanos());
+    }
+    let secs = d.as_secs();
+    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs != 0 && secs % size == 0 {
+            return format!("{}{unit}", secs / size);
+        }
+    }
+    format!("{secs}s")
+}
+
+/// Durations in a config file: a string in [`parse_duration`]'s spelling, or a number of
+/// seconds; written back in humantime's spelling.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            Seconds(u64),
+            Words(String),
+        }
+        match Text::deserialize(d)? {
+            Text::Seconds(secs) => Ok(Duration::from_secs(secs)),
+            Text::Words(text) => super::parse_duration(&text).map_err(serde::de::Error::custom),
         }
     }
 }
 
+/// What a server does, with defaults for one machine and no external service.
+///
+/// This one type is every way to set it: a TOML file's keys are its field names, each field is
+/// a `tether serve` flag (`history_limit` is `--history-limit`) and reads the environment
+/// variable `TETHER_` and its name in capitals (`TETHER_HISTORY_LIMIT`). The defaults are the
+/// flags' defaults, shown by `tether serve --help`; [`ServerConfig::layered`] puts the layers
+/// together.
+///
+/// ```
+/// let config: tether_server::ServerConfig =
+///     toml::from_str("listen = \"0.0.0.0:9000\"\nguests = false\nwrite_timeout = \"1m\"").unwrap();
+/// assert_eq!(config.listen.port(), 9000);
+/// assert!(!config.guests);
+/// assert_eq!(config.write_timeout.as_secs(), 60);
+/// assert_eq!(config.history_on_join, 50);
+/// ```
+#[derive(Debug, Clone, Deserialize, Serialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Address to listen on: PORT (on 127.0.0.1), :PORT (every interface), HOST:PORT (an
+    /// address or a name) or [IPv6]:PORT; port 0 picks a free one.
+    #[arg(long, env = "TETHER_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
+    #[serde(deserialize_with = "listen_address")]
+    pub listen: SocketAddr,
+    /// Directory of the SQLite file `tether.db`.
+    #[arg(
+        long,
+        env = "TETHER_DATA",
+        value_name = "DIR",
+        default_value = "tether-data"
+    )]
+    pub data: PathBuf,
+    /// PEM certificate chain; with `tls_key`, the port speaks `https://` and `wss://`.
+    #[arg(long, env = "TETHER_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    #[arg(long, env = "TETHER_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Origins allowed to open sockets besides the server's own (`scheme://host[:port]`;
+    /// the flag repeats, the variable separates them with commas).
+    #[arg(
+        long = "allow-origin",
+        visible_alias = "allow-origins",
+        env = "TETHER_ALLOW_ORIGINS",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub allow_origins: Vec<String>,
+    /// Reverse proxies (`ADDR` or `ADDR/LEN`) whose `Forwarded` / `X-Forwarded-For` name the
+    /// client, whose address then counts for every per-address limit; with none, the headers
+    /// are ignored.
+    #[arg(
+        long = "trusted-proxy",
+        visible_alias = "trusted-proxies",
+        env = "TETHER_TRUSTED_PROXIES",
+        value_name = "ADDR[/LEN]",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
+    /// Whether guests (a `?name=` nickname, no login) may chat and vote (`--guests false`
+    /// refuses them).
+    #[arg(long, env = "TETHER_GUESTS", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub guests: bool,
+    /// Messages kept per room; older ones are deleted.
+    #[arg(
+        long,
+        env = "TETHER_HISTORY_LIMIT",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub history_limit: usize,
+    /// Messages sent to a client that joins without `since`.
+    #[arg(
+        long,
+        env = "TETHER_HISTORY_ON_JOIN",
+        value_name = "N",
+        default_value_t = 50
+    )]
+    pub history_on_join: usize,
+    /// Most messages replayed to a client resuming with `since`; older ones are skipped and
+    /// the welcome says `truncated`.
+    #[arg(
+        long,
+        env = "TETHER_MAX_REPLAY",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub max_replay: usize,
+    /// Rooms with stored messages at most; a message that would start another is refused (an
+    /// `error` event, 403 from the API).
+    #[arg(
+        long,
+        env = "TETHER_MAX_ROOMS",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub max_rooms: usize,
+    /// Rooms one identity (a user, or a guest's address) may start per hour, in bursts of as
+    /// many; past it a message that would start another is refused (403, an `error` event).
+    #[arg(
+        long,
+        env = "TETHER_ROOMS_PER_HOUR",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub rooms_per_hour: u32,
+    /// Size of `tether.db` at most, in MiB (0: no cap); past it writes fail as on a full disk
+    /// and `/healthz` says `"storage":"failing"`.
+    #[arg(
+        long,
+        env = "TETHER_MAX_DATABASE_MB",
+        value_name = "MIB",
+        default_value_t = 4096
+    )]
+    pub max_database_mb: u64,
+    /// Largest chat message text, in bytes.
+    #[arg(
+        long,
+        env = "TETHER_MAX_TEXT",
+        value_name = "BYTES",
+        default_value_t = 4096
+    )]
+    pub max_text: usize,
+    /// Largest WebSocket message (and frame) a client may send, in bytes; larger closes the
+    /// connection with 1009.
+    #[arg(long, env = "TETHER_MAX_MESSAGE_SIZE", value_name = "BYTES", default_value_t = 64 << 10)]
+    pub max_message_size: usize,
+    /// Most WebSocket connections at once; more are answered 503.
+    #[arg(
+        long,
+        env = "TETHER_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub max_connections: usize,
+    /// Most WebSocket connections from one address (IPv6: its /64); more are answered 429.
+    #[arg(
+        long,
+        env = "TETHER_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub max_connections_per_ip: usize,
+    /// Plain HTTP connections at once (not counting upgraded ones); more are answered 503.
+    /// This cap and `max_connections` are lowered to fit the open-file limit.
+    #[arg(
+        long,
+        env = "TETHER_MAX_HTTP_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub max_http_connections: usize,
+    /// Plain HTTP connections at once from one address (IPv6: its /64); more are answered 429.
+    #[arg(
+        long,
+        env = "TETHER_MAX_HTTP_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value_t = 64
+    )]
+    pub max_http_connections_per_ip: usize,
+    /// Time a request may take from its head to the handler's answer, its body included;
+    /// past it, 408.
+    #[arg(long, env = "TETHER_REQUEST_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    /// Messages per second a connection may send, in bursts of twice as many; past it the
+    /// connection is closed with 1008.
+    #[arg(
+        long,
+        env = "TETHER_MESSAGE_RATE",
+        value_name = "PER_SECOND",
+        default_value_t = 20.0
+    )]
+    pub message_rate: f64,
+    /// Messages per second one identity (a user, or a guest's address) may send over all its
+    /// sockets, chat and votes, in bursts of twice as many; past it a message gets an `error`
+    /// event and is not stored.
+    #[arg(
+        long,
+        env = "TETHER_IDENTITY_MESSAGE_RATE",
+        value_name = "PER_SECOND",
+        default_value_t = 40
+    )]
+    pub identity_message_rate: u32,
+    /// Events queued for one connection before it counts as a slow consumer and is closed
+    /// with 1013.
+    #[arg(long, env = "TETHER_OUTBOX", value_name = "N", default_value_t = 1024)]
+    pub outbox: usize,
+    /// Time a client may accept nothing of what the server writes to it (history, live
+    /// events) before it is dropped.
+    #[arg(long, env = "TETHER_WRITE_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+    /// Keepalive: a ping after this long without anything from the client.
+    #[arg(long, env = "TETHER_PING_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    /// Keepalive: time a ping's pong may take; past it the connection closes with 1011.
+    #[arg(long, env = "TETHER_PONG_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub pong_timeout: Duration,
+    /// Time shutdown waits for sockets to finish closing.
+    #[arg(long, env = "TETHER_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// Whether to accept permessage-deflate when a client offers it (`--deflate false`
+    /// refuses it).
+    #[arg(long, env = "TETHER_DEFLATE", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub deflate: bool,
+    /// Lifetime of a login's session cookie.
+    #[arg(long, env = "TETHER_SESSION_LIFETIME", value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub session_lifetime: Duration,
+    /// Lifetime of a bearer token.
+    #[arg(long, env = "TETHER_TOKEN_LIFETIME", value_name = "DURATION", default_value = "90d", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub token_lifetime: Duration,
+    /// How often an open connection checks that its session or token is still valid (revoked
+    /// by `tether user revoke`, or expired); revocations through this server's API are
+    /// noticed at once.
+    #[arg(long, env = "TETHER_CREDENTIAL_CHECK", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub credential_check: Duration,
+    /// Threads that check passwords, each with one reused argon2 work area (19 MiB).
+    #[arg(
+        long,
+        env = "TETHER_PASSWORD_THREADS",
+        value_name = "N",
+        default_value_t = 2
+    )]
+    pub password_threads: usize,
+    /// Password checks that may wait for a thread; more logins at once are answered 503 with
+    /// `Retry-After`.
+    #[arg(
+        long,
+        env = "TETHER_PASSWORD_QUEUE",
+        value_name = "N",
+        default_value_t = 32
+    )]
+    pub password_queue: usize,
+    /// Failed logins an address (IPv6: its /64) may make in a burst; it regains one every
+    /// 10 s, and past it logins from there are answered 429 with `Retry-After`.
+    #[arg(
+        long,
+        env = "TETHER_LOGIN_FAILURES_PER_ADDRESS",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub login_failures_per_address: u32,
+    /// Failed logins for one account from one address in a burst; it regains one a minute.
+    /// Counted per address, so guessing from one place never locks the real user out from
+    /// another.
+    #[arg(
+        long,
+        env = "TETHER_LOGIN_FAILURES_PER_ACCOUNT",
+        value_name = "N",
+        default_value_t = 5
+    )]
+    pub login_failures_per_account: u32,
+    /// Who may vote in polls: `everyone` (users, and guests one vote per guest, at most
+    /// `guest_votes_per_address` guests per address and poll) or `users`.
+    #[arg(long, env = "TETHER_POLL_VOTERS", value_name = "WHO", value_enum, default_value_t = Voters::Everyone)]
+    pub poll_voters: Voters,
+    /// Guests that may vote in one poll from one address (IPv6: its /64).
+    #[arg(
+        long,
+        env = "TETHER_GUEST_VOTES_PER_ADDRESS",
+        value_name = "N",
+        default_value_t = 5
+    )]
+    pub guest_votes_per_address: u32,
+    /// Polls one identity (a user, or a guest's address) may create per hour, in bursts of as
+    /// many; more are answered 429 with `Retry-After`.
+    #[arg(
+        long,
+        env = "TETHER_POLLS_PER_HOUR",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub polls_per_hour: u32,
+    /// Sessions and tokens one user may be issued per hour, in bursts of as many; more are
+    /// answered 429.
+    #[arg(
+        long,
+        env = "TETHER_CREDENTIALS_PER_HOUR",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub credentials_per_hour: u32,
+    /// Messages and broadcasts one user may publish per second through the HTTP API, in
+    /// bursts of twice as many; more are answered 429.
+    #[arg(
+        long,
+        env = "TETHER_API_PUBLISH_RATE",
+        value_name = "PER_SECOND",
+        default_value_t = 20
+    )]
+    pub api_publish_rate: u32,
+    /// `redis://HOST:PORT/`: share rooms, history and presence with other nodes through Redis
+    /// (docs/scaling.md). Without it, one node with its history in SQLite.
+    #[arg(long, env = "TETHER_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+    /// This node's name among the others (by default its host name and process id).
+    #[arg(long, env = "TETHER_NODE", value_name = "NAME")]
+    pub node: Option<String>,
+    /// Worker threads of `tether serve` (by default one per core).
+    #[arg(long, env = "TETHER_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+impl Default for ServerConfig {
+    /// The flags' defaults, whatever the environment says.
+    fn default() -> Self {
+        use clap::{Args as _, FromArgMatches as _};
+        let command = ServerConfig::augment_args(clap::Command::new("defaults"))
+            .no_binary_name(true)
+            .mut_args(|arg| arg.env(None));
+        let matches = command
+            .try_get_matches_from(std::iter::empty::<&str>())
+            .expect("every setting has a default or is optional");
+        ServerConfig::from_arg_matches(&matches).expect("the defaults parse")
+    }
+}
+
 /// Who may vote in polls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Voters {
@@ -234,34 +465,21 @@ pub enum Voters {
     Users,
 }
 
-impl ServerConfig {
-    /// The keepalive interval.
-    pub fn ping_interval(&self) -> Duration {
-        Duration::from_secs(self.ping_interval_secs.max(1))
-    }
-
-    /// How long a client may accept nothing before it is dropped.
-    pub fn write_timeout(&self) -> Duration {
-        Duration::from_secs(self.write_timeout_secs.max(1))
-    }
-
-    /// How long a request may take, body included.
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs(self.request_timeout_secs.max(1))
-    }
-
-    /// How long shutdown waits for sockets to close.
-    pub fn shutdown_timeout(&self) -> Duration {
-        Duration::from_secs(self.shutdown_secs)
-    }
-}
-
-/// A config file could not be used.
+/// A configuration could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error("config file {path}: {reason}")]
-pub struct ConfigError {
-    path: String,
-    reason: String,
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read, or is not TOML with the keys of [`ServerConfig`].
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file as given.
+        path: String,
+        /// What is wrong, with the line where the TOML parser says.
+        reason: String,
+    },
+    /// A setting's value cannot work.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl ServerConfig {
@@ -270,11 +488,85 @@ impl ServerConfig {
     /// # Errors
     /// The file cannot be read or is not valid TOML for this struct (unknown keys included).
     pub fn from_file(path: &std::path::Path) -> Result<ServerConfig, ConfigError> {
-        let err = |reason: String| ConfigError {
+        let err = |reason: String| ConfigError::File {
             path: path.display().to_string(),
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// The settings a command line asks for, in layers: each setting from its flag, else its
+    /// `TETHER_…` variable, else `file`, else its default. `matches` are those of a command
+    /// that flattens [`ServerConfig`]'s arguments.
+    ///
+    /// ```
+    /// use clap::{Args, FromArgMatches};
+    /// use tether_server::ServerConfig;
+    /// let command = ServerConfig::augment_args(clap::Command::new("serve"));
+    /// let matches = command.get_matches_from(["serve", "--history-limit", "7"]);
+    /// let config = ServerConfig::layered(&matches, None).unwrap();
+    /// assert_eq!(config.history_limit, 7);
+    /// ```
+    ///
+    /// # Errors
+    /// The file cannot be used, or the result fails [`ServerConfig::check`].
+    pub fn layered(
+        matches: &clap::ArgMatches,
+        file: Option<&std::path::Path>,
+    ) -> Result<ServerConfig, ConfigError> {
+        use clap::parser::ValueSource;
+        use clap::FromArgMatches as _;
+        let given = ServerConfig::from_arg_matches(matches)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let config = match file {
+            None => given,
+            Some(path) => {
+                let invalid = |e: serde_json::Error| ConfigError::Invalid(e.to_string());
+                let mut layers =
+                    serde_json::to_value(ServerConfig::from_file(path)?).map_err(invalid)?;
+                let serde_json::Value::Object(over) =
+                    serde_json::to_value(&given).map_err(invalid)?
+                else {
+                    unreachable!("a struct serialises as an object");
+                };
+                for (key, value) in over {
+                    if matches!(
+                        matches.value_source(&key),
+                        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                    ) {
+                        layers[key.as_str()] = value;
+                    }
+                }
+                serde_json::from_value(layers).map_err(invalid)?
+            }
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Refuses settings that cannot work together: one of `tls_cert` and `tls_key` without
+    /// the other, a zero keepalive interval or timeout.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`], naming the settings.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: give both, or neither".into(),
+            ));
+        }
+        for (name, value) in [
+            ("request_timeout", self.request_timeout),
+            ("write_timeout", self.write_timeout),
+            ("ping_interval", self.ping_interval),
+            ("pong_timeout", self.pong_timeout),
+            ("credential_check", self.credential_check),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid(format!("{name} must be more than 0s")));
+            }
+        }
+        Ok(())
     }
 }

@@ -419,7 +419,7 @@ async fn login(
     peer: Option<Extension<PeerAddr>>,
     body: Body,
 ) -> Response {
-    let ttl = Duration::from_secs(app.config.session_hours * 3600);
+    let ttl = app.config.session_lifetime;
     let peer = peer.map(|p| p.0);
     let body = match read_body(body).await {
         Ok(b) => b,
@@ -525,7 +525,7 @@ async fn tokens(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let ttl = Duration::from_secs(app.config.token_days * 86_400);
+    let ttl = app.config.token_lifetime;
     match issue(
         &app,
         peer.map(|p| p.0),

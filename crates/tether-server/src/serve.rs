@@ -130,23 +130,27 @@ impl Server {
             room_quota.clone(),
         )?;
         let store = open()?;
-        let bounded =
-            store.bound_token_lifetimes(Duration::from_secs(config.token_days * 86_400))?;
+        let bounded = store.bound_token_lifetimes(config.token_lifetime)?;
         if bounded > 0 {
             tracing::info!(
                 tokens = bounded,
-                days = config.token_days,
+                lifetime = %crate::config::format_duration(config.token_lifetime),
                 "tokens without an expiry now expire"
             );
         }
         let db = Db::new(store)?;
         let ws_config = tether::Config::default()
-            .max_message_size(64 << 10)
-            .max_frame_size(64 << 10)
-            // A 64 KiB message in fragments of 16 bytes; more frames for one message is a
-            // peer keeping it open on purpose (1009).
-            .max_message_fragments(4096)
-            .ping_interval(Some(config.ping_interval()))
+            .max_message_size(config.max_message_size)
+            .max_frame_size(config.max_message_size)
+            // A message in fragments of 16 bytes; more frames for one message is a peer
+            // keeping it open on purpose (1009).
+            .max_message_fragments(
+                u32::try_from(config.max_message_size / 16)
+                    .unwrap_or(u32::MAX)
+                    .max(64),
+            )
+            .ping_interval(Some(config.ping_interval))
+            .ping_timeout(config.pong_timeout)
             // Pages this server serves, and the origins the configuration lists.
             .allowed_origins(Some(config.allow_origins.clone()))
             .same_origin_scheme(Some(if tls.is_some() { "https" } else { "http" }.into()))
@@ -259,7 +263,7 @@ impl Server {
             "shutting down: closing sockets with 1001"
         );
         app.begin_shutdown();
-        let deadline = tokio::time::Instant::now() + app.config.shutdown_timeout();
+        let deadline = tokio::time::Instant::now() + app.config.shutdown_timeout;
         while app.metrics.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -387,7 +391,7 @@ where
                 .insert(PeerAddr(SocketAddr::new(client, peer.port())));
             let checked = precheck(&app, req.method(), req.headers());
             let mut router = router.clone();
-            let timeout = app.config.request_timeout();
+            let timeout = app.config.request_timeout;
             async move {
                 match checked {
                     None => {

@@ -253,7 +253,7 @@ fn check_credential(
 ) -> Option<Lost> {
     let credential = credential?;
     let app = app.clone();
-    let every = Duration::from_secs(app.config.credential_check_secs.max(1));
+    let every = app.config.credential_check;
     Some(Box::new(Box::pin(async move {
         app.credential_lost(credential, revocations, every).await;
     })))
@@ -696,7 +696,7 @@ impl EchoSession {
 
     /// Bytes wait for the client: it must take some within the write timeout.
     fn poll_stall(&mut self, cx: &mut Context<'_>) -> TaskPoll<End> {
-        let timeout = self.app.app.config.write_timeout();
+        let timeout = self.app.app.config.write_timeout;
         let queued = self.ws.queued_len();
         std::task::ready!(self.stall.poll(cx, timeout, queued, 0));
         TaskPoll::Ready(stalled(&self.app.app))
@@ -894,7 +894,7 @@ impl LiveLoop {
             let end = End::Close(CloseCode::GOING_AWAY, "server shutting down");
             return TaskPoll::Ready(Err(end));
         }
-        let timeout = self.app.config.write_timeout();
+        let timeout = self.app.config.write_timeout;
         let (queued, waiting) = (self.ws.queued_len(), self.batch.len());
         std::task::ready!(self.stall.poll(cx, timeout, queued, waiting));
         TaskPoll::Ready(Err(stalled(&self.app)))
@@ -1080,7 +1080,7 @@ async fn write_all(
     // The deadline runs only while nothing moves: each message must find room in the write
     // buffer, and the flush must shrink what is queued, within the write timeout. A slow
     // reader keeps going; one that accepts nothing is dropped.
-    let timeout = app.config.write_timeout();
+    let timeout = app.config.write_timeout;
     let write = async {
         for msg in batch.drain(..) {
             // Usually there is room at once: no timer for that (fan-out feeds every message).
@@ -1119,7 +1119,7 @@ async fn write_all(
 /// frame could not reach it either).
 fn stalled(app: &App) -> End {
     app.metrics.write_timeouts.fetch_add(1, Relaxed);
-    tracing::info!(timeout = ?app.config.write_timeout(), "client accepted nothing within the write timeout: dropping it");
+    tracing::info!(timeout = ?app.config.write_timeout, "client accepted nothing within the write timeout: dropping it");
     End::Gone
 }
 

@@ -3,6 +3,8 @@
 //! texts, messages that never end. Each is refused the documented way, and the server keeps
 //! serving everyone else.
 
+use std::time::Duration;
+
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -233,7 +235,7 @@ async fn a_message_of_endless_fragments_is_closed_with_1009() {
 async fn an_echo_client_that_sends_but_never_reads_is_dropped_by_the_write_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
-    c.write_timeout_secs = 1;
+    c.write_timeout = Duration::from_secs(1);
     let server = start(c).await;
     let mut tcp = raw_upgrade(server.addr, "/ws/echo", Some(4096)).await;
     // Masked 16 KiB binary messages, far more than the socket buffers and the server's write
@@ -276,7 +278,7 @@ async fn read_all(tcp: &mut TcpStream) -> String {
 async fn requests_have_deadlines_and_credentials_come_before_bodies() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
-    c.request_timeout_secs = 1;
+    c.request_timeout = Duration::from_secs(1);
     let server = start(c).await;
     let addr = server.addr;
     let head = |path: &str, extra: &str| {
@@ -453,7 +455,7 @@ async fn tokens_expire_and_revocations_close_open_sockets() {
     add_user(dir.path(), "alice", "pw").await;
     // Checks every hour: only the revocation itself can close a socket within the test.
     let mut c = config(dir.path());
-    c.credential_check_secs = 3600;
+    c.credential_check = Duration::from_secs(3600);
     let server = start(c).await;
     let addr = server.addr;
     let publish = |token: String| async move {
@@ -510,7 +512,7 @@ async fn tokens_expire_and_revocations_close_open_sockets() {
     // Revoked by another process (`tether user revoke` writes the store): open sockets notice
     // at the next check.
     let mut c = config(dir.path());
-    c.credential_check_secs = 1;
+    c.credential_check = Duration::from_secs(1);
     let server = start(c).await;
     let addr = server.addr;
     let token_d = token(addr, "alice", "pw").await;
@@ -524,9 +526,9 @@ async fn tokens_expire_and_revocations_close_open_sockets() {
     assert_eq!(close_code(&mut ws).await, 1008);
     server.stop().await;
 
-    // Tokens have a lifetime: with zero days, one is expired as soon as it is issued.
+    // Tokens have a lifetime: with a zero lifetime, one is expired as soon as it is issued.
     let mut c = config(dir.path());
-    c.token_days = 0;
+    c.token_lifetime = Duration::ZERO;
     let server = start(c).await;
     let token_e = token(server.addr, "alice", "pw").await;
     let addr = server.addr;

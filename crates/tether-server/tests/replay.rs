@@ -84,7 +84,7 @@ async fn replay_is_paged_bounded_in_memory_and_limited() {
     // 3. The write timeout drops a client that accepts nothing.
     let mut c = config(dir.path());
     c.max_replay = MESSAGES as usize;
-    c.write_timeout_secs = 1;
+    c.write_timeout = Duration::from_secs(1);
     let server = start(c).await;
     let _stuck = raw_upgrade(server.addr, "/ws/rooms/big?name=stuck&since=0", Some(4096)).await;
     // Dropped for the write timeout, and its slot freed (within the test's time limit).
