@@ -5,6 +5,7 @@ pub mod connect;
 pub mod echo;
 pub mod report;
 pub mod serve;
+pub mod user;
 
 /// Raises the open-file limit towards `wanted` (best effort), so that a server or load
 /// generator can hold many connections.

@@ -27,7 +27,7 @@ enum Command {
     Serve(Box<tether_cli::serve::ServeArgs>),
     /// Manage the server's users.
     #[command(subcommand)]
-    User(tether_cli::serve::UserCommand),
+    User(tether_cli::user::UserCommand),
     /// Run a WebSocket echo server (text and binary).
     Echo(EchoArgs),
     /// Load-test a WebSocket server.
@@ -257,25 +257,9 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-fn run_user(cmd: tether_cli::serve::UserCommand) -> anyhow::Result<()> {
-    use tether_cli::serve::{add_user, read_password, revoke_user, UserCommand};
-    match cmd {
-        UserCommand::Add(args) => {
-            let password = read_password(args.password_stdin)?;
-            add_user(&args.name, &args.data, &password)
-                .with_context(|| format!("adding user {}", args.name))?;
-            eprintln!("user {} added to {}", args.name, args.data.display());
-        }
-        UserCommand::Revoke(args) => {
-            let n = revoke_user(&args.name, &args.data)
-                .with_context(|| format!("revoking the credentials of {}", args.name))?;
-            eprintln!(
-                "revoked {n} sessions and tokens of {}; its open connections close within a minute",
-                args.name
-            );
-        }
-    }
-    Ok(())
+fn run_user(cmd: tether_cli::user::UserCommand) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    Ok(tether_cli::user::run(cmd, &mut out)?)
 }
 
 /// Prints a line on stdout. A reader that went away (`| head -1`) is not an error: exit 0,

@@ -1,5 +1,5 @@
-//! `tether serve` and `tether user`: the server's settings from a file, the environment and
-//! flags (flags win, then the environment, then the file, then the defaults).
+//! `tether serve`: the server's settings from a file, the environment and flags (flags win,
+//! then the environment, then the file, then the defaults).
 
 use std::path::PathBuf;
 
@@ -54,98 +54,4 @@ pub fn config_file(config: &ServerConfig) -> Result<String, toml::ser::Error> {
         }
     }
     Ok(text)
-}
-
-/// `tether user` subcommands.
-#[derive(clap::Subcommand, Debug)]
-pub enum UserCommand {
-    /// Add a user (asks for the password, or reads one line with --password-stdin).
-    Add(UserAddArgs),
-    /// Revoke every session and token of a user; their open connections close within a
-    /// minute.
-    Revoke(UserRevokeArgs),
-}
-
-/// `tether user revoke` options.
-#[derive(clap::Args, Debug)]
-pub struct UserRevokeArgs {
-    /// The user name.
-    pub name: String,
-    /// Data directory.
-    #[arg(long, env = "TETHER_DATA", default_value = "tether-data")]
-    pub data: PathBuf,
-}
-
-/// Revokes every session and token of `name` in the store in `data`; returns how many.
-///
-/// # Errors
-/// The store cannot be opened or written.
-pub fn revoke_user(name: &str, data: &std::path::Path) -> Result<usize, UserError> {
-    Ok(tether_server::store::Store::open(data)?.revoke_credentials(name)?)
-}
-
-/// `tether user add` options.
-#[derive(clap::Args, Debug)]
-pub struct UserAddArgs {
-    /// The user name: 1-32 of A-Z a-z 0-9 _ - .
-    pub name: String,
-    /// Data directory.
-    #[arg(long, env = "TETHER_DATA", default_value = "tether-data")]
-    pub data: PathBuf,
-    /// Read the password from the first line of standard input.
-    #[arg(long)]
-    pub password_stdin: bool,
-}
-
-/// Adding a user failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum UserError {
-    /// The name is not valid.
-    #[error("a user name is 1-32 of A-Z a-z 0-9 _ - .")]
-    BadName,
-    /// The password is empty or could not be read.
-    #[error("password: {0}")]
-    Password(String),
-    /// Hashing failed.
-    #[error(transparent)]
-    Hash(#[from] tether_server::auth::HashError),
-    /// The store refused (the user exists, the database failed).
-    #[error(transparent)]
-    Store(#[from] tether_server::store::StoreError),
-}
-
-/// Adds a user with `password` to the store in `data`.
-///
-/// # Errors
-/// See [`UserError`].
-pub fn add_user(name: &str, data: &std::path::Path, password: &str) -> Result<(), UserError> {
-    if !tether_server::auth::valid_user(name) {
-        return Err(UserError::BadName);
-    }
-    if password.is_empty() {
-        return Err(UserError::Password("empty".into()));
-    }
-    let hash = tether_server::auth::hash_password(password)?;
-    tether_server::store::Store::open(data)?.add_user(name, &hash)?;
-    Ok(())
-}
-
-/// Reads the password for `tether user add`: one line of stdin, or a prompt twice on a terminal.
-///
-/// # Errors
-/// Standard input fails or the two entries differ.
-pub fn read_password(from_stdin: bool) -> Result<String, UserError> {
-    let err = |e: std::io::Error| UserError::Password(e.to_string());
-    if from_stdin {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line).map_err(err)?;
-        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
-    }
-    let first = rpassword::prompt_password("password: ").map_err(err)?;
-    let again = rpassword::prompt_password("again: ").map_err(err)?;
-    if first != again {
-        return Err(UserError::Password("the two entries differ".into()));
-    }
-    Ok(first)
 }

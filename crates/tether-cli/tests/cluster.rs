@@ -2,12 +2,15 @@
 //! publish through any node, resume on another node, a crashed node's users expiring, and a
 //! Redis restart. Needs `redis-server` on the PATH (scripts/test installs Debian's).
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tether::{ClientStream, Message};
+
+mod common;
+use common::http;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tether");
 const LIMIT: Duration = Duration::from_secs(20);
@@ -61,7 +64,7 @@ fn redis(port: u16, dir: &std::path::Path) -> Proc {
 }
 
 struct Node {
-    _proc: Proc,
+    serve: common::Serve,
     addr: String,
     data: tempfile::TempDir,
 }
@@ -85,45 +88,28 @@ fn node_with(name: &str, redis_port: u16, toml: &str) -> Node {
         .args(["user", "add", "ops", "--password-stdin", "--data"])
         .arg(data.path())
         .stdin(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     add.stdin.take().unwrap().write_all(b"pw\n").unwrap();
     assert!(add.wait().unwrap().success());
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--node",
-            name,
-            "--message-rate",
-            "1000",
-        ])
-        .arg("--data")
-        .arg(data.path())
-        .arg("--config")
-        .arg(&config)
-        .arg("--redis")
-        .arg(format!("redis://127.0.0.1:{redis_port}/"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .expect(&line)
-        .trim_end_matches('/')
-        .to_owned();
+    let redis = format!("redis://127.0.0.1:{redis_port}/");
+    let serve = common::start_serve(&[
+        "--node",
+        name,
+        "--message-rate",
+        "1000",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--redis",
+        &redis,
+    ]);
     Node {
-        _proc: Proc(child),
-        addr,
+        addr: serve.addr.clone(),
+        serve,
         data,
     }
 }
@@ -161,27 +147,6 @@ async fn say(ws: &mut ClientStream, text: &str) {
     ws.send(Message::text(json!({ "text": text }).to_string()))
         .await
         .unwrap();
-}
-
-/// A blocking HTTP/1.1 exchange: status and JSON body (declared JSON).
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    auth: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
-    let auth = auth
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(tcp, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-    let mut raw = String::new();
-    std::io::Read::read_to_string(&mut tcp, &mut raw).unwrap();
-    let status = raw[9..12].parse().unwrap();
-    let body = raw.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
 fn token(node: &Node) -> String {
@@ -532,9 +497,9 @@ async fn rooms_are_listed_in_pages_with_members_of_every_node_and_capped() {
     assert_eq!(names, ["r4", "r5"]);
 }
 
-fn signal(proc: &Proc, sig: &str) {
+fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
-        .args([sig, &proc.0.id().to_string()])
+        .args([sig, &pid.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -571,7 +536,7 @@ async fn a_stalled_redis_is_reported_and_a_retried_publish_is_stored_once() {
 
     // Redis stops answering (SIGSTOP): the publish times out with "outcome unknown" (the
     // script is queued in Redis and will run), and /healthz says Redis is not answering.
-    signal(&redis_proc, "-STOP");
+    signal(redis_proc.0.id(), "-STOP");
     let (status, body) = publish("deploy-42").await.unwrap();
     assert_eq!(status, 504, "{body}");
     assert!(
@@ -596,7 +561,7 @@ async fn a_stalled_redis_is_reported_and_a_retried_publish_is_stored_once() {
 
     // Redis resumes: healthy again; the retry with the same key is answered with the message
     // the first attempt stored, and the room holds it once.
-    signal(&redis_proc, "-CONT");
+    signal(redis_proc.0.id(), "-CONT");
     let started = Instant::now();
     while http(&a.addr, "GET", "/healthz", None, None).0 != 200 {
         assert!(started.elapsed() < LIMIT, "healthz never recovered");
@@ -672,7 +637,7 @@ async fn a_paused_node_drains_its_backlog_without_closing_members_or_losing_mess
 
     // Node a stops while they send: sam's messages wait in a's socket, bob's in Redis's
     // buffer for a's subscription, and reach a at once when it resumes.
-    signal(&a._proc, "-STOP");
+    signal(a.serve.pid(), "-STOP");
     let started = Instant::now();
     for i in 0..BOB {
         let mut texts = vec![(2, format!("bob {i}"))];
@@ -686,7 +651,7 @@ async fn a_paused_node_drains_its_backlog_without_closing_members_or_losing_mess
         let due = started + Duration::from_micros(2500 * i as u64);
         tokio::time::sleep_until(due.into()).await;
     }
-    signal(&a._proc, "-CONT");
+    signal(a.serve.pid(), "-CONT");
 
     // Everyone gets every message, in each sender's order; nobody is closed.
     for (name, (_, handle)) in ["ann", "sam", "bob"].iter().zip(sockets.iter_mut()) {

@@ -113,12 +113,46 @@ pub enum CredentialKind {
 }
 
 impl CredentialKind {
-    fn as_str(self) -> &'static str {
+    /// `session` or `token`, as stored and shown.
+    pub fn as_str(self) -> &'static str {
         match self {
             CredentialKind::Session => "session",
             CredentialKind::Token => "token",
         }
     }
+}
+
+/// A registered user, as `tether user list` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UserInfo {
+    /// The name, as registered.
+    pub name: String,
+    /// When they were added (RFC 3339).
+    pub created: String,
+    /// Sessions (browser logins) that have not expired.
+    pub sessions: u64,
+    /// Bearer tokens that have not expired.
+    pub tokens: u64,
+}
+
+/// A session or token, as `tether user tokens` shows it: never the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CredentialInfo {
+    /// The first 12 hex digits of the stored digest: names the credential to
+    /// [`Store::revoke_credential`] and reveals nothing of it.
+    pub id: String,
+    /// Session or token.
+    pub kind: CredentialKind,
+    /// When it was issued (Unix seconds); unknown for credentials issued before this was kept.
+    pub created: Option<i64>,
+    /// When it expires (Unix seconds); `None` for none.
+    pub expires: Option<i64>,
+}
+
+fn credential_id(digest: &[u8]) -> String {
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
 /// The current time as RFC 3339 with milliseconds.
@@ -156,7 +190,8 @@ CREATE TABLE IF NOT EXISTS credentials (
     digest BLOB PRIMARY KEY,
     user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
     kind TEXT NOT NULL,
-    expires INTEGER
+    expires INTEGER,
+    created INTEGER
 );
 CREATE TABLE IF NOT EXISTS messages (
     room TEXT NOT NULL,
@@ -220,6 +255,15 @@ impl Store {
         )?;
         if !has_key {
             conn.execute_batch("ALTER TABLE messages ADD COLUMN idem TEXT")?;
+        }
+        // Databases from before credentials could be listed lack their creation time.
+        let has_created: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('credentials') WHERE name = 'created'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_created {
+            conn.execute_batch("ALTER TABLE credentials ADD COLUMN created INTEGER")?;
         }
         conn.execute_batch(
             "CREATE UNIQUE INDEX IF NOT EXISTS messages_idem ON messages (room, user, idem)
@@ -319,8 +363,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let expires = ttl.map(|t| unix_now() + t.as_secs() as i64);
         self.conn.execute(
-            "INSERT INTO credentials (digest, user, kind, expires) VALUES (?1, ?2, ?3, ?4)",
-            params![digest, user, kind.as_str(), expires],
+            "INSERT INTO credentials (digest, user, kind, expires, created)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![digest, user, kind.as_str(), expires, unix_now()],
         )?;
         Ok(())
     }
@@ -376,6 +421,102 @@ impl Store {
             "DELETE FROM credentials WHERE user = ?1 COLLATE NOCASE",
             [user],
         )?)
+    }
+
+    /// Every registered user, by name.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn users(&self) -> Result<Vec<UserInfo>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT u.name, u.created,
+                 (SELECT COUNT(*) FROM credentials c WHERE c.user = u.name AND c.kind = 'session'
+                     AND (c.expires IS NULL OR c.expires > ?1)),
+                 (SELECT COUNT(*) FROM credentials c WHERE c.user = u.name AND c.kind = 'token'
+                     AND (c.expires IS NULL OR c.expires > ?1))
+             FROM users u ORDER BY u.name",
+        )?;
+        let rows = stmt.query_map([unix_now()], |r| {
+            Ok(UserInfo {
+                name: r.get(0)?,
+                created: r.get(1)?,
+                sessions: r.get(2)?,
+                tokens: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes the user `name` (exactly as registered) with every session and token of
+    /// theirs; their messages and votes stay. Returns whether there was such a user.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM credentials WHERE user = ?1", [name])?;
+        let removed = tx.execute("DELETE FROM users WHERE name = ?1", [name])?;
+        tx.commit()?;
+        Ok(removed > 0)
+    }
+
+    /// Replaces the password hash of `name` and deletes every session and token of theirs
+    /// (whoever knew the old password may hold one). Returns whether there was such a user.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn set_password_hash(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let changed = tx.execute("UPDATE users SET hash = ?2 WHERE name = ?1", [name, hash])?;
+        tx.execute("DELETE FROM credentials WHERE user = ?1", [name])?;
+        tx.commit()?;
+        Ok(changed > 0)
+    }
+
+    /// The sessions and tokens of `user` that have not expired, newest first.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn credentials(&self, user: &str) -> Result<Vec<CredentialInfo>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT digest, kind, created, expires FROM credentials
+             WHERE user = ?1 AND (expires IS NULL OR expires > ?2)
+             ORDER BY created DESC, digest",
+        )?;
+        let rows = stmt.query_map(params![user, unix_now()], |r| {
+            let digest: Vec<u8> = r.get(0)?;
+            let kind: String = r.get(1)?;
+            Ok(CredentialInfo {
+                id: credential_id(&digest),
+                kind: if kind == "session" {
+                    CredentialKind::Session
+                } else {
+                    CredentialKind::Token
+                },
+                created: r.get(2)?,
+                expires: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes the session or token of `user` whose [`CredentialInfo::id`] is `id`; returns
+    /// how many were deleted (0 or 1).
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn revoke_credential(&self, user: &str, id: &str) -> Result<usize, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT digest FROM credentials WHERE user = ?1")?;
+        let digests = stmt
+            .query_map([user], |r| r.get::<_, Vec<u8>>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut revoked = 0;
+        for digest in digests.iter().filter(|d| credential_id(d) == id) {
+            revoked += self.delete_credential(digest)?;
+        }
+        Ok(revoked)
     }
 
     /// The highest message id stored for `room` (0 when none).
@@ -823,5 +964,38 @@ mod tests {
         batch.commit().unwrap();
         drop(store);
         Store::open(dir.path()).expect("opening again leaves the column alone");
+    }
+
+    #[test]
+    fn credentials_from_before_their_creation_time_was_kept_are_listed_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = rusqlite::Connection::open(dir.path().join("tether.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE users (name TEXT PRIMARY KEY, hash TEXT NOT NULL,
+                     created TEXT NOT NULL);
+                 CREATE TABLE credentials (digest BLOB PRIMARY KEY, user TEXT NOT NULL
+                     REFERENCES users(name) ON DELETE CASCADE, kind TEXT NOT NULL,
+                     expires INTEGER);
+                 INSERT INTO users VALUES ('alice', 'h', 'then');
+                 INSERT INTO credentials VALUES (x'00112233445566', 'alice', 'token', NULL);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .add_credential(&[0xab; 32], "alice", CredentialKind::Session, None)
+            .unwrap();
+        let listed = store.credentials("alice").unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].id, "abababababab");
+        assert!(listed[0].created.is_some());
+        assert_eq!(
+            (listed[1].id.as_str(), listed[1].created),
+            ("001122334455", None)
+        );
+        assert_eq!(store.users().unwrap()[0].tokens, 1);
+        assert_eq!(store.revoke_credential("alice", "001122334455").unwrap(), 1);
+        assert_eq!(store.credentials("alice").unwrap().len(), 1);
     }
 }
