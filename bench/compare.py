@@ -226,7 +226,7 @@ def measure_echo(name, scenario, duration):
     spec = SCENARIOS[scenario]["echo"]
     server, url = start_server(name)
     try:
-        load = ["echo", "--url", url, "--conns", str(spec["conns"]), "--size", str(spec["size"]),
+        load = ["echo", url, "--conns", str(spec["conns"]), "--size", str(spec["size"]),
                 "--pipeline", str(spec["pipeline"]), "--duration", str(duration), "--quiet"]
         if SERVERS[name].get("raw"):
             load.append("--raw")
@@ -271,7 +271,7 @@ def measure_idle(name, conns, hold):
     try:
         time.sleep(0.5)
         before = rss_kib(server.pid)
-        load = ["idle", "--url", url, "--conns", str(conns), "--hold", str(hold)]
+        load = ["idle", url, "--conns", str(conns), "--hold", str(hold)]
         if SERVERS[name].get("raw"):
             load.append("--raw")
         proc = spawn([str(TETHER), "bench", *load, "--json"], LOAD_CPU, stdout=subprocess.PIPE,

@@ -43,7 +43,7 @@ def measure(threads, duration):
         url = server.stdout.readline().split()[-1]
         before, start = thread_cpu(server.pid), time.monotonic()
         load = subprocess.run(
-            [str(TETHER), "bench", "echo", "--url", url, "--conns", "100", "--size", "20",
+            [str(TETHER), "bench", "echo", url, "--conns", "100", "--size", "20",
              "--pipeline", "32", "--duration", str(duration), "--prebuilt", "--quiet", "--json"],
             capture_output=True, text=True, check=True,
             env=dict(os.environ, TOKIO_WORKER_THREADS="2"))

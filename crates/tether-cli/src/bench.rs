@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,14 @@ use tokio::net::TcpStream;
 /// Options of `tether bench echo`.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct EchoArgs {
-    /// The echo server, e.g. ws://127.0.0.1:9001/
-    #[arg(long)]
-    pub url: String,
+    /// The echo server, e.g. ws://127.0.0.1:9001/ (http(s):// means ws(s)://, no scheme
+    /// means ws://).
+    #[arg(value_name = "URL", required_unless_present = "url_flag")]
+    pub url: Option<String>,
+    /// The server, as `--url URL` (the positional URL's older spelling).
+    #[arg(long = "url", value_name = "URL", hide = true, conflicts_with = "url")]
+    #[serde(skip)]
+    pub url_flag: Option<String>,
     /// Concurrent connections.
     #[arg(long, default_value_t = 100)]
     pub conns: usize,
@@ -72,8 +77,12 @@ pub struct IdleArgs {
     /// The server, e.g. ws://127.0.0.1:9001/; `{n}` in it becomes the connection's number
     /// (0, 1, …) and `{n/K}` that number divided by K, e.g.
     /// ws://127.0.0.1:8080/ws/rooms/r{n/100}?name=guest{n} (100 guests per room)
-    #[arg(long)]
-    pub url: String,
+    #[arg(value_name = "URL", required_unless_present = "url_flag")]
+    pub url: Option<String>,
+    /// The server, as `--url URL` (the positional URL's older spelling).
+    #[arg(long = "url", value_name = "URL", hide = true, conflicts_with = "url")]
+    #[serde(skip)]
+    pub url_flag: Option<String>,
     /// Connections to open and hold.
     #[arg(long, default_value_t = 1000)]
     pub conns: usize,
@@ -89,6 +98,35 @@ pub struct IdleArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// No live count.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl EchoArgs {
+    /// The server's URL, given either way, with `http(s)://` and no scheme mapped as
+    /// `connect` maps them.
+    pub fn server_url(&self) -> String {
+        crate::connect::ws_url(
+            self.url
+                .as_deref()
+                .or(self.url_flag.as_deref())
+                .unwrap_or_default(),
+        )
+    }
+}
+
+impl IdleArgs {
+    /// The server's URL, given either way, with `http(s)://` and no scheme mapped as
+    /// `connect` maps them.
+    pub fn server_url(&self) -> String {
+        crate::connect::ws_url(
+            self.url
+                .as_deref()
+                .or(self.url_flag.as_deref())
+                .unwrap_or_default(),
+        )
+    }
 }
 
 /// Why a benchmark could not run.
@@ -299,10 +337,11 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
     }
     let duration = Duration::try_from_secs_f64(args.duration)
         .map_err(|_| BenchError::Usage("--duration must be a number of seconds".into()))?;
+    let url = args.server_url();
     let target = if args.raw || args.prebuilt {
-        Some(target(&args.url)?)
+        Some(target(&url)?)
     } else {
-        ClientBuilder::new(&args.url).map_err(|e| BenchError::Usage(e.to_string()))?;
+        ClientBuilder::new(&url).map_err(|e| BenchError::Usage(e.to_string()))?;
         None
     };
     let body = payload(args.size, args.deflate);
@@ -338,7 +377,7 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
     let mut first_error = None;
     for chunk in (0..args.conns).collect::<Vec<_>>().chunks(200) {
         let opens = chunk.iter().map(|_| {
-            let url = args.url.clone();
+            let url = url.clone();
             let deflate = args.deflate;
             tokio::spawn(async move {
                 match target {
@@ -671,79 +710,104 @@ fn number_url(url: &str, i: usize) -> String {
 /// # Errors
 /// [`BenchError`] for bad options.
 pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
-    let target = target(&args.url)?;
+    let url = args.server_url();
+    let target = target(&url)?;
     let hold = Duration::try_from_secs_f64(args.hold)
         .map_err(|_| BenchError::Usage("--hold must be seconds".into()))?;
     crate::raise_fd_limit(args.conns + 64);
-    let numbered = args.url.contains("{n");
-    let builder = ClientBuilder::new(&number_url(&args.url, 0))
-        .map_err(|e| BenchError::Usage(e.to_string()))?;
+    let numbered = url.contains("{n");
+    let builder =
+        ClientBuilder::new(&number_url(&url, 0)).map_err(|e| BenchError::Usage(e.to_string()))?;
     let started = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let raw = args.raw;
-    let opens: Vec<_> = (0..args.conns)
+    let count = Arc::new(IdleCount::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let peers: Vec<_> = (0..args.conns)
         .map(|i| {
             let semaphore = semaphore.clone();
             let request = if numbered {
-                ClientBuilder::new(&number_url(&args.url, i))
+                ClientBuilder::new(&number_url(&url, i))
                     .map_or_else(|_| builder.request(), |b| b.request())
             } else {
                 builder.request()
             };
+            let count = count.clone();
+            let mut stopped = stopped.clone();
             tokio::spawn(async move {
-                let _permit = semaphore.acquire_owned().await.ok()?;
-                let socket = tokio::net::TcpSocket::new_v4().ok()?;
-                if target.ip().is_loopback() {
-                    socket.bind(source_addr(i)).ok()?;
+                let permit = semaphore.acquire_owned().await.ok();
+                let peer = open_idle(i, target, raw, request).await;
+                drop(permit);
+                count.tried.fetch_add(1, Ordering::Relaxed);
+                let mut peer = peer?;
+                count.open.fetch_add(1, Ordering::Relaxed);
+                // Held until told to stop, unless it ends first: a close, an error or a
+                // stray byte.
+                let held = tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => true,
+                    () = ended(&mut peer) => false,
+                };
+                if !held {
+                    count.open.fetch_sub(1, Ordering::Relaxed);
+                    count.dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                let tcp = tokio::time::timeout(Duration::from_secs(10), socket.connect(target))
-                    .await
-                    .ok()?
-                    .ok()?;
-                if raw {
-                    return Some(Peer::Raw(tcp));
+                match &mut peer {
+                    Peer::Ws(ws) => {
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(50), ws.close(None)).await;
+                    }
+                    Peer::Raw(tcp) => {
+                        let _ = tcp.shutdown().await;
+                    }
                 }
-                let (ws, _) = tether::client(tcp, request, Config::default()).await.ok()?;
-                Some(Peer::Ws(Box::new(ws)))
+                Some(held)
             })
         })
         .collect();
-    let mut sockets = Vec::with_capacity(args.conns);
-    for open in opens {
-        if let Ok(Some(ws)) = open.await {
-            sockets.push(ws);
+    // A live count on a terminal: how many are open while they open, then while they hold.
+    let bar = (!args.quiet).then(indicatif::ProgressBar::new_spinner);
+    let show = |what: String| {
+        if let Some(bar) = &bar {
+            bar.set_message(what);
+            bar.tick();
         }
+    };
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    while count.tried.load(Ordering::Relaxed) < args.conns {
+        every.tick().await;
+        show(format!(
+            "opening: {} of {} open, {} failed, {} dropped",
+            count.open.load(Ordering::Relaxed),
+            args.conns,
+            count.tried.load(Ordering::Relaxed)
+                - count.open.load(Ordering::Relaxed)
+                - count.dropped.load(Ordering::Relaxed),
+            count.dropped.load(Ordering::Relaxed),
+        ));
     }
     let open_seconds = started.elapsed().as_secs_f64();
-    tokio::time::sleep(hold).await;
-    // Still open: no close, error or stray byte is waiting to be read.
-    let mut held = 0;
-    for peer in &mut sockets {
-        let quiet = match peer {
-            // What the server sent on its own (a greeting) is read; the connection must
-            // then be open and quiet.
-            Peer::Ws(ws) => loop {
-                match tokio::time::timeout(Duration::from_millis(1), ws.recv()).await {
-                    Err(_) => break true,
-                    Ok(Some(Ok(message))) if !matches!(message, Message::Close(_)) => {}
-                    Ok(_) => break false,
-                }
-            },
-            Peer::Raw(tcp) => tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut [0]))
-                .await
-                .is_err(),
-        };
-        held += usize::from(quiet);
-    }
-    for peer in &mut sockets {
-        match peer {
-            Peer::Ws(ws) => {
-                let _ = tokio::time::timeout(Duration::from_millis(50), ws.close(None)).await;
-            }
-            Peer::Raw(tcp) => {
-                let _ = tcp.shutdown().await;
-            }
+    let until = tokio::time::Instant::now() + hold;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        show(format!(
+            "holding {} of {} ({} dropped), {:.0} s left",
+            count.open.load(Ordering::Relaxed),
+            args.conns,
+            count.dropped.load(Ordering::Relaxed),
+            left.as_secs_f64().ceil(),
+        ));
+        if left.is_zero() {
+            break;
         }
+        tokio::time::sleep(left.min(Duration::from_millis(200))).await;
+    }
+    let _ = stop.send(true);
+    let mut held = 0;
+    for peer in peers {
+        held += usize::from(matches!(peer.await, Ok(Some(true))));
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     Ok(IdleSummary {
         requested: args.conns,
@@ -751,6 +815,56 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
         failed: args.conns - held,
         open_seconds,
     })
+}
+
+/// Counts of `bench idle`'s connections, for the live count.
+#[derive(Default)]
+struct IdleCount {
+    /// Connections tried, open or not.
+    tried: AtomicUsize,
+    /// Open now.
+    open: AtomicUsize,
+    /// Opened, then ended before the hold was over.
+    dropped: AtomicUsize,
+}
+
+/// Opens connection number `i` of `bench idle`: from its own loopback source address, so that
+/// many connections do not run out of ports.
+async fn open_idle(
+    i: usize,
+    target: std::net::SocketAddr,
+    raw: bool,
+    request: tether::proto::handshake::client::ClientRequest,
+) -> Option<Peer<tether::WebSocket<TcpStream>>> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    if target.ip().is_loopback() {
+        socket.bind(source_addr(i)).ok()?;
+    }
+    let tcp = tokio::time::timeout(Duration::from_secs(10), socket.connect(target))
+        .await
+        .ok()?
+        .ok()?;
+    if raw {
+        return Some(Peer::Raw(tcp));
+    }
+    let (ws, _) = tether::client(tcp, request, Config::default()).await.ok()?;
+    Some(Peer::Ws(Box::new(ws)))
+}
+
+/// Resolves when an idle connection ends: a close, an error, or (for plain TCP) any byte.
+/// What a WebSocket server sends on its own (a greeting) is read and passed over.
+async fn ended(peer: &mut Peer<tether::WebSocket<TcpStream>>) {
+    match peer {
+        Peer::Ws(ws) => loop {
+            match ws.recv().await {
+                Some(Ok(message)) if !matches!(message, Message::Close(_)) => {}
+                _ => return,
+            }
+        },
+        Peer::Raw(tcp) => {
+            let _ = tcp.read(&mut [0]).await;
+        }
+    }
 }
 
 #[cfg(test)]

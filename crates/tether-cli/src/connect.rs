@@ -161,21 +161,34 @@ impl ConnectArgs {
     /// The server's URL as given (positionally or with `-c`), with `http(s)://` taken as
     /// `ws(s)://` and a URL without a scheme as `ws://`.
     pub fn server_url(&self) -> String {
-        let given = self
-            .url
-            .as_deref()
-            .or(self.connect.as_deref())
-            .unwrap_or_default();
-        let lower = given.to_ascii_lowercase();
-        if let Some(rest) = lower.starts_with("http://").then(|| &given[7..]) {
-            format!("ws://{rest}")
-        } else if let Some(rest) = lower.starts_with("https://").then(|| &given[8..]) {
-            format!("wss://{rest}")
-        } else if given.contains("://") {
-            given.to_owned()
-        } else {
-            format!("ws://{given}")
-        }
+        ws_url(
+            self.url
+                .as_deref()
+                .or(self.connect.as_deref())
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// A server URL as people type it: `http(s)://` taken as `ws(s)://`, a URL without a scheme
+/// as `ws://`, any other as given.
+///
+/// ```
+/// use tether_cli::connect::ws_url;
+/// assert_eq!(ws_url("https://example.com/ws"), "wss://example.com/ws");
+/// assert_eq!(ws_url("localhost:8080/chat"), "ws://localhost:8080/chat");
+/// assert_eq!(ws_url("ws://a/"), "ws://a/");
+/// ```
+pub fn ws_url(given: &str) -> String {
+    let lower = given.to_ascii_lowercase();
+    if let Some(rest) = lower.starts_with("http://").then(|| &given[7..]) {
+        format!("ws://{rest}")
+    } else if let Some(rest) = lower.starts_with("https://").then(|| &given[8..]) {
+        format!("wss://{rest}")
+    } else if given.contains("://") {
+        given.to_owned()
+    } else {
+        format!("ws://{given}")
     }
 }
 

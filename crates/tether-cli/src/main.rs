@@ -126,7 +126,10 @@ fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
     }
     let rt = runtime(None)?;
     match kind {
-        BenchCommand::Echo(args) => {
+        BenchCommand::Echo(mut args) => {
+            // `--json` reports the URL however it was given.
+            args.url = Some(args.server_url());
+            args.url_flag = None;
             let summary = rt.block_on(bench::echo(args.clone()))?;
             if args.json {
                 say(&serde_json::to_string(&Report {
@@ -144,7 +147,9 @@ fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        BenchCommand::Idle(args) => {
+        BenchCommand::Idle(mut args) => {
+            args.url = Some(args.server_url());
+            args.url_flag = None;
             let summary = rt.block_on(bench::idle(args.clone()))?;
             if args.json {
                 say(&serde_json::to_string(&Report {

@@ -40,7 +40,6 @@ fn bench_echo_verifies_every_echo_and_reports_latency() {
     for extra in modes {
         let mut args = vec![
             "echo",
-            "--url",
             &server.url,
             "--conns",
             "4",
@@ -68,7 +67,6 @@ fn bench_prebuilt_checks_the_handshake_and_every_length_form() {
     for size in ["100", "1000", "70000"] {
         let summary = bench(&[
             "echo",
-            "--url",
             &server.url,
             "--conns",
             "2",
@@ -93,7 +91,6 @@ fn bench_prebuilt_checks_the_handshake_and_every_length_form() {
         .args([
             "bench",
             "echo",
-            "--url",
             &tcp_echo(|_| {}),
             "--prebuilt",
             "--duration",
@@ -110,15 +107,16 @@ fn bench_prebuilt_checks_the_handshake_and_every_length_form() {
 #[test]
 fn bench_idle_holds_its_connections() {
     let server = start_echo(&[]);
+    // http:// is taken as ws://, as `connect` takes it; --json names the URL used.
     let summary = bench(&[
         "idle",
-        "--url",
-        &server.url,
+        &server.url.replace("ws://", "http://"),
         "--conns",
         "50",
         "--hold",
         "0.2",
     ]);
+    assert_eq!(summary["params"]["url"], server.url.as_str());
     assert_eq!(summary["held"], 50, "{summary}");
     assert_eq!(summary["failed"], 0);
 }
@@ -158,7 +156,6 @@ fn bench_echo_raw_gets_back_exactly_the_frames_it_sent() {
         let mut args = vec![
             "echo",
             "--raw",
-            "--url",
             &url,
             "--conns",
             "3",
@@ -215,8 +212,7 @@ fn bench_idle_fails_when_connections_do_not_hold() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ws://{}/", closed.local_addr().unwrap());
     drop(closed);
-    let (summary, code, stderr) =
-        run_bench(&["idle", "--url", &url, "--conns", "5", "--hold", "0.1"]);
+    let (summary, code, stderr) = run_bench(&["idle", &url, "--conns", "5", "--hold", "0.1"]);
     assert_eq!(summary["held"], 0, "{summary}");
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
@@ -228,9 +224,7 @@ fn bench_idle_fails_when_connections_do_not_hold() {
 #[test]
 fn bench_idle_raw_holds_plain_tcp_connections() {
     let url = tcp_echo(|_| {});
-    let summary = bench(&[
-        "idle", "--raw", "--url", &url, "--conns", "20", "--hold", "0.2",
-    ]);
+    let summary = bench(&["idle", "--raw", &url, "--conns", "20", "--hold", "0.2"]);
     assert_eq!(summary["held"], 20, "{summary}");
 }
 
@@ -241,7 +235,6 @@ fn a_reader_that_went_away_is_not_an_error() {
         .args([
             "bench",
             "echo",
-            "--url",
             &server.url,
             "--conns",
             "1",
@@ -261,4 +254,16 @@ fn a_reader_that_went_away_is_not_an_error() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn bench_idle_shows_a_live_count_on_a_terminal() -> Result<(), rexpect::error::Error> {
+    let server = start_echo(&[]);
+    let mut command = Command::new(BIN);
+    command.args(["bench", "idle", &server.url, "--conns", "7", "--hold", "2"]);
+    let mut p = rexpect::session::spawn_command(command, Some(10_000))?;
+    p.exp_regex(r"holding 7 of 7 \(0 dropped\), [12] s left")?;
+    p.exp_string("7 of 7 connections held (0 failed)")?;
+    p.exp_eof()?;
+    Ok(())
 }
