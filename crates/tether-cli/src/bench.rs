@@ -107,25 +107,25 @@ impl EchoArgs {
     /// The server's URL, given either way, with `http(s)://` and no scheme mapped as
     /// `connect` maps them.
     pub fn server_url(&self) -> String {
-        crate::connect::ws_url(
-            self.url
-                .as_deref()
-                .or(self.url_flag.as_deref())
-                .unwrap_or_default(),
-        )
+        given_url(&self.url, &self.url_flag)
     }
+}
+
+/// The URL given positionally or with `--url`, mapped as `connect` maps it.
+fn given_url(positional: &Option<String>, flag: &Option<String>) -> String {
+    crate::connect::ws_url(
+        positional
+            .as_deref()
+            .or(flag.as_deref())
+            .unwrap_or_default(),
+    )
 }
 
 impl IdleArgs {
     /// The server's URL, given either way, with `http(s)://` and no scheme mapped as
     /// `connect` maps them.
     pub fn server_url(&self) -> String {
-        crate::connect::ws_url(
-            self.url
-                .as_deref()
-                .or(self.url_flag.as_deref())
-                .unwrap_or_default(),
-        )
+        given_url(&self.url, &self.url_flag)
     }
 }
 
