@@ -320,9 +320,45 @@ fn log_frame(args: &ConnectArgs, dir: &str, msg: &Message) {
         Message::Binary(_) => "binary",
         Message::Ping(_) => "ping",
         Message::Pong(_) => "pong",
-        Message::Close(_) => "close",
+        Message::Close(frame) => {
+            eprintln!("{dir} close frame, {}", close_status(frame.as_ref()));
+            return;
+        }
     };
     eprintln!("{dir} {kind} frame, {} bytes", msg.as_payload().len());
+}
+
+/// A close frame's status as shown: `1000 reason`, or `no status`.
+fn close_status(frame: Option<&CloseFrame>) -> String {
+    frame.map_or_else(
+        || "no status".to_owned(),
+        |f| {
+            format!("{} {}", f.code, printable(&f.reason))
+                .trim_end()
+                .to_owned()
+        },
+    )
+}
+
+/// Logs (with `-v`) the close frame the library sends by itself in answer to the server's:
+/// its status code without the reason (RFC 6455, section 5.5.1).
+fn log_close_answer(args: &ConnectArgs, received: Option<&CloseFrame>) {
+    let answer = received.map(|f| CloseFrame::new(f.code, ""));
+    log_frame(args, ">", &Message::Close(answer));
+}
+
+/// Starts the close handshake, logging our close frame with `-v`.
+async fn send_close(
+    tx: &mut tether::WsSender<tether::tls::MaybeTlsStream<tokio::net::TcpStream>>,
+    args: &ConnectArgs,
+    frame: Option<CloseFrame>,
+) {
+    // The library sends 1000 for `None`.
+    let sent = frame
+        .clone()
+        .unwrap_or_else(|| CloseFrame::new(CloseCode::NORMAL, ""));
+    log_frame(args, ">", &Message::Close(Some(sent)));
+    let _ = tx.close(frame).await;
 }
 
 /// How one connection of a pipe session ended.
@@ -469,7 +505,7 @@ async fn pipe_session(
     }
     if done(*received) || (input_ended && args.exit_after.is_none()) {
         closing = true;
-        let _ = tx.close(None).await;
+        send_close(&mut tx, args, None).await;
     }
     loop {
         // Messages given on the command line (or left over) go first, each exactly once.
@@ -489,7 +525,7 @@ async fn pipe_session(
         tokio::select! {
             () = async { tokio::time::sleep_until(close_at.expect("guarded")).await }, if close_at.is_some() && !closing => {
                 closing = true;
-                let _ = tx.close(None).await;
+                send_close(&mut tx, args, None).await;
             }
             line = async { input.as_mut().expect("guarded").next_line().await }, if input.is_some() && !closing => {
                 match line? {
@@ -499,7 +535,7 @@ async fn pipe_session(
                         *input = None;
                         if args.exit_after.is_none() {
                             closing = true;
-                            let _ = tx.close(None).await;
+                            send_close(&mut tx, args, None).await;
                         }
                     }
                 }
@@ -518,6 +554,9 @@ async fn pipe_session(
                 log_frame(args, "<", &msg);
                 match &msg {
                     Message::Close(frame) => {
+                        if !closing {
+                            log_close_answer(args, frame.as_ref());
+                        }
                         // Let the close handshake finish.
                         while let Some(Ok(_)) = rx.recv().await {}
                         if let Some(f) = frame.as_ref().filter(|f| !closing && worth_retrying(f.code)) {
@@ -540,7 +579,7 @@ async fn pipe_session(
                         *received += 1;
                         if done(*received) && !closing {
                             closing = true;
-                            let _ = tx.close(None).await;
+                            send_close(&mut tx, args, None).await;
                         }
                     }
                     Message::Ping(payload) | Message::Pong(payload) if args.show_ping_pong => {
@@ -861,11 +900,11 @@ mod interactive {
                         }
                         Command::Close(frame) => {
                             we_closed = true;
-                            let _ = tx.close(frame).await;
+                            send_close(&mut tx, args, frame).await;
                         }
                         Command::Quit => {
                             we_closed = true;
-                            let _ = tx.close(None).await;
+                            send_close(&mut tx, args, None).await;
                         }
                         Command::Help => {
                             let _ = printer.print(HELP.to_owned());
@@ -897,6 +936,9 @@ mod interactive {
                     }
                     Some(Ok(Message::Close(frame))) => {
                         log_frame(args, "<", &Message::Close(frame.clone()));
+                        if !we_closed {
+                            log_close_answer(args, frame.as_ref());
+                        }
                         while let Some(Ok(_)) = rx.recv().await {}
                         let status = frame
                             .as_ref()
@@ -921,7 +963,7 @@ mod interactive {
                             received += 1;
                             if args.exit_after == Some(received) {
                                 we_closed = true;
-                                let _ = tx.close(None).await;
+                                send_close(&mut tx, args, None).await;
                             }
                         }
                     }

@@ -140,7 +140,31 @@ fn deflate_is_offered_and_used() {
         log.contains("< Sec-WebSocket-Extensions: permessage-deflate"),
         "{log}"
     );
+    // End of input: our close, then the server's answer.
+    assert!(log.contains("> close frame, 1000\n"), "{log}");
+    assert!(log.contains("< close frame, 1000\n"), "{log}");
     assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn verbose_logs_both_close_frames_when_the_server_closes_first() {
+    let addr = common::serve(
+        |mut ws| async move {
+            let _ = ws
+                .close(Some(CloseFrame::new(CloseCode::from(4001), "bye")))
+                .await;
+        },
+        Config::default(),
+    );
+    // --send and --wait keep our side open for 5 s: the server's close comes first.
+    let url = format!("ws://{addr}/");
+    let out = connect(&[&url, "-v", "--send", "hi", "--wait", "5"], "");
+    let log = text(&out.stderr);
+    assert!(
+        log.contains("< close frame, 4001 bye\n> close frame, 4001\n"),
+        "{log}"
+    );
+    assert_eq!(out.status.code(), Some(1));
 }
 
 #[test]
