@@ -57,6 +57,10 @@ pub struct ConnectArgs {
     /// Close (1011) when a ping's pong takes longer than SECS.
     #[arg(long, value_name = "SECS", default_value_t = 20.0)]
     pub ping_timeout: f64,
+    /// Give up on a server that takes nothing we write (it stopped reading) for SECS; 0
+    /// waits forever.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub write_timeout: f64,
     /// Give up connecting (TCP, TLS and handshake) after SECS.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub connect_timeout: f64,
@@ -194,7 +198,9 @@ pub fn ws_url(given: &str) -> String {
 
 /// The client configuration the options describe.
 pub fn builder(args: &ConnectArgs) -> Result<ClientBuilder, ConnectError> {
-    let mut config = Config::default().handshake_timeout(secs(args.connect_timeout)?);
+    let mut config = Config::default()
+        .handshake_timeout(secs(args.connect_timeout)?)
+        .write_timeout(Some(secs(args.write_timeout)?).filter(|t| !t.is_zero()));
     if let Some(interval) = args.ping_interval {
         config = config
             .ping_interval(Some(secs(interval)?))

@@ -819,3 +819,56 @@ fn reconnecting_to_a_server_that_closes_at_once_backs_off() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_server_that_never_reads_is_given_up_after_the_write_timeout() {
+    // It completes the handshake, then takes nothing more.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let mut reader = std::io::BufReader::new(tcp.try_clone().unwrap());
+        let mut key = String::new();
+        loop {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+            if let Some(k) = line.strip_prefix("Sec-WebSocket-Key: ") {
+                key = k.trim().to_owned();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let accept = tether::proto::handshake::accept_key(key.as_bytes());
+        write!(&tcp, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_secs(20));
+        drop(tcp);
+    });
+    let mut child = Command::new(BIN)
+        .args([
+            "connect",
+            &format!("ws://{addr}/"),
+            "--write-timeout",
+            "0.5",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Far more than the kernel buffers between us; writing stops when the client exits.
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        let line = format!("{}\n", "x".repeat(60_000));
+        while stdin.write_all(line.as_bytes()).is_ok() {}
+    });
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("the peer took nothing we wrote within the write timeout"),
+        "{stderr}"
+    );
+}

@@ -151,6 +151,9 @@ impl Server {
             )
             .ping_interval(Some(config.ping_interval))
             .ping_timeout(config.pong_timeout)
+            // Sessions keep their own write deadline (`config.write_timeout`), which counts
+            // and logs the clients it drops.
+            .write_timeout(None)
             // Pages this server serves, and the origins the configuration lists.
             .allowed_origins(Some(config.allow_origins.clone()))
             .same_origin_scheme(Some(if tls.is_some() { "https" } else { "http" }.into()))

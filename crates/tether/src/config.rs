@@ -36,6 +36,11 @@ pub struct Config {
     /// How long to wait for the peer's Close (and, as a client, for the server to close TCP)
     /// once ours is sent, and for a failed connection's Close to be written. Default 5 s.
     pub close_timeout: Duration,
+    /// How long a write may wait on a peer that takes none of it (its receive window full: it
+    /// stopped reading); past it the connection fails with
+    /// [`Error::WriteTimeout`](crate::Error::WriteTimeout) and the transport is shut down.
+    /// Any progress restarts the wait. `None` waits forever. Default 30 s.
+    pub write_timeout: Option<Duration>,
     /// Send a ping this long after the connection opened or the last ping was answered;
     /// `None` (the default) disables keepalive. One ping awaits its pong at a time.
     pub ping_interval: Option<Duration>,
@@ -72,6 +77,7 @@ impl Default for Config {
             max_message_fragments: limits.max_message_fragments,
             write_buffer_size: 1 << 20,
             close_timeout: Duration::from_secs(5),
+            write_timeout: Some(Duration::from_secs(30)),
             ping_interval: None,
             ping_timeout: Duration::from_secs(20),
             protocols: Vec::new(),
@@ -111,6 +117,8 @@ setters! {
     write_buffer_size: usize,
     /// Sets [`Config::close_timeout`].
     close_timeout: Duration,
+    /// Sets [`Config::write_timeout`].
+    write_timeout: Option<Duration>,
     /// Sets [`Config::ping_interval`].
     ping_interval: Option<Duration>,
     /// Sets [`Config::ping_timeout`].

@@ -68,6 +68,10 @@ pub enum Error {
     /// The peer did not take our Close within `close_timeout`.
     #[error("the peer did not take the Close within the close timeout")]
     CloseTimeout,
+    /// The peer took nothing we wrote for `write_timeout` (it stopped reading); the transport
+    /// was shut down.
+    #[error("the peer took nothing we wrote within the write timeout")]
+    WriteTimeout,
 }
 
 /// A URL that cannot be used, as a server's or a proxy's.

@@ -172,6 +172,8 @@ enum Phase {
 struct Extra {
     protocol: Option<Box<str>>,
     close_timer: Option<Pin<Box<Sleep>>>,
+    /// Runs while a write waits on a peer that takes nothing; reset by any progress.
+    write_timer: Option<Pin<Box<Sleep>>>,
     /// Set once two tasks poll the connection.
     shared: Option<Shared>,
     /// The error a finishing connection ends with.
@@ -208,6 +210,41 @@ fn write_waker<'a>(extra: &'a Option<Box<Extra>>, who: Waiter, waker: &'a Waker)
         }
         None => waker,
     }
+}
+
+/// Writes what `conn` has queued to `io` (gathering many frames per syscall) and flushes;
+/// also tells whether the peer took any of it.
+fn write_io<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    conn: &mut Connection,
+    wcx: &mut Context<'_>,
+) -> (Poll<io::Result<()>>, bool) {
+    let out = conn.transmit();
+    let mut progressed = false;
+    while out.has_remaining() {
+        let written = if io.is_write_vectored() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let n = out.chunks_vectored(&mut slices);
+            Pin::new(&mut *io).poll_write_vectored(wcx, &slices[..n])
+        } else {
+            Pin::new(&mut *io).poll_write(wcx, out.chunk())
+        };
+        match written {
+            Poll::Pending => return (Poll::Pending, progressed),
+            Poll::Ready(Err(e)) => return (Poll::Ready(Err(e)), progressed),
+            Poll::Ready(Ok(0)) => {
+                return (
+                    Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    progressed,
+                )
+            }
+            Poll::Ready(Ok(n)) => {
+                out.advance(n);
+                progressed = true;
+            }
+        }
+    }
+    (Pin::new(io).poll_flush(wcx), progressed)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
@@ -295,24 +332,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         self.extra().shared.get_or_insert_with(Shared::new)
     }
 
-    /// Writes queued frames (gathering many per syscall) and flushes the transport.
-    fn poll_write_out(&mut self, cx: &mut Context<'_>, who: Waiter) -> Poll<io::Result<()>> {
+    /// Writes queued frames (gathering many per syscall) and flushes the transport; fails the
+    /// connection with [`Error::WriteTimeout`] when the peer takes nothing for
+    /// `write_timeout`.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>, who: Waiter) -> Poll<Result<()>> {
         let mut wcx = Context::from_waker(write_waker(&self.extra, who, cx.waker()));
-        let out = self.conn.transmit();
-        while out.has_remaining() {
-            let written = if self.io.is_write_vectored() {
-                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let n = out.chunks_vectored(&mut slices);
-                ready!(Pin::new(&mut self.io).poll_write_vectored(&mut wcx, &slices[..n]))?
-            } else {
-                ready!(Pin::new(&mut self.io).poll_write(&mut wcx, out.chunk()))?
-            };
-            if written == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        let (result, progressed) = write_io(&mut self.io, &mut self.conn, &mut wcx);
+        if let Poll::Ready(result) = result {
+            if let Some(x) = self.extra.as_mut() {
+                x.write_timer = None;
             }
-            out.advance(written);
+            return Poll::Ready(result.map_err(Error::from));
         }
-        Pin::new(&mut self.io).poll_flush(&mut wcx)
+        let Some(timeout) = self.config.write_timeout else {
+            return Poll::Pending;
+        };
+        // The peer took nothing, or not all: wait for it, at most `timeout` since it last
+        // took anything.
+        let mut timer = match self.extra().write_timer.take() {
+            Some(mut timer) => {
+                if progressed {
+                    timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+                }
+                timer
+            }
+            None => Box::pin(tokio::time::sleep(timeout)),
+        };
+        let mut wcx = Context::from_waker(write_waker(&self.extra, who, cx.waker()));
+        if timer.as_mut().poll(&mut wcx).is_pending() {
+            self.extra().write_timer = Some(timer);
+            return Poll::Pending;
+        }
+        tracing::info!(
+            ?timeout,
+            "the peer took nothing we wrote within the write timeout; dropping the connection"
+        );
+        self.extra().error = Some(Box::new(Error::WriteTimeout));
+        self.mark_done();
+        Poll::Ready(Err(Error::WriteTimeout))
+    }
+
+    /// The stream's end once the connection is done: the error that ended it, if one is
+    /// still to be reported, else the end.
+    fn end_done(&mut self) -> Poll<Option<Result<Message>>> {
+        let error = self.extra.as_mut().and_then(|x| x.error.take());
+        Poll::Ready(error.map(|err| Err(*err)))
     }
 
     /// Starts finishing the connection; the stream ends with `err` once the transport is closed.
@@ -416,7 +480,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 return Poll::Ready(Some(Ok(self.deliver(event))));
             }
             if self.phase == Phase::Done {
-                return Poll::Ready(None);
+                return self.end_done();
             }
             if self.phase == Phase::Running {
                 if let Some(keepalive) = &mut self.keepalive {
@@ -449,9 +513,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 Poll::Ready(Ok(())) => true,
                 // The peer's Close arrived: it may drop the transport before taking our echo.
                 Poll::Ready(Err(_)) if self.conn.close_received() => return self.end(),
+                Poll::Ready(Err(Error::WriteTimeout)) => return self.end_done(),
                 Poll::Ready(Err(e)) => {
                     self.phase = Phase::Done;
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Pending => false,
             };

@@ -662,3 +662,42 @@ async fn closing_toward_a_peer_that_never_reads_ends_with_close_timeout() {
     let err = within(sender.close(None)).await.unwrap_err();
     assert!(matches!(err, Error::CloseTimeout), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_fails_writes_after_the_write_timeout() {
+    let (addr, peer) = silent_server().await;
+    let config = Config::default()
+        .write_timeout(Some(Duration::from_millis(300)))
+        .write_buffer_size(64 << 10);
+    let ws = within(ClientBuilderExt::connect_with_config(addr, config)).await;
+    let (mut tx, mut rx) = ws.split();
+    let receiver = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(msg) = rx.recv().await {
+            seen.push(msg.map(|_| ()).map_err(|e| e.to_string()));
+        }
+        seen
+    });
+    // The kernel's buffers take the first megabytes; then every write waits, and 300 ms
+    // after the peer last took anything the sender is told.
+    let chunk = Message::binary(vec![0u8; 64 << 10]);
+    let failed = within(async {
+        loop {
+            if let Err(e) = tx.send(chunk.clone()).await {
+                break e;
+            }
+        }
+    })
+    .await;
+    assert!(matches!(failed, Error::WriteTimeout), "{failed}");
+    // The connection is over for the receiving half too: it is told why, once, and ends.
+    let seen = within(receiver).await.unwrap();
+    assert_eq!(
+        seen,
+        [Err(
+            "the peer took nothing we wrote within the write timeout".to_owned()
+        )]
+    );
+    assert!(tx.send(Message::text("late")).await.is_err());
+    peer.abort();
+}
