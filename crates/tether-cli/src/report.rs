@@ -20,6 +20,11 @@ pub fn one_line(e: &(dyn Error + 'static)) -> String {
                 line.push_str(&text);
             }
         }
+        // A TLS failure's text is rustls's debug form: said in words instead.
+        if let Some((words, tls_hint)) = err.downcast_ref::<rustls::Error>().and_then(tls_words) {
+            line = line.replace(&err.to_string(), words);
+            hint = hint.or_else(|| Some(tls_hint.to_owned()));
+        }
         hint = hint.or_else(|| hint_for(err));
         cause = err.source();
     }
@@ -31,9 +36,6 @@ pub fn one_line(e: &(dyn Error + 'static)) -> String {
 
 /// What to do about one cause, if the CLI knows.
 fn hint_for(err: &(dyn Error + 'static)) -> Option<String> {
-    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-        return tls_hint(tls).map(str::to_owned);
-    }
     if let Some(tether_server::serve::ServerError::Bind { addr, source }) =
         err.downcast_ref::<tether_server::serve::ServerError>()
     {
@@ -48,6 +50,11 @@ fn hint_for(err: &(dyn Error + 'static)) -> Option<String> {
             }
             _ => None,
         };
+    }
+    if let Some(tether::Error::Connect { source, .. }) = err.downcast_ref::<tether::Error>() {
+        if source.kind() == std::io::ErrorKind::ConnectionRefused {
+            return Some("nothing listens there: is the server running, on this port?".into());
+        }
     }
     // `ServerError::Store` is transparent: its source is the store error's source.
     if let Some(tether_server::serve::ServerError::Store(store)) =
@@ -73,35 +80,45 @@ fn store_hint(e: &StoreError) -> Option<String> {
     }
 }
 
-fn tls_hint(e: &rustls::Error) -> Option<&'static str> {
+/// A TLS failure in words, with rustls's name for it, and what to do.
+fn tls_words(e: &rustls::Error) -> Option<(&'static str, &'static str)> {
     use rustls::{CertificateError, InvalidMessage};
     match e {
         rustls::Error::InvalidCertificate(cert) => match cert {
-            CertificateError::UnknownIssuer => Some(
-                "the server's certificate is signed by a CA this client does not trust: pass \
-                 that CA's certificate with --ca FILE (PEM), or use --insecure for a test server",
-            ),
+            CertificateError::UnknownIssuer => Some((
+                "the server's certificate is signed by a CA this client does not trust \
+                 (UnknownIssuer)",
+                "pass that CA's certificate with --ca FILE (PEM), or use --insecure for a test \
+                 server",
+            )),
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                Some("the server's certificate is for another host name")
+                Some((
+                    "the server's certificate is for another host name (NotValidForName)",
+                    "connect with a name the certificate holds",
+                ))
             }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                Some("the server's certificate has expired")
-            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => Some((
+                "the server's certificate has expired (Expired)",
+                "the server needs a new certificate; --insecure skips the check for a test \
+                 server",
+            )),
             // webpki's reason travels as text inside `Other`.
             CertificateError::Other(other)
                 if format!("{other:?}").contains("CaUsedAsEndEntity") =>
             {
-                Some(
-                    "the server presents a CA certificate as its own (a self-signed certificate \
-                     made with CA:TRUE): sign a separate server certificate with that CA and pass \
-                     the CA with --ca, or use --insecure for a test server",
-                )
+                Some((
+                    "the server presents a CA certificate (CA:TRUE) as its own, which TLS \
+                     refuses (CaUsedAsEndEntity)",
+                    "sign a separate server certificate with that CA and pass the CA with --ca, \
+                     or use --insecure for a test server",
+                ))
             }
             _ => None,
         },
-        rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType) => {
-            Some("the server did not answer in TLS: is it a plain ws:// server?")
-        }
+        rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType) => Some((
+            "the server did not answer in TLS",
+            "is it a plain ws:// server?",
+        )),
         _ => None,
     }
 }
