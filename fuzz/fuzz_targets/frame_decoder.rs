@@ -4,8 +4,9 @@
 //! UTF-8; no message exceeds the limit; everything queued parses as this role's frames.
 //!
 //! Input: byte 0's low 3 bits say how many piece lengths follow (one byte each, cycled; none
-//! means one piece); its bit 3 asks for small limits, read from the next two bytes. The rest is
-//! the stream.
+//! means one piece); its bit 3 asks for small limits, read from the next two bytes; its bit 4
+//! turns streaming on (data messages arrive frame by frame: their pieces, put together, obey the
+//! same rules as a whole message). The rest is the stream.
 
 #![no_main]
 
@@ -31,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
     for role in [Role::Server, Role::Client] {
         let mut conn = Connection::with_limits(role, limits.clone());
         conn.set_mask_source(Box::new(|| [0x37, 0xfa, 0x21, 0x3d]));
+        conn.set_streaming(control & 0b1_0000 != 0);
         run(&mut conn, stream, sizes);
     }
 });
@@ -40,6 +42,8 @@ fn run(conn: &mut Connection, mut stream: &[u8], sizes: &[u8]) {
     let mut pieces = sizes.iter().map(|&s| usize::from(s) + 1).cycle();
     let mut buf = BytesMut::new();
     let mut closed = false;
+    // The streamed message so far, and whether it is text.
+    let mut streamed: Option<(bool, Vec<u8>)> = None;
     while !stream.is_empty() {
         let (piece, rest) =
             stream.split_at(pieces.next().unwrap_or(stream.len()).min(stream.len()));
@@ -52,6 +56,7 @@ fn run(conn: &mut Connection, mut stream: &[u8], sizes: &[u8]) {
             while let Some(event) = conn.poll_event() {
                 assert!(!closed, "an event after Close");
                 check_event(&event, conn.limits().max_message_size);
+                check_piece(&event, &mut streamed, conn.limits().max_frame_size);
                 closed = matches!(event, Event::Close(_));
                 progressed = true;
             }
@@ -77,6 +82,29 @@ fn check_event(event: &Event, max_message: usize) {
         Event::Binary(data) => assert!(data.len() <= max_message),
         Event::Ping(payload) | Event::Pong(payload) => assert!(payload.len() <= 125),
         _ => {}
+    }
+}
+
+/// A streamed message's pieces: each within the frame limit (the fuzzer sends no compressed
+/// data), of the message's kind, the first one first; put together, text is UTF-8.
+fn check_piece(event: &Event, streamed: &mut Option<(bool, Vec<u8>)>, max_frame: usize) {
+    let Event::Fragment { text, first, data, fin } = event else {
+        assert!(
+            !matches!(event, Event::Text(_) | Event::Binary(_)) || streamed.is_none(),
+            "a whole message inside a streamed one"
+        );
+        return;
+    };
+    assert!(data.len() <= max_frame);
+    assert_eq!(*first, streamed.is_none(), "the first piece comes first, once");
+    let (kind, so_far) = streamed.get_or_insert_with(|| (*text, Vec::new()));
+    assert_eq!(kind, text);
+    so_far.extend_from_slice(data);
+    if *fin {
+        if *text {
+            assert!(std::str::from_utf8(so_far).is_ok());
+        }
+        *streamed = None;
     }
 }
 

@@ -60,6 +60,21 @@ pub enum Event {
     /// The peer's close frame (`None` when it carried no status). Our echo is queued if we had
     /// not sent a Close already. This is the last event.
     Close(Option<CloseFrame>),
+    /// A piece of a data message that started while streaming was on
+    /// ([`Connection::set_streaming`]): one frame's payload (inflated, for a compressed
+    /// message) as soon as the frame is in. A text message's pieces may split a code point;
+    /// the UTF-8 of the whole is checked as it arrives, and the last piece (`fin`) is only
+    /// delivered when the message ends on a whole code point.
+    Fragment {
+        /// Whether the message is text (the same for each piece of one message).
+        text: bool,
+        /// Whether this is the message's first piece.
+        first: bool,
+        /// This piece.
+        data: Bytes,
+        /// Whether this is the message's last piece.
+        fin: bool,
+    },
 }
 
 /// [`Limits`] in bytes, as a connection holds them.
@@ -76,6 +91,8 @@ struct Assembly {
     text: bool,
     /// RSV1 was set on the first frame: the payload is permessage-deflate data.
     compressed: bool,
+    /// Delivered frame by frame ([`Event::Fragment`]) rather than assembled.
+    streamed: bool,
     /// Frames so far, including the one being received.
     frames: u32,
     /// Total bytes so far, including the frame being received.
@@ -175,6 +192,8 @@ pub struct Connection {
     close_received: bool,
     /// Fragmented sending: whether a message we send is unfinished.
     sending_fragmented: bool,
+    /// Whether messages that start now are delivered frame by frame.
+    streaming: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -227,6 +246,7 @@ impl Connection {
             auto_pong: true,
             close_received: false,
             sending_fragmented: false,
+            streaming: false,
         }
     }
 
@@ -275,6 +295,16 @@ impl Connection {
     /// Whether permessage-deflate is in use.
     pub fn deflate_enabled(&self) -> bool {
         self.deflate().is_some()
+    }
+
+    /// Whether data messages that start from now on are delivered frame by frame, as
+    /// [`Event::Fragment`]s, instead of whole (default `false`): a receiver can then pass on a
+    /// message of any size holding one frame of it at a time. Limits still hold: each frame
+    /// within `max_frame_size`, the message (as received, so compressed for a compressed one)
+    /// within `max_message_size` and `max_message_fragments`. A message already started
+    /// keeps the way it started with.
+    pub fn set_streaming(&mut self, on: bool) {
+        self.streaming = on;
     }
 
     /// Whether pings are answered automatically (default `true`).
@@ -711,6 +741,7 @@ impl Connection {
                 self.message = Some(Assembly {
                     text: opcode == OpCode::Text,
                     compressed: h.rsv & RSV1 != 0,
+                    streamed: self.streaming,
                     frames: 1,
                     len,
                 });
@@ -735,6 +766,9 @@ impl Connection {
                 };
                 if message.compressed {
                     return self.on_compressed_frame(h.fin, &payload);
+                }
+                if message.streamed {
+                    return self.deliver_piece(message, payload, h.fin);
                 }
                 if !h.fin {
                     self.extras().data.extend_from_slice(&payload);
@@ -768,6 +802,29 @@ impl Connection {
         Ok(())
     }
 
+    /// Delivers one frame of a streamed message; the last one ends the message, once its text
+    /// proves whole.
+    fn deliver_piece(
+        &mut self,
+        message: Assembly,
+        data: Bytes,
+        fin: bool,
+    ) -> Result<(), ProtocolError> {
+        if fin {
+            self.message = None;
+            if message.text {
+                self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+            }
+        }
+        self.emit(Event::Fragment {
+            text: message.text,
+            first: message.frames == 1,
+            data,
+            fin,
+        });
+        Ok(())
+    }
+
     /// Inflates one frame of a compressed message; the last one completes the message.
     fn on_compressed_frame(&mut self, fin: bool, payload: &[u8]) -> Result<(), ProtocolError> {
         let limit = self.limits.max_message_size;
@@ -783,6 +840,11 @@ impl Connection {
             self.utf8
                 .feed(&extras.data[before..])
                 .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        if message.streamed {
+            // Each frame's inflated data goes out as it is: at most `limit` per frame.
+            let data = Bytes::from(std::mem::take(&mut extras.data));
+            return self.deliver_piece(message, data, fin);
         }
         if !fin {
             return Ok(());

@@ -10,7 +10,9 @@ use bytes::{Buf, BytesMut};
 use futures_core::Stream;
 use futures_sink::Sink;
 use tether_proto::extension::deflate::Deflate;
-use tether_proto::{CloseCode, CloseFrame, Connection, Event, Prepared, Role, SendError, State};
+use tether_proto::{
+    CloseCode, CloseFrame, Connection, Event, OpCode, Prepared, Role, SendError, State,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
@@ -18,6 +20,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::spare;
+
+mod streaming;
+pub use streaming::{Incoming, MessageReader, MessageWriter};
 
 /// How much spare room a read asks for.
 const READ_CHUNK: usize = spare::BUFFER;
@@ -374,7 +379,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
 
     /// The stream's end once the connection is done: the error that ended it, if one is
     /// still to be reported, else the end.
-    fn end_done(&mut self) -> Poll<Option<Result<Message>>> {
+    fn end_done<T>(&mut self) -> Poll<Option<Result<T>>> {
         let error = self.extra.as_mut().and_then(|x| x.error.take());
         Poll::Ready(error.map(|err| Err(*err)))
     }
@@ -392,7 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         }
     }
 
-    fn end(&mut self) -> Poll<Option<Result<Message>>> {
+    fn end<T>(&mut self) -> Poll<Option<Result<T>>> {
         let error = match self.mark_done() {
             Phase::Finishing => self.extra.as_mut().and_then(|x| x.error.take()),
             _ => None,
@@ -466,14 +471,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
 
     /// Hands an event to the caller as a message; a Pong answering our latest ping proves the
     /// peer alive.
-    fn deliver(&mut self, event: Event) -> Message {
+    fn deliver(&mut self, event: Event) -> Event {
         if let (Event::Pong(payload), Some(k)) = (&event, &mut self.keepalive) {
             k.pong(payload, &self.config);
         }
-        event.into()
+        event
     }
 
+    /// The next whole message. The pieces of a message that started streamed (see
+    /// [`WebSocket::recv_stream`]) are passed over.
     fn poll_next_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message>>> {
+        self.conn.set_streaming(false);
+        loop {
+            return Poll::Ready(match ready!(self.poll_next_event(cx)) {
+                Some(Ok(Event::Fragment { .. })) => continue,
+                Some(Ok(event)) => Some(Ok(event.into())),
+                Some(Err(e)) => Some(Err(e)),
+                None => None,
+            });
+        }
+    }
+
+    /// Queues one piece of a message sent as a stream.
+    fn start_fragment(&mut self, opcode: OpCode, payload: bytes::Bytes, fin: bool) -> Result<()> {
+        self.conn.transmit().provide(spare::take);
+        self.conn.send_fragment(opcode, payload, fin)?;
+        Ok(())
+    }
+
+    /// The next event of the connection, as the core emits it; drives reading, writing and
+    /// the timers.
+    fn poll_next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event>>> {
         self.track_task(cx, Waiter::Reader);
         loop {
             if let Some(event) = self.conn.poll_event() {

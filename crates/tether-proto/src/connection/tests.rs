@@ -462,3 +462,71 @@ fn frame_missing_counts_what_the_partial_frame_still_needs() {
         Some(Event::Binary(Bytes::from(vec![5u8; 70_000])))
     );
 }
+
+#[test]
+fn a_streamed_message_arrives_frame_by_frame_with_its_utf8_checked() {
+    let mut s = server();
+    s.set_streaming(true);
+    // "é" is C3 A9: split across the first two frames; a ping in the middle.
+    let mut wire = from_client(0x1, false, b"caf\xc3");
+    wire.extend(from_client(0x9, true, b"p"));
+    wire.extend(from_client(0x0, false, b"\xa9 au"));
+    wire.extend(from_client(0x0, true, b" lait"));
+    feed(&mut s, &wire).unwrap();
+    let piece = |data: &'static [u8], first, fin| Event::Fragment {
+        text: true,
+        first,
+        data: Bytes::from_static(data),
+        fin,
+    };
+    assert_eq!(
+        events(&mut s),
+        [
+            piece(b"caf\xc3", true, false),
+            Event::Ping(Bytes::from_static(b"p")),
+            piece(b"\xa9 au", false, false),
+            piece(b" lait", false, true),
+        ]
+    );
+    // Nothing of the message was kept aside.
+    assert!(s.extras.is_none());
+
+    // Turned off, the next message arrives whole again.
+    s.set_streaming(false);
+    let mut wire = from_client(0x2, false, b"ab");
+    wire.extend(from_client(0x0, true, b"cd"));
+    feed(&mut s, &wire).unwrap();
+    assert_eq!(events(&mut s), [Event::Binary(Bytes::from_static(b"abcd"))]);
+}
+
+#[test]
+fn a_streamed_message_keeps_its_limits_and_its_utf8_rule() {
+    // Invalid UTF-8 fails as soon as it arrives, with 1007.
+    let mut s = server();
+    s.set_streaming(true);
+    let err = feed(&mut s, &from_client(0x1, false, b"ok\xff")).unwrap_err();
+    assert_eq!(err.close_code(), CloseCode::INVALID_PAYLOAD);
+    // A text message that ends inside a code point: its pieces came, its end does not.
+    let mut s = server();
+    s.set_streaming(true);
+    let mut wire = from_client(0x1, false, b"ok");
+    wire.extend(from_client(0x0, true, b"\xc3"));
+    let err = feed(&mut s, &wire).unwrap_err();
+    assert_eq!(err.close_code(), CloseCode::INVALID_PAYLOAD);
+    assert_eq!(
+        events(&mut s),
+        [Event::Fragment {
+            text: true,
+            first: true,
+            data: Bytes::from_static(b"ok"),
+            fin: false
+        }]
+    );
+    // The message size limit counts every frame, streamed or not.
+    let mut s = Connection::with_limits(Role::Server, Limits::default().max_message_size(5));
+    s.set_streaming(true);
+    let mut wire = from_client(0x2, false, b"abc");
+    wire.extend(from_client(0x0, true, b"def"));
+    let err = feed(&mut s, &wire).unwrap_err();
+    assert_eq!(err.close_code(), CloseCode::MESSAGE_TOO_BIG);
+}
