@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::websocket::WebSocket;
+use crate::websocket::{Parts, WebSocket};
 
 /// Accepts a WebSocket on `stream` with the default [`Config`].
 ///
@@ -107,14 +107,14 @@ where
         stream.flush().await?;
         buf.advance(head_len);
         tracing::debug!(path = request.path(), protocol = ?accept.protocol, "accepted WebSocket");
-        Ok(WebSocket::from_parts(
-            stream,
-            Role::Server,
-            config.clone(),
-            buf,
-            accept.protocol,
+        Ok(WebSocket::from_parts(Parts {
+            io: stream,
+            role: Role::Server,
+            config: config.clone(),
+            read_buf: buf,
+            protocol: accept.protocol,
             deflate,
-        ))
+        }))
     };
     match tokio::time::timeout(deadline, handshake).await {
         Ok(result) => result,
@@ -253,14 +253,14 @@ where
         };
         buf.advance(head_len);
         let deflate = accept_deflate(&config, &response)?;
-        let ws = WebSocket::from_parts(
-            stream,
-            Role::Client,
-            config.clone(),
-            buf,
-            response.protocol.clone(),
+        let ws = WebSocket::from_parts(Parts {
+            io: stream,
+            role: Role::Client,
+            config: config.clone(),
+            read_buf: buf,
+            protocol: response.protocol.clone(),
             deflate,
-        );
+        });
         Ok((ws, response))
     };
     match tokio::time::timeout_at(deadline, handshake).await {

@@ -41,7 +41,7 @@ use tether_proto::Role;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handshake::{check_origin, negotiate_deflate};
-use crate::websocket::WebSocket;
+use crate::websocket::{Parts, WebSocket};
 use tether_proto::extension::deflate::Deflate;
 use tether_proto::handshake::server::Accept;
 
@@ -197,14 +197,14 @@ impl Future for PendingUpgrade {
         let upgraded = ready!(Pin::new(&mut this.on_upgrade).poll(cx))
             .map_err(|e| Error::Io(std::io::Error::other(e)))?;
         let config = this.config.take().unwrap_or_default();
-        Poll::Ready(Ok(WebSocket::from_parts(
-            TokioIo::new(upgraded),
-            Role::Server,
+        Poll::Ready(Ok(WebSocket::from_parts(Parts {
+            io: TokioIo::new(upgraded),
+            role: Role::Server,
             config,
-            BytesMut::new(),
-            this.protocol.take(),
-            this.deflate.take(),
-        )))
+            read_buf: BytesMut::new(),
+            protocol: this.protocol.take(),
+            deflate: this.deflate.take(),
+        })))
     }
 }
 

@@ -6,31 +6,18 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tether_proto::{CloseCode, CloseFrame, Event, OpCode, Utf8Validator};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{lock, Inner, WebSocket, WsReceiver, WsSender};
+use super::driver::Inner;
+use super::sending::Side;
+use super::split::lock;
+use super::{WebSocket, WsReceiver, WsSender};
 use crate::error::{Error, Result};
 use crate::message::Message;
-
-/// Where a reader or writer reaches the connection: the whole socket, or one half of it.
-enum Side<'a, S> {
-    Whole(&'a mut Inner<S>),
-    Half(&'a Mutex<Inner<S>>),
-}
-
-impl<S> Side<'_, S> {
-    fn with<R>(&mut self, f: impl FnOnce(&mut Inner<S>) -> R) -> R {
-        match self {
-            Side::Whole(inner) => f(inner),
-            Side::Half(shared) => f(&mut lock(shared)),
-        }
-    }
-}
 
 /// What [`WebSocket::recv_stream`] received: the start of a data message, to read as it
 /// arrives, or a message that came whole (a ping, a pong, the peer's Close, or a data message

@@ -1,0 +1,569 @@
+//! The driver: the connection state that a whole socket or its two halves share, and the loop
+//! that reads, hands events out, writes what is queued and runs the timers.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Wake, Waker};
+
+use bytes::{Buf, BytesMut};
+use tether_proto::extension::deflate::Deflate;
+use tether_proto::{
+    CloseCode, CloseFrame, Connection, Event, OpCode, Prepared, Role, SendError, State,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
+
+use super::keepalive::Keepalive;
+use super::wakers::{Shared, Waiter};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::spare;
+
+/// How much spare room a read asks for.
+pub(super) const READ_CHUNK: usize = spare::BUFFER;
+/// Room made at once for the rest of a large frame is at most this many times what is already
+/// buffered (and at least a chunk): a 64 KiB frame is read into one allocation after its first
+/// chunk, while a peer that announces a large frame cannot make a connection hold more than
+/// about five times what it has sent.
+pub(super) const FRAME_AHEAD_FACTOR: usize = 4;
+/// How many buffers one vectored write gathers.
+pub(super) const MAX_IOVECS: usize = 64;
+
+/// Where the connection is in its life, as the driver sees it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Reading and writing.
+    Running,
+    /// Finishing: write what is queued (the Close), close the transport, then end the stream
+    /// with [`Extra::error`] (or cleanly without one).
+    Finishing,
+    /// The stream has ended.
+    Done,
+}
+
+/// What a handshake leaves for the connection: the transport, who we are, the settings, the
+/// bytes read past the handshake, and what was agreed.
+pub(crate) struct Parts<S> {
+    pub(crate) io: S,
+    pub(crate) role: Role,
+    pub(crate) config: Arc<Config>,
+    /// Bytes already read past the handshake.
+    pub(crate) read_buf: BytesMut,
+    pub(crate) protocol: Option<String>,
+    pub(crate) deflate: Option<Deflate>,
+}
+
+/// What most connections never need, boxed so that an idle connection does not carry it.
+#[derive(Default)]
+pub(super) struct Extra {
+    pub(super) protocol: Option<Box<str>>,
+    pub(super) close_timer: Option<Pin<Box<Sleep>>>,
+    /// Runs while a write waits on a peer that takes nothing; reset by any progress.
+    pub(super) write_timer: Option<Pin<Box<Sleep>>>,
+    /// Set once two tasks poll the connection.
+    pub(super) shared: Option<Shared>,
+    /// The error a finishing connection ends with.
+    pub(super) error: Option<Box<Error>>,
+}
+
+/// The connection state shared by the whole socket or by its two halves.
+///
+/// An idle connection holds no buffer and no other allocation of its own (the read buffer is
+/// freed whenever a read would wait with nothing in it; cold state lives in `extra`), so that
+/// a server can hold many: see `tests/idle_memory.rs`.
+pub(super) struct Inner<S> {
+    pub(super) io: S,
+    pub(super) conn: Connection,
+    pub(super) read_buf: BytesMut,
+    pub(super) config: Arc<Config>,
+    /// `None` until something in it is needed.
+    pub(super) extra: Option<Box<Extra>>,
+    pub(super) keepalive: Option<Keepalive>,
+    /// While one task polls the connection: its waker, which the socket is given as is. A
+    /// second task moves the connection to [`Extra::shared`] wakers.
+    pub(super) task: Option<Waker>,
+    pub(super) phase: Phase,
+    pub(super) eof: bool,
+}
+
+/// The waker a write (or shutdown) by `who` gives the socket: the caller's own while one task
+/// polls the connection, otherwise one that wakes both tasks.
+pub(super) fn write_waker<'a>(
+    extra: &'a Option<Box<Extra>>,
+    who: Waiter,
+    waker: &'a Waker,
+) -> &'a Waker {
+    match extra.as_ref().and_then(|x| x.shared.as_ref()) {
+        Some(shared) => {
+            shared.wakers.register(who, waker);
+            &shared.write_waker
+        }
+        None => waker,
+    }
+}
+
+/// Writes what `conn` has queued to `io` (gathering many frames per syscall) and flushes;
+/// also tells whether the peer took any of it.
+pub(super) fn write_io<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    conn: &mut Connection,
+    wcx: &mut Context<'_>,
+) -> (Poll<io::Result<()>>, bool) {
+    let out = conn.transmit();
+    let mut progressed = false;
+    while out.has_remaining() {
+        let written = if io.is_write_vectored() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let n = out.chunks_vectored(&mut slices);
+            Pin::new(&mut *io).poll_write_vectored(wcx, &slices[..n])
+        } else {
+            Pin::new(&mut *io).poll_write(wcx, out.chunk())
+        };
+        match written {
+            Poll::Pending => return (Poll::Pending, progressed),
+            Poll::Ready(Err(e)) => return (Poll::Ready(Err(e)), progressed),
+            Poll::Ready(Ok(0)) => {
+                return (
+                    Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    progressed,
+                )
+            }
+            Poll::Ready(Ok(n)) => {
+                out.advance(n);
+                progressed = true;
+            }
+        }
+    }
+    (Pin::new(io).poll_flush(wcx), progressed)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
+    pub(super) fn new(parts: Parts<S>) -> Self {
+        let Parts {
+            io,
+            role,
+            config,
+            read_buf,
+            protocol,
+            deflate,
+        } = parts;
+        let mut conn = Connection::with_limits(role, config.limits());
+        if let Some(deflate) = deflate {
+            conn.set_deflate(deflate);
+        }
+        let keepalive = config
+            .ping_interval
+            .filter(|i| !i.is_zero())
+            .map(Keepalive::new);
+        let extra = protocol.map(|protocol| {
+            Box::new(Extra {
+                protocol: Some(protocol.into_boxed_str()),
+                ..Extra::default()
+            })
+        });
+        Inner {
+            io,
+            conn,
+            read_buf,
+            config,
+            extra,
+            keepalive,
+            task: None,
+            phase: Phase::Running,
+            eof: false,
+        }
+    }
+
+    pub(super) fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    pub(super) fn shared(&mut self) -> Option<&mut Shared> {
+        self.extra.as_mut()?.shared.as_mut()
+    }
+
+    /// Notes the task polling as `who`. From a second task on (or after `split`), the
+    /// connection keeps wakers for both, so that neither loses a wake-up.
+    pub(super) fn track_task(&mut self, cx: &Context<'_>, who: Waiter) {
+        let waker = cx.waker();
+        if let Some(shared) = self.shared() {
+            if matches!(who, Waiter::Reader)
+                && !shared
+                    .read_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(waker))
+            {
+                shared.read_waker = Some(waker.clone());
+            }
+            return;
+        }
+        match self.task.take() {
+            // The same task, even when `will_wake` says otherwise: a waker's data is its task,
+            // but its vtable may be one of several copies of the same (one per codegen unit,
+            // as with the waker of a current-thread runtime's `block_on`).
+            Some(task) if task.data() == waker.data() => self.task = Some(task),
+            None => self.task = Some(waker.clone()),
+            Some(first) => {
+                // The first task may be waiting to write with its own waker, which the
+                // socket is about to forget: the shared wakers wake it too.
+                let shared = self.start_sharing();
+                let (other, reader) = match who {
+                    Waiter::Reader => (Waiter::Sender, waker.clone()),
+                    Waiter::Sender => (Waiter::Reader, first.clone()),
+                };
+                shared.wakers.register(other, &first);
+                shared.read_waker = Some(reader);
+            }
+        }
+    }
+
+    /// Switches to the wakers of a connection polled by two tasks.
+    pub(super) fn start_sharing(&mut self) -> &mut Shared {
+        self.task = None;
+        self.extra().shared.get_or_insert_with(Shared::new)
+    }
+
+    /// Writes queued frames (gathering many per syscall) and flushes the transport; fails the
+    /// connection with [`Error::WriteTimeout`] when the peer takes nothing for
+    /// `write_timeout`.
+    pub(super) fn poll_write_out(&mut self, cx: &mut Context<'_>, who: Waiter) -> Poll<Result<()>> {
+        let mut wcx = Context::from_waker(write_waker(&self.extra, who, cx.waker()));
+        let (result, progressed) = write_io(&mut self.io, &mut self.conn, &mut wcx);
+        if let Poll::Ready(result) = result {
+            if let Some(x) = self.extra.as_mut() {
+                x.write_timer = None;
+            }
+            return Poll::Ready(result.map_err(Error::from));
+        }
+        let Some(timeout) = self.config.write_timeout else {
+            return Poll::Pending;
+        };
+        // The peer took nothing, or not all: wait for it, at most `timeout` since it last
+        // took anything.
+        let mut timer = match self.extra().write_timer.take() {
+            Some(mut timer) => {
+                if progressed {
+                    timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+                }
+                timer
+            }
+            None => Box::pin(tokio::time::sleep(timeout)),
+        };
+        let mut wcx = Context::from_waker(write_waker(&self.extra, who, cx.waker()));
+        if timer.as_mut().poll(&mut wcx).is_pending() {
+            self.extra().write_timer = Some(timer);
+            return Poll::Pending;
+        }
+        tracing::info!(
+            ?timeout,
+            "the peer took nothing we wrote within the write timeout; dropping the connection"
+        );
+        self.extra().error = Some(Box::new(Error::WriteTimeout));
+        self.mark_done();
+        Poll::Ready(Err(Error::WriteTimeout))
+    }
+
+    /// The stream's end once the connection is done: the error that ended it, if one is
+    /// still to be reported, else the end.
+    pub(super) fn end_done<T>(&mut self) -> Poll<Option<Result<T>>> {
+        let error = self.extra.as_mut().and_then(|x| x.error.take());
+        Poll::Ready(error.map(|err| Err(*err)))
+    }
+
+    /// Starts finishing the connection; the stream ends with `err` once the transport is closed.
+    pub(super) fn finish(&mut self, err: Option<Error>) {
+        if let Some(e) = &err {
+            tracing::info!(code = e.close_code().0, error = %e, "closing WebSocket connection");
+        }
+        if self.phase == Phase::Running {
+            self.phase = Phase::Finishing;
+            if let Some(err) = err {
+                self.extra().error = Some(Box::new(err));
+            }
+        }
+    }
+
+    pub(super) fn end<T>(&mut self) -> Poll<Option<Result<T>>> {
+        let error = match self.mark_done() {
+            Phase::Finishing => self.extra.as_mut().and_then(|x| x.error.take()),
+            _ => None,
+        };
+        Poll::Ready(error.map(|err| Err(*err)))
+    }
+
+    /// Ends the connection for both halves: the transport is shut down (best effort) and a
+    /// sender waiting to write is woken to find it closed. Returns the previous phase.
+    pub(super) fn mark_done(&mut self) -> Phase {
+        let previous = std::mem::replace(&mut self.phase, Phase::Done);
+        if previous != Phase::Done {
+            let shared = self.extra.as_ref().and_then(|x| x.shared.as_ref());
+            let waker = shared.map_or(Waker::noop(), |s| &s.write_waker);
+            let _ = Pin::new(&mut self.io).poll_shutdown(&mut Context::from_waker(waker));
+            if let Some(shared) = shared {
+                Wake::wake_by_ref(&shared.wakers);
+            }
+        }
+        previous
+    }
+
+    /// Frees the read and write buffers while the connection waits with nothing in them, so
+    /// an idle connection holds no buffer memory; the next read allocates again.
+    pub(super) fn release_idle_buffers(&mut self) {
+        if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
+            spare::give(std::mem::take(&mut self.read_buf));
+        }
+        if let Some(tail) = self.conn.transmit().release() {
+            spare::give(tail);
+        }
+    }
+
+    /// Makes room in the read buffer when little is left: a spare buffer when it is empty,
+    /// room for the rest of a large frame whose header is in (one allocation rather than
+    /// regrowing read by read, but at most [`FRAME_AHEAD_FACTOR`] times what is buffered),
+    /// a chunk otherwise.
+    pub(super) fn reserve_read(&mut self) {
+        let buf = &mut self.read_buf;
+        if buf.is_empty() && buf.capacity() < READ_CHUNK / 4 {
+            // Nothing buffered, and no room worth reading into (none after an idle wait, a
+            // little left from the handshake): a spare buffer rather than growing this one.
+            *buf = spare::take();
+        }
+        if buf.capacity() - buf.len() >= READ_CHUNK / 4 {
+            return;
+        }
+        let missing = self.conn.frame_missing(buf);
+        let ahead = buf.len().saturating_mul(FRAME_AHEAD_FACTOR);
+        buf.reserve(missing.min(ahead).max(READ_CHUNK));
+    }
+
+    /// Wakes the receiving side when another task polls it (it arms the close timer once a
+    /// Close is queued).
+    pub(super) fn wake_reader(&self) {
+        let shared = self.extra.as_ref().and_then(|x| x.shared.as_ref());
+        if let Some(waker) = shared.and_then(|s| s.read_waker.as_ref()) {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Arms the close timer (once) and tells whether it has fired.
+    pub(super) fn close_timer_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        let timeout = self.config.close_timeout;
+        let timer = self
+            .extra()
+            .close_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// Hands an event to the caller as a message; a Pong answering our latest ping proves the
+    /// peer alive.
+    pub(super) fn deliver(&mut self, event: Event) -> Event {
+        if let (Event::Pong(payload), Some(k)) = (&event, &mut self.keepalive) {
+            k.pong(payload, &self.config);
+        }
+        event
+    }
+
+    /// The next whole message. The pieces of a message that started streamed (see
+    /// [`WebSocket::recv_stream`]) are passed over.
+    pub(super) fn poll_next_message(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message>>> {
+        self.conn.set_streaming(false);
+        loop {
+            return Poll::Ready(match ready!(self.poll_next_event(cx)) {
+                Some(Ok(Event::Fragment { .. })) => continue,
+                Some(Ok(event)) => Some(Ok(event.into())),
+                Some(Err(e)) => Some(Err(e)),
+                None => None,
+            });
+        }
+    }
+
+    /// Queues one piece of a message sent as a stream.
+    pub(super) fn start_fragment(
+        &mut self,
+        opcode: OpCode,
+        payload: bytes::Bytes,
+        fin: bool,
+    ) -> Result<()> {
+        self.conn.transmit().provide(spare::take);
+        self.conn.send_fragment(opcode, payload, fin)?;
+        Ok(())
+    }
+
+    /// The next event of the connection, as the core emits it; drives reading, writing and
+    /// the timers.
+    pub(super) fn poll_next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event>>> {
+        self.track_task(cx, Waiter::Reader);
+        loop {
+            if let Some(event) = self.conn.poll_event() {
+                return Poll::Ready(Some(Ok(self.deliver(event))));
+            }
+            if self.phase == Phase::Done {
+                return self.end_done();
+            }
+            if self.phase == Phase::Running {
+                if let Some(keepalive) = &mut self.keepalive {
+                    if keepalive.poll(cx, &mut self.conn, &self.config).is_err() {
+                        let _ = self.conn.send_close(Some(CloseFrame::new(
+                            CloseCode::INTERNAL_ERROR,
+                            "keepalive timeout",
+                        )));
+                        self.finish(Some(Error::KeepaliveTimeout));
+                    }
+                }
+            }
+
+            // Frames already buffered come before anything new: parse them first.
+            if self.phase == Phase::Running && self.conn.wants_receive(&self.read_buf) {
+                let before = self.read_buf.len();
+                if let Err(err) = self.conn.receive(&mut self.read_buf) {
+                    self.finish(Some(Error::Protocol(err)));
+                    continue;
+                }
+                if let Some(event) = self.conn.poll_event() {
+                    return Poll::Ready(Some(Ok(self.deliver(event))));
+                }
+                if self.read_buf.len() != before {
+                    continue;
+                }
+            }
+
+            let flushed = match self.poll_write_out(cx, Waiter::Reader) {
+                Poll::Ready(Ok(())) => true,
+                // The peer's Close arrived: it may drop the transport before taking our echo.
+                Poll::Ready(Err(_)) if self.conn.close_received() => return self.end(),
+                Poll::Ready(Err(Error::WriteTimeout)) => return self.end_done(),
+                Poll::Ready(Err(e)) => {
+                    self.phase = Phase::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Pending => false,
+            };
+
+            let finishing = self.phase != Phase::Running;
+            let state = self.conn.state();
+            if finishing || state != State::Open {
+                if self.close_timer_fired(cx) {
+                    tracing::debug!("close timeout elapsed; closing the transport");
+                    return self.end();
+                }
+                if finishing || state == State::Closed {
+                    if !flushed {
+                        return Poll::Pending;
+                    }
+                    // After a clean close handshake a client waits for the server to close
+                    // TCP first (RFC 6455 §7.1.1); a server, or a failed connection, closes now.
+                    let wait_for_peer = !finishing && self.conn.role() == Role::Client && !self.eof;
+                    if !wait_for_peer {
+                        let waker = write_waker(&self.extra, Waiter::Reader, cx.waker());
+                        let mut wcx = Context::from_waker(waker);
+                        let _ = ready!(Pin::new(&mut self.io).poll_shutdown(&mut wcx));
+                        return self.end();
+                    }
+                }
+            }
+            if self.eof {
+                // Open or closing, and the peer vanished without a close handshake.
+                self.mark_done();
+                return Poll::Ready(Some(Err(Error::AbnormalClosure)));
+            }
+
+            // Backpressure: don't take in more while our own output is over its budget.
+            if !flushed && self.conn.queued_len() > self.config.write_buffer_size {
+                return Poll::Pending;
+            }
+
+            self.reserve_read();
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf) {
+                Poll::Pending => {
+                    self.release_idle_buffers();
+                    return Poll::Pending;
+                }
+                // After both Close frames, a reset instead of a FIN still ends the connection.
+                Poll::Ready(Err(_))
+                    if self.conn.state() == State::Closed && self.conn.close_received() =>
+                {
+                    self.eof = true;
+                    continue;
+                }
+                Poll::Ready(Err(e)) => {
+                    self.mark_done();
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Ready(Ok(0)) => {
+                    self.eof = true;
+                    continue;
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+            if self.conn.close_received() {
+                // Waiting for the peer to close TCP: whatever it still sends is discarded.
+                self.read_buf.clear();
+            }
+        }
+    }
+
+    pub(super) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.track_task(cx, Waiter::Sender);
+        if self.conn.close_sent() || self.phase == Phase::Done {
+            return Poll::Ready(Err(Error::Send(SendError::Closed)));
+        }
+        if self.conn.queued_len() >= self.config.write_buffer_size {
+            ready!(self.poll_write_out(cx, Waiter::Sender))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    pub(super) fn start_send(&mut self, msg: Message) -> Result<()> {
+        self.conn.transmit().provide(spare::take);
+        match msg {
+            Message::Text(t) => self.conn.send_text(t)?,
+            Message::Binary(b) => self.conn.send_binary(b)?,
+            Message::Ping(b) => self.conn.send_ping(b)?,
+            Message::Pong(b) => self.conn.send_pong(b)?,
+            Message::Close(frame) => {
+                self.conn.send_close(frame)?;
+                self.wake_reader();
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn start_send_prepared(&mut self, msg: &Prepared) -> Result<()> {
+        self.conn.transmit().provide(spare::take);
+        self.conn.send_prepared(msg)?;
+        Ok(())
+    }
+
+    pub(super) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.track_task(cx, Waiter::Sender);
+        if self.phase == Phase::Done && self.conn.queued_len() > 0 {
+            // The transport is closed: what is still queued will never be written.
+            return Poll::Ready(Err(Error::Send(SendError::Closed)));
+        }
+        ready!(self.poll_write_out(cx, Waiter::Sender))?;
+        // All written: the tail's buffer serves other connections until the next send (a
+        // sending half may flush and then wait long while its reader is parked).
+        if let Some(tail) = self.conn.transmit().release() {
+            spare::give(tail);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Queues a normal Close unless one was sent.
+    pub(super) fn start_close(&mut self, frame: Option<CloseFrame>) -> Result<()> {
+        if self.conn.state() == State::Open {
+            self.conn.send_close(Some(
+                frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NORMAL, "")),
+            ))?;
+            self.wake_reader();
+        }
+        Ok(())
+    }
+}
