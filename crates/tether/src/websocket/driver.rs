@@ -62,7 +62,11 @@ pub(super) struct Extra {
     pub(super) protocol: Option<Box<str>>,
     pub(super) close_timer: Option<Pin<Box<Sleep>>>,
     /// Runs while a write waits on a peer that takes nothing; reset by any progress.
+    /// Kept once made: a stall re-arms it (cheaply, to a later deadline) rather than
+    /// allocating and registering a timer each time a busy socket's buffer fills.
     pub(super) write_timer: Option<Pin<Box<Sleep>>>,
+    /// Whether a write is waiting on the peer now (the timer counts only then).
+    pub(super) write_stalled: bool,
     /// Set once two tasks poll the connection.
     pub(super) shared: Option<Shared>,
     /// The error a finishing connection ends with.
@@ -234,7 +238,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         let (result, progressed) = write_io(&mut self.io, &mut self.conn, &mut wcx);
         if let Poll::Ready(result) = result {
             if let Some(x) = self.extra.as_mut() {
-                x.write_timer = None;
+                x.write_stalled = false;
             }
             return Poll::Ready(result.map_err(Error::from));
         }
@@ -243,9 +247,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         };
         // The peer took nothing, or not all: wait for it, at most `timeout` since it last
         // took anything.
-        let mut timer = match self.extra().write_timer.take() {
+        let extra = self.extra();
+        let fresh = !std::mem::replace(&mut extra.write_stalled, true);
+        let mut timer = match extra.write_timer.take() {
             Some(mut timer) => {
-                if progressed {
+                if fresh || progressed {
                     timer.as_mut().reset(tokio::time::Instant::now() + timeout);
                 }
                 timer
