@@ -303,8 +303,15 @@ impl Connection {
     /// within `max_frame_size`, the message (as received, so compressed for a compressed one)
     /// within `max_message_size` and `max_message_fragments`. A message already started
     /// keeps the way it started with.
+    #[inline]
     pub fn set_streaming(&mut self, on: bool) {
         self.streaming = on;
+    }
+
+    /// Whether data messages that start now are delivered frame by frame.
+    #[inline]
+    pub fn is_streaming(&self) -> bool {
+        self.streaming
     }
 
     /// Whether pings are answered automatically (default `true`).
@@ -413,12 +420,13 @@ impl Connection {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
+        // Only an event is taken out: the usual "nothing yet" costs no move and no drop.
+        if !matches!(self.rx, Rx::Event(_)) {
+            return None;
+        }
         match std::mem::replace(&mut self.rx, Rx::Idle) {
             Rx::Event(event) => Some(event),
-            other => {
-                self.rx = other;
-                None
-            }
+            _ => unreachable!("checked above"),
         }
     }
 

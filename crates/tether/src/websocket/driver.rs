@@ -379,15 +379,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Message>>> {
-        self.conn.set_streaming(false);
-        loop {
-            return Poll::Ready(match ready!(self.poll_next_event(cx)) {
-                Some(Ok(Event::Fragment { .. })) => continue,
-                Some(Ok(event)) => Some(Ok(event.into())),
-                Some(Err(e)) => Some(Err(e)),
-                None => None,
-            });
+        if self.conn.is_streaming() {
+            self.conn.set_streaming(false);
         }
+        self.poll_next_with(cx, |event| match event {
+            Event::Fragment { .. } => None,
+            event => Some(event.into()),
+        })
+    }
+
+    /// The next event of the connection, as the core emits it; drives reading, writing and
+    /// the timers.
+    pub(super) fn poll_next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event>>> {
+        self.poll_next_with(cx, Some)
     }
 
     /// Queues one piece of a message sent as a stream.
@@ -402,13 +406,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         Ok(())
     }
 
-    /// The next event of the connection, as the core emits it; drives reading, writing and
-    /// the timers.
-    pub(super) fn poll_next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event>>> {
+    /// Drives the connection (reading, writing what is queued, the timers) until the core
+    /// emits an event that `map` keeps (`Some`); events it drops are passed over. Generic, so
+    /// that each caller's conversion is compiled into the loop.
+    #[inline]
+    fn poll_next_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut map: impl FnMut(Event) -> Option<T>,
+    ) -> Poll<Option<Result<T>>> {
         self.track_task(cx, Waiter::Reader);
         loop {
             if let Some(event) = self.conn.poll_event() {
-                return Poll::Ready(Some(Ok(self.deliver(event))));
+                match map(self.deliver(event)) {
+                    Some(item) => return Poll::Ready(Some(Ok(item))),
+                    None => continue,
+                }
             }
             if self.phase == Phase::Done {
                 return self.end_done();
@@ -433,7 +446,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     continue;
                 }
                 if let Some(event) = self.conn.poll_event() {
-                    return Poll::Ready(Some(Ok(self.deliver(event))));
+                    match map(self.deliver(event)) {
+                        Some(item) => return Poll::Ready(Some(Ok(item))),
+                        None => continue,
+                    }
                 }
                 if self.read_buf.len() != before {
                     continue;
