@@ -149,6 +149,12 @@ impl Extras {
     }
 }
 
+/// Room made at once for the rest of a large frame is at most this many times what is already
+/// buffered (and at least a buffer's worth): a 64 KiB frame is read into one allocation after
+/// its first chunk, while a peer that announces a large frame cannot make a connection hold
+/// more than about five times what it has sent.
+const FRAME_AHEAD_FACTOR: usize = 4;
+
 /// Payloads up to this size are copied out of the read buffer rather than shared with it.
 const SMALL_PAYLOAD: usize = 4096;
 
@@ -172,9 +178,9 @@ pub type MaskSource = Box<dyn FnMut() -> [u8; 4] + Send>;
 /// assert_eq!(server.poll_event(), Some(Event::Text("hello".into())));
 /// ```
 ///
-/// An idle connection is small (136 bytes on 64-bit targets) and, once its driver calls
-/// [`Transmit::shrink`], a server's owns no heap memory: what only some connections need is
-/// boxed on demand.
+/// An idle connection is small (136 bytes on 64-bit targets) and, once what it queued is
+/// written, a server's owns no heap memory: its write buffer goes back to the thread's stock
+/// ([`crate::buffers`]), and what only some connections need is boxed on demand.
 pub struct Connection {
     /// The byte limits; the fragment limit is `max_fragments`, kept apart so that it packs
     /// beside the small fields (an idle connection's size matters at scale).
@@ -403,10 +409,31 @@ impl Connection {
         }
     }
 
-    /// How many bytes past the end of `buf` the frame being received still needs: a reader
-    /// can make room for them at once instead of growing its buffer read by read. Zero
+    /// Makes room in `buf` for the next read, suited to what this connection expects: a
+    /// buffer from the thread's stock ([`crate::buffers`]) when `buf` is empty and has
+    /// little room; room for the rest of a large frame whose header is in, at once rather
+    /// than read by read, but at most four times what is buffered (a peer announcing a large
+    /// frame cannot make the buffer grow much past what it sent); a
+    /// buffer's worth otherwise. A driver that frees `buf` whenever it waits with nothing in
+    /// it (giving it back with [`crate::buffers::give`]) holds no read memory while idle.
+    pub fn reserve_read(&self, buf: &mut BytesMut) {
+        const CHUNK: usize = crate::buffers::BUFFER;
+        if buf.is_empty() && buf.capacity() < CHUNK / 4 {
+            // Nothing buffered and no room worth reading into (none after an idle wait, a
+            // little left from the handshake): a spare buffer rather than growing this one.
+            *buf = crate::buffers::take();
+        }
+        if buf.capacity() - buf.len() >= CHUNK / 4 {
+            return;
+        }
+        let missing = self.frame_missing(buf);
+        let ahead = buf.len().saturating_mul(FRAME_AHEAD_FACTOR);
+        buf.reserve(missing.min(ahead).max(CHUNK));
+    }
+
+    /// How many bytes past the end of `buf` the frame being received still needs. Zero
     /// between frames.
-    pub fn frame_missing(&self, buf: &BytesMut) -> usize {
+    pub(crate) fn frame_missing(&self, buf: &BytesMut) -> usize {
         match &self.rx {
             Rx::Frame(frame) if !self.close_received => frame.len().saturating_sub(buf.len()),
             _ => 0,
@@ -609,6 +636,7 @@ impl Connection {
             mask,
             payload_len: payload.len() as u64,
         };
+        self.out.provide(crate::buffers::take);
         let tail = self.out.tail();
         header.encode(tail);
         match mask {

@@ -42,6 +42,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod buffers;
 pub mod close;
 pub mod config;
 pub mod connection;

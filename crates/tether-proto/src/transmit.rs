@@ -12,8 +12,9 @@ const SHARE_THRESHOLD: usize = 4096;
 ///
 /// Small frames are copied together into one contiguous buffer, so many of them go out in
 /// one write; large unmasked payloads are queued as the caller's `Bytes`, without a copy.
-/// The queue of those is boxed and exists only while one is queued: an idle connection keeps
-/// one empty `BytesMut` and a null pointer here.
+/// The queue of those is boxed and exists only while one is queued. The contiguous buffer comes
+/// from the thread's stock ([`crate::buffers`]) when a frame is queued and goes back once the
+/// queue is written out: a connection with nothing to send holds no memory here.
 #[derive(Debug, Default)]
 pub struct Transmit {
     /// Written before `tail`: large payloads, and the tail bytes queued before them.
@@ -60,15 +61,10 @@ impl Transmit {
         shared.chunks.push_back(payload);
     }
 
-    /// Frees the tail's memory when nothing is queued (for idle connections).
-    pub fn shrink(&mut self) {
-        drop(self.release());
-    }
-
     /// Takes the tail's buffer out when nothing is queued, so the caller can free it or hand
     /// it to another connection; `None` while bytes wait. (A tail written to its last byte
     /// reports no capacity yet still owns its allocation, so it is handed out all the same.)
-    pub fn release(&mut self) -> Option<BytesMut> {
+    pub(crate) fn release(&mut self) -> Option<BytesMut> {
         if !self.is_empty() {
             return None;
         }
@@ -79,7 +75,7 @@ impl Transmit {
     /// Gives the tail an empty buffer to encode into when it has no memory of its own (after
     /// [`Transmit::release`]), instead of growing a fresh one frame by frame. `make` runs
     /// only then.
-    pub fn provide(&mut self, make: impl FnOnce() -> BytesMut) {
+    pub(crate) fn provide(&mut self, make: impl FnOnce() -> BytesMut) {
         if self.tail.capacity() == 0 {
             let buf = make();
             debug_assert!(buf.is_empty());
@@ -140,6 +136,13 @@ impl Buf for Transmit {
             }
         }
         self.tail.advance(cnt);
+        // Everything written: the buffer serves other connections until the next frame, so
+        // that a connection with nothing to send holds no write memory.
+        if self.tail.is_empty() && self.shared.as_ref().is_none_or(|s| s.len == 0) {
+            if let Some(tail) = self.release() {
+                crate::buffers::give(tail);
+            }
+        }
     }
 }
 
@@ -162,27 +165,27 @@ mod tests {
         assert_eq!(t.chunk(), b"cd");
         t.advance(2);
         assert!(t.is_empty());
-        t.shrink();
-        assert_eq!(t.tail.capacity(), 0);
+        assert_eq!(t.tail.capacity(), 0, "written out, the buffer went back");
         assert!(t.shared.is_none());
     }
 
     #[test]
-    fn release_hands_out_the_tail_only_when_nothing_waits() {
+    fn the_buffer_comes_from_the_stock_and_goes_back_once_written() {
         let mut t = Transmit::default();
-        t.tail().extend_from_slice(b"abc");
-        assert!(t.release().is_none(), "bytes are waiting");
-        t.advance(3);
-        let full = t.release().expect("the written tail");
-        assert!(full.is_empty());
-        t.provide(|| BytesMut::with_capacity(1024));
+        t.provide(crate::buffers::take);
         t.provide(|| unreachable!("the tail has memory"));
+        let address = t.tail().as_ptr();
         t.tail().extend_from_slice(b"abc");
         assert!(t.release().is_none(), "bytes are waiting");
-        t.advance(3);
-        let buf = t.release().expect("an empty buffer");
-        assert!(buf.is_empty() && buf.capacity() >= 1021);
+        t.advance(2);
+        assert!(t.tail.capacity() > 0, "a byte still waits");
+        t.advance(1);
         assert_eq!(t.tail.capacity(), 0);
+        assert_eq!(
+            crate::buffers::take().as_ptr(),
+            address,
+            "back in the stock"
+        );
     }
 
     #[test]

@@ -54,7 +54,6 @@ mod error;
 pub mod handshake;
 mod message;
 pub mod proxy;
-mod spare;
 pub mod tls;
 #[cfg(feature = "hyper")]
 pub mod upgrade;

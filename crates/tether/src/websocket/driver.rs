@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll, Wake, Waker};
 
 use bytes::{Buf, BytesMut};
+use tether_proto::buffers;
 use tether_proto::extension::deflate::Deflate;
 use tether_proto::{
     CloseCode, CloseFrame, Connection, Event, OpCode, Prepared, Role, SendError, State,
@@ -20,15 +21,7 @@ use super::wakers::{Shared, Waiter};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::message::Message;
-use crate::spare;
 
-/// How much spare room a read asks for.
-pub(super) const READ_CHUNK: usize = spare::BUFFER;
-/// Room made at once for the rest of a large frame is at most this many times what is already
-/// buffered (and at least a chunk): a 64 KiB frame is read into one allocation after its first
-/// chunk, while a peer that announces a large frame cannot make a connection hold more than
-/// about five times what it has sent.
-pub(super) const FRAME_AHEAD_FACTOR: usize = 4;
 /// How many buffers one vectored write gathers.
 pub(super) const MAX_IOVECS: usize = 64;
 
@@ -315,34 +308,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         previous
     }
 
-    /// Frees the read and write buffers while the connection waits with nothing in them, so
-    /// an idle connection holds no buffer memory; the next read allocates again.
+    /// Frees the read buffer while the connection waits with nothing in it (the write buffer
+    /// goes back by itself once written), so an idle connection holds no buffer memory; the
+    /// next read takes one again.
     pub(super) fn release_idle_buffers(&mut self) {
         if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
-            spare::give(std::mem::take(&mut self.read_buf));
+            buffers::give(std::mem::take(&mut self.read_buf));
         }
-        if let Some(tail) = self.conn.transmit().release() {
-            spare::give(tail);
-        }
-    }
-
-    /// Makes room in the read buffer when little is left: a spare buffer when it is empty,
-    /// room for the rest of a large frame whose header is in (one allocation rather than
-    /// regrowing read by read, but at most [`FRAME_AHEAD_FACTOR`] times what is buffered),
-    /// a chunk otherwise.
-    pub(super) fn reserve_read(&mut self) {
-        let buf = &mut self.read_buf;
-        if buf.is_empty() && buf.capacity() < READ_CHUNK / 4 {
-            // Nothing buffered, and no room worth reading into (none after an idle wait, a
-            // little left from the handshake): a spare buffer rather than growing this one.
-            *buf = spare::take();
-        }
-        if buf.capacity() - buf.len() >= READ_CHUNK / 4 {
-            return;
-        }
-        let missing = self.conn.frame_missing(buf);
-        let ahead = buf.len().saturating_mul(FRAME_AHEAD_FACTOR);
-        buf.reserve(missing.min(ahead).max(READ_CHUNK));
     }
 
     /// Wakes the receiving side when another task polls it (it arms the close timer once a
@@ -401,7 +373,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         payload: bytes::Bytes,
         fin: bool,
     ) -> Result<()> {
-        self.conn.transmit().provide(spare::take);
         self.conn.send_fragment(opcode, payload, fin)?;
         Ok(())
     }
@@ -501,7 +472,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 return Poll::Pending;
             }
 
-            self.reserve_read();
+            self.conn.reserve_read(&mut self.read_buf);
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf) {
                 Poll::Pending => {
                     self.release_idle_buffers();
@@ -543,7 +514,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     pub(super) fn start_send(&mut self, msg: Message) -> Result<()> {
-        self.conn.transmit().provide(spare::take);
         match msg {
             Message::Text(t) => self.conn.send_text(t)?,
             Message::Binary(b) => self.conn.send_binary(b)?,
@@ -558,7 +528,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     pub(super) fn start_send_prepared(&mut self, msg: &Prepared) -> Result<()> {
-        self.conn.transmit().provide(spare::take);
         self.conn.send_prepared(msg)?;
         Ok(())
     }
@@ -570,11 +539,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             return Poll::Ready(Err(Error::Send(SendError::Closed)));
         }
         ready!(self.poll_write_out(cx, Waiter::Sender))?;
-        // All written: the tail's buffer serves other connections until the next send (a
-        // sending half may flush and then wait long while its reader is parked).
-        if let Some(tail) = self.conn.transmit().release() {
-            spare::give(tail);
-        }
         Poll::Ready(Ok(()))
     }
 

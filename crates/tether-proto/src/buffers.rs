@@ -1,6 +1,9 @@
 //! A small per-thread stock of I/O buffers, so that connections which free their buffers
 //! whenever they wait (to hold no memory while idle) reuse them instead of going back to the
-//! allocator for every burst of traffic.
+//! allocator for every burst of traffic. A [`Connection`](crate::Connection) encodes into a
+//! buffer from the stock and gives it back once everything queued is written; a driver can
+//! keep its read buffers the same way ([`Connection::reserve_read`](crate::Connection::reserve_read),
+//! [`give`]).
 //!
 //! A buffer is taken back only when no payload still shares its memory and it has the
 //! ordinary size, so the stock never pins a large allocation; at most [`STOCK`] buffers wait
@@ -11,7 +14,7 @@ use std::cell::RefCell;
 use bytes::{Bytes, BytesMut};
 
 /// The size of the buffers in stock, and of a fresh one.
-pub(crate) const BUFFER: usize = 16 << 10;
+pub const BUFFER: usize = 16 << 10;
 /// How many spare buffers one thread keeps at most.
 const STOCK: usize = 16;
 
@@ -21,7 +24,7 @@ thread_local! {
 
 /// An empty buffer with room for at least [`BUFFER`] bytes: a spare one when this thread has
 /// one, otherwise a new one.
-pub(crate) fn take() -> BytesMut {
+pub fn take() -> BytesMut {
     match SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
         // Through `Bytes`: its one owner gets the allocation back without a copy.
         Some(vec) => BytesMut::from(Bytes::from(vec)),
@@ -31,7 +34,7 @@ pub(crate) fn take() -> BytesMut {
 
 /// Gives back a buffer that is no longer needed: kept for [`take`] when it is empty, the only
 /// owner of an allocation of the ordinary size, and the stock has room; freed otherwise.
-pub(crate) fn give(buf: BytesMut) {
+pub fn give(buf: BytesMut) {
     // (Capacity alone says nothing: a buffer advanced to its end reports none yet still
     // owns its allocation.)
     if !buf.is_empty() {
