@@ -21,7 +21,7 @@ use crate::exit;
 /// `-P`, `-b`), beside the documented ones.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnectArgs {
-    /// The server: ws://host[:port]/path or wss://… (http:// and https:// are taken as ws://
+    /// The server: ws://host:port/path or wss://… (http:// and https:// are taken as ws://
     /// and wss://, and host:port/path without a scheme as ws://).
     #[arg(required_unless_present = "connect", conflicts_with = "connect")]
     pub url: Option<String>,

@@ -53,8 +53,8 @@ struct EchoArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
-    /// Address to listen on, spelled as for `serve --listen` (PORT, :PORT, HOST:PORT,
-    /// [IPv6]:PORT); instead of --host and --port.
+    /// Address to listen on, spelled as for `serve --listen` (`PORT`, `:PORT`, `HOST:PORT`,
+    /// `[IPv6]:PORT`); instead of --host and --port.
     #[arg(long, value_parser = tether_server::config::parse_listen, conflicts_with_all = ["port", "host"])]
     listen: Option<std::net::SocketAddr>,
     /// Largest message accepted, in bytes.

@@ -6,7 +6,7 @@
 //! [`give`]).
 //!
 //! A buffer is taken back only when no payload still shares its memory and it has the
-//! ordinary size, so the stock never pins a large allocation; at most [`STOCK`] buffers wait
+//! ordinary size, so the stock never pins a large allocation; at most 16 buffers wait
 //! per thread.
 
 use std::cell::RefCell;

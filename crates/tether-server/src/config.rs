@@ -149,8 +149,8 @@ mod duration {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ServerConfig {
-    /// Address to listen on: PORT (on 127.0.0.1), :PORT (every interface), HOST:PORT (an
-    /// address or a name) or [IPv6]:PORT; port 0 picks a free one.
+    /// Address to listen on: `PORT` (on 127.0.0.1), `:PORT` (every interface), `HOST:PORT`
+    /// (an address or a name) or `[IPv6]:PORT`; port 0 picks a free one.
     #[arg(long, env = "TETHER_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
     #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,

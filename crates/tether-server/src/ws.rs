@@ -179,7 +179,7 @@ pub struct Resume {
 /// Runs a chat room member: welcome, history (after `since`, or the recent messages), ready,
 /// then live events and the client's messages.
 ///
-/// History is replayed in pages of [`REPLAY_PAGE`] messages, each read from storage only once
+/// History is replayed in pages of `REPLAY_PAGE` messages, each read from storage only once
 /// the previous one is written: a client that does not read holds one page and the socket's
 /// write buffer, not the whole history, and the write timeout ends it.
 pub fn room(

@@ -32,12 +32,12 @@ pub(super) fn lock<S>(shared: &Mutex<Inner<S>>) -> std::sync::MutexGuard<'_, Inn
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The sending half of a split [`WebSocket`].
+/// The sending half of a split [`WebSocket`](super::WebSocket).
 pub struct WsSender<S> {
     pub(super) shared: Arc<Mutex<Inner<S>>>,
 }
 
-/// The receiving half of a split [`WebSocket`]; it also writes pongs and the close echo.
+/// The receiving half of a split [`WebSocket`](super::WebSocket); it also writes pongs and the close echo.
 pub struct WsReceiver<S> {
     pub(super) shared: Arc<Mutex<Inner<S>>>,
 }
@@ -46,7 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
     /// Queues `msg` and writes everything queued.
     ///
     /// # Errors
-    /// As [`WebSocket::send`].
+    /// As [`WebSocket::send`](super::WebSocket::send).
     ///
     /// # Cancel safety
     /// If cancelled, the message may be queued and is written by a later call.
@@ -57,7 +57,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
     /// Queues `msg`, waiting only while more than `write_buffer_size` bytes are queued.
     ///
     /// # Errors
-    /// As [`WebSocket::send`].
+    /// As [`WebSocket::send`](super::WebSocket::send).
     ///
     /// # Cancel safety
     /// Cancel-safe: if cancelled, the message was not queued.
@@ -65,10 +65,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
         sending::feed(Side::Half(&self.shared), msg)
     }
 
-    /// Queues a prepared message; see [`WebSocket::feed_prepared`].
+    /// Queues a prepared message; see [`WebSocket::feed_prepared`](super::WebSocket::feed_prepared).
     ///
     /// # Errors
-    /// As [`WebSocket::send`].
+    /// As [`WebSocket::send`](super::WebSocket::send).
     ///
     /// # Cancel safety
     /// Cancel-safe: if cancelled, the message was not queued.
@@ -111,10 +111,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSender<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsReceiver<S> {
-    /// Receives the next message; see [`WebSocket::recv`].
+    /// Receives the next message; see [`WebSocket::recv`](super::WebSocket::recv).
     ///
     /// # Errors
-    /// As [`WebSocket::recv`].
+    /// As [`WebSocket::recv`](super::WebSocket::recv).
     ///
     /// # Cancel safety
     /// Cancel-safe.
