@@ -102,9 +102,12 @@ fn tls_words(e: &rustls::Error) -> Option<(&'static str, &'static str)> {
                 "the server needs a new certificate; --insecure skips the check for a test \
                  server",
             )),
-            // webpki's reason travels as text inside `Other`.
+            // webpki's reason travels inside `Other`, as an error value of its own type.
             CertificateError::Other(other)
-                if format!("{other:?}").contains("CaUsedAsEndEntity") =>
+                if matches!(
+                    other.0.downcast_ref::<webpki::Error>(),
+                    Some(webpki::Error::CaUsedAsEndEntity)
+                ) =>
             {
                 Some((
                     "the server presents a CA certificate (CA:TRUE) as its own, which TLS \
