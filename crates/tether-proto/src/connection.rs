@@ -4,13 +4,20 @@ use bytes::{Buf, Bytes, BytesMut};
 use rand::{RngCore, SeedableRng};
 
 use crate::close::{CloseFrame, ClosePayloadError};
-use crate::config::Limits;
+use std::sync::{Arc, OnceLock};
+
+use crate::config::{Limits, Settings};
 use crate::error::{ProtocolError, SendError};
 use crate::extension::deflate::Deflate;
 use crate::frame::{FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, RSV1};
 use crate::mask::apply_mask;
 use crate::transmit::Transmit;
 use crate::utf8::{Utf8Bytes, Utf8Validator};
+
+mod timers;
+
+pub use timers::Abnormal;
+use timers::Timer;
 
 /// Which end of the connection this is: it decides who masks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,13 +82,6 @@ pub enum Event {
         /// Whether this is the message's last piece.
         fin: bool,
     },
-}
-
-/// [`Limits`] in bytes, as a connection holds them.
-#[derive(Debug, Clone, Copy)]
-struct ByteLimits {
-    max_frame_size: usize,
-    max_message_size: usize,
 }
 
 /// The message being received. Its data so far (the payload of the frames before the current
@@ -178,14 +178,12 @@ pub type MaskSource = Box<dyn FnMut() -> [u8; 4] + Send>;
 /// assert_eq!(server.poll_event(), Some(Event::Text("hello".into())));
 /// ```
 ///
-/// An idle connection is small (136 bytes on 64-bit targets) and, once what it queued is
+/// An idle connection is small (144 bytes on 64-bit targets) and, once what it queued is
 /// written, a server's owns no heap memory: its write buffer goes back to the thread's stock
 /// ([`crate::buffers`]), and what only some connections need is boxed on demand.
 pub struct Connection {
-    /// The byte limits; the fragment limit is `max_fragments`, kept apart so that it packs
-    /// beside the small fields (an idle connection's size matters at scale).
-    limits: ByteLimits,
-    max_fragments: u32,
+    /// Limits and timers, shared with the other connections configured alike.
+    settings: Arc<Settings>,
     out: Transmit,
     rx: Rx,
     message: Option<Assembly>,
@@ -200,6 +198,16 @@ pub struct Connection {
     sending_fragmented: bool,
     /// Whether messages that start now are delivered frame by frame.
     streaming: bool,
+    /// When the running timer is due.
+    deadline: Option<std::time::Instant>,
+    /// Which timer runs.
+    timer: Timer,
+    /// How the connection ended, if abnormally.
+    abnormal: Option<Abnormal>,
+    /// Whether the transport has ended.
+    eof: bool,
+    /// Keepalive pings sent; the latest one's number is its payload.
+    pings: u8,
 }
 
 impl std::fmt::Debug for Connection {
@@ -214,13 +222,19 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// A connection with default [`Limits`]; a client draws masking keys from a CSPRNG.
+    /// A connection with default [`Settings`]; a client draws masking keys from a CSPRNG.
     pub fn new(role: Role) -> Self {
-        Self::with_limits(role, Limits::default())
+        static DEFAULT: OnceLock<Arc<Settings>> = OnceLock::new();
+        Self::with_settings(role, DEFAULT.get_or_init(Arc::default).clone())
     }
 
-    /// A connection with the given limits.
+    /// A connection with the given limits and default timers.
     pub fn with_limits(role: Role, limits: Limits) -> Self {
+        Self::with_settings(role, Arc::new(Settings::default().limits(limits)))
+    }
+
+    /// A connection with the given settings, which a server shares among its connections.
+    pub fn with_settings(role: Role, settings: Arc<Settings>) -> Self {
         let extras = match role {
             Role::Server => None,
             Role::Client => {
@@ -237,11 +251,7 @@ impl Connection {
             }
         };
         Connection {
-            limits: ByteLimits {
-                max_frame_size: limits.max_frame_size,
-                max_message_size: limits.max_message_size,
-            },
-            max_fragments: limits.max_message_fragments,
+            settings,
             out: Transmit::default(),
             rx: Rx::Idle,
             message: None,
@@ -253,6 +263,11 @@ impl Connection {
             close_received: false,
             sending_fragmented: false,
             streaming: false,
+            deadline: None,
+            timer: Timer::Off,
+            abnormal: None,
+            eof: false,
+            pings: 0,
         }
     }
 
@@ -331,11 +346,13 @@ impl Connection {
     }
 
     /// The limits in force.
-    pub fn limits(&self) -> Limits {
-        Limits::default()
-            .max_frame_size(self.limits.max_frame_size)
-            .max_message_size(self.limits.max_message_size)
-            .max_message_fragments(self.max_fragments)
+    pub fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Arc<Settings> {
+        &self.settings
     }
 
     /// The closing state.
@@ -348,7 +365,8 @@ impl Connection {
         self.close_received
     }
 
-    /// Whether our Close has been queued (by [`Connection::send_close`], an echo, or a failure).
+    /// Whether our Close has been queued (by [`Connection::send_close`], an echo, or a failure),
+    /// or the connection has otherwise ended: nothing but a Pong may be sent.
     pub fn close_sent(&self) -> bool {
         self.state != State::Open
     }
@@ -368,7 +386,8 @@ impl Connection {
     /// Automatic answers (pong, close echo) are queued for [`Connection::transmit`]. A partial
     /// frame stays in `buf`: its payload is unmasked and, for text, UTF-8-validated as it
     /// arrives, so invalid text fails without waiting for the rest. After the peer's Close,
-    /// further bytes are discarded.
+    /// further bytes are discarded, as they are once the connection ended abnormally
+    /// ([`Connection::abnormal`]).
     ///
     /// # Errors
     /// The [`ProtocolError`] that failed the connection. A Close carrying its code is queued;
@@ -378,7 +397,7 @@ impl Connection {
             return Err(err.clone());
         }
         loop {
-            if self.close_received {
+            if self.discards_input() {
                 buf.clear();
                 return Ok(());
             }
@@ -399,7 +418,7 @@ impl Connection {
     /// Whether [`Connection::receive`] could make progress on `buf` without more bytes:
     /// `buf` holds bytes beyond the partial frame already examined.
     pub fn wants_receive(&self, buf: &BytesMut) -> bool {
-        if self.close_received || self.error().is_some() {
+        if self.discards_input() || self.error().is_some() {
             return false;
         }
         match &self.rx {
@@ -429,6 +448,12 @@ impl Connection {
         let missing = self.frame_missing(buf);
         let ahead = buf.len().saturating_mul(FRAME_AHEAD_FACTOR);
         buf.reserve(missing.min(ahead).max(CHUNK));
+    }
+
+    /// Whether received bytes are passed over: after the peer's Close, or once the connection
+    /// ended abnormally (a timeout, or the transport's end mid-frame).
+    fn discards_input(&self) -> bool {
+        self.close_received || self.abnormal.is_some()
     }
 
     /// How many bytes past the end of `buf` the frame being received still needs. Zero
@@ -654,10 +679,7 @@ impl Connection {
     fn fail(&mut self, err: ProtocolError) {
         let code = err.close_code();
         self.extras().error = Some(err);
-        if matches!(self.rx, Rx::Frame(_)) {
-            self.rx = Rx::Idle;
-        }
-        self.drop_message();
+        self.stop_receiving();
         if self.state == State::Open {
             self.queue_close(Some(&CloseFrame::new(code, "")));
         }
@@ -746,19 +768,20 @@ impl Connection {
             }
             return Ok(());
         }
-        if h.payload_len > self.limits.max_frame_size as u64 {
+        let limits = &self.settings.limits;
+        if h.payload_len > limits.max_frame_size as u64 {
             return Err(ProtocolError::FrameTooLarge {
                 size: h.payload_len,
-                limit: self.limits.max_frame_size,
+                limit: limits.max_frame_size,
             });
         }
         let len = h.payload_len as usize;
-        let max_message = self.limits.max_message_size;
+        let max_message = limits.max_message_size;
+        let max_frames = limits.max_message_fragments;
         match (h.opcode, &mut self.message) {
             (OpCode::Continuation, None) => Err(ProtocolError::UnexpectedContinuation),
             (OpCode::Continuation, Some(m)) => {
                 m.frames = m.frames.saturating_add(1);
-                let max_frames = self.max_fragments;
                 if m.frames > max_frames {
                     return Err(ProtocolError::TooManyFragments { limit: max_frames });
                 }
@@ -794,7 +817,10 @@ impl Connection {
                 }
                 self.emit(Event::Ping(payload));
             }
-            OpCode::Pong => self.emit(Event::Pong(payload)),
+            OpCode::Pong => {
+                self.on_pong(&payload);
+                self.emit(Event::Pong(payload));
+            }
             OpCode::Close => self.on_close(&payload)?,
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 let Some(message) = self.message else {
@@ -863,7 +889,7 @@ impl Connection {
 
     /// Inflates one frame of a compressed message; the last one completes the message.
     fn on_compressed_frame(&mut self, fin: bool, payload: &[u8]) -> Result<(), ProtocolError> {
-        let limit = self.limits.max_message_size;
+        let limit = self.settings.limits.max_message_size;
         let (Some(message), Some(extras)) = (self.message, self.extras.as_deref_mut()) else {
             return Err(ProtocolError::ReservedBits(RSV1));
         };

@@ -1,7 +1,7 @@
 //! # tether-proto
 //!
 //! A sans-IO WebSocket (RFC 6455) protocol core: bytes in, events out; messages in, bytes out.
-//! No sockets, no clock, no async runtime — drive it from tokio (the `tether` crate does),
+//! No sockets, no clock (the time is passed in), no async runtime — drive it from tokio (the `tether` crate does),
 //! from a test with a byte slice, or from a fuzzer.
 //!
 //! - [`handshake`]: the HTTP/1.1 upgrade, both roles ([`handshake::server::Request`],
@@ -57,8 +57,8 @@ pub mod utf8;
 
 pub use bytes;
 pub use close::{CloseCode, CloseFrame};
-pub use config::Limits;
-pub use connection::{Connection, Event, MaskSource, Role, State};
+pub use config::{Limits, Settings, Timeouts};
+pub use connection::{Abnormal, Connection, Event, MaskSource, Role, State};
 pub use error::{ProtocolError, SendError};
 pub use frame::{FrameHeader, OpCode};
 pub use prepared::Prepared;

@@ -1,9 +1,10 @@
 //! Limits, timeouts and keepalive for one connection.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tether_proto::extension::deflate::DeflateConfig;
-use tether_proto::Limits;
+use tether_proto::{Limits, Settings};
 
 /// Every limit and timeout of a connection, each with a default suited to a public server.
 ///
@@ -64,6 +65,26 @@ pub struct Config {
     /// `max_message_size` (a decompression bomb gets 1009); compressor memory is bounded by
     /// the window bits (see [`DeflateConfig`]).
     pub deflate: Option<DeflateConfig>,
+    /// The protocol core's settings, made from the fields above once and shared by the
+    /// connections that use this configuration.
+    core: CoreSettings,
+}
+
+/// The core's settings of a [`Config`], once made. A copy of the configuration starts
+/// without them (it may be changed before use).
+#[derive(Default)]
+struct CoreSettings(OnceLock<Arc<Settings>>);
+
+impl Clone for CoreSettings {
+    fn clone(&self) -> Self {
+        CoreSettings::default()
+    }
+}
+
+impl std::fmt::Debug for CoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("..")
+    }
 }
 
 impl Default for Config {
@@ -84,6 +105,7 @@ impl Default for Config {
             allowed_origins: None,
             same_origin_scheme: None,
             deflate: None,
+            core: CoreSettings::default(),
         }
     }
 }
@@ -134,8 +156,32 @@ setters! {
 }
 
 impl Config {
+    /// The protocol core's settings: one allocation shared by every connection made with
+    /// this configuration while its fields stay as they are.
+    pub(crate) fn core_settings(&self) -> Arc<Settings> {
+        let fresh = Settings::default()
+            .limits(self.limits())
+            .timeouts(self.timeouts());
+        match self.core.0.get() {
+            Some(made) if **made == fresh => made.clone(),
+            _ => {
+                let made = Arc::new(fresh);
+                let _ = self.core.0.set(made.clone());
+                made
+            }
+        }
+    }
+
+    /// The protocol core's timers.
+    fn timeouts(&self) -> tether_proto::Timeouts {
+        tether_proto::Timeouts::default()
+            .ping_interval(self.ping_interval)
+            .pong_timeout(self.ping_timeout)
+            .close_timeout(self.close_timeout)
+    }
+
     /// The protocol core's limits.
-    pub(crate) fn limits(&self) -> Limits {
+    fn limits(&self) -> Limits {
         Limits::default()
             .max_frame_size(self.max_frame_size)
             .max_message_size(self.max_message_size)

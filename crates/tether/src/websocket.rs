@@ -16,7 +16,6 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 
 mod driver;
-mod keepalive;
 mod sending;
 mod split;
 mod streaming;

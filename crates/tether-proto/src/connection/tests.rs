@@ -428,8 +428,9 @@ fn receive_stops_at_each_event_so_earlier_messages_are_answered_first() {
 
 #[test]
 fn an_idle_connection_is_small() {
-    // Most of what a server holds per idle connection; it was 296 bytes.
-    assert!(std::mem::size_of::<Connection>() <= 136);
+    // Most of what a server holds per idle connection; it was 296 bytes, then 136 before it
+    // took over the timers (whose settings it shares with other connections).
+    assert!(std::mem::size_of::<Connection>() <= 144);
 }
 
 #[test]

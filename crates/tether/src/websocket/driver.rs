@@ -11,12 +11,11 @@ use bytes::{Buf, BytesMut};
 use tether_proto::buffers;
 use tether_proto::extension::deflate::Deflate;
 use tether_proto::{
-    CloseCode, CloseFrame, Connection, Event, OpCode, Prepared, Role, SendError, State,
+    Abnormal, CloseCode, CloseFrame, Connection, Event, OpCode, Prepared, Role, SendError, State,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
-use super::keepalive::Keepalive;
 use super::wakers::{Shared, Waiter};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -53,7 +52,6 @@ pub(crate) struct Parts<S> {
 #[derive(Default)]
 pub(super) struct Extra {
     pub(super) protocol: Option<Box<str>>,
-    pub(super) close_timer: Option<Pin<Box<Sleep>>>,
     /// Runs while a write waits on a peer that takes nothing; reset by any progress.
     /// Kept once made: a stall re-arms it (cheaply, to a later deadline) rather than
     /// allocating and registering a timer each time a busy socket's buffer fills.
@@ -78,12 +76,13 @@ pub(super) struct Inner<S> {
     pub(super) config: Arc<Config>,
     /// `None` until something in it is needed.
     pub(super) extra: Option<Box<Extra>>,
-    pub(super) keepalive: Option<Keepalive>,
+    /// Sleeps until the core's next deadline ([`Connection::poll_timeout`]); made when one is
+    /// first set, and kept.
+    pub(super) timer: Option<Pin<Box<Sleep>>>,
     /// While one task polls the connection: its waker, which the socket is given as is. A
     /// second task moves the connection to [`Extra::shared`] wakers.
     pub(super) task: Option<Waker>,
     pub(super) phase: Phase,
-    pub(super) eof: bool,
 }
 
 /// The waker a write (or shutdown) by `who` gives the socket: the caller's own while one task
@@ -147,14 +146,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             protocol,
             deflate,
         } = parts;
-        let mut conn = Connection::with_limits(role, config.limits());
+        let mut conn = Connection::with_settings(role, config.core_settings());
         if let Some(deflate) = deflate {
             conn.set_deflate(deflate);
         }
-        let keepalive = config
-            .ping_interval
-            .filter(|i| !i.is_zero())
-            .map(Keepalive::new);
+        if config.ping_interval.is_some() {
+            // Keepalive starts now.
+            conn.handle_timeout(Instant::now().into_std());
+        }
         let extra = protocol.map(|protocol| {
             Box::new(Extra {
                 protocol: Some(protocol.into_boxed_str()),
@@ -167,10 +166,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             read_buf,
             config,
             extra,
-            keepalive,
+            timer: None,
             task: None,
             phase: Phase::Running,
-            eof: false,
         }
     }
 
@@ -326,23 +324,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         }
     }
 
-    /// Arms the close timer (once) and tells whether it has fired.
-    pub(super) fn close_timer_fired(&mut self, cx: &mut Context<'_>) -> bool {
-        let timeout = self.config.close_timeout;
-        let timer = self
-            .extra()
-            .close_timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        timer.as_mut().poll(cx).is_ready()
+    /// Before a wait: tells the core the time (when a timer could be running) and sleeps
+    /// until its next deadline. `true` when a timer fired: go round again, to write what it
+    /// queued or to end.
+    pub(super) fn timer_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.conn.poll_timeout().is_none() && !self.conn.close_sent() {
+            // Open, without keepalive: no timer can run, and the clock is not read.
+            return false;
+        }
+        let now = Instant::now();
+        let due = self
+            .conn
+            .poll_timeout()
+            .is_some_and(|d| d <= now.into_std());
+        self.conn.handle_timeout(now.into_std());
+        if due {
+            self.after_timeout();
+            return true;
+        }
+        let Some(deadline) = self.conn.poll_timeout().map(Instant::from_std) else {
+            return false;
+        };
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        // The timer's clock reached the deadline.
+        self.conn.handle_timeout(deadline.into_std());
+        self.after_timeout();
+        true
     }
 
-    /// Hands an event to the caller as a message; a Pong answering our latest ping proves the
-    /// peer alive.
-    pub(super) fn deliver(&mut self, event: Event) -> Event {
-        if let (Event::Pong(payload), Some(k)) = (&event, &mut self.keepalive) {
-            k.pong(payload, &self.config);
+    /// What a timer that fired means for the driver: a keepalive failure ends the stream
+    /// with its error once the Close is written.
+    fn after_timeout(&mut self) {
+        if self.conn.abnormal() == Some(Abnormal::KeepaliveTimeout) && self.phase == Phase::Running
+        {
+            self.finish(Some(Error::KeepaliveTimeout));
         }
-        event
     }
 
     /// The next whole message. The pieces of a message that started streamed (see
@@ -389,24 +418,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         self.track_task(cx, Waiter::Reader);
         loop {
             if let Some(event) = self.conn.poll_event() {
-                match map(self.deliver(event)) {
+                match map(event) {
                     Some(item) => return Poll::Ready(Some(Ok(item))),
                     None => continue,
                 }
             }
             if self.phase == Phase::Done {
                 return self.end_done();
-            }
-            if self.phase == Phase::Running {
-                if let Some(keepalive) = &mut self.keepalive {
-                    if keepalive.poll(cx, &mut self.conn, &self.config).is_err() {
-                        let _ = self.conn.send_close(Some(CloseFrame::new(
-                            CloseCode::INTERNAL_ERROR,
-                            "keepalive timeout",
-                        )));
-                        self.finish(Some(Error::KeepaliveTimeout));
-                    }
-                }
             }
 
             // Frames already buffered come before anything new: parse them first.
@@ -417,7 +435,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     continue;
                 }
                 if let Some(event) = self.conn.poll_event() {
-                    match map(self.deliver(event)) {
+                    match map(event) {
                         Some(item) => return Poll::Ready(Some(Ok(item))),
                         None => continue,
                     }
@@ -439,36 +457,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 Poll::Pending => false,
             };
 
-            let finishing = self.phase != Phase::Running;
-            let state = self.conn.state();
-            if finishing || state != State::Open {
-                if self.close_timer_fired(cx) {
-                    tracing::debug!("close timeout elapsed; closing the transport");
-                    return self.end();
-                }
-                if finishing || state == State::Closed {
-                    if !flushed {
-                        return Poll::Pending;
-                    }
-                    // After a clean close handshake a client waits for the server to close
-                    // TCP first (RFC 6455 §7.1.1); a server, or a failed connection, closes now.
-                    let wait_for_peer = !finishing && self.conn.role() == Role::Client && !self.eof;
-                    if !wait_for_peer {
-                        let waker = write_waker(&self.extra, Waiter::Reader, cx.waker());
-                        let mut wcx = Context::from_waker(waker);
-                        let _ = ready!(Pin::new(&mut self.io).poll_shutdown(&mut wcx));
-                        return self.end();
-                    }
-                }
+            if self.conn.is_finished() {
+                tracing::debug!("close timeout elapsed; closing the transport");
+                return self.end();
             }
-            if self.eof {
-                // Open or closing, and the peer vanished without a close handshake.
+            if self.conn.abnormal() == Some(Abnormal::Eof) && self.phase == Phase::Running {
+                // The peer vanished without a close handshake.
                 self.mark_done();
                 return Poll::Ready(Some(Err(Error::AbnormalClosure)));
+            }
+            // A server closes the transport once its Close is written, as does a failed
+            // connection; a client that closed cleanly waits for the server to close it
+            // first (RFC 6455 §7.1.1), up to the close timeout.
+            if self.phase == Phase::Finishing || self.conn.should_close_transport() {
+                if !flushed {
+                    if self.timer_fired(cx) {
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+                let waker = write_waker(&self.extra, Waiter::Reader, cx.waker());
+                let mut wcx = Context::from_waker(waker);
+                if Pin::new(&mut self.io).poll_shutdown(&mut wcx).is_ready() {
+                    return self.end();
+                }
+                // Shutting down waits on the peer (a TLS close_notify to write), up to the
+                // close timeout.
+                if self.timer_fired(cx) {
+                    continue;
+                }
+                return Poll::Pending;
             }
 
             // Backpressure: don't take in more while our own output is over its budget.
             if !flushed && self.conn.queued_len() > self.config.write_buffer_size {
+                if self.timer_fired(cx) {
+                    continue;
+                }
                 return Poll::Pending;
             }
 
@@ -476,13 +501,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf) {
                 Poll::Pending => {
                     self.release_idle_buffers();
+                    if self.timer_fired(cx) {
+                        continue;
+                    }
                     return Poll::Pending;
                 }
                 // After both Close frames, a reset instead of a FIN still ends the connection.
                 Poll::Ready(Err(_))
                     if self.conn.state() == State::Closed && self.conn.close_received() =>
                 {
-                    self.eof = true;
+                    self.conn.receive_eof();
                     continue;
                 }
                 Poll::Ready(Err(e)) => {
@@ -490,7 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(Ok(0)) => {
-                    self.eof = true;
+                    self.conn.receive_eof();
                     continue;
                 }
                 Poll::Ready(Ok(_)) => {}
