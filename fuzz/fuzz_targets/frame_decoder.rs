@@ -6,14 +6,23 @@
 //! Input: byte 0's low 3 bits say how many piece lengths follow (one byte each, cycled; none
 //! means one piece); its bit 3 asks for small limits, read from the next two bytes; its bit 4
 //! turns streaming on (data messages arrive frame by frame: their pieces, put together, obey the
-//! same rules as a whole message). The rest is the stream.
+//! same rules as a whole message); its bit 5 turns keepalive on. The rest is the stream.
+//!
+//! Time moves a second per byte of each piece, told to the connection after each piece; at
+//! the end the transport closes: the connection ends cleanly or abnormally, wants the
+//! transport closed, and runs no timer past the close timeout.
 
 #![no_main]
 
 use bytes::{Buf, BytesMut};
 use libfuzzer_sys::fuzz_target;
 use tether_proto::mask::apply_mask_bytes;
-use tether_proto::{Connection, Event, FrameHeader, Limits, OpCode, ProtocolError, Role};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether_proto::{
+    Connection, Event, FrameHeader, Limits, OpCode, ProtocolError, Role, Settings, State, Timeouts,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&control, rest)) = data.split_first() else {
@@ -29,8 +38,15 @@ fuzz_target!(|data: &[u8]| {
             stream = tail;
         }
     }
+    let mut timeouts = Timeouts::default();
+    if control & 0b10_0000 != 0 {
+        timeouts = timeouts
+            .ping_interval(Some(Duration::from_secs(3)))
+            .pong_timeout(Duration::from_secs(5));
+    }
+    let settings = Arc::new(Settings::default().limits(limits).timeouts(timeouts));
     for role in [Role::Server, Role::Client] {
-        let mut conn = Connection::with_limits(role, limits.clone());
+        let mut conn = Connection::with_settings(role, settings.clone());
         conn.set_mask_source(Box::new(|| [0x37, 0xfa, 0x21, 0x3d]));
         conn.set_streaming(control & 0b1_0000 != 0);
         run(&mut conn, stream, sizes);
@@ -40,6 +56,8 @@ fuzz_target!(|data: &[u8]| {
 /// Feeds `stream` piece by piece as a driver would: parse, take events, write out.
 fn run(conn: &mut Connection, mut stream: &[u8], sizes: &[u8]) {
     let mut pieces = sizes.iter().map(|&s| usize::from(s) + 1).cycle();
+    let mut now = Instant::now();
+    conn.handle_timeout(now);
     let mut buf = BytesMut::new();
     let mut closed = false;
     // The streamed message so far, and whether it is text.
@@ -62,6 +80,7 @@ fn run(conn: &mut Connection, mut stream: &[u8], sizes: &[u8]) {
             }
             if let Err(err) = result {
                 check_failure(conn, &err);
+                end(conn, now);
                 return;
             }
             // A partial header makes `wants_receive` say yes without progress: stop there.
@@ -69,8 +88,28 @@ fn run(conn: &mut Connection, mut stream: &[u8], sizes: &[u8]) {
                 break;
             }
         }
+        now += Duration::from_secs(piece.len() as u64);
+        conn.handle_timeout(now);
         written(conn);
     }
+    end(conn, now);
+}
+
+/// The transport closes at `now`: whatever the state, the connection ends (cleanly only
+/// after both Close frames), wants the transport closed, and its last timer is the close
+/// handshake's.
+fn end(conn: &mut Connection, now: Instant) {
+    conn.receive_eof();
+    assert_eq!(conn.state(), State::Closed);
+    assert!(conn.should_close_transport());
+    let clean = conn.close_received() && conn.error().is_none();
+    assert!(clean || conn.error().is_some() || conn.abnormal().is_some());
+    conn.handle_timeout(now);
+    let later = now + Duration::from_secs(3600);
+    conn.handle_timeout(later);
+    assert!(conn.is_finished());
+    assert_eq!(conn.poll_timeout(), None);
+    written(conn);
 }
 
 fn check_event(event: &Event, max_message: usize) {

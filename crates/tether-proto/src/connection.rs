@@ -68,8 +68,9 @@ pub enum Event {
     /// not sent a Close already. This is the last event.
     Close(Option<CloseFrame>),
     /// A piece of a data message that started while streaming was on
-    /// ([`Connection::set_streaming`]): one frame's payload (inflated, for a compressed
-    /// message) as soon as the frame is in. A text message's pieces may split a code point;
+    /// ([`Connection::set_streaming`]): one frame's payload as soon as the frame is in; for a
+    /// compressed message, what the frame inflates to, in pieces of at most `max_frame_size`
+    /// bytes. A text message's pieces may split a code point;
     /// the UTF-8 of the whole is checked as it arrives, and the last piece (`fin`) is only
     /// delivered when the message ends on a whole code point.
     Fragment {
@@ -95,6 +96,8 @@ struct Assembly {
     streamed: bool,
     /// Frames so far, including the one being received.
     frames: u32,
+    /// Whether a piece of it was delivered (streamed messages).
+    started: bool,
     /// Total bytes so far, including the frame being received.
     len: usize,
 }
@@ -137,6 +140,18 @@ struct Extras {
     /// The message being received, so far: the payload of its frames before the current one,
     /// or for a compressed message what was inflated. Empty between messages.
     data: Vec<u8>,
+    /// A compressed frame of a streamed message, being inflated a piece at a time.
+    inflating: Option<Inflating>,
+}
+
+/// What of a compressed frame of a streamed message is not inflated yet: the rest of its
+/// payload and, after the message's last frame, of the tail the sender removed.
+struct Inflating {
+    payload: Bytes,
+    used: usize,
+    /// The message's last frame: the tail follows its payload.
+    fin: bool,
+    tail_used: usize,
 }
 
 impl Extras {
@@ -146,6 +161,7 @@ impl Extras {
             && self.deflate.is_none()
             && self.error.is_none()
             && self.data.capacity() == 0
+            && self.inflating.is_none()
     }
 }
 
@@ -288,6 +304,7 @@ impl Connection {
         self.message = None;
         if let Some(extras) = self.extras.as_mut() {
             extras.data = Vec::new();
+            extras.inflating = None;
         }
     }
 
@@ -320,8 +337,9 @@ impl Connection {
 
     /// Whether data messages that start from now on are delivered frame by frame, as
     /// [`Event::Fragment`]s, instead of whole (default `false`): a receiver can then pass on a
-    /// message of any size holding one frame of it at a time. Limits still hold: each frame
-    /// within `max_frame_size`, the message (as received, so compressed for a compressed one)
+    /// message of any size holding one frame of it at a time (a compressed frame is inflated a
+    /// piece of `max_frame_size` at a time, however far it inflates). Limits still hold: each
+    /// frame within `max_frame_size`, the message (as received, so compressed for a compressed one)
     /// within `max_message_size` and `max_message_fragments`. A message already started
     /// keeps the way it started with.
     #[inline]
@@ -423,8 +441,11 @@ impl Connection {
         }
         match &self.rx {
             Rx::Frame(frame) => buf.len() > frame.seen,
-            // A whole header (or a bad one) is buffered; a partial header needs more bytes.
-            Rx::Idle | Rx::Event(_) => !matches!(FrameHeader::parse(buf), Ok(None)),
+            // More of a frame to inflate, or a whole header (or a bad one) is buffered; a
+            // partial header needs more bytes.
+            Rx::Idle | Rx::Event(_) => {
+                self.is_inflating() || !matches!(FrameHeader::parse(buf), Ok(None))
+            }
         }
     }
 
@@ -686,8 +707,18 @@ impl Connection {
         self.state = State::Closed;
     }
 
-    /// Makes progress on one frame. `Ok(true)`: a frame completed; `Ok(false)`: need more bytes.
+    /// Whether a compressed frame of a streamed message has more to inflate.
+    fn is_inflating(&self) -> bool {
+        self.extras.as_ref().is_some_and(|x| x.inflating.is_some())
+    }
+
+    /// Makes progress on one frame. `Ok(true)`: a frame (or a piece of one) completed;
+    /// `Ok(false)`: need more bytes.
     fn step(&mut self, buf: &mut BytesMut) -> Result<bool, ProtocolError> {
+        if self.is_inflating() {
+            self.inflate_piece()?;
+            return Ok(true);
+        }
         let mut frame = match self.rx {
             Rx::Frame(frame) => frame,
             Rx::Idle | Rx::Event(_) => {
@@ -802,6 +833,7 @@ impl Connection {
                     compressed: h.rsv & RSV1 != 0,
                     streamed: self.streaming,
                     frames: 1,
+                    started: false,
                     len,
                 });
                 Ok(())
@@ -827,7 +859,7 @@ impl Connection {
                     return Err(ProtocolError::UnexpectedContinuation);
                 };
                 if message.compressed {
-                    return self.on_compressed_frame(h.fin, &payload);
+                    return self.on_compressed_frame(h.fin, payload);
                 }
                 if message.streamed {
                     return self.deliver_piece(message, payload, h.fin);
@@ -877,10 +909,12 @@ impl Connection {
             if message.text {
                 self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
             }
+        } else if let Some(m) = self.message.as_mut() {
+            m.started = true;
         }
         self.emit(Event::Fragment {
             text: message.text,
-            first: message.frames == 1,
+            first: !message.started,
             data,
             fin,
         });
@@ -888,25 +922,29 @@ impl Connection {
     }
 
     /// Inflates one frame of a compressed message; the last one completes the message.
-    fn on_compressed_frame(&mut self, fin: bool, payload: &[u8]) -> Result<(), ProtocolError> {
+    fn on_compressed_frame(&mut self, fin: bool, payload: Bytes) -> Result<(), ProtocolError> {
         let limit = self.settings.limits.max_message_size;
         let (Some(message), Some(extras)) = (self.message, self.extras.as_deref_mut()) else {
             return Err(ProtocolError::ReservedBits(RSV1));
         };
+        if message.streamed {
+            extras.inflating = Some(Inflating {
+                payload,
+                used: 0,
+                fin,
+                tail_used: 0,
+            });
+            return self.inflate_piece();
+        }
         let Some(deflate) = extras.deflate.as_mut() else {
             return Err(ProtocolError::ReservedBits(RSV1));
         };
         let before = extras.data.len();
-        deflate.inflate(payload, fin, &mut extras.data, limit)?;
+        deflate.inflate(&payload, fin, &mut extras.data, limit)?;
         if message.text {
             self.utf8
                 .feed(&extras.data[before..])
                 .map_err(|_| ProtocolError::InvalidUtf8)?;
-        }
-        if message.streamed {
-            // Each frame's inflated data goes out as it is: at most `limit` per frame.
-            let data = Bytes::from(std::mem::take(&mut extras.data));
-            return self.deliver_piece(message, data, fin);
         }
         if !fin {
             return Ok(());
@@ -914,6 +952,48 @@ impl Connection {
         self.message = None;
         let data = std::mem::take(&mut extras.data);
         self.deliver(message.text, Bytes::from(data))
+    }
+
+    /// Inflates and delivers the next piece of a compressed frame of a streamed message: at
+    /// most `max_frame_size` bytes, as an uncompressed frame's piece would be, so that a frame
+    /// that inflates to gigabytes costs the receiver one piece at a time.
+    fn inflate_piece(&mut self) -> Result<(), ProtocolError> {
+        let cap = self.settings.limits.max_frame_size.max(1);
+        let (Some(message), Some(extras)) = (self.message, self.extras.as_deref_mut()) else {
+            return Err(ProtocolError::ReservedBits(RSV1));
+        };
+        let Extras {
+            deflate: Some(deflate),
+            inflating: Some(frame),
+            data,
+            ..
+        } = extras
+        else {
+            return Err(ProtocolError::ReservedBits(RSV1));
+        };
+        if frame.used < frame.payload.len() {
+            frame.used += deflate.inflate_some(&frame.payload[frame.used..], data, cap)?;
+        }
+        let tail = &Deflate::TAIL;
+        if frame.used == frame.payload.len() && frame.fin && data.len() < cap {
+            frame.tail_used += deflate.inflate_some(&tail[frame.tail_used..], data, cap)?;
+        }
+        let done =
+            frame.used == frame.payload.len() && (!frame.fin || frame.tail_used == tail.len());
+        let fin = done && frame.fin;
+        if done {
+            extras.inflating = None;
+            if fin {
+                deflate.end_inflate();
+            }
+        }
+        if message.text {
+            self.utf8
+                .feed(&extras.data)
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        let data = Bytes::from(std::mem::take(&mut extras.data));
+        self.deliver_piece(message, data, fin)
     }
 
     fn on_close(&mut self, payload: &[u8]) -> Result<(), ProtocolError> {

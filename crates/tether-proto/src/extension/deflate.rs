@@ -454,6 +454,74 @@ impl Deflate {
         result
     }
 
+    /// Inflates from `input` into `out` until `input` is consumed or `out` holds `cap`
+    /// bytes, whichever comes first; returns how many input bytes were consumed. A message
+    /// received as a stream is inflated this way, a piece of at most `cap` bytes at a time,
+    /// so that however much a frame inflates to, the receiver holds one piece of it. Call
+    /// [`Deflate::end_inflate`] once the message's tail is consumed.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Extension`] for data that is not DEFLATE.
+    pub(crate) fn inflate_some(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        cap: usize,
+    ) -> Result<usize, ProtocolError> {
+        let peer_resets = self.peer_resets;
+        let d = self.inflater.get_or_insert_with(|| {
+            if peer_resets {
+                INFLATERS
+                    .with_borrow_mut(Vec::pop)
+                    .unwrap_or_else(new_inflater)
+            } else {
+                new_inflater()
+            }
+        });
+        let start = d.total_in();
+        loop {
+            let used = (d.total_in() - start) as usize;
+            if used == input.len() || out.len() >= cap {
+                return Ok(used);
+            }
+            if out.len() == out.capacity() {
+                let room = (cap - out.len()).min(out.capacity().max(4096));
+                out.reserve_exact(room);
+            }
+            let before = (d.total_in(), out.len());
+            let status = d
+                .decompress_vec(&input[used..], out, FlushDecompress::Sync)
+                .map_err(|e| ProtocolError::Extension(format!("inflate: {e}")))?;
+            if status == Status::StreamEnd {
+                // A final DEFLATE block: the next message starts a new stream.
+                d.reset(false);
+                return Ok(input.len());
+            }
+            if (d.total_in(), out.len()) == before && out.len() < out.capacity() {
+                return Err(ProtocolError::Extension("inflate made no progress".into()));
+            }
+        }
+    }
+
+    /// Ends a message inflated with [`Deflate::inflate_some`]: without context takeover, the
+    /// inflater goes back to the thread's pool for the next message, of any connection.
+    pub(crate) fn end_inflate(&mut self) {
+        if !self.peer_resets {
+            return;
+        }
+        if let Some(mut d) = self.inflater.take() {
+            d.reset(false);
+            INFLATERS.with_borrow_mut(|pool| {
+                if pool.len() < POOL_MAX {
+                    pool.push(d);
+                }
+            });
+        }
+    }
+
+    /// The bytes that end every compressed message, removed by the sender (RFC 7692 §7.2.2).
+    pub(crate) const TAIL: [u8; 4] = TAIL;
+
     /// Inflates one whole compressed message payload into `out`, at most `limit` bytes.
     ///
     /// # Errors

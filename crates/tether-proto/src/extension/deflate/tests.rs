@@ -171,16 +171,20 @@ fn pair(params: DeflateParams, config: &DeflateConfig) -> (Connection, Connectio
 fn carry(from: &mut Connection, to: &mut Connection) -> (Vec<Event>, usize) {
     let out = from.transmit();
     let wire = out.copy_to_bytes(out.remaining());
-    let mut buf = BytesMut::from(&wire[..]);
+    (receive_all(to, &wire), wire.len())
+}
+
+/// Parses all of `wire`, as a driver does between reads; returns the events.
+fn receive_all(to: &mut Connection, wire: &[u8]) -> Vec<Event> {
+    let mut buf = BytesMut::from(wire);
     let mut events = Vec::new();
     loop {
         to.receive(&mut buf).unwrap();
         events.extend(std::iter::from_fn(|| to.poll_event()));
         if !to.wants_receive(&buf) {
-            break;
+            return events;
         }
     }
-    (events, wire.len())
 }
 
 fn json_like(i: usize) -> String {
@@ -274,15 +278,7 @@ fn large_and_fragmented_compressed_messages_round_trip() {
         DeflateParams::default(),
         &DeflateConfig::default(),
     ));
-    let mut buf = BytesMut::from(&wire[..]);
-    let mut events = Vec::new();
-    loop {
-        server.receive(&mut buf).unwrap();
-        events.extend(std::iter::from_fn(|| server.poll_event()));
-        if !server.wants_receive(&buf) {
-            break;
-        }
-    }
+    let events = receive_all(&mut server, &wire);
     assert_eq!(
         events,
         vec![
@@ -462,4 +458,99 @@ fn prepared_messages_compress_once_for_connections_without_server_takeover() {
     assert!(second < first, "{second} < {first}");
     assert!(matches!(&events[..], [Event::Text(_)]));
     assert_eq!(message.cached(), 1);
+}
+
+/// A server with permessage-deflate, streaming on, and `max_frame_size` at `cap`.
+fn streaming_server(cap: usize) -> Connection {
+    let limits = crate::config::Limits::default().max_frame_size(cap);
+    let mut server = Connection::with_limits(Role::Server, limits);
+    server.set_deflate(Deflate::new(
+        Role::Server,
+        DeflateParams::default(),
+        &DeflateConfig::default(),
+    ));
+    server.set_streaming(true);
+    server
+}
+
+/// Receives `wire` with [`streaming_server`]; returns the events.
+fn stream_in(wire: &[u8], cap: usize) -> Vec<Event> {
+    receive_all(&mut streaming_server(cap), wire)
+}
+
+/// The pieces of one streamed message: their data joined, and checks on their flags.
+fn joined(events: &[Event], cap: usize) -> (Vec<u8>, usize) {
+    let mut data = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        let Event::Fragment {
+            data: piece,
+            first,
+            fin,
+            ..
+        } = event
+        else {
+            panic!("a piece: {event:?}");
+        };
+        assert_eq!(*first, i == 0, "first only on the first piece");
+        assert_eq!(*fin, i == events.len() - 1, "fin only on the last piece");
+        assert!(piece.len() <= cap, "a piece of {} bytes", piece.len());
+        data.extend_from_slice(piece);
+    }
+    (data, events.len())
+}
+
+#[test]
+fn a_streamed_compressed_frame_is_inflated_a_piece_at_a_time() {
+    // 6.5 MB of text that compresses to under 128 KiB: one frame, delivered in pieces of at
+    // most 128 KiB however far it inflates.
+    let text = "all work and no play ✓ ".repeat(262_000);
+    let mut sender = Deflate::new(
+        Role::Client,
+        DeflateParams::default(),
+        &DeflateConfig::default(),
+    );
+    let compressed = sender.compress(text.as_bytes());
+    let cap = 128 << 10;
+    assert!(compressed.len() < cap, "{}", compressed.len());
+    let events = stream_in(&masked(0x01, true, RSV1, &compressed), cap);
+    let (data, pieces) = joined(&events, cap);
+    assert_eq!(pieces, text.len().div_ceil(cap));
+    assert_eq!(data, text.as_bytes());
+    assert!(matches!(events[0], Event::Fragment { text: true, .. }));
+
+    // The same over three frames, each inflated in pieces too.
+    let (a, rest) = compressed.split_at(compressed.len() / 3);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    let mut wire = masked(0x01, false, RSV1, a);
+    wire.extend(masked(0x00, false, 0, b));
+    wire.extend(masked(0x00, true, 0, c));
+    let events = stream_in(&wire, cap);
+    let (data, pieces) = joined(&events, cap);
+    assert!(pieces >= text.len() / cap, "{pieces}");
+    assert_eq!(data, text.as_bytes());
+}
+
+#[test]
+fn a_streamed_compressed_text_is_still_checked_for_utf8() {
+    let mut sender = Deflate::new(
+        Role::Client,
+        DeflateParams::default(),
+        &DeflateConfig::default(),
+    );
+    let mut bad = "fine ".repeat(100_000).into_bytes();
+    bad.extend_from_slice(&[0xff, 0xfe]);
+    let compressed = sender.compress(&bad);
+    assert!(compressed.len() < 8192, "{}", compressed.len());
+    let mut server = streaming_server(8192);
+    let mut buf = BytesMut::from(&masked(0x01, true, RSV1, &compressed)[..]);
+    let err = loop {
+        match server.receive(&mut buf) {
+            Err(err) => break err,
+            Ok(()) => {
+                while server.poll_event().is_some() {}
+                assert!(server.wants_receive(&buf), "ended without an error");
+            }
+        }
+    };
+    assert_eq!(err, ProtocolError::InvalidUtf8);
 }
