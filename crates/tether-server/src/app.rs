@@ -119,6 +119,8 @@ pub struct App {
     pub config: ServerConfig,
     /// The WebSocket settings every socket shares.
     pub ws_config: Arc<tether::Config>,
+    /// The same for the channel protocol's endpoint, which speaks `tether.v1`.
+    pub channels_config: Arc<tether::Config>,
     /// Subscriptions and fan-out.
     pub hub: Arc<Hub>,
     /// Stored writes of messages and votes.
@@ -300,6 +302,11 @@ impl App {
             login_failures,
             account_failures,
             config,
+            channels_config: Arc::new(
+                ws_config
+                    .clone()
+                    .protocols(vec![crate::channels::PROTOCOL.to_owned()]),
+            ),
             ws_config: Arc::new(ws_config),
             hub,
             journal,

@@ -28,7 +28,7 @@ use crate::{web, ws};
 use tether::axum::{UpgradeRejection, WebSocketUpgrade};
 use tether::handshake::HandshakeError;
 
-const ROOM_RULE: &str = "a room name is 1-64 of A-Z a-z 0-9 _ - ., not only dots";
+pub(crate) const ROOM_RULE: &str = "a room name is 1-64 of A-Z a-z 0-9 _ - ., not only dots";
 
 /// The most bytes of header fields a request may carry (each name and value with its `: `
 /// and line end); more is answered 431. The same as the WebSocket handshake's limit.
@@ -104,6 +104,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/broadcast", post(broadcast))
         .route("/api/polls", get(polls).post(create_poll))
         .route("/api/polls/{id}", get(poll))
+        .route("/ws", get(channel_socket))
         .route("/ws/echo", get(echo_socket))
         .route("/ws/rooms/{room}", get(room_socket))
         .route("/ws/polls/{id}", get(poll_socket))
@@ -863,11 +864,22 @@ fn refuse(app: &App, peer: Option<SocketAddr>, refused: Refused) -> Response {
 
 /// The checks every upgrade passes (Origin, identity, limits), then the upgrade itself; the
 /// session runs in its own task.
+/// What an endpoint asks of an upgrade.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    /// Any client: no identity (`/ws/echo`).
+    Anonymous,
+    /// A user or a guest (the single-channel endpoints).
+    Identified,
+    /// A user or a guest offering the channel protocol's subprotocol (`/ws`).
+    Channels,
+}
+
 async fn upgrade<F, Fut>(
     app: Arc<App>,
     req: Request,
     query: SocketQuery,
-    needs_identity: bool,
+    endpoint: Endpoint,
     session: F,
 ) -> Response
 where
@@ -880,10 +892,27 @@ where
     let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
     // The request must be an upgrade that the WebSocket configuration accepts (its Origin
     // policy, its head limit) before anything else is spent on it.
+    let config = match endpoint {
+        Endpoint::Channels => app.channels_config.clone(),
+        Endpoint::Anonymous | Endpoint::Identified => app.ws_config.clone(),
+    };
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-        Ok(ws) => ws.config(app.ws_config.clone()),
+        Ok(ws) => ws.config(config),
         Err(rejection) => return refuse(&app, peer, upgrade_refusal(rejection)),
     };
+    if matches!(endpoint, Endpoint::Channels)
+        && !ws
+            .offered_protocols()
+            .any(|p| p == crate::channels::PROTOCOL)
+    {
+        let reason = "offer the tether.v1 subprotocol (Sec-WebSocket-Protocol: tether.v1)";
+        return refuse(
+            &app,
+            peer,
+            Refused::new(StatusCode::BAD_REQUEST, Refusal::BadRequest, reason),
+        );
+    }
+    let needs_identity = !matches!(endpoint, Endpoint::Anonymous);
     if let Err(rejection) = ws.check() {
         return refuse(&app, peer, upgrade_refusal(rejection));
     }
@@ -1018,7 +1047,7 @@ async fn echo_socket(State(app): State<Arc<App>>, req: Request) -> Response {
         app,
         req,
         SocketQuery::default(),
-        false,
+        Endpoint::Anonymous,
         |app, socket, slot, _| ws::echo(app, socket, slot),
     )
     .await
@@ -1042,9 +1071,13 @@ async fn room_socket(
             .clone()
             .map(|e| if e.len() <= 64 { e } else { String::new() }),
     };
-    upgrade(app, req, query, true, move |app, socket, slot, member| {
-        ws::room(app, socket, slot, room, member, resume)
-    })
+    upgrade(
+        app,
+        req,
+        query,
+        Endpoint::Identified,
+        move |app, socket, slot, member| ws::room(app, socket, slot, room, member, resume),
+    )
     .await
 }
 
@@ -1062,8 +1095,28 @@ async fn poll_socket(
         }
         Err(e) => return store_error(&e),
     };
-    upgrade(app, req, query, true, move |app, socket, slot, member| {
-        ws::poll(app, socket, slot, poll, member)
-    })
+    upgrade(
+        app,
+        req,
+        query,
+        Endpoint::Identified,
+        move |app, socket, slot, member| ws::poll(app, socket, slot, poll, member),
+    )
+    .await
+}
+
+/// `/ws`: the channel protocol (docs/protocol.md).
+async fn channel_socket(
+    State(app): State<Arc<App>>,
+    Query(query): Query<SocketQuery>,
+    req: Request,
+) -> Response {
+    upgrade(
+        app,
+        req,
+        query,
+        Endpoint::Channels,
+        crate::channels::session,
+    )
     .await
 }

@@ -1,5 +1,10 @@
 //! The hub: who is subscribed to which room or poll, and fan-out to them.
 //!
+//! A subscriber speaks one of two formats: the single-channel endpoints' events
+//! ([`Format::Room`]) or the channel protocol's pushes ([`Format::Channels`], docs/protocol.md).
+//! An event is encoded once per format among a topic's subscribers, and the same bytes go to
+//! every subscriber of that format.
+//!
 //! Every subscriber has a bounded outbound queue. Fan-out serializes an event once and hands
 //! the same bytes to every queue with `try_send`; a queue that is full marks its connection as
 //! a slow consumer, which its task then closes with 1013. Fan-out never waits, so a slow reader
@@ -25,8 +30,27 @@ use crate::store::ChatMessage;
 pub struct Outgoing {
     /// The chat message id, or 0.
     pub id: u64,
+    /// The subscription it came through ([`Subscription::id`]; 0 for a reply), so that a
+    /// connection with several subscriptions on one outbox knows whose event it is.
+    pub sub: u64,
     /// The encoded event, shared by every connection it goes to.
     pub msg: Arc<Prepared>,
+}
+
+/// How a subscriber's connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The single-channel endpoints' events (`/ws/rooms/…`, `/ws/polls/…`).
+    Room,
+    /// The channel protocol's pushes (`/ws`, tether.v1).
+    Channels,
+}
+
+/// An event for a topic's subscribers: its chat message id (or 0), and how to encode it in
+/// each format. Each format is encoded at most once per fan-out.
+struct Fan<'a> {
+    id: u64,
+    encode: &'a dyn Fn(Format) -> Arc<Prepared>,
 }
 
 /// Why the hub ended a connection's place in it.
@@ -156,6 +180,7 @@ struct Peer {
     /// Shared with the room's count of the user's connections.
     user: Arc<str>,
     outbox: Arc<Outbox>,
+    format: Format,
 }
 
 #[derive(Debug, Default)]
@@ -164,15 +189,34 @@ struct Topic {
 }
 
 impl Topic {
-    /// Queues `event` to every peer (except `skip`); returns how many it reached.
-    fn fan_out(&self, event: &Outgoing, skip: Option<u64>, metrics: &Metrics) -> usize {
-        let mut reached = 0;
+    /// Queues `event` to every peer (except `skip`; only those speaking `only`, if given);
+    /// returns how many it reached.
+    fn fan_out(
+        &self,
+        event: &Fan<'_>,
+        skip: Option<u64>,
+        only: Option<Format>,
+        metrics: &Metrics,
+    ) -> usize {
+        // Encoded on first need, per format, and shared by every peer speaking it.
+        let mut encoded: [Option<Arc<Prepared>>; 2] = [None, None];
+        let mut reached = [0; 2];
         for (id, peer) in &self.peers {
-            if Some(*id) == skip || peer.outbox.verdict().is_some() {
+            if Some(*id) == skip
+                || only.is_some_and(|f| f != peer.format)
+                || peer.outbox.verdict().is_some()
+            {
                 continue;
             }
-            match peer.outbox.push(event.clone()) {
-                Ok(()) => reached += 1,
+            let slot = peer.format as usize;
+            let msg = encoded[slot].get_or_insert_with(|| (event.encode)(peer.format));
+            let outgoing = Outgoing {
+                id: event.id,
+                sub: *id,
+                msg: msg.clone(),
+            };
+            match peer.outbox.push(outgoing) {
+                Ok(()) => reached[slot] += 1,
                 Err(Full) => {
                     tracing::warn!(user = %peer.user, "slow consumer: outbound queue full");
                     peer.outbox.mark(Verdict::Slow);
@@ -181,8 +225,12 @@ impl Topic {
         }
         // Counted once per fan-out, not per subscriber: the counters are shared by every
         // thread, and a room of thousands would make them a contended hot spot.
-        metrics.sent_many(reached, event.msg.payload().len());
-        reached
+        for (msg, reached) in encoded.iter().zip(reached) {
+            if let Some(msg) = msg {
+                metrics.sent_many(reached, msg.payload().len());
+            }
+        }
+        reached.iter().sum()
     }
 }
 
@@ -209,6 +257,8 @@ pub struct Hub {
     /// By name; a name is one allocation shared with its members' subscriptions.
     rooms: Mutex<HashMap<Arc<str>, RoomState>>,
     polls: Mutex<HashMap<i64, PollState>>,
+    /// Every connection of the channel protocol: what `broadcast` reaches besides rooms.
+    everyone: Mutex<Topic>,
     next_id: AtomicU64,
     queue_len: usize,
     /// Where local joins and leaves go to be shared with other nodes (cluster mode).
@@ -229,6 +279,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// Its id, which the events it receives carry ([`Outgoing::sub`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The user whose connection it is.
     pub fn user(&self) -> &str {
         &self.user
@@ -252,6 +307,26 @@ impl Subscription {
 enum TopicKey {
     Room(Arc<str>),
     Poll(i64),
+}
+
+/// A channel-protocol connection's place among those a broadcast reaches; dropping it leaves.
+#[derive(Debug)]
+pub struct Everyone {
+    hub: Arc<Hub>,
+    id: u64,
+}
+
+impl Everyone {
+    /// Its id, which the events it receives carry ([`Outgoing::sub`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for Everyone {
+    fn drop(&mut self) {
+        lock(&self.hub.everyone).peers.remove(&self.id);
+    }
 }
 
 /// What a joining connection learns.
@@ -288,10 +363,83 @@ struct Counts<'a> {
     total: u64,
 }
 
+/// The channel protocol's pushes (docs/protocol.md), as the hub fans them out.
+pub mod push {
+    use serde::Serialize;
+
+    /// A publication: `{"type": "pub", …}`.
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "pub")]
+    pub struct Publication<'a, D: Serialize> {
+        /// Its channel.
+        pub channel: &'a str,
+        /// Its offset in the channel's stream (absent for channels without one).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub offset: Option<u64>,
+        /// Who published it (absent for the server).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub user: Option<&'a str>,
+        /// When it was stored or sent.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub ts: Option<&'a str>,
+        /// What was published.
+        pub data: D,
+    }
+
+    /// A user's first connection subscribed, or its last one left: `{"type": "join"|"leave", …}`.
+    #[derive(Serialize)]
+    pub struct Presence<'a> {
+        /// `join` or `leave`.
+        #[serde(rename = "type")]
+        pub kind: &'static str,
+        /// The channel.
+        pub channel: &'a str,
+        /// Who.
+        pub user: &'a str,
+        /// Users in the channel now.
+        pub count: usize,
+    }
+
+    /// The channel name of a room.
+    pub fn room_channel(room: &str) -> String {
+        format!("room:{room}")
+    }
+}
+
+#[derive(Serialize)]
+struct Text<'a> {
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+struct CountsData<'a> {
+    counts: &'a BTreeMap<String, u64>,
+    total: u64,
+}
+
 /// Serializes an event once into a text message that many connections can share.
 pub fn encode(event: &impl Serialize) -> Arc<Prepared> {
     let json = serde_json::to_string(event).expect("events serialize");
     Arc::new(Prepared::text(json))
+}
+
+/// A presence change in `format`.
+fn presence(format: Format, room: &str, user: &str, join: bool, count: usize) -> Arc<Prepared> {
+    let kind = if join { "join" } else { "leave" };
+    match format {
+        Format::Room => encode(&Presence {
+            room,
+            user,
+            event: kind,
+            count,
+        }),
+        Format::Channels => encode(&push::Presence {
+            kind,
+            channel: &push::room_channel(room),
+            user,
+            count,
+        }),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -307,6 +455,7 @@ impl Hub {
             epoch: Mutex::new(String::new()),
             rooms: Mutex::new(HashMap::new()),
             polls: Mutex::new(HashMap::new()),
+            everyone: Mutex::new(Topic::default()),
             next_id: AtomicU64::new(1),
             queue_len: queue_len.max(1),
             presence: std::sync::OnceLock::new(),
@@ -314,18 +463,39 @@ impl Hub {
         })
     }
 
-    fn peer(&self, user: Arc<str>) -> (u64, Peer, Arc<Outbox>) {
-        let outbox = Arc::new(Outbox::new(self.queue_len));
+    /// A connection's outbound queue, for several subscriptions to share
+    /// ([`Hub::join_with`]).
+    pub fn outbox(&self) -> Arc<Outbox> {
+        Arc::new(Outbox::new(self.queue_len))
+    }
+
+    fn peer(&self, user: Arc<str>, outbox: Option<Arc<Outbox>>, format: Format) -> (u64, Peer) {
+        let outbox = outbox.unwrap_or_else(|| self.outbox());
         let id = self.next_id.fetch_add(1, Relaxed);
-        let peer = Peer {
-            user,
-            outbox: outbox.clone(),
-        };
-        (id, peer, outbox)
+        (
+            id,
+            Peer {
+                user,
+                outbox,
+                format,
+            },
+        )
     }
 
     /// Subscribes a connection of `user` to `room`; the others learn of a new user.
     pub fn join(self: &Arc<Self>, room: &str, user: &str) -> Joined {
+        self.join_with(room, user, None, Format::Room)
+    }
+
+    /// Subscribes a connection speaking `format` to `room`, its events going to `outbox` (a
+    /// new one when `None`); the others learn of a new user.
+    pub fn join_with(
+        self: &Arc<Self>,
+        room: &str,
+        user: &str,
+        outbox: Option<Arc<Outbox>>,
+        format: Format,
+    ) -> Joined {
         let mut rooms = lock(&self.rooms);
         // The names already held are shared, not copied.
         let room_key = rooms
@@ -336,21 +506,19 @@ impl Hub {
             .users
             .get_key_value(user)
             .map_or_else(|| Arc::from(user), |(k, _)| k.clone());
-        let (id, peer, outbox) = self.peer(user_key.clone());
+        let (id, peer) = self.peer(user_key.clone(), outbox, format);
+        let outbox = peer.outbox.clone();
         state.topic.peers.insert(id, peer);
         let n = state.users.entry(user_key.clone()).or_insert(0);
         *n += 1;
         if *n == 1 {
-            let event = Outgoing {
+            let count = state.users.len();
+            let encode = |f: Format| presence(f, room, user, true, count);
+            let event = Fan {
                 id: 0,
-                msg: encode(&Presence {
-                    room,
-                    user,
-                    event: "join",
-                    count: state.users.len(),
-                }),
+                encode: &encode,
             };
-            state.topic.fan_out(&event, Some(id), &self.metrics);
+            state.topic.fan_out(&event, Some(id), None, &self.metrics);
             self.share(room, user, true);
         }
         let members = state.users.keys().map(|u| u.to_string()).collect();
@@ -378,16 +546,13 @@ impl Hub {
             *n -= 1;
             if *n == 0 {
                 state.users.remove(&*peer.user);
-                let event = Outgoing {
+                let count = state.users.len();
+                let encode = |f: Format| presence(f, room, &peer.user, false, count);
+                let event = Fan {
                     id: 0,
-                    msg: encode(&Presence {
-                        room,
-                        user: &peer.user,
-                        event: "leave",
-                        count: state.users.len(),
-                    }),
+                    encode: &encode,
                 };
-                state.topic.fan_out(&event, None, &self.metrics);
+                state.topic.fan_out(&event, None, None, &self.metrics);
                 self.share(room, &peer.user, false);
             }
         }
@@ -432,6 +597,12 @@ impl Hub {
         for state in lock(&self.polls).values() {
             outboxes.extend(state.topic.peers.values().map(|p| p.outbox.clone()));
         }
+        outboxes.extend(
+            lock(&self.everyone)
+                .peers
+                .values()
+                .map(|p| p.outbox.clone()),
+        );
         for outbox in outboxes {
             outbox.waker.wake();
         }
@@ -459,24 +630,91 @@ impl Hub {
             return 0;
         }
         state.position = message.id;
-        let event = Outgoing {
-            id: message.id,
-            msg: encode(message),
+        let encode = |f: Format| match f {
+            Format::Room => encode(message),
+            Format::Channels => encode(&push::Publication {
+                channel: &push::room_channel(&message.room),
+                offset: Some(message.id),
+                user: Some(&message.user),
+                ts: Some(&message.ts),
+                data: Text {
+                    text: &message.text,
+                },
+            }),
         };
-        state.topic.fan_out(&event, None, &self.metrics)
+        let event = Fan {
+            id: message.id,
+            encode: &encode,
+        };
+        state.topic.fan_out(&event, None, None, &self.metrics)
     }
 
-    /// Sends a notice to every connection in every room; returns how many it reached.
+    /// Sends a notice to every connection in every room, and to every connection of the
+    /// channel protocol (on its `broadcast` channel); returns how many it reached.
     pub fn broadcast(&self, user: &str, text: &str, ts: &str) -> usize {
-        let event = Outgoing {
+        let encode = |f: Format| match f {
+            Format::Room => encode(&Broadcast { user, text, ts }),
+            Format::Channels => encode(&push::Publication {
+                channel: "broadcast",
+                offset: None,
+                user: Some(user),
+                ts: Some(ts),
+                data: Text { text },
+            }),
+        };
+        let event = Fan {
             id: 0,
-            msg: encode(&Broadcast { user, text, ts }),
+            encode: &encode,
         };
         let rooms = lock(&self.rooms);
-        rooms
+        let in_rooms: usize = rooms
             .values()
-            .map(|state| state.topic.fan_out(&event, None, &self.metrics))
-            .sum()
+            .map(|state| {
+                let only = Some(Format::Room);
+                state.topic.fan_out(&event, None, only, &self.metrics)
+            })
+            .sum();
+        drop(rooms);
+        let everyone = lock(&self.everyone).fan_out(&event, None, None, &self.metrics);
+        in_rooms + everyone
+    }
+
+    /// Adds a connection of the channel protocol to those a broadcast reaches, its events
+    /// going to `outbox`.
+    pub fn join_everyone(self: &Arc<Self>, user: &str, outbox: Arc<Outbox>) -> Everyone {
+        let (id, peer) = self.peer(Arc::from(user), Some(outbox), Format::Channels);
+        lock(&self.everyone).peers.insert(id, peer);
+        Everyone {
+            hub: self.clone(),
+            id,
+        }
+    }
+
+    /// Sends an ephemeral event (already encoded as a push) to the channel-protocol members
+    /// of `room` but `from` (the sender's subscription); returns how many it reached.
+    pub fn ephemeral(&self, room: &str, from: u64, push: Arc<Prepared>) -> usize {
+        let rooms = lock(&self.rooms);
+        let Some(state) = rooms.get(room) else {
+            return 0;
+        };
+        let encode = |_: Format| push.clone();
+        let event = Fan {
+            id: 0,
+            encode: &encode,
+        };
+        let only = Some(Format::Channels);
+        state.topic.fan_out(&event, Some(from), only, &self.metrics)
+    }
+
+    /// The users in `room` on this node, with how many connections each has there.
+    pub fn members(&self, room: &str) -> Vec<(String, usize)> {
+        lock(&self.rooms).get(room).map_or_else(Vec::new, |state| {
+            state
+                .users
+                .iter()
+                .map(|(user, n)| (user.to_string(), *n))
+                .collect()
+        })
     }
 
     /// Sends local joins and leaves to `tx` (for the other nodes).
@@ -500,16 +738,13 @@ impl Hub {
         if state.users.contains_key(user) {
             return;
         }
-        let event = Outgoing {
+        let count = state.users.len() + remote;
+        let encode = |f: Format| presence(f, room, user, join, count);
+        let event = Fan {
             id: 0,
-            msg: encode(&Presence {
-                room,
-                user,
-                event: if join { "join" } else { "leave" },
-                count: state.users.len() + remote,
-            }),
+            encode: &encode,
         };
-        state.topic.fan_out(&event, None, &self.metrics);
+        state.topic.fan_out(&event, None, None, &self.metrics);
     }
 
     /// After a connection that created `room` read its history up to `high`: older ids need
@@ -564,7 +799,8 @@ impl Hub {
     /// Subscribes a connection to poll `poll`'s counts.
     pub fn watch_poll(self: &Arc<Self>, poll: i64, user: &str) -> Subscription {
         let user: Arc<str> = Arc::from(user);
-        let (id, peer, outbox) = self.peer(user.clone());
+        let (id, peer) = self.peer(user.clone(), None, Format::Room);
+        let outbox = peer.outbox.clone();
         let mut polls = lock(&self.polls);
         polls.entry(poll).or_default().topic.peers.insert(id, peer);
         Subscription {
@@ -592,15 +828,26 @@ impl Hub {
         let Some(state) = polls.get(&poll) else {
             return 0;
         };
-        let event = Outgoing {
-            id: 0,
-            msg: encode(&Counts {
+        let total = counts.values().sum();
+        let encode = |f: Format| match f {
+            Format::Room => encode(&Counts {
                 id: poll,
                 counts,
-                total: counts.values().sum(),
+                total,
+            }),
+            Format::Channels => encode(&push::Publication {
+                channel: &format!("poll:{poll}"),
+                offset: None,
+                user: None,
+                ts: None,
+                data: CountsData { counts, total },
             }),
         };
-        state.topic.fan_out(&event, None, &self.metrics)
+        let event = Fan {
+            id: 0,
+            encode: &encode,
+        };
+        state.topic.fan_out(&event, None, None, &self.metrics)
     }
 }
 

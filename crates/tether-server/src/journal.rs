@@ -59,6 +59,7 @@ impl<T> Reply<T> {
                     let event = serde_json::json!({"type": "error", "error": text});
                     let _ = tx.push(Outgoing {
                         id: 0,
+                        sub: 0,
                         msg: encode(&event),
                     });
                 }

@@ -18,6 +18,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod channels;
 pub mod cluster;
 pub mod config;
 pub mod gate;

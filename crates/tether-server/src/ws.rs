@@ -30,21 +30,21 @@ const BATCH: usize = 256;
 /// A token bucket: `rate` per second sustained, bursts of `2 × rate`. Two words: the rate is
 /// the caller's, and time is milliseconds since [`since_start`]'s origin.
 #[derive(Debug)]
-struct RateLimit {
+pub(crate) struct RateLimit {
     tokens: f32,
     /// When tokens were last counted.
     last: u64,
 }
 
 impl RateLimit {
-    fn new(rate: f64) -> RateLimit {
+    pub(crate) fn new(rate: f64) -> RateLimit {
         RateLimit {
             tokens: (rate * 2.0) as f32,
             last: since_start(),
         }
     }
 
-    fn allow(&mut self, rate: f64) -> bool {
+    pub(crate) fn allow(&mut self, rate: f64) -> bool {
         self.allow_at(rate, since_start())
     }
 
@@ -159,7 +159,7 @@ enum Place {
 }
 
 /// How a session ended, for the close frame and the log.
-enum End {
+pub(crate) enum End {
     /// The client closed or the connection failed; nothing more to send.
     Gone,
     /// Close with this code and reason.
@@ -242,11 +242,11 @@ struct Live {
 
 /// A credential's check, running while the connection lasts (boxed twice: a thin pointer in
 /// the session, and none for a guest).
-type Lost = Box<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>;
+pub(crate) type Lost = Box<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>;
 
 /// Checks `credential` again while the session lasts (see [`App::credential_lost`]); `None`
 /// for a guest, whose session then holds no timer.
-fn check_credential(
+pub(crate) fn check_credential(
     app: &Arc<App>,
     credential: Option<Credential>,
     revocations: tokio::sync::watch::Receiver<u64>,
@@ -332,7 +332,7 @@ async fn join_room(
     let mut high = plan.start;
     let mut replayed = 0;
     loop {
-        if let Some(end) = write_all(&app, &mut ws, &mut batch, &sub).await {
+        if let Some(end) = write_all(&app, &mut ws, &mut batch, &sub.outbox).await {
             finish(&app, ws, slot, sub, end, who.name()).await;
             return None;
         }
@@ -381,17 +381,17 @@ const REPLAY_PAGE: usize = 100;
 
 /// What a joining member is replayed: the stored messages with `start < id <= end`.
 #[derive(Debug, PartialEq, Eq)]
-struct ReplayPlan {
+pub(crate) struct ReplayPlan {
     /// The member resumes after this id: its `since` (raised to the replay limit), or on a
     /// first join or a failed resume the id before the recent messages.
-    start: u64,
+    pub(crate) start: u64,
     /// The room's last id when the member joined; later messages arrive live.
-    end: u64,
+    pub(crate) end: u64,
     /// Some messages after the member's `since` are not replayed: no longer kept, or past
     /// the replay limit.
     truncated: bool,
     /// For a resume: whether exactly the messages after its `since` follow.
-    recovered: Option<bool>,
+    pub(crate) recovered: Option<bool>,
 }
 
 impl ReplayPlan {
@@ -432,7 +432,7 @@ impl ReplayPlan {
 }
 
 /// The rooms' epoch in storage.
-async fn current_epoch(app: &App) -> Result<String, StoreError> {
+pub(crate) async fn current_epoch(app: &App) -> Result<String, StoreError> {
     match &app.cluster {
         Some(cluster) => cluster.epoch().await,
         None => {
@@ -448,7 +448,7 @@ async fn current_epoch(app: &App) -> Result<String, StoreError> {
     }
 }
 
-async fn plan_replay(
+pub(crate) async fn plan_replay(
     app: &App,
     room: &str,
     since: Option<u64>,
@@ -470,7 +470,7 @@ async fn plan_replay(
 }
 
 /// The next page of history: messages with `after < id <= end`, oldest first.
-async fn read_page(
+pub(crate) async fn read_page(
     app: &App,
     room: &str,
     after: u64,
@@ -746,7 +746,7 @@ pub(crate) fn unbox<T>(boxed: Box<T>) -> T {
 /// Resolves once the server is shutting down. It registers no waker: when shutdown begins,
 /// every session is polled ([`crate::sessions::Sessions::wake_all`]), so an idle one holds
 /// nothing for it.
-fn shutting_down(app: &App) -> impl std::future::Future<Output = ()> + '_ {
+pub(crate) fn shutting_down(app: &App) -> impl std::future::Future<Output = ()> + '_ {
     std::future::poll_fn(move |_| {
         if app.is_shutting_down() {
             TaskPoll::Ready(())
@@ -756,12 +756,12 @@ fn shutting_down(app: &App) -> impl std::future::Future<Output = ()> + '_ {
     })
 }
 
-fn count_in(app: &App, len: usize) {
+pub(crate) fn count_in(app: &App, len: usize) {
     app.metrics.messages_in.fetch_add(1, Relaxed);
     app.metrics.bytes_in.fetch_add(len as u64, Relaxed);
 }
 
-async fn close(app: &App, ws: &mut UpgradedWebSocket, code: CloseCode, reason: &str) {
+pub(crate) async fn close(app: &App, ws: &mut UpgradedWebSocket, code: CloseCode, reason: &str) {
     let frame = CloseFrame {
         code,
         reason: reason.to_owned(),
@@ -1068,11 +1068,11 @@ async fn at_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
 /// consumer, the server is shutting down, the connection failed, or the client accepted
 /// nothing for the write timeout (it may never read again: a close frame could not reach it
 /// either, so the connection is just dropped).
-async fn write_all(
+pub(crate) async fn write_all(
     app: &App,
     ws: &mut UpgradedWebSocket,
     batch: &mut Vec<Arc<Prepared>>,
-    sub: &Subscription,
+    outbox: &crate::hub::Outbox,
 ) -> Option<End> {
     if batch.is_empty() && ws.queued_len() == 0 {
         return None;
@@ -1107,7 +1107,7 @@ async fn write_all(
     };
     let end = tokio::select! {
         biased;
-        verdict = std::future::poll_fn(|cx| sub.outbox.poll_verdict(cx)) => Some(judged(app, verdict)),
+        verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => Some(judged(app, verdict)),
         () = shutting_down(app) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
         end = write => end,
     };

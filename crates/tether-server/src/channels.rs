@@ -1,0 +1,621 @@
+//! The channel protocol (`/ws`, subprotocol `tether.v1`; docs/protocol.md): one connection,
+//! many channels. A session answers the client's commands in order and writes the pushes of
+//! every channel it is subscribed to, which all share one outbound queue.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::Poll as TaskPoll;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tether::upgrade::UpgradedWebSocket;
+use tether::{CloseCode, Message, Prepared};
+
+use crate::app::{App, Slot};
+use crate::hub::{push, Everyone, Format, Outbox, Subscription, Verdict};
+use crate::journal::{ChatWrite, Reply};
+use crate::store::{ChatMessage, StoreError};
+use crate::ws::{self, End, Member, RateLimit};
+
+/// The subprotocol a client must offer.
+pub const PROTOCOL: &str = "tether.v1";
+
+/// Subscriptions one connection may hold.
+const MAX_CHANNELS: usize = 128;
+/// Publications `history` returns at most.
+const HISTORY_LIMIT: usize = 100;
+/// The largest ephemeral event's data, encoded.
+const MAX_EVENT_DATA: usize = 256;
+
+/// An error answer (docs/protocol.md, "Errors").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Code {
+    Internal = 100,
+    UnknownChannel = 102,
+    PermissionDenied = 103,
+    UnknownOp = 104,
+    AlreadySubscribed = 105,
+    LimitExceeded = 106,
+    BadRequest = 107,
+    NotSubscribed = 109,
+    TooManyRequests = 110,
+}
+
+/// Disconnect codes (docs/protocol.md, "Disconnect codes").
+mod disconnect {
+    use tether::CloseCode;
+
+    pub const SLOW_CONSUMER: CloseCode = CloseCode(4000);
+    pub const STREAM_RESET: CloseCode = CloseCode(4001);
+    pub const PROTOCOL_VIOLATION: CloseCode = CloseCode(4500);
+    pub const CREDENTIAL_LOST: CloseCode = CloseCode(4502);
+}
+
+/// A command as the client sends it: every field any op takes; each op checks its own.
+#[derive(Deserialize)]
+struct Command {
+    id: u64,
+    op: String,
+    channel: Option<String>,
+    since: Option<u64>,
+    epoch: Option<String>,
+    data: Option<Value>,
+    key: Option<String>,
+    name: Option<String>,
+    limit: Option<usize>,
+}
+
+/// A failed command's answer.
+struct Failure {
+    code: Code,
+    message: String,
+}
+
+fn fail(code: Code, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+/// A channel this connection is subscribed to.
+struct Channel {
+    sub: Subscription,
+    /// Live publications up to this offset were already written as replay.
+    high: u64,
+}
+
+/// What a subscription's reply promises: the publications that follow it.
+struct Subscribed {
+    reply: Value,
+    replay: Vec<ChatMessage>,
+}
+
+/// A channel's name, parsed.
+enum Name<'a> {
+    Room(&'a str),
+    Broadcast,
+}
+
+fn parse_channel(channel: &str) -> Result<Name<'_>, Failure> {
+    if channel == "broadcast" {
+        return Ok(Name::Broadcast);
+    }
+    match channel.split_once(':') {
+        Some(("room", room)) if crate::auth::valid_room(room) => Ok(Name::Room(room)),
+        Some(("room", _)) => Err(fail(Code::UnknownChannel, crate::http::ROOM_RULE)),
+        _ => Err(fail(
+            Code::UnknownChannel,
+            format!("no such channel: {channel} (room:NAME or broadcast)"),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "event")]
+struct EventPush<'a> {
+    channel: &'a str,
+    name: &'a str,
+    user: &'a str,
+    data: &'a Value,
+}
+
+#[derive(Deserialize)]
+struct TextData {
+    text: String,
+}
+
+/// A session of the channel protocol.
+struct Session {
+    app: Arc<App>,
+    member: Member,
+    /// Every channel's pushes, in order, and the hub's verdict on this connection.
+    outbox: Arc<Outbox>,
+    /// Subscribed to `broadcast` from the start.
+    _everyone: Everyone,
+    /// By name.
+    channels: HashMap<String, Channel>,
+    limit: RateLimit,
+    connected: bool,
+    /// Replies and pushes to write next.
+    batch: Vec<Arc<Prepared>>,
+}
+
+/// Runs a connection of the channel protocol until either side ends it.
+pub async fn session(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot, member: Member) {
+    let outbox = app.hub.outbox();
+    let everyone = app.hub.join_everyone(member.who.name(), outbox.clone());
+    let lost = ws::check_credential(&app, member.credential, member.revocations.clone());
+    let mut session = Session {
+        limit: RateLimit::new(app.config.message_rate),
+        app: app.clone(),
+        member,
+        outbox,
+        _everyone: everyone,
+        channels: HashMap::new(),
+        connected: false,
+        batch: Vec::new(),
+    };
+    let end = session.run(&mut ws, lost).await;
+    let user = session.member.who.name().to_owned();
+    // Leave every channel before the nickname goes.
+    session.channels.clear();
+    drop(session);
+    let mut slot = slot;
+    slot.release_nickname();
+    match end {
+        End::Gone => tracing::debug!(%user, "channel session ended"),
+        End::Close(code, reason) => {
+            tracing::debug!(%user, code = code.0, reason, "closing channel session");
+            let push = json!({"type": "disconnect", "code": code.0, "reason": reason,
+                "reconnect": reconnects(code)});
+            let _ = ws.feed(Message::text(push.to_string())).await;
+            ws::close(&app, &mut ws, code, reason).await;
+        }
+    }
+    drop(slot);
+}
+
+/// Whether a client may reconnect after `code` (docs/protocol.md).
+fn reconnects(code: CloseCode) -> bool {
+    matches!(code.0, 1001 | 1011..=1013 | 4000..=4499)
+}
+
+impl Session {
+    async fn run(&mut self, ws: &mut UpgradedWebSocket, mut lost: Option<ws::Lost>) -> End {
+        let app = self.app.clone();
+        loop {
+            if let Some(end) = ws::write_all(&app, ws, &mut self.batch, &self.outbox).await {
+                return end;
+            }
+            let lost_fut = std::future::poll_fn(|cx| match lost.as_mut() {
+                Some(lost) => lost.as_mut().as_mut().poll(cx),
+                None => TaskPoll::Pending,
+            });
+            let outbox = self.outbox.clone();
+            tokio::select! {
+                biased;
+                verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => {
+                    return judged(&app, verdict);
+                }
+                () = ws::shutting_down(&app) => {
+                    return End::Close(CloseCode::GOING_AWAY, "server shutting down");
+                }
+                () = lost_fut => {
+                    return End::Close(disconnect::CREDENTIAL_LOST, "credential revoked or expired");
+                }
+                event = std::future::poll_fn(|cx| outbox.poll_recv(cx)) => {
+                    self.take(event);
+                    while let Some(event) = self.outbox.try_recv() {
+                        self.take(event);
+                    }
+                }
+                message = ws.recv() => match message {
+                    Some(Ok(Message::Text(text))) => {
+                        ws::count_in(&app, text.len());
+                        if let Err(end) = self.command(&text).await {
+                            return end;
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        return End::Close(disconnect::PROTOCOL_VIOLATION, "binary frames are not part of tether.v1");
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return End::Gone,
+                }
+            }
+        }
+    }
+
+    /// Queues a push from the hub, unless its channel's replay already held it.
+    fn take(&mut self, event: crate::hub::Outgoing) {
+        if event.id != 0 {
+            let replayed = self
+                .channels
+                .values()
+                .find(|c| c.sub.id() == event.sub)
+                .is_some_and(|c| event.id <= c.high);
+            if replayed {
+                return;
+            }
+        }
+        self.batch.push(event.msg);
+    }
+
+    /// Answers one command; `Err` ends the session.
+    async fn command(&mut self, text: &str) -> Result<(), End> {
+        let Ok(command) = serde_json::from_str::<Command>(text) else {
+            return Err(End::Close(
+                disconnect::PROTOCOL_VIOLATION,
+                "expected a command: {\"id\": N, \"op\": \"…\", …}",
+            ));
+        };
+        if command.id == 0 || command.id > i32::MAX as u64 {
+            return Err(End::Close(
+                disconnect::PROTOCOL_VIOLATION,
+                "a command's id is from 1 to 2147483647",
+            ));
+        }
+        if !self.connected && command.op != "connect" {
+            return Err(End::Close(
+                disconnect::PROTOCOL_VIOLATION,
+                "the first command must be connect",
+            ));
+        }
+        let id = command.id;
+        let result = if self.limit.allow(self.app.config.message_rate) {
+            self.answer(command).await
+        } else {
+            self.app.metrics.rate_limited.fetch_add(1, Relaxed);
+            Err(fail(Code::TooManyRequests, "too many commands: slow down"))
+        };
+        let reply = match result {
+            Ok(Some(Subscribed { reply, replay })) => {
+                let mut reply = reply;
+                reply["id"] = id.into();
+                self.batch.push(encode_value(&reply));
+                for message in &replay {
+                    self.batch.push(publication(message));
+                }
+                return Ok(());
+            }
+            Ok(None) => json!({ "id": id }),
+            Err(Failure { code, message }) => {
+                json!({"id": id, "error": {"code": code as u16, "message": message}})
+            }
+        };
+        self.batch.push(encode_value(&reply));
+        Ok(())
+    }
+
+    /// Runs one command: `Some` carries a reply with fields (and, for a subscription, the
+    /// publications to replay after it); `None` is an empty success.
+    async fn answer(&mut self, command: Command) -> Result<Option<Subscribed>, Failure> {
+        let reply = |value: Value| {
+            Ok(Some(Subscribed {
+                reply: value,
+                replay: Vec::new(),
+            }))
+        };
+        match command.op.as_str() {
+            "connect" => {
+                if self.connected {
+                    return Err(fail(Code::BadRequest, "already connected"));
+                }
+                self.connected = true;
+                let who = &self.member.who;
+                reply(json!({
+                    "client": format!("{:x}", self._everyone.id()),
+                    "user": who.name(),
+                    "guest": who.is_guest(),
+                    "limits": {
+                        "channels": MAX_CHANNELS,
+                        "commands_per_second": self.app.config.message_rate,
+                        "message_size": self.app.ws_config.max_message_size,
+                    },
+                }))
+            }
+            "ping" => Ok(None),
+            "subscribe" => {
+                let channel = required(command.channel.as_deref(), "channel")?;
+                self.subscribe(channel, command.since, command.epoch)
+                    .await
+                    .map(Some)
+            }
+            "unsubscribe" => {
+                let channel = required(command.channel.as_deref(), "channel")?;
+                match self.channels.remove(channel) {
+                    Some(_) => Ok(None),
+                    None => Err(fail(Code::NotSubscribed, "not subscribed to that channel")),
+                }
+            }
+            "publish" => {
+                let channel = required(command.channel.as_deref(), "channel")?;
+                let offset = self.publish(channel, command.data, command.key).await?;
+                reply(json!({ "offset": offset }))
+            }
+            "event" => {
+                let channel = required(command.channel.as_deref(), "channel")?;
+                let name = required(command.name.as_deref(), "name")?;
+                self.event(channel, name, command.data.unwrap_or(Value::Null))?;
+                Ok(None)
+            }
+            "history" => {
+                let channel = required(command.channel.as_deref(), "channel")?;
+                let Name::Room(room) = parse_channel(channel)? else {
+                    return Err(fail(Code::BadRequest, "broadcast keeps no history"));
+                };
+                let limit = command
+                    .limit
+                    .unwrap_or(HISTORY_LIMIT)
+                    .clamp(1, HISTORY_LIMIT);
+                let (epoch, offset, messages) = self.history(room, command.since, limit).await?;
+                let publications: Vec<Value> = messages.iter().map(publication_value).collect();
+                reply(json!({"epoch": epoch, "offset": offset, "publications": publications}))
+            }
+            "presence" => {
+                let channel = required(command.channel.as_deref(), "channel")?;
+                let Name::Room(room) = parse_channel(channel)? else {
+                    return Err(fail(Code::BadRequest, "broadcast has no presence"));
+                };
+                let members = self.presence(room).await;
+                reply(json!({ "members": members }))
+            }
+            other => Err(fail(Code::UnknownOp, format!("unknown op: {other:.32}"))),
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        channel: &str,
+        since: Option<u64>,
+        epoch: Option<String>,
+    ) -> Result<Subscribed, Failure> {
+        let room = match parse_channel(channel)? {
+            Name::Room(room) => room,
+            Name::Broadcast => {
+                return Err(fail(
+                    Code::AlreadySubscribed,
+                    "every connection receives broadcast",
+                ))
+            }
+        };
+        if self.channels.contains_key(channel) {
+            return Err(fail(Code::AlreadySubscribed, "already subscribed"));
+        }
+        if self.channels.len() >= MAX_CHANNELS {
+            return Err(fail(
+                Code::LimitExceeded,
+                format!("at most {MAX_CHANNELS} channels per connection"),
+            ));
+        }
+        let app = self.app.clone();
+        // The epoch first: should storage have a new one, the hub resets the room before
+        // this connection is in it, not after.
+        let mut current = ws::current_epoch(&app).await.map_err(internal)?;
+        let joined = app.hub.join_with(
+            room,
+            self.member.who.name(),
+            Some(self.outbox.clone()),
+            Format::Channels,
+        );
+        let now = app.hub.epoch();
+        if now != current {
+            current = now;
+        }
+        let same_epoch = epoch.as_deref().is_none_or(|e| e == current);
+        let plan = ws::plan_replay(&app, room, since, same_epoch)
+            .await
+            .map_err(internal)?;
+        let mut replay = Vec::new();
+        let mut high = plan.start;
+        while high < plan.end {
+            let page = ws::read_page(&app, room, high, plan.end)
+                .await
+                .map_err(internal)?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            high = last.id;
+            replay.extend(page);
+        }
+        app.hub.advance(room, high);
+        let members = self.presence(room).await;
+        self.channels.insert(
+            channel.to_owned(),
+            Channel {
+                sub: joined.subscription,
+                high,
+            },
+        );
+        let mut reply = json!({
+            "epoch": current,
+            "offset": plan.end.max(high),
+            "replayed": replay.len(),
+            "presence": members,
+        });
+        if let Some(recovered) = plan.recovered {
+            reply["recovered"] = recovered.into();
+        }
+        Ok(Subscribed { reply, replay })
+    }
+
+    async fn publish(
+        &mut self,
+        channel: &str,
+        data: Option<Value>,
+        key: Option<String>,
+    ) -> Result<u64, Failure> {
+        let room = match parse_channel(channel)? {
+            Name::Room(room) => room.to_owned(),
+            Name::Broadcast => {
+                return Err(fail(
+                    Code::PermissionDenied,
+                    "only the server publishes to broadcast",
+                ))
+            }
+        };
+        if !self.channels.contains_key(channel) {
+            return Err(fail(
+                Code::NotSubscribed,
+                "subscribe to the channel to publish",
+            ));
+        }
+        let Some(Ok(TextData { text })) = data.map(serde_json::from_value) else {
+            return Err(fail(Code::BadRequest, "data is {\"text\": \"…\"}"));
+        };
+        if let Some(problem) = crate::http::text_problem(&self.app, &text) {
+            return Err(fail(Code::BadRequest, problem));
+        }
+        if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {
+            return Err(fail(Code::BadRequest, crate::auth::KEY_RULE));
+        }
+        let write = |reply| ChatWrite {
+            room,
+            user: self.member.who.name().to_owned(),
+            text,
+            key,
+            writer: self.member.writer.clone(),
+            reply,
+        };
+        let app = self.app.clone();
+        let stored = Reply::wait(|reply| app.submit_chat(write(reply))).await;
+        match stored {
+            Ok(message) => Ok(message.id),
+            Err(e) => Err(fail(Code::Internal, format!("not stored: {e}"))),
+        }
+    }
+
+    fn event(&mut self, channel: &str, name: &str, data: Value) -> Result<(), Failure> {
+        let Name::Room(room) = parse_channel(channel)? else {
+            return Err(fail(
+                Code::PermissionDenied,
+                "only the server sends to broadcast",
+            ));
+        };
+        let Some(subscribed) = self.channels.get(channel) else {
+            return Err(fail(Code::NotSubscribed, "subscribe to the channel first"));
+        };
+        if name.is_empty() || name.len() > 32 {
+            return Err(fail(Code::BadRequest, "an event's name is 1 to 32 bytes"));
+        }
+        if data.to_string().len() > MAX_EVENT_DATA {
+            return Err(fail(
+                Code::BadRequest,
+                format!("an event's data is at most {MAX_EVENT_DATA} bytes"),
+            ));
+        }
+        let push = encode_value(
+            &serde_json::to_value(EventPush {
+                channel,
+                name,
+                user: self.member.who.name(),
+                data: &data,
+            })
+            .map_err(|e| fail(Code::Internal, e.to_string()))?,
+        );
+        self.app.hub.ephemeral(room, subscribed.sub.id(), push);
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        room: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<(String, u64, Vec<ChatMessage>), Failure> {
+        let app = &self.app;
+        let epoch = ws::current_epoch(app).await.map_err(internal)?;
+        let plan = ws::plan_replay(app, room, None, true)
+            .await
+            .map_err(internal)?;
+        let r = room.to_owned();
+        let messages = match since {
+            Some(since) => match &app.cluster {
+                Some(cluster) => cluster.messages(room, since, limit).await,
+                None => {
+                    app.db
+                        .call(move |s| s.messages(&r, since, u64::MAX, limit))
+                        .await
+                }
+            },
+            None => match &app.cluster {
+                Some(cluster) => cluster.recent(room, limit).await,
+                None => {
+                    let until = plan.end;
+                    app.db.call(move |s| s.recent(&r, until, limit)).await
+                }
+            },
+        }
+        .map_err(internal)?;
+        Ok((epoch, plan.end, messages))
+    }
+
+    /// Who is in `room`: one entry per user, with their connections here.
+    async fn presence(&self, room: &str) -> Vec<Value> {
+        let mut members: Vec<(String, usize)> = self.app.hub.members(room);
+        if let Some(cluster) = &self.app.cluster {
+            if let Ok(everyone) = cluster.members(room).await {
+                for user in everyone {
+                    if !members.iter().any(|(u, _)| *u == user) {
+                        members.push((user, 1));
+                    }
+                }
+            }
+        }
+        members.sort();
+        members
+            .into_iter()
+            .map(|(user, clients)| json!({"user": user, "clients": clients}))
+            .collect()
+    }
+}
+
+fn required<'a>(value: Option<&'a str>, field: &str) -> Result<&'a str, Failure> {
+    value.ok_or_else(|| fail(Code::BadRequest, format!("{field} is required")))
+}
+
+fn internal(e: StoreError) -> Failure {
+    tracing::error!(error = %e, "store failed");
+    fail(Code::Internal, "storage unavailable: try again")
+}
+
+/// How a session ends on the hub's verdict.
+fn judged(app: &App, verdict: Verdict) -> End {
+    match verdict {
+        Verdict::Slow => {
+            app.metrics.slow_consumers.fetch_add(1, Relaxed);
+            End::Close(disconnect::SLOW_CONSUMER, "slow consumer: too far behind")
+        }
+        Verdict::Reset => End::Close(
+            disconnect::STREAM_RESET,
+            "a channel's stream was reset: reconnect",
+        ),
+    }
+}
+
+fn encode_value(value: &Value) -> Arc<Prepared> {
+    Arc::new(Prepared::text(value.to_string()))
+}
+
+fn publication_value(message: &ChatMessage) -> Value {
+    json!({
+        "channel": push::room_channel(&message.room),
+        "offset": message.id,
+        "user": message.user,
+        "ts": message.ts,
+        "data": {"text": message.text},
+    })
+}
+
+/// A stored message as a replayed `pub` push: the same bytes a live one has.
+fn publication(message: &ChatMessage) -> Arc<Prepared> {
+    crate::hub::encode(&push::Publication {
+        channel: &push::room_channel(&message.room),
+        offset: Some(message.id),
+        user: Some(&message.user),
+        ts: Some(&message.ts),
+        data: json!({"text": message.text}),
+    })
+}

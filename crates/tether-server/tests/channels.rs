@@ -1,0 +1,410 @@
+//! The channel protocol (`/ws`, tether.v1) against a running server: every command and push,
+//! recovery, idempotent publishing, presence and ephemeral events, the broadcast channel, and
+//! refusals with their codes. Each test drops its clients before stopping the server, which
+//! then need not wait out their close handshakes.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use tether::{ClientStream, Message};
+
+/// A channel-protocol client: numbers its commands, keeps the pushes it passes over.
+struct Client {
+    ws: ClientStream,
+    next_id: u64,
+    pushes: Vec<Value>,
+}
+
+impl Client {
+    /// Opens `/ws` (with `query`) offering tether.v1, and connects.
+    async fn open(server: &Running, query: &str) -> (Client, Value) {
+        let url = server.ws(&format!("/ws{query}"));
+        let (ws, response) = within(
+            tether::ClientBuilder::new(&url)
+                .unwrap()
+                .protocol("tether.v1")
+                .connect(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.protocol.as_deref(), Some("tether.v1"));
+        let mut client = Client {
+            ws,
+            next_id: 1,
+            pushes: Vec::new(),
+        };
+        let connected = client.call(json!({"op": "connect"})).await;
+        (client, connected)
+    }
+
+    async fn send(&mut self, mut command: Value) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        command["id"] = id.into();
+        self.ws
+            .send(Message::text(command.to_string()))
+            .await
+            .unwrap();
+        id
+    }
+
+    /// Sends `command` and returns its reply; pushes met on the way are kept.
+    async fn call(&mut self, command: Value) -> Value {
+        let id = self.send(command).await;
+        loop {
+            let message = next(&mut self.ws).await;
+            if message.get("id").is_some() {
+                assert_eq!(message["id"], id, "replies come in order: {message}");
+                return message;
+            }
+            self.pushes.push(message);
+        }
+    }
+
+    /// The next push of `kind` (those kept first).
+    async fn push(&mut self, kind: &str) -> Value {
+        if let Some(i) = self.pushes.iter().position(|p| p["type"] == kind) {
+            return self.pushes.remove(i);
+        }
+        loop {
+            let message = next(&mut self.ws).await;
+            assert!(
+                message.get("id").is_none(),
+                "an unexpected reply: {message}"
+            );
+            if message["type"] == kind {
+                return message;
+            }
+            self.pushes.push(message);
+        }
+    }
+
+    /// Subscribes to `channel` (no resume); returns the reply.
+    async fn subscribe(&mut self, channel: &str) -> Value {
+        self.call(json!({"op": "subscribe", "channel": channel}))
+            .await
+    }
+
+    /// Publishes `text` to `channel`; returns the reply.
+    async fn publish(&mut self, channel: &str, text: &str) -> Value {
+        let data = json!({ "text": text });
+        self.call(json!({"op": "publish", "channel": channel, "data": data}))
+            .await
+    }
+
+    /// Pings and returns the pushes that came before the pong, with those kept.
+    async fn drain(&mut self) -> Vec<Value> {
+        self.call(json!({"op": "ping"})).await;
+        std::mem::take(&mut self.pushes)
+    }
+}
+
+fn error_code(reply: &Value) -> u64 {
+    reply["error"]["code"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("an error: {reply}"))
+}
+
+async fn server() -> (Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (start(config(dir.path())).await, dir)
+}
+
+#[tokio::test]
+async fn the_endpoint_requires_the_subprotocol() {
+    let (server, _dir) = server().await;
+    let refused = within(tether::connect(&server.ws("/ws?name=ann"))).await;
+    let err = refused.expect_err("refused without tether.v1");
+    assert!(err.to_string().contains("400"), "{err}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connect_subscribe_publish_and_receive() {
+    let (server, _dir) = server().await;
+    let (mut ann, connected) = Client::open(&server, "?name=ann").await;
+    assert_eq!(connected["user"], "ann");
+    assert_eq!(connected["guest"], true);
+    assert!(connected["limits"]["channels"].as_u64().unwrap() >= 10);
+
+    let subscribed = ann.subscribe("room:lobby").await;
+    assert_eq!(subscribed["offset"], 0, "{subscribed}");
+    assert_eq!(subscribed["replayed"], 0);
+    assert!(subscribed["epoch"].as_str().is_some_and(|e| !e.is_empty()));
+    assert!(
+        subscribed.get("recovered").is_none(),
+        "no since, no verdict"
+    );
+    assert_eq!(
+        subscribed["presence"],
+        json!([{"user": "ann", "clients": 1}])
+    );
+
+    let ack = ann
+        .call(
+            json!({"op": "publish", "channel": "room:lobby", "data": {"text": "hi"}, "key": "k-1"}),
+        )
+        .await;
+    assert_eq!(ack["offset"], 1, "{ack}");
+    let publication = ann.push("pub").await;
+    assert_eq!(publication["channel"], "room:lobby");
+    assert_eq!(publication["offset"], 1);
+    assert_eq!(publication["user"], "ann");
+    assert_eq!(publication["data"], json!({"text": "hi"}));
+
+    // A retry with the same key is acknowledged with the same offset and stored once.
+    let again = ann
+        .call(
+            json!({"op": "publish", "channel": "room:lobby", "data": {"text": "hi"}, "key": "k-1"}),
+        )
+        .await;
+    assert_eq!(again["offset"], 1, "{again}");
+    let history = ann
+        .call(json!({"op": "history", "channel": "room:lobby"}))
+        .await;
+    assert_eq!(history["offset"], 1, "{history}");
+    let publications = history["publications"].as_array().unwrap();
+    assert_eq!(publications.len(), 1);
+    assert_eq!(publications[0]["data"]["text"], "hi");
+    assert!(ann.drain().await.iter().all(|p| p["type"] != "pub"));
+    drop(ann);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_connection_carries_several_rooms() {
+    let (server, _dir) = server().await;
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    for room in ["room:a", "room:b"] {
+        let reply = ann.subscribe(room).await;
+        assert!(reply.get("error").is_none(), "{reply}");
+    }
+    let (mut ben, _) = Client::open(&server, "?name=ben").await;
+    for room in ["room:a", "room:b"] {
+        ben.subscribe(room).await;
+        let ack = ben.publish(room, room).await;
+        assert_eq!(ack["offset"], 1, "each room counts its own: {ack}");
+    }
+    let first = ann.push("pub").await;
+    let second = ann.push("pub").await;
+    assert_eq!(
+        (&first["channel"], &first["data"]["text"]),
+        (&json!("room:a"), &json!("room:a"))
+    );
+    assert_eq!(second["channel"], "room:b");
+
+    // After leaving room:a, only room:b reaches ann.
+    let left = ann
+        .call(json!({"op": "unsubscribe", "channel": "room:a"}))
+        .await;
+    assert!(left.get("error").is_none(), "{left}");
+    for room in ["room:a", "room:b"] {
+        ben.publish(room, "later").await;
+    }
+    let later = ann.push("pub").await;
+    assert_eq!(later["channel"], "room:b");
+    assert!(ann.drain().await.iter().all(|p| p["type"] != "pub"));
+    drop((ann, ben));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_resubscription_recovers_exactly_what_was_missed() {
+    let (server, _dir) = server().await;
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    ann.subscribe("room:r").await;
+    for i in 1..=5 {
+        ann.publish("room:r", &format!("m{i}")).await;
+    }
+    let epoch = ann
+        .call(json!({"op": "history", "channel": "room:r", "limit": 1}))
+        .await["epoch"]
+        .clone();
+
+    let (mut ben, _) = Client::open(&server, "?name=ben").await;
+    let reply = ben
+        .call(json!({"op": "subscribe", "channel": "room:r", "since": 2, "epoch": epoch}))
+        .await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(reply["replayed"], 3);
+    assert_eq!(reply["offset"], 5);
+    let offsets: Vec<Value> = ben
+        .drain()
+        .await
+        .iter()
+        .filter(|p| p["type"] == "pub")
+        .map(|p| p["offset"].clone())
+        .collect();
+    assert_eq!(offsets, [json!(3), json!(4), json!(5)]);
+
+    // Another epoch, or an offset the room never reached: not recovered; the recent
+    // history follows instead.
+    let (mut cay, _) = Client::open(&server, "?name=cay").await;
+    let stale = cay
+        .call(json!({"op": "subscribe", "channel": "room:r", "since": 2, "epoch": "other"}))
+        .await;
+    assert_eq!(stale["recovered"], false, "{stale}");
+    assert_eq!(stale["replayed"], 5);
+    let (mut dan, _) = Client::open(&server, "?name=dan").await;
+    let ahead = dan
+        .call(json!({"op": "subscribe", "channel": "room:r", "since": 99, "epoch": epoch}))
+        .await;
+    assert_eq!(ahead["recovered"], false, "{ahead}");
+    drop((ann, ben, cay, dan));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn presence_joins_leaves_and_typing() {
+    let (server, _dir) = server().await;
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    ann.subscribe("room:t").await;
+    let (mut ben, _) = Client::open(&server, "?name=ben").await;
+    ben.subscribe("room:t").await;
+    let join = ann.push("join").await;
+    assert_eq!(
+        (&join["channel"], &join["user"], &join["count"]),
+        (&json!("room:t"), &json!("ben"), &json!(2))
+    );
+    let presence = ann
+        .call(json!({"op": "presence", "channel": "room:t"}))
+        .await;
+    assert_eq!(
+        presence["members"],
+        json!([{"user": "ann", "clients": 1}, {"user": "ben", "clients": 1}])
+    );
+
+    let sent = ben
+        .call(json!({"op": "event", "channel": "room:t", "name": "typing", "data": {"on": true}}))
+        .await;
+    assert!(sent.get("error").is_none(), "{sent}");
+    let typing = ann.push("event").await;
+    assert_eq!(typing["name"], "typing");
+    assert_eq!(typing["user"], "ben");
+    assert_eq!(typing["data"], json!({"on": true}));
+    assert!(
+        ben.drain().await.iter().all(|p| p["type"] != "event"),
+        "not to its sender"
+    );
+    // Ephemeral: never stored.
+    let history = ann
+        .call(json!({"op": "history", "channel": "room:t"}))
+        .await;
+    assert_eq!(history["publications"], json!([]));
+
+    ben.call(json!({"op": "unsubscribe", "channel": "room:t"}))
+        .await;
+    let leave = ann.push("leave").await;
+    assert_eq!(
+        (&leave["user"], &leave["count"]),
+        (&json!("ben"), &json!(1))
+    );
+    drop((ann, ben));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_broadcast_reaches_every_channel_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "root", "correct horse battery").await;
+    let server = start(config(dir.path())).await;
+    let token = token(server.addr, "root", "correct horse battery").await;
+    // Subscribed to nothing at all.
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    let bearer = format!("Bearer {token}");
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/api/broadcast",
+        &[("authorization", &bearer)],
+        Some(json!({"text": "maintenance at noon"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let notice = ann.push("pub").await;
+    assert_eq!(notice["channel"], "broadcast");
+    assert_eq!(notice["data"]["text"], "maintenance at noon");
+    assert_eq!(notice["user"], "root");
+    drop(ann);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_channel_client_and_a_room_shortcut_client_chat_together() {
+    let (server, _dir) = server().await;
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    ann.subscribe("room:mix").await;
+    let mut ben = connect(&server.ws("/ws/rooms/mix?name=ben")).await;
+    next_of(&mut ben, "ready").await;
+    say(&mut ben, "from the shortcut").await;
+    let publication = ann.push("pub").await;
+    assert_eq!(publication["data"]["text"], "from the shortcut");
+    ann.publish("room:mix", "from /ws").await;
+    let message = loop {
+        let event = next_of(&mut ben, "message").await;
+        if event["text"] == "from /ws" {
+            break event;
+        }
+    };
+    assert_eq!(message["user"], "ann");
+    drop((ann, ben));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn errors_have_codes_and_violations_close_with_4500() {
+    let (server, _dir) = server().await;
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    let cases = [
+        (json!({"op": "dance"}), 104),
+        (json!({"op": "subscribe", "channel": "nowhere:x"}), 102),
+        (json!({"op": "subscribe", "channel": "room:bad name"}), 102),
+        (json!({"op": "subscribe"}), 107),
+        (json!({"op": "subscribe", "channel": "broadcast"}), 105),
+        (
+            json!({"op": "publish", "channel": "room:x", "data": {"text": "hi"}}),
+            109,
+        ),
+        (
+            json!({"op": "publish", "channel": "broadcast", "data": {"text": "hi"}}),
+            103,
+        ),
+        (json!({"op": "unsubscribe", "channel": "room:x"}), 109),
+    ];
+    for (command, code) in cases {
+        let reply = ann.call(command.clone()).await;
+        assert_eq!(error_code(&reply), code, "{command} → {reply}");
+    }
+    ann.subscribe("room:x").await;
+    let twice = ann.subscribe("room:x").await;
+    assert_eq!(error_code(&twice), 105);
+    let bad_data = ann
+        .call(json!({"op": "publish", "channel": "room:x", "data": {"txt": 1}}))
+        .await;
+    assert_eq!(error_code(&bad_data), 107);
+
+    // Not JSON: the connection is closed with 4500 after a disconnect push.
+    ann.ws.send(Message::text("hello?")).await.unwrap();
+    let disconnect = ann.push("disconnect").await;
+    assert_eq!(disconnect["code"], 4500);
+    assert_eq!(disconnect["reconnect"], false);
+    assert_eq!(close_code(&mut ann.ws).await, 4500);
+
+    // A command before connect.
+    let url = server.ws("/ws?name=ben");
+    let (mut ben, _) = within(
+        tether::ClientBuilder::new(&url)
+            .unwrap()
+            .protocol("tether.v1")
+            .connect(),
+    )
+    .await
+    .unwrap();
+    ben.send(Message::text(r#"{"id": 1, "op": "ping"}"#))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut ben).await, 4500);
+    drop((ann, ben));
+    server.stop().await;
+}
