@@ -228,15 +228,14 @@ impl Session {
         }
     }
 
-    /// Queues a push from the hub, unless its channel's replay already held it.
+    /// Queues a push from the hub, unless its channel's replay already held it or the
+    /// channel was left since it was queued.
     fn take(&mut self, event: crate::hub::Outgoing) {
-        if event.id != 0 {
-            let replayed = self
-                .channels
-                .values()
-                .find(|c| c.sub.id() == event.sub)
-                .is_some_and(|c| event.id <= c.high);
-            if replayed {
+        if event.sub != self._everyone.id() {
+            let Some(channel) = self.channels.values().find(|c| c.sub.id() == event.sub) else {
+                return;
+            };
+            if event.id != 0 && event.id <= channel.high {
                 return;
             }
         }
