@@ -202,6 +202,21 @@ test('a refusal that retrying cannot heal stops the client', async (t) => {
   assert.equal(client.state, 'closed');
   await new Promise((r) => setTimeout(r, 500));
   assert.equal(attempts, 0, 'no reconnect after a permanent refusal');
+
+  // A guest asking for a registered user's name: told once, in the protocol, and no retry.
+  const guest = new Client(server.ws, { name: 'root', minDelay: 50, maxDelay: 100 });
+  t.after(() => guest.close());
+  let guestAttempts = 0;
+  guest.on('connecting', () => { guestAttempts += 1; });
+  const failed = once(guest, 'error');
+  guest.connect();
+  const error = await failed;
+  assert.equal(error.code, 4503);
+  assert.equal(error.temporary, false);
+  assert.match(error.message, /registered user/);
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(guest.state, 'closed');
+  assert.equal(guestAttempts, 1, 'one attempt, no retry');
 });
 
 test('which close codes reconnect', () => {

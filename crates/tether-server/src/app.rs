@@ -90,6 +90,20 @@ pub struct Refused {
     pub reason: String,
     /// What to count it as, if it is an upgrade failure.
     pub kind: Refusal,
+    /// For a refusal that retrying cannot heal: the close code a client of the channel
+    /// protocol is told instead, in a connection it can read (a browser cannot read an
+    /// upgrade's HTTP status). See docs/protocol.md, "Disconnect codes".
+    pub close: Option<u16>,
+}
+
+/// Close codes of permanent refusals (docs/protocol.md).
+pub mod refusal_code {
+    /// The credentials are wrong or missing.
+    pub const BAD_CREDENTIALS: u16 = 4501;
+    /// The name is taken or not allowed.
+    pub const NAME_REFUSED: u16 = 4503;
+    /// Guests are not allowed.
+    pub const NO_GUESTS: u16 = 4504;
 }
 
 impl Refused {
@@ -99,7 +113,14 @@ impl Refused {
             status,
             reason: reason.into(),
             kind,
+            close: None,
         }
+    }
+
+    /// Marks the refusal as permanent, told to a channel-protocol client with `code`.
+    pub fn closing(mut self, code: u16) -> Refused {
+        self.close = Some(code);
+        self
     }
 
     fn store(e: &StoreError) -> Refused {
@@ -405,11 +426,12 @@ impl App {
                 .await
             {
                 Ok(Some(user)) => Ok(Some((user, credential))),
-                Ok(None) => Err(Refused::new(
-                    StatusCode::UNAUTHORIZED,
-                    Refusal::Auth,
-                    "invalid token",
-                )),
+                Ok(None) => {
+                    Err(
+                        Refused::new(StatusCode::UNAUTHORIZED, Refusal::Auth, "invalid token")
+                            .closing(refusal_code::BAD_CREDENTIALS),
+                    )
+                }
                 Err(e) => Err(Refused::store(&e)),
             };
         }
@@ -532,21 +554,24 @@ impl App {
                 StatusCode::UNAUTHORIZED,
                 Refusal::Auth,
                 "log in, pass a token, or pick a nickname with ?name=",
-            ));
+            )
+            .closing(refusal_code::BAD_CREDENTIALS));
         };
         if !self.config.guests {
             return Err(Refused::new(
                 StatusCode::UNAUTHORIZED,
                 Refusal::Auth,
                 "guests are not allowed here: log in",
-            ));
+            )
+            .closing(refusal_code::NO_GUESTS));
         }
         if !auth::valid_user(name) {
             return Err(Refused::new(
                 StatusCode::BAD_REQUEST,
                 Refusal::BadRequest,
                 "a nickname is 1-32 of A-Z a-z 0-9 _ - .",
-            ));
+            )
+            .closing(refusal_code::NAME_REFUSED));
         }
         let owned = name.to_owned();
         match self.db.call(move |s| s.user_named_like(&owned)).await {
@@ -554,7 +579,8 @@ impl App {
                 StatusCode::UNAUTHORIZED,
                 Refusal::Auth,
                 "this name belongs to a registered user: log in",
-            )),
+            )
+            .closing(refusal_code::NAME_REFUSED)),
             Ok(None) => Ok((Identity::Guest(name.to_owned()), None)),
             Err(e) => Err(Refused::store(&e)),
         }

@@ -177,6 +177,14 @@ pub async fn session(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot, membe
     drop(slot);
 }
 
+/// Tells a client whose connection was refused for good why (see
+/// `http::refuse_upgrade`): a `disconnect` push, then a close with `code`.
+pub async fn refused(app: &App, mut ws: UpgradedWebSocket, code: u16, reason: &str) {
+    let push = json!({"type": "disconnect", "code": code, "reason": reason, "reconnect": false});
+    let _ = ws.feed(Message::text(push.to_string())).await;
+    ws::close(app, &mut ws, CloseCode(code), reason).await;
+}
+
 /// Whether a client may reconnect after `code` (docs/protocol.md).
 fn reconnects(code: CloseCode) -> bool {
     matches!(code.0, 1001 | 1011..=1013 | 4000..=4499)

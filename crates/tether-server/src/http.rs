@@ -862,8 +862,42 @@ fn refuse(app: &App, peer: Option<SocketAddr>, refused: Refused) -> Response {
     refused.into_response()
 }
 
-/// The checks every upgrade passes (Origin, identity, limits), then the upgrade itself; the
-/// session runs in its own task.
+/// Refuses an upgrade. To a client of the channel protocol, a refusal that retrying cannot
+/// heal is told in a connection it can read: the upgrade is accepted, then a `disconnect` push
+/// and a close with the refusal's code (a browser never sees an upgrade's HTTP status). Other
+/// refusals, and any to other endpoints, are the HTTP status.
+fn refuse_upgrade(
+    app: &Arc<App>,
+    peer: Option<SocketAddr>,
+    endpoint: Endpoint,
+    ws: WebSocketUpgrade,
+    refused: Refused,
+) -> Response {
+    let (Endpoint::Channels, Some(code)) = (endpoint, refused.close) else {
+        return refuse(app, peer, refused);
+    };
+    // The short-lived connection still counts against the limits.
+    let slot = match app.slot(peer.map(|p| p.ip())) {
+        Ok(slot) => slot,
+        Err(busy) => return refuse(app, peer, busy),
+    };
+    app.metrics.refused(refused.kind);
+    tracing::info!(peer = ?peer, code, reason = %refused.reason, "channel connection refused: telling the client");
+    match ws.accept() {
+        Ok((response, pending)) => {
+            let app = app.clone();
+            tokio::spawn(async move {
+                if let Ok(socket) = pending.await {
+                    crate::channels::refused(&app, socket, code, &refused.reason).await;
+                }
+                drop(slot);
+            });
+            response
+        }
+        Err(rejection) => refuse(app, peer, upgrade_refusal(rejection)),
+    }
+}
+
 /// What an endpoint asks of an upgrade.
 #[derive(Clone, Copy)]
 enum Endpoint {
@@ -875,6 +909,8 @@ enum Endpoint {
     Channels,
 }
 
+/// The checks every upgrade passes (Origin, identity, limits), then the upgrade itself; the
+/// session runs in its own task.
 async fn upgrade<F, Fut>(
     app: Arc<App>,
     req: Request,
@@ -924,7 +960,7 @@ where
             .await
         {
             Ok(found) => found,
-            Err(refused) => return refuse(&app, peer, refused),
+            Err(refused) => return refuse_upgrade(&app, peer, endpoint, ws, refused),
         }
     } else {
         (Identity::Guest(String::new()), None)
@@ -954,15 +990,16 @@ where
                 Refusal::Auth,
                 "this nickname is in use by another guest: pick another",
             )
+            .closing(crate::app::refusal_code::NAME_REFUSED)
         };
         let Some(hold) = app.nicknames.hold(name, &guest) else {
-            return refuse(&app, peer, taken());
+            return refuse_upgrade(&app, peer, endpoint, ws, taken());
         };
         if let Some(cluster) = &app.cluster {
             // Not held by a guest on another node either.
             match cluster.claim_nickname(hold.key(), &guest).await {
                 Ok(true) => {}
-                Ok(false) => return refuse(&app, peer, taken()),
+                Ok(false) => return refuse_upgrade(&app, peer, endpoint, ws, taken()),
                 Err(e) => {
                     tracing::warn!(error = %e, "nickname not claimed in redis: checked on this node only");
                 }

@@ -19,16 +19,7 @@ struct Client {
 impl Client {
     /// Opens `/ws` (with `query`) offering tether.v1, and connects.
     async fn open(server: &Running, query: &str) -> (Client, Value) {
-        let url = server.ws(&format!("/ws{query}"));
-        let (ws, response) = within(
-            tether::ClientBuilder::new(&url)
-                .unwrap()
-                .protocol("tether.v1")
-                .connect(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(response.protocol.as_deref(), Some("tether.v1"));
+        let ws = open_raw(server, query).await;
         let mut client = Client {
             ws,
             next_id: 1,
@@ -98,6 +89,21 @@ impl Client {
         self.call(json!({"op": "ping"})).await;
         std::mem::take(&mut self.pushes)
     }
+}
+
+/// Opens `/ws{query}` offering tether.v1, which the server must agree to.
+async fn open_raw(server: &Running, query: &str) -> ClientStream {
+    let url = server.ws(&format!("/ws{query}"));
+    let (ws, response) = within(
+        tether::ClientBuilder::new(&url)
+            .unwrap()
+            .protocol("tether.v1")
+            .connect(),
+    )
+    .await
+    .expect("the upgrade is accepted");
+    assert_eq!(response.protocol.as_deref(), Some("tether.v1"));
+    ws
 }
 
 fn error_code(reply: &Value) -> u64 {
@@ -392,19 +398,59 @@ async fn errors_have_codes_and_violations_close_with_4500() {
     assert_eq!(close_code(&mut ann.ws).await, 4500);
 
     // A command before connect.
-    let url = server.ws("/ws?name=ben");
-    let (mut ben, _) = within(
-        tether::ClientBuilder::new(&url)
-            .unwrap()
-            .protocol("tether.v1")
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let mut ben = open_raw(&server, "?name=ben").await;
     ben.send(Message::text(r#"{"id": 1, "op": "ping"}"#))
         .await
         .unwrap();
     assert_eq!(close_code(&mut ben).await, 4500);
     drop((ann, ben));
+    server.stop().await;
+}
+
+/// Opens `/ws{query}` offering tether.v1 and returns the `disconnect` push and close code the
+/// server ends it with, without a command sent.
+/// (The upgrade is accepted, so that the client can read why it is refused.)
+async fn refused_with(server: &Running, query: &str) -> (Value, u16) {
+    let mut ws = open_raw(server, query).await;
+    let push = next(&mut ws).await;
+    (push, close_code(&mut ws).await)
+}
+
+#[tokio::test]
+async fn permanent_refusals_are_told_in_the_protocol_with_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "root", "correct horse battery").await;
+    let server = start(config(dir.path())).await;
+    let (push, code) = refused_with(&server, "?name=root").await;
+    assert_eq!(code, 4503, "a registered user's name: {push}");
+    assert_eq!(push["type"], "disconnect");
+    assert_eq!(push["code"], 4503);
+    assert_eq!(push["reconnect"], false);
+    assert!(
+        push["reason"].as_str().unwrap().contains("registered"),
+        "{push}"
+    );
+    let (push, code) = refused_with(&server, "?token=not-a-token").await;
+    assert_eq!(code, 4501, "{push}");
+    let (_, code) = refused_with(&server, "").await;
+    assert_eq!(code, 4501, "no identity at all");
+    let (_, code) = refused_with(&server, "?name=a%20b").await;
+    assert_eq!(code, 4503, "a name that is not allowed");
+    // A name in use by another guest.
+    let (ann, _) = Client::open(&server, "?name=ann").await;
+    let (_, code) = refused_with(&server, "?name=ann").await;
+    assert_eq!(code, 4503, "a name in use");
+    // The single-channel endpoints keep answering with the HTTP status.
+    let refused = within(tether::connect(&server.ws("/ws/rooms/x?name=root"))).await;
+    assert!(refused.expect_err("refused").to_string().contains("401"));
+    drop(ann);
+    server.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut no_guests = config(dir.path());
+    no_guests.guests = false;
+    let server = start(no_guests).await;
+    let (push, code) = refused_with(&server, "?name=ann").await;
+    assert_eq!(code, 4504, "{push}");
     server.stop().await;
 }
