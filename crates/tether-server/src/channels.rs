@@ -133,7 +133,7 @@ struct Session {
     /// Every channel's pushes, in order, and the hub's verdict on this connection.
     outbox: Arc<Outbox>,
     /// Subscribed to `broadcast` from the start.
-    _everyone: Everyone,
+    everyone: Everyone,
     /// By name.
     channels: HashMap<String, Channel>,
     limit: RateLimit,
@@ -152,7 +152,7 @@ pub async fn session(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot, membe
         app: app.clone(),
         member,
         outbox,
-        _everyone: everyone,
+        everyone,
         channels: HashMap::new(),
         connected: false,
         batch: Vec::new(),
@@ -168,10 +168,7 @@ pub async fn session(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot, membe
         End::Gone => tracing::debug!(%user, "channel session ended"),
         End::Close(code, reason) => {
             tracing::debug!(%user, code = code.0, reason, "closing channel session");
-            let push = json!({"type": "disconnect", "code": code.0, "reason": reason,
-                "reconnect": reconnects(code)});
-            let _ = ws.feed(Message::text(push.to_string())).await;
-            ws::close(&app, &mut ws, code, reason).await;
+            disconnect(&app, &mut ws, code, reason).await;
         }
     }
     drop(slot);
@@ -180,9 +177,15 @@ pub async fn session(app: Arc<App>, mut ws: UpgradedWebSocket, slot: Slot, membe
 /// Tells a client whose connection was refused for good why (see
 /// `http::refuse_upgrade`): a `disconnect` push, then a close with `code`.
 pub async fn refused(app: &App, mut ws: UpgradedWebSocket, code: u16, reason: &str) {
-    let push = json!({"type": "disconnect", "code": code, "reason": reason, "reconnect": false});
+    disconnect(app, &mut ws, CloseCode(code), reason).await;
+}
+
+/// Ends a connection: the `disconnect` push (whether to reconnect, and why), then the close.
+async fn disconnect(app: &App, ws: &mut UpgradedWebSocket, code: CloseCode, reason: &str) {
+    let push = json!({"type": "disconnect", "code": code.0, "reason": reason,
+        "reconnect": reconnects(code)});
     let _ = ws.feed(Message::text(push.to_string())).await;
-    ws::close(app, &mut ws, CloseCode(code), reason).await;
+    ws::close(app, ws, code, reason).await;
 }
 
 /// Whether a client may reconnect after `code` (docs/protocol.md).
@@ -239,7 +242,7 @@ impl Session {
     /// Queues a push from the hub, unless its channel's replay already held it or the
     /// channel was left since it was queued.
     fn take(&mut self, event: crate::hub::Outgoing) {
-        if event.sub != self._everyone.id() {
+        if event.sub != self.everyone.id() {
             let Some(channel) = self.channels.values().find(|c| c.sub.id() == event.sub) else {
                 return;
             };
@@ -313,7 +316,7 @@ impl Session {
                 self.connected = true;
                 let who = &self.member.who;
                 reply(json!({
-                    "client": format!("{:x}", self._everyone.id()),
+                    "client": format!("{:x}", self.everyone.id()),
                     "user": who.name(),
                     "guest": who.is_guest(),
                     "limits": {
