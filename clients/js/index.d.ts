@@ -120,7 +120,7 @@ export class Client {
   subscribe<T = unknown>(channel: string, handlers?: Handlers<T>): Subscription<T>;
   subscription(channel: string): Subscription | undefined;
   /** Publishes to a channel this client is subscribed to. */
-  publish(channel: string, data: unknown): Promise<{ offset: number }>;
+  publish(channel: string, data: unknown): Promise<{ offset?: number }>;
 }
 
 export class Subscription<T = unknown> {
@@ -128,7 +128,8 @@ export class Subscription<T = unknown> {
   readonly offset: number | null;
   readonly epoch: string | null;
   readonly state: 'unsubscribed' | 'subscribing' | 'subscribed' | 'failed' | 'removed';
-  publish(data: T): Promise<{ offset: number }>;
+  /** Resolves once stored (`offset`: its place in the stream) or, for a poll, counted. */
+  publish(data: T): Promise<{ offset?: number }>;
   event(name: string, data?: unknown): Promise<void>;
   presence(): Promise<Member[]>;
   history(options?: { since?: number; limit?: number }): Promise<{ epoch: string; offset: number; publications: Publication<T>[] }>;

@@ -14,7 +14,7 @@ use tether::{CloseCode, Message, Prepared};
 
 use crate::app::{App, Slot};
 use crate::hub::{push, Everyone, Format, Outbox, Subscription, Verdict};
-use crate::journal::{ChatWrite, Reply};
+use crate::journal::{ChatWrite, Job, Reply};
 use crate::store::{ChatMessage, StoreError};
 use crate::ws::{self, End, Member, RateLimit};
 
@@ -38,6 +38,7 @@ enum Code {
     AlreadySubscribed = 105,
     LimitExceeded = 106,
     BadRequest = 107,
+    NotAvailable = 108,
     NotSubscribed = 109,
     TooManyRequests = 110,
 }
@@ -95,6 +96,7 @@ struct Subscribed {
 /// A channel's name, parsed.
 enum Name<'a> {
     Room(&'a str),
+    Poll(i64),
     Broadcast,
 }
 
@@ -105,9 +107,14 @@ fn parse_channel(channel: &str) -> Result<Name<'_>, Failure> {
     match channel.split_once(':') {
         Some(("room", room)) if crate::auth::valid_room(room) => Ok(Name::Room(room)),
         Some(("room", _)) => Err(fail(Code::UnknownChannel, crate::http::ROOM_RULE)),
+        // One spelling per poll (no leading zeros), so that a name is one subscription.
+        Some(("poll", text)) => match text.parse::<i64>() {
+            Ok(id) if id > 0 && id.to_string() == text => Ok(Name::Poll(id)),
+            _ => Err(fail(Code::UnknownChannel, "a poll channel is poll:ID")),
+        },
         _ => Err(fail(
             Code::UnknownChannel,
-            format!("no such channel: {channel} (room:NAME or broadcast)"),
+            format!("no such channel: {channel} (room:NAME, poll:ID or broadcast)"),
         )),
     }
 }
@@ -124,6 +131,11 @@ struct EventPush<'a> {
 #[derive(Deserialize)]
 struct TextData {
     text: String,
+}
+
+#[derive(Deserialize)]
+struct VoteData {
+    vote: String,
 }
 
 /// A session of the channel protocol.
@@ -342,8 +354,10 @@ impl Session {
             }
             "publish" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
-                let offset = self.publish(channel, command.data, command.key).await?;
-                reply(json!({ "offset": offset }))
+                match self.publish(channel, command.data, command.key).await? {
+                    Some(offset) => reply(json!({ "offset": offset })),
+                    None => Ok(None),
+                }
             }
             "event" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
@@ -354,7 +368,7 @@ impl Session {
             "history" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
                 let Name::Room(room) = parse_channel(channel)? else {
-                    return Err(fail(Code::BadRequest, "broadcast keeps no history"));
+                    return Err(fail(Code::NotAvailable, "only rooms keep history"));
                 };
                 let limit = command
                     .limit
@@ -367,7 +381,7 @@ impl Session {
             "presence" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
                 let Name::Room(room) = parse_channel(channel)? else {
-                    return Err(fail(Code::BadRequest, "broadcast has no presence"));
+                    return Err(fail(Code::NotAvailable, "only rooms have presence"));
                 };
                 let members = self.presence(room).await;
                 reply(json!({ "members": members }))
@@ -382,15 +396,7 @@ impl Session {
         since: Option<u64>,
         epoch: Option<String>,
     ) -> Result<Subscribed, Failure> {
-        let room = match parse_channel(channel)? {
-            Name::Room(room) => room,
-            Name::Broadcast => {
-                return Err(fail(
-                    Code::AlreadySubscribed,
-                    "every connection receives broadcast",
-                ))
-            }
-        };
+        let name = parse_channel(channel)?;
         if self.channels.contains_key(channel) {
             return Err(fail(Code::AlreadySubscribed, "already subscribed"));
         }
@@ -400,6 +406,16 @@ impl Session {
                 format!("at most {MAX_CHANNELS} channels per connection"),
             ));
         }
+        let room = match name {
+            Name::Room(room) => room,
+            Name::Poll(id) => return self.subscribe_poll(channel, id).await,
+            Name::Broadcast => {
+                return Err(fail(
+                    Code::AlreadySubscribed,
+                    "every connection receives broadcast",
+                ))
+            }
+        };
         let app = self.app.clone();
         // The epoch first: should storage have a new one, the hub resets the room before
         // this connection is in it, not after.
@@ -451,27 +467,67 @@ impl Session {
         Ok(Subscribed { reply, replay })
     }
 
+    /// This connection's subscription to `channel`, which publishing and events need.
+    fn subscribed(&self, channel: &str) -> Result<&Channel, Failure> {
+        self.channels
+            .get(channel)
+            .ok_or_else(|| fail(Code::NotSubscribed, "subscribe to the channel first"))
+    }
+
+    /// A poll's channel: its state and this client's vote in the reply, then its counts as
+    /// they change (`pub` pushes without an offset).
+    async fn subscribe_poll(&mut self, channel: &str, id: i64) -> Result<Subscribed, Failure> {
+        // Watching first: a vote counted while the state loads is pushed after it.
+        let sub = self.app.hub.watch_poll_with(
+            id,
+            self.member.who.name(),
+            Some(self.outbox.clone()),
+            Format::Channels,
+        );
+        let state = ws::poll_state(&self.app, id, self.member.voter.as_ref())
+            .await
+            .map_err(internal)?;
+        let (Some(poll), vote) = state else {
+            return Err(fail(Code::UnknownChannel, "no such poll"));
+        };
+        self.channels
+            .insert(channel.to_owned(), Channel { sub, high: 0 });
+        let reply = json!({
+            "poll": poll,
+            "vote": vote,
+            "can_vote": self.member.voter.is_some(),
+            "replayed": 0,
+        });
+        Ok(Subscribed {
+            reply,
+            replay: Vec::new(),
+        })
+    }
+
+    /// Publishes to a room (`Some(offset)` once stored) or votes in a poll (`None` once
+    /// counted).
     async fn publish(
         &mut self,
         channel: &str,
         data: Option<Value>,
         key: Option<String>,
-    ) -> Result<u64, Failure> {
+    ) -> Result<Option<u64>, Failure> {
         let room = match parse_channel(channel)? {
-            Name::Room(room) => room.to_owned(),
             Name::Broadcast => {
                 return Err(fail(
                     Code::PermissionDenied,
                     "only the server publishes to broadcast",
                 ))
             }
+            Name::Poll(id) => {
+                self.subscribed(channel)?;
+                return self.vote(id, data).await.map(|()| None);
+            }
+            Name::Room(room) => {
+                self.subscribed(channel)?;
+                room.to_owned()
+            }
         };
-        if !self.channels.contains_key(channel) {
-            return Err(fail(
-                Code::NotSubscribed,
-                "subscribe to the channel to publish",
-            ));
-        }
         let Some(Ok(TextData { text })) = data.map(serde_json::from_value) else {
             return Err(fail(Code::BadRequest, "data is {\"text\": \"…\"}"));
         };
@@ -492,21 +548,55 @@ impl Session {
         let app = self.app.clone();
         let stored = Reply::wait(|reply| app.submit_chat(write(reply))).await;
         match stored {
-            Ok(message) => Ok(message.id),
+            Ok(message) => Ok(Some(message.id)),
             Err(e) => Err(fail(Code::Internal, format!("not stored: {e}"))),
         }
     }
 
-    fn event(&mut self, channel: &str, name: &str, data: Value) -> Result<(), Failure> {
-        let Name::Room(room) = parse_channel(channel)? else {
+    /// Votes in poll `id`: `data` is `{"vote": "OPTION"}`.
+    async fn vote(&self, id: i64, data: Option<Value>) -> Result<(), Failure> {
+        let Some(Ok(VoteData { vote })) = data.map(serde_json::from_value) else {
+            return Err(fail(Code::BadRequest, "data is {\"vote\": \"…\"}"));
+        };
+        let Some(voter) = self.member.voter.clone() else {
             return Err(fail(
                 Code::PermissionDenied,
-                "only the server sends to broadcast",
+                "only registered users vote here: log in to vote",
             ));
         };
-        let Some(subscribed) = self.channels.get(channel) else {
-            return Err(fail(Code::NotSubscribed, "subscribe to the channel first"));
+        let app = &self.app;
+        let counted = Reply::wait(|reply| {
+            app.journal.submit(Job::Vote {
+                poll: id,
+                voter,
+                option: vote,
+                reply,
+            })
+        })
+        .await
+        .map_err(|e| fail(Code::Internal, format!("vote not counted: {e}")))?;
+        if counted {
+            Ok(())
+        } else {
+            Err(fail(
+                Code::BadRequest,
+                "not counted: no such option, or too many guests have voted from this address",
+            ))
+        }
+    }
+
+    fn event(&mut self, channel: &str, name: &str, data: Value) -> Result<(), Failure> {
+        let room = match parse_channel(channel)? {
+            Name::Room(room) => room,
+            Name::Poll(_) => return Err(fail(Code::NotAvailable, "polls take no events")),
+            Name::Broadcast => {
+                return Err(fail(
+                    Code::PermissionDenied,
+                    "only the server sends to broadcast",
+                ))
+            }
         };
+        let subscribed = self.subscribed(channel)?;
         if name.is_empty() || name.len() > 32 {
             return Err(fail(Code::BadRequest, "an event's name is 1 to 32 bytes"));
         }

@@ -798,8 +798,20 @@ impl Hub {
 
     /// Subscribes a connection to poll `poll`'s counts.
     pub fn watch_poll(self: &Arc<Self>, poll: i64, user: &str) -> Subscription {
+        self.watch_poll_with(poll, user, None, Format::Room)
+    }
+
+    /// Subscribes a connection speaking `format` to poll `poll`'s counts, its events going to
+    /// `outbox` (a new one when `None`).
+    pub fn watch_poll_with(
+        self: &Arc<Self>,
+        poll: i64,
+        user: &str,
+        outbox: Option<Arc<Outbox>>,
+        format: Format,
+    ) -> Subscription {
         let user: Arc<str> = Arc::from(user);
-        let (id, peer) = self.peer(user.clone(), None, Format::Room);
+        let (id, peer) = self.peer(user.clone(), outbox, format);
         let outbox = peer.outbox.clone();
         let mut polls = lock(&self.polls);
         polls.entry(poll).or_default().topic.peers.insert(id, peer);

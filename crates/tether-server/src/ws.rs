@@ -489,6 +489,24 @@ pub(crate) async fn read_page(
     Ok(page)
 }
 
+/// Poll `id` as stored now (`None` when there is no such poll), and `voter`'s vote in it.
+pub(crate) async fn poll_state(
+    app: &App,
+    id: i64,
+    voter: Option<&Voter>,
+) -> Result<(Option<Poll>, Option<String>), StoreError> {
+    let key = voter.map(|v| v.key.clone());
+    app.db
+        .call(move |s| {
+            let vote = match &key {
+                Some(key) => s.vote_of(id, key)?,
+                None => None,
+            };
+            Ok((s.poll(id)?, vote))
+        })
+        .await
+}
+
 /// Runs a poll watcher: the poll and this user's vote, then live counts and the user's votes.
 pub async fn poll(
     app: Arc<App>,
@@ -506,17 +524,7 @@ pub async fn poll(
     } = member;
     let sub = app.hub.watch_poll(poll.id, who.name());
     let id = poll.id;
-    let key = voter.as_ref().map(|v| v.key.clone());
-    let state = app
-        .db
-        .call(move |s| {
-            let vote = match &key {
-                Some(key) => s.vote_of(id, key)?,
-                None => None,
-            };
-            Ok((s.poll(id)?, vote))
-        })
-        .await;
+    let state = poll_state(&app, id, voter.as_ref()).await;
     let (poll, vote) = match state {
         Ok((Some(p), vote)) => (p, vote),
         Ok((None, _)) => (poll, None),

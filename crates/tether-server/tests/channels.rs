@@ -454,3 +454,72 @@ async fn permanent_refusals_are_told_in_the_protocol_with_their_codes() {
     assert_eq!(code, 4504, "{push}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_poll_channel_votes_and_pushes_the_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "root", "correct horse battery").await;
+    let server = start(config(dir.path())).await;
+    let token = token(server.addr, "root", "correct horse battery").await;
+    let bearer = format!("Bearer {token}");
+    let (status, poll) = http(
+        server.addr,
+        "POST",
+        "/api/polls",
+        &[("authorization", &bearer)],
+        Some(json!({"question": "Tea?", "options": ["yes", "no"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{poll}");
+    let channel = format!("poll:{}", poll["id"]);
+
+    let (mut root, _) = Client::open(&server, &format!("?token={token}")).await;
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    let subscribed = root.subscribe(&channel).await;
+    assert_eq!(subscribed["poll"]["question"], "Tea?", "{subscribed}");
+    assert_eq!(subscribed["vote"], Value::Null);
+    assert_eq!(subscribed["can_vote"], true);
+    ann.subscribe(&channel).await;
+
+    let voted = root
+        .call(json!({"op": "publish", "channel": channel, "data": {"vote": "yes"}}))
+        .await;
+    assert!(voted.get("error").is_none(), "{voted}");
+    for client in [&mut root, &mut ann] {
+        let counts = client.push("pub").await;
+        assert_eq!(counts["channel"], channel.as_str());
+        assert_eq!(counts["data"]["counts"], json!({"yes": 1, "no": 0}));
+        assert_eq!(counts["data"]["total"], 1);
+    }
+    // A vote is remembered: subscribing again shows it.
+    root.call(json!({"op": "unsubscribe", "channel": channel}))
+        .await;
+    let again = root.subscribe(&channel).await;
+    assert_eq!(again["vote"], "yes", "{again}");
+
+    let cases = [
+        (
+            json!({"op": "publish", "channel": channel, "data": {"vote": "maybe"}}),
+            107,
+        ),
+        (
+            json!({"op": "publish", "channel": channel, "data": {"text": "hi"}}),
+            107,
+        ),
+        (json!({"op": "history", "channel": channel}), 108),
+        (json!({"op": "presence", "channel": channel}), 108),
+        (
+            json!({"op": "event", "channel": channel, "name": "typing"}),
+            108,
+        ),
+        (json!({"op": "subscribe", "channel": "poll:999"}), 102),
+        (json!({"op": "subscribe", "channel": "poll:007"}), 102),
+        (json!({"op": "subscribe", "channel": "poll:x"}), 102),
+    ];
+    for (command, code) in cases {
+        let reply = root.call(command.clone()).await;
+        assert_eq!(error_code(&reply), code, "{command} → {reply}");
+    }
+    drop((root, ann));
+    server.stop().await;
+}
