@@ -95,6 +95,12 @@ pub struct IdleArgs {
     /// Plain TCP connections without a handshake, for a raw TCP echo server.
     #[arg(long)]
     pub raw: bool,
+    /// Speak tether's channel protocol (tether.v1, to a `tether serve` `/ws` URL): connect,
+    /// then subscribe to this channel (repeat for several; `{n}` and `{n/K}` as in the URL),
+    /// e.g. `--subscribe 'room:r{n/100}'`. A connection counts as open once every
+    /// subscription is acknowledged.
+    #[arg(long, value_name = "CHANNEL", conflicts_with = "raw")]
+    pub subscribe: Vec<String>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -716,8 +722,17 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
         .map_err(|_| BenchError::Usage("--hold must be seconds".into()))?;
     crate::raise_fd_limit(args.conns + 64);
     let numbered = url.contains("{n");
-    let builder =
-        ClientBuilder::new(&number_url(&url, 0)).map_err(|e| BenchError::Usage(e.to_string()))?;
+    let offer = |builder: ClientBuilder| {
+        if args.subscribe.is_empty() {
+            builder
+        } else {
+            builder.protocol(CHANNEL_PROTOCOL)
+        }
+    };
+    let builder = ClientBuilder::new(&number_url(&url, 0))
+        .map(offer)
+        .map_err(|e| BenchError::Usage(e.to_string()))?;
+    let subscribe = Arc::new(args.subscribe.clone());
     let started = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let raw = args.raw;
@@ -728,15 +743,21 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
             let semaphore = semaphore.clone();
             let request = if numbered {
                 ClientBuilder::new(&number_url(&url, i))
-                    .map_or_else(|_| builder.request(), |b| b.request())
+                    .map_or_else(|_| builder.request(), |b| offer(b).request())
             } else {
                 builder.request()
             };
+            let subscribe = subscribe.clone();
             let count = count.clone();
             let mut stopped = stopped.clone();
             tokio::spawn(async move {
                 let permit = semaphore.acquire_owned().await.ok();
-                let peer = open_idle(i, target, raw, request).await;
+                let mut peer = open_idle(i, target, raw, request).await;
+                if let (Some(Peer::Ws(ws)), false) = (&mut peer, subscribe.is_empty()) {
+                    if !subscribed(ws, i, &subscribe).await {
+                        peer = None;
+                    }
+                }
                 drop(permit);
                 count.tried.fetch_add(1, Ordering::Relaxed);
                 let mut peer = peer?;
@@ -849,6 +870,47 @@ async fn open_idle(
     }
     let (ws, _) = tether::client(tcp, request, Config::default()).await.ok()?;
     Some(Peer::Ws(Box::new(ws)))
+}
+
+/// The channel protocol's subprotocol (docs/protocol.md).
+const CHANNEL_PROTOCOL: &str = "tether.v1";
+
+/// Connects over the channel protocol and subscribes connection `i` to `channels` (numbered
+/// like the URL); true once every command is acknowledged without an error, within 10 s.
+async fn subscribed(ws: &mut tether::WebSocket<TcpStream>, i: usize, channels: &[String]) -> bool {
+    let mut commands = vec![serde_json::json!({"id": 1, "op": "connect"})];
+    for (k, channel) in channels.iter().enumerate() {
+        let channel = number_url(channel, i);
+        commands.push(serde_json::json!({"id": k + 2, "op": "subscribe", "channel": channel}));
+    }
+    let answered = async {
+        for command in &commands {
+            ws.feed(Message::text(command.to_string())).await.ok()?;
+        }
+        ws.flush().await.ok()?;
+        let mut replies = 0;
+        while replies < commands.len() {
+            let text = match ws.recv().await {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                _ => return None,
+            };
+            let Ok(reply) = serde_json::from_str::<serde_json::Value>(&text) else {
+                return None;
+            };
+            if reply.get("id").is_some() {
+                if reply.get("error").is_some() {
+                    return None;
+                }
+                replies += 1;
+            }
+        }
+        Some(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), answered).await,
+        Ok(Some(()))
+    )
 }
 
 /// Resolves when an idle connection ends: a close, an error, or (for plain TCP) any byte.

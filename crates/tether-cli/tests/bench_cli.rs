@@ -4,7 +4,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{start_echo, BIN};
+use common::{start_echo, start_serve, BIN};
 
 /// Runs `tether bench ARGS --json`: its summary, exit code and stderr.
 fn run_bench(args: &[&str]) -> (serde_json::Value, Option<i32>, String) {
@@ -266,4 +266,37 @@ fn bench_idle_shows_a_live_count_on_a_terminal() -> Result<(), rexpect::error::E
     p.exp_string("7 of 7 connections held (0 failed)")?;
     p.exp_eof()?;
     Ok(())
+}
+
+#[test]
+fn bench_idle_subscribes_over_the_channel_protocol() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start_serve(&["--data", data.path().to_str().unwrap()]);
+    let url = format!("ws://{}/ws?name=g{{n}}", server.addr);
+    let summary = bench(&[
+        "idle",
+        &url,
+        "--conns",
+        "6",
+        "--hold",
+        "0.3",
+        "--subscribe",
+        "room:r{n/3}",
+        "--subscribe",
+        "room:all",
+    ]);
+    assert_eq!(summary["held"], 6, "{summary}");
+    // A channel the server refuses: no connection counts as open.
+    let (summary, code, _) = run_bench(&[
+        "idle",
+        &url,
+        "--conns",
+        "2",
+        "--hold",
+        "0.2",
+        "--subscribe",
+        "nowhere:x",
+    ]);
+    assert_eq!(code, Some(1));
+    assert_eq!(summary["held"], 0, "{summary}");
 }

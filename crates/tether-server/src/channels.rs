@@ -209,8 +209,16 @@ impl Session {
     async fn run(&mut self, ws: &mut UpgradedWebSocket, mut lost: Option<ws::Lost>) -> End {
         let app = self.app.clone();
         loop {
-            if let Some(end) = ws::write_all(&app, ws, &mut self.batch, &self.outbox).await {
-                return end;
+            if !self.batch.is_empty() || ws.queued_len() > 0 {
+                // In an allocation of its own: an idle session's state holds none of it.
+                let write = Box::pin(ws::write_all(&app, ws, &mut self.batch, &self.outbox));
+                if let Some(end) = write.await {
+                    return end;
+                }
+            }
+            if self.batch.capacity() > 0 {
+                // Written: an idle session keeps no room for a batch.
+                self.batch = Vec::new();
             }
             let lost_fut = std::future::poll_fn(|cx| match lost.as_mut() {
                 Some(lost) => lost.as_mut().as_mut().poll(cx),
@@ -237,7 +245,9 @@ impl Session {
                 message = ws.recv() => match message {
                     Some(Ok(Message::Text(text))) => {
                         ws::count_in(&app, text.len());
-                        if let Err(end) = self.command(&text).await {
+                        // Boxed: a command's futures (storage, replay) would otherwise stay in
+                        // the session's state for its whole life.
+                        if let Err(end) = Box::pin(self.command(&text)).await {
                             return end;
                         }
                     }
