@@ -23,6 +23,16 @@ files!(
     "assets/favicon.svg",
 );
 
+/// The channel protocol's JavaScript client (clients/js), for the pages and for any page of
+/// another application that talks to this server: `/assets/tether-client.js`.
+const CLIENT: (&str, &[u8]) = (
+    "assets/tether-client.js",
+    include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../clients/js/index.js"
+    )),
+);
+
 fn content_type(name: &str) -> &'static str {
     match name.rsplit('.').next() {
         Some("html") => "text/html; charset=utf-8",
@@ -37,6 +47,7 @@ fn content_type(name: &str) -> &'static str {
 pub fn page(name: &str) -> Response {
     let found = FILES
         .iter()
+        .chain(std::iter::once(&CLIENT))
         .find(|(n, _)| *n == name || n.strip_prefix("assets/") == Some(name));
     match found {
         Some((n, body)) => (

@@ -571,6 +571,10 @@ async fn pages_and_echo_are_served() {
     assert!(http_text(server.addr, "/nope")
         .await
         .starts_with("HTTP/1.1 404"));
+    // The channel protocol's JavaScript client, as a module a page can import.
+    let client = http_text(server.addr, "/assets/tether-client.js").await;
+    assert!(client.starts_with("HTTP/1.1 200"), "{client:.60}");
+    assert!(client.contains("text/javascript") && client.contains("export class Client"));
     let mut ws = connect(&server.ws("/ws/echo")).await;
     ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
     assert_eq!(
