@@ -300,12 +300,13 @@ export class Client {
 
   publish(channel, data) {
     const limit = this.session?.limits?.message_size;
-    const size = new TextEncoder().encode(JSON.stringify({ id: 0, op: 'publish', channel, data, key: randomKey() })).length;
+    const key = randomKey();
+    const size = new TextEncoder().encode(JSON.stringify({ id: 0, op: 'publish', channel, data, key })).length;
     if (limit && size > limit) {
       return Promise.reject(new TetherError(111, `message too large: ${size} bytes, the limit is ${limit}`));
     }
     return new Promise((resolve, reject) => {
-      const publish = { channel, data, key: randomKey(), resolve, reject, sent: false };
+      const publish = { channel, data, key, resolve, reject, sent: false };
       this.publishes.push(publish);
       if (this.state === 'connected') this.sendPublish(publish);
     });

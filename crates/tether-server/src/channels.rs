@@ -211,7 +211,13 @@ impl Session {
         loop {
             if !self.batch.is_empty() || ws.queued_len() > 0 {
                 // In an allocation of its own: an idle session's state holds none of it.
-                let write = Box::pin(ws::write_all(&app, ws, &mut self.batch, &self.outbox));
+                let write = Box::pin(ws::write_all(
+                    &app,
+                    ws,
+                    &mut self.batch,
+                    &self.outbox,
+                    judged,
+                ));
                 if let Some(end) = write.await {
                     return end;
                 }

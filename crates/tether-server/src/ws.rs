@@ -332,7 +332,7 @@ async fn join_room(
     let mut high = plan.start;
     let mut replayed = 0;
     loop {
-        if let Some(end) = write_all(&app, &mut ws, &mut batch, &sub.outbox).await {
+        if let Some(end) = write_all(&app, &mut ws, &mut batch, &sub.outbox, judged).await {
             finish(&app, ws, slot, sub, end, who.name()).await;
             return None;
         }
@@ -1075,12 +1075,14 @@ async fn at_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
 /// Writes `batch` (emptying it) unless the session must end first: the hub gave up on a slow
 /// consumer, the server is shutting down, the connection failed, or the client accepted
 /// nothing for the write timeout (it may never read again: a close frame could not reach it
-/// either, so the connection is just dropped).
+/// either, so the connection is just dropped). `judge` turns the hub's verdict into the
+/// session's end, in the close codes of its protocol.
 pub(crate) async fn write_all(
     app: &App,
     ws: &mut UpgradedWebSocket,
     batch: &mut Vec<Arc<Prepared>>,
     outbox: &crate::hub::Outbox,
+    judge: fn(&App, Verdict) -> End,
 ) -> Option<End> {
     if batch.is_empty() && ws.queued_len() == 0 {
         return None;
@@ -1115,7 +1117,7 @@ pub(crate) async fn write_all(
     };
     let end = tokio::select! {
         biased;
-        verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => Some(judged(app, verdict)),
+        verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => Some(judge(app, verdict)),
         () = shutting_down(app) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
         end = write => end,
     };
