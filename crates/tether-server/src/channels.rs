@@ -25,6 +25,8 @@ pub const PROTOCOL: &str = "tether.v1";
 const MAX_CHANNELS: usize = 128;
 /// Publications `history` returns at most.
 const HISTORY_LIMIT: usize = 100;
+/// Polls the `polls` channel's reply lists, newest first (as `GET /api/polls`).
+const POLL_LIST: usize = 50;
 /// The largest ephemeral event's data, encoded.
 const MAX_EVENT_DATA: usize = 256;
 
@@ -97,12 +99,16 @@ struct Subscribed {
 enum Name<'a> {
     Room(&'a str),
     Poll(i64),
+    /// The list of polls, told of each new one.
+    Polls,
     Broadcast,
 }
 
 fn parse_channel(channel: &str) -> Result<Name<'_>, Failure> {
-    if channel == "broadcast" {
-        return Ok(Name::Broadcast);
+    match channel {
+        "broadcast" => return Ok(Name::Broadcast),
+        "polls" => return Ok(Name::Polls),
+        _ => {}
     }
     match channel.split_once(':') {
         Some(("room", room)) if crate::auth::valid_room(room) => Ok(Name::Room(room)),
@@ -114,7 +120,7 @@ fn parse_channel(channel: &str) -> Result<Name<'_>, Failure> {
         },
         _ => Err(fail(
             Code::UnknownChannel,
-            format!("no such channel: {channel} (room:NAME, poll:ID or broadcast)"),
+            format!("no such channel: {channel} (room:NAME, poll:ID, polls or broadcast)"),
         )),
     }
 }
@@ -425,6 +431,7 @@ impl Session {
         let room = match name {
             Name::Room(room) => room,
             Name::Poll(id) => return self.subscribe_poll(channel, id).await,
+            Name::Polls => return self.subscribe_polls(channel).await,
             Name::Broadcast => {
                 return Err(fail(
                     Code::AlreadySubscribed,
@@ -520,6 +527,29 @@ impl Session {
         })
     }
 
+    /// The `polls` channel: the latest polls in the reply, then each new one as it is created.
+    async fn subscribe_polls(&mut self, channel: &str) -> Result<Subscribed, Failure> {
+        // Watching first: a poll created while the list loads is pushed after it (and may be
+        // in the list too; a client keys polls by id).
+        let sub = self
+            .app
+            .hub
+            .watch_poll_list(self.member.who.name(), self.outbox.clone());
+        let polls = self
+            .app
+            .db
+            .call(|s| s.polls(POLL_LIST))
+            .await
+            .map_err(internal)?;
+        self.channels
+            .insert(channel.to_owned(), Channel { sub, high: 0 });
+        let reply = json!({ "polls": polls, "replayed": 0 });
+        Ok(Subscribed {
+            reply,
+            replay: Vec::new(),
+        })
+    }
+
     /// Publishes to a room (`Some(offset)` once stored) or votes in a poll (`None` once
     /// counted).
     async fn publish(
@@ -538,6 +568,12 @@ impl Session {
             Name::Poll(id) => {
                 self.subscribed(channel)?;
                 return self.vote(id, data).await.map(|()| None);
+            }
+            Name::Polls => {
+                return Err(fail(
+                    Code::PermissionDenied,
+                    "polls are created with POST /api/polls",
+                ))
             }
             Name::Room(room) => {
                 self.subscribed(channel)?;
@@ -604,7 +640,9 @@ impl Session {
     fn event(&mut self, channel: &str, name: &str, data: Value) -> Result<(), Failure> {
         let room = match parse_channel(channel)? {
             Name::Room(room) => room,
-            Name::Poll(_) => return Err(fail(Code::NotAvailable, "polls take no events")),
+            Name::Poll(_) | Name::Polls => {
+                return Err(fail(Code::NotAvailable, "polls take no events"))
+            }
             Name::Broadcast => {
                 return Err(fail(
                     Code::PermissionDenied,

@@ -510,9 +510,13 @@ async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     match app.user(&headers, None).await {
         Ok(Some(user)) => json(
             StatusCode::OK,
-            &serde_json::json!({"user": user, "guest": false}),
+            &serde_json::json!({"user": user, "guest": false, "guests": app.config.guests}),
         ),
-        Ok(None) => error(StatusCode::UNAUTHORIZED, "not logged in"),
+        // `guests` tells a page whether to offer a nickname at all.
+        Ok(None) => json(
+            StatusCode::UNAUTHORIZED,
+            &serde_json::json!({"error": "not logged in", "guests": app.config.guests}),
+        ),
         Err(refused) => refused.into_response(),
     }
 }
@@ -827,7 +831,10 @@ async fn create_poll(
         .call(move |s| s.create_poll(&question, &options))
         .await
     {
-        Ok(poll) => json(StatusCode::CREATED, &poll),
+        Ok(poll) => {
+            app.hub.poll_created(&poll);
+            json(StatusCode::CREATED, &poll)
+        }
         Err(e) => store_error(&e),
     }
 }

@@ -22,7 +22,7 @@ use tether::Prepared;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::store::ChatMessage;
+use crate::store::{self, ChatMessage};
 
 /// One event queued for a connection. `id` is the chat message id (0 for other events), so a
 /// joining connection can skip live messages that its history already held.
@@ -259,6 +259,8 @@ pub struct Hub {
     polls: Mutex<HashMap<i64, PollState>>,
     /// Every connection of the channel protocol: what `broadcast` reaches besides rooms.
     everyone: Mutex<Topic>,
+    /// Subscribers of the `polls` channel: told of each poll created here.
+    poll_list: Mutex<Topic>,
     next_id: AtomicU64,
     queue_len: usize,
     /// Where local joins and leaves go to be shared with other nodes (cluster mode).
@@ -293,7 +295,7 @@ impl Subscription {
     pub fn room(&self) -> Option<&str> {
         match &self.topic {
             TopicKey::Room(room) => Some(room),
-            TopicKey::Poll(_) => None,
+            TopicKey::Poll(_) | TopicKey::PollList => None,
         }
     }
 
@@ -307,6 +309,7 @@ impl Subscription {
 enum TopicKey {
     Room(Arc<str>),
     Poll(i64),
+    PollList,
 }
 
 /// A channel-protocol connection's place among those a broadcast reaches; dropping it leaves.
@@ -412,6 +415,11 @@ struct Text<'a> {
 }
 
 #[derive(Serialize)]
+struct Created<'a> {
+    created: &'a store::Poll,
+}
+
+#[derive(Serialize)]
 struct CountsData<'a> {
     counts: &'a BTreeMap<String, u64>,
     total: u64,
@@ -456,6 +464,7 @@ impl Hub {
             rooms: Mutex::new(HashMap::new()),
             polls: Mutex::new(HashMap::new()),
             everyone: Mutex::new(Topic::default()),
+            poll_list: Mutex::new(Topic::default()),
             next_id: AtomicU64::new(1),
             queue_len: queue_len.max(1),
             presence: std::sync::OnceLock::new(),
@@ -834,6 +843,40 @@ impl Hub {
         }
     }
 
+    /// Subscribes a channel-protocol connection to the `polls` channel, its events going to
+    /// `outbox`.
+    pub fn watch_poll_list(self: &Arc<Self>, user: &str, outbox: Arc<Outbox>) -> Subscription {
+        let user: Arc<str> = Arc::from(user);
+        let (id, peer) = self.peer(user.clone(), Some(outbox), Format::Channels);
+        let outbox = peer.outbox.clone();
+        lock(&self.poll_list).peers.insert(id, peer);
+        Subscription {
+            hub: self.clone(),
+            id,
+            topic: TopicKey::PollList,
+            user,
+            outbox,
+        }
+    }
+
+    /// Tells the `polls` channel's subscribers of a new poll; returns how many it reached.
+    pub fn poll_created(&self, poll: &store::Poll) -> usize {
+        let encode = |_: Format| {
+            encode(&push::Publication {
+                channel: "polls",
+                offset: None,
+                user: None,
+                ts: None,
+                data: Created { created: poll },
+            })
+        };
+        let event = Fan {
+            id: 0,
+            encode: &encode,
+        };
+        lock(&self.poll_list).fan_out(&event, None, None, &self.metrics)
+    }
+
     /// Sends poll `poll`'s new counts to everyone watching it.
     pub fn deliver_counts(&self, poll: i64, counts: &BTreeMap<String, u64>) -> usize {
         let polls = lock(&self.polls);
@@ -868,6 +911,9 @@ impl Drop for Subscription {
         match &self.topic {
             TopicKey::Room(room) => self.hub.leave_room(room, self.id),
             TopicKey::Poll(poll) => self.hub.leave_poll(*poll, self.id),
+            TopicKey::PollList => {
+                lock(&self.hub.poll_list).peers.remove(&self.id);
+            }
         }
     }
 }

@@ -43,6 +43,21 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
+/// For working on the pages: `TETHER_WEB_DIR=web` serves the embedded files' current versions
+/// from that directory (and the client from `clients/js/` beside it), read at each request,
+/// so a page's change shows on reload without a rebuild. Only the embedded names are served.
+fn from_disk(name: &str) -> Option<Vec<u8>> {
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| std::env::var_os("TETHER_WEB_DIR").map(Into::into));
+    let dir = dir.as_ref()?;
+    let path = if name == CLIENT.0 {
+        dir.join("../clients/js/index.js")
+    } else {
+        dir.join(name)
+    };
+    std::fs::read(path).ok()
+}
+
 /// The embedded file `name` (a page, or an asset by its name under `assets/`).
 pub fn page(name: &str) -> Response {
     let found = FILES
@@ -68,7 +83,10 @@ pub fn page(name: &str) -> Response {
                     HeaderValue::from_static("nosniff"),
                 ),
             ],
-            *body,
+            from_disk(n).map_or_else(
+                || axum::body::Body::from(bytes::Bytes::from_static(body)),
+                axum::body::Body::from,
+            ),
         )
             .into_response(),
         None => (StatusCode::NOT_FOUND, "no such file").into_response(),

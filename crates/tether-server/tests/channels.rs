@@ -452,11 +452,17 @@ async fn permanent_refusals_are_told_in_the_protocol_with_their_codes() {
     let server = start(no_guests).await;
     let (push, code) = refused_with(&server, "?name=ann").await;
     assert_eq!(code, 4504, "{push}");
+    let (status, me) = http(server.addr, "GET", "/api/me", &[], None).await;
+    assert_eq!(
+        (status, &me["guests"]),
+        (401, &json!(false)),
+        "no nickname to offer"
+    );
     server.stop().await;
 }
 
 #[tokio::test]
-async fn a_poll_channel_votes_and_pushes_the_counts() {
+async fn poll_channels_vote_push_the_counts_and_list_new_polls() {
     let dir = tempfile::tempdir().unwrap();
     add_user(dir.path(), "root", "correct horse battery").await;
     let server = start(config(dir.path())).await;
@@ -475,6 +481,36 @@ async fn a_poll_channel_votes_and_pushes_the_counts() {
 
     let (mut root, _) = Client::open(&server, &format!("?token={token}")).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
+
+    // The list of polls: the latest in the reply, each new one pushed as it is created.
+    let list = ann.subscribe("polls").await;
+    assert_eq!(list["polls"][0]["question"], "Tea?", "{list}");
+    assert_eq!(list["polls"].as_array().map(Vec::len), Some(1));
+    let (status, second) = http(
+        server.addr,
+        "POST",
+        "/api/polls",
+        &[("authorization", &bearer)],
+        Some(json!({"question": "Coffee?", "options": ["black", "white"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{second}");
+    let created = ann.push("pub").await;
+    assert_eq!(created["channel"], "polls", "{created}");
+    assert_eq!(created["data"]["created"], second);
+    for (command, code) in [
+        (
+            json!({"op": "publish", "channel": "polls", "data": {}}),
+            103,
+        ),
+        (json!({"op": "history", "channel": "polls"}), 108),
+        (json!({"op": "event", "channel": "polls", "name": "x"}), 108),
+    ] {
+        let reply = ann.call(command.clone()).await;
+        assert_eq!(error_code(&reply), code, "{command} → {reply}");
+    }
+    ann.call(json!({"op": "unsubscribe", "channel": "polls"}))
+        .await;
     let subscribed = root.subscribe(&channel).await;
     assert_eq!(subscribed["poll"]["question"], "Tea?", "{subscribed}");
     assert_eq!(subscribed["vote"], Value::Null);

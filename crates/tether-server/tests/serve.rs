@@ -371,6 +371,10 @@ async fn upgrades_are_refused_for_bad_identity_or_origin() {
     // A session cookie from the login works too.
     let (status, me) = http(server.addr, "GET", "/api/me", &[], None).await;
     assert_eq!((status, me["error"].is_string()), (401, true));
+    assert_eq!(
+        me["guests"], true,
+        "a page learns whether to offer a nickname"
+    );
     let (_, metrics) = (0, http_text(server.addr, "/metrics").await);
     assert!(
         metrics.contains("tether_handshake_failures_total{reason=\"auth\"} 3"),
