@@ -182,14 +182,14 @@ pub struct EchoSummary {
 
 /// Failures during a run: how many, and the first in words.
 #[derive(Debug, Default)]
-struct Failures {
+pub(crate) struct Failures {
     count: AtomicU64,
     first: std::sync::Mutex<Option<String>>,
 }
 
 impl Failures {
     /// Counts one; keeps `what` if it is the first.
-    fn note(&self, what: impl FnOnce() -> String) {
+    pub(crate) fn note(&self, what: impl FnOnce() -> String) {
         self.count.fetch_add(1, Ordering::Relaxed);
         let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
         if first.is_none() {
@@ -197,11 +197,11 @@ impl Failures {
         }
     }
 
-    fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
 
-    fn first(&self) -> Option<String> {
+    pub(crate) fn first(&self) -> Option<String> {
         self.first.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -228,10 +228,16 @@ const RAW_MASK_KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 /// The bytes a WebSocket client puts on the wire for one unfragmented message: header with
 /// the mask bit and `key`, then the masked payload.
 fn client_frame(payload: &[u8], binary: bool, key: [u8; 4]) -> Vec<u8> {
+    let opcode = if binary { OpCode::Binary } else { OpCode::Text };
+    masked_frame(opcode, payload, key)
+}
+
+/// A client's unfragmented frame of `opcode`, masked with `key`.
+pub(crate) fn masked_frame(opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
     let header = FrameHeader {
         fin: true,
         rsv: 0,
-        opcode: if binary { OpCode::Binary } else { OpCode::Text },
+        opcode,
         mask: Some(key),
         payload_len: payload.len() as u64,
     };
@@ -260,8 +266,13 @@ fn server_frame(payload: &[u8], binary: bool) -> Vec<u8> {
 }
 
 /// The opening handshake of `--prebuilt`, by hand over `tcp`: a fixed key, and the exact
-/// accept key checked in the answer. The server sends nothing after it until we send.
-async fn handshake(tcp: &mut TcpStream, url: &str) -> Result<(), BenchError> {
+/// accept key checked in the answer; `protocol` is offered when given. The server must send
+/// nothing after it until we send.
+pub(crate) async fn handshake(
+    tcp: &mut TcpStream,
+    url: &str,
+    protocol: Option<&str>,
+) -> Result<(), BenchError> {
     let parsed = url::Url::parse(url).map_err(|e| BenchError::Usage(e.to_string()))?;
     let host = parsed.host_str().unwrap_or("localhost");
     let host = match parsed.port() {
@@ -273,9 +284,10 @@ async fn handshake(tcp: &mut TcpStream, url: &str) -> Result<(), BenchError> {
         None => parsed.path().to_owned(),
     };
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let offer = protocol.map_or_else(String::new, |p| format!("Sec-WebSocket-Protocol: {p}\r\n"));
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     tcp.write_all(request.as_bytes())
         .await
@@ -306,7 +318,7 @@ async fn handshake(tcp: &mut TcpStream, url: &str) -> Result<(), BenchError> {
 }
 
 /// The address a `ws://` URL points at, for the plain TCP connections of `--raw` and `idle`.
-fn target(url: &str) -> Result<SocketAddr, BenchError> {
+pub(crate) fn target(url: &str) -> Result<SocketAddr, BenchError> {
     let url = url::Url::parse(url).map_err(|e| BenchError::Usage(e.to_string()))?;
     if url.scheme() != "ws" {
         return Err(BenchError::Usage("this benchmark takes a ws:// URL".into()));
@@ -391,7 +403,7 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
                         let mut tcp = TcpStream::connect(addr).await.map_err(BenchError::Tcp)?;
                         tcp.set_nodelay(true).map_err(BenchError::Tcp)?;
                         if prebuilt {
-                            handshake(&mut tcp, &url).await?;
+                            handshake(&mut tcp, &url, None).await?;
                         }
                         Ok::<_, BenchError>(Peer::Raw(tcp))
                     }
@@ -633,7 +645,7 @@ async fn drive_raw(
     latency
 }
 
-fn progress_bar(duration: Duration) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(duration: Duration) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(duration.as_millis() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {msg}")
@@ -684,14 +696,14 @@ pub struct IdleSummary {
 }
 
 /// Source address for connection `i`: 127.0.0.1 for the first 25,000, then 127.0.0.2, …
-fn source_addr(i: usize) -> SocketAddr {
+pub(crate) fn source_addr(i: usize) -> SocketAddr {
     let n = (i / 25_000) as u32 + 1;
     let ip = Ipv4Addr::new(127, (n >> 16) as u8, (n >> 8) as u8, n as u8);
     SocketAddr::new(IpAddr::V4(ip), 0)
 }
 
 /// `url` with `{n}` replaced by `i` and `{n/K}` by `i / K`.
-fn number_url(url: &str, i: usize) -> String {
+pub(crate) fn number_url(url: &str, i: usize) -> String {
     let mut out = String::with_capacity(url.len());
     let mut rest = url;
     while let Some(start) = rest.find("{n") {
@@ -873,7 +885,7 @@ async fn open_idle(
 }
 
 /// The channel protocol's subprotocol (docs/protocol.md).
-const CHANNEL_PROTOCOL: &str = "tether.v1";
+pub(crate) const CHANNEL_PROTOCOL: &str = "tether.v1";
 
 /// Connects over the channel protocol and subscribes connection `i` to `channels` (numbered
 /// like the URL); true once every command is acknowledged without an error, within 10 s.

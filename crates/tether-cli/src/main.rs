@@ -43,6 +43,8 @@ enum BenchCommand {
     Echo(tether_cli::bench::EchoArgs),
     /// Opens and holds idle connections; reports how many held.
     Idle(tether_cli::bench::IdleArgs),
+    /// Many subscribers of one channel, one publisher; reports deliveries/s and latency.
+    Fanout(tether_cli::fanout::FanoutArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -117,13 +119,6 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
     use tether_cli::bench;
-    /// The summary of a run with the options it ran with, for `--json`.
-    #[derive(serde::Serialize)]
-    struct Report<'a, A, S> {
-        params: &'a A,
-        #[serde(flatten)]
-        summary: &'a S,
-    }
     let rt = runtime(None)?;
     match kind {
         BenchCommand::Echo(mut args) => {
@@ -131,14 +126,9 @@ fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
             args.url = Some(args.server_url());
             args.url_flag = None;
             let summary = rt.block_on(bench::echo(args.clone()))?;
-            if args.json {
-                say(&serde_json::to_string(&Report {
-                    params: &args,
-                    summary: &summary,
-                })?);
-            } else {
-                say(&bench::render_echo(&summary, &args));
-            }
+            report(args.json, &args, &summary, || {
+                bench::render_echo(&summary, &args)
+            })?;
             if summary.errors > 0 {
                 anyhow::bail!(
                     "{} errors; the first: {}",
@@ -151,17 +141,12 @@ fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
             args.url = Some(args.server_url());
             args.url_flag = None;
             let summary = rt.block_on(bench::idle(args.clone()))?;
-            if args.json {
-                say(&serde_json::to_string(&Report {
-                    params: &args,
-                    summary: &summary,
-                })?);
-            } else {
-                say(&format!(
+            report(args.json, &args, &summary, || {
+                format!(
                     "{} of {} connections held ({} failed); opened in {:.1} s",
                     summary.held, summary.requested, summary.failed, summary.open_seconds
-                ));
-            }
+                )
+            })?;
             if summary.held < summary.requested {
                 anyhow::bail!(
                     "{} of {} connections failed to open or did not stay open",
@@ -170,6 +155,42 @@ fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        BenchCommand::Fanout(args) => {
+            let summary = rt.block_on(tether_cli::fanout::fanout(args.clone()))?;
+            report(args.json, &args, &summary, || {
+                tether_cli::fanout::render(&summary, &args)
+            })?;
+            if summary.errors > 0 || summary.missing > 0 {
+                anyhow::bail!(
+                    "{} errors, {} deliveries missing; the first error: {}",
+                    summary.errors,
+                    summary.missing,
+                    summary.first_error.as_deref().unwrap_or("none")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints a run's summary: with `--json` as one object with the options it ran with, else
+/// in `words`.
+fn report<A: serde::Serialize, S: serde::Serialize>(
+    json: bool,
+    params: &A,
+    summary: &S,
+    words: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    struct Report<'a, A, S> {
+        params: &'a A,
+        #[serde(flatten)]
+        summary: &'a S,
+    }
+    if json {
+        say(&serde_json::to_string(&Report { params, summary })?);
+    } else {
+        say(&words());
     }
     Ok(())
 }

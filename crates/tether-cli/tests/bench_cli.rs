@@ -300,3 +300,92 @@ fn bench_idle_subscribes_over_the_channel_protocol() {
     assert_eq!(code, Some(1));
     assert_eq!(summary["held"], 0, "{summary}");
 }
+
+#[test]
+fn bench_fanout_counts_every_delivery_over_the_channel_protocol_and_a_plain_relay() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start_serve(&[
+        "--data",
+        data.path().to_str().unwrap(),
+        "--message-rate",
+        "100000",
+        "--identity-message-rate",
+        "100000",
+    ]);
+    // tether.v1: everyone subscribes to one room; the first publishes to it.
+    let channels = format!("ws://{}/ws?name=f{{n}}", server.addr);
+    // A plain relay to every connection: with one connection, an echo server is one.
+    let echo = start_echo(&[]);
+    for (url, channel, subscribers) in [(&channels, Some("room:fan"), 30), (&echo.url, None, 1)] {
+        let n = subscribers.to_string();
+        let mut args = vec![
+            "fanout",
+            url,
+            "--subscribers",
+            &n,
+            "--duration",
+            "0.5",
+            "--window",
+            "2",
+            "--quiet",
+        ];
+        args.extend(channel.map(|c| ["--channel", c]).iter().flatten());
+        let summary = bench(&args);
+        let publications = summary["publications"].as_u64().unwrap();
+        assert!(publications > 0, "{summary}");
+        assert_eq!(
+            summary["deliveries"],
+            publications * subscribers,
+            "{summary}"
+        );
+        assert_eq!(
+            (&summary["missing"], &summary["errors"]),
+            (&0.into(), &0.into())
+        );
+        assert!(summary["p99_us"].as_u64().unwrap() > 0, "{summary}");
+    }
+    // Replayed history is not counted as this run's: a second run in the same room.
+    let again = bench(&[
+        "fanout",
+        &channels,
+        "--subscribers",
+        "5",
+        "--duration",
+        "0.2",
+        "--channel",
+        "room:fan",
+        "--quiet",
+    ]);
+    assert_eq!(
+        again["deliveries"],
+        again["publications"].as_u64().unwrap() * 5,
+        "{again}"
+    );
+}
+
+#[test]
+fn bench_fanout_reports_what_the_server_refuses() {
+    let data = tempfile::tempdir().unwrap();
+    // The default command rate: a publisher keeping 8 in flight is soon told to slow down.
+    let server = start_serve(&["--data", data.path().to_str().unwrap()]);
+    let url = format!("ws://{}/ws?name=f{{n}}", server.addr);
+    let (summary, code, stderr) = run_bench(&[
+        "fanout",
+        &url,
+        "--subscribers",
+        "3",
+        "--duration",
+        "2",
+        "--window",
+        "8",
+        "--channel",
+        "room:slow",
+        "--quiet",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(summary["errors"].as_u64().unwrap() > 0, "{summary}");
+    assert!(
+        summary["first_error"].as_str().unwrap().contains("110"),
+        "{summary}"
+    );
+}

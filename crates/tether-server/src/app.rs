@@ -535,19 +535,23 @@ impl App {
     }
 
     /// Who opens a socket: a token or session's user (with that credential), else a guest with
-    /// `name`.
+    /// `name`, else (when `anonymous` allows it) a visitor without an identity.
     ///
     /// # Errors
-    /// 401 for a bad token, no identity at all, a guest when guests are off, or a nickname
+    /// 401 for a bad token, no identity at all (unless `anonymous`), a guest when guests are off, or a nickname
     /// that belongs to a registered user; 400 for an invalid nickname.
     pub async fn identify(
         &self,
         headers: &HeaderMap,
         token: Option<&str>,
         name: Option<&str>,
+        anonymous: bool,
     ) -> Result<(Identity, Option<Credential>), Refused> {
         if let Some((user, credential)) = self.user_and_credential(headers, token).await? {
             return Ok((Identity::User(user), Some(credential)));
+        }
+        if name.is_none() && anonymous {
+            return Ok((Identity::Guest(String::new()), None));
         }
         let Some(name) = name else {
             return Err(Refused::new(

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 pub enum Identity {
     /// A registered user, proven by a session or token.
     User(String),
-    /// A guest with a nickname.
+    /// A guest with a nickname; with an empty one, a visitor who gave no identity at all
+    /// (the echo endpoint, or a channel-protocol client that only watches).
     Guest(String),
 }
 
@@ -22,6 +23,11 @@ impl Identity {
         match self {
             Identity::User(n) | Identity::Guest(n) => n,
         }
+    }
+
+    /// Whether this is a visitor without any identity: neither a user nor a named guest.
+    pub fn is_anonymous(&self) -> bool {
+        matches!(self, Identity::Guest(n) if n.is_empty())
     }
 
     /// Whether this is a guest.

@@ -43,6 +43,7 @@ enum Code {
     NotAvailable = 108,
     NotSubscribed = 109,
     TooManyRequests = 110,
+    TooLarge = 111,
 }
 
 /// Disconnect codes (docs/protocol.md, "Disconnect codes").
@@ -351,7 +352,8 @@ impl Session {
                 let who = &self.member.who;
                 reply(json!({
                     "client": format!("{:x}", self.everyone.id()),
-                    "user": who.name(),
+                    // A visitor without an identity watches: no name to show.
+                    "user": (!who.is_anonymous()).then(|| who.name()),
                     "guest": who.is_guest(),
                     "limits": {
                         "channels": MAX_CHANNELS,
@@ -429,6 +431,12 @@ impl Session {
             ));
         }
         let room = match name {
+            Name::Room(_) if self.member.who.is_anonymous() => {
+                return Err(fail(
+                    Code::PermissionDenied,
+                    "rooms need a name: log in, or connect with ?name=NICK",
+                ))
+            }
             Name::Room(room) => room,
             Name::Poll(id) => return self.subscribe_poll(channel, id).await,
             Name::Polls => return self.subscribe_polls(channel).await,
@@ -470,7 +478,13 @@ impl Session {
             replay.extend(page);
         }
         app.hub.advance(room, high);
-        let members = self.presence(room).await;
+        // A crowd is counted, not listed (see `PRESENCE_LIMIT`).
+        let users = joined.users;
+        let members = if users <= crate::hub::PRESENCE_LIMIT {
+            Some(self.presence(room).await)
+        } else {
+            None
+        };
         self.channels.insert(
             channel.to_owned(),
             Channel {
@@ -482,8 +496,11 @@ impl Session {
             "epoch": current,
             "offset": plan.end.max(high),
             "replayed": replay.len(),
-            "presence": members,
         });
+        match members {
+            Some(members) => reply["presence"] = members.into(),
+            None => reply["users"] = users.into(),
+        }
         if let Some(recovered) = plan.recovered {
             reply["recovered"] = recovered.into();
         }
@@ -584,7 +601,12 @@ impl Session {
             return Err(fail(Code::BadRequest, "data is {\"text\": \"…\"}"));
         };
         if let Some(problem) = crate::http::text_problem(&self.app, &text) {
-            return Err(fail(Code::BadRequest, problem));
+            let code = if text.len() > self.app.config.max_text {
+                Code::TooLarge
+            } else {
+                Code::BadRequest
+            };
+            return Err(fail(code, problem));
         }
         if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {
             return Err(fail(Code::BadRequest, crate::auth::KEY_RULE));

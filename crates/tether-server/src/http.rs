@@ -963,7 +963,13 @@ where
     let revocations = app.revocations();
     let (who, credential) = if needs_identity {
         match app
-            .identify(headers, query.token.as_deref(), query.name.as_deref())
+            .identify(
+                headers,
+                query.token.as_deref(),
+                query.name.as_deref(),
+                // A channel-protocol client may connect without an identity, to watch.
+                matches!(endpoint, Endpoint::Channels),
+            )
             .await
         {
             Ok(found) => found,
@@ -982,7 +988,7 @@ where
         }),
         Identity::Guest(_) => None,
     };
-    if let (true, Identity::Guest(name)) = (needs_identity, &who) {
+    if let (true, Identity::Guest(name)) = (needs_identity && !who.is_anonymous(), &who) {
         let (guest, is_new) = app.guest_id(headers);
         if app.config.poll_voters == Voters::Everyone {
             let address = peer.map_or_else(String::new, |p| address_key(p.ip()).to_string());

@@ -249,6 +249,11 @@ struct PollState {
     topic: Topic,
 }
 
+/// Rooms of more users than this stop telling joins and leaves, and a joiner learns how many
+/// are there but not who: every join would otherwise cost a push to every member, and a list
+/// of every member to the joiner, so filling a room would cost the square of its size.
+pub const PRESENCE_LIMIT: usize = 1000;
+
 /// Subscriptions of every room and poll on this node.
 #[derive(Debug)]
 pub struct Hub {
@@ -337,8 +342,10 @@ impl Drop for Everyone {
 pub struct Joined {
     /// The subscription (leave by dropping it).
     pub subscription: Subscription,
-    /// Distinct users present, the joiner included.
+    /// Distinct users present, the joiner included (none listed past [`PRESENCE_LIMIT`]).
     pub members: Vec<String>,
+    /// How many distinct users are present, the joiner included.
+    pub users: usize,
 }
 
 #[derive(Serialize)]
@@ -520,17 +527,24 @@ impl Hub {
         state.topic.peers.insert(id, peer);
         let n = state.users.entry(user_key.clone()).or_insert(0);
         *n += 1;
-        if *n == 1 {
-            let count = state.users.len();
-            let encode = |f: Format| presence(f, room, user, true, count);
-            let event = Fan {
-                id: 0,
-                encode: &encode,
-            };
-            state.topic.fan_out(&event, Some(id), None, &self.metrics);
+        let first = *n == 1;
+        let users = state.users.len();
+        if first {
+            if users <= PRESENCE_LIMIT {
+                let encode = |f: Format| presence(f, room, user, true, users);
+                let event = Fan {
+                    id: 0,
+                    encode: &encode,
+                };
+                state.topic.fan_out(&event, Some(id), None, &self.metrics);
+            }
             self.share(room, user, true);
         }
-        let members = state.users.keys().map(|u| u.to_string()).collect();
+        let members = if users <= PRESENCE_LIMIT {
+            state.users.keys().map(|u| u.to_string()).collect()
+        } else {
+            Vec::new()
+        };
         Joined {
             subscription: Subscription {
                 hub: self.clone(),
@@ -540,6 +554,7 @@ impl Hub {
                 outbox,
             },
             members,
+            users,
         }
     }
 
@@ -554,14 +569,17 @@ impl Hub {
         if let Some(n) = state.users.get_mut(&*peer.user) {
             *n -= 1;
             if *n == 0 {
+                let told = state.users.len() <= PRESENCE_LIMIT;
                 state.users.remove(&*peer.user);
-                let count = state.users.len();
-                let encode = |f: Format| presence(f, room, &peer.user, false, count);
-                let event = Fan {
-                    id: 0,
-                    encode: &encode,
-                };
-                state.topic.fan_out(&event, None, None, &self.metrics);
+                if told {
+                    let count = state.users.len();
+                    let encode = |f: Format| presence(f, room, &peer.user, false, count);
+                    let event = Fan {
+                        id: 0,
+                        encode: &encode,
+                    };
+                    state.topic.fan_out(&event, None, None, &self.metrics);
+                }
                 self.share(room, &peer.user, false);
             }
         }
@@ -715,6 +733,13 @@ impl Hub {
         state.topic.fan_out(&event, Some(from), only, &self.metrics)
     }
 
+    /// How many distinct users `room` has on this node.
+    pub fn user_count(&self, room: &str) -> usize {
+        lock(&self.rooms)
+            .get(room)
+            .map_or(0, |state| state.users.len())
+    }
+
     /// The users in `room` on this node, with how many connections each has there.
     pub fn members(&self, room: &str) -> Vec<(String, usize)> {
         lock(&self.rooms).get(room).map_or_else(Vec::new, |state| {
@@ -748,6 +773,9 @@ impl Hub {
             return;
         }
         let count = state.users.len() + remote;
+        if count > PRESENCE_LIMIT {
+            return;
+        }
         let encode = |f: Format| presence(f, room, user, join, count);
         let event = Fan {
             id: 0,
@@ -955,6 +983,28 @@ mod tests {
             ann.outbox.try_recv().is_none(),
             "one join and one leave for two connections"
         );
+    }
+
+    #[test]
+    fn a_crowd_is_counted_not_listed_and_its_comings_and_goings_are_not_told() {
+        let hub = Hub::new(4, Arc::default());
+        let first = hub.join("r", "u0").subscription;
+        let mut others = Vec::new();
+        for i in 1..PRESENCE_LIMIT {
+            others.push(hub.join("r", &format!("u{i}")));
+            while first.outbox.try_recv().is_some() {}
+        }
+        assert_eq!(others.last().unwrap().members.len(), PRESENCE_LIMIT);
+        let crowd = hub.join("r", "one-too-many");
+        assert_eq!((crowd.users, crowd.members.len()), (PRESENCE_LIMIT + 1, 0));
+        assert!(first.outbox.try_recv().is_none(), "no join past the limit");
+        assert_eq!(hub.user_count("r"), PRESENCE_LIMIT + 1);
+        others.pop();
+        assert!(first.outbox.try_recv().is_none(), "no leave from a crowd");
+        others.pop();
+        let leave = first.outbox.try_recv().expect("told again at the limit");
+        assert!(text(&leave).contains("\"event\":\"leave\""));
+        assert!(text(&leave).contains(&format!("\"count\":{}", PRESENCE_LIMIT - 1)));
     }
 
     #[test]

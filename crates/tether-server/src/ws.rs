@@ -288,7 +288,8 @@ async fn join_room(
             epoch = now;
         }
         let mut members = joined.members;
-        if let Some(cluster) = &app.cluster {
+        let listed = joined.users <= crate::hub::PRESENCE_LIMIT;
+        if let (Some(cluster), true) = (&app.cluster, listed) {
             // Members on every node.
             if let Ok(everyone) = cluster.members(&room).await {
                 members.extend(everyone);

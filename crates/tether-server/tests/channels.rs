@@ -311,13 +311,21 @@ async fn presence_joins_leaves_and_typing() {
 }
 
 #[tokio::test]
-async fn a_broadcast_reaches_every_channel_connection() {
+async fn a_broadcast_reaches_every_channel_connection_named_or_not() {
     let dir = tempfile::tempdir().unwrap();
     add_user(dir.path(), "root", "correct horse battery").await;
     let server = start(config(dir.path())).await;
     let token = token(server.addr, "root", "correct horse battery").await;
-    // Subscribed to nothing at all.
+    // Subscribed to nothing at all; and a visitor who gave no identity, only watching.
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    let (mut visitor, connected) = Client::open(&server, "").await;
+    assert_eq!(connected["user"], Value::Null, "{connected}");
+    let refused = visitor
+        .call(json!({"op": "subscribe", "channel": "room:lobby"}))
+        .await;
+    assert_eq!(error_code(&refused), 103, "rooms need a name: {refused}");
+    let polls = visitor.subscribe("polls").await;
+    assert_eq!(polls["polls"], json!([]), "{polls}");
     let bearer = format!("Bearer {token}");
     let (status, body) = http(
         server.addr,
@@ -332,7 +340,9 @@ async fn a_broadcast_reaches_every_channel_connection() {
     assert_eq!(notice["channel"], "broadcast");
     assert_eq!(notice["data"]["text"], "maintenance at noon");
     assert_eq!(notice["user"], "root");
-    drop(ann);
+    let seen = visitor.push("pub").await;
+    assert_eq!(seen["data"]["text"], "maintenance at noon");
+    drop((ann, visitor));
     server.stop().await;
 }
 
@@ -389,6 +399,11 @@ async fn errors_have_codes_and_violations_close_with_4500() {
         .call(json!({"op": "publish", "channel": "room:x", "data": {"txt": 1}}))
         .await;
     assert_eq!(error_code(&bad_data), 107);
+    let long = "x".repeat(4097);
+    let too_long = ann
+        .call(json!({"op": "publish", "channel": "room:x", "data": {"text": long}}))
+        .await;
+    assert_eq!(error_code(&too_long), 111, "over max_text: {too_long}");
 
     // Not JSON: the connection is closed with 4500 after a disconnect push.
     ann.ws.send(Message::text("hello?")).await.unwrap();
@@ -432,8 +447,6 @@ async fn permanent_refusals_are_told_in_the_protocol_with_their_codes() {
     );
     let (push, code) = refused_with(&server, "?token=not-a-token").await;
     assert_eq!(code, 4501, "{push}");
-    let (_, code) = refused_with(&server, "").await;
-    assert_eq!(code, 4501, "no identity at all");
     let (_, code) = refused_with(&server, "?name=a%20b").await;
     assert_eq!(code, 4503, "a name that is not allowed");
     // A name in use by another guest.

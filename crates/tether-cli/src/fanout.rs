@@ -1,0 +1,593 @@
+//! `tether bench fanout`: one channel, many subscribers, one publisher. Every connection is a
+//! subscriber; the first also publishes, keeping `--window` publications in flight: the next
+//! goes out once one has reached every subscriber. Each publication carries its number and
+//! when it was sent, so every delivery is counted and timed. The report is deliveries per
+//! second and the delivery latency's percentiles.
+//!
+//! Two kinds of server:
+//! - `--channel CHANNEL`: `tether serve`'s `/ws` (tether.v1). Each connection connects and
+//!   subscribes to CHANNEL; the publisher publishes `{"text": …}` to it, and a delivery is
+//!   the `pub` push.
+//! - without: a server that relays every message a connection sends to all of its
+//!   connections, e.g. a uWebSockets.js app that subscribes each one to a topic and publishes
+//!   what it receives (`bench/uws/fanout.mjs`). A delivery is the message itself.
+//!
+//! The connections speak WebSocket by hand over plain TCP: a fixed handshake, masked frames
+//! out, frame headers parsed in place on the way in. Reading ten thousand sockets is the load
+//! generator's whole job here; it should cost as little as a client can.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use tether::proto::{FrameHeader, OpCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::bench::{
+    handshake, masked_frame, number_url, progress_bar, source_addr, target, BenchError, Failures,
+    CHANNEL_PROTOCOL,
+};
+
+/// Options of `tether bench fanout`.
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct FanoutArgs {
+    /// The server: with --channel, a `tether serve` /ws URL; without, one that relays each
+    /// message to every connection. `{n}` and `{n/K}` are numbered as in `bench idle`, e.g.
+    /// ws://127.0.0.1:8080/ws?name=f{n}
+    #[arg(value_name = "URL")]
+    pub url: String,
+    /// Connections, every one a subscriber (the publisher too).
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Speak tether.v1: every connection subscribes to CHANNEL, e.g. `room:fanout`, and the
+    /// publisher publishes `{"text": …}` to it.
+    #[arg(long, value_name = "CHANNEL")]
+    pub channel: Option<String>,
+    /// Publications in flight: the next is sent once one has reached every subscriber.
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+    /// Characters in each publication's text (at least what its number and time take).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Seconds to publish.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 200)]
+    pub concurrency: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The result of `bench fanout`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FanoutSummary {
+    /// Connections subscribed.
+    pub subscribers: usize,
+    /// Publications sent.
+    pub publications: u64,
+    /// Publications received, counted once per subscriber.
+    pub deliveries: u64,
+    /// From the first publication to the last delivery, seconds.
+    pub seconds: f64,
+    /// Deliveries per second.
+    pub deliveries_per_sec: f64,
+    /// Delivery latency (publication sent to received) percentiles, microseconds.
+    pub p50_us: u64,
+    /// 90th percentile, µs.
+    pub p90_us: u64,
+    /// 99th percentile, µs.
+    pub p99_us: u64,
+    /// Maximum, µs.
+    pub max_us: u64,
+    /// Deliveries that never came: publications × subscribers − deliveries.
+    pub missing: u64,
+    /// Connections that failed or ended, and error replies.
+    pub errors: u64,
+    /// The first of them, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+}
+
+/// Publications whose deliveries are counted at once; far more than any window.
+const RING: usize = 1 << 12;
+/// How long the publisher waits for a publication to reach everyone before giving up.
+const STALL: Duration = Duration::from_secs(5);
+/// What every publication's text starts with: `fanout:NUMBER:NANOS:`.
+const MARK: &[u8] = b"fanout:";
+
+/// What every connection's task shares.
+struct Shared {
+    started: Instant,
+    /// Per publication (by number modulo `RING`): subscribers it has yet to reach.
+    remaining: Box<[AtomicUsize]>,
+    /// Publications that reached every subscriber.
+    completed: AtomicU64,
+    deliveries: AtomicU64,
+    /// Wakes the publisher when a publication completes.
+    progress: tokio::sync::Notify,
+    latency: Mutex<Histogram<u64>>,
+    failures: Failures,
+    /// Set when the run is over: every task stops reading.
+    over: tokio::sync::watch::Sender<bool>,
+}
+
+/// One open connection, with what it read past the handshake and the subscription.
+struct Conn {
+    tcp: TcpStream,
+    buf: BytesMut,
+}
+
+/// Runs `bench fanout`.
+///
+/// # Errors
+/// [`BenchError`] for bad options or when not every connection could subscribe.
+pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
+    if args.subscribers == 0 || args.window == 0 || args.window > RING / 2 {
+        return Err(BenchError::Usage(format!(
+            "--subscribers must be at least 1 and --window from 1 to {}",
+            RING / 2
+        )));
+    }
+    let duration = Duration::try_from_secs_f64(args.duration)
+        .map_err(|_| BenchError::Usage("--duration must be a number of seconds".into()))?;
+    let url = crate::connect::ws_url(&args.url);
+    let addr = target(&number_url(&url, 0))?;
+    crate::raise_fd_limit(args.subscribers + 64);
+
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let opening: Vec<_> = (0..args.subscribers)
+        .map(|i| {
+            let semaphore = semaphore.clone();
+            let url = number_url(&url, i);
+            let channel = args.channel.clone();
+            tokio::spawn(async move {
+                let _permit = semaphore.acquire_owned().await;
+                tokio::time::timeout(Duration::from_secs(30), open(i, addr, &url, channel))
+                    .await
+                    .unwrap_or_else(|_| Err("no subscription within 30 s".to_owned()))
+            })
+        })
+        .collect();
+    let mut conns = Vec::with_capacity(args.subscribers);
+    let mut first_error = None;
+    for task in opening {
+        match task.await.expect("open task") {
+            Ok(conn) => conns.push(conn),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(BenchError::Handshake(format!(
+            "{} of {} connections subscribed; the first failure: {e}",
+            conns.len(),
+            args.subscribers
+        )));
+    }
+
+    let subscribers = conns.len();
+    let (over, stopped) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        remaining: (0..RING).map(|_| AtomicUsize::new(0)).collect(),
+        completed: AtomicU64::new(0),
+        deliveries: AtomicU64::new(0),
+        progress: tokio::sync::Notify::new(),
+        latency: Mutex::new(Histogram::new(3).expect("histogram")),
+        failures: Failures::default(),
+        over,
+    });
+    let mut conns = conns.into_iter();
+    let publisher = conns.next().expect("at least one connection");
+    let readers: Vec<_> = conns
+        .map(|conn| tokio::spawn(subscribe(conn, shared.clone(), stopped.clone())))
+        .collect();
+    let progress = (!args.quiet).then(|| progress_bar(duration));
+    let ticker = progress.clone().map(|bar| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                bar.set_position(shared.started.elapsed().as_millis() as u64);
+                bar.set_message(format!("{} deliveries", shared.deliveries.load(Relaxed)));
+            }
+        })
+    });
+    let publish = Publish {
+        channel: args.channel.clone(),
+        size: args.size,
+        window: args.window as u64,
+        subscribers,
+        deadline: shared.started + duration,
+    };
+    let (sent, seconds) = publish.run(publisher, &shared, stopped).await;
+    let _ = shared.over.send(true);
+    for reader in readers {
+        let _ = reader.await;
+    }
+    if let Some(ticker) = ticker {
+        ticker.abort();
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    let deliveries = shared.deliveries.load(Relaxed);
+    let latency = shared.latency.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(FanoutSummary {
+        subscribers,
+        publications: sent,
+        deliveries,
+        seconds,
+        deliveries_per_sec: deliveries as f64 / seconds.max(1e-9),
+        p50_us: latency.value_at_quantile(0.50),
+        p90_us: latency.value_at_quantile(0.90),
+        p99_us: latency.value_at_quantile(0.99),
+        max_us: latency.max(),
+        missing: (sent * subscribers as u64).saturating_sub(deliveries),
+        errors: shared.failures.count(),
+        first_error: shared.failures.first(),
+    })
+}
+
+/// Opens connection `i`: from its own loopback source address, the handshake, and with a
+/// channel the protocol's `connect` and `subscribe`, both answered without an error.
+async fn open(
+    i: usize,
+    addr: std::net::SocketAddr,
+    url: &str,
+    channel: Option<String>,
+) -> Result<Conn, String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    if addr.ip().is_loopback() {
+        socket.bind(source_addr(i)).map_err(|e| e.to_string())?;
+    }
+    let mut tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let protocol = channel.as_ref().map(|_| CHANNEL_PROTOCOL);
+    handshake(&mut tcp, url, protocol)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut conn = Conn {
+        tcp,
+        buf: BytesMut::with_capacity(4096),
+    };
+    let Some(channel) = channel else {
+        return Ok(conn);
+    };
+    let connect = serde_json::json!({"id": 1, "op": "connect"}).to_string();
+    let subscribe = serde_json::json!({"id": 2, "op": "subscribe", "channel": channel}).to_string();
+    let mut out = masked_frame(OpCode::Text, connect.as_bytes(), key(i));
+    out.extend(masked_frame(OpCode::Text, subscribe.as_bytes(), key(i)));
+    conn.tcp.write_all(&out).await.map_err(|e| e.to_string())?;
+    // The two replies, then the publications the subscription replays (the channel's recent
+    // history): those are not this run's.
+    let (mut replies, mut replayed) = (0, 0);
+    while replies < 2 || replayed > 0 {
+        let Some((opcode, payload)) = conn.next_frame().await? else {
+            return Err("the server closed before subscribing".into());
+        };
+        if opcode == OpCode::Close {
+            return Err(close_reason(&payload));
+        }
+        if opcode != OpCode::Text {
+            continue;
+        }
+        match reply(&payload) {
+            Some(Err(error)) => return Err(error),
+            Some(Ok(n)) => {
+                replies += 1;
+                replayed = n;
+            }
+            None if find(&payload, b"\"type\":\"pub\"").is_some() => {
+                replayed = replayed.saturating_sub(1);
+            }
+            None => {}
+        }
+    }
+    Ok(conn)
+}
+
+/// A mask key per connection (any will do; a server must unmask whatever it gets).
+fn key(i: usize) -> [u8; 4] {
+    (i as u32 ^ 0x5a5a_1234).to_le_bytes()
+}
+
+impl Conn {
+    /// The next whole frame (opcode and payload), reading as needed; `None` at the end.
+    async fn next_frame(&mut self) -> Result<Option<(OpCode, BytesMut)>, String> {
+        loop {
+            if let Some(frame) = self.parsed()? {
+                return Ok(Some(frame));
+            }
+            self.buf.reserve(16 << 10);
+            match self.tcp.read_buf(&mut self.buf).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// A whole frame from what was read, if there is one.
+    fn parsed(&mut self) -> Result<Option<(OpCode, BytesMut)>, String> {
+        let Some((header, at)) = FrameHeader::parse(&self.buf).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let len = usize::try_from(header.payload_len).map_err(|e| e.to_string())?;
+        if header.mask.is_some() || !header.fin || len > 16 << 20 {
+            return Err(
+                "a frame this benchmark does not expect (masked, fragmented or huge)".into(),
+            );
+        }
+        if self.buf.len() < at + len {
+            return Ok(None);
+        }
+        self.buf.advance(at);
+        Ok(Some((header.opcode, self.buf.split_to(len))))
+    }
+
+    /// Handles every whole frame read: deliveries counted and timed into `times`, pings
+    /// answered. `Err` when the connection must end.
+    async fn take_frames(&mut self, shared: &Shared, times: &mut Vec<u32>) -> Result<(), String> {
+        while let Some((opcode, payload)) = self.parsed()? {
+            match opcode {
+                OpCode::Text | OpCode::Binary => {
+                    if let Some((number, sent)) = stamp(&payload) {
+                        shared.delivered(number, sent, times);
+                    } else if let Some(Err(error)) = reply(&payload) {
+                        // A refused publication never arrives: the run is over.
+                        return Err(format!("an error reply: {error}"));
+                    }
+                }
+                OpCode::Ping => {
+                    let pong = masked_frame(OpCode::Pong, &payload, key(0));
+                    self.tcp.write_all(&pong).await.map_err(|e| e.to_string())?;
+                }
+                OpCode::Close => return Err(close_reason(&payload)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a read came to: `Err` when `who`'s connection is over.
+fn read_result(read: std::io::Result<usize>, who: &str) -> Result<(), String> {
+    match read {
+        Ok(1..) => Ok(()),
+        Ok(_) => Err(format!("the server closed {who}")),
+        Err(e) => Err(format!("{who} failed: {e}")),
+    }
+}
+
+/// What a close frame says: its code and reason.
+fn close_reason(payload: &[u8]) -> String {
+    match payload {
+        [a, b, reason @ ..] => format!(
+            "closed by the server: {} {}",
+            u16::from_be_bytes([*a, *b]),
+            String::from_utf8_lossy(reason)
+        ),
+        _ => "closed by the server".into(),
+    }
+}
+
+/// A reply of the channel protocol (a message with an `id`): how many publications it says
+/// follow (`replayed`), or `Err` with its text when it is an error; `None` for anything else.
+fn reply(message: &[u8]) -> Option<Result<u64, String>> {
+    let value: serde_json::Value = serde_json::from_slice(message).ok()?;
+    value.get("id")?;
+    Some(match value.get("error") {
+        Some(error) => Err(error.to_string()),
+        None => Ok(value
+            .get("replayed")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)),
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A publication's number and when it was sent (nanoseconds from the start), from
+/// `fanout:NUMBER:NANOS:` anywhere in a message.
+fn stamp(message: &[u8]) -> Option<(u64, u64)> {
+    let at = find(message, MARK)? + MARK.len();
+    let mut fields = message[at..].splitn(3, |b| *b == b':');
+    let mut number = || -> Option<u64> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
+    Some((number()?, number()?))
+}
+
+impl Shared {
+    /// Counts a delivery of publication `number`, sent at `sent`; its latency joins `times`
+    /// (in µs), which are added to the histogram in batches.
+    fn delivered(&self, number: u64, sent: u64, times: &mut Vec<u32>) {
+        let now = self.started.elapsed().as_nanos() as u64;
+        times.push((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32);
+        if times.len() == times.capacity() {
+            self.record(times);
+        }
+        self.deliveries.fetch_add(1, Relaxed);
+        let slot = &self.remaining[(number % RING as u64) as usize];
+        if slot
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .ok()
+            == Some(1)
+        {
+            self.completed.fetch_add(1, Relaxed);
+            self.progress.notify_one();
+        }
+    }
+
+    fn record(&self, times: &mut Vec<u32>) {
+        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        for t in times.drain(..) {
+            let _ = latency.record(u64::from(t));
+        }
+    }
+}
+
+/// A subscriber: reads and counts until the run is over.
+async fn subscribe(
+    mut conn: Conn,
+    shared: Arc<Shared>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut times = Vec::with_capacity(256);
+    loop {
+        if let Err(why) = conn.take_frames(&shared, &mut times).await {
+            shared.failures.note(|| why);
+            break;
+        }
+        conn.buf.reserve(16 << 10);
+        tokio::select! {
+            _ = stopped.wait_for(|over| *over) => break,
+            read = conn.tcp.read_buf(&mut conn.buf) => {
+                if let Err(why) = read_result(read, "a subscriber") {
+                    shared.failures.note(|| why);
+                    break;
+                }
+            }
+        }
+    }
+    shared.record(&mut times);
+}
+
+/// The publisher's settings.
+struct Publish {
+    channel: Option<String>,
+    size: usize,
+    window: u64,
+    subscribers: usize,
+    deadline: Instant,
+}
+
+impl Publish {
+    /// Publication `number`'s frame: its text stamped with the time, padded to the size.
+    fn frame(&self, number: u64, shared: &Shared) -> Vec<u8> {
+        let now = shared.started.elapsed().as_nanos();
+        let mut text = format!("fanout:{number}:{now}:");
+        while text.len() < self.size {
+            text.push('x');
+        }
+        let body = match &self.channel {
+            Some(channel) => serde_json::json!({"id": number + 3, "op": "publish",
+                "channel": channel, "data": {"text": text}})
+            .to_string(),
+            None => text,
+        };
+        masked_frame(OpCode::Text, body.as_bytes(), key(0))
+    }
+
+    /// Publishes until the deadline, `window` in flight, and reads its own deliveries like
+    /// any subscriber. Returns the publications sent and the seconds from the first to the
+    /// last delivery.
+    async fn run(
+        &self,
+        mut conn: Conn,
+        shared: &Shared,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) -> (u64, f64) {
+        let mut times = Vec::with_capacity(256);
+        let mut sent = 0u64;
+        let mut last_progress = Instant::now();
+        loop {
+            let done = shared.completed.load(Relaxed);
+            let open = Instant::now() < self.deadline;
+            // Send while there is room in the window; a batch of them in one write.
+            let mut out = Vec::new();
+            while open && sent - done < self.window {
+                let slot = &shared.remaining[(sent % RING as u64) as usize];
+                slot.store(self.subscribers, Relaxed);
+                out.extend(self.frame(sent, shared));
+                sent += 1;
+            }
+            if !out.is_empty() {
+                if let Err(e) = conn.tcp.write_all(&out).await {
+                    shared.failures.note(|| format!("publishing failed: {e}"));
+                    break;
+                }
+            }
+            if !open && done == sent {
+                break;
+            }
+            if last_progress.elapsed() > STALL {
+                shared.failures.note(|| {
+                    format!(
+                        "{} publications did not reach every subscriber within {STALL:?}",
+                        sent - done
+                    )
+                });
+                break;
+            }
+            conn.buf.reserve(16 << 10);
+            tokio::select! {
+                () = shared.progress.notified() => last_progress = Instant::now(),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stopped.wait_for(|over| *over) => break,
+                read = conn.tcp.read_buf(&mut conn.buf) => {
+                    let taken = match read_result(read, "the publisher") {
+                        Ok(()) => conn.take_frames(shared, &mut times).await,
+                        Err(why) => Err(why),
+                    };
+                    if let Err(why) = taken {
+                        shared.failures.note(|| why);
+                        break;
+                    }
+                }
+            }
+        }
+        shared.record(&mut times);
+        (sent, shared.started.elapsed().as_secs_f64())
+    }
+}
+
+/// Formats a fan-out summary for people.
+pub fn render(s: &FanoutSummary, args: &FanoutArgs) -> String {
+    format!(
+        "{} subscribers, window {}, {} B{}: {:.0} deliveries/s ({} publications, {} deliveries \
+         over {:.1} s)\ndelivery latency: p50 {} µs, p90 {} µs, p99 {} µs, max {} µs; \
+         missing: {}, errors: {}",
+        s.subscribers,
+        args.window,
+        args.size,
+        args.channel
+            .as_deref()
+            .map_or_else(String::new, |c| format!(" on {c}")),
+        s.deliveries_per_sec,
+        s.publications,
+        s.deliveries,
+        s.seconds,
+        s.p50_us,
+        s.p90_us,
+        s.p99_us,
+        s.max_us,
+        s.missing,
+        s.errors
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stamp_is_found_in_a_push_or_alone() {
+        assert_eq!(stamp(b"fanout:7:123456:xxxx"), Some((7, 123_456)));
+        let push =
+            br#"{"type":"pub","channel":"room:f","offset":9,"data":{"text":"fanout:41:99:xx"}}"#;
+        assert_eq!(stamp(push), Some((41, 99)));
+        assert_eq!(stamp(b"{\"id\":3,\"offset\":9}"), None);
+        assert_eq!(stamp(b"fanout:x:1:"), None);
+    }
+}
