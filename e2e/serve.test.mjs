@@ -1,6 +1,7 @@
 // `tether serve` in a real browser: the chat, polls and console pages it embeds, driven in
-// Debian's Chromium against the HTTP API and WebSocket endpoints of docs/api.md. Every test
-// starts its own server on a fresh data directory and saves screenshots to e2e/artifacts/.
+// Debian's Chromium against the HTTP API (docs/api.md) and the channel protocol on /ws
+// (docs/protocol.md, spoken by clients/js through /assets/tether-client.js). Every test starts
+// its own server on a fresh data directory and saves screenshots to e2e/artifacts/.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
@@ -10,15 +11,24 @@ const PASSWORD = 'correct horse battery staple';
 
 /**
  * Runs in every page before its scripts: keeps each WebSocket the page opens in
- * window.__sockets, so a test can see the URLs it used and drop a connection.
+ * window.__sockets and every text it sends, parsed, in window.__sent, so a test can count the
+ * connections, see the commands (a resume's `since`) and drop a connection.
  */
 function trackSockets() {
   const Native = window.WebSocket;
   window.__sockets = [];
+  window.__sent = [];
   window.WebSocket = class extends Native {
     constructor(...args) {
       super(...args);
       window.__sockets.push(this);
+    }
+
+    send(data) {
+      if (typeof data === 'string') {
+        try { window.__sent.push(JSON.parse(data)); } catch { /* not JSON: not ours */ }
+      }
+      super.send(data);
     }
   };
 }
@@ -41,7 +51,8 @@ function describePage() {
 /**
  * Adds `users` (password PASSWORD), starts `tether serve ARGS`, launches Chromium and runs
  * `fn({ server, open, restart })`; closes everything whatever happens. `open(label, options)`
- * makes a page in a new browser context (its own cookies and localStorage); an uncaught error
+ * makes a page in a new browser context (its own cookies and localStorage; `nick` stores a guest
+ * nickname as if chosen before); an uncaught error
  * in any page fails the test. `restart()` stops the server and starts a new one on the same data.
  */
 async function withServe({ users = [], args = [] }, fn) {
@@ -61,9 +72,11 @@ async function withServe({ users = [], args = [] }, fn) {
     const pageErrors = [];
     const consoleLines = [];
     const pages = [];
-    const open = async (label, options = {}) => {
+    const open = async (label, { nick, ...options } = {}) => {
       const context = await browser.newContext(options);
       await context.addInitScript(trackSockets);
+      // A guest nickname chosen earlier (the pages keep it in localStorage).
+      if (nick) await context.addInitScript((n) => localStorage.setItem('tether.nick', n), nick);
       const page = await context.newPage();
       page.setDefaultTimeout(15000);
       page.on('pageerror', (err) => pageErrors.push(`${label}: ${err.message}`));
@@ -74,10 +87,12 @@ async function withServe({ users = [], args = [] }, fn) {
       return page;
     };
     // `samePort`: the new server listens where the old one did (pages reconnect to it);
-    // `freshData`: on a new data directory (the users added again), as if the old were lost.
-    const restart = async ({ samePort = false, freshData = false } = {}) => {
+    // `freshData`: on a new data directory (the users added again), as if the old were lost;
+    // `whileDown`: awaited between the stop and the start.
+    const restart = async ({ samePort = false, freshData = false, whileDown = null } = {}) => {
       const last = servers.at(-1);
       await last.stop();
+      await whileDown?.();
       if (!samePort && !freshData) return start();
       const dir = freshData ? freshDataDir() : dataDir;
       if (freshData) {
@@ -120,14 +135,30 @@ const screenshot = (page, name) => page.screenshot({ path: artifact(`${name}.png
 /** Opens the chat page on ROOM, as guest NICK (omit it when logged in), and waits until live. */
 async function joinChat(page, url, room, nick) {
   await page.goto(`${url}/#room=${room}`);
-  await page.waitForSelector('#join-form');
+  await page.waitForSelector('#join-form', { state: 'attached' });
+  await joinRoom(page, room, nick);
+}
+
+/** Joins ROOM through the form (opening the drawer on a phone), as NICK when given. */
+async function joinRoom(page, room, nick) {
+  if (await page.isVisible('#drawer-toggle') && !(await page.isVisible('#join-form'))) {
+    await page.click('#drawer-toggle');
+    await page.waitForSelector('#join-form', { state: 'visible' });
+  }
   await page.fill('#room-input', room);
   if (nick) await page.fill('#nick', nick);
   await page.click('#join');
   await waitLive(page);
+  await page.waitForFunction((r) => document.getElementById('room-title').textContent === `#${r}`, room);
 }
 
-const waitLive = (page) => page.waitForSelector('#conn-state[data-state="live"]');
+const waitLive = (page) => page.waitForSelector('#conn-state[data-state="live"]', { timeout: 30000 });
+
+/** The subscribe commands the page sent for CHANNEL, oldest first. */
+const subscribesOf = (page, channel) => page.evaluate(
+  (c) => window.__sent.filter((m) => m.op === 'subscribe' && m.channel === c),
+  channel,
+);
 
 async function say(page, text) {
   await page.waitForSelector('#send:not([disabled])');
@@ -164,6 +195,25 @@ async function waitForMessage(page, text, user) {
       .some((li) => li.querySelector('.msg-text')?.textContent === t && li.dataset.user === u),
     [text, user],
   );
+}
+
+/** Waits for a broadcast notice with TEXT at the top of the page. */
+async function waitForNotice(page, text) {
+  await page.waitForFunction(
+    (t) => [...document.querySelectorAll('#notices .notice-banner[role="status"] .notice-text')].some((n) => n.textContent === t),
+    text,
+  );
+}
+
+/** POST /api/broadcast {"text"} with a bearer token. */
+async function broadcast(url, token, text) {
+  const res = await fetch(`${url}/api/broadcast`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ text }),
+  });
+  assert.equal(res.status, 200);
+  return res.json();
 }
 
 async function waitForMembers(page, names) {
@@ -270,15 +320,12 @@ test('a message published with a bearer token appears in the page, as text', { t
     });
     assert.equal(res.status, 200);
     assert.ok((await res.json()).delivered >= 1);
-    await ann.waitForFunction(() => [...document.querySelectorAll('#messages .notice[data-kind="broadcast"] .msg-text')]
-      .some((p) => p.textContent === 'restart at noon'));
+    await waitForNotice(ann, 'restart at noon');
+    assert.equal(await ann.$$eval('#messages .msg', (items) => items.length), 1, 'a broadcast is not a message');
 
-    // A bad client message gets an error event and the connection stays up.
-    await ann.evaluate(() => window.__sockets.at(-1).send('{"not":"a message"}'));
-    await ann.waitForSelector('#messages .notice[data-kind="error"]');
     await say(ann, 'still here');
     await waitForMessage(ann, 'still here', 'ann');
-    assert.equal(await ann.evaluate(() => window.__sockets.length), 1, 'no reconnect was needed');
+    assert.equal(await ann.evaluate(() => window.__sockets.length), 1, 'one connection throughout');
 
     await screenshot(ann, 'chat-api-message');
   }));
@@ -293,20 +340,21 @@ test('history: a late page sees earlier messages; reconnects resume without loss
     await joinChat(ann, server.url, 'history', 'ann');
     await waitForTexts(ann, ['one', 'two', 'three']);
     const firstUrl = new URL(await ann.evaluate(() => window.__sockets.at(-1).url));
-    assert.equal(firstUrl.searchParams.get('since'), null, 'a first join asks for the recent history');
+    assert.equal(firstUrl.pathname, '/ws');
     assert.equal(firstUrl.searchParams.get('name'), 'ann');
+    const [first] = await subscribesOf(ann, 'room:history');
+    assert.equal(first.since, undefined, 'a first join asks for the recent history');
 
     // 1. The connection drops; a message is published meanwhile. The page reconnects on its
-    //    own with ?since=LAST_ID and shows everything exactly once.
+    //    own, resubscribes with since=LAST_OFFSET and shows everything exactly once.
     const socketsBefore = await ann.evaluate(() => window.__sockets.length);
     await ann.evaluate(() => window.__sockets.at(-1).close(4000, 'test drops the connection'));
     posted.push(await publish(server.url, token, 'history', 'four'));
     await ann.waitForFunction((n) => window.__sockets.length > n, socketsBefore);
     await waitLive(ann);
     await waitForTexts(ann, ['one', 'two', 'three', 'four']);
-    const resumeUrl = new URL(await ann.evaluate(() => window.__sockets.at(-1).url));
-    const since = Number(resumeUrl.searchParams.get('since'));
-    assert.ok(resumeUrl.searchParams.has('since') && since >= posted[2].id, `resumed with ${resumeUrl.search}`);
+    const resume = (await subscribesOf(ann, 'room:history')).at(-1);
+    assert.ok(resume.since >= posted[2].id && typeof resume.epoch === 'string', `resumed with ${JSON.stringify(resume)}`);
 
     // 2. The browser goes offline for a while; messages published meanwhile arrive once it
     //    is back.
@@ -349,22 +397,91 @@ test('a server whose history was lost: the resuming page says so and shows what 
     await waitForTexts(ann, ['old one', 'old two', 'old three']);
     const socketsBefore = await ann.evaluate(() => window.__sockets.length);
 
-    // The server comes back on the same port with an empty database: ids start again at 1, so
-    // "new one" and "new two" are ids 1 and 2, below the page's last id (3).
+    // The server comes back on the same port with an empty database: offsets start again at 1,
+    // so "new one" and "new two" are 1 and 2, below the page's last offset (3), in a new epoch.
     const next = await restart({ samePort: true, freshData: true });
     token = await getToken(next.url, 'alice', PASSWORD);
     for (const text of ['new one', 'new two']) await publish(next.url, token, 'reset', text);
-    await ann.waitForSelector('#reconnect-now:not([hidden])');
-    await ann.click('#reconnect-now');
+    // The client comes back by itself; "Reconnect now" skips what is left of its backoff.
+    await ann.click('#reconnect-now', { timeout: 3000 }).catch(() => {});
     await ann.waitForFunction((n) => window.__sockets.length > n, socketsBefore);
     await waitLive(ann);
-    const resumeUrl = new URL(await ann.evaluate(() => window.__sockets.at(-1).url));
-    assert.equal(resumeUrl.searchParams.get('since'), '3', `resumed with ${resumeUrl.search}`);
-    assert.match(resumeUrl.searchParams.get('epoch') ?? '', /^[0-9a-f]{16}$/, 'the epoch goes with the position');
     await waitForTexts(ann, ['new one', 'new two']);
+    const resume = (await subscribesOf(ann, 'room:reset')).at(-1);
+    assert.equal(resume.since, 3, `resumed with ${JSON.stringify(resume)}`);
+    assert.match(resume.epoch ?? '', /^[0-9a-f]{16}$/, 'the epoch goes with the position');
     const notices = await ann.evaluate(() => document.querySelector('#messages').textContent);
-    assert.match(notices, /history of this room was reset/);
+    assert.match(notices, /could not be recovered/);
     await screenshot(ann, 'chat-history-reset');
+  }));
+
+test('"Reconnect now" skips the backoff: the page is back at once, and what was written meanwhile is sent once', { timeout: 120000 }, () =>
+  withServe({}, async ({ server, open, restart }) => {
+    const ann = await open('ann');
+    // The longest backoff every time (full jitter at its ceiling): 0.5, 1, 2, 4, then 8 s.
+    await ann.context().addInitScript(() => { Math.random = () => 0.999; });
+    await joinChat(ann, server.url, 'rn', 'ann');
+    await say(ann, 'before');
+    await waitForMessage(ann, 'before', 'ann');
+    const sockets = await ann.evaluate(() => window.__sockets.length);
+    let failedAt = 0;
+    await restart({
+      samePort: true,
+      whileDown: async () => {
+        // Four attempts fail: the next waits 8 s.
+        await ann.waitForFunction((n) => window.__sockets.length >= n + 4 && window.__sockets.at(-1).readyState === 3,
+          sockets, { timeout: 30000 });
+        failedAt = Date.now();
+        await ann.waitForSelector('#conn-state[data-state="reconnecting"]');
+        await say(ann, 'while away'); // held by the client until it is back
+      },
+    });
+    const clickedAt = Date.now();
+    await ann.click('#reconnect-now');
+    await ann.waitForFunction((n) => window.__sockets.length === n + 5 && window.__sockets.at(-1).readyState === 1,
+      sockets, { timeout: 5000 });
+    const backAt = Date.now();
+    if (clickedAt - failedAt < 5000) {
+      assert.ok(backAt - failedAt < 7500, `back ${backAt - failedAt} ms after the last failure: the backoff was not skipped`);
+    }
+    await waitLive(ann);
+    assert.equal(await ann.isVisible('#reconnect-now'), false);
+    await waitForTexts(ann, ['before', 'while away']);
+    assert.equal((await ann.evaluate(() => window.__sent.filter((m) => m.op === 'publish'))).length, 2, 'each sent once');
+  }));
+
+test('leaving a room and joining it again at once, its subscribe still on its way: the room works, nothing refused', { timeout: 90000 }, () =>
+  withServe({}, async ({ server, open }) => {
+    const ben = await open('ben');
+    await joinChat(ben, server.url, 'again', 'ben');
+    const ann = await open('ann');
+    await joinChat(ann, server.url, 'lobby', 'ann');
+    // Join, leave and join again in one go: the first subscribe's reply has not come yet.
+    await ann.evaluate(() => {
+      const join = (room) => {
+        document.getElementById('room-input').value = room;
+        document.getElementById('join-form').requestSubmit();
+      };
+      join('again');
+      document.querySelector('#open-rooms [data-room="again"] .leave-room').click();
+      join('again');
+    });
+    await ann.waitForFunction(() => document.getElementById('room-title').textContent === '#again');
+    await waitForMembers(ann, ['ann', 'ben']);
+    await waitForMembers(ben, ['ann', 'ben']);
+    const ops = await ann.evaluate(() => window.__sent.filter((m) => m.channel === 'room:again').map((m) => m.op));
+    assert.deepEqual(ops, ['subscribe', 'unsubscribe', 'subscribe']);
+    await say(ben, 'hi ann');
+    await waitForTexts(ann, ['hi ann']);
+    await say(ann, 'hi ben');
+    await waitForTexts(ben, ['hi ann', 'hi ben']);
+    await waitForTexts(ann, ['hi ann', 'hi ben']);
+    const shown = await ann.textContent('#messages');
+    assert.doesNotMatch(shown, /refused/, 'no refusal (105: already subscribed)');
+
+    // Leaving for real: ben sees ann go.
+    await ann.click('#open-rooms [data-room="again"] .leave-room');
+    await waitForMembers(ben, ['ben']);
   }));
 
 test('logging in through the page form makes chat messages carry the registered name', { timeout: 90000 }, () =>
@@ -393,6 +510,7 @@ test('logging in through the page form makes chat messages carry the registered 
 
     // Logged in, the page joins the room from the hash on its own, identified by the cookie.
     await waitLive(page);
+    assert.equal(await page.textContent('#room-title'), '#members');
     const wsUrl = new URL(await page.evaluate(() => window.__sockets.at(-1).url));
     assert.equal(wsUrl.searchParams.get('name'), null, 'the cookie identifies, not ?name=');
     await say(page, 'hello as alice');
@@ -414,6 +532,210 @@ test('logging in through the page form makes chat messages carry the registered 
     await page.waitForSelector('#conn-state[data-state="offline"]');
     assert.equal(await page.isVisible('#nick-field'), true);
     await screenshot(page, 'chat-logged-out');
+  }));
+
+
+test('several rooms on one connection: unread counts on the rooms not shown, one socket throughout', { timeout: 90000 }, () =>
+  withServe({ users: ['alice'] }, async ({ server, open }) => {
+    const token = await getToken(server.url, 'alice', PASSWORD);
+    const ann = await open('ann');
+    await joinChat(ann, server.url, 'a', 'ann');
+    await joinRoom(ann, 'b');
+    await ann.waitForSelector('#open-rooms [data-room="a"] .room-link:not([aria-current])');
+    await ann.waitForSelector('#open-rooms [data-room="b"] .room-link[aria-current="true"]');
+
+    // Messages reach both rooms; the one not shown counts them.
+    await publish(server.url, token, 'a', 'for room a');
+    await publish(server.url, token, 'b', 'for room b');
+    await waitForTexts(ann, ['for room b']);
+    await publish(server.url, token, 'a', 'a again');
+    await ann.waitForSelector('#open-rooms [data-room="a"] .unread[data-unread="2"]');
+    assert.equal(await ann.isVisible('#open-rooms [data-room="b"] .unread'), false, 'nothing unread in the room shown');
+    assert.match(await ann.title(), /^\(2\) #b/);
+    await screenshot(ann, 'chat-two-rooms');
+
+    // Switching shows room a with both messages and clears its count, without reconnecting.
+    await ann.click('#open-rooms [data-room="a"] .room-link');
+    await ann.waitForFunction(() => document.getElementById('room-title').textContent === '#a');
+    await waitForTexts(ann, ['for room a', 'a again']);
+    assert.equal(await ann.isVisible('#open-rooms [data-room="a"] .unread'), false, 'read on switching');
+    assert.equal(await ann.evaluate(() => location.hash), '#room=a');
+    await say(ann, 'ann in a');
+    await waitForMessage(ann, 'ann in a', 'ann');
+    await publish(server.url, token, 'b', 'b again');
+    await ann.waitForSelector('#open-rooms [data-room="b"] .unread[data-unread="1"]');
+    await ann.click('#open-rooms [data-room="b"] .room-link');
+    await waitForTexts(ann, ['for room b', 'b again']);
+
+    assert.equal(await ann.evaluate(() => window.__sockets.length), 1, 'one WebSocket the whole time');
+    assert.equal((await subscribesOf(ann, 'room:a')).length, 1);
+    assert.equal((await subscribesOf(ann, 'room:b')).length, 1);
+
+    // Leaving a room unsubscribes it; the other stays.
+    await ann.click('#open-rooms [data-room="a"] .leave-room');
+    await ann.waitForSelector('#open-rooms [data-room="a"]', { state: 'detached' });
+    assert.ok(await ann.evaluate(() => window.__sent.some((m) => m.op === 'unsubscribe' && m.channel === 'room:a')));
+    assert.equal(await ann.textContent('#room-title'), '#b');
+  }));
+
+test('typing: the other page shows "ann is typing…" until ann sends', { timeout: 90000 }, () =>
+  withServe({}, async ({ server, open }) => {
+    const ann = await open('ann');
+    const ben = await open('ben');
+    await joinChat(ann, server.url, 'typing', 'ann');
+    await joinChat(ben, server.url, 'typing', 'ben');
+    await waitForMembers(ann, ['ann', 'ben']);
+    await waitForMembers(ben, ['ann', 'ben']);
+
+    await ann.locator('#message-input').pressSequentially('hello b', { delay: 30 });
+    await ben.waitForFunction(() => document.getElementById('typing').textContent === 'ann is typing…');
+    assert.equal(await ann.textContent('#typing'), '', 'one does not see oneself typing');
+    await screenshot(ben, 'chat-typing');
+    await ann.press('#message-input', 'Enter');
+    await waitForMessage(ben, 'hello b', 'ann');
+    await ben.waitForFunction(() => document.getElementById('typing').textContent === '');
+    const typing = await ann.evaluate(() => window.__sent.filter((m) => m.op === 'event' && m.name === 'typing').map((m) => m.data.on));
+    assert.equal(typing[0], true);
+    assert.equal(typing.at(-1), false, 'sending says typing stopped');
+    assert.ok(typing.length <= 3, `typing events are throttled: ${typing}`);
+  }));
+
+test('links in messages are clickable (http and https only) and open safely', { timeout: 90000 }, () =>
+  withServe({ users: ['alice'] }, async ({ server, open }) => {
+    const token = await getToken(server.url, 'alice', PASSWORD);
+    const ann = await open('ann');
+    await joinChat(ann, server.url, 'links', 'ann');
+    const text = 'see https://example.org/a_(b)?q=1, http://x.test/path. and javascript:alert(1) or ftp://no.test';
+    await publish(server.url, token, 'links', text);
+    await waitForTexts(ann, [text]);
+    const links = await ann.$$eval('#messages .msg-text a', (as) => as.map((a) => [a.getAttribute('href'), a.textContent, a.target, a.rel]));
+    assert.deepEqual(links, [
+      ['https://example.org/a_(b)?q=1', 'https://example.org/a_(b)?q=1', '_blank', 'noopener noreferrer'],
+      ['http://x.test/path', 'http://x.test/path', '_blank', 'noopener noreferrer'],
+    ]);
+  }));
+
+test('a message over the limit is refused before sending and the draft is kept', { timeout: 90000 }, () =>
+  withServe({}, async ({ server, open }) => {
+    const ann = await open('ann');
+    await joinChat(ann, server.url, 'limits', 'ann');
+    const long = `${'long words '.repeat(181)}!`; // 1,992 characters, then 2,001
+    await ann.fill('#message-input', `${long}123456789`);
+    await ann.waitForSelector('#char-count.over');
+    await ann.press('#message-input', 'Enter');
+    await ann.waitForFunction(() => /2,000/.test(document.getElementById('composer-error').textContent));
+    assert.equal(await ann.inputValue('#message-input'), `${long}123456789`, 'the draft stays');
+    assert.equal(await ann.getAttribute('#message-input', 'aria-invalid'), 'true');
+    assert.equal(await ann.evaluate(() => window.__sent.filter((m) => m.op === 'publish').length), 0, 'nothing was sent');
+
+    // Shortened to the limit, it goes.
+    await ann.fill('#message-input', `${long}1234567`);
+    await ann.press('#message-input', 'Enter');
+    await waitForTexts(ann, [`${long}1234567`]);
+    assert.equal(await ann.textContent('#composer-error'), '');
+    assert.equal(await ann.inputValue('#message-input'), '');
+  }));
+
+test('a taken nickname is said once and the page does not retry', { timeout: 90000 }, () =>
+  withServe({}, async ({ server, open }) => {
+    const ann = await open('ann');
+    await joinChat(ann, server.url, 'lobby', 'ann');
+    const other = await open('other ann');
+    await other.goto(`${server.url}/#room=lobby`);
+    await other.fill('#nick', 'ann');
+    await other.click('#join');
+    await other.waitForFunction(() => /taken/.test(document.getElementById('conn-problem').textContent));
+    await other.waitForSelector('#conn-state[data-state="offline"][data-stopped="true"]');
+    // Retrying cannot help: no more connections over a few seconds.
+    await new Promise((resolve) => setTimeout(resolve, 4000));
+    assert.equal(await other.evaluate(() => window.__sockets.length), 1, 'no reconnect loop');
+    assert.equal(await other.evaluate(() => [...document.querySelectorAll('[role="alert"]')]
+      .filter((n) => /taken/.test(n.textContent)).length), 1, 'said once');
+    assert.equal(await other.isVisible('#reconnect-now'), false);
+    await screenshot(other, 'chat-name-taken');
+
+    // Another nickname works.
+    await other.fill('#nick', 'ann2');
+    await other.click('#join');
+    await waitLive(other);
+    await waitForMembers(other, ['ann', 'ann2']);
+    assert.equal(await other.textContent('#conn-problem'), '');
+  }));
+
+test('with guests off the page asks to log in, offers no nickname and opens no connection', { timeout: 90000 }, () =>
+  withServe({ users: ['alice'], args: ['--guests', 'false'] }, async ({ server, open }) => {
+    const page = await open('visitor', { nick: 'ann' });
+    await page.goto(`${server.url}/#room=lobby`);
+    await page.waitForSelector('#guests-off', { state: 'visible' });
+    assert.match(await page.textContent('#guests-off'), /log in/);
+    assert.equal(await page.isVisible('#nick-field'), false, 'no nickname field');
+    assert.match(await page.textContent('#messages-empty'), /Log in/);
+    await page.waitForSelector('#conn-state[data-state="offline"]');
+    assert.match(await page.textContent('#conn-state'), /Log in/);
+    assert.equal(await page.evaluate(() => window.__sockets.length), 0, 'a guest connection would be refused: none is tried');
+    await screenshot(page, 'chat-guests-off');
+
+    await page.click('#login-toggle');
+    await page.fill('#login-user', 'alice');
+    await page.fill('#login-password', PASSWORD);
+    await page.press('#login-password', 'Enter');
+    await waitLive(page);
+    await say(page, 'members only');
+    await waitForMessage(page, 'members only', 'alice');
+  }));
+
+test('the chat layout on a phone: conversation first, composer on screen, rooms and people in a drawer', { timeout: 90000 }, () =>
+  withServe({ users: ['alice'] }, async ({ server, open }) => {
+    const token = await getToken(server.url, 'alice', PASSWORD);
+    for (let i = 1; i <= 30; i++) await publish(server.url, token, 'lobby', `message ${i}`);
+    const phone = await open('phone', { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, nick: 'pia' });
+    await phone.goto(`${server.url}/#room=lobby`);
+    await waitLive(phone);
+    await phone.waitForSelector('#messages .msg >> text=message 30');
+
+    // The conversation is what shows: the drawer is shut, the composer is within the screen and
+    // only the message list scrolls.
+    assert.equal(await phone.isVisible('#sidebar'), false);
+    assert.equal(await phone.isVisible('#members'), false);
+    const inView = (selector) => phone.$eval(selector, (node) => {
+      const r = node.getBoundingClientRect();
+      return r.top >= 0 && r.bottom <= window.innerHeight && r.left >= 0 && r.right <= window.innerWidth && r.height > 0;
+    });
+    assert.ok(await inView('#message-input'), 'the composer is on screen');
+    assert.ok(await inView('#send'));
+    assert.ok(await inView('#drawer-toggle'));
+    assert.ok(await inView('#messages'));
+    assert.equal(await phone.evaluate(() => document.scrollingElement.scrollHeight <= window.innerHeight), true, 'the page itself does not scroll');
+    assert.equal(await phone.evaluate(() => {
+      const box = document.getElementById('messages');
+      return box.scrollHeight > box.clientHeight && box.scrollTop + box.clientHeight >= box.scrollHeight - 2;
+    }), true, 'the messages scroll inside, at the newest');
+    await phone.screenshot({ path: artifact('chat-mobile.png') });
+
+    // The drawer: rooms and people; focus moves in; Escape closes it and focus comes back.
+    await phone.click('#drawer-toggle');
+    await phone.waitForSelector('#sidebar', { state: 'visible' });
+    assert.equal(await phone.getAttribute('#drawer-toggle', 'aria-expanded'), 'true');
+    await phone.waitForSelector('#open-rooms [data-room="lobby"]', { state: 'visible' });
+    await phone.waitForSelector('#members [data-user="pia"]', { state: 'visible' });
+    assert.equal(await phone.evaluate(() => document.getElementById('sidebar').contains(document.activeElement)), true, 'focus is in the drawer');
+    await phone.waitForFunction(() => document.getElementById('sidebar').getBoundingClientRect().left >= 0);
+    await phone.screenshot({ path: artifact('chat-mobile-drawer.png') });
+    await phone.keyboard.press('Escape');
+    await phone.waitForSelector('#sidebar', { state: 'hidden' });
+    assert.equal(await phone.getAttribute('#drawer-toggle', 'aria-expanded'), 'false');
+    assert.equal(await phone.evaluate(() => document.activeElement?.id), 'drawer-toggle');
+
+    // The scrim closes it too; picking a room there shows it and closes the drawer.
+    await phone.click('#drawer-toggle');
+    await phone.waitForSelector('#scrim', { state: 'visible' });
+    await phone.mouse.click(380, 600);
+    await phone.waitForSelector('#sidebar', { state: 'hidden' });
+    await joinRoom(phone, 'second');
+    await phone.waitForSelector('#sidebar', { state: 'hidden' });
+    assert.ok(await inView('#message-input'));
+    await say(phone, 'from the phone');
+    await waitForMessage(phone, 'from the phone', 'pia');
   }));
 
 // ---------------------------------------------------------------------------------------------
@@ -501,6 +823,72 @@ test('a vote in one page updates the counts in another', { timeout: 90000 }, () 
 
     await screenshot(ann, 'polls-ann-dark');
     await screenshot(ben, 'polls-ben');
+  }));
+
+/** POST /api/polls with a bearer token; returns the poll (201). */
+async function createPoll(url, token, question, options) {
+  const res = await fetch(`${url}/api/polls`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ question, options }),
+  });
+  const body = await res.json().catch(() => null);
+  assert.equal(res.status, 201, `create poll answered ${res.status}: ${JSON.stringify(body)}`);
+  return body;
+}
+
+test('the poll list updates live: a poll created elsewhere appears without a reload', { timeout: 90000 }, () =>
+  withServe({ users: ['alice'] }, async ({ server, open }) => {
+    const token = await getToken(server.url, 'alice', PASSWORD);
+    const old = await createPoll(server.url, token, 'Old question?', ['yes', 'no']);
+    const page = await open('viewer', { nick: 'vic' });
+    await page.goto(`${server.url}/polls`);
+    await page.waitForSelector(`#polls-list a[data-poll-id="${old.id}"]`);
+    await page.waitForSelector('#polls-live', { state: 'visible' });
+    assert.equal((await subscribesOf(page, 'polls')).length, 1);
+
+    const created = await createPoll(server.url, token, 'Tea or coffee?', ['tea', 'coffee']);
+    await page.waitForSelector(`#polls-list li:first-child a[data-poll-id="${created.id}"]`);
+    assert.equal(await page.textContent(`#polls-list a[data-poll-id="${created.id}"] .poll-question`), 'Tea or coffee?');
+    assert.equal(await page.$$eval('#polls-list li', (items) => items.length), 2);
+
+    // Opened from the list, on the same connection, and voted in.
+    await page.click(`#polls-list a[data-poll-id="${created.id}"]`);
+    await waitPollLive(page);
+    await page.click('#poll-choices .choice[data-option="tea"]');
+    await waitForCounts(page, { tea: 1, coffee: 0 }, 1);
+    assert.equal(await page.evaluate(() => window.__sockets.length), 1, 'one WebSocket for the list and the poll');
+    await screenshot(page, 'polls-live-list');
+  }));
+
+test('a broadcast shows as a dismissable notice on the chat, polls and console pages, named or not', { timeout: 90000 }, () =>
+  withServe({ users: ['alice'] }, async ({ server, open }) => {
+    const token = await getToken(server.url, 'alice', PASSWORD);
+    const chat = await open('chat');
+    await joinChat(chat, server.url, 'lobby', 'ann');
+    const polls = await open('polls', { nick: 'pol' });
+    await polls.goto(`${server.url}/polls`);
+    await polls.waitForSelector('#poll-conn-state[data-state="live"]');
+    const consolePage = await open('console', { nick: 'con' });
+    await consolePage.goto(`${server.url}/console`);
+    await consolePage.waitForFunction(() => window.__sockets.some((ws) => new URL(ws.url).pathname === '/ws' && ws.readyState === 1));
+    // A visitor who has no nickname and has not logged in watches all the same.
+    const visitor = await open('visitor');
+    await visitor.goto(`${server.url}/polls`);
+    await visitor.waitForSelector('#poll-conn-state[data-state="live"]');
+
+    const { delivered } = await broadcast(server.url, token, 'maintenance at 18:00');
+    assert.ok(delivered >= 4, `delivered to ${delivered}`);
+    for (const page of [chat, polls, consolePage, visitor]) await waitForNotice(page, 'maintenance at 18:00');
+    assert.match(await polls.textContent('#notices .notice-banner'), /Notice from alice/);
+    await screenshot(polls, 'polls-broadcast');
+    await screenshot(chat, 'chat-broadcast');
+
+    // Dismissed, it goes, and focus does not get lost.
+    await polls.click('#notices .notice-dismiss');
+    await polls.waitForSelector('#notices .notice-banner', { state: 'detached' });
+    assert.equal(await polls.evaluate(() => document.activeElement?.id), 'main');
+    assert.equal(await chat.$$eval('#notices .notice-banner', (n) => n.length), 1, 'each page dismisses its own');
   }));
 
 // ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ export interface ClientOptions {
   timeout?: number;
 }
 
-/** What the server says on connect. */
+/** What the server says on connect (replies never carry the protocol's `id`). */
 export interface Session {
   client: string;
   user: string;
@@ -65,16 +65,24 @@ export interface ChannelEvent<T = unknown> {
   data: T;
 }
 
+/** The subscribe reply (without its `id`). */
 export interface Subscribed {
-  epoch: string;
-  /** The offset of the channel's latest publication. */
-  offset: number;
+  /** The stream's epoch (absent for channels without offsets: `poll:ID`, `polls`). */
+  epoch?: string;
+  /** The offset of the channel's latest publication (absent for channels without offsets). */
+  offset?: number;
   /** Publications replayed right after this reply. */
   replayed: number;
   /** On a resubscription: true when exactly the missed publications follow; false when the
    * client's state is stale and the recent history follows instead (reset your view). */
   recovered?: boolean;
   presence?: Member[];
+  /** `poll:ID`: the poll's state, this client's vote, whether it may vote. */
+  poll?: unknown;
+  vote?: string | null;
+  can_vote?: boolean;
+  /** `polls`: the latest polls, newest first. */
+  polls?: unknown[];
 }
 
 export interface Member {
@@ -82,6 +90,7 @@ export interface Member {
   clients: number;
 }
 
+/** A subscription's handlers. None runs once `unsubscribe()` is called. */
 export interface Handlers<T = unknown> {
   onSubscribed?: (reply: Subscribed) => void;
   onPublication?: (publication: Publication<T>) => void;
@@ -93,13 +102,19 @@ export interface Handlers<T = unknown> {
 }
 
 export interface Disconnected {
+  /** The close code; 0 when no connection was made (`getToken()` failed, a bad URL). */
   code: number;
   reason: string;
   /** Whether the client will reconnect by itself. */
   reconnect: boolean;
 }
 
+/**
+ * The client's events. Each comes after `state` has changed: in a listener, `state` reads
+ * `connecting`, `connected`, `disconnected` (`closed` when `reconnect` is false) or `closed`.
+ */
 export interface ClientEvents {
+  /** `attempt`: 0 for the first attempt (and after `connect()` or `reconnect()`), then 1, 2… */
   connecting: { attempt: number };
   connected: Session;
   disconnected: Disconnected;
@@ -115,7 +130,15 @@ export class Client {
   readonly session: Session | null;
   on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): this;
   off<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): this;
+  /** Opens the connection (again after `close()` or a refusal). */
   connect(): this;
+  /**
+   * Tries again now instead of waiting out the backoff, when `disconnected`: the backoff
+   * starts over; subscriptions and pending publishes carry on as after any reconnect.
+   * Does nothing when `connecting`, `connected`, `idle` or `closed` (use `connect()`).
+   */
+  reconnect(): this;
+  /** Closes for good: pending commands and publishes fail, nothing reconnects. */
   close(): void;
   subscribe<T = unknown>(channel: string, handlers?: Handlers<T>): Subscription<T>;
   subscription(channel: string): Subscription | undefined;
@@ -125,13 +148,24 @@ export class Client {
 
 export class Subscription<T = unknown> {
   readonly channel: string;
+  /** The offset of the last publication received; null before any, and for channels without offsets (`poll:ID`, `polls`). */
   readonly offset: number | null;
+  /** The stream's epoch; null before the first reply, and for channels without offsets. */
   readonly epoch: string | null;
+  /** `removed` from the call to `unsubscribe()` on; `failed` after a permanent refusal. */
   readonly state: 'unsubscribed' | 'subscribing' | 'subscribed' | 'failed' | 'removed';
   /** Resolves once stored (`offset`: its place in the stream) or, for a poll, counted. */
   publish(data: T): Promise<{ offset?: number }>;
   event(name: string, data?: unknown): Promise<void>;
   presence(): Promise<Member[]>;
   history(options?: { since?: number; limit?: number }): Promise<{ epoch: string; offset: number; publications: Publication<T>[] }>;
+  /**
+   * Stops following the channel for good: no handler runs from now on, nothing is restored
+   * after a reconnect, and the channel may be subscribed to again at once (that subscribe
+   * follows this one's unsubscribe). Resolves once the server has let go: at once when
+   * disconnected or not subscribed; with a subscribe on its way, after its reply (and the
+   * unsubscribe, if it was granted). Rejects only when the server refuses or does not answer
+   * the unsubscribe. Calling it again returns the same promise.
+   */
   unsubscribe(): Promise<void>;
 }

@@ -63,10 +63,13 @@ export class Client {
     /** What the server said on connect: { client, user, guest, limits }. */
     this.session = null;
     this.subs = new Map();
+    /** Channel → the end of a subscription still leaving it (its unsubscribe goes out first). */
+    this.leaving = new Map();
     this.pending = new Map();
     this.publishes = [];
     this.listeners = new Map();
     this.nextId = 1;
+    this.opening = 0;
     this.attempt = 0;
     this.ws = null;
     this.timer = null;
@@ -107,22 +110,43 @@ export class Client {
     return this;
   }
 
+  /**
+   * Reconnects now instead of waiting out the backoff: while `disconnected` (waiting to try
+   * again) the timer is cut short and the backoff starts over; subscriptions and pending
+   * publishes carry on as after any reconnect. Does nothing while `connecting` or `connected`
+   * (the connection is fine or on its way), nor when `idle` or `closed` (use `connect()`).
+   */
+  reconnect() {
+    if (this.state === 'disconnected' && !this.stopped) {
+      clearTimeout(this.timer);
+      this.timer = null;
+      this.attempt = 0;
+      this.open();
+    }
+    return this;
+  }
+
   /** Closes for good: pending commands and publishes fail, nothing reconnects. */
   close() {
+    if (this.state === 'closed') return;
     this.stopped = true;
     clearTimeout(this.timer);
+    this.timer = null;
     const ws = this.ws;
     this.ws = null;
     if (ws) {
       ws.onclose = null;
+      ws.onmessage = null;
       ws.close(1000);
     }
-    this.fail(new TetherError(1000, 'the client closed'), true);
+    for (const sub of this.subs.values()) sub.state = 'unsubscribed';
     this.state = 'closed';
+    this.fail(new TetherError(1000, 'the client closed'), true);
     this.emit('closed', { code: 1000, reason: 'closed by the client' });
   }
 
   async open() {
+    const opening = ++this.opening;
     this.state = 'connecting';
     this.emit('connecting', { attempt: this.attempt });
     let url;
@@ -132,11 +156,14 @@ export class Client {
       if (token) url.searchParams.set('token', token);
       if (this.options.name) url.searchParams.set('name', this.options.name);
     } catch (e) {
-      this.emit('error', e);
+      if (this.stopped || opening !== this.opening) return;
+      // No connection was made (the URL is bad, getToken() failed): told like a lost one.
       this.retry();
+      this.emit('error', e);
+      this.emit('disconnected', { code: 0, reason: String(e?.message ?? e), reconnect: true });
       return;
     }
-    if (this.stopped) return;
+    if (this.stopped || opening !== this.opening) return;
     const ws = new this.WebSocket(url.toString(), [PROTOCOL]);
     this.ws = ws;
     this.lastDisconnect = null;
@@ -152,7 +179,7 @@ export class Client {
       clearTimeout(handshake);
       this.opened(ws);
     };
-    ws.onmessage = (e) => this.receive(e.data);
+    ws.onmessage = (e) => { if (ws === this.ws) this.receive(e.data); };
     ws.onclose = (e) => {
       clearTimeout(handshake);
       this.closed(ws, e.code, e.reason);
@@ -169,13 +196,17 @@ export class Client {
       if (ws === this.ws) ws.close(4000);
       return;
     }
-    if (ws !== this.ws) return;
+    if (ws !== this.ws || this.stopped) return;
     this.session = session;
     this.state = 'connected';
+    // The channels' subscribes go out first, then listeners may publish or subscribe more.
+    const resubscribed = Promise.all([...this.subs.values()].map((sub) => sub.subscribe()));
     this.emit('connected', session);
-    await Promise.all([...this.subs.values()].map((sub) => sub.subscribe()));
+    // Publishing needs the subscription: what waits is sent once the channels are back.
+    await resubscribed;
+    if (ws !== this.ws) return;
     for (const publish of this.publishes) {
-      if (!publish.sent) this.sendPublish(publish);
+      if (!publish.sent && this.ready(publish.channel)) this.sendPublish(publish);
     }
   }
 
@@ -187,20 +218,24 @@ export class Client {
       ? said.reconnect || (code === 4502 && !!this.options.getToken)
       : canReconnect(code, !!this.options.getToken));
     const why = said?.reason || reason || `closed with ${code}`;
-    this.fail(new TetherError(code, why, reconnect), !reconnect);
     for (const sub of this.subs.values()) sub.state = 'unsubscribed';
+    // The state moves on first: listeners of every event read the state it led to.
+    if (reconnect) {
+      if (Date.now() - this.openedAt >= STABLE_MS) this.attempt = 0;
+      this.retry();
+    } else {
+      this.stopped = true;
+      this.state = 'closed';
+    }
+    this.fail(new TetherError(code, why, reconnect), !reconnect);
     this.emit('disconnected', { code, reason: why, reconnect });
     if (!reconnect) {
-      this.state = 'closed';
       this.emit('error', new TetherError(code, why, false));
       this.emit('closed', { code, reason: why });
-      return;
     }
-    if (Date.now() - this.openedAt >= STABLE_MS) this.attempt = 0;
-    this.retry();
   }
 
-  /** Waits a random delay up to the backoff (full jitter), then opens again. */
+  /** Sets the state to `disconnected`, then opens again after a random delay up to the backoff (full jitter). */
   retry() {
     if (this.stopped) return;
     this.state = 'disconnected';
@@ -212,11 +247,12 @@ export class Client {
 
   /** Fails the commands waiting for replies; publishes too when `all` (nothing will resend them). */
   fail(error, all) {
-    for (const { reject, timer } of this.pending.values()) {
-      clearTimeout(timer);
-      reject(error);
-    }
+    const pending = [...this.pending.values()];
     this.pending.clear();
+    for (const { done, timer } of pending) {
+      clearTimeout(timer);
+      done(error);
+    }
     for (const publish of this.publishes) publish.sent = false;
     if (all) {
       for (const publish of this.publishes) publish.reject(error);
@@ -238,9 +274,10 @@ export class Client {
       clearTimeout(waiting.timer);
       if (message.error) {
         const { code, message: text } = message.error;
-        waiting.reject(new TetherError(code, text, TEMPORARY_ERRORS.has(code)));
+        waiting.done(new TetherError(code, text, TEMPORARY_ERRORS.has(code)));
       } else {
-        waiting.resolve(message);
+        const { id, ...result } = message; // the id is the protocol's business, not the caller's
+        waiting.done(null, result);
       }
       return;
     }
@@ -253,37 +290,58 @@ export class Client {
           this.emit('broadcast', message);
           return;
         }
-        this.subs.get(message.channel)?.publication(message);
+        this.subscribed(message.channel)?.publication(message);
         return;
       case 'join':
       case 'leave':
       case 'event':
-        this.subs.get(message.channel)?.push(message);
+        this.subscribed(message.channel)?.push(message);
         return;
       default:
     }
   }
 
+  /**
+   * The subscription that pushes of `channel` are for: one the server has confirmed. Pushes
+   * for a subscription that was let go (still arriving until its unsubscribe is answered) are
+   * dropped, as are any before a new subscription's reply.
+   */
+  subscribed(channel) {
+    const sub = this.subs.get(channel);
+    return sub?.state === 'subscribed' ? sub : undefined;
+  }
+
   /** Sends one command and resolves with its reply (rejects with a TetherError). */
   call(command) {
-    const ws = this.ws;
-    if (!ws || ws.readyState !== 1) {
-      return Promise.reject(new TetherError(0, 'not connected', true));
-    }
-    const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(id);
-        reject(new TetherError(0, `no reply to ${command.op} within ${this.options.timeout} ms`, true));
-      }, this.options.timeout);
-      this.pending.set(id, { resolve, reject, timer });
-      ws.send(JSON.stringify({ ...command, id }));
+      this.send(command, (error, reply) => (error ? reject(error) : resolve(reply)));
     });
   }
 
   /**
+   * Sends one command; `done(error, reply)` runs as soon as the reply is read, before the
+   * messages after it (a subscription's replayed publications), or on a failure: not
+   * connected or disconnected (code 0 or the close code), no reply within `timeout`.
+   */
+  send(command, done) {
+    const ws = this.ws;
+    if (!ws || ws.readyState !== 1) {
+      queueMicrotask(() => done(new TetherError(0, 'not connected', true)));
+      return;
+    }
+    const id = this.nextId++;
+    const timer = setTimeout(() => {
+      this.pending.delete(id);
+      done(new TetherError(0, `no reply to ${command.op} within ${this.options.timeout} ms`, true));
+    }, this.options.timeout);
+    this.pending.set(id, { done, timer });
+    ws.send(JSON.stringify({ ...command, id }));
+  }
+
+  /**
    * Subscribes to `channel` with handlers (see index.d.ts); the subscription is restored after
-   * every reconnect from its last offset.
+   * every reconnect from its last offset. A subscription to the same channel that is still
+   * leaving (its unsubscribe() not done) is let go first: this one's subscribe follows it.
    */
   subscribe(channel, handlers = {}) {
     if (this.subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
@@ -308,18 +366,31 @@ export class Client {
     return new Promise((resolve, reject) => {
       const publish = { channel, data, key, resolve, reject, sent: false };
       this.publishes.push(publish);
-      if (this.state === 'connected') this.sendPublish(publish);
+      if (this.state === 'connected' && this.ready(channel)) this.sendPublish(publish);
     });
+  }
+
+  /**
+   * Whether a publish to `channel` can go now: the subscription it needs is confirmed or its
+   * subscribe was sent before (the server answers in order). One still waiting (for the
+   * previous subscription to the channel to leave, or to retry) sends them once confirmed.
+   */
+  ready(channel) {
+    const sub = this.subs.get(channel);
+    return !sub || sub.state === 'subscribed' || Boolean(sub.request);
   }
 
   async sendPublish(publish) {
     publish.sent = true;
+    const ws = this.ws;
     try {
       const reply = await this.call({ op: 'publish', channel: publish.channel, data: publish.data, key: publish.key });
       this.settle(publish);
       publish.resolve({ offset: reply.offset });
     } catch (e) {
-      if (e.code === 0 && e.temporary) return; // disconnected: resent after the reconnect
+      // Disconnected (before or after sending it): resent after the reconnect, with its key;
+      // close() and a permanent refusal reject what they drop themselves.
+      if (ws !== this.ws || (e.code === 0 && e.temporary)) return;
       this.settle(publish);
       publish.reject(e);
     }
@@ -344,36 +415,77 @@ export class Subscription {
     this.attempt = 0;
   }
 
-  async subscribe() {
-    if (this.state === 'removed' || this.state === 'failed') return;
+  /**
+   * Subscribes on the current connection (after connecting, a reconnect, a temporary refusal).
+   * Resolves once the reply is in (or the attempt is given up).
+   */
+  subscribe() {
+    const client = this.client;
+    if (this.request) return this.request;
+    if (this.state !== 'unsubscribed' && this.state !== 'subscribing') return Promise.resolve();
+    if (client.state !== 'connected' || client.subs.get(this.channel) !== this) return Promise.resolve();
+    // A previous subscription to this channel leaves first: the server would refuse this one
+    // (105, already subscribed) while it still counts that one in.
+    const before = client.leaving.get(this.channel);
+    if (before) {
+      this.state = 'subscribing';
+      this.waiting ??= before.then(() => {
+        this.waiting = null;
+        return this.subscribe();
+      });
+      return this.waiting;
+    }
     const command = { op: 'subscribe', channel: this.channel };
     if (this.offset !== null && this.epoch) {
       command.since = this.offset;
       command.epoch = this.epoch;
     }
     this.state = 'subscribing';
-    let reply;
-    try {
-      reply = await this.client.call(command);
-    } catch (e) {
-      if (e.code === 0) return; // disconnected: subscribed again after the reconnect
-      if (e.temporary) {
+    const ws = client.ws;
+    // Settles with the connection that granted the subscription, or null: what unsubscribe()
+    // waits for when called meanwhile.
+    let settle;
+    const request = new Promise((resolve) => { settle = resolve; });
+    this.request = request;
+    client.send(command, (error, reply) => {
+      if (this.request === request) this.request = null;
+      settle(error ? null : ws);
+      this.answered(ws, error, reply);
+    });
+    return request;
+  }
+
+  /** The subscribe's reply (handled as it is read: before the replayed publications). */
+  answered(ws, error, reply) {
+    const client = this.client;
+    // Unsubscribed while the reply was on its way: no handler runs, and unsubscribe() lets go
+    // of what the server granted.
+    if (this.state === 'removed') return;
+    if (error) {
+      // Disconnected (or closed): subscribed again after the reconnect, if any.
+      if (ws !== client.ws || (error.code === 0 && error.temporary)) return;
+      if (error.temporary) {
         const delay = Math.random() * Math.min(20_000, 500 * 2 ** this.attempt++);
-        setTimeout(() => { if (this.client.state === 'connected') this.subscribe(); }, delay);
+        setTimeout(() => { if (client.ws === ws) this.subscribe(); }, delay);
         return;
       }
       this.state = 'failed';
-      this.client.subs.delete(this.channel);
-      this.call('onError', e);
+      if (client.subs.get(this.channel) === this) client.subs.delete(this.channel);
+      this.call('onError', error);
       return;
     }
     this.attempt = 0;
     this.state = 'subscribed';
-    this.epoch = reply.epoch;
+    // Channels without a stream of offsets (poll:ID, polls) have neither: both stay null.
+    this.epoch = typeof reply.epoch === 'string' ? reply.epoch : null;
     // The replayed publications follow the reply and move the offset as they come; with none,
     // the reply's offset is where the stream stands.
-    if (reply.replayed === 0) this.offset = reply.offset;
+    if (typeof reply.offset === 'number' && !reply.replayed) this.offset = reply.offset;
     this.call('onSubscribed', reply);
+    // Publishes that waited for this subscription go now.
+    for (const publish of client.publishes) {
+      if (!publish.sent && publish.channel === this.channel && client.ws === ws) client.sendPublish(publish);
+    }
   }
 
   publication(message) {
@@ -417,13 +529,39 @@ export class Subscription {
     return this.client.call({ op: 'history', channel: this.channel, since, limit });
   }
 
-  /** Stops following the channel. */
-  async unsubscribe() {
-    const wasSubscribed = this.state === 'subscribed';
+  /**
+   * Stops following the channel, for good: no handler runs from now on, the subscription is
+   * not restored after a reconnect, and the channel may be subscribed to again at once.
+   * Resolves once the server has let go: at once when there is nothing to undo (not
+   * subscribed, disconnected: the server forgot the subscription with the connection);
+   * with a subscribe on its way, after its reply (then the unsubscribe, if it was granted).
+   * Rejects only if the server refuses or does not answer the unsubscribe. Calling it again
+   * returns the same promise.
+   */
+  unsubscribe() {
+    if (this.ending) return this.ending;
+    const client = this.client;
+    const channel = this.channel;
+    const subscribed = this.state === 'subscribed' && client.state === 'connected';
+    const request = this.request;
     this.state = 'removed';
-    this.client.subs.delete(this.channel);
-    if (wasSubscribed && this.client.state === 'connected') {
-      await this.client.call({ op: 'unsubscribe', channel: this.channel });
-    }
+    if (client.subs.get(channel) === this) client.subs.delete(channel);
+    const previous = client.leaving.get(channel);
+    const ending = (async () => {
+      let ws = subscribed ? client.ws : null;
+      if (request) ws = await request; // the connection that granted it, or null
+      if (!ws || ws !== client.ws) return;
+      try {
+        await client.call({ op: 'unsubscribe', channel });
+      } catch (e) {
+        if (ws === client.ws) throw e; // else disconnected: nothing left to undo
+      }
+    })();
+    this.ending = ending;
+    // A subscription on the channel before this one may still be leaving: wait for both.
+    const done = Promise.all([previous, ending]).then(() => {}, () => {});
+    client.leaving.set(channel, done);
+    done.then(() => { if (client.leaving.get(channel) === done) client.leaving.delete(channel); });
+    return ending;
   }
 }

@@ -1,7 +1,9 @@
-// Shared by every page: the HTTP API, who you are (login, logout, guest nickname), a WebSocket
-// that reconnects with backoff, the connection-state badge and small DOM helpers.
+// Shared by every page: the HTTP API, who you are (login, logout, guest nickname), the page's
+// one connection to /ws (tether-client: channels, reconnects, resumes), the connection-state
+// badge, broadcast notices and small DOM helpers.
 //
 // User data only ever reaches the page through textContent and attributes, never innerHTML.
+import { Client } from '/assets/tether-client.js';
 
 /** User names and guest nicknames: 1–32 of A–Z a–z 0–9 _ - . (docs/api.md, "Names"). */
 export const NICK_RE = /^[A-Za-z0-9_.-]{1,32}$/;
@@ -15,10 +17,12 @@ const NICK_KEY = 'tether.nick';
 
 /** An error answer from the API: `status` is 0 when the server could not be reached. */
 export class ApiError extends Error {
-  constructor(status, message) {
+  constructor(status, message, body = null) {
     super(message);
     this.name = 'ApiError';
     this.status = status;
+    /** The parsed error body: some answers say more than `error` (GET /api/me: `guests`). */
+    this.body = body;
   }
 }
 
@@ -46,7 +50,7 @@ export async function api(path, { method = 'GET', body, signal } = {}) {
   }
   if (!res.ok) {
     const message = typeof data?.error === 'string' ? data.error : `${res.status} ${res.statusText}`.trim();
-    throw new ApiError(res.status, message);
+    throw new ApiError(res.status, message, data);
   }
   return data;
 }
@@ -144,10 +148,11 @@ export function nickProblem(nick) {
 // ---------------------------------------------------------------------------------------------
 // Identity: GET /api/me, POST /api/login, POST /api/logout, and the header's login area
 
-let identity = { user: null, guest: true, known: false };
+// `guests`: whether the server lets guests chat and vote (GET /api/me says; assumed until then).
+let identity = { user: null, guest: true, guests: true, known: false };
 const identityListeners = new Set();
 
-/** The current identity: `{ user, guest, known }` (`user` is null for a guest). */
+/** The current identity: `{ user, guest, guests, known }` (`user` is null for a guest). */
 export function currentIdentity() {
   return identity;
 }
@@ -159,7 +164,7 @@ export function onIdentityChange(fn) {
 }
 
 function setIdentity(next) {
-  const changed = next.user !== identity.user || next.guest !== identity.guest;
+  const changed = next.user !== identity.user || next.guest !== identity.guest || next.guests !== identity.guests;
   identity = next;
   renderAuth();
   if (changed) for (const fn of identityListeners) fn(identity);
@@ -170,10 +175,13 @@ export async function refreshIdentity() {
   try {
     const me = await api('/api/me');
     const guest = Boolean(me?.guest) || !me?.user;
-    setIdentity({ user: guest ? null : me.user, guest, known: true });
+    setIdentity({ user: guest ? null : me.user, guest, guests: me?.guests !== false, known: true });
   } catch (err) {
-    if (err instanceof ApiError && err.status === 401) setIdentity({ user: null, guest: true, known: true });
-    else setIdentity({ ...identity, known: false, problem: err.message });
+    if (err instanceof ApiError && err.status === 401) {
+      setIdentity({ user: null, guest: true, guests: err.body?.guests !== false, known: true });
+    } else {
+      setIdentity({ ...identity, known: false, problem: err.message });
+    }
   }
   return identity;
 }
@@ -281,187 +289,223 @@ export function describeClose(code, reason = '') {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// A WebSocket that comes back
-
 /**
- * A JSON WebSocket that reconnects after a loss with exponential backoff and jitter
- * (0.5 s doubling to 10 s by default), waits for the network while the browser is offline,
- * and reports its state: idle → connecting → live → reconnecting → connecting … or offline.
- *
- * The owner decides when the connection counts as live (`markLive()`, e.g. once the server's
- * history is complete); the backoff starts over only then, so a server that accepts and at once
- * closes is not hammered.
- *
- * options: `url()` (called for every attempt), `onMessage(obj)`, `onOpen()`,
- * `onClose({ code, reason, opened, wasLive })`, `onState(state, info)`.
- */
-export class LiveSocket {
-  constructor({ url, onMessage, onOpen, onClose, onState, baseDelay = 500, maxDelay = 10000 }) {
-    this.url = url;
-    this.handlers = { onMessage, onOpen, onClose, onState };
-    this.baseDelay = baseDelay;
-    this.maxDelay = maxDelay;
-    this.ws = null;
-    this.state = 'idle';
-    this.running = false;
-    this.attempt = 0;
-    this.failuresBeforeOpen = 0;
-    this.timer = null;
-    this.onOffline = () => this.#wentOffline();
-    this.onOnline = () => this.#cameOnline();
-    window.addEventListener('offline', this.onOffline);
-    window.addEventListener('online', this.onOnline);
-  }
-
-  /** Connects (or reconnects at once) and keeps reconnecting until `stop()`. */
-  start() {
-    this.running = true;
-    this.attempt = 0;
-    this.failuresBeforeOpen = 0;
-    this.#drop();
-    this.#connect();
-  }
-
-  /** Closes the connection (code 1000) and stops reconnecting; `info` goes to the state. */
-  stop(info = {}) {
-    this.running = false;
-    this.#drop();
-    this.#setState('offline', { stopped: true, ...info });
-  }
-
-  /** Reconnects now instead of waiting for the backoff timer. */
-  reconnectNow() {
-    if (!this.running) return;
-    this.attempt = 0;
-    this.#drop();
-    this.#connect();
-  }
-
-  /** The connection is ready for use: reset the backoff and report `live`. */
-  markLive() {
-    this.attempt = 0;
-    this.failuresBeforeOpen = 0;
-    this.#setState('live');
-  }
-
-  /** Sends `obj` as JSON; false when the connection is not live. */
-  send(obj) {
-    if (this.state !== 'live' || this.ws?.readyState !== WebSocket.OPEN) return false;
-    this.ws.send(JSON.stringify(obj));
-    return true;
-  }
-
-  #setState(state, info = {}) {
-    this.state = state;
-    this.handlers.onState?.(state, info);
-  }
-
-  /** Forgets the current socket (without reporting its close) and any pending retry. */
-  #drop() {
-    clearTimeout(this.timer);
-    this.timer = null;
-    const ws = this.ws;
-    this.ws = null;
-    if (ws && ws.readyState <= WebSocket.OPEN) {
-      try { ws.close(1000, 'bye'); } catch { /* already closing */ }
-    }
-  }
-
-  #connect() {
-    clearTimeout(this.timer);
-    this.timer = null;
-    if (navigator.onLine === false) {
-      this.#setState('offline', { network: true });
-      return;
-    }
-    this.#setState('connecting', { attempt: this.attempt });
-    let ws;
-    try {
-      ws = new WebSocket(this.url());
-    } catch (err) {
-      this.#lost({ code: 1006, reason: err.message, opened: false });
-      return;
-    }
-    this.ws = ws;
-    let opened = false;
-    ws.onopen = () => {
-      if (this.ws !== ws) return;
-      opened = true;
-      this.handlers.onOpen?.();
-    };
-    ws.onmessage = (event) => {
-      if (this.ws !== ws || typeof event.data !== 'string') return;
-      let data;
-      try { data = JSON.parse(event.data); } catch { return; }
-      this.handlers.onMessage?.(data);
-    };
-    ws.onclose = (event) => {
-      if (this.ws !== ws) return;
-      this.ws = null;
-      this.#lost({ code: event.code, reason: event.reason, opened });
-    };
-  }
-
-  #lost({ code, reason, opened }) {
-    const wasLive = this.state === 'live';
-    this.failuresBeforeOpen = opened ? 0 : this.failuresBeforeOpen + 1;
-    this.handlers.onClose?.({ code, reason, opened, wasLive, failuresBeforeOpen: this.failuresBeforeOpen });
-    if (!this.running || this.ws) return; // stopped, or restarted by a handler
-    if (navigator.onLine === false) {
-      this.#setState('offline', { network: true });
-      return;
-    }
-    const ceiling = Math.min(this.maxDelay, this.baseDelay * 2 ** this.attempt);
-    const delay = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
-    this.attempt = Math.min(this.attempt + 1, 16);
-    this.timer = setTimeout(() => this.#connect(), delay);
-    this.#setState('reconnecting', { retryAt: Date.now() + delay, code, failuresBeforeOpen: this.failuresBeforeOpen });
-  }
-
-  #wentOffline() {
-    if (!this.running) return;
-    this.#drop();
-    this.#setState('offline', { network: true });
-  }
-
-  #cameOnline() {
-    if (!this.running || this.state !== 'offline') return;
-    this.attempt = 0;
-    this.#connect();
-  }
-}
-
-/**
- * The connection badge: `<p class="conn" data-state=…>` with a dot, the state in words (read by
- * screen readers through role="status") and a countdown that is only visual.
+ * The connection badge: `<p class="conn" data-state=…>` with a dot and the state in words (read
+ * by screen readers through role="status"). States: connecting, live, reconnecting, offline
+ * (`stopped` when nothing will reconnect by itself, `network` while the browser is offline).
  */
 export class ConnStatus {
   constructor(node, { labels = {} } = {}) {
     this.node = node;
     this.text = node.querySelector('.conn-text');
     this.detail = node.querySelector('.conn-detail');
-    this.labels = { connecting: 'Connecting…', live: 'Live', reconnecting: 'Reconnecting', offline: 'Offline', ...labels };
-    this.ticker = null;
+    this.labels = { connecting: 'Connecting…', live: 'Live', reconnecting: 'Reconnecting…', offline: 'Offline', ...labels };
   }
 
   set(state, info = {}) {
-    clearInterval(this.ticker);
-    this.ticker = null;
     this.node.dataset.state = state;
     this.node.dataset.stopped = String(Boolean(info.stopped));
     let label = this.labels[state] ?? state;
     if (state === 'offline' && info.network) label = 'Offline — waiting for the network';
     else if (state === 'offline' && info.label) label = info.label;
-    this.text.textContent = label;
-    this.detail.textContent = '';
-    if (state === 'reconnecting' && info.retryAt) {
-      const tick = () => {
-        const seconds = Math.max(0, Math.ceil((info.retryAt - Date.now()) / 1000));
-        this.detail.textContent = ` in ${seconds} s`;
-      };
-      tick();
-      this.ticker = setInterval(tick, 250);
+    // Unchanged words are not written again: role="status" would say them again.
+    if (this.text.textContent !== label) this.text.textContent = label;
+    if (this.detail) this.detail.textContent = '';
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The page's connection: one tether-client Client on /ws for every channel the page follows
+
+/** The /ws address of this server. */
+export function channelsUrl() {
+  return wsUrl('/ws');
+}
+
+/**
+ * The guest nickname to connect with, '' for a logged-in user (the session cookie goes along),
+ * or null when this visitor has no name to chat or vote with yet (no nickname, or guests are
+ * off). Such a visitor may still connect without one ('') to watch: broadcasts, the polls.
+ */
+export function connectName(identity, nick) {
+  if (!identity.guest) return '';
+  if (!identity.guests || !NICK_RE.test(nick ?? '')) return null;
+  return nick;
+}
+
+/** A sentence for a refusal that stopped the client for good (a close code 4500–4999, 1008…). */
+export function describeRefusal(code, reason = '', nick = '') {
+  switch (code) {
+    case 4501: return 'The server did not accept your login (your session may have ended): log in again.';
+    case 4503: return nick
+      ? `The nickname “${nick}” is taken, belongs to a registered user or is not allowed: pick another, or log in.`
+      : 'That name is taken or not allowed: pick another, or log in.';
+    case 4504: return 'This server does not let guests in: log in to take part.';
+    case 4502:
+    case 1008: return 'Your login has ended (logged out, revoked or expired): log in again.';
+    case 4500: return `The server and this page disagree on the protocol${reason ? ` (“${reason}”)` : ''}: reload the page.`;
+    default: return describeClose(code, reason);
+  }
+}
+
+/**
+ * Owns the page's Client: starts it for an identity (a new Client when the identity changes,
+ * since a guest's name goes with the upgrade), reports its state to a ConnStatus, shows
+ * broadcasts as notices, and tells the page about a refusal once.
+ *
+ * options: `status` (a ConnStatus or null), `onClient(client)` (subscribe the page's channels
+ * to a new client), `onState(state, info)`, `onRefused(error, client)` (stopped for good).
+ */
+export class Connection {
+  constructor({ status = null, onClient, onState, onRefused } = {}) {
+    this.status = status;
+    this.handlers = { onClient, onState, onRefused };
+    this.client = null;
+    this.state = 'offline';
+    this.info = { stopped: true };
+    window.addEventListener('offline', () => this.#report());
+    window.addEventListener('online', () => {
+      // The client's backoff may have grown while the network was away: try now (a client
+      // stopped by a refusal stays stopped: the network was not why).
+      this.client?.reconnect();
+      this.#report();
+    });
+  }
+
+  /** Connects as `name` (a guest's nickname; '' for a logged-in user), replacing any client. */
+  start(name) {
+    this.#drop();
+    const client = new Client(channelsUrl(), name ? { name } : {});
+    this.client = client;
+    this.wasLive = false; // connected at least once: a later attempt is a reconnect
+    this.attempt = 0;
+    const mine = (fn) => (value) => { if (this.client === client) fn(value); };
+    client.on('connecting', mine(({ attempt }) => {
+      this.attempt = attempt;
+      this.#report();
+    }));
+    client.on('connected', mine(() => {
+      this.wasLive = true;
+      this.#report();
+    }));
+    // The client's state has moved on when its events come: the badge reads it.
+    client.on('disconnected', mine(({ reconnect }) => {
+      if (reconnect) this.#report(); // else 'closed' follows
+    }));
+    // A refusal that stops the client comes as 'error' just before 'closed': the badge says
+    // "disconnected" first, then the page says why (once), over it.
+    let refusal = null;
+    client.on('error', mine((error) => {
+      if (client.state === 'closed' && error.code >= 1000) refusal = error;
+    }));
+    client.on('closed', mine(({ code, reason }) => {
+      this.#report({ code, reason });
+      if (refusal) this.handlers.onRefused?.(refusal, client);
+      refusal = null;
+    }));
+    client.on('broadcast', mine(showBroadcast));
+    this.handlers.onClient?.(client);
+    client.connect();
+    return client;
+  }
+
+  /** Closes the client for good; the badge says `label`. */
+  stop(label = 'Not connected') {
+    this.#drop();
+    this.#set('offline', { stopped: true, label });
+  }
+
+  /**
+   * Reconnects at once instead of waiting out the backoff (the client keeps its subscriptions
+   * and pending publishes), or connects again after a stop by a refusal.
+   */
+  reconnectNow() {
+    const client = this.client;
+    if (!client) return;
+    if (client.state === 'closed') client.connect();
+    else client.reconnect();
+  }
+
+  /** Words for the badge while stopped (why a refusal stopped it), kept until the next state. */
+  label(label) {
+    if (this.state === 'offline') this.#set('offline', { ...this.info, label });
+  }
+
+  /** Whether the client is connected: subscriptions and publishes go through now. */
+  get live() {
+    return this.client?.state === 'connected';
+  }
+
+  #drop() {
+    const client = this.client;
+    this.client = null;
+    if (client && client.state !== 'closed') client.close();
+  }
+
+  #report(closed) {
+    const client = this.client;
+    if (!client) return;
+    if (client.state === 'closed') {
+      this.#set('offline', { stopped: true, code: closed?.code, label: 'Disconnected' });
+    } else if (navigator.onLine === false) {
+      // The browser knows before the socket does: say so, and let the client retry meanwhile.
+      this.#set('offline', { network: true });
+    } else if (client.state === 'connected') {
+      this.#set('live');
+    } else if (client.state === 'connecting' && this.attempt === 0 && !this.wasLive) {
+      this.#set('connecting');
+    } else {
+      this.#set('reconnecting');
     }
   }
+
+  #set(state, info = {}) {
+    this.state = state;
+    this.info = info;
+    this.status?.set(state, info);
+    this.handlers.onState?.(state, info);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broadcast notices (POST /api/broadcast reaches every /ws connection)
+
+const MAX_NOTICES = 3;
+
+/** Shows a broadcast publication at the top of the page until dismissed. */
+export function showBroadcast(pub) {
+  const text = typeof pub?.data?.text === 'string' ? pub.data.text : '';
+  if (!text) return;
+  showNotice(text, { from: pub.user, ts: pub.ts });
+}
+
+/**
+ * A notice in #notices: role="status", dismissable, told to screen readers once through the
+ * announcer (a live region inserted with its content is not reliably read). The newest is on top.
+ */
+export function showNotice(text, { from, ts, kind = 'broadcast' } = {}) {
+  const box = document.getElementById('notices');
+  if (!box) return;
+  const label = from ? `Notice from ${from}` : 'Notice';
+  const dismiss = el('button', {
+    type: 'button',
+    class: 'btn btn-quiet btn-small notice-dismiss',
+    'aria-label': `Dismiss: ${text.length > 60 ? `${text.slice(0, 60)}…` : text}`,
+    text: 'Dismiss',
+  });
+  const item = el('div', { class: 'notice-banner', role: 'status', dataset: { kind } },
+    el('p', { class: 'notice-body' },
+      el('span', { class: 'notice-label', text: label }), ' ', timeElement(ts), el('br'),
+      el('span', { class: 'notice-text', text })),
+    dismiss);
+  dismiss.addEventListener('click', () => {
+    const next = item.nextElementSibling ?? item.previousElementSibling;
+    const hadFocus = item.contains(document.activeElement);
+    item.remove();
+    // Focus stays in reach: the next notice's button, else the page's main region.
+    if (hadFocus) (next?.querySelector('.notice-dismiss') ?? document.getElementById('main'))?.focus();
+  });
+  box.prepend(item);
+  while (box.childElementCount > MAX_NOTICES) box.lastElementChild.remove();
+  announce(`${label}: ${text}`);
 }

@@ -1,6 +1,11 @@
 // The echo console (GET /console): open a WebSocket to any URL (by default this server's
 // /ws/echo), send text or binary (as hex), and watch every frame and the socket's readyState.
-import { byId, describeClose, el, initHeader, wsUrl } from './common.js';
+// Besides that raw socket, the page follows the server's broadcasts like every page, through
+// its own client on /ws.
+import {
+  Connection, byId, connectName, currentIdentity, describeClose, el, initHeader, onIdentityChange,
+  storedNick, wsUrl,
+} from './common.js';
 
 const READY_STATES = ['CONNECTING', 'OPEN', 'CLOSING', 'CLOSED'];
 const URL_KEY = 'tether.console.url';
@@ -255,13 +260,25 @@ function wire() {
   });
 }
 
-function main() {
+// ---------------------------------------------------------------------------------------------
+// Broadcasts: shown as notices. Whoever the visitor is (a login, a guest's nickname from the
+// chat or polls page, or nobody yet: the server lets anyone watch), the page follows them.
+
+const broadcasts = new Connection();
+
+function followBroadcasts() {
+  broadcasts.start(connectName(currentIdentity(), storedNick()) ?? '');
+}
+
+async function main() {
   let saved = null;
   try { saved = localStorage.getItem(URL_KEY); } catch { /* storage disabled */ }
   ui.url.value = saved || defaultUrl();
   wire();
   showState();
-  initHeader();
+  onIdentityChange(followBroadcasts);
+  await initHeader();
+  followBroadcasts();
 }
 
 main();

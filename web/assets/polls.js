@@ -1,21 +1,27 @@
-// The polls page (GET /polls): list and create polls, open one (#poll=ID), vote, and watch the
-// counts change live over /ws/polls/{id}.
+// The polls page (GET /polls): the list of polls, live from the `polls` channel (its subscribe
+// reply is the list, then a publication for each poll created), create one, open one
+// (#poll=ID) through its `poll:ID` channel (the state on subscribe, counts as publications)
+// and vote by publishing to it. All on the page's one connection to /ws.
 import {
-  ApiError, ConnStatus, LiveSocket, NICK_RE, announce, api, byId, currentIdentity, el,
-  hashParams, initHeader, nickProblem, onIdentityChange, storeNick, storedNick, wsUrl,
+  ApiError, Connection, ConnStatus, NICK_RE, announce, api, byId, connectName, currentIdentity,
+  describeRefusal, el, hashParams, initHeader, nickProblem, onIdentityChange, refreshIdentity,
+  storeNick, storedNick,
 } from './common.js';
 
 const MAX_OPTIONS = 20;
+/** How often the list is fetched over HTTP while it cannot come live (no connection yet). */
 const LIST_REFRESH_MS = 20000;
 
 const ui = {
   title: byId('poll-title'),
   conn: byId('poll-conn-state'),
   reconnect: byId('reconnect-now'),
+  problem: byId('conn-problem'),
   placeholder: byId('poll-placeholder'),
   body: byId('poll-body'),
   nickForm: byId('nick-form'),
   nick: byId('nick'),
+  loginToVote: byId('login-to-vote'),
   votingAs: byId('voting-as'),
   votingAsName: byId('voting-as-name'),
   changeNick: byId('change-nick'),
@@ -31,76 +37,142 @@ const ui = {
   formError: byId('poll-form-error'),
   list: byId('polls-list'),
   listEmpty: byId('polls-empty'),
+  listLive: byId('polls-live'),
   refresh: byId('polls-refresh'),
 };
 
 /** The open poll. */
 const view = {
-  id: null,           // the poll id from #poll=ID, as a string
-  poll: null,         // the poll object
-  vote: null,         // this user's vote (optimistic after a click)
+  id: null,            // the poll id from #poll=ID, as a string
+  poll: null,          // the poll object
+  vote: null,          // this user's vote (optimistic after a click)
   confirmedVote: null, // the vote the server last told us about
+  canVote: true,       // the subscribe reply's can_vote
+  sub: null,           // its poll:ID subscription
+  subscribed: false,   // the subscription's state has arrived
+  missing: false,      // the server has no such poll
   nick: storedNick(),
-  choices: new Map(), // option → { item, button, count, fill, pct }
+  choices: new Map(),  // option → { item, button, count, fill, pct }
+};
+
+/** The list: newest first, as GET /api/polls and the `polls` channel give it. */
+const list = {
+  polls: [],
+  live: false,         // kept up to date by the `polls` channel
 };
 
 const status = new ConnStatus(ui.conn);
-
-const socket = new LiveSocket({
-  url() {
-    const name = currentIdentity().guest ? view.nick : undefined;
-    return wsUrl(`/ws/polls/${encodeURIComponent(view.id)}`, { name });
-  },
-  onMessage: handleEvent,
-  onClose: handleClose,
-  onState(state, info) {
-    status.set(state, info);
-    document.body.dataset.conn = state;
-    ui.reconnect.hidden = state !== 'reconnecting';
-    for (const { button } of view.choices.values()) button.disabled = state !== 'live';
-  },
-});
+const conn = new Connection({ onClient, onState: renderState, onRefused });
 
 // ---------------------------------------------------------------------------------------------
-// Live events
+// The connection
 
-function handleEvent(event) {
-  switch (event.type) {
-    case 'poll':
-      if (!event.poll || String(event.poll.id) !== view.id) break;
-      renderPoll(event.poll);
-      view.vote = event.vote ?? null;
+function onClient(client) {
+  list.live = false;
+  client.subscribe('polls', {
+    onSubscribed: (reply) => {
+      if (Array.isArray(reply.polls)) {
+        list.polls = reply.polls.slice();
+        list.live = true;
+        renderList();
+      }
+    },
+    onPublication: ({ data }) => {
+      if (data?.created && typeof data.created === 'object') {
+        addToList(data.created);
+        if (String(data.created.id) !== view.id) announce(`New poll: ${data.created.question}`);
+      }
+      if (data?.closed !== undefined) markClosed(String(data.closed));
+    },
+    // A server without the channel: the list comes over HTTP, refreshed now and then.
+    onError: () => {
+      list.live = false;
+      renderList();
+    },
+  });
+  if (view.id !== null) subscribePoll(client, view.id);
+}
+
+function subscribePoll(client, id) {
+  view.subscribed = false;
+  const sub = client.subscribe(`poll:${id}`, {
+    // Once unsubscribed (the poll left, even with the reply on its way), tether-client runs
+    // none of these again.
+    onSubscribed: (reply) => {
+      view.subscribed = true;
+      if (reply.poll) renderPoll(reply.poll);
+      view.vote = reply.vote ?? null;
       view.confirmedVote = view.vote;
-      renderVote();
-      socket.markLive();
+      view.canVote = reply.can_vote !== false;
       ui.error.textContent = '';
-      break;
-    case 'counts':
-      if (String(event.id) !== view.id || !view.poll) break;
-      view.poll.counts = event.counts ?? {};
-      view.poll.total = event.total ?? sum(view.poll.counts);
+      renderVote();
+      renderIdentity();
+      renderState();
+    },
+    onPublication: ({ data }) => {
+      if (view.sub !== sub || !view.poll || !data?.counts) return;
+      view.poll.counts = data.counts;
+      view.poll.total = data.total ?? sum(data.counts);
       renderCounts();
       updateListEntry(view.id, view.poll.total);
-      break;
-    case 'error':
-      ui.error.textContent = `The server refused that: ${event.error ?? 'unknown error'}`;
-      view.vote = view.confirmedVote;
-      renderVote();
-      break;
-    default:
-      break;
+    },
+    onError: (error) => {
+      if (view.sub !== sub) return;
+      view.sub = null;
+      if (error.code === 102) showMissing(id);
+      else ui.error.textContent = `Cannot follow this poll: ${error.message}`;
+      renderState();
+    },
+  });
+  view.sub = sub;
+}
+
+function leavePoll() {
+  const sub = view.sub;
+  view.sub = null;
+  view.subscribed = false;
+  sub?.unsubscribe().catch(() => {}); // gone from the page either way
+}
+
+/** The badge: live once connected and, with a poll open, once its state is in. */
+function renderState() {
+  const { state, info } = conn;
+  const waiting = state === 'live' && view.id !== null && !view.missing && !view.subscribed;
+  status.set(waiting ? 'connecting' : state, info);
+  document.body.dataset.conn = state;
+  ui.reconnect.hidden = state !== 'reconnecting';
+  ui.listLive.hidden = !(list.live && state === 'live');
+  ui.refresh.hidden = list.live && state === 'live';
+  renderChoicesEnabled();
+}
+
+async function onRefused(error) {
+  ui.problem.textContent = describeRefusal(error.code, error.message, view.nick);
+  if (error.code === 4503) {
+    conn.label('Nickname refused');
+    ui.nickForm.hidden = false;
+    ui.votingAs.hidden = true;
+    ui.nick.setAttribute('aria-invalid', 'true');
+  } else if ([4501, 4502, 4504, 1008].includes(error.code)) {
+    conn.label('Not logged in');
+    await refreshIdentity();
+  } else {
+    ui.reconnect.hidden = false;
   }
 }
 
-function handleClose({ code, opened, failuresBeforeOpen }) {
-  if (opened && code !== 1000 && code !== 1005 && code !== 1006) {
-    ui.error.textContent = `Disconnected (code ${code}); reconnecting.`;
-  }
-  if (!opened && failuresBeforeOpen === 2) {
-    ui.error.textContent = currentIdentity().guest
-      ? `Cannot connect to this poll. The server may be down, or “${view.nick}” may be in use by another guest or a registered user's name (pick another, or log in).`
-      : 'Cannot connect to this poll. The server may be down, or your session may have expired.';
-  }
+/**
+ * Connects as whoever we are now. Without a name to vote with, the page connects without an
+ * identity: the server lets such a visitor watch (the live list, counts, broadcasts), and the
+ * poll's panel says how to vote.
+ */
+function connectAsIdentity() {
+  ui.problem.textContent = '';
+  view.sub = null;
+  view.subscribed = false;
+  conn.start(connectName(currentIdentity(), view.nick) ?? '');
+  renderIdentity();
+  renderList();
 }
 
 function sum(counts) {
@@ -115,7 +187,6 @@ function renderPoll(poll) {
   ui.title.textContent = String(poll.question ?? `Poll ${poll.id}`);
   document.title = `${ui.title.textContent} · Polls · tether`;
   view.choices.clear();
-  const live = socket.state === 'live';
   ui.choices.replaceChildren(...view.poll.options.map((option) => {
     const label = el('span', { class: 'choice-label', text: String(option) });
     const count = el('span', { class: 'choice-count', text: '0' });
@@ -126,7 +197,7 @@ function renderPoll(poll) {
       class: 'choice',
       dataset: { option: String(option) },
       'aria-pressed': 'false',
-      disabled: !live,
+      disabled: true,
       onclick: () => castVote(option),
     },
     el('span', { class: 'choice-top' }, label, el('span', { class: 'choice-numbers' }, count, ' ', el('span', { class: 'sr-only', text: 'votes, ' }), pct)),
@@ -137,6 +208,12 @@ function renderPoll(poll) {
   }));
   renderCounts();
   renderVote();
+  renderChoicesEnabled();
+}
+
+function renderChoicesEnabled() {
+  const usable = conn.state === 'live' && view.subscribed && view.canVote && !view.poll?.closed;
+  for (const { button } of view.choices.values()) button.disabled = !usable;
 }
 
 function renderCounts() {
@@ -162,21 +239,46 @@ function renderVote() {
     parts.button.setAttribute('aria-pressed', String(chosen));
     parts.button.classList.toggle('chosen', chosen);
   }
-  ui.myVote.textContent = view.vote === null
-    ? 'You have not voted yet: pick an option.'
-    : `Your vote: ${view.vote}. Pick another option to change it.`;
+  if (view.poll?.closed) ui.myVote.textContent = 'This poll is closed.';
+  else if (!view.subscribed) ui.myVote.textContent = '';
+  else if (!view.canVote) ui.myVote.textContent = 'Only registered users vote in this poll: log in to vote.';
+  else if (view.vote === null) ui.myVote.textContent = 'You have not voted yet: pick an option.';
+  else ui.myVote.textContent = `Your vote: ${view.vote}. Pick another option to change it.`;
   ui.myVote.dataset.vote = view.vote ?? '';
 }
 
-function castVote(option) {
+async function castVote(option) {
   ui.error.textContent = '';
-  if (!socket.send({ vote: option })) {
+  const sub = view.sub;
+  if (!sub || !view.subscribed) {
     ui.error.textContent = 'Not connected: the vote was not sent.';
     return;
   }
   view.vote = option;
   renderVote();
-  announce(`Voted for ${option}.`);
+  try {
+    await sub.publish({ vote: option }); // resolves once counted
+    if (view.sub !== sub) return;
+    view.confirmedVote = option;
+    announce(`Voted for ${option}.`);
+  } catch (err) {
+    if (view.sub !== sub) return;
+    view.vote = view.confirmedVote;
+    renderVote();
+    ui.error.textContent = `Your vote was not counted: ${err.message}.`;
+  }
+}
+
+function showMissing(id) {
+  view.missing = true;
+  ui.title.textContent = 'No such poll';
+  ui.error.textContent = `There is no poll ${id}.`;
+  ui.choices.replaceChildren();
+  view.choices.clear();
+  ui.total.textContent = '';
+  ui.myVote.textContent = '';
+  ui.nickForm.hidden = true;
+  ui.votingAs.hidden = true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -184,71 +286,62 @@ function castVote(option) {
 
 function pollFromHash() {
   const id = hashParams().get('poll');
-  return id && /^[A-Za-z0-9_.-]{1,64}$/.test(id) ? id : null;
-}
-
-function canConnect() {
-  return !currentIdentity().guest || NICK_RE.test(view.nick);
+  return id && /^[0-9]{1,18}$/.test(id) ? id : null;
 }
 
 function renderIdentity() {
-  const guest = currentIdentity().guest;
+  const identity = currentIdentity();
+  const guest = identity.guest;
   const haveNick = NICK_RE.test(view.nick);
-  ui.nickForm.hidden = !guest || haveNick;
-  ui.votingAs.hidden = !guest || !haveNick;
+  const show = view.id !== null && !view.missing;
+  ui.nickForm.hidden = !show || !guest || !identity.guests || haveNick;
+  ui.votingAs.hidden = !show || !guest || !identity.guests || !haveNick;
   ui.votingAsName.textContent = view.nick;
+  ui.loginToVote.hidden = !show || !guest || identity.guests;
+  ui.loginToVote.textContent = 'This server lets only logged-in users vote: log in at the top of the page.';
   if (!ui.nick.value) ui.nick.value = view.nick;
 }
 
 async function openPoll(id) {
   if (id === view.id) return;
-  socket.stop();
-  Object.assign(view, { id, poll: null, vote: null, confirmedVote: null });
+  leavePoll();
+  Object.assign(view, { id, poll: null, vote: null, confirmedVote: null, canVote: true, missing: false });
   view.choices.clear();
   ui.choices.replaceChildren();
   ui.error.textContent = '';
   ui.total.textContent = '';
   ui.myVote.textContent = '';
   markOpenInList();
+  renderIdentity();
   if (id === null) {
     ui.title.textContent = 'Polls';
     document.title = 'Polls · tether';
     ui.placeholder.hidden = false;
     ui.body.hidden = true;
-    ui.conn.hidden = true;
+    renderState();
     return;
   }
   ui.placeholder.hidden = true;
   ui.body.hidden = false;
-  ui.conn.hidden = false;
   ui.title.textContent = `Poll ${id}`;
+  if (conn.client) subscribePoll(conn.client, id);
+  renderState();
+  // Shown at once over HTTP, for visitors who cannot connect too (no nickname yet); the
+  // subscription's state replaces it when it comes.
   try {
     const poll = await api(`/api/polls/${encodeURIComponent(id)}`);
-    if (view.id !== id) return; // another poll was opened meanwhile
+    if (view.id !== id || view.subscribed) return;
     renderPoll(poll);
   } catch (err) {
     if (view.id !== id) return;
     if (err instanceof ApiError && err.status === 404) {
-      ui.title.textContent = 'No such poll';
-      ui.error.textContent = `There is no poll ${id}.`;
-      socket.stop({ label: 'Not connected' });
-      ui.nickForm.hidden = true;
-      ui.votingAs.hidden = true;
+      leavePoll();
+      showMissing(id);
+      renderState();
       return;
     }
-    ui.error.textContent = `Cannot load the poll: ${err.message}`;
+    if (!view.subscribed) ui.error.textContent = `Cannot load the poll: ${err.message}`;
   }
-  connect();
-}
-
-function connect() {
-  renderIdentity();
-  if (view.id === null) return;
-  if (!canConnect()) {
-    socket.stop({ label: 'Choose a nickname to vote' });
-    return;
-  }
-  socket.start();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,36 +349,62 @@ function connect() {
 
 let listRequest = 0;
 
+/** GET /api/polls: the first paint, and the list while it cannot come live. */
 async function refreshList() {
-  // Requests may overlap (page load, a poll just created, the timer): only the newest answer
-  // is shown, so a slow older one never hides a poll that was just created.
   const request = ++listRequest;
   let polls;
   try {
     polls = await api('/api/polls');
-    if (request !== listRequest) return;
   } catch (err) {
-    if (request !== listRequest) return;
+    if (request !== listRequest || list.live) return;
     ui.listEmpty.textContent = `Cannot load the polls: ${err.message}`;
     ui.listEmpty.hidden = false;
     return;
   }
-  if (!Array.isArray(polls)) polls = [];
-  ui.list.replaceChildren(...polls.map((poll) => {
+  // A newer answer, or the channel's list, wins over a slow older one.
+  if (request !== listRequest || list.live) return;
+  list.polls = Array.isArray(polls) ? polls : [];
+  renderList();
+}
+
+/** A poll just created (by the channel, or by this page's form): on top, once. */
+function addToList(poll) {
+  if (poll?.id === undefined) return;
+  list.polls = [poll, ...list.polls.filter((p) => String(p.id) !== String(poll.id))];
+  renderList();
+}
+
+function markClosed(id) {
+  const poll = list.polls.find((p) => String(p.id) === id);
+  if (poll) poll.closed = true;
+  if (view.id === id && view.poll) {
+    view.poll.closed = true;
+    renderVote();
+    renderChoicesEnabled();
+  }
+  renderList();
+}
+
+function renderList() {
+  ui.list.replaceChildren(...list.polls.map((poll) => {
     const total = Number(poll.total ?? 0);
     return el('li', { dataset: { pollId: String(poll.id) } },
       el('a', { href: `#poll=${encodeURIComponent(poll.id)}`, class: 'poll-link', dataset: { pollId: String(poll.id) } },
         el('span', { class: 'poll-question', text: String(poll.question ?? '') }),
-        el('span', { class: 'poll-meta', text: `${total} vote${total === 1 ? '' : 's'}` })));
+        el('span', { class: 'poll-meta', text: `${poll.closed ? 'closed · ' : ''}${total} vote${total === 1 ? '' : 's'}` })));
   }));
   ui.listEmpty.textContent = 'No polls yet.';
-  ui.listEmpty.hidden = polls.length > 0;
+  ui.listEmpty.hidden = list.polls.length > 0;
+  ui.listLive.hidden = !(list.live && conn.state === 'live');
+  ui.refresh.hidden = list.live && conn.state === 'live';
   markOpenInList();
 }
 
 function updateListEntry(id, total) {
+  const poll = list.polls.find((p) => String(p.id) === id);
+  if (poll) poll.total = total;
   const meta = ui.list.querySelector(`li[data-poll-id="${CSS.escape(id)}"] .poll-meta`);
-  if (meta) meta.textContent = `${total} vote${total === 1 ? '' : 's'}`;
+  if (meta) meta.textContent = `${poll?.closed ? 'closed · ' : ''}${total} vote${total === 1 ? '' : 's'}`;
 }
 
 function markOpenInList() {
@@ -302,7 +421,7 @@ function addOptionRow(value = '') {
   const id = `poll-option-${optionSerial}`;
   const input = el('input', { id, class: 'poll-option', name: 'option', maxlength: '100', autocomplete: 'off', value });
   const label = el('label', { for: id, class: 'sr-only' });
-  const remove = el('button', { type: 'button', class: 'btn btn-quiet btn-small remove-option' , text: 'Remove' });
+  const remove = el('button', { type: 'button', class: 'btn btn-quiet btn-small remove-option', text: 'Remove' });
   const row = el('li', { class: 'option-row' }, label, input, remove);
   remove.addEventListener('click', () => {
     row.remove();
@@ -363,7 +482,7 @@ function wire() {
       const created = await api('/api/polls', { method: 'POST', body: poll });
       resetForm();
       announce('Poll created.');
-      await refreshList();
+      addToList(created); // the channel says so too; without a connection this is the news
       location.hash = `poll=${encodeURIComponent(created.id)}`;
       ui.title.focus();
     } catch (err) {
@@ -376,7 +495,10 @@ function wire() {
   });
   ui.addOption.addEventListener('click', () => addOptionRow().focus());
   ui.refresh.addEventListener('click', refreshList);
-  ui.reconnect.addEventListener('click', () => socket.reconnectNow());
+  ui.reconnect.addEventListener('click', () => {
+    ui.problem.textContent = '';
+    conn.reconnectNow();
+  });
 
   ui.nickForm.addEventListener('submit', (event) => {
     event.preventDefault();
@@ -384,14 +506,16 @@ function wire() {
     const problem = nickProblem(nick);
     if (problem) {
       ui.error.textContent = problem;
+      ui.nick.setAttribute('aria-invalid', 'true');
       ui.nick.focus();
       return;
     }
     ui.error.textContent = '';
+    ui.nick.removeAttribute('aria-invalid');
     const changed = nick !== view.nick;
     view.nick = nick;
     storeNick(nick);
-    if (changed || !socket.running) connect();
+    if (changed || !conn.client || conn.client.state === 'closed') connectAsIdentity();
     else renderIdentity();
   });
   ui.changeNick.addEventListener('click', () => {
@@ -402,12 +526,9 @@ function wire() {
   });
 
   window.addEventListener('hashchange', () => openPoll(pollFromHash()));
-  onIdentityChange(() => {
-    if (view.id !== null) connect();
-    else renderIdentity();
-  });
+  onIdentityChange(() => connectAsIdentity());
   setInterval(() => {
-    if (document.visibilityState === 'visible') refreshList();
+    if (document.visibilityState === 'visible' && !list.live) refreshList();
   }, LIST_REFRESH_MS);
 }
 
@@ -415,9 +536,9 @@ async function main() {
   wire();
   resetForm();
   ui.nick.value = view.nick;
-  await initHeader();
-  renderIdentity();
   refreshList();
+  await initHeader();
+  connectAsIdentity();
   openPoll(pollFromHash());
 }
 

@@ -44,7 +44,13 @@ function serve(port, data) {
           ws: `ws://127.0.0.1:${port}/ws`,
           http: `http://127.0.0.1:${port}`,
           // Stops it (SIGTERM: a graceful shutdown, closing each connection with 1001).
-          stop: () => new Promise((done) => { child.removeAllListeners('exit'); child.on('exit', done); child.kill('SIGTERM'); }),
+          // Stopping a stopped server is done at once (a test that failed halfway leaves one).
+          stop: () => new Promise((done) => {
+            if (child.exitCode !== null || child.signalCode !== null) return done();
+            child.removeAllListeners('exit');
+            child.on('exit', done);
+            child.kill('SIGTERM');
+          }),
         });
       }
     });
@@ -217,6 +223,296 @@ test('a refusal that retrying cannot heal stops the client', async (t) => {
   await new Promise((r) => setTimeout(r, 500));
   assert.equal(guest.state, 'closed');
   assert.equal(guestAttempts, 1, 'one attempt, no retry');
+});
+
+/** A WebSocket constructor that records the commands sent through it (and can drop a connection right after one). */
+function recording() {
+  const sent = [];
+  const hooks = { afterSend: null };
+  class Recording extends WebSocket {
+    send(data) {
+      super.send(data);
+      const command = JSON.parse(data);
+      sent.push(command);
+      hooks.afterSend?.(command, this);
+    }
+  }
+  return { WebSocket: Recording, sent, hooks, ops: () => sent.map((c) => (c.channel ? `${c.op} ${c.channel}` : c.op)) };
+}
+
+/** Resolves once `check()` is true (polled), or rejects after `ms`. */
+async function until(check, what, ms = 10000) {
+  const end = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`not within ${ms} ms: ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Who the server counts in `channel`, asked by `client` (subscribed to it). */
+async function members(client, channel) {
+  return (await client.subscription(channel).presence()).map((m) => `${m.user}×${m.clients}`);
+}
+
+test('unsubscribe() while the subscribe is on its way: the server lets go, no handler runs, the channel can be subscribed again', async (t) => {
+  const { server } = await fixture(t);
+  const ben = new Client(server.ws, { name: 'ben' }).connect();
+  t.after(() => ben.close());
+  await once(ben, 'connected');
+  const watched = collector();
+  ben.subscribe('room:x', watched);
+  await until(() => watched.subscribed.length === 1, 'ben subscribed');
+
+  const rec = recording();
+  const ann = new Client(server.ws, { name: 'ann', WebSocket: rec.WebSocket }).connect();
+  t.after(() => ann.close());
+  await once(ann, 'connected');
+  const calls = [];
+  const handlers = {
+    onSubscribed: () => calls.push('onSubscribed'),
+    onPublication: () => calls.push('onPublication'),
+    onJoin: () => calls.push('onJoin'),
+    onError: (e) => calls.push(`onError ${e.code}`),
+  };
+  const s = ann.subscribe('room:x', handlers);
+  assert.equal(s.state, 'subscribing');
+  await s.unsubscribe();
+  assert.equal(s.state, 'removed');
+  assert.deepEqual(rec.ops(), ['connect', 'subscribe room:x', 'unsubscribe room:x'], 'the unsubscribe follows the reply');
+  assert.deepEqual(await members(ben, 'room:x'), ['ben×1'], 'the server let ann go');
+  await ben.subscription('room:x').publish({ text: 'after' });
+  await watched.wait(1);
+  await new Promise((r) => setTimeout(r, 200));
+  assert.deepEqual(calls, [], 'no handler of the removed subscription ran');
+  assert.equal(ann.subscription('room:x'), undefined);
+
+  // Subscribing again works, and is restored after reconnects as usual.
+  const again = collector();
+  const s2 = ann.subscribe('room:x', { ...again, onError: (e) => calls.push(`onError ${e.code}`) });
+  await until(() => again.subscribed.length === 1 || calls.length > 0, 'subscribed again');
+  assert.deepEqual(calls, []);
+  assert.equal(s2.state, 'subscribed');
+  assert.deepEqual(await members(ben, 'room:x'), ['ann×1', 'ben×1']);
+  assert.equal(await s.unsubscribe(), undefined, 'unsubscribe() again: the same, settled promise');
+  assert.equal(s2.state, 'subscribed', 'the old subscription does not touch the new one');
+});
+
+test('subscribe, unsubscribe, subscribe in a row: the last subscription holds, nothing is refused', async (t) => {
+  const { server } = await fixture(t);
+  const rec = recording();
+  const ann = new Client(server.ws, { name: 'ann', WebSocket: rec.WebSocket }).connect();
+  t.after(() => ann.close());
+  await once(ann, 'connected');
+  const errors = [];
+  const first = { subscribed: 0 };
+  const s1 = ann.subscribe('room:y', { onSubscribed: () => { first.subscribed += 1; }, onError: (e) => errors.push(e) });
+  const left = s1.unsubscribe();
+  const second = collector();
+  const s2 = ann.subscribe('room:y', { ...second, onError: (e) => errors.push(e) });
+  const left2 = s2.unsubscribe();
+  const third = collector();
+  const s3 = ann.subscribe('room:y', { ...third, onError: (e) => errors.push(e) });
+  // Published at once: sent once the subscription it needs is confirmed.
+  const early = s3.publish({ text: 'early' });
+  await left;
+  await left2;
+  await until(() => third.subscribed.length === 1 || errors.length > 0, 'the last subscription confirmed');
+  assert.deepEqual(errors, []);
+  assert.equal(first.subscribed, 0);
+  assert.equal(second.subscribed.length, 0);
+  assert.equal(s3.state, 'subscribed');
+  assert.equal(ann.subscription('room:y'), s3);
+  assert.deepEqual((await early).offset, 1);
+  assert.deepEqual(rec.ops(), ['connect', 'subscribe room:y', 'unsubscribe room:y', 'subscribe room:y', 'publish room:y'],
+    'the one that never went out sends nothing; the publish follows the subscribe');
+  assert.deepEqual(await members(ann, 'room:y'), ['ann×1']);
+  // Its publications reach the last subscription only, each once.
+  await s3.publish({ text: 'one' });
+  await third.wait(2);
+  await new Promise((r) => setTimeout(r, 200));
+  assert.deepEqual(third.seen.map((p) => p.data.text), ['early', 'one']);
+  assert.equal(second.seen.length, 0);
+});
+
+test('unsubscribe() while a refused subscribe is on its way: nothing more is sent, onError does not run', async (t) => {
+  const { server } = await fixture(t);
+  const rec = recording();
+  const ann = new Client(server.ws, { name: 'ann', WebSocket: rec.WebSocket }).connect();
+  t.after(() => ann.close());
+  await once(ann, 'connected');
+  const errors = [];
+  const s = ann.subscribe('nowhere:x', { onError: (e) => errors.push(e) });
+  await s.unsubscribe();
+  await new Promise((r) => setTimeout(r, 200));
+  assert.deepEqual(errors, []);
+  assert.equal(s.state, 'removed');
+  assert.deepEqual(rec.ops(), ['connect', 'subscribe nowhere:x']);
+  // Without unsubscribe(), the refusal is told.
+  const told = new Promise((resolve) => ann.subscribe('nowhere:y', { onError: resolve }));
+  assert.equal((await told).code, 102);
+});
+
+test('unsubscribe() while disconnected drops the subscription: it is not restored after the reconnect', async (t) => {
+  const state = await fixture(t);
+  const rec = recording();
+  const ann = new Client(state.server.ws, { name: 'ann', WebSocket: rec.WebSocket, minDelay: 100, maxDelay: 300 }).connect();
+  t.after(() => ann.close());
+  await once(ann, 'connected');
+  const gone = collector();
+  const kept = collector();
+  const s = ann.subscribe('room:gone', gone);
+  ann.subscribe('room:kept', kept);
+  await until(() => gone.subscribed.length === 1 && kept.subscribed.length === 1, 'both subscribed');
+
+  const down = once(ann, 'disconnected');
+  await state.server.stop();
+  await down;
+  assert.notEqual(ann.state, 'connected'); // disconnected, or trying again: the server is down
+  await s.unsubscribe(); // nothing to tell a server that forgot us
+  assert.equal(s.state, 'removed');
+  rec.sent.length = 0;
+  const back = once(ann, 'connected', () => true, 20000);
+  state.server = await serve(state.port, state.data);
+  await back;
+  await until(() => kept.subscribed.length === 2, 'room:kept restored');
+  await new Promise((r) => setTimeout(r, 200));
+  assert.deepEqual(rec.ops(), ['connect', 'subscribe room:kept']);
+  assert.equal(gone.subscribed.length, 1);
+  assert.equal(ann.subscription('room:gone'), undefined);
+});
+
+test('reconnect(): at once while waiting out the backoff, pending publishes kept; nothing while connected or closed', async (t) => {
+  const state = await fixture(t);
+  // The longest backoff every time: without reconnect() the client would wait 30 s.
+  const random = Math.random;
+  Math.random = () => 0.999;
+  t.after(() => { Math.random = random; });
+  const ann = new Client(state.server.ws, { name: 'ann', minDelay: 30_000, maxDelay: 30_000, timeout: 5000 }).connect();
+  t.after(() => ann.close());
+  const first = await once(ann, 'connected');
+  const room = collector();
+  const sub = ann.subscribe('room:r', room);
+  await sub.publish({ text: 'm1' });
+  await room.wait(1);
+
+  // Connected: nothing happens.
+  let connecting = 0;
+  ann.on('connecting', () => { connecting += 1; });
+  assert.equal(ann.reconnect(), ann);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(connecting, 0);
+  assert.equal(ann.state, 'connected');
+  assert.equal(ann.session.client, first.client);
+
+  const down = once(ann, 'disconnected');
+  await state.server.stop();
+  await down;
+  assert.equal(ann.state, 'disconnected');
+  const queued = sub.publish({ text: 'm2 (while disconnected)' });
+  state.server = await serve(state.port, state.data);
+  const started = Date.now();
+  const back = once(ann, 'connected');
+  ann.reconnect();
+  ann.reconnect(); // again while connecting: nothing more
+  await back;
+  assert.equal(Date.now() - started < 10_000, true, 'not the 30 s backoff');
+  assert.equal(connecting, 1, 'one attempt');
+  assert.equal((await queued).offset, 2, 'the pending publish went through');
+  await room.wait(2);
+  assert.deepEqual(room.seen.map((p) => p.offset), [1, 2]);
+  assert.equal(room.subscribed.at(-1).recovered, true);
+
+  // Closed: nothing happens.
+  ann.close();
+  ann.reconnect();
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(ann.state, 'closed');
+  assert.equal(connecting, 1);
+});
+
+test('every event sees the state it announces: connecting, connected, disconnected, closed', async (t) => {
+  const state = await fixture(t);
+  const ann = new Client(state.server.ws, { name: 'ann', minDelay: 100, maxDelay: 300 });
+  t.after(() => ann.close());
+  const seen = [];
+  for (const event of ['connecting', 'connected', 'disconnected', 'closed']) {
+    ann.on(event, (value) => seen.push(`${event}:${ann.state}${event === 'disconnected' ? `:${value.reconnect}` : ''}`));
+  }
+  ann.connect();
+  await once(ann, 'connected');
+  const back = once(ann, 'connected', () => true, 20000);
+  await state.server.stop();
+  await until(() => seen.includes('disconnected:disconnected:true'), 'disconnected');
+  state.server = await serve(state.port, state.data);
+  await back;
+  ann.close();
+  assert.deepEqual(seen.filter((e) => !e.startsWith('connecting') && !e.startsWith('disconnected')),
+    ['connected:connected', 'connected:connected', 'closed:closed']);
+  assert.equal(seen[0], 'connecting:connecting');
+  assert.deepEqual([...new Set(seen.filter((e) => e.startsWith('connecting')))], ['connecting:connecting']);
+  assert.deepEqual([...new Set(seen.filter((e) => e.startsWith('disconnected')))], ['disconnected:disconnected:true']);
+
+  // A refusal for good: 'disconnected' already reads 'closed'.
+  const added = spawnSync(tetherBin, ['user', 'add', 'root', '--data', state.data, '--password-stdin'], {
+    input: 'correct horse battery\n',
+  });
+  assert.equal(added.status, 0, String(added.stderr));
+  const guest = new Client(state.server.ws, { name: 'root' });
+  t.after(() => guest.close());
+  const refused = [];
+  for (const event of ['disconnected', 'error', 'closed']) guest.on(event, () => refused.push(`${event}:${guest.state}`));
+  const closed = once(guest, 'closed');
+  guest.connect();
+  await closed;
+  assert.deepEqual(refused, ['disconnected:closed', 'error:closed', 'closed:closed']);
+});
+
+test('replies carry no id; channels without offsets keep offset and epoch null', async (t) => {
+  const { server } = await fixture(t);
+  const ann = new Client(server.ws, { name: 'ann' }).connect();
+  t.after(() => ann.close());
+  const session = await once(ann, 'connected');
+  assert.deepEqual(Object.keys(session).sort(), ['client', 'guest', 'limits', 'user']);
+  assert.deepEqual(ann.session, session);
+
+  const polls = collector();
+  const list = ann.subscribe('polls', polls);
+  const room = collector();
+  const lobby = ann.subscribe('room:lobby', room);
+  await until(() => polls.subscribed.length === 1 && room.subscribed.length === 1, 'both subscribed');
+  assert.equal('id' in polls.subscribed[0], false);
+  assert.equal(Array.isArray(polls.subscribed[0].polls), true);
+  assert.equal(list.offset, null);
+  assert.equal(list.epoch, null);
+  assert.equal('id' in room.subscribed[0], false);
+  assert.equal(lobby.offset, 0);
+  assert.equal(typeof lobby.epoch, 'string');
+  const history = await lobby.history({ limit: 5 });
+  assert.equal('id' in history, false);
+});
+
+test('a publish whose reply is lost to a disconnect is sent again with its key, and stored once', async (t) => {
+  const { server } = await fixture(t);
+  const rec = recording();
+  const ann = new Client(server.ws, { name: 'ann', WebSocket: rec.WebSocket, minDelay: 100, maxDelay: 300 }).connect();
+  t.after(() => ann.close());
+  await once(ann, 'connected');
+  const room = collector();
+  const sub = ann.subscribe('room:z', room);
+  await until(() => room.subscribed.length === 1, 'subscribed');
+  // The connection drops right after the publish goes out, before its reply can come.
+  rec.hooks.afterSend = (command, ws) => {
+    if (command.op !== 'publish') return;
+    rec.hooks.afterSend = null;
+    ws.close(4000, 'dropped by the test');
+  };
+  const reply = await sub.publish({ text: 'once' });
+  assert.equal(reply.offset, 1);
+  const publishes = rec.sent.filter((c) => c.op === 'publish');
+  assert.equal(publishes.length, 2, 'sent again after the reconnect');
+  assert.equal(publishes[0].key, publishes[1].key, 'with the same key');
+  const history = await sub.history({ limit: 10 });
+  assert.deepEqual(history.publications.map((p) => p.data.text), ['once'], 'stored once');
 });
 
 test('which close codes reconnect', () => {
