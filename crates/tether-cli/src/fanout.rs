@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::bench::{
-    handshake, masked_frame, number_url, progress_bar, source_addr, target, BenchError, Failures,
+    handshake, masked_frame, number_url, progress_bar, target, BenchError, Failures,
     CHANNEL_PROTOCOL,
 };
 
@@ -248,7 +248,7 @@ async fn open(
 ) -> Result<Conn, String> {
     let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
     if addr.ip().is_loopback() {
-        socket.bind(source_addr(i)).map_err(|e| e.to_string())?;
+        socket.bind(source(i)).map_err(|e| e.to_string())?;
     }
     let mut tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -294,6 +294,15 @@ async fn open(
         }
     }
     Ok(conn)
+}
+
+/// The loopback source address of connection `i`: 250 addresses per run, in a block of
+/// 127.0.0.0/8 picked by the process id, so that runs one after another do not find the ports
+/// of the last one's connections still in TIME_WAIT.
+fn source(i: usize) -> std::net::SocketAddr {
+    let block = (std::process::id() % 250) as u8;
+    let host = (i % 250) as u8 + 1;
+    std::net::SocketAddr::from(([127, 1, block, host], 0))
 }
 
 /// A mask key per connection (any will do; a server must unmask whatever it gets).

@@ -3,10 +3,12 @@
 //! every channel it is subscribed to, which all share one outbound queue.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll as TaskPoll;
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tether::upgrade::UpgradedWebSocket;
@@ -90,6 +92,20 @@ struct Channel {
     high: u64,
 }
 
+/// A room publication, checked, on its way to storage.
+struct Post {
+    room: String,
+    text: String,
+    key: Option<String>,
+}
+
+/// Replies to publications on their way to storage, in command order.
+type Storing = FuturesOrdered<std::pin::Pin<Box<dyn Future<Output = Arc<Prepared>> + Send + Sync>>>;
+
+/// Publications a connection may have on their way to storage at once; past it, its next
+/// commands wait.
+const MAX_STORING: usize = 64;
+
 /// What a subscription's reply promises: the publications that follow it.
 struct Subscribed {
     reply: Value,
@@ -159,6 +175,9 @@ struct Session {
     connected: bool,
     /// Replies and pushes to write next.
     batch: Vec<Arc<Prepared>>,
+    /// Room publications on their way to storage (boxed, and only while there are some: an
+    /// idle session holds a pointer).
+    storing: Option<Box<Storing>>,
 }
 
 /// Runs a connection of the channel protocol until either side ends it.
@@ -184,6 +203,7 @@ pub fn session(
         channels: HashMap::new(),
         connected: false,
         batch: Vec::new(),
+        storing: None,
     };
     async move {
         let end = session.run(&mut ws, lost).await;
@@ -195,7 +215,8 @@ pub fn session(
             End::Gone => tracing::debug!(%user, "channel session ended"),
             End::Close(code, reason) => {
                 tracing::debug!(%user, code = code.0, reason, "closing channel session");
-                disconnect(&app, &mut ws, code, reason).await;
+                // Boxed: the goodbye's state would otherwise widen every session's.
+                Box::pin(disconnect(&app, &mut ws, code, reason)).await;
             }
         }
         drop(slot);
@@ -247,6 +268,12 @@ impl Session {
                 None => TaskPoll::Pending,
             });
             let outbox = self.outbox.clone();
+            let room_for_more = self.storing.as_ref().is_none_or(|s| s.len() < MAX_STORING);
+            let storing = &mut self.storing;
+            let stored = std::future::poll_fn(|cx| match storing {
+                Some(storing) => storing.poll_next_unpin(cx),
+                None => TaskPoll::Pending,
+            });
             tokio::select! {
                 biased;
                 verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => {
@@ -258,13 +285,17 @@ impl Session {
                 () = lost_fut => {
                     return End::Close(disconnect::CREDENTIAL_LOST, "credential revoked or expired");
                 }
+                reply = stored => match reply {
+                    Some(reply) => self.batch.push(reply),
+                    None => self.storing = None,
+                },
                 event = std::future::poll_fn(|cx| outbox.poll_recv(cx)) => {
                     self.take(event);
                     while let Some(event) = self.outbox.try_recv() {
                         self.take(event);
                     }
                 }
-                message = ws.recv() => match message {
+                message = ws.recv(), if room_for_more => match message {
                     Some(Ok(Message::Text(text))) => {
                         ws::count_in(&app, text.len());
                         // Boxed: a command's futures (storage, replay) would otherwise stay in
@@ -318,7 +349,27 @@ impl Session {
             ));
         }
         let id = command.id;
-        let result = if self.limit.allow(self.app.config.message_rate) {
+        let allowed = self.limit.allow(self.app.config.message_rate);
+        if allowed && command.op == "publish" {
+            // A room's publication goes to storage while the next commands are read: a
+            // client may keep many in flight, and storage and fan-out take them in batches.
+            // Its reply takes its place in line with the others.
+            match self.post(&command) {
+                Ok(Some(post)) => {
+                    self.storing(id, post);
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(failure) => {
+                    self.stored().await;
+                    self.batch.push(error_reply(id, failure));
+                    return Ok(());
+                }
+            }
+        }
+        // Every other reply follows those of the publications before it.
+        self.stored().await;
+        let result = if allowed {
             self.answer(command).await
         } else {
             self.app.metrics.rate_limited.fetch_add(1, Relaxed);
@@ -335,12 +386,78 @@ impl Session {
                 return Ok(());
             }
             Ok(None) => json!({ "id": id }),
-            Err(Failure { code, message }) => {
-                json!({"id": id, "error": {"code": code as u16, "message": message}})
+            Err(failure) => {
+                self.batch.push(error_reply(id, failure));
+                return Ok(());
             }
         };
         self.batch.push(encode_value(&reply));
         Ok(())
+    }
+
+    /// A room publication checked and ready for storage; `None` when the channel is not a
+    /// room (a poll's vote, or a refusal [`Session::publish`] words).
+    fn post(&self, command: &Command) -> Result<Option<Post>, Failure> {
+        let channel = required(command.channel.as_deref(), "channel")?;
+        let Name::Room(room) = parse_channel(channel)? else {
+            return Ok(None);
+        };
+        self.subscribed(channel)?;
+        let Some(Ok(TextData { text })) = command.data.clone().map(serde_json::from_value) else {
+            return Err(fail(Code::BadRequest, "data is {\"text\": \"…\"}"));
+        };
+        if let Some(problem) = crate::http::text_problem(&self.app, &text) {
+            let code = if text.len() > self.app.config.max_text {
+                Code::TooLarge
+            } else {
+                Code::BadRequest
+            };
+            return Err(fail(code, problem));
+        }
+        let key = command.key.clone();
+        if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {
+            return Err(fail(Code::BadRequest, crate::auth::KEY_RULE));
+        }
+        Ok(Some(Post {
+            room: room.to_owned(),
+            text,
+            key,
+        }))
+    }
+
+    /// Hands publication `post` (command `id`) to storage; its reply joins the line.
+    fn storing(&mut self, id: u64, post: Post) {
+        let app = self.app.clone();
+        let (user, writer) = (
+            self.member.who.name().to_owned(),
+            self.member.writer.clone(),
+        );
+        let stored = async move {
+            let write = |reply| ChatWrite {
+                room: post.room,
+                user,
+                text: post.text,
+                key: post.key,
+                writer,
+                reply,
+            };
+            match Reply::wait(|reply| app.submit_chat(write(reply))).await {
+                Ok(message) => encode_value(&json!({"id": id, "offset": message.id})),
+                Err(e) => error_reply(id, fail(Code::Internal, format!("not stored: {e}"))),
+            }
+        };
+        self.storing
+            .get_or_insert_with(Box::default)
+            .push_back(Box::pin(stored));
+    }
+
+    /// Waits for every publication on its way to storage and queues their replies.
+    async fn stored(&mut self) {
+        if let Some(mut storing) = self.storing.take() {
+            while let Some(reply) = storing.next().await {
+                self.batch.push(reply);
+            }
+        }
     }
 
     /// Runs one command: `Some` carries a reply with fields (and, for a subscription, the
@@ -387,10 +504,7 @@ impl Session {
             }
             "publish" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
-                match self.publish(channel, command.data, command.key).await? {
-                    Some(offset) => reply(json!({ "offset": offset })),
-                    None => Ok(None),
-                }
+                self.publish(channel, command.data).await.map(|()| None)
             }
             "event" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
@@ -576,63 +690,22 @@ impl Session {
         })
     }
 
-    /// Publishes to a room (`Some(offset)` once stored) or votes in a poll (`None` once
-    /// counted).
-    async fn publish(
-        &mut self,
-        channel: &str,
-        data: Option<Value>,
-        key: Option<String>,
-    ) -> Result<Option<u64>, Failure> {
-        let room = match parse_channel(channel)? {
-            Name::Broadcast => {
-                return Err(fail(
-                    Code::PermissionDenied,
-                    "only the server publishes to broadcast",
-                ))
-            }
+    /// Publishes to a channel other than a room (whose publications `post` takes): a vote in
+    /// a poll, answered once counted, or a refusal.
+    async fn publish(&mut self, channel: &str, data: Option<Value>) -> Result<(), Failure> {
+        match parse_channel(channel)? {
             Name::Poll(id) => {
                 self.subscribed(channel)?;
-                return self.vote(id, data).await.map(|()| None);
+                self.vote(id, data).await
             }
-            Name::Polls => {
-                return Err(fail(
-                    Code::PermissionDenied,
-                    "polls are created with POST /api/polls",
-                ))
-            }
-            Name::Room(room) => {
-                self.subscribed(channel)?;
-                room.to_owned()
-            }
-        };
-        let Some(Ok(TextData { text })) = data.map(serde_json::from_value) else {
-            return Err(fail(Code::BadRequest, "data is {\"text\": \"…\"}"));
-        };
-        if let Some(problem) = crate::http::text_problem(&self.app, &text) {
-            let code = if text.len() > self.app.config.max_text {
-                Code::TooLarge
-            } else {
-                Code::BadRequest
-            };
-            return Err(fail(code, problem));
-        }
-        if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {
-            return Err(fail(Code::BadRequest, crate::auth::KEY_RULE));
-        }
-        let write = |reply| ChatWrite {
-            room,
-            user: self.member.who.name().to_owned(),
-            text,
-            key,
-            writer: self.member.writer.clone(),
-            reply,
-        };
-        let app = self.app.clone();
-        let stored = Reply::wait(|reply| app.submit_chat(write(reply))).await;
-        match stored {
-            Ok(message) => Ok(Some(message.id)),
-            Err(e) => Err(fail(Code::Internal, format!("not stored: {e}"))),
+            Name::Polls => Err(fail(
+                Code::PermissionDenied,
+                "polls are created with POST /api/polls",
+            )),
+            Name::Broadcast | Name::Room(_) => Err(fail(
+                Code::PermissionDenied,
+                "only the server publishes to broadcast",
+            )),
         }
     }
 
@@ -778,6 +851,10 @@ fn judged(app: &App, verdict: Verdict) -> End {
             "a channel's stream was reset: reconnect",
         ),
     }
+}
+
+fn error_reply(id: u64, Failure { code, message }: Failure) -> Arc<Prepared> {
+    encode_value(&json!({"id": id, "error": {"code": code as u16, "message": message}}))
 }
 
 fn encode_value(value: &Value) -> Arc<Prepared> {

@@ -572,3 +572,64 @@ async fn poll_channels_vote_push_the_counts_and_list_new_polls() {
     drop((root, ann));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn publications_in_flight_are_stored_in_order_and_answered_in_order() {
+    let (server, _dir) = server().await;
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    ann.subscribe("room:flight").await;
+    // 30 publications sent without waiting, a refused one among them, then a ping: every
+    // reply in command order, the stored offsets in order too.
+    let (mut ids, mut refused) = (Vec::new(), 0);
+    for i in 0..30 {
+        let data = if i == 10 {
+            json!({ "txt": "no text" })
+        } else {
+            json!({ "text": format!("m{i}") })
+        };
+        let id = ann
+            .send(json!({"op": "publish", "channel": "room:flight", "data": data}))
+            .await;
+        if i == 10 {
+            refused = id;
+        }
+        ids.push(id);
+    }
+    let ping = ann.send(json!({"op": "ping"})).await;
+    ids.push(ping);
+    let mut offsets = Vec::new();
+    for id in ids {
+        let reply = loop {
+            let message = next(&mut ann.ws).await;
+            if message.get("id").is_some() {
+                break message;
+            }
+            ann.pushes.push(message);
+        };
+        assert_eq!(reply["id"], id, "replies come in command order: {reply}");
+        if id == refused {
+            assert_eq!(error_code(&reply), 107, "{reply}");
+        } else if id != ping {
+            offsets.push(reply["offset"].as_u64().expect("an offset"));
+        }
+    }
+    assert_eq!(offsets.len(), 29);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    // And the room holds them in the order sent.
+    let history = ann
+        .call(json!({"op": "history", "channel": "room:flight"}))
+        .await;
+    let texts: Vec<&str> = history["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["data"]["text"].as_str().unwrap())
+        .collect();
+    let sent: Vec<String> = (0..30)
+        .filter(|i| *i != 10)
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(texts, sent);
+    drop(ann);
+    server.stop().await;
+}
