@@ -2,7 +2,6 @@
 //! many channels. A session answers the client's commands in order and writes the pushes of
 //! every channel it is subscribed to, which all share one outbound queue.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -85,11 +84,24 @@ fn fail(code: Code, message: impl Into<String>) -> Failure {
     }
 }
 
-/// A channel this connection is subscribed to.
+/// A channel this connection is subscribed to. Its name is not kept: the subscription's
+/// topic says it (a room's name is shared with the hub).
 struct Channel {
     sub: Subscription,
     /// Live publications up to this offset were already written as replay.
     high: u64,
+}
+
+impl Channel {
+    /// Whether this is the subscription to `name`.
+    fn is(&self, name: &Name<'_>) -> bool {
+        match name {
+            Name::Room(room) => self.sub.room() == Some(*room),
+            Name::Poll(id) => self.sub.poll() == Some(*id),
+            Name::Polls => self.sub.poll() == Some(crate::hub::POLL_LIST),
+            Name::Broadcast => false,
+        }
+    }
 }
 
 /// A room publication, checked, on its way to storage.
@@ -165,12 +177,15 @@ struct VoteData {
 struct Session {
     app: Arc<App>,
     member: Member,
+    /// The user's name, shared by its subscriptions.
+    name: Arc<str>,
     /// Every channel's pushes, in order, and the hub's verdict on this connection.
     outbox: Arc<Outbox>,
     /// Subscribed to `broadcast` from the start.
     everyone: Everyone,
-    /// By name.
-    channels: HashMap<String, Channel>,
+    /// In the order subscribed; found by name with a scan (at most `MAX_CHANNELS`), which
+    /// keeps an idle connection's ten subscriptions in one small allocation.
+    channels: Vec<Channel>,
     limit: RateLimit,
     connected: bool,
     /// Replies and pushes to write next.
@@ -192,15 +207,18 @@ pub fn session(
     member: Member,
 ) -> impl std::future::Future<Output = ()> + Send {
     let outbox = app.hub.outbox();
-    let everyone = app.hub.join_everyone(member.who.name(), outbox.clone());
+    // One allocation of the name for every subscription the connection makes.
+    let name: Arc<str> = Arc::from(member.who.name());
+    let everyone = app.hub.join_everyone(&name, outbox.clone());
     let lost = ws::check_credential(&app, member.credential, member.revocations.clone());
     let mut session = Session {
         limit: RateLimit::new(app.config.message_rate),
         app: app.clone(),
         member,
+        name,
         outbox,
         everyone,
-        channels: HashMap::new(),
+        channels: Vec::new(),
         connected: false,
         batch: Vec::new(),
         storing: None,
@@ -318,7 +336,7 @@ impl Session {
     /// channel was left since it was queued.
     fn take(&mut self, event: crate::hub::Outgoing) {
         if event.sub != self.everyone.id() {
-            let Some(channel) = self.channels.values().find(|c| c.sub.id() == event.sub) else {
+            let Some(channel) = self.channels.iter().find(|c| c.sub.id() == event.sub) else {
                 return;
             };
             if event.id != 0 && event.id <= channel.high {
@@ -497,8 +515,11 @@ impl Session {
             }
             "unsubscribe" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
-                match self.channels.remove(channel) {
-                    Some(_) => Ok(None),
+                match self.position(channel) {
+                    Some(i) => {
+                        self.channels.swap_remove(i);
+                        Ok(None)
+                    }
                     None => Err(fail(Code::NotSubscribed, "not subscribed to that channel")),
                 }
             }
@@ -544,7 +565,7 @@ impl Session {
         epoch: Option<String>,
     ) -> Result<Subscribed, Failure> {
         let name = parse_channel(channel)?;
-        if self.channels.contains_key(channel) {
+        if self.position(channel).is_some() {
             return Err(fail(Code::AlreadySubscribed, "already subscribed"));
         }
         if self.channels.len() >= MAX_CHANNELS {
@@ -561,8 +582,8 @@ impl Session {
                 ))
             }
             Name::Room(room) => room,
-            Name::Poll(id) => return self.subscribe_poll(channel, id).await,
-            Name::Polls => return self.subscribe_polls(channel).await,
+            Name::Poll(id) => return self.subscribe_poll(id).await,
+            Name::Polls => return self.subscribe_polls().await,
             Name::Broadcast => {
                 return Err(fail(
                     Code::AlreadySubscribed,
@@ -576,7 +597,7 @@ impl Session {
         let mut current = ws::current_epoch(&app).await.map_err(internal)?;
         let joined = app.hub.join_with(
             room,
-            self.member.who.name(),
+            &self.name,
             Some(self.outbox.clone()),
             Format::Channels,
         );
@@ -608,13 +629,10 @@ impl Session {
         } else {
             None
         };
-        self.channels.insert(
-            channel.to_owned(),
-            Channel {
-                sub: joined.subscription,
-                high,
-            },
-        );
+        self.add(Channel {
+            sub: joined.subscription,
+            high,
+        });
         let mut reply = json!({
             "epoch": current,
             "offset": plan.end.max(high),
@@ -632,18 +650,30 @@ impl Session {
 
     /// This connection's subscription to `channel`, which publishing and events need.
     fn subscribed(&self, channel: &str) -> Result<&Channel, Failure> {
-        self.channels
-            .get(channel)
+        self.position(channel)
+            .map(|i| &self.channels[i])
             .ok_or_else(|| fail(Code::NotSubscribed, "subscribe to the channel first"))
+    }
+
+    /// Where the subscription to `channel` is, if there is one.
+    fn position(&self, channel: &str) -> Option<usize> {
+        let name = parse_channel(channel).ok()?;
+        self.channels.iter().position(|c| c.is(&name))
+    }
+
+    /// Keeps a new subscription, growing the list by one (no spare room kept).
+    fn add(&mut self, channel: Channel) {
+        self.channels.reserve_exact(1);
+        self.channels.push(channel);
     }
 
     /// A poll's channel: its state and this client's vote in the reply, then its counts as
     /// they change (`pub` pushes without an offset).
-    async fn subscribe_poll(&mut self, channel: &str, id: i64) -> Result<Subscribed, Failure> {
+    async fn subscribe_poll(&mut self, id: i64) -> Result<Subscribed, Failure> {
         // Watching first: a vote counted while the state loads is pushed after it.
         let sub = self.app.hub.watch_poll_with(
             id,
-            self.member.who.name(),
+            &self.name,
             Some(self.outbox.clone()),
             Format::Channels,
         );
@@ -653,8 +683,7 @@ impl Session {
         let (Some(poll), vote) = state else {
             return Err(fail(Code::UnknownChannel, "no such poll"));
         };
-        self.channels
-            .insert(channel.to_owned(), Channel { sub, high: 0 });
+        self.add(Channel { sub, high: 0 });
         let reply = json!({
             "poll": poll,
             "vote": vote,
@@ -668,21 +697,20 @@ impl Session {
     }
 
     /// The `polls` channel: the latest polls in the reply, then each new one as it is created.
-    async fn subscribe_polls(&mut self, channel: &str) -> Result<Subscribed, Failure> {
+    async fn subscribe_polls(&mut self) -> Result<Subscribed, Failure> {
         // Watching first: a poll created while the list loads is pushed after it (and may be
         // in the list too; a client keys polls by id).
         let sub = self
             .app
             .hub
-            .watch_poll_list(self.member.who.name(), self.outbox.clone());
+            .watch_poll_list(&self.name, self.outbox.clone());
         let polls = self
             .app
             .db
             .call(|s| s.polls(POLL_LIST))
             .await
             .map_err(internal)?;
-        self.channels
-            .insert(channel.to_owned(), Channel { sub, high: 0 });
+        self.add(Channel { sub, high: 0 });
         let reply = json!({ "polls": polls, "replayed": 0 });
         Ok(Subscribed {
             reply,

@@ -304,6 +304,14 @@ impl Subscription {
         }
     }
 
+    /// The poll, for a poll's subscription ([`POLL_LIST`] for the list of polls).
+    pub fn poll(&self) -> Option<i64> {
+        match &self.topic {
+            TopicKey::Room(_) => None,
+            TopicKey::Poll(poll) => Some(*poll),
+        }
+    }
+
     /// This connection's own queue, for replies to what it sent.
     pub fn sender(&self) -> Arc<Outbox> {
         self.outbox.clone()
@@ -319,7 +327,7 @@ enum TopicKey {
 }
 
 /// The poll id that stands for the `polls` channel (real ones start at 1).
-const POLL_LIST: i64 = 0;
+pub const POLL_LIST: i64 = 0;
 
 /// A channel-protocol connection's place among those a broadcast reaches; dropping it leaves.
 #[derive(Debug)]
@@ -504,15 +512,16 @@ impl Hub {
 
     /// Subscribes a connection of `user` to `room`; the others learn of a new user.
     pub fn join(self: &Arc<Self>, room: &str, user: &str) -> Joined {
-        self.join_with(room, user, None, Format::Room)
+        self.join_with(room, &Arc::from(user), None, Format::Room)
     }
 
     /// Subscribes a connection speaking `format` to `room`, its events going to `outbox` (a
-    /// new one when `None`); the others learn of a new user.
+    /// new one when `None`); the others learn of a new user. A connection in several rooms
+    /// passes the same `user` to each, which they share.
     pub fn join_with(
         self: &Arc<Self>,
         room: &str,
-        user: &str,
+        user: &Arc<str>,
         outbox: Option<Arc<Outbox>>,
         format: Format,
     ) -> Joined {
@@ -524,8 +533,8 @@ impl Hub {
         let state = rooms.entry(room_key.clone()).or_default();
         let user_key = state
             .users
-            .get_key_value(user)
-            .map_or_else(|| Arc::from(user), |(k, _)| k.clone());
+            .get_key_value(&**user)
+            .map_or_else(|| user.clone(), |(k, _)| k.clone());
         let (id, peer) = self.peer(user_key.clone(), outbox, format);
         let outbox = peer.outbox.clone();
         state.topic.peers.insert(id, peer);
@@ -712,8 +721,8 @@ impl Hub {
 
     /// Adds a connection of the channel protocol to those a broadcast reaches, its events
     /// going to `outbox`.
-    pub fn join_everyone(self: &Arc<Self>, user: &str, outbox: Arc<Outbox>) -> Everyone {
-        let (id, peer) = self.peer(Arc::from(user), Some(outbox), Format::Channels);
+    pub fn join_everyone(self: &Arc<Self>, user: &Arc<str>, outbox: Arc<Outbox>) -> Everyone {
+        let (id, peer) = self.peer(user.clone(), Some(outbox), Format::Channels);
         lock(&self.everyone).peers.insert(id, peer);
         Everyone {
             hub: self.clone(),
@@ -839,7 +848,7 @@ impl Hub {
 
     /// Subscribes a connection to poll `poll`'s counts.
     pub fn watch_poll(self: &Arc<Self>, poll: i64, user: &str) -> Subscription {
-        self.watch_poll_with(poll, user, None, Format::Room)
+        self.watch_poll_with(poll, &Arc::from(user), None, Format::Room)
     }
 
     /// Subscribes a connection speaking `format` to poll `poll`'s counts, its events going to
@@ -847,11 +856,11 @@ impl Hub {
     pub fn watch_poll_with(
         self: &Arc<Self>,
         poll: i64,
-        user: &str,
+        user: &Arc<str>,
         outbox: Option<Arc<Outbox>>,
         format: Format,
     ) -> Subscription {
-        let user: Arc<str> = Arc::from(user);
+        let user = user.clone();
         let (id, peer) = self.peer(user.clone(), outbox, format);
         let outbox = peer.outbox.clone();
         let mut polls = lock(&self.polls);
@@ -877,8 +886,8 @@ impl Hub {
 
     /// Subscribes a channel-protocol connection to the `polls` channel, its events going to
     /// `outbox`.
-    pub fn watch_poll_list(self: &Arc<Self>, user: &str, outbox: Arc<Outbox>) -> Subscription {
-        let user: Arc<str> = Arc::from(user);
+    pub fn watch_poll_list(self: &Arc<Self>, user: &Arc<str>, outbox: Arc<Outbox>) -> Subscription {
+        let user = user.clone();
         let (id, peer) = self.peer(user.clone(), Some(outbox), Format::Channels);
         let outbox = peer.outbox.clone();
         lock(&self.poll_list).peers.insert(id, peer);
