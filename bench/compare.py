@@ -39,6 +39,9 @@ BENCH_TARGET = ROOT / "target" / "bench"
 VENV = ROOT / "target" / "bench-venv"
 TETHER = ROOT / "target" / "release" / "tether"
 SERVER_CPU, LOAD_CPU = "0", "1"
+# docs/benchmarks.md's fan-out section is bench/fanout.py's: kept when this rewrites the file.
+FANOUT_BEGIN = "<!-- fanout: written by bench/fanout.py -->"
+FANOUT_END = "<!-- /fanout -->"
 
 # name -> how to start it; `raw` servers are driven with `tether bench --raw`.
 SERVERS = {
@@ -759,7 +762,13 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
     L.append("\nWhere the TCP row is well above tether's, the client had room to spare and the "
              "server was the limit; where the load CPU sits near 100%, the client is the limit "
              "and the ratios between servers understate the faster one.\n")
-    path.write_text("\n".join(L))
+    # bench/fanout.py's section, kept as it is.
+    old = path.read_text() if path.exists() else ""
+    kept = ""
+    if FANOUT_BEGIN in old and FANOUT_END in old:
+        section = old.split(FANOUT_BEGIN, 1)[1].split(FANOUT_END, 1)[0]
+        kept = "\n" + FANOUT_BEGIN + section + FANOUT_END + "\n"
+    path.write_text("\n".join(L) + kept)
     return svg_path
 
 

@@ -767,3 +767,161 @@ async fn a_redis_restored_from_an_older_copy_starts_a_new_epoch() {
     assert_ready(&next_of(&mut ben, "ready").await, 2);
     drop(redis_proc);
 }
+
+/// A client of the channel protocol (`/ws`, tether.v1): replies by id, pushes kept aside.
+struct V1 {
+    ws: ClientStream,
+    next_id: u64,
+    pushes: Vec<Value>,
+}
+
+impl V1 {
+    /// Opens `url` offering tether.v1 and connects.
+    async fn open(url: &str) -> V1 {
+        let (ws, _) = within(
+            tether::ClientBuilder::new(url)
+                .unwrap()
+                .protocol("tether.v1")
+                .connect(),
+        )
+        .await
+        .unwrap();
+        let mut client = V1 {
+            ws,
+            next_id: 1,
+            pushes: Vec::new(),
+        };
+        let connected = client.call(json!({"op": "connect"})).await;
+        assert!(connected.get("error").is_none(), "{connected}");
+        client
+    }
+
+    /// Sends `command` and returns its reply.
+    async fn call(&mut self, mut command: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        command["id"] = id.into();
+        self.ws
+            .send(Message::text(command.to_string()))
+            .await
+            .unwrap();
+        loop {
+            let message = next(&mut self.ws).await;
+            if message.get("id").is_some() {
+                assert_eq!(message["id"], id, "{message}");
+                return message;
+            }
+            self.pushes.push(message);
+        }
+    }
+
+    /// The next push of `kind` on `channel` (those kept first).
+    async fn push(&mut self, kind: &str, channel: &str) -> Value {
+        let wanted = |p: &Value| p["type"] == kind && p["channel"] == channel;
+        if let Some(i) = self.pushes.iter().position(wanted) {
+            return self.pushes.remove(i);
+        }
+        loop {
+            let message = next(&mut self.ws).await;
+            if wanted(&message) {
+                return message;
+            }
+            self.pushes.push(message);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_protocol_across_nodes_publishes_resumes_and_broadcasts() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let a = node("a", port);
+    let b = node("b", port);
+
+    let mut ann = V1::open(&a.ws("/ws?name=ann")).await;
+    let mut ben = V1::open(&b.ws("/ws?name=ben")).await;
+    ann.call(json!({"op": "subscribe", "channel": "room:deck"}))
+        .await;
+    let subscribed = ben
+        .call(json!({"op": "subscribe", "channel": "room:deck"}))
+        .await;
+    let epoch = subscribed["epoch"].as_str().unwrap().to_owned();
+    // Presence spans the nodes: ann sees ben join, and ben's list has ann.
+    let joined = ann.push("join", "room:deck").await;
+    assert_eq!(joined["user"], "ben");
+    let users: Vec<&str> = subscribed["presence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["ann", "ben"], "{subscribed}");
+
+    // Published on a, pushed on b with the offset the publisher was told.
+    let data = json!({"text": "from a"});
+    let stored = ann
+        .call(json!({"op": "publish", "channel": "room:deck", "data": data}))
+        .await;
+    let first = stored["offset"].as_u64().expect("an offset");
+    let seen = ben.push("pub", "room:deck").await;
+    assert_eq!(
+        (seen["offset"].as_u64(), &seen["data"]),
+        (Some(first), &data)
+    );
+    assert_eq!(
+        ann.push("pub", "room:deck").await["offset"],
+        first,
+        "hers too"
+    );
+    // A single-channel client on b chats in the same room.
+    let mut cat = join(&b.ws("/ws/rooms/deck?name=cat")).await;
+    say(&mut cat, "from the shortcut").await;
+    let shortcut = ann.push("pub", "room:deck").await;
+    assert_eq!(shortcut["data"]["text"], "from the shortcut");
+    ben.push("pub", "room:deck").await;
+
+    // Ben leaves; two more arrive; he resumes on the other node with his offset and epoch.
+    let since = shortcut["offset"].as_u64().unwrap();
+    drop(ben);
+    for text in ["three", "four"] {
+        ann.call(json!({"op": "publish", "channel": "room:deck", "data": {"text": text}}))
+            .await;
+    }
+    let mut ben = V1::open(&a.ws("/ws?name=ben")).await;
+    let resumed = ben
+        .call(json!({"op": "subscribe", "channel": "room:deck", "since": since, "epoch": epoch}))
+        .await;
+    assert_eq!(
+        (&resumed["recovered"], &resumed["replayed"]),
+        (&json!(true), &json!(2)),
+        "{resumed}"
+    );
+    let three = ben.push("pub", "room:deck").await;
+    let four = ben.push("pub", "room:deck").await;
+    assert_eq!(
+        (
+            three["data"]["text"].as_str(),
+            four["data"]["text"].as_str()
+        ),
+        (Some("three"), Some("four"))
+    );
+    assert_eq!(three["offset"].as_u64(), Some(since + 1));
+
+    // A broadcast through node b reaches every channel connection of both nodes.
+    let (status, _) = http(
+        &b.addr,
+        "POST",
+        "/api/broadcast",
+        Some(&token(&b)),
+        Some(json!({"text": "all hands"})),
+    );
+    assert_eq!(status, 200);
+    for client in [&mut ann, &mut ben] {
+        assert_eq!(
+            client.push("pub", "broadcast").await["data"]["text"],
+            "all hands"
+        );
+    }
+    drop((a.data, b.data));
+}
