@@ -14,6 +14,7 @@ use tether::upgrade::UpgradedWebSocket;
 use tether::{CloseCode, Message, Prepared};
 
 use crate::app::{App, Slot};
+use crate::auth::Identity;
 use crate::hub::{push, Everyone, Format, Outbox, Subscription, Verdict};
 use crate::journal::{ChatWrite, Job, Reply};
 use crate::store::{ChatMessage, StoreError};
@@ -99,6 +100,10 @@ impl Channel {
             Name::Room(room) => self.sub.room() == Some(*room),
             Name::Poll(id) => self.sub.poll() == Some(*id),
             Name::Polls => self.sub.poll() == Some(crate::hub::POLL_LIST),
+            Name::User(user) => {
+                let stream = self.sub.room();
+                stream.and_then(|r| r.strip_prefix(crate::hub::PERSONAL)) == Some(*user)
+            }
             Name::Broadcast => false,
         }
     }
@@ -130,6 +135,8 @@ enum Name<'a> {
     Poll(i64),
     /// The list of polls, told of each new one.
     Polls,
+    /// A user's notifications.
+    User(&'a str),
     Broadcast,
 }
 
@@ -142,6 +149,8 @@ fn parse_channel(channel: &str) -> Result<Name<'_>, Failure> {
     match channel.split_once(':') {
         Some(("room", room)) if crate::auth::valid_room(room) => Ok(Name::Room(room)),
         Some(("room", _)) => Err(fail(Code::UnknownChannel, crate::http::ROOM_RULE)),
+        Some(("user", user)) if crate::auth::valid_user(user) => Ok(Name::User(user)),
+        Some(("user", _)) => Err(fail(Code::UnknownChannel, "a user channel is user:NAME")),
         // One spelling per poll (no leading zeros), so that a name is one subscription.
         Some(("poll", text)) => match text.parse::<i64>() {
             Ok(id) if id > 0 && id.to_string() == text => Ok(Name::Poll(id)),
@@ -149,7 +158,9 @@ fn parse_channel(channel: &str) -> Result<Name<'_>, Failure> {
         },
         _ => Err(fail(
             Code::UnknownChannel,
-            format!("no such channel: {channel} (room:NAME, poll:ID, polls or broadcast)"),
+            format!(
+                "no such channel: {channel} (room:NAME, poll:ID, polls, user:NAME or broadcast)"
+            ),
         )),
     }
 }
@@ -535,14 +546,16 @@ impl Session {
             }
             "history" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
-                let Name::Room(room) = parse_channel(channel)? else {
-                    return Err(fail(Code::NotAvailable, "only rooms keep history"));
+                let room = match parse_channel(channel)? {
+                    Name::Room(room) => room.to_owned(),
+                    Name::User(user) => self.own(user)?,
+                    _ => return Err(fail(Code::NotAvailable, "only rooms keep history")),
                 };
                 let limit = command
                     .limit
                     .unwrap_or(HISTORY_LIMIT)
                     .clamp(1, HISTORY_LIMIT);
-                let (epoch, offset, messages) = self.history(room, command.since, limit).await?;
+                let (epoch, offset, messages) = self.history(&room, command.since, limit).await?;
                 let publications: Vec<Value> = messages.iter().map(publication_value).collect();
                 reply(json!({"epoch": epoch, "offset": offset, "publications": publications}))
             }
@@ -581,7 +594,8 @@ impl Session {
                     "rooms need a name: log in, or connect with ?name=NICK",
                 ))
             }
-            Name::Room(room) => room,
+            Name::Room(room) => room.to_owned(),
+            Name::User(user) => self.own(user)?,
             Name::Poll(id) => return self.subscribe_poll(id).await,
             Name::Polls => return self.subscribe_polls().await,
             Name::Broadcast => {
@@ -595,6 +609,7 @@ impl Session {
         // The epoch first: should storage have a new one, the hub resets the room before
         // this connection is in it, not after.
         let mut current = ws::current_epoch(&app).await.map_err(internal)?;
+        let room = room.as_str();
         let joined = app.hub.join_with(
             room,
             &self.name,
@@ -624,7 +639,8 @@ impl Session {
         app.hub.advance(room, high);
         // A crowd is counted, not listed (see `PRESENCE_LIMIT`).
         let users = joined.users;
-        let members = if users <= crate::hub::PRESENCE_LIMIT {
+        let personal = crate::hub::is_personal(room);
+        let members = if users <= crate::hub::PRESENCE_LIMIT && !personal {
             Some(self.presence(room).await)
         } else {
             None
@@ -640,12 +656,24 @@ impl Session {
         });
         match members {
             Some(members) => reply["presence"] = members.into(),
-            None => reply["users"] = users.into(),
+            None if !personal => reply["users"] = users.into(),
+            None => {}
         }
         if let Some(recovered) = plan.recovered {
             reply["recovered"] = recovered.into();
         }
         Ok(Subscribed { reply, replay })
+    }
+
+    /// The stream of `user`'s notifications, when that user is who this connection is.
+    fn own(&self, user: &str) -> Result<String, Failure> {
+        match &self.member.who {
+            Identity::User(me) if me == user => Ok(crate::hub::personal(user)),
+            _ => Err(fail(
+                Code::PermissionDenied,
+                format!("only {user}, logged in, receives user:{user}"),
+            )),
+        }
     }
 
     /// This connection's subscription to `channel`, which publishing and events need.
@@ -730,6 +758,10 @@ impl Session {
                 Code::PermissionDenied,
                 "polls are created with POST /api/polls",
             )),
+            Name::User(user) => Err(fail(
+                Code::PermissionDenied,
+                format!("notifications are sent with POST /api/users/{user}/notifications"),
+            )),
             Name::Broadcast | Name::Room(_) => Err(fail(
                 Code::PermissionDenied,
                 "only the server publishes to broadcast",
@@ -775,6 +807,7 @@ impl Session {
             Name::Poll(_) | Name::Polls => {
                 return Err(fail(Code::NotAvailable, "polls take no events"))
             }
+            Name::User(_) => return Err(fail(Code::NotAvailable, "user channels take no events")),
             Name::Broadcast => {
                 return Err(fail(
                     Code::PermissionDenied,

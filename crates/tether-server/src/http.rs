@@ -101,6 +101,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/tokens", post(tokens))
         .route("/api/rooms", get(rooms))
         .route("/api/rooms/{room}/messages", get(history).post(publish))
+        .route("/api/users/{user}/notifications", post(notify))
         .route("/api/broadcast", post(broadcast))
         .route("/api/polls", get(polls).post(create_poll))
         .route("/api/polls/{id}", get(poll))
@@ -593,8 +594,12 @@ async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Re
     // members here: whichever page a name falls in, it is listed exactly once.
     let mut all: std::collections::BTreeMap<String, (usize, u64)> =
         std::collections::BTreeMap::new();
+    // Users' notification streams are stored as rooms, named to sort after every room: a
+    // page that meets one has listed every room before it.
     for (room, last) in stored {
-        all.entry(room).or_default().1 = last;
+        if !crate::hub::is_personal(&room) {
+            all.entry(room).or_default().1 = last;
+        }
     }
     for (room, members) in app.hub.rooms() {
         if after.as_deref().is_none_or(|a| room.as_str() > a) {
@@ -702,6 +707,41 @@ async fn publish(
     if !auth::valid_room(&room) {
         return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
+    store_text(&app, user, room, &headers, body).await
+}
+
+/// `POST /api/users/{user}/notifications`: a notification to every device of a registered
+/// user, on its `user:NAME` channel (stored like a room's message, so it resumes and pages).
+async fn notify(
+    State(app): State<Arc<App>>,
+    Path(to): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let user = match token_user(&app, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    if !auth::valid_user(&to) {
+        return error(StatusCode::NOT_FOUND, "no such user");
+    }
+    let to = match app.db.call(move |s| s.user_named_like(&to)).await {
+        Ok(Some(name)) => name,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "no such user"),
+        Err(e) => return store_error(&e),
+    };
+    store_text(&app, user, crate::hub::personal(&to), &headers, body).await
+}
+
+/// Stores the text of `body` (`{"text": …}`, idempotent by the `Idempotency-Key` header) from
+/// `user` in `room`'s stream, which delivers it: 201 with the stored message.
+async fn store_text(
+    app: &App,
+    user: String,
+    room: String,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
     if let Some(refused) = spend(&app.quotas.publishes, &user, "publishes") {
         return refused;
     }
@@ -713,7 +753,7 @@ async fn publish(
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
-    if let Err(r) = check_text(&app, &input.text) {
+    if let Err(r) = check_text(app, &input.text) {
         return r.into_response();
     }
     let key = match headers.get("idempotency-key").map(|v| v.to_str()) {

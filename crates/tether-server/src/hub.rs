@@ -249,6 +249,21 @@ struct PollState {
     topic: Topic,
 }
 
+/// What starts the name of a user's notification stream, which is stored and delivered as a
+/// room's: a character no room name may hold, and one that sorts after every character a room
+/// name may, so that listing rooms in name order meets those streams only at its end.
+pub const PERSONAL: char = '~';
+
+/// The stream of `user`'s notifications (the `user:NAME` channel).
+pub fn personal(user: &str) -> String {
+    format!("{PERSONAL}{user}")
+}
+
+/// Whether `room` is a user's notification stream rather than a room.
+pub fn is_personal(room: &str) -> bool {
+    room.starts_with(PERSONAL)
+}
+
 /// Rooms of more users than this stop telling joins and leaves, and a joiner learns how many
 /// are there but not who: every join would otherwise cost a push to every member, and a list
 /// of every member to the joiner, so filling a room would cost the square of its size.
@@ -422,9 +437,13 @@ pub mod push {
         pub count: usize,
     }
 
-    /// The channel name of a room.
+    /// The channel name of a room, or of a user's notifications (`user:NAME`, kept as the
+    /// stream [`super::personal`] names).
     pub fn room_channel(room: &str) -> String {
-        format!("room:{room}")
+        match room.strip_prefix(super::PERSONAL) {
+            Some(user) => format!("user:{user}"),
+            None => format!("room:{room}"),
+        }
     }
 }
 
@@ -542,7 +561,8 @@ impl Hub {
         *n += 1;
         let first = *n == 1;
         let users = state.users.len();
-        if first {
+        // A user's own devices on their notifications have no presence to tell.
+        if first && !is_personal(room) {
             if users <= PRESENCE_LIMIT {
                 let encode = |f: Format| presence(f, room, user, true, users);
                 let event = Fan {
@@ -582,7 +602,7 @@ impl Hub {
         if let Some(n) = state.users.get_mut(&*peer.user) {
             *n -= 1;
             if *n == 0 {
-                let told = state.users.len() <= PRESENCE_LIMIT;
+                let told = state.users.len() <= PRESENCE_LIMIT && !is_personal(room);
                 state.users.remove(&*peer.user);
                 if told {
                     let count = state.users.len();
@@ -593,7 +613,9 @@ impl Hub {
                     };
                     state.topic.fan_out(&event, None, None, &self.metrics);
                 }
-                self.share(room, &peer.user, false);
+                if !is_personal(room) {
+                    self.share(room, &peer.user, false);
+                }
             }
         }
         if state.topic.peers.is_empty() {
@@ -842,6 +864,7 @@ impl Hub {
         let rooms = lock(&self.rooms);
         rooms
             .iter()
+            .filter(|(name, _)| !is_personal(name))
             .map(|(name, state)| (name.to_string(), state.users.len()))
             .collect()
     }

@@ -633,3 +633,109 @@ async fn publications_in_flight_are_stored_in_order_and_answered_in_order() {
     drop(ann);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_users_notifications_reach_every_device_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "root", "correct horse battery").await;
+    add_user(dir.path(), "ann", "correct horse battery").await;
+    let server = start(config(dir.path())).await;
+    let root = format!(
+        "Bearer {}",
+        token(server.addr, "root", "correct horse battery").await
+    );
+    let ann_token = token(server.addr, "ann", "correct horse battery").await;
+    let notify = |text: &str| {
+        let body = json!({ "text": text });
+        let root = root.clone();
+        async move {
+            http(
+                server.addr,
+                "POST",
+                "/api/users/ann/notifications",
+                &[("authorization", &root)],
+                Some(body),
+            )
+            .await
+        }
+    };
+
+    // Two devices of ann's; nobody else may listen.
+    let (mut phone, _) = Client::open(&server, &format!("?token={ann_token}")).await;
+    let (mut laptop, _) = Client::open(&server, &format!("?token={ann_token}")).await;
+    let first = phone.subscribe("user:ann").await;
+    assert!(first.get("error").is_none(), "{first}");
+    assert!(
+        first.get("presence").is_none() && first.get("users").is_none(),
+        "{first}"
+    );
+    let epoch = first["epoch"].as_str().unwrap().to_owned();
+    laptop.subscribe("user:ann").await;
+    let (mut eve, _) = Client::open(&server, "?name=eve").await;
+    let refused = eve.subscribe("user:ann").await;
+    assert_eq!(error_code(&refused), 103, "{refused}");
+
+    let (status, stored) = notify("your order shipped").await;
+    assert_eq!(status, 201, "{stored}");
+    let offset = stored["id"].as_u64().unwrap();
+    for device in [&mut phone, &mut laptop] {
+        let note = device.push("pub").await;
+        assert_eq!(note["channel"], "user:ann", "{note}");
+        assert_eq!(note["data"]["text"], "your order shipped");
+        assert_eq!(note["user"], "root");
+        assert_eq!(note["offset"].as_u64(), Some(offset));
+    }
+    assert!(
+        phone.drain().await.is_empty(),
+        "no presence between one's own devices"
+    );
+
+    // The laptop sleeps through one; it resumes exactly from where it was.
+    laptop
+        .call(json!({"op": "unsubscribe", "channel": "user:ann"}))
+        .await;
+    notify("and it arrived").await;
+    let resumed = laptop
+        .call(json!({"op": "subscribe", "channel": "user:ann", "since": offset, "epoch": epoch}))
+        .await;
+    assert_eq!(
+        (&resumed["recovered"], &resumed["replayed"]),
+        (&json!(true), &json!(1))
+    );
+    assert_eq!(laptop.push("pub").await["data"]["text"], "and it arrived");
+    let history = laptop
+        .call(json!({"op": "history", "channel": "user:ann"}))
+        .await;
+    assert_eq!(history["publications"].as_array().map(Vec::len), Some(2));
+
+    for (command, code) in [
+        (
+            json!({"op": "publish", "channel": "user:ann", "data": {"text": "hi"}}),
+            103,
+        ),
+        (
+            json!({"op": "event", "channel": "user:ann", "name": "x"}),
+            108,
+        ),
+        (json!({"op": "presence", "channel": "user:ann"}), 108),
+        (json!({"op": "history", "channel": "user:root"}), 103),
+        (json!({"op": "subscribe", "channel": "user:a b"}), 102),
+    ] {
+        let reply = phone.call(command.clone()).await;
+        assert_eq!(error_code(&reply), code, "{command} → {reply}");
+    }
+    // Only to registered users, and never listed as a room.
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/api/users/nobody/notifications",
+        &[("authorization", &root)],
+        Some(json!({"text": "hi"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (_, rooms) = http(server.addr, "GET", "/api/rooms", &[], None).await;
+    assert_eq!(rooms, json!([]), "{rooms}");
+    drop((phone, laptop, eve));
+    server.stop().await;
+}
