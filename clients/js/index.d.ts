@@ -15,7 +15,10 @@ export class TetherError extends Error {
 export function canReconnect(code: number, hasTokenSource?: boolean): boolean;
 
 export interface ClientOptions {
-  /** An API token, sent as `?token=` (a page that logged in needs none: its cookie goes along). */
+  /**
+   * An API token, sent in the `connect` command (never in the URL, which servers and proxies
+   * log). A page that logged in needs none: its cookie goes along.
+   */
   token?: string;
   /** Called before every connection attempt for a fresh token (preferred over `token`). */
   getToken?: () => string | Promise<string>;

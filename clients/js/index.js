@@ -152,8 +152,8 @@ export class Client {
     let url;
     try {
       url = new URL(this.url);
-      const token = this.options.getToken ? await this.options.getToken() : this.options.token;
-      if (token) url.searchParams.set('token', token);
+      // The token goes in the first command, not the URL, which servers and proxies log.
+      this.token = this.options.getToken ? await this.options.getToken() : this.options.token;
       if (this.options.name) url.searchParams.set('name', this.options.name);
     } catch (e) {
       if (this.stopped || opening !== this.opening) return;
@@ -191,7 +191,7 @@ export class Client {
     this.openedAt = Date.now();
     let session;
     try {
-      session = await this.call({ op: 'connect' });
+      session = await this.call(this.token ? { op: 'connect', token: this.token } : { op: 'connect' });
     } catch (e) {
       if (ws === this.ws) ws.close(4000);
       return;

@@ -175,7 +175,7 @@ test('after the server restarts, each channel resumes from its offset, nothing l
   assert.equal(history.publications.filter((p) => p.data.text.startsWith('m2')).length, 1, 'stored once');
 });
 
-test('a refusal that retrying cannot heal stops the client', async (t) => {
+test('a token travels in connect, not the URL; a refusal that retrying cannot heal stops the client', async (t) => {
   const { server, data } = await fixture(t);
   const added = spawnSync(tetherBin, ['user', 'add', 'root', '--data', data, '--password-stdin'], {
     input: 'correct horse battery\n',
@@ -189,11 +189,23 @@ test('a refusal that retrying cannot heal stops the client', async (t) => {
   assert.equal(issued.status, 201);
   const { token } = await issued.json();
 
-  const client = new Client(server.ws, { token, minDelay: 50, maxDelay: 100 }).connect();
+  const urls = [];
+  const rec = recording();
+  class Watched extends rec.WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      urls.push(String(url));
+    }
+  }
+  const client = new Client(server.ws, { token, minDelay: 50, maxDelay: 100, WebSocket: Watched }).connect();
   t.after(() => client.close());
   const session = await once(client, 'connected');
   assert.equal(session.user, 'root');
   assert.equal(session.guest, false);
+  // The token went in the first command, not in the URL (which servers and proxies log).
+  assert.equal(urls.some((u) => u.includes(token)), false, `${urls}`);
+  assert.equal(rec.sent[0].op, 'connect');
+  assert.equal(rec.sent[0].token, token);
   let attempts = 0;
   client.on('connecting', () => { attempts += 1; });
   const closed = once(client, 'closed');

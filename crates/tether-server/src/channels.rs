@@ -70,6 +70,7 @@ struct Command {
     key: Option<String>,
     name: Option<String>,
     limit: Option<usize>,
+    token: Option<String>,
 }
 
 /// A failed command's answer.
@@ -190,6 +191,8 @@ struct Session {
     member: Member,
     /// The user's name, shared by its subscriptions.
     name: Arc<str>,
+    /// Resolves when the connection's credential is revoked or expires.
+    lost: Option<ws::Lost>,
     /// Every channel's pushes, in order, and the hub's verdict on this connection.
     outbox: Arc<Outbox>,
     /// Subscribed to `broadcast` from the start.
@@ -227,6 +230,7 @@ pub fn session(
         app: app.clone(),
         member,
         name,
+        lost,
         outbox,
         everyone,
         channels: Vec::new(),
@@ -235,7 +239,7 @@ pub fn session(
         storing: None,
     };
     async move {
-        let end = session.run(&mut ws, lost).await;
+        let end = session.run(&mut ws).await;
         let user = session.member.who.name().to_owned();
         // Leave every channel before the nickname goes.
         drop(session);
@@ -272,7 +276,7 @@ fn reconnects(code: CloseCode) -> bool {
 }
 
 impl Session {
-    async fn run(&mut self, ws: &mut UpgradedWebSocket, mut lost: Option<ws::Lost>) -> End {
+    async fn run(&mut self, ws: &mut UpgradedWebSocket) -> End {
         let app = self.app.clone();
         loop {
             if !self.batch.is_empty() || ws.queued_len() > 0 {
@@ -292,6 +296,7 @@ impl Session {
                 // Written: an idle session keeps no room for a batch.
                 self.batch = Vec::new();
             }
+            let lost = &mut self.lost;
             let lost_fut = std::future::poll_fn(|cx| match lost.as_mut() {
                 Some(lost) => lost.as_mut().as_mut().poll(cx),
                 None => TaskPoll::Pending,
@@ -377,6 +382,11 @@ impl Session {
                 "the first command must be connect",
             ));
         }
+        if command.op == "connect" && !self.connected {
+            if let Some(token) = &command.token {
+                self.identify(token).await?;
+            }
+        }
         let id = command.id;
         let allowed = self.limit.allow(self.app.config.message_rate);
         if allowed && command.op == "publish" {
@@ -421,6 +431,44 @@ impl Session {
             }
         };
         self.batch.push(encode_value(&reply));
+        Ok(())
+    }
+
+    /// Takes the identity of API token `token` for a connection that came without one (a
+    /// token in the first message stays out of URLs and their logs). One that is not valid,
+    /// or a connection that already has another identity, ends the session as the upgrade
+    /// would have been refused: 4501.
+    async fn identify(&mut self, token: &str) -> Result<(), End> {
+        const BAD: End = End::Close(CloseCode(4501), "invalid token");
+        let headers = http::HeaderMap::new();
+        let Ok(Some((user, credential))) =
+            self.app.user_and_credential(&headers, Some(token)).await
+        else {
+            return Err(BAD);
+        };
+        match &self.member.who {
+            who if who.is_anonymous() => {}
+            // The same user (a page's cookie and a token of its own): nothing changes.
+            Identity::User(me) if *me == user => return Ok(()),
+            _ => {
+                return Err(End::Close(
+                    CloseCode(4501),
+                    "this connection already has another identity",
+                ))
+            }
+        }
+        let revocations = self.member.revocations.clone();
+        self.lost = ws::check_credential(&self.app, Some(credential), revocations);
+        self.member.writer = crate::app::Writer::new(Some(&user), None);
+        self.member.voter = Some(crate::store::Voter {
+            key: user.clone(),
+            guest: None,
+        });
+        self.member.credential = Some(credential);
+        self.name = Arc::from(user.as_str());
+        self.member.who = Identity::User(user);
+        // Among the connections a broadcast reaches under its name now.
+        self.everyone = self.app.hub.join_everyone(&self.name, self.outbox.clone());
         Ok(())
     }
 
@@ -770,7 +818,7 @@ impl Session {
     }
 
     /// Votes in poll `id`: `data` is `{"vote": "OPTION"}`.
-    async fn vote(&self, id: i64, data: Option<Value>) -> Result<(), Failure> {
+    async fn vote(&mut self, id: i64, data: Option<Value>) -> Result<(), Failure> {
         let Some(Ok(VoteData { vote })) = data.map(serde_json::from_value) else {
             return Err(fail(Code::BadRequest, "data is {\"vote\": \"…\"}"));
         };
@@ -839,7 +887,7 @@ impl Session {
     }
 
     async fn history(
-        &self,
+        &mut self,
         room: &str,
         since: Option<u64>,
         limit: usize,
@@ -872,7 +920,7 @@ impl Session {
     }
 
     /// Who is in `room`: one entry per user, with their connections here.
-    async fn presence(&self, room: &str) -> Vec<Value> {
+    async fn presence(&mut self, room: &str) -> Vec<Value> {
         let mut members: Vec<(String, usize)> = self.app.hub.members(room);
         if let Some(cluster) = &self.app.cluster {
             if let Ok(everyone) = cluster.members(room).await {

@@ -739,3 +739,50 @@ async fn a_users_notifications_reach_every_device_and_resume() {
     drop((phone, laptop, eve));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn connect_takes_a_token_so_that_it_stays_out_of_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "root", "correct horse battery").await;
+    let server = start(config(dir.path())).await;
+    let root = token(server.addr, "root", "correct horse battery").await;
+    let connect = |token: &str| json!({"id": 1, "op": "connect", "token": token}).to_string();
+
+    let mut ws = open_raw(&server, "").await;
+    ws.send(Message::text(connect(&root))).await.unwrap();
+    let connected = next(&mut ws).await;
+    assert_eq!(
+        (&connected["user"], &connected["guest"]),
+        (&json!("root"), &json!(false)),
+        "{connected}"
+    );
+    // Who it is now: its own notifications are open to it.
+    let subscribe = json!({"id": 2, "op": "subscribe", "channel": "user:root"});
+    ws.send(Message::text(subscribe.to_string())).await.unwrap();
+    let subscribed = next(&mut ws).await;
+    assert!(subscribed.get("error").is_none(), "{subscribed}");
+    // Logging the token out ends the connection, as for one opened with it.
+    let bearer = format!("Bearer {root}");
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/api/logout",
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(close_code(&mut ws).await, 4502);
+
+    // A token that is not one, or a second identity: refused for good, 4501.
+    let mut bad = open_raw(&server, "").await;
+    bad.send(Message::text(connect("not-a-token")))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut bad).await, 4501);
+    let fresh = token(server.addr, "root", "correct horse battery").await;
+    let mut twice = open_raw(&server, "?name=ann").await;
+    twice.send(Message::text(connect(&fresh))).await.unwrap();
+    assert_eq!(close_code(&mut twice).await, 4501);
+    server.stop().await;
+}
