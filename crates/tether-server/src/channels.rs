@@ -23,6 +23,10 @@ use crate::ws::{self, End, Member, RateLimit};
 /// The subprotocol a client must offer.
 pub const PROTOCOL: &str = "tether.v1";
 
+/// Commands refused in a row for the rate (error 110) before the connection is closed
+/// (4002): a client that ignores the answer only costs the server the reading.
+const MAX_REFUSED: u8 = 32;
+
 /// Subscriptions one connection may hold.
 const MAX_CHANNELS: usize = 128;
 /// Publications `history` returns at most.
@@ -53,6 +57,7 @@ mod disconnect {
     use tether::CloseCode;
 
     pub const SLOW_CONSUMER: CloseCode = CloseCode(4000);
+    pub const TOO_MANY_COMMANDS: CloseCode = CloseCode(4002);
     pub const STREAM_RESET: CloseCode = CloseCode(4001);
     pub const PROTOCOL_VIOLATION: CloseCode = CloseCode(4500);
     pub const CREDENTIAL_LOST: CloseCode = CloseCode(4502);
@@ -201,6 +206,8 @@ struct Session {
     /// keeps an idle connection's ten subscriptions in one small allocation.
     channels: Vec<Channel>,
     limit: RateLimit,
+    /// Commands refused in a row for the rate.
+    refused: u8,
     connected: bool,
     /// Replies and pushes to write next.
     batch: Vec<Arc<Prepared>>,
@@ -227,6 +234,7 @@ pub fn session(
     let lost = ws::check_credential(&app, member.credential, member.revocations.clone());
     let mut session = Session {
         limit: RateLimit::new(app.config.message_rate),
+        refused: 0,
         app: app.clone(),
         member,
         name,
@@ -389,6 +397,13 @@ impl Session {
         }
         let id = command.id;
         let allowed = self.limit.allow(self.app.config.message_rate);
+        self.refused = if allowed { 0 } else { self.refused + 1 };
+        if self.refused > MAX_REFUSED {
+            return Err(End::Close(
+                disconnect::TOO_MANY_COMMANDS,
+                "too many commands, again and again: reconnect later",
+            ));
+        }
         if allowed && command.op == "publish" {
             // A room's publication goes to storage while the next commands are read: a
             // client may keep many in flight, and storage and fan-out take them in batches.

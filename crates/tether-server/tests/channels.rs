@@ -786,3 +786,32 @@ async fn connect_takes_a_token_so_that_it_stays_out_of_the_url() {
     assert_eq!(close_code(&mut twice).await, 4501);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_ignores_too_many_requests_is_closed_with_4002() {
+    let (server, _dir) = server().await;
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    for _ in 0..200 {
+        ann.send(json!({"op": "ping"})).await;
+    }
+    let mut slowed = 0;
+    let push = loop {
+        let message = next(&mut ann.ws).await;
+        if message.get("id").is_none() {
+            break message;
+        }
+        if message.get("error").is_some() {
+            assert_eq!(error_code(&message), 110, "{message}");
+            slowed += 1;
+        }
+    };
+    assert!(slowed > 0, "told to slow down first");
+    assert_eq!(
+        (&push["type"], &push["code"]),
+        (&json!("disconnect"), &json!(4002)),
+        "{push}"
+    );
+    assert_eq!(push["reconnect"], true);
+    assert_eq!(close_code(&mut ann.ws).await, 4002);
+    server.stop().await;
+}
