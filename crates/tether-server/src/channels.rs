@@ -123,7 +123,7 @@ struct Post {
 }
 
 /// Replies to publications on their way to storage, in command order.
-type Storing = FuturesOrdered<std::pin::Pin<Box<dyn Future<Output = Arc<Prepared>> + Send + Sync>>>;
+type Storing = FuturesOrdered<std::pin::Pin<Box<dyn Future<Output = Arc<Prepared>> + Send>>>;
 
 /// Publications a connection may have on their way to storage at once; past it, its next
 /// commands wait.
@@ -372,7 +372,7 @@ impl Session {
 
     /// Answers one command; `Err` ends the session.
     async fn command(&mut self, text: &str) -> Result<(), End> {
-        let Ok(command) = serde_json::from_str::<Command>(text) else {
+        let Ok(mut command) = serde_json::from_str::<Command>(text) else {
             return Err(End::Close(
                 disconnect::PROTOCOL_VIOLATION,
                 "expected a command: {\"id\": N, \"op\": \"…\", …}",
@@ -408,7 +408,7 @@ impl Session {
             // A room's publication goes to storage while the next commands are read: a
             // client may keep many in flight, and storage and fan-out take them in batches.
             // Its reply takes its place in line with the others.
-            match self.post(&command) {
+            match self.post(&mut command) {
                 Ok(Some(post)) => {
                     self.storing(id, post);
                     return Ok(());
@@ -489,13 +489,14 @@ impl Session {
 
     /// A room publication checked and ready for storage; `None` when the channel is not a
     /// room (a poll's vote, or a refusal [`Session::publish`] words).
-    fn post(&self, command: &Command) -> Result<Option<Post>, Failure> {
+    fn post(&self, command: &mut Command) -> Result<Option<Post>, Failure> {
         let channel = required(command.channel.as_deref(), "channel")?;
         let Name::Room(room) = parse_channel(channel)? else {
             return Ok(None);
         };
         self.subscribed(channel)?;
-        let Some(Ok(TextData { text })) = command.data.clone().map(serde_json::from_value) else {
+        // A room's publication: its data is taken, not copied (nothing else reads it).
+        let Some(Ok(TextData { text })) = command.data.take().map(serde_json::from_value) else {
             return Err(fail(Code::BadRequest, "data is {\"text\": \"…\"}"));
         };
         if let Some(problem) = crate::http::text_problem(&self.app, &text) {
@@ -506,7 +507,7 @@ impl Session {
             };
             return Err(fail(code, problem));
         }
-        let key = command.key.clone();
+        let key = command.key.take();
         if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {
             return Err(fail(Code::BadRequest, crate::auth::KEY_RULE));
         }
