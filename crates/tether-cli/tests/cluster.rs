@@ -925,3 +925,106 @@ async fn the_channel_protocol_across_nodes_publishes_resumes_and_broadcasts() {
     }
     drop((a.data, b.data));
 }
+
+/// How many subscribers (nodes) Redis has for each of `channels`.
+fn subscribers(port: u16, channels: &[&str]) -> Vec<u64> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "PUBSUB", "NUMSUB"])
+        .args(channels)
+        .output()
+        .expect("redis-cli comes with redis-server");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .map(|pair| pair[1].trim().parse().unwrap())
+        .collect()
+}
+
+/// Waits until Redis counts `expected` subscribers for `channels`.
+async fn until_subscribers(port: u16, channels: &[&str], expected: &[u64]) {
+    let start = Instant::now();
+    loop {
+        let now = subscribers(port, channels);
+        if now == expected {
+            return;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "{channels:?}: {now:?}, not {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_hears_only_the_rooms_its_members_are_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let a = node("a", port);
+    let b = node("b", port);
+    let rooms = [
+        "tether:r:alpha",
+        "tether:p:alpha",
+        "tether:r:beta",
+        "tether:p:beta",
+    ];
+    until_subscribers(port, &rooms, &[0, 0, 0, 0]).await;
+
+    let mut ann = V1::open(&a.ws("/ws?name=ann")).await;
+    ann.call(json!({"op": "subscribe", "channel": "room:alpha"}))
+        .await;
+    let bob = join(&b.ws("/ws/rooms/beta?name=bob")).await;
+    // Each node listens to its own room alone: a subscription is in place before the reply.
+    assert_eq!(subscribers(port, &rooms), [1, 1, 1, 1]);
+
+    // While ann publishes without pause, ben joins alpha on the other node from its start:
+    // history and live publications meet with no gap and no repeat.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let publisher = tokio::spawn(async move {
+        let mut stopped = stopped;
+        let (mut last, mut after) = (0, 0);
+        // Until ben is subscribed, and a few more.
+        while after < 5 {
+            let reply = ann
+                .call(json!({"op": "publish", "channel": "room:alpha", "data": {"text": format!("m{last}")}}))
+                .await;
+            last = reply["offset"].as_u64().expect("stored");
+            if !matches!(
+                stopped.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            ) {
+                after += 1;
+            }
+        }
+        (ann, last)
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut ben = V1::open(&b.ws("/ws?name=ben")).await;
+    let subscribed = ben
+        .call(json!({"op": "subscribe", "channel": "room:alpha", "since": 0}))
+        .await;
+    assert!(subscribed.get("error").is_none(), "{subscribed}");
+    let _ = stop.send(());
+    let (ann, last) = publisher.await.unwrap();
+    let mut offsets = Vec::new();
+    while offsets.last() != Some(&last) {
+        offsets.push(
+            ben.push("pub", "room:alpha").await["offset"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(offsets, (1..=last).collect::<Vec<_>>());
+    assert_eq!(subscribers(port, &rooms), [2, 2, 1, 1]);
+
+    // A node stops listening to a room when its last member there leaves.
+    drop(ben);
+    drop(bob);
+    until_subscribers(port, &rooms, &[1, 1, 0, 0]).await;
+    drop(ann);
+    until_subscribers(port, &rooms, &[0, 0, 0, 0]).await;
+    drop((a.data, b.data));
+}

@@ -4,15 +4,22 @@
 //! Storing and publishing a message is one Lua script, so it is atomic: the script takes the
 //! room's next id from the stream's last entry, appends the message to the stream `tether:s:{room}`
 //! under the id `0-N`, and publishes it on `tether:r:{room}`. Every node (the sender's included)
-//! delivers what arrives on its pattern subscription to its local members, in id order, once
-//! (the hub drops ids it has delivered). After a lost subscription the node reads what it
-//! missed from the streams of its rooms before going on, so no member sees a gap.
+//! delivers what arrives on its subscriptions to its local members, in id order, once (the hub
+//! drops ids it has delivered). After a lost subscription the node reads what it missed from
+//! the streams of its rooms before going on, so no member sees a gap.
+//!
+//! A node listens only to the rooms it has members in: it subscribes to a room's channels when
+//! the room gains its first local member and unsubscribes when it loses its last, so it
+//! receives the rooms its connections watch rather than every message of the cluster. A member
+//! reads a room's history only once the node hears the room live, so nothing published between
+//! the two is missed.
 //!
 //! Presence: each node keeps `node\tuser` entries in `tether:m:{room}` (a sorted set scored by
-//! expiry time) for its local members and refreshes them every few seconds. A node that
-//! crashes stops refreshing; its users expire and the other nodes announce their leave.
+//! expiry time) for its local members and refreshes them every few seconds, and announces
+//! joins and leaves on `tether:p:{room}`. A node that crashes stops refreshing; its users
+//! expire and the other nodes announce their leave.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +28,7 @@ use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::Hub;
 use crate::journal::ChatWrite;
@@ -129,8 +136,46 @@ fn key_name(room: &str, user: &str, key: &str) -> String {
     format!("tether:k:{room}\t{user}\t{key}")
 }
 
+/// Where a room's stored messages are published.
+const ROOM_PREFIX: &str = "tether:r:";
+/// Where a room's joins and leaves are announced.
+const PRESENCE_PREFIX: &str = "tether:p:";
+
 fn channel(room: &str) -> String {
-    format!("tether:r:{room}")
+    format!("{ROOM_PREFIX}{room}")
+}
+
+fn presence_channel(room: &str) -> String {
+    format!("{PRESENCE_PREFIX}{room}")
+}
+
+/// A node's Redis channels for `rooms`: messages and presence of each.
+fn room_channels(rooms: &[Arc<str>]) -> Vec<String> {
+    rooms
+        .iter()
+        .flat_map(|r| [channel(r), presence_channel(r)])
+        .collect()
+}
+
+/// Rooms (un)subscribed in one command at most.
+const SUBSCRIBE_BATCH: usize = 512;
+
+/// How long a member waits for its node to hear a new room live before reading its history
+/// anyway (the room is then caught up once it is heard).
+const LISTEN_WAIT: Duration = Duration::from_secs(2);
+
+/// Which rooms this node hears on its current Redis subscription.
+#[derive(Debug, Default)]
+struct Listening {
+    /// The subscription is up (set once the rooms that had members when it came are heard).
+    up: bool,
+    /// Rooms whose channels are subscribed.
+    heard: HashSet<Arc<str>>,
+    /// Members waiting for a room to be heard before they read its history.
+    waiting: HashMap<Arc<str>, Vec<oneshot::Sender<()>>>,
+    /// Rooms whose members read history without waiting for them to be heard (Redis was away,
+    /// or slow): caught up from their streams once heard.
+    unsure: HashSet<Arc<str>>,
 }
 
 fn members_key(room: &str) -> String {
@@ -152,7 +197,6 @@ end
 return 0
 "#;
 const BROADCAST: &str = "tether:broadcast";
-const PRESENCE: &str = "tether:p";
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -196,6 +240,7 @@ pub struct Cluster {
     stalled: AtomicBool,
     /// Users of each local room present on other nodes, as last seen.
     remote: Mutex<HashMap<String, BTreeSet<String>>>,
+    listening: Mutex<Listening>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -205,6 +250,12 @@ impl std::fmt::Debug for Cluster {
             .field("connected", &self.connected.load(Relaxed))
             .finish_non_exhaustive()
     }
+}
+
+/// A lock even if a holder panicked: what these locks guard stays consistent between
+/// statements.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn redis_error(e: redis::RedisError) -> StoreError {
@@ -248,6 +299,7 @@ impl Cluster {
             connected: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             remote: Mutex::new(HashMap::new()),
+            listening: Mutex::new(Listening::default()),
         });
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String, bool)>();
         cluster.hub.share_presence(tx);
@@ -257,7 +309,9 @@ impl Cluster {
                 sharer.presence(&room, &user, join).await;
             }
         });
-        tokio::spawn(cluster.clone().subscribe_forever(client));
+        let (follow, rooms) = mpsc::unbounded_channel();
+        cluster.hub.follow_rooms(follow);
+        tokio::spawn(cluster.clone().subscribe_forever(client, rooms));
         tokio::spawn(cluster.clone().append_forever(queued));
         tokio::spawn(cluster.clone().presence_forever());
         Ok(cluster)
@@ -720,19 +774,58 @@ impl Cluster {
             pipe.cmd("ZREM").arg(members_key(room)).arg(&member);
         }
         pipe.cmd("PUBLISH")
-            .arg(PRESENCE)
+            .arg(presence_channel(room))
             .arg(serde_json::to_string(&note).expect("notes serialize"));
         if let Err(e) = pipe.query_async::<()>(&mut con).await {
             tracing::warn!(error = %e, %room, %user, "presence not shared");
         }
     }
 
-    /// Keeps a pattern subscription up, reconnecting with backoff; after each (re)connect,
-    /// catches up every local room from its stream.
-    async fn subscribe_forever(self: Arc<Self>, client: redis::Client) {
+    /// Returns once this node hears `room` live, which a member waits for before reading the
+    /// room's history so that nothing published between the two is missed. Without Redis, or
+    /// after [`LISTEN_WAIT`], it returns anyway and the room is caught up from its stream
+    /// once heard.
+    pub async fn listen(&self, room: &str) {
+        let heard = {
+            let mut listening = lock(&self.listening);
+            if listening.heard.contains(room) {
+                return;
+            }
+            let room: Arc<str> = Arc::from(room);
+            if !listening.up {
+                listening.unsure.insert(room);
+                return;
+            }
+            let (tx, rx) = oneshot::channel();
+            listening.waiting.entry(room).or_default().push(tx);
+            rx
+        };
+        if tokio::time::timeout(LISTEN_WAIT, heard).await.is_err() {
+            tracing::warn!(%room, "redis is slow to subscribe to this room: reading its history meanwhile");
+            lock(&self.listening).unsure.insert(Arc::from(room));
+        }
+    }
+
+    /// Keeps the subscription up, reconnecting with backoff; after each (re)connect, catches
+    /// up every local room from its stream. `rooms` names rooms that gained their first local
+    /// member or lost their last one ([`Hub::follow_rooms`]).
+    async fn subscribe_forever(
+        self: Arc<Self>,
+        client: redis::Client,
+        mut rooms: mpsc::UnboundedReceiver<Arc<str>>,
+    ) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.subscription(&client).await {
+            let outcome = self.subscription(&client, &mut rooms).await;
+            {
+                // Nothing is heard now: members read history right away, and their rooms are
+                // caught up when the subscription is back.
+                let mut listening = lock(&self.listening);
+                listening.up = false;
+                listening.heard.clear();
+                listening.waiting.clear();
+            }
+            match outcome {
                 // It was up: start the next attempts quickly.
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "redis unavailable"),
@@ -745,13 +838,27 @@ impl Cluster {
         }
     }
 
-    async fn subscription(&self, client: &redis::Client) -> redis::RedisResult<()> {
-        let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+    async fn subscription(
+        &self,
+        client: &redis::Client,
+        rooms: &mut mpsc::UnboundedReceiver<Arc<str>>,
+    ) -> redis::RedisResult<()> {
+        let pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
-        pubsub.psubscribe("tether:r:*").await?;
-        pubsub.subscribe(BROADCAST).await?;
-        pubsub.subscribe(PRESENCE).await?;
+        let (mut sink, mut messages) = pubsub.split();
+        sink.subscribe(BROADCAST).await?;
+        // The rooms now: what changes from here on is in `rooms`, followed below.
+        while rooms.try_recv().is_ok() {}
+        let now: Vec<Arc<str>> = self.hub.room_names().into_iter().map(Arc::from).collect();
+        for chunk in now.chunks(SUBSCRIBE_BATCH) {
+            sink.subscribe(room_channels(chunk)).await?;
+        }
+        {
+            let mut listening = lock(&self.listening);
+            listening.heard.extend(now);
+            listening.up = true;
+        }
         // Subscribed: whatever is published from now on arrives; what was missed is read.
         if let Err(e) = self.catch_up().await {
             return Err(redis::RedisError::from((
@@ -763,9 +870,20 @@ impl Cluster {
         if !self.connected.swap(true, Relaxed) {
             tracing::info!(node = %self.node, "connected to redis");
         }
-        let mut messages = pubsub.into_on_message();
         let mut handled = 0u32;
-        while let Some(msg) = messages.next().await {
+        loop {
+            let msg = tokio::select! {
+                msg = messages.next() => msg,
+                Some(room) = rooms.recv() => {
+                    let mut changed = BTreeSet::from([room]);
+                    while let Ok(room) = rooms.try_recv() {
+                        changed.insert(room);
+                    }
+                    self.follow(&mut sink, changed).await?;
+                    continue;
+                }
+            };
+            let Some(msg) = msg else { break };
             // After a pause (this process stopped, a slow scheduler) Redis has a backlog
             // buffered: hand the thread to the sessions now and then, so they drain their
             // outboxes as the burst fills them instead of falling behind it (1013).
@@ -781,7 +899,7 @@ impl Cluster {
                 if let Ok(note) = serde_json::from_str::<BroadcastNote>(&payload) {
                     self.hub.broadcast(&note.user, &note.text, &note.ts);
                 }
-            } else if channel == PRESENCE {
+            } else if channel.starts_with(PRESENCE_PREFIX) {
                 if let Ok(note) = serde_json::from_str::<PresenceNote>(&payload) {
                     self.remote_presence(note);
                 }
@@ -789,6 +907,64 @@ impl Cluster {
                 self.hub.deliver(&message);
             }
         }
+        Ok(())
+    }
+
+    /// Subscribes to the channels of rooms in `changed` that gained local members and
+    /// unsubscribes from those that lost them all (a room may have done both since: the hub
+    /// says where it stands now). Members waiting for a room are let go once it is heard, and
+    /// a room whose members could not wait is caught up from its stream.
+    async fn follow(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        changed: BTreeSet<Arc<str>>,
+    ) -> redis::RedisResult<()> {
+        let (mut add, mut gone) = (Vec::new(), Vec::new());
+        {
+            let listening = lock(&self.listening);
+            for room in changed {
+                match (self.hub.has_room(&room), listening.heard.contains(&room)) {
+                    (true, false) => add.push(room),
+                    (false, true) => gone.push(room),
+                    _ => {}
+                }
+            }
+        }
+        for chunk in gone.chunks(SUBSCRIBE_BATCH) {
+            sink.unsubscribe(room_channels(chunk)).await?;
+            let mut listening = lock(&self.listening);
+            let mut remote = lock(&self.remote);
+            for room in chunk {
+                listening.heard.remove(room);
+                listening.unsure.remove(room);
+                remote.remove(&**room);
+            }
+        }
+        for chunk in add.chunks(SUBSCRIBE_BATCH) {
+            sink.subscribe(room_channels(chunk)).await?;
+            let mut unsure = Vec::new();
+            {
+                let mut listening = lock(&self.listening);
+                for room in chunk {
+                    listening.heard.insert(room.clone());
+                    // Dropping the senders lets the waiting members go.
+                    listening.waiting.remove(room);
+                    if listening.unsure.remove(room) {
+                        unsure.push(room.clone());
+                    }
+                }
+            }
+            for room in unsure {
+                if let Err(e) = self.catch_up_room(&room).await {
+                    tracing::warn!(error = %e, %room, "catching up a room failed");
+                }
+            }
+        }
+        tracing::debug!(
+            heard = add.len(),
+            dropped = gone.len(),
+            "redis subscriptions follow the local rooms"
+        );
         Ok(())
     }
 
@@ -814,30 +990,34 @@ impl Cluster {
                 tracing::error!(%room, stored = top, delivered = self.hub.position(&room), "redis lost this room's last messages: starting a new epoch");
                 self.new_epoch().await?;
             }
-            loop {
-                let missed = self.messages(&room, self.hub.position(&room), 500).await?;
-                if missed.is_empty() {
-                    break;
-                }
-                for m in &missed {
-                    self.hub.deliver(m);
-                }
-                if missed.len() < 500 {
-                    break;
-                }
+            self.catch_up_room(&room).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers the messages of `room` stored after the last one delivered here.
+    async fn catch_up_room(&self, room: &str) -> Result<(), StoreError> {
+        loop {
+            let missed = self.messages(room, self.hub.position(room), 500).await?;
+            if missed.is_empty() {
+                break;
+            }
+            for m in &missed {
+                self.hub.deliver(m);
+            }
+            if missed.len() < 500 {
+                break;
             }
         }
         Ok(())
     }
 
     fn remote_presence(&self, note: PresenceNote) {
-        if note.node == self.node {
+        // A note still on its way after the node stopped hearing the room is dropped.
+        if note.node == self.node || !self.hub.has_room(&note.room) {
             return;
         }
-        let mut remote = self
-            .remote
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut remote = lock(&self.remote);
         let users = remote.entry(note.room.clone()).or_default();
         let changed = if note.join {
             users.insert(note.user.clone())
@@ -901,10 +1081,7 @@ impl Cluster {
                 let here: BTreeSet<String> = users.into_iter().collect();
                 let now_remote: BTreeSet<String> = everyone.difference(&here).cloned().collect();
                 let before = {
-                    let mut remote = self
-                        .remote
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut remote = lock(&self.remote);
                     remote
                         .insert(room.clone(), now_remote.clone())
                         .unwrap_or_default()

@@ -285,6 +285,9 @@ pub struct Hub {
     queue_len: usize,
     /// Where local joins and leaves go to be shared with other nodes (cluster mode).
     presence: std::sync::OnceLock<mpsc::UnboundedSender<(String, String, bool)>>,
+    /// Where the names of rooms that gain their first local member or lose their last one go
+    /// (cluster mode: the node listens to a room's Redis channels only while it has members).
+    interest: std::sync::OnceLock<mpsc::UnboundedSender<Arc<str>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -506,6 +509,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             queue_len: queue_len.max(1),
             presence: std::sync::OnceLock::new(),
+            interest: std::sync::OnceLock::new(),
             metrics,
         })
     }
@@ -546,9 +550,14 @@ impl Hub {
     ) -> Joined {
         let mut rooms = lock(&self.rooms);
         // The names already held are shared, not copied.
-        let room_key = rooms
-            .get_key_value(room)
-            .map_or_else(|| Arc::from(room), |(k, _)| k.clone());
+        let room_key = match rooms.get_key_value(room) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let k: Arc<str> = Arc::from(room);
+                self.interested(&k);
+                k
+            }
+        };
         let state = rooms.entry(room_key.clone()).or_default();
         let user_key = state
             .users
@@ -619,7 +628,9 @@ impl Hub {
             }
         }
         if state.topic.peers.is_empty() {
-            rooms.remove(room);
+            if let Some((name, _)) = rooms.remove_entry(room) {
+                self.interested(&name);
+            }
         }
     }
 
@@ -789,6 +800,24 @@ impl Hub {
     /// Sends local joins and leaves to `tx` (for the other nodes).
     pub fn share_presence(&self, tx: mpsc::UnboundedSender<(String, String, bool)>) {
         let _ = self.presence.set(tx);
+    }
+
+    /// Sends the name of each room that gains its first local member or loses its last one
+    /// to `tx`, in order (under the rooms' lock), so that a listener can follow which rooms
+    /// this node has ([`Hub::has_room`] says which way it went).
+    pub fn follow_rooms(&self, tx: mpsc::UnboundedSender<Arc<str>>) {
+        let _ = self.interest.set(tx);
+    }
+
+    fn interested(&self, room: &Arc<str>) {
+        if let Some(tx) = self.interest.get() {
+            let _ = tx.send(room.clone());
+        }
+    }
+
+    /// Whether `room` has local members.
+    pub fn has_room(&self, room: &str) -> bool {
+        lock(&self.rooms).contains_key(room)
     }
 
     fn share(&self, room: &str, user: &str, join: bool) {

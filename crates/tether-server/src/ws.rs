@@ -457,6 +457,9 @@ pub(crate) async fn plan_replay(
 ) -> Result<ReplayPlan, StoreError> {
     let (first, last) = match &app.cluster {
         Some(cluster) => {
+            // Read only once this node hears the room: what is published after the read
+            // then arrives live.
+            cluster.listen(room).await;
             let last = cluster.recent(room, 1).await?.first().map_or(0, |m| m.id);
             (cluster.first_id(room).await?, last)
         }
