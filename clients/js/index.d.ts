@@ -24,6 +24,11 @@ export interface ClientOptions {
   getToken?: () => string | Promise<string>;
   /** A guest's nickname, when the server allows guests. */
   name?: string;
+  /**
+   * Public information about this connection (an object, at most 1 KiB as JSON), sent with
+   * `connect`: others see it in presence and in this connection's join.
+   */
+  info?: Record<string, unknown>;
   /** The WebSocket constructor (default: the global one). */
   WebSocket?: new (url: string, protocols: string[]) => WebSocket;
   /** Backoff between reconnects: a random delay up to min(maxDelay, minDelay × 2^attempt). Defaults 500 and 20,000 ms. */
@@ -58,6 +63,8 @@ export interface PresenceChange {
   user: string;
   /** Users in the channel now. */
   count: number;
+  /** On a join: the `info` of the connection that joined, if it attached one. */
+  info?: Record<string, unknown>;
 }
 
 export interface ChannelEvent<T = unknown> {
@@ -90,7 +97,10 @@ export interface Subscribed {
 
 export interface Member {
   user: string;
+  /** The user's connections (a user on other nodes counts one per node). */
   clients: number;
+  /** The distinct `info` their connections attached, at most 4 (absent when none did). */
+  info?: Record<string, unknown>[];
 }
 
 /** A subscription's handlers. None runs once `unsubscribe()` is called. */

@@ -191,7 +191,10 @@ export class Client {
     this.openedAt = Date.now();
     let session;
     try {
-      session = await this.call(this.token ? { op: 'connect', token: this.token } : { op: 'connect' });
+      const connect = { op: 'connect' };
+      if (this.token) connect.token = this.token;
+      if (this.options.info) connect.info = this.options.info;
+      session = await this.call(connect);
     } catch (e) {
       if (ws === this.ws) ws.close(4000);
       return;

@@ -107,7 +107,7 @@ function collector() {
 
 test('several channels on one connection, publishes acknowledged with their offset', async (t) => {
   const { server } = await fixture(t);
-  const ann = new Client(server.ws, { name: 'ann' }).connect();
+  const ann = new Client(server.ws, { name: 'ann', info: { device: 'phone' } }).connect();
   t.after(() => ann.close());
   const session = await once(ann, 'connected');
   assert.equal(session.user, 'ann');
@@ -125,7 +125,7 @@ test('several channels on one connection, publishes acknowledged with their offs
   assert.deepEqual(lobby.seen.map((p) => p.data.text), ['hello lobby', 'again']);
   assert.deepEqual(kitchen.seen.map((p) => [p.channel, p.offset]), [['room:kitchen', 1]]);
   assert.equal(a.offset, 2);
-  assert.deepEqual(await a.presence(), [{ user: 'ann', clients: 1 }]);
+  assert.deepEqual(await a.presence(), [{ user: 'ann', clients: 1, info: [{ device: 'phone' }] }]);
   const history = await a.history({ limit: 10 });
   assert.equal(history.publications.length, 2);
 

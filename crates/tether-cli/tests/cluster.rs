@@ -778,6 +778,11 @@ struct V1 {
 impl V1 {
     /// Opens `url` offering tether.v1 and connects.
     async fn open(url: &str) -> V1 {
+        V1::open_with(url, json!({"op": "connect"})).await
+    }
+
+    /// Opens `url` offering tether.v1 and sends `connect`, the command given.
+    async fn open_with(url: &str, connect: Value) -> V1 {
         let (ws, _) = within(
             tether::ClientBuilder::new(url)
                 .unwrap()
@@ -791,7 +796,7 @@ impl V1 {
             next_id: 1,
             pushes: Vec::new(),
         };
-        let connected = client.call(json!({"op": "connect"})).await;
+        let connected = client.call(connect).await;
         assert!(connected.get("error").is_none(), "{connected}");
         client
     }
@@ -839,24 +844,30 @@ async fn the_channel_protocol_across_nodes_publishes_resumes_and_broadcasts() {
     let a = node("a", port);
     let b = node("b", port);
 
-    let mut ann = V1::open(&a.ws("/ws?name=ann")).await;
-    let mut ben = V1::open(&b.ws("/ws?name=ben")).await;
+    let info = |device: &str| json!({"op": "connect", "info": {"device": device}});
+    let mut ann = V1::open_with(&a.ws("/ws?name=ann"), info("phone")).await;
+    let mut ben = V1::open_with(&b.ws("/ws?name=ben"), info("laptop")).await;
     ann.call(json!({"op": "subscribe", "channel": "room:deck"}))
         .await;
     let subscribed = ben
         .call(json!({"op": "subscribe", "channel": "room:deck"}))
         .await;
     let epoch = subscribed["epoch"].as_str().unwrap().to_owned();
-    // Presence spans the nodes: ann sees ben join, and ben's list has ann.
+    // Presence spans the nodes, with the info each connection attached: ann sees ben join,
+    // and ben's list has ann.
     let joined = ann.push("join", "room:deck").await;
-    assert_eq!(joined["user"], "ben");
-    let users: Vec<&str> = subscribed["presence"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["user"].as_str().unwrap())
-        .collect();
-    assert_eq!(users, ["ann", "ben"], "{subscribed}");
+    assert_eq!(
+        (&joined["user"], &joined["info"]),
+        (&json!("ben"), &json!({"device": "laptop"}))
+    );
+    assert_eq!(
+        subscribed["presence"],
+        json!([
+            {"user": "ann", "clients": 1, "info": [{"device": "phone"}]},
+            {"user": "ben", "clients": 1, "info": [{"device": "laptop"}]},
+        ]),
+        "{subscribed}"
+    );
 
     // Published on a, pushed on b with the offset the publisher was told.
     let data = json!({"text": "from a"});

@@ -104,6 +104,8 @@ pub mod refusal_code {
     pub const NAME_REFUSED: u16 = 4503;
     /// Guests are not allowed.
     pub const NO_GUESTS: u16 = 4504;
+    /// The client offered only versions of the channel protocol this server does not speak.
+    pub const UNSUPPORTED_VERSION: u16 = 4505;
 }
 
 impl Refused {

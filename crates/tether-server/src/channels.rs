@@ -22,6 +22,8 @@ use crate::ws::{self, End, Member, RateLimit};
 
 /// The subprotocol a client must offer.
 pub const PROTOCOL: &str = "tether.v1";
+/// What every version of the protocol's subprotocol starts with.
+pub const FAMILY: &str = "tether.";
 
 /// Commands refused in a row for the rate (error 110) before the connection is closed
 /// (4002): a client that ignores the answer only costs the server the reading.
@@ -76,7 +78,11 @@ struct Command {
     name: Option<String>,
     limit: Option<usize>,
     token: Option<String>,
+    info: Option<Box<serde_json::value::RawValue>>,
 }
+
+/// The most a connection's public information (`connect {info}`) may take, encoded.
+pub const MAX_INFO: usize = 1024;
 
 /// A failed command's answer.
 struct Failure {
@@ -567,6 +573,18 @@ impl Session {
                 if self.connected {
                     return Err(fail(Code::BadRequest, "already connected"));
                 }
+                if let Some(info) = command.info {
+                    if !info.get().starts_with('{') {
+                        return Err(fail(Code::BadRequest, "info is an object"));
+                    }
+                    if info.get().len() > MAX_INFO {
+                        return Err(fail(
+                            Code::BadRequest,
+                            format!("info takes at most {MAX_INFO} bytes"),
+                        ));
+                    }
+                    self.outbox.set_info(info);
+                }
                 self.connected = true;
                 let who = &self.member.who;
                 reply(json!({
@@ -719,7 +737,7 @@ impl Session {
             "replayed": replay.len(),
         });
         match members {
-            Some(members) => reply["presence"] = members.into(),
+            Some(members) => reply["presence"] = members,
             None if !personal => reply["users"] = users.into(),
             None => {}
         }
@@ -936,22 +954,23 @@ impl Session {
     }
 
     /// Who is in `room`: one entry per user, with their connections here.
-    async fn presence(&mut self, room: &str) -> Vec<Value> {
-        let mut members: Vec<(String, usize)> = self.app.hub.members(room);
+    async fn presence(&mut self, room: &str) -> Value {
+        let mut members = self.app.hub.members(room);
         if let Some(cluster) = &self.app.cluster {
-            if let Ok(everyone) = cluster.members(room).await {
-                for user in everyone {
-                    if !members.iter().any(|(u, _)| *u == user) {
-                        members.push((user, 1));
+            if let Ok(remote) = cluster.remote_members(room).await {
+                for other in remote {
+                    match members.iter_mut().find(|m| m.user == other.user) {
+                        Some(member) => {
+                            member.clients += other.clients;
+                            member.add_infos(other.info);
+                        }
+                        None => members.push(other),
                     }
                 }
             }
         }
-        members.sort();
-        members
-            .into_iter()
-            .map(|(user, clients)| json!({"user": user, "clients": clients}))
-            .collect()
+        members.sort_by(|a, b| a.user.cmp(&b.user));
+        serde_json::to_value(members).expect("members serialize")
     }
 }
 

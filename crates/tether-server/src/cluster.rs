@@ -27,10 +27,11 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::Hub;
+use crate::hub::{Hub, Member, Shared};
 use crate::journal::ChatWrite;
 use crate::metrics::Metrics;
 use crate::store::{now_rfc3339, ChatMessage, StoreError};
@@ -211,6 +212,15 @@ struct PresenceNote {
     room: String,
     user: String,
     join: bool,
+    /// The public information of the connection that joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    info: Option<Box<RawValue>>,
+}
+
+/// Where a node keeps the public information its users' connections in a room attached
+/// (`{user: [info, …]}`), expiring unless refreshed.
+fn infos_key(room: &str, node: &str) -> String {
+    format!("tether:i:{room}\t{node}")
 }
 
 /// A broadcast notice for every node.
@@ -241,6 +251,8 @@ pub struct Cluster {
     /// Users of each local room present on other nodes, as last seen.
     remote: Mutex<HashMap<String, BTreeSet<String>>>,
     listening: Mutex<Listening>,
+    /// Rooms whose presence information this node keeps in Redis ([`infos_key`]).
+    with_infos: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -300,13 +312,14 @@ impl Cluster {
             stalled: AtomicBool::new(false),
             remote: Mutex::new(HashMap::new()),
             listening: Mutex::new(Listening::default()),
+            with_infos: Mutex::new(HashSet::new()),
         });
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String, bool)>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Shared>();
         cluster.hub.share_presence(tx);
         let sharer = cluster.clone();
         tokio::spawn(async move {
-            while let Some((room, user, join)) = rx.recv().await {
-                sharer.presence(&room, &user, join).await;
+            while let Some(shared) = rx.recv().await {
+                sharer.presence(shared).await;
             }
         });
         let (follow, rooms) = mpsc::unbounded_channel();
@@ -754,17 +767,27 @@ impl Cluster {
         Ok(nodes)
     }
 
-    /// Records that `user` joined or left `room` on this node, and tells the other nodes.
-    pub async fn presence(&self, room: &str, user: &str, join: bool) {
+    /// Records that a user joined or left a room on this node, and tells the other nodes.
+    pub async fn presence(&self, shared: Shared) {
+        let Shared {
+            room,
+            user,
+            join,
+            info,
+        } = shared;
+        let room = room.as_str();
         let member = format!("{}\t{user}", self.node);
+        let mut con = self.commands.clone();
+        let mut pipe = redis::pipe();
+        self.write_infos(&mut pipe, room);
         let note = PresenceNote {
             node: self.node.clone(),
             room: room.to_owned(),
-            user: user.to_owned(),
+            user,
             join,
+            info,
         };
-        let mut con = self.commands.clone();
-        let mut pipe = redis::pipe();
+        let user = &note.user;
         if join {
             pipe.cmd("ZADD")
                 .arg(members_key(room))
@@ -779,6 +802,81 @@ impl Cluster {
         if let Err(e) = pipe.query_async::<()>(&mut con).await {
             tracing::warn!(error = %e, %room, %user, "presence not shared");
         }
+    }
+
+    /// Adds to `pipe` the writing of this node's presence information in `room` (what its
+    /// users' connections attached), if it has some or had: the key expires unless
+    /// refreshed, and goes when none is left.
+    fn write_infos(&self, pipe: &mut redis::Pipeline, room: &str) {
+        let infos = self.hub.infos(room);
+        let mut rooms = lock(&self.with_infos);
+        let key = infos_key(room, &self.node);
+        if infos.is_empty() {
+            if rooms.remove(room) {
+                pipe.cmd("DEL").arg(key).ignore();
+            }
+        } else {
+            rooms.insert(room.to_owned());
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(serde_json::to_string(&infos).expect("raw JSON serializes"))
+                .arg("PX")
+                .arg(PRESENCE_TTL.as_millis() as u64)
+                .ignore();
+        }
+    }
+
+    /// Who is in `room` on the other nodes (entries not yet expired), with how many nodes
+    /// each is on (as `clients`) and the public information their connections there attached.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn remote_members(&self, room: &str) -> Result<Vec<Member>, StoreError> {
+        let mut con = self.commands.clone();
+        let entries: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(members_key(room))
+            .arg(unix_ms())
+            .arg("+inf")
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        let mut members: BTreeMap<String, Member> = BTreeMap::new();
+        let mut nodes = BTreeSet::new();
+        for (node, user) in entries.iter().filter_map(|e| e.split_once('\t')) {
+            if node == self.node {
+                continue;
+            }
+            nodes.insert(node);
+            members
+                .entry(user.to_owned())
+                .or_insert_with(|| Member {
+                    user: user.to_owned(),
+                    clients: 0,
+                    info: Vec::new(),
+                })
+                .clients += 1;
+        }
+        if !nodes.is_empty() {
+            let keys: Vec<String> = nodes.iter().map(|n| infos_key(room, n)).collect();
+            let found: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(keys)
+                .query_async(&mut con)
+                .await
+                .map_err(redis_error)?;
+            for json in found.iter().flatten() {
+                let Ok(infos) = serde_json::from_str::<BTreeMap<String, Vec<Box<RawValue>>>>(json)
+                else {
+                    continue;
+                };
+                for (user, infos) in infos {
+                    let Some(member) = members.get_mut(&user) else {
+                        continue;
+                    };
+                    member.add_infos(infos);
+                }
+            }
+        }
+        Ok(members.into_values().collect())
     }
 
     /// Returns once this node hears `room` live, which a member waits for before reading the
@@ -1025,8 +1123,13 @@ impl Cluster {
             users.remove(&note.user)
         };
         if changed {
-            self.hub
-                .remote_presence(&note.room, &note.user, note.join, users.len());
+            self.hub.remote_presence(
+                &note.room,
+                &note.user,
+                note.join,
+                users.len(),
+                note.info.as_deref(),
+            );
         }
     }
 
@@ -1063,6 +1166,7 @@ impl Cluster {
                     .arg("-inf")
                     .arg(unix_ms())
                     .ignore();
+                self.write_infos(&mut pipe, room);
             }
             if let Err(e) = pipe.query_async::<()>(&mut con).await {
                 if !self.stalled.swap(true, Relaxed) {
@@ -1088,11 +1192,11 @@ impl Cluster {
                 };
                 for gone in before.difference(&now_remote) {
                     self.hub
-                        .remote_presence(&room, gone, false, now_remote.len());
+                        .remote_presence(&room, gone, false, now_remote.len(), None);
                 }
                 for came in now_remote.difference(&before) {
                     self.hub
-                        .remote_presence(&room, came, true, now_remote.len());
+                        .remote_presence(&room, came, true, now_remote.len(), None);
                 }
             }
         }

@@ -983,11 +983,17 @@ where
         Ok(ws) => ws.config(config),
         Err(rejection) => return refuse(&app, peer, upgrade_refusal(rejection)),
     };
-    if matches!(endpoint, Endpoint::Channels)
+    let unsupported = matches!(endpoint, Endpoint::Channels)
         && !ws
             .offered_protocols()
-            .any(|p| p == crate::channels::PROTOCOL)
-    {
+            .any(|p| p == crate::channels::PROTOCOL);
+    // A client of another version of the protocol is told in it, since a browser cannot
+    // read an upgrade's status; anything else is not a client of the protocol at all.
+    let other_version = unsupported
+        && ws
+            .offered_protocols()
+            .any(|p| p.starts_with(crate::channels::FAMILY));
+    if unsupported && !other_version {
         let reason = "offer the tether.v1 subprotocol (Sec-WebSocket-Protocol: tether.v1)";
         return refuse(
             &app,
@@ -998,6 +1004,12 @@ where
     let needs_identity = !matches!(endpoint, Endpoint::Anonymous);
     if let Err(rejection) = ws.check() {
         return refuse(&app, peer, upgrade_refusal(rejection));
+    }
+    if other_version {
+        let reason = "unsupported protocol version: this server speaks tether.v1";
+        let refused = Refused::new(StatusCode::BAD_REQUEST, Refusal::BadRequest, reason)
+            .closing(crate::app::refusal_code::UNSUPPORTED_VERSION);
+        return refuse_upgrade(&app, peer, endpoint, ws, refused);
     }
     let headers = &parts.headers;
     let revocations = app.revocations();

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use tether::Prepared;
 use tokio::sync::mpsc;
 
@@ -70,10 +71,13 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<VecDeque<Outgoing>>,
-    /// Events queued at most; a push past it makes the connection a slow consumer.
-    cap: usize,
+    /// The public information the connection attached (`connect {info}`): others see it in
+    /// presence.
+    info: std::sync::OnceLock<Box<RawValue>>,
     /// The session waiting for events or for the verdict.
     waker: futures_util::task::AtomicWaker,
+    /// Events queued at most; a push past it makes the connection a slow consumer.
+    cap: u32,
     /// 0: none; 1: slow; 2: reset.
     verdict: AtomicU8,
 }
@@ -86,7 +90,8 @@ impl Outbox {
     fn new(cap: usize) -> Outbox {
         Outbox {
             queue: Mutex::new(VecDeque::new()),
-            cap,
+            info: std::sync::OnceLock::new(),
+            cap: u32::try_from(cap).unwrap_or(u32::MAX),
             waker: futures_util::task::AtomicWaker::new(),
             verdict: AtomicU8::new(0),
         }
@@ -99,13 +104,23 @@ impl Outbox {
     pub fn push(&self, event: Outgoing) -> Result<(), Full> {
         {
             let mut queue = lock(&self.queue);
-            if queue.len() >= self.cap {
+            if queue.len() >= self.cap as usize {
                 return Err(Full);
             }
             queue.push_back(event);
         }
         self.waker.wake();
         Ok(())
+    }
+
+    /// Attaches the connection's public information (once: later calls change nothing).
+    pub fn set_info(&self, info: Box<RawValue>) {
+        let _ = self.info.set(info);
+    }
+
+    /// The connection's public information, if it attached some.
+    pub fn info(&self) -> Option<&RawValue> {
+        self.info.get().map(|i| &**i)
     }
 
     /// The next event, if one waits.
@@ -244,6 +259,67 @@ struct RoomState {
     users: BTreeMap<Arc<str>, usize>,
 }
 
+impl RoomState {
+    /// The distinct public information each user's connections attached, at most
+    /// [`MAX_INFOS`] per user.
+    fn infos(&self) -> HashMap<Arc<str>, Vec<Box<RawValue>>> {
+        let mut infos: HashMap<Arc<str>, Vec<Box<RawValue>>> = HashMap::new();
+        for peer in self.topic.peers.values() {
+            let Some(info) = peer.outbox.info() else {
+                continue;
+            };
+            let list = infos.entry(peer.user.clone()).or_default();
+            if list.len() < MAX_INFOS && !list.iter().any(|i| i.get() == info.get()) {
+                list.push(info.to_owned());
+            }
+        }
+        infos
+    }
+}
+
+/// Distinct `info` objects listed per user in presence: a user's other connections are
+/// counted, not described.
+pub const MAX_INFOS: usize = 4;
+
+/// A user present in a room.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    /// Who.
+    pub user: String,
+    /// How many of their connections are there.
+    pub clients: usize,
+    /// The distinct public information those connections attached.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub info: Vec<Box<RawValue>>,
+}
+
+impl Member {
+    /// Adds what `infos` holds that this member's list does not, up to [`MAX_INFOS`].
+    pub fn add_infos(&mut self, infos: impl IntoIterator<Item = Box<RawValue>>) {
+        for info in infos {
+            if self.info.len() >= MAX_INFOS {
+                break;
+            }
+            if !self.info.iter().any(|i| i.get() == info.get()) {
+                self.info.push(info);
+            }
+        }
+    }
+}
+
+/// A local join or leave, for the other nodes.
+#[derive(Debug)]
+pub struct Shared {
+    /// The room.
+    pub room: String,
+    /// Who.
+    pub user: String,
+    /// Joined (the user's first connection here) or left (the last).
+    pub join: bool,
+    /// The joining connection's public information.
+    pub info: Option<Box<RawValue>>,
+}
+
 #[derive(Debug, Default)]
 struct PollState {
     topic: Topic,
@@ -284,7 +360,7 @@ pub struct Hub {
     next_id: AtomicU64,
     queue_len: usize,
     /// Where local joins and leaves go to be shared with other nodes (cluster mode).
-    presence: std::sync::OnceLock<mpsc::UnboundedSender<(String, String, bool)>>,
+    presence: std::sync::OnceLock<mpsc::UnboundedSender<Shared>>,
     /// Where the names of rooms that gain their first local member or lose their last one go
     /// (cluster mode: the node listens to a room's Redis channels only while it has members).
     interest: std::sync::OnceLock<mpsc::UnboundedSender<Arc<str>>>,
@@ -438,6 +514,9 @@ pub mod push {
         pub user: &'a str,
         /// Users in the channel now.
         pub count: usize,
+        /// The public information of the connection that joined, if it attached some.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub info: Option<&'a serde_json::value::RawValue>,
     }
 
     /// The channel name of a room, or of a user's notifications (`user:NAME`, kept as the
@@ -473,7 +552,14 @@ pub fn encode(event: &impl Serialize) -> Arc<Prepared> {
 }
 
 /// A presence change in `format`.
-fn presence(format: Format, room: &str, user: &str, join: bool, count: usize) -> Arc<Prepared> {
+fn presence(
+    format: Format,
+    room: &str,
+    user: &str,
+    join: bool,
+    count: usize,
+    info: Option<&RawValue>,
+) -> Arc<Prepared> {
     let kind = if join { "join" } else { "leave" };
     match format {
         Format::Room => encode(&Presence {
@@ -487,6 +573,7 @@ fn presence(format: Format, room: &str, user: &str, join: bool, count: usize) ->
             channel: &push::room_channel(room),
             user,
             count,
+            info,
         }),
     }
 }
@@ -565,6 +652,7 @@ impl Hub {
             .map_or_else(|| user.clone(), |(k, _)| k.clone());
         let (id, peer) = self.peer(user_key.clone(), outbox, format);
         let outbox = peer.outbox.clone();
+        let info = outbox.info();
         state.topic.peers.insert(id, peer);
         let n = state.users.entry(user_key.clone()).or_insert(0);
         *n += 1;
@@ -573,14 +661,14 @@ impl Hub {
         // A user's own devices on their notifications have no presence to tell.
         if first && !is_personal(room) {
             if users <= PRESENCE_LIMIT {
-                let encode = |f: Format| presence(f, room, user, true, users);
+                let encode = |f: Format| presence(f, room, user, true, users, info);
                 let event = Fan {
                     id: 0,
                     encode: &encode,
                 };
                 state.topic.fan_out(&event, Some(id), None, &self.metrics);
             }
-            self.share(room, user, true);
+            self.share(room, user, true, info);
         }
         let members = if users <= PRESENCE_LIMIT {
             state.users.keys().map(|u| u.to_string()).collect()
@@ -615,7 +703,7 @@ impl Hub {
                 state.users.remove(&*peer.user);
                 if told {
                     let count = state.users.len();
-                    let encode = |f: Format| presence(f, room, &peer.user, false, count);
+                    let encode = |f: Format| presence(f, room, &peer.user, false, count, None);
                     let event = Fan {
                         id: 0,
                         encode: &encode,
@@ -623,7 +711,7 @@ impl Hub {
                     state.topic.fan_out(&event, None, None, &self.metrics);
                 }
                 if !is_personal(room) {
-                    self.share(room, &peer.user, false);
+                    self.share(room, &peer.user, false, None);
                 }
             }
         }
@@ -786,19 +874,25 @@ impl Hub {
             .map_or(0, |state| state.users.len())
     }
 
-    /// The users in `room` on this node, with how many connections each has there.
-    pub fn members(&self, room: &str) -> Vec<(String, usize)> {
+    /// The users in `room` on this node, with how many connections each has there and the
+    /// public information they attached, in name order.
+    pub fn members(&self, room: &str) -> Vec<Member> {
         lock(&self.rooms).get(room).map_or_else(Vec::new, |state| {
+            let mut infos = state.infos();
             state
                 .users
                 .iter()
-                .map(|(user, n)| (user.to_string(), *n))
+                .map(|(user, n)| Member {
+                    user: user.to_string(),
+                    clients: *n,
+                    info: infos.remove(user).unwrap_or_default(),
+                })
                 .collect()
         })
     }
 
     /// Sends local joins and leaves to `tx` (for the other nodes).
-    pub fn share_presence(&self, tx: mpsc::UnboundedSender<(String, String, bool)>) {
+    pub fn share_presence(&self, tx: mpsc::UnboundedSender<Shared>) {
         let _ = self.presence.set(tx);
     }
 
@@ -820,15 +914,28 @@ impl Hub {
         lock(&self.rooms).contains_key(room)
     }
 
-    fn share(&self, room: &str, user: &str, join: bool) {
+    fn share(&self, room: &str, user: &str, join: bool, info: Option<&RawValue>) {
         if let Some(tx) = self.presence.get() {
-            let _ = tx.send((room.to_owned(), user.to_owned(), join));
+            let _ = tx.send(Shared {
+                room: room.to_owned(),
+                user: user.to_owned(),
+                join,
+                info: info.map(ToOwned::to_owned),
+            });
         }
     }
 
-    /// Tells local members that `user` joined or left on another node (unless the user is
-    /// also here); `remote` is how many users the room has on other nodes.
-    pub fn remote_presence(&self, room: &str, user: &str, join: bool, remote: usize) {
+    /// Tells local members that `user` joined (with the public `info` of the connection that
+    /// did) or left on another node (unless the user is also here); `remote` is how many users
+    /// the room has on other nodes.
+    pub fn remote_presence(
+        &self,
+        room: &str,
+        user: &str,
+        join: bool,
+        remote: usize,
+        info: Option<&RawValue>,
+    ) {
         let rooms = lock(&self.rooms);
         let Some(state) = rooms.get(room) else {
             return;
@@ -840,7 +947,7 @@ impl Hub {
         if count > PRESENCE_LIMIT {
             return;
         }
-        let encode = |f: Format| presence(f, room, user, join, count);
+        let encode = |f: Format| presence(f, room, user, join, count, info);
         let event = Fan {
             id: 0,
             encode: &encode,
@@ -886,6 +993,20 @@ impl Hub {
                 (room.to_string(), users)
             })
             .collect()
+    }
+
+    /// The public information local users' connections in `room` attached, by user (users
+    /// whose connections attached none are not in it).
+    pub fn infos(&self, room: &str) -> BTreeMap<String, Vec<Box<RawValue>>> {
+        lock(&self.rooms)
+            .get(room)
+            .map_or_else(BTreeMap::new, |state| {
+                state
+                    .infos()
+                    .into_iter()
+                    .map(|(user, infos)| (user.to_string(), infos))
+                    .collect()
+            })
     }
 
     /// Rooms with connected members: `(room, distinct users)`.

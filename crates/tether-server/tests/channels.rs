@@ -19,13 +19,18 @@ struct Client {
 impl Client {
     /// Opens `/ws` (with `query`) offering tether.v1, and connects.
     async fn open(server: &Running, query: &str) -> (Client, Value) {
+        Client::open_with(server, query, json!({"op": "connect"})).await
+    }
+
+    /// Opens `/ws` (with `query`) and sends `connect`, the command given.
+    async fn open_with(server: &Running, query: &str, connect: Value) -> (Client, Value) {
         let ws = open_raw(server, query).await;
         let mut client = Client {
             ws,
             next_id: 1,
             pushes: Vec::new(),
         };
-        let connected = client.call(json!({"op": "connect"})).await;
+        let connected = client.call(connect).await;
         (client, connected)
     }
 
@@ -123,6 +128,29 @@ async fn the_endpoint_requires_the_subprotocol() {
     let refused = within(tether::connect(&server.ws("/ws?name=ann"))).await;
     let err = refused.expect_err("refused without tether.v1");
     assert!(err.to_string().contains("400"), "{err}");
+
+    // A client of another version only is told so in the protocol, with 4505.
+    let (mut ws, response) = within(
+        tether::ClientBuilder::new(&server.ws("/ws?name=ann"))
+            .unwrap()
+            .protocol("tether.v9")
+            .connect(),
+    )
+    .await
+    .expect("the upgrade is accepted, to tell why");
+    assert_eq!(response.protocol, None, "no version agreed");
+    let disconnect = next(&mut ws).await;
+    assert_eq!(
+        (
+            &disconnect["type"],
+            &disconnect["code"],
+            &disconnect["reconnect"]
+        ),
+        (&json!("disconnect"), &json!(4505), &json!(false)),
+        "{disconnect}"
+    );
+    assert_eq!(close_code(&mut ws).await, 4505);
+    drop(ws);
     server.stop().await;
 }
 
@@ -307,6 +335,67 @@ async fn presence_joins_leaves_and_typing() {
         (&json!("ben"), &json!(1))
     );
     drop((ann, ben));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn presence_shows_the_info_each_connection_attached() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "ann", "correct horse battery").await;
+    let server = start(config(dir.path())).await;
+    let ann_token = token(server.addr, "ann", "correct horse battery").await;
+    let as_ann = format!("?token={ann_token}");
+    let info = |device: &str| json!({"op": "connect", "info": {"device": device}});
+    let (mut ann, connected) = Client::open_with(&server, &as_ann, info("phone")).await;
+    assert!(connected.get("error").is_none(), "{connected}");
+    ann.subscribe("room:i").await;
+    let (mut ben, _) = Client::open_with(&server, "?name=ben", info("laptop")).await;
+    ben.subscribe("room:i").await;
+    // The join tells the info of the connection that joined.
+    let join = ann.push("join").await;
+    assert_eq!(
+        (&join["user"], &join["info"]),
+        (&json!("ben"), &json!({"device": "laptop"}))
+    );
+    // Ann's second device: counted, and its info listed beside the first's; a connection
+    // without info adds none.
+    let (mut ann2, _) = Client::open_with(&server, &as_ann, info("desk")).await;
+    ann2.subscribe("room:i").await;
+    let (mut ann3, _) = Client::open(&server, &as_ann).await;
+    ann3.subscribe("room:i").await;
+    let presence = ben
+        .call(json!({"op": "presence", "channel": "room:i"}))
+        .await;
+    let members = presence["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{presence}");
+    assert_eq!(
+        (&members[0]["user"], &members[0]["clients"]),
+        (&json!("ann"), &json!(3))
+    );
+    let mut devices: Vec<&str> = members[0]["info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["device"].as_str().unwrap())
+        .collect();
+    devices.sort_unstable();
+    assert_eq!(devices, ["desk", "phone"]);
+    assert_eq!(members[1]["info"], json!([{"device": "laptop"}]));
+    // The subscribe reply lists the same.
+    let (mut cat, _) = Client::open(&server, "?name=cat").await;
+    let subscribed = cat.subscribe("room:i").await;
+    assert_eq!(subscribed["presence"][1], members[1], "{subscribed}");
+    assert!(subscribed["presence"][2].get("info").is_none());
+
+    // Info is an object of at most 1 KiB, given once.
+    for bad in [
+        json!({"op": "connect", "info": "phone"}),
+        json!({"op": "connect", "info": {"pad": "x".repeat(1100)}}),
+    ] {
+        let (_, refused) = Client::open_with(&server, "?name=dan", bad).await;
+        assert_eq!(error_code(&refused), 107, "{refused}");
+    }
+    drop((ann, ann2, ann3, ben, cat));
     server.stop().await;
 }
 
