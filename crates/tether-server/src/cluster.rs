@@ -728,19 +728,24 @@ impl Cluster {
             .collect())
     }
 
-    /// Distinct users present in `room` on every node (entries not yet expired).
-    ///
-    /// # Errors
-    /// Redis is unreachable.
-    pub async fn members(&self, room: &str) -> Result<BTreeSet<String>, StoreError> {
+    /// The `node\tuser` entries of `room` not yet expired.
+    async fn present(&self, room: &str) -> Result<Vec<String>, StoreError> {
         let mut con = self.commands.clone();
-        let entries: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        redis::cmd("ZRANGEBYSCORE")
             .arg(members_key(room))
             .arg(unix_ms())
             .arg("+inf")
             .query_async(&mut con)
             .await
-            .map_err(redis_error)?;
+            .map_err(redis_error)
+    }
+
+    /// Distinct users present in `room` on every node (entries not yet expired).
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn members(&self, room: &str) -> Result<BTreeSet<String>, StoreError> {
+        let entries = self.present(room).await?;
         Ok(entries
             .iter()
             .filter_map(|e| e.split_once('\t').map(|(_, user)| user.to_owned()))
@@ -832,14 +837,8 @@ impl Cluster {
     /// # Errors
     /// Redis is unreachable.
     pub async fn remote_members(&self, room: &str) -> Result<Vec<Member>, StoreError> {
+        let entries = self.present(room).await?;
         let mut con = self.commands.clone();
-        let entries: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(members_key(room))
-            .arg(unix_ms())
-            .arg("+inf")
-            .query_async(&mut con)
-            .await
-            .map_err(redis_error)?;
         let mut members: BTreeMap<String, Member> = BTreeMap::new();
         let mut nodes = BTreeSet::new();
         for (node, user) in entries.iter().filter_map(|e| e.split_once('\t')) {
