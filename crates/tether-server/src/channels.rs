@@ -15,7 +15,7 @@ use tether::{CloseCode, Message, Prepared};
 
 use crate::app::{App, Slot};
 use crate::auth::Identity;
-use crate::hub::{push, Everyone, Format, Outbox, Subscription, Verdict};
+use crate::hub::{push, Everyone, Format, Hub, Outbox, Place, Subscription, Verdict};
 use crate::journal::{ChatWrite, Job, Reply};
 use crate::store::{ChatMessage, StoreError};
 use crate::ws::{self, End, Member, RateLimit};
@@ -98,14 +98,22 @@ fn fail(code: Code, message: impl Into<String>) -> Failure {
 }
 
 /// A channel this connection is subscribed to. Its name is not kept: the subscription's
-/// topic says it (a room's name is shared with the hub).
+/// topic says it (a room's name is shared with the hub). The session keeps the hub, the
+/// user and the outbox once for all its channels ([`Channels`]).
 struct Channel {
-    sub: Subscription,
+    sub: Place,
     /// Live publications up to this offset were already written as replay.
     high: u64,
 }
 
 impl Channel {
+    fn new(sub: Subscription, high: u64) -> Channel {
+        Channel {
+            sub: sub.into_place(),
+            high,
+        }
+    }
+
     /// Whether this is the subscription to `name`.
     fn is(&self, name: &Name<'_>) -> bool {
         match name {
@@ -118,6 +126,42 @@ impl Channel {
             }
             Name::Broadcast => false,
         }
+    }
+}
+
+/// A connection's channels, which leave the hub when removed or dropped.
+struct Channels {
+    hub: Arc<Hub>,
+    list: Vec<Channel>,
+}
+
+impl Channels {
+    /// Keeps a new subscription, growing the list by one (no spare room kept).
+    fn add(&mut self, channel: Channel) {
+        self.list.reserve_exact(1);
+        self.list.push(channel);
+    }
+
+    /// Leaves the channel at `i`.
+    fn remove(&mut self, i: usize) {
+        let channel = self.list.swap_remove(i);
+        self.hub.leave(channel.sub);
+    }
+}
+
+impl Drop for Channels {
+    fn drop(&mut self) {
+        for channel in self.list.drain(..) {
+            self.hub.leave(channel.sub);
+        }
+    }
+}
+
+impl std::ops::Deref for Channels {
+    type Target = [Channel];
+
+    fn deref(&self) -> &[Channel] {
+        &self.list
     }
 }
 
@@ -210,7 +254,7 @@ struct Session {
     everyone: Everyone,
     /// In the order subscribed; found by name with a scan (at most `MAX_CHANNELS`), which
     /// keeps an idle connection's ten subscriptions in one small allocation.
-    channels: Vec<Channel>,
+    channels: Channels,
     limit: RateLimit,
     /// Commands refused in a row for the rate.
     refused: u8,
@@ -247,7 +291,10 @@ pub fn session(
         lost,
         outbox,
         everyone,
-        channels: Vec::new(),
+        channels: Channels {
+            hub: app.hub.clone(),
+            list: Vec::new(),
+        },
         connected: false,
         batch: Vec::new(),
         storing: None,
@@ -610,7 +657,7 @@ impl Session {
                 let channel = required(command.channel.as_deref(), "channel")?;
                 match self.position(channel) {
                     Some(i) => {
-                        self.channels.swap_remove(i);
+                        self.channels.remove(i);
                         Ok(None)
                     }
                     None => Err(fail(Code::NotSubscribed, "not subscribed to that channel")),
@@ -727,10 +774,7 @@ impl Session {
         } else {
             None
         };
-        self.add(Channel {
-            sub: joined.subscription,
-            high,
-        });
+        self.add(Channel::new(joined.subscription, high));
         let mut reply = json!({
             "epoch": current,
             "offset": plan.end.max(high),
@@ -771,10 +815,8 @@ impl Session {
         self.channels.iter().position(|c| c.is(&name))
     }
 
-    /// Keeps a new subscription, growing the list by one (no spare room kept).
     fn add(&mut self, channel: Channel) {
-        self.channels.reserve_exact(1);
-        self.channels.push(channel);
+        self.channels.add(channel);
     }
 
     /// A poll's channel: its state and this client's vote in the reply, then its counts as
@@ -793,7 +835,7 @@ impl Session {
         let (Some(poll), vote) = state else {
             return Err(fail(Code::UnknownChannel, "no such poll"));
         };
-        self.add(Channel { sub, high: 0 });
+        self.add(Channel::new(sub, 0));
         let reply = json!({
             "poll": poll,
             "vote": vote,
@@ -820,7 +862,7 @@ impl Session {
             .call(|s| s.polls(POLL_LIST))
             .await
             .map_err(internal)?;
-        self.add(Channel { sub, high: 0 });
+        self.add(Channel::new(sub, 0));
         let reply = json!({ "polls": polls, "replayed": 0 });
         Ok(Subscribed {
             reply,

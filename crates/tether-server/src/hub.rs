@@ -392,23 +392,55 @@ impl Subscription {
 
     /// The room, for a room's subscription.
     pub fn room(&self) -> Option<&str> {
-        match &self.topic {
-            TopicKey::Room(room) => Some(room),
-            TopicKey::Poll(_) => None,
-        }
+        self.topic.room()
     }
 
     /// The poll, for a poll's subscription ([`POLL_LIST`] for the list of polls).
     pub fn poll(&self) -> Option<i64> {
-        match &self.topic {
-            TopicKey::Room(_) => None,
-            TopicKey::Poll(poll) => Some(*poll),
-        }
+        self.topic.poll()
     }
 
     /// This connection's own queue, for replies to what it sent.
     pub fn sender(&self) -> Arc<Outbox> {
         self.outbox.clone()
+    }
+
+    /// Its place alone, for an owner that keeps the hub, the user and the outbox itself (a
+    /// connection with many subscriptions holds those once): the place does not leave when
+    /// dropped, its owner hands it to [`Hub::leave`].
+    pub fn into_place(mut self) -> Place {
+        // What is left behind leaves nothing when dropped (no subscription has id 0).
+        let topic = std::mem::replace(&mut self.topic, TopicKey::Poll(POLL_LIST));
+        Place {
+            id: std::mem::take(&mut self.id),
+            topic,
+        }
+    }
+}
+
+/// A subscription without its hub, user and outbox, which its owner keeps: 24 bytes rather
+/// than 56. It stays until handed to [`Hub::leave`].
+#[derive(Debug)]
+#[must_use = "a place stays in the hub until handed to Hub::leave"]
+pub struct Place {
+    id: u64,
+    topic: TopicKey,
+}
+
+impl Place {
+    /// Its id, which the events it receives carry ([`Outgoing::sub`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The room, for a room's place.
+    pub fn room(&self) -> Option<&str> {
+        self.topic.room()
+    }
+
+    /// The poll, for a poll's place ([`POLL_LIST`] for the list of polls).
+    pub fn poll(&self) -> Option<i64> {
+        self.topic.poll()
     }
 }
 
@@ -418,6 +450,22 @@ enum TopicKey {
     /// A poll by id; [`POLL_LIST`] is the list of polls. (A third variant would make every
     /// subscription 8 bytes bigger: a name's pointer has room for only one more.)
     Poll(i64),
+}
+
+impl TopicKey {
+    fn room(&self) -> Option<&str> {
+        match self {
+            TopicKey::Room(room) => Some(room),
+            TopicKey::Poll(_) => None,
+        }
+    }
+
+    fn poll(&self) -> Option<i64> {
+        match self {
+            TopicKey::Room(_) => None,
+            TopicKey::Poll(poll) => Some(*poll),
+        }
+    }
 }
 
 /// The poll id that stands for the `polls` channel (real ones start at 1).
@@ -719,6 +767,21 @@ impl Hub {
             if let Some((name, _)) = rooms.remove_entry(room) {
                 self.interested(&name);
             }
+        }
+    }
+
+    /// Takes `place` out of its room or poll.
+    pub fn leave(&self, place: Place) {
+        self.leave_topic(&place.topic, place.id);
+    }
+
+    fn leave_topic(&self, topic: &TopicKey, id: u64) {
+        match topic {
+            TopicKey::Room(room) => self.leave_room(room, id),
+            TopicKey::Poll(POLL_LIST) => {
+                lock(&self.poll_list).peers.remove(&id);
+            }
+            TopicKey::Poll(poll) => self.leave_poll(*poll, id),
         }
     }
 
@@ -1122,12 +1185,8 @@ impl Hub {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        match &self.topic {
-            TopicKey::Room(room) => self.hub.leave_room(room, self.id),
-            TopicKey::Poll(POLL_LIST) => {
-                lock(&self.hub.poll_list).peers.remove(&self.id);
-            }
-            TopicKey::Poll(poll) => self.hub.leave_poll(*poll, self.id),
+        if self.id != 0 {
+            self.hub.leave_topic(&self.topic, self.id);
         }
     }
 }

@@ -334,7 +334,25 @@ async fn presence_joins_leaves_and_typing() {
         (&leave["user"], &leave["count"]),
         (&json!("ben"), &json!(1))
     );
-    drop((ann, ben));
+    // A connection that ends leaves every channel it was in.
+    ben.subscribe("room:t").await;
+    ben.subscribe("room:u").await;
+    ann.subscribe("room:u").await;
+    assert_eq!(ann.push("join").await["channel"], "room:t");
+    drop(ben);
+    let mut left: Vec<String> = Vec::new();
+    for _ in 0..2 {
+        let leave = ann.push("leave").await;
+        assert_eq!(leave["user"], "ben");
+        left.push(leave["channel"].as_str().unwrap().to_owned());
+    }
+    left.sort();
+    assert_eq!(left, ["room:t", "room:u"]);
+    let presence = ann
+        .call(json!({"op": "presence", "channel": "room:u"}))
+        .await;
+    assert_eq!(presence["members"], json!([{"user": "ann", "clients": 1}]));
+    drop(ann);
     server.stop().await;
 }
 
