@@ -277,9 +277,9 @@ pub fn session(
     mut slot: Slot,
     member: Member,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let outbox = app.hub.outbox();
     // One allocation of the name for every subscription the connection makes.
     let name: Arc<str> = Arc::from(member.who.name());
+    let outbox = app.hub.outbox(&name, Format::Channels);
     let everyone = app.hub.join_everyone(&name, outbox.clone());
     let lost = ws::check_credential(&app, member.credential, member.revocations.clone());
     let mut session = Session {
@@ -535,8 +535,16 @@ impl Session {
         self.member.credential = Some(credential);
         self.name = Arc::from(user.as_str());
         self.member.who = Identity::User(user);
-        // Among the connections a broadcast reaches under its name now.
-        self.everyone = self.app.hub.join_everyone(&self.name, self.outbox.clone());
+        // An outbox in its name now (it has no channels yet: connect comes first), and among
+        // the connections a broadcast reaches under that name; what came before is kept.
+        let before = std::mem::replace(
+            &mut self.outbox,
+            self.app.hub.outbox(&self.name, Format::Channels),
+        );
+        self.everyone.move_to(self.outbox.clone());
+        while let Some(event) = before.try_recv() {
+            self.take(event);
+        }
         Ok(())
     }
 

@@ -71,6 +71,8 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<VecDeque<Outgoing>>,
+    /// Whose connection it is (one allocation of the name for all its subscriptions).
+    user: Arc<str>,
     /// The public information the connection attached (`connect {info}`): others see it in
     /// presence.
     info: std::sync::OnceLock<Box<RawValue>>,
@@ -80,6 +82,8 @@ pub struct Outbox {
     cap: u32,
     /// 0: none; 1: slow; 2: reset.
     verdict: AtomicU8,
+    /// How the connection speaks.
+    format: Format,
 }
 
 /// Why an event was not queued.
@@ -87,9 +91,11 @@ pub struct Outbox {
 pub struct Full;
 
 impl Outbox {
-    fn new(cap: usize) -> Outbox {
+    fn new(cap: usize, user: Arc<str>, format: Format) -> Outbox {
         Outbox {
             queue: Mutex::new(VecDeque::new()),
+            user,
+            format,
             info: std::sync::OnceLock::new(),
             cap: u32::try_from(cap).unwrap_or(u32::MAX),
             waker: futures_util::task::AtomicWaker::new(),
@@ -111,6 +117,11 @@ impl Outbox {
         }
         self.waker.wake();
         Ok(())
+    }
+
+    /// Whose connection it is.
+    pub fn user(&self) -> &Arc<str> {
+        &self.user
     }
 
     /// Attaches the connection's public information (once: later calls change nothing).
@@ -190,12 +201,11 @@ impl Outbox {
     }
 }
 
+/// A subscriber: its connection's outbox, which says who it is and how it speaks. A topic
+/// of many subscribers holds 16 bytes for each (with its id).
 #[derive(Debug)]
 struct Peer {
-    /// Shared with the room's count of the user's connections.
-    user: Arc<str>,
     outbox: Arc<Outbox>,
-    format: Format,
 }
 
 #[derive(Debug, Default)]
@@ -218,13 +228,14 @@ impl Topic {
         let mut reached = [0; 2];
         for (id, peer) in &self.peers {
             if Some(*id) == skip
-                || only.is_some_and(|f| f != peer.format)
+                || only.is_some_and(|f| f != peer.outbox.format)
                 || peer.outbox.verdict().is_some()
             {
                 continue;
             }
-            let slot = peer.format as usize;
-            let msg = encoded[slot].get_or_insert_with(|| (event.encode)(peer.format));
+            let format = peer.outbox.format;
+            let slot = format as usize;
+            let msg = encoded[slot].get_or_insert_with(|| (event.encode)(format));
             let outgoing = Outgoing {
                 id: event.id,
                 sub: *id,
@@ -233,7 +244,7 @@ impl Topic {
             match peer.outbox.push(outgoing) {
                 Ok(()) => reached[slot] += 1,
                 Err(Full) => {
-                    tracing::warn!(user = %peer.user, "slow consumer: outbound queue full");
+                    tracing::warn!(user = %peer.outbox.user, "slow consumer: outbound queue full");
                     peer.outbox.mark(Verdict::Slow);
                 }
             }
@@ -268,7 +279,7 @@ impl RoomState {
             let Some(info) = peer.outbox.info() else {
                 continue;
             };
-            let list = infos.entry(peer.user.clone()).or_default();
+            let list = infos.entry(peer.outbox.user.clone()).or_default();
             if list.len() < MAX_INFOS && !list.iter().any(|i| i.get() == info.get()) {
                 list.push(info.to_owned());
             }
@@ -373,9 +384,7 @@ pub struct Subscription {
     hub: Arc<Hub>,
     id: u64,
     topic: TopicKey,
-    /// Whose connection it is.
-    user: Arc<str>,
-    /// Events to send, in order, and the hub's verdict.
+    /// Events to send, in order, and the hub's verdict (and whose connection it is).
     pub outbox: Arc<Outbox>,
 }
 
@@ -387,7 +396,7 @@ impl Subscription {
 
     /// The user whose connection it is.
     pub fn user(&self) -> &str {
-        &self.user
+        &self.outbox.user
     }
 
     /// The room, for a room's subscription.
@@ -482,6 +491,14 @@ impl Everyone {
     /// Its id, which the events it receives carry ([`Outgoing::sub`]).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Sends what comes from now on to `outbox` instead (the connection took an identity):
+    /// nothing is missed or sent twice in between.
+    pub fn move_to(&self, outbox: Arc<Outbox>) {
+        lock(&self.hub.everyone)
+            .peers
+            .insert(self.id, Peer { outbox });
     }
 }
 
@@ -649,23 +666,18 @@ impl Hub {
         })
     }
 
-    /// A connection's outbound queue, for several subscriptions to share
-    /// ([`Hub::join_with`]).
-    pub fn outbox(&self) -> Arc<Outbox> {
-        Arc::new(Outbox::new(self.queue_len))
+    /// The outbound queue of a connection of `user` speaking `format`, for several
+    /// subscriptions to share ([`Hub::join_with`]).
+    pub fn outbox(&self, user: &Arc<str>, format: Format) -> Arc<Outbox> {
+        Arc::new(Outbox::new(self.queue_len, user.clone(), format))
     }
 
-    fn peer(&self, user: Arc<str>, outbox: Option<Arc<Outbox>>, format: Format) -> (u64, Peer) {
-        let outbox = outbox.unwrap_or_else(|| self.outbox());
+    /// A new subscriber, on `outbox` (a new one for `user` speaking `format` when `None`).
+    fn peer(&self, user: &Arc<str>, outbox: Option<Arc<Outbox>>, format: Format) -> (u64, Peer) {
+        let outbox = outbox.unwrap_or_else(|| self.outbox(user, format));
+        debug_assert!(outbox.format == format && *outbox.user == **user);
         let id = self.next_id.fetch_add(1, Relaxed);
-        (
-            id,
-            Peer {
-                user,
-                outbox,
-                format,
-            },
-        )
+        (id, Peer { outbox })
     }
 
     /// Subscribes a connection of `user` to `room`; the others learn of a new user.
@@ -698,7 +710,7 @@ impl Hub {
             .users
             .get_key_value(&**user)
             .map_or_else(|| user.clone(), |(k, _)| k.clone());
-        let (id, peer) = self.peer(user_key.clone(), outbox, format);
+        let (id, peer) = self.peer(user, outbox, format);
         let outbox = peer.outbox.clone();
         let info = outbox.info();
         state.topic.peers.insert(id, peer);
@@ -728,7 +740,6 @@ impl Hub {
                 hub: self.clone(),
                 id,
                 topic: TopicKey::Room(room_key),
-                user: user_key,
                 outbox,
             },
             members,
@@ -744,14 +755,15 @@ impl Hub {
         let Some(peer) = state.topic.peers.remove(&id) else {
             return;
         };
-        if let Some(n) = state.users.get_mut(&*peer.user) {
+        let user = &peer.outbox.user;
+        if let Some(n) = state.users.get_mut(&**user) {
             *n -= 1;
             if *n == 0 {
                 let told = state.users.len() <= PRESENCE_LIMIT && !is_personal(room);
-                state.users.remove(&*peer.user);
+                state.users.remove(&**user);
                 if told {
                     let count = state.users.len();
-                    let encode = |f: Format| presence(f, room, &peer.user, false, count, None);
+                    let encode = |f: Format| presence(f, room, user, false, count, None);
                     let event = Fan {
                         id: 0,
                         encode: &encode,
@@ -759,7 +771,7 @@ impl Hub {
                     state.topic.fan_out(&event, None, None, &self.metrics);
                 }
                 if !is_personal(room) {
-                    self.share(room, &peer.user, false, None);
+                    self.share(room, user, false, None);
                 }
             }
         }
@@ -906,7 +918,7 @@ impl Hub {
     /// Adds a connection of the channel protocol to those a broadcast reaches, its events
     /// going to `outbox`.
     pub fn join_everyone(self: &Arc<Self>, user: &Arc<str>, outbox: Arc<Outbox>) -> Everyone {
-        let (id, peer) = self.peer(user.clone(), Some(outbox), Format::Channels);
+        let (id, peer) = self.peer(user, Some(outbox), Format::Channels);
         lock(&self.everyone).peers.insert(id, peer);
         Everyone {
             hub: self.clone(),
@@ -1096,8 +1108,7 @@ impl Hub {
         outbox: Option<Arc<Outbox>>,
         format: Format,
     ) -> Subscription {
-        let user = user.clone();
-        let (id, peer) = self.peer(user.clone(), outbox, format);
+        let (id, peer) = self.peer(user, outbox, format);
         let outbox = peer.outbox.clone();
         let mut polls = lock(&self.polls);
         polls.entry(poll).or_default().topic.peers.insert(id, peer);
@@ -1105,7 +1116,6 @@ impl Hub {
             hub: self.clone(),
             id,
             topic: TopicKey::Poll(poll),
-            user,
             outbox,
         }
     }
@@ -1123,15 +1133,13 @@ impl Hub {
     /// Subscribes a channel-protocol connection to the `polls` channel, its events going to
     /// `outbox`.
     pub fn watch_poll_list(self: &Arc<Self>, user: &Arc<str>, outbox: Arc<Outbox>) -> Subscription {
-        let user = user.clone();
-        let (id, peer) = self.peer(user.clone(), Some(outbox), Format::Channels);
+        let (id, peer) = self.peer(user, Some(outbox), Format::Channels);
         let outbox = peer.outbox.clone();
         lock(&self.poll_list).peers.insert(id, peer);
         Subscription {
             hub: self.clone(),
             id,
             topic: TopicKey::Poll(POLL_LIST),
-            user,
             outbox,
         }
     }
