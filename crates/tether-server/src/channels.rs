@@ -240,10 +240,20 @@ struct VoteData {
     vote: String,
 }
 
+/// Who a connection is, as its session needs it: the credential it came with is watched
+/// (`Session::lost`), not kept.
+struct Caller {
+    who: Identity,
+    voter: Option<crate::store::Voter>,
+    writer: crate::app::Writer,
+    /// Revocations since before the credential was checked.
+    revocations: tokio::sync::watch::Receiver<u64>,
+}
+
 /// A session of the channel protocol.
 struct Session {
     app: Arc<App>,
-    member: Member,
+    member: Caller,
     /// The user's name, shared by its subscriptions.
     name: Arc<str>,
     /// Resolves when the connection's credential is revoked or expires.
@@ -282,19 +292,25 @@ pub fn session(
     let outbox = app.hub.outbox(&name, Format::Channels);
     let everyone = app.hub.join_everyone(&name, outbox.clone());
     let lost = ws::check_credential(&app, member.credential, member.revocations.clone());
+    let channels = Channels {
+        hub: app.hub.clone(),
+        list: Vec::new(),
+    };
     let mut session = Session {
         limit: RateLimit::new(app.config.message_rate),
         refused: 0,
-        app: app.clone(),
-        member,
+        app,
+        member: Caller {
+            who: member.who,
+            voter: member.voter,
+            writer: member.writer,
+            revocations: member.revocations,
+        },
         name,
         lost,
         outbox,
         everyone,
-        channels: Channels {
-            hub: app.hub.clone(),
-            list: Vec::new(),
-        },
+        channels,
         connected: false,
         batch: Vec::new(),
         storing: None,
@@ -302,6 +318,8 @@ pub fn session(
     async move {
         let end = session.run(&mut ws).await;
         let user = session.member.who.name().to_owned();
+        // Taken from the session once it has run, so as not to be kept beside it.
+        let app = session.app.clone();
         // Leave every channel before the nickname goes.
         drop(session);
         slot.release_nickname();
@@ -369,7 +387,9 @@ impl Session {
                 Some(storing) => storing.poll_next_unpin(cx),
                 None => TaskPoll::Pending,
             });
-            tokio::select! {
+            // Only a command's text outlives the wait: the message it came in (and the wait's
+            // own state) would otherwise take room in the session's state for its whole life.
+            let text = tokio::select! {
                 biased;
                 verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => {
                     return judged(&app, verdict);
@@ -380,31 +400,34 @@ impl Session {
                 () = lost_fut => {
                     return End::Close(disconnect::CREDENTIAL_LOST, "credential revoked or expired");
                 }
-                reply = stored => match reply {
-                    Some(reply) => self.batch.push(reply),
-                    None => self.storing = None,
-                },
+                reply = stored => {
+                    match reply {
+                        Some(reply) => self.batch.push(reply),
+                        None => self.storing = None,
+                    }
+                    continue;
+                }
                 event = std::future::poll_fn(|cx| outbox.poll_recv(cx)) => {
                     self.take(event);
                     while let Some(event) = self.outbox.try_recv() {
                         self.take(event);
                     }
+                    continue;
                 }
                 message = ws.recv(), if room_for_more => match message {
-                    Some(Ok(Message::Text(text))) => {
-                        ws::count_in(&app, text.len());
-                        // Boxed: a command's futures (storage, replay) would otherwise stay in
-                        // the session's state for its whole life.
-                        if let Err(end) = Box::pin(self.command(&text)).await {
-                            return end;
-                        }
-                    }
+                    Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Binary(_))) => {
                         return End::Close(disconnect::PROTOCOL_VIOLATION, "binary frames are not part of tether.v1");
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(_)) => continue,
                     Some(Err(_)) | None => return End::Gone,
                 }
+            };
+            ws::count_in(&app, text.len());
+            // Boxed: a command's futures (storage, replay) would otherwise stay in the
+            // session's state for its whole life.
+            if let Err(end) = Box::pin(self.command(&text)).await {
+                return end;
             }
         }
     }
@@ -532,7 +555,6 @@ impl Session {
             key: user.clone(),
             guest: None,
         });
-        self.member.credential = Some(credential);
         self.name = Arc::from(user.as_str());
         self.member.who = Identity::User(user);
         // An outbox in its name now (it has no channels yet: connect comes first), and among
@@ -1074,4 +1096,26 @@ fn publication(message: &ChatMessage) -> Arc<Prepared> {
         ts: Some(&message.ts),
         data: json!({"text": message.text}),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(Arc<App>, UpgradedWebSocket, Slot, Member) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// What an idle connection's task points to: at most 768 bytes, a jemalloc size class
+    /// (the next is 1,024). A value kept across an `.await` in the session widens every
+    /// connection's state; keep such values boxed or short-lived.
+    #[test]
+    fn a_session_fits_in_768_bytes() {
+        let size = returned_size(session);
+        assert!(size <= 768, "a channel session takes {size} bytes");
+    }
 }
