@@ -267,7 +267,8 @@ struct RoomState {
     /// catch-up after a lost subscription).
     position: u64,
     /// Connections per user, for presence (a user joins with the first, leaves with the last).
-    users: BTreeMap<Arc<str>, usize>,
+    /// (A hash map: a B-tree's nodes cost a room of 100 about half as much again.)
+    users: HashMap<Arc<str>, u32>,
 }
 
 impl RoomState {
@@ -731,7 +732,9 @@ impl Hub {
             self.share(room, user, true, info);
         }
         let members = if users <= PRESENCE_LIMIT {
-            state.users.keys().map(|u| u.to_string()).collect()
+            let mut members: Vec<String> = state.users.keys().map(|u| u.to_string()).collect();
+            members.sort_unstable();
+            members
         } else {
             Vec::new()
         };
@@ -954,15 +957,17 @@ impl Hub {
     pub fn members(&self, room: &str) -> Vec<Member> {
         lock(&self.rooms).get(room).map_or_else(Vec::new, |state| {
             let mut infos = state.infos();
-            state
+            let mut members: Vec<Member> = state
                 .users
                 .iter()
                 .map(|(user, n)| Member {
                     user: user.to_string(),
-                    clients: *n,
+                    clients: *n as usize,
                     info: infos.remove(user).unwrap_or_default(),
                 })
-                .collect()
+                .collect();
+            members.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+            members
         })
     }
 
