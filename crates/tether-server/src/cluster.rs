@@ -1028,14 +1028,18 @@ impl Cluster {
             }
         }
         for chunk in gone.chunks(SUBSCRIBE_BATCH) {
-            sink.unsubscribe(room_channels(chunk)).await?;
-            let mut listening = lock(&self.listening);
-            let mut remote = lock(&self.remote);
-            for room in chunk {
-                listening.heard.remove(room);
-                listening.unsure.remove(room);
-                remote.remove(&**room);
+            {
+                // Not heard from now on: a member who joins meanwhile waits for the room to
+                // be subscribed again rather than read its history before that.
+                let mut listening = lock(&self.listening);
+                let mut remote = lock(&self.remote);
+                for room in chunk {
+                    listening.heard.remove(room);
+                    listening.unsure.remove(room);
+                    remote.remove(&**room);
+                }
             }
+            sink.unsubscribe(room_channels(chunk)).await?;
         }
         for chunk in add.chunks(SUBSCRIBE_BATCH) {
             sink.subscribe(room_channels(chunk)).await?;
