@@ -481,10 +481,11 @@ impl TopicKey {
 /// The poll id that stands for the `polls` channel (real ones start at 1).
 pub const POLL_LIST: i64 = 0;
 
-/// A channel-protocol connection's place among those a broadcast reaches; dropping it leaves.
+/// A channel-protocol connection's place among those a broadcast reaches. Like a [`Place`],
+/// it stays until handed to [`Hub::leave_everyone`] (its owner holds the hub).
 #[derive(Debug)]
+#[must_use = "a connection stays among those a broadcast reaches until Hub::leave_everyone"]
 pub struct Everyone {
-    hub: Arc<Hub>,
     id: u64,
 }
 
@@ -492,20 +493,6 @@ impl Everyone {
     /// Its id, which the events it receives carry ([`Outgoing::sub`]).
     pub fn id(&self) -> u64 {
         self.id
-    }
-
-    /// Sends what comes from now on to `outbox` instead (the connection took an identity):
-    /// nothing is missed or sent twice in between.
-    pub fn move_to(&self, outbox: Arc<Outbox>) {
-        lock(&self.hub.everyone)
-            .peers
-            .insert(self.id, Peer { outbox });
-    }
-}
-
-impl Drop for Everyone {
-    fn drop(&mut self) {
-        lock(&self.hub.everyone).peers.remove(&self.id);
     }
 }
 
@@ -920,13 +907,23 @@ impl Hub {
 
     /// Adds a connection of the channel protocol to those a broadcast reaches, its events
     /// going to `outbox`.
-    pub fn join_everyone(self: &Arc<Self>, user: &Arc<str>, outbox: Arc<Outbox>) -> Everyone {
+    pub fn join_everyone(&self, user: &Arc<str>, outbox: Arc<Outbox>) -> Everyone {
         let (id, peer) = self.peer(user, Some(outbox), Format::Channels);
         lock(&self.everyone).peers.insert(id, peer);
-        Everyone {
-            hub: self.clone(),
-            id,
-        }
+        Everyone { id }
+    }
+
+    /// Sends what comes to `everyone` from now on to `outbox` instead (the connection took an
+    /// identity): nothing is missed or sent twice in between.
+    pub fn move_everyone(&self, everyone: &Everyone, outbox: Arc<Outbox>) {
+        lock(&self.everyone)
+            .peers
+            .insert(everyone.id, Peer { outbox });
+    }
+
+    /// Takes a connection out of those a broadcast reaches.
+    pub fn leave_everyone(&self, everyone: &Everyone) {
+        lock(&self.everyone).peers.remove(&everyone.id);
     }
 
     /// Sends an ephemeral event (already encoded as a push) to the channel-protocol members
