@@ -880,7 +880,7 @@ impl Cluster {
 
     /// Returns once this node hears `room` live, which a member waits for before reading the
     /// room's history so that nothing published between the two is missed. Without Redis, or
-    /// after [`LISTEN_WAIT`], it returns anyway and the room is caught up from its stream
+    /// after 2 s, it returns anyway and the room is caught up from its stream
     /// once heard.
     pub async fn listen(&self, room: &str) {
         let heard = {
