@@ -18,6 +18,7 @@ file is bench/compare.py's).
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def measure(server, tether, opts, window, run, data):
         target = [url]
     try:
         before, began = compare.cpu_seconds(proc.pid), time.monotonic()
+        load_before = children_cpu()
         env = dict(os.environ, TOKIO_WORKER_THREADS="1")
         out = subprocess.run(
             ["taskset", "-c", compare.LOAD_CPU, str(tether), "bench", "fanout", *target,
@@ -76,15 +78,23 @@ def measure(server, tether, opts, window, run, data):
             capture_output=True, text=True, env=env, timeout=opts.duration + 300)
         cpu = compare.cpu_seconds(proc.pid) - before
         wall = time.monotonic() - began
+        load = children_cpu() - load_before
     finally:
         compare.stop(proc)
     if not out.stdout.strip():
         raise RuntimeError(f"bench fanout against {server} printed nothing: {out.stderr.strip()}")
     summary = json.loads(out.stdout)
-    summary["server_cpu_s"], summary["wall_s"] = cpu, wall
+    summary["server_cpu_s"], summary["wall_s"], summary["load_cpu_s"] = cpu, wall, load
     if out.returncode != 0:
         summary.setdefault("first_error", out.stderr.strip())
     return summary
+
+
+def children_cpu():
+    """CPU seconds of the child processes waited for so far (the load generator, once its run
+    returns; the server is still running then, so it is not in it)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def median(runs, key):
@@ -106,11 +116,12 @@ def table(results, opts, facts, command):
          "first one publishes, keeping *window* publications in flight (the next goes out once "
          "one has reached every subscriber); every delivery is counted and timed from the "
          "publisher's send. Server on CPU 0, load on CPU 1, loopback.",
-         "- *server CPU* is the server's CPU time over the whole bench run's wall time (opening "
-         "the subscribers included): near 100% the server was the limit; well below, the load "
-         "generator or the window was.\n",
-         "| window | server | deliveries/s | p50 | p99 | server CPU | ratio (deliveries/s) | p99 ≤ uWS |",
-         "|---|---|---|---|---|---|---|---|"]
+         "- *server CPU* and *load CPU* are the server's and the load generator's CPU time over "
+         "the whole bench run's wall time (opening the subscribers included): the side near "
+         "100% was the limit. A load generator near its limit adds its own queueing to every "
+         "latency, and caps the faster server's rate.\n",
+         "| window | server | deliveries/s | p50 | p99 | server CPU | load CPU | ratio (deliveries/s) | p99 ≤ uWS |",
+         "|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for window in opts.windows:
         t, u = results.get(("tether", window)), results.get(("uws", window))
@@ -118,7 +129,9 @@ def table(results, opts, facts, command):
             if not runs:
                 continue
             rate = median(runs, "deliveries_per_sec")
-            cpu = median(runs, "server_cpu_s") / max(median(runs, "wall_s"), 1e-9)
+            wall = max(median(runs, "wall_s"), 1e-9)
+            cpu = median(runs, "server_cpu_s") / wall
+            load = median(runs, "load_cpu_s") / wall
             ratio = p99ok = ""
             if name == "tether" and t and u:
                 r = rate / median(u, "deliveries_per_sec")
@@ -126,7 +139,8 @@ def table(results, opts, facts, command):
                 ratio, p99ok = f"{r:.2f}×", "yes" if ok else "no"
                 verdicts.append((window, r, ok))
             L.append(f"| {window} | {name} | {rate:,.0f} | {median(runs, 'p50_us') / 1000:.1f} ms "
-                     f"| {median(runs, 'p99_us') / 1000:.1f} ms | {cpu * 100:.0f}% | {ratio} | {p99ok} |")
+                     f"| {median(runs, 'p99_us') / 1000:.1f} ms | {cpu * 100:.0f}% | {load * 100:.0f}% "
+                     f"| {ratio} | {p99ok} |")
     L.append("")
     for window, r, ok in verdicts:
         met = r >= 1.0 and ok

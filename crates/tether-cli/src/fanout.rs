@@ -344,28 +344,121 @@ impl Conn {
         Ok(Some((header.opcode, self.buf.split_to(len))))
     }
 
-    /// Handles every whole frame read: deliveries counted and timed into `times`, pings
+    /// Handles every whole frame read: deliveries counted and timed into `tally`, pings
     /// answered. `Err` when the connection must end.
-    async fn take_frames(&mut self, shared: &Shared, times: &mut Vec<u32>) -> Result<(), String> {
-        while let Some((opcode, payload)) = self.parsed()? {
+    ///
+    /// Frames are parsed in place and the buffer advanced once; the clock is read once for
+    /// the whole read (its frames arrived together), and the counts go to the shared state
+    /// once per publication in it. The load generator shares one core with ten thousand
+    /// connections: what it spends per delivery would otherwise show up as latency.
+    async fn take_frames(&mut self, shared: &Shared, tally: &mut Tally) -> Result<(), String> {
+        let now = shared.started.elapsed().as_nanos() as u64;
+        let mut at = 0;
+        let mut pongs = Vec::new();
+        let mut result = Ok(());
+        while let Some((opcode, payload)) = frame_at(&self.buf[at..])? {
+            let payload_at = at + payload.start;
+            at += payload.end;
+            let payload = &self.buf[payload_at..at];
             match opcode {
                 OpCode::Text | OpCode::Binary => {
-                    if let Some((number, sent)) = stamp(&payload) {
-                        shared.delivered(number, sent, times);
-                    } else if let Some(Err(error)) = reply(&payload) {
+                    if let Some((number, sent)) = stamp(payload) {
+                        tally.delivered(shared, number, now.saturating_sub(sent));
+                    } else if let Some(Err(error)) = reply(payload) {
                         // A refused publication never arrives: the run is over.
-                        return Err(format!("an error reply: {error}"));
+                        result = Err(format!("an error reply: {error}"));
+                        break;
                     }
                 }
-                OpCode::Ping => {
-                    let pong = masked_frame(OpCode::Pong, &payload, key(0));
-                    self.tcp.write_all(&pong).await.map_err(|e| e.to_string())?;
+                OpCode::Ping => pongs.extend(masked_frame(OpCode::Pong, payload, key(0))),
+                OpCode::Close => {
+                    result = Err(close_reason(payload));
+                    break;
                 }
-                OpCode::Close => return Err(close_reason(&payload)),
                 _ => {}
             }
         }
-        Ok(())
+        self.buf.advance(at);
+        tally.settle(shared);
+        if !pongs.is_empty() {
+            self.tcp
+                .write_all(&pongs)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        result
+    }
+}
+
+/// The whole frame at the start of `buf`, if there is one: its opcode and where its payload
+/// lies (its end is where the next frame starts).
+fn frame_at(buf: &[u8]) -> Result<Option<(OpCode, std::ops::Range<usize>)>, String> {
+    let Some((header, at)) = FrameHeader::parse(buf).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let len = usize::try_from(header.payload_len).map_err(|e| e.to_string())?;
+    if header.mask.is_some() || !header.fin || len > 16 << 20 {
+        return Err("a frame this benchmark does not expect (masked, fragmented or huge)".into());
+    }
+    if buf.len() < at + len {
+        return Ok(None);
+    }
+    Ok(Some((header.opcode, at..at + len)))
+}
+
+/// One connection's deliveries not yet added to the shared state.
+struct Tally {
+    /// Latencies (µs), added to the histogram in batches.
+    times: Vec<u32>,
+    /// Per publication number, deliveries since the last settling (a read holds a few).
+    counts: Vec<(u64, usize)>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            times: Vec::with_capacity(256),
+            counts: Vec::with_capacity(32),
+        }
+    }
+
+    /// A delivery of publication `number` after `latency` ns.
+    fn delivered(&mut self, shared: &Shared, number: u64, latency: u64) {
+        self.times
+            .push((latency / 1000).min(u64::from(u32::MAX)) as u32);
+        if self.times.len() == self.times.capacity() {
+            shared.record(&mut self.times);
+        }
+        match self.counts.iter_mut().find(|(n, _)| *n == number) {
+            Some((_, count)) => *count += 1,
+            None => self.counts.push((number, 1)),
+        }
+    }
+
+    /// Adds the counted deliveries to the shared state: a publication that has now reached
+    /// every subscriber is completed, and the publisher told.
+    fn settle(&mut self, shared: &Shared) {
+        let mut total = 0;
+        for (number, count) in self.counts.drain(..) {
+            total += count;
+            let slot = &shared.remaining[(number % RING as u64) as usize];
+            let before = slot
+                .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(count)))
+                .unwrap_or(0);
+            if before > 0 && before <= count {
+                shared.completed.fetch_add(1, Relaxed);
+                shared.progress.notify_one();
+            }
+        }
+        if total > 0 {
+            shared.deliveries.fetch_add(total as u64, Relaxed);
+        }
+    }
+
+    /// Everything left goes to the shared state.
+    fn finish(mut self, shared: &Shared) {
+        self.settle(shared);
+        shared.record(&mut self.times);
     }
 }
 
@@ -405,39 +498,35 @@ fn reply(message: &[u8]) -> Option<Result<u64, String>> {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// A publication's number and when it was sent (nanoseconds from the start), from
 /// `fanout:NUMBER:NANOS:` anywhere in a message.
 fn stamp(message: &[u8]) -> Option<(u64, u64)> {
-    let at = find(message, MARK)? + MARK.len();
-    let mut fields = message[at..].splitn(3, |b| *b == b':');
-    let mut number = || -> Option<u64> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
-    Some((number()?, number()?))
+    let rest = &message[find(message, MARK)? + MARK.len()..];
+    let (number, rest) = decimal(rest)?;
+    let (sent, _) = decimal(rest)?;
+    Some((number, sent))
+}
+
+/// The decimal number `bytes` starts with, ended by a `:`, and what follows the colon.
+fn decimal(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let end = memchr::memchr(b':', bytes)?;
+    if end == 0 || end > 19 {
+        return None;
+    }
+    let mut value = 0u64;
+    for &b in &bytes[..end] {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + u64::from(b - b'0');
+    }
+    Some((value, &bytes[end + 1..]))
 }
 
 impl Shared {
-    /// Counts a delivery of publication `number`, sent at `sent`; its latency joins `times`
-    /// (in µs), which are added to the histogram in batches.
-    fn delivered(&self, number: u64, sent: u64, times: &mut Vec<u32>) {
-        let now = self.started.elapsed().as_nanos() as u64;
-        times.push((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32);
-        if times.len() == times.capacity() {
-            self.record(times);
-        }
-        self.deliveries.fetch_add(1, Relaxed);
-        let slot = &self.remaining[(number % RING as u64) as usize];
-        if slot
-            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-            .ok()
-            == Some(1)
-        {
-            self.completed.fetch_add(1, Relaxed);
-            self.progress.notify_one();
-        }
-    }
-
     fn record(&self, times: &mut Vec<u32>) {
         let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
         for t in times.drain(..) {
@@ -452,24 +541,28 @@ async fn subscribe(
     shared: Arc<Shared>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut times = Vec::with_capacity(256);
+    let mut tally = Tally::new();
+    // One wait for the end, for the whole run (not one per read).
+    let over = stopped.wait_for(|over| *over);
+    tokio::pin!(over);
     loop {
-        if let Err(why) = conn.take_frames(&shared, &mut times).await {
+        if let Err(why) = conn.take_frames(&shared, &mut tally).await {
             shared.failures.note(|| why);
             break;
         }
         conn.buf.reserve(16 << 10);
         tokio::select! {
-            _ = stopped.wait_for(|over| *over) => break,
+            biased;
             read = conn.tcp.read_buf(&mut conn.buf) => {
                 if let Err(why) = read_result(read, "a subscriber") {
                     shared.failures.note(|| why);
                     break;
                 }
             }
+            _ = &mut over => break,
         }
     }
-    shared.record(&mut times);
+    tally.finish(&shared);
 }
 
 /// The publisher's settings.
@@ -507,7 +600,7 @@ impl Publish {
         shared: &Shared,
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) -> (u64, f64) {
-        let mut times = Vec::with_capacity(256);
+        let mut tally = Tally::new();
         let mut sent = 0u64;
         let mut last_progress = Instant::now();
         loop {
@@ -546,7 +639,7 @@ impl Publish {
                 _ = stopped.wait_for(|over| *over) => break,
                 read = conn.tcp.read_buf(&mut conn.buf) => {
                     let taken = match read_result(read, "the publisher") {
-                        Ok(()) => conn.take_frames(shared, &mut times).await,
+                        Ok(()) => conn.take_frames(shared, &mut tally).await,
                         Err(why) => Err(why),
                     };
                     if let Err(why) = taken {
@@ -556,7 +649,7 @@ impl Publish {
                 }
             }
         }
-        shared.record(&mut times);
+        tally.finish(shared);
         (sent, shared.started.elapsed().as_secs_f64())
     }
 }
