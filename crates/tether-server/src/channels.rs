@@ -429,7 +429,7 @@ impl Session {
                 }
                 event = std::future::poll_fn(|cx| outbox.poll_recv(cx)) => {
                     self.take(event);
-                    while let Some(event) = self.outbox.try_recv() {
+                    for event in self.outbox.take_all() {
                         self.take(event);
                     }
                     continue;

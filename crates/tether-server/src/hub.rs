@@ -145,6 +145,11 @@ impl Outbox {
         event
     }
 
+    /// Every event that waits, taken at once (one lock for the lot).
+    pub fn take_all(&self) -> VecDeque<Outgoing> {
+        std::mem::take(&mut *lock(&self.queue))
+    }
+
     /// The next event; without one, the session is woken when one is queued (or a verdict
     /// given).
     pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Outgoing> {

@@ -111,7 +111,9 @@ pub(super) fn write_io<S: AsyncWrite + Unpin>(
     let out = conn.transmit();
     let mut progressed = false;
     while out.has_remaining() {
-        let written = if io.is_write_vectored() {
+        // One contiguous chunk (small frames, the usual case) goes out with a plain write
+        // (`send`), which costs the kernel less than a one-element `writev`.
+        let written = if out.chunk().len() < out.remaining() && io.is_write_vectored() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let n = out.chunks_vectored(&mut slices);
             Pin::new(&mut *io).poll_write_vectored(wcx, &slices[..n])
