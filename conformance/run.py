@@ -244,18 +244,14 @@ def run_server_mode(args, wstest):
     return summarise("server", outdir, selected)
 
 
-def run_client_mode(args, wstest):
-    outdir = args.reports / "clients"
-    fresh_outdir(outdir)
-    port = free_port()
-    url = f"ws://127.0.0.1:{port}"
-    if args.client_cmd:
-        cmd = shlex.split(args.client_cmd.format(port=port, url=url))
-    else:
-        binary = TARGET / "release" / "examples" / "autobahn_client"
-        require(binary)
-        cmd = [str(binary), url, AGENT]
-    with tempfile.TemporaryDirectory(prefix="tether-autobahn-") as tmp:
+def start_fuzzingserver(args, wstest, outdir, tmp):
+    """Starts wstest's fuzzing server on a free port; returns (child, url, selected cases).
+
+    The port is free when picked but may be taken before wstest binds it (by anything else
+    on the machine opening sockets meanwhile): then another port is tried, up to three."""
+    for attempt in range(1, 4):
+        port = free_port()
+        url = f"ws://127.0.0.1:{port}"
         spec, selected = write_spec(args, tmp, {
             "url": url,
             "outdir": str(outdir),
@@ -263,13 +259,36 @@ def run_client_mode(args, wstest):
             "exclude-cases": args.exclude,
             "exclude-agent-cases": {},
         })
+        logfile = args.reports / "wstest-fuzzingserver.log"
         # -u 0: no embedded web server (it would otherwise take port 8080)
         fuzzer = Child("wstest fuzzingserver",
                        [str(wstest), "-m", "fuzzingserver", "-s", str(spec), "-u", "0"],
-                       args.reports / "wstest-fuzzingserver.log")
-        client = None
+                       logfile)
         try:
             wait_for_port(port, fuzzer, args.start_timeout)
+            return fuzzer, port, url, selected
+        except SetupError:
+            fuzzer.stop()
+            taken = "Address already in use" in logfile.read_text(errors="replace")
+            if not taken or attempt == 3:
+                raise
+            log(f"port {port} was taken before wstest bound it: trying another")
+    raise AssertionError("unreachable")
+
+
+def run_client_mode(args, wstest):
+    outdir = args.reports / "clients"
+    fresh_outdir(outdir)
+    with tempfile.TemporaryDirectory(prefix="tether-autobahn-") as tmp:
+        if not args.client_cmd:
+            require(TARGET / "release" / "examples" / "autobahn_client")
+        fuzzer, port, url, selected = start_fuzzingserver(args, wstest, outdir, tmp)
+        if args.client_cmd:
+            cmd = shlex.split(args.client_cmd.format(port=port, url=url))
+        else:
+            cmd = [str(TARGET / "release" / "examples" / "autobahn_client"), url, AGENT]
+        client = None
+        try:
             client = Child("client under test", cmd, args.reports / "client.log")
             code = client.wait(args.timeout)
             if code is None:
