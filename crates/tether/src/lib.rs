@@ -66,4 +66,7 @@ pub use handshake::{accept, accept_hdr, accept_with_config, client};
 pub use message::Message;
 pub use proxy::Proxy;
 pub use tether_proto::{self as proto, CloseCode, CloseFrame, Prepared, Role, Utf8Bytes};
-pub use websocket::{Incoming, MessageReader, MessageWriter, WebSocket, WsReceiver, WsSender};
+pub use websocket::{
+    DirectSend, DirectWriter, Incoming, MessageReader, MessageWriter, SharedWebSocket, WebSocket,
+    WsReceiver, WsSender,
+};

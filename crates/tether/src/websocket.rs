@@ -15,12 +15,14 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::message::Message;
 
+mod direct;
 mod driver;
 mod sending;
 mod split;
 mod streaming;
 mod wakers;
 
+pub use direct::{DirectSend, DirectWriter, SharedWebSocket};
 use driver::Inner;
 pub(crate) use driver::Parts;
 use sending::Side;
@@ -165,6 +167,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             msg?;
         }
         Ok(())
+    }
+
+    /// Makes this socket one that other threads may also write to, directly
+    /// ([`SharedWebSocket::writer`]); the task that owns it uses it as before.
+    pub fn into_shared(self) -> SharedWebSocket<S> {
+        SharedWebSocket::new(self.inner)
     }
 
     /// Splits into a sending and a receiving half, usable from two tasks.

@@ -1,0 +1,191 @@
+//! A socket that other threads may also write to, directly: fan-out to many idle connections
+//! writes each one's messages from the thread doing the fan-out, without waking (and
+//! scheduling) every connection's task.
+//!
+//! One task owns the [`SharedWebSocket`] and uses it like a [`WebSocket`](super::WebSocket).
+//! A [`DirectWriter`] taken from it writes prepared messages at once, from any thread, but
+//! only when that costs no waiting and cannot take a wake-up from the owner: the connection
+//! is open, nothing else is queued, and no one holds it. Otherwise it declines and the caller
+//! hands the messages to the owner instead. When the transport takes only part of what it
+//! wrote, the rest stays queued for the owner's next write (the owner must then be told to
+//! flush: see [`DirectSend::Queued`]).
+
+use std::future::{poll_fn, Future};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::task::{Context, Poll, Waker};
+
+use tether_proto::{CloseFrame, Prepared, State};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::driver::{write_io, Inner, Phase};
+use super::sending::{self, Side};
+use super::split::lock;
+use crate::error::Result;
+use crate::message::Message;
+
+/// A WebSocket owned by one task, which a [`DirectWriter`] may also write to from elsewhere
+/// (see [`WebSocket::into_shared`](super::WebSocket::into_shared)).
+pub struct SharedWebSocket<S> {
+    shared: Arc<Mutex<Inner<S>>>,
+}
+
+/// Writes prepared messages to a [`SharedWebSocket`] at once, from any thread, when it can do
+/// so without waiting ([`DirectWriter::try_send`]).
+pub struct DirectWriter<S> {
+    shared: Arc<Mutex<Inner<S>>>,
+}
+
+/// What [`DirectWriter::try_send`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectSend {
+    /// Every message was written to the transport.
+    Written,
+    /// Every message was queued, but the transport did not take them all (or failed): the
+    /// owner must flush, and finds out about a failure when it does.
+    Queued,
+    /// Nothing was queued: the connection is busy (the owner holds it or has bytes queued) or
+    /// closing. Give the messages to the owner instead.
+    Declined,
+}
+
+impl<S> std::fmt::Debug for SharedWebSocket<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedWebSocket").finish_non_exhaustive()
+    }
+}
+
+impl<S> std::fmt::Debug for DirectWriter<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectWriter").finish_non_exhaustive()
+    }
+}
+
+impl<S> Clone for DirectWriter<S> {
+    fn clone(&self) -> Self {
+        DirectWriter {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> SharedWebSocket<S> {
+    pub(super) fn new(inner: Inner<S>) -> Self {
+        SharedWebSocket {
+            shared: Arc::new(Mutex::new(inner)),
+        }
+    }
+
+    /// A writer for other threads ([`DirectWriter::try_send`]).
+    pub fn writer(&self) -> DirectWriter<S> {
+        DirectWriter {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Bytes queued for the transport and not yet written.
+    pub fn queued_len(&self) -> usize {
+        lock(&self.shared).conn.queued_len()
+    }
+
+    /// Receives the next message; see [`WebSocket::recv`](super::WebSocket::recv).
+    ///
+    /// # Errors
+    /// As [`WebSocket::recv`](super::WebSocket::recv).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe.
+    pub fn recv(&mut self) -> impl Future<Output = Option<Result<Message>>> + '_ {
+        poll_fn(|cx| lock(&self.shared).poll_next_message(cx))
+    }
+
+    /// Queues `msg`; see [`WebSocket::feed`](super::WebSocket::feed).
+    ///
+    /// # Errors
+    /// As [`WebSocket::send`](super::WebSocket::send).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if cancelled, the message was not queued.
+    pub fn feed(&mut self, msg: Message) -> impl Future<Output = Result<()>> + '_ {
+        sending::feed(Side::Half(&self.shared), msg)
+    }
+
+    /// Queues a prepared message; see [`WebSocket::feed_prepared`](super::WebSocket::feed_prepared).
+    ///
+    /// # Errors
+    /// As [`WebSocket::send`](super::WebSocket::send).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if cancelled, the message was not queued.
+    pub fn feed_prepared<'a>(
+        &'a mut self,
+        msg: &'a Prepared,
+    ) -> impl Future<Output = Result<()>> + 'a {
+        sending::feed_prepared(Side::Half(&self.shared), msg)
+    }
+
+    /// Writes everything queued, a direct writer's leftovers included.
+    ///
+    /// # Errors
+    /// [`Error::Io`](crate::Error::Io) when the transport fails.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe.
+    pub fn flush(&mut self) -> impl Future<Output = Result<()>> + '_ {
+        sending::flush(Side::Half(&self.shared))
+    }
+
+    /// Closes the connection; see [`WebSocket::close`](super::WebSocket::close).
+    ///
+    /// # Errors
+    /// As [`WebSocket::close`](super::WebSocket::close).
+    pub async fn close(&mut self, frame: Option<CloseFrame>) -> Result<()> {
+        lock(&self.shared).start_close(frame)?;
+        while let Some(msg) = self.recv().await {
+            msg?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> DirectWriter<S> {
+    /// Queues `msgs` and writes them now, from the calling thread, never waiting.
+    ///
+    /// Declines ([`DirectSend::Declined`], nothing queued) unless the connection is open, has
+    /// nothing queued and is not in use at this moment: a write from here must not stand
+    /// between the owner and a wake-up it waits for, and an owner writing already is the
+    /// one to write these too. When the transport takes only part ([`DirectSend::Queued`]),
+    /// the rest waits for the owner's next flush, which the caller must prompt.
+    pub fn try_send<'a>(&self, msgs: impl IntoIterator<Item = &'a Prepared>) -> DirectSend {
+        let mut inner = match self.shared.try_lock() {
+            Ok(inner) => inner,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return DirectSend::Declined,
+        };
+        inner.try_write_direct(msgs)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
+    fn try_write_direct<'a>(&mut self, msgs: impl IntoIterator<Item = &'a Prepared>) -> DirectSend {
+        if self.phase != Phase::Running
+            || self.conn.state() != State::Open
+            || self.conn.queued_len() > 0
+        {
+            return DirectSend::Declined;
+        }
+        for msg in msgs {
+            if self.conn.send_prepared(msg).is_err() {
+                // Not while open and with nothing queued; should it happen, the owner's next
+                // write meets what went wrong.
+                return DirectSend::Queued;
+            }
+        }
+        // Nothing was queued, so the owner is not waiting to write: the socket may keep a
+        // waker that wakes no one, and the caller prompts the owner when bytes are left.
+        let mut cx = Context::from_waker(Waker::noop());
+        match write_io(&mut self.io, &mut self.conn, &mut cx).0 {
+            Poll::Ready(Ok(())) => DirectSend::Written,
+            Poll::Ready(Err(_)) | Poll::Pending => DirectSend::Queued,
+        }
+    }
+}
