@@ -339,6 +339,11 @@ pub struct ServerConfig {
     /// refuses it).
     #[arg(long, env = "TETHER_DEFLATE", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub deflate: bool,
+    /// Whether fan-out writes to connections of the channel protocol that wait idle straight
+    /// from its own thread, without waking each connection's task (`--direct-fanout false`
+    /// wakes every one; plain HTTP/1.1 connections only: TLS and HTTP/2 always wake).
+    #[arg(long, env = "TETHER_DIRECT_FANOUT", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub direct_fanout: bool,
     /// Lifetime of a login's session cookie.
     #[arg(long, env = "TETHER_SESSION_LIFETIME", value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
     #[serde(with = "duration")]

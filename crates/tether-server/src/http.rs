@@ -1096,6 +1096,8 @@ where
             // own, freed as the session starts, which is itself boxed in a block that ends
             // before it is awaited (a value alive across an `.await` stays in the task's state).
             let pending = Box::pin(pending);
+            let direct =
+                app.config.direct_fanout && !app.tls && parts.version == http::Version::HTTP_11;
             let writer = Writer::new((!who.is_guest()).then(|| who.name()), peer.map(|p| p.ip()));
             let start = Box::new((
                 app,
@@ -1118,6 +1120,7 @@ where
                             voter,
                             revocations,
                             writer,
+                            direct,
                         };
                         Box::pin(session(app, socket, slot, member))
                     }

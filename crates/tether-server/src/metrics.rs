@@ -55,6 +55,12 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Connections closed with 1013 because their outbound queue overflowed.
     pub slow_consumers: AtomicU64,
+    /// Writes fan-out made straight to the sockets of idle connections (each with every
+    /// event that waited for that connection).
+    pub direct_writes: AtomicU64,
+    /// Times fan-out found an idle connection's socket busy or full, and woke its session to
+    /// write instead.
+    pub direct_handbacks: AtomicU64,
     /// Connections dropped because they accepted nothing within the write timeout.
     pub write_timeouts: AtomicU64,
     /// Connections closed with 1008 for sending too fast.
@@ -155,6 +161,18 @@ impl Metrics {
             "counter",
             "Connections closed with 1013 because they fell behind.",
             self.slow_consumers.load(Relaxed),
+        );
+        metric(
+            "tether_fanout_direct_writes_total",
+            "counter",
+            "Writes fan-out made straight to idle connections' sockets.",
+            self.direct_writes.load(Relaxed),
+        );
+        metric(
+            "tether_fanout_handbacks_total",
+            "counter",
+            "Times fan-out found an idle connection's socket busy or full and woke it instead.",
+            self.direct_handbacks.load(Relaxed),
         );
         metric(
             "tether_write_timeouts_total",

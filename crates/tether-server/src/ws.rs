@@ -132,6 +132,10 @@ pub struct Member {
     /// Whose budget its messages spend, over all its connections: the user, or a guest's
     /// address.
     pub writer: crate::app::Writer,
+    /// Whether its transport takes writes from the hub's drainer thread as they come: plain
+    /// HTTP/1.1 over TCP (TLS may need to read before it can write; HTTP/2 writes through
+    /// its connection's task).
+    pub direct: bool,
 }
 
 /// What a session does with a client's text, and on whose behalf.
@@ -525,6 +529,7 @@ pub async fn poll(
         voter,
         revocations,
         writer,
+        ..
     } = member;
     let sub = app.hub.watch_poll(poll.id, who.name());
     let id = poll.id;
@@ -773,7 +778,68 @@ pub(crate) fn count_in(app: &App, len: usize) {
     app.metrics.bytes_in.fetch_add(len as u64, Relaxed);
 }
 
-pub(crate) async fn close(app: &App, ws: &mut UpgradedWebSocket, code: CloseCode, reason: &str) {
+/// What the sessions write through: an upgraded socket, owned whole or shared with the hub's
+/// drainer ([`tether::SharedWebSocket`]).
+pub(crate) trait Socket: Send {
+    /// Bytes queued and not yet written.
+    fn queued_len(&self) -> usize;
+    /// Queues a prepared message.
+    fn feed_prepared<'a>(
+        &'a mut self,
+        msg: &'a Prepared,
+    ) -> impl std::future::Future<Output = tether::Result<()>> + Send + 'a;
+    /// Queues a message.
+    fn feed(
+        &mut self,
+        msg: Message,
+    ) -> impl std::future::Future<Output = tether::Result<()>> + Send + '_;
+    /// Writes what is queued.
+    fn flush(&mut self) -> impl std::future::Future<Output = tether::Result<()>> + Send + '_;
+    /// Closes with `frame`, waiting for the peer's Close.
+    fn close(
+        &mut self,
+        frame: Option<CloseFrame>,
+    ) -> impl std::future::Future<Output = tether::Result<()>> + Send + '_;
+}
+
+/// Implements [`Socket`] for a type with the same methods of its own.
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn queued_len(&self) -> usize {
+                <$t>::queued_len(self)
+            }
+            fn feed_prepared<'a>(
+                &'a mut self,
+                msg: &'a Prepared,
+            ) -> impl std::future::Future<Output = tether::Result<()>> + Send + 'a {
+                <$t>::feed_prepared(self, msg)
+            }
+            fn feed(
+                &mut self,
+                msg: Message,
+            ) -> impl std::future::Future<Output = tether::Result<()>> + Send + '_ {
+                <$t>::feed(self, msg)
+            }
+            fn flush(
+                &mut self,
+            ) -> impl std::future::Future<Output = tether::Result<()>> + Send + '_ {
+                <$t>::flush(self)
+            }
+            fn close(
+                &mut self,
+                frame: Option<CloseFrame>,
+            ) -> impl std::future::Future<Output = tether::Result<()>> + Send + '_ {
+                <$t>::close(self, frame)
+            }
+        }
+    };
+}
+
+socket!(UpgradedWebSocket);
+socket!(tether::SharedWebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>);
+
+pub(crate) async fn close(app: &App, ws: &mut impl Socket, code: CloseCode, reason: &str) {
     let frame = CloseFrame {
         code,
         reason: reason.to_owned(),
@@ -1083,7 +1149,7 @@ async fn at_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
 /// session's end, in the close codes of its protocol.
 pub(crate) async fn write_all(
     app: &App,
-    ws: &mut UpgradedWebSocket,
+    ws: &mut impl Socket,
     batch: &mut Vec<Arc<Prepared>>,
     outbox: &crate::hub::Outbox,
     judge: fn(&App, Verdict) -> End,

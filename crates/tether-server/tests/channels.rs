@@ -922,3 +922,248 @@ async fn a_client_that_ignores_too_many_requests_is_closed_with_4002() {
     assert_eq!(close_code(&mut ann.ws).await, 4002);
     server.stop().await;
 }
+
+/// A server with fan-out's direct writes on or off (`--direct-fanout`), and a rate that lets
+/// one client publish as fast as it can.
+async fn busy_server(direct: bool) -> (Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.direct_fanout = direct;
+    c.message_rate = 1e6;
+    c.identity_message_rate = 1_000_000;
+    c.max_replay = 10_000;
+    (start(c).await, dir)
+}
+
+/// Publishes `count` texts to `channel` without waiting for replies, then waits for them all.
+async fn publish_many(client: &mut Client, channel: &str, count: usize) {
+    for i in 0..count {
+        let data = json!({ "text": format!("p{i}") });
+        client
+            .send(json!({"op": "publish", "channel": channel, "data": data}))
+            .await;
+    }
+    // The replies come in command order: the ping's is the last.
+    let ping = client.send(json!({"op": "ping"})).await;
+    loop {
+        let message = next(&mut client.ws).await;
+        match message.get("id") {
+            Some(id) if *id == ping => return,
+            Some(_) => assert!(message.get("error").is_none(), "{message}"),
+            None => client.pushes.push(message),
+        }
+    }
+}
+
+/// Reads `client`'s publications on `channel` until `last`; returns their offsets in the
+/// order they came (pushes kept earlier first).
+async fn offsets_until(client: &mut Client, channel: &str, last: u64) -> Vec<u64> {
+    let mut offsets = Vec::new();
+    let mut kept = std::mem::take(&mut client.pushes).into_iter();
+    loop {
+        let push = match kept.next() {
+            Some(push) => push,
+            None => next(&mut client.ws).await,
+        };
+        if push["type"] == "pub" && push["channel"] == channel {
+            let offset = push["offset"].as_u64().unwrap();
+            offsets.push(offset);
+            if offset >= last {
+                return offsets;
+            }
+        }
+    }
+}
+
+/// Asserts that `offsets` are `first..=last`, naming the first one out of place.
+fn assert_consecutive(offsets: &[u64], first: u64, last: u64, context: &str) {
+    let expected = first..=last;
+    if let Some((i, (got, want))) = offsets
+        .iter()
+        .zip(expected.clone())
+        .enumerate()
+        .find(|(_, (got, want))| **got != *want)
+    {
+        panic!("{context}: publication {i} has offset {got}, not {want}");
+    }
+    assert_eq!(
+        offsets.len() as u64,
+        last + 1 - first,
+        "{context}: {} publications from {first} to {last}",
+        offsets.len()
+    );
+}
+
+/// Subscribers that join a room while it is busy, resuming from the start or not: each gets
+/// every publication from where it starts, once, in order: the replay and the live stream
+/// meet with no gap and no duplicate, whether fan-out writes to idle connections directly or
+/// wakes them.
+async fn subscribers_joining_a_busy_room_get_each_publication_once(direct: bool) {
+    let (server, _dir) = busy_server(direct).await;
+    let channel = "room:busy";
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    ann.subscribe(channel).await;
+    // Watches from the start, idle between publications: direct writes reach it.
+    let (mut eve, _) = Client::open(&server, "?name=eve").await;
+    eve.subscribe(channel).await;
+    let total = 1500;
+    let publishing = tokio::spawn(async move {
+        publish_many(&mut ann, channel, total).await;
+        ann
+    });
+    // Two more join while it runs: one replays from the start, one takes what comes.
+    let mut joined = Vec::new();
+    for (name, since) in [("ben", Some(0)), ("cay", None)] {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let (mut client, _) = Client::open(&server, &format!("?name={name}")).await;
+        let mut subscribe = json!({"op": "subscribe", "channel": channel});
+        if let Some(since) = since {
+            subscribe["since"] = since.into();
+        }
+        let reply = client.call(subscribe).await;
+        joined.push((client, since, reply));
+    }
+    let mut ann = within(publishing).await.unwrap();
+    let last = ann
+        .call(json!({"op": "history", "channel": channel, "limit": 1}))
+        .await["publications"][0]["offset"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(last, total as u64);
+    let watched = offsets_until(&mut eve, channel, last).await;
+    assert_consecutive(&watched, 1, last, &format!("watching, direct: {direct}"));
+    for (mut client, since, reply) in joined {
+        let offsets = offsets_until(&mut client, channel, last).await;
+        let first = match since {
+            Some(_) => {
+                assert_eq!(reply["recovered"], true, "{reply}");
+                1
+            }
+            // The recent history, then what follows.
+            None => reply["offset"].as_u64().unwrap() + 1 - reply["replayed"].as_u64().unwrap(),
+        };
+        let context = format!("since {since:?}, direct: {direct}; {reply}");
+        assert_consecutive(&offsets, first, last, &context);
+    }
+    // Fan-out wrote to the idle ones itself, or woke every one: as configured.
+    let metrics = http_text(server.addr, "/metrics").await;
+    let direct_writes = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tether_fanout_direct_writes_total "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .expect("the counter of direct writes");
+    assert_eq!(direct_writes > 0, direct, "{direct_writes} direct writes");
+    drop((ann, eve));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn subscribers_joining_a_busy_room_get_each_publication_once_with_direct_writes() {
+    subscribers_joining_a_busy_room_get_each_publication_once(true).await;
+}
+
+#[tokio::test]
+async fn subscribers_joining_a_busy_room_get_each_publication_once_with_wakes() {
+    subscribers_joining_a_busy_room_get_each_publication_once(false).await;
+}
+
+#[tokio::test]
+async fn nothing_of_a_busy_channel_follows_its_unsubscribe_reply() {
+    let (server, _dir) = busy_server(true).await;
+    let (mut ann, _) = Client::open(&server, "?name=ann").await;
+    ann.subscribe("room:a").await;
+    let (mut ben, _) = Client::open(&server, "?name=ben").await;
+    ben.subscribe("room:a").await;
+    ben.subscribe("room:b").await;
+    let publishing = tokio::spawn(async move {
+        publish_many(&mut ann, "room:a", 1500).await;
+        ann
+    });
+    // Wait for the stream to flow, then leave in the middle of it.
+    loop {
+        if next(&mut ben.ws).await["type"] == "pub" {
+            break;
+        }
+    }
+    ben.call(json!({"op": "unsubscribe", "channel": "room:a"}))
+        .await;
+    ben.pushes.clear();
+    let ann = within(publishing).await.unwrap();
+    // Another channel's publication marks the end of what could still arrive.
+    let (mut cay, _) = Client::open(&server, "?name=cay").await;
+    cay.subscribe("room:b").await;
+    cay.publish("room:b", "end").await;
+    loop {
+        let push = next(&mut ben.ws).await;
+        assert_ne!(push["channel"], "room:a", "after unsubscribing: {push}");
+        if push["type"] == "pub" && push["channel"] == "room:b" {
+            break;
+        }
+    }
+    drop((ann, ben, cay));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_channel_subscriber_that_stops_reading_is_closed_with_4000_and_the_others_get_everything()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.message_rate = 1e6;
+    c.identity_message_rate = 1_000_000;
+    // Above the journal's batch (512), which can arrive at once, so only a stalled reader
+    // overflows.
+    c.outbox = 600;
+    c.max_text = 16 << 10;
+    let server = start(c).await;
+    let channel = "room:r";
+    // Subscribes, then never reads: direct writes fill its socket, then its queue fills
+    // (docs/protocol.md: a slow consumer is closed with 4000).
+    let (mut slow, _) = Client::open(&server, "?name=slow").await;
+    slow.subscribe(channel).await;
+    let (mut fast, _) = Client::open(&server, "?name=fast").await;
+    fast.subscribe(channel).await;
+    let (mut sender, _) = Client::open(&server, "?name=sender").await;
+    sender.subscribe(channel).await;
+    let text = "x".repeat(16 << 10);
+    let count = 2000u64;
+    // The fast reader tells the sender how far it got; the sender stays at most 100
+    // publications ahead, so however slowly this machine runs, only `slow` falls behind.
+    let (progress, mut fast_got) = tokio::sync::watch::channel(0u64);
+    let sending = tokio::spawn(async move {
+        let (mut tx, mut rx) = sender.ws.split();
+        // The sender is subscribed too: it keeps reading so that it does not fall behind.
+        let drain = tokio::spawn(async move { while let Some(Ok(_)) = rx.recv().await {} });
+        for sent in 0..count {
+            if sent % 100 == 0 {
+                fast_got.wait_for(|got| *got + 100 >= sent).await.unwrap();
+            }
+            let data = json!({ "text": text });
+            let command =
+                json!({"id": sent + 10, "op": "publish", "channel": channel, "data": data});
+            tx.send(Message::text(command.to_string())).await.unwrap();
+        }
+        (tx, drain)
+    });
+    let mut got = 0;
+    while got < count {
+        let push = next(&mut fast.ws).await;
+        if push["type"] == "pub" {
+            got += 1;
+            assert_eq!(push["offset"], got, "{}", push["offset"]);
+            progress.send_replace(got);
+        }
+    }
+    let _sender = within(sending).await.unwrap();
+    let metrics = http_text(server.addr, "/metrics").await;
+    assert!(
+        metrics.contains("tether_slow_consumer_disconnects_total 1"),
+        "{metrics}"
+    );
+    // What the slow one finally reads ends with 4000, slow consumer (or the transport was
+    // cut).
+    let code = last_close_code(&mut slow.ws).await;
+    assert!(matches!(code, Some(4000) | None), "{code:?}");
+    drop(fast);
+    server.stop().await;
+}

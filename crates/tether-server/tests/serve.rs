@@ -509,14 +509,7 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
         "{metrics}"
     );
     // What the slow one finally reads ends with 1013 (or the transport was cut).
-    let mut code = None;
-    while let Some(msg) = within(slow.recv()).await {
-        match msg {
-            Ok(Message::Close(f)) => code = f.map(|f| f.code.0),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
+    let code = last_close_code(&mut slow).await;
     assert!(matches!(code, Some(1013) | None), "{code:?}");
     server.stop().await;
 }

@@ -175,6 +175,20 @@ pub async fn close_code(ws: &mut ClientStream) -> u16 {
     }
 }
 
+/// Reads what is left of a connection: the code of the Close it ends with, or `None` when
+/// the transport was cut first.
+pub async fn last_close_code(ws: &mut ClientStream) -> Option<u16> {
+    let mut code = None;
+    while let Some(msg) = within(ws.recv()).await {
+        match msg {
+            Ok(Message::Close(f)) => code = f.map(|f| f.code.0),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    code
+}
+
 pub async fn http_text(addr: SocketAddr, path: &str) -> String {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
