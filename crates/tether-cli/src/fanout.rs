@@ -103,6 +103,14 @@ const STALL: Duration = Duration::from_secs(5);
 /// What every publication's text starts with: `fanout:NUMBER:NANOS:`.
 const MARK: &[u8] = b"fanout:";
 
+/// Finds [`MARK`] (built once: `memmem::find` builds a searcher on every call).
+static STAMP: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(MARK));
+
+/// Finds what every error reply holds, so that other messages are not parsed.
+static ERROR: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
+
 /// What every connection's task shares.
 struct Shared {
     started: Instant,
@@ -115,6 +123,8 @@ struct Shared {
     progress: tokio::sync::Notify,
     latency: Mutex<Histogram<u64>>,
     failures: Failures,
+    /// Frames the subscribers have read, publications or not.
+    frames: AtomicU64,
     /// Set when the run is over: every task stops reading.
     over: tokio::sync::watch::Sender<bool>,
 }
@@ -184,6 +194,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
         progress: tokio::sync::Notify::new(),
         latency: Mutex::new(Histogram::new(3).expect("histogram")),
         failures: Failures::default(),
+        frames: AtomicU64::new(0),
         over,
     });
     let mut conns = conns.into_iter();
@@ -191,6 +202,17 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
     let readers: Vec<_> = conns
         .map(|conn| tokio::spawn(subscribe(conn, shared.clone(), stopped.clone())))
         .collect();
+    // What the server sent while the others subscribed (with a channel, the joins of a room's
+    // first members) is read and dropped before the first publication, as any client would
+    // have read it meanwhile: it is not the fan-out's latency.
+    let quiet = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = shared.frames.load(Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if shared.frames.load(Relaxed) == before || Instant::now() > quiet {
+            break;
+        }
+    }
     let progress = (!args.quiet).then(|| progress_bar(duration));
     let ticker = progress.clone().map(|bar| {
         let shared = shared.clone();
@@ -207,7 +229,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
         size: args.size,
         window: args.window as u64,
         subscribers,
-        deadline: shared.started + duration,
+        deadline: Instant::now() + duration,
     };
     let (sent, seconds) = publish.run(publisher, &shared, stopped).await;
     let _ = shared.over.send(true);
@@ -354,17 +376,21 @@ impl Conn {
     async fn take_frames(&mut self, shared: &Shared, tally: &mut Tally) -> Result<(), String> {
         let now = shared.started.elapsed().as_nanos() as u64;
         let mut at = 0;
+        let mut frames = 0;
         let mut pongs = Vec::new();
         let mut result = Ok(());
         while let Some((opcode, payload)) = frame_at(&self.buf[at..])? {
             let payload_at = at + payload.start;
             at += payload.end;
             let payload = &self.buf[payload_at..at];
+            frames += 1;
             match opcode {
                 OpCode::Text | OpCode::Binary => {
                     if let Some((number, sent)) = stamp(payload) {
                         tally.delivered(shared, number, now.saturating_sub(sent));
-                    } else if let Some(Err(error)) = reply(payload) {
+                    } else if let Some(Err(error)) =
+                        ERROR.find(payload).and_then(|_| reply(payload))
+                    {
                         // A refused publication never arrives: the run is over.
                         result = Err(format!("an error reply: {error}"));
                         break;
@@ -379,6 +405,7 @@ impl Conn {
             }
         }
         self.buf.advance(at);
+        shared.frames.fetch_add(frames, Relaxed);
         tally.settle(shared);
         if !pongs.is_empty() {
             self.tcp
@@ -504,7 +531,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// A publication's number and when it was sent (nanoseconds from the start), from
 /// `fanout:NUMBER:NANOS:` anywhere in a message.
 fn stamp(message: &[u8]) -> Option<(u64, u64)> {
-    let rest = &message[find(message, MARK)? + MARK.len()..];
+    let rest = &message[STAMP.find(message)? + MARK.len()..];
     let (number, rest) = decimal(rest)?;
     let (sent, _) = decimal(rest)?;
     Some((number, sent))
