@@ -64,7 +64,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
 
     /// The subprotocol agreed in the handshake, if any.
     pub fn protocol(&self) -> Option<&str> {
-        self.inner.extra.as_ref()?.protocol.as_deref()
+        self.inner.protocol()
     }
 
     /// Whether permessage-deflate was negotiated.
@@ -226,10 +226,7 @@ impl<S> std::fmt::Debug for WebSocket<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebSocket")
             .field("connection", &self.inner.conn)
-            .field(
-                "protocol",
-                &self.inner.extra.as_ref().and_then(|x| x.protocol.as_ref()),
-            )
+            .field("protocol", &self.inner.protocol())
             .finish_non_exhaustive()
     }
 }

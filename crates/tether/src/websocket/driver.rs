@@ -83,6 +83,9 @@ pub(super) struct Inner<S> {
     /// second task moves the connection to [`Extra::shared`] wakers.
     pub(super) task: Option<Waker>,
     pub(super) phase: Phase,
+    /// The subprotocol agreed, when it is one of [`Config::protocols`] (a server's always
+    /// is): its place there, so that no allocation holds its name.
+    pub(super) protocol: Option<u8>,
 }
 
 /// The waker a write (or shutdown) by `who` gives the socket: the caller's own while one task
@@ -138,6 +141,20 @@ pub(super) fn write_io<S: AsyncWrite + Unpin>(
     (Pin::new(io).poll_flush(wcx), progressed)
 }
 
+impl<S> Inner<S> {
+    /// The subprotocol agreed, if any.
+    pub(super) fn protocol(&self) -> Option<&str> {
+        match self.protocol {
+            Some(i) => self
+                .config
+                .protocols
+                .get(usize::from(i))
+                .map(String::as_str),
+            None => self.extra.as_ref()?.protocol.as_deref(),
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     pub(super) fn new(parts: Parts<S>) -> Self {
         let Parts {
@@ -156,7 +173,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             // Keepalive starts now.
             conn.handle_timeout(Instant::now().into_std());
         }
-        let extra = protocol.map(|protocol| {
+        let known = protocol.as_deref().and_then(|p| {
+            let i = config.protocols.iter().position(|q| q == p)?;
+            u8::try_from(i).ok()
+        });
+        let extra = protocol.filter(|_| known.is_none()).map(|protocol| {
             Box::new(Extra {
                 protocol: Some(protocol.into_boxed_str()),
                 ..Extra::default()
@@ -171,6 +192,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             timer: None,
             task: None,
             phase: Phase::Running,
+            protocol: known,
         }
     }
 
