@@ -112,7 +112,8 @@ def table(results, opts, facts, command):
          "- uWS: bench/uws/fanout.mjs, uWebSockets.js "
          "(`@trufflesuite/uws-js-unofficial` 20.30.0) on Node: every connection subscribed to one "
          "topic, each received message `app.publish`ed to it; nothing stored.",
-         "- Load: `tether bench fanout` (one tokio worker): all subscribers open first; the "
+         "- Load: `tether bench fanout` (one tokio worker): all subscribers open first, and "
+         "read what subscribing brought them until they are quiet for 100 ms; then the "
          "first one publishes, keeping *window* publications in flight (the next goes out once "
          "one has reached every subscriber); every delivery is counted and timed from the "
          "publisher's send. Server on CPU 0, load on CPU 1, loopback.",
