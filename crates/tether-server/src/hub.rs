@@ -6,9 +6,13 @@
 //! every subscriber of that format.
 //!
 //! Every subscriber has a bounded outbound queue. Fan-out serializes an event once and hands
-//! the same bytes to every queue with `try_send`; a queue that is full marks its connection as
+//! the same bytes to every queue (a push); a queue that is full marks its connection as
 //! a slow consumer, which its task then closes with 1013. Fan-out never waits, so a slow reader
 //! never slows the others, and memory per subscriber is bounded by the queue length.
+//!
+//! A queue whose session waits idle is *parked* ([`Outbox::park`]): instead of waking the
+//! session, fan-out hands the queue to a drainer thread, which writes what waits in it straight
+//! to the connection's socket.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{
@@ -92,8 +96,8 @@ struct Queue {
 /// (tokio's bounded channel keeps a 32-slot block or two for good).
 ///
 /// A session that waits with nothing to write may *park* its outbox with a writer to its
-/// socket ([`Outbox::park`]). Fan-out then does not wake it: it hands the outbox to the hub's
-/// drainer thread, which writes every event that waits straight into the socket, many
+/// socket ([`Outbox::park`]). Fan-out then does not wake it: it hands the outbox to one of the
+/// hub's drainer threads, which writes every event that waits straight into the socket, many
 /// connections' in one pass, with no task scheduled. Whenever that cannot be done at once
 /// (the socket is full, busy or closing), the drainer gives the events back to the session
 /// and wakes it, and the session writes as usual, under its write timeout and queue limit.

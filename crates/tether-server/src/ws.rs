@@ -132,7 +132,7 @@ pub struct Member {
     /// Whose budget its messages spend, over all its connections: the user, or a guest's
     /// address.
     pub writer: crate::app::Writer,
-    /// Whether its transport takes writes from the hub's drainer thread as they come: plain
+    /// Whether its transport takes writes from the hub's drainer threads as they come: plain
     /// HTTP/1.1 over TCP (TLS may need to read before it can write; HTTP/2 writes through
     /// its connection's task).
     pub direct: bool,

@@ -173,11 +173,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         {
             return DirectSend::Declined;
         }
-        for msg in msgs {
+        for (i, msg) in msgs.into_iter().enumerate() {
             if self.conn.send_prepared(msg).is_err() {
-                // Not while open and with nothing queued; should it happen, the owner's next
-                // write meets what went wrong.
-                return DirectSend::Queued;
+                // The connection refuses every message alike (closed, or a fragmented
+                // message of the owner's unfinished), so this is the first: none was queued.
+                // (Were it not, what was queued must still be flushed by the owner.)
+                return if i == 0 {
+                    DirectSend::Declined
+                } else {
+                    DirectSend::Queued
+                };
             }
         }
         // Nothing was queued, so the owner is not waiting to write: the socket may keep a
