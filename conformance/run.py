@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def run_step(cmd, timeout, **kw):
 class Child:
     """A background process in its own process group, output to a log file."""
 
+    # Every child not yet stopped: the main thread stops them all on a signal, whichever
+    # mode's thread started them.
+    running = set()
+    lock = threading.Lock()
+
     def __init__(self, name, cmd, logfile):
         self.name, self.logfile = name, Path(logfile)
         log(f"starting {name}: {' '.join(shlex.quote(c) for c in cmd)}")
@@ -72,6 +78,15 @@ class Child:
         except OSError as e:
             self.out.close()
             raise SetupError(f"cannot start {name}: {e}")
+        with Child.lock:
+            Child.running.add(self)
+
+    @classmethod
+    def stop_all(cls):
+        with cls.lock:
+            children = list(cls.running)
+        for child in children:
+            child.stop()
 
     def wait(self, timeout):
         """Wait for exit; return the exit code, or None on timeout."""
@@ -92,6 +107,8 @@ class Child:
                     break
             log(f"stopped {self.name}")
         self.out.close()
+        with Child.lock:
+            Child.running.discard(self)
 
     def tail(self, lines=20):
         try:
@@ -310,7 +327,9 @@ def case_key(case_id):
 
 
 def summarise(mode, outdir, selected):
-    """Print the summary; return True when every case passed."""
+    """Print the summary (in one piece: the other mode may be printing too); return True
+    when every case passed."""
+    out = []
     index = outdir / "index.json"
     if not index.exists():
         log(f"FAIL: no report at {index}")
@@ -320,7 +339,7 @@ def summarise(mode, outdir, selected):
     for case in cases.values():
         counts[case["behavior"]] = counts.get(case["behavior"], 0) + 1
     tally = ", ".join(f"{k} {v}" for k, v in counts.items())
-    print(f"\nAutobahn {mode} ({AGENT}): {len(cases)} cases — {tally}")
+    out.append(f"\nAutobahn {mode} ({AGENT}): {len(cases)} cases — {tally}")
     bad = [c for c in sorted(cases, key=case_key) if cases[c]["behavior"] not in PASSING]
     for case_id in bad:
         case = cases[case_id]
@@ -330,13 +349,14 @@ def summarise(mode, outdir, selected):
         except (KeyError, OSError, ValueError):
             pass
         description = detail.get("description", "").split("<br>")[0].strip()
-        print(f"  {case_id}: {case['behavior']} (close: {case['behaviorClose']}) — {description}")
+        out.append(f"  {case_id}: {case['behavior']} (close: {case['behaviorClose']}) — {description}")
         result, result_close = detail.get("result"), detail.get("resultClose")
         if result:
-            print(f"      result: {result}")
+            out.append(f"      result: {result}")
         if result_close and result_close != result:
-            print(f"      close:  {result_close}")
-    print(f"Reports: {outdir / 'index.html'}\n")
+            out.append(f"      close:  {result_close}")
+    out.append(f"Reports: {outdir / 'index.html'}\n")
+    print("\n".join(out), flush=True)
     if len(cases) < selected:
         log(f"FAIL: only {len(cases)} of the {selected} selected cases have results")
         return False
@@ -386,16 +406,38 @@ def main():
         log(f"ERROR: {e}")
         return 2
     args.reports.mkdir(parents=True, exist_ok=True)
+    modes = ["server", "client"] if args.mode == "all" else [args.mode]
     results = {}
-    for mode in ["server", "client"] if args.mode == "all" else [args.mode]:
+
+    def run_mode(mode):
         run = run_server_mode if mode == "server" else run_client_mode
+        started = time.monotonic()
         try:
             results[mode] = "PASS" if run(args, wstest) else "FAIL"
         except SetupError as e:
             log(f"ERROR ({mode}): {e}")
             results[mode] = "ERROR"
-    for mode, result in results.items():
-        log(f"{mode}: {result}")
+        except Exception as e:  # a bug here must not leave the other mode's children behind
+            log(f"ERROR ({mode}): {type(e).__name__}: {e}")
+            results[mode] = "ERROR"
+        log(f"{mode} mode took {time.monotonic() - started:.0f} s")
+
+    # The two modes run at once: each is one wstest process (single-threaded Python 2) and
+    # one tether process, so side by side they use both cores and take about as long as
+    # the slower one alone, not the sum.
+    threads = [threading.Thread(target=run_mode, args=(mode,), daemon=True) for mode in modes]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            # A timed join leaves the main thread free to take SIGTERM / Ctrl-C.
+            while thread.is_alive():
+                thread.join(1)
+    finally:
+        Child.stop_all()
+    for mode in modes:
+        log(f"{mode}: {results.get(mode, 'ERROR')}")
+    results = {mode: results.get(mode, "ERROR") for mode in modes}
     if "ERROR" in results.values():
         return 2
     return 1 if "FAIL" in results.values() else 0

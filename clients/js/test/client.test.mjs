@@ -7,7 +7,6 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -18,18 +17,10 @@ import { Client, TetherError, canReconnect } from '../index.js';
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const tetherBin = process.env.TETHER_BIN ?? path.join(root, 'target', 'release', 'tether');
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-    server.on('error', reject);
-  });
-}
-
-/** `tether serve` on `port` with data in `data`; resolves once it listens. */
+/**
+ * `tether serve` on `port` (0: a free one, which it picks itself) with data in `data`;
+ * resolves once it listens, with the port it took, to restart it on the same one.
+ */
 function serve(port, data) {
   const child = spawn(tetherBin, ['serve', '--listen', `127.0.0.1:${port}`, '--data', data], {
     stdio: ['ignore', 'pipe', 'inherit'],
@@ -40,7 +31,9 @@ function serve(port, data) {
     createInterface({ input: child.stdout }).on('line', (line) => {
       if (line.startsWith('listening on ')) {
         clearTimeout(timer);
+        port = Number(new URL(line.slice('listening on '.length).trim()).port);
         resolve({
+          port,
           ws: `ws://127.0.0.1:${port}/ws`,
           http: `http://127.0.0.1:${port}`,
           // Stops it (SIGTERM: a graceful shutdown, closing each connection with 1001).
@@ -60,9 +53,8 @@ function serve(port, data) {
 /** A data directory and a server on a fixed port, so that it can be restarted. */
 async function fixture(t) {
   const data = mkdtempSync(path.join(os.tmpdir(), 'tether-js-'));
-  const port = await freePort();
-  const server = await serve(port, data);
-  const state = { data, port, server };
+  const server = await serve(0, data);
+  const state = { data, port: server.port, server };
   t.after(async () => {
     await state.server.stop();
     rmSync(data, { recursive: true, force: true });
@@ -136,7 +128,7 @@ test('several channels on one connection, publishes acknowledged with their offs
 
 test('after the server restarts, each channel resumes from its offset, nothing lost or doubled', async (t) => {
   const state = await fixture(t);
-  const ann = new Client(state.server.ws, { name: 'ann', minDelay: 200, maxDelay: 1000, timeout: 2000 }).connect();
+  const ann = new Client(state.server.ws, { name: 'ann', minDelay: 200, maxDelay: 1000 }).connect();
   t.after(() => ann.close());
   await once(ann, 'connected');
   const lobby = collector();

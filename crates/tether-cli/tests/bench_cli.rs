@@ -209,9 +209,8 @@ fn bench_echo_raw_counts_an_echo_that_differs_as_an_error() {
 
 #[test]
 fn bench_idle_fails_when_connections_do_not_hold() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("ws://{}/", closed.local_addr().unwrap());
-    drop(closed);
+    let (_held, addr) = common::refusing_address();
+    let url = format!("ws://{addr}/");
     let (summary, code, stderr) = run_bench(&["idle", &url, "--conns", "5", "--hold", "0.1"]);
     assert_eq!(summary["held"], 0, "{summary}");
     assert_eq!(code, Some(1), "{stderr}");

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tether::{CloseCode, CloseFrame, Config, Message};
 use tokio::net::TcpListener;
@@ -28,12 +28,19 @@ fn connect(args: &[&str], input: &str) -> Output {
     stdin.write_all(input.as_bytes()).unwrap();
     drop(stdin);
     let pid = child.id();
+    // A watchdog: kills the client if it has not exited in 20 s, and never after it has (its
+    // pid may belong to another process by then).
+    let (exited, watched) = std::sync::mpsc::channel::<()>();
     let guard = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(20));
-        let _ = Command::new("kill").arg(pid.to_string()).status();
+        if watched.recv_timeout(Duration::from_secs(20))
+            == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
     });
     let out = child.wait_with_output().unwrap();
-    drop(guard);
+    drop(exited);
+    guard.join().unwrap();
     out
 }
 
@@ -285,9 +292,7 @@ fn bad_urls_and_unreachable_servers_are_one_line_errors() {
         text(&out.stderr)
     );
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = closed.local_addr().unwrap();
-    drop(closed);
+    let (_held, addr) = common::refusing_address();
     let out = connect(&[&format!("ws://{addr}/")], "");
     assert_eq!(out.status.code(), Some(1));
     let said = text(&out.stderr);
@@ -784,13 +789,12 @@ fn text_from_the_server_reaches_the_terminal_escaped() {
 
 #[test]
 fn reconnecting_to_a_server_that_closes_at_once_backs_off() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     // Accepts, then closes with 1011 at once: every connection opens and fails.
-    let opened = Arc::new(AtomicUsize::new(0));
+    let opened = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
     let counter = opened.clone();
     let addr = serve(
         move |mut ws| {
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.lock().unwrap().push(Instant::now());
             async move {
                 let frame = CloseFrame::new(CloseCode::INTERNAL_ERROR, "down");
                 let _ = ws.close(Some(frame)).await;
@@ -806,14 +810,23 @@ fn reconnecting_to_a_server_that_closes_at_once_backs_off() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // Three connections, however slowly this machine runs them.
+    let started = Instant::now();
+    while opened.lock().unwrap().len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "fewer than 3 connections in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
-    // Waits of 0.125–0.25, 0.25–0.5, 0.5–1 and 1–2 s: at most 5 connections in 3 s.
-    let n = opened.load(Ordering::Relaxed);
+    // The waits are 0.125–0.25 s, then 0.25–0.5 s, ...: load can only lengthen the gaps.
+    let at = opened.lock().unwrap().clone();
+    let gaps = [at[1] - at[0], at[2] - at[1]];
     assert!(
-        (2..=5).contains(&n),
-        "{n} connections in 3 s: {}",
+        gaps[0] >= Duration::from_millis(125) && gaps[1] >= Duration::from_millis(250),
+        "{gaps:?}: {}",
         text(&out.stderr)
     );
     assert!(

@@ -33,6 +33,9 @@ async fn a_writer_on_another_thread_writes_while_the_owner_waits_to_read() {
         let first = ws.recv().await;
         (ws, first)
     });
+    // The owner is waiting (it has polled once and let the socket go) before the thread
+    // writes: a write while the owner's poll holds the socket is declined, by design.
+    tokio::task::yield_now().await;
     let thread = std::thread::spawn(move || {
         let mut outcomes = Vec::new();
         for batch in 0..10 {

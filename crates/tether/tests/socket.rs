@@ -404,9 +404,11 @@ async fn bad_urls_are_clear_errors() {
         let err = tether::ClientBuilder::new(bad).unwrap_err();
         assert!(matches!(err, Error::Url(_)), "{bad}: {err}");
     }
-    // Nothing listens on this port: a refused connection names where it went.
-    let (l, addr) = listener().await;
-    drop(l);
+    // Nothing listens on this port (held, bound but not listening, so that nothing else
+    // takes it meanwhile): a refused connection names where it went.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = held.local_addr().unwrap();
     let err = within(tether::connect(&url(addr))).await.unwrap_err();
     assert!(
         matches!(&err, Error::Connect { port, source, .. }

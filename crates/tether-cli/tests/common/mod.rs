@@ -162,3 +162,12 @@ pub fn start_serve(extra: &[&str]) -> Serve {
         .to_owned();
     Serve { child, addr }
 }
+
+/// An address nothing listens on, and the socket that holds it (bound, not listening) so
+/// that nothing else takes the port while a test expects its connections to be refused.
+pub fn refusing_address() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
