@@ -147,6 +147,9 @@ export class Client {
 
   async open() {
     const opening = ++this.opening;
+    // Set once this attempt's socket opens: an attempt that never does is a failure, whatever
+    // an earlier connection lasted.
+    this.openedAt = null;
     this.state = 'connecting';
     this.emit('connecting', { attempt: this.attempt });
     let url;
@@ -184,7 +187,22 @@ export class Client {
       clearTimeout(handshake);
       this.closed(ws, e.code, e.reason);
     };
-    ws.onerror = () => {};
+    ws.onerror = () => {
+      // An error before the socket opened is a failed handshake. Browsers and Node 22 follow it
+      // with `close`; Node 20's WebSocket does not (it stays CONNECTING), so it is taken as
+      // the attempt's end here, once.
+      if (ws !== this.ws || ws.readyState === 1 || this.openedAt !== null) return;
+      clearTimeout(handshake);
+      ws.onclose = null;
+      ws.onopen = null;
+      ws.onerror = null;
+      try {
+        ws.close();
+      } catch {
+        // Closing a socket that never opened may throw; it is abandoned either way.
+      }
+      this.closed(ws, 1006, 'the WebSocket handshake failed');
+    };
   }
 
   async opened(ws) {
@@ -224,7 +242,9 @@ export class Client {
     for (const sub of this.subs.values()) sub.state = 'unsubscribed';
     // The state moves on first: listeners of every event read the state it led to.
     if (reconnect) {
-      if (Date.now() - this.openedAt >= STABLE_MS) this.attempt = 0;
+      // Only a connection that opened and lasted starts the backoff over: a failed handshake
+      // (a 503, a reset) counts as one more failure.
+      if (this.openedAt !== null && Date.now() - this.openedAt >= STABLE_MS) this.attempt = 0;
       this.retry();
     } else {
       this.stopped = true;

@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
+import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -525,3 +526,34 @@ test('which close codes reconnect', () => {
   assert.equal(canReconnect(4502), false);
   assert.equal(canReconnect(4502, true), true, 'with a source of fresh tokens');
 });
+
+test('after a connection that lasted, failed handshakes back off further and further', { timeout: 60000 }, async (t) => {
+  const state = await fixture(t);
+  // The longest wait every time (full jitter at its ceiling): 100, 200, 400, 800, 1600 ms...
+  const random = Math.random;
+  Math.random = () => 0.999;
+  t.after(() => { Math.random = random; });
+  const ann = new Client(state.server.ws, { name: 'ann', minDelay: 100, maxDelay: 20_000 }).connect();
+  t.after(() => ann.close());
+  await once(ann, 'connected');
+  // A connection that lasted: its loss starts the backoff over.
+  await new Promise((r) => setTimeout(r, 10_500));
+  const down = once(ann, 'disconnected');
+  await state.server.stop();
+  await down;
+  // What answers on the port now refuses every upgrade, as an overloaded server does.
+  let upgrades = 0;
+  const refusing = http.createServer((req, res) => { res.writeHead(503); res.end(); });
+  refusing.on('upgrade', (req, socket) => {
+    upgrades += 1;
+    socket.end('HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+  });
+  await new Promise((resolve) => refusing.listen(state.port, '127.0.0.1', resolve));
+  t.after(() => new Promise((resolve) => refusing.close(resolve)));
+  await new Promise((r) => setTimeout(r, 4000));
+  // Waits of 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s (+ 3.2 s): five attempts in four seconds. Without
+  // the backoff growing, one every 0.1 s: forty.
+  assert.ok(upgrades >= 3 && upgrades <= 6, `${upgrades} attempts in 4 s`);
+  assert.equal(ann.state === 'disconnected' || ann.state === 'connecting', true);
+});
+

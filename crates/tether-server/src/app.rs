@@ -218,6 +218,10 @@ impl Writer {
     }
 }
 
+/// What a client is told when its identity has used up `identity_message_rate`.
+pub const IDENTITY_RATE_REFUSAL: &str =
+    "too many messages from you over all your connections: slow down";
+
 /// Budgets on what clients may store: polls, credentials, API publishes.
 #[derive(Debug)]
 pub struct Quotas {
@@ -348,6 +352,22 @@ impl App {
         self.shutting_down.store(true, Relaxed);
         self.hub.wake_all();
         self.wakers.wake_all();
+    }
+
+    /// Charges one message a client sent over a socket (a chat message, a vote, an event such
+    /// as typing) to `writer`, over all its connections whichever endpoint they came through:
+    /// `false` when its budget (`identity_message_rate`) is spent, and the message is refused
+    /// ([`IDENTITY_RATE_REFUSAL`]) while its connections stay.
+    pub fn spend_socket_message(&self, writer: &Writer) -> bool {
+        let spent = self
+            .quotas
+            .socket_messages
+            .take(writer, std::time::Instant::now())
+            .is_err();
+        if spent {
+            self.metrics.rate_limited.fetch_add(1, Relaxed);
+        }
+        !spent
     }
 
     /// Whether the server is shutting down.

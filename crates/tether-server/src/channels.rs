@@ -83,6 +83,54 @@ struct Command {
 /// The most a connection's public information (`connect {info}`) may take, encoded.
 pub const MAX_INFO: usize = 1024;
 
+/// The deepest a connection's public information may nest (the object itself is depth 1).
+/// Every reader of presence parses it again (other sessions, other nodes, browsers): what is
+/// let in is well within what each of them reads back.
+pub const MAX_INFO_DEPTH: usize = 8;
+
+/// Whether `info`, as sent, is public information a connection may attach: a JSON object of
+/// at most [`MAX_INFO`] bytes nesting at most [`MAX_INFO_DEPTH`] deep; the reason otherwise.
+fn info_problem(info: &serde_json::value::RawValue) -> Option<String> {
+    let raw = info.get();
+    if raw.len() > MAX_INFO {
+        return Some(format!("info takes at most {MAX_INFO} bytes"));
+    }
+    // Parsed in full (serde_json stops at 128 levels, where the raw form did not look).
+    match serde_json::from_str::<Value>(raw) {
+        Ok(Value::Object(_)) => {}
+        Ok(_) => return Some("info is an object".into()),
+        Err(_) => return Some(format!("info nests at most {MAX_INFO_DEPTH} levels")),
+    }
+    (json_depth(raw) > MAX_INFO_DEPTH)
+        .then(|| format!("info nests at most {MAX_INFO_DEPTH} levels"))
+}
+
+/// How deep the arrays and objects of valid JSON text `raw` nest (a scalar is 0).
+fn json_depth(raw: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for byte in raw.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// A failed command's answer.
 struct Failure {
     code: Code,
@@ -564,6 +612,17 @@ impl Session {
                 "too many commands, again and again: reconnect later",
             ));
         }
+        // Whatever reaches other people (a publication, a vote, an event such as typing) is
+        // charged to this identity over all its connections, on every endpoint.
+        if allowed
+            && matches!(command.op.as_str(), "publish" | "event")
+            && !self.app.spend_socket_message(&self.member.writer)
+        {
+            self.stored().await;
+            let refusal = fail(Code::TooManyRequests, crate::app::IDENTITY_RATE_REFUSAL);
+            self.batch.push(error_reply(id, refusal));
+            return Ok(());
+        }
         if allowed && command.op == "publish" {
             // A room's publication goes to storage while the next commands are read: a
             // client may keep many in flight, and storage and fan-out take them in batches.
@@ -734,14 +793,8 @@ impl Session {
                     return Err(fail(Code::BadRequest, "already connected"));
                 }
                 if let Some(info) = command.info {
-                    if !info.get().starts_with('{') {
-                        return Err(fail(Code::BadRequest, "info is an object"));
-                    }
-                    if info.get().len() > MAX_INFO {
-                        return Err(fail(
-                            Code::BadRequest,
-                            format!("info takes at most {MAX_INFO} bytes"),
-                        ));
+                    if let Some(problem) = info_problem(&info) {
+                        return Err(fail(Code::BadRequest, problem));
                     }
                     self.outbox.set_info(info);
                 }
@@ -1125,7 +1178,19 @@ impl Session {
             }
         }
         members.sort_by(|a, b| a.user.cmp(&b.user));
-        serde_json::to_value(members).expect("members serialize")
+        // Every info was checked at its door (`info_problem`), on this node or another; one
+        // that fails here anyway costs its own entry, never this session.
+        let listed: Vec<Value> = members
+            .into_iter()
+            .filter_map(|member| match serde_json::to_value(&member) {
+                Ok(value) => Some(value),
+                Err(e) => {
+                    tracing::warn!(error = %e, user = %member.user, "presence entry left out: its info does not read back");
+                    None
+                }
+            })
+            .collect();
+        Value::Array(listed)
     }
 }
 
@@ -1197,6 +1262,35 @@ mod tests {
     /// (the next is 448). The socket itself is shared with fan-out's drainer, behind a
     /// pointer (in an allocation of 320 bytes). A value kept across an `.await` in the
     /// session widens every connection's state; keep such values boxed or short-lived.
+    #[test]
+    fn info_is_a_small_shallow_object() {
+        let raw = |text: &str| serde_json::value::RawValue::from_string(text.into()).unwrap();
+        assert_eq!(
+            info_problem(&raw(r#"{"device": "phone", "tags": ["a"]}"#)),
+            None
+        );
+        let nested = |depth: usize| {
+            format!(
+                "{}{}",
+                "{\"a\":".repeat(depth),
+                "1".to_owned() + &"}".repeat(depth)
+            )
+        };
+        assert_eq!(info_problem(&raw(&nested(MAX_INFO_DEPTH))), None);
+        assert!(info_problem(&raw(&nested(MAX_INFO_DEPTH + 1))).is_some());
+        // Deeper than serde_json reads back (128), in under 1,024 bytes.
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(deep.len() < MAX_INFO);
+        assert!(info_problem(&raw(&deep)).is_some());
+        // Brackets inside strings do not count.
+        assert_eq!(
+            info_problem(&raw(r#"{"a": "[[[[[[[[[[[[{{{{{{{{\"]]"}"#)),
+            None
+        );
+        assert!(info_problem(&raw("[1]")).is_some());
+        assert!(info_problem(&raw(&format!("{{\"a\": \"{}\"}}", "x".repeat(MAX_INFO)))).is_some());
+    }
+
     #[test]
     fn a_session_fits_in_384_bytes() {
         let size = returned_size(session);

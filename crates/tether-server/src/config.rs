@@ -305,8 +305,8 @@ pub struct ServerConfig {
     )]
     pub message_rate: f64,
     /// Messages per second one identity (a user, or a guest's address) may send over all its
-    /// sockets, chat and votes, in bursts of twice as many; past it a message gets an `error`
-    /// event and is not stored.
+    /// sockets on every endpoint, chat, votes and typing, in bursts of twice as many; past it a
+    /// message gets an `error` event (error 110 on `/ws`) and is neither stored nor relayed.
     #[arg(
         long,
         env = "TETHER_IDENTITY_MESSAGE_RATE",

@@ -992,12 +992,9 @@ impl LiveLoop {
                 }
                 // The same person over several connections: the message is refused, the
                 // connections stay (none of them alone went too fast).
-                let quota = &self.app.quotas.socket_messages;
-                if quota.take(&self.target.writer, Instant::now()).is_err() {
-                    self.app.metrics.rate_limited.fetch_add(1, Relaxed);
-                    self.batch.push(error_event(
-                        "too many messages from you over all your connections: slow down",
-                    ));
+                if !self.app.spend_socket_message(&self.target.writer) {
+                    self.batch
+                        .push(error_event(crate::app::IDENTITY_RATE_REFUSAL));
                     return None;
                 }
                 let (app, target) = (self.app.clone(), self.target.clone());

@@ -13,6 +13,8 @@ use tether_server::{Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
+pub mod v1;
+
 pub const LIMIT: Duration = Duration::from_secs(15);
 
 pub async fn within<T>(f: impl Future<Output = T>) -> T {

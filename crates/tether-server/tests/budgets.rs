@@ -1,0 +1,268 @@
+//! The channel protocol (`/ws`) under abuse: every budget the room and poll endpoints have
+//! holds on `/ws` too, and what a client hands in is checked at the door with the limits it is
+//! read back with. Each test is one class of attack, over real sockets on loopback.
+
+mod common;
+
+use common::v1::{error_code, open_raw, Client};
+use common::*;
+use serde_json::{json, Value};
+use tether::Message;
+
+#[tokio::test]
+async fn a_deeply_nested_info_is_refused_at_connect_and_bystanders_keep_their_presence() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (mut bob, _) = Client::open(&server, "?name=bob").await;
+    bob.subscribe("room:x").await;
+
+    // 200 levels in under 1,024 bytes: deeper than a reader of presence parses back.
+    let deep = format!(
+        r#"{{"id":1,"op":"connect","info":{{"a":{}1{}}}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    assert!(deep.len() < 1024);
+    let nine = format!(
+        r#"{{"id":1,"op":"connect","info":{}1{}}}"#,
+        r#"{"a":"#.repeat(9),
+        "}".repeat(9)
+    );
+    for command in [deep, nine] {
+        let mut mal = open_raw(&server, "?name=mal").await;
+        mal.send(Message::text(command)).await.unwrap();
+        let refused = next(&mut mal).await;
+        assert_eq!(error_code(&refused), 107, "{refused}");
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("nests at most 8"),
+            "{refused}"
+        );
+    }
+
+    // Eight levels are fine, and every member lists it.
+    let eight = json!({"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}});
+    let (mut eve, connected) = Client::open_with(
+        &server,
+        "?name=eve",
+        json!({"op": "connect", "info": eight}),
+    )
+    .await;
+    assert!(connected.get("error").is_none(), "{connected}");
+    eve.subscribe("room:x").await;
+    let presence = bob
+        .call(json!({"op": "presence", "channel": "room:x"}))
+        .await;
+    assert_eq!(presence["members"][1]["info"], json!([eight]), "{presence}");
+    let subscribed = Client::open(&server, "?name=cy")
+        .await
+        .0
+        .subscribe("room:x")
+        .await;
+    assert_eq!(
+        subscribed["presence"].as_array().map(Vec::len),
+        Some(3),
+        "{subscribed}"
+    );
+    drop((bob, eve));
+    server.stop().await;
+}
+
+/// A server where one connection may send as fast as it likes, but one identity only 10
+/// messages a second (bursts of 20) over all its connections.
+async fn budgeted() -> (Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "mal", "pw").await;
+    let mut c = config(dir.path());
+    c.message_rate = 1000.0;
+    c.identity_message_rate = 10;
+    (start(c).await, dir)
+}
+
+/// How many of `replies` succeeded, checking that each other one is the identity's refusal.
+fn passed(replies: &[Value]) -> usize {
+    let mut passed = 0;
+    for reply in replies {
+        match reply.get("error") {
+            None => passed += 1,
+            Some(_) => {
+                assert_eq!(error_code(reply), 110, "{reply}");
+                assert!(
+                    reply["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("all your connections"),
+                    "{reply}"
+                );
+            }
+        }
+    }
+    passed
+}
+
+/// Sends `command` `count` times on each of `clients` at once, then reads every reply.
+async fn flood(clients: &mut [Client], command: &Value, count: usize) -> Vec<Value> {
+    let mut ids = Vec::new();
+    for client in clients.iter_mut() {
+        let mut sent = Vec::new();
+        for _ in 0..count {
+            sent.push(client.send(command.clone()).await);
+        }
+        ids.push(sent);
+    }
+    let mut replies = Vec::new();
+    for (client, sent) in clients.iter_mut().zip(ids) {
+        for id in sent {
+            let reply = loop {
+                let message = next(&mut client.ws).await;
+                if message.get("id").is_some() {
+                    break message;
+                }
+                client.pushes.push(message);
+            };
+            assert_eq!(reply["id"], id, "{reply}");
+            replies.push(reply);
+        }
+    }
+    replies
+}
+
+/// At most what a budget of 10 a second in bursts of 20 lets through since `started`.
+fn budget_since(started: std::time::Instant) -> usize {
+    20 + (10.0 * started.elapsed().as_secs_f64()).ceil() as usize
+}
+
+#[tokio::test]
+async fn one_guests_publications_share_one_budget_on_the_channel_and_room_endpoints() {
+    let (server, _dir) = budgeted().await;
+    // One guest (an address) with five channel connections and five room connections.
+    let mut channel = Vec::new();
+    for i in 0..5 {
+        let (mut c, _) = Client::open(&server, &format!("?name=c{i}")).await;
+        c.subscribe("room:spam").await;
+        channel.push(c);
+    }
+    let mut rooms = Vec::new();
+    for i in 0..5 {
+        let mut ws = connect(&server.ws(&format!("/ws/rooms/spam?name=r{i}"))).await;
+        next_of(&mut ws, "ready").await;
+        rooms.push(ws);
+    }
+    let started = std::time::Instant::now();
+    for ws in rooms.iter_mut() {
+        for i in 0..10 {
+            say(ws, &format!("room {i}")).await;
+        }
+    }
+    let publish = json!({"op": "publish", "channel": "room:spam", "data": {"text": "hi"}});
+    let replies = flood(&mut channel, &publish, 10).await;
+    let mut stored = passed(&replies);
+    // Each room socket is told of each of its own messages: stored (every member hears it)
+    // or refused (an error on that socket).
+    for (i, ws) in rooms.iter_mut().enumerate() {
+        let me = format!("r{i}");
+        let (mut mine, mut refused) = (0, 0);
+        while mine + refused < 10 {
+            let event = next(ws).await;
+            match event["type"].as_str() {
+                Some("error") => refused += 1,
+                Some("message") if event["user"] == me.as_str() => mine += 1,
+                _ => {}
+            }
+        }
+        stored += mine;
+    }
+    let budget = budget_since(started);
+    eprintln!("{stored} of 100 publications stored, budget {budget}");
+    assert!(
+        (20..=budget).contains(&stored),
+        "{stored} of 100 stored, against a budget of {budget}"
+    );
+    // The store agrees.
+    let (_, history) = http(
+        server.addr,
+        "GET",
+        "/api/rooms/spam/messages?since=0&limit=1000",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(history.as_array().map(Vec::len), Some(stored), "{history}");
+    drop((channel, rooms));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_guests_typing_events_over_many_connections_reach_a_room_within_its_budget() {
+    let (server, _dir) = budgeted().await;
+    let mut mal = Vec::new();
+    for i in 0..5 {
+        let (mut c, _) = Client::open(&server, &format!("?name=m{i}")).await;
+        c.subscribe("room:quiet").await;
+        mal.push(c);
+    }
+    // A bystander (another identity: a registered user) in the room.
+    let token = token(server.addr, "mal", "pw").await;
+    let (mut bob, _) = Client::open(&server, &format!("?token={token}")).await;
+    bob.subscribe("room:quiet").await;
+    let started = std::time::Instant::now();
+    let typing =
+        json!({"op": "event", "channel": "room:quiet", "name": "typing", "data": {"on": true}});
+    let replies = flood(&mut mal, &typing, 20).await;
+    let relayed = passed(&replies);
+    let budget = budget_since(started);
+    eprintln!("{relayed} of 100 events relayed, budget {budget}");
+    assert!(
+        (20..=budget).contains(&relayed),
+        "{relayed} of 100 events relayed, against a budget of {budget}"
+    );
+    // The bystander got exactly those.
+    let heard = bob
+        .drain()
+        .await
+        .iter()
+        .filter(|p| p["type"] == "event")
+        .count();
+    assert_eq!(heard, relayed);
+    drop((mal, bob));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_users_votes_over_many_connections_are_counted_within_its_budget() {
+    let (server, _dir) = budgeted().await;
+    let token = token(server.addr, "mal", "pw").await;
+    let bearer = format!("Bearer {token}");
+    let (status, poll) = http(
+        server.addr,
+        "POST",
+        "/api/polls",
+        &[("Authorization", &bearer)],
+        Some(json!({"question": "Lunch?", "options": ["soup", "salad"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{poll}");
+    let channel = format!("poll:{}", poll["id"]);
+    let mut mal = Vec::new();
+    for _ in 0..5 {
+        let (mut c, _) = Client::open(&server, &format!("?token={token}")).await;
+        c.subscribe(&channel).await;
+        mal.push(c);
+    }
+    let started = std::time::Instant::now();
+    let mut counted = 0;
+    for option in ["soup", "salad"] {
+        let vote = json!({"op": "publish", "channel": channel, "data": {"vote": option}});
+        counted += passed(&flood(&mut mal, &vote, 10).await);
+    }
+    let budget = budget_since(started);
+    eprintln!("{counted} of 100 votes counted, budget {budget}");
+    assert!(
+        (20..=budget).contains(&counted),
+        "{counted} of 100 votes counted, against a budget of {budget}"
+    );
+    drop(mal);
+    server.stop().await;
+}
