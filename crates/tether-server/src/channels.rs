@@ -232,7 +232,15 @@ const MAX_STORING: usize = 64;
 /// What a subscription's reply promises: the publications that follow it.
 struct Subscribed {
     reply: Value,
-    replay: Vec<ChatMessage>,
+    replay: Option<Replay>,
+}
+
+/// A room's stored publications that follow a subscription's reply: those after `after` up
+/// to `end`, written a page at a time ([`Session::replay`]).
+struct Replay {
+    room: String,
+    after: u64,
+    end: u64,
 }
 
 /// A channel's name, parsed.
@@ -537,7 +545,7 @@ impl Session {
             ws::count_in(&app, text.len());
             // Boxed: a command's futures (storage, replay) would otherwise stay in the
             // session's state for its whole life.
-            if let Err(end) = Box::pin(self.command(&text)).await {
+            if let Err(end) = Box::pin(self.command(ws, &text)).await {
                 return end;
             }
         }
@@ -578,8 +586,9 @@ impl Session {
         self.batch.push(event.msg);
     }
 
-    /// Answers one command; `Err` ends the session.
-    async fn command(&mut self, text: &str) -> Result<(), End> {
+    /// Answers one command; `Err` ends the session. A subscription's replay is written
+    /// here, page by page, before the next command is read.
+    async fn command(&mut self, ws: &mut Socket, text: &str) -> Result<(), End> {
         let Ok(mut command) = serde_json::from_str::<Command>(text) else {
             return Err(End::Close(
                 disconnect::PROTOCOL_VIOLATION,
@@ -653,8 +662,8 @@ impl Session {
                 let mut reply = reply;
                 reply["id"] = id.into();
                 self.batch.push(encode_value(&reply));
-                for message in &replay {
-                    self.batch.push(publication(message));
+                if let Some(replay) = replay {
+                    self.replay(ws, replay).await?;
                 }
                 return Ok(());
             }
@@ -784,7 +793,7 @@ impl Session {
         let reply = |value: Value| {
             Ok(Some(Subscribed {
                 reply: value,
-                replay: Vec::new(),
+                replay: None,
             }))
         };
         match command.op.as_str() {
@@ -919,19 +928,12 @@ impl Session {
         let plan = ws::plan_replay(&app, room, since, same_epoch)
             .await
             .map_err(internal)?;
-        let mut replay = Vec::new();
-        let mut high = plan.start;
-        while high < plan.end {
-            let page = ws::read_page(&app, room, high, plan.end)
-                .await
-                .map_err(internal)?;
-            let Some(last) = page.last() else {
-                break;
-            };
-            high = last.id;
-            replay.extend(page);
+        // Publications up to the plan's end come as replay (written after the reply); live
+        // ones at or below it are dropped as they arrive.
+        let high = if plan.count > 0 { plan.end } else { plan.start };
+        if plan.count == 0 {
+            app.hub.advance(room, high);
         }
-        app.hub.advance(room, high);
         // A crowd is counted, not listed (see `PRESENCE_LIMIT`).
         let users = joined.users;
         let personal = crate::hub::is_personal(room);
@@ -943,8 +945,8 @@ impl Session {
         self.add(Channel::new(joined.subscription, high));
         let mut reply = json!({
             "epoch": current,
-            "offset": plan.end.max(high),
-            "replayed": replay.len(),
+            "offset": plan.end,
+            "replayed": plan.count,
         });
         match members {
             Some(members) => reply["presence"] = members,
@@ -954,7 +956,46 @@ impl Session {
         if let Some(recovered) = plan.recovered {
             reply["recovered"] = recovered.into();
         }
+        let replay = (plan.count > 0).then(|| Replay {
+            room: room.to_owned(),
+            after: plan.start,
+            end: plan.end,
+        });
         Ok(Subscribed { reply, replay })
+    }
+
+    /// Writes a subscription's replay after its reply: the next page is read from storage
+    /// only once the previous one is in the socket's write buffer, so a client that asks for
+    /// all of a room's history and reads none of it holds one page, not the history. `Err`
+    /// ends the session: the socket took nothing within the write timeout, or storage failed
+    /// halfway (the reply promised what it could not send).
+    async fn replay(&mut self, ws: &mut Socket, replay: Replay) -> Result<(), End> {
+        let app = self.app.clone();
+        let Replay {
+            room,
+            mut after,
+            end,
+        } = replay;
+        while after < end {
+            if let Some(end) = ws::write_all(&app, ws, &mut self.batch, &self.outbox, judged).await
+            {
+                return Err(end);
+            }
+            let page = match ws::read_page(&app, &room, after, end).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, %room, "loading history failed");
+                    return Err(End::Close(CloseCode::INTERNAL_ERROR, "history unavailable"));
+                }
+            };
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = last.id;
+            self.batch.extend(page.iter().map(publication));
+        }
+        app.hub.advance(&room, after);
+        Ok(())
     }
 
     /// The stream of `user`'s notifications, when that user is who this connection is.
@@ -1010,7 +1051,7 @@ impl Session {
         });
         Ok(Subscribed {
             reply,
-            replay: Vec::new(),
+            replay: None,
         })
     }
 
@@ -1032,7 +1073,7 @@ impl Session {
         let reply = json!({ "polls": polls, "replayed": 0 });
         Ok(Subscribed {
             reply,
-            replay: Vec::new(),
+            replay: None,
         })
     }
 

@@ -397,6 +397,9 @@ pub(crate) struct ReplayPlan {
     truncated: bool,
     /// For a resume: whether exactly the messages after its `since` follow.
     pub(crate) recovered: Option<bool>,
+    /// How many stored messages follow: those after `start` up to `end`, from the first one
+    /// kept (a room's ids have no gaps after its oldest kept message).
+    pub(crate) count: u64,
 }
 
 impl ReplayPlan {
@@ -409,11 +412,28 @@ impl ReplayPlan {
         last: u64,
         config: &crate::ServerConfig,
     ) -> ReplayPlan {
+        let mut plan = ReplayPlan::positions(since, same_epoch, first, last, config);
+        plan.count = match first {
+            Some(first) if first <= plan.end => plan.end - plan.start.max(first.saturating_sub(1)),
+            _ => 0,
+        };
+        plan
+    }
+
+    /// Where the replay starts and ends (its `count` left at 0).
+    fn positions(
+        since: Option<u64>,
+        same_epoch: bool,
+        first: Option<u64>,
+        last: u64,
+        config: &crate::ServerConfig,
+    ) -> ReplayPlan {
         let fresh = ReplayPlan {
             start: last.saturating_sub(config.history_on_join as u64),
             end: last,
             truncated: false,
             recovered: None,
+            count: 0,
         };
         let Some(since) = since else {
             return fresh;
@@ -432,6 +452,7 @@ impl ReplayPlan {
             end: last,
             truncated,
             recovered: Some(!truncated),
+            count: 0,
         }
     }
 }
@@ -1322,6 +1343,7 @@ mod tests {
             end: 500,
             truncated: false,
             recovered,
+            count: 50,
         };
         assert_eq!(plan(None, true, Some(1), 500), fresh(None), "first join");
         assert_eq!(
@@ -1338,14 +1360,26 @@ mod tests {
         assert_eq!((exact.start, exact.recovered), (400, Some(true)));
         let trimmed = plan(Some(5), true, Some(100), 500);
         assert_eq!(
-            (trimmed.start, trimmed.truncated, trimmed.recovered),
-            (5, true, Some(false))
+            (
+                trimmed.start,
+                trimmed.truncated,
+                trimmed.recovered,
+                trimmed.count
+            ),
+            (5, true, Some(false), 401)
         );
         let capped = plan(Some(5), true, Some(1), 5000);
         assert_eq!(
-            (capped.start, capped.truncated, capped.recovered),
-            (4000, true, Some(false))
+            (
+                capped.start,
+                capped.truncated,
+                capped.recovered,
+                capped.count
+            ),
+            (4000, true, Some(false), 1000)
         );
+        assert_eq!(plan(None, true, None, 0).count, 0, "an empty room");
+        assert_eq!(plan(Some(3), true, Some(1), 3).count, 0, "up to date");
         assert_eq!(
             plan(Some(500), true, Some(1), 500).recovered,
             Some(true),

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tether_server::store::{now_rfc3339, ChatMessage, Store};
 
 mod common;
@@ -73,6 +73,33 @@ async fn replay_is_paged_bounded_in_memory_and_limited() {
         "20 clients replaying {MESSAGES} messages of 4 KB without reading: RSS grew {grown} KiB"
     );
     assert!(grown < 100 << 10, "RSS grew {grown} KiB");
+    // The same over the channel protocol: twenty clients subscribe with `since: 0` and never
+    // read.
+    let before = rss_kib();
+    let mut silent = Vec::new();
+    for i in 0..20 {
+        let url = server.ws(&format!("/ws?name=silent{i}"));
+        let builder = tether::ClientBuilder::new(&url)
+            .unwrap()
+            .protocol("tether.v1");
+        let (mut ws, _) = within(builder.connect()).await.unwrap();
+        for command in [
+            json!({"id": 1, "op": "connect"}),
+            json!({"id": 2, "op": "subscribe", "channel": "room:big", "since": 0}),
+        ] {
+            ws.send(tether::Message::text(command.to_string()))
+                .await
+                .unwrap();
+        }
+        silent.push(ws);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = rss_kib().saturating_sub(before);
+    println!(
+        "20 channel clients replaying {MESSAGES} messages of 4 KB without reading: RSS grew {grown} KiB"
+    );
+    assert!(grown < 100 << 10, "RSS grew {grown} KiB on /ws");
+    drop(silent);
     // Meanwhile the room works for everyone else.
     let mut ann = connect(&server.ws("/ws/rooms/big?name=ann")).await;
     next_of(&mut ann, "ready").await;
