@@ -234,10 +234,14 @@ pub struct Quotas {
     /// Chat messages and votes sent over sockets, per user or guest address, over all its
     /// connections.
     pub socket_messages: Throttle<Writer>,
+    /// Rooms brought into being, per user or guest address: by a first message, or by a
+    /// first member joining a room that has none ([`App::may_join_room`]). Shared with the
+    /// journal and the cluster's appender.
+    pub rooms: crate::journal::RoomQuota,
 }
 
 impl Quotas {
-    fn new(config: &ServerConfig) -> Quotas {
+    fn new(config: &ServerConfig, rooms: crate::journal::RoomQuota) -> Quotas {
         let per_hour = |n: u32| Duration::from_secs(3600) / n.max(1);
         Quotas {
             polls: Throttle::new(
@@ -260,6 +264,7 @@ impl Quotas {
                 Duration::from_secs(1) / config.identity_message_rate.max(1),
                 THROTTLE_CAPACITY,
             ),
+            rooms,
         }
     }
 }
@@ -305,6 +310,7 @@ impl App {
         tls: bool,
         cluster: Option<Arc<crate::cluster::Cluster>>,
         trusted_proxies: Vec<crate::proxy::Cidr>,
+        room_quota: crate::journal::RoomQuota,
     ) -> std::io::Result<Arc<App>> {
         let passwords = PasswordChecker::start(config.password_threads, config.password_queue)?;
         let config_limits = (config.max_connections, config.max_connections_per_ip);
@@ -318,7 +324,7 @@ impl App {
             Duration::from_secs(60),
             THROTTLE_CAPACITY,
         );
-        let quotas = Quotas::new(&config);
+        let quotas = Quotas::new(&config, room_quota);
         Ok(Arc::new(App {
             nicknames: Nicknames::new(),
             trusted_proxies,
@@ -368,6 +374,48 @@ impl App {
             self.metrics.rate_limited.fetch_add(1, Relaxed);
         }
         !spent
+    }
+
+    /// Whether `writer` may join `room`. A room that exists (members on this node, or stored
+    /// messages) is open to anyone; joining one that does not brings it into being, which
+    /// takes a token of the writer's `rooms_per_hour` (the same budget a first message
+    /// spends, so a room is paid for once) and room under `max_rooms` among the rooms with
+    /// members here. A user's own notification stream is not a room anyone starts.
+    ///
+    /// # Errors
+    /// [`StoreError::Limit`] with the reason to tell the client; another [`StoreError`] when
+    /// storage could not say whether the room exists.
+    pub async fn may_join_room(&self, room: &str, writer: &Writer) -> Result<(), StoreError> {
+        if crate::hub::is_personal(room) || self.hub.has_room(room) {
+            return Ok(());
+        }
+        let stored = match &self.cluster {
+            Some(cluster) => cluster.first_id(room).await?.is_some(),
+            None => {
+                let r = room.to_owned();
+                self.db.call(move |s| s.last_id(&r)).await? > 0
+            }
+        };
+        if stored {
+            return Ok(());
+        }
+        if self.hub.room_count() >= self.config.max_rooms {
+            self.metrics.rate_limited.fetch_add(1, Relaxed);
+            return Err(StoreError::Limit(format!(
+                "the server holds at most {} rooms with members (max_rooms): join an existing room",
+                self.config.max_rooms
+            )));
+        }
+        if self
+            .quotas
+            .rooms
+            .take(writer, std::time::Instant::now())
+            .is_err()
+        {
+            self.metrics.rate_limited.fetch_add(1, Relaxed);
+            return Err(StoreError::Limit(crate::journal::ROOM_QUOTA.to_owned()));
+        }
+        Ok(())
     }
 
     /// Whether the server is shutting down.

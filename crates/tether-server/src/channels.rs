@@ -910,10 +910,18 @@ impl Session {
             }
         };
         let app = self.app.clone();
+        let room = room.as_str();
+        // Subscribing to a room nobody is in and nobody wrote to brings it into being: that
+        // is paid for as starting one.
+        app.may_join_room(room, &self.member.writer)
+            .await
+            .map_err(|e| match e {
+                StoreError::Limit(why) => fail(Code::LimitExceeded, why),
+                other => internal(other),
+            })?;
         // The epoch first: should storage have a new one, the hub resets the room before
         // this connection is in it, not after.
         let mut current = ws::current_epoch(&app).await.map_err(internal)?;
-        let room = room.as_str();
         let joined = app.hub.join_with(
             room,
             self.outbox.user(),

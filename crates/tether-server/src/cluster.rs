@@ -380,17 +380,20 @@ impl Cluster {
             // Each sender may start a room only with a token of its room quota in hand; the
             // token goes back unless the script did start one.
             let now = std::time::Instant::now();
-            let mut tokens = Vec::with_capacity(batch.len());
+            // A room with members here was paid for by its first member
+            // (`App::may_join_room`): its first message needs no token of its own.
+            let mut taken = Vec::with_capacity(batch.len());
             for job in &batch {
-                let token = self.room_quota.take(&job.writer, now).is_ok();
-                tokens.push(token);
-                pipe.add_command(self.append_command(job, token));
+                let paid = self.hub.has_room(&job.room);
+                let token = !paid && self.room_quota.take(&job.writer, now).is_ok();
+                taken.push(token);
+                pipe.add_command(self.append_command(job, paid || token));
             }
             let mut con = self.commands.clone();
             let sent = pipe
                 .query_async::<Vec<redis::RedisResult<(String, i64)>>>(&mut con)
                 .await;
-            for ((job, token), result) in batch.iter().zip(&tokens).zip(sent.iter().flatten()) {
+            for ((job, token), result) in batch.iter().zip(&taken).zip(sent.iter().flatten()) {
                 if *token && !matches!(result, Ok((_, 1))) {
                     self.room_quota.refund(&job.writer, now);
                 }

@@ -601,10 +601,8 @@ async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Re
             all.entry(room).or_default().1 = last;
         }
     }
-    for (room, members) in app.hub.rooms() {
-        if after.as_deref().is_none_or(|a| room.as_str() > a) {
-            all.entry(room).or_default().0 = members;
-        }
+    for (room, members) in app.hub.rooms_page(after.as_deref(), limit) {
+        all.entry(room).or_default().0 = members;
     }
     let mut list: Vec<(String, (usize, u64))> = all.into_iter().take(limit).collect();
     if let Some(cluster) = &app.cluster {

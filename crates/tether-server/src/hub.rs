@@ -14,7 +14,8 @@
 //! session, fan-out hands the queue to a drainer thread, which writes what waits in it straight
 //! to the connection's socket.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::atomic::{
     AtomicU64, AtomicU8, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
@@ -529,6 +530,9 @@ pub struct Hub {
     epoch: Mutex<String>,
     /// By name; a name is one allocation shared with its members' subscriptions.
     rooms: Mutex<HashMap<Arc<str>, RoomState>>,
+    /// The names of `rooms`, in order: listing a page of them costs the page, not every room
+    /// (taken after `rooms` when both are held).
+    names: Mutex<BTreeSet<Arc<str>>>,
     polls: Mutex<HashMap<i64, PollState>>,
     /// Every connection of the channel protocol: what `broadcast` reaches besides rooms.
     everyone: Mutex<Topic>,
@@ -908,6 +912,7 @@ impl Hub {
         Arc::new(Hub {
             epoch: Mutex::new(String::new()),
             rooms: Mutex::new(HashMap::new()),
+            names: Mutex::new(BTreeSet::new()),
             polls: Mutex::new(HashMap::new()),
             everyone: Mutex::new(Topic::default()),
             poll_list: Mutex::new(Topic::default()),
@@ -955,6 +960,7 @@ impl Hub {
             None => {
                 let k: Arc<str> = Arc::from(room);
                 self.interested(&k);
+                lock(&self.names).insert(k.clone());
                 k
             }
         };
@@ -1032,6 +1038,7 @@ impl Hub {
         }
         if state.topic.peers.is_empty() {
             if let Some((name, _)) = rooms.remove_entry(room) {
+                lock(&self.names).remove(&name);
                 self.interested(&name);
             }
         }
@@ -1351,13 +1358,29 @@ impl Hub {
             })
     }
 
-    /// Rooms with connected members: `(room, distinct users)`.
-    pub fn rooms(&self) -> Vec<(String, usize)> {
+    /// How many rooms (and users' notification streams) have members here.
+    pub fn room_count(&self) -> usize {
+        lock(&self.rooms).len()
+    }
+
+    /// The first `limit` rooms with connected members whose names sort after `after` (from
+    /// the first when `None`): `(room, distinct users)`, in name order. Costs the page, read
+    /// from an index of names, whatever the number of rooms.
+    pub fn rooms_page(&self, after: Option<&str>, limit: usize) -> Vec<(String, usize)> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let page: Vec<Arc<str>> = lock(&self.names)
+            .range::<str, _>((start, Bound::Unbounded))
+            // Users' notification streams sort after every room.
+            .take_while(|name| !is_personal(name))
+            .take(limit)
+            .cloned()
+            .collect();
         let rooms = lock(&self.rooms);
-        rooms
-            .iter()
-            .filter(|(name, _)| !is_personal(name))
-            .map(|(name, state)| (name.to_string(), state.users.len()))
+        page.into_iter()
+            .filter_map(|name| {
+                let users = rooms.get(&name)?.users.len();
+                Some((name.to_string(), users))
+            })
             .collect()
     }
 
@@ -1570,12 +1593,33 @@ mod tests {
     }
 
     #[test]
+    fn rooms_are_listed_in_pages_by_name() {
+        let hub = Hub::new(4, Arc::default());
+        let held: Vec<_> = ["c", "a", "d", "b"]
+            .into_iter()
+            .map(|r| hub.join(r, "ann"))
+            .collect();
+        let _own = hub.join(&personal("ann"), "ann");
+        let _two = hub.join("b", "ben");
+        let names = |page: Vec<(String, usize)>| page.into_iter().map(|r| r.0).collect::<Vec<_>>();
+        assert_eq!(names(hub.rooms_page(None, 2)), ["a", "b"]);
+        assert_eq!(hub.rooms_page(Some("a"), 1), [("b".to_owned(), 2)]);
+        assert_eq!(
+            names(hub.rooms_page(Some("b"), 10)),
+            ["c", "d"],
+            "no user streams"
+        );
+        drop(held);
+        assert_eq!(names(hub.rooms_page(None, 10)), ["b"]);
+    }
+
+    #[test]
     fn empty_rooms_are_forgotten() {
         let hub = Hub::new(4, Arc::default());
         let s = hub.join("r", "ann");
-        assert_eq!(hub.rooms(), [("r".to_owned(), 1)]);
+        assert_eq!(hub.rooms_page(None, 10), [("r".to_owned(), 1)]);
         drop(s);
-        assert!(hub.rooms().is_empty());
+        assert!(hub.rooms_page(None, 10).is_empty());
         assert_eq!(hub.deliver(&message("r", 1)), 0);
     }
 }

@@ -280,10 +280,13 @@ impl Writer {
                             ))));
                             continue;
                         }
-                        if self
-                            .room_quota
-                            .take(writer, std::time::Instant::now())
-                            .is_err()
+                        // A room with members here was paid for by its first member
+                        // (`App::may_join_room`); one without is started by this message.
+                        if !self.hub.has_room(room)
+                            && self
+                                .room_quota
+                                .take(writer, std::time::Instant::now())
+                                .is_err()
                         {
                             outcomes.push(Outcome::Refused(StoreError::Limit(
                                 ROOM_QUOTA.to_owned(),

@@ -175,7 +175,7 @@ impl Server {
                     metrics.clone(),
                     config.history_limit,
                     config.max_rooms,
-                    room_quota,
+                    room_quota.clone(),
                 )?)
             }
             None => None,
@@ -190,6 +190,7 @@ impl Server {
             tls.is_some(),
             cluster,
             trusted_proxies,
+            room_quota,
         )?;
         if let Some(cluster) = &app.cluster {
             cluster.follow_nicknames(app.nicknames.clone());

@@ -280,6 +280,21 @@ async fn join_room(
         ..
     } = member;
     tracing::debug!(%room, user = who.name(), since = ?resume.since, epoch = ?resume.epoch, "joining");
+    // Joining a room nobody is in and nobody wrote to brings it into being: that is paid for
+    // as starting one, whichever endpoint it comes through.
+    if let Err(e) = app.may_join_room(&room, &writer).await {
+        let (code, why) = match &e {
+            StoreError::Limit(why) => (CloseCode::POLICY_VIOLATION, why.as_str()),
+            other => {
+                tracing::error!(error = %other, %room, "checking the room failed");
+                (CloseCode::INTERNAL_ERROR, "storage unavailable: try again")
+            }
+        };
+        tracing::debug!(%room, user = who.name(), why, "room not joined");
+        let _ = ws.feed_prepared(&error_event(why)).await;
+        close(&app, &mut ws, code, "room not joined").await;
+        return None;
+    }
     let joining = async {
         // The epoch first: should storage have a new one, the hub resets the room before
         // this member is in it, not after.

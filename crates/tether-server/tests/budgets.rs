@@ -266,3 +266,82 @@ async fn one_users_votes_over_many_connections_are_counted_within_its_budget() {
     drop(mal);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn bringing_rooms_into_being_is_paid_for_on_every_endpoint_and_listing_them_is_paged() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "ops", "pw").await;
+    let mut c = config(dir.path());
+    c.rooms_per_hour = 5;
+    let server = start(c).await;
+    // One guest address: five new rooms on /ws, then no more, on either endpoint.
+    let (mut mal, _) = Client::open(&server, "?name=mal").await;
+    for i in 0..5 {
+        let reply = mal.subscribe(&format!("room:new{i}")).await;
+        assert!(reply.get("error").is_none(), "{reply}");
+    }
+    let refused = mal.subscribe("room:new5").await;
+    assert_eq!(error_code(&refused), 106, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rooms_per_hour"),
+        "{refused}"
+    );
+    let mut shortcut = connect(&server.ws("/ws/rooms/new6?name=mal2")).await;
+    let said = next(&mut shortcut).await;
+    assert_eq!(said["type"], "error", "{said}");
+    assert!(
+        said["error"].as_str().unwrap().contains("rooms_per_hour"),
+        "{said}"
+    );
+    assert_eq!(close_code(&mut shortcut).await, 1008);
+    // Rooms that exist stay open to the same guest: one with members, one with history.
+    let (mut again, _) = Client::open(&server, "?name=mal3").await;
+    let reply = again.subscribe("room:new0").await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    let ops = format!("Bearer {}", token(server.addr, "ops", "pw").await);
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/api/rooms/kept/messages",
+        &[("Authorization", &ops)],
+        Some(json!({"text": "hi"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let reply = again.subscribe("room:kept").await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    // Another identity has a budget of its own.
+    let (mut ann, _) = Client::open(&server, &format!("?token={}", &ops[7..])).await;
+    let reply = ann.subscribe("room:new5").await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    // The first message in a room its first member paid for is not charged again: that
+    // member may still start none, but writes there.
+    let stored = mal
+        .call(json!({"op": "publish", "channel": "room:new1", "data": {"text": "first"}}))
+        .await;
+    assert!(stored.get("error").is_none(), "{stored}");
+
+    // Listing rooms pages through the rooms with members, in name order.
+    let (_, page) = http(
+        server.addr,
+        "GET",
+        "/api/rooms?after=new1&limit=3",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        page,
+        json!([
+            {"room": "new2", "members": 1, "last_id": 0},
+            {"room": "new3", "members": 1, "last_id": 0},
+            {"room": "new4", "members": 1, "last_id": 0},
+        ]),
+        "{page}"
+    );
+    drop((mal, again, ann, shortcut));
+    server.stop().await;
+}
