@@ -851,7 +851,7 @@ impl Session {
             "history" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
                 let room = match parse_channel(channel)? {
-                    Name::Room(room) => room.to_owned(),
+                    Name::Room(room) => self.may_read(room)?.to_owned(),
                     Name::User(user) => self.own(user)?,
                     _ => return Err(fail(Code::NotAvailable, "only rooms keep history")),
                 };
@@ -868,8 +868,18 @@ impl Session {
                 let Name::Room(room) = parse_channel(channel)? else {
                     return Err(fail(Code::NotAvailable, "only rooms have presence"));
                 };
-                let members = self.presence(room).await;
-                reply(json!({ "members": members }))
+                let room = self.may_read(room)?;
+                // A crowd is counted, not listed (see `PRESENCE_LIMIT`), as on subscribing.
+                let users = self.app.hub.user_count(room);
+                if users > crate::hub::PRESENCE_LIMIT {
+                    return reply(json!({ "users": users }));
+                }
+                match self.presence(room).await {
+                    Value::Array(members) if members.len() > crate::hub::PRESENCE_LIMIT => {
+                        reply(json!({ "users": members.len() }))
+                    }
+                    members => reply(json!({ "members": members })),
+                }
             }
             other => Err(fail(Code::UnknownOp, format!("unknown op: {other:.32}"))),
         }
@@ -892,13 +902,7 @@ impl Session {
             ));
         }
         let room = match name {
-            Name::Room(_) if self.member.kind == Kind::Anonymous => {
-                return Err(fail(
-                    Code::PermissionDenied,
-                    "rooms need a name: log in, or connect with ?name=NICK",
-                ))
-            }
-            Name::Room(room) => room.to_owned(),
+            Name::Room(room) => self.may_read(room)?.to_owned(),
             Name::User(user) => self.own(user)?,
             Name::Poll(id) => return self.subscribe_poll(id).await,
             Name::Polls => return self.subscribe_polls().await,
@@ -1004,6 +1008,18 @@ impl Session {
         }
         app.hub.advance(&room, after);
         Ok(())
+    }
+
+    /// `room`, when this connection has the right to subscribe to it, which reading its
+    /// history and presence also needs: a name (a user's, or a guest's nickname).
+    fn may_read<'r>(&self, room: &'r str) -> Result<&'r str, Failure> {
+        if self.member.kind == Kind::Anonymous {
+            return Err(fail(
+                Code::PermissionDenied,
+                "rooms need a name: log in, or connect with ?name=NICK",
+            ));
+        }
+        Ok(room)
     }
 
     /// The stream of `user`'s notifications, when that user is who this connection is.

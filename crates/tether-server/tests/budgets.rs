@@ -345,3 +345,50 @@ async fn bringing_rooms_into_being_is_paid_for_on_every_endpoint_and_listing_the
     drop((mal, again, ann, shortcut));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_is_counted_not_listed_and_a_visitor_without_a_name_reads_no_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.max_connections_per_ip = 2000;
+    // The crowd's members do not read: each join's push to them waits in their queues.
+    c.outbox = 4096;
+    let server = start(c).await;
+    let crowd = tether_server::hub::PRESENCE_LIMIT + 1;
+    let mut members = Vec::new();
+    for i in 0..crowd {
+        let path = format!("/ws/rooms/crowd?name=u{i}");
+        members.push(raw_upgrade(server.addr, &path, Some(4096)).await);
+    }
+    // Every one of them joined.
+    within(async {
+        loop {
+            let (_, page) = http(server.addr, "GET", "/api/rooms?limit=1", &[], None).await;
+            if page[0]["members"].as_u64() == Some(crowd as u64) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (mut bob, _) = Client::open(&server, "?name=bob").await;
+    let presence = bob
+        .call(json!({"op": "presence", "channel": "room:crowd"}))
+        .await;
+    let size = presence.to_string().len();
+    assert!(
+        presence == json!({"id": 2, "users": crowd}),
+        "a reply of {size} bytes"
+    );
+
+    // A visitor without a name may subscribe to no room, nor read one's history or presence.
+    let (mut visitor, _) = Client::open(&server, "").await;
+    for op in ["subscribe", "history", "presence"] {
+        let refused = visitor
+            .call(json!({"op": op, "channel": "room:crowd"}))
+            .await;
+        assert_eq!(error_code(&refused), 103, "{op}: {refused}");
+    }
+    drop((members, bob, visitor));
+    server.stop().await;
+}

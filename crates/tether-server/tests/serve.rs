@@ -57,6 +57,9 @@ async fn history_then_live_then_resume_without_gap_or_duplicate() {
     assert_eq!(leave["event"], "leave");
     say(&mut ann, "m4").await;
     say(&mut ann, "m5").await;
+    // Stored (ann hears them) before ben comes back, or his resume would find them live.
+    assert_eq!(next_of(&mut ann, "message").await["id"], 4);
+    assert_eq!(next_of(&mut ann, "message").await["id"], 5);
     let url = server.ws("/ws/rooms/lobby?name=ben&since=3");
     let mut ben = connect_with_cookie(&url, &ben_cookie).await;
     let welcome = next(&mut ben).await;
