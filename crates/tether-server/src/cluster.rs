@@ -14,10 +14,13 @@
 //! reads a room's history only once the node hears the room live, so nothing published between
 //! the two is missed.
 //!
-//! Presence: each node keeps `node\tuser` entries in `tether:m:{room}` (a sorted set scored by
-//! expiry time) for its local members and refreshes them every few seconds, and announces
-//! joins and leaves on `tether:p:{room}`. A node that crashes stops refreshing; its users
-//! expire and the other nodes announce their leave.
+//! Presence: each node keeps `node\tuser` entries in `tether:m:{room}` for its local members,
+//! lists them in a set of its own (`tether:np:{node}`), and announces joins and leaves on
+//! `tether:p:{room}`. Entries do not expire: an idle room costs Redis nothing. Instead each
+//! node beats once every few seconds in `tether:nodes`; the first node to find another's
+//! heartbeat stale claims it (atomically, with a lease) and sweeps that node's entries,
+//! information and nicknames, announcing each leave. A node that finds it was swept (it was
+//! paused, or Redis lost its data) writes its presence again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -31,7 +34,7 @@ use serde_json::value::RawValue;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::{Hub, Member, Shared};
+use crate::hub::{Change, Hub, Member, Shared};
 use crate::journal::ChatWrite;
 use crate::metrics::Metrics;
 use crate::store::{now_rfc3339, ChatMessage, StoreError};
@@ -67,7 +70,7 @@ if ARGV[7] ~= '' then
   end
 end
 local created = 0
-if not redis.call('ZSCORE', KEYS[3], ARGV[4]) then
+if ARGV[10] ~= '1' and not redis.call('ZSCORE', KEYS[3], ARGV[4]) then
   if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
     return redis.error_reply('ROOMLIMIT the room cap is reached')
   end
@@ -82,7 +85,7 @@ if #top > 0 then last = tonumber(string.match(top[1][1], '%-(%d+)$')) end
 local id = last + 1
 local msg = ARGV[1] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[2]
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
-redis.call('ZADD', KEYS[3], 0, ARGV[4])
+if ARGV[10] ~= '1' then redis.call('ZADD', KEYS[3], 0, ARGV[4]) end
 redis.call('PUBLISH', KEYS[2], msg)
 if ARGV[7] ~= '' then redis.call('SET', KEYS[5], id, 'EX', ARGV[8]) end
 return {msg, created}
@@ -93,32 +96,129 @@ return {msg, created}
 /// when it is new or lost its data.
 const EPOCH_SCRIPT: &str = concat!(read_or_make_epoch!(1, 1), "return epoch\n");
 
-/// Claims a guest nickname (KEYS[1]) for a guest (ARGV[1]) for ARGV[2] seconds, unless another
-/// guest holds it: 1 when it is this guest's now, 0 when another's.
+/// Claims a guest nickname (hash KEYS[1]: `guest` and a field `n:NODE` per node using it) for
+/// guest ARGV[1] on node ARGV[2], unless another guest holds it, and lists it (ARGV[3]) in the
+/// node's set KEYS[2]: 1 when it is this guest's now, 0 when another's.
 const CLAIM_NICK: &str = r#"
-local holder = redis.call('GET', KEYS[1])
+local holder = redis.call('HGET', KEYS[1], 'guest')
 if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[1], 'guest', ARGV[1], 'n:' .. ARGV[2], 1)
+redis.call('SADD', KEYS[2], ARGV[3])
 return 1
 "#;
 
-/// Releases a guest nickname (KEYS[1]) if this guest (ARGV[1]) holds it.
-const RELEASE_NICK: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+/// Lua: `release(k, g, node)`: node `node` stops using the nickname claimed in hash `k` for
+/// guest `g`; the name is free once no node uses it.
+macro_rules! release_nick_fn {
+    () => {
+        r#"
+local function release(k, g, node)
+  if redis.call('HGET', k, 'guest') == g then
+    redis.call('HDEL', k, 'n:' .. node)
+    if redis.call('HLEN', k) <= 1 then redis.call('DEL', k) end
+  end
+end
+"#
+    };
+}
+
+/// Releases a guest nickname (KEYS[1]) that guest ARGV[1] used on node ARGV[2], and takes it
+/// (ARGV[3]) off the node's set KEYS[2].
+const RELEASE_NICK: &str = concat!(
+    release_nick_fn!(),
+    r#"
+redis.call('SREM', KEYS[2], ARGV[3])
+release(KEYS[1], ARGV[1], ARGV[2])
 return 0
-"#;
+"#
+);
+
+/// Where a guest nickname is claimed.
+const NICK_PREFIX: &str = "tether:nk:";
 
 fn nick_key(name: &str) -> String {
-    format!("tether:nick:{name}")
+    format!("{NICK_PREFIX}{name}")
 }
+
+/// Live nodes: a sorted set, each scored by when its heartbeat goes stale (ms since 1970).
+const NODES: &str = "tether:nodes";
+/// Stale nodes being swept, each scored by when its sweeper's lease ends.
+const SWEEPING: &str = "tether:sweeping";
+
+/// The `room\tuser` of each presence entry a node holds (a set).
+fn node_entries_key(node: &str) -> String {
+    format!("tether:np:{node}")
+}
+
+/// The `name\tguest` of each nickname a node uses (a set).
+fn node_nicks_key(node: &str) -> String {
+    format!("tether:nn:{node}")
+}
+
+/// A node's heartbeat (KEYS: [`NODES`], [`SWEEPING`]; ARGV: node, now, stale at, lease end).
+/// Returns `{state, claimed}`: state 1 when the node was registered, 0 when it was not (new,
+/// swept, or Redis lost its data), 2 when it is being swept (it registers once that is done);
+/// `claimed` lists the stale nodes this node now sweeps (their lease is its own).
+const HEARTBEAT: &str = r#"
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return {2, {}} end
+local was = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+local claimed = {}
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0, 16)) do
+  redis.call('ZREM', KEYS[1], node)
+  redis.call('ZADD', KEYS[2], ARGV[4], node)
+  table.insert(claimed, node)
+end
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2], 'LIMIT', 0, 16)) do
+  redis.call('ZADD', KEYS[2], ARGV[4], node)
+  table.insert(claimed, node)
+end
+if was then return {1, claimed} end
+return {0, claimed}
+"#;
+
+/// Sweeps up to ARGV[2] presence entries and nicknames of stale node ARGV[1] (KEYS: its
+/// entries, its nicknames, [`SWEEPING`]), announcing each leave, and renews the sweeper's
+/// lease (ARGV[3]). ARGV[4..7] are the key prefixes of members, information, presence
+/// channels and nicknames. Returns how many it swept: 0 when the node is clean.
+const SWEEP: &str = concat!(
+    release_nick_fn!(),
+    r#"
+local node = ARGV[1]
+local swept = 0
+for _, e in ipairs(redis.call('SPOP', KEYS[1], ARGV[2])) do
+  local tab = string.find(e, '	', 1, true)
+  if tab then
+    local room, user = string.sub(e, 1, tab - 1), string.sub(e, tab + 1)
+    redis.call('ZREM', ARGV[4] .. room, node .. '	' .. user)
+    redis.call('DEL', ARGV[5] .. room .. '	' .. node)
+    redis.call('PUBLISH', ARGV[6] .. room,
+      cjson.encode({node = node, room = room, user = user, join = false}))
+  end
+  swept = swept + 1
+end
+for _, e in ipairs(redis.call('SPOP', KEYS[2], ARGV[2])) do
+  local tab = string.find(e, '	', 1, true)
+  if tab then release(ARGV[7] .. string.sub(e, 1, tab - 1), string.sub(e, tab + 1), node) end
+  swept = swept + 1
+end
+redis.call('ZADD', KEYS[3], 'XX', ARGV[3], node)
+return swept
+"#
+);
+
+/// Entries swept in one script at most (a script blocks Redis while it runs).
+const SWEEP_BATCH: usize = 256;
+/// How long a sweeper holds a stale node before another node may take over.
+const SWEEP_LEASE: Duration = Duration::from_secs(30);
 
 /// The key of the rooms' epoch.
 const EPOCH: &str = "tether:epoch";
 
-/// How long a node's presence entries live without a refresh.
-const PRESENCE_TTL: Duration = Duration::from_secs(15);
-/// How often a node refreshes its entries and looks for users of crashed nodes.
-const PRESENCE_EVERY: Duration = Duration::from_secs(3);
+/// How long a node's heartbeat lasts: a node silent for longer is swept.
+const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
+/// How often a node beats, and looks for stale nodes.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(3);
 
 fn stream_key(room: &str) -> String {
     format!("tether:s:{room}")
@@ -179,8 +279,11 @@ struct Listening {
     unsure: HashSet<Arc<str>>,
 }
 
+/// Where a room's presence entries are kept.
+const MEMBERS_PREFIX: &str = "tether:m:";
+
 fn members_key(room: &str) -> String {
-    format!("tether:m:{room}")
+    format!("{MEMBERS_PREFIX}{room}")
 }
 
 /// Rooms with stored messages: a sorted set, every score 0, so it pages in name order.
@@ -218,9 +321,11 @@ struct PresenceNote {
 }
 
 /// Where a node keeps the public information its users' connections in a room attached
-/// (`{user: [info, …]}`), expiring unless refreshed.
+/// (`{user: [info, …]}`).
+const INFOS_PREFIX: &str = "tether:i:";
+
 fn infos_key(room: &str, node: &str) -> String {
-    format!("tether:i:{room}\t{node}")
+    format!("{INFOS_PREFIX}{room}\t{node}")
 }
 
 /// A broadcast notice for every node.
@@ -245,11 +350,16 @@ pub struct Cluster {
     appends: mpsc::Sender<ChatWrite>,
     epoch: redis::Script,
     connected: AtomicBool,
-    /// Redis stopped answering commands (the last presence refresh failed) though the
-    /// subscription may look alive: a stalled or overloaded Redis.
+    /// What Redis holds of this node's presence and nicknames may differ from what it has:
+    /// a write failed, or the node was swept. Reconciled after the next heartbeat.
+    dirty: AtomicBool,
+    /// Redis stopped answering commands (the last heartbeat failed) though the subscription
+    /// may look alive: a stalled or overloaded Redis.
     stalled: AtomicBool,
-    /// Users of each local room present on other nodes, as last seen.
-    remote: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// Users of each local room present on other nodes, with the nodes they are on.
+    remote: Mutex<HashMap<String, BTreeMap<String, BTreeSet<String>>>>,
+    /// This node's guest nicknames, kept claimed in Redis.
+    nicknames: std::sync::OnceLock<Arc<crate::guests::Nicknames>>,
     listening: Mutex<Listening>,
     /// Rooms whose presence information this node keeps in Redis ([`infos_key`]).
     with_infos: Mutex<HashSet<String>>,
@@ -309,24 +419,21 @@ impl Cluster {
             appends,
             epoch: redis::Script::new(EPOCH_SCRIPT),
             connected: AtomicBool::new(false),
+            // A previous run of this node may have left entries behind.
+            dirty: AtomicBool::new(true),
             stalled: AtomicBool::new(false),
             remote: Mutex::new(HashMap::new()),
+            nicknames: std::sync::OnceLock::new(),
             listening: Mutex::new(Listening::default()),
             with_infos: Mutex::new(HashSet::new()),
         });
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Shared>();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Shared>();
         cluster.hub.share_presence(tx);
-        let sharer = cluster.clone();
-        tokio::spawn(async move {
-            while let Some(shared) = rx.recv().await {
-                sharer.presence(shared).await;
-            }
-        });
+        tokio::spawn(cluster.clone().share_forever(rx));
         let (follow, rooms) = mpsc::unbounded_channel();
         cluster.hub.follow_rooms(follow);
         tokio::spawn(cluster.clone().subscribe_forever(client, rooms));
         tokio::spawn(cluster.clone().append_forever(queued));
-        tokio::spawn(cluster.clone().presence_forever());
         Ok(cluster)
     }
 
@@ -384,7 +491,8 @@ impl Cluster {
             // (`App::may_join_room`): its first message needs no token of its own.
             let mut taken = Vec::with_capacity(batch.len());
             for job in &batch {
-                let paid = self.hub.has_room(&job.room);
+                // A user's notification stream is no room anyone starts.
+                let paid = self.hub.has_room(&job.room) || crate::hub::is_personal(&job.room);
                 let token = !paid && self.room_quota.take(&job.writer, now).is_ok();
                 taken.push(token);
                 pipe.add_command(self.append_command(job, paid || token));
@@ -456,7 +564,12 @@ impl Cluster {
             .arg(self.max_rooms)
             .arg(job.key.as_deref().unwrap_or_default())
             .arg(KEY_WINDOW.as_secs())
-            .arg(if may_start_room { "1" } else { "0" });
+            .arg(if may_start_room { "1" } else { "0" })
+            .arg(if crate::hub::is_personal(&job.room) {
+                "1"
+            } else {
+                "0"
+            });
         cmd
     }
 
@@ -479,28 +592,23 @@ impl Cluster {
     }
 
     /// Shares this node's guest nicknames with the cluster: names it stops using are released
-    /// in Redis, names in use are claimed again every few seconds.
+    /// in Redis. What Redis holds of them is checked when the node (re)joins the cluster.
     pub fn follow_nicknames(self: &Arc<Self>, nicknames: Arc<crate::guests::Nicknames>) {
-        // Bounded: a release that does not fit is left to expire (15 s).
+        let _ = self.nicknames.set(nicknames.clone());
+        // Bounded: a release that does not fit is made when the node next reconciles.
         let (released, mut releases) = mpsc::channel::<(String, String)>(4096);
         nicknames.share_releases(released);
         let releaser = self.clone();
-        let names = nicknames.clone();
         tokio::spawn(async move {
             while let Some((name, guest)) = releases.recv().await {
-                // The guest may have come back since (its claim went out already): then the
-                // name is still its own and stays claimed.
-                if !names.holds(&name, &guest) {
-                    releaser.release_nickname(&name, &guest).await;
-                }
+                releaser.release_nickname(&name, &guest).await;
             }
         });
-        tokio::spawn(self.clone().refresh_nicknames_forever(nicknames));
     }
 
     /// Claims guest nickname `name` (lowercase) for `guest` across the cluster: `true` when
-    /// it is this guest's, `false` when a guest on another node holds it. Held names are
-    /// refreshed every few seconds and expire when their node stops refreshing them.
+    /// it is this guest's, `false` when a guest on another node holds it. A claim lasts while
+    /// any node uses the name for that guest, or until the node's heartbeat goes stale.
     ///
     /// # Errors
     /// Redis is unreachable.
@@ -508,54 +616,42 @@ impl Cluster {
         let mut con = self.commands.clone();
         let claimed: i64 = redis::Script::new(CLAIM_NICK)
             .key(nick_key(name))
+            .key(node_nicks_key(&self.node))
             .arg(guest)
-            .arg(PRESENCE_TTL.as_secs())
+            .arg(&self.node)
+            .arg(format!("{name}\t{guest}"))
             .invoke_async(&mut con)
             .await
             .map_err(redis_error)?;
         Ok(claimed == 1)
     }
 
+    /// Releases a name this node stopped using, unless the guest holds it here again; if the
+    /// guest came back while the release was on its way, the name is claimed again (a claim
+    /// sent before the release would be undone by it).
     async fn release_nickname(&self, name: &str, guest: &str) {
+        let Some(names) = self.nicknames.get() else {
+            return;
+        };
+        if names.holds(name, guest) {
+            return;
+        }
         let mut con = self.commands.clone();
         let released = redis::Script::new(RELEASE_NICK)
             .key(nick_key(name))
+            .key(node_nicks_key(&self.node))
             .arg(guest)
+            .arg(&self.node)
+            .arg(format!("{name}\t{guest}"))
             .invoke_async::<i64>(&mut con)
             .await;
         if let Err(e) = released {
-            tracing::debug!(error = %e, name, "nickname not released in redis (it expires)");
-        }
-    }
-
-    /// Keeps this node's nicknames claimed in Redis: one pipeline a round.
-    async fn refresh_nicknames_forever(self: Arc<Self>, nicknames: Arc<crate::guests::Nicknames>) {
-        let mut tick = tokio::time::interval(PRESENCE_EVERY);
-        loop {
-            tick.tick().await;
-            let held = nicknames.held();
-            if held.is_empty() || !self.connected.load(Relaxed) {
-                continue;
-            }
-            let mut pipe = redis::pipe();
-            for (name, guest) in &held {
-                pipe.cmd("EVAL")
-                    .arg(CLAIM_NICK)
-                    .arg(1)
-                    .arg(nick_key(name))
-                    .arg(guest)
-                    .arg(PRESENCE_TTL.as_secs());
-            }
-            let mut con = self.commands.clone();
-            match pipe.query_async::<Vec<i64>>(&mut con).await {
-                Ok(claimed) => {
-                    for ((name, _), ok) in held.iter().zip(claimed) {
-                        if ok != 1 {
-                            tracing::warn!(name, "a guest on another node holds this nickname too (it expired here while redis was away)");
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "nicknames not refreshed"),
+            tracing::debug!(error = %e, name, "nickname not released in redis (released when this node reconciles)");
+            self.dirty.store(true, Relaxed);
+        } else if names.holds(name, guest) {
+            if let Err(e) = self.claim_nickname(name, guest).await {
+                tracing::debug!(error = %e, name, "nickname not claimed again in redis");
+                self.dirty.store(true, Relaxed);
             }
         }
     }
@@ -713,10 +809,7 @@ impl Cluster {
         let mut con = self.commands.clone();
         let mut pipe = redis::pipe();
         for room in rooms {
-            pipe.cmd("ZRANGEBYSCORE")
-                .arg(members_key(room))
-                .arg(unix_ms())
-                .arg("+inf");
+            present_in(&mut pipe, room);
         }
         let entries: Vec<Vec<String>> = pipe.query_async(&mut con).await.map_err(redis_error)?;
         Ok(entries
@@ -731,19 +824,16 @@ impl Cluster {
             .collect())
     }
 
-    /// The `node\tuser` entries of `room` not yet expired.
+    /// The `node\tuser` entries of `room`.
     async fn present(&self, room: &str) -> Result<Vec<String>, StoreError> {
         let mut con = self.commands.clone();
-        redis::cmd("ZRANGEBYSCORE")
-            .arg(members_key(room))
-            .arg(unix_ms())
-            .arg("+inf")
-            .query_async(&mut con)
-            .await
-            .map_err(redis_error)
+        let mut pipe = redis::pipe();
+        present_in(&mut pipe, room);
+        let (entries,): (Vec<String>,) = pipe.query_async(&mut con).await.map_err(redis_error)?;
+        Ok(entries)
     }
 
-    /// Distinct users present in `room` on every node (entries not yet expired).
+    /// Distinct users present in `room` on every node.
     ///
     /// # Errors
     /// Redis is unreachable.
@@ -775,46 +865,77 @@ impl Cluster {
         Ok(nodes)
     }
 
-    /// Records that a user joined or left a room on this node, and tells the other nodes.
-    pub async fn presence(&self, shared: Shared) {
+    /// Records that a user joined or left a room on this node, and tells the other nodes:
+    /// `false` when Redis did not take it.
+    async fn presence(&self, shared: Shared) -> bool {
         let Shared {
             room,
             user,
-            join,
+            change,
             info,
         } = shared;
-        let room = room.as_str();
-        let member = format!("{}\t{user}", self.node);
-        let mut con = self.commands.clone();
         let mut pipe = redis::pipe();
-        self.write_infos(&mut pipe, room);
-        let note = PresenceNote {
-            node: self.node.clone(),
-            room: room.to_owned(),
-            user,
-            join,
-            info,
-        };
-        let user = &note.user;
+        self.write_infos(&mut pipe, &room);
+        match change {
+            Change::Join => self.write_presence(&mut pipe, &room, &user, true, info),
+            Change::Leave => self.write_presence(&mut pipe, &room, &user, false, None),
+            Change::Info => {}
+        }
+        if pipe.is_empty() {
+            return true;
+        }
+        let mut con = self.commands.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut con).await {
+            tracing::warn!(error = %e, %room, %user, "presence not shared (until this node reconciles)");
+            return false;
+        }
+        true
+    }
+
+    /// Adds to `pipe` this node's presence entry of `user` in `room` (or its removal) and
+    /// the announcement.
+    fn write_presence(
+        &self,
+        pipe: &mut redis::Pipeline,
+        room: &str,
+        user: &str,
+        join: bool,
+        info: Option<Box<RawValue>>,
+    ) {
+        let member = format!("{}\t{user}", self.node);
+        let entry = format!("{room}\t{user}");
         if join {
             pipe.cmd("ZADD")
                 .arg(members_key(room))
-                .arg(unix_ms() + PRESENCE_TTL.as_millis() as u64)
-                .arg(&member);
+                .arg(0)
+                .arg(member)
+                .ignore();
+            pipe.cmd("SADD")
+                .arg(node_entries_key(&self.node))
+                .arg(entry)
+                .ignore();
         } else {
-            pipe.cmd("ZREM").arg(members_key(room)).arg(&member);
+            pipe.cmd("ZREM").arg(members_key(room)).arg(member).ignore();
+            pipe.cmd("SREM")
+                .arg(node_entries_key(&self.node))
+                .arg(entry)
+                .ignore();
         }
+        let note = PresenceNote {
+            node: self.node.clone(),
+            room: room.to_owned(),
+            user: user.to_owned(),
+            join,
+            info,
+        };
         pipe.cmd("PUBLISH")
             .arg(presence_channel(room))
-            .arg(serde_json::to_string(&note).expect("notes serialize"));
-        if let Err(e) = pipe.query_async::<()>(&mut con).await {
-            tracing::warn!(error = %e, %room, %user, "presence not shared");
-        }
+            .arg(serde_json::to_string(&note).expect("notes serialize"))
+            .ignore();
     }
 
     /// Adds to `pipe` the writing of this node's presence information in `room` (what its
-    /// users' connections attached), if it has some or had: the key expires unless
-    /// refreshed, and goes when none is left.
+    /// users' connections attached), if it has some or had: the key goes when none is left.
     fn write_infos(&self, pipe: &mut redis::Pipeline, room: &str) {
         let infos = self.hub.infos(room);
         let mut rooms = lock(&self.with_infos);
@@ -828,8 +949,6 @@ impl Cluster {
             pipe.cmd("SET")
                 .arg(key)
                 .arg(serde_json::to_string(&infos).expect("raw JSON serializes"))
-                .arg("PX")
-                .arg(PRESENCE_TTL.as_millis() as u64)
                 .ignore();
         }
     }
@@ -956,11 +1075,16 @@ impl Cluster {
         }
         {
             let mut listening = lock(&self.listening);
-            listening.heard.extend(now);
+            listening.heard.extend(now.iter().cloned());
             listening.up = true;
         }
-        // Subscribed: whatever is published from now on arrives; what was missed is read.
-        if let Err(e) = self.catch_up().await {
+        // Subscribed: whatever is published from now on arrives; what was missed is read,
+        // and so is who is on the other nodes (announcements were lost while away).
+        let caught_up = match self.catch_up().await {
+            Ok(()) => self.read_remote(&now).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = caught_up {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Io,
                 "catch-up failed",
@@ -1063,6 +1187,9 @@ impl Cluster {
                     tracing::warn!(error = %e, %room, "catching up a room failed");
                 }
             }
+            if let Err(e) = self.read_remote(chunk).await {
+                tracing::warn!(error = %e, "reading who is on the other nodes failed");
+            }
         }
         tracing::debug!(
             heard = add.len(),
@@ -1123,10 +1250,18 @@ impl Cluster {
         }
         let mut remote = lock(&self.remote);
         let users = remote.entry(note.room.clone()).or_default();
+        // A user counts as present while any other node has them.
         let changed = if note.join {
-            users.insert(note.user.clone())
+            let nodes = users.entry(note.user.clone()).or_default();
+            nodes.insert(note.node) && nodes.len() == 1
         } else {
-            users.remove(&note.user)
+            let gone = users
+                .get_mut(&note.user)
+                .is_some_and(|nodes| nodes.remove(&note.node) && nodes.is_empty());
+            if gone {
+                users.remove(&note.user);
+            }
+            gone
         };
         if changed {
             self.hub.remote_presence(
@@ -1139,74 +1274,280 @@ impl Cluster {
         }
     }
 
-    /// Refreshes this node's presence entries and notices users whose node stopped refreshing.
-    async fn presence_forever(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(PRESENCE_EVERY);
-        loop {
-            tick.tick().await;
-            if !self.connected.load(Relaxed) {
-                continue;
-            }
-            let local: BTreeMap<String, Vec<String>> = self.hub.local_users();
-            let expiry = unix_ms() + PRESENCE_TTL.as_millis() as u64;
-            let mut con = self.commands.clone();
+    /// Reads who is present in each of `rooms` on other nodes, and tells local members of
+    /// whoever came or went since last seen. Called by the subscription task once the rooms
+    /// are heard, so every announcement that follows applies on top of what was read.
+    async fn read_remote(&self, rooms: &[Arc<str>]) -> Result<(), StoreError> {
+        for chunk in rooms.chunks(SUBSCRIBE_BATCH) {
             let mut pipe = redis::pipe();
-            // Also the health probe, a write, when there is nothing to refresh: its success
-            // says Redis stores again after a failure.
-            pipe.cmd("SET")
-                .arg(format!("tether:n:{}", self.node))
-                .arg(unix_ms())
-                .arg("EX")
-                .arg(60)
-                .ignore();
-            for (room, users) in &local {
-                for user in users {
-                    pipe.cmd("ZADD")
-                        .arg(members_key(room))
-                        .arg(expiry)
-                        .arg(format!("{}\t{user}", self.node))
-                        .ignore();
+            for room in chunk {
+                present_in(&mut pipe, room);
+            }
+            let mut con = self.commands.clone();
+            let entries: Vec<Vec<String>> =
+                pipe.query_async(&mut con).await.map_err(redis_error)?;
+            for (room, entries) in chunk.iter().zip(entries) {
+                let mut now: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+                for (node, user) in entries.iter().filter_map(|e| e.split_once('\t')) {
+                    if node != self.node {
+                        now.entry(user.to_owned())
+                            .or_default()
+                            .insert(node.to_owned());
+                    }
                 }
-                pipe.cmd("ZREMRANGEBYSCORE")
-                    .arg(members_key(room))
-                    .arg("-inf")
-                    .arg(unix_ms())
-                    .ignore();
-                self.write_infos(&mut pipe, room);
-            }
-            if let Err(e) = pipe.query_async::<()>(&mut con).await {
-                if !self.stalled.swap(true, Relaxed) {
-                    tracing::error!(error = %e, "redis does not answer: reporting degraded until it does");
-                }
-                continue;
-            }
-            if self.stalled.swap(false, Relaxed) {
-                tracing::info!("redis answers again");
-            }
-            self.metrics.stored_in_redis(true);
-            for (room, users) in local {
-                let Ok(everyone) = self.members(&room).await else {
-                    continue;
-                };
-                let here: BTreeSet<String> = users.into_iter().collect();
-                let now_remote: BTreeSet<String> = everyone.difference(&here).cloned().collect();
+                let count = now.len();
                 let before = {
                     let mut remote = lock(&self.remote);
+                    if !self.hub.has_room(room) {
+                        continue;
+                    }
                     remote
-                        .insert(room.clone(), now_remote.clone())
+                        .insert(room.to_string(), now.clone())
                         .unwrap_or_default()
                 };
-                for gone in before.difference(&now_remote) {
-                    self.hub
-                        .remote_presence(&room, gone, false, now_remote.len(), None);
+                for gone in before.keys().filter(|u| !now.contains_key(*u)) {
+                    self.hub.remote_presence(room, gone, false, count, None);
                 }
-                for came in now_remote.difference(&before) {
-                    self.hub
-                        .remote_presence(&room, came, true, now_remote.len(), None);
+                for came in now.keys().filter(|u| !before.contains_key(*u)) {
+                    self.hub.remote_presence(room, came, true, count, None);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Shares local joins and leaves as they come, beats every few seconds, sweeps the nodes
+    /// it finds stale, and reconciles what Redis holds of this node when that may differ.
+    async fn share_forever(self: Arc<Self>, mut changes: mpsc::UnboundedReceiver<Shared>) {
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        // Nothing is written before the node is registered: a node that stopped before its
+        // first heartbeat could not be swept.
+        let mut registered = false;
+        loop {
+            tokio::select! {
+                change = changes.recv() => {
+                    let Some(change) = change else { return };
+                    if !registered || !self.presence(change).await {
+                        self.dirty.store(true, Relaxed);
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some(now) = self.beat().await {
+                        registered = now;
+                    }
                 }
             }
         }
     }
+
+    /// One heartbeat, and what follows from it: whether the node is registered now (`None`
+    /// when Redis did not answer).
+    async fn beat(self: &Arc<Self>) -> Option<bool> {
+        let now = unix_ms();
+        let mut con = self.commands.clone();
+        // Also the health probe, a write: its success says Redis stores again after a failure.
+        let beat: Result<(i64, Vec<String>), _> = redis::Script::new(HEARTBEAT)
+            .key(NODES)
+            .key(SWEEPING)
+            .arg(&self.node)
+            .arg(now)
+            .arg(now + HEARTBEAT_TTL.as_millis() as u64)
+            .arg(now + SWEEP_LEASE.as_millis() as u64)
+            .invoke_async(&mut con)
+            .await;
+        let (state, claimed) = match beat {
+            Ok(beat) => beat,
+            Err(e) => {
+                // Only once the node was up: a Redis away at start is reported as such.
+                if self.connected.load(Relaxed) && !self.stalled.swap(true, Relaxed) {
+                    tracing::error!(error = %e, "redis does not answer: reporting degraded until it does");
+                }
+                return None;
+            }
+        };
+        if self.stalled.swap(false, Relaxed) {
+            tracing::info!("redis answers again");
+        }
+        self.metrics.stored_in_redis(true);
+        for node in claimed {
+            tokio::spawn(self.clone().sweep(node));
+        }
+        match state {
+            // Being swept: what this node writes now may be swept too. Once the sweep is
+            // done, the node registers and writes its presence again.
+            2 => {
+                self.dirty.store(true, Relaxed);
+                return Some(false);
+            }
+            0 => {
+                self.dirty.store(true, Relaxed);
+            }
+            _ => {}
+        }
+        if self.dirty.swap(false, Relaxed) {
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!(error = %e, "presence not reconciled with redis (retried)");
+                self.dirty.store(true, Relaxed);
+            }
+        }
+        Some(true)
+    }
+
+    /// Removes the presence entries, information and nicknames of `node`, whose heartbeat is
+    /// stale, announcing each leave; the lease lets another node take over if this one stops.
+    async fn sweep(self: Arc<Self>, node: String) {
+        let mut swept = 0;
+        loop {
+            let mut con = self.commands.clone();
+            let batch = redis::Script::new(SWEEP)
+                .key(node_entries_key(&node))
+                .key(node_nicks_key(&node))
+                .key(SWEEPING)
+                .arg(&node)
+                .arg(SWEEP_BATCH)
+                .arg(unix_ms() + SWEEP_LEASE.as_millis() as u64)
+                .arg(MEMBERS_PREFIX)
+                .arg(INFOS_PREFIX)
+                .arg(PRESENCE_PREFIX)
+                .arg(NICK_PREFIX)
+                .invoke_async::<usize>(&mut con)
+                .await;
+            match batch {
+                Ok(0) => break,
+                Ok(n) => swept += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, %node, "sweeping a stale node failed (another node takes over when the lease ends)");
+                    return;
+                }
+            }
+        }
+        let mut con = self.commands.clone();
+        let done = redis::cmd("ZREM")
+            .arg(SWEEPING)
+            .arg(&node)
+            .query_async::<i64>(&mut con)
+            .await;
+        match done {
+            Ok(_) => tracing::warn!(%node, swept, "a node stopped beating: its users left"),
+            Err(e) => tracing::warn!(error = %e, %node, "sweep done but not recorded"),
+        }
+    }
+
+    /// Makes what Redis holds of this node (presence entries, information, nicknames) what
+    /// it has: entries it lacks are written and announced, entries it no longer has are
+    /// removed and their leaves announced. Runs in the task that shares joins and leaves, so
+    /// none is applied out of order with it.
+    async fn reconcile(&self) -> Result<(), StoreError> {
+        let local = self.hub.local_users();
+        let stored = self.scan_set(&node_entries_key(&self.node)).await?;
+        let wanted: HashSet<String> = local
+            .iter()
+            .flat_map(|(room, users)| users.iter().map(move |u| format!("{room}\t{u}")))
+            .collect();
+        let changes: Vec<(&String, bool)> = stored
+            .difference(&wanted)
+            .map(|e| (e, false))
+            .chain(wanted.difference(&stored).map(|e| (e, true)))
+            .collect();
+        let mut rooms: BTreeSet<&str> = local.keys().map(String::as_str).collect();
+        let with_infos: Vec<String> = lock(&self.with_infos).iter().cloned().collect();
+        rooms.extend(with_infos.iter().map(String::as_str));
+        let (added, removed) = (
+            wanted.difference(&stored).count(),
+            stored.difference(&wanted).count(),
+        );
+        let mut con = self.commands.clone();
+        for chunk in changes.chunks(SUBSCRIBE_BATCH) {
+            let mut pipe = redis::pipe();
+            for (entry, join) in chunk {
+                if let Some((room, user)) = entry.split_once('\t') {
+                    self.write_presence(&mut pipe, room, user, *join, None);
+                }
+            }
+            pipe.query_async::<()>(&mut con)
+                .await
+                .map_err(redis_error)?;
+        }
+        let rooms: Vec<&str> = rooms.into_iter().collect();
+        for chunk in rooms.chunks(SUBSCRIBE_BATCH) {
+            let mut pipe = redis::pipe();
+            for room in chunk {
+                self.write_infos(&mut pipe, room);
+            }
+            if !pipe.is_empty() {
+                pipe.query_async::<()>(&mut con)
+                    .await
+                    .map_err(redis_error)?;
+            }
+        }
+        self.reconcile_nicknames().await?;
+        if added + removed > 0 {
+            tracing::info!(
+                added,
+                removed,
+                "presence in redis reconciled with this node's"
+            );
+        }
+        Ok(())
+    }
+
+    /// [`Cluster::reconcile`] for guest nicknames.
+    async fn reconcile_nicknames(&self) -> Result<(), StoreError> {
+        let Some(names) = self.nicknames.get() else {
+            return Ok(());
+        };
+        let stored = self.scan_set(&node_nicks_key(&self.node)).await?;
+        let held: HashSet<String> = names
+            .held()
+            .into_iter()
+            .map(|(name, guest)| format!("{name}\t{guest}"))
+            .collect();
+        for entry in stored.difference(&held) {
+            if let Some((name, guest)) = entry.split_once('\t') {
+                self.release_nickname(name, guest).await;
+            }
+        }
+        for entry in held.difference(&stored) {
+            if let Some((name, guest)) = entry.split_once('\t') {
+                if !self.claim_nickname(name, guest).await? {
+                    tracing::warn!(name, "a guest on another node holds this nickname too (it was swept while this node was away)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The members of set `key`, read in pages (a big set read whole would hold Redis up).
+    async fn scan_set(&self, key: &str) -> Result<HashSet<String>, StoreError> {
+        let mut con = self.commands.clone();
+        let mut members = HashSet::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut con)
+                .await
+                .map_err(redis_error)?;
+            members.extend(page);
+            if next == 0 {
+                return Ok(members);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// Adds to `pipe` the reading of `room`'s presence entries (`node\tuser`). Entries scored
+/// otherwise than 0 come from nodes of an earlier version (they scored entries by expiry
+/// time) and are left out.
+fn present_in(pipe: &mut redis::Pipeline, room: &str) {
+    pipe.cmd("ZRANGEBYSCORE")
+        .arg(members_key(room))
+        .arg(0)
+        .arg(0);
 }
 
 /// A stream entry as Redis returns it: its id and its fields.

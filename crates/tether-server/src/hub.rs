@@ -485,6 +485,18 @@ impl Member {
     }
 }
 
+/// What changed in a room on this node, for the other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The user's first connection here joined.
+    Join,
+    /// The user's last connection here left.
+    Leave,
+    /// Another connection of a user present here joined or left with public information:
+    /// the room's information changed, not its members.
+    Info,
+}
+
 /// A local join or leave, for the other nodes.
 #[derive(Debug)]
 pub struct Shared {
@@ -492,8 +504,8 @@ pub struct Shared {
     pub room: String,
     /// Who.
     pub user: String,
-    /// Joined (the user's first connection here) or left (the last).
-    pub join: bool,
+    /// What changed.
+    pub change: Change,
     /// The joining connection's public information.
     pub info: Option<Box<RawValue>>,
 }
@@ -530,8 +542,8 @@ pub struct Hub {
     epoch: Mutex<String>,
     /// By name; a name is one allocation shared with its members' subscriptions.
     rooms: Mutex<HashMap<Arc<str>, RoomState>>,
-    /// The names of `rooms`, in order: listing a page of them costs the page, not every room
-    /// (taken after `rooms` when both are held).
+    /// The names of `rooms`, users' notification streams left out, in order: listing a page
+    /// of them costs the page, not every room (taken after `rooms` when both are held).
     names: Mutex<BTreeSet<Arc<str>>>,
     polls: Mutex<HashMap<i64, PollState>>,
     /// Every connection of the channel protocol: what `broadcast` reaches besides rooms.
@@ -960,7 +972,9 @@ impl Hub {
             None => {
                 let k: Arc<str> = Arc::from(room);
                 self.interested(&k);
-                lock(&self.names).insert(k.clone());
+                if !is_personal(&k) {
+                    lock(&self.names).insert(k.clone());
+                }
                 k
             }
         };
@@ -987,7 +1001,9 @@ impl Hub {
                 };
                 state.topic.fan_out(&event, Some(id), None, &self.out);
             }
-            self.share(room, user, true, info);
+            self.share(room, user, Change::Join, info);
+        } else if info.is_some() && !is_personal(room) {
+            self.share(room, user, Change::Info, None);
         }
         let members = if users <= PRESENCE_LIMIT {
             let mut members: Vec<String> = state.users.keys().map(|u| u.to_string()).collect();
@@ -1032,8 +1048,10 @@ impl Hub {
                     state.topic.fan_out(&event, None, None, &self.out);
                 }
                 if !is_personal(room) {
-                    self.share(room, user, false, None);
+                    self.share(room, user, Change::Leave, None);
                 }
+            } else if peer.outbox.info().is_some() && !is_personal(room) {
+                self.share(room, user, Change::Info, None);
             }
         }
         if state.topic.peers.is_empty() {
@@ -1263,12 +1281,12 @@ impl Hub {
         lock(&self.rooms).contains_key(room)
     }
 
-    fn share(&self, room: &str, user: &str, join: bool, info: Option<&RawValue>) {
+    fn share(&self, room: &str, user: &str, change: Change, info: Option<&RawValue>) {
         if let Some(tx) = self.presence.get() {
             let _ = tx.send(Shared {
                 room: room.to_owned(),
                 user: user.to_owned(),
-                join,
+                change,
                 info: info.map(ToOwned::to_owned),
             });
         }
@@ -1333,10 +1351,11 @@ impl Hub {
         lock(&self.rooms).get(room).map_or(0, |s| s.position)
     }
 
-    /// Local users per room.
+    /// Local users per room, users' notification streams left out (they have no presence).
     pub fn local_users(&self) -> BTreeMap<String, Vec<String>> {
         lock(&self.rooms)
             .iter()
+            .filter(|(room, _)| !is_personal(room))
             .map(|(room, state)| {
                 let users = state.users.keys().map(|u| u.to_string()).collect();
                 (room.to_string(), users)
@@ -1358,9 +1377,9 @@ impl Hub {
             })
     }
 
-    /// How many rooms (and users' notification streams) have members here.
+    /// How many rooms have members here (users' notification streams are no rooms).
     pub fn room_count(&self) -> usize {
-        lock(&self.rooms).len()
+        lock(&self.names).len()
     }
 
     /// The first `limit` rooms with connected members whose names sort after `after` (from
@@ -1370,8 +1389,6 @@ impl Hub {
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let page: Vec<Arc<str>> = lock(&self.names)
             .range::<str, _>((start, Bound::Unbounded))
-            // Users' notification streams sort after every room.
-            .take_while(|name| !is_personal(name))
             .take(limit)
             .cloned()
             .collect();

@@ -272,7 +272,12 @@ impl Writer {
                         Some(id) => *id,
                         None => batch.last_id(room)?,
                     };
-                    if last == 0 && !rooms.contains_key(room.as_str()) {
+                    // A user's notification stream is no room: it starts with the user's
+                    // first notification, whoever sends it, and counts against no cap.
+                    if last == 0
+                        && !rooms.contains_key(room.as_str())
+                        && !crate::hub::is_personal(room)
+                    {
                         if self.rooms + new_rooms >= self.max_rooms {
                             outcomes.push(Outcome::Refused(StoreError::Limit(format!(
                                 "the server keeps at most {} rooms (max_rooms): pick an existing room",

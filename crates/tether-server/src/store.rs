@@ -614,14 +614,16 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// How many rooms have stored messages.
+    /// How many rooms have stored messages (users' notification streams are no rooms).
     ///
     /// # Errors
     /// A database failure.
     pub fn room_count(&self) -> Result<usize, StoreError> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM rooms", [], |r| r.get(0))?;
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM rooms WHERE name NOT LIKE '~%'",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(n as usize)
     }
 

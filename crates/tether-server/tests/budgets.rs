@@ -392,3 +392,50 @@ async fn a_crowd_is_counted_not_listed_and_a_visitor_without_a_name_reads_no_roo
     drop((members, bob, visitor));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_users_notifications_are_no_room_started_by_the_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "ops", "pw").await;
+    let users: Vec<String> = (0..4).map(|i| format!("user{i}")).collect();
+    for user in &users {
+        add_user(dir.path(), user, "pw").await;
+    }
+    let mut c = config(dir.path());
+    c.rooms_per_hour = 2;
+    c.max_rooms = 2;
+    let server = start(c).await;
+    let ops = format!("Bearer {}", token(server.addr, "ops", "pw").await);
+    let post = |path: String| {
+        let ops = ops.clone();
+        async move {
+            http(
+                server.addr,
+                "POST",
+                &path,
+                &[("Authorization", &ops)],
+                Some(json!({"text": "hi"})),
+            )
+            .await
+        }
+    };
+    // Each user's first notification starts their stream: none of it is the sender's room
+    // budget, nor counts against the server's rooms.
+    for user in &users {
+        let (status, body) = post(format!("/api/users/{user}/notifications")).await;
+        assert_eq!(status, 201, "{user}: {body}");
+    }
+    // A user on their stream is no room with members either.
+    let user0 = token(server.addr, "user0", "pw").await;
+    let (mut device, _) = Client::open(&server, &format!("?token={user0}")).await;
+    let reply = device.subscribe("user:user0").await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    // The sender's two rooms are whole.
+    for room in ["first", "second"] {
+        let (status, body) = post(format!("/api/rooms/{room}/messages")).await;
+        assert_eq!(status, 201, "{room}: {body}");
+    }
+    let (status, _) = post("/api/rooms/third/messages".to_owned()).await;
+    assert_eq!(status, 403);
+    server.stop().await;
+}
