@@ -318,6 +318,16 @@ pub struct ServerConfig {
     /// with 1013.
     #[arg(long, env = "TETHER_OUTBOX", value_name = "N", default_value_t = 1024)]
     pub outbox: usize,
+    /// Kernel send buffer of each connection, in bytes (Linux doubles it for its
+    /// bookkeeping); 0 leaves it to the kernel, whose autotuning grows the buffer of a client
+    /// that does not read to 4 MiB.
+    #[arg(
+        long,
+        env = "TETHER_SEND_BUFFER",
+        value_name = "BYTES",
+        default_value_t = 128 << 10
+    )]
+    pub send_buffer: usize,
     /// Time a client may accept nothing of what the server writes to it (history, live
     /// events) before it is dropped.
     #[arg(long, env = "TETHER_WRITE_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]

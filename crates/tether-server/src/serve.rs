@@ -372,6 +372,14 @@ async fn connection(
     _pass: Pass,
 ) {
     let _ = stream.set_nodelay(true);
+    if app.config.send_buffer > 0 {
+        // Fixed, so that a client that never reads holds this much kernel memory at most.
+        let _ = nix::sys::socket::setsockopt(
+            &stream,
+            nix::sys::socket::sockopt::SndBuf,
+            &app.config.send_buffer,
+        );
+    }
     match tls {
         Some(acceptor) => {
             match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {

@@ -439,3 +439,91 @@ async fn a_users_notifications_are_no_room_started_by_the_sender() {
     assert_eq!(status, 403);
     server.stop().await;
 }
+
+/// The bytes waiting in the kernel to be sent on the connection from local port `local` to
+/// remote port `remote` (IPv4 loopback), from `/proc/net/tcp`.
+fn send_queue(local: u16, remote: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+        if port(fields[1])? != local || port(fields[2])? != remote {
+            return None;
+        }
+        let (tx, _) = fields[4].split_once(':')?;
+        u64::from_str_radix(tx, 16).ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_holds_a_bounded_kernel_send_buffer() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.message_rate = 100_000.0;
+    c.identity_message_rate = 100_000;
+    // Not closed as a slow consumer while the kernel's buffers fill.
+    c.outbox = 100_000;
+    let send_buffer = c.send_buffer as u64;
+    let server = start(c).await;
+
+    // A member who joins and then reads nothing.
+    let mut lazy = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    lazy.write_all(
+        format!(
+            "GET /ws/rooms/flood?name=lazy HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            server.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(lazy.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    let lazy_port = lazy.local_addr().unwrap().port();
+
+    // 16 MB for it: more than its receive buffer and any send buffer the kernel would grow.
+    // The sender reads its own messages as they come; once it heard the last, the lazy
+    // member's copy is queued too.
+    let (mut sender, mut echoes) = connect(&server.ws("/ws/rooms/flood?name=sender"))
+        .await
+        .split();
+    let heard = tokio::spawn(async move {
+        let mut heard = 0;
+        while heard < 4000 {
+            match echoes.recv().await {
+                Some(Ok(Message::Text(t))) if t.contains(r#""type":"message""#) => heard += 1,
+                Some(Ok(_)) => {}
+                other => panic!("the sender lost its connection: {other:?}"),
+            }
+        }
+    });
+    let text = "x".repeat(4000);
+    let mut most = 0;
+    for i in 0..4000 {
+        let m = json!({ "text": text }).to_string();
+        sender.send(Message::text(m)).await.unwrap();
+        if i % 50 == 0 {
+            most = most.max(send_queue(server.addr.port(), lazy_port).unwrap_or(0));
+        }
+    }
+    heard.await.unwrap();
+    for _ in 0..20 {
+        most = most.max(send_queue(server.addr.port(), lazy_port).unwrap_or(0));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    eprintln!("most bytes queued in the kernel for the member who never reads: {most}");
+    // Linux doubles the buffer asked for; autotuned, it grows to 4 MiB.
+    assert!(
+        most > send_buffer / 2,
+        "the send buffer never filled: {most}"
+    );
+    assert!(most <= 2 * send_buffer + 64 * 1024, "{most} bytes queued");
+    drop(lazy);
+    server.stop().await;
+}
