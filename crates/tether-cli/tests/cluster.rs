@@ -345,18 +345,7 @@ async fn a_crashed_nodes_users_leave_and_redis_loss_is_reported_then_survived() 
     );
     // Nothing of node c is left in Redis: its entry, its list of entries, carl's nickname.
     until_members(port, "ops", 1).await;
-    let left = Command::new("redis-cli")
-        .args([
-            "-p",
-            &port.to_string(),
-            "EXISTS",
-            "tether:np:c",
-            "tether:nn:c",
-            "tether:nk:carl",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "0");
+    until_gone(port, &["tether:np:c", "tether:nn:c", "tether:nk:carl"]).await;
     eprintln!(
         "crashed node's user left after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -1180,7 +1169,36 @@ async fn a_node_hears_only_the_rooms_its_members_are_in() {
     until_subscribers(port, &rooms, &[1, 1, 0, 0]).await;
     drop(ann);
     until_subscribers(port, &rooms, &[0, 0, 0, 0]).await;
+    // Everyone left, so nothing of their presence is left in Redis.
+    until_gone(
+        port,
+        &[
+            "tether:m:alpha",
+            "tether:m:beta",
+            "tether:np:a",
+            "tether:np:b",
+        ],
+    )
+    .await;
     drop((a.data, b.data));
+}
+
+/// Waits until none of `keys` exists in Redis (on `port`).
+async fn until_gone(port: u16, keys: &[&str]) {
+    let started = Instant::now();
+    loop {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "EXISTS"])
+            .args(keys)
+            .output()
+            .expect("redis-cli comes with redis-server");
+        let now = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if now == "0" {
+            return;
+        }
+        assert!(started.elapsed() < LIMIT, "{now} of {keys:?} still exist");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Commands Redis on `port` has processed so far.
@@ -1250,5 +1268,37 @@ async fn idle_rooms_cost_redis_nothing_per_second() {
     drop(_bob);
     let left = ann.push("leave", "room:shared").await;
     assert_eq!(left["user"], "bob", "{left}");
+    drop((a.data, b.data));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_swept_while_paused_writes_its_presence_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let a = node("a", port);
+    let b = node("b", port);
+    let mut ann = join(&a.ws("/ws/rooms/ops?name=ann")).await;
+    let _bob = join(&b.ws("/ws/rooms/ops?name=bob")).await;
+    let presence = |p: &Value| (p["user"].clone(), p["event"].clone());
+    let p = next_of(&mut ann, "presence").await;
+    assert_eq!(presence(&p), (json!("bob"), json!("join")));
+
+    // Node b stops beating for longer than a heartbeat lasts: node a sweeps it.
+    signal(b.serve.pid(), "-STOP");
+    let p = loop {
+        let event = next_within(&mut ann, Duration::from_secs(60)).await;
+        if event["type"] == "presence" {
+            break event;
+        }
+    };
+    assert_eq!(presence(&p), (json!("bob"), json!("leave")));
+    until_members(port, "ops", 1).await;
+
+    // Back, node b finds it was swept and writes what it has again: bob is announced anew.
+    signal(b.serve.pid(), "-CONT");
+    let p = next_of(&mut ann, "presence").await;
+    assert_eq!(presence(&p), (json!("bob"), json!("join")));
+    until_members(port, "ops", 2).await;
     drop((a.data, b.data));
 }

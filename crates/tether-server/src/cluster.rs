@@ -157,10 +157,16 @@ fn node_nicks_key(node: &str) -> String {
 
 /// A node's heartbeat (KEYS: [`NODES`], [`SWEEPING`]; ARGV: node, now, stale at, lease end).
 /// Returns `{state, claimed}`: state 1 when the node was registered, 0 when it was not (new,
-/// swept, or Redis lost its data), 2 when it is being swept (it registers once that is done);
+/// swept, or Redis lost its data), 2 when it is being swept (it registers once that is done,
+/// or once the sweeper's lease ran out);
 /// `claimed` lists the stale nodes this node now sweeps (their lease is its own).
 const HEARTBEAT: &str = r#"
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return {2, {}} end
+local lease = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if lease then
+  if tonumber(lease) >= tonumber(ARGV[2]) then return {2, {}} end
+  -- Its sweeper stopped: what is left of the node is its own to reconcile.
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
 local was = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 local claimed = {}
