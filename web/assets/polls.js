@@ -192,6 +192,7 @@ function renderPoll(poll) {
     const count = el('span', { class: 'choice-count', text: '0' });
     const pct = el('span', { class: 'choice-pct', text: '0%' });
     const fill = el('span', { class: 'choice-fill' });
+    const unit = el('span', { class: 'sr-only', text: 'votes, ' });
     const button = el('button', {
       type: 'button',
       class: 'choice',
@@ -200,10 +201,10 @@ function renderPoll(poll) {
       disabled: true,
       onclick: () => castVote(option),
     },
-    el('span', { class: 'choice-top' }, label, el('span', { class: 'choice-numbers' }, count, ' ', el('span', { class: 'sr-only', text: 'votes, ' }), pct)),
+    el('span', { class: 'choice-top' }, label, el('span', { class: 'choice-numbers' }, count, ' ', unit, pct)),
     el('span', { class: 'choice-bar', 'aria-hidden': 'true' }, fill));
     const item = el('li', {}, button);
-    view.choices.set(option, { item, button, count, fill, pct });
+    view.choices.set(option, { item, button, count, unit, fill, pct });
     return item;
   }));
   renderCounts();
@@ -224,6 +225,7 @@ function renderCounts() {
     const n = Number(counts[option] ?? 0);
     const share = total ? Math.round((n / total) * 100) : 0;
     parts.count.textContent = String(n);
+    parts.unit.textContent = n === 1 ? 'vote, ' : 'votes, ';
     parts.button.dataset.count = String(n);
     parts.pct.textContent = `${share}%`;
     parts.fill.style.width = `${total ? (n / total) * 100 : 0}%`;

@@ -72,6 +72,9 @@ pub fn page(name: &str) -> Response {
                     HeaderValue::from_static(content_type(n)),
                 ),
                 (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+                // Says whose page it is: `tether connect`, pointed at a page, names the
+                // WebSocket endpoints instead.
+                (header::SERVER, HeaderValue::from_static("tether")),
                 (
                     header::CONTENT_SECURITY_POLICY,
                     HeaderValue::from_static(

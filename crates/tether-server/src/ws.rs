@@ -1287,9 +1287,15 @@ async fn handle(
         Target {
             place: Place::Room, ..
         } => {
-            let Ok(ChatIn { text, key }) = serde_json::from_str(text) else {
-                return Some(error_event("expected {\"text\": \"...\"}"));
-            };
+            let (text, key) =
+                match serde_json::from_str::<ChatIn>(text) {
+                    Ok(ChatIn { text, key }) => (text, key),
+                    // Plain text, as wscat and `tether connect` send it: the message is the text.
+                    Err(_) if !text.trim_start().starts_with('{') => (text.to_owned(), None),
+                    Err(_) => return Some(error_event(
+                        "expected {\"text\": \"...\"}, or plain text that does not start with {",
+                    )),
+                };
             if let Some(problem) = crate::http::text_problem(app, &text) {
                 return Some(error_event(&problem));
             }

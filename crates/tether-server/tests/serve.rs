@@ -795,3 +795,22 @@ async fn every_api_error_is_json() {
     assert_eq!(body, json!({"error": "method not allowed"}));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn plain_text_in_a_room_is_a_message_as_wscat_sends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let mut bob = connect(&server.ws("/ws/rooms/lobby?name=bob")).await;
+    assert_ready(&next_of(&mut bob, "ready").await, 0);
+    bob.send(Message::text("hello, everyone")).await.unwrap();
+    let m = next_of(&mut bob, "message").await;
+    assert_eq!(
+        (m["text"].as_str(), m["user"].as_str()),
+        (Some("hello, everyone"), Some("bob"))
+    );
+    // JSON is read as JSON: an object without `text` is a mistake, not a message.
+    bob.send(Message::text(r#"{"txt": "typo"}"#)).await.unwrap();
+    let e = next_of(&mut bob, "error").await;
+    assert!(e["error"].as_str().unwrap().contains("plain text"), "{e}");
+    server.stop().await;
+}
