@@ -17,8 +17,8 @@ use tokio::io::AsyncBufReadExt;
 use crate::exit;
 
 /// Options of `tether connect`. The spellings wscat and websocat users type from habit are
-/// accepted too (`-c URL`, `-k`/`--no-check`, `-s`/`--protocol`, `-x`/`--execute`, `-w`,
-/// `-P`, `-b`), beside the documented ones.
+/// accepted too (`-c URL`, `-k`/`-n`/`--no-check`, `-s`/`--protocol`, `-o`, `-x`/`--execute`,
+/// `-w`, `-P`, `-b`), beside the documented ones, and mean what they mean there.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnectArgs {
     /// The server: ws://host:port/path or wss://… (http:// and https:// are taken as ws://
@@ -40,7 +40,7 @@ pub struct ConnectArgs {
     )]
     pub subprotocols: Vec<String>,
     /// Origin header to send.
-    #[arg(long)]
+    #[arg(short = 'o', long)]
     pub origin: Option<String>,
     /// HTTP Basic credentials, `user:password`.
     #[arg(long, value_name = "USER:PASS")]
@@ -68,7 +68,7 @@ pub struct ConnectArgs {
     #[arg(long, value_name = "BYTES")]
     pub max_message_size: Option<usize>,
     /// Accept any TLS certificate (testing only).
-    #[arg(short = 'k', long, alias = "no-check")]
+    #[arg(short = 'k', short_alias = 'n', long, alias = "no-check")]
     pub insecure: bool,
     /// Trust this CA certificate (PEM) for wss:// besides the public roots.
     #[arg(long, value_name = "FILE")]
@@ -80,13 +80,14 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub json: bool,
     /// Print received messages without a newline after each.
-    #[arg(short = 'n', long)]
+    #[arg(long)]
     pub no_newline: bool,
     /// Send this message after connecting (repeatable); stdin is then not read.
     #[arg(short = 'x', long = "send", alias = "execute", value_name = "MESSAGE")]
     pub send: Vec<String>,
-    /// With --send: close this many seconds after the messages are sent, showing what
-    /// arrives meanwhile.
+    /// Close this many seconds after the input is done (the --send messages sent, or the
+    /// end of stdin), showing what arrives meanwhile. Without it, --send waits 2 s (as
+    /// wscat does), and the end of stdin waits until the server is quiet for half a second.
     #[arg(short = 'w', long, value_name = "SECS")]
     pub wait: Option<f64>,
     /// Show pings and pongs from the server (on stderr in a pipe).
@@ -133,26 +134,63 @@ impl ConnectError {
     }
 }
 
-/// A one-line description, with the HTTP status and body of a refused handshake.
+/// A one-line description, with the HTTP status and the start of the body of a refused
+/// handshake: a web page is named as such rather than printed, with the endpoints to try when
+/// it is one of `tether serve`'s pages.
 fn describe(e: &tether::Error) -> String {
     use tether::handshake::ClientHandshakeError;
     match e {
         tether::Error::ClientHandshake(ClientHandshakeError::Status {
             status,
             reason,
+            headers,
             body,
-            ..
         }) => {
-            let body = printable(&String::from_utf8_lossy(body));
             let reason = printable(reason);
-            let body = body.trim();
-            if body.is_empty() {
-                format!("handshake rejected: HTTP {status} {reason}")
+            let text = String::from_utf8_lossy(body);
+            let html = headers
+                .get_str("content-type")
+                .is_some_and(|t| t.trim_start().starts_with("text/html"))
+                || text.trim_start().starts_with('<');
+            let said = if html {
+                let size = headers
+                    .get_str("content-length")
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(body.len());
+                format!(": a web page ({size} bytes), not a WebSocket endpoint")
             } else {
-                format!("handshake rejected: HTTP {status} {reason}: {body}")
-            }
+                let shown = shorten(&text, BODY_SHOWN);
+                if shown.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {shown}")
+                }
+            };
+            let ours = headers
+                .get_str("server")
+                .is_some_and(|s| s.starts_with("tether"));
+            let hint = if ours && html {
+                " (this is tether serve: its WebSocket endpoints are /ws, /ws/echo and /ws/rooms/NAME)"
+            } else {
+                ""
+            };
+            format!("handshake rejected: HTTP {status} {reason}{said}{hint}")
         }
         other => other.to_string(),
+    }
+}
+
+/// Characters of a refusal's body shown at most.
+const BODY_SHOWN: usize = 200;
+
+/// `text` on one line, its whitespace runs as one space and control characters escaped, cut
+/// after `most` characters with `…`.
+fn shorten(text: &str, most: usize) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let line = printable(&words.join(" "));
+    match line.char_indices().nth(most) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
     }
 }
 
@@ -175,16 +213,27 @@ impl ConnectArgs {
 }
 
 /// A server URL as people type it: `http(s)://` taken as `ws(s)://`, a URL without a scheme
-/// as `ws://`, any other as given.
+/// as `ws://`, a scheme missing its colon or a slash (`ws//host`, `wss:/host`) as meant, any
+/// other as given.
 ///
 /// ```
 /// use tether_cli::connect::ws_url;
 /// assert_eq!(ws_url("https://example.com/ws"), "wss://example.com/ws");
 /// assert_eq!(ws_url("localhost:8080/chat"), "ws://localhost:8080/chat");
 /// assert_eq!(ws_url("ws://a/"), "ws://a/");
+/// assert_eq!(ws_url("ws//a/"), "ws://a/");
+/// assert_eq!(ws_url("wss:/a/"), "wss://a/");
 /// ```
 pub fn ws_url(given: &str) -> String {
     let lower = given.to_ascii_lowercase();
+    // A slip of the scheme, which would otherwise name a host `ws`.
+    for scheme in ["wss", "ws", "https", "http"] {
+        for slip in [format!("{scheme}//"), format!("{scheme}:/")] {
+            if lower.starts_with(&slip) && !lower.starts_with(&format!("{scheme}://")) {
+                return ws_url(&format!("{scheme}://{}", &given[slip.len()..]));
+            }
+        }
+    }
     if let Some(rest) = lower.starts_with("http://").then(|| &given[7..]) {
         format!("ws://{rest}")
     } else if let Some(rest) = lower.starts_with("https://").then(|| &given[8..]) {
@@ -500,9 +549,11 @@ async fn pipe_session(
     let mut out = std::io::stdout();
     let mut closing = false;
     let done = |received: usize| args.exit_after.is_some_and(|n| received >= n);
-    // `--wait`: when to close once the `--send` messages are out.
+    // `--wait`: when to close once the input is done.
     let wait = args.wait.map(secs).transpose()?;
     let mut close_at: Option<tokio::time::Instant> = None;
+    // After the end of stdin without `--wait`: closing once the server is quiet.
+    let mut until_quiet = false;
     // Input already ended in an earlier session: only the close is left to do.
     let input_ended = args.send.is_empty() && input.is_none() && to_send.is_empty();
     if done(*received) {
@@ -525,8 +576,12 @@ async fn pipe_session(
             }
             continue;
         }
-        if let (Some(wait), None, false) = (wait, close_at, args.send.is_empty()) {
-            close_at = Some(tokio::time::Instant::now() + wait);
+        if close_at.is_none() && !args.send.is_empty() {
+            // Counting messages (`--exit-after`) waits for them, not for a time.
+            let default = args.exit_after.is_none().then_some(SEND_WAIT);
+            if let Some(wait) = wait.or(default) {
+                close_at = Some(tokio::time::Instant::now() + wait);
+            }
         }
         tokio::select! {
             () = async { tokio::time::sleep_until(close_at.expect("guarded")).await }, if close_at.is_some() && !closing => {
@@ -537,11 +592,12 @@ async fn pipe_session(
                 match line? {
                     Some(line) => to_send.push_back(outgoing(args, line)),
                     None => {
-                        // End of input: close normally and wait for the server's answer.
+                        // End of input: answers to the last lines may be on their way, so
+                        // close after `--wait`, or once the server is quiet.
                         *input = None;
                         if args.exit_after.is_none() {
-                            closing = true;
-                            send_close(&mut tx, args, None).await;
+                            until_quiet = wait.is_none();
+                            close_at = Some(tokio::time::Instant::now() + wait.unwrap_or(QUIET));
                         }
                     }
                 }
@@ -583,6 +639,9 @@ async fn pipe_session(
                             return Err(e.into());
                         }
                         *received += 1;
+                        if until_quiet {
+                            close_at = Some(tokio::time::Instant::now() + QUIET);
+                        }
                         if done(*received) && !closing {
                             closing = true;
                             send_close(&mut tx, args, None).await;
@@ -598,6 +657,11 @@ async fn pipe_session(
         }
     }
 }
+
+/// How long `--send` stays for answers without `--wait` (as wscat does).
+const SEND_WAIT: Duration = Duration::from_secs(2);
+/// After the end of stdin without `--wait`: the server's silence that ends the connection.
+const QUIET: Duration = Duration::from_millis(500);
 
 /// The message a line of input (or `--send`) becomes.
 fn outgoing(args: &ConnectArgs, text: String) -> Message {
@@ -638,14 +702,66 @@ fn printable(text: &str) -> String {
 
 /// Text as shown: pretty-printed when `--json` is set and it parses as JSON.
 fn render_text(args: &ConnectArgs, text: &str) -> String {
-    if args.json {
-        if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
-            if let Ok(pretty) = serde_json::to_string_pretty(&value) {
-                return pretty;
-            }
-        }
+    if args.json && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+        return pretty_json(text);
     }
     text.to_owned()
+}
+
+/// Valid JSON `text` indented two spaces a level, its keys in the order the server sent them
+/// (a message's `type` first, as written, rather than sorted last).
+fn pretty_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut depth = 0usize;
+    let (mut in_string, mut escaped) = (false, false);
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.extend(std::iter::repeat_n("  ", depth));
+    };
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                while chars.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+                    chars.next();
+                }
+                if matches!(chars.peek(), Some('}' | ']')) {
+                    out.extend(chars.next());
+                } else {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                depth = depth.saturating_sub(1);
+                newline(&mut out, depth);
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            ':' => out.push_str(": "),
+            c if c.is_ascii_whitespace() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `HH:MM:SS` (UTC) for message timestamps.
@@ -992,6 +1108,20 @@ mod interactive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_indented_in_the_order_it_came() {
+        let text = r#"{"type":"message","id":2,"text":"a, \"b\": {c}","tags":[],"m":{"x":[1, 2]},"e":{ }}"#;
+        let pretty = pretty_json(text);
+        assert_eq!(
+            pretty,
+            "{\n  \"type\": \"message\",\n  \"id\": 2,\n  \"text\": \"a, \\\"b\\\": {c}\",\n  \"tags\": [],\n  \"m\": {\n    \"x\": [\n      1,\n      2\n    ]\n  },\n  \"e\": {}\n}"
+        );
+        // The same value as serde's own indentation, keys aside.
+        let ours: serde_json::Value = serde_json::from_str(&pretty).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(ours, theirs);
+    }
 
     #[test]
     fn commands_parse() {

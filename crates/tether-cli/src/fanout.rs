@@ -107,6 +107,17 @@ const MARK: &[u8] = b"fanout:";
 static STAMP: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(MARK));
 
+/// What to change when `tether serve` refused a publication for its rate (error 110): one
+/// publisher keeping a window in flight goes past a client's default budget at once.
+fn refusal_hint(error: &str) -> &'static str {
+    if error.contains("\"code\":110") {
+        " (tether serve holds one client to --message-rate and --identity-message-rate: \
+         raise both for a benchmark, as the README's bench lines do)"
+    } else {
+        ""
+    }
+}
+
 /// Finds what every error reply holds, so that other messages are not parsed.
 static ERROR: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
@@ -392,7 +403,7 @@ impl Conn {
                         ERROR.find(payload).and_then(|_| reply(payload))
                     {
                         // A refused publication never arrives: the run is over.
-                        result = Err(format!("an error reply: {error}"));
+                        result = Err(format!("an error reply: {error}{}", refusal_hint(&error)));
                         break;
                     }
                 }

@@ -45,11 +45,19 @@ fn hint_for(err: &(dyn Error + 'static)) -> Option<String> {
                  binary CAP_NET_BIND_SERVICE"
                     .into(),
             ),
-            std::io::ErrorKind::AddrInUse => {
-                Some(format!("another process is listening on {addr}"))
-            }
+            std::io::ErrorKind::AddrInUse => Some(format!(
+                "another process is listening on {addr}: pick another port with --port"
+            )),
             _ => None,
         };
+    }
+    // `tether echo` binds its address itself.
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        if io.kind() == std::io::ErrorKind::AddrInUse {
+            return Some(
+                "another process is listening there: pick another port with --port".into(),
+            );
+        }
     }
     if let Some(tether::Error::Connect { source, .. }) = err.downcast_ref::<tether::Error>() {
         if source.kind() == std::io::ErrorKind::ConnectionRefused {

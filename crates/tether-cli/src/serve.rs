@@ -17,6 +17,14 @@ pub struct ServeArgs {
     /// config file, and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Port to listen on, on the host of `--listen` (0 picks a free one): the same flag as
+    /// `tether echo --port`.
+    #[arg(long, short, value_name = "PORT", conflicts_with = "listen")]
+    pub port: Option<u16>,
+    /// Host or address to listen on, with the port of `--listen` (or `--port`): the same flag
+    /// as `tether echo --host`.
+    #[arg(long, value_name = "HOST", conflicts_with = "listen")]
+    pub host: Option<String>,
     /// The settings as given (each flag, else its variable, else its default): what
     /// [`ServeArgs::server_config`] layers over the file.
     #[command(flatten)]
@@ -25,8 +33,14 @@ pub struct ServeArgs {
 
 /// A setting that could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct SettingsError(#[from] tether_server::config::ConfigError);
+pub enum SettingsError {
+    /// The file, a variable or the settings together.
+    #[error(transparent)]
+    Config(#[from] tether_server::config::ConfigError),
+    /// `--host` names no address.
+    #[error("--host {0}")]
+    Host(String),
+}
 
 impl ServeArgs {
     /// The server config: each setting from its flag, else its `TETHER_…` variable, else the
@@ -35,7 +49,19 @@ impl ServeArgs {
     /// # Errors
     /// The config file cannot be read or parsed, or the settings cannot work together.
     pub fn server_config(&self, matches: &clap::ArgMatches) -> Result<ServerConfig, SettingsError> {
-        Ok(ServerConfig::layered(matches, self.config.as_deref())?)
+        let mut config = ServerConfig::layered(matches, self.config.as_deref())?;
+        let port = self.port.unwrap_or(config.listen.port());
+        config.listen = match &self.host {
+            // An IPv6 address is bracketed before its port.
+            Some(host) if host.contains(':') && !host.starts_with('[') => {
+                tether_server::config::parse_listen(&format!("[{host}]:{port}"))
+                    .map_err(SettingsError::Host)?
+            }
+            Some(host) => tether_server::config::parse_listen(&format!("{host}:{port}"))
+                .map_err(SettingsError::Host)?,
+            None => std::net::SocketAddr::new(config.listen.ip(), port),
+        };
+        Ok(config)
     }
 }
 

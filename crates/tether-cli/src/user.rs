@@ -263,8 +263,17 @@ pub fn read_password(from_stdin: bool) -> Result<String, UserError> {
         std::io::stdin().read_line(&mut line).map_err(err)?;
         return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
     }
-    let first = rpassword::prompt_password("password: ").map_err(err)?;
-    let again = rpassword::prompt_password("again: ").map_err(err)?;
+    // The prompt reads the terminal itself: without one (a service, a script), say how else.
+    let prompt = |text: &str| {
+        rpassword::prompt_password(text).map_err(|e| {
+            UserError::Password(format!(
+                "no terminal to ask on ({e}): give the password on standard input with \
+                 --password-stdin"
+            ))
+        })
+    };
+    let first = prompt("password: ")?;
+    let again = prompt("again: ")?;
     if first != again {
         return Err(UserError::Password("the two entries differ".into()));
     }

@@ -55,6 +55,21 @@ fn expect(out: &Output, stdout: &str, code: i32) {
     );
 }
 
+/// A server that answers its first connection's request with `response` (an HTTP answer, not
+/// an upgrade).
+fn answering(response: String) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut tcp, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf);
+        let _ = tcp.write_all(response.as_bytes());
+    });
+    addr
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -113,7 +128,7 @@ fn no_newline_and_binary_modes() {
     let out = connect(
         &[
             &url,
-            "-n",
+            "--no-newline",
             "--binary",
             "--send",
             "ab",
@@ -261,17 +276,9 @@ fn a_server_closing_with_an_error_code_gives_a_failing_exit() {
 
 #[test]
 fn a_refused_handshake_shows_status_and_body() {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = std_listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let (mut tcp, _) = std_listener.accept().unwrap();
-        let mut buf = [0u8; 4096];
-        let _ = tcp.read(&mut buf);
-        let _ = tcp.write_all(
-            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 22\r\n\r\norigin is not allowed\n",
-        );
-    });
+    let addr = answering(
+        "HTTP/1.1 403 Forbidden\r\nContent-Length: 22\r\n\r\norigin is not allowed\n".into(),
+    );
     let out = connect(&[&format!("ws://{addr}/")], "");
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
@@ -759,22 +766,11 @@ fn text_from_the_server_reaches_the_terminal_escaped() {
     );
 
     // A refusal whose body carries the same.
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let refusing = std_listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let (mut tcp, _) = std_listener.accept().unwrap();
-        let mut buf = [0u8; 2048];
-        let _ = tcp.read(&mut buf);
-        let body = "\u{1b}[2Jgo away\u{202e}";
-        let _ = tcp.write_all(
-            format!(
-                "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        );
-    });
+    let body = "\u{1b}[2Jgo away\u{202e}";
+    let refusing = answering(format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
     let out = connect(&[&format!("ws://{refusing}/")], "");
     let err = text(&out.stderr);
     assert!(
@@ -886,5 +882,81 @@ fn a_server_that_never_reads_is_given_up_after_the_write_timeout() {
     assert!(
         stderr.contains("the peer took nothing we wrote within the write timeout"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_web_page_is_named_not_printed_and_tether_serve_says_its_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_serve(&["--data", dir.path().to_str().unwrap()]);
+    // The URL the server prints on start: its front page.
+    let out = connect(&[&format!("ws://{}/", server.addr)], "");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.len() < 300, "short: {err}");
+    assert!(
+        err.contains("HTTP 200 OK: a web page (") && err.contains("not a WebSocket endpoint"),
+        "{err}"
+    );
+    assert!(err.contains("/ws, /ws/echo and /ws/rooms/NAME"), "{err}");
+
+    // Any other server's long answer is cut.
+    let body = "no\n".repeat(1000);
+    let addr = answering(format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    let out = connect(&[&format!("ws://{addr}/")], "");
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("HTTP 400 Bad Request: no no no"), "{err}");
+    assert!(err.contains("no no…") && err.len() < 400, "{err}");
+}
+
+#[test]
+fn wscat_habits_mean_what_they_mean_there() {
+    let addr = echo_server(Config::default());
+    let url = format!("ws://{addr}/");
+    // `-x` without `-w` closes 2 s after sending, showing the answer.
+    let started = Instant::now();
+    let out = connect(&[&url, "-x", "hi"], "");
+    expect(&out, "hi\n", 0);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    // `-n` is wscat's --no-check (a no-op for ws://), not "no newline".
+    let out = connect(&[&url, "-n", "-x", "a", "-w", "0.2"], "");
+    expect(&out, "a\n", 0);
+    // `-o` sends an Origin: tether serve refuses a browser from elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_serve(&["--data", dir.path().to_str().unwrap()]);
+    let echo = format!("ws://{}/ws/echo", server.addr);
+    let out = connect(&[&echo, "-o", "http://elsewhere.example", "-x", "a"], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("HTTP 403"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A pipe into a room, as the README shows: plain text is a message, and the answer
+    // that comes after the input ended is shown.
+    let room = format!("ws://{}/ws/rooms/lobby?name=bob", server.addr);
+    let out = connect(&[&room], "hello from a pipe\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let said = text(&out.stdout).lines().any(|line| {
+        serde_json::from_str::<serde_json::Value>(line).is_ok_and(|m| {
+            m["type"] == "message" && m["text"] == "hello from a pipe" && m["user"] == "bob"
+        })
+    });
+    assert!(said, "{}", text(&out.stdout));
+    // `-w` applies to the end of stdin too.
+    let out = connect(&[&room, "-w", "0.3"], "and again\n");
+    assert!(
+        text(&out.stdout).contains("and again"),
+        "{}",
+        text(&out.stdout)
     );
 }

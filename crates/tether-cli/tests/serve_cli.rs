@@ -24,7 +24,7 @@ fn a_taken_port_is_one_line_with_a_hint_and_leaves_no_data_directory() {
         err.trim_end(),
         format!(
             "tether: binding {addr}: Address already in use (os error 98) \
-             (another process is listening on {addr})"
+             (another process is listening on {addr}: pick another port with --port)"
         ),
         "one line, the cause once"
     );
@@ -85,4 +85,51 @@ fn listen_takes_a_port_a_colon_port_and_a_name() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn serve_and_echo_take_the_same_port_flag_and_name_it_when_the_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    for command in [vec!["serve", "--data"], vec!["echo"]] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(&command);
+        if command[0] == "serve" {
+            cmd.arg(dir.path().join("data"));
+        }
+        let out = cmd
+            .args(["--port", &port])
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{command:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("127.0.0.1:{port}"))
+                && err.trim_end().ends_with("pick another port with --port)"),
+            "{command:?}: {err}"
+        );
+    }
+    // Free ports, by the same flags.
+    let line = common::first_line(
+        Command::new(BIN)
+            .args(["serve", "--port", "0", "--data"])
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "off"),
+    );
+    assert!(line.starts_with("listening on http://127.0.0.1:"), "{line}");
+    let line = common::first_line(
+        Command::new(BIN)
+            .args(["serve", "--host", "::1", "-p", "0", "--data"])
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "off"),
+    );
+    assert!(line.starts_with("listening on http://[::1]:"), "{line}");
+    let line = common::first_line(
+        Command::new(BIN)
+            .args(["echo", "--port", "0"])
+            .env("RUST_LOG", "off"),
+    );
+    assert!(line.starts_with("listening on ws://127.0.0.1:"), "{line}");
 }

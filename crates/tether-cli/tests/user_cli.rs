@@ -150,3 +150,19 @@ fn users_are_listed_removed_repassworded_and_their_tokens_revoked_one_by_one() {
         "tether: no user named \"alice\" (tether user list shows them)"
     );
 }
+
+#[test]
+fn without_a_terminal_the_password_prompt_says_how_else_to_give_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // `setsid`: a new session, without a controlling terminal, as under a service manager.
+    let out = Command::new("setsid")
+        .args([BIN, "user", "add", "bob", "--data"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("setsid comes with util-linux");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--password-stdin"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
