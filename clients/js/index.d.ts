@@ -155,7 +155,11 @@ export class Client {
   close(): void;
   subscribe<T = unknown>(channel: string, handlers?: Handlers<T>): Subscription<T>;
   subscription(channel: string): Subscription | undefined;
-  /** Publishes to a channel this client is subscribed to. */
+  /**
+   * Publishes to a channel this client is subscribed to, at the pace the server announced
+   * (`limits.commands_per_second`); one refused for the rate (110) is tried again, up to 8
+   * times, before the promise rejects.
+   */
   publish(channel: string, data: unknown): Promise<{ offset?: number }>;
 }
 

@@ -17,6 +17,11 @@ export class TetherError extends Error {
   }
 }
 
+/** How often a publish refused for the rate (110) is tried again before it is reported. */
+const MAX_RATE_RETRIES = 8;
+/** The pause before such a retry, times the refusals so far. */
+const RATE_RETRY_MS = 250;
+
 /** Error codes a later attempt can get past. */
 const TEMPORARY_ERRORS = new Set([100, 110]);
 
@@ -219,6 +224,10 @@ export class Client {
     }
     if (ws !== this.ws || this.stopped) return;
     this.session = session;
+    // A new connection starts with the server's whole burst, less the connect command.
+    this.tokens = undefined;
+    this.refilled = undefined;
+    if (this.refill()) this.tokens -= 1;
     this.state = 'connected';
     // The channels' subscribes go out first, then listeners may publish or subscribe more.
     const resubscribed = Promise.all([...this.subs.values()].map((sub) => sub.subscribe()));
@@ -352,6 +361,7 @@ export class Client {
       queueMicrotask(() => done(new TetherError(0, 'not connected', true)));
       return;
     }
+    if (this.refill()) this.tokens -= 1;
     const id = this.nextId++;
     const timer = setTimeout(() => {
       this.pending.delete(id);
@@ -387,7 +397,7 @@ export class Client {
       return Promise.reject(new TetherError(111, `message too large: ${size} bytes, the limit is ${limit}`));
     }
     return new Promise((resolve, reject) => {
-      const publish = { channel, data, key, resolve, reject, sent: false };
+      const publish = { channel, data, key, resolve, reject, sent: false, refused: 0 };
       this.publishes.push(publish);
       if (this.state === 'connected' && this.ready(channel)) this.sendPublish(publish);
     });
@@ -406,6 +416,9 @@ export class Client {
   async sendPublish(publish) {
     publish.sent = true;
     const ws = this.ws;
+    await this.pace();
+    // Disconnected while waiting its turn: it goes again after the reconnect.
+    if (ws !== this.ws) return;
     try {
       const reply = await this.call({ op: 'publish', channel: publish.channel, data: publish.data, key: publish.key });
       this.settle(publish);
@@ -414,9 +427,45 @@ export class Client {
       // Disconnected (before or after sending it): resent after the reconnect, with its key;
       // close() and a permanent refusal reject what they drop themselves.
       if (ws !== this.ws || (e.code === 0 && e.temporary)) return;
+      if (e.code === 110 && publish.refused < MAX_RATE_RETRIES) {
+        // Over the server's rate (this connection's, or the identity's over all its
+        // connections): not stored, so it goes again, after a pause.
+        publish.refused += 1;
+        this.tokens = 0;
+        setTimeout(() => { if (ws === this.ws && this.publishes.includes(publish)) this.sendPublish(publish); },
+          RATE_RETRY_MS * publish.refused);
+        return;
+      }
       this.settle(publish);
       publish.reject(e);
     }
+  }
+
+  /**
+   * Waits until the rate the server announced (`limits.commands_per_second` in the connect
+   * reply, in bursts of twice as many) allows one more command: a backlog of publishes made
+   * while disconnected goes out at that pace instead of being refused with 110.
+   */
+  async pace() {
+    for (;;) {
+      const rate = this.refill();
+      if (!rate || this.tokens >= 1) return;
+      await new Promise((resolve) => setTimeout(resolve, Math.ceil(((1 - this.tokens) / rate) * 1000)));
+    }
+  }
+
+  /**
+   * Brings the count of commands the server's rate allows now up to date; returns the rate
+   * (commands per second), or 0 when the server announced none. Every command sent takes one
+   * ([`send`]), so the count follows the server's own.
+   */
+  refill() {
+    const rate = Number(this.session?.limits?.commands_per_second);
+    if (!(rate > 0)) return 0;
+    const now = Date.now();
+    this.tokens = Math.min(2 * rate, (this.tokens ?? 2 * rate) + ((now - (this.refilled ?? now)) / 1000) * rate);
+    this.refilled = now;
+    return rate;
   }
 
   settle(publish) {

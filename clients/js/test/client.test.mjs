@@ -557,3 +557,31 @@ test('after a connection that lasted, failed handshakes back off further and fur
   assert.equal(ann.state === 'disconnected' || ann.state === 'connecting', true);
 });
 
+
+test('publishes made during an outage go out at the pace the server announced: each stored once, none refused', { timeout: 60000 }, async (t) => {
+  const state = await fixture(t);
+  const ann = new Client(state.server.ws, { name: 'ann', minDelay: 200, maxDelay: 1000 }).connect();
+  t.after(() => ann.close());
+  const { limits } = await once(ann, 'connected');
+  const room = collector();
+  const sub = ann.subscribe('room:backlog', room);
+  await sub.publish({ text: 'before' });
+
+  const gone = once(ann, 'disconnected');
+  await state.server.stop();
+  await gone;
+  // Four times the server's burst, queued while it is down.
+  const n = 8 * limits.commands_per_second;
+  const queued = Array.from({ length: n }, (_, i) => sub.publish({ text: `b${i}` }));
+  state.server = await serve(state.port, state.data);
+
+  const results = await Promise.allSettled(queued);
+  assert.deepEqual(results.filter((r) => r.status === 'rejected').map((r) => r.reason.message), []);
+  await room.wait(n + 1, 30000);
+  const texts = room.seen.map((p) => p.data.text);
+  for (let i = 0; i < n; i += 1) {
+    assert.equal(texts.filter((x) => x === `b${i}`).length, 1, `b${i} once`);
+  }
+  const offsets = results.map((r) => r.value.offset);
+  assert.equal(new Set(offsets).size, n, 'each its own offset');
+});
