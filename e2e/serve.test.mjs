@@ -152,6 +152,9 @@ async function joinRoom(page, room, nick) {
   await page.waitForFunction((r) => document.getElementById('room-title').textContent === `#${r}`, room);
 }
 
+/** How many sockets the page opened with a guest name (not the one that watched before joining). */
+const namedSockets = (page) => page.evaluate(() => window.__sockets.filter((ws) => new URL(ws.url).searchParams.has('name')).length);
+
 const waitLive = (page) => page.waitForSelector('#conn-state[data-state="live"]', { timeout: 30000 });
 
 /** The subscribe commands the page sent for CHANNEL, oldest first. */
@@ -325,7 +328,7 @@ test('a message published with a bearer token appears in the page, as text', { t
 
     await say(ann, 'still here');
     await waitForMessage(ann, 'still here', 'ann');
-    assert.equal(await ann.evaluate(() => window.__sockets.length), 1, 'one connection throughout');
+    assert.equal(await namedSockets(ann), 1, 'one connection throughout');
 
     await screenshot(ann, 'chat-api-message');
   }));
@@ -490,7 +493,9 @@ test('logging in through the page form makes chat messages carry the registered 
     const page = await open('alice');
     await page.goto(`${server.url}/#room=members`);
     await page.waitForSelector('#login-toggle', { state: 'visible' });
-    assert.equal(await page.getAttribute('#conn-state', 'data-state'), 'offline', 'a guest without a nickname is asked for one');
+    // A guest without a nickname watches, and is asked for one.
+    await page.waitForSelector('#conn-state[data-state="watching"]');
+    assert.match(await page.textContent('#join-bar-text'), /Choose a nickname to join/);
 
     // A wrong password is refused with a message.
     await page.click('#login-toggle');
@@ -529,8 +534,8 @@ test('logging in through the page form makes chat messages carry the registered 
     // Logging out ends the session; the page goes back to asking for a nickname.
     await page.click('#logout');
     await page.waitForSelector('#login-toggle', { state: 'visible' });
-    assert.equal(await page.evaluate(() => fetch('/api/me').then((r) => r.status)), 401);
-    await page.waitForSelector('#conn-state[data-state="offline"]');
+    assert.deepEqual(await page.evaluate(() => fetch('/api/me').then((r) => r.json())), { user: null, guest: true, guests: true });
+    await page.waitForSelector('#conn-state[data-state="watching"]');
     assert.equal(await page.isVisible('#nick-field'), true);
     await screenshot(page, 'chat-logged-out');
   }));
@@ -568,7 +573,7 @@ test('several rooms on one connection: unread counts on the rooms not shown, one
     await ann.click('#open-rooms [data-room="b"] .room-link');
     await waitForTexts(ann, ['for room b', 'b again']);
 
-    assert.equal(await ann.evaluate(() => window.__sockets.length), 1, 'one WebSocket the whole time');
+    assert.equal(await namedSockets(ann), 1, 'one WebSocket the whole time');
     assert.equal((await subscribesOf(ann, 'room:a')).length, 1);
     assert.equal((await subscribesOf(ann, 'room:b')).length, 1);
 
@@ -649,7 +654,7 @@ test('a taken nickname is said once and the page does not retry', { timeout: 900
     await other.waitForSelector('#conn-state[data-state="offline"][data-stopped="true"]');
     // Retrying cannot help: no more connections over a few seconds.
     await new Promise((resolve) => setTimeout(resolve, 4000));
-    assert.equal(await other.evaluate(() => window.__sockets.length), 1, 'no reconnect loop');
+    assert.equal(await namedSockets(other), 1, 'no reconnect loop');
     assert.equal(await other.evaluate(() => [...document.querySelectorAll('[role="alert"]')]
       .filter((n) => /taken/.test(n.textContent)).length), 1, 'said once');
     assert.equal(await other.isVisible('#reconnect-now'), false);
@@ -663,20 +668,23 @@ test('a taken nickname is said once and the page does not retry', { timeout: 900
     assert.equal(await other.textContent('#conn-problem'), '');
   }));
 
-test('with guests off the page asks to log in, offers no nickname and opens no connection', { timeout: 90000 }, () =>
+test('with guests off the page asks to log in, offers no nickname and only watches', { timeout: 90000 }, () =>
   withServe({ users: ['alice'], args: ['--guests', 'false'] }, async ({ server, open }) => {
     const page = await open('visitor', { nick: 'ann' });
     await page.goto(`${server.url}/#room=lobby`);
     await page.waitForSelector('#guests-off', { state: 'visible' });
     assert.match(await page.textContent('#guests-off'), /log in/);
     assert.equal(await page.isVisible('#nick-field'), false, 'no nickname field');
-    assert.match(await page.textContent('#messages-empty'), /Log in/);
-    await page.waitForSelector('#conn-state[data-state="offline"]');
-    assert.match(await page.textContent('#conn-state'), /Log in/);
-    assert.equal(await page.evaluate(() => window.__sockets.length), 0, 'a guest connection would be refused: none is tried');
+    // A guest connection would be refused: the page only watches (broadcasts), without a name.
+    await page.waitForSelector('#conn-state[data-state="watching"]');
+    const sockets = await page.evaluate(() => window.__sockets.map((ws) => ws.url));
+    assert.equal(sockets.length, 1);
+    assert.equal(new URL(sockets[0]).searchParams.get('name'), null);
+    assert.match(await page.textContent('#join-bar-text'), /log in to join/);
     await screenshot(page, 'chat-guests-off');
+    await page.click('#join-bar-button');
+    await page.waitForFunction(() => document.activeElement?.id === 'login-user');
 
-    await page.click('#login-toggle');
     await page.fill('#login-user', 'alice');
     await page.fill('#login-password', PASSWORD);
     await page.press('#login-password', 'Enter');
@@ -738,6 +746,86 @@ test('the chat layout on a phone: conversation first, composer on screen, rooms 
     await say(phone, 'from the phone');
     await waitForMessage(phone, 'from the phone', 'pia');
   }));
+
+const PHONE = { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true };
+
+/** The active rooms as listed: [[name, count], …] in page order. */
+const listedRooms = (page) => page.$$eval('#rooms .room-link', (links) => links.map((a) => [a.dataset.room, Number(a.querySelector('.badge').textContent)]));
+
+const DESKTOP = { viewport: { width: 1280, height: 900 } };
+
+/** Opens the chat's drawer on a phone and waits until it has slid in. */
+async function openDrawer(page) {
+  await page.click('#drawer-toggle');
+  await page.waitForFunction(() => getComputedStyle(document.getElementById('sidebar')).transform === 'none');
+}
+
+for (const [size, options] of [['desktop', DESKTOP], ['phone', PHONE]]) {
+  test(`before joining (${size}): a visitor reads the room, sees broadcasts and the busiest rooms, and is asked for a nickname`, { timeout: 120000 }, () =>
+    withServe({ users: ['alice'] }, async ({ server, open }) => {
+      const token = await getToken(server.url, 'alice', PASSWORD);
+      for (const text of ['welcome to the lobby', 'the agenda is pinned', 'see you at noon']) await publish(server.url, token, 'lobby', text);
+      // A room with history and nobody in it, one with one person, one with two.
+      await publish(server.url, token, 'archive', 'old news');
+      for (const [nick, room] of [['cal', 'calm'], ['bea', 'busy'], ['bob', 'busy']]) {
+        const page = await open(nick);
+        await joinChat(page, server.url, room, nick);
+      }
+
+      const visitor = await open(`visitor-${size}`, options);
+      await visitor.goto(`${server.url}/#room=lobby`);
+      // The room's history, read before joining; nothing to write with yet, and why.
+      await waitForTexts(visitor, ['welcome to the lobby', 'the agenda is pinned', 'see you at noon']);
+      await visitor.waitForSelector('#join-bar', { state: 'visible' });
+      assert.match(await visitor.textContent('#join-bar-text'), /reading #lobby\. Choose a nickname to join/);
+      assert.equal(await visitor.textContent('#join-bar-button'), 'Join #lobby');
+      assert.equal(await visitor.isVisible('#composer'), false, 'no composer before joining');
+      assert.doesNotMatch(await visitor.innerText('#room'), /Choose a room/);
+      // Connected without a name: broadcasts come from the first second.
+      await visitor.waitForSelector('#conn-state[data-state="watching"]');
+      const sockets = await visitor.evaluate(() => window.__sockets.map((ws) => ws.url));
+      assert.equal(sockets.length, 1);
+      assert.equal(new URL(sockets[0]).searchParams.get('name'), null, 'no name on the watching connection');
+      await broadcast(server.url, token, 'welcome, visitors');
+      await waitForNotice(visitor, 'welcome, visitors');
+
+      // Rooms with people, busiest first; the room nobody is in is not listed as active.
+      await visitor.waitForFunction(() => document.querySelectorAll('#rooms .room-link').length === 2);
+      await screenshot(visitor, `chat-before-joining-${size}`);
+      if (size === 'phone') await openDrawer(visitor);
+      assert.deepEqual(await listedRooms(visitor), [['busy', 2], ['calm', 1]]);
+      assert.equal(await visitor.textContent('#member-count'), '0');
+      assert.equal(await visitor.isVisible('#members-hint'), true);
+      if (size === 'phone') {
+        await screenshot(visitor, 'chat-before-joining-phone-drawer');
+        await visitor.click('#drawer-close');
+      }
+
+      // The join bar leads to the nickname; joining shows the same history once, then live.
+      await visitor.click('#join-bar-button');
+      await visitor.waitForFunction(() => document.activeElement?.id === 'nick');
+      await visitor.fill('#nick', 'vic');
+      await visitor.click('#join');
+      await waitLive(visitor);
+      await waitForTexts(visitor, ['welcome to the lobby', 'the agenda is pinned', 'see you at noon']);
+      await visitor.waitForSelector('#composer', { state: 'visible' });
+      await say(visitor, 'hello from vic');
+      await waitForMessage(visitor, 'hello from vic', 'vic');
+      // A guest's message says so; a registered user's does not.
+      assert.equal(await visitor.getAttribute('#messages .msg[data-user="vic"]', 'data-guest'), 'true');
+      assert.equal(await visitor.isVisible('#messages .msg[data-user="vic"] .guest-tag'), true);
+      assert.equal(await visitor.getAttribute('#messages .msg[data-user="alice"]', 'data-guest'), 'false');
+      assert.equal(await visitor.locator('#messages .msg[data-user="alice"] .guest-tag').count(), 0);
+      // The list counts the room shown as "Here now" does.
+      if (size === 'phone') await visitor.click('#drawer-toggle');
+      await waitForMembers(visitor, ['vic']);
+      await visitor.waitForFunction(() => document.querySelector('#rooms .room-link[data-room="lobby"] .badge')?.textContent === '1');
+      // Lobby, with as many people as calm, has messages: it is the more active.
+      assert.deepEqual(await listedRooms(visitor), [['busy', 2], ['lobby', 1], ['calm', 1]]);
+      const shown = await shownMessages(visitor);
+      assertIncreasingIds(shown);
+    }));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Polls
@@ -826,6 +914,44 @@ test('a vote in one page updates the counts in another', { timeout: 90000 }, () 
     await screenshot(ben, 'polls-ben');
   }));
 
+for (const [size, options] of [['desktop', DESKTOP], ['phone', PHONE]]) {
+  test(`polls for a guest without a nickname (${size}): one clear way to vote, and counts live`, { timeout: 90000 }, () =>
+    withServe({ users: ['alice'] }, async ({ server, open }) => {
+      const token = await getToken(server.url, 'alice', PASSWORD);
+      const poll = await createPoll(server.url, token, 'Where do we meet?', ['café', 'park', 'library']);
+      const guest = await open(`guest-${size}`, options);
+      await guest.goto(`${server.url}/polls#poll=${poll.id}`);
+      await guest.waitForSelector('#poll-conn-state[data-state="live"]');
+      await guest.waitForSelector('#nick-form', { state: 'visible' });
+      await guest.waitForFunction(() => document.getElementById('poll-title').textContent === 'Where do we meet?');
+      // One message: choose a nickname (or log in). Nothing says only registered users vote.
+      const text = await guest.innerText('#poll-body');
+      assert.doesNotMatch(text, /Only registered|only logged-in/i, text);
+      assert.equal(await guest.textContent('#poll-my-vote'), '');
+      assert.equal(await guest.isVisible('#login-to-vote'), false);
+      assert.equal(await guest.locator('#poll-choices .choice:not([disabled])').count(), 0, 'no vote without a name');
+      // Watching, the counts still move.
+      const voter = await open('voter', { nick: 'vot' });
+      await voter.goto(`${server.url}/polls#poll=${poll.id}`);
+      await waitPollLive(voter);
+      await voter.click('#poll-choices .choice[data-option="park"]');
+      await waitForCounts(guest, { 'café': 0, park: 1, library: 0 }, 1);
+      // The bar has grown to its new length (it slides there).
+      await guest.waitForFunction(() => {
+        const fill = document.querySelector('#poll-choices .choice[data-option="park"] .choice-fill');
+        return Math.abs(fill.getBoundingClientRect().width - fill.parentElement.getBoundingClientRect().width) < 1;
+      });
+      await screenshot(guest, `polls-guest-${size}`);
+
+      await guest.fill('#nick', 'gus');
+      await guest.click('#nick-save');
+      await waitPollLive(guest);
+      await guest.click('#poll-choices .choice[data-option="café"]');
+      await waitForCounts(voter, { 'café': 1, park: 1, library: 0 }, 2);
+      assert.match(await guest.textContent('#poll-my-vote'), /Your vote: café/);
+    }));
+}
+
 /** POST /api/polls with a bearer token; returns the poll (201). */
 async function createPoll(url, token, question, options) {
   const res = await fetch(`${url}/api/polls`, {
@@ -890,6 +1016,33 @@ test('a broadcast shows as a dismissable notice on the chat, polls and console p
     await polls.waitForSelector('#notices .notice-banner', { state: 'detached' });
     assert.equal(await polls.evaluate(() => document.activeElement?.id), 'main');
     assert.equal(await chat.$$eval('#notices .notice-banner', (n) => n.length), 1, 'each page dismisses its own');
+  }));
+
+test('on a phone: the header keeps to one line logged in, and a broadcast stays in view while the page scrolls', { timeout: 90000 }, () =>
+  withServe({ users: ['alexandra'], args: ['--polls-per-hour', '20'] }, async ({ server, open }) => {
+    const token = await getToken(server.url, 'alexandra', PASSWORD);
+    for (let i = 1; i <= 12; i++) await createPoll(server.url, token, `Question number ${i}?`, ['yes', 'no']);
+    const phone = await open('phone', PHONE);
+    await phone.goto(`${server.url}/polls`);
+    await waitPollLive(phone);
+    const headerHeight = async () => (await phone.locator('.site-header').boundingBox()).height;
+    const asGuest = await headerHeight();
+    await phone.click('#login-toggle');
+    await phone.fill('#login-user', 'alexandra');
+    await phone.fill('#login-password', PASSWORD);
+    await phone.press('#login-password', 'Enter');
+    await phone.waitForSelector('#me', { state: 'visible' });
+    assert.equal(await phone.textContent('#me-name'), 'alexandra');
+    const loggedIn = await headerHeight();
+    assert.ok(loggedIn <= asGuest + 1, `the header grew from ${asGuest} to ${loggedIn} px: it wrapped`);
+
+    await broadcast(server.url, token, 'phones see this too');
+    await waitForNotice(phone, 'phones see this too');
+    await phone.evaluate(() => window.scrollTo(0, document.documentElement.scrollHeight));
+    await phone.waitForFunction(() => window.scrollY > 300);
+    const box = await phone.locator('#notices .notice-banner').boundingBox();
+    assert.ok(box.y >= 0 && box.y + box.height <= 844, `the notice scrolled away: ${JSON.stringify(box)}`);
+    await phone.screenshot({ path: artifact('polls-phone-scrolled-notice.png') });
   }));
 
 // ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ const ui = {
   roomsEmpty: byId('rooms-empty'),
   members: byId('members'),
   memberCount: byId('member-count'),
+  membersHint: byId('members-hint'),
   sidebar: byId('sidebar'),
   scrim: byId('scrim'),
   drawerToggle: byId('drawer-toggle'),
@@ -52,6 +53,9 @@ const ui = {
   emptyText: byId('messages-empty-text'),
   startJoin: byId('start-join'),
   typing: byId('typing'),
+  joinBar: byId('join-bar'),
+  joinBarText: byId('join-bar-text'),
+  joinBarButton: byId('join-bar-button'),
   composer: byId('composer'),
   input: byId('message-input'),
   send: byId('send'),
@@ -71,6 +75,8 @@ class Room {
     this.members = new Set();
     this.unread = 0;
     this.loaded = false;      // the first history has arrived
+    this.preview = false;     // what it shows was read over HTTP while watching (not joined)
+    this.previewing = null;   // the preview's request on its way
     this.replaying = 0;       // publications of the latest subscribe's replay still to come
     this.caughtUp = 0;        // of those, new ones: missed while away
     this.exact = true;        // the replay follows on from what we show (not after a reset)
@@ -91,7 +97,14 @@ const chat = {
   me: null,              // our name on the connection, from its `connected`
   rooms: new Map(),      // name → Room, in the order opened
   current: null,         // the Room shown
+  // No name to chat with yet (a guest without a nickname, or guests off and not logged in):
+  // the page connects without an identity, for broadcasts, and reads the room shown over HTTP.
+  watching: false,
+  listed: [],            // the last GET /api/rooms answer
 };
+
+/** Messages read before joining: what joining would replay. */
+const PREVIEW_MESSAGES = 50;
 
 const status = new ConnStatus(ui.conn);
 const conn = new Connection({
@@ -113,6 +126,8 @@ function subscribeAll(client) {
     ui.problem.textContent = '';
     markOwnMessages();
   });
+  // A watcher may not subscribe to rooms (error 103): it reads the room shown over HTTP.
+  if (chat.watching) return;
   for (const room of chat.rooms.values()) subscribe(client, room);
 }
 
@@ -139,6 +154,12 @@ function subscribe(client, room) {
 
 /** (Re)connected to a room: where its stream stands, who is here, what replay follows. */
 function subscribed(room, reply) {
+  if (room.preview) {
+    // Joined: the subscription's replay takes over from what was read before.
+    clearMessages(room);
+    room.preview = false;
+    room.loaded = false;
+  }
   const lost = reply.recovered === false || (room.epoch !== null && reply.epoch !== room.epoch);
   if (lost && room.offsets.size) {
     // What we show cannot be completed exactly (another stream, or too much missed): start
@@ -151,6 +172,7 @@ function subscribed(room, reply) {
   room.caughtUp = 0;
   room.exact = reply.recovered !== false;
   room.members = new Set((reply.presence ?? []).map((m) => m.user));
+  renderRoomList();
   for (const timer of room.typing.values()) clearTimeout(timer);
   room.typing.clear();
   if (room === chat.current) {
@@ -209,6 +231,7 @@ function presence(room, user, joined) {
     stopShowingTyping(room, user);
   }
   if (room === chat.current) renderMembers();
+  renderRoomList();
   refreshRoomsSoon();
 }
 
@@ -386,10 +409,12 @@ function messageItem(pub, text) {
   const mine = chat.me !== null && pub.user === chat.me;
   return el('li', {
     class: mine ? 'msg mine' : 'msg',
-    dataset: { id: String(pub.offset), user: String(pub.user ?? ''), mine: String(mine) },
+    dataset: { id: String(pub.offset), user: String(pub.user ?? ''), mine: String(mine), guest: String(pub.guest === true) },
   },
   el('div', { class: 'msg-meta' },
     el('span', { class: 'msg-user', text: String(pub.user ?? '?') }),
+    // A guest's nickname is anyone's: said beside it, so that no guest passes for a user.
+    pub.guest === true ? el('span', { class: 'guest-tag', title: 'A guest: a nickname, not a registered user', text: 'guest' }) : null,
     el('span', { class: 'you-tag', text: ' (you)' }),
     ' ',
     timeElement(pub.ts)),
@@ -474,28 +499,59 @@ function scrollToEnd() {
 // ---------------------------------------------------------------------------------------------
 // Rendering the rest
 
+/** What the visitor lacks to take part: 'nickname', 'login' or '' (nothing). */
+function missing() {
+  const identity = currentIdentity();
+  if (connectName(identity, chat.nick) !== null) return '';
+  return identity.guests ? 'nickname' : 'login';
+}
+
 function renderEmpty() {
   const room = chat.current;
   const hasMessages = room?.items.some((i) => i.classList.contains('msg') || i.classList.contains('msg-pending'));
-  const canJoin = connectName(currentIdentity(), chat.nick) !== null;
-  if (!room || !canJoin) {
-    ui.emptyText.textContent = currentIdentity().guests || !currentIdentity().guest
-      ? 'Choose a nickname and a room to start chatting.'
-      : 'Log in at the top of the page to chat: this server does not let guests in.';
-    ui.startJoin.hidden = !currentIdentity().guests && currentIdentity().guest;
+  const lack = missing();
+  renderJoinBar();
+  if (!room) {
+    ui.emptyText.textContent = lack === 'login'
+      ? 'Log in at the top of the page to chat: this server does not let guests in.'
+      : lack === 'nickname' ? 'Choose a nickname and a room to start chatting.' : 'Choose a room to start chatting.';
+    ui.startJoin.textContent = lack === 'nickname' ? 'Choose a nickname' : 'Choose a room';
+    ui.startJoin.hidden = lack === 'login';
     ui.empty.hidden = false;
     return;
   }
   ui.startJoin.hidden = true;
   if (room.failed) ui.emptyText.textContent = `This room is not available: ${room.failed}`;
+  else if (room.loaded && lack) ui.emptyText.textContent = `No messages in #${room.name} yet.`;
   else if (room.loaded) ui.emptyText.textContent = 'No messages yet. Say hello!';
   else if (conn.client?.state === 'closed') ui.emptyText.textContent = 'Not connected.';
   else ui.emptyText.textContent = 'Loading…';
   ui.empty.hidden = Boolean(hasMessages);
 }
 
+/** While watching, the composer's place says what joining needs, with a button to it. */
+function renderJoinBar() {
+  const room = chat.current;
+  const lack = room ? missing() : '';
+  ui.joinBar.hidden = !lack;
+  ui.composer.hidden = Boolean(lack);
+  if (!lack) return;
+  ui.joinBarText.textContent = lack === 'login'
+    ? `You are reading #${room.name}. This server lets only registered users write: log in to join.`
+    : `You are reading #${room.name}. Choose a nickname to join and write.`;
+  ui.joinBarButton.textContent = lack === 'login' ? 'Log in' : `Join #${room.name}`;
+}
+
 function renderMembers() {
   const room = chat.current;
+  // Before joining, who is here is not told (presence is for members): the count is the list's.
+  const outside = Boolean(room) && !room.sub;
+  ui.membersHint.hidden = !outside;
+  if (outside) {
+    ui.members.replaceChildren();
+    ui.memberCount.textContent = String(listedMembers(room.name));
+    return;
+  }
   const names = [...(room?.members ?? [])].sort((a, b) => a.localeCompare(b));
   ui.members.replaceChildren(...names.map((name) => el('li', {
     class: name === chat.me ? 'member me' : 'member',
@@ -595,10 +651,34 @@ async function refreshRooms() {
     ui.roomsEmpty.hidden = false;
     return;
   }
-  if (!Array.isArray(rooms)) rooms = [];
-  rooms.sort((a, b) => (b.members ?? 0) - (a.members ?? 0) || String(a.room).localeCompare(String(b.room)));
+  chat.listed = Array.isArray(rooms) ? rooms.filter((r) => typeof r?.room === 'string') : [];
+  ui.roomSuggestions.replaceChildren(...chat.listed.map((r) => el('option', { value: r.room })));
+  renderRoomList();
+  if (chat.current && !chat.current.sub) renderMembers();
+}
+
+/** People in ROOM: whom our subscription sees when we have one, else what the list says. */
+function listedMembers(name) {
+  const room = chat.rooms.get(name);
+  if (room?.sub && room.loaded) return room.members.size;
+  return Number(chat.listed.find((r) => r.room === name)?.members ?? 0) || 0;
+}
+
+/**
+ * The active rooms: those with someone in them, the busiest first (people, then messages).
+ * A room we follow counts whom its presence shows, so the list agrees with "Here now".
+ */
+function renderRoomList() {
+  const rooms = chat.listed
+    .map((r) => ({ room: r.room, members: listedMembers(r.room), last: Number(r.last_id ?? 0) || 0 }))
+    .filter((r) => r.members > 0);
+  for (const room of chat.rooms.values()) {
+    const members = listedMembers(room.name);
+    if (members > 0 && !rooms.some((r) => r.room === room.name)) rooms.push({ room: room.name, members, last: 0 });
+  }
+  rooms.sort((a, b) => b.members - a.members || b.last - a.last || a.room.localeCompare(b.room));
   ui.rooms.replaceChildren(...rooms.map((r) => {
-    const members = Number(r.members ?? 0);
+    const members = r.members;
     return el('li', {}, el('a', {
       class: 'room-link',
       href: `#room=${encodeURIComponent(r.room)}`,
@@ -609,9 +689,43 @@ async function refreshRooms() {
     el('span', { class: 'badge', title: `${members} here`, 'aria-hidden': 'true', text: String(members) }),
     el('span', { class: 'sr-only', text: ` (${members} here)` })));
   }));
-  ui.roomSuggestions.replaceChildren(...rooms.map((r) => el('option', { value: r.room })));
-  ui.roomsEmpty.textContent = 'No active rooms yet.';
+  ui.roomsEmpty.textContent = 'No one is chatting right now.';
   ui.roomsEmpty.hidden = rooms.length > 0;
+}
+
+/**
+ * Reads the recent history of ROOM over HTTP (GET /api/rooms/NAME/messages?last=N) while
+ * watching: a public room can be read before joining. Read again now and then; joining
+ * replaces it with the subscription's own replay.
+ */
+async function loadPreview(room) {
+  if (!chat.watching || !room || room.sub || room.previewing) return;
+  const request = api(`/api/rooms/${encodeURIComponent(room.name)}/messages?last=${PREVIEW_MESSAGES}`);
+  room.previewing = request;
+  let messages;
+  try {
+    messages = await request;
+  } catch (err) {
+    if (room.previewing === request && room === chat.current && !room.loaded) {
+      ui.emptyText.textContent = `Cannot read #${room.name}: ${err.message}`;
+    }
+    return;
+  } finally {
+    if (room.previewing === request) room.previewing = null;
+  }
+  // Joined, left or no longer watching meanwhile: the answer is stale.
+  if (!chat.watching || room.sub || chat.rooms.get(room.name) !== room) return;
+  room.preview = true;
+  const first = !room.loaded;
+  room.loaded = true;
+  for (const m of Array.isArray(messages) ? messages : []) {
+    if (typeof m?.id !== 'number' || room.offsets.has(m.id)) continue;
+    addMessage(room, { offset: m.id, user: m.user, guest: m.guest, ts: m.ts }, typeof m.text === 'string' ? m.text : '');
+  }
+  if (room === chat.current) {
+    renderEmpty();
+    if (first) scrollToEnd();
+  }
 }
 
 let roomsTimer = null;
@@ -661,7 +775,7 @@ function openRoom(name) {
   }
   room = new Room(name);
   chat.rooms.set(name, room);
-  if (conn.client) subscribe(conn.client, room);
+  if (conn.client && !chat.watching) subscribe(conn.client, room);
   saveRooms();
   return room;
 }
@@ -702,6 +816,7 @@ function showRoom(room) {
     if (link.dataset.room === room?.name) link.setAttribute('aria-current', 'true');
     else link.removeAttribute('aria-current');
   }
+  loadPreview(room);
   if (room?.scroll === null || room?.scroll === undefined) scrollToEnd();
   else ui.messages.scrollTop = room.scroll;
 }
@@ -743,12 +858,13 @@ function connectAsIdentity() {
   ui.problem.textContent = '';
   for (const room of chat.rooms.values()) room.sub = null;
   const name = connectName(identity, chat.nick);
-  if (name === null) {
-    conn.stop(identity.guests ? 'Choose a nickname to join' : 'Log in to chat');
-    chat.me = null;
-  } else {
-    conn.start(name);
-  }
+  chat.watching = name === null;
+  chat.me = null;
+  // Without a name the page still connects, without an identity: broadcasts reach it from the
+  // first second, and the room shown is read over HTTP.
+  conn.start(name ?? '', { watch: chat.watching });
+  if (chat.watching) loadPreview(chat.current);
+  renderMembers();
   renderEmpty();
   renderComposer();
 }
@@ -839,9 +955,19 @@ function wire() {
     ui.problem.textContent = '';
     conn.reconnectNow();
   });
-  ui.startJoin.addEventListener('click', () => {
+  const toJoinForm = () => {
     if (narrow.matches) setDrawer(true);
     else (ui.nickField.hidden ? ui.roomInput : ui.nick).focus();
+  };
+  ui.startJoin.addEventListener('click', toJoinForm);
+  ui.joinBarButton.addEventListener('click', () => {
+    if (missing() !== 'login') {
+      toJoinForm();
+      return;
+    }
+    const box = byId('login-box');
+    box.open = true;
+    byId('login-user').focus();
   });
 
   ui.input.addEventListener('keydown', (event) => {
@@ -888,7 +1014,9 @@ function wire() {
   });
 
   setInterval(() => {
-    if (document.visibilityState === 'visible') refreshRooms();
+    if (document.visibilityState !== 'visible') return;
+    refreshRooms();
+    loadPreview(chat.current);
   }, ROOMS_REFRESH_MS);
 }
 
@@ -901,7 +1029,8 @@ async function main() {
   showRoom(openRoom(first));
   refreshRooms();
   await initHeader();
-  connectAsIdentity();
+  // Learning who we are may have connected already (an identity other than the one assumed).
+  if (!conn.client) connectAsIdentity();
 }
 
 main();

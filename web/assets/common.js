@@ -170,7 +170,7 @@ function setIdentity(next) {
   if (changed) for (const fn of identityListeners) fn(identity);
 }
 
-/** Asks the server who we are; a 401 means guest. Resolves with the identity. */
+/** Asks the server who we are (`user: null` for a guest; a 401, from an older server, too). Resolves with the identity. */
 export async function refreshIdentity() {
   try {
     const me = await api('/api/me');
@@ -191,6 +191,10 @@ function renderAuth() {
   if (!me) return;
   const loggedIn = !identity.guest && identity.user;
   byId('me-name').textContent = loggedIn ? identity.user : '';
+  // On a phone the name shrinks to its initial (the whole name in the tooltip and for readers).
+  const initial = document.getElementById('me-initial');
+  if (initial) initial.textContent = loggedIn ? [...identity.user][0].toUpperCase() : '';
+  me.title = loggedIn ? `Signed in as ${identity.user}` : '';
   me.hidden = !loggedIn;
   byId('logout').hidden = !loggedIn;
   const box = byId('login-box');
@@ -291,7 +295,8 @@ export function describeClose(code, reason = '') {
 
 /**
  * The connection badge: `<p class="conn" data-state=…>` with a dot and the state in words (read
- * by screen readers through role="status"). States: connecting, live, reconnecting, offline
+ * by screen readers through role="status"). States: connecting, live, watching (connected without a
+ * name: broadcasts only), reconnecting, offline
  * (`stopped` when nothing will reconnect by itself, `network` while the browser is offline).
  */
 export class ConnStatus {
@@ -299,7 +304,9 @@ export class ConnStatus {
     this.node = node;
     this.text = node.querySelector('.conn-text');
     this.detail = node.querySelector('.conn-detail');
-    this.labels = { connecting: 'Connecting…', live: 'Live', reconnecting: 'Reconnecting…', offline: 'Offline', ...labels };
+    this.labels = {
+      connecting: 'Connecting…', live: 'Live', watching: 'Reading only', reconnecting: 'Reconnecting…', offline: 'Offline', ...labels,
+    };
   }
 
   set(state, info = {}) {
@@ -372,9 +379,14 @@ export class Connection {
     });
   }
 
-  /** Connects as `name` (a guest's nickname; '' for a logged-in user), replacing any client. */
-  start(name) {
+  /**
+   * Connects as `name` (a guest's nickname; '' for a logged-in user or a visitor without an
+   * identity), replacing any client. `watch`: this visitor only watches, and the badge says
+   * "watching" rather than "live" once connected.
+   */
+  start(name, { watch = false } = {}) {
     this.#drop();
+    this.watch = watch;
     const client = new Client(channelsUrl(), name ? { name } : {});
     this.client = client;
     this.wasLive = false; // connected at least once: a later attempt is a reconnect
@@ -451,7 +463,7 @@ export class Connection {
       // The browser knows before the socket does: say so, and let the client retry meanwhile.
       this.#set('offline', { network: true });
     } else if (client.state === 'connected') {
-      this.#set('live');
+      this.#set(this.watch ? 'watching' : 'live');
     } else if (client.state === 'connecting' && this.attempt === 0 && !this.wasLive) {
       this.#set('connecting');
     } else {

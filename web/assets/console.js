@@ -278,7 +278,8 @@ async function main() {
   showState();
   onIdentityChange(followBroadcasts);
   await initHeader();
-  followBroadcasts();
+  // Learning who we are may have connected already (an identity other than the one assumed).
+  if (!broadcasts.client) followBroadcasts();
 }
 
 main();

@@ -243,10 +243,19 @@ function renderVote() {
   }
   if (view.poll?.closed) ui.myVote.textContent = 'This poll is closed.';
   else if (!view.subscribed) ui.myVote.textContent = '';
-  else if (!view.canVote) ui.myVote.textContent = 'Only registered users vote in this poll: log in to vote.';
+  else if (!view.canVote) ui.myVote.textContent = cannotVote();
   else if (view.vote === null) ui.myVote.textContent = 'You have not voted yet: pick an option.';
   else ui.myVote.textContent = `Your vote: ${view.vote}. Pick another option to change it.`;
   ui.myVote.dataset.vote = view.vote ?? '';
+}
+
+/**
+ * Why this visitor's connection may not vote. A guest watching has no name yet (the server
+ * counts a vote per user or per named guest): the nickname form, or the line asking to log in,
+ * says what to do above the options, and nothing here contradicts it.
+ */
+function cannotVote() {
+  return currentIdentity().guest ? '' : 'This connection may not vote: reload the page.';
 }
 
 async function castVote(option) {
@@ -540,7 +549,8 @@ async function main() {
   ui.nick.value = view.nick;
   refreshList();
   await initHeader();
-  connectAsIdentity();
+  // Learning who we are may have connected already (an identity other than the one assumed).
+  if (!conn.client) connectAsIdentity();
   openPoll(pollFromHash());
 }
 

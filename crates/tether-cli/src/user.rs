@@ -112,7 +112,7 @@ pub enum UserError {
         /// The id given.
         id: String,
     },
-    /// The password is empty or could not be read.
+    /// The password is too short or could not be read.
     #[error("password: {0}")]
     Password(String),
     /// Hashing failed.
@@ -226,9 +226,21 @@ fn registered(store: &Store, name: &str) -> Result<String, UserError> {
         .ok_or_else(|| UserError::NoSuchUser(name.to_owned()))
 }
 
+/// The fewest characters a password may have (NIST SP 800-63B's floor): a shorter one falls to
+/// the guessing that the login limits only slow down.
+pub const MIN_PASSWORD: usize = 8;
+
 fn hash(password: &str) -> Result<String, UserError> {
-    if password.is_empty() {
-        return Err(UserError::Password("empty".into()));
+    let length = password.chars().count();
+    if length < MIN_PASSWORD {
+        return Err(UserError::Password(if length == 0 {
+            format!("empty: choose one of at least {MIN_PASSWORD} characters")
+        } else {
+            format!(
+                "too short ({length} characters): choose one of at least {MIN_PASSWORD}, \
+                 a few words are easy to remember"
+            )
+        }));
     }
     Ok(tether_server::auth::hash_password(password)?)
 }

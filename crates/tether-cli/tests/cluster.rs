@@ -92,7 +92,11 @@ fn node_with(name: &str, redis_port: u16, toml: &str) -> Node {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    add.stdin.take().unwrap().write_all(b"pw\n").unwrap();
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(b"pw-for-ops\n")
+        .unwrap();
     assert!(add.wait().unwrap().success());
     let redis = format!("redis://127.0.0.1:{redis_port}/");
     let serve = common::start_serve(&[
@@ -220,7 +224,7 @@ fn token(node: &Node) -> String {
         "POST",
         "/api/tokens",
         None,
-        Some(json!({"user": "ops", "password": "pw"})),
+        Some(json!({"user": "ops", "password": "pw-for-ops"})),
     );
     assert_eq!(status, 201, "{body}");
     body["token"].as_str().unwrap().to_owned()
@@ -297,6 +301,14 @@ async fn chat_publish_and_resume_across_nodes() {
         5,
         "the same history on every node"
     );
+    // Guests' messages say so through Redis too; the API's, by a user, do not.
+    let guests: Vec<_> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["guest"] == true)
+        .collect();
+    assert_eq!(guests, [true, true, false, true, true], "{page}");
 
     // A broadcast reaches both nodes.
     let (status, reply) = http(

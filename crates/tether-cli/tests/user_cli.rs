@@ -60,19 +60,22 @@ fn users_are_listed_removed_repassworded_and_their_tokens_revoked_one_by_one() {
     let config = config.to_str().unwrap();
 
     for name in ["alice", "bob"] {
-        let (ok, out, err) = user(&["add", name, "--password-stdin", "--data", data], "pw\n");
+        let (ok, out, err) = user(
+            &["add", name, "--password-stdin", "--data", data],
+            "first password\n",
+        );
         assert!(ok, "{err}");
         assert!(out.contains(&format!("user {name} added")), "{out}");
     }
     let (ok, _, err) = user(
         &["add", "ALICE", "--password-stdin", "--config", config],
-        "pw\n",
+        "first password\n",
     );
     assert!(!ok && err.contains("exists already"), "{err}");
 
     let server = start_serve(&["--config", config]);
-    let first = token(&server.addr, "alice", "pw").unwrap();
-    let second = token(&server.addr, "alice", "pw").unwrap();
+    let first = token(&server.addr, "alice", "first password").unwrap();
+    let second = token(&server.addr, "alice", "first password").unwrap();
 
     let (ok, out, _) = user(&["list", "--config", config], "");
     assert!(ok);
@@ -120,15 +123,15 @@ fn users_are_listed_removed_repassworded_and_their_tokens_revoked_one_by_one() {
     // A new password revokes what the old one issued.
     let (ok, out, err) = user(
         &["passwd", "alice", "--password-stdin", "--data", data],
-        "new\n",
+        "second password\n",
     );
     assert!(ok, "{err}");
     assert!(out.contains("password of alice changed"), "{out}");
     for t in [&first, &second] {
         assert_eq!(http(&server.addr, "GET", "/api/me", Some(t), None).0, 401);
     }
-    assert_eq!(token(&server.addr, "alice", "pw"), Err(401));
-    let third = token(&server.addr, "alice", "new").unwrap();
+    assert_eq!(token(&server.addr, "alice", "first password"), Err(401));
+    let third = token(&server.addr, "alice", "second password").unwrap();
 
     // Removing a user removes what they can log in with.
     let (ok, out, _) = user(&["remove", "alice", "--data", data], "");
@@ -137,7 +140,7 @@ fn users_are_listed_removed_repassworded_and_their_tokens_revoked_one_by_one() {
         http(&server.addr, "GET", "/api/me", Some(&third), None).0,
         401
     );
-    assert_eq!(token(&server.addr, "alice", "new"), Err(401));
+    assert_eq!(token(&server.addr, "alice", "second password"), Err(401));
     let (_, out, _) = user(&["list", "--data", data], "");
     assert!(
         out.starts_with("bob\t") && out.lines().count() == 1,
@@ -149,6 +152,37 @@ fn users_are_listed_removed_repassworded_and_their_tokens_revoked_one_by_one() {
         err.trim(),
         "tether: no user named \"alice\" (tether user list shows them)"
     );
+}
+
+#[test]
+fn a_password_shorter_than_eight_characters_is_refused_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for (password, says) in [("\n", "empty"), ("hunter2\n", "too short (7 characters)")] {
+        let (ok, _, err) = user(
+            &["add", "bob", "--password-stdin", "--data", data],
+            password,
+        );
+        assert!(!ok, "{password:?} was accepted");
+        assert!(
+            err.contains(says) && err.contains("at least 8"),
+            "{password:?}: {err}"
+        );
+    }
+    // Eight characters, counted as characters (not bytes): accepted.
+    let (ok, _, err) = user(
+        &["add", "bob", "--password-stdin", "--data", data],
+        "motörhed\n",
+    );
+    assert!(ok, "{err}");
+    // Changing to a short one is refused too, and the old one still holds.
+    let (ok, _, err) = user(
+        &["passwd", "bob", "--password-stdin", "--data", data],
+        "short\n",
+    );
+    assert!(!ok && err.contains("at least 8"), "{err}");
+    let (_, out, _) = user(&["list", "--data", data], "");
+    assert!(out.starts_with("bob\t"), "{out}");
 }
 
 #[test]

@@ -208,6 +208,11 @@ pub enum Writer {
 }
 
 impl Writer {
+    /// Whether the writer is not a registered user (a guest, counted by address).
+    pub fn is_guest(&self) -> bool {
+        matches!(self, Writer::Address(_))
+    }
+
     /// The writer of a request by `user` (if logged in) from `ip`.
     pub fn new(user: Option<&str>, ip: Option<IpAddr>) -> Writer {
         match (user, ip) {

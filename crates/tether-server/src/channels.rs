@@ -1291,13 +1291,17 @@ fn encode_value(value: &Value) -> Arc<Prepared> {
 }
 
 fn publication_value(message: &ChatMessage) -> Value {
-    json!({
+    let mut value = json!({
         "channel": push::room_channel(&message.room),
         "offset": message.id,
         "user": message.user,
         "ts": message.ts,
         "data": {"text": message.text},
-    })
+    });
+    if message.guest {
+        value["guest"] = Value::Bool(true);
+    }
+    value
 }
 
 /// A stored message as a replayed `pub` push: the same bytes a live one has.
@@ -1306,6 +1310,7 @@ fn publication(message: &ChatMessage) -> Arc<Prepared> {
         channel: &push::room_channel(&message.room),
         offset: Some(message.id),
         user: Some(&message.user),
+        guest: message.guest,
         ts: Some(&message.ts),
         data: json!({"text": message.text}),
     })

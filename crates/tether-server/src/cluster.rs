@@ -545,9 +545,12 @@ impl Cluster {
     /// no cached scripts, and a pipeline cannot load one midway).
     fn append_command(&self, job: &ChatWrite, may_start_room: bool) -> redis::Cmd {
         // The message is JSON with the id spliced in by the script: `{…"id":` + N + `,…}`.
-        let rest = serde_json::json!({
+        let mut rest = serde_json::json!({
             "room": job.room, "user": job.user, "text": job.text, "ts": now_rfc3339()
         });
+        if job.writer.is_guest() {
+            rest["guest"] = serde_json::Value::Bool(true);
+        }
         let rest = rest.to_string();
         let suffix = format!(",{}", &rest[1..]);
         let mut cmd = redis::cmd("EVAL");

@@ -513,10 +513,12 @@ async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             StatusCode::OK,
             &serde_json::json!({"user": user, "guest": false, "guests": app.config.guests}),
         ),
-        // `guests` tells a page whether to offer a nickname at all.
+        // Not logged in is an answer, not an error (a page asks on every load, and a 401
+        // would be a red line in every guest's console); `guests` tells a page whether to
+        // offer a nickname at all. A credential that is bad or expired is still 401.
         Ok(None) => json(
-            StatusCode::UNAUTHORIZED,
-            &serde_json::json!({"error": "not logged in", "guests": app.config.guests}),
+            StatusCode::OK,
+            &serde_json::json!({"user": null, "guest": true, "guests": app.config.guests}),
         ),
         Err(refused) => refused.into_response(),
     }
@@ -636,6 +638,9 @@ async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Re
 struct Page {
     since: Option<u64>,
     limit: Option<usize>,
+    /// The last `last` messages instead of a page from `since`: what a page shows before
+    /// joining (at most 1,000).
+    last: Option<usize>,
 }
 
 async fn history(
@@ -646,11 +651,26 @@ async fn history(
     if !auth::valid_room(&room) {
         return error(StatusCode::BAD_REQUEST, ROOM_RULE);
     }
+    if page.last.is_some() && (page.since.is_some() || page.limit.is_some()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "last= reads the newest messages: it goes without since= and limit=",
+        );
+    }
     let since = page.since.unwrap_or(0);
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
-    let messages = match &app.cluster {
-        Some(cluster) => cluster.messages(&room, since, limit).await,
-        None => {
+    let messages = match (&app.cluster, page.last.map(|n| n.min(1000))) {
+        (Some(cluster), Some(last)) => cluster.recent(&room, last).await,
+        (Some(cluster), None) => cluster.messages(&room, since, limit).await,
+        (None, Some(last)) => {
+            app.db
+                .call(move |s| {
+                    let until = s.last_id(&room)?;
+                    s.recent(&room, until, last)
+                })
+                .await
+        }
+        (None, None) => {
             app.db
                 .call(move |s| s.messages(&room, since, u64::MAX, limit))
                 .await

@@ -829,6 +829,9 @@ pub mod push {
         /// Who published it (absent for the server).
         #[serde(skip_serializing_if = "Option::is_none")]
         pub user: Option<&'a str>,
+        /// The publisher was a guest, not a registered user (absent when not).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        pub guest: bool,
         /// When it was stored or sent.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub ts: Option<&'a str>,
@@ -1152,6 +1155,7 @@ impl Hub {
                 channel: &push::room_channel(&message.room),
                 offset: Some(message.id),
                 user: Some(&message.user),
+                guest: message.guest,
                 ts: Some(&message.ts),
                 data: Text {
                     text: &message.text,
@@ -1174,6 +1178,7 @@ impl Hub {
                 channel: "broadcast",
                 offset: None,
                 user: Some(user),
+                guest: false,
                 ts: Some(ts),
                 data: Text { text },
             }),
@@ -1458,6 +1463,7 @@ impl Hub {
                 channel: "polls",
                 offset: None,
                 user: None,
+                guest: false,
                 ts: None,
                 data: Created { created: poll },
             })
@@ -1486,6 +1492,7 @@ impl Hub {
                 channel: &format!("poll:{poll}"),
                 offset: None,
                 user: None,
+                guest: false,
                 ts: None,
                 data: CountsData { counts, total },
             }),
@@ -1521,6 +1528,7 @@ mod tests {
             user: "ann".into(),
             text: "hi".into(),
             ts: "2026-01-01T00:00:00.000Z".into(),
+            guest: false,
             epoch: None,
         }
     }

@@ -306,6 +306,7 @@ impl Writer {
                         user: user.clone(),
                         text: text.clone(),
                         ts: now_rfc3339(),
+                        guest: writer.is_guest(),
                         epoch: None,
                     };
                     batch.insert_message(&message, key.as_deref())?;

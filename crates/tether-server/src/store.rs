@@ -55,6 +55,10 @@ pub struct ChatMessage {
     pub room: String,
     /// Who sent it (a user or a guest nickname).
     pub user: String,
+    /// Whether the sender was a guest (a nickname, not a registered user): pages show it, so
+    /// that a guest cannot pass for a user. Absent from the JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest: bool,
     /// The text.
     pub text: String,
     /// When it was stored, RFC 3339 with milliseconds, UTC.
@@ -199,6 +203,7 @@ CREATE TABLE IF NOT EXISTS messages (
     user TEXT NOT NULL,
     text TEXT NOT NULL,
     ts TEXT NOT NULL,
+    guest INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (room, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS polls (
@@ -238,32 +243,28 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
-        // Databases from before guest votes were capped per address lack the column.
-        let has_address: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('votes') WHERE name = 'address'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_address {
-            conn.execute_batch("ALTER TABLE votes ADD COLUMN address TEXT")?;
-        }
-        // Databases from before idempotency keys lack the column.
-        let has_key: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'idem'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_key {
-            conn.execute_batch("ALTER TABLE messages ADD COLUMN idem TEXT")?;
-        }
-        // Databases from before credentials could be listed lack their creation time.
-        let has_created: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('credentials') WHERE name = 'created'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_created {
-            conn.execute_batch("ALTER TABLE credentials ADD COLUMN created INTEGER")?;
+        // Columns that databases made by earlier versions lack, added where missing:
+        // - votes.address: guest votes capped per address;
+        // - messages.idem: idempotency keys;
+        // - messages.guest: guests' messages marked (older ones read as a user's, as they
+        //   showed then);
+        // - credentials.created: credentials listed with their creation time.
+        for (table, column, definition) in [
+            ("votes", "address", "TEXT"),
+            ("messages", "idem", "TEXT"),
+            ("messages", "guest", "INTEGER NOT NULL DEFAULT 0"),
+            ("credentials", "created", "INTEGER"),
+        ] {
+            let present: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
+                |r| r.get(0),
+            )?;
+            if !present {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+                ))?;
+            }
         }
         conn.execute_batch(
             "CREATE UNIQUE INDEX IF NOT EXISTS messages_idem ON messages (room, user, idem)
@@ -557,7 +558,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, user, text, ts FROM messages
+            "SELECT id, user, text, ts, guest FROM messages
              WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id LIMIT ?4",
         )?;
         let rows = stmt.query_map(
@@ -574,6 +575,7 @@ impl Store {
                     user: r.get(1)?,
                     text: r.get(2)?,
                     ts: r.get(3)?,
+                    guest: r.get(4)?,
                     epoch: None,
                 })
             },
@@ -802,10 +804,18 @@ impl Batch<'_> {
     pub fn insert_message(&self, m: &ChatMessage, key: Option<&str>) -> Result<(), StoreError> {
         self.tx
             .prepare_cached(
-                "INSERT INTO messages (room, id, user, text, ts, idem)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO messages (room, id, user, text, ts, idem, guest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(params![m.room, m.id as i64, m.user, m.text, m.ts, key])?;
+            .execute(params![
+                m.room,
+                m.id as i64,
+                m.user,
+                m.text,
+                m.ts,
+                key,
+                m.guest
+            ])?;
         Ok(())
     }
 
@@ -822,7 +832,7 @@ impl Batch<'_> {
         Ok(self
             .tx
             .prepare_cached(
-                "SELECT id, text, ts FROM messages WHERE room = ?1 AND user = ?2 AND idem = ?3",
+                "SELECT id, text, ts, guest FROM messages WHERE room = ?1 AND user = ?2 AND idem = ?3",
             )?
             .query_row(params![room, user, key], |r| {
                 Ok(ChatMessage {
@@ -831,6 +841,7 @@ impl Batch<'_> {
                     user: user.to_owned(),
                     text: r.get(1)?,
                     ts: r.get(2)?,
+                    guest: r.get(3)?,
                     epoch: None,
                 })
             })
@@ -966,6 +977,48 @@ mod tests {
         batch.commit().unwrap();
         drop(store);
         Store::open(dir.path()).expect("opening again leaves the column alone");
+    }
+
+    #[test]
+    fn messages_from_before_guests_were_marked_read_as_users_and_new_ones_are_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = rusqlite::Connection::open(dir.path().join("tether.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE messages (room TEXT NOT NULL, id INTEGER NOT NULL,
+                     user TEXT NOT NULL, text TEXT NOT NULL, ts TEXT NOT NULL,
+                     PRIMARY KEY (room, id)) WITHOUT ROWID;
+                 INSERT INTO messages VALUES ('lobby', 1, 'ann', 'then', 'ts');",
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(dir.path()).unwrap();
+        let batch = store.batch().unwrap();
+        batch
+            .insert_message(
+                &ChatMessage {
+                    id: 2,
+                    room: "lobby".into(),
+                    user: "bob".into(),
+                    text: "now".into(),
+                    ts: "ts".into(),
+                    guest: true,
+                    epoch: None,
+                },
+                None,
+            )
+            .unwrap();
+        batch.commit().unwrap();
+        let shown: Vec<_> = store
+            .messages("lobby", 0, u64::MAX, 10)
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.user, m.guest))
+            .collect();
+        assert_eq!(shown, [("ann".into(), false), ("bob".into(), true)]);
+        let json = serde_json::to_value(store.recent("lobby", 2, 2).unwrap()).unwrap();
+        assert!(json[0].get("guest").is_none(), "absent when false: {json}");
+        assert_eq!(json[1]["guest"], true);
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn fill(dir: &std::path::Path) {
             user: "old".into(),
             text: text.clone(),
             ts: now_rfc3339(),
+            guest: false,
             epoch: None,
         };
         batch.insert_message(&m, None).unwrap();

@@ -20,6 +20,7 @@ fn fill(dir: &std::path::Path, rooms: usize) {
             user: "old".into(),
             text: "hi".into(),
             ts: now_rfc3339(),
+            guest: false,
             epoch: None,
         };
         batch.insert_message(&m, None).unwrap();
