@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_TARGET = ROOT / "target" / "bench"
 VENV = ROOT / "target" / "bench-venv"
 TETHER = ROOT / "target" / "release" / "tether"
+# The binary whose `tether bench` drives the load: TETHER unless --load names another, so that
+# two server builds can be measured with the same load generator.
+LOAD = None
 SERVER_CPU, LOAD_CPU = "0", "1"
 # docs/benchmarks.md's fan-out section is bench/fanout.py's: kept when this rewrites the file.
 FANOUT_BEGIN = "<!-- fanout: written by bench/fanout.py -->"
@@ -210,7 +213,7 @@ def load_env():
 def run_load(args):
     """Runs `tether bench ARGS --json` on the load CPU; returns (summary, wall seconds)."""
     started = time.monotonic()
-    proc = spawn([str(TETHER), "bench", *args, "--json"], LOAD_CPU, stdout=subprocess.PIPE,
+    proc = spawn([str(LOAD or TETHER), "bench", *args, "--json"], LOAD_CPU, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=load_env())
     out, err = proc.communicate()
     wall = time.monotonic() - started
@@ -277,7 +280,7 @@ def measure_idle(name, conns, hold):
         load = ["idle", url, "--conns", str(conns), "--hold", str(hold)]
         if SERVERS[name].get("raw"):
             load.append("--raw")
-        proc = spawn([str(TETHER), "bench", *load, "--json"], LOAD_CPU, stdout=subprocess.PIPE,
+        proc = spawn([str(LOAD or TETHER), "bench", *load, "--json"], LOAD_CPU, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=load_env())
         peak = before
         while proc.poll() is None:
@@ -803,6 +806,9 @@ def main():
                              "$TETHER_CARGO_LOCK, else /tmp/tether-cargo.lock if it exists)")
     parser.add_argument("--tether", type=Path,
                         help="a tether binary to use instead of building target/release/tether")
+    parser.add_argument("--load", type=Path,
+                        help="the tether binary whose `bench` drives the load (default: the one "
+                             "measured), to compare two server builds under the same load")
     parser.add_argument("--no-build", action="store_true", help="use the binaries as they are")
     parser.add_argument("--render", type=Path, metavar="RESULTS",
                         help="only rewrite the report from the raw results a run saved "
@@ -815,6 +821,9 @@ def main():
         global TETHER
         TETHER = opts.tether.resolve()
         SERVERS["tether"]["cmd"][0] = str(TETHER)
+    if opts.load:
+        global LOAD
+        LOAD = opts.load.resolve()
     scenarios = [s for s in opts.only.split(",") if s]
     servers = [s for s in opts.servers.split(",") if s]
     for s in scenarios:
