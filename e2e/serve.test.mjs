@@ -920,6 +920,9 @@ for (const [size, options] of [['desktop', DESKTOP], ['phone', PHONE]]) {
       const token = await getToken(server.url, 'alice', PASSWORD);
       const poll = await createPoll(server.url, token, 'Where do we meet?', ['café', 'park', 'library']);
       const guest = await open(`guest-${size}`, options);
+      // Nothing red in a guest's console: not being logged in is no error (GET /api/me).
+      const errors = [];
+      guest.on('console', (msg) => { if (msg.type() === 'error') errors.push(msg.text()); });
       await guest.goto(`${server.url}/polls#poll=${poll.id}`);
       await guest.waitForSelector('#poll-conn-state[data-state="live"]');
       await guest.waitForSelector('#nick-form', { state: 'visible' });
@@ -949,6 +952,7 @@ for (const [size, options] of [['desktop', DESKTOP], ['phone', PHONE]]) {
       await guest.click('#poll-choices .choice[data-option="café"]');
       await waitForCounts(voter, { 'café': 1, park: 1, library: 0 }, 2);
       assert.match(await guest.textContent('#poll-my-vote'), /Your vote: café/);
+      assert.deepEqual(errors, [], 'no errors in the console');
     }));
 }
 
