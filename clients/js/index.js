@@ -457,7 +457,7 @@ export class Client {
   /**
    * Brings the count of commands the server's rate allows now up to date; returns the rate
    * (commands per second), or 0 when the server announced none. Every command sent takes one
-   * ([`send`]), so the count follows the server's own.
+   * (in `send`), so the count follows the server's own.
    */
   refill() {
     const rate = Number(this.session?.limits?.commands_per_second);

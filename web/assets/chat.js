@@ -643,7 +643,8 @@ async function refreshRooms() {
   const request = ++roomsRequest;
   let rooms;
   try {
-    rooms = await api('/api/rooms');
+    // The largest page: the busiest rooms are looked for among all of them, not the first 100 by name.
+    rooms = await api('/api/rooms?limit=1000');
     if (request !== roomsRequest) return;
   } catch (err) {
     if (request !== roomsRequest) return;
