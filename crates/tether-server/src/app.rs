@@ -13,7 +13,7 @@ use crate::config::ServerConfig;
 use crate::gate::{Full, Gate, Pass};
 use crate::guests::{NickHold, Nicknames, GUEST_COOKIE};
 use crate::hub::Hub;
-use crate::journal::{ChatWrite, Job, Journal};
+use crate::journal::{ChatWrite, Journal};
 use crate::metrics::{Metrics, Refusal};
 use crate::password::PasswordChecker;
 use crate::store::{CredentialKind, Store, StoreError};
@@ -156,6 +156,8 @@ pub struct App {
     pub tls: bool,
     /// The link to the other nodes, when running with Redis.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The chat streams: this process's journal and store, or Redis.
+    pub broker: Arc<dyn crate::engine::Broker>,
     /// Password checks: a fixed pool of threads behind a bounded queue.
     pub passwords: PasswordChecker,
     /// Failed logins per address.
@@ -330,7 +332,17 @@ impl App {
             THROTTLE_CAPACITY,
         );
         let quotas = Quotas::new(&config, room_quota);
+        // The one place that chooses the engine.
+        let broker: Arc<dyn crate::engine::Broker> = match &cluster {
+            Some(cluster) => cluster.clone(),
+            None => Arc::new(crate::engine::Embedded::new(
+                db.clone(),
+                journal.clone(),
+                hub.clone(),
+            )),
+        };
         Ok(Arc::new(App {
+            broker,
             nicknames: Nicknames::new(),
             trusted_proxies,
             wakers: crate::sessions::Wakers::default(),
@@ -394,14 +406,7 @@ impl App {
         if crate::hub::is_personal(room) || self.hub.has_room(room) {
             return Ok(());
         }
-        let stored = match &self.cluster {
-            Some(cluster) => cluster.first_id(room).await?.is_some(),
-            None => {
-                let r = room.to_owned();
-                self.db.call(move |s| s.last_id(&r)).await? > 0
-            }
-        };
-        if stored {
+        if self.broker.has_messages(room).await? {
             return Ok(());
         }
         if self.hub.room_count() >= self.config.max_rooms {
@@ -551,10 +556,7 @@ impl App {
     /// # Errors
     /// [`StoreError::Closed`] when the writer has stopped.
     pub async fn submit_chat(&self, write: ChatWrite) -> Result<(), StoreError> {
-        match &self.cluster {
-            Some(cluster) => cluster.submit(write).await,
-            None => self.journal.submit(Job::Chat(write)).await,
-        }
+        self.broker.publish(write).await
     }
 
     /// Revocations from now on, for [`App::credential_lost`]: take it before checking a

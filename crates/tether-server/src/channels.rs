@@ -1204,23 +1204,9 @@ impl Session {
         let plan = ws::plan_replay(app, room, None, true)
             .await
             .map_err(internal)?;
-        let r = room.to_owned();
         let messages = match since {
-            Some(since) => match &app.cluster {
-                Some(cluster) => cluster.messages(room, since, limit).await,
-                None => {
-                    app.db
-                        .call(move |s| s.messages(&r, since, u64::MAX, limit))
-                        .await
-                }
-            },
-            None => match &app.cluster {
-                Some(cluster) => cluster.recent(room, limit).await,
-                None => {
-                    let until = plan.end;
-                    app.db.call(move |s| s.recent(&r, until, limit)).await
-                }
-            },
+            Some(since) => app.broker.history(room, since, u64::MAX, limit).await,
+            None => app.broker.recent(room, limit).await,
         }
         .map_err(internal)?;
         Ok((epoch, plan.end, messages))

@@ -581,14 +581,7 @@ const ROOMS_PAGE_MAX: usize = 1000;
 async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Response {
     let limit = page.limit.unwrap_or(ROOMS_PAGE).clamp(1, ROOMS_PAGE_MAX);
     let after = page.after;
-    let stored = match &app.cluster {
-        Some(cluster) => cluster.rooms(after.as_deref(), limit).await,
-        None => {
-            let after = after.clone();
-            app.db.call(move |s| s.rooms(after.as_deref(), limit)).await
-        }
-    };
-    let stored = match stored {
+    let stored = match app.broker.rooms(after.as_deref(), limit).await {
         Ok(r) => r,
         Err(e) => return store_error(&e),
     };
@@ -659,22 +652,9 @@ async fn history(
     }
     let since = page.since.unwrap_or(0);
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
-    let messages = match (&app.cluster, page.last.map(|n| n.min(1000))) {
-        (Some(cluster), Some(last)) => cluster.recent(&room, last).await,
-        (Some(cluster), None) => cluster.messages(&room, since, limit).await,
-        (None, Some(last)) => {
-            app.db
-                .call(move |s| {
-                    let until = s.last_id(&room)?;
-                    s.recent(&room, until, last)
-                })
-                .await
-        }
-        (None, None) => {
-            app.db
-                .call(move |s| s.messages(&room, since, u64::MAX, limit))
-                .await
-        }
+    let messages = match page.last {
+        Some(last) => app.broker.recent(&room, last.min(1000)).await,
+        None => app.broker.history(&room, since, u64::MAX, limit).await,
     };
     match messages {
         Ok(messages) => json(StatusCode::OK, &messages),

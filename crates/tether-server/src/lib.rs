@@ -12,7 +12,8 @@
 //! ```
 //!
 //! The layers: [`store`] (SQLite), [`journal`] (the single writer that assigns ids and
-//! delivers after commit), [`hub`] (subscriptions and fan-out), [`app`] (shared state, auth
+//! delivers after commit), [`engine`] (what handlers ask of storage and the other nodes, one
+//! implementation per deployment), [`hub`] (subscriptions and fan-out), [`app`] (shared state, auth
 //! checks, limits), [`http`] (routes), [`ws`] (socket sessions), [`serve`] (the accept loop).
 //! `docs/api.md` is the API reference.
 
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod channels;
 pub mod cluster;
 pub mod config;
+pub mod engine;
 pub mod gate;
 pub mod guests;
 pub mod http;

@@ -474,19 +474,7 @@ impl ReplayPlan {
 
 /// The rooms' epoch in storage.
 pub(crate) async fn current_epoch(app: &App) -> Result<String, StoreError> {
-    match &app.cluster {
-        Some(cluster) => cluster.epoch().await,
-        None => {
-            let epoch = app.hub.epoch();
-            if epoch.is_empty() {
-                let epoch = app.db.call(|s| s.epoch()).await?;
-                app.hub.observe_epoch(&epoch);
-                Ok(epoch)
-            } else {
-                Ok(epoch)
-            }
-        }
-    }
+    app.broker.epoch().await
 }
 
 pub(crate) async fn plan_replay(
@@ -495,21 +483,7 @@ pub(crate) async fn plan_replay(
     since: Option<u64>,
     same_epoch: bool,
 ) -> Result<ReplayPlan, StoreError> {
-    let (first, last) = match &app.cluster {
-        Some(cluster) => {
-            // Read only once this node hears the room: what is published after the read
-            // then arrives live.
-            cluster.listen(room).await;
-            let last = cluster.recent(room, 1).await?.first().map_or(0, |m| m.id);
-            (cluster.first_id(room).await?, last)
-        }
-        None => {
-            let r = room.to_owned();
-            app.db
-                .call(move |s| Ok((s.first_id(&r)?, s.last_id(&r)?)))
-                .await?
-        }
-    };
+    let (first, last) = app.broker.bounds(room).await?;
     Ok(ReplayPlan::new(since, same_epoch, first, last, &app.config))
 }
 
@@ -520,15 +494,7 @@ pub(crate) async fn read_page(
     after: u64,
     end: u64,
 ) -> Result<Vec<ChatMessage>, StoreError> {
-    let mut page = match &app.cluster {
-        Some(cluster) => cluster.messages(room, after, REPLAY_PAGE).await?,
-        None => {
-            let r = room.to_owned();
-            app.db
-                .call(move |s| s.messages(&r, after, end, REPLAY_PAGE))
-                .await?
-        }
-    };
+    let mut page = app.broker.history(room, after, end, REPLAY_PAGE).await?;
     page.retain(|m| m.id > after && m.id <= end);
     Ok(page)
 }
