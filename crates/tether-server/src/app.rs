@@ -154,10 +154,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Whether the port speaks TLS.
     pub tls: bool,
-    /// The link to the other nodes, when running with Redis.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// The chat streams: this process's journal and store, or Redis.
-    pub broker: Arc<dyn crate::engine::Broker>,
+    /// Where chat streams, presence beyond this node and names across nodes live: this
+    /// process, or Redis.
+    pub engine: crate::engine::Engine,
     /// Password checks: a fixed pool of threads behind a bounded queue.
     pub passwords: PasswordChecker,
     /// Failed logins per address.
@@ -315,7 +314,7 @@ impl App {
         db: Db,
         metrics: Arc<Metrics>,
         tls: bool,
-        cluster: Option<Arc<crate::cluster::Cluster>>,
+        engine: crate::engine::Engine,
         trusted_proxies: Vec<crate::proxy::Cidr>,
         room_quota: crate::journal::RoomQuota,
     ) -> std::io::Result<Arc<App>> {
@@ -332,17 +331,8 @@ impl App {
             THROTTLE_CAPACITY,
         );
         let quotas = Quotas::new(&config, room_quota);
-        // The one place that chooses the engine.
-        let broker: Arc<dyn crate::engine::Broker> = match &cluster {
-            Some(cluster) => cluster.clone(),
-            None => Arc::new(crate::engine::Embedded::new(
-                db.clone(),
-                journal.clone(),
-                hub.clone(),
-            )),
-        };
         Ok(Arc::new(App {
-            broker,
+            engine,
             nicknames: Nicknames::new(),
             trusted_proxies,
             wakers: crate::sessions::Wakers::default(),
@@ -363,7 +353,6 @@ impl App {
             db,
             metrics,
             tls,
-            cluster,
             shutting_down: AtomicBool::new(false),
             sockets: Gate::new(config_limits.0, config_limits.1),
         }))
@@ -406,7 +395,7 @@ impl App {
         if crate::hub::is_personal(room) || self.hub.has_room(room) {
             return Ok(());
         }
-        if self.broker.has_messages(room).await? {
+        if self.engine.broker.has_messages(room).await? {
             return Ok(());
         }
         if self.hub.room_count() >= self.config.max_rooms {
@@ -556,7 +545,7 @@ impl App {
     /// # Errors
     /// [`StoreError::Closed`] when the writer has stopped.
     pub async fn submit_chat(&self, write: ChatWrite) -> Result<(), StoreError> {
-        self.broker.publish(write).await
+        self.engine.broker.publish(write).await
     }
 
     /// Revocations from now on, for [`App::credential_lost`]: take it before checking a

@@ -1205,26 +1205,29 @@ impl Session {
             .await
             .map_err(internal)?;
         let messages = match since {
-            Some(since) => app.broker.history(room, since, u64::MAX, limit).await,
-            None => app.broker.recent(room, limit).await,
+            Some(since) => {
+                app.engine
+                    .broker
+                    .history(room, since, u64::MAX, limit)
+                    .await
+            }
+            None => app.engine.broker.recent(room, limit).await,
         }
         .map_err(internal)?;
         Ok((epoch, plan.end, messages))
     }
 
-    /// Who is in `room`: one entry per user, with their connections here.
+    /// Who is in `room`: one entry per user, with their connections on every node.
     async fn presence(&mut self, room: &str) -> Value {
         let mut members = self.app.hub.members(room);
-        if let Some(cluster) = &self.app.cluster {
-            if let Ok(remote) = cluster.remote_members(room).await {
-                for other in remote {
-                    match members.iter_mut().find(|m| m.user == other.user) {
-                        Some(member) => {
-                            member.clients += other.clients;
-                            member.add_infos(other.info);
-                        }
-                        None => members.push(other),
+        if let Ok(remote) = self.app.engine.presence.elsewhere(room).await {
+            for other in remote {
+                match members.iter_mut().find(|m| m.user == other.user) {
+                    Some(member) => {
+                        member.clients += other.clients;
+                        member.add_infos(other.info);
                     }
+                    None => members.push(other),
                 }
             }
         }

@@ -3,14 +3,19 @@
 //! this process and its SQLite file, and the Redis one ([`crate::cluster::Cluster`]) shares it
 //! with every node. Handlers and sessions call the traits, never asking which one runs.
 //!
-//! [`Broker`] is the first part: chat streams, with ids, an epoch and history.
+//! The parts, gathered in an [`Engine`]:
+//! - [`Broker`]: chat streams, with ids, an epoch and history;
+//! - [`Presence`]: who is in a room beyond what this node's hub sees;
+//! - [`Control`]: what goes to every node (broadcasts), and the health of the link;
+//! - [`Leases`]: a name held by one holder across nodes (guest nicknames).
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::app::Db;
-use crate::hub::Hub;
+use crate::hub::{Hub, Member};
 use crate::journal::{ChatWrite, Job, Journal};
 use crate::store::{ChatMessage, StoreError};
 
@@ -76,6 +81,96 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     ) -> EngineFuture<'a, Vec<(String, u64)>>;
 }
 
+/// Presence as the other nodes hold it. This node's own members are in its hub, which every
+/// caller reads first; these calls add what the rest of the deployment knows.
+pub trait Presence: Send + Sync + std::fmt::Debug {
+    /// The users in each of `rooms` on every node, this one included, in the same order.
+    ///
+    /// # Errors
+    /// The others could not be asked.
+    fn counts<'a>(&'a self, rooms: &'a [String]) -> EngineFuture<'a, Vec<usize>>;
+
+    /// The users in `room` on the other nodes (this node's may be among them: callers merge
+    /// the answer with the hub's).
+    ///
+    /// # Errors
+    /// The others could not be asked.
+    fn users<'a>(&'a self, room: &'a str) -> EngineFuture<'a, BTreeSet<String>>;
+
+    /// Who is in `room` on the other nodes, with their connections and information.
+    ///
+    /// # Errors
+    /// The others could not be asked.
+    fn elsewhere<'a>(&'a self, room: &'a str) -> EngineFuture<'a, Vec<Member>>;
+}
+
+/// What reaches every node, and the link's health.
+pub trait Control: Send + Sync + std::fmt::Debug {
+    /// Sends a notice from `user` to every connection of every node.
+    ///
+    /// # Errors
+    /// The other nodes could not be told.
+    fn broadcast<'a>(&'a self, user: &'a str, text: &'a str) -> EngineFuture<'a, Reach>;
+
+    /// What is wrong with the link to the other nodes (`disconnected`, `stalled`), if anything.
+    fn trouble(&self) -> Option<&'static str>;
+}
+
+/// How far a broadcast went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Delivered to this many connections (one process).
+    Connections(usize),
+    /// Handed to this many nodes, each delivering to its own connections.
+    Nodes(usize),
+}
+
+/// Names held by one holder across nodes. This node's own holds are in
+/// [`crate::guests::Nicknames`], taken first; a lease extends one to every node.
+pub trait Leases: Send + Sync + std::fmt::Debug {
+    /// Claims `name` for `holder` on every node: `false` when another holder has it.
+    ///
+    /// # Errors
+    /// The other nodes could not be asked.
+    fn claim<'a>(&'a self, name: &'a str, holder: &'a str) -> EngineFuture<'a, bool>;
+}
+
+/// The engine a server runs on: one implementation of every part, chosen together at startup.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    /// Chat streams.
+    pub broker: Arc<dyn Broker>,
+    /// Presence on every node.
+    pub presence: Arc<dyn Presence>,
+    /// Broadcasts and the link's health.
+    pub control: Arc<dyn Control>,
+    /// Names across nodes.
+    pub leases: Arc<dyn Leases>,
+}
+
+impl Engine {
+    /// One process: this process's store, journal and hub.
+    pub fn embedded(db: Db, journal: Journal, hub: Arc<Hub>) -> Engine {
+        let embedded = Arc::new(Embedded { db, journal, hub });
+        Engine {
+            broker: embedded.clone(),
+            presence: embedded.clone(),
+            control: embedded.clone(),
+            leases: embedded,
+        }
+    }
+
+    /// Several nodes joined through Redis.
+    pub fn redis(cluster: Arc<crate::cluster::Cluster>) -> Engine {
+        Engine {
+            broker: cluster.clone(),
+            presence: cluster.clone(),
+            control: cluster.clone(),
+            leases: cluster,
+        }
+    }
+}
+
 /// One process: messages go through the journal (the one writer, which delivers after
 /// commit), reads go to the store's thread.
 #[derive(Debug)]
@@ -83,13 +178,6 @@ pub struct Embedded {
     db: Db,
     journal: Journal,
     hub: Arc<Hub>,
-}
-
-impl Embedded {
-    /// The engine over this process's store, journal and hub.
-    pub fn new(db: Db, journal: Journal, hub: Arc<Hub>) -> Embedded {
-        Embedded { db, journal, hub }
-    }
 }
 
 impl Broker for Embedded {
@@ -152,6 +240,74 @@ impl Broker for Embedded {
     ) -> EngineFuture<'a, Vec<(String, u64)>> {
         let after = after.map(str::to_owned);
         Box::pin(self.db.call(move |s| s.rooms(after.as_deref(), limit)))
+    }
+}
+
+/// One process: there are no other nodes, and the hub knows everyone.
+impl Presence for Embedded {
+    fn counts<'a>(&'a self, rooms: &'a [String]) -> EngineFuture<'a, Vec<usize>> {
+        Box::pin(async move { Ok(rooms.iter().map(|r| self.hub.user_count(r)).collect()) })
+    }
+
+    fn users<'a>(&'a self, _room: &'a str) -> EngineFuture<'a, BTreeSet<String>> {
+        Box::pin(async { Ok(BTreeSet::new()) })
+    }
+
+    fn elsewhere<'a>(&'a self, _room: &'a str) -> EngineFuture<'a, Vec<Member>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+impl Control for Embedded {
+    fn broadcast<'a>(&'a self, user: &'a str, text: &'a str) -> EngineFuture<'a, Reach> {
+        let ts = crate::store::now_rfc3339();
+        Box::pin(async move { Ok(Reach::Connections(self.hub.broadcast(user, text, &ts))) })
+    }
+
+    fn trouble(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// One process: the hub's holds are all there is.
+impl Leases for Embedded {
+    fn claim<'a>(&'a self, _name: &'a str, _holder: &'a str) -> EngineFuture<'a, bool> {
+        Box::pin(async { Ok(true) })
+    }
+}
+
+impl Control for crate::cluster::Cluster {
+    fn broadcast<'a>(&'a self, user: &'a str, text: &'a str) -> EngineFuture<'a, Reach> {
+        // Every node delivers it to its own connections.
+        Box::pin(async move {
+            Ok(Reach::Nodes(
+                crate::cluster::Cluster::broadcast(self, user, text).await?,
+            ))
+        })
+    }
+
+    fn trouble(&self) -> Option<&'static str> {
+        (!self.is_healthy()).then(|| self.health())
+    }
+}
+
+impl Leases for crate::cluster::Cluster {
+    fn claim<'a>(&'a self, name: &'a str, holder: &'a str) -> EngineFuture<'a, bool> {
+        Box::pin(self.claim_nickname(name, holder))
+    }
+}
+
+impl Presence for crate::cluster::Cluster {
+    fn counts<'a>(&'a self, rooms: &'a [String]) -> EngineFuture<'a, Vec<usize>> {
+        Box::pin(self.member_counts(rooms))
+    }
+
+    fn users<'a>(&'a self, room: &'a str) -> EngineFuture<'a, BTreeSet<String>> {
+        Box::pin(self.members(room))
+    }
+
+    fn elsewhere<'a>(&'a self, room: &'a str) -> EngineFuture<'a, Vec<Member>> {
+        Box::pin(self.remote_members(room))
     }
 }
 

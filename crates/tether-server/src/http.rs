@@ -18,11 +18,12 @@ use serde::Deserialize;
 use crate::app::{App, Refused, Writer, SESSION_COOKIE};
 use crate::auth::{self, Identity};
 use crate::config::Voters;
+use crate::engine::Reach;
 use crate::guests::GUEST_COOKIE;
 use crate::journal::{ChatWrite, Reply};
 use crate::metrics::Refusal;
 use crate::password::Busy;
-use crate::store::{now_rfc3339, CredentialKind, StoreError, Voter};
+use crate::store::{CredentialKind, StoreError, Voter};
 use crate::throttle::address_key;
 use crate::{web, ws};
 use tether::axum::{UpgradeRejection, WebSocketUpgrade};
@@ -234,10 +235,8 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
     let mut report = serde_json::Map::new();
-    if let Some(cluster) = &app.cluster {
-        if !cluster.is_healthy() {
-            report.insert("redis".into(), cluster.health().into());
-        }
+    if let Some(trouble) = app.engine.control.trouble() {
+        report.insert("redis".into(), trouble.into());
     }
     if app.metrics.storage_failing() {
         // The last write failed (a full disk, a broken database, Redis refusing writes).
@@ -581,7 +580,7 @@ const ROOMS_PAGE_MAX: usize = 1000;
 async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Response {
     let limit = page.limit.unwrap_or(ROOMS_PAGE).clamp(1, ROOMS_PAGE_MAX);
     let after = page.after;
-    let stored = match app.broker.rooms(after.as_deref(), limit).await {
+    let stored = match app.engine.broker.rooms(after.as_deref(), limit).await {
         Ok(r) => r,
         Err(e) => return store_error(&e),
     };
@@ -600,17 +599,15 @@ async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Re
         all.entry(room).or_default().0 = members;
     }
     let mut list: Vec<(String, (usize, u64))> = all.into_iter().take(limit).collect();
-    if let Some(cluster) = &app.cluster {
-        // Members on every node, not only here.
-        let names: Vec<String> = list.iter().map(|(room, _)| room.clone()).collect();
-        match cluster.member_counts(&names).await {
-            Ok(counts) => {
-                for ((_, (members, _)), everywhere) in list.iter_mut().zip(counts) {
-                    *members = (*members).max(everywhere);
-                }
+    // Members on every node, not only here.
+    let names: Vec<String> = list.iter().map(|(room, _)| room.clone()).collect();
+    match app.engine.presence.counts(&names).await {
+        Ok(counts) => {
+            for ((_, (members, _)), everywhere) in list.iter_mut().zip(counts) {
+                *members = (*members).max(everywhere);
             }
-            Err(e) => tracing::warn!(error = %e, "member counts of other nodes unavailable"),
         }
+        Err(e) => tracing::warn!(error = %e, "member counts of other nodes unavailable"),
     }
     let next = (list.len() == limit).then(|| {
         let last = &list[list.len() - 1].0;
@@ -653,8 +650,13 @@ async fn history(
     let since = page.since.unwrap_or(0);
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
     let messages = match page.last {
-        Some(last) => app.broker.recent(&room, last.min(1000)).await,
-        None => app.broker.history(&room, since, u64::MAX, limit).await,
+        Some(last) => app.engine.broker.recent(&room, last.min(1000)).await,
+        None => {
+            app.engine
+                .broker
+                .history(&room, since, u64::MAX, limit)
+                .await
+        }
     };
     match messages {
         Ok(messages) => json(StatusCode::OK, &messages),
@@ -795,19 +797,17 @@ async fn broadcast(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) 
     if let Err(r) = check_text(&app, &input.text) {
         return r.into_response();
     }
-    if let Some(cluster) = &app.cluster {
-        // Every node delivers it to its own connections.
-        return match cluster.broadcast(&user, &input.text).await {
-            Ok(nodes) => {
-                tracing::info!(%user, nodes, "broadcast");
-                json(StatusCode::OK, &serde_json::json!({"nodes": nodes}))
-            }
-            Err(e) => store_error(&e),
-        };
+    match app.engine.control.broadcast(&user, &input.text).await {
+        Ok(Reach::Connections(delivered)) => {
+            tracing::info!(%user, delivered, "broadcast");
+            json(StatusCode::OK, &serde_json::json!({"delivered": delivered}))
+        }
+        Ok(Reach::Nodes(nodes)) => {
+            tracing::info!(%user, nodes, "broadcast");
+            json(StatusCode::OK, &serde_json::json!({"nodes": nodes}))
+        }
+        Err(e) => store_error(&e),
     }
-    let delivered = app.hub.broadcast(&user, &input.text, &now_rfc3339());
-    tracing::info!(%user, delivered, "broadcast");
-    json(StatusCode::OK, &serde_json::json!({"delivered": delivered}))
 }
 
 #[derive(Deserialize)]
@@ -1058,14 +1058,12 @@ where
         let Some(hold) = app.nicknames.hold(name, &guest) else {
             return refuse_upgrade(&app, peer, endpoint, ws, taken());
         };
-        if let Some(cluster) = &app.cluster {
-            // Not held by a guest on another node either.
-            match cluster.claim_nickname(hold.key(), &guest).await {
-                Ok(true) => {}
-                Ok(false) => return refuse_upgrade(&app, peer, endpoint, ws, taken()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "nickname not claimed in redis: checked on this node only");
-                }
+        // Not held by a guest on another node either.
+        match app.engine.leases.claim(hold.key(), &guest).await {
+            Ok(true) => {}
+            Ok(false) => return refuse_upgrade(&app, peer, endpoint, ws, taken()),
+            Err(e) => {
+                tracing::warn!(error = %e, "nickname not claimed on the other nodes: checked on this node only");
             }
         }
         nickname = Some(hold);

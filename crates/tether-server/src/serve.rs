@@ -180,6 +180,11 @@ impl Server {
             }
             None => None,
         };
+        // The one place that chooses the engine.
+        let engine = match &cluster {
+            Some(cluster) => crate::engine::Engine::redis(cluster.clone()),
+            None => crate::engine::Engine::embedded(db.clone(), journal.clone(), hub.clone()),
+        };
         let app = App::new(
             config,
             ws_config,
@@ -188,11 +193,11 @@ impl Server {
             db,
             metrics,
             tls.is_some(),
-            cluster,
+            engine,
             trusted_proxies,
             room_quota,
         )?;
-        if let Some(cluster) = &app.cluster {
+        if let Some(cluster) = &cluster {
             cluster.follow_nicknames(app.nicknames.clone());
         }
         Ok(Server { app, listener, tls })

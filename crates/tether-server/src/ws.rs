@@ -308,9 +308,9 @@ async fn join_room(
         }
         let mut members = joined.members;
         let listed = joined.users <= crate::hub::PRESENCE_LIMIT;
-        if let (Some(cluster), true) = (&app.cluster, listed) {
+        if listed {
             // Members on every node.
-            if let Ok(everyone) = cluster.members(&room).await {
+            if let Ok(everyone) = app.engine.presence.users(&room).await {
                 members.extend(everyone);
                 members.sort();
                 members.dedup();
@@ -474,7 +474,7 @@ impl ReplayPlan {
 
 /// The rooms' epoch in storage.
 pub(crate) async fn current_epoch(app: &App) -> Result<String, StoreError> {
-    app.broker.epoch().await
+    app.engine.broker.epoch().await
 }
 
 pub(crate) async fn plan_replay(
@@ -483,7 +483,7 @@ pub(crate) async fn plan_replay(
     since: Option<u64>,
     same_epoch: bool,
 ) -> Result<ReplayPlan, StoreError> {
-    let (first, last) = app.broker.bounds(room).await?;
+    let (first, last) = app.engine.broker.bounds(room).await?;
     Ok(ReplayPlan::new(since, same_epoch, first, last, &app.config))
 }
 
@@ -494,7 +494,11 @@ pub(crate) async fn read_page(
     after: u64,
     end: u64,
 ) -> Result<Vec<ChatMessage>, StoreError> {
-    let mut page = app.broker.history(room, after, end, REPLAY_PAGE).await?;
+    let mut page = app
+        .engine
+        .broker
+        .history(room, after, end, REPLAY_PAGE)
+        .await?;
     page.retain(|m| m.id > after && m.id <= end);
     Ok(page)
 }
