@@ -1037,6 +1037,10 @@ test('on a phone: the header keeps to one line logged in, and a broadcast stays 
     await phone.press('#login-password', 'Enter');
     await phone.waitForSelector('#me', { state: 'visible' });
     assert.equal(await phone.textContent('#me-name'), 'alexandra');
+    // Logged in, the page connects again as alexandra; a broadcast reaches connections open
+    // when it is sent, so it waits for that one.
+    await phone.waitForFunction(() => window.__sockets.length === 2
+      && document.getElementById('poll-conn-state').dataset.state === 'live');
     const loggedIn = await headerHeight();
     assert.ok(loggedIn <= asGuest + 1, `the header grew from ${asGuest} to ${loggedIn} px: it wrapped`);
 
