@@ -284,8 +284,11 @@ async fn shutdown_signal() {
 }
 
 fn run_user(cmd: tether_cli::user::UserCommand) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut out = std::io::stdout().lock();
-    Ok(tether_cli::user::run(cmd, &mut out)?)
+    Ok(rt.block_on(tether_cli::user::run(cmd, &mut out))?)
 }
 
 /// Prints a line on stdout. A reader that went away (`| head -1`) is not an error: exit 0,

@@ -1,11 +1,13 @@
-//! `tether user`: the server's accounts, edited in its store directly (the server may be
-//! running: SQLite shares the file, and open connections notice revoked credentials within
-//! `credential_check`).
+//! `tether user`: the server's accounts, edited where the server keeps them, through the same
+//! engine: its SQLite file (the server may be running: SQLite shares the file, and open
+//! connections notice revoked credentials within `credential_check`), or with `--redis` the
+//! Redis every node shares (each node closes the connections of a revoked credential at once).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use tether_server::store::{Store, StoreError};
+use tether_server::engine::{Accounts, RedisAccounts, Revocations, SqliteAccounts};
+use tether_server::store::{Db, Store, StoreError};
 use tether_server::ServerConfig;
 
 /// `tether user` subcommands.
@@ -28,15 +30,29 @@ pub enum UserCommand {
     Revoke(RevokeArgs),
 }
 
-/// Where the store is: `--data`, else the config file's `data`, else the default.
+/// Where the accounts are: `--redis`, else the config file's `redis`; without one, the SQLite
+/// store in `--data`, else the config file's `data`, else the default.
 #[derive(clap::Args, Debug)]
 pub struct StoreArgs {
-    /// The server's TOML config file, for its `data` directory.
+    /// The server's TOML config file, for its `redis` or `data`.
     #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Data directory [default: the config file's `data`, else tether-data].
     #[arg(long, env = "TETHER_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
+    /// `redis://HOST:PORT/`: the accounts every node of a cluster shares (as `tether serve
+    /// --redis`) [default: the config file's `redis`].
+    #[arg(long, env = "TETHER_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+}
+
+/// Accounts opened by `tether user`, and where they are (for its messages).
+struct Opened {
+    accounts: Box<dyn Accounts>,
+    /// `tether-data` or `redis://…`.
+    place: String,
+    /// When open connections notice a revocation.
+    notice: &'static str,
 }
 
 impl StoreArgs {
@@ -54,9 +70,34 @@ impl StoreArgs {
         })
     }
 
-    fn open(&self) -> Result<(Store, PathBuf), UserError> {
+    /// The Redis URL these options name, if any.
+    fn redis_url(&self) -> Result<Option<String>, UserError> {
+        if let Some(url) = &self.redis {
+            return Ok(Some(url.clone()));
+        }
+        Ok(match &self.config {
+            Some(file) => ServerConfig::from_file(file)?.redis,
+            None => None,
+        })
+    }
+
+    fn open(&self) -> Result<Opened, UserError> {
+        if let Some(url) = self.redis_url()? {
+            let accounts =
+                RedisAccounts::connect(&url, "tether user".into(), Revocations::default())?;
+            return Ok(Opened {
+                accounts: Box::new(accounts),
+                place: url,
+                notice: "at once on every node",
+            });
+        }
         let dir = self.data_dir()?;
-        Ok((Store::open(&dir)?, dir))
+        let db = Db::new(Store::open(&dir)?)?;
+        Ok(Opened {
+            accounts: Box::new(SqliteAccounts::new(db, Revocations::default())),
+            place: dir.display().to_string(),
+            notice: "within credential_check",
+        })
     }
 }
 
@@ -124,7 +165,7 @@ pub enum UserError {
     /// The config file named for the data directory cannot be used.
     #[error(transparent)]
     Config(#[from] tether_server::config::ConfigError),
-    /// The report could not be written.
+    /// The report could not be written, or the store's thread not started.
     #[error("writing the report: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -133,20 +174,20 @@ pub enum UserError {
 ///
 /// # Errors
 /// See [`UserError`].
-pub fn run(command: UserCommand, out: &mut dyn Write) -> Result<(), UserError> {
+pub async fn run(command: UserCommand, out: &mut dyn Write) -> Result<(), UserError> {
     match command {
         UserCommand::Add(args) => {
             if !tether_server::auth::valid_user(&args.name) {
                 return Err(UserError::BadName);
             }
             let password = read_password(args.password_stdin)?;
-            let dir = args.store.data_dir()?;
-            add_user(&args.name, &dir, &password)?;
-            writeln!(out, "user {} added to {}", args.name, dir.display())?;
+            let hash = hash(&password)?;
+            let opened = args.store.open()?;
+            opened.accounts.add_user(&args.name, &hash).await?;
+            writeln!(out, "user {} added to {}", args.name, opened.place)?;
         }
         UserCommand::List(args) => {
-            let (store, _) = args.open()?;
-            let users = store.users()?;
+            let users = args.open()?.accounts.users().await?;
             if users.is_empty() {
                 writeln!(out, "no users (tether user add NAME adds one)")?;
             }
@@ -159,21 +200,26 @@ pub fn run(command: UserCommand, out: &mut dyn Write) -> Result<(), UserError> {
             }
         }
         UserCommand::Remove(args) => {
-            let (store, _) = args.store.open()?;
-            let name = registered(&store, &args.name)?;
-            if !store.remove_user(&name)? {
+            let opened = args.store.open()?;
+            let name = registered(&opened, &args.name).await?;
+            if !opened.accounts.remove_user(&name).await? {
                 return Err(UserError::NoSuchUser(name));
             }
             writeln!(
                 out,
-                "user {name} removed, with their sessions and tokens; their open connections close within credential_check"
+                "user {name} removed, with their sessions and tokens; their open connections close {}",
+                opened.notice
             )?;
         }
         UserCommand::Passwd(args) => {
-            let (store, _) = args.store.open()?;
-            let name = registered(&store, &args.name)?;
+            let opened = args.store.open()?;
+            let name = registered(&opened, &args.name).await?;
             let password = read_password(args.password_stdin)?;
-            if !store.set_password_hash(&name, &hash(&password)?)? {
+            if !opened
+                .accounts
+                .set_password_hash(&name, &hash(&password)?)
+                .await?
+            {
                 return Err(UserError::NoSuchUser(name));
             }
             writeln!(
@@ -182,9 +228,9 @@ pub fn run(command: UserCommand, out: &mut dyn Write) -> Result<(), UserError> {
             )?;
         }
         UserCommand::Tokens(args) => {
-            let (store, _) = args.store.open()?;
-            let name = registered(&store, &args.name)?;
-            let credentials = store.credentials(&name)?;
+            let opened = args.store.open()?;
+            let name = registered(&opened, &args.name).await?;
+            let credentials = opened.accounts.credentials(&name).await?;
             if credentials.is_empty() {
                 writeln!(out, "{name} has no sessions or tokens")?;
             }
@@ -200,18 +246,22 @@ pub fn run(command: UserCommand, out: &mut dyn Write) -> Result<(), UserError> {
             }
         }
         UserCommand::Revoke(args) => {
-            let (store, _) = args.user.store.open()?;
-            let name = registered(&store, &args.user.name)?;
+            let opened = args.user.store.open()?;
+            let name = registered(&opened, &args.user.name).await?;
+            let notice = opened.notice;
             match args.id {
                 Some(id) => {
-                    if store.revoke_credential(&name, &id)? == 0 {
+                    if opened.accounts.revoke_credential(&name, &id).await? == 0 {
                         return Err(UserError::NoSuchCredential { user: name, id });
                     }
-                    writeln!(out, "revoked {id} of {name}; a connection that used it closes within credential_check")?;
+                    writeln!(
+                        out,
+                        "revoked {id} of {name}; a connection that used it closes {notice}"
+                    )?;
                 }
                 None => {
-                    let n = store.revoke_credentials(&name)?;
-                    writeln!(out, "revoked {n} sessions and tokens of {name}; their open connections close within credential_check")?;
+                    let n = opened.accounts.revoke_credentials(&name).await?;
+                    writeln!(out, "revoked {n} sessions and tokens of {name}; their open connections close {notice}")?;
                 }
             }
         }
@@ -220,9 +270,11 @@ pub fn run(command: UserCommand, out: &mut dyn Write) -> Result<(), UserError> {
 }
 
 /// The registered spelling of `name` (names are unique ignoring case).
-fn registered(store: &Store, name: &str) -> Result<String, UserError> {
-    store
-        .user_named_like(name)?
+async fn registered(opened: &Opened, name: &str) -> Result<String, UserError> {
+    opened
+        .accounts
+        .user_named_like(name)
+        .await?
         .ok_or_else(|| UserError::NoSuchUser(name.to_owned()))
 }
 

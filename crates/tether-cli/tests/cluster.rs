@@ -84,21 +84,10 @@ fn node_with(name: &str, redis_port: u16, toml: &str) -> Node {
     let data = tempfile::tempdir().unwrap();
     let config = data.path().join("node.toml");
     std::fs::write(&config, toml).unwrap();
-    let mut add = Command::new(BIN)
-        .args(["user", "add", "ops", "--password-stdin", "--data"])
-        .arg(data.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    add.stdin
-        .take()
-        .unwrap()
-        .write_all(b"pw-for-ops\n")
-        .unwrap();
-    assert!(add.wait().unwrap().success());
     let redis = format!("redis://127.0.0.1:{redis_port}/");
+    // Accounts live in Redis: the first node's `user add` is every node's.
+    let (added, said) = user(&["add", "ops", "--redis", &redis], Some("pw-for-ops"));
+    assert!(added || said.contains("exists already"), "{said}");
     let serve = common::start_serve(&[
         "--node",
         name,
@@ -119,6 +108,32 @@ fn node_with(name: &str, redis_port: u16, toml: &str) -> Node {
         serve,
         data,
     }
+}
+
+/// Runs `tether user ARGS`, with `password` on standard input when given; whether it
+/// succeeded, and what it said (standard output and error).
+fn user(args: &[&str], password: Option<&str>) -> (bool, String) {
+    let mut command = Command::new(BIN);
+    command
+        .arg("user")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    if password.is_some() {
+        command.arg("--password-stdin").stdin(Stdio::piped());
+    }
+    let mut child = command.spawn().unwrap();
+    if let (Some(mut stdin), Some(password)) = (child.stdin.take(), password) {
+        writeln!(stdin, "{password}").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
 }
 
 /// Waits until `/healthz` on `addr` answers 200.
@@ -167,12 +182,28 @@ async fn connect_with(
     if let Some(cookie) = cookie {
         builder = builder.header("Cookie", cookie);
     }
-    let (ws, response) = within(builder.connect()).await.unwrap();
+    let (ws, response) = connect_retrying(builder).await;
     let cookie = match cookie {
         Some(kept) => kept.to_owned(),
         None => guest_cookie(&response),
     };
     (ws, cookie)
+}
+
+/// Connects with `builder`, again while the node refuses: a node that just lost Redis
+/// cannot tell whether a guest's name is a user's, and refuses the upgrade (503) until it
+/// can, as it refuses anything it cannot check.
+async fn connect_retrying(
+    builder: tether::ClientBuilder,
+) -> (ClientStream, tether::proto::handshake::client::Response) {
+    let started = Instant::now();
+    loop {
+        match within(builder.clone().connect()).await {
+            Ok(connected) => return connected,
+            Err(e) => assert!(started.elapsed() < LIMIT, "never connected: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The `tether_guest=…` pair of the response's `Set-Cookie`.
@@ -218,14 +249,32 @@ async fn say(ws: &mut ClientStream, text: &str) {
         .unwrap();
 }
 
-fn token(node: &Node) -> String {
-    let (status, body) = http(
+/// Asks `node` for a token of `ops`: the status and the answer.
+fn ask_token(node: &Node) -> (u16, Value) {
+    http(
         &node.addr,
         "POST",
         "/api/tokens",
         None,
         Some(json!({"user": "ops", "password": "pw-for-ops"})),
-    );
+    )
+}
+
+/// A token from `node`, asked again while the node cannot reach Redis.
+async fn token_when_ready(node: &Node) -> String {
+    let started = Instant::now();
+    loop {
+        let (status, body) = ask_token(node);
+        if status == 201 {
+            return body["token"].as_str().unwrap().to_owned();
+        }
+        assert!(started.elapsed() < LIMIT, "no token: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn token(node: &Node) -> String {
+    let (status, body) = ask_token(node);
     assert_eq!(status, 201, "{body}");
     body["token"].as_str().unwrap().to_owned()
 }
@@ -461,9 +510,9 @@ async fn a_redis_that_lost_its_data_is_a_new_epoch_and_nothing_is_lost_silently(
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut redis_proc = Some(redis(port, dir.path()));
+    let redis_url = format!("redis://127.0.0.1:{port}/");
     let a = node("a", port);
     let b = node("b", port);
-    let bearer = token(&b);
     let (mut ann, ann_cookie) = connect_as(&a.ws("/ws/rooms/ops?name=ann"), None).await;
     let ready = next_of(&mut ann, "ready").await;
     let (mut bob, bob_cookie) = join_as(&b.ws("/ws/rooms/ops?name=bob"), None).await;
@@ -482,6 +531,10 @@ async fn a_redis_that_lost_its_data_is_a_new_epoch_and_nothing_is_lost_silently(
     drop(redis_proc.take());
     let empty = tempfile::tempdir().unwrap();
     redis_proc = Some(redis(port, empty.path()));
+    // The accounts went with the data: the operator adds the user again.
+    let (added, said) = user(&["add", "ops", "--redis", &redis_url], Some("pw-for-ops"));
+    assert!(added, "{said}");
+    let bearer = token_when_ready(&b).await;
     let started = Instant::now();
     let mut sent = 0;
     while sent < 3 {
@@ -889,7 +942,7 @@ async fn a_redis_restored_from_an_older_copy_starts_a_new_epoch() {
     assert_eq!(closed(&mut ann).await, 1012);
     // A client that was away, resuming from id 2 of the old epoch, is told too.
     let url = a.ws(&format!("/ws/rooms/ops?name=ben&since=2&epoch={old_epoch}"));
-    let (mut ben, _) = within(tether::connect(&url)).await.unwrap();
+    let (mut ben, _) = connect_retrying(tether::ClientBuilder::new(&url).unwrap()).await;
     let welcome = next_of(&mut ben, "welcome").await;
     assert_eq!(welcome["recovered"], false, "{welcome}");
     assert_ne!(welcome["epoch"], old_epoch.as_str());
@@ -1313,4 +1366,211 @@ async fn a_node_swept_while_paused_writes_its_presence_back() {
     assert_eq!(presence(&p), (json!("bob"), json!("join")));
     until_members(port, "ops", 2).await;
     drop((a.data, b.data));
+}
+
+/// An HTTP/1.1 exchange with `addr` carrying `headers`: the status, the response's head and
+/// its JSON body (`Null` when it is not JSON).
+fn exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, String, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    write!(
+        tcp,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    std::io::Read::read_to_string(&mut tcp, &mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head[9..12].parse().unwrap();
+    (
+        status,
+        head.to_owned(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// The `tether_session=…` pair a login response sets.
+fn session_cookie(head: &str) -> String {
+    head.lines()
+        .filter_map(|l| l.strip_prefix("set-cookie: "))
+        .filter_map(|v| v.split(';').next())
+        .find(|pair| pair.starts_with("tether_session="))
+        .unwrap_or_else(|| panic!("no session cookie in {head}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_tokens_and_revocations_hold_on_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let url = format!("redis://127.0.0.1:{port}/");
+    // Connections check their credential again only every hour: a socket that closes within
+    // this test was told of the revocation.
+    let toml = "credential_check = \"1h\"\n";
+    let (a, b) = (node_with("a", port, toml), node_with("b", port, toml));
+
+    // One `tether user add`, through Redis, and every node knows the user.
+    let (added, said) = user(&["add", "ann", "--redis", &url], Some("pw-for-ann"));
+    assert!(added, "{said}");
+    let login = json!({"user": "ann", "password": "pw-for-ann"});
+
+    // A session cookie from a login on a is good on b, and a token issued by b on a.
+    let (status, head, _) = exchange(&a.addr, "POST", "/api/login", &[], Some(login.clone()));
+    assert_eq!(status, 200, "{head}");
+    let cookie = session_cookie(&head);
+    let with_cookie = [("Cookie", cookie.as_str())];
+    let (status, _, me) = exchange(&b.addr, "GET", "/api/me", &with_cookie, None);
+    assert_eq!((status, &me["user"]), (200, &json!("ann")));
+    let (status, _, issued) = exchange(&b.addr, "POST", "/api/tokens", &[], Some(login.clone()));
+    assert_eq!(status, 201, "{issued}");
+    let token = issued["token"].as_str().unwrap().to_owned();
+    let (status, me) = http(&a.addr, "GET", "/api/me", Some(&token), None);
+    assert_eq!((status, &me["user"]), (200, &json!("ann")));
+
+    // Two sockets on a: one opened with the token, one with the cookie.
+    let by_token_url = a.ws(&format!("/ws/rooms/lobby?token={token}"));
+    let (mut by_token, _) = within(tether::connect(&by_token_url)).await.unwrap();
+    next_of(&mut by_token, "ready").await;
+    let builder = tether::ClientBuilder::new(&a.ws("/ws/rooms/lobby")).unwrap();
+    let (mut by_cookie, _) = connect_with(builder, Some(&cookie)).await;
+    next_of(&mut by_cookie, "ready").await;
+
+    // The token is revoked on b (a logout with it): its socket on a closes with 1008 at
+    // once; the cookie's stays.
+    let bearer = format!("Bearer {token}");
+    let (status, _, _) = exchange(
+        &b.addr,
+        "POST",
+        "/api/logout",
+        &[("Authorization", &bearer)],
+        None,
+    );
+    assert_eq!(status, 204);
+    assert_eq!(closed(&mut by_token).await, 1008);
+    assert_eq!(http(&a.addr, "GET", "/api/me", Some(&token), None).0, 401);
+    say(&mut by_cookie, "still here").await;
+    assert_eq!(
+        next_of(&mut by_cookie, "message").await["text"],
+        "still here"
+    );
+
+    // `tether user` reads and revokes through Redis too: the session is listed, and revoking
+    // it closes its socket on a; neither node knows the cookie any more.
+    let (listed, said) = user(&["tokens", "ann", "--redis", &url], None);
+    assert!(
+        listed && said.lines().count() == 1 && said.contains("\tsession\t"),
+        "{said}"
+    );
+    let (revoked, said) = user(&["revoke", "ann", "--redis", &url], None);
+    assert!(revoked && said.contains("revoked 1 "), "{said}");
+    assert_eq!(closed(&mut by_cookie).await, 1008);
+    for node in [&a, &b] {
+        let (status, _, me) = exchange(&node.addr, "GET", "/api/me", &with_cookie, None);
+        assert_eq!((status, &me["user"]), (200, &Value::Null), "{}", node.addr);
+    }
+
+    // A new password, set once, is the one both nodes check.
+    let (changed, said) = user(&["passwd", "ann", "--redis", &url], Some("new-pw-for-ann"));
+    assert!(changed, "{said}");
+    let new_login = json!({"user": "ann", "password": "new-pw-for-ann"});
+    for node in [&a, &b] {
+        let (old, _, _) = exchange(&node.addr, "POST", "/api/login", &[], Some(login.clone()));
+        let (new, _, _) = exchange(
+            &node.addr,
+            "POST",
+            "/api/login",
+            &[],
+            Some(new_login.clone()),
+        );
+        assert_eq!((old, new), (401, 200), "{}", node.addr);
+    }
+    let (listed, said) = user(&["list", "--redis", &url], None);
+    assert!(listed, "{said}");
+    let names: Vec<&str> = said.lines().filter_map(|l| l.split('\t').next()).collect();
+    assert_eq!(names, ["ann", "ops"], "{said}");
+    assert!(
+        said.starts_with("ann\t") && said.contains("\t2 sessions\t0 tokens"),
+        "{said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_ids_and_counts_are_the_same_on_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let (a, b) = (node("a", port), node("b", port));
+
+    // Polls created on both nodes at once never share an id.
+    let creating: Vec<_> = [&a, &b]
+        .into_iter()
+        .flat_map(|node| {
+            (0..5).map(|i| {
+                let addr = node.addr.clone();
+                std::thread::spawn(move || {
+                    let poll =
+                        json!({"question": format!("Q{i} on {addr}"), "options": ["yes", "no"]});
+                    http(&addr, "POST", "/api/polls", None, Some(poll))
+                })
+            })
+        })
+        .collect();
+    let mut ids: Vec<i64> = creating
+        .into_iter()
+        .map(|t| {
+            let (status, created) = t.join().unwrap();
+            assert_eq!(status, 201, "{created}");
+            created["id"].as_i64().unwrap()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "{ids:?}");
+    let (_, on_a) = http(&a.addr, "GET", "/api/polls", None, None);
+    let (_, on_b) = http(&b.addr, "GET", "/api/polls", None, None);
+    assert_eq!(on_a.as_array().map(Vec::len), Some(10), "{on_a}");
+    assert_eq!(on_a, on_b);
+
+    // Watched on both nodes, voted on from both: the counts are the same everywhere, live
+    // and stored.
+    let id = ids[0];
+    let mut watchers = Vec::new();
+    for (node, name) in [(&a, "wa"), (&b, "wb")] {
+        let url = node.ws(&format!("/ws/polls/{id}?name={name}"));
+        let (mut ws, _) = connect_as(&url, None).await;
+        assert_eq!(next_of(&mut ws, "poll").await["poll"]["id"], id);
+        watchers.push(ws);
+    }
+    for (ws, option) in watchers.iter_mut().zip(["yes", "no"]) {
+        ws.send(Message::text(json!({ "vote": option }).to_string()))
+            .await
+            .unwrap();
+    }
+    for ws in &mut watchers {
+        let counts = loop {
+            let counts = next_of(ws, "counts").await;
+            if counts["total"] == 2 {
+                break counts;
+            }
+        };
+        assert_eq!(counts["counts"], json!({"yes": 1, "no": 1}), "{counts}");
+    }
+    let path = format!("/api/polls/{id}");
+    let (_, stored_a) = http(&a.addr, "GET", &path, None, None);
+    let (_, stored_b) = http(&b.addr, "GET", &path, None, None);
+    assert_eq!(stored_a["total"], 2, "{stored_a}");
+    assert_eq!(stored_a, stored_b);
 }

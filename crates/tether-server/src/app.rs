@@ -16,70 +16,11 @@ use crate::hub::Hub;
 use crate::journal::{ChatWrite, Journal};
 use crate::metrics::{Metrics, Refusal};
 use crate::password::PasswordChecker;
-use crate::store::{CredentialKind, Store, StoreError};
+use crate::store::{CredentialKind, Db, StoreError};
 use crate::throttle::Throttle;
 
 /// The name of the session cookie.
 pub const SESSION_COOKIE: &str = "tether_session";
-
-/// Jobs queued for the store's thread at most; a caller past it waits for room.
-const DB_QUEUE: usize = 1024;
-
-/// A job for the store's thread.
-type DbJob = Box<dyn FnOnce(&Store) + Send>;
-
-/// A handle to the store for short reads and writes off the async threads.
-///
-/// The store is one SQLite connection, so its calls run one at a time on a thread of its own,
-/// in the order they were made. (Run as `spawn_blocking` tasks behind a lock, a burst of joins
-/// parked one blocking thread per waiting call: 70 threads for 10,000 guests joining rooms,
-/// each with its stack and allocator cache, for the ten seconds tokio keeps them.)
-#[derive(Debug, Clone)]
-pub struct Db {
-    jobs: tokio::sync::mpsc::Sender<DbJob>,
-}
-
-impl Db {
-    /// Starts the store's thread with `store`; it ends, closing the store, once every handle
-    /// is dropped.
-    ///
-    /// # Errors
-    /// The thread could not be spawned.
-    pub fn new(store: Store) -> std::io::Result<Db> {
-        let (jobs, mut queue) = tokio::sync::mpsc::channel::<DbJob>(DB_QUEUE);
-        std::thread::Builder::new()
-            .name("tether-store".into())
-            .spawn(move || {
-                while let Some(job) = queue.blocking_recv() {
-                    // A panicking call loses its answer (its caller sees `Closed`), not
-                    // the store.
-                    let ran =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&store)));
-                    if ran.is_err() {
-                        tracing::error!("a store call panicked");
-                    }
-                }
-            })?;
-        Ok(Db { jobs })
-    }
-
-    /// Runs `f` on the store's thread.
-    ///
-    /// # Errors
-    /// What `f` returns, or [`StoreError::Closed`] if the store's thread has stopped.
-    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-    {
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        let job: DbJob = Box::new(move |store| {
-            let _ = answer.send(f(store));
-        });
-        self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
-        answered.await.map_err(|_| StoreError::Closed)?
-    }
-}
 
 /// A refusal to answer: the status and a one-line reason for the client and the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,8 +112,6 @@ pub struct App {
     pub trusted_proxies: Vec<crate::proxy::Cidr>,
     /// Sessions to wake at shutdown that the hub does not know (echo).
     pub wakers: crate::sessions::Wakers,
-    /// Bumped whenever credentials are revoked here: open connections check theirs again.
-    revocations: watch::Sender<u64>,
     shutting_down: AtomicBool,
     sockets: Arc<Gate>,
 }
@@ -336,7 +275,6 @@ impl App {
             nicknames: Nicknames::new(),
             trusted_proxies,
             wakers: crate::sessions::Wakers::default(),
-            revocations: watch::channel(0).0,
             quotas,
             passwords,
             login_failures,
@@ -490,8 +428,9 @@ impl App {
                 kind: CredentialKind::Token,
             };
             return match self
-                .db
-                .call(move |s| s.credential_user(&d, CredentialKind::Token))
+                .engine
+                .accounts
+                .credential_user(d, CredentialKind::Token)
                 .await
             {
                 Ok(Some(user)) => Ok(Some((user, credential))),
@@ -511,8 +450,9 @@ impl App {
                 kind: CredentialKind::Session,
             };
             return match self
-                .db
-                .call(move |s| s.credential_user(&d, CredentialKind::Session))
+                .engine
+                .accounts
+                .credential_user(d, CredentialKind::Session)
                 .await
             {
                 Ok(user) => Ok(user.map(|user| (user, credential))),
@@ -527,16 +467,9 @@ impl App {
     pub async fn credential_valid(&self, credential: Credential) -> bool {
         let Credential { digest, kind } = credential;
         !matches!(
-            self.db
-                .call(move |s| s.credential_user(&digest, kind))
-                .await,
+            self.engine.accounts.credential_user(digest, kind).await,
             Ok(None)
         )
-    }
-
-    /// Tells open connections that credentials were revoked: each checks its own again.
-    pub fn credentials_revoked(&self) {
-        self.revocations.send_modify(|n| *n += 1);
     }
 
     /// Queues a chat message for storing where this server keeps them: the journal (SQLite),
@@ -551,7 +484,7 @@ impl App {
     /// Revocations from now on, for [`App::credential_lost`]: take it before checking a
     /// credential, so that a revocation between the check and the session is not missed.
     pub fn revocations(&self) -> watch::Receiver<u64> {
-        self.revocations.subscribe()
+        self.engine.revocations.subscribe()
     }
 
     /// Resolves once `credential` is revoked or expired: checked again at every revocation on
@@ -643,8 +576,7 @@ impl App {
             )
             .closing(refusal_code::NAME_REFUSED));
         }
-        let owned = name.to_owned();
-        match self.db.call(move |s| s.user_named_like(&owned)).await {
+        match self.engine.accounts.user_named_like(name).await {
             Ok(Some(_)) => Err(Refused::new(
                 StatusCode::UNAUTHORIZED,
                 Refusal::Auth,
@@ -681,57 +613,5 @@ impl App {
                 "origin not allowed",
             ))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn store_calls_run_on_one_thread_however_many_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::new(Store::open(dir.path()).unwrap()).unwrap();
-        let calls: Vec<_> = (0..200)
-            .map(|i| {
-                let db = db.clone();
-                tokio::spawn(async move {
-                    db.call(move |_| {
-                        std::thread::sleep(Duration::from_micros(200));
-                        Ok((
-                            i,
-                            std::thread::current().id(),
-                            std::thread::current().name().map(String::from),
-                        ))
-                    })
-                    .await
-                })
-            })
-            .collect();
-        let mut threads = std::collections::HashSet::new();
-        for call in calls {
-            let (_, thread, name) = call.await.unwrap().unwrap();
-            assert_eq!(name.as_deref(), Some("tether-store"));
-            threads.insert(thread);
-        }
-        assert_eq!(
-            threads.len(),
-            1,
-            "200 waiting calls ran on {} threads",
-            threads.len()
-        );
-    }
-
-    #[tokio::test]
-    async fn a_panicking_store_call_loses_its_answer_not_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::new(Store::open(dir.path()).unwrap()).unwrap();
-        let lost = db.call::<(), _>(|_| panic!("a bug in one call")).await;
-        assert!(matches!(lost, Err(StoreError::Closed)), "{lost:?}");
-        assert_eq!(
-            db.call(|_| Ok(7)).await.unwrap(),
-            7,
-            "the next call is answered"
-        );
     }
 }

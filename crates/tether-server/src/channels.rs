@@ -15,7 +15,7 @@ use tether::{CloseCode, Message, Prepared};
 
 use crate::app::{App, Slot};
 use crate::hub::{push, Everyone, Format, Hub, Outbox, Place, Subscription, Verdict};
-use crate::journal::{ChatWrite, Job, Reply};
+use crate::journal::{ChatWrite, Reply, VoteWrite};
 use crate::store::{ChatMessage, StoreError};
 use crate::ws::{self, End, Member, RateLimit};
 
@@ -1089,8 +1089,9 @@ impl Session {
             .watch_poll_list(self.outbox.user(), self.outbox.clone());
         let polls = self
             .app
-            .db
-            .call(|s| s.polls(POLL_LIST))
+            .engine
+            .polls
+            .list(POLL_LIST)
             .await
             .map_err(internal)?;
         self.add(Channel::new(sub, 0));
@@ -1137,7 +1138,7 @@ impl Session {
         };
         let app = &self.app;
         let counted = Reply::wait(|reply| {
-            app.journal.submit(Job::Vote {
+            app.engine.polls.vote(VoteWrite {
                 poll: id,
                 voter,
                 option: vote,

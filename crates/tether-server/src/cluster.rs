@@ -34,6 +34,8 @@ use serde_json::value::RawValue;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::engine::accounts::REVOKED_CHANNEL;
+use crate::engine::polls::{PollNews, POLLS_CHANNEL};
 use crate::hub::{Change, Hub, Member, Shared};
 use crate::journal::ChatWrite;
 use crate::metrics::Metrics;
@@ -369,6 +371,8 @@ pub struct Cluster {
     listening: Mutex<Listening>,
     /// Rooms whose presence information this node keeps in Redis ([`infos_key`]).
     with_infos: Mutex<HashSet<String>>,
+    /// Where revocations announced by other nodes (and `tether user`) are signalled.
+    revocations: crate::engine::Revocations,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -396,6 +400,7 @@ impl Cluster {
     ///
     /// # Errors
     /// The URL is not a valid Redis URL.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         url: &str,
         node: String,
@@ -404,6 +409,7 @@ impl Cluster {
         history_limit: usize,
         max_rooms: usize,
         room_quota: crate::journal::RoomQuota,
+        revocations: crate::engine::Revocations,
     ) -> Result<Arc<Cluster>, StoreError> {
         let client = redis::Client::open(url).map_err(redis_error)?;
         let config = ConnectionManagerConfig::new()
@@ -432,6 +438,7 @@ impl Cluster {
             nicknames: std::sync::OnceLock::new(),
             listening: Mutex::new(Listening::default()),
             with_infos: Mutex::new(HashSet::new()),
+            revocations,
         });
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Shared>();
         cluster.hub.share_presence(tx);
@@ -458,6 +465,11 @@ impl Cluster {
         } else {
             "ok"
         }
+    }
+
+    /// A handle on the connection for commands (with timeouts and reconnection).
+    pub fn commands(&self) -> ConnectionManager {
+        self.commands.clone()
     }
 
     /// This node's name.
@@ -1076,6 +1088,11 @@ impl Cluster {
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
         let (mut sink, mut messages) = pubsub.split();
         sink.subscribe(BROADCAST).await?;
+        sink.subscribe(REVOKED_CHANNEL).await?;
+        sink.subscribe(POLLS_CHANNEL).await?;
+        // Revocations announced while this node did not listen are unknown: every connection
+        // checks its credential again.
+        self.revocations.announce();
         // The rooms now: what changes from here on is in `rooms`, followed below.
         while rooms.try_recv().is_ok() {}
         let now: Vec<Arc<str>> = self.hub.room_names().into_iter().map(Arc::from).collect();
@@ -1128,7 +1145,16 @@ impl Cluster {
             let Ok(payload) = msg.get_payload::<String>() else {
                 continue;
             };
-            if channel == BROADCAST {
+            if channel == REVOKED_CHANNEL {
+                // This node's own were signalled when made.
+                if payload != self.node {
+                    self.revocations.announce();
+                }
+            } else if channel == POLLS_CHANNEL {
+                if let Ok(news) = serde_json::from_str::<PollNews>(&payload) {
+                    news.deliver(&self.hub);
+                }
+            } else if channel == BROADCAST {
                 if let Ok(note) = serde_json::from_str::<BroadcastNote>(&payload) {
                     self.hub.broadcast(&note.user, &note.text, &note.ts);
                 }

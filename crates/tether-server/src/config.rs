@@ -363,8 +363,8 @@ pub struct ServerConfig {
     #[serde(with = "duration")]
     pub token_lifetime: Duration,
     /// How often an open connection checks that its session or token is still valid (revoked
-    /// by `tether user revoke`, or expired); revocations through this server's API are
-    /// noticed at once.
+    /// by `tether user revoke`, or expired); revocations through this server's API, or with
+    /// `--redis` through any node or `tether user --redis`, are noticed at once.
     #[arg(long, env = "TETHER_CREDENTIAL_CHECK", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
     #[serde(with = "duration")]
     pub credential_check: Duration,

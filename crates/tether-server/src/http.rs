@@ -357,8 +357,7 @@ async fn check_password(app: &App, ip: IpAddr, c: &Credentials) -> Result<(), Lo
         app.login_failures.refund(&ip, now);
         app.account_failures.refund(&account, now);
     };
-    let user = c.user.clone();
-    let hash = match app.db.call(move |s| s.password_hash(&user)).await {
+    let hash = match app.engine.accounts.password_hash(&c.user).await {
         Ok(hash) => hash,
         Err(e) => {
             refund();
@@ -407,9 +406,9 @@ async fn issue(
     }
     let secret = auth::new_secret();
     let digest = auth::digest(&secret);
-    let user = c.user.clone();
-    app.db
-        .call(move |s| s.add_credential(&digest, &user, kind, ttl))
+    app.engine
+        .accounts
+        .add_credential(digest, &c.user, kind, ttl)
         .await
         .map_err(|e| store_error(&e))?;
     Ok((c.user, secret))
@@ -466,19 +465,13 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
             Err(r) => return r.into_response(),
         }
     };
-    let mut revoked = 0;
+    // The accounts tell open connections (on every node) when a credential actually went.
     if input.everywhere {
         match app.user(&headers, None).await {
-            Ok(Some(user)) => {
-                let who = user.clone();
-                match app.db.call(move |s| s.revoke_credentials(&who)).await {
-                    Ok(n) => {
-                        tracing::info!(%user, revoked = n, "logged out everywhere");
-                        revoked += n;
-                    }
-                    Err(e) => return store_error(&e),
-                }
-            }
+            Ok(Some(user)) => match app.engine.accounts.revoke_credentials(&user).await {
+                Ok(n) => tracing::info!(%user, revoked = n, "logged out everywhere"),
+                Err(e) => return store_error(&e),
+            },
             Ok(None) => return error(StatusCode::UNAUTHORIZED, "not logged in"),
             Err(refused) => return refused.into_response(),
         }
@@ -487,16 +480,10 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
         let presented = app.session(&headers).into_iter().chain(bearer);
         for secret in presented {
             let digest = auth::digest(&secret);
-            match app.db.call(move |s| s.delete_credential(&digest)).await {
-                Ok(n) => revoked += n,
-                Err(e) => return store_error(&e),
+            if let Err(e) = app.engine.accounts.delete_credential(digest).await {
+                return store_error(&e);
             }
         }
-    }
-    // Open connections check their credentials again only when one was actually revoked:
-    // anonymous logouts cost nothing.
-    if revoked > 0 {
-        app.credentials_revoked();
     }
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert(
@@ -725,7 +712,7 @@ async fn notify(
     if !auth::valid_user(&to) {
         return error(StatusCode::NOT_FOUND, "no such user");
     }
-    let to = match app.db.call(move |s| s.user_named_like(&to)).await {
+    let to = match app.engine.accounts.user_named_like(&to).await {
         Ok(Some(name)) => name,
         Ok(None) => return error(StatusCode::NOT_FOUND, "no such user"),
         Err(e) => return store_error(&e),
@@ -864,30 +851,23 @@ async fn create_poll(
     if !auth::valid_text(&question) || !options.iter().all(|o| auth::valid_text(o)) {
         return error(StatusCode::BAD_REQUEST, FORBIDDEN_CHARS);
     }
-    match app
-        .db
-        .call(move |s| s.create_poll(&question, &options))
-        .await
-    {
-        Ok(poll) => {
-            app.hub.poll_created(&poll);
-            json(StatusCode::CREATED, &poll)
-        }
+    match app.engine.polls.create(&question, &options).await {
+        Ok(poll) => json(StatusCode::CREATED, &poll),
         Err(e) => store_error(&e),
     }
 }
 
 async fn polls(State(app): State<Arc<App>>) -> Response {
-    match app.db.call(|s| s.polls(50)).await {
+    match app.engine.polls.list(50).await {
         Ok(polls) => json(StatusCode::OK, &polls),
         Err(e) => store_error(&e),
     }
 }
 
 async fn poll(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
-    match app.db.call(move |s| s.poll(id)).await {
-        Ok(Some(poll)) => json(StatusCode::OK, &poll),
-        Ok(None) => error(StatusCode::NOT_FOUND, "no such poll"),
+    match app.engine.polls.poll(id, None).await {
+        Ok((Some(poll), _)) => json(StatusCode::OK, &poll),
+        Ok((None, _)) => error(StatusCode::NOT_FOUND, "no such poll"),
         Err(e) => store_error(&e),
     }
 }
@@ -1188,9 +1168,9 @@ async fn poll_socket(
     Query(query): Query<SocketQuery>,
     req: Request,
 ) -> Response {
-    let poll = match app.db.call(move |s| s.poll(id)).await {
-        Ok(Some(poll)) => poll,
-        Ok(None) => {
+    let poll = match app.engine.polls.poll(id, None).await {
+        Ok((Some(poll), _)) => poll,
+        Ok((None, _)) => {
             app.metrics.refused(Refusal::NotFound);
             return error(StatusCode::NOT_FOUND, "no such poll");
         }

@@ -94,22 +94,46 @@ pub struct ChatWrite {
     pub reply: Reply<ChatMessage>,
 }
 
+/// A vote to record, by the journal or in Redis (see [`crate::engine::Polls::vote`]).
+#[derive(Debug)]
+pub struct VoteWrite {
+    /// The poll.
+    pub poll: i64,
+    /// The voter.
+    pub voter: Voter,
+    /// The chosen option.
+    pub option: String,
+    /// `Ok(false)` when the poll or option does not exist, or the voter's address is full.
+    pub reply: Reply<bool>,
+}
+
+impl VoteWrite {
+    /// Hands over what became of the vote: a socket is told why one was not counted.
+    pub fn answer(self, outcome: VoteOutcome) {
+        let reply = self.reply;
+        match (outcome, reply) {
+            (VoteOutcome::Counted, reply) => reply.send(Ok(true), "vote"),
+            (refused, reply @ Reply::Socket(_)) => {
+                let why = match refused {
+                    VoteOutcome::AddressFull => {
+                        "too many guests have voted in this poll from your address: log in to vote"
+                    }
+                    _ => "unknown option",
+                };
+                reply.send(Err(StoreError::Failed(why.into())), "vote");
+            }
+            (_, reply @ Reply::Wait(_)) => reply.send(Ok(false), "vote"),
+        }
+    }
+}
+
 /// A write for the journal.
 #[derive(Debug)]
 pub enum Job {
     /// Store and deliver a chat message.
     Chat(ChatWrite),
     /// Record a vote and deliver the poll's new counts.
-    Vote {
-        /// The poll.
-        poll: i64,
-        /// The voter.
-        voter: Voter,
-        /// The chosen option.
-        option: String,
-        /// `Ok(false)` when the poll or option does not exist.
-        reply: Reply<bool>,
-    },
+    Vote(VoteWrite),
     /// Answers once every earlier job is committed and delivered.
     Flush(oneshot::Sender<()>),
 }
@@ -314,12 +338,12 @@ impl Writer {
                     rooms.insert(room, message.id);
                     Outcome::Chat(message)
                 }
-                Job::Vote {
+                Job::Vote(VoteWrite {
                     poll,
                     voter,
                     option,
                     ..
-                } => {
+                }) => {
                     let outcome = batch.vote(*poll, voter, option)?;
                     if outcome == VoteOutcome::Counted && !polls.contains(poll) {
                         polls.push(*poll);
@@ -357,21 +381,7 @@ impl Writer {
             (Job::Chat(ChatWrite { reply, .. }), Outcome::Refused(e)) => {
                 reply.send(Err(e), "message not stored");
             }
-            (Job::Vote { reply, .. }, Outcome::Vote(VoteOutcome::Counted)) => {
-                reply.send(Ok(true), "vote");
-            }
-            (Job::Vote { reply, .. }, Outcome::Vote(refused)) => match reply {
-                Reply::Socket(_) => {
-                    let why = match refused {
-                        VoteOutcome::AddressFull => {
-                            "too many guests have voted in this poll from your address: log in to vote"
-                        }
-                        _ => "unknown option",
-                    };
-                    reply.send(Err(StoreError::Failed(why.into())), "vote");
-                }
-                Reply::Wait(_) => reply.send(Ok(false), "vote"),
-            },
+            (Job::Vote(vote), Outcome::Vote(outcome)) => vote.answer(outcome),
             (Job::Flush(tx), _) => {
                 let _ = tx.send(());
             }
@@ -385,7 +395,7 @@ impl Writer {
                 self.metrics.store_failures.fetch_add(1, Relaxed);
                 reply.send(Err(StoreError::Failed(e.to_string())), "message not stored");
             }
-            Job::Vote { reply, .. } => {
+            Job::Vote(VoteWrite { reply, .. }) => {
                 self.metrics.store_failures.fetch_add(1, Relaxed);
                 reply.send(Err(StoreError::Failed(e.to_string())), "vote not stored");
             }

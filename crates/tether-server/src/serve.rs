@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::app::{App, Db};
+use crate::app::App;
 use crate::config::ServerConfig;
 use crate::gate::{Full, Gate, Pass};
 use crate::http::{precheck, router, PeerAddr};
@@ -20,6 +20,7 @@ use crate::hub::Hub;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::proxy::{client_address, is_trusted};
+use crate::store::Db;
 use crate::store::{Store, StoreError};
 
 /// Starting or running the server failed.
@@ -130,14 +131,6 @@ impl Server {
             room_quota.clone(),
         )?;
         let store = open()?;
-        let bounded = store.bound_token_lifetimes(config.token_lifetime)?;
-        if bounded > 0 {
-            tracing::info!(
-                tokens = bounded,
-                lifetime = %crate::config::format_duration(config.token_lifetime),
-                "tokens without an expiry now expire"
-            );
-        }
         let db = Db::new(store)?;
         let ws_config = tether::Config::default()
             .max_message_size(config.max_message_size)
@@ -164,11 +157,15 @@ impl Server {
                     .server_no_context_takeover(true)
                     .client_no_context_takeover(true)
             }));
-        let cluster = match &config.redis {
+        // The one place that chooses the engine.
+        let revocations = crate::engine::Revocations::default();
+        let (engine, cluster) = match &config.redis {
             Some(url) => {
                 let node = config.node.clone().unwrap_or_else(default_node_name);
                 tracing::info!(%node, "joining the cluster through redis");
-                Some(crate::cluster::Cluster::start(
+                let accounts =
+                    crate::engine::RedisAccounts::connect(url, node.clone(), revocations.clone())?;
+                let cluster = crate::cluster::Cluster::start(
                     url,
                     node,
                     hub.clone(),
@@ -176,15 +173,32 @@ impl Server {
                     config.history_limit,
                     config.max_rooms,
                     room_quota.clone(),
-                )?)
+                    revocations.clone(),
+                )?;
+                let engine = crate::engine::Engine::redis(cluster.clone(), accounts, revocations);
+                (engine, Some(cluster))
             }
-            None => None,
+            None => {
+                let engine = crate::engine::Engine::embedded(
+                    db.clone(),
+                    journal.clone(),
+                    hub.clone(),
+                    revocations,
+                );
+                (engine, None)
+            }
         };
-        // The one place that chooses the engine.
-        let engine = match &cluster {
-            Some(cluster) => crate::engine::Engine::redis(cluster.clone()),
-            None => crate::engine::Engine::embedded(db.clone(), journal.clone(), hub.clone()),
-        };
+        let bounded = engine
+            .accounts
+            .bound_token_lifetimes(config.token_lifetime)
+            .await?;
+        if bounded > 0 {
+            tracing::info!(
+                tokens = bounded,
+                lifetime = %crate::config::format_duration(config.token_lifetime),
+                "tokens without an expiry now expire"
+            );
+        }
         let app = App::new(
             config,
             ws_config,

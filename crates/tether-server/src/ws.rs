@@ -16,7 +16,7 @@ use tether::{CloseCode, CloseFrame, Message, Prepared};
 use crate::app::{App, Credential, Slot};
 use crate::auth::Identity;
 use crate::hub::{encode, Subscription, Verdict};
-use crate::journal::{ChatWrite, Job, Reply};
+use crate::journal::{ChatWrite, Reply, VoteWrite};
 use crate::sessions::Turn;
 use crate::store::{ChatMessage, Poll, StoreError, Voter};
 use futures_util::{Sink as _, Stream as _, StreamExt as _};
@@ -509,15 +509,9 @@ pub(crate) async fn poll_state(
     id: i64,
     voter: Option<&Voter>,
 ) -> Result<(Option<Poll>, Option<String>), StoreError> {
-    let key = voter.map(|v| v.key.clone());
-    app.db
-        .call(move |s| {
-            let vote = match &key {
-                Some(key) => s.vote_of(id, key)?,
-                None => None,
-            };
-            Ok((s.poll(id)?, vote))
-        })
+    app.engine
+        .polls
+        .poll(id, voter.map(|v| v.key.as_str()))
         .await
 }
 
@@ -1300,7 +1294,7 @@ async fn handle(
                     "only registered users vote here: log in to vote",
                 ));
             };
-            Job::Vote {
+            VoteWrite {
                 poll: *id,
                 voter: voter.clone(),
                 option: vote,
@@ -1308,7 +1302,7 @@ async fn handle(
             }
         }
     };
-    match app.journal.submit(job).await {
+    match app.engine.polls.vote(job).await {
         Ok(()) => None,
         Err(e) => Some(error_event(&e.to_string())),
     }

@@ -7,17 +7,26 @@
 //! - [`Broker`]: chat streams, with ids, an epoch and history;
 //! - [`Presence`]: who is in a room beyond what this node's hub sees;
 //! - [`Control`]: what goes to every node (broadcasts), and the health of the link;
-//! - [`Leases`]: a name held by one holder across nodes (guest nicknames).
+//! - [`Leases`]: a name held by one holder across nodes (guest nicknames);
+//! - [`Accounts`]: users, password hashes, sessions and tokens, whose revocations reach
+//!   every node's connections ([`Revocations`]);
+//! - [`Polls`]: polls and votes, whose counts reach every node's members.
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::app::Db;
 use crate::hub::{Hub, Member};
 use crate::journal::{ChatWrite, Job, Journal};
+use crate::store::Db;
 use crate::store::{ChatMessage, StoreError};
+
+pub mod accounts;
+pub mod polls;
+
+pub use accounts::{Accounts, RedisAccounts, Revocations, SqliteAccounts};
+pub use polls::{Polls, RedisPolls, SqlitePolls};
 
 /// What the engine's calls return: a boxed future, so that the traits can be objects.
 pub type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -146,27 +155,47 @@ pub struct Engine {
     pub control: Arc<dyn Control>,
     /// Names across nodes.
     pub leases: Arc<dyn Leases>,
+    /// Users and credentials.
+    pub accounts: Arc<dyn Accounts>,
+    /// Polls and votes.
+    pub polls: Arc<dyn Polls>,
+    /// Where this node learns of revoked credentials, whoever revoked them.
+    pub revocations: Revocations,
 }
 
 impl Engine {
     /// One process: this process's store, journal and hub.
-    pub fn embedded(db: Db, journal: Journal, hub: Arc<Hub>) -> Engine {
+    pub fn embedded(db: Db, journal: Journal, hub: Arc<Hub>, revocations: Revocations) -> Engine {
+        let accounts = Arc::new(SqliteAccounts::new(db.clone(), revocations.clone()));
+        let polls = Arc::new(SqlitePolls::new(db.clone(), journal.clone(), hub.clone()));
         let embedded = Arc::new(Embedded { db, journal, hub });
         Engine {
             broker: embedded.clone(),
             presence: embedded.clone(),
             control: embedded.clone(),
             leases: embedded,
+            accounts,
+            polls,
+            revocations,
         }
     }
 
-    /// Several nodes joined through Redis.
-    pub fn redis(cluster: Arc<crate::cluster::Cluster>) -> Engine {
+    /// Several nodes joined through Redis: `accounts` must announce on the `revocations`
+    /// the cluster signals.
+    pub fn redis(
+        cluster: Arc<crate::cluster::Cluster>,
+        accounts: RedisAccounts,
+        revocations: Revocations,
+    ) -> Engine {
+        let polls = Arc::new(RedisPolls::new(cluster.commands()));
         Engine {
             broker: cluster.clone(),
             presence: cluster.clone(),
             control: cluster.clone(),
             leases: cluster,
+            accounts: Arc::new(accounts),
+            polls,
+            revocations,
         }
     }
 }

@@ -1,0 +1,398 @@
+//! Polls and their votes.
+//!
+//! [`SqlitePolls`] keeps them in the node's SQLite file, votes going through the journal
+//! (which delivers the new counts after commit). [`RedisPolls`] keeps them in Redis, where ids
+//! come from one counter (polls created on two nodes at once never share one) and each vote is
+//! one script that records it, counts it and publishes the poll's new counts on
+//! [`POLLS_CHANNEL`]; every node delivers them to its members of the poll, and new polls to
+//! its members of the list.
+//!
+//! Each poll's keys carry the hash tag `{tether:poll:ID}`, so that in Redis Cluster a vote's
+//! script touches one shard.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use super::EngineFuture;
+use crate::hub::Hub;
+use crate::journal::{Job, Journal, VoteWrite};
+use crate::store::{now_rfc3339, Db, Poll, StoreError, VoteOutcome};
+
+/// Polls, votes and their counts.
+pub trait Polls: Send + Sync + std::fmt::Debug {
+    /// Creates a poll (already validated) and tells every node's members of the poll list.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn create<'a>(&'a self, question: &'a str, options: &'a [String]) -> EngineFuture<'a, Poll>;
+
+    /// Poll `id` with its counts, and the option `voter` (a [`crate::store::Voter`]'s key)
+    /// chose in it.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn poll<'a>(
+        &'a self,
+        id: i64,
+        voter: Option<&'a str>,
+    ) -> EngineFuture<'a, (Option<Poll>, Option<String>)>;
+
+    /// The newest `limit` polls, newest first.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn list(&self, limit: usize) -> EngineFuture<'_, Vec<Poll>>;
+
+    /// Queues `vote`; what became of it goes to its reply, and the poll's new counts to every
+    /// node's members of the poll.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] when the writer has stopped.
+    fn vote(&self, vote: VoteWrite) -> EngineFuture<'_, ()>;
+}
+
+/// Polls in the node's SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqlitePolls {
+    db: Db,
+    journal: Journal,
+    hub: Arc<Hub>,
+}
+
+impl SqlitePolls {
+    /// Polls in the store behind `db`, votes through `journal`, news to `hub`.
+    pub fn new(db: Db, journal: Journal, hub: Arc<Hub>) -> SqlitePolls {
+        SqlitePolls { db, journal, hub }
+    }
+}
+
+impl Polls for SqlitePolls {
+    fn create<'a>(&'a self, question: &'a str, options: &'a [String]) -> EngineFuture<'a, Poll> {
+        let (question, options) = (question.to_owned(), options.to_vec());
+        Box::pin(async move {
+            let poll = self
+                .db
+                .call(move |s| s.create_poll(&question, &options))
+                .await?;
+            self.hub.poll_created(&poll);
+            Ok(poll)
+        })
+    }
+
+    fn poll<'a>(
+        &'a self,
+        id: i64,
+        voter: Option<&'a str>,
+    ) -> EngineFuture<'a, (Option<Poll>, Option<String>)> {
+        let voter = voter.map(str::to_owned);
+        Box::pin(self.db.call(move |s| {
+            let vote = match &voter {
+                Some(key) => s.vote_of(id, key)?,
+                None => None,
+            };
+            Ok((s.poll(id)?, vote))
+        }))
+    }
+
+    fn list(&self, limit: usize) -> EngineFuture<'_, Vec<Poll>> {
+        Box::pin(self.db.call(move |s| s.polls(limit)))
+    }
+
+    fn vote(&self, vote: VoteWrite) -> EngineFuture<'_, ()> {
+        Box::pin(self.journal.submit(Job::Vote(vote)))
+    }
+}
+
+/// The Redis channel of poll news for every node: new polls and new counts.
+pub const POLLS_CHANNEL: &str = "tether:polls";
+
+/// The next poll id (a counter) and the polls by id (a sorted set scored by id).
+const NEXT: &str = "tether:{tether:polls}:next";
+const LIST: &str = "tether:{tether:polls}:list";
+
+/// A poll's keys: its question, options and creation time (a hash), the votes (voter →
+/// option), the counts (option → votes) and, per address, the guests who voted from it.
+fn poll_key(id: i64, part: &str) -> String {
+    format!("tether:{{tether:poll:{id}}}:{part}")
+}
+
+/// Records voter ARGV[1]'s vote for option ARGV[2] in the poll (KEYS[1] the poll, KEYS[2] its
+/// votes, KEYS[3] its counts, KEYS[4] the guests of the voter's address): for a guest
+/// (ARGV[3] its address, non-empty) who has not voted yet, only while fewer than ARGV[4]
+/// other guests voted from there. Publishes the new counts on ARGV[5] for poll ARGV[6].
+/// Returns 1 when counted, 0 for no such poll or option, 2 when the address is full.
+const VOTE: &str = r#"
+local encoded = redis.call('HGET', KEYS[1], 'options')
+if not encoded then return 0 end
+local options = cjson.decode(encoded)
+local known = false
+for _, o in ipairs(options) do
+  if o == ARGV[2] then known = true end
+end
+if not known then return 0 end
+local before = redis.call('HGET', KEYS[2], ARGV[1])
+if ARGV[3] ~= '' and not before then
+  if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[4]) then return 2 end
+  redis.call('SADD', KEYS[4], ARGV[1])
+end
+if before ~= ARGV[2] then
+  if before then redis.call('HINCRBY', KEYS[3], before, -1) end
+  redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
+local counts = {}
+for _, o in ipairs(options) do
+  counts[o] = tonumber(redis.call('HGET', KEYS[3], o) or '0')
+end
+redis.call('PUBLISH', ARGV[5], cjson.encode({poll = tonumber(ARGV[6]), counts = counts}))
+return 1
+"#;
+
+/// News on [`POLLS_CHANNEL`]: a poll created, or a poll's new counts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PollNews {
+    /// The poll whose counts these are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll: Option<i64>,
+    /// Its counts, by option.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<BTreeMap<String, u64>>,
+    /// A poll created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<Poll>,
+}
+
+impl PollNews {
+    /// Hands the news to this node's members.
+    pub fn deliver(&self, hub: &Hub) {
+        if let Some(poll) = &self.created {
+            hub.poll_created(poll);
+        }
+        if let (Some(poll), Some(counts)) = (self.poll, &self.counts) {
+            hub.deliver_counts(poll, counts);
+        }
+    }
+}
+
+/// A command that failed, or an answer that is not what was stored.
+fn redis_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Failed(format!("redis: {e}"))
+}
+
+/// Polls in Redis, shared by every node; each node's subscription delivers the news
+/// ([`PollNews::deliver`]).
+#[derive(Clone)]
+pub struct RedisPolls {
+    commands: ConnectionManager,
+    vote: Arc<redis::Script>,
+}
+
+impl std::fmt::Debug for RedisPolls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPolls").finish_non_exhaustive()
+    }
+}
+
+impl RedisPolls {
+    /// Polls through `commands` (a connection with timeouts).
+    pub fn new(commands: ConnectionManager) -> RedisPolls {
+        RedisPolls {
+            commands,
+            vote: Arc::new(redis::Script::new(VOTE)),
+        }
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.commands.clone()
+    }
+
+    /// Polls `ids` as stored, in the same order (those missing left out), with `voter`'s
+    /// option in the first.
+    async fn read(
+        &self,
+        ids: &[i64],
+        voter: Option<&str>,
+    ) -> Result<(Vec<Poll>, Option<String>), StoreError> {
+        let mut pipe = redis::pipe();
+        for &id in ids {
+            pipe.cmd("HGETALL").arg(poll_key(id, "p"));
+            pipe.cmd("HGETALL").arg(poll_key(id, "c"));
+        }
+        if let (Some(voter), Some(&first)) = (voter, ids.first()) {
+            pipe.cmd("HGET").arg(poll_key(first, "v")).arg(voter);
+        }
+        let mut replies: Vec<redis::Value> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_error)?;
+        let vote: Option<String> = match voter.is_some() && !ids.is_empty() {
+            true => redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil))
+                .map_err(redis_error)?,
+            false => None,
+        };
+        let mut polls = Vec::with_capacity(ids.len());
+        let mut replies = replies.into_iter();
+        for &id in ids {
+            let (Some(fields), Some(counted)) = (replies.next(), replies.next()) else {
+                break;
+            };
+            let fields: BTreeMap<String, String> =
+                redis::from_redis_value(fields).map_err(redis_error)?;
+            let counted: BTreeMap<String, u64> =
+                redis::from_redis_value(counted).map_err(redis_error)?;
+            let (Some(question), Some(options), Some(created)) = (
+                fields.get("question"),
+                fields.get("options"),
+                fields.get("created"),
+            ) else {
+                continue;
+            };
+            let options: Vec<String> = serde_json::from_str(options).unwrap_or_default();
+            let counts: BTreeMap<String, u64> = options
+                .iter()
+                .map(|o| (o.clone(), counted.get(o).copied().unwrap_or(0)))
+                .collect();
+            polls.push(Poll {
+                id,
+                question: question.clone(),
+                options,
+                total: counts.values().sum(),
+                counts,
+                created: created.clone(),
+            });
+        }
+        Ok((polls, vote))
+    }
+}
+
+impl Polls for RedisPolls {
+    fn create<'a>(&'a self, question: &'a str, options: &'a [String]) -> EngineFuture<'a, Poll> {
+        Box::pin(async move {
+            let id: i64 = redis::cmd("INCR")
+                .arg(NEXT)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(redis_error)?;
+            let poll = Poll {
+                id,
+                question: question.to_owned(),
+                options: options.to_vec(),
+                counts: options.iter().map(|o| (o.clone(), 0)).collect(),
+                total: 0,
+                created: now_rfc3339(),
+            };
+            let encoded = serde_json::to_string(options).expect("strings serialize");
+            let news = PollNews {
+                poll: None,
+                counts: None,
+                created: Some(poll.clone()),
+            };
+            let news = serde_json::to_string(&news).expect("a poll serializes");
+            // The poll before its place in the list, and the news last: whoever sees it
+            // listed or announced can read it. (Its keys and the list's are on different
+            // shards in Redis Cluster, so this is not one script.)
+            let _: () = redis::pipe()
+                .cmd("HSET")
+                .arg(poll_key(id, "p"))
+                .arg("question")
+                .arg(question)
+                .arg("options")
+                .arg(encoded)
+                .arg("created")
+                .arg(&poll.created)
+                .ignore()
+                .cmd("ZADD")
+                .arg(LIST)
+                .arg(id)
+                .arg(id)
+                .ignore()
+                .cmd("PUBLISH")
+                .arg(POLLS_CHANNEL)
+                .arg(news)
+                .ignore()
+                .query_async(&mut self.conn())
+                .await
+                .map_err(redis_error)?;
+            Ok(poll)
+        })
+    }
+
+    fn poll<'a>(
+        &'a self,
+        id: i64,
+        voter: Option<&'a str>,
+    ) -> EngineFuture<'a, (Option<Poll>, Option<String>)> {
+        Box::pin(async move {
+            let (mut polls, vote) = self.read(&[id], voter).await?;
+            Ok((polls.pop(), vote))
+        })
+    }
+
+    fn list(&self, limit: usize) -> EngineFuture<'_, Vec<Poll>> {
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let ids: Vec<i64> = redis::cmd("ZREVRANGE")
+                .arg(LIST)
+                .arg(0)
+                .arg(limit - 1)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(redis_error)?;
+            Ok(self.read(&ids, None).await?.0)
+        })
+    }
+
+    fn vote(&self, vote: VoteWrite) -> EngineFuture<'_, ()> {
+        let this = self.clone();
+        Box::pin(async move {
+            // The caller goes on (a socket serves its client meanwhile); the outcome goes to
+            // the vote's reply.
+            tokio::spawn(async move {
+                let (address, cap) = match &vote.voter.guest {
+                    Some((address, cap)) => (address.clone(), *cap),
+                    None => (String::new(), 0),
+                };
+                let ran: Result<i64, _> = this
+                    .vote
+                    .key(poll_key(vote.poll, "p"))
+                    .key(poll_key(vote.poll, "v"))
+                    .key(poll_key(vote.poll, "c"))
+                    .key(poll_key(vote.poll, &format!("a:{address}")))
+                    .arg(&vote.voter.key)
+                    .arg(&vote.option)
+                    .arg(&address)
+                    .arg(cap)
+                    .arg(POLLS_CHANNEL)
+                    .arg(vote.poll)
+                    .invoke_async(&mut this.conn())
+                    .await;
+                match ran {
+                    Ok(1) => vote.answer(VoteOutcome::Counted),
+                    Ok(2) => vote.answer(VoteOutcome::AddressFull),
+                    Ok(_) => vote.answer(VoteOutcome::Unknown),
+                    Err(e) => vote.reply.send(Err(redis_error(e)), "vote not stored"),
+                }
+            });
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn news_reads_back_what_was_written() {
+        let news: PollNews = serde_json::from_str(r#"{"poll":3,"counts":{"a":1,"b":0}}"#).unwrap();
+        assert_eq!(news.poll, Some(3));
+        assert_eq!(news.counts.unwrap()["a"], 1);
+        assert!(news.created.is_none());
+        assert_eq!(poll_key(7, "v"), "tether:{tether:poll:7}:v");
+    }
+}
