@@ -4,6 +4,7 @@ pub mod bench;
 pub mod connect;
 pub mod echo;
 pub mod fanout;
+pub mod import;
 pub mod report;
 pub mod serve;
 pub mod user;

@@ -28,6 +28,9 @@ enum Command {
     /// Manage the server's users.
     #[command(subcommand)]
     User(tether_cli::user::UserCommand),
+    /// Copy a single node's store (users, sessions, tokens, history, polls) into an empty
+    /// Redis, once, before starting several nodes on it (docs/scaling.md).
+    Import(tether_cli::import::ImportArgs),
     /// Run a WebSocket echo server (text and binary).
     Echo(EchoArgs),
     /// Load-test a WebSocket server.
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             run_serve(*args, matches).map(|()| exit::OK)
         }
         Command::User(cmd) => run_user(cmd).map(|()| exit::OK),
+        Command::Import(args) => run_import(args).map(|()| exit::OK),
         Command::Echo(args) => run_echo(args).map(|()| exit::OK),
         Command::Connect(args) => run_connect(*args),
         Command::Bench(kind) => run_bench(kind).map(|()| exit::OK),
@@ -281,6 +285,14 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     tracing::info!("shutdown signal received");
+}
+
+fn run_import(args: tether_cli::import::ImportArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut out = std::io::stdout().lock();
+    Ok(rt.block_on(tether_cli::import::run(args, &mut out))?)
 }
 
 fn run_user(cmd: tether_cli::user::UserCommand) -> anyhow::Result<()> {

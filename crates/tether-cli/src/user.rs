@@ -71,7 +71,10 @@ impl StoreArgs {
     }
 
     /// The Redis URL these options name, if any.
-    fn redis_url(&self) -> Result<Option<String>, UserError> {
+    ///
+    /// # Errors
+    /// The config file cannot be used.
+    pub fn redis_url(&self) -> Result<Option<String>, UserError> {
         if let Some(url) = &self.redis {
             return Ok(Some(url.clone()));
         }

@@ -1574,3 +1574,122 @@ async fn polls_ids_and_counts_are_the_same_on_every_node() {
     assert_eq!(stored_a["total"], 2, "{stored_a}");
     assert_eq!(stored_a, stored_b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_nodes_store_imported_into_redis_keeps_its_users_history_and_polls() {
+    // One node on its SQLite file, used: a user with a token, three messages, a poll voted on.
+    let single = tempfile::tempdir().unwrap();
+    let data = single.path().to_str().unwrap().to_owned();
+    let (added, said) = user(&["add", "ann", "--data", &data], Some("pw-for-ann"));
+    assert!(added, "{said}");
+    let serve = common::start_serve(&["--data", &data]);
+    let login = json!({"user": "ann", "password": "pw-for-ann"});
+    let (status, issued) = http(
+        &serve.addr,
+        "POST",
+        "/api/tokens",
+        None,
+        Some(login.clone()),
+    );
+    assert_eq!(status, 201, "{issued}");
+    let token = issued["token"].as_str().unwrap().to_owned();
+    for i in 1..=3 {
+        let text = Some(json!({ "text": format!("before {i}") }));
+        let (status, _) = http(
+            &serve.addr,
+            "POST",
+            "/api/rooms/lobby/messages",
+            Some(&token),
+            text,
+        );
+        assert_eq!(status, 201);
+    }
+    let poll = json!({"question": "Move?", "options": ["yes", "no"]});
+    let (status, created) = http(&serve.addr, "POST", "/api/polls", None, Some(poll));
+    assert_eq!(status, 201);
+    let poll_id = created["id"].as_i64().unwrap();
+    let url = format!("ws://{}/ws/polls/{poll_id}?token={token}", serve.addr);
+    let (mut voter, _) = within(tether::connect(&url)).await.unwrap();
+    next_of(&mut voter, "poll").await;
+    voter
+        .send(Message::text(json!({"vote": "yes"}).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(next_of(&mut voter, "counts").await["total"], 1);
+    let url = format!("ws://{}/ws/rooms/lobby?token={token}", serve.addr);
+    let (mut reader, _) = within(tether::connect(&url)).await.unwrap();
+    let epoch = next_of(&mut reader, "welcome").await["epoch"].clone();
+    drop((voter, reader, serve));
+
+    // Imported once into an empty Redis; a second import is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let redis_url = format!("redis://127.0.0.1:{port}/");
+    let import = |what: &str| {
+        let out = Command::new(BIN)
+            .args(["import", "--data", &data, "--redis", &redis_url])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), format!("{what}: {said}"))
+    };
+    let (imported, said) = import("first");
+    assert!(imported, "{said}");
+    assert!(
+        said.contains("1 users, 1 sessions and tokens, 1 rooms with 3 messages")
+            && said.contains("1 polls with 1 votes"),
+        "{said}"
+    );
+    let (again, said) = import("second");
+    assert!(
+        !again && said.contains("already holds tether data"),
+        "{said}"
+    );
+
+    // Two nodes on it: the token and the password work on both.
+    let (a, b) = (node("a", port), node("b", port));
+    for node in [&a, &b] {
+        let (status, me) = http(&node.addr, "GET", "/api/me", Some(&token), None);
+        assert_eq!((status, &me["user"]), (200, &json!("ann")), "{}", node.addr);
+        let (status, _, _) = exchange(&node.addr, "POST", "/api/login", &[], Some(login.clone()));
+        assert_eq!(status, 200, "{}", node.addr);
+    }
+
+    // A client that read up to message 1 resumes on node a in the same stream: messages 2 and
+    // 3, then what is said next gets id 4.
+    let url = a.ws(&format!(
+        "/ws/rooms/lobby?name=gus&since=1&epoch={}",
+        epoch.as_str().unwrap()
+    ));
+    let (mut gus, _) = connect_as(&url, None).await;
+    let welcome = next_of(&mut gus, "welcome").await;
+    assert_eq!(
+        (&welcome["recovered"], &welcome["epoch"]),
+        (&json!(true), &epoch),
+        "{welcome}"
+    );
+    for (id, text) in [(2, "before 2"), (3, "before 3")] {
+        let m = next_of(&mut gus, "message").await;
+        assert_eq!(
+            (m["id"].as_u64(), m["text"].as_str()),
+            (Some(id), Some(text))
+        );
+    }
+    next_of(&mut gus, "ready").await;
+    say(&mut gus, "after").await;
+    assert_eq!(next_of(&mut gus, "message").await["id"], 4);
+
+    // The poll keeps its id and votes; the next one created takes the next id.
+    let (_, polls) = http(&b.addr, "GET", "/api/polls", None, None);
+    assert_eq!(polls[0]["id"], poll_id, "{polls}");
+    assert_eq!(polls[0]["counts"], json!({"yes": 1, "no": 0}), "{polls}");
+    let poll = json!({"question": "Next?", "options": ["a", "b"]});
+    let (status, created) = http(&a.addr, "POST", "/api/polls", None, Some(poll));
+    assert_eq!((status, created["id"].as_i64()), (201, Some(poll_id + 1)));
+}

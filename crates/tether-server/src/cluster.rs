@@ -221,14 +221,14 @@ const SWEEP_BATCH: usize = 256;
 const SWEEP_LEASE: Duration = Duration::from_secs(30);
 
 /// The key of the rooms' epoch.
-const EPOCH: &str = "tether:epoch";
+pub(crate) const EPOCH: &str = "tether:epoch";
 
 /// How long a node's heartbeat lasts: a node silent for longer is swept.
 const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
 /// How often a node beats, and looks for stale nodes.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(3);
 
-fn stream_key(room: &str) -> String {
+pub(crate) fn stream_key(room: &str) -> String {
     format!("tether:s:{room}")
 }
 
@@ -295,7 +295,7 @@ fn members_key(room: &str) -> String {
 }
 
 /// Rooms with stored messages: a sorted set, every score 0, so it pages in name order.
-const ROOMS: &str = "tether:room-names";
+pub(crate) const ROOMS: &str = "tether:room-names";
 /// Where clusters before the sorted set listed their rooms (a set); moved once.
 const OLD_ROOMS: &str = "tether:rooms";
 

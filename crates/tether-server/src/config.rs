@@ -443,8 +443,8 @@ pub struct ServerConfig {
         default_value_t = 20
     )]
     pub api_publish_rate: u32,
-    /// `redis://HOST:PORT/`: share rooms, history and presence with other nodes through Redis
-    /// (docs/scaling.md). Without it, one node with its history in SQLite.
+    /// `redis://HOST:PORT/`: share rooms, history, presence, accounts and polls with other
+    /// nodes through Redis (docs/scaling.md). Without it, one node with everything in SQLite.
     #[arg(long, env = "TETHER_REDIS", value_name = "URL")]
     pub redis: Option<String>,
     /// This node's name among the others (by default its host name and process id).

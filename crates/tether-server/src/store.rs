@@ -126,6 +126,43 @@ impl CredentialKind {
     }
 }
 
+/// A user as stored, with the password hash: what moves with the store (`tether import`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRow {
+    /// The name, as registered.
+    pub name: String,
+    /// When they were added (RFC 3339).
+    pub created: String,
+    /// The argon2id hash of their password.
+    pub hash: String,
+}
+
+/// A live session or token as stored: what moves with the store (`tether import`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRow {
+    /// The SHA-256 digest of the secret.
+    pub digest: Vec<u8>,
+    /// Whose.
+    pub user: String,
+    /// Session or token.
+    pub kind: CredentialKind,
+    /// When it was issued (Unix seconds), if known.
+    pub created: Option<i64>,
+    /// When it expires (Unix seconds); `None` for never.
+    pub expires: Option<i64>,
+}
+
+/// A vote as stored: what moves with the store (`tether import`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoteRow {
+    /// The voter's key ([`Voter::key`]).
+    pub voter: String,
+    /// The option chosen.
+    pub option: String,
+    /// For a guest, the address it voted from.
+    pub address: Option<String>,
+}
+
 /// A registered user, as `tether user list` shows them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -738,6 +775,78 @@ impl Store {
     /// A database failure.
     pub fn counts(&self, id: i64, options: &[String]) -> Result<BTreeMap<String, u64>, StoreError> {
         counts(&self.conn, id, options)
+    }
+
+    /// Every user with their password hash, by name.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn export_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, created, hash FROM users ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(UserRow {
+                name: r.get(0)?,
+                created: r.get(1)?,
+                hash: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every session and token that has not expired.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn export_credentials(&self) -> Result<Vec<CredentialRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT digest, user, kind, created, expires FROM credentials
+             WHERE expires IS NULL OR expires > ?1 ORDER BY digest",
+        )?;
+        let rows = stmt.query_map([unix_now()], |r| {
+            let kind: String = r.get(2)?;
+            Ok(CredentialRow {
+                digest: r.get(0)?,
+                user: r.get(1)?,
+                kind: if kind == "session" {
+                    CredentialKind::Session
+                } else {
+                    CredentialKind::Token
+                },
+                created: r.get(3)?,
+                expires: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The id of every poll, oldest first.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn poll_ids(&self) -> Result<Vec<i64>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT id FROM polls ORDER BY id")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every vote of poll `id`.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn export_votes(&self, id: i64) -> Result<Vec<VoteRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT user, option, address FROM votes WHERE poll = ?1 ORDER BY user")?;
+        let rows = stmt.query_map([id], |r| {
+            Ok(VoteRow {
+                voter: r.get(0)?,
+                option: r.get(1)?,
+                address: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The option `user` voted for in poll `id`.

@@ -257,14 +257,14 @@ pub const REVOKED_CHANNEL: &str = "tether:revoked";
 /// The users: a hash from the lowercased name to `name\tcreated\thash`. Every account key
 /// has the hash tag `{tether:accounts}`, so that in Redis Cluster they share one slot and a
 /// script may touch several.
-const USERS: &str = "tether:{tether:accounts}:users";
+pub(crate) const USERS: &str = "tether:{tether:accounts}:users";
 /// The credentials: a hash from the digest (hex) to `user\tkind\tcreated\texpires`, `user`
 /// as registered and `expires` empty for none.
-const CREDENTIALS: &str = "tether:{tether:accounts}:credentials";
+pub(crate) const CREDENTIALS: &str = "tether:{tether:accounts}:credentials";
 /// The digests of one user's credentials (a set), under the lowercased name.
 const OF_PREFIX: &str = "tether:{tether:accounts}:of:";
 
-fn of_key(user: &str) -> String {
+pub(crate) fn of_key(user: &str) -> String {
     format!("{OF_PREFIX}{}", user.to_ascii_lowercase())
 }
 
@@ -393,11 +393,11 @@ impl<'a> UserRecord<'a> {
 
 /// A credential as stored in [`CREDENTIALS`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct CredentialRecord {
-    user: String,
-    kind: CredentialKind,
-    created: Option<i64>,
-    expires: Option<i64>,
+pub(crate) struct CredentialRecord {
+    pub(crate) user: String,
+    pub(crate) kind: CredentialKind,
+    pub(crate) created: Option<i64>,
+    pub(crate) expires: Option<i64>,
 }
 
 impl CredentialRecord {
@@ -419,7 +419,7 @@ impl CredentialRecord {
         })
     }
 
-    fn format(&self) -> String {
+    pub(crate) fn format(&self) -> String {
         let number = |n: Option<i64>| n.map(|n| n.to_string()).unwrap_or_default();
         format!(
             "{}\t{}\t{}\t{}",
@@ -435,7 +435,7 @@ impl CredentialRecord {
     }
 }
 
-fn hex(digest: &[u8]) -> String {
+pub(crate) fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 

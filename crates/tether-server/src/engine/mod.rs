@@ -23,6 +23,7 @@ use crate::store::Db;
 use crate::store::{ChatMessage, StoreError};
 
 pub mod accounts;
+pub mod import;
 pub mod polls;
 
 pub use accounts::{Accounts, RedisAccounts, Revocations, SqliteAccounts};

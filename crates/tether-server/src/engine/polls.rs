@@ -110,12 +110,12 @@ impl Polls for SqlitePolls {
 pub const POLLS_CHANNEL: &str = "tether:polls";
 
 /// The next poll id (a counter) and the polls by id (a sorted set scored by id).
-const NEXT: &str = "tether:{tether:polls}:next";
-const LIST: &str = "tether:{tether:polls}:list";
+pub(crate) const NEXT: &str = "tether:{tether:polls}:next";
+pub(crate) const LIST: &str = "tether:{tether:polls}:list";
 
 /// A poll's keys: its question, options and creation time (a hash), the votes (voter →
 /// option), the counts (option → votes) and, per address, the guests who voted from it.
-fn poll_key(id: i64, part: &str) -> String {
+pub(crate) fn poll_key(id: i64, part: &str) -> String {
     format!("tether:{{tether:poll:{id}}}:{part}")
 }
 
