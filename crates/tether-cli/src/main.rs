@@ -287,20 +287,21 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-fn run_import(args: tether_cli::import::ImportArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// The runtime of a command that edits the server's state (`user`, `import`): one thread.
+fn admin_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()?)
+}
+
+fn run_import(args: tether_cli::import::ImportArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    Ok(rt.block_on(tether_cli::import::run(args, &mut out))?)
+    Ok(admin_runtime()?.block_on(tether_cli::import::run(args, &mut out))?)
 }
 
 fn run_user(cmd: tether_cli::user::UserCommand) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let mut out = std::io::stdout().lock();
-    Ok(rt.block_on(tether_cli::user::run(cmd, &mut out))?)
+    Ok(admin_runtime()?.block_on(tether_cli::user::run(cmd, &mut out))?)
 }
 
 /// Prints a line on stdout. A reader that went away (`| head -1`) is not an error: exit 0,
