@@ -1693,3 +1693,98 @@ async fn a_single_nodes_store_imported_into_redis_keeps_its_users_history_and_po
     let (status, created) = http(&a.addr, "POST", "/api/polls", None, Some(poll));
     assert_eq!((status, created["id"].as_i64()), (201, Some(poll_id + 1)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_from_its_log_loses_and_doubles_no_acknowledged_message() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis_proc = Some(redis(port, dir.path()));
+    let toml = "api_publish_rate = 100000\n";
+    let (a, b) = (node_with("a", port, toml), node_with("b", port, toml));
+    let bearer = token(&a);
+    let (mut member, _) = join_as(&b.ws("/ws/rooms/ops?name=watcher"), None).await;
+
+    // A publisher on a sends 200 messages, each with its idempotency key, sending one again
+    // with the same key until it is acknowledged.
+    const TOTAL: usize = 200;
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let (addr, acknowledged) = (a.addr.clone(), acknowledged.clone());
+        std::thread::spawn(move || {
+            let auth = format!("Bearer {bearer}");
+            let started = Instant::now();
+            let mut ids = Vec::with_capacity(TOTAL);
+            for i in 1..=TOTAL {
+                let key = format!("k{i}");
+                loop {
+                    let headers = [("Authorization", auth.as_str()), ("Idempotency-Key", &key)];
+                    let text = Some(json!({ "text": format!("m{i}") }));
+                    let (status, _, body) =
+                        exchange(&addr, "POST", "/api/rooms/ops/messages", &headers, text);
+                    if status == 201 {
+                        ids.push((body["id"].as_u64().unwrap(), format!("m{i}")));
+                        acknowledged.fetch_add(1, SeqCst);
+                        break;
+                    }
+                    assert!(matches!(status, 500 | 503 | 504), "m{i}: {status} {body}");
+                    assert!(started.elapsed() < LIMIT * 3, "m{i} never stored: {body}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            ids
+        })
+    };
+
+    // Mid-run, Redis dies without warning and comes back from its append-only log.
+    let started = Instant::now();
+    while acknowledged.load(SeqCst) < 50 {
+        assert!(started.elapsed() < LIMIT, "the publisher never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(redis_proc.take());
+    let at_kill = acknowledged.load(SeqCst);
+    redis_proc = Some(redis(port, dir.path()));
+    let ids = tokio::task::spawn_blocking(move || publisher.join().unwrap())
+        .await
+        .unwrap();
+    assert!(redis_proc.is_some());
+    // Else the run was over before the fault, and proves nothing.
+    assert!(at_kill < TOTAL, "all {TOTAL} were acknowledged before Redis died");
+
+    // Every acknowledged message is stored once, under the id it was acknowledged with, and
+    // the ids run without a gap.
+    let expected: Vec<(u64, String)> = (1..=TOTAL as u64).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(ids, expected);
+    let (status, stored) = http(
+        &b.addr,
+        "GET",
+        "/api/rooms/ops/messages?since=0&limit=1000",
+        None,
+        None,
+    );
+    assert_eq!(status, 200, "{stored}");
+    let stored: Vec<(u64, String)> = stored
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap(),
+                m["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(stored, expected);
+
+    // The member on the other node received each once, in order, without being closed.
+    for (id, text) in &expected {
+        let m = next_of(&mut member, "message").await;
+        assert_eq!(
+            (m["id"].as_u64(), m["text"].as_str()),
+            (Some(*id), Some(text.as_str()))
+        );
+    }
+}
