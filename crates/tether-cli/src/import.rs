@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use tether_server::engine::import::{sqlite_into_redis, ImportError, Imported};
-use tether_server::store::{Store, StoreError};
+use tether_server::engine::store::{Store, StoreError};
 
 use crate::user::StoreArgs;
 

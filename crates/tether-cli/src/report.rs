@@ -3,7 +3,7 @@
 
 use std::error::Error;
 
-use tether_server::store::StoreError;
+use tether_server::engine::store::StoreError;
 
 /// `e` and its causes on one line. A cause whose text the line already holds is skipped
 /// (many errors print their cause and also return it as `source()`), and a hint for the

@@ -6,8 +6,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use tether_server::engine::{Accounts, RedisAccounts, Revocations, SqliteAccounts};
-use tether_server::store::{Db, Store, StoreError};
+use tether_server::engine::accounts::{RedisAccounts, SqliteAccounts};
+use tether_server::engine::store::{Db, Store, StoreError};
+use tether_server::engine::{Accounts, Revocations};
 use tether_server::ServerConfig;
 
 /// `tether user` subcommands.

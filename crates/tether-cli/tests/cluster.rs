@@ -1752,7 +1752,10 @@ async fn redis_killed_and_restarted_from_its_log_loses_and_doubles_no_acknowledg
         .unwrap();
     assert!(redis_proc.is_some());
     // Else the run was over before the fault, and proves nothing.
-    assert!(at_kill < TOTAL, "all {TOTAL} were acknowledged before Redis died");
+    assert!(
+        at_kill < TOTAL,
+        "all {TOTAL} were acknowledged before Redis died"
+    );
 
     // Every acknowledged message is stored once, under the id it was acknowledged with, and
     // the ids run without a gap.

@@ -8,15 +8,15 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 use tokio::sync::watch;
 
-use crate::auth::{self, Identity};
+use crate::auth::{self, Identity, Writer};
 use crate::config::ServerConfig;
+use crate::engine::journal::{ChatWrite, Journal};
+use crate::engine::store::{CredentialKind, Db, StoreError};
 use crate::gate::{Full, Gate, Pass};
 use crate::guests::{NickHold, Nicknames, GUEST_COOKIE};
 use crate::hub::Hub;
-use crate::journal::{ChatWrite, Journal};
 use crate::metrics::{Metrics, Refusal};
 use crate::password::PasswordChecker;
-use crate::store::{CredentialKind, Db, StoreError};
 use crate::throttle::Throttle;
 
 /// The name of the session cookie.
@@ -137,32 +137,6 @@ pub struct Credential {
     kind: CredentialKind,
 }
 
-/// Who a write is counted against: a registered user wherever they are, a guest or an
-/// anonymous client by address (IPv6: its /64).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Writer {
-    /// A registered user.
-    User(Box<str>),
-    /// Anyone else, by address.
-    Address(IpAddr),
-}
-
-impl Writer {
-    /// Whether the writer is not a registered user (a guest, counted by address).
-    pub fn is_guest(&self) -> bool {
-        matches!(self, Writer::Address(_))
-    }
-
-    /// The writer of a request by `user` (if logged in) from `ip`.
-    pub fn new(user: Option<&str>, ip: Option<IpAddr>) -> Writer {
-        match (user, ip) {
-            (Some(user), _) => Writer::User(user.into()),
-            (None, Some(ip)) => Writer::Address(crate::throttle::address_key(ip)),
-            (None, None) => Writer::Address(IpAddr::from([0, 0, 0, 0])),
-        }
-    }
-}
-
 /// What a client is told when its identity has used up `identity_message_rate`.
 pub const IDENTITY_RATE_REFUSAL: &str =
     "too many messages from you over all your connections: slow down";
@@ -182,11 +156,11 @@ pub struct Quotas {
     /// Rooms brought into being, per user or guest address: by a first message, or by a
     /// first member joining a room that has none ([`App::may_join_room`]). Shared with the
     /// journal and the cluster's appender.
-    pub rooms: crate::journal::RoomQuota,
+    pub rooms: crate::engine::journal::RoomQuota,
 }
 
 impl Quotas {
-    fn new(config: &ServerConfig, rooms: crate::journal::RoomQuota) -> Quotas {
+    fn new(config: &ServerConfig, rooms: crate::engine::journal::RoomQuota) -> Quotas {
         let per_hour = |n: u32| Duration::from_secs(3600) / n.max(1);
         Quotas {
             polls: Throttle::new(
@@ -255,7 +229,7 @@ impl App {
         tls: bool,
         engine: crate::engine::Engine,
         trusted_proxies: Vec<crate::proxy::Cidr>,
-        room_quota: crate::journal::RoomQuota,
+        room_quota: crate::engine::journal::RoomQuota,
     ) -> std::io::Result<Arc<App>> {
         let passwords = PasswordChecker::start(config.password_threads, config.password_queue)?;
         let config_limits = (config.max_connections, config.max_connections_per_ip);
@@ -283,7 +257,7 @@ impl App {
             channels_config: Arc::new(
                 ws_config
                     .clone()
-                    .protocols(vec![crate::channels::PROTOCOL.to_owned()]),
+                    .protocols(vec![crate::wire::PROTOCOL.to_owned()]),
             ),
             ws_config: Arc::new(ws_config),
             hub,
@@ -350,7 +324,9 @@ impl App {
             .is_err()
         {
             self.metrics.rate_limited.fetch_add(1, Relaxed);
-            return Err(StoreError::Limit(crate::journal::ROOM_QUOTA.to_owned()));
+            return Err(StoreError::Limit(
+                crate::engine::journal::ROOM_QUOTA.to_owned(),
+            ));
         }
         Ok(())
     }
@@ -521,6 +497,12 @@ impl App {
             Some(id) => (id.to_owned(), false),
             None => (auth::new_secret(), true),
         }
+    }
+
+    /// What is wrong with a chat or broadcast text, if anything (see
+    /// [`auth::text_problem`]).
+    pub fn text_problem(&self, text: &str) -> Option<String> {
+        auth::text_problem(text, self.config.max_text)
     }
 
     /// The session secret of the request's cookie, if any.

@@ -6,6 +6,7 @@ use argon2::Argon2;
 use base64::Engine as _;
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
+use std::net::IpAddr;
 
 /// Who makes a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +140,51 @@ pub fn valid_key(key: &str) -> bool {
 
 /// What is wrong with an idempotency key, for the client.
 pub const KEY_RULE: &str = "an idempotency key is 1-64 visible ASCII characters";
+
+/// Who a write is counted against: a registered user wherever they are, a guest or an
+/// anonymous client by address (IPv6: its /64).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Writer {
+    /// A registered user.
+    User(Box<str>),
+    /// Anyone else, by address.
+    Address(IpAddr),
+}
+
+impl Writer {
+    /// Whether the writer is not a registered user (a guest, counted by address).
+    pub fn is_guest(&self) -> bool {
+        matches!(self, Writer::Address(_))
+    }
+
+    /// The writer of a request by `user` (if logged in) from `ip`.
+    pub fn new(user: Option<&str>, ip: Option<IpAddr>) -> Writer {
+        match (user, ip) {
+            (Some(user), _) => Writer::User(user.into()),
+            (None, Some(ip)) => Writer::Address(crate::throttle::address_key(ip)),
+            (None, None) => Writer::Address(IpAddr::from([0, 0, 0, 0])),
+        }
+    }
+}
+
+/// What is wrong with a room name, for the client.
+pub const ROOM_RULE: &str = "a room name is 1-64 of A-Z a-z 0-9 _ - ., not only dots";
+
+/// What is wrong with a text that has a forbidden character, for the client.
+pub const FORBIDDEN_CHARS: &str =
+    "text may not contain control characters or bidirectional overrides";
+
+/// What is wrong with a chat or broadcast text of at most `max` bytes, if anything: the same
+/// rule for the API and the sockets.
+pub fn text_problem(text: &str, max: usize) -> Option<String> {
+    if text.trim().is_empty() || text.len() > max {
+        return Some(format!("text must be 1 to {max} bytes"));
+    }
+    if !valid_text(text) {
+        return Some(FORBIDDEN_CHARS.to_owned());
+    }
+    None
+}
 
 #[cfg(test)]
 mod tests {

@@ -14,15 +14,12 @@ use tether::upgrade::UpgradedWebSocket;
 use tether::{CloseCode, Message, Prepared};
 
 use crate::app::{App, Slot};
+use crate::engine::journal::{ChatWrite, Reply, VoteWrite};
+use crate::engine::store::{ChatMessage, StoreError};
 use crate::hub::{push, Everyone, Format, Hub, Outbox, Place, Subscription, Verdict};
-use crate::journal::{ChatWrite, Reply, VoteWrite};
-use crate::store::{ChatMessage, StoreError};
 use crate::ws::{self, End, Member, RateLimit};
 
-/// The subprotocol a client must offer.
-pub const PROTOCOL: &str = "tether.v1";
-/// What every version of the protocol's subprotocol starts with.
-pub const FAMILY: &str = "tether.";
+pub use crate::wire::{FAMILY, PROTOCOL};
 
 /// Commands refused in a row for the rate (error 110) before the connection is closed
 /// (4002): a client that ignores the answer only costs the server the reading.
@@ -262,7 +259,7 @@ fn parse_channel(channel: &str) -> Result<Name<'_>, Failure> {
     }
     match channel.split_once(':') {
         Some(("room", room)) if crate::auth::valid_room(room) => Ok(Name::Room(room)),
-        Some(("room", _)) => Err(fail(Code::UnknownChannel, crate::http::ROOM_RULE)),
+        Some(("room", _)) => Err(fail(Code::UnknownChannel, crate::auth::ROOM_RULE)),
         Some(("user", user)) if crate::auth::valid_user(user) => Ok(Name::User(user)),
         Some(("user", _)) => Err(fail(Code::UnknownChannel, "a user channel is user:NAME")),
         // One spelling per poll (no leading zeros), so that a name is one subscription.
@@ -305,8 +302,8 @@ struct Caller {
     kind: Kind,
     /// Its key in polls (boxed: most connections never vote, and every byte of the session's
     /// state is kept for its whole life).
-    voter: Option<Box<crate::store::Voter>>,
-    writer: crate::app::Writer,
+    voter: Option<Box<crate::engine::store::Voter>>,
+    writer: crate::auth::Writer,
     /// Revocations since before the credential was checked.
     revocations: tokio::sync::watch::Receiver<u64>,
 }
@@ -702,8 +699,8 @@ impl Session {
         }
         let revocations = self.member.revocations.clone();
         self.lost = ws::check_credential(&self.app, Some(credential), revocations);
-        self.member.writer = crate::app::Writer::new(Some(&user), None);
-        self.member.voter = Some(Box::new(crate::store::Voter {
+        self.member.writer = crate::auth::Writer::new(Some(&user), None);
+        self.member.voter = Some(Box::new(crate::engine::store::Voter {
             key: user.clone(),
             guest: None,
         }));
@@ -736,7 +733,7 @@ impl Session {
         let Some(Ok(TextData { text })) = command.data.take().map(serde_json::from_value) else {
             return Err(fail(Code::BadRequest, "data is {\"text\": \"…\"}"));
         };
-        if let Some(problem) = crate::http::text_problem(&self.app, &text) {
+        if let Some(problem) = self.app.text_problem(&text) {
             let code = if text.len() > self.app.config.max_text {
                 Code::TooLarge
             } else {

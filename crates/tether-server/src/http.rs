@@ -15,21 +15,20 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::app::{App, Refused, Writer, SESSION_COOKIE};
+use crate::app::{App, Refused, SESSION_COOKIE};
+use crate::auth::Writer;
 use crate::auth::{self, Identity};
 use crate::config::Voters;
+use crate::engine::journal::{ChatWrite, Reply};
+use crate::engine::store::{CredentialKind, StoreError, Voter};
 use crate::engine::Reach;
 use crate::guests::GUEST_COOKIE;
-use crate::journal::{ChatWrite, Reply};
 use crate::metrics::Refusal;
 use crate::password::Busy;
-use crate::store::{CredentialKind, StoreError, Voter};
 use crate::throttle::address_key;
 use crate::{web, ws};
 use tether::axum::{UpgradeRejection, WebSocketUpgrade};
 use tether::handshake::HandshakeError;
-
-pub(crate) const ROOM_RULE: &str = "a room name is 1-64 of A-Z a-z 0-9 _ - ., not only dots";
 
 /// The most bytes of header fields a request may carry (each name and value with its `: `
 /// and line end); more is answered 431. The same as the WebSocket handshake's limit.
@@ -626,7 +625,7 @@ async fn history(
     Query(page): Query<Page>,
 ) -> Response {
     if !auth::valid_room(&room) {
-        return error(StatusCode::BAD_REQUEST, ROOM_RULE);
+        return error(StatusCode::BAD_REQUEST, auth::ROOM_RULE);
     }
     if page.last.is_some() && (page.since.is_some() || page.limit.is_some()) {
         return error(
@@ -657,7 +656,7 @@ struct TextIn {
 }
 
 fn check_text(app: &App, text: &str) -> Result<(), Refused> {
-    text_problem(app, text).map_or(Ok(()), |reason| {
+    app.text_problem(text).map_or(Ok(()), |reason| {
         Err(Refused::new(
             StatusCode::BAD_REQUEST,
             Refusal::BadRequest,
@@ -665,20 +664,6 @@ fn check_text(app: &App, text: &str) -> Result<(), Refused> {
         ))
     })
 }
-
-/// What is wrong with a chat or broadcast text, if anything: the same rule for the API and
-/// the sockets.
-pub(crate) fn text_problem(app: &App, text: &str) -> Option<String> {
-    if text.trim().is_empty() || text.len() > app.config.max_text {
-        return Some(format!("text must be 1 to {} bytes", app.config.max_text));
-    }
-    if !auth::valid_text(text) {
-        return Some(FORBIDDEN_CHARS.to_owned());
-    }
-    None
-}
-
-const FORBIDDEN_CHARS: &str = "text may not contain control characters or bidirectional overrides";
 
 async fn publish(
     State(app): State<Arc<App>>,
@@ -692,7 +677,7 @@ async fn publish(
         Err(r) => return r,
     };
     if !auth::valid_room(&room) {
-        return error(StatusCode::BAD_REQUEST, ROOM_RULE);
+        return error(StatusCode::BAD_REQUEST, auth::ROOM_RULE);
     }
     store_text(&app, user, room, &headers, body).await
 }
@@ -849,7 +834,7 @@ async fn create_poll(
         );
     }
     if !auth::valid_text(&question) || !options.iter().all(|o| auth::valid_text(o)) {
-        return error(StatusCode::BAD_REQUEST, FORBIDDEN_CHARS);
+        return error(StatusCode::BAD_REQUEST, auth::FORBIDDEN_CHARS);
     }
     match app.engine.polls.create(&question, &options).await {
         Ok(poll) => json(StatusCode::CREATED, &poll),
@@ -1142,7 +1127,7 @@ async fn room_socket(
 ) -> Response {
     if !auth::valid_room(&room) {
         app.metrics.refused(Refusal::BadRequest);
-        return error(StatusCode::BAD_REQUEST, ROOM_RULE);
+        return error(StatusCode::BAD_REQUEST, auth::ROOM_RULE);
     }
     let resume = ws::Resume {
         since: query.since,

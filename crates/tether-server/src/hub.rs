@@ -30,7 +30,7 @@ use tether::Prepared;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::store::{self, ChatMessage};
+use crate::wire::{self, ChatMessage};
 
 /// One event queued for a connection. `id` is the chat message id (0 for other events), so a
 /// joining connection can skip live messages that its history already held.
@@ -873,7 +873,7 @@ struct Text<'a> {
 
 #[derive(Serialize)]
 struct Created<'a> {
-    created: &'a store::Poll,
+    created: &'a wire::Poll,
 }
 
 #[derive(Serialize)]
@@ -1457,7 +1457,7 @@ impl Hub {
     }
 
     /// Tells the `polls` channel's subscribers of a new poll; returns how many it reached.
-    pub fn poll_created(&self, poll: &store::Poll) -> usize {
+    pub fn poll_created(&self, poll: &wire::Poll) -> usize {
         let encode = |_: Format| {
             encode(&push::Publication {
                 channel: "polls",

@@ -11,31 +11,36 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The layers: [`store`] (SQLite), [`journal`] (the single writer that assigns ids and
-//! delivers after commit), [`engine`] (what handlers ask of storage and the other nodes, one
-//! implementation per deployment), [`hub`] (subscriptions and fan-out), [`app`] (shared state, auth
-//! checks, limits), [`http`] (routes), [`ws`] (socket sessions), [`serve`] (the accept loop).
+//! The layers, each using only those below it (`scripts/layers` checks it, with no circle):
+//! - the server: [`serve`] (the accept loop), [`http`] (routes and upgrades);
+//! - per connection: [`channels`] (the channel protocol of `/ws`), [`ws`] (room and poll
+//!   sessions, and what every session shares);
+//! - the node: [`app`] (shared state, credentials, limits over the engine);
+//! - [`engine`]: the seam (its traits), its two implementations ([`engine::embedded`] over
+//!   [`engine::store`] and [`engine::journal`], [`engine::redis`]) and [`engine::import`];
+//! - [`hub`]: subscriptions and fan-out to this node's connections;
+//! - foundations: [`wire`] (what goes to clients), [`auth`], [`config`], [`metrics`],
+//!   [`throttle`] and the other limits.
+//!
 //! `docs/api.md` is the API reference.
 
 pub mod app;
 pub mod auth;
 pub mod channels;
-pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod gate;
 pub mod guests;
 pub mod http;
 pub mod hub;
-pub mod journal;
 pub mod metrics;
 pub mod password;
 pub mod proxy;
 pub mod serve;
 pub mod sessions;
-pub mod store;
 pub mod throttle;
 pub mod web;
+pub mod wire;
 pub mod ws;
 
 pub use config::ServerConfig;

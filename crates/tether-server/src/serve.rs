@@ -14,14 +14,14 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
 use crate::config::ServerConfig;
+use crate::engine::journal::Journal;
+use crate::engine::store::Db;
+use crate::engine::store::{Store, StoreError};
 use crate::gate::{Full, Gate, Pass};
 use crate::http::{precheck, router, PeerAddr};
 use crate::hub::Hub;
-use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::proxy::{client_address, is_trusted};
-use crate::store::Db;
-use crate::store::{Store, StoreError};
 
 /// Starting or running the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +115,7 @@ impl Server {
         let open = || {
             let store = Store::open(&config.data)?;
             store.limit_size(config.max_database_mb.saturating_mul(1 << 20))?;
-            Ok::<_, crate::store::StoreError>(store)
+            Ok::<_, crate::engine::store::StoreError>(store)
         };
         let room_quota = Arc::new(crate::throttle::Throttle::new(
             config.rooms_per_hour,
@@ -163,9 +163,12 @@ impl Server {
             Some(url) => {
                 let node = config.node.clone().unwrap_or_else(default_node_name);
                 tracing::info!(%node, "joining the cluster through redis");
-                let accounts =
-                    crate::engine::RedisAccounts::connect(url, node.clone(), revocations.clone())?;
-                let cluster = crate::cluster::Cluster::start(
+                let accounts = crate::engine::accounts::RedisAccounts::connect(
+                    url,
+                    node.clone(),
+                    revocations.clone(),
+                )?;
+                let cluster = crate::engine::redis::Cluster::start(
                     url,
                     node,
                     hub.clone(),

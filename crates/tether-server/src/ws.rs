@@ -15,10 +15,10 @@ use tether::{CloseCode, CloseFrame, Message, Prepared};
 
 use crate::app::{App, Credential, Slot};
 use crate::auth::Identity;
+use crate::engine::journal::{ChatWrite, Reply, VoteWrite};
+use crate::engine::store::{ChatMessage, Poll, StoreError, Voter};
 use crate::hub::{encode, Subscription, Verdict};
-use crate::journal::{ChatWrite, Reply, VoteWrite};
 use crate::sessions::Turn;
-use crate::store::{ChatMessage, Poll, StoreError, Voter};
 use futures_util::{Sink as _, Stream as _, StreamExt as _};
 use std::future::Future as _;
 use std::task::Context;
@@ -131,7 +131,7 @@ pub struct Member {
     pub revocations: tokio::sync::watch::Receiver<u64>,
     /// Whose budget its messages spend, over all its connections: the user, or a guest's
     /// address.
-    pub writer: crate::app::Writer,
+    pub writer: crate::auth::Writer,
     /// Whether its transport takes writes from the hub's drainer threads as they come: plain
     /// HTTP/1.1 over TCP (TLS may need to read before it can write; HTTP/2 writes through
     /// its connection's task).
@@ -142,7 +142,7 @@ pub struct Member {
 #[derive(Clone)]
 struct Target {
     /// Whose budget its messages spend, over all its connections.
-    writer: crate::app::Writer,
+    writer: crate::auth::Writer,
     /// Where the client's messages go.
     place: Place,
 }
@@ -1260,7 +1260,7 @@ async fn handle(
                         "expected {\"text\": \"...\"}, or plain text that does not start with {",
                     )),
                 };
-            if let Some(problem) = crate::http::text_problem(app, &text) {
+            if let Some(problem) = app.text_problem(&text) {
                 return Some(error_event(&problem));
             }
             if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use tether_server::auth::digest;
-use tether_server::engine::{Accounts, RedisAccounts, Revocations, SqliteAccounts};
-use tether_server::store::{CredentialKind, Db, Store, StoreError};
+use tether_server::engine::accounts::{RedisAccounts, SqliteAccounts};
+use tether_server::engine::store::{CredentialKind, Db, Store, StoreError};
+use tether_server::engine::{Accounts, Revocations};
 
 mod common;
 

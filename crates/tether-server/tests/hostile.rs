@@ -519,7 +519,7 @@ async fn tokens_expire_and_revocations_close_open_sockets() {
     let token_d = token(addr, "alice", "pw").await;
     let mut ws = connect(&server.ws(&format!("/ws/rooms/r?token={token_d}"))).await;
     next_of(&mut ws, "ready").await;
-    let revoked = tether_server::store::Store::open(dir.path())
+    let revoked = tether_server::engine::store::Store::open(dir.path())
         .unwrap()
         .revoke_credentials("ALICE")
         .unwrap();
@@ -595,7 +595,7 @@ async fn a_guest_nickname_belongs_to_one_guest_and_registered_names_to_their_use
         let err = within(tether::connect(&url)).await.unwrap_err().to_string();
         assert!(err.contains("401"), "{name}: {err}");
     }
-    let store = tether_server::store::Store::open(dir.path()).unwrap();
+    let store = tether_server::engine::store::Store::open(dir.path()).unwrap();
     assert!(
         store.add_user("ALICE", "x").is_err(),
         "no user differing only in case"

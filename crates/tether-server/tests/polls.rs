@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_server::engine::{Polls, RedisPolls, SqlitePolls};
+use tether_server::engine::journal::{Journal, Reply, VoteWrite};
+use tether_server::engine::polls::{RedisPolls, SqlitePolls};
+use tether_server::engine::store::{Db, Store, Voter};
+use tether_server::engine::Polls;
 use tether_server::hub::Hub;
-use tether_server::journal::{Journal, Reply, VoteWrite};
 use tether_server::metrics::Metrics;
-use tether_server::store::{Db, Store, Voter};
 
 mod common;
 

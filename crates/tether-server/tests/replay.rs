@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tether_server::store::{now_rfc3339, ChatMessage, Store};
+use tether_server::engine::store::{now_rfc3339, ChatMessage, Store};
 
 mod common;
 use common::*;

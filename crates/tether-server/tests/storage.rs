@@ -3,7 +3,7 @@
 //! `/healthz` as it reports a lost Redis.
 
 use serde_json::{json, Value};
-use tether_server::store::{now_rfc3339, ChatMessage, Store};
+use tether_server::engine::store::{now_rfc3339, ChatMessage, Store};
 
 mod common;
 use common::*;

@@ -14,136 +14,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::watch;
 
-use super::EngineFuture;
-use crate::store::{
+use super::{Accounts, EngineFuture, Revocations};
+use crate::engine::store::{
     credential_id, unix_now, CredentialInfo, CredentialKind, Db, StoreError, UserInfo,
 };
-
-/// Users, their password hashes, sessions and tokens.
-pub trait Accounts: Send + Sync + std::fmt::Debug {
-    /// Adds user `name` with an already hashed password.
-    ///
-    /// # Errors
-    /// [`StoreError::UserExists`] when a user has this name ignoring ASCII case (`Alice` and
-    /// `alice` would look the same to people); storage failed.
-    fn add_user<'a>(&'a self, name: &'a str, hash: &'a str) -> EngineFuture<'a, ()>;
-
-    /// The registered user whose name equals `name` ignoring ASCII case, as registered.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn user_named_like<'a>(&'a self, name: &'a str) -> EngineFuture<'a, Option<String>>;
-
-    /// The password hash of the user named exactly `name`, if there is one.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn password_hash<'a>(&'a self, name: &'a str) -> EngineFuture<'a, Option<String>>;
-
-    /// Every user, by name, with their live sessions and tokens counted.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn users(&self) -> EngineFuture<'_, Vec<UserInfo>>;
-
-    /// Removes the user named exactly `name` with every credential of theirs (their messages
-    /// and votes stay); whether there was one.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn remove_user<'a>(&'a self, name: &'a str) -> EngineFuture<'a, bool>;
-
-    /// Replaces the password hash of the user named exactly `name` and revokes every
-    /// credential of theirs (whoever knew the old password may hold one); whether there was one.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn set_password_hash<'a>(&'a self, name: &'a str, hash: &'a str) -> EngineFuture<'a, bool>;
-
-    /// Stores a session or token (its digest) for `user`, valid for `ttl` (forever if `None`).
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn add_credential<'a>(
-        &'a self,
-        digest: [u8; 32],
-        user: &'a str,
-        kind: CredentialKind,
-        ttl: Option<Duration>,
-    ) -> EngineFuture<'a, ()>;
-
-    /// Whose the credential with `digest` is, if it exists, is of `kind` and has not expired.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn credential_user(
-        &self,
-        digest: [u8; 32],
-        kind: CredentialKind,
-    ) -> EngineFuture<'_, Option<String>>;
-
-    /// The live sessions and tokens of the user named exactly `user`, newest first.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn credentials<'a>(&'a self, user: &'a str) -> EngineFuture<'a, Vec<CredentialInfo>>;
-
-    /// Deletes the credential with `digest` (a logout); how many went (0 or 1).
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn delete_credential(&self, digest: [u8; 32]) -> EngineFuture<'_, usize>;
-
-    /// Deletes the credential of `user` whose [`CredentialInfo::id`] is `id`; how many went.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn revoke_credential<'a>(&'a self, user: &'a str, id: &'a str) -> EngineFuture<'a, usize>;
-
-    /// Deletes every credential of `user` (any case of the name); how many went.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn revoke_credentials<'a>(&'a self, user: &'a str) -> EngineFuture<'a, usize>;
-
-    /// Gives tokens stored without an expiry (by versions before tokens had a lifetime) one
-    /// of `ttl` from now; how many.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn bound_token_lifetimes(&self, ttl: Duration) -> EngineFuture<'_, usize>;
-}
-
-/// Tells this node's open connections that credentials were revoked, so that each checks its
-/// own again. Cloned handles share one signal.
-#[derive(Debug, Clone)]
-pub struct Revocations(Arc<watch::Sender<u64>>);
-
-impl Default for Revocations {
-    fn default() -> Self {
-        Revocations(Arc::new(watch::channel(0).0))
-    }
-}
-
-impl Revocations {
-    /// Signals a revocation to every receiver.
-    pub fn announce(&self) {
-        self.0.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// Revocations from now on: take it before checking a credential, so that one made
-    /// between the check and the wait is not missed.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.0.subscribe()
-    }
-
-    /// How many revocations were signalled so far (wrapping).
-    pub fn generation(&self) -> u64 {
-        *self.0.borrow()
-    }
-}
 
 /// Accounts in the node's SQLite file. Revocations reach this process's connections at once;
 /// another process (`tether user`) writing the same file is noticed by the connections' own
@@ -163,7 +38,7 @@ impl SqliteAccounts {
     /// Runs `f` on the store and announces a revocation when `revoked` says it made one.
     async fn revoking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&crate::store::Store) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&crate::engine::store::Store) -> Result<T, StoreError> + Send + 'static,
         revoked: impl FnOnce(&T) -> bool,
     ) -> Result<T, StoreError> {
         let out = self.db.call(f).await?;
@@ -674,7 +549,7 @@ impl RedisAccounts {
 impl Accounts for RedisAccounts {
     fn add_user<'a>(&'a self, name: &'a str, hash: &'a str) -> EngineFuture<'a, ()> {
         Box::pin(async move {
-            let record = format!("{name}\t{}\t{hash}", crate::store::now_rfc3339());
+            let record = format!("{name}\t{}\t{hash}", crate::engine::store::now_rfc3339());
             let added: bool = redis::cmd("HSETNX")
                 .arg(USERS)
                 .arg(name.to_ascii_lowercase())

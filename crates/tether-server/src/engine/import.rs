@@ -13,8 +13,8 @@ use redis::aio::ConnectionManager;
 
 use super::accounts::{hex, of_key, CredentialRecord, CREDENTIALS, USERS};
 use super::polls::{poll_key, LIST, NEXT};
-use crate::cluster::{stream_key, EPOCH, ROOMS};
-use crate::store::{Store, StoreError};
+use crate::engine::redis::{stream_key, EPOCH, ROOMS};
+use crate::engine::store::{Store, StoreError};
 
 /// What an import moved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

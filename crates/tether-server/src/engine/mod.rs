@@ -1,7 +1,9 @@
 //! The engine seam: what the server asks of the place its state lives. One implementation per
-//! deployment is chosen once, at startup ([`crate::serve`]): [`Embedded`] keeps everything in
-//! this process and its SQLite file, and the Redis one ([`crate::cluster::Cluster`]) shares it
-//! with every node. Handlers and sessions call the traits, never asking which one runs.
+//! deployment is chosen once, at startup ([`crate::serve`]): [`embedded::Embedded`] keeps
+//! everything in this process and its SQLite file, and the Redis one ([`redis::Cluster`])
+//! shares it with every node. Handlers and sessions call the traits, never asking which one
+//! runs. This file holds the traits; each implementation lives in a module of its own below
+//! it, and nothing here uses the implementations.
 //!
 //! The parts, gathered in an [`Engine`]:
 //! - [`Broker`]: chat streams, with ids, an epoch and history;
@@ -16,18 +18,22 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::hub::{Hub, Member};
-use crate::journal::{ChatWrite, Job, Journal};
-use crate::store::Db;
-use crate::store::{ChatMessage, StoreError};
+use tokio::sync::watch;
+
+use crate::hub::Member;
+use journal::ChatWrite;
+use journal::VoteWrite;
+use store::{ChatMessage, CredentialInfo, CredentialKind, Poll, StoreError, UserInfo};
 
 pub mod accounts;
+pub mod embedded;
 pub mod import;
+pub mod journal;
 pub mod polls;
-
-pub use accounts::{Accounts, RedisAccounts, Revocations, SqliteAccounts};
-pub use polls::{Polls, RedisPolls, SqlitePolls};
+pub mod redis;
+pub mod store;
 
 /// What the engine's calls return: a boxed future, so that the traits can be objects.
 pub type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -164,232 +170,159 @@ pub struct Engine {
     pub revocations: Revocations,
 }
 
-impl Engine {
-    /// One process: this process's store, journal and hub.
-    pub fn embedded(db: Db, journal: Journal, hub: Arc<Hub>, revocations: Revocations) -> Engine {
-        let accounts = Arc::new(SqliteAccounts::new(db.clone(), revocations.clone()));
-        let polls = Arc::new(SqlitePolls::new(db.clone(), journal.clone(), hub.clone()));
-        let embedded = Arc::new(Embedded { db, journal, hub });
-        Engine {
-            broker: embedded.clone(),
-            presence: embedded.clone(),
-            control: embedded.clone(),
-            leases: embedded,
-            accounts,
-            polls,
-            revocations,
-        }
-    }
+/// Users, their password hashes, sessions and tokens.
+pub trait Accounts: Send + Sync + std::fmt::Debug {
+    /// Adds user `name` with an already hashed password.
+    ///
+    /// # Errors
+    /// [`StoreError::UserExists`] when a user has this name ignoring ASCII case (`Alice` and
+    /// `alice` would look the same to people); storage failed.
+    fn add_user<'a>(&'a self, name: &'a str, hash: &'a str) -> EngineFuture<'a, ()>;
 
-    /// Several nodes joined through Redis: `accounts` must announce on the `revocations`
-    /// the cluster signals.
-    pub fn redis(
-        cluster: Arc<crate::cluster::Cluster>,
-        accounts: RedisAccounts,
-        revocations: Revocations,
-    ) -> Engine {
-        let polls = Arc::new(RedisPolls::new(cluster.commands()));
-        Engine {
-            broker: cluster.clone(),
-            presence: cluster.clone(),
-            control: cluster.clone(),
-            leases: cluster,
-            accounts: Arc::new(accounts),
-            polls,
-            revocations,
-        }
-    }
-}
+    /// The registered user whose name equals `name` ignoring ASCII case, as registered.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn user_named_like<'a>(&'a self, name: &'a str) -> EngineFuture<'a, Option<String>>;
 
-/// One process: messages go through the journal (the one writer, which delivers after
-/// commit), reads go to the store's thread.
-#[derive(Debug)]
-pub struct Embedded {
-    db: Db,
-    journal: Journal,
-    hub: Arc<Hub>,
-}
+    /// The password hash of the user named exactly `name`, if there is one.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn password_hash<'a>(&'a self, name: &'a str) -> EngineFuture<'a, Option<String>>;
 
-impl Broker for Embedded {
-    fn publish(&self, write: ChatWrite) -> EngineFuture<'_, ()> {
-        Box::pin(self.journal.submit(Job::Chat(write)))
-    }
+    /// Every user, by name, with their live sessions and tokens counted.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn users(&self) -> EngineFuture<'_, Vec<UserInfo>>;
 
-    fn epoch(&self) -> EngineFuture<'_, String> {
-        Box::pin(async move {
-            // Kept by the hub once read: it changes only when the store is replaced.
-            let known = self.hub.epoch();
-            if !known.is_empty() {
-                return Ok(known);
-            }
-            let epoch = self.db.call(|s| s.epoch()).await?;
-            self.hub.observe_epoch(&epoch);
-            Ok(epoch)
-        })
-    }
+    /// Removes the user named exactly `name` with every credential of theirs (their messages
+    /// and votes stay); whether there was one.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn remove_user<'a>(&'a self, name: &'a str) -> EngineFuture<'a, bool>;
 
-    fn bounds<'a>(&'a self, room: &'a str) -> EngineFuture<'a, (Option<u64>, u64)> {
-        let room = room.to_owned();
-        Box::pin(
-            self.db
-                .call(move |s| Ok((s.first_id(&room)?, s.last_id(&room)?))),
-        )
-    }
+    /// Replaces the password hash of the user named exactly `name` and revokes every
+    /// credential of theirs (whoever knew the old password may hold one); whether there was one.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn set_password_hash<'a>(&'a self, name: &'a str, hash: &'a str) -> EngineFuture<'a, bool>;
 
-    fn history<'a>(
+    /// Stores a session or token (its digest) for `user`, valid for `ttl` (forever if `None`).
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn add_credential<'a>(
         &'a self,
-        room: &'a str,
-        since: u64,
-        until: u64,
-        limit: usize,
-    ) -> EngineFuture<'a, Vec<ChatMessage>> {
-        let room = room.to_owned();
-        Box::pin(
-            self.db
-                .call(move |s| s.messages(&room, since, until, limit)),
-        )
+        digest: [u8; 32],
+        user: &'a str,
+        kind: CredentialKind,
+        ttl: Option<Duration>,
+    ) -> EngineFuture<'a, ()>;
+
+    /// Whose the credential with `digest` is, if it exists, is of `kind` and has not expired.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn credential_user(
+        &self,
+        digest: [u8; 32],
+        kind: CredentialKind,
+    ) -> EngineFuture<'_, Option<String>>;
+
+    /// The live sessions and tokens of the user named exactly `user`, newest first.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn credentials<'a>(&'a self, user: &'a str) -> EngineFuture<'a, Vec<CredentialInfo>>;
+
+    /// Deletes the credential with `digest` (a logout); how many went (0 or 1).
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn delete_credential(&self, digest: [u8; 32]) -> EngineFuture<'_, usize>;
+
+    /// Deletes the credential of `user` whose [`CredentialInfo::id`] is `id`; how many went.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn revoke_credential<'a>(&'a self, user: &'a str, id: &'a str) -> EngineFuture<'a, usize>;
+
+    /// Deletes every credential of `user` (any case of the name); how many went.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn revoke_credentials<'a>(&'a self, user: &'a str) -> EngineFuture<'a, usize>;
+
+    /// Gives tokens stored without an expiry (by versions before tokens had a lifetime) one
+    /// of `ttl` from now; how many.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn bound_token_lifetimes(&self, ttl: Duration) -> EngineFuture<'_, usize>;
+}
+
+/// Tells this node's open connections that credentials were revoked, so that each checks its
+/// own again. Cloned handles share one signal.
+#[derive(Debug, Clone)]
+pub struct Revocations(Arc<watch::Sender<u64>>);
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Revocations(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl Revocations {
+    /// Signals a revocation to every receiver.
+    pub fn announce(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    fn recent<'a>(&'a self, room: &'a str, count: usize) -> EngineFuture<'a, Vec<ChatMessage>> {
-        let room = room.to_owned();
-        Box::pin(self.db.call(move |s| {
-            let until = s.last_id(&room)?;
-            s.recent(&room, until, count)
-        }))
+    /// Revocations from now on: take it before checking a credential, so that one made
+    /// between the check and the wait is not missed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
     }
 
-    fn has_messages<'a>(&'a self, room: &'a str) -> EngineFuture<'a, bool> {
-        let room = room.to_owned();
-        Box::pin(self.db.call(move |s| Ok(s.last_id(&room)? > 0)))
+    /// How many revocations were signalled so far (wrapping).
+    pub fn generation(&self) -> u64 {
+        *self.0.borrow()
     }
+}
 
-    fn rooms<'a>(
+/// Polls, votes and their counts.
+pub trait Polls: Send + Sync + std::fmt::Debug {
+    /// Creates a poll (already validated) and tells every node's members of the poll list.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn create<'a>(&'a self, question: &'a str, options: &'a [String]) -> EngineFuture<'a, Poll>;
+
+    /// Poll `id` with its counts, and the option `voter` (a [`crate::engine::store::Voter`]'s key)
+    /// chose in it.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn poll<'a>(
         &'a self,
-        after: Option<&'a str>,
-        limit: usize,
-    ) -> EngineFuture<'a, Vec<(String, u64)>> {
-        let after = after.map(str::to_owned);
-        Box::pin(self.db.call(move |s| s.rooms(after.as_deref(), limit)))
-    }
-}
+        id: i64,
+        voter: Option<&'a str>,
+    ) -> EngineFuture<'a, (Option<Poll>, Option<String>)>;
 
-/// One process: there are no other nodes, and the hub knows everyone.
-impl Presence for Embedded {
-    fn counts<'a>(&'a self, rooms: &'a [String]) -> EngineFuture<'a, Vec<usize>> {
-        Box::pin(async move { Ok(rooms.iter().map(|r| self.hub.user_count(r)).collect()) })
-    }
+    /// The newest `limit` polls, newest first.
+    ///
+    /// # Errors
+    /// Storage failed.
+    fn list(&self, limit: usize) -> EngineFuture<'_, Vec<Poll>>;
 
-    fn users<'a>(&'a self, _room: &'a str) -> EngineFuture<'a, BTreeSet<String>> {
-        Box::pin(async { Ok(BTreeSet::new()) })
-    }
-
-    fn elsewhere<'a>(&'a self, _room: &'a str) -> EngineFuture<'a, Vec<Member>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-}
-
-impl Control for Embedded {
-    fn broadcast<'a>(&'a self, user: &'a str, text: &'a str) -> EngineFuture<'a, Reach> {
-        let ts = crate::store::now_rfc3339();
-        Box::pin(async move { Ok(Reach::Connections(self.hub.broadcast(user, text, &ts))) })
-    }
-
-    fn trouble(&self) -> Option<&'static str> {
-        None
-    }
-}
-
-/// One process: the hub's holds are all there is.
-impl Leases for Embedded {
-    fn claim<'a>(&'a self, _name: &'a str, _holder: &'a str) -> EngineFuture<'a, bool> {
-        Box::pin(async { Ok(true) })
-    }
-}
-
-impl Control for crate::cluster::Cluster {
-    fn broadcast<'a>(&'a self, user: &'a str, text: &'a str) -> EngineFuture<'a, Reach> {
-        // Every node delivers it to its own connections.
-        Box::pin(async move {
-            Ok(Reach::Nodes(
-                crate::cluster::Cluster::broadcast(self, user, text).await?,
-            ))
-        })
-    }
-
-    fn trouble(&self) -> Option<&'static str> {
-        (!self.is_healthy()).then(|| self.health())
-    }
-}
-
-impl Leases for crate::cluster::Cluster {
-    fn claim<'a>(&'a self, name: &'a str, holder: &'a str) -> EngineFuture<'a, bool> {
-        Box::pin(self.claim_nickname(name, holder))
-    }
-}
-
-impl Presence for crate::cluster::Cluster {
-    fn counts<'a>(&'a self, rooms: &'a [String]) -> EngineFuture<'a, Vec<usize>> {
-        Box::pin(self.member_counts(rooms))
-    }
-
-    fn users<'a>(&'a self, room: &'a str) -> EngineFuture<'a, BTreeSet<String>> {
-        Box::pin(self.members(room))
-    }
-
-    fn elsewhere<'a>(&'a self, room: &'a str) -> EngineFuture<'a, Vec<Member>> {
-        Box::pin(self.remote_members(room))
-    }
-}
-
-impl Broker for crate::cluster::Cluster {
-    fn publish(&self, write: ChatWrite) -> EngineFuture<'_, ()> {
-        Box::pin(self.submit(write))
-    }
-
-    fn epoch(&self) -> EngineFuture<'_, String> {
-        Box::pin(crate::cluster::Cluster::epoch(self))
-    }
-
-    fn bounds<'a>(&'a self, room: &'a str) -> EngineFuture<'a, (Option<u64>, u64)> {
-        Box::pin(async move {
-            // Read only once this node hears the room: what is published after the read
-            // then arrives live.
-            self.listen(room).await;
-            let last = crate::cluster::Cluster::recent(self, room, 1)
-                .await?
-                .first()
-                .map_or(0, |m| m.id);
-            Ok((self.first_id(room).await?, last))
-        })
-    }
-
-    fn history<'a>(
-        &'a self,
-        room: &'a str,
-        since: u64,
-        until: u64,
-        limit: usize,
-    ) -> EngineFuture<'a, Vec<ChatMessage>> {
-        Box::pin(async move {
-            let mut page = self.messages(room, since, limit).await?;
-            page.retain(|m| m.id <= until);
-            Ok(page)
-        })
-    }
-
-    fn recent<'a>(&'a self, room: &'a str, count: usize) -> EngineFuture<'a, Vec<ChatMessage>> {
-        Box::pin(crate::cluster::Cluster::recent(self, room, count))
-    }
-
-    fn has_messages<'a>(&'a self, room: &'a str) -> EngineFuture<'a, bool> {
-        Box::pin(async move { Ok(self.first_id(room).await?.is_some()) })
-    }
-
-    fn rooms<'a>(
-        &'a self,
-        after: Option<&'a str>,
-        limit: usize,
-    ) -> EngineFuture<'a, Vec<(String, u64)>> {
-        Box::pin(crate::cluster::Cluster::rooms(self, after, limit))
-    }
+    /// Queues `vote`; what became of it goes to its reply, and the poll's new counts to every
+    /// node's members of the poll.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] when the writer has stopped.
+    fn vote(&self, vote: VoteWrite) -> EngineFuture<'_, ()>;
 }

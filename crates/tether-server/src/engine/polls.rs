@@ -16,43 +16,10 @@ use std::sync::Arc;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
-use super::EngineFuture;
+use super::{EngineFuture, Polls};
+use crate::engine::journal::{Job, Journal, VoteWrite};
+use crate::engine::store::{now_rfc3339, Db, Poll, StoreError, VoteOutcome};
 use crate::hub::Hub;
-use crate::journal::{Job, Journal, VoteWrite};
-use crate::store::{now_rfc3339, Db, Poll, StoreError, VoteOutcome};
-
-/// Polls, votes and their counts.
-pub trait Polls: Send + Sync + std::fmt::Debug {
-    /// Creates a poll (already validated) and tells every node's members of the poll list.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn create<'a>(&'a self, question: &'a str, options: &'a [String]) -> EngineFuture<'a, Poll>;
-
-    /// Poll `id` with its counts, and the option `voter` (a [`crate::store::Voter`]'s key)
-    /// chose in it.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn poll<'a>(
-        &'a self,
-        id: i64,
-        voter: Option<&'a str>,
-    ) -> EngineFuture<'a, (Option<Poll>, Option<String>)>;
-
-    /// The newest `limit` polls, newest first.
-    ///
-    /// # Errors
-    /// Storage failed.
-    fn list(&self, limit: usize) -> EngineFuture<'_, Vec<Poll>>;
-
-    /// Queues `vote`; what became of it goes to its reply, and the poll's new counts to every
-    /// node's members of the poll.
-    ///
-    /// # Errors
-    /// [`StoreError::Closed`] when the writer has stopped.
-    fn vote(&self, vote: VoteWrite) -> EngineFuture<'_, ()>;
-}
 
 /// Polls in the node's SQLite file.
 #[derive(Debug, Clone)]

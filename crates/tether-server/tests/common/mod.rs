@@ -116,7 +116,7 @@ pub async fn http_from(
 
 pub async fn add_user(data: &Path, name: &str, password: &str) {
     let hash = tether_server::auth::hash_password(password).unwrap();
-    tether_server::store::Store::open(data)
+    tether_server::engine::store::Store::open(data)
         .unwrap()
         .add_user(name, &hash)
         .unwrap();

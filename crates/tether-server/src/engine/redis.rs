@@ -34,12 +34,15 @@ use serde_json::value::RawValue;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::accounts::REVOKED_CHANNEL;
-use crate::engine::polls::{PollNews, POLLS_CHANNEL};
+use super::accounts::RedisAccounts;
+use super::accounts::REVOKED_CHANNEL;
+use super::journal::ChatWrite;
+use super::polls::RedisPolls;
+use super::polls::{PollNews, POLLS_CHANNEL};
+use super::store::{now_rfc3339, ChatMessage, StoreError};
+use super::{Broker, Control, Engine, EngineFuture, Leases, Presence, Reach, Revocations};
 use crate::hub::{Change, Hub, Member, Shared};
-use crate::journal::ChatWrite;
 use crate::metrics::Metrics;
-use crate::store::{now_rfc3339, ChatMessage, StoreError};
 
 /// Lua: `epoch` is the rooms' epoch in the key KEYS[K], made from the proposal ARGV[A] when
 /// missing (Redis is new or lost its data).
@@ -353,7 +356,7 @@ pub struct Cluster {
     history_limit: usize,
     max_rooms: usize,
     /// New rooms per identity.
-    room_quota: crate::journal::RoomQuota,
+    room_quota: crate::engine::journal::RoomQuota,
     /// Messages waiting to be stored, in order.
     appends: mpsc::Sender<ChatWrite>,
     epoch: redis::Script,
@@ -408,7 +411,7 @@ impl Cluster {
         metrics: Arc<Metrics>,
         history_limit: usize,
         max_rooms: usize,
-        room_quota: crate::journal::RoomQuota,
+        room_quota: crate::engine::journal::RoomQuota,
         revocations: crate::engine::Revocations,
     ) -> Result<Arc<Cluster>, StoreError> {
         let client = redis::Client::open(url).map_err(redis_error)?;
@@ -581,7 +584,7 @@ impl Cluster {
             .arg(suffix)
             .arg(self.history_limit.max(1))
             .arg(&job.room)
-            .arg(crate::store::new_epoch())
+            .arg(crate::engine::store::new_epoch())
             .arg(self.max_rooms)
             .arg(job.key.as_deref().unwrap_or_default())
             .arg(KEY_WINDOW.as_secs())
@@ -603,7 +606,7 @@ impl Cluster {
             ));
         }
         if e.code() == Some("ROOMQUOTA") {
-            return StoreError::Limit(crate::journal::ROOM_QUOTA.to_owned());
+            return StoreError::Limit(crate::engine::journal::ROOM_QUOTA.to_owned());
         }
         self.metrics.store_failures.fetch_add(1, Relaxed);
         if e.is_timeout() || e.is_connection_dropped() {
@@ -687,7 +690,7 @@ impl Cluster {
         let epoch: String = self
             .epoch
             .key(EPOCH)
-            .arg(crate::store::new_epoch())
+            .arg(crate::engine::store::new_epoch())
             .invoke_async(&mut con)
             .await
             .map_err(redis_error)?;
@@ -698,7 +701,7 @@ impl Cluster {
     /// Replaces the rooms' epoch (storage lost messages without losing the epoch); the hub
     /// resets every room.
     async fn new_epoch(&self) -> Result<(), StoreError> {
-        let epoch = crate::store::new_epoch();
+        let epoch = crate::engine::store::new_epoch();
         let mut con = self.commands.clone();
         redis::cmd("SET")
             .arg(EPOCH)
@@ -1596,4 +1599,109 @@ fn parse_entries(entries: Vec<Entry>) -> Vec<ChatMessage> {
             serde_json::from_str(&json).ok()
         })
         .collect()
+}
+
+impl Engine {
+    /// Several nodes joined through Redis: `accounts` must announce on the `revocations`
+    /// the cluster signals.
+    pub fn redis(
+        cluster: Arc<Cluster>,
+        accounts: RedisAccounts,
+        revocations: Revocations,
+    ) -> Engine {
+        let polls = Arc::new(RedisPolls::new(cluster.commands()));
+        Engine {
+            broker: cluster.clone(),
+            presence: cluster.clone(),
+            control: cluster.clone(),
+            leases: cluster,
+            accounts: Arc::new(accounts),
+            polls,
+            revocations,
+        }
+    }
+}
+
+impl Control for Cluster {
+    fn broadcast<'a>(&'a self, user: &'a str, text: &'a str) -> EngineFuture<'a, Reach> {
+        // Every node delivers it to its own connections.
+        Box::pin(async move { Ok(Reach::Nodes(Cluster::broadcast(self, user, text).await?)) })
+    }
+
+    fn trouble(&self) -> Option<&'static str> {
+        (!self.is_healthy()).then(|| self.health())
+    }
+}
+
+impl Leases for Cluster {
+    fn claim<'a>(&'a self, name: &'a str, holder: &'a str) -> EngineFuture<'a, bool> {
+        Box::pin(self.claim_nickname(name, holder))
+    }
+}
+
+impl Presence for Cluster {
+    fn counts<'a>(&'a self, rooms: &'a [String]) -> EngineFuture<'a, Vec<usize>> {
+        Box::pin(self.member_counts(rooms))
+    }
+
+    fn users<'a>(&'a self, room: &'a str) -> EngineFuture<'a, BTreeSet<String>> {
+        Box::pin(self.members(room))
+    }
+
+    fn elsewhere<'a>(&'a self, room: &'a str) -> EngineFuture<'a, Vec<Member>> {
+        Box::pin(self.remote_members(room))
+    }
+}
+
+impl Broker for Cluster {
+    fn publish(&self, write: ChatWrite) -> EngineFuture<'_, ()> {
+        Box::pin(self.submit(write))
+    }
+
+    fn epoch(&self) -> EngineFuture<'_, String> {
+        Box::pin(Cluster::epoch(self))
+    }
+
+    fn bounds<'a>(&'a self, room: &'a str) -> EngineFuture<'a, (Option<u64>, u64)> {
+        Box::pin(async move {
+            // Read only once this node hears the room: what is published after the read
+            // then arrives live.
+            self.listen(room).await;
+            let last = Cluster::recent(self, room, 1)
+                .await?
+                .first()
+                .map_or(0, |m| m.id);
+            Ok((self.first_id(room).await?, last))
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        since: u64,
+        until: u64,
+        limit: usize,
+    ) -> EngineFuture<'a, Vec<ChatMessage>> {
+        Box::pin(async move {
+            let mut page = self.messages(room, since, limit).await?;
+            page.retain(|m| m.id <= until);
+            Ok(page)
+        })
+    }
+
+    fn recent<'a>(&'a self, room: &'a str, count: usize) -> EngineFuture<'a, Vec<ChatMessage>> {
+        Box::pin(Cluster::recent(self, room, count))
+    }
+
+    fn has_messages<'a>(&'a self, room: &'a str) -> EngineFuture<'a, bool> {
+        Box::pin(async move { Ok(self.first_id(room).await?.is_some()) })
+    }
+
+    fn rooms<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> EngineFuture<'a, Vec<(String, u64)>> {
+        Box::pin(Cluster::rooms(self, after, limit))
+    }
 }

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::engine::store::{now_rfc3339, ChatMessage, Store, StoreError, VoteOutcome, Voter};
 use crate::hub::{encode, Hub, Outbox, Outgoing};
 use crate::metrics::Metrics;
-use crate::store::{now_rfc3339, ChatMessage, Store, StoreError, VoteOutcome, Voter};
 
 const BATCH: usize = 512;
 
@@ -69,7 +69,7 @@ impl<T> Reply<T> {
 }
 
 /// New rooms one identity may start: a token bucket per user or guest address.
-pub type RoomQuota = std::sync::Arc<crate::throttle::Throttle<crate::app::Writer>>;
+pub type RoomQuota = std::sync::Arc<crate::throttle::Throttle<crate::auth::Writer>>;
 
 /// What a client past its [`RoomQuota`] is told.
 pub const ROOM_QUOTA: &str =
@@ -89,7 +89,7 @@ pub struct ChatWrite {
     /// while kept, is answered again instead of storing another.
     pub key: Option<String>,
     /// Whose budget of new rooms a message that starts one spends.
-    pub writer: crate::app::Writer,
+    pub writer: crate::auth::Writer,
     /// Where the stored message (or the failure) goes.
     pub reply: Reply<ChatMessage>,
 }

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{params, OptionalExtension};
-use serde::{Deserialize, Serialize};
 
 /// A failure of the store.
 #[derive(Debug, thiserror::Error)]
@@ -45,47 +44,7 @@ pub enum StoreError {
     Closed,
 }
 
-/// One chat message as stored and as sent to clients.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename = "message")]
-pub struct ChatMessage {
-    /// Strictly increasing per room, starting at 1.
-    pub id: u64,
-    /// The room.
-    pub room: String,
-    /// Who sent it (a user or a guest nickname).
-    pub user: String,
-    /// Whether the sender was a guest (a nickname, not a registered user): pages show it, so
-    /// that a guest cannot pass for a user. Absent from the JSON when false.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub guest: bool,
-    /// The text.
-    pub text: String,
-    /// When it was stored, RFC 3339 with milliseconds, UTC.
-    pub ts: String,
-    /// The epoch of the stream it belongs to, when it came from shared storage (Redis): a
-    /// node learns from it that the stream was lost and started again. Not sent to clients
-    /// (`welcome` and `ready` carry the epoch).
-    #[serde(default, skip_serializing)]
-    pub epoch: Option<String>,
-}
-
-/// A poll with its current counts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Poll {
-    /// The poll's id.
-    pub id: i64,
-    /// The question.
-    pub question: String,
-    /// The options, in the creator's order.
-    pub options: Vec<String>,
-    /// Votes per option (every option present, zero included).
-    pub counts: BTreeMap<String, u64>,
-    /// All votes.
-    pub total: u64,
-    /// When it was created (RFC 3339).
-    pub created: String,
-}
+pub use crate::wire::{ChatMessage, Poll};
 
 /// Who casts a vote: one vote per key per poll.
 #[derive(Debug, Clone, PartialEq, Eq)]
