@@ -10,14 +10,13 @@ use common::*;
 use serde_json::{json, Value};
 use tether::Message;
 
-async fn server() -> (Running, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    (start(config(dir.path())).await, dir)
+async fn server(kind: Kind) -> (Running, Setup) {
+    let setup = Setup::new(kind);
+    (start(setup.config()).await, setup)
 }
 
-#[tokio::test]
-async fn the_endpoint_requires_the_subprotocol() {
-    let (server, _dir) = server().await;
+async fn the_endpoint_requires_the_subprotocol(kind: Kind) {
+    let (server, _dir) = server(kind).await;
     let refused = within(tether::connect(&server.ws("/ws?name=ann"))).await;
     let err = refused.expect_err("refused without tether.v1");
     assert!(err.to_string().contains("400"), "{err}");
@@ -47,9 +46,8 @@ async fn the_endpoint_requires_the_subprotocol() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn connect_subscribe_publish_and_receive() {
-    let (server, _dir) = server().await;
+async fn connect_subscribe_publish_and_receive(kind: Kind) {
+    let (server, _dir) = server(kind).await;
     let (mut ann, connected) = Client::open(&server, "?name=ann").await;
     assert_eq!(connected["user"], "ann");
     assert_eq!(connected["guest"], true);
@@ -131,9 +129,8 @@ async fn connect_subscribe_publish_and_receive() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn one_connection_carries_several_rooms() {
-    let (server, _dir) = server().await;
+async fn one_connection_carries_several_rooms(kind: Kind) {
+    let (server, _dir) = server(kind).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
     for room in ["room:a", "room:b"] {
         let reply = ann.subscribe(room).await;
@@ -168,9 +165,8 @@ async fn one_connection_carries_several_rooms() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_resubscription_recovers_exactly_what_was_missed() {
-    let (server, _dir) = server().await;
+async fn a_resubscription_recovers_exactly_what_was_missed(kind: Kind) {
+    let (server, _dir) = server(kind).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
     ann.subscribe("room:r").await;
     for i in 1..=5 {
@@ -214,9 +210,8 @@ async fn a_resubscription_recovers_exactly_what_was_missed() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn presence_joins_leaves_and_typing() {
-    let (server, _dir) = server().await;
+async fn presence_joins_leaves_and_typing(kind: Kind) {
+    let (server, _dir) = server(kind).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
     ann.subscribe("room:t").await;
     let (mut ben, _) = Client::open(&server, "?name=ben").await;
@@ -281,11 +276,10 @@ async fn presence_joins_leaves_and_typing() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn presence_shows_the_info_each_connection_attached() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "ann", "correct horse battery").await;
-    let server = start(config(dir.path())).await;
+async fn presence_shows_the_info_each_connection_attached(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("ann", "correct horse battery").await;
+    let server = start(dir.config()).await;
     let ann_token = token(server.addr, "ann", "correct horse battery").await;
     let as_ann = format!("?token={ann_token}");
     let info = |device: &str| json!({"op": "connect", "info": {"device": device}});
@@ -330,23 +324,26 @@ async fn presence_shows_the_info_each_connection_attached() {
     assert_eq!(subscribed["presence"][1], members[1], "{subscribed}");
     assert!(subscribed["presence"][2].get("info").is_none());
 
-    // Info is an object of at most 1 KiB, given once.
-    for bad in [
-        json!({"op": "connect", "info": "phone"}),
-        json!({"op": "connect", "info": {"pad": "x".repeat(1100)}}),
+    // Info is an object of at most 1 KiB, given once. (Each try is another guest, under a
+    // name of its own: a name is free again only once the guest's socket has closed.)
+    for (name, bad) in [
+        ("dan", json!({"op": "connect", "info": "phone"})),
+        (
+            "dave",
+            json!({"op": "connect", "info": {"pad": "x".repeat(1100)}}),
+        ),
     ] {
-        let (_, refused) = Client::open_with(&server, "?name=dan", bad).await;
+        let (_, refused) = Client::open_with(&server, &format!("?name={name}"), bad).await;
         assert_eq!(error_code(&refused), 107, "{refused}");
     }
     drop((ann, ann2, ann3, ben, cat));
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_broadcast_reaches_every_channel_connection_named_or_not() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "root", "correct horse battery").await;
-    let server = start(config(dir.path())).await;
+async fn a_broadcast_reaches_every_channel_connection_named_or_not(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("root", "correct horse battery").await;
+    let server = start(dir.config()).await;
     let token = token(server.addr, "root", "correct horse battery").await;
     // Subscribed to nothing at all; and a visitor who gave no identity, only watching.
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
@@ -378,9 +375,8 @@ async fn a_broadcast_reaches_every_channel_connection_named_or_not() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_channel_client_and_a_room_shortcut_client_chat_together() {
-    let (server, _dir) = server().await;
+async fn a_channel_client_and_a_room_shortcut_client_chat_together(kind: Kind) {
+    let (server, _dir) = server(kind).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
     ann.subscribe("room:mix").await;
     let mut ben = connect(&server.ws("/ws/rooms/mix?name=ben")).await;
@@ -401,9 +397,8 @@ async fn a_channel_client_and_a_room_shortcut_client_chat_together() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn errors_have_codes_and_violations_close_with_4500() {
-    let (server, _dir) = server().await;
+async fn errors_have_codes_and_violations_close_with_4500(kind: Kind) {
+    let (server, _dir) = server(kind).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
     let cases = [
         (json!({"op": "dance"}), 104),
@@ -464,11 +459,10 @@ async fn refused_with(server: &Running, query: &str) -> (Value, u16) {
     (push, close_code(&mut ws).await)
 }
 
-#[tokio::test]
-async fn permanent_refusals_are_told_in_the_protocol_with_their_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "root", "correct horse battery").await;
-    let server = start(config(dir.path())).await;
+async fn permanent_refusals_are_told_in_the_protocol_with_their_codes(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("root", "correct horse battery").await;
+    let server = start(dir.config()).await;
     let (push, code) = refused_with(&server, "?name=root").await;
     assert_eq!(code, 4503, "a registered user's name: {push}");
     assert_eq!(push["type"], "disconnect");
@@ -492,8 +486,8 @@ async fn permanent_refusals_are_told_in_the_protocol_with_their_codes() {
     drop(ann);
     server.stop().await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut no_guests = config(dir.path());
+    let dir = Setup::new(kind);
+    let mut no_guests = dir.config();
     no_guests.guests = false;
     let server = start(no_guests).await;
     let (push, code) = refused_with(&server, "?name=ann").await;
@@ -507,11 +501,10 @@ async fn permanent_refusals_are_told_in_the_protocol_with_their_codes() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn poll_channels_vote_push_the_counts_and_list_new_polls() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "root", "correct horse battery").await;
-    let server = start(config(dir.path())).await;
+async fn poll_channels_vote_push_the_counts_and_list_new_polls(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("root", "correct horse battery").await;
+    let server = start(dir.config()).await;
     let token = token(server.addr, "root", "correct horse battery").await;
     let bearer = format!("Bearer {token}");
     let (status, poll) = http(
@@ -606,9 +599,8 @@ async fn poll_channels_vote_push_the_counts_and_list_new_polls() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn publications_in_flight_are_stored_in_order_and_answered_in_order() {
-    let (server, _dir) = server().await;
+async fn publications_in_flight_are_stored_in_order_and_answered_in_order(kind: Kind) {
+    let (server, _dir) = server(kind).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
     ann.subscribe("room:flight").await;
     // 30 publications sent without waiting, a refused one among them, then a ping: every
@@ -667,12 +659,11 @@ async fn publications_in_flight_are_stored_in_order_and_answered_in_order() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_users_notifications_reach_every_device_and_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "root", "correct horse battery").await;
-    add_user(dir.path(), "ann", "correct horse battery").await;
-    let server = start(config(dir.path())).await;
+async fn a_users_notifications_reach_every_device_and_resume(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("root", "correct horse battery").await;
+    dir.add_user("ann", "correct horse battery").await;
+    let server = start(dir.config()).await;
     let root = format!(
         "Bearer {}",
         token(server.addr, "root", "correct horse battery").await
@@ -773,11 +764,10 @@ async fn a_users_notifications_reach_every_device_and_resume() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn connect_takes_a_token_so_that_it_stays_out_of_the_url() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "root", "correct horse battery").await;
-    let server = start(config(dir.path())).await;
+async fn connect_takes_a_token_so_that_it_stays_out_of_the_url(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("root", "correct horse battery").await;
+    let server = start(dir.config()).await;
     let root = token(server.addr, "root", "correct horse battery").await;
     let connect = |token: &str| json!({"id": 1, "op": "connect", "token": token}).to_string();
 
@@ -820,9 +810,8 @@ async fn connect_takes_a_token_so_that_it_stays_out_of_the_url() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_client_that_ignores_too_many_requests_is_closed_with_4002() {
-    let (server, _dir) = server().await;
+async fn a_client_that_ignores_too_many_requests_is_closed_with_4002(kind: Kind) {
+    let (server, _dir) = server(kind).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
     for _ in 0..200 {
         ann.send(json!({"op": "ping"})).await;
@@ -851,9 +840,9 @@ async fn a_client_that_ignores_too_many_requests_is_closed_with_4002() {
 
 /// A server with fan-out's direct writes on or off (`--direct-fanout`), and a rate that lets
 /// one client publish as fast as it can.
-async fn busy_server(direct: bool) -> (Running, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
+async fn busy_server(kind: Kind, direct: bool) -> (Running, Setup) {
+    let dir = Setup::new(kind);
+    let mut c = dir.config();
     c.direct_fanout = direct;
     c.message_rate = 1e6;
     c.identity_message_rate = 1_000_000;
@@ -933,8 +922,8 @@ async fn publishing_done(publishing: tokio::task::JoinHandle<Client>) -> Client 
 /// every publication from where it starts, once, in order: the replay and the live stream
 /// meet with no gap and no duplicate, whether fan-out writes to idle connections directly or
 /// wakes them.
-async fn subscribers_joining_a_busy_room_get_each_publication_once(direct: bool) {
-    let (server, _dir) = busy_server(direct).await;
+async fn subscribers_joining_a_busy_room_get_each_publication_once(kind: Kind, direct: bool) {
+    let (server, _dir) = busy_server(kind, direct).await;
     let channel = "room:busy";
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
     ann.subscribe(channel).await;
@@ -992,19 +981,16 @@ async fn subscribers_joining_a_busy_room_get_each_publication_once(direct: bool)
     server.stop().await;
 }
 
-#[tokio::test]
-async fn subscribers_joining_a_busy_room_get_each_publication_once_with_direct_writes() {
-    subscribers_joining_a_busy_room_get_each_publication_once(true).await;
+async fn subscribers_joining_a_busy_room_get_each_publication_once_with_direct_writes(kind: Kind) {
+    subscribers_joining_a_busy_room_get_each_publication_once(kind, true).await;
 }
 
-#[tokio::test]
-async fn subscribers_joining_a_busy_room_get_each_publication_once_with_wakes() {
-    subscribers_joining_a_busy_room_get_each_publication_once(false).await;
+async fn subscribers_joining_a_busy_room_get_each_publication_once_with_wakes(kind: Kind) {
+    subscribers_joining_a_busy_room_get_each_publication_once(kind, false).await;
 }
 
-#[tokio::test]
-async fn nothing_of_a_busy_channel_follows_its_unsubscribe_reply() {
-    let (server, _dir) = busy_server(true).await;
+async fn nothing_of_a_busy_channel_follows_its_unsubscribe_reply(kind: Kind) {
+    let (server, _dir) = busy_server(kind, true).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
     ann.subscribe("room:a").await;
     let (mut ben, _) = Client::open(&server, "?name=ben").await;
@@ -1039,11 +1025,11 @@ async fn nothing_of_a_busy_channel_follows_its_unsubscribe_reply() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_channel_subscriber_that_stops_reading_is_closed_with_4000_and_the_others_get_everything()
-{
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
+async fn a_channel_subscriber_that_stops_reading_is_closed_with_4000_and_the_others_get_everything(
+    kind: Kind,
+) {
+    let dir = Setup::new(kind);
+    let mut c = dir.config();
     c.message_rate = 1e6;
     c.identity_message_rate = 1_000_000;
     // Above the journal's batch (512), which can arrive at once, so only a stalled reader
@@ -1102,3 +1088,25 @@ async fn a_channel_subscriber_that_stops_reading_is_closed_with_4000_and_the_oth
     drop(fast);
     server.stop().await;
 }
+
+on_both_engines!(
+    the_endpoint_requires_the_subprotocol,
+    connect_subscribe_publish_and_receive,
+    one_connection_carries_several_rooms,
+    a_resubscription_recovers_exactly_what_was_missed,
+    presence_joins_leaves_and_typing,
+    presence_shows_the_info_each_connection_attached,
+    a_broadcast_reaches_every_channel_connection_named_or_not,
+    a_channel_client_and_a_room_shortcut_client_chat_together,
+    errors_have_codes_and_violations_close_with_4500,
+    permanent_refusals_are_told_in_the_protocol_with_their_codes,
+    poll_channels_vote_push_the_counts_and_list_new_polls,
+    publications_in_flight_are_stored_in_order_and_answered_in_order,
+    a_users_notifications_reach_every_device_and_resume,
+    connect_takes_a_token_so_that_it_stays_out_of_the_url,
+    a_client_that_ignores_too_many_requests_is_closed_with_4002,
+    subscribers_joining_a_busy_room_get_each_publication_once_with_direct_writes,
+    subscribers_joining_a_busy_room_get_each_publication_once_with_wakes,
+    nothing_of_a_busy_channel_follows_its_unsubscribe_reply,
+    a_channel_subscriber_that_stops_reading_is_closed_with_4000_and_the_others_get_everything,
+);

@@ -43,6 +43,7 @@ fn guest(id: &str, address: &str) -> Voter {
 }
 
 async fn contract(polls: &dyn Polls) {
+    assert_eq!(polls.list(10).await.unwrap(), [], "none yet");
     let options = |list: &[&str]| list.iter().map(|o| o.to_string()).collect::<Vec<_>>();
     let first = polls
         .create("Tabs or spaces?", &options(&["tabs", "spaces"]))

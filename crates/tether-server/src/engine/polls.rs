@@ -183,6 +183,10 @@ impl RedisPolls {
         ids: &[i64],
         voter: Option<&str>,
     ) -> Result<(Vec<Poll>, Option<String>), StoreError> {
+        if ids.is_empty() {
+            // An empty pipeline is an error to the client library.
+            return Ok((Vec::new(), None));
+        }
         let mut pipe = redis::pipe();
         for &id in ids {
             pipe.cmd("HGETALL").arg(poll_key(id, "p"));

@@ -45,18 +45,105 @@ pub fn config(data: &Path) -> ServerConfig {
     c
 }
 
+/// Starts a server; one on Redis is returned once `/healthz` says it hears Redis, as a load
+/// balancer would wait.
 pub async fn start(config: ServerConfig) -> Running {
+    let on_redis = config.redis.is_some();
     let server = Server::bind(config).await.unwrap();
     let addr = server.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
+    if on_redis {
+        within(async {
+            while http(addr, "GET", "/healthz", &[], None).await.0 != 200 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
     Running {
         addr,
         stop: Some(tx),
         done,
     }
+}
+
+/// The engine a test's server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One process and its SQLite file.
+    Embedded,
+    /// A `redis-server` of the test's own (`--redis`).
+    Redis,
+}
+
+/// Where a test's server keeps its state: a data directory, and for [`Kind::Redis`] a Redis.
+pub struct Setup {
+    dir: tempfile::TempDir,
+    redis: Option<RedisServer>,
+}
+
+impl Setup {
+    /// A fresh data directory, and a fresh Redis when `kind` asks for one.
+    pub fn new(kind: Kind) -> Setup {
+        Setup {
+            dir: tempfile::tempdir().unwrap(),
+            redis: (kind == Kind::Redis).then(RedisServer::start),
+        }
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The test configuration on this setup's storage.
+    pub fn config(&self) -> ServerConfig {
+        let mut c = config(self.path());
+        if let Some(redis) = &self.redis {
+            c.redis = Some(redis.url.clone());
+            c.node = Some("test".into());
+        }
+        c
+    }
+
+    /// Adds a user where the server will look for it.
+    pub async fn add_user(&self, name: &str, password: &str) {
+        match &self.redis {
+            None => add_user(self.path(), name, password).await,
+            Some(redis) => {
+                use tether_server::engine::Accounts as _;
+                let accounts = tether_server::engine::accounts::RedisAccounts::connect(
+                    &redis.url,
+                    "test setup".into(),
+                    tether_server::engine::Revocations::default(),
+                )
+                .unwrap();
+                let hash = tether_server::auth::hash_password(password).unwrap();
+                accounts.add_user(name, &hash).await.unwrap();
+            }
+        }
+    }
+}
+
+/// Runs each named test, an `async fn(Kind)`, once on each engine: `NAME::embedded` and
+/// `NAME::redis`. One body for both, so that the Redis engine cannot drift from the embedded one.
+#[macro_export]
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn embedded() {
+                super::$name($crate::common::Kind::Embedded).await
+            }
+            #[tokio::test]
+            async fn redis() {
+                super::$name($crate::common::Kind::Redis).await
+            }
+        }
+    )*};
 }
 
 /// A minimal HTTP/1.1 exchange: returns the status and the parsed JSON body (Null if none).
