@@ -12,10 +12,9 @@ use tokio::net::TcpStream;
 mod common;
 use common::*;
 
-#[tokio::test]
-async fn a_first_member_resuming_past_the_end_does_not_silence_the_room() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(config(dir.path())).await;
+async fn a_first_member_resuming_past_the_end_does_not_silence_the_room(kind: Kind) {
+    let dir = Setup::new(kind);
+    let server = start(dir.config()).await;
     let max = u64::MAX;
     let mut ann = connect(&server.ws(&format!("/ws/rooms/quiet?name=ann&since={max}"))).await;
     assert_eq!(next(&mut ann).await["recovered"], false);
@@ -34,11 +33,10 @@ async fn a_first_member_resuming_past_the_end_does_not_silence_the_room() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn state_changing_requests_must_declare_json_and_come_from_our_origin() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
-    let server = start(config(dir.path())).await;
+async fn state_changing_requests_must_declare_json_and_come_from_our_origin(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
+    let server = start(dir.config()).await;
     let addr = server.addr;
     let poll = json!({"question": "Lunch?", "options": ["a", "b"]});
     let login = json!({"user": "alice", "password": "pw"});
@@ -123,10 +121,9 @@ async fn status_with_header(
     std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
 }
 
-#[tokio::test]
-async fn header_fields_over_16_kib_are_431_on_pages_api_and_upgrades() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(config(dir.path())).await;
+async fn header_fields_over_16_kib_are_431_on_pages_api_and_upgrades(kind: Kind) {
+    let dir = Setup::new(kind);
+    let server = start(dir.config()).await;
     let addr = server.addr;
     for (path, upgrade) in [("/", false), ("/api/rooms", false), ("/ws/echo", true)] {
         let fine = status_with_header(addr, path, upgrade, 8 << 10).await;
@@ -144,11 +141,10 @@ async fn header_fields_over_16_kib_are_431_on_pages_api_and_upgrades() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn misleading_names_and_texts_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
-    let server = start(config(dir.path())).await;
+async fn misleading_names_and_texts_are_refused(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
+    let server = start(dir.config()).await;
     let addr = server.addr;
     let bearer = format!("Bearer {}", token(addr, "alice", "pw").await);
     let auth = [("Authorization", bearer.as_str())];
@@ -210,10 +206,9 @@ async fn misleading_names_and_texts_are_refused() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_message_of_endless_fragments_is_closed_with_1009() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(config(dir.path())).await;
+async fn a_message_of_endless_fragments_is_closed_with_1009(kind: Kind) {
+    let dir = Setup::new(kind);
+    let server = start(dir.config()).await;
     let mut tcp = raw_upgrade(server.addr, "/ws/echo", None).await;
 
     // A text message opened with an empty frame, then empty masked continuations, never FIN:
@@ -231,10 +226,9 @@ async fn a_message_of_endless_fragments_is_closed_with_1009() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn an_echo_client_that_sends_but_never_reads_is_dropped_by_the_write_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
+async fn an_echo_client_that_sends_but_never_reads_is_dropped_by_the_write_timeout(kind: Kind) {
+    let dir = Setup::new(kind);
+    let mut c = dir.config();
     c.write_timeout = Duration::from_secs(1);
     let server = start(c).await;
     let mut tcp = raw_upgrade(server.addr, "/ws/echo", Some(4096)).await;
@@ -274,10 +268,9 @@ async fn read_all(tcp: &mut TcpStream) -> String {
     String::from_utf8_lossy(&raw).into_owned()
 }
 
-#[tokio::test]
-async fn requests_have_deadlines_and_credentials_come_before_bodies() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
+async fn requests_have_deadlines_and_credentials_come_before_bodies(kind: Kind) {
+    let dir = Setup::new(kind);
+    let mut c = dir.config();
     c.request_timeout = Duration::from_secs(1);
     let server = start(c).await;
     let addr = server.addr;
@@ -321,10 +314,9 @@ async fn requests_have_deadlines_and_credentials_come_before_bodies() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn plain_http_connections_are_capped_per_address_and_in_all() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
+async fn plain_http_connections_are_capped_per_address_and_in_all(kind: Kind) {
+    let dir = Setup::new(kind);
+    let mut c = dir.config();
     c.max_http_connections = 6;
     c.max_http_connections_per_ip = 4;
     let server = start(c).await;
@@ -376,11 +368,10 @@ async fn plain_http_connections_are_capped_per_address_and_in_all() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn writes_to_storage_have_quotas_per_identity() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
-    let mut c = config(dir.path());
+async fn writes_to_storage_have_quotas_per_identity(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
+    let mut c = dir.config();
     c.polls_per_hour = 3;
     c.credentials_per_hour = 3;
     c.api_publish_rate = 1;
@@ -450,12 +441,11 @@ async fn writes_to_storage_have_quotas_per_identity() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn tokens_expire_and_revocations_close_open_sockets() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
+async fn tokens_expire_and_revocations_close_open_sockets(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
     // Checks every hour: only the revocation itself can close a socket within the test.
-    let mut c = config(dir.path());
+    let mut c = dir.config();
     c.credential_check = Duration::from_secs(3600);
     let server = start(c).await;
     let addr = server.addr;
@@ -512,23 +502,20 @@ async fn tokens_expire_and_revocations_close_open_sockets() {
 
     // Revoked by another process (`tether user revoke` writes the store): open sockets notice
     // at the next check.
-    let mut c = config(dir.path());
+    let mut c = dir.config();
     c.credential_check = Duration::from_secs(1);
     let server = start(c).await;
     let addr = server.addr;
     let token_d = token(addr, "alice", "pw").await;
     let mut ws = connect(&server.ws(&format!("/ws/rooms/r?token={token_d}"))).await;
     next_of(&mut ws, "ready").await;
-    let revoked = tether_server::engine::store::Store::open(dir.path())
-        .unwrap()
-        .revoke_credentials("ALICE")
-        .unwrap();
+    let revoked = dir.accounts().revoke_credentials("ALICE").await.unwrap();
     assert_eq!(revoked, 1);
     assert_eq!(close_code(&mut ws).await, 1008);
     server.stop().await;
 
     // Tokens have a lifetime: with a zero lifetime, one is expired as soon as it is issued.
-    let mut c = config(dir.path());
+    let mut c = dir.config();
     c.token_lifetime = Duration::ZERO;
     let server = start(c).await;
     let token_e = token(server.addr, "alice", "pw").await;
@@ -539,11 +526,10 @@ async fn tokens_expire_and_revocations_close_open_sockets() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
-    let mut c = config(dir.path());
+async fn behind_a_trusted_proxy_limits_count_the_forwarded_client(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
+    let mut c = dir.config();
     c.trusted_proxies = vec!["127.0.0.2".into()];
     let server = start(c).await;
     let addr = server.addr;
@@ -583,11 +569,10 @@ async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_guest_nickname_belongs_to_one_guest_and_registered_names_to_their_users() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
-    let server = start(config(dir.path())).await;
+async fn a_guest_nickname_belongs_to_one_guest_and_registered_names_to_their_users(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
+    let server = start(dir.config()).await;
 
     // A registered name is reserved in every case.
     for name in ["alice", "Alice", "ALICE"] {
@@ -595,9 +580,8 @@ async fn a_guest_nickname_belongs_to_one_guest_and_registered_names_to_their_use
         let err = within(tether::connect(&url)).await.unwrap_err().to_string();
         assert!(err.contains("401"), "{name}: {err}");
     }
-    let store = tether_server::engine::store::Store::open(dir.path()).unwrap();
     assert!(
-        store.add_user("ALICE", "x").is_err(),
+        dir.accounts().add_user("ALICE", "x").await.is_err(),
         "no user differing only in case"
     );
 
@@ -638,11 +622,10 @@ async fn vote(ws: &mut tether::ClientStream, option: &str) {
     ws.send(msg).await.unwrap();
 }
 
-#[tokio::test]
-async fn a_poll_counts_people_not_sockets_or_nicknames() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
-    let mut c = config(dir.path());
+async fn a_poll_counts_people_not_sockets_or_nicknames(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
+    let mut c = dir.config();
     c.guest_votes_per_address = 3;
     let server = start(c).await;
     let poll = json!({"question": "Lunch?", "options": ["soup", "salad"]});
@@ -706,7 +689,7 @@ async fn a_poll_counts_people_not_sockets_or_nicknames() {
     server.stop().await;
 
     // With poll_voters = "users", guests watch but do not vote.
-    let mut c = config(dir.path());
+    let mut c = dir.config();
     c.poll_voters = tether_server::config::Voters::Users;
     let server = start(c).await;
     let (mut guest, _) = within(tether::connect(
@@ -727,11 +710,10 @@ async fn a_poll_counts_people_not_sockets_or_nicknames() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn many_connections_of_one_person_share_one_message_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "mal", "pw").await;
-    let mut c = config(dir.path());
+async fn many_connections_of_one_person_share_one_message_budget(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("mal", "pw").await;
+    let mut c = dir.config();
     c.message_rate = 1000.0;
     c.identity_message_rate = 10;
     let server = start(c).await;
@@ -790,3 +772,20 @@ async fn many_connections_of_one_person_share_one_message_budget() {
     assert_eq!(next_of(&mut ann, "message").await["text"], "hello");
     server.stop().await;
 }
+
+on_both_engines!(
+    a_first_member_resuming_past_the_end_does_not_silence_the_room,
+    state_changing_requests_must_declare_json_and_come_from_our_origin,
+    header_fields_over_16_kib_are_431_on_pages_api_and_upgrades,
+    misleading_names_and_texts_are_refused,
+    a_message_of_endless_fragments_is_closed_with_1009,
+    an_echo_client_that_sends_but_never_reads_is_dropped_by_the_write_timeout,
+    requests_have_deadlines_and_credentials_come_before_bodies,
+    plain_http_connections_are_capped_per_address_and_in_all,
+    writes_to_storage_have_quotas_per_identity,
+    tokens_expire_and_revocations_close_open_sockets,
+    behind_a_trusted_proxy_limits_count_the_forwarded_client,
+    a_guest_nickname_belongs_to_one_guest_and_registered_names_to_their_users,
+    a_poll_counts_people_not_sockets_or_nicknames,
+    many_connections_of_one_person_share_one_message_budget,
+);

@@ -109,22 +109,27 @@ impl Setup {
         c
     }
 
+    /// The accounts the server will use, opened as another process would (`tether user`).
+    pub fn accounts(&self) -> Box<dyn tether_server::engine::Accounts> {
+        use tether_server::engine::accounts::{RedisAccounts, SqliteAccounts};
+        use tether_server::engine::Revocations;
+        match &self.redis {
+            None => {
+                let store = tether_server::engine::store::Store::open(self.path()).unwrap();
+                let db = tether_server::engine::store::Db::new(store).unwrap();
+                Box::new(SqliteAccounts::new(db, Revocations::default()))
+            }
+            Some(redis) => Box::new(
+                RedisAccounts::connect(&redis.url, "test setup".into(), Revocations::default())
+                    .unwrap(),
+            ),
+        }
+    }
+
     /// Adds a user where the server will look for it.
     pub async fn add_user(&self, name: &str, password: &str) {
-        match &self.redis {
-            None => add_user(self.path(), name, password).await,
-            Some(redis) => {
-                use tether_server::engine::Accounts as _;
-                let accounts = tether_server::engine::accounts::RedisAccounts::connect(
-                    &redis.url,
-                    "test setup".into(),
-                    tether_server::engine::Revocations::default(),
-                )
-                .unwrap();
-                let hash = tether_server::auth::hash_password(password).unwrap();
-                accounts.add_user(name, &hash).await.unwrap();
-            }
-        }
+        let hash = tether_server::auth::hash_password(password).unwrap();
+        self.accounts().add_user(name, &hash).await.unwrap();
     }
 }
 
