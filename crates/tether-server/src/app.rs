@@ -10,8 +10,8 @@ use tokio::sync::watch;
 
 use crate::auth::{self, Identity, Writer};
 use crate::config::ServerConfig;
-use crate::engine::journal::{ChatWrite, Journal};
-use crate::engine::store::{CredentialKind, Db, StoreError};
+use crate::engine::journal::ChatWrite;
+use crate::engine::store::{CredentialKind, StoreError};
 use crate::gate::{Full, Gate, Pass};
 use crate::guests::{NickHold, Nicknames, GUEST_COOKIE};
 use crate::hub::Hub;
@@ -87,10 +87,6 @@ pub struct App {
     pub channels_config: Arc<tether::Config>,
     /// Subscriptions and fan-out.
     pub hub: Arc<Hub>,
-    /// Stored writes of messages and votes.
-    pub journal: Journal,
-    /// Reads and small writes.
-    pub db: Db,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Whether the port speaks TLS.
@@ -223,8 +219,6 @@ impl App {
         config: ServerConfig,
         ws_config: tether::Config,
         hub: Arc<Hub>,
-        journal: Journal,
-        db: Db,
         metrics: Arc<Metrics>,
         tls: bool,
         engine: crate::engine::Engine,
@@ -261,8 +255,6 @@ impl App {
             ),
             ws_config: Arc::new(ws_config),
             hub,
-            journal,
-            db,
             metrics,
             tls,
             shutting_down: AtomicBool::new(false),

@@ -206,8 +206,6 @@ impl Server {
             config,
             ws_config,
             hub,
-            journal,
-            db,
             metrics,
             tls.is_some(),
             engine,
@@ -297,7 +295,7 @@ impl Server {
         if left > 0 {
             tracing::warn!(left, "shutdown deadline passed with sockets still open");
         }
-        app.journal.flush().await;
+        app.engine.broker.flush().await;
         tracing::info!("stopped");
     }
 }

@@ -86,6 +86,10 @@ impl Broker for Embedded {
         }))
     }
 
+    fn flush(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.journal.flush())
+    }
+
     fn has_messages<'a>(&'a self, room: &'a str) -> EngineFuture<'a, bool> {
         let room = room.to_owned();
         Box::pin(self.db.call(move |s| Ok(s.last_id(&room)? > 0)))

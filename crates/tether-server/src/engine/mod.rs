@@ -85,6 +85,10 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Storage failed.
     fn has_messages<'a>(&'a self, room: &'a str) -> EngineFuture<'a, bool>;
 
+    /// Resolves once every message queued before the call is stored and answered (at
+    /// shutdown, after the sockets closed).
+    fn flush(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+
     /// Rooms with stored messages, `(room, last id)` in name order: the first `limit` after
     /// `after` (from the start when `None`).
     ///

@@ -359,6 +359,9 @@ pub struct Cluster {
     room_quota: crate::engine::journal::RoomQuota,
     /// Messages waiting to be stored, in order.
     appends: mpsc::Sender<ChatWrite>,
+    /// Messages queued and not yet answered, and a signal when that falls to none.
+    pending: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
     epoch: redis::Script,
     connected: AtomicBool,
     /// What Redis holds of this node's presence and nicknames may differ from what it has:
@@ -432,6 +435,8 @@ impl Cluster {
             max_rooms,
             room_quota,
             appends,
+            pending: std::sync::atomic::AtomicUsize::new(0),
+            settled: tokio::sync::Notify::new(),
             epoch: redis::Script::new(EPOCH_SCRIPT),
             connected: AtomicBool::new(false),
             // A previous run of this node may have left entries behind.
@@ -490,10 +495,30 @@ impl Cluster {
     /// # Errors
     /// [`StoreError::Closed`] when the appender has stopped.
     pub async fn submit(&self, append: ChatWrite) -> Result<(), StoreError> {
-        self.appends
-            .send(append)
-            .await
-            .map_err(|_| StoreError::Closed)
+        self.pending.fetch_add(1, Relaxed);
+        let queued = self.appends.send(append).await;
+        if queued.is_err() {
+            self.answered(1);
+        }
+        queued.map_err(|_| StoreError::Closed)
+    }
+
+    /// Counts `n` queued messages as answered.
+    fn answered(&self, n: usize) {
+        if self.pending.fetch_sub(n, Relaxed) == n {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// Resolves once every message queued so far is stored (or refused) and answered.
+    pub async fn appended(&self) {
+        loop {
+            let settled = self.settled.notified();
+            if self.pending.load(Relaxed) == 0 {
+                return;
+            }
+            settled.await;
+        }
     }
 
     /// Stores queued messages in order, many per round trip: each pipeline holds the appends
@@ -529,6 +554,7 @@ impl Cluster {
             }
             match sent {
                 Ok(results) => {
+                    let answered = batch.len();
                     for (job, result) in batch.drain(..).zip(results) {
                         let outcome =
                             result
@@ -544,13 +570,16 @@ impl Cluster {
                         self.metrics.stored_in_redis(!failed);
                         job.reply.send(outcome, "message not stored");
                     }
+                    self.answered(answered);
                 }
                 Err(e) => {
                     self.metrics.stored_in_redis(false);
+                    let answered = batch.len();
                     for job in batch.drain(..) {
                         job.reply
                             .send(Err(self.append_error(&e)), "message not stored");
                     }
+                    self.answered(answered);
                 }
             }
         }
@@ -1691,6 +1720,10 @@ impl Broker for Cluster {
 
     fn recent<'a>(&'a self, room: &'a str, count: usize) -> EngineFuture<'a, Vec<ChatMessage>> {
         Box::pin(Cluster::recent(self, room, count))
+    }
+
+    fn flush(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.appended())
     }
 
     fn has_messages<'a>(&'a self, room: &'a str) -> EngineFuture<'a, bool> {
