@@ -1573,6 +1573,29 @@ async fn polls_ids_and_counts_are_the_same_on_every_node() {
     let (_, stored_b) = http(&b.addr, "GET", &path, None, None);
     assert_eq!(stored_a["total"], 2, "{stored_a}");
     assert_eq!(stored_a, stored_b);
+
+    // A vote counted while the nodes' subscriptions are down (they wait 100 ms before
+    // subscribing again) is not heard: each node reads the counts of its polls once it is back.
+    let killed = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "CLIENT", "KILL", "TYPE", "pubsub"])
+        .output()
+        .expect("redis-cli comes with redis-server");
+    assert!(killed.status.success());
+    let (late, _) = connect_as(&a.ws(&format!("/ws/polls/{id}?name=late")), None).await;
+    let mut late = late;
+    next_of(&mut late, "poll").await;
+    late.send(Message::text(json!({ "vote": "yes" }).to_string()))
+        .await
+        .unwrap();
+    for ws in &mut watchers {
+        let counts = loop {
+            let counts = next_of(ws, "counts").await;
+            if counts["total"] == 3 {
+                break counts;
+            }
+        };
+        assert_eq!(counts["counts"], json!({"yes": 2, "no": 1}), "{counts}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1432,6 +1432,11 @@ impl Hub {
         }
     }
 
+    /// The polls this node's connections watch.
+    pub fn watched_polls(&self) -> Vec<i64> {
+        lock(&self.polls).keys().copied().collect()
+    }
+
     fn leave_poll(&self, poll: i64, id: u64) {
         let mut polls = lock(&self.polls);
         if let Some(state) = polls.get_mut(&poll) {

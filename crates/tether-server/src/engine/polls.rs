@@ -176,6 +176,21 @@ impl RedisPolls {
         self.commands.clone()
     }
 
+    /// Hands `hub` the counts of every poll its connections watch, as stored now: after a
+    /// lost subscription, the votes published meanwhile were not heard.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn refresh(&self, hub: &Hub) -> Result<(), StoreError> {
+        let watched = hub.watched_polls();
+        for chunk in watched.chunks(100) {
+            for poll in self.read(chunk, None).await?.0 {
+                hub.deliver_counts(poll.id, &poll.counts);
+            }
+        }
+        Ok(())
+    }
+
     /// Polls `ids` as stored, in the same order (those missing left out), with `voter`'s
     /// option in the first.
     async fn read(

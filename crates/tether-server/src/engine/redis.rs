@@ -1142,6 +1142,11 @@ impl Cluster {
             Ok(()) => self.read_remote(&now).await,
             Err(e) => Err(e),
         };
+        // Votes counted while away were not heard either.
+        let caught_up = match caught_up {
+            Ok(()) => RedisPolls::new(self.commands()).refresh(&self.hub).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = caught_up {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Io,
