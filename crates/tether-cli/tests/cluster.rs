@@ -1662,6 +1662,20 @@ async fn a_single_nodes_store_imported_into_redis_keeps_its_users_history_and_po
         );
         (out.status.success(), format!("{what}: {said}"))
     };
+    // An import that stopped midway (its mark says so) is told, and refused until Redis is
+    // emptied.
+    let redis_cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli comes with redis-server");
+        assert!(out.status.success());
+    };
+    redis_cli(&["SET", "tether:imported", "started"]);
+    let (unfinished, said) = import("after a stopped one");
+    assert!(!unfinished && said.contains("did not finish"), "{said}");
+    redis_cli(&["FLUSHDB"]);
     let (imported, said) = import("first");
     assert!(imported, "{said}");
     assert!(

@@ -16,8 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::app::{App, Refused, SESSION_COOKIE};
-use crate::auth::Writer;
-use crate::auth::{self, Identity};
+use crate::auth::{self, Identity, Writer};
 use crate::config::Voters;
 use crate::engine::journal::{ChatWrite, Reply};
 use crate::engine::store::{CredentialKind, StoreError, Voter};

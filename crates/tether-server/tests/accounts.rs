@@ -100,9 +100,22 @@ async fn contract(accounts: &dyn Accounts, revocations: &Revocations) {
     let held = accounts.credentials("Alice").await.unwrap();
     assert!(held.iter().all(|c| c.expires.is_some()), "{held:?}");
 
+    // No credential for someone who is not a user (any more), or under another spelling.
+    for nobody in ["carol", "alice"] {
+        let refused = accounts
+            .add_credential(digest("c-1"), nobody, CredentialKind::Session, hour)
+            .await;
+        assert!(refused.is_err(), "{nobody}: {refused:?}");
+    }
+
     // Every way a credential goes is signalled; a call that revokes nothing is not.
     let mut told = revocations.subscribe();
     let id = token_info.id.clone();
+    assert_eq!(
+        accounts.revoke_credential("alice", &id).await.unwrap(),
+        0,
+        "only under the exact name"
+    );
     assert_eq!(
         accounts
             .revoke_credential("Alice", "000000000000")

@@ -127,5 +127,6 @@ async fn polls_in_redis_keep_the_contract() {
     let redis = common::RedisServer::start();
     let client = redis::Client::open(redis.url.as_str()).unwrap();
     let commands = client.get_connection_manager().await.unwrap();
-    contract(&RedisPolls::new(commands)).await;
+    let hub = Hub::new(64, Arc::new(Metrics::default()));
+    contract(&RedisPolls::new(commands, "test".into(), hub)).await;
 }

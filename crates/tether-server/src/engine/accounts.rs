@@ -219,8 +219,11 @@ return 1
 
 /// Stores credential ARGV[1] (record ARGV[2]) in KEYS[1] and its user's set KEYS[2], first
 /// dropping from both the user's credentials that expired before ARGV[3] (so that expired
-/// ones do not pile up).
+/// ones do not pile up); only while user ARGV[5] (lowercased ARGV[4]) is registered in KEYS[3]
+/// under that very name (a login that raced a removal issues nothing): 0 when not.
 const ADD_CREDENTIAL: &str = r#"
+local user = redis.call('HGET', KEYS[3], ARGV[4])
+if not user or string.match(user, '^([^\t]*)') ~= ARGV[5] then return 0 end
 for _, d in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local rec = redis.call('HGET', KEYS[1], d)
   local expires = rec and string.match(rec, '\t(%d*)$')
@@ -325,9 +328,9 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
-/// A failed command. A write that timed out may still have been applied, which is harmless
-/// here: a credential whose secret nobody was given proves nothing, and the other changes are
-/// made again as they were.
+/// A failed command. A write that timed out may still have been applied: a credential whose
+/// secret nobody was given proves nothing, a user added is told to exist when added again,
+/// and a revocation that may have run is announced here all the same.
 fn redis_error(e: redis::RedisError) -> StoreError {
     StoreError::Failed(format!("redis: {e}"))
 }
@@ -451,12 +454,18 @@ impl RedisAccounts {
         self.commands.clone()
     }
 
-    /// Signals this node's connections when `n` credentials went.
-    fn revoked<T: Copy>(&self, n: T, went: impl Fn(T) -> bool) -> T {
-        if went(n) {
+    /// Signals this node's connections when credentials went (`went` of the script's answer),
+    /// or may have: a script that failed, or timed out, may have run, and its own
+    /// announcement is skipped by this node when it comes back.
+    fn revoked<T>(
+        &self,
+        answer: redis::RedisResult<T>,
+        went: impl Fn(&T) -> bool,
+    ) -> Result<T, StoreError> {
+        if answer.as_ref().map_or(true, &went) {
             self.revocations.announce();
         }
-        n
+        answer.map_err(redis_error)
     }
 
     async fn user_record(&self, name: &str) -> Result<Option<String>, StoreError> {
@@ -523,15 +532,12 @@ impl RedisAccounts {
         if let Some(hash) = hash {
             invocation.arg(hash);
         }
-        let changed: bool = invocation
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(redis_error)?;
-        Ok(self.revoked(changed, |c| c))
+        let changed = invocation.invoke_async(&mut self.conn()).await;
+        self.revoked(changed, |c: &bool| *c)
     }
 
     async fn delete_hex(&self, digest: &str, user: &str) -> Result<usize, StoreError> {
-        let n: usize = self
+        let n = self
             .delete
             .key(CREDENTIALS)
             .key(of_key(user))
@@ -540,9 +546,8 @@ impl RedisAccounts {
             .arg(REVOKED_CHANNEL)
             .arg(&self.origin)
             .invoke_async(&mut self.conn())
-            .await
-            .map_err(redis_error)?;
-        Ok(self.revoked(n, |n| n > 0))
+            .await;
+        self.revoked(n, |n: &usize| *n > 0)
     }
 }
 
@@ -647,17 +652,24 @@ impl Accounts for RedisAccounts {
                 created: Some(now),
                 expires: ttl.map(|t| now.saturating_add(t.as_secs() as i64)),
             };
-            let _: i64 = self
+            let stored: i64 = self
                 .add_credential
                 .key(CREDENTIALS)
                 .key(of_key(user))
+                .key(USERS)
                 .arg(hex(&digest))
                 .arg(record.format())
                 .arg(now)
+                .arg(user.to_ascii_lowercase())
+                .arg(user)
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(redis_error)?;
-            Ok(())
+            if stored == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Failed(format!("no user named {user:?}")))
+            }
         })
     }
 
@@ -736,8 +748,9 @@ impl Accounts for RedisAccounts {
     fn revoke_credential<'a>(&'a self, user: &'a str, id: &'a str) -> EngineFuture<'a, usize> {
         Box::pin(async move {
             let mut revoked = 0;
-            for (digest, _) in self.credentials_of(user).await? {
-                if digest.starts_with(id) && id.len() == 12 {
+            for (digest, record) in self.credentials_of(user).await? {
+                // Of the user named exactly so, as SQLite and `credentials` have it.
+                if record.user == user && digest.starts_with(id) && id.len() == 12 {
                     revoked += self.delete_hex(&digest, user).await?;
                 }
             }
@@ -747,16 +760,15 @@ impl Accounts for RedisAccounts {
 
     fn revoke_credentials<'a>(&'a self, user: &'a str) -> EngineFuture<'a, usize> {
         Box::pin(async move {
-            let n: usize = self
+            let n = self
                 .revoke_all
                 .key(CREDENTIALS)
                 .key(of_key(user))
                 .arg(REVOKED_CHANNEL)
                 .arg(&self.origin)
                 .invoke_async(&mut self.conn())
-                .await
-                .map_err(redis_error)?;
-            Ok(self.revoked(n, |n| n > 0))
+                .await;
+            self.revoked(n, |n: &usize| *n > 0)
         })
     }
 

@@ -6,8 +6,9 @@
 //! epoch (a client resuming with `since` and `epoch` continues where it was), polls under the
 //! same ids with their votes. Idempotency keys do not move (they last an hour).
 //!
-//! The target must hold no rooms, users or polls: the import is made once, before the nodes
-//! start, and never merges.
+//! The target must hold no key of tether's: the import is made once, before the nodes start,
+//! and never merges. It marks Redis while it runs (`tether:imported`), so that an import that
+//! stopped midway is told apart, and refused until Redis is emptied.
 
 use redis::aio::ConnectionManager;
 
@@ -40,10 +41,10 @@ pub struct Imported {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ImportError {
-    /// Redis holds data of a deployment already.
+    /// Redis holds data of a deployment already (nodes ran on it, or it was imported into).
     #[error(
-        "redis already holds tether data ({rooms} rooms, {users} users, polls: {polls}): \
-         import into an empty Redis, once, before the nodes start"
+        "redis already holds tether data ({rooms} rooms, {users} users, polls: {polls}, \
+         other keys: {others}): import into an empty Redis, once, before the nodes start"
     )]
     NotEmpty {
         /// Rooms listed.
@@ -52,7 +53,15 @@ pub enum ImportError {
         users: u64,
         /// Whether polls were ever created.
         polls: bool,
+        /// Whether other keys of tether's are there (a node's heartbeat, streams).
+        others: bool,
     },
+    /// An earlier import into this Redis stopped before it was done.
+    #[error(
+        "an earlier import into this redis did not finish: empty it (redis-cli FLUSHDB) and \
+         import again"
+    )]
+    Unfinished,
     /// Reading the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -60,6 +69,10 @@ pub enum ImportError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 }
+
+/// Marks an import: `started` while it runs, `done` once everything is written. Checked
+/// first, so that a half-written Redis is told apart from a deployment's.
+const MARK: &str = "tether:imported";
 
 /// Commands sent in one round trip at most.
 const PIPELINE: usize = 1000;
@@ -115,6 +128,10 @@ pub async fn sqlite_into_redis(store: &Store, url: &str) -> Result<Imported, Imp
         .get_connection_manager_with_config(config)
         .await?;
     let mut check = con.clone();
+    let mark: Option<String> = redis::cmd("GET").arg(MARK).query_async(&mut check).await?;
+    if mark.as_deref() == Some("started") {
+        return Err(ImportError::Unfinished);
+    }
     let (rooms, users, polls): (u64, u64, bool) = redis::pipe()
         .cmd("ZCARD")
         .arg(ROOMS)
@@ -124,12 +141,41 @@ pub async fn sqlite_into_redis(store: &Store, url: &str) -> Result<Imported, Imp
         .arg(NEXT)
         .query_async(&mut check)
         .await?;
-    if rooms > 0 || users > 0 || polls {
+    // Any key of tether's: a node's heartbeat or epoch, a stream of a room not yet listed.
+    let mut others = mark.is_some();
+    let mut cursor = 0u64;
+    while !others {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("tether:*")
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut check)
+            .await?;
+        others = !found.is_empty();
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    if rooms > 0 || users > 0 || polls || others {
         return Err(ImportError::NotEmpty {
             rooms,
             users,
             polls,
+            others,
         });
+    }
+    // Claimed, so that two imports at once cannot both go on.
+    let claimed: redis::Value = redis::cmd("SET")
+        .arg(MARK)
+        .arg("started")
+        .arg("NX")
+        .query_async(&mut check)
+        .await?;
+    if claimed == redis::Value::Nil {
+        return Err(ImportError::Unfinished);
     }
     let mut done = Imported {
         epoch: store.epoch()?,
@@ -236,6 +282,9 @@ pub async fn sqlite_into_redis(store: &Store, url: &str) -> Result<Imported, Imp
             .add(redis::cmd("SET").arg(NEXT).arg(highest).clone())
             .await?;
     }
+    writes
+        .add(redis::cmd("SET").arg(MARK).arg("done").clone())
+        .await?;
     writes.flush().await?;
     Ok(done)
 }

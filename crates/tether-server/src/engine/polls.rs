@@ -130,11 +130,17 @@ pub struct PollNews {
     /// A poll created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<Poll>,
+    /// The node that sent the news and delivered it to its own members already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl PollNews {
-    /// Hands the news to this node's members.
-    pub fn deliver(&self, hub: &Hub) {
+    /// Hands the news to the members of node `node`, unless it sent it (and delivered it).
+    pub fn deliver(&self, hub: &Hub, node: &str) {
+        if self.origin.as_deref() == Some(node) {
+            return;
+        }
         if let Some(poll) = &self.created {
             hub.poll_created(poll);
         }
@@ -154,6 +160,10 @@ fn redis_error(e: impl std::fmt::Display) -> StoreError {
 #[derive(Clone)]
 pub struct RedisPolls {
     commands: ConnectionManager,
+    /// This node's name, and its hub: a poll created here is announced here at once, whether
+    /// or not the subscription is up.
+    node: String,
+    hub: Arc<Hub>,
     vote: Arc<redis::Script>,
 }
 
@@ -164,10 +174,13 @@ impl std::fmt::Debug for RedisPolls {
 }
 
 impl RedisPolls {
-    /// Polls through `commands` (a connection with timeouts).
-    pub fn new(commands: ConnectionManager) -> RedisPolls {
+    /// Polls through `commands` (a connection with timeouts) for node `node`, whose members
+    /// are in `hub`.
+    pub fn new(commands: ConnectionManager, node: String, hub: Arc<Hub>) -> RedisPolls {
         RedisPolls {
             commands,
+            node,
+            hub,
             vote: Arc::new(redis::Script::new(VOTE)),
         }
     }
@@ -181,11 +194,11 @@ impl RedisPolls {
     ///
     /// # Errors
     /// Redis failed.
-    pub async fn refresh(&self, hub: &Hub) -> Result<(), StoreError> {
-        let watched = hub.watched_polls();
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let watched = self.hub.watched_polls();
         for chunk in watched.chunks(100) {
             for poll in self.read(chunk, None).await?.0 {
-                hub.deliver_counts(poll.id, &poll.counts);
+                self.hub.deliver_counts(poll.id, &poll.counts);
             }
         }
         Ok(())
@@ -275,6 +288,7 @@ impl Polls for RedisPolls {
                 poll: None,
                 counts: None,
                 created: Some(poll.clone()),
+                origin: Some(self.node.clone()),
             };
             let news = serde_json::to_string(&news).expect("a poll serializes");
             // The poll before its place in the list, and the news last: whoever sees it
@@ -302,6 +316,7 @@ impl Polls for RedisPolls {
                 .query_async(&mut self.conn())
                 .await
                 .map_err(redis_error)?;
+            self.hub.poll_created(&poll);
             Ok(poll)
         })
     }

@@ -480,6 +480,11 @@ impl Cluster {
         self.commands.clone()
     }
 
+    /// Polls in this Redis, for this node.
+    pub fn polls(&self) -> RedisPolls {
+        RedisPolls::new(self.commands(), self.node.clone(), self.hub.clone())
+    }
+
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.node
@@ -1144,7 +1149,7 @@ impl Cluster {
         };
         // Votes counted while away were not heard either.
         let caught_up = match caught_up {
-            Ok(()) => RedisPolls::new(self.commands()).refresh(&self.hub).await,
+            Ok(()) => self.polls().refresh().await,
             Err(e) => Err(e),
         };
         if let Err(e) = caught_up {
@@ -1189,7 +1194,7 @@ impl Cluster {
                 }
             } else if channel == POLLS_CHANNEL {
                 if let Ok(news) = serde_json::from_str::<PollNews>(&payload) {
-                    news.deliver(&self.hub);
+                    news.deliver(&self.hub, &self.node);
                 }
             } else if channel == BROADCAST {
                 if let Ok(note) = serde_json::from_str::<BroadcastNote>(&payload) {
@@ -1643,7 +1648,7 @@ impl Engine {
         accounts: RedisAccounts,
         revocations: Revocations,
     ) -> Engine {
-        let polls = Arc::new(RedisPolls::new(cluster.commands()));
+        let polls = Arc::new(cluster.polls());
         Engine {
             broker: cluster.clone(),
             presence: cluster.clone(),
