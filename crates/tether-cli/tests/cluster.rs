@@ -4,6 +4,8 @@
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -34,7 +36,8 @@ fn free_port() -> u16 {
 
 /// A redis-server on `port` keeping its data (append-only file, synced on every write) in `dir`.
 fn redis(port: u16, dir: &std::path::Path) -> Proc {
-    let child = Command::new("redis-server")
+    let mut command = Command::new("redis-server");
+    command
         .args([
             "--port",
             &port.to_string(),
@@ -50,7 +53,13 @@ fn redis(port: u16, dir: &std::path::Path) -> Proc {
             "always",
         ])
         .arg("--dir")
-        .arg(dir)
+        .arg(dir);
+    spawn_redis(command, port)
+}
+
+/// Runs `command` (a redis-server) and waits until it listens on `port`.
+fn spawn_redis(mut command: Command, port: u16) -> Proc {
+    let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -81,12 +90,16 @@ fn node(name: &str, redis_port: u16) -> Node {
 
 /// A node whose config file holds `toml`.
 fn node_with(name: &str, redis_port: u16, toml: &str) -> Node {
+    node_at(name, &format!("redis://127.0.0.1:{redis_port}/"), toml)
+}
+
+/// A node whose `--redis` setting is `redis` and whose config file holds `toml`.
+fn node_at(name: &str, redis: &str, toml: &str) -> Node {
     let data = tempfile::tempdir().unwrap();
     let config = data.path().join("node.toml");
     std::fs::write(&config, toml).unwrap();
-    let redis = format!("redis://127.0.0.1:{redis_port}/");
     // Accounts live in Redis: the first node's `user add` is every node's.
-    let (added, said) = user(&["add", "ops", "--redis", &redis], Some("pw-for-ops"));
+    let (added, said) = user(&["add", "ops", "--redis", redis], Some("pw-for-ops"));
     assert!(added || said.contains("exists already"), "{said}");
     let serve = common::start_serve(&[
         "--node",
@@ -98,7 +111,7 @@ fn node_with(name: &str, redis_port: u16, toml: &str) -> Node {
         "--config",
         config.to_str().unwrap(),
         "--redis",
-        &redis,
+        redis,
     ]);
     // Ready as a load balancer would see it: `/healthz` answers 200 only once the node is
     // subscribed to Redis and caught up, so a member who joins from here on is heard live.
@@ -1731,75 +1744,50 @@ async fn a_single_nodes_store_imported_into_redis_keeps_its_users_history_and_po
     assert_eq!((status, created["id"].as_i64()), (201, Some(poll_id + 1)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_and_restarted_from_its_log_loses_and_doubles_no_acknowledged_message() {
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    use std::sync::Arc;
+/// Messages [`publish_through`] sends.
+const TOTAL: usize = 200;
 
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut redis_proc = Some(redis(port, dir.path()));
-    let toml = "api_publish_rate = 100000\n";
-    let (a, b) = (node_with("a", port, toml), node_with("b", port, toml));
-    let bearer = token(&a);
-    let (mut member, _) = join_as(&b.ws("/ws/rooms/ops?name=watcher"), None).await;
-
-    // A publisher on a sends 200 messages, each with its idempotency key, sending one again
-    // with the same key until it is acknowledged.
-    const TOTAL: usize = 200;
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let publisher = {
-        let (addr, acknowledged) = (a.addr.clone(), acknowledged.clone());
-        std::thread::spawn(move || {
-            let auth = format!("Bearer {bearer}");
-            let started = Instant::now();
-            let mut ids = Vec::with_capacity(TOTAL);
-            for i in 1..=TOTAL {
-                let key = format!("k{i}");
-                loop {
-                    let headers = [("Authorization", auth.as_str()), ("Idempotency-Key", &key)];
-                    let text = Some(json!({ "text": format!("m{i}") }));
-                    let (status, _, body) =
-                        exchange(&addr, "POST", "/api/rooms/ops/messages", &headers, text);
-                    if status == 201 {
-                        ids.push((body["id"].as_u64().unwrap(), format!("m{i}")));
-                        acknowledged.fetch_add(1, SeqCst);
-                        break;
-                    }
-                    assert!(matches!(status, 500 | 503 | 504), "m{i}: {status} {body}");
-                    assert!(started.elapsed() < LIMIT * 3, "m{i} never stored: {body}");
-                    std::thread::sleep(Duration::from_millis(20));
+/// A publisher on `node` that sends [`TOTAL`] messages through the HTTP API, each with its
+/// idempotency key, sending one again with the same key until it is acknowledged (counted in
+/// `acknowledged`); it returns the id and text of each.
+fn publish_through(
+    node: &Node,
+    acknowledged: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<Vec<(u64, String)>> {
+    let bearer = token(node);
+    let addr = node.addr.clone();
+    std::thread::spawn(move || {
+        let auth = format!("Bearer {bearer}");
+        let started = Instant::now();
+        let mut ids = Vec::with_capacity(TOTAL);
+        for i in 1..=TOTAL {
+            let key = format!("k{i}");
+            loop {
+                let headers = [("Authorization", auth.as_str()), ("Idempotency-Key", &key)];
+                let text = Some(json!({ "text": format!("m{i}") }));
+                let (status, _, body) =
+                    exchange(&addr, "POST", "/api/rooms/ops/messages", &headers, text);
+                if status == 201 {
+                    ids.push((body["id"].as_u64().unwrap(), format!("m{i}")));
+                    acknowledged.fetch_add(1, SeqCst);
+                    break;
                 }
+                assert!(matches!(status, 500 | 503 | 504), "m{i}: {status} {body}");
+                assert!(started.elapsed() < LIMIT * 3, "m{i} never stored: {body}");
+                std::thread::sleep(Duration::from_millis(20));
             }
-            ids
-        })
-    };
+        }
+        ids
+    })
+}
 
-    // Mid-run, Redis dies without warning and comes back from its append-only log.
-    let started = Instant::now();
-    while acknowledged.load(SeqCst) < 50 {
-        assert!(started.elapsed() < LIMIT, "the publisher never got going");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    drop(redis_proc.take());
-    let at_kill = acknowledged.load(SeqCst);
-    redis_proc = Some(redis(port, dir.path()));
-    let ids = tokio::task::spawn_blocking(move || publisher.join().unwrap())
-        .await
-        .unwrap();
-    assert!(redis_proc.is_some());
-    // Else the run was over before the fault, and proves nothing.
-    assert!(
-        at_kill < TOTAL,
-        "all {TOTAL} were acknowledged before Redis died"
-    );
-
-    // Every acknowledged message is stored once, under the id it was acknowledged with, and
-    // the ids run without a gap.
+/// Asserts that the publisher's acknowledgements `ids` were 1 to [`TOTAL`] in order, and
+/// that `node` keeps each message once, under the id it was acknowledged with.
+fn assert_stored_once(node: &Node, ids: &[(u64, String)]) {
     let expected: Vec<(u64, String)> = (1..=TOTAL as u64).map(|i| (i, format!("m{i}"))).collect();
     assert_eq!(ids, expected);
     let (status, stored) = http(
-        &b.addr,
+        &node.addr,
         "GET",
         "/api/rooms/ops/messages?since=0&limit=1000",
         None,
@@ -1818,13 +1806,220 @@ async fn redis_killed_and_restarted_from_its_log_loses_and_doubles_no_acknowledg
         })
         .collect();
     assert_eq!(stored, expected);
+}
+
+/// Waits until `publisher` has `at_least` acknowledgements.
+async fn until_acknowledged(acknowledged: &AtomicUsize, at_least: usize) {
+    let started = Instant::now();
+    while acknowledged.load(SeqCst) < at_least {
+        assert!(started.elapsed() < LIMIT, "the publisher never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_from_its_log_loses_and_doubles_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis_proc = Some(redis(port, dir.path()));
+    let toml = "api_publish_rate = 100000\n";
+    let (a, b) = (node_with("a", port, toml), node_with("b", port, toml));
+    let (mut member, _) = join_as(&b.ws("/ws/rooms/ops?name=watcher"), None).await;
+
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let publisher = publish_through(&a, acknowledged.clone());
+
+    // Mid-run, Redis dies without warning and comes back from its append-only log.
+    until_acknowledged(&acknowledged, 50).await;
+    drop(redis_proc.take());
+    let at_kill = acknowledged.load(SeqCst);
+    redis_proc = Some(redis(port, dir.path()));
+    let ids = tokio::task::spawn_blocking(move || publisher.join().unwrap())
+        .await
+        .unwrap();
+    assert!(redis_proc.is_some());
+    // Else the run was over before the fault, and proves nothing.
+    assert!(
+        at_kill < TOTAL,
+        "all {TOTAL} were acknowledged before Redis died"
+    );
+
+    assert_stored_once(&b, &ids);
 
     // The member on the other node received each once, in order, without being closed.
-    for (id, text) in &expected {
+    for (id, text) in &ids {
         let m = next_of(&mut member, "message").await;
         assert_eq!(
             (m["id"].as_u64(), m["text"].as_str()),
             (Some(*id), Some(text.as_str()))
         );
     }
+}
+
+/// What `redis-cli -p PORT ARGS` prints.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli comes with redis-server");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until what `redis-cli -p PORT ARGS` prints contains `wanted`.
+async fn until_cli(port: u16, args: &[&str], wanted: &str) {
+    let started = Instant::now();
+    loop {
+        let said = redis_cli(port, args);
+        if said.contains(wanted) {
+            return;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "{args:?} on {port} never said {wanted:?}: {said}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A redis-server on `port` keeping nothing on disk, the replica of the one on `master` when
+/// given, or a Redis Sentinel watching it as `tmain` when `sentinel` (whose config file, which
+/// Sentinel rewrites, is in `dir`).
+fn redis_role(port: u16, master: Option<u16>, sentinel: bool, dir: &std::path::Path) -> Proc {
+    let mut command = Command::new("redis-server");
+    if sentinel {
+        let config = dir.join(format!("sentinel-{port}.conf"));
+        let master = master.expect("a sentinel watches a master");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor tmain 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds tmain 1000\n\
+                 sentinel failover-timeout tmain 10000\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        command.arg(&config).arg("--sentinel");
+    } else {
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir);
+        if let Some(master) = master {
+            command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
+    }
+    spawn_redis(command, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_promoted_by_sentinel_is_followed_and_holds_every_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    // A master and two replicas: once one is promoted, the other replicates from it.
+    let (main, spares, watch) = (free_port(), [free_port(), free_port()], free_port());
+    let mut master = Some(redis_role(main, None, false, dir.path()));
+    let _replicas = spares.map(|spare| redis_role(spare, Some(main), false, dir.path()));
+    for spare in spares {
+        until_cli(spare, &["INFO", "replication"], "master_link_status:up").await;
+    }
+    let _sentinel = redis_role(watch, Some(main), true, dir.path());
+    // Sentinel has found the replicas (from the master's INFO): it can promote one.
+    for spare in spares {
+        until_cli(
+            watch,
+            &["SENTINEL", "REPLICAS", "tmain"],
+            &format!("127.0.0.1:{spare}"),
+        )
+        .await;
+    }
+
+    // The nodes find the master through Sentinel, and acknowledge a write only once the
+    // replica holds it too.
+    let setting = format!("redis+sentinel://127.0.0.1:{watch}/tmain");
+    let toml = "api_publish_rate = 100000\nredis_replicas = 1\n";
+    let (a, b) = (node_at("a", &setting, toml), node_at("b", &setting, toml));
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let publisher = publish_through(&a, acknowledged.clone());
+
+    // Mid-run, the master dies without warning; Sentinel promotes a replica.
+    until_acknowledged(&acknowledged, 50).await;
+    drop(master.take());
+    let at_kill = acknowledged.load(SeqCst);
+    let ids = tokio::task::spawn_blocking(move || publisher.join().unwrap())
+        .await
+        .unwrap();
+    assert!(master.is_none());
+    assert!(
+        at_kill < TOTAL,
+        "all {TOTAL} were acknowledged before the master died"
+    );
+    let promoted = spares.map(|spare| redis_cli(spare, &["ROLE"]).starts_with("master"));
+    assert!(
+        matches!(promoted, [true, false] | [false, true]),
+        "{promoted:?}"
+    );
+
+    // Nothing acknowledged was lost with the old master, nor stored twice by a retry.
+    assert_stored_once(&b, &ids);
+
+    // Both nodes use the new master for everything: a login on one holds on the other, and
+    // a member who joins on b hears, live, what is said on a.
+    let b_token = token_when_ready(&b).await;
+    let (status, me) = http(&a.addr, "GET", "/api/me", Some(&b_token), None);
+    assert_eq!((status, me["user"].as_str()), (200, Some("ops")), "{me}");
+    until_healthy(&a.addr);
+    until_healthy(&b.addr);
+    let (mut member, _) = join_as(&b.ws("/ws/rooms/ops?name=watcher"), None).await;
+    let (mut speaker, _) = join_as(&a.ws("/ws/rooms/ops?name=speaker"), None).await;
+    say(&mut speaker, "after the failover").await;
+    let heard = next_of(&mut member, "message").await;
+    assert_eq!(heard["text"], "after the failover", "{heard}");
+    assert_eq!(heard["id"].as_u64(), Some(TOTAL as u64 + 1), "{heard}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_promoted_by_hand_among_the_candidates_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (main, spare) = (free_port(), free_port());
+    let mut master = Some(redis_role(main, None, false, dir.path()));
+    let _replica = redis_role(spare, Some(main), false, dir.path());
+    until_cli(spare, &["INFO", "replication"], "master_link_status:up").await;
+    let setting = format!("redis://127.0.0.1:{main}/,redis://127.0.0.1:{spare}/");
+    let a = node_at("a", &setting, "");
+    let bearer = token(&a);
+    let publish = |text: &str| {
+        http(
+            &a.addr,
+            "POST",
+            "/api/rooms/ops/messages",
+            Some(&bearer),
+            Some(json!({ "text": text })),
+        )
+    };
+    assert_eq!(publish("before").0, 201);
+    until_cli(spare, &["XLEN", "tether:s:ops"], "1").await;
+
+    // The master dies; an operator promotes the replica, and the node moves to it.
+    drop(master.take());
+    assert!(master.is_none());
+    assert!(redis_cli(spare, &["REPLICAOF", "NO", "ONE"]).starts_with("OK"));
+    let started = Instant::now();
+    loop {
+        let (status, body) = publish("after");
+        if status == 201 {
+            assert_eq!(body["id"].as_u64(), Some(2), "{body}");
+            break;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "never stored on the new master: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_healthy(&a.addr);
+    assert_eq!(redis_cli(spare, &["XLEN", "tether:s:ops"]).trim(), "2");
 }

@@ -445,8 +445,23 @@ pub struct ServerConfig {
     pub api_publish_rate: u32,
     /// `redis://HOST:PORT/`: share rooms, history, presence, accounts and polls with other
     /// nodes through Redis (docs/scaling.md). Without it, one node with everything in SQLite.
+    /// To follow a replica promoted after its master died, name the candidates
+    /// (`redis://A:6379,redis://B:6379`: the one whose ROLE is master is used) or Redis
+    /// Sentinel (`redis+sentinel://S1:26379,S2:26379/SERVICE`).
     #[arg(long, env = "TETHER_REDIS", value_name = "URL")]
     pub redis: Option<String>,
+    /// Replicas that must hold a write (a message, a vote, an account change) before it is
+    /// acknowledged (Redis `WAIT`, half a second at most, or the write is answered as
+    /// unconfirmed). With 1 or more, a replica promoted after its master died has every
+    /// write the clients were told of; with 0, the last writes before the failure may be
+    /// lost (the nodes then start a new epoch).
+    #[arg(
+        long,
+        env = "TETHER_REDIS_REPLICAS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub redis_replicas: usize,
     /// This node's name among the others (by default its host name and process id).
     #[arg(long, env = "TETHER_NODE", value_name = "NAME")]
     pub node: Option<String>,

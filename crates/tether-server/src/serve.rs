@@ -163,13 +163,16 @@ impl Server {
             Some(url) => {
                 let node = config.node.clone().unwrap_or_else(default_node_name);
                 tracing::info!(%node, "joining the cluster through redis");
-                let accounts = crate::engine::accounts::RedisAccounts::connect(
-                    url,
+                let link = crate::engine::link::Link::open(url, Duration::from_secs(2))
+                    .map_err(|e| StoreError::Failed(format!("the redis setting: {e}")))?
+                    .confirmed_by(config.redis_replicas);
+                let accounts = crate::engine::accounts::RedisAccounts::new(
+                    link.clone(),
                     node.clone(),
                     revocations.clone(),
-                )?;
+                );
                 let cluster = crate::engine::redis::Cluster::start(
-                    url,
+                    link,
                     node,
                     hub.clone(),
                     metrics.clone(),
@@ -177,7 +180,7 @@ impl Server {
                     config.max_rooms,
                     room_quota.clone(),
                     revocations.clone(),
-                )?;
+                );
                 let engine = crate::engine::Engine::redis(cluster.clone(), accounts, revocations);
                 (engine, Some(cluster))
             }

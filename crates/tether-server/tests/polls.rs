@@ -125,8 +125,9 @@ async fn polls_in_sqlite_keep_the_contract() {
 #[tokio::test]
 async fn polls_in_redis_keep_the_contract() {
     let redis = common::RedisServer::start();
-    let client = redis::Client::open(redis.url.as_str()).unwrap();
-    let commands = client.get_connection_manager().await.unwrap();
+    let commands =
+        tether_server::engine::link::Link::open(&redis.url, std::time::Duration::from_secs(2))
+            .unwrap();
     let hub = Hub::new(64, Arc::new(Metrics::default()));
     contract(&RedisPolls::new(commands, "test".into(), hub)).await;
 }

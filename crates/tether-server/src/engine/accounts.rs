@@ -13,8 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
+use super::link::Link;
 use super::{Accounts, EngineFuture, Revocations};
 use crate::engine::store::{
     credential_id, unix_now, CredentialInfo, CredentialKind, Db, StoreError, UserInfo,
@@ -338,7 +337,7 @@ fn redis_error(e: redis::RedisError) -> StoreError {
 /// Accounts in Redis, shared by every node.
 #[derive(Clone)]
 pub struct RedisAccounts {
-    commands: ConnectionManager,
+    commands: Link,
     /// Who announces revocations: a node's name, or `tether user`.
     origin: String,
     revocations: Revocations,
@@ -385,27 +384,25 @@ impl std::fmt::Debug for RedisAccounts {
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl RedisAccounts {
-    /// Accounts in the Redis at `url` (connected lazily, and again after a loss). `origin`
-    /// names who announces revocations: this node's own are signalled on `revocations` at once
-    /// and skipped when they come back from Redis.
+    /// Accounts in the Redis at `url` (connected lazily, and again after a loss; the forms
+    /// of the setting are [`Link`]'s). `origin` names who announces revocations: this node's
+    /// own are signalled on `revocations` at once and skipped when they come back from Redis.
     ///
     /// # Errors
-    /// The URL is not a valid Redis URL.
+    /// The URL is not a valid Redis setting.
     pub fn connect(
         url: &str,
         origin: String,
         revocations: Revocations,
     ) -> Result<RedisAccounts, StoreError> {
-        let client = redis::Client::open(url).map_err(redis_error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let commands =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(redis_error)?;
+        let commands = Link::open(url, COMMAND_TIMEOUT).map_err(redis_error)?;
+        Ok(RedisAccounts::new(commands, origin, revocations))
+    }
+
+    /// Accounts over `commands`, announcing as `origin` (see [`RedisAccounts::connect`]).
+    pub fn new(commands: Link, origin: String, revocations: Revocations) -> RedisAccounts {
         let script = |s: &str| Arc::new(redis::Script::new(s));
-        Ok(RedisAccounts {
+        RedisAccounts {
             commands,
             origin,
             revocations,
@@ -416,7 +413,7 @@ impl RedisAccounts {
             add_credential: script(ADD_CREDENTIAL),
             bound_tokens: script(BOUND_TOKENS),
             found: Arc::default(),
-        })
+        }
     }
 
     /// The user of credential `digest` of `kind` if it was found valid since the last
@@ -450,7 +447,7 @@ impl RedisAccounts {
         found.entries.insert(digest, FoundEntry { record, at });
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Link {
         self.commands.clone()
     }
 

@@ -10,7 +10,7 @@
 //! and never merges. It marks Redis while it runs (`tether:imported`), so that an import that
 //! stopped midway is told apart, and refused until Redis is emptied.
 
-use redis::aio::ConnectionManager;
+use super::link::Link;
 
 use super::accounts::{hex, of_key, CredentialRecord, CREDENTIALS, USERS};
 use super::polls::{poll_key, LIST, NEXT};
@@ -82,13 +82,13 @@ const PAGE: usize = 1000;
 
 /// Commands gathered and sent [`PIPELINE`] at a time.
 struct Writes {
-    con: ConnectionManager,
+    con: Link,
     pipe: redis::Pipeline,
     queued: usize,
 }
 
 impl Writes {
-    fn new(con: ConnectionManager) -> Writes {
+    fn new(con: Link) -> Writes {
         Writes {
             con,
             pipe: redis::pipe(),
@@ -121,12 +121,7 @@ impl Writes {
 /// [`ImportError::NotEmpty`] before anything is written when Redis holds rooms, users or
 /// polls; otherwise a failure of either side (an invalid URL, Redis unreachable).
 pub async fn sqlite_into_redis(store: &Store, url: &str) -> Result<Imported, ImportError> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
-    let con = redis::Client::open(url)?
-        .get_connection_manager_with_config(config)
-        .await?;
+    let con = Link::open(url, std::time::Duration::from_secs(30))?;
     let mut check = con.clone();
     let mark: Option<String> = redis::cmd("GET").arg(MARK).query_async(&mut check).await?;
     if mark.as_deref() == Some("started") {

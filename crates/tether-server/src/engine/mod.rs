@@ -31,6 +31,7 @@ pub mod accounts;
 pub mod embedded;
 pub mod import;
 pub mod journal;
+pub mod link;
 pub mod polls;
 pub mod redis;
 pub mod store;

@@ -13,9 +13,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
+use super::link::Link;
 use super::{EngineFuture, Polls};
 use crate::engine::journal::{Job, Journal, VoteWrite};
 use crate::engine::store::{now_rfc3339, Db, Poll, StoreError, VoteOutcome};
@@ -159,7 +159,7 @@ fn redis_error(e: impl std::fmt::Display) -> StoreError {
 /// ([`PollNews::deliver`]).
 #[derive(Clone)]
 pub struct RedisPolls {
-    commands: ConnectionManager,
+    commands: Link,
     /// This node's name, and its hub: a poll created here is announced here at once, whether
     /// or not the subscription is up.
     node: String,
@@ -176,7 +176,7 @@ impl std::fmt::Debug for RedisPolls {
 impl RedisPolls {
     /// Polls through `commands` (a connection with timeouts) for node `node`, whose members
     /// are in `hub`.
-    pub fn new(commands: ConnectionManager, node: String, hub: Arc<Hub>) -> RedisPolls {
+    pub fn new(commands: Link, node: String, hub: Arc<Hub>) -> RedisPolls {
         RedisPolls {
             commands,
             node,
@@ -185,7 +185,7 @@ impl RedisPolls {
         }
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Link {
         self.commands.clone()
     }
 

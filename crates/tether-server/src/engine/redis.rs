@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -37,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::accounts::RedisAccounts;
 use super::accounts::REVOKED_CHANNEL;
 use super::journal::ChatWrite;
+use super::link::Link;
 use super::polls::RedisPolls;
 use super::polls::{PollNews, POLLS_CHANNEL};
 use super::store::{now_rfc3339, ChatMessage, StoreError};
@@ -350,7 +350,7 @@ struct BroadcastNote {
 /// This node's link to Redis.
 pub struct Cluster {
     node: String,
-    commands: ConnectionManager,
+    commands: Link,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     history_limit: usize,
@@ -401,14 +401,11 @@ fn redis_error(e: redis::RedisError) -> StoreError {
 }
 
 impl Cluster {
-    /// Connects (lazily: a Redis that is down at start is retried like a lost one) and
-    /// starts the subscription and presence tasks.
-    ///
-    /// # Errors
-    /// The URL is not a valid Redis URL.
+    /// Starts the subscription and presence tasks over `commands` (which connects lazily: a
+    /// Redis that is down at start is retried like a lost one).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
-        url: &str,
+        commands: Link,
         node: String,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
@@ -416,15 +413,7 @@ impl Cluster {
         max_rooms: usize,
         room_quota: crate::engine::journal::RoomQuota,
         revocations: crate::engine::Revocations,
-    ) -> Result<Arc<Cluster>, StoreError> {
-        let client = redis::Client::open(url).map_err(redis_error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let commands =
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
+    ) -> Arc<Cluster> {
         let (appends, queued) = mpsc::channel(APPEND_QUEUE);
         let cluster = Arc::new(Cluster {
             node,
@@ -453,9 +442,9 @@ impl Cluster {
         tokio::spawn(cluster.clone().share_forever(rx));
         let (follow, rooms) = mpsc::unbounded_channel();
         cluster.hub.follow_rooms(follow);
-        tokio::spawn(cluster.clone().subscribe_forever(client, rooms));
+        tokio::spawn(cluster.clone().subscribe_forever(rooms));
         tokio::spawn(cluster.clone().append_forever(queued));
-        Ok(cluster)
+        cluster
     }
 
     /// Whether the subscription to Redis is up and Redis answers commands.
@@ -475,8 +464,9 @@ impl Cluster {
         }
     }
 
-    /// A handle on the connection for commands (with timeouts and reconnection).
-    pub fn commands(&self) -> ConnectionManager {
+    /// A handle on the connection for commands (with timeouts, reconnection, and following
+    /// a promoted replica).
+    pub fn commands(&self) -> Link {
         self.commands.clone()
     }
 
@@ -1086,14 +1076,11 @@ impl Cluster {
     /// Keeps the subscription up, reconnecting with backoff; after each (re)connect, catches
     /// up every local room from its stream. `rooms` names rooms that gained their first local
     /// member or lost their last one ([`Hub::follow_rooms`]).
-    async fn subscribe_forever(
-        self: Arc<Self>,
-        client: redis::Client,
-        mut rooms: mpsc::UnboundedReceiver<Arc<str>>,
-    ) {
+    async fn subscribe_forever(self: Arc<Self>, mut rooms: mpsc::UnboundedReceiver<Arc<str>>) {
         let mut backoff = Duration::from_millis(100);
+        let mut master = self.commands.changes();
         loop {
-            let outcome = self.subscription(&client, &mut rooms).await;
+            let outcome = self.subscription(&mut rooms).await;
             {
                 // Nothing is heard now: members read history right away, and their rooms are
                 // caught up when the subscription is back.
@@ -1110,16 +1097,26 @@ impl Cluster {
             if self.connected.swap(false, Relaxed) {
                 tracing::error!("lost redis: serving local connections only until it is back");
             }
-            tokio::time::sleep(backoff).await;
+            // A new master (found by a command meanwhile) is subscribed at once.
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = master.changed() => {}
+            }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
     async fn subscription(
         &self,
-        client: &redis::Client,
         rooms: &mut mpsc::UnboundedReceiver<Arc<str>>,
     ) -> redis::RedisResult<()> {
+        // Subscribed to the master now; a new master (a replica promoted) is subscribed anew.
+        let (client, generation) = self.commands.client().await?;
+        let mut master = self.commands.changes();
+        if *master.borrow() != generation {
+            // The master moved while this connected: connect to the new one.
+            return Ok(());
+        }
         let pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
@@ -1166,6 +1163,10 @@ impl Cluster {
         loop {
             let msg = tokio::select! {
                 msg = messages.next() => msg,
+                Ok(()) = master.changed() => {
+                    tracing::info!("subscribing on the new redis master");
+                    break;
+                }
                 Some(room) = rooms.recv() => {
                     let mut changed = BTreeSet::from([room]);
                     while let Ok(room) = rooms.try_recv() {

@@ -1,0 +1,585 @@
+//! The link to the Redis master, which follows a promoted replica.
+//!
+//! The `redis` setting names where the master is, in one of three forms:
+//! - `redis://HOST:PORT/DB`: one server, always the master;
+//! - `redis://A:6379,redis://B:6380`: candidates, of which the one whose `ROLE` says
+//!   `master` is used (an operator promotes a replica with `REPLICAOF NO ONE`);
+//! - `redis+sentinel://[USER:PASSWORD@]S1:26379[,S2:26379…]/SERVICE[/DB]`: Redis Sentinel
+//!   names the master of `SERVICE` (the password and database are the master's), and the
+//!   node checks with `ROLE` that it is one.
+//!
+//! With candidates or Sentinel, a command that fails because the server went away or refuses
+//! writes (`READONLY`: it was demoted) marks the link stale, and the next command finds the
+//! master again; subscribers are told through [`Link::changes`] so they move too. Messages
+//! the old master acknowledged but had not yet passed to the replica are lost with it; the
+//! nodes notice (a stream shorter than what they delivered) and start a new epoch, so
+//! clients that resume are told.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, RedisError, RedisFuture, RedisResult, Value};
+use tokio::sync::watch;
+
+/// How long finding the master may take, every server asked included.
+const RESOLVE_WAIT: Duration = Duration::from_secs(3);
+/// How long one server may take to answer while the master is looked for.
+const ASK_WAIT: Duration = Duration::from_secs(1);
+/// How long after a failed search the next one starts (commands fail meanwhile).
+const RESOLVE_AGAIN: Duration = Duration::from_millis(250);
+
+/// Where the master is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// One server, the master.
+    One(String),
+    /// Candidate servers: the master is the one whose `ROLE` is `master`.
+    Candidates(Vec<String>),
+    /// Redis Sentinel: `sentinels` (as `redis://` URLs) name the master of `service`, reached
+    /// with `auth` (`USER:PASSWORD@` or empty) and database `db`.
+    Sentinel {
+        sentinels: Vec<String>,
+        service: String,
+        auth: String,
+        db: i64,
+    },
+}
+
+fn invalid(what: &str, detail: String) -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::InvalidClientConfig,
+        "invalid redis setting",
+        format!("{what}: {detail}"),
+    ))
+}
+
+fn io_error(what: &'static str, detail: String) -> RedisError {
+    RedisError::from((redis::ErrorKind::Io, what, detail))
+}
+
+impl Target {
+    fn parse(setting: &str) -> RedisResult<Target> {
+        let setting = setting.trim();
+        if let Some(rest) = setting.strip_prefix("redis+sentinel://") {
+            let (auth, rest) = match rest.rsplit_once('@') {
+                Some((auth, rest)) => (format!("{auth}@"), rest),
+                None => (String::new(), rest),
+            };
+            let (hosts, path) = rest.split_once('/').ok_or_else(|| {
+                invalid(setting, "the service name is missing (…/SERVICE)".into())
+            })?;
+            let (service, db) = match path.split_once('/') {
+                Some((service, db)) => (service, db),
+                None => (path, ""),
+            };
+            if service.is_empty() {
+                return Err(invalid(setting, "the service name is empty".into()));
+            }
+            let db = if db.is_empty() {
+                0
+            } else {
+                db.parse()
+                    .map_err(|_| invalid(setting, format!("database {db:?} is not a number")))?
+            };
+            let sentinels: Vec<String> = hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{h}"))
+                .collect();
+            if sentinels.is_empty() {
+                return Err(invalid(setting, "no sentinel is named".into()));
+            }
+            for s in &sentinels {
+                redis::Client::open(s.as_str())?;
+            }
+            redis::Client::open(format!("redis://{auth}127.0.0.1/{db}"))?;
+            return Ok(Target::Sentinel {
+                sentinels,
+                service: service.to_owned(),
+                auth,
+                db,
+            });
+        }
+        let urls: Vec<String> = setting
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for url in &urls {
+            redis::Client::open(url.as_str())?;
+        }
+        match urls.len() {
+            0 => Err(invalid(setting, "no server is named".into())),
+            1 => Ok(Target::One(urls.into_iter().next().unwrap_or_default())),
+            _ => Ok(Target::Candidates(urls)),
+        }
+    }
+
+    /// The URL of the master now.
+    async fn find_master(&self) -> RedisResult<String> {
+        match self {
+            Target::One(url) => Ok(url.clone()),
+            Target::Candidates(urls) => {
+                let mut last = io_error("no redis master", "no candidate answered".into());
+                for url in urls {
+                    match is_master(url).await {
+                        Ok(true) => return Ok(url.clone()),
+                        Ok(false) => {
+                            last = io_error("no redis master", format!("{url} is not a master"));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+            Target::Sentinel {
+                sentinels,
+                service,
+                auth,
+                db,
+            } => {
+                let mut last = io_error("no redis master", "no sentinel answered".into());
+                for sentinel in sentinels {
+                    let named: RedisResult<Option<(String, u16)>> = ask(
+                        sentinel,
+                        redis::cmd("SENTINEL")
+                            .arg("GET-MASTER-ADDR-BY-NAME")
+                            .arg(service),
+                    )
+                    .await;
+                    match named {
+                        Ok(Some((host, port))) => {
+                            let host = if host.contains(':') {
+                                format!("[{host}]")
+                            } else {
+                                host
+                            };
+                            let url = format!("redis://{auth}{host}:{port}/{db}");
+                            match is_master(&url).await {
+                                Ok(true) => return Ok(url),
+                                Ok(false) => {
+                                    // Sentinel has not finished the failover yet.
+                                    last = io_error(
+                                        "no redis master",
+                                        format!("{sentinel} names {host}:{port}, not a master yet"),
+                                    );
+                                }
+                                Err(e) => last = e,
+                            }
+                        }
+                        Ok(None) => {
+                            last = io_error(
+                                "no redis master",
+                                format!("{sentinel} knows no service {service:?}"),
+                            );
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+}
+
+/// `cmd`'s answer from the server at `url`, on a connection of its own.
+async fn ask<T: redis::FromRedisValue>(url: &str, cmd: &Cmd) -> RedisResult<T> {
+    let client = redis::Client::open(url)?;
+    let asked = async {
+        let mut con = client.get_multiplexed_async_connection().await?;
+        cmd.query_async(&mut con).await
+    };
+    tokio::time::timeout(ASK_WAIT, asked)
+        .await
+        .map_err(|_| io_error("redis did not answer", url.to_owned()))?
+}
+
+/// Whether the server at `url` is a master (`ROLE`).
+async fn is_master(url: &str) -> RedisResult<bool> {
+    let role: Value = ask(url, &redis::cmd("ROLE")).await?;
+    Ok(match role {
+        Value::Array(parts) => {
+            matches!(
+                parts.first(),
+                Some(Value::BulkString(b)) if b == b"master"
+            ) || matches!(parts.first(), Some(Value::SimpleString(s)) if s == "master")
+        }
+        _ => false,
+    })
+}
+
+/// Whether `e` says the server used is no longer the master: it went away, or it refuses
+/// writes.
+fn moved(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || matches!(e.code(), Some("READONLY" | "MASTERDOWN"))
+}
+
+/// How long a write waits for its replicas (`WAIT`) before it counts as unconfirmed: the
+/// connection's other commands wait behind it meanwhile.
+const REPLICA_WAIT: Duration = Duration::from_millis(500);
+
+/// Commands that write nothing: no `WAIT` follows them.
+const READS: &[&[u8]] = &[
+    b"GET",
+    b"MGET",
+    b"EXISTS",
+    b"TYPE",
+    b"TTL",
+    b"PTTL",
+    b"SCAN",
+    b"PING",
+    b"ROLE",
+    b"HGET",
+    b"HMGET",
+    b"HGETALL",
+    b"HLEN",
+    b"HEXISTS",
+    b"HSCAN",
+    b"HKEYS",
+    b"HVALS",
+    b"SMEMBERS",
+    b"SISMEMBER",
+    b"SCARD",
+    b"SSCAN",
+    b"ZSCORE",
+    b"ZCARD",
+    b"ZCOUNT",
+    b"ZRANGE",
+    b"ZREVRANGE",
+    b"ZRANGEBYSCORE",
+    b"ZRANGEBYLEX",
+    b"ZSCAN",
+    b"ZMSCORE",
+    b"XRANGE",
+    b"XREVRANGE",
+    b"XLEN",
+    b"XINFO",
+    b"LRANGE",
+    b"LLEN",
+    b"EVALSHA_RO",
+    b"EVAL_RO",
+    b"SCRIPT",
+    b"INFO",
+    b"PUBSUB",
+    b"DBSIZE",
+];
+
+/// Whether `cmd` may write.
+fn writes(cmd: &Cmd) -> bool {
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name)) => !READS.iter().any(|r| r.eq_ignore_ascii_case(name)),
+        _ => true,
+    }
+}
+
+/// A connection to the master, for commands (it implements [`ConnectionLike`], so commands,
+/// pipelines and scripts run on it) and for subscribers ([`Link::client`]). Clones share it.
+#[derive(Clone)]
+pub struct Link {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    target: Target,
+    /// Replicas that must hold a write before it is acknowledged.
+    replicas: usize,
+    config: ConnectionManagerConfig,
+    db: i64,
+    state: Mutex<State>,
+    /// One search for the master at a time.
+    resolving: tokio::sync::Mutex<()>,
+    changes: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The master in use: its URL, a client and the connection for commands.
+    master: Option<(String, redis::Client, ConnectionManager)>,
+    /// Counts the masters followed.
+    generation: u64,
+    /// A command failed as if the master moved: find it again.
+    stale: bool,
+    /// No search before this (the last one failed).
+    quiet_until: Option<Instant>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("target", &self.shared.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// A link to the master the `setting` names (see the module's documentation), with
+    /// commands timing out after `timeout`. Nothing connects before the first command.
+    ///
+    /// # Errors
+    /// The setting is not valid.
+    pub fn open(setting: &str, timeout: Duration) -> RedisResult<Link> {
+        let target = Target::parse(setting)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.min(Duration::from_secs(2))))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let (db, state) = match &target {
+            Target::One(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let db = client.get_connection_info().redis_settings().db();
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+                let state = State {
+                    master: Some((url.clone(), client, manager)),
+                    ..State::default()
+                };
+                (db, state)
+            }
+            Target::Candidates(urls) => {
+                let client = redis::Client::open(urls[0].as_str())?;
+                (
+                    client.get_connection_info().redis_settings().db(),
+                    State::default(),
+                )
+            }
+            Target::Sentinel { db, .. } => (*db, State::default()),
+        };
+        Ok(Link {
+            shared: Arc::new(Shared {
+                target,
+                replicas: 0,
+                config,
+                db,
+                state: Mutex::new(state),
+                resolving: tokio::sync::Mutex::new(()),
+                changes: watch::Sender::new(0),
+            }),
+        })
+    }
+
+    /// A link that acknowledges a write only once `replicas` replicas hold it (`WAIT`):
+    /// a command (or pipeline) that writes fails as timed out when they do not confirm it
+    /// within half a second, though the master applied it. Takes effect before the link
+    /// is cloned.
+    #[must_use]
+    pub fn confirmed_by(mut self, replicas: usize) -> Link {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.replicas = replicas;
+        }
+        self
+    }
+
+    /// Changes each time the link follows another master.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    /// A client of the master now (found first when needed), for a subscription, and the
+    /// generation it belongs to: the subscription moves once [`Link::changes`] differs.
+    ///
+    /// # Errors
+    /// No master was found.
+    pub async fn client(&self) -> RedisResult<(redis::Client, u64)> {
+        let (_, client, generation) = self.current().await?;
+        Ok((client, generation))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The master in use, unless it must be found (again) now.
+    fn in_use(&self) -> Option<(ConnectionManager, redis::Client, u64)> {
+        let state = self.state();
+        let (_, client, manager) = state.master.as_ref()?;
+        let quiet = state.quiet_until.is_some_and(|t| Instant::now() < t);
+        (!state.stale || quiet).then(|| (manager.clone(), client.clone(), state.generation))
+    }
+
+    async fn current(&self) -> RedisResult<(ConnectionManager, redis::Client, u64)> {
+        if let Some(found) = self.in_use() {
+            return Ok(found);
+        }
+        let _one = self.shared.resolving.lock().await;
+        if let Some(found) = self.in_use() {
+            return Ok(found);
+        }
+        if self.state().quiet_until.is_some_and(|t| Instant::now() < t) {
+            return Err(io_error("no redis master", "looked for lately".into()));
+        }
+        let found = tokio::time::timeout(RESOLVE_WAIT, self.shared.target.find_master())
+            .await
+            .unwrap_or_else(|_| Err(io_error("no redis master", "the search timed out".into())));
+        let url = match found {
+            Ok(url) => url,
+            Err(e) => {
+                self.state().quiet_until = Some(Instant::now() + RESOLVE_AGAIN);
+                tracing::warn!(error = %e, "looking for the redis master");
+                return Err(e);
+            }
+        };
+        let mut state = self.state();
+        state.stale = false;
+        state.quiet_until = None;
+        if state
+            .master
+            .as_ref()
+            .is_none_or(|(used, _, _)| *used != url)
+        {
+            let client = redis::Client::open(url.as_str())?;
+            let manager = ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                self.shared.config.clone(),
+            )?;
+            if state.master.is_some() {
+                tracing::warn!(master = %url, "following the new redis master");
+            }
+            state.master = Some((url, client, manager));
+            state.generation += 1;
+            self.shared.changes.send_replace(state.generation);
+        }
+        let (_, client, manager) = state.master.as_ref().expect("set above");
+        Ok((manager.clone(), client.clone(), state.generation))
+    }
+
+    /// A command on the master of `generation` failed with `e`: when that says the master
+    /// moved, it is looked for again before the next command.
+    fn failed(&self, e: &RedisError, generation: u64) {
+        if matches!(self.shared.target, Target::One(_)) || !moved(e) {
+            return;
+        }
+        let mut state = self.state();
+        if state.generation == generation {
+            state.stale = true;
+        }
+    }
+
+    /// Waits for the replicas to hold what this connection wrote, when the link asks for them.
+    async fn confirm(&self, con: &mut ConnectionManager, generation: u64) -> RedisResult<()> {
+        let wanted = self.shared.replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted).arg(REPLICA_WAIT.as_millis() as u64);
+        let held: RedisResult<usize> = wait.query_async(con).await;
+        match held {
+            Ok(held) if held >= wanted => Ok(()),
+            Ok(held) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{held} of {wanted} redis replicas confirmed the write in time"),
+            ))),
+            Err(e) => {
+                self.failed(&e, generation);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let (mut con, _, generation) = self.current().await?;
+            let answer = con.req_packed_command(cmd).await;
+            match &answer {
+                Err(e) => self.failed(e, generation),
+                Ok(_) if writes(cmd) => self.confirm(&mut con, generation).await?,
+                Ok(_) => {}
+            }
+            answer
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let (mut con, _, generation) = self.current().await?;
+            let answer = con.req_packed_commands(pipeline, offset, count).await;
+            match &answer {
+                Err(e) => self.failed(e, generation),
+                Ok(_) if pipeline.cmd_iter().any(writes) => {
+                    self.confirm(&mut con, generation).await?;
+                }
+                Ok(_) => {}
+            }
+            answer
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.shared.db
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_name_one_server_candidates_or_sentinels() {
+        assert_eq!(
+            Target::parse("redis://127.0.0.1:6379/2").unwrap(),
+            Target::One("redis://127.0.0.1:6379/2".into())
+        );
+        assert_eq!(
+            Target::parse("redis://a:1, redis://b:2").unwrap(),
+            Target::Candidates(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
+        assert_eq!(
+            Target::parse("redis+sentinel://:secret@s1:26379,s2:26380/main/3").unwrap(),
+            Target::Sentinel {
+                sentinels: vec!["redis://s1:26379".into(), "redis://s2:26380".into()],
+                service: "main".into(),
+                auth: ":secret@".into(),
+                db: 3,
+            }
+        );
+        assert_eq!(
+            Target::parse("redis+sentinel://s1:26379/main").unwrap(),
+            Target::Sentinel {
+                sentinels: vec!["redis://s1:26379".into()],
+                service: "main".into(),
+                auth: String::new(),
+                db: 0,
+            }
+        );
+        for bad in [
+            "",
+            "redis+sentinel://s1:26379",
+            "redis+sentinel://s1:26379/",
+            "redis+sentinel:///main",
+            "redis+sentinel://s1:26379/main/x",
+            "http://a:1",
+            "redis://a:1,http://b:2",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad:?} was taken");
+        }
+    }
+
+    #[test]
+    fn only_losing_the_server_or_writes_moves_the_link() {
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(moved(&refused));
+        let other = RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "ERR",
+            "wrong".to_owned(),
+        ));
+        assert!(!moved(&other));
+    }
+}
