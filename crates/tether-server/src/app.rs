@@ -296,7 +296,7 @@ impl App {
     /// [`StoreError::Limit`] with the reason to tell the client; another [`StoreError`] when
     /// storage could not say whether the room exists.
     pub async fn may_join_room(&self, room: &str, writer: &Writer) -> Result<(), StoreError> {
-        if crate::hub::is_personal(room) || self.hub.has_room(room) {
+        if crate::wire::is_personal(room) || self.hub.has_room(room) {
             return Ok(());
         }
         if self.engine.broker.has_messages(room).await? {

@@ -166,7 +166,7 @@ impl Channel {
             Name::Polls => self.sub.poll() == Some(crate::hub::POLL_LIST),
             Name::User(user) => {
                 let stream = self.sub.room();
-                stream.and_then(|r| r.strip_prefix(crate::hub::PERSONAL)) == Some(*user)
+                stream.and_then(|r| r.strip_prefix(crate::wire::PERSONAL)) == Some(*user)
             }
             Name::Broadcast => false,
         }
@@ -945,7 +945,7 @@ impl Session {
         }
         // A crowd is counted, not listed (see `PRESENCE_LIMIT`).
         let users = joined.users;
-        let personal = crate::hub::is_personal(room);
+        let personal = crate::wire::is_personal(room);
         let members = if users <= crate::hub::PRESENCE_LIMIT && !personal {
             Some(self.presence(room).await)
         } else {
@@ -1022,7 +1022,7 @@ impl Session {
     /// The stream of `user`'s notifications, when that user is who this connection is.
     fn own(&self, user: &str) -> Result<String, Failure> {
         match self.member.kind {
-            Kind::User if self.name() == user => Ok(crate::hub::personal(user)),
+            Kind::User if self.name() == user => Ok(crate::wire::personal(user)),
             _ => Err(fail(
                 Code::PermissionDenied,
                 format!("only {user}, logged in, receives user:{user}"),

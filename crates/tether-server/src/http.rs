@@ -576,7 +576,7 @@ async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Re
     // Users' notification streams are stored as rooms, named to sort after every room: a
     // page that meets one has listed every room before it.
     for (room, last) in stored {
-        if !crate::hub::is_personal(&room) {
+        if !crate::wire::is_personal(&room) {
             all.entry(room).or_default().1 = last;
         }
     }
@@ -701,7 +701,7 @@ async fn notify(
         Ok(None) => return error(StatusCode::NOT_FOUND, "no such user"),
         Err(e) => return store_error(&e),
     };
-    store_text(&app, user, crate::hub::personal(&to), &headers, body).await
+    store_text(&app, user, crate::wire::personal(&to), &headers, body).await
 }
 
 /// Stores the text of `body` (`{"text": …}`, idempotent by the `Idempotency-Key` header) from

@@ -29,8 +29,9 @@ use serde_json::value::RawValue;
 use tether::Prepared;
 use tokio::sync::mpsc;
 
+use crate::engine::local::{Change, Local, Member, Sender, Shared, MAX_INFOS};
 use crate::metrics::Metrics;
-use crate::wire::{self, ChatMessage};
+use crate::wire::{self, is_personal, ChatMessage};
 
 /// One event queued for a connection. `id` is the chat message id (0 for other events), so a
 /// joining connection can skip live messages that its history already held.
@@ -455,79 +456,9 @@ impl RoomState {
     }
 }
 
-/// Distinct `info` objects listed per user in presence: a user's other connections are
-/// counted, not described.
-pub const MAX_INFOS: usize = 4;
-
-/// A user present in a room.
-#[derive(Debug, Clone, Serialize)]
-pub struct Member {
-    /// Who.
-    pub user: String,
-    /// How many of their connections are there.
-    pub clients: usize,
-    /// The distinct public information those connections attached.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub info: Vec<Box<RawValue>>,
-}
-
-impl Member {
-    /// Adds what `infos` holds that this member's list does not, up to [`MAX_INFOS`].
-    pub fn add_infos(&mut self, infos: impl IntoIterator<Item = Box<RawValue>>) {
-        for info in infos {
-            if self.info.len() >= MAX_INFOS {
-                break;
-            }
-            if !self.info.iter().any(|i| i.get() == info.get()) {
-                self.info.push(info);
-            }
-        }
-    }
-}
-
-/// What changed in a room on this node, for the other nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    /// The user's first connection here joined.
-    Join,
-    /// The user's last connection here left.
-    Leave,
-    /// Another connection of a user present here joined or left with public information:
-    /// the room's information changed, not its members.
-    Info,
-}
-
-/// A local join or leave, for the other nodes.
-#[derive(Debug)]
-pub struct Shared {
-    /// The room.
-    pub room: String,
-    /// Who.
-    pub user: String,
-    /// What changed.
-    pub change: Change,
-    /// The joining connection's public information.
-    pub info: Option<Box<RawValue>>,
-}
-
 #[derive(Debug, Default)]
 struct PollState {
     topic: Topic,
-}
-
-/// What starts the name of a user's notification stream, which is stored and delivered as a
-/// room's: a character no room name may hold, and one that sorts after every character a room
-/// name may, so that listing rooms in name order meets those streams only at its end.
-pub const PERSONAL: char = '~';
-
-/// The stream of `user`'s notifications (the `user:NAME` channel).
-pub fn personal(user: &str) -> String {
-    format!("{PERSONAL}{user}")
-}
-
-/// Whether `room` is a user's notification stream rather than a room.
-pub fn is_personal(room: &str) -> bool {
-    room.starts_with(PERSONAL)
 }
 
 /// Rooms of more users than this stop telling joins and leaves, and a joiner learns how many
@@ -857,9 +788,9 @@ pub mod push {
     }
 
     /// The channel name of a room, or of a user's notifications (`user:NAME`, kept as the
-    /// stream [`super::personal`] names).
+    /// stream [`crate::wire::personal`] names).
     pub fn room_channel(room: &str) -> String {
-        match room.strip_prefix(super::PERSONAL) {
+        match room.strip_prefix(crate::wire::PERSONAL) {
             Some(user) => format!("user:{user}"),
             None => format!("room:{room}"),
         }
@@ -1518,6 +1449,92 @@ impl Drop for Subscription {
     }
 }
 
+impl Sender for Outbox {
+    /// Queues an `error` event.
+    fn failed(&self, text: &str) {
+        let event = serde_json::json!({"type": "error", "error": text});
+        let _ = self.push(Outgoing {
+            id: 0,
+            sub: 0,
+            msg: encode(&event),
+        });
+    }
+}
+
+/// The engine's view of this node: each call is the hub's own.
+impl Local for Hub {
+    fn deliver(&self, message: &ChatMessage) {
+        Hub::deliver(self, message);
+    }
+
+    fn deliver_counts(&self, poll: i64, counts: &BTreeMap<String, u64>) {
+        Hub::deliver_counts(self, poll, counts);
+    }
+
+    fn poll_created(&self, poll: &wire::Poll) {
+        Hub::poll_created(self, poll);
+    }
+
+    fn broadcast(&self, user: &str, text: &str, ts: &str) -> usize {
+        Hub::broadcast(self, user, text, ts)
+    }
+
+    fn remote_presence(
+        &self,
+        room: &str,
+        user: &str,
+        join: bool,
+        remote: usize,
+        info: Option<&RawValue>,
+    ) {
+        Hub::remote_presence(self, room, user, join, remote, info);
+    }
+
+    fn has_room(&self, room: &str) -> bool {
+        Hub::has_room(self, room)
+    }
+
+    fn room_names(&self) -> Vec<String> {
+        Hub::room_names(self)
+    }
+
+    fn position(&self, room: &str) -> u64 {
+        Hub::position(self, room)
+    }
+
+    fn epoch(&self) -> String {
+        Hub::epoch(self)
+    }
+
+    fn observe_epoch(&self, epoch: &str) -> bool {
+        Hub::observe_epoch(self, epoch)
+    }
+
+    fn watched_polls(&self) -> Vec<i64> {
+        Hub::watched_polls(self)
+    }
+
+    fn user_count(&self, room: &str) -> usize {
+        Hub::user_count(self, room)
+    }
+
+    fn local_users(&self) -> BTreeMap<String, Vec<String>> {
+        Hub::local_users(self)
+    }
+
+    fn infos(&self, room: &str) -> BTreeMap<String, Vec<Box<RawValue>>> {
+        Hub::infos(self, room)
+    }
+
+    fn share_presence(&self, tx: mpsc::UnboundedSender<Shared>) {
+        Hub::share_presence(self, tx);
+    }
+
+    fn follow_rooms(&self, tx: mpsc::UnboundedSender<Arc<str>>) {
+        Hub::follow_rooms(self, tx);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1629,7 +1646,7 @@ mod tests {
             .into_iter()
             .map(|r| hub.join(r, "ann"))
             .collect();
-        let _own = hub.join(&personal("ann"), "ann");
+        let _own = hub.join(&crate::wire::personal("ann"), "ann");
         let _two = hub.join("b", "ben");
         let names = |page: Vec<(String, usize)>| page.into_iter().map(|r| r.0).collect::<Vec<_>>();
         assert_eq!(names(hub.rooms_page(None, 2)), ["a", "b"]);

@@ -52,3 +52,18 @@ pub struct Poll {
     /// When it was created (RFC 3339).
     pub created: String,
 }
+
+/// What starts the name of a user's notification stream, which is stored and delivered as a
+/// room's: a character no room name may hold, and one that sorts after every character a room
+/// name may, so that listing rooms in name order meets those streams only at its end.
+pub const PERSONAL: char = '~';
+
+/// The stream of `user`'s notifications (the `user:NAME` channel).
+pub fn personal(user: &str) -> String {
+    format!("{PERSONAL}{user}")
+}
+
+/// Whether `room` is a user's notification stream rather than a room.
+pub fn is_personal(room: &str) -> bool {
+    room.starts_with(PERSONAL)
+}

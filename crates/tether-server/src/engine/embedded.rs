@@ -6,14 +6,19 @@ use std::sync::Arc;
 
 use super::accounts::SqliteAccounts;
 use super::journal::{ChatWrite, Job, Journal};
+use super::local::{Local, Member};
 use super::polls::SqlitePolls;
 use super::store::{ChatMessage, Db};
 use super::{Broker, Control, Engine, EngineFuture, Leases, Presence, Reach, Revocations};
-use crate::hub::{Hub, Member};
 
 impl Engine {
     /// One process: this process's store, journal and hub.
-    pub fn embedded(db: Db, journal: Journal, hub: Arc<Hub>, revocations: Revocations) -> Engine {
+    pub fn embedded(
+        db: Db,
+        journal: Journal,
+        hub: Arc<dyn Local>,
+        revocations: Revocations,
+    ) -> Engine {
         let accounts = Arc::new(SqliteAccounts::new(db.clone(), revocations.clone()));
         let polls = Arc::new(SqlitePolls::new(db.clone(), journal.clone(), hub.clone()));
         let embedded = Arc::new(Embedded { db, journal, hub });
@@ -35,7 +40,7 @@ impl Engine {
 pub struct Embedded {
     db: Db,
     journal: Journal,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Local>,
 }
 
 impl Broker for Embedded {

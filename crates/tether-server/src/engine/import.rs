@@ -219,7 +219,7 @@ pub async fn sqlite_into_redis(store: &Store, url: &str) -> Result<Imported, Imp
         after = Some(last_room.clone());
         for (room, last) in &page {
             done.messages += copy_room(store, &mut writes, room, *last, &done.epoch).await?;
-            if !crate::hub::is_personal(room) {
+            if !crate::wire::is_personal(room) {
                 let listed = redis::cmd("ZADD").arg(ROOMS).arg(0).arg(room).clone();
                 writes.add(listed).await?;
             }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::local::{Local, Sender};
 use crate::engine::store::{now_rfc3339, ChatMessage, Store, StoreError, VoteOutcome, Voter};
-use crate::hub::{encode, Hub, Outbox, Outgoing};
 use crate::metrics::Metrics;
 
 const BATCH: usize = 512;
@@ -23,8 +23,8 @@ const BATCH: usize = 512;
 pub enum Reply<T> {
     /// To a waiting caller (the HTTP API).
     Wait(oneshot::Sender<Result<T, StoreError>>),
-    /// A failure is queued as an `error` event to the socket that sent the job.
-    Socket(Arc<Outbox>),
+    /// A failure is told to the socket that sent the job.
+    Socket(Arc<dyn Sender>),
 }
 
 impl<T> Reply<T> {
@@ -56,12 +56,7 @@ impl<T> Reply<T> {
                         StoreError::Unknown(_) => format!("message {e}"),
                         _ => format!("{what}: {e}"),
                     };
-                    let event = serde_json::json!({"type": "error", "error": text});
-                    let _ = tx.push(Outgoing {
-                        id: 0,
-                        sub: 0,
-                        msg: encode(&event),
-                    });
+                    tx.failed(&text);
                 }
             }
         }
@@ -151,7 +146,7 @@ impl Journal {
     /// The thread cannot be spawned.
     pub fn start(
         store: Store,
-        hub: Arc<Hub>,
+        hub: Arc<dyn Local>,
         metrics: Arc<Metrics>,
         history_limit: usize,
         max_rooms: usize,
@@ -197,7 +192,7 @@ impl Journal {
 
 struct Writer {
     store: Store,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Local>,
     metrics: Arc<Metrics>,
     history_limit: usize,
     /// Rooms with stored messages at most; a message to a new room past it is refused.
@@ -300,7 +295,7 @@ impl Writer {
                     // first notification, whoever sends it, and counts against no cap.
                     if last == 0
                         && !rooms.contains_key(room.as_str())
-                        && !crate::hub::is_personal(room)
+                        && !crate::wire::is_personal(room)
                     {
                         if self.rooms + new_rooms >= self.max_rooms {
                             outcomes.push(Outcome::Refused(StoreError::Limit(format!(

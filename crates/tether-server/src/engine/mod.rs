@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::hub::Member;
 use journal::ChatWrite;
 use journal::VoteWrite;
+use local::Member;
 use store::{ChatMessage, CredentialInfo, CredentialKind, Poll, StoreError, UserInfo};
 
 pub mod accounts;
@@ -32,6 +32,7 @@ pub mod embedded;
 pub mod import;
 pub mod journal;
 pub mod link;
+pub mod local;
 pub mod polls;
 pub mod redis;
 pub mod store;

@@ -16,22 +16,22 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::link::Link;
+use super::local::Local;
 use super::{EngineFuture, Polls};
 use crate::engine::journal::{Job, Journal, VoteWrite};
 use crate::engine::store::{now_rfc3339, Db, Poll, StoreError, VoteOutcome};
-use crate::hub::Hub;
 
 /// Polls in the node's SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqlitePolls {
     db: Db,
     journal: Journal,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Local>,
 }
 
 impl SqlitePolls {
     /// Polls in the store behind `db`, votes through `journal`, news to `hub`.
-    pub fn new(db: Db, journal: Journal, hub: Arc<Hub>) -> SqlitePolls {
+    pub fn new(db: Db, journal: Journal, hub: Arc<dyn Local>) -> SqlitePolls {
         SqlitePolls { db, journal, hub }
     }
 }
@@ -137,7 +137,7 @@ pub struct PollNews {
 
 impl PollNews {
     /// Hands the news to the members of node `node`, unless it sent it (and delivered it).
-    pub fn deliver(&self, hub: &Hub, node: &str) {
+    pub fn deliver(&self, hub: &dyn Local, node: &str) {
         if self.origin.as_deref() == Some(node) {
             return;
         }
@@ -163,7 +163,7 @@ pub struct RedisPolls {
     /// This node's name, and its hub: a poll created here is announced here at once, whether
     /// or not the subscription is up.
     node: String,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Local>,
     vote: Arc<redis::Script>,
 }
 
@@ -176,7 +176,7 @@ impl std::fmt::Debug for RedisPolls {
 impl RedisPolls {
     /// Polls through `commands` (a connection with timeouts) for node `node`, whose members
     /// are in `hub`.
-    pub fn new(commands: Link, node: String, hub: Arc<Hub>) -> RedisPolls {
+    pub fn new(commands: Link, node: String, hub: Arc<dyn Local>) -> RedisPolls {
         RedisPolls {
             commands,
             node,

@@ -37,11 +37,11 @@ use super::accounts::RedisAccounts;
 use super::accounts::REVOKED_CHANNEL;
 use super::journal::ChatWrite;
 use super::link::Link;
+use super::local::{Change, Local, Member, Shared};
 use super::polls::RedisPolls;
 use super::polls::{PollNews, POLLS_CHANNEL};
 use super::store::{now_rfc3339, ChatMessage, StoreError};
 use super::{Broker, Control, Engine, EngineFuture, Leases, Presence, Reach, Revocations};
-use crate::hub::{Change, Hub, Member, Shared};
 use crate::metrics::Metrics;
 
 /// Lua: `epoch` is the rooms' epoch in the key KEYS[K], made from the proposal ARGV[A] when
@@ -351,7 +351,7 @@ struct BroadcastNote {
 pub struct Cluster {
     node: String,
     commands: Link,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Local>,
     metrics: Arc<Metrics>,
     history_limit: usize,
     max_rooms: usize,
@@ -407,7 +407,7 @@ impl Cluster {
     pub fn start(
         commands: Link,
         node: String,
-        hub: Arc<Hub>,
+        hub: Arc<dyn Local>,
         metrics: Arc<Metrics>,
         history_limit: usize,
         max_rooms: usize,
@@ -533,7 +533,7 @@ impl Cluster {
             let mut taken = Vec::with_capacity(batch.len());
             for job in &batch {
                 // A user's notification stream is no room anyone starts.
-                let paid = self.hub.has_room(&job.room) || crate::hub::is_personal(&job.room);
+                let paid = self.hub.has_room(&job.room) || crate::wire::is_personal(&job.room);
                 let token = !paid && self.room_quota.take(&job.writer, now).is_ok();
                 taken.push(token);
                 pipe.add_command(self.append_command(job, paid || token));
@@ -613,7 +613,7 @@ impl Cluster {
             .arg(job.key.as_deref().unwrap_or_default())
             .arg(KEY_WINDOW.as_secs())
             .arg(if may_start_room { "1" } else { "0" })
-            .arg(if crate::hub::is_personal(&job.room) {
+            .arg(if crate::wire::is_personal(&job.room) {
                 "1"
             } else {
                 "0"
@@ -1075,7 +1075,7 @@ impl Cluster {
 
     /// Keeps the subscription up, reconnecting with backoff; after each (re)connect, catches
     /// up every local room from its stream. `rooms` names rooms that gained their first local
-    /// member or lost their last one ([`Hub::follow_rooms`]).
+    /// member or lost their last one ([`Local::follow_rooms`]).
     async fn subscribe_forever(self: Arc<Self>, mut rooms: mpsc::UnboundedReceiver<Arc<str>>) {
         let mut backoff = Duration::from_millis(100);
         let mut master = self.commands.changes();
@@ -1195,7 +1195,7 @@ impl Cluster {
                 }
             } else if channel == POLLS_CHANNEL {
                 if let Ok(news) = serde_json::from_str::<PollNews>(&payload) {
-                    news.deliver(&self.hub, &self.node);
+                    news.deliver(&*self.hub, &self.node);
                 }
             } else if channel == BROADCAST {
                 if let Ok(note) = serde_json::from_str::<BroadcastNote>(&payload) {
