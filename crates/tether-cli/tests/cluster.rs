@@ -473,7 +473,7 @@ async fn until_members(port: u16, room: &str, members: u64) {
                 "-p",
                 &port.to_string(),
                 "ZCARD",
-                &format!("tether:m:{room}"),
+                &format!("tether:{{{room}}}:m"),
             ])
             .output()
             .expect("redis-cli comes with redis-server");
@@ -1187,10 +1187,10 @@ async fn a_node_hears_only_the_rooms_its_members_are_in() {
     let a = node("a", port);
     let b = node("b", port);
     let rooms = [
-        "tether:r:alpha",
-        "tether:p:alpha",
-        "tether:r:beta",
-        "tether:p:beta",
+        "tether:{alpha}:r",
+        "tether:{alpha}:p",
+        "tether:{beta}:r",
+        "tether:{beta}:p",
     ];
     until_subscribers(port, &rooms, &[0, 0, 0, 0]).await;
 
@@ -1251,8 +1251,8 @@ async fn a_node_hears_only_the_rooms_its_members_are_in() {
     until_gone(
         port,
         &[
-            "tether:m:alpha",
-            "tether:m:beta",
+            "tether:{alpha}:m",
+            "tether:{beta}:m",
             "tether:np:a",
             "tether:np:b",
         ],
@@ -2001,7 +2001,7 @@ async fn a_replica_promoted_by_hand_among_the_candidates_is_followed() {
         )
     };
     assert_eq!(publish("before").0, 201);
-    until_cli(spare, &["XLEN", "tether:s:ops"], "1").await;
+    until_cli(spare, &["XLEN", "tether:{ops}:s"], "1").await;
 
     // The master dies; an operator promotes the replica, and the node moves to it.
     drop(master.take());
@@ -2021,5 +2021,90 @@ async fn a_replica_promoted_by_hand_among_the_candidates_is_followed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     until_healthy(&a.addr);
-    assert_eq!(redis_cli(spare, &["XLEN", "tether:s:ops"]).trim(), "2");
+    assert_eq!(redis_cli(spare, &["XLEN", "tether:{ops}:s"]).trim(), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_of_the_layout_before_hash_tags_are_moved_once_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    // What an earlier version left: the epoch, the rooms' list, a stream, an idempotency key
+    // (of user ops, for message 2), and a presence entry.
+    let stored = |id: u64, text: &str| {
+        json!({"type": "message", "id": id, "epoch": "old-epoch", "room": "ops",
+               "user": "ops", "text": text, "ts": "2026-01-01T00:00:00.000Z"})
+        .to_string()
+    };
+    for args in [
+        vec!["SET", "tether:epoch", "old-epoch"],
+        vec!["ZADD", "tether:room-names", "0", "ops"],
+        vec!["XADD", "tether:s:ops", "0-1", "m", &stored(1, "one")],
+        vec!["XADD", "tether:s:ops", "0-2", "m", &stored(2, "two")],
+        vec!["SET", "tether:k:ops\tops\tkey-2", "2", "EX", "3600"],
+        vec!["ZADD", "tether:m:ops", "0", "gone\tghost"],
+    ] {
+        let said = redis_cli(port, &args);
+        assert!(!said.contains("ERR"), "{args:?}: {said}");
+    }
+
+    let a = node("a", port);
+    // Moved: the old keys are gone, the room's keys carry its hash tag, under the old epoch.
+    for old in [
+        "tether:epoch",
+        "tether:room-names",
+        "tether:s:ops",
+        "tether:m:ops",
+    ] {
+        assert_eq!(redis_cli(port, &["EXISTS", old]).trim(), "0", "{old}");
+    }
+    assert_eq!(redis_cli(port, &["XLEN", "tether:{ops}:s"]).trim(), "2");
+    assert_eq!(
+        redis_cli(port, &["GET", "tether:{ops}:e"]).trim(),
+        "old-epoch"
+    );
+
+    // And kept: the history, the epoch, the ids, the idempotency key, the room's listing.
+    let (status, history) = http(
+        &a.addr,
+        "GET",
+        "/api/rooms/ops/messages?since=0",
+        None,
+        None,
+    );
+    assert_eq!(status, 200, "{history}");
+    let texts: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["one", "two"]);
+    let bearer = format!("Bearer {}", token(&a));
+    let publish = |key: &str, text: &str| {
+        let headers = [("Authorization", bearer.as_str()), ("Idempotency-Key", key)];
+        let body = Some(json!({ "text": text }));
+        exchange(&a.addr, "POST", "/api/rooms/ops/messages", &headers, body)
+    };
+    let (status, _, again) = publish("key-2", "two again");
+    assert_eq!((status, again["id"].as_u64()), (201, Some(2)), "{again}");
+    assert_eq!(again["text"], "two", "{again}");
+    let (status, _, third) = publish("key-3", "three");
+    assert_eq!((status, third["id"].as_u64()), (201, Some(3)), "{third}");
+    let (mut member, _) = connect_as(&a.ws("/ws/rooms/ops?name=ann"), None).await;
+    let welcome = next_of(&mut member, "welcome").await;
+    assert_eq!(welcome["epoch"], "old-epoch", "{welcome}");
+    let (status, rooms) = http(&a.addr, "GET", "/api/rooms", None, None);
+    assert_eq!(status, 200);
+    assert!(rooms.to_string().contains("\"ops\""), "{rooms}");
+    // Once: a node that starts later finds nothing to move.
+    let b = node("b", port);
+    let (status, history) = http(
+        &b.addr,
+        "GET",
+        "/api/rooms/ops/messages?since=0",
+        None,
+        None,
+    );
+    assert_eq!((status, history.as_array().map(Vec::len)), (200, Some(3)));
 }

@@ -14,7 +14,7 @@ use super::link::Link;
 
 use super::accounts::{hex, of_key, CredentialRecord, CREDENTIALS, USERS};
 use super::polls::{poll_key, LIST, NEXT};
-use crate::engine::redis::{stream_key, EPOCH, ROOMS};
+use crate::engine::redis::{epoch_key, stream_key, EPOCH, ROOMS};
 use crate::engine::store::{Store, StoreError};
 
 /// What an import moved.
@@ -219,6 +219,11 @@ pub async fn sqlite_into_redis(store: &Store, url: &str) -> Result<Imported, Imp
         after = Some(last_room.clone());
         for (room, last) in &page {
             done.messages += copy_room(store, &mut writes, room, *last, &done.epoch).await?;
+            let under = redis::cmd("SET")
+                .arg(epoch_key(room))
+                .arg(&done.epoch)
+                .clone();
+            writes.add(under).await?;
             if !crate::wire::is_personal(room) {
                 let listed = redis::cmd("ZADD").arg(ROOMS).arg(0).arg(room).clone();
                 writes.add(listed).await?;

@@ -1,9 +1,15 @@
 //! Several nodes joined through Redis (`--redis URL`): room history in Redis Streams, live
 //! fan-out through Redis pub/sub, presence in expiring sorted-set entries.
 //!
+//! Every key of a room carries the room's name as its hash tag (`tether:{ROOM}:s` for the stream,
+//! `:r` and `:p` for its channels, `:m` for presence, `:e` for its epoch, `:k:…` for idempotency
+//! keys), so that in Redis Cluster all of them share one slot and each script touches one slot.
 //! Storing and publishing a message is one Lua script, so it is atomic: the script takes the
-//! room's next id from the stream's last entry, appends the message to the stream `tether:s:{room}`
-//! under the id `0-N`, and publishes it on `tether:r:{room}`. Every node (the sender's included)
+//! room's next id from the stream's last entry, appends the message to the stream under the id
+//! `0-N`, and publishes it on the room's channel. A room is first admitted (listed, under the
+//! room cap) by another script on the rooms' list `tether:{tether:rooms}:names`, which also holds
+//! the rooms' epoch; each room's stream keeps the epoch it was written under beside it, so a
+//! stream that vanished (its Redis, or its shard, lost it) is told from a new room. Every node (the sender's included)
 //! delivers what arrives on its subscriptions to its local members, in id order, once (the hub
 //! drops ids it has delivered). After a lost subscription the node reads what it missed from
 //! the streams of its rooms before going on, so no member sees a gap.
@@ -14,10 +20,10 @@
 //! reads a room's history only once the node hears the room live, so nothing published between
 //! the two is missed.
 //!
-//! Presence: each node keeps `node\tuser` entries in `tether:m:{room}` for its local members,
+//! Presence: each node keeps `node\tuser` entries in `tether:{ROOM}:m` for its local members,
 //! lists them in a set of its own (`tether:np:{node}`), and announces joins and leaves on
-//! `tether:p:{room}`. Entries do not expire: an idle room costs Redis nothing. Instead each
-//! node beats once every few seconds in `tether:nodes`; the first node to find another's
+//! `tether:{ROOM}:p`. Entries do not expire: an idle room costs Redis nothing. Instead each
+//! node beats once every few seconds in `tether:{tether:nodes}:live`; the first node to find another's
 //! heartbeat stale claims it (atomically, with a lease) and sweeps that node's entries,
 //! information and nicknames, announcing each leave. A node that finds it was swept (it was
 //! paused, or Redis lost its data) writes its presence again.
@@ -64,25 +70,30 @@ macro_rules! read_or_make_epoch {
     };
 }
 
-const APPEND: &str = concat!(
-    read_or_make_epoch!(4, 5),
-    r#"
-if ARGV[7] ~= '' then
-  local earlier = redis.call('GET', KEYS[5])
+/// Stores and publishes a message (KEYS: the room's stream, channel, epoch and idempotency
+/// key; ARGV: the message's JSON before and after its id, the stream's length, the node's
+/// epoch, the idempotency key or '', its window in seconds, '1' when the node just checked
+/// its epoch against Redis, '1' when the room's stream should exist). Answers the stored
+/// message; an error `EPOCH E` when the room is under epoch E, other than the node's, or
+/// `LOST` when the stream of a room that existed is gone.
+const APPEND: &str = r#"
+if ARGV[5] ~= '' then
+  local earlier = redis.call('GET', KEYS[4])
   if earlier then
     local kept = redis.call('XRANGE', KEYS[1], '0-' .. earlier, '0-' .. earlier)
-    if #kept > 0 then return {kept[1][2][2], 0} end
+    if #kept > 0 then return kept[1][2][2] end
   end
 end
-local created = 0
-if ARGV[10] ~= '1' and not redis.call('ZSCORE', KEYS[3], ARGV[4]) then
-  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
-    return redis.error_reply('ROOMLIMIT the room cap is reached')
+local epoch = redis.call('GET', KEYS[3])
+if epoch ~= ARGV[4] then
+  if ARGV[7] == '1' or (not epoch and ARGV[8] ~= '1') then
+    epoch = ARGV[4]
+    redis.call('SET', KEYS[3], epoch)
+  elseif epoch then
+    return redis.error_reply('EPOCH ' .. epoch)
+  else
+    return redis.error_reply('LOST the room stream is gone')
   end
-  if ARGV[9] ~= '1' then
-    return redis.error_reply('ROOMQUOTA this sender may start no more rooms for now')
-  end
-  created = 1
 end
 local last = 0
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -90,10 +101,26 @@ if #top > 0 then last = tonumber(string.match(top[1][1], '%-(%d+)$')) end
 local id = last + 1
 local msg = ARGV[1] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[2]
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
-if ARGV[10] ~= '1' then redis.call('ZADD', KEYS[3], 0, ARGV[4]) end
 redis.call('PUBLISH', KEYS[2], msg)
-if ARGV[7] ~= '' then redis.call('SET', KEYS[5], id, 'EX', ARGV[8]) end
-return {msg, created}
+if ARGV[5] ~= '' then redis.call('SET', KEYS[4], id, 'EX', ARGV[6]) end
+return msg
+"#;
+
+/// Admits room ARGV[1] (KEYS: [`ROOMS`], [`EPOCH`]): `{epoch, 1}` when it was listed,
+/// `{epoch, 0}` when it is listed now; an error at the room cap ARGV[2], or when the sender
+/// may start no room (ARGV[3] is not '1'). The epoch is made from ARGV[4] when missing.
+const ADMIT: &str = concat!(
+    read_or_make_epoch!(2, 4),
+    r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {epoch, 1} end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return redis.error_reply('ROOMLIMIT the room cap is reached')
+end
+if ARGV[3] ~= '1' then
+  return redis.error_reply('ROOMQUOTA this sender may start no more rooms for now')
+end
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+return {epoch, 0}
 "#
 );
 
@@ -102,13 +129,12 @@ return {msg, created}
 const EPOCH_SCRIPT: &str = concat!(read_or_make_epoch!(1, 1), "return epoch\n");
 
 /// Claims a guest nickname (hash KEYS[1]: `guest` and a field `n:NODE` per node using it) for
-/// guest ARGV[1] on node ARGV[2], unless another guest holds it, and lists it (ARGV[3]) in the
-/// node's set KEYS[2]: 1 when it is this guest's now, 0 when another's.
+/// guest ARGV[1] on node ARGV[2], unless another guest holds it: 1 when it is this guest's
+/// now, 0 when another's.
 const CLAIM_NICK: &str = r#"
 local holder = redis.call('HGET', KEYS[1], 'guest')
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'guest', ARGV[1], 'n:' .. ARGV[2], 1)
-redis.call('SADD', KEYS[2], ARGV[3])
 return 1
 "#;
 
@@ -127,12 +153,10 @@ end
     };
 }
 
-/// Releases a guest nickname (KEYS[1]) that guest ARGV[1] used on node ARGV[2], and takes it
-/// (ARGV[3]) off the node's set KEYS[2].
+/// Releases a guest nickname (KEYS[1]) that guest ARGV[1] used on node ARGV[2].
 const RELEASE_NICK: &str = concat!(
     release_nick_fn!(),
     r#"
-redis.call('SREM', KEYS[2], ARGV[3])
 release(KEYS[1], ARGV[1], ARGV[2])
 return 0
 "#
@@ -146,9 +170,9 @@ fn nick_key(name: &str) -> String {
 }
 
 /// Live nodes: a sorted set, each scored by when its heartbeat goes stale (ms since 1970).
-const NODES: &str = "tether:nodes";
+const NODES: &str = "tether:{tether:nodes}:live";
 /// Stale nodes being swept, each scored by when its sweeper's lease ends.
-const SWEEPING: &str = "tether:sweeping";
+const SWEEPING: &str = "tether:{tether:nodes}:sweeping";
 
 /// The `room\tuser` of each presence entry a node holds (a set).
 fn node_entries_key(node: &str) -> String {
@@ -188,51 +212,32 @@ if was then return {1, claimed} end
 return {0, claimed}
 "#;
 
-/// Sweeps up to ARGV[2] presence entries and nicknames of stale node ARGV[1] (KEYS: its
-/// entries, its nicknames, [`SWEEPING`]), announcing each leave, and renews the sweeper's
-/// lease (ARGV[3]). ARGV[4..7] are the key prefixes of members, information, presence
-/// channels and nicknames. Returns how many it swept: 0 when the node is clean.
-const SWEEP: &str = concat!(
-    release_nick_fn!(),
-    r#"
-local node = ARGV[1]
-local swept = 0
-for _, e in ipairs(redis.call('SPOP', KEYS[1], ARGV[2])) do
-  local tab = string.find(e, '	', 1, true)
-  if tab then
-    local room, user = string.sub(e, 1, tab - 1), string.sub(e, tab + 1)
-    redis.call('ZREM', ARGV[4] .. room, node .. '	' .. user)
-    redis.call('DEL', ARGV[5] .. room .. '	' .. node)
-    redis.call('PUBLISH', ARGV[6] .. room,
-      cjson.encode({node = node, room = room, user = user, join = false}))
-  end
-  swept = swept + 1
-end
-for _, e in ipairs(redis.call('SPOP', KEYS[2], ARGV[2])) do
-  local tab = string.find(e, '	', 1, true)
-  if tab then release(ARGV[7] .. string.sub(e, 1, tab - 1), string.sub(e, tab + 1), node) end
-  swept = swept + 1
-end
-redis.call('ZADD', KEYS[3], 'XX', ARGV[3], node)
-return swept
-"#
-);
-
-/// Entries swept in one script at most (a script blocks Redis while it runs).
+/// Entries swept in one round at most.
 const SWEEP_BATCH: usize = 256;
 /// How long a sweeper holds a stale node before another node may take over.
 const SWEEP_LEASE: Duration = Duration::from_secs(30);
 
-/// The key of the rooms' epoch.
-pub(crate) const EPOCH: &str = "tether:epoch";
+/// The key of the rooms' epoch (beside [`ROOMS`], so that admitting a room reads it).
+pub(crate) const EPOCH: &str = "tether:{tether:rooms}:epoch";
 
 /// How long a node's heartbeat lasts: a node silent for longer is swept.
 const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
 /// How often a node beats, and looks for stale nodes.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(3);
 
+/// Key `part` of `room`: every key of a room carries its name as the hash tag.
+fn room_key(room: &str, part: &str) -> String {
+    format!("tether:{{{room}}}:{part}")
+}
+
+/// The room's stream of messages.
 pub(crate) fn stream_key(room: &str) -> String {
-    format!("tether:s:{room}")
+    room_key(room, "s")
+}
+
+/// The epoch the room's stream was written under.
+pub(crate) fn epoch_key(room: &str) -> String {
+    room_key(room, "e")
 }
 
 /// Appends sent to Redis in one pipeline at most.
@@ -245,20 +250,22 @@ pub const KEY_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Where a message's idempotency key is remembered (per room and sender).
 fn key_name(room: &str, user: &str, key: &str) -> String {
-    format!("tether:k:{room}\t{user}\t{key}")
+    format!("tether:{{{room}}}:k:{user}\t{key}")
 }
 
 /// Where a room's stored messages are published.
-const ROOM_PREFIX: &str = "tether:r:";
-/// Where a room's joins and leaves are announced.
-const PRESENCE_PREFIX: &str = "tether:p:";
-
 fn channel(room: &str) -> String {
-    format!("{ROOM_PREFIX}{room}")
+    room_key(room, "r")
 }
 
+/// Where a room's joins and leaves are announced.
 fn presence_channel(room: &str) -> String {
-    format!("{PRESENCE_PREFIX}{room}")
+    room_key(room, "p")
+}
+
+/// Whether `channel` is a room's presence channel.
+fn is_presence_channel(channel: &str) -> bool {
+    channel.starts_with("tether:{") && channel.ends_with("}:p")
 }
 
 /// A node's Redis channels for `rooms`: messages and presence of each.
@@ -291,25 +298,67 @@ struct Listening {
 }
 
 /// Where a room's presence entries are kept.
-const MEMBERS_PREFIX: &str = "tether:m:";
-
 fn members_key(room: &str) -> String {
-    format!("{MEMBERS_PREFIX}{room}")
+    room_key(room, "m")
 }
 
 /// Rooms with stored messages: a sorted set, every score 0, so it pages in name order.
-pub(crate) const ROOMS: &str = "tether:room-names";
-/// Where clusters before the sorted set listed their rooms (a set); moved once.
-const OLD_ROOMS: &str = "tether:rooms";
+pub(crate) const ROOMS: &str = "tether:{tether:rooms}:names";
 
-const MOVE_ROOMS: &str = r#"
-if redis.call('TYPE', KEYS[1]).ok == 'set' then
-  for _, room in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-    redis.call('ZADD', KEYS[2], 0, room)
-  end
-  redis.call('DEL', KEYS[1])
+/// Moves the keys of the layout before hash tags (`tether:s:ROOM`, `tether:epoch`,
+/// `tether:room-names`, …) to today's (ARGV: [`EPOCH`], [`ROOMS`]), once: a Redis without the
+/// old epoch and room list has nothing to move, and answers at once. Presence of the old
+/// layout is dropped (each node writes its own again). Runs on a single Redis only (it
+/// touches keys of many slots), in one script, so no node sees half of it.
+const MIGRATE: &str = r#"
+local old_epoch = redis.call('GET', 'tether:epoch')
+local old_sets = redis.call('TYPE', 'tether:rooms').ok == 'set'
+if not old_epoch and not old_sets and redis.call('EXISTS', 'tether:room-names') == 0 then
+  return 0
 end
-return 0
+if old_sets then
+  for _, room in ipairs(redis.call('SMEMBERS', 'tether:rooms')) do
+    redis.call('ZADD', ARGV[2], 0, room)
+  end
+  redis.call('DEL', 'tether:rooms')
+end
+for _, room in ipairs(redis.call('ZRANGE', 'tether:room-names', 0, -1)) do
+  redis.call('ZADD', ARGV[2], 0, room)
+end
+redis.call('DEL', 'tether:room-names')
+if old_epoch then
+  redis.call('SET', ARGV[1], old_epoch, 'NX')
+  redis.call('DEL', 'tether:epoch')
+end
+local epoch = redis.call('GET', ARGV[1])
+local function each(pattern, f)
+  local cursor = '0'
+  repeat
+    local page = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)
+    cursor = page[1]
+    for _, k in ipairs(page[2]) do f(k) end
+  until cursor == '0'
+end
+local moved = 0
+each('tether:s:*', function(k)
+  local room = string.sub(k, 10)
+  redis.call('RENAME', k, 'tether:{' .. room .. '}:s')
+  if epoch then redis.call('SET', 'tether:{' .. room .. '}:e', epoch, 'NX') end
+  moved = moved + 1
+end)
+each('tether:k:*', function(k)
+  local rest = string.sub(k, 10)
+  local tab = string.find(rest, '\t', 1, true)
+  if tab then
+    redis.call('RENAME', k, 'tether:{' .. string.sub(rest, 1, tab - 1) .. '}:k:' .. string.sub(rest, tab + 1))
+  else
+    redis.call('DEL', k)
+  end
+end)
+each('tether:m:*', function(k) redis.call('DEL', k) end)
+each('tether:i:*', function(k) redis.call('DEL', k) end)
+redis.call('DEL', 'tether:nodes', 'tether:sweeping')
+return moved
 "#;
 const BROADCAST: &str = "tether:broadcast";
 
@@ -333,10 +382,8 @@ struct PresenceNote {
 
 /// Where a node keeps the public information its users' connections in a room attached
 /// (`{user: [info, …]}`).
-const INFOS_PREFIX: &str = "tether:i:";
-
 fn infos_key(room: &str, node: &str) -> String {
-    format!("{INFOS_PREFIX}{room}\t{node}")
+    format!("tether:{{{room}}}:i:{node}")
 }
 
 /// A broadcast notice for every node.
@@ -345,6 +392,17 @@ struct BroadcastNote {
     user: String,
     text: String,
     ts: String,
+}
+
+/// What a node knows of the rooms in Redis, under one epoch.
+#[derive(Debug, Default)]
+struct Known {
+    /// The epoch it was learnt under.
+    epoch: String,
+    /// Rooms seen listed in [`ROOMS`]: their messages need no admission.
+    listed: HashSet<String>,
+    /// Rooms whose stream this node saw written: a stream of theirs that is gone was lost.
+    written: HashSet<String>,
 }
 
 /// This node's link to Redis.
@@ -375,6 +433,8 @@ pub struct Cluster {
     /// This node's guest nicknames, kept claimed in Redis.
     nicknames: std::sync::OnceLock<Arc<crate::guests::Nicknames>>,
     listening: Mutex<Listening>,
+    /// What this node knows of the rooms in Redis, under an epoch.
+    admitted: Mutex<Known>,
     /// Rooms whose presence information this node keeps in Redis ([`infos_key`]).
     with_infos: Mutex<HashSet<String>>,
     /// Where revocations announced by other nodes (and `tether user`) are signalled.
@@ -434,6 +494,7 @@ impl Cluster {
             remote: Mutex::new(HashMap::new()),
             nicknames: std::sync::OnceLock::new(),
             listening: Mutex::new(Listening::default()),
+            admitted: Mutex::new(Known::default()),
             with_infos: Mutex::new(HashSet::new()),
             revocations,
         });
@@ -523,66 +584,256 @@ impl Cluster {
     async fn append_forever(self: Arc<Self>, mut rx: mpsc::Receiver<ChatWrite>) {
         let mut batch = Vec::with_capacity(APPEND_BATCH);
         while rx.recv_many(&mut batch, APPEND_BATCH).await > 0 {
+            let answered = batch.len();
+            let outcomes = self.store_batch(&batch).await;
+            for (job, outcome) in batch.drain(..).zip(outcomes) {
+                let outcome = outcome.and_then(|stored| {
+                    serde_json::from_str(&stored)
+                        .map_err(|e| StoreError::Failed(format!("stored message: {e}")))
+                });
+                // A refusal at the room cap is no storage failure.
+                let failed = matches!(&outcome, Err(e) if !matches!(e, StoreError::Limit(_)));
+                self.metrics.stored_in_redis(!failed);
+                job.reply.send(outcome, "message not stored");
+            }
+            self.answered(answered);
+        }
+    }
+
+    /// Stores `batch` in order: the stored message (its JSON) or the failure of each. Rooms
+    /// this node has not seen listed are admitted first; appends that find their room under
+    /// another epoch, or its stream gone, are sent once more once the epoch is settled.
+    async fn store_batch(&self, batch: &[ChatWrite]) -> Vec<Result<String, StoreError>> {
+        let mut outcomes: Vec<Option<Result<String, StoreError>>> =
+            batch.iter().map(|_| None).collect();
+        let (mut epoch, existed) = match self.admit(batch, &mut outcomes).await {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                let text = e.to_string();
+                return batch
+                    .iter()
+                    .map(|_| Err(StoreError::Failed(text.clone())))
+                    .collect();
+            }
+        };
+        let mut pending: Vec<usize> = (0..batch.len())
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
+        let mut settled = false;
+        while !pending.is_empty() {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            // Each sender may start a room only with a token of its room quota in hand; the
-            // token goes back unless the script did start one.
-            let now = std::time::Instant::now();
-            // A room with members here was paid for by its first member
-            // (`App::may_join_room`): its first message needs no token of its own.
-            let mut taken = Vec::with_capacity(batch.len());
-            for job in &batch {
-                // A user's notification stream is no room anyone starts.
-                let paid = self.hub.has_room(&job.room) || crate::wire::is_personal(&job.room);
+            for &i in &pending {
+                pipe.add_command(self.append_command(&batch[i], &epoch, settled, existed[i]));
+            }
+            let mut con = self.commands.clone();
+            let sent = pipe
+                .query_async::<Vec<redis::RedisResult<String>>>(&mut con)
+                .await;
+            let results = match sent {
+                Ok(results) => results,
+                Err(e) => {
+                    for &i in &pending {
+                        outcomes[i] = Some(Err(self.append_error(&e)));
+                    }
+                    break;
+                }
+            };
+            let (mut again, mut lost) = (Vec::new(), false);
+            {
+                let mut known = lock(&self.admitted);
+                if known.epoch == epoch {
+                    for (&i, result) in pending.iter().zip(&results) {
+                        if result.is_ok() {
+                            known.written.insert(batch[i].room.clone());
+                        }
+                    }
+                }
+            }
+            for (&i, result) in pending.iter().zip(results) {
+                match result {
+                    Err(e) if !settled && matches!(e.code(), Some("EPOCH" | "LOST")) => {
+                        lost |= e.code() == Some("LOST");
+                        again.push(i);
+                    }
+                    result => outcomes[i] = Some(result.map_err(|e| self.append_error(&e))),
+                }
+            }
+            if !again.is_empty() {
+                match self.settle_epoch(&epoch, lost).await {
+                    Ok(now) => epoch = now,
+                    Err(e) => {
+                        for &i in &again {
+                            outcomes[i] = Some(Err(StoreError::Failed(e.to_string())));
+                        }
+                        again.clear();
+                    }
+                }
+            }
+            pending = again;
+            settled = true;
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Err(StoreError::Closed)))
+            .collect()
+    }
+
+    /// Admits the rooms of `batch` this node has not seen listed under the current epoch
+    /// (listing them, under the room cap and the senders' room quota), failing in `outcomes`
+    /// the jobs of rooms refused; the rooms' epoch, and for each job whether its room's
+    /// stream should exist already.
+    async fn admit(
+        &self,
+        batch: &[ChatWrite],
+        outcomes: &mut [Option<Result<String, StoreError>>],
+    ) -> Result<(String, Vec<bool>), StoreError> {
+        let known = self.hub.epoch();
+        // Each new room once, with the quota token of its first sender: a room with members
+        // here was paid for by its first member (`App::may_join_room`), and a user's
+        // notification stream is no room anyone starts (nor listed).
+        let now = std::time::Instant::now();
+        let mut rooms: Vec<(&str, bool)> = Vec::new();
+        {
+            let admitted = lock(&self.admitted);
+            for job in batch {
+                let room = job.room.as_str();
+                let listed =
+                    !known.is_empty() && admitted.epoch == known && admitted.listed.contains(room);
+                if listed || crate::wire::is_personal(room) || rooms.iter().any(|(r, _)| *r == room)
+                {
+                    continue;
+                }
+                let paid = self.hub.has_room(room);
                 let token = !paid && self.room_quota.take(&job.writer, now).is_ok();
-                taken.push(token);
-                pipe.add_command(self.append_command(job, paid || token));
+                rooms.push((room, token || paid));
+            }
+        }
+        let mut epoch = known.clone();
+        let mut answers = Vec::new();
+        if !rooms.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            let proposal = crate::engine::store::new_epoch();
+            for (room, may_start) in &rooms {
+                pipe.cmd("EVAL")
+                    .arg(ADMIT)
+                    .arg(2)
+                    .arg(ROOMS)
+                    .arg(EPOCH)
+                    .arg(*room)
+                    .arg(self.max_rooms)
+                    .arg(if *may_start { "1" } else { "0" })
+                    .arg(&proposal);
             }
             let mut con = self.commands.clone();
             let sent = pipe
                 .query_async::<Vec<redis::RedisResult<(String, i64)>>>(&mut con)
                 .await;
-            for ((job, token), result) in batch.iter().zip(&taken).zip(sent.iter().flatten()) {
-                if *token && !matches!(result, Ok((_, 1))) {
-                    self.room_quota.refund(&job.writer, now);
+            answers = match sent {
+                Ok(answers) => answers,
+                Err(e) => {
+                    self.refund(batch, &rooms, &[], now);
+                    return Err(self.append_error(&e));
+                }
+            };
+            if let Some(Ok((now_epoch, _))) = answers.iter().find(|a| a.is_ok()) {
+                epoch = now_epoch.clone();
+            }
+        }
+        if epoch.is_empty() || epoch != known {
+            // Not known yet, or Redis has another one now (it lost its data): every room
+            // here starts again, and so does what this node knew listed.
+            epoch = if epoch.is_empty() {
+                self.epoch().await?
+            } else {
+                self.hub.observe_epoch(&epoch);
+                epoch
+            };
+        }
+        let mut created = Vec::new();
+        let mut existed: Vec<bool> = Vec::with_capacity(batch.len());
+        {
+            let mut admitted = lock(&self.admitted);
+            if admitted.epoch != epoch {
+                *admitted = Known {
+                    epoch: epoch.clone(),
+                    ..Known::default()
+                };
+            }
+            for ((room, _), answer) in rooms.iter().zip(&answers) {
+                if let Ok((_, listed)) = answer {
+                    if *listed == 0 {
+                        created.push(*room);
+                    }
+                    admitted.listed.insert((*room).to_owned());
                 }
             }
-            match sent {
-                Ok(results) => {
-                    let answered = batch.len();
-                    for (job, result) in batch.drain(..).zip(results) {
-                        let outcome =
-                            result
-                                .map_err(|e| self.append_error(&e))
-                                .and_then(|(s, _)| {
-                                    serde_json::from_str(&s).map_err(|e| {
-                                        StoreError::Failed(format!("stored message: {e}"))
-                                    })
-                                });
-                        // A refusal at the room cap is no storage failure.
-                        let failed =
-                            matches!(&outcome, Err(e) if !matches!(e, StoreError::Limit(_)));
-                        self.metrics.stored_in_redis(!failed);
-                        job.reply.send(outcome, "message not stored");
+            for (i, job) in batch.iter().enumerate() {
+                let room = job.room.as_str();
+                if let Some(k) = rooms.iter().position(|(r, _)| *r == room) {
+                    if let Some(Err(e)) = answers.get(k) {
+                        outcomes[i] = Some(Err(self.append_error(e)));
                     }
-                    self.answered(answered);
                 }
-                Err(e) => {
-                    self.metrics.stored_in_redis(false);
-                    let answered = batch.len();
-                    for job in batch.drain(..) {
-                        job.reply
-                            .send(Err(self.append_error(&e)), "message not stored");
-                    }
-                    self.answered(answered);
-                }
+                // Listed is not enough: a room is listed before its first message is stored.
+                existed.push(self.hub.position(room) > 0 || admitted.written.contains(room));
+            }
+            // Rooms are capped (`max_rooms`), and so is what this remembers of them (users'
+            // notification streams are not: what is forgotten costs a check again).
+            let most = self.max_rooms.max(1) * 2;
+            if admitted.listed.len() > most || admitted.written.len() > most {
+                admitted.listed.clear();
+                admitted.written.clear();
+            }
+        }
+        self.refund(batch, &rooms, &created, now);
+        Ok((epoch, existed))
+    }
+
+    /// Gives back the room quota tokens taken for `rooms` that were not `created`.
+    fn refund(
+        &self,
+        batch: &[ChatWrite],
+        rooms: &[(&str, bool)],
+        created: &[&str],
+        now: std::time::Instant,
+    ) {
+        for (room, _) in rooms {
+            if created.contains(room) || self.hub.has_room(room) {
+                continue;
+            }
+            if let Some(job) = batch.iter().find(|j| j.room == *room) {
+                self.room_quota.refund(&job.writer, now);
             }
         }
     }
 
-    /// The script that stores `job` (EVAL with the script's text: a Redis that restarted has
-    /// no cached scripts, and a pipeline cannot load one midway).
-    fn append_command(&self, job: &ChatWrite, may_start_room: bool) -> redis::Cmd {
+    /// The epoch to append under after an append found its room under epoch other than
+    /// `seen`, or (`lost`) its stream gone: the one Redis holds, unless that is `seen` and a
+    /// stream was lost, when this node starts a new one (the ids past the lost stream's end
+    /// will name other messages).
+    async fn settle_epoch(&self, seen: &str, lost: bool) -> Result<String, StoreError> {
+        let now = self.epoch().await?;
+        if now != seen || !lost {
+            return Ok(now);
+        }
+        tracing::error!(
+            "a room's stream is gone from redis though the room was listed: starting a new epoch"
+        );
+        self.new_epoch().await
+    }
+
+    /// The script that stores `job` under `epoch` (EVAL with the script's text: a Redis that
+    /// restarted has no cached scripts, and a pipeline cannot load one midway); `settled` when
+    /// the epoch was just read from Redis, `existed` when the room's stream should exist.
+    fn append_command(
+        &self,
+        job: &ChatWrite,
+        epoch: &str,
+        settled: bool,
+        existed: bool,
+    ) -> redis::Cmd {
         // The message is JSON with the id spliced in by the script: `{…"id":` + N + `,…}`.
         let mut rest = serde_json::json!({
             "room": job.room, "user": job.user, "text": job.text, "ts": now_rfc3339()
@@ -592,32 +843,22 @@ impl Cluster {
         }
         let rest = rest.to_string();
         let suffix = format!(",{}", &rest[1..]);
+        let key = job.key.as_deref().unwrap_or_default();
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(APPEND)
-            .arg(5)
+            .arg(4)
             .arg(stream_key(&job.room))
             .arg(channel(&job.room))
-            .arg(ROOMS)
-            .arg(EPOCH)
-            .arg(
-                job.key
-                    .as_deref()
-                    .map_or_else(String::new, |k| key_name(&job.room, &job.user, k)),
-            )
+            .arg(epoch_key(&job.room))
+            .arg(key_name(&job.room, &job.user, key))
             .arg(r#"{"type":"message","id":"#)
             .arg(suffix)
             .arg(self.history_limit.max(1))
-            .arg(&job.room)
-            .arg(crate::engine::store::new_epoch())
-            .arg(self.max_rooms)
-            .arg(job.key.as_deref().unwrap_or_default())
+            .arg(epoch)
+            .arg(key)
             .arg(KEY_WINDOW.as_secs())
-            .arg(if may_start_room { "1" } else { "0" })
-            .arg(if crate::wire::is_personal(&job.room) {
-                "1"
-            } else {
-                "0"
-            });
+            .arg(if settled { "1" } else { "0" })
+            .arg(if existed { "1" } else { "0" });
         cmd
     }
 
@@ -661,16 +902,31 @@ impl Cluster {
     /// # Errors
     /// Redis is unreachable.
     pub async fn claim_nickname(&self, name: &str, guest: &str) -> Result<bool, StoreError> {
+        // Listed as this node's first, so that a sweep of this node finds every name it may
+        // hold (a sweep releases a name only for the guest holding it).
         let mut con = self.commands.clone();
+        let entry = format!("{name}\t{guest}");
+        redis::cmd("SADD")
+            .arg(node_nicks_key(&self.node))
+            .arg(&entry)
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(redis_error)?;
         let claimed: i64 = redis::Script::new(CLAIM_NICK)
             .key(nick_key(name))
-            .key(node_nicks_key(&self.node))
             .arg(guest)
             .arg(&self.node)
-            .arg(format!("{name}\t{guest}"))
             .invoke_async(&mut con)
             .await
             .map_err(redis_error)?;
+        if claimed != 1 {
+            redis::cmd("SREM")
+                .arg(node_nicks_key(&self.node))
+                .arg(&entry)
+                .query_async::<()>(&mut con)
+                .await
+                .map_err(redis_error)?;
+        }
         Ok(claimed == 1)
     }
 
@@ -687,12 +943,20 @@ impl Cluster {
         let mut con = self.commands.clone();
         let released = redis::Script::new(RELEASE_NICK)
             .key(nick_key(name))
-            .key(node_nicks_key(&self.node))
             .arg(guest)
             .arg(&self.node)
-            .arg(format!("{name}\t{guest}"))
             .invoke_async::<i64>(&mut con)
             .await;
+        let released = match released {
+            Ok(_) => {
+                redis::cmd("SREM")
+                    .arg(node_nicks_key(&self.node))
+                    .arg(format!("{name}\t{guest}"))
+                    .query_async::<i64>(&mut con)
+                    .await
+            }
+            failed => failed,
+        };
         if let Err(e) = released {
             tracing::debug!(error = %e, name, "nickname not released in redis (released when this node reconciles)");
             self.dirty.store(true, Relaxed);
@@ -724,7 +988,7 @@ impl Cluster {
 
     /// Replaces the rooms' epoch (storage lost messages without losing the epoch); the hub
     /// resets every room.
-    async fn new_epoch(&self) -> Result<(), StoreError> {
+    async fn new_epoch(&self) -> Result<String, StoreError> {
         let epoch = crate::engine::store::new_epoch();
         let mut con = self.commands.clone();
         redis::cmd("SET")
@@ -734,7 +998,7 @@ impl Cluster {
             .await
             .map_err(redis_error)?;
         self.hub.observe_epoch(&epoch);
-        Ok(())
+        Ok(epoch)
     }
 
     /// Messages of `room` with `id > since`, oldest first, at most `limit`.
@@ -1201,7 +1465,7 @@ impl Cluster {
                 if let Ok(note) = serde_json::from_str::<BroadcastNote>(&payload) {
                     self.hub.broadcast(&note.user, &note.text, &note.ts);
                 }
-            } else if channel.starts_with(PRESENCE_PREFIX) {
+            } else if is_presence_channel(&channel) {
                 if let Ok(note) = serde_json::from_str::<PresenceNote>(&payload) {
                     self.remote_presence(note);
                 }
@@ -1282,12 +1546,20 @@ impl Cluster {
     /// are told `recovered: false`), and nothing stored since is marked delivered unseen.
     async fn catch_up(&self) -> Result<(), StoreError> {
         let mut con = self.commands.clone();
-        redis::Script::new(MOVE_ROOMS)
-            .key(OLD_ROOMS)
-            .key(ROOMS)
-            .invoke_async::<i64>(&mut con)
+        let moved: i64 = redis::cmd("EVAL")
+            .arg(MIGRATE)
+            .arg(0)
+            .arg(EPOCH)
+            .arg(ROOMS)
+            .query_async(&mut con)
             .await
             .map_err(redis_error)?;
+        if moved > 0 {
+            tracing::warn!(
+                streams = moved,
+                "moved the rooms' keys of an earlier version to today's layout"
+            );
+        }
         self.epoch().await?;
         for room in self.hub.room_names() {
             let top = self.recent(&room, 1).await?.first().map_or(0, |m| m.id);
@@ -1476,21 +1748,7 @@ impl Cluster {
     async fn sweep(self: Arc<Self>, node: String) {
         let mut swept = 0;
         loop {
-            let mut con = self.commands.clone();
-            let batch = redis::Script::new(SWEEP)
-                .key(node_entries_key(&node))
-                .key(node_nicks_key(&node))
-                .key(SWEEPING)
-                .arg(&node)
-                .arg(SWEEP_BATCH)
-                .arg(unix_ms() + SWEEP_LEASE.as_millis() as u64)
-                .arg(MEMBERS_PREFIX)
-                .arg(INFOS_PREFIX)
-                .arg(PRESENCE_PREFIX)
-                .arg(NICK_PREFIX)
-                .invoke_async::<usize>(&mut con)
-                .await;
-            match batch {
+            match self.sweep_some(&node).await {
                 Ok(0) => break,
                 Ok(n) => swept += n,
                 Err(e) => {
@@ -1509,6 +1767,79 @@ impl Cluster {
             Ok(_) => tracing::warn!(%node, swept, "a node stopped beating: its users left"),
             Err(e) => tracing::warn!(error = %e, %node, "sweep done but not recorded"),
         }
+    }
+
+    /// Sweeps up to [`SWEEP_BATCH`] presence entries and nicknames of stale `node`, and renews
+    /// the sweeper's lease: how many it swept (0 when the node is clean). Each entry leaves its
+    /// room's keys before it leaves the node's list, so a sweep cut short is taken up again.
+    async fn sweep_some(&self, node: &str) -> redis::RedisResult<usize> {
+        let mut con = self.commands.clone();
+        let (entries, nicks): (Vec<String>, Vec<String>) = redis::pipe()
+            .cmd("SRANDMEMBER")
+            .arg(node_entries_key(node))
+            .arg(SWEEP_BATCH)
+            .cmd("SRANDMEMBER")
+            .arg(node_nicks_key(node))
+            .arg(SWEEP_BATCH)
+            .query_async(&mut con)
+            .await?;
+        if entries.is_empty() && nicks.is_empty() {
+            return Ok(0);
+        }
+        if !entries.is_empty() {
+            let mut pipe = redis::pipe();
+            for entry in &entries {
+                let Some((room, user)) = entry.split_once('\t') else {
+                    continue;
+                };
+                let note = PresenceNote {
+                    node: node.to_owned(),
+                    room: room.to_owned(),
+                    user: user.to_owned(),
+                    join: false,
+                    info: None,
+                };
+                pipe.cmd("ZREM")
+                    .arg(members_key(room))
+                    .arg(format!("{node}\t{user}"))
+                    .ignore();
+                pipe.cmd("DEL").arg(infos_key(room, node)).ignore();
+                pipe.cmd("PUBLISH")
+                    .arg(presence_channel(room))
+                    .arg(serde_json::to_string(&note).expect("notes serialize"))
+                    .ignore();
+            }
+            pipe.cmd("SREM")
+                .arg(node_entries_key(node))
+                .arg(&entries)
+                .ignore();
+            pipe.query_async::<()>(&mut con).await?;
+        }
+        for entry in &nicks {
+            if let Some((name, guest)) = entry.split_once('\t') {
+                redis::Script::new(RELEASE_NICK)
+                    .key(nick_key(name))
+                    .arg(guest)
+                    .arg(node)
+                    .invoke_async::<i64>(&mut con)
+                    .await?;
+            }
+        }
+        let mut pipe = redis::pipe();
+        if !nicks.is_empty() {
+            pipe.cmd("SREM")
+                .arg(node_nicks_key(node))
+                .arg(&nicks)
+                .ignore();
+        }
+        pipe.cmd("ZADD")
+            .arg(SWEEPING)
+            .arg("XX")
+            .arg(unix_ms() + SWEEP_LEASE.as_millis() as u64)
+            .arg(node)
+            .ignore();
+        pipe.query_async::<()>(&mut con).await?;
+        Ok(entries.len() + nicks.len())
     }
 
     /// Makes what Redis holds of this node (presence entries, information, nicknames) what
