@@ -292,6 +292,25 @@ fn token(node: &Node) -> String {
     body["token"].as_str().unwrap().to_owned()
 }
 
+/// `ann` and `ben` (members of one room, maybe on two nodes) each say something; both hear
+/// both, in the same order: the ids.
+async fn both_say(ann: &mut ClientStream, ben: &mut ClientStream) -> Vec<u64> {
+    say(ann, "from a").await;
+    say(ben, "from b").await;
+    let mut seen = [Vec::new(), Vec::new()];
+    for (i, ws) in [ann, ben].into_iter().enumerate() {
+        for _ in 0..2 {
+            let m = next_of(ws, "message").await;
+            seen[i].push((
+                m["id"].as_u64().unwrap(),
+                m["text"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    assert_eq!(seen[0], seen[1]);
+    seen[0].iter().map(|m| m.0).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_publish_and_resume_across_nodes() {
     let dir = tempfile::tempdir().unwrap();
@@ -308,21 +327,8 @@ async fn chat_publish_and_resume_across_nodes() {
         (Some("ben"), Some("join"))
     );
 
-    say(&mut ann, "from a").await;
-    say(&mut ben, "from b").await;
     // Both see both, in the same order, with ids 1 and 2.
-    let mut seen = [Vec::new(), Vec::new()];
-    for (i, ws) in [&mut ann, &mut ben].into_iter().enumerate() {
-        for _ in 0..2 {
-            let m = next_of(ws, "message").await;
-            seen[i].push((
-                m["id"].as_u64().unwrap(),
-                m["text"].as_str().unwrap().to_owned(),
-            ));
-        }
-    }
-    assert_eq!(seen[0], seen[1]);
-    assert_eq!(seen[0].iter().map(|m| m.0).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(both_say(&mut ann, &mut ben).await, [1, 2]);
 
     // Published through node b's API: everyone gets it exactly once.
     let t = token(&b);
@@ -1520,6 +1526,38 @@ async fn logins_tokens_and_revocations_hold_on_every_node() {
     );
 }
 
+/// Watches poll `id` on `a` and on `b`, votes yes from a's watcher and no from b's, and waits
+/// until both see both votes counted; the watchers.
+async fn vote_on_both(a: &Node, b: &Node, id: i64) -> Vec<ClientStream> {
+    let mut watchers = Vec::new();
+    for (node, name) in [(a, "wa"), (b, "wb")] {
+        let url = node.ws(&format!("/ws/polls/{id}?name={name}"));
+        let (mut ws, _) = connect_as(&url, None).await;
+        assert_eq!(next_of(&mut ws, "poll").await["poll"]["id"], id);
+        watchers.push(ws);
+    }
+    for (ws, option) in watchers.iter_mut().zip(["yes", "no"]) {
+        ws.send(Message::text(json!({ "vote": option }).to_string()))
+            .await
+            .unwrap();
+    }
+    until_counted(&mut watchers, 2, json!({"yes": 1, "no": 1})).await;
+    watchers
+}
+
+/// Waits until every watcher is told of `total` votes, and checks they are `counts`.
+async fn until_counted(watchers: &mut [ClientStream], total: u64, counts: Value) {
+    for ws in watchers {
+        let told = loop {
+            let told = next_of(ws, "counts").await;
+            if told["total"] == total {
+                break told;
+            }
+        };
+        assert_eq!(told["counts"], counts, "{told}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polls_ids_and_counts_are_the_same_on_every_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -1560,27 +1598,7 @@ async fn polls_ids_and_counts_are_the_same_on_every_node() {
     // Watched on both nodes, voted on from both: the counts are the same everywhere, live
     // and stored.
     let id = ids[0];
-    let mut watchers = Vec::new();
-    for (node, name) in [(&a, "wa"), (&b, "wb")] {
-        let url = node.ws(&format!("/ws/polls/{id}?name={name}"));
-        let (mut ws, _) = connect_as(&url, None).await;
-        assert_eq!(next_of(&mut ws, "poll").await["poll"]["id"], id);
-        watchers.push(ws);
-    }
-    for (ws, option) in watchers.iter_mut().zip(["yes", "no"]) {
-        ws.send(Message::text(json!({ "vote": option }).to_string()))
-            .await
-            .unwrap();
-    }
-    for ws in &mut watchers {
-        let counts = loop {
-            let counts = next_of(ws, "counts").await;
-            if counts["total"] == 2 {
-                break counts;
-            }
-        };
-        assert_eq!(counts["counts"], json!({"yes": 1, "no": 1}), "{counts}");
-    }
+    let mut watchers = vote_on_both(&a, &b, id).await;
     let path = format!("/api/polls/{id}");
     let (_, stored_a) = http(&a.addr, "GET", &path, None, None);
     let (_, stored_b) = http(&b.addr, "GET", &path, None, None);
@@ -1600,15 +1618,7 @@ async fn polls_ids_and_counts_are_the_same_on_every_node() {
     late.send(Message::text(json!({ "vote": "yes" }).to_string()))
         .await
         .unwrap();
-    for ws in &mut watchers {
-        let counts = loop {
-            let counts = next_of(ws, "counts").await;
-            if counts["total"] == 3 {
-                break counts;
-            }
-        };
-        assert_eq!(counts["counts"], json!({"yes": 2, "no": 1}), "{counts}");
-    }
+    until_counted(&mut watchers, 3, json!({"yes": 2, "no": 1})).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2107,4 +2117,156 @@ async fn the_keys_of_the_layout_before_hash_tags_are_moved_once_and_kept() {
         None,
     );
     assert_eq!((status, history.as_array().map(Vec::len)), (200, Some(3)));
+}
+
+/// A Redis Cluster of three masters on loopback (slots split evenly, in port order).
+struct RedisCluster {
+    ports: [u16; 3],
+    _nodes: Vec<Proc>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = [free_port(), free_port(), free_port()];
+        let nodes = ports
+            .iter()
+            .map(|port| {
+                let data = dir.path().join(port.to_string());
+                std::fs::create_dir(&data).unwrap();
+                let mut command = Command::new("redis-server");
+                command
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                    .arg(data.join("nodes.conf"))
+                    .args(["--cluster-port", &free_port().to_string()])
+                    .args(["--save", "", "--appendonly", "no", "--dir"])
+                    .arg(&data);
+                spawn_redis(command, *port)
+            })
+            .collect();
+        let members: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&members)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli comes with redis-server");
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        RedisCluster {
+            ports,
+            _nodes: nodes,
+            _dir: dir,
+        }
+    }
+
+    /// The `--redis` setting that names it.
+    fn setting(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// Waits until every master says the cluster is ok.
+    async fn until_ok(&self) {
+        for port in self.ports {
+            until_cli(port, &["CLUSTER", "INFO"], "cluster_state:ok").await;
+        }
+    }
+
+    /// A room whose keys sit on master `shard` (0, 1 or 2): slots are split evenly in order.
+    fn room_on(&self, shard: usize) -> String {
+        (0..1000)
+            .map(|i| format!("r{i}"))
+            .find(|room| {
+                let slot: usize = redis_cli(self.ports[0], &["CLUSTER", "KEYSLOT", room])
+                    .trim()
+                    .parse()
+                    .unwrap();
+                slot * 3 / 16384 == shard
+            })
+            .expect("some room on every shard")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_carries_chat_history_presence_accounts_and_polls_over_its_shards() {
+    let cluster = RedisCluster::start();
+    cluster.until_ok().await;
+    let rooms: Vec<String> = (0..3).map(|shard| cluster.room_on(shard)).collect();
+    let setting = cluster.setting();
+    let (a, b) = (node_at("a", &setting, ""), node_at("b", &setting, ""));
+
+    for (shard, room) in rooms.iter().enumerate() {
+        // Members on both nodes: presence crosses them.
+        let (mut ann, ann_cookie) =
+            join_as(&a.ws(&format!("/ws/rooms/{room}?name=ann")), None).await;
+        let mut ben = join(&b.ws(&format!("/ws/rooms/{room}?name=ben"))).await;
+        let presence = next_of(&mut ann, "presence").await;
+        assert_eq!(
+            (presence["user"].as_str(), presence["event"].as_str()),
+            (Some("ben"), Some("join")),
+            "{room}"
+        );
+        // Messages from both nodes reach both members, in one order.
+        assert_eq!(both_say(&mut ann, &mut ben).await, [1, 2], "{room}");
+        // The room's keys sit on its shard.
+        let stream = format!("tether:{{{room}}}:s");
+        assert_eq!(
+            redis_cli(cluster.ports[shard], &["XLEN", &stream]).trim(),
+            "2",
+            "{room}"
+        );
+        // Resumed on the other node from id 1: the history after it, then live.
+        drop(ann);
+        let url = b.ws(&format!("/ws/rooms/{room}?name=ann&since=1"));
+        let (mut ann, _) = connect_as(&url, Some(&ann_cookie)).await;
+        next_of(&mut ann, "welcome").await;
+        assert_eq!(next(&mut ann).await["id"], 2, "{room}");
+        assert_ready(&next(&mut ann).await, 2);
+    }
+
+    // A token made on one node holds on the other; a publish through one node's API reaches
+    // the history on the other.
+    let bearer = token(&a);
+    let (status, me) = http(&b.addr, "GET", "/api/me", Some(&bearer), None);
+    assert_eq!((status, me["user"].as_str()), (200, Some("ops")), "{me}");
+    let path = format!("/api/rooms/{}/messages", rooms[1]);
+    let (status, stored) = http(
+        &a.addr,
+        "POST",
+        &path,
+        Some(&bearer),
+        Some(json!({"text": "api"})),
+    );
+    assert_eq!((status, stored["id"].as_u64()), (201, Some(3)), "{stored}");
+    let (_, history) = http(&b.addr, "GET", &format!("{path}?since=0"), None, None);
+    assert_eq!(history.as_array().map(Vec::len), Some(3), "{history}");
+    let (_, listed) = http(&b.addr, "GET", "/api/rooms", None, None);
+    for room in &rooms {
+        assert!(
+            listed.to_string().contains(&format!("\"{room}\"")),
+            "{listed}"
+        );
+    }
+
+    // Polls made on both nodes have distinct ids; votes from both are counted everywhere.
+    let mut ids = Vec::new();
+    for node in [&a, &b] {
+        let poll = json!({"question": format!("on {}", node.addr), "options": ["yes", "no"]});
+        let (status, created) = http(&node.addr, "POST", "/api/polls", None, Some(poll));
+        assert_eq!(status, 201, "{created}");
+        ids.push(created["id"].as_i64().unwrap());
+    }
+    assert_ne!(ids[0], ids[1]);
+    vote_on_both(&a, &b, ids[0]).await;
 }

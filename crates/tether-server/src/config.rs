@@ -447,7 +447,8 @@ pub struct ServerConfig {
     /// nodes through Redis (docs/scaling.md). Without it, one node with everything in SQLite.
     /// To follow a replica promoted after its master died, name the candidates
     /// (`redis://A:6379,redis://B:6379`: the one whose ROLE is master is used) or Redis
-    /// Sentinel (`redis+sentinel://S1:26379,S2:26379/SERVICE`).
+    /// Sentinel (`redis+sentinel://S1:26379,S2:26379/SERVICE`); for Redis Cluster, some of its
+    /// masters (`redis+cluster://A:7000,B:7001`).
     #[arg(long, env = "TETHER_REDIS", value_name = "URL")]
     pub redis: Option<String>,
     /// Replicas that must hold a write (a message, a vote, an account change) before it is

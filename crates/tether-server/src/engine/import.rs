@@ -138,8 +138,16 @@ pub async fn sqlite_into_redis(store: &Store, url: &str) -> Result<Imported, Imp
         .await?;
     // Any key of tether's: a node's heartbeat or epoch, a stream of a room not yet listed.
     let mut others = mark.is_some();
+    if con.is_cluster() {
+        // SCAN sees one node of a cluster: the rooms' epoch says whether anything was stored.
+        let stored: bool = redis::cmd("EXISTS")
+            .arg(EPOCH)
+            .query_async(&mut check)
+            .await?;
+        others |= stored;
+    }
     let mut cursor = 0u64;
-    while !others {
+    while !others && !con.is_cluster() {
         let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")

@@ -1,4 +1,4 @@
-//! The link to the Redis master, which follows a promoted replica.
+//! The link to Redis: to the master, which follows a promoted replica, or to Redis Cluster.
 //!
 //! The `redis` setting names where the master is, in one of three forms:
 //! - `redis://HOST:PORT/DB`: one server, always the master;
@@ -6,7 +6,10 @@
 //!   `master` is used (an operator promotes a replica with `REPLICAOF NO ONE`);
 //! - `redis+sentinel://[USER:PASSWORD@]S1:26379[,S2:26379…]/SERVICE[/DB]`: Redis Sentinel
 //!   names the master of `SERVICE` (the password and database are the master's), and the
-//!   node checks with `ROLE` that it is one.
+//!   node checks with `ROLE` that it is one;
+//! - `redis+cluster://[USER:PASSWORD@]A:7000[,B:7001…]`: Redis Cluster, found from any of
+//!   the nodes named; each command goes to the master of its keys' slot, and a pipeline is
+//!   sent as one pipeline per hash tag.
 //!
 //! With candidates or Sentinel, a command that fails because the server went away or refuses
 //! writes (`READONLY`: it was demoted) marks the link stale, and the next command finds the
@@ -19,6 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, RedisError, RedisFuture, RedisResult, Value};
 use tokio::sync::watch;
 
@@ -44,6 +48,8 @@ enum Target {
         auth: String,
         db: i64,
     },
+    /// Redis Cluster, found from these nodes (as `redis://` URLs).
+    Cluster(Vec<String>),
 }
 
 fn invalid(what: &str, detail: String) -> RedisError {
@@ -61,6 +67,31 @@ fn io_error(what: &'static str, detail: String) -> RedisError {
 impl Target {
     fn parse(setting: &str) -> RedisResult<Target> {
         let setting = setting.trim();
+        if let Some(rest) = setting.strip_prefix("redis+cluster://") {
+            let (auth, hosts) = match rest.rsplit_once('@') {
+                Some((auth, hosts)) => (format!("{auth}@"), hosts),
+                None => (String::new(), rest),
+            };
+            let hosts = hosts.trim_end_matches('/');
+            if hosts.contains('/') {
+                return Err(invalid(
+                    setting,
+                    "Redis Cluster has no database to name".into(),
+                ));
+            }
+            let nodes: Vec<String> = hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{auth}{h}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(invalid(setting, "no cluster node is named".into()));
+            }
+            for node in &nodes {
+                redis::Client::open(node.as_str())?;
+            }
+            return Ok(Target::Cluster(nodes));
+        }
         if let Some(rest) = setting.strip_prefix("redis+sentinel://") {
             let (auth, rest) = match rest.rsplit_once('@') {
                 Some((auth, rest)) => (format!("{auth}@"), rest),
@@ -121,6 +152,7 @@ impl Target {
     async fn find_master(&self) -> RedisResult<String> {
         match self {
             Target::One(url) => Ok(url.clone()),
+            Target::Cluster(nodes) => Ok(nodes.join(",")),
             Target::Candidates(urls) => {
                 let mut last = io_error("no redis master", "no candidate answered".into());
                 for url in urls {
@@ -278,6 +310,115 @@ fn writes(cmd: &Cmd) -> bool {
     }
 }
 
+/// Commands without a key: Redis Cluster sends them where it likes.
+const NO_KEY: &[&[u8]] = &[
+    b"PING", b"ROLE", b"WAIT", b"SCAN", b"INFO", b"PUBLISH", b"PUBSUB", b"DBSIZE", b"SCRIPT",
+    b"CLUSTER", b"TIME",
+];
+
+/// The first key `cmd` names, if any.
+fn first_key(cmd: &Cmd) -> Option<&[u8]> {
+    let mut args = cmd.args_iter().filter_map(|a| match a {
+        redis::Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    });
+    let name = args.next()?;
+    let scripted = [
+        &b"EVAL"[..],
+        b"EVALSHA",
+        b"EVAL_RO",
+        b"EVALSHA_RO",
+        b"FCALL",
+        b"FCALL_RO",
+    ];
+    if scripted.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+        args.next()?;
+        let keys: usize = std::str::from_utf8(args.next()?).ok()?.parse().ok()?;
+        return if keys > 0 { args.next() } else { None };
+    }
+    if NO_KEY.iter().any(|c| c.eq_ignore_ascii_case(name)) {
+        return None;
+    }
+    args.next()
+}
+
+/// The part of `key` Redis Cluster hashes: what is between its first `{` and the next `}`,
+/// when not empty; else the whole key.
+pub(crate) fn hash_tag(key: &[u8]) -> &[u8] {
+    if let Some(open) = key.iter().position(|&b| b == b'{') {
+        let rest = &key[open + 1..];
+        if let Some(len) = rest.iter().position(|&b| b == b'}') {
+            if len > 0 {
+                return &rest[..len];
+            }
+        }
+    }
+    key
+}
+
+/// Sends `pipeline` to Redis Cluster as one pipeline per hash tag of its commands' first keys
+/// (a pipeline must stay on one slot), all at once, and answers in the pipeline's order. A
+/// command without a key goes alone; commands of one tag keep their order.
+async fn by_tag(
+    con: &ClusterConnection,
+    pipeline: &redis::Pipeline,
+    offset: usize,
+    count: usize,
+) -> RedisResult<Vec<Value>> {
+    let cmds: Vec<&Cmd> = pipeline.cmd_iter().collect();
+    if pipeline.is_transaction() || offset != 0 || count != cmds.len() {
+        return con
+            .clone()
+            .req_packed_commands(pipeline, offset, count)
+            .await;
+    }
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut by: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+    for (i, cmd) in cmds.iter().enumerate() {
+        match first_key(cmd).map(hash_tag) {
+            Some(tag) => {
+                let group = *by.entry(tag).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[group].push(i);
+            }
+            None => groups.push(vec![i]),
+        }
+    }
+    if groups.len() == 1 {
+        return con
+            .clone()
+            .req_packed_commands(pipeline, offset, count)
+            .await;
+    }
+    let sent = futures_util::future::join_all(groups.iter().map(|members| {
+        let mut con = con.clone();
+        let mut part = redis::pipe();
+        for &i in members {
+            part.add_command(cmds[i].clone());
+        }
+        async move { con.req_packed_commands(&part, 0, members.len()).await }
+    }))
+    .await;
+    let mut answers = vec![Value::Nil; cmds.len()];
+    for (members, sent) in groups.iter().zip(sent) {
+        for (&i, value) in members.iter().zip(sent?) {
+            answers[i] = value;
+        }
+    }
+    Ok(answers)
+}
+
+/// The connection to the master in use.
+#[derive(Clone)]
+enum Conn {
+    /// One master: a connection for commands, and a client for subscriptions.
+    Single(ConnectionManager, redis::Client),
+    /// Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
 /// A connection to the master, for commands (it implements [`ConnectionLike`], so commands,
 /// pipelines and scripts run on it) and for subscribers ([`Link::client`]). Clones share it.
 #[derive(Clone)]
@@ -299,8 +440,8 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    /// The master in use: its URL, a client and the connection for commands.
-    master: Option<(String, redis::Client, ConnectionManager)>,
+    /// The master in use: its URL and the connection.
+    master: Option<(String, Conn)>,
     /// Counts the masters followed.
     generation: u64,
     /// A command failed as if the master moved: find it again.
@@ -337,7 +478,7 @@ impl Link {
                 let manager =
                     ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
                 let state = State {
-                    master: Some((url.clone(), client, manager)),
+                    master: Some((url.clone(), Conn::Single(manager, client))),
                     ..State::default()
                 };
                 (db, state)
@@ -350,6 +491,7 @@ impl Link {
                 )
             }
             Target::Sentinel { db, .. } => (*db, State::default()),
+            Target::Cluster(_) => (0, State::default()),
         };
         Ok(Link {
             shared: Arc::new(Shared {
@@ -381,14 +523,58 @@ impl Link {
         self.shared.changes.subscribe()
     }
 
+    /// Whether the link is to Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.shared.target, Target::Cluster(_))
+    }
+
     /// A client of the master now (found first when needed), for a subscription, and the
     /// generation it belongs to: the subscription moves once [`Link::changes`] differs.
     ///
     /// # Errors
-    /// No master was found.
+    /// No master was found, or the link is to Redis Cluster ([`Link::cluster_feed`]).
     pub async fn client(&self) -> RedisResult<(redis::Client, u64)> {
-        let (_, client, generation) = self.current().await?;
-        Ok((client, generation))
+        match self.current().await? {
+            (Conn::Single(_, client), generation) => Ok((client, generation)),
+            (Conn::Cluster(_), _) => Err(invalid(
+                "redis+cluster",
+                "a cluster is subscribed through cluster_feed".into(),
+            )),
+        }
+    }
+
+    /// A new connection to Redis Cluster for subscriptions (RESP3), whose messages, and a
+    /// `Disconnection` when a node's connection is lost, go to `pushes`.
+    ///
+    /// # Errors
+    /// The link is not to Redis Cluster, or no node of it answered.
+    pub async fn cluster_feed(
+        &self,
+        pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> RedisResult<ClusterConnection> {
+        let Target::Cluster(nodes) = &self.shared.target else {
+            return Err(invalid("redis", "not a cluster".into()));
+        };
+        let client = self
+            .cluster_client(nodes)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(pushes)
+            .build()?;
+        tokio::time::timeout(RESOLVE_WAIT, client.get_async_connection())
+            .await
+            .map_err(|_| io_error("redis cluster did not answer", nodes.join(",")))?
+    }
+
+    fn cluster_client(&self, nodes: &[String]) -> redis::cluster::ClusterClientBuilder {
+        let timeout = self
+            .shared
+            .config
+            .response_timeout()
+            .unwrap_or(Duration::from_secs(2));
+        redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+            .connection_timeout(timeout.min(Duration::from_secs(2)))
+            .response_timeout(timeout)
+            .retries(2)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -399,14 +585,14 @@ impl Link {
     }
 
     /// The master in use, unless it must be found (again) now.
-    fn in_use(&self) -> Option<(ConnectionManager, redis::Client, u64)> {
+    fn in_use(&self) -> Option<(Conn, u64)> {
         let state = self.state();
-        let (_, client, manager) = state.master.as_ref()?;
+        let (_, conn) = state.master.as_ref()?;
         let quiet = state.quiet_until.is_some_and(|t| Instant::now() < t);
-        (!state.stale || quiet).then(|| (manager.clone(), client.clone(), state.generation))
+        (!state.stale || quiet).then(|| (conn.clone(), state.generation))
     }
 
-    async fn current(&self) -> RedisResult<(ConnectionManager, redis::Client, u64)> {
+    async fn current(&self) -> RedisResult<(Conn, u64)> {
         if let Some(found) = self.in_use() {
             return Ok(found);
         }
@@ -428,14 +614,30 @@ impl Link {
                 return Err(e);
             }
         };
+        if let Target::Cluster(nodes) = &self.shared.target {
+            // The cluster's connection follows its topology itself: made once.
+            let connected = tokio::time::timeout(
+                RESOLVE_WAIT,
+                self.cluster_client(nodes).build()?.get_async_connection(),
+            )
+            .await
+            .unwrap_or_else(|_| Err(io_error("redis cluster did not answer", url.clone())));
+            let con = match connected {
+                Ok(con) => con,
+                Err(e) => {
+                    self.state().quiet_until = Some(Instant::now() + RESOLVE_AGAIN);
+                    return Err(e);
+                }
+            };
+            let mut state = self.state();
+            state.master = Some((url, Conn::Cluster(con.clone())));
+            state.generation += 1;
+            return Ok((Conn::Cluster(con), state.generation));
+        }
         let mut state = self.state();
         state.stale = false;
         state.quiet_until = None;
-        if state
-            .master
-            .as_ref()
-            .is_none_or(|(used, _, _)| *used != url)
-        {
+        if state.master.as_ref().is_none_or(|(used, _)| *used != url) {
             let client = redis::Client::open(url.as_str())?;
             let manager = ConnectionManager::new_lazy_with_config(
                 client.clone(),
@@ -444,18 +646,18 @@ impl Link {
             if state.master.is_some() {
                 tracing::warn!(master = %url, "following the new redis master");
             }
-            state.master = Some((url, client, manager));
+            state.master = Some((url, Conn::Single(manager, client)));
             state.generation += 1;
             self.shared.changes.send_replace(state.generation);
         }
-        let (_, client, manager) = state.master.as_ref().expect("set above");
-        Ok((manager.clone(), client.clone(), state.generation))
+        let (_, conn) = state.master.as_ref().expect("set above");
+        Ok((conn.clone(), state.generation))
     }
 
     /// A command on the master of `generation` failed with `e`: when that says the master
     /// moved, it is looked for again before the next command.
     fn failed(&self, e: &RedisError, generation: u64) {
-        if matches!(self.shared.target, Target::One(_)) || !moved(e) {
+        if matches!(self.shared.target, Target::One(_) | Target::Cluster(_)) || !moved(e) {
             return;
         }
         let mut state = self.state();
@@ -490,7 +692,10 @@ impl Link {
 impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let (mut con, _, generation) = self.current().await?;
+            let (mut con, generation) = match self.current().await? {
+                (Conn::Single(con, _), generation) => (con, generation),
+                (Conn::Cluster(mut con), _) => return con.req_packed_command(cmd).await,
+            };
             let answer = con.req_packed_command(cmd).await;
             match &answer {
                 Err(e) => self.failed(e, generation),
@@ -508,7 +713,10 @@ impl ConnectionLike for Link {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let (mut con, _, generation) = self.current().await?;
+            let (mut con, generation) = match self.current().await? {
+                (Conn::Single(con, _), generation) => (con, generation),
+                (Conn::Cluster(con), _) => return by_tag(&con, pipeline, offset, count).await,
+            };
             let answer = con.req_packed_commands(pipeline, offset, count).await;
             match &answer {
                 Err(e) => self.failed(e, generation),
@@ -569,6 +777,38 @@ mod tests {
         ] {
             assert!(Target::parse(bad).is_err(), "{bad:?} was taken");
         }
+    }
+
+    #[test]
+    fn a_cluster_is_named_by_its_nodes() {
+        assert_eq!(
+            Target::parse("redis+cluster://:pw@a:7000,b:7001/").unwrap(),
+            Target::Cluster(vec![
+                "redis://:pw@a:7000".into(),
+                "redis://:pw@b:7001".into()
+            ])
+        );
+        assert!(Target::parse("redis+cluster://").is_err());
+        assert!(Target::parse("redis+cluster://a:7000/2").is_err());
+    }
+
+    #[test]
+    fn pipelines_split_by_the_hash_tags_of_first_keys() {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg("return 1")
+            .arg(2)
+            .arg("tether:{ops}:s")
+            .arg("tether:{ops}:r");
+        assert_eq!(first_key(&eval).map(hash_tag), Some(&b"ops"[..]));
+        let mut none = redis::cmd("EVAL");
+        none.arg("return 1").arg(0);
+        assert_eq!(first_key(&none), None);
+        let mut get = redis::cmd("GET");
+        get.arg("tether:np:a");
+        assert_eq!(first_key(&get).map(hash_tag), Some(&b"tether:np:a"[..]));
+        assert_eq!(first_key(&redis::cmd("PING")), None);
+        assert_eq!(hash_tag(b"a{}b"), b"a{}b");
+        assert_eq!(hash_tag(b"x{t}y{u}"), b"t");
     }
 
     #[test]

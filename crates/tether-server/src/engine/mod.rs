@@ -29,6 +29,7 @@ use store::{ChatMessage, CredentialInfo, CredentialKind, Poll, StoreError, UserI
 
 pub mod accounts;
 pub mod embedded;
+pub mod feed;
 pub mod import;
 pub mod journal;
 pub mod link;

@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -41,6 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::accounts::RedisAccounts;
 use super::accounts::REVOKED_CHANNEL;
+use super::feed::Feed;
 use super::journal::ChatWrite;
 use super::link::Link;
 use super::local::{Change, Local, Member, Shared};
@@ -73,7 +73,8 @@ macro_rules! read_or_make_epoch {
 /// Stores and publishes a message (KEYS: the room's stream, channel, epoch and idempotency
 /// key; ARGV: the message's JSON before and after its id, the stream's length, the node's
 /// epoch, the idempotency key or '', its window in seconds, '1' when the node just checked
-/// its epoch against Redis, '1' when the room's stream should exist). Answers the stored
+/// its epoch against Redis, '1' when the room's stream should exist, the command that
+/// publishes: PUBLISH, or SPUBLISH on Redis Cluster). Answers the stored
 /// message; an error `EPOCH E` when the room is under epoch E, other than the node's, or
 /// `LOST` when the stream of a room that existed is gone.
 const APPEND: &str = r#"
@@ -101,7 +102,7 @@ if #top > 0 then last = tonumber(string.match(top[1][1], '%-(%d+)$')) end
 local id = last + 1
 local msg = ARGV[1] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[2]
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
-redis.call('PUBLISH', KEYS[2], msg)
+redis.call(ARGV[9], KEYS[2], msg)
 if ARGV[5] ~= '' then redis.call('SET', KEYS[4], id, 'EX', ARGV[6]) end
 return msg
 "#;
@@ -536,6 +537,16 @@ impl Cluster {
         RedisPolls::new(self.commands(), self.node.clone(), self.hub.clone())
     }
 
+    /// How a room's channels are published to: sharded on Redis Cluster, so that a message
+    /// goes to the shard of its room only.
+    fn publish(&self) -> &'static str {
+        if self.commands.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.node
@@ -858,7 +869,8 @@ impl Cluster {
             .arg(key)
             .arg(KEY_WINDOW.as_secs())
             .arg(if settled { "1" } else { "0" })
-            .arg(if existed { "1" } else { "0" });
+            .arg(if existed { "1" } else { "0" })
+            .arg(self.publish());
         cmd
     }
 
@@ -1240,7 +1252,7 @@ impl Cluster {
             join,
             info,
         };
-        pipe.cmd("PUBLISH")
+        pipe.cmd(self.publish())
             .arg(presence_channel(room))
             .arg(serde_json::to_string(&note).expect("notes serialize"))
             .ignore();
@@ -1375,19 +1387,15 @@ impl Cluster {
         rooms: &mut mpsc::UnboundedReceiver<Arc<str>>,
     ) -> redis::RedisResult<()> {
         // Subscribed to the master now; a new master (a replica promoted) is subscribed anew.
-        let (client, generation) = self.commands.client().await?;
+        let (mut feed, generation) = Feed::open(&self.commands, Duration::from_secs(2)).await?;
         let mut master = self.commands.changes();
         if *master.borrow() != generation {
             // The master moved while this connected: connect to the new one.
             return Ok(());
         }
-        let pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
-            .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
-        let (mut sink, mut messages) = pubsub.split();
-        sink.subscribe(BROADCAST).await?;
-        sink.subscribe(REVOKED_CHANNEL).await?;
-        sink.subscribe(POLLS_CHANNEL).await?;
+        feed.everyone(BROADCAST).await?;
+        feed.everyone(REVOKED_CHANNEL).await?;
+        feed.everyone(POLLS_CHANNEL).await?;
         // Revocations announced while this node did not listen are unknown: every connection
         // checks its credential again.
         self.revocations.announce();
@@ -1395,7 +1403,7 @@ impl Cluster {
         while rooms.try_recv().is_ok() {}
         let now: Vec<Arc<str>> = self.hub.room_names().into_iter().map(Arc::from).collect();
         for chunk in now.chunks(SUBSCRIBE_BATCH) {
-            sink.subscribe(room_channels(chunk)).await?;
+            feed.listen(room_channels(chunk)).await?;
         }
         {
             let mut listening = lock(&self.listening);
@@ -1426,7 +1434,7 @@ impl Cluster {
         let mut handled = 0u32;
         loop {
             let msg = tokio::select! {
-                msg = messages.next() => msg,
+                msg = feed.next() => msg,
                 Ok(()) = master.changed() => {
                     tracing::info!("subscribing on the new redis master");
                     break;
@@ -1436,7 +1444,7 @@ impl Cluster {
                     while let Ok(room) = rooms.try_recv() {
                         changed.insert(room);
                     }
-                    self.follow(&mut sink, changed).await?;
+                    self.follow(&mut feed, changed).await?;
                     continue;
                 }
             };
@@ -1480,11 +1488,7 @@ impl Cluster {
     /// unsubscribes from those that lost them all (a room may have done both since: the hub
     /// says where it stands now). Members waiting for a room are let go once it is heard, and
     /// a room whose members could not wait is caught up from its stream.
-    async fn follow(
-        &self,
-        sink: &mut redis::aio::PubSubSink,
-        changed: BTreeSet<Arc<str>>,
-    ) -> redis::RedisResult<()> {
+    async fn follow(&self, feed: &mut Feed, changed: BTreeSet<Arc<str>>) -> redis::RedisResult<()> {
         let (mut add, mut gone) = (Vec::new(), Vec::new());
         {
             let listening = lock(&self.listening);
@@ -1508,10 +1512,10 @@ impl Cluster {
                     remote.remove(&**room);
                 }
             }
-            sink.unsubscribe(room_channels(chunk)).await?;
+            feed.unlisten(room_channels(chunk)).await?;
         }
         for chunk in add.chunks(SUBSCRIBE_BATCH) {
-            sink.subscribe(room_channels(chunk)).await?;
+            feed.listen(room_channels(chunk)).await?;
             let mut unsure = Vec::new();
             {
                 let mut listening = lock(&self.listening);
@@ -1546,14 +1550,19 @@ impl Cluster {
     /// are told `recovered: false`), and nothing stored since is marked delivered unseen.
     async fn catch_up(&self) -> Result<(), StoreError> {
         let mut con = self.commands.clone();
-        let moved: i64 = redis::cmd("EVAL")
-            .arg(MIGRATE)
-            .arg(0)
-            .arg(EPOCH)
-            .arg(ROOMS)
-            .query_async(&mut con)
-            .await
-            .map_err(redis_error)?;
+        // Only one Redis can hold the keys of an earlier version (which knew no cluster).
+        let moved: i64 = if self.commands.is_cluster() {
+            0
+        } else {
+            redis::cmd("EVAL")
+                .arg(MIGRATE)
+                .arg(0)
+                .arg(EPOCH)
+                .arg(ROOMS)
+                .query_async(&mut con)
+                .await
+                .map_err(redis_error)?
+        };
         if moved > 0 {
             tracing::warn!(
                 streams = moved,
@@ -1804,16 +1813,20 @@ impl Cluster {
                     .arg(format!("{node}\t{user}"))
                     .ignore();
                 pipe.cmd("DEL").arg(infos_key(room, node)).ignore();
-                pipe.cmd("PUBLISH")
+                pipe.cmd(self.publish())
                     .arg(presence_channel(room))
                     .arg(serde_json::to_string(&note).expect("notes serialize"))
                     .ignore();
             }
-            pipe.cmd("SREM")
+            if !pipe.is_empty() {
+                pipe.query_async::<()>(&mut con).await?;
+            }
+            // Only once the rooms forgot them (on Redis Cluster a pipeline's slots go apart).
+            redis::cmd("SREM")
                 .arg(node_entries_key(node))
                 .arg(&entries)
-                .ignore();
-            pipe.query_async::<()>(&mut con).await?;
+                .query_async::<()>(&mut con)
+                .await?;
         }
         for entry in &nicks {
             if let Some((name, guest)) = entry.split_once('\t') {
