@@ -2119,19 +2119,35 @@ async fn the_keys_of_the_layout_before_hash_tags_are_moved_once_and_kept() {
     assert_eq!((status, history.as_array().map(Vec::len)), (200, Some(3)));
 }
 
-/// A Redis Cluster of three masters on loopback (slots split evenly, in port order).
+/// A Redis Cluster of three masters on loopback (slots split evenly, in port order), with a
+/// replica each when asked.
 struct RedisCluster {
+    /// The masters'.
     ports: [u16; 3],
-    _nodes: Vec<Proc>,
+    /// The replicas' (empty when none).
+    spares: Vec<u16>,
+    nodes: Vec<Option<Proc>>,
     _dir: tempfile::TempDir,
 }
 
 impl RedisCluster {
     fn start() -> RedisCluster {
+        RedisCluster::start_with(false)
+    }
+
+    /// With `replicas`, a replica of each master, which the cluster promotes when its master
+    /// has been unreachable for a second.
+    fn start_with(replicas: bool) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = [free_port(), free_port(), free_port()];
+        let spares: Vec<u16> = if replicas {
+            (0..3).map(|_| free_port()).collect()
+        } else {
+            Vec::new()
+        };
         let nodes = ports
             .iter()
+            .chain(&spares)
             .map(|port| {
                 let data = dir.path().join(port.to_string());
                 std::fs::create_dir(&data).unwrap();
@@ -2141,16 +2157,22 @@ impl RedisCluster {
                     .args(["--cluster-enabled", "yes", "--cluster-config-file"])
                     .arg(data.join("nodes.conf"))
                     .args(["--cluster-port", &free_port().to_string()])
+                    .args(["--cluster-node-timeout", "1000"])
                     .args(["--save", "", "--appendonly", "no", "--dir"])
                     .arg(&data);
-                spawn_redis(command, *port)
+                Some(spawn_redis(command, *port))
             })
             .collect();
-        let members: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let members: Vec<String> = ports
+            .iter()
+            .chain(&spares)
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         let created = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&members)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", if replicas { "1" } else { "0" }])
+            .arg("--cluster-yes")
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli comes with redis-server");
@@ -2161,9 +2183,25 @@ impl RedisCluster {
         );
         RedisCluster {
             ports,
-            _nodes: nodes,
+            spares,
+            nodes,
             _dir: dir,
         }
+    }
+
+    /// The replica of master `shard`.
+    fn replica_of(&self, shard: usize) -> u16 {
+        let wanted = format!("master_port:{}\r", self.ports[shard]);
+        *self
+            .spares
+            .iter()
+            .find(|&&spare| redis_cli(spare, &["INFO", "replication"]).contains(&wanted))
+            .expect("every master has a replica")
+    }
+
+    /// Kills master `shard` without warning.
+    fn kill(&mut self, shard: usize) {
+        drop(self.nodes[shard].take());
     }
 
     /// The `--redis` setting that names it.
@@ -2176,10 +2214,13 @@ impl RedisCluster {
         format!("redis+cluster://{}", nodes.join(","))
     }
 
-    /// Waits until every master says the cluster is ok.
+    /// Waits until every master says the cluster is ok, and every replica is in sync.
     async fn until_ok(&self) {
         for port in self.ports {
             until_cli(port, &["CLUSTER", "INFO"], "cluster_state:ok").await;
+        }
+        for &port in &self.spares {
+            until_cli(port, &["INFO", "replication"], "master_link_status:up").await;
         }
     }
 
@@ -2269,4 +2310,65 @@ async fn redis_cluster_carries_chat_history_presence_accounts_and_polls_over_its
     }
     assert_ne!(ids[0], ids[1]);
     vote_on_both(&a, &b, ids[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_shard_whose_master_died_is_served_by_its_promoted_replica() {
+    let mut cluster = RedisCluster::start_with(true);
+    cluster.until_ok().await;
+    let room = cluster.room_on(0);
+    let (a, b) = (
+        node_at("a", &cluster.setting(), ""),
+        node_at("b", &cluster.setting(), ""),
+    );
+    let bearer = token(&a);
+    let (mut ann, _) = join_as(&a.ws(&format!("/ws/rooms/{room}?name=ann")), None).await;
+    let mut ben = join(&b.ws(&format!("/ws/rooms/{room}?name=ben"))).await;
+    next_of(&mut ann, "presence").await;
+    assert_eq!(both_say(&mut ann, &mut ben).await, [1, 2]);
+    let spare = cluster.replica_of(0);
+    until_cli(spare, &["XLEN", &format!("tether:{{{room}}}:s")], "2").await;
+
+    // The room's master dies; the cluster promotes its replica, which the nodes then use for
+    // the room's commands and its sharded channels.
+    cluster.kill(0);
+    until_cli(spare, &["ROLE"], "master").await;
+    until_cli(cluster.ports[1], &["CLUSTER", "INFO"], "cluster_state:ok").await;
+    let path = format!("/api/rooms/{room}/messages");
+    let started = Instant::now();
+    let stored = loop {
+        let (status, stored) = http(
+            &a.addr,
+            "POST",
+            &path,
+            Some(&bearer),
+            Some(json!({"text": "after"})),
+        );
+        if status == 201 {
+            break stored;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "never stored after the failover: {stored}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stored["id"].as_u64(), Some(3), "{stored}");
+    // A member who joins b now hears, live, what a stores on the promoted replica.
+    let (mut carl, _) = connect_as(&b.ws(&format!("/ws/rooms/{room}?name=carl")), None).await;
+    let ready = next_of(&mut carl, "ready").await;
+    assert_eq!(ready["last_id"], 3, "{ready}");
+    let (status, fourth) = http(
+        &a.addr,
+        "POST",
+        &path,
+        Some(&bearer),
+        Some(json!({"text": "live"})),
+    );
+    assert_eq!(status, 201, "{fourth}");
+    let heard = next_of(&mut carl, "message").await;
+    assert_eq!(
+        (heard["id"].as_u64(), heard["text"].as_str()),
+        (Some(4), Some("live"))
+    );
 }

@@ -9,10 +9,9 @@ use common::*;
 use serde_json::{json, Value};
 use tether::Message;
 
-#[tokio::test]
-async fn a_deeply_nested_info_is_refused_at_connect_and_bystanders_keep_their_presence() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(config(dir.path())).await;
+async fn a_deeply_nested_info_is_refused_at_connect_and_bystanders_keep_their_presence(kind: Kind) {
+    let setup = Setup::new(kind);
+    let server = start(setup.config()).await;
     let (mut bob, _) = Client::open(&server, "?name=bob").await;
     bob.subscribe("room:x").await;
 
@@ -72,13 +71,13 @@ async fn a_deeply_nested_info_is_refused_at_connect_and_bystanders_keep_their_pr
 
 /// A server where one connection may send as fast as it likes, but one identity only 10
 /// messages a second (bursts of 20) over all its connections.
-async fn budgeted() -> (Running, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "mal", "pw").await;
-    let mut c = config(dir.path());
+async fn budgeted(kind: Kind) -> (Running, Setup) {
+    let setup = Setup::new(kind);
+    setup.add_user("mal", "pw").await;
+    let mut c = setup.config();
     c.message_rate = 1000.0;
     c.identity_message_rate = 10;
-    (start(c).await, dir)
+    (start(c).await, setup)
 }
 
 /// How many of `replies` succeeded, checking that each other one is the identity's refusal.
@@ -134,9 +133,8 @@ fn budget_since(started: std::time::Instant) -> usize {
     20 + (10.0 * started.elapsed().as_secs_f64()).ceil() as usize
 }
 
-#[tokio::test]
-async fn one_guests_publications_share_one_budget_on_the_channel_and_room_endpoints() {
-    let (server, _dir) = budgeted().await;
+async fn one_guests_publications_share_one_budget_on_the_channel_and_room_endpoints(kind: Kind) {
+    let (server, _dir) = budgeted(kind).await;
     // One guest (an address) with five channel connections and five room connections.
     let mut channel = Vec::new();
     for i in 0..5 {
@@ -194,9 +192,8 @@ async fn one_guests_publications_share_one_budget_on_the_channel_and_room_endpoi
     server.stop().await;
 }
 
-#[tokio::test]
-async fn one_guests_typing_events_over_many_connections_reach_a_room_within_its_budget() {
-    let (server, _dir) = budgeted().await;
+async fn one_guests_typing_events_over_many_connections_reach_a_room_within_its_budget(kind: Kind) {
+    let (server, _dir) = budgeted(kind).await;
     let mut mal = Vec::new();
     for i in 0..5 {
         let (mut c, _) = Client::open(&server, &format!("?name=m{i}")).await;
@@ -230,9 +227,8 @@ async fn one_guests_typing_events_over_many_connections_reach_a_room_within_its_
     server.stop().await;
 }
 
-#[tokio::test]
-async fn one_users_votes_over_many_connections_are_counted_within_its_budget() {
-    let (server, _dir) = budgeted().await;
+async fn one_users_votes_over_many_connections_are_counted_within_its_budget(kind: Kind) {
+    let (server, _dir) = budgeted(kind).await;
     let token = token(server.addr, "mal", "pw").await;
     let bearer = format!("Bearer {token}");
     let (status, poll) = http(
@@ -267,11 +263,12 @@ async fn one_users_votes_over_many_connections_are_counted_within_its_budget() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn bringing_rooms_into_being_is_paid_for_on_every_endpoint_and_listing_them_is_paged() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "ops", "pw").await;
-    let mut c = config(dir.path());
+async fn bringing_rooms_into_being_is_paid_for_on_every_endpoint_and_listing_them_is_paged(
+    kind: Kind,
+) {
+    let setup = Setup::new(kind);
+    setup.add_user("ops", "pw").await;
+    let mut c = setup.config();
     c.rooms_per_hour = 5;
     let server = start(c).await;
     // One guest address: five new rooms on /ws, then no more, on either endpoint.
@@ -346,10 +343,9 @@ async fn bringing_rooms_into_being_is_paid_for_on_every_endpoint_and_listing_the
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crowd_is_counted_not_listed_and_a_visitor_without_a_name_reads_no_room() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
+async fn a_crowd_is_counted_not_listed_and_a_visitor_without_a_name_reads_no_room(kind: Kind) {
+    let setup = Setup::new(kind);
+    let mut c = setup.config();
     c.max_connections_per_ip = 2000;
     // The crowd's members do not read: each join's push to them waits in their queues.
     c.outbox = 4096;
@@ -393,15 +389,14 @@ async fn a_crowd_is_counted_not_listed_and_a_visitor_without_a_name_reads_no_roo
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_users_notifications_are_no_room_started_by_the_sender() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "ops", "pw").await;
+async fn a_users_notifications_are_no_room_started_by_the_sender(kind: Kind) {
+    let setup = Setup::new(kind);
+    setup.add_user("ops", "pw").await;
     let users: Vec<String> = (0..4).map(|i| format!("user{i}")).collect();
     for user in &users {
-        add_user(dir.path(), user, "pw").await;
+        setup.add_user(user, "pw").await;
     }
-    let mut c = config(dir.path());
+    let mut c = setup.config();
     c.rooms_per_hour = 2;
     c.max_rooms = 2;
     let server = start(c).await;
@@ -455,11 +450,10 @@ fn send_queue(local: u16, remote: u16) -> Option<u64> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_never_reads_holds_a_bounded_kernel_send_buffer() {
+async fn a_client_that_never_reads_holds_a_bounded_kernel_send_buffer(kind: Kind) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
+    let setup = Setup::new(kind);
+    let mut c = setup.config();
     c.message_rate = 100_000.0;
     c.identity_message_rate = 100_000;
     // Not closed as a slow consumer while the kernel's buffers fill.
@@ -527,3 +521,18 @@ async fn a_client_that_never_reads_holds_a_bounded_kernel_send_buffer() {
     drop(lazy);
     server.stop().await;
 }
+
+on_both_engines!(
+    a_deeply_nested_info_is_refused_at_connect_and_bystanders_keep_their_presence,
+    one_guests_publications_share_one_budget_on_the_channel_and_room_endpoints,
+    one_guests_typing_events_over_many_connections_reach_a_room_within_its_budget,
+    one_users_votes_over_many_connections_are_counted_within_its_budget,
+    bringing_rooms_into_being_is_paid_for_on_every_endpoint_and_listing_them_is_paged,
+    a_users_notifications_are_no_room_started_by_the_sender,
+);
+
+on_both_engines!(
+    multi_thread:
+    a_crowd_is_counted_not_listed_and_a_visitor_without_a_name_reads_no_room,
+    a_client_that_never_reads_holds_a_bounded_kernel_send_buffer,
+);

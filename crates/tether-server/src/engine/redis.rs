@@ -620,7 +620,10 @@ impl Cluster {
         let (mut epoch, existed) = match self.admit(batch, &mut outcomes).await {
             Ok(admitted) => admitted,
             Err(e) => {
-                let text = e.to_string();
+                let text = match e {
+                    StoreError::Failed(text) => text,
+                    e => e.to_string(),
+                };
                 return batch
                     .iter()
                     .map(|_| Err(StoreError::Failed(text.clone())))
@@ -738,14 +741,23 @@ impl Cluster {
                     .arg(&proposal);
             }
             let mut con = self.commands.clone();
-            let sent = pipe
+            // Admitting is idempotent: one that timed out (a busy node, a slow Redis) is sent
+            // once more before its messages are refused.
+            let mut sent = pipe
                 .query_async::<Vec<redis::RedisResult<(String, i64)>>>(&mut con)
                 .await;
+            if matches!(&sent, Err(e) if e.is_timeout() || e.is_connection_dropped()) {
+                sent = pipe
+                    .query_async::<Vec<redis::RedisResult<(String, i64)>>>(&mut con)
+                    .await;
+            }
             answers = match sent {
                 Ok(answers) => answers,
                 Err(e) => {
                     self.refund(batch, &rooms, &[], now);
-                    return Err(self.append_error(&e));
+                    self.metrics.store_failures.fetch_add(1, Relaxed);
+                    // Nothing was stored: the messages were not sent.
+                    return Err(redis_error(e));
                 }
             };
             if let Some(Ok((now_epoch, _))) = answers.iter().find(|a| a.is_ok()) {

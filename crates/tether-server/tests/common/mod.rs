@@ -135,8 +135,21 @@ impl Setup {
 
 /// Runs each named test, an `async fn(Kind)`, once on each engine: `NAME::embedded` and
 /// `NAME::redis`. One body for both, so that the Redis engine cannot drift from the embedded one.
+/// `multi_thread:` before the names runs them on two worker threads.
 #[macro_export]
 macro_rules! on_both_engines {
+    (multi_thread: $($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name($crate::common::Kind::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name($crate::common::Kind::Redis).await
+            }
+        }
+    )*};
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test]
