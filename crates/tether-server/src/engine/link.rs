@@ -358,7 +358,8 @@ pub(crate) fn hash_tag(key: &[u8]) -> &[u8] {
 
 /// Sends `pipeline` to Redis Cluster as one pipeline per hash tag of its commands' first keys
 /// (a pipeline must stay on one slot), all at once, and answers in the pipeline's order. A
-/// command without a key goes alone; commands of one tag keep their order.
+/// command without a key goes alone; commands of one tag keep their order. When some parts
+/// fail and others ran, the error is a timeout: its outcome is unknown, not "nothing done".
 async fn by_tag(
     con: &ClusterConnection,
     pipeline: &redis::Pipeline,
@@ -402,12 +403,27 @@ async fn by_tag(
     }))
     .await;
     let mut answers = vec![Value::Nil; cmds.len()];
+    let (mut failed, mut done) = (None, false);
     for (members, sent) in groups.iter().zip(sent) {
-        for (&i, value) in members.iter().zip(sent?) {
-            answers[i] = value;
+        match sent {
+            Ok(values) => {
+                done = true;
+                for (&i, value) in members.iter().zip(values) {
+                    answers[i] = value;
+                }
+            }
+            Err(e) => failed = failed.or(Some(e)),
         }
     }
-    Ok(answers)
+    match failed {
+        None => Ok(answers),
+        // Other parts ran: what the pipeline did is not known as a whole.
+        Some(e) if done => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("part of a pipeline over several shards failed ({e}): outcome unknown"),
+        ))),
+        Some(e) => Err(e),
+    }
 }
 
 /// The connection to the master in use.
