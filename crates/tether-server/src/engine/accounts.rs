@@ -281,11 +281,7 @@ impl CredentialRecord {
     fn parse(rec: &str) -> Option<CredentialRecord> {
         let mut parts = rec.split('\t');
         let user = parts.next()?.to_owned();
-        let kind = match parts.next()? {
-            "session" => CredentialKind::Session,
-            "token" => CredentialKind::Token,
-            _ => return None,
-        };
+        let kind = CredentialKind::from_stored(parts.next()?)?;
         let created = parts.next()?.parse().ok();
         let expires = parts.next()?.parse().ok();
         Some(CredentialRecord {

@@ -124,15 +124,14 @@ impl Feed {
 /// `channels` in groups of one hash tag each: a sharded subscription names one slot.
 fn by_slot(channels: Vec<String>) -> Vec<Vec<String>> {
     let mut groups: Vec<Vec<String>> = Vec::new();
+    let mut by: std::collections::HashMap<Vec<u8>, usize> = std::collections::HashMap::new();
     for channel in channels {
         let tag = hash_tag(channel.as_bytes()).to_vec();
-        match groups
-            .iter_mut()
-            .find(|g| hash_tag(g[0].as_bytes()) == tag.as_slice())
-        {
-            Some(group) => group.push(channel),
-            None => groups.push(vec![channel]),
-        }
+        let group = *by.entry(tag).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[group].push(channel);
     }
     groups
 }

@@ -83,6 +83,15 @@ impl CredentialKind {
             CredentialKind::Token => "token",
         }
     }
+
+    /// The kind [`CredentialKind::as_str`] names, if any.
+    pub fn from_stored(name: &str) -> Option<CredentialKind> {
+        match name {
+            "session" => Some(CredentialKind::Session),
+            "token" => Some(CredentialKind::Token),
+            _ => None,
+        }
+    }
 }
 
 /// A user as stored, with the password hash: what moves with the store (`tether import`).
@@ -491,11 +500,7 @@ impl Store {
             let kind: String = r.get(1)?;
             Ok(CredentialInfo {
                 id: credential_id(&digest),
-                kind: if kind == "session" {
-                    CredentialKind::Session
-                } else {
-                    CredentialKind::Token
-                },
+                kind: CredentialKind::from_stored(&kind).unwrap_or(CredentialKind::Token),
                 created: r.get(2)?,
                 expires: r.get(3)?,
             })
@@ -768,11 +773,7 @@ impl Store {
             Ok(CredentialRow {
                 digest: r.get(0)?,
                 user: r.get(1)?,
-                kind: if kind == "session" {
-                    CredentialKind::Session
-                } else {
-                    CredentialKind::Token
-                },
+                kind: CredentialKind::from_stored(&kind).unwrap_or(CredentialKind::Token),
                 created: r.get(3)?,
                 expires: r.get(4)?,
             })
