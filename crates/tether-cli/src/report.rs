@@ -36,8 +36,8 @@ pub fn one_line(e: &(dyn Error + 'static)) -> String {
 
 /// What to do about one cause, if the CLI knows.
 fn hint_for(err: &(dyn Error + 'static)) -> Option<String> {
-    if let Some(tether_server::serve::ServerError::Bind { addr, source }) =
-        err.downcast_ref::<tether_server::serve::ServerError>()
+    if let Some(tether_server::endpoints::serve::ServerError::Bind { addr, source }) =
+        err.downcast_ref::<tether_server::endpoints::serve::ServerError>()
     {
         return match source.kind() {
             std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => Some(
@@ -65,8 +65,8 @@ fn hint_for(err: &(dyn Error + 'static)) -> Option<String> {
         }
     }
     // `ServerError::Store` is transparent: its source is the store error's source.
-    if let Some(tether_server::serve::ServerError::Store(store)) =
-        err.downcast_ref::<tether_server::serve::ServerError>()
+    if let Some(tether_server::endpoints::serve::ServerError::Store(store)) =
+        err.downcast_ref::<tether_server::endpoints::serve::ServerError>()
     {
         return store_hint(store);
     }

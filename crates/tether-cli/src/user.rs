@@ -162,7 +162,7 @@ pub enum UserError {
     Password(String),
     /// Hashing failed.
     #[error(transparent)]
-    Hash(#[from] tether_server::auth::HashError),
+    Hash(#[from] tether_server::identity::auth::HashError),
     /// The store refused (the user exists, the database failed).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -181,7 +181,7 @@ pub enum UserError {
 pub async fn run(command: UserCommand, out: &mut dyn Write) -> Result<(), UserError> {
     match command {
         UserCommand::Add(args) => {
-            if !tether_server::auth::valid_user(&args.name) {
+            if !tether_server::identity::auth::valid_user(&args.name) {
                 return Err(UserError::BadName);
             }
             let password = read_password(args.password_stdin)?;
@@ -298,7 +298,7 @@ fn hash(password: &str) -> Result<String, UserError> {
             )
         }));
     }
-    Ok(tether_server::auth::hash_password(password)?)
+    Ok(tether_server::identity::auth::hash_password(password)?)
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -312,7 +312,7 @@ fn rfc3339(unix: i64) -> String {
 /// # Errors
 /// See [`UserError`].
 pub fn add_user(name: &str, data: &Path, password: &str) -> Result<(), UserError> {
-    if !tether_server::auth::valid_user(name) {
+    if !tether_server::identity::auth::valid_user(name) {
         return Err(UserError::BadName);
     }
     let hash = hash(password)?;

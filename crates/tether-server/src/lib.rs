@@ -11,37 +11,33 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The layers, each using only those below it (`scripts/layers` checks it, with no circle):
-//! - the server: [`serve`] (the accept loop), [`http`] (routes and upgrades);
-//! - per connection: [`channels`] (the channel protocol of `/ws`), [`ws`] (room and poll
-//!   sessions, and what every session shares);
-//! - the node: [`app`] (shared state, credentials, limits over the engine);
+//! The layers, in folders, each using only those below it (`scripts/layers` checks it, with
+//! no circle):
+//! - [`endpoints`]: the accept loop ([`endpoints::serve`]), routes and upgrades
+//!   ([`endpoints::http`]), the pages;
+//! - [`session`]: per connection, the room and poll sessions and what every session shares,
+//!   and the channel protocol of `/ws` ([`session::channels`]);
+//! - [`node`]: the [`node::Node`] every endpoint and session calls (credentials, limits,
+//!   publishing, history, presence, polls, control over the engine), the hub that fans out
+//!   to this node's connections ([`node::hub`]), connection slots and shutdown;
 //! - [`engine`]: the seam (its traits), its two implementations ([`engine::embedded`] over
 //!   [`engine::store`] and [`engine::journal`], [`engine::redis`]) and [`engine::import`];
-//! - [`hub`]: subscriptions and fan-out to this node's connections;
-//! - foundations: [`wire`] (what goes to clients), [`auth`], [`config`], [`metrics`],
-//!   [`throttle`] and the other limits.
+//! - [`identity`]: users' names, passwords, credentials' digests, guests' nicknames;
+//! - foundations: [`wire`] (what goes to clients), [`config`], [`metrics`], [`throttle`],
+//!   [`proxy`].
 //!
 //! `docs/api.md` is the API reference.
 
-pub mod app;
-pub mod auth;
-pub mod channels;
 pub mod config;
+pub mod endpoints;
 pub mod engine;
-pub mod gate;
-pub mod guests;
-pub mod http;
-pub mod hub;
+pub mod identity;
 pub mod metrics;
-pub mod password;
+pub mod node;
 pub mod proxy;
-pub mod serve;
-pub mod sessions;
+pub mod session;
 pub mod throttle;
-pub mod web;
 pub mod wire;
-pub mod ws;
 
 pub use config::ServerConfig;
-pub use serve::{Server, ServerError};
+pub use endpoints::serve::{Server, ServerError};

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use tether_server::auth::digest;
 use tether_server::engine::accounts::{RedisAccounts, SqliteAccounts};
 use tether_server::engine::store::{CredentialKind, Db, Store, StoreError};
 use tether_server::engine::{Accounts, Revocations};
+use tether_server::identity::auth::digest;
 
 mod common;
 

@@ -350,7 +350,7 @@ async fn a_crowd_is_counted_not_listed_and_a_visitor_without_a_name_reads_no_roo
     // The crowd's members do not read: each join's push to them waits in their queues.
     c.outbox = 4096;
     let server = start(c).await;
-    let crowd = tether_server::hub::PRESENCE_LIMIT + 1;
+    let crowd = tether_server::node::hub::PRESENCE_LIMIT + 1;
     let mut members = Vec::new();
     for i in 0..crowd {
         let path = format!("/ws/rooms/crowd?name=u{i}");

@@ -8,8 +8,8 @@ use tether_server::engine::journal::{Journal, Reply, VoteWrite};
 use tether_server::engine::polls::{RedisPolls, SqlitePolls};
 use tether_server::engine::store::{Db, Store, Voter};
 use tether_server::engine::Polls;
-use tether_server::hub::Hub;
 use tether_server::metrics::Metrics;
+use tether_server::node::hub::Hub;
 
 mod common;
 

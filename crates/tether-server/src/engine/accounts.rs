@@ -6,7 +6,7 @@
 //! ([`Revocations`]), locally and, with Redis, to every node, whose connections check their
 //! own credential again and close if it was the one.
 //!
-//! Secrets are never stored, only their SHA-256 digests ([`crate::auth::digest`]); a
+//! Secrets are never stored, only their SHA-256 digests ([`crate::identity::auth::digest`]); a
 //! credential is named to people by the first 12 hex digits of its digest.
 
 use std::collections::HashMap;
@@ -804,7 +804,7 @@ mod tests {
 
     #[test]
     fn digests_go_to_hex_and_back() {
-        let d = crate::auth::digest("secret");
+        let d = crate::identity::auth::digest("secret");
         assert_eq!(unhex(&hex(&d)).as_deref(), Some(&d[..]));
         assert_eq!(credential_id(&d), hex(&d)[..12]);
         assert_eq!(unhex("abc"), None);

@@ -64,14 +64,14 @@ impl<T> Reply<T> {
 }
 
 /// New rooms one identity may start: a token bucket per user or guest address.
-pub type RoomQuota = std::sync::Arc<crate::throttle::Throttle<crate::auth::Writer>>;
+pub type RoomQuota = std::sync::Arc<crate::throttle::Throttle<crate::identity::auth::Writer>>;
 
 /// What a client past its [`RoomQuota`] is told.
 pub const ROOM_QUOTA: &str =
     "you have started too many rooms lately (rooms_per_hour): use an existing room or wait";
 
 /// A chat message to store, by the journal or by the cluster's appender (see
-/// [`crate::app::App::submit_chat`]).
+/// [`crate::node::Node::publish`]).
 #[derive(Debug)]
 pub struct ChatWrite {
     /// The room.
@@ -84,7 +84,7 @@ pub struct ChatWrite {
     /// while kept, is answered again instead of storing another.
     pub key: Option<String>,
     /// Whose budget of new rooms a message that starts one spends.
-    pub writer: crate::auth::Writer,
+    pub writer: crate::identity::auth::Writer,
     /// Where the stored message (or the failure) goes.
     pub reply: Reply<ChatMessage>,
 }
@@ -305,7 +305,7 @@ impl Writer {
                             continue;
                         }
                         // A room with members here was paid for by its first member
-                        // (`App::may_join_room`); one without is started by this message.
+                        // (`Node::may_join_room`); one without is started by this message.
                         if !self.hub.has_room(room)
                             && self
                                 .room_quota

@@ -1,5 +1,5 @@
 //! The engine seam: what the server asks of the place its state lives. One implementation per
-//! deployment is chosen once, at startup ([`crate::serve`]): [`embedded::Embedded`] keeps
+//! deployment is chosen once, at startup ([`crate::endpoints::serve`]): [`embedded::Embedded`] keeps
 //! everything in this process and its SQLite file, and the Redis one ([`redis::Cluster`])
 //! shares it with every node. Handlers and sessions call the traits, never asking which one
 //! runs. This file holds the traits; each implementation lives in a module of its own below
@@ -149,7 +149,7 @@ pub enum Reach {
 }
 
 /// Names held by one holder across nodes. This node's own holds are in
-/// [`crate::guests::Nicknames`], taken first; a lease extends one to every node.
+/// [`crate::identity::guests::Nicknames`], taken first; a lease extends one to every node.
 pub trait Leases: Send + Sync + std::fmt::Debug {
     /// Claims `name` for `holder` on every node: `false` when another holder has it.
     ///

@@ -432,7 +432,7 @@ pub struct Cluster {
     /// Users of each local room present on other nodes, with the nodes they are on.
     remote: Mutex<HashMap<String, BTreeMap<String, BTreeSet<String>>>>,
     /// This node's guest nicknames, kept claimed in Redis.
-    nicknames: std::sync::OnceLock<Arc<crate::guests::Nicknames>>,
+    nicknames: std::sync::OnceLock<Arc<crate::identity::guests::Nicknames>>,
     listening: Mutex<Listening>,
     /// What this node knows of the rooms in Redis, under an epoch.
     admitted: Mutex<Known>,
@@ -704,7 +704,7 @@ impl Cluster {
     ) -> Result<(String, Vec<bool>), StoreError> {
         let known = self.hub.epoch();
         // Each new room once, with the quota token of its first sender: a room with members
-        // here was paid for by its first member (`App::may_join_room`), and a user's
+        // here was paid for by its first member (`Node::may_join_room`), and a user's
         // notification stream is no room anyone starts (nor listed).
         let now = std::time::Instant::now();
         let mut rooms: Vec<(&str, bool)> = Vec::new();
@@ -906,7 +906,7 @@ impl Cluster {
 
     /// Shares this node's guest nicknames with the cluster: names it stops using are released
     /// in Redis. What Redis holds of them is checked when the node (re)joins the cluster.
-    pub fn follow_nicknames(self: &Arc<Self>, nicknames: Arc<crate::guests::Nicknames>) {
+    pub fn follow_nicknames(self: &Arc<Self>, nicknames: Arc<crate::identity::guests::Nicknames>) {
         let _ = self.nicknames.set(nicknames.clone());
         // Bounded: a release that does not fit is made when the node next reconciles.
         let (released, mut releases) = mpsc::channel::<(String, String)>(4096);

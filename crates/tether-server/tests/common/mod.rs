@@ -128,7 +128,7 @@ impl Setup {
 
     /// Adds a user where the server will look for it.
     pub async fn add_user(&self, name: &str, password: &str) {
-        let hash = tether_server::auth::hash_password(password).unwrap();
+        let hash = tether_server::identity::auth::hash_password(password).unwrap();
         self.accounts().add_user(name, &hash).await.unwrap();
     }
 }
@@ -220,7 +220,7 @@ pub async fn http_from(
 }
 
 pub async fn add_user(data: &Path, name: &str, password: &str) {
-    let hash = tether_server::auth::hash_password(password).unwrap();
+    let hash = tether_server::identity::auth::hash_password(password).unwrap();
     tether_server::engine::store::Store::open(data)
         .unwrap()
         .add_user(name, &hash)

@@ -24,14 +24,13 @@ use std::task::{Context, Poll, Waker};
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use serde_json::value::RawValue;
 use tether::Prepared;
 use tokio::sync::mpsc;
 
 use crate::engine::local::{Change, Local, Member, Sender, Shared, MAX_INFOS};
 use crate::metrics::Metrics;
-use crate::wire::{self, is_personal, ChatMessage};
+use crate::wire::{self, channels, encode, is_personal, rooms, ChatMessage};
 
 /// One event queued for a connection. `id` is the chat message id (0 for other events), so a
 /// joining connection can skip live messages that its history already held.
@@ -719,106 +718,6 @@ pub struct Joined {
     pub users: usize,
 }
 
-#[derive(Serialize)]
-#[serde(tag = "type", rename = "presence")]
-struct Presence<'a> {
-    room: &'a str,
-    user: &'a str,
-    event: &'static str,
-    count: usize,
-}
-
-#[derive(Serialize)]
-#[serde(tag = "type", rename = "broadcast")]
-struct Broadcast<'a> {
-    user: &'a str,
-    text: &'a str,
-    ts: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(tag = "type", rename = "counts")]
-struct Counts<'a> {
-    id: i64,
-    counts: &'a BTreeMap<String, u64>,
-    total: u64,
-}
-
-/// The channel protocol's pushes (docs/protocol.md), as the hub fans them out.
-pub mod push {
-    use serde::Serialize;
-
-    /// A publication: `{"type": "pub", …}`.
-    #[derive(Serialize)]
-    #[serde(tag = "type", rename = "pub")]
-    pub struct Publication<'a, D: Serialize> {
-        /// Its channel.
-        pub channel: &'a str,
-        /// Its offset in the channel's stream (absent for channels without one).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub offset: Option<u64>,
-        /// Who published it (absent for the server).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub user: Option<&'a str>,
-        /// The publisher was a guest, not a registered user (absent when not).
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        pub guest: bool,
-        /// When it was stored or sent.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub ts: Option<&'a str>,
-        /// What was published.
-        pub data: D,
-    }
-
-    /// A user's first connection subscribed, or its last one left: `{"type": "join"|"leave", …}`.
-    #[derive(Serialize)]
-    pub struct Presence<'a> {
-        /// `join` or `leave`.
-        #[serde(rename = "type")]
-        pub kind: &'static str,
-        /// The channel.
-        pub channel: &'a str,
-        /// Who.
-        pub user: &'a str,
-        /// Users in the channel now.
-        pub count: usize,
-        /// The public information of the connection that joined, if it attached some.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub info: Option<&'a serde_json::value::RawValue>,
-    }
-
-    /// The channel name of a room, or of a user's notifications (`user:NAME`, kept as the
-    /// stream [`crate::wire::personal`] names).
-    pub fn room_channel(room: &str) -> String {
-        match room.strip_prefix(crate::wire::PERSONAL) {
-            Some(user) => format!("user:{user}"),
-            None => format!("room:{room}"),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Text<'a> {
-    text: &'a str,
-}
-
-#[derive(Serialize)]
-struct Created<'a> {
-    created: &'a wire::Poll,
-}
-
-#[derive(Serialize)]
-struct CountsData<'a> {
-    counts: &'a BTreeMap<String, u64>,
-    total: u64,
-}
-
-/// Serializes an event once into a text message that many connections can share.
-pub fn encode(event: &impl Serialize) -> Arc<Prepared> {
-    let json = serde_json::to_string(event).expect("events serialize");
-    Arc::new(Prepared::text(json))
-}
-
 /// A presence change in `format`.
 fn presence(
     format: Format,
@@ -830,15 +729,15 @@ fn presence(
 ) -> Arc<Prepared> {
     let kind = if join { "join" } else { "leave" };
     match format {
-        Format::Room => encode(&Presence {
+        Format::Room => encode(&rooms::Presence {
             room,
             user,
             event: kind,
             count,
         }),
-        Format::Channels => encode(&push::Presence {
+        Format::Channels => encode(&channels::Presence {
             kind,
-            channel: &push::room_channel(room),
+            channel: &channels::room_channel(room),
             user,
             count,
             info,
@@ -1082,16 +981,7 @@ impl Hub {
         state.position = message.id;
         let encode = |f: Format| match f {
             Format::Room => encode(message),
-            Format::Channels => encode(&push::Publication {
-                channel: &push::room_channel(&message.room),
-                offset: Some(message.id),
-                user: Some(&message.user),
-                guest: message.guest,
-                ts: Some(&message.ts),
-                data: Text {
-                    text: &message.text,
-                },
-            }),
+            Format::Channels => channels::publication(message),
         };
         let event = Fan {
             id: message.id,
@@ -1104,14 +994,14 @@ impl Hub {
     /// channel protocol (on its `broadcast` channel); returns how many it reached.
     pub fn broadcast(&self, user: &str, text: &str, ts: &str) -> usize {
         let encode = |f: Format| match f {
-            Format::Room => encode(&Broadcast { user, text, ts }),
-            Format::Channels => encode(&push::Publication {
+            Format::Room => encode(&rooms::Broadcast { user, text, ts }),
+            Format::Channels => encode(&channels::Publication {
                 channel: "broadcast",
                 offset: None,
                 user: Some(user),
                 guest: false,
                 ts: Some(ts),
-                data: Text { text },
+                data: channels::Text { text },
             }),
         };
         let event = Fan {
@@ -1395,13 +1285,13 @@ impl Hub {
     /// Tells the `polls` channel's subscribers of a new poll; returns how many it reached.
     pub fn poll_created(&self, poll: &wire::Poll) -> usize {
         let encode = |_: Format| {
-            encode(&push::Publication {
+            encode(&channels::Publication {
                 channel: "polls",
                 offset: None,
                 user: None,
                 guest: false,
                 ts: None,
-                data: Created { created: poll },
+                data: channels::Created { created: poll },
             })
         };
         let event = Fan {
@@ -1419,18 +1309,18 @@ impl Hub {
         };
         let total = counts.values().sum();
         let encode = |f: Format| match f {
-            Format::Room => encode(&Counts {
+            Format::Room => encode(&rooms::Counts {
                 id: poll,
                 counts,
                 total,
             }),
-            Format::Channels => encode(&push::Publication {
+            Format::Channels => encode(&channels::Publication {
                 channel: &format!("poll:{poll}"),
                 offset: None,
                 user: None,
                 guest: false,
                 ts: None,
-                data: CountsData { counts, total },
+                data: channels::Counts { counts, total },
             }),
         };
         let event = Fan {

@@ -1,24 +1,28 @@
-//! The WebSocket sessions: a chat room member, a poll watcher, the echo endpoint.
+//! Per connection: the WebSocket sessions of a chat room member, a poll watcher and the echo
+//! endpoint, what every session shares, and the channel protocol of `/ws` ([`channels`]).
 //!
 //! Each session is one task running one loop over three sources, in this priority: the hub's
 //! verdict that the connection fell behind (close 1013), the server's shutdown (close 1001),
 //! events queued for it (written in batches: everything queued goes out in one flush), and
 //! the client's messages (rate-limited, then handed to the journal).
 
+pub mod channels;
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tether::upgrade::UpgradedWebSocket;
 use tether::{CloseCode, CloseFrame, Message, Prepared};
 
-use crate::app::{App, Credential, Slot};
-use crate::auth::Identity;
 use crate::engine::journal::{ChatWrite, Reply, VoteWrite};
 use crate::engine::store::{ChatMessage, Poll, StoreError, Voter};
-use crate::hub::{encode, Subscription, Verdict};
-use crate::sessions::Turn;
+use crate::identity::auth::Identity;
+use crate::node::hub::{Subscription, Verdict};
+use crate::node::wakers::Turn;
+use crate::node::{Credential, Node, Slot};
+use crate::wire::encode;
+use crate::wire::rooms::{self, ChatIn, PollState, Ready, VoteIn, Welcome};
 use futures_util::{Sink as _, Stream as _, StreamExt as _};
 use std::future::Future as _;
 use std::task::Context;
@@ -69,52 +73,8 @@ fn since_start() -> u64 {
     u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-#[derive(Serialize)]
-#[serde(tag = "type", rename = "welcome")]
-struct Welcome<'a> {
-    room: &'a str,
-    user: &'a str,
-    guest: bool,
-    members: &'a [String],
-    /// The epoch of the room's stream of ids: a client resumes with it and `since`.
-    epoch: &'a str,
-    /// Only when the client asked to resume: whether exactly the messages after its `since`
-    /// follow. `false`: what it holds is stale (another epoch, a position the room never
-    /// reached, or messages no longer kept); the recent history follows instead.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    recovered: Option<bool>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    truncated: bool,
-}
-
-#[derive(Serialize)]
-#[serde(tag = "type", rename = "ready")]
-struct Ready<'a> {
-    last_id: u64,
-    epoch: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(tag = "type", rename = "poll")]
-struct PollState<'a> {
-    poll: &'a Poll,
-    vote: Option<&'a str>,
-}
-
-#[derive(Deserialize)]
-struct ChatIn {
-    text: String,
-    /// An idempotency key: sending again with it cannot store the message twice.
-    key: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct VoteIn {
-    vote: String,
-}
-
 fn error_event(text: &str) -> Arc<Prepared> {
-    encode(&serde_json::json!({"type": "error", "error": text}))
+    encode(&rooms::Error { error: text })
 }
 
 /// Who a session serves: the identity, the credential that proves it (a guest has none, and
@@ -131,7 +91,7 @@ pub struct Member {
     pub revocations: tokio::sync::watch::Receiver<u64>,
     /// Whose budget its messages spend, over all its connections: the user, or a guest's
     /// address.
-    pub writer: crate::auth::Writer,
+    pub writer: crate::identity::auth::Writer,
     /// Whether its transport takes writes from the hub's drainer threads as they come: plain
     /// HTTP/1.1 over TCP (TLS may need to read before it can write; HTTP/2 writes through
     /// its connection's task).
@@ -142,7 +102,7 @@ pub struct Member {
 #[derive(Clone)]
 struct Target {
     /// Whose budget its messages spend, over all its connections.
-    writer: crate::auth::Writer,
+    writer: crate::identity::auth::Writer,
     /// Where the client's messages go.
     place: Place,
 }
@@ -187,7 +147,7 @@ pub struct Resume {
 /// the previous one is written: a client that does not read holds one page and the socket's
 /// write buffer, not the whole history, and the write timeout ends it.
 pub fn room(
-    app: Arc<App>,
+    node: Arc<Node>,
     ws: UpgradedWebSocket,
     slot: Slot,
     room: String,
@@ -197,8 +157,8 @@ pub fn room(
     // An idle member's session is its live loop and little else. The join runs in an
     // allocation of its own, freed before the member goes live; the arguments go straight
     // into it (an `async fn` would keep a copy of them in its state for the whole session).
-    let join = Box::pin(join_room(app.clone(), ws, slot, room, member, resume));
-    RoomSession::Joining(app, join)
+    let join = Box::pin(join_room(node.clone(), ws, slot, room, member, resume));
+    RoomSession::Joining(node, join)
 }
 
 /// A room member's session: the join, then the live loop in the same allocation.
@@ -206,7 +166,7 @@ pub fn room(
 #[allow(clippy::large_enum_variant)]
 enum RoomSession {
     Joining(
-        Arc<App>,
+        Arc<Node>,
         std::pin::Pin<Box<dyn std::future::Future<Output = Option<Live>> + Send>>,
     ),
     Live(Pump),
@@ -218,9 +178,9 @@ impl std::future::Future for RoomSession {
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<()> {
         loop {
             match &mut *self {
-                RoomSession::Joining(app, join) => {
+                RoomSession::Joining(node, join) => {
                     match std::task::ready!(join.as_mut().poll(cx)) {
-                        Some(live) => *self = RoomSession::Live(pump(app.clone(), live)),
+                        Some(live) => *self = RoomSession::Live(pump(node.clone(), live)),
                         None => return TaskPoll::Ready(()),
                     }
                 }
@@ -248,24 +208,24 @@ struct Live {
 /// the session, and none for a guest).
 pub(crate) type Lost = Box<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>;
 
-/// Checks `credential` again while the session lasts (see [`App::credential_lost`]); `None`
+/// Checks `credential` again while the session lasts (see [`Node::credential_lost`]); `None`
 /// for a guest, whose session then holds no timer.
 pub(crate) fn check_credential(
-    app: &Arc<App>,
+    node: &Arc<Node>,
     credential: Option<Credential>,
     revocations: tokio::sync::watch::Receiver<u64>,
 ) -> Option<Lost> {
     let credential = credential?;
-    let app = app.clone();
-    let every = app.config.credential_check;
+    let node = node.clone();
+    let every = node.config.credential_check;
     Some(Box::new(Box::pin(async move {
-        app.credential_lost(credential, revocations, every).await;
+        node.credential_lost(credential, revocations, every).await;
     })))
 }
 
 /// Joins a room: welcome, history, ready; `None` when the session ended meanwhile.
 async fn join_room(
-    app: Arc<App>,
+    node: Arc<Node>,
     mut ws: UpgradedWebSocket,
     slot: Slot,
     room: String,
@@ -282,7 +242,7 @@ async fn join_room(
     tracing::debug!(%room, user = who.name(), since = ?resume.since, epoch = ?resume.epoch, "joining");
     // Joining a room nobody is in and nobody wrote to brings it into being: that is paid for
     // as starting one, whichever endpoint it comes through.
-    if let Err(e) = app.may_join_room(&room, &writer).await {
+    if let Err(e) = node.may_join_room(&room, &writer).await {
         let (code, why) = match &e {
             StoreError::Limit(why) => (CloseCode::POLICY_VIOLATION, why.as_str()),
             other => {
@@ -292,32 +252,32 @@ async fn join_room(
         };
         tracing::debug!(%room, user = who.name(), why, "room not joined");
         let _ = ws.feed_prepared(&error_event(why)).await;
-        close(&app, &mut ws, code, "room not joined").await;
+        close(&node, &mut ws, code, "room not joined").await;
         return None;
     }
     let joining = async {
         // The epoch first: should storage have a new one, the hub resets the room before
         // this member is in it, not after.
-        let mut epoch = current_epoch(&app).await?;
-        let joined = app.hub.join(&room, who.name());
-        let now = app.hub.epoch();
+        let mut epoch = current_epoch(&node).await?;
+        let joined = node.hub.join(&room, who.name());
+        let now = node.hub.epoch();
         if now != epoch {
             // Storage changed epoch between the read and the join (another task noticed):
             // this member joined after the reset, so it takes the new one.
             epoch = now;
         }
         let mut members = joined.members;
-        let listed = joined.users <= crate::hub::PRESENCE_LIMIT;
+        let listed = joined.users <= crate::node::hub::PRESENCE_LIMIT;
         if listed {
             // Members on every node.
-            if let Ok(everyone) = app.engine.presence.users(&room).await {
+            if let Ok(everyone) = node.users_elsewhere(&room).await {
                 members.extend(everyone);
                 members.sort();
                 members.dedup();
             }
         }
         let same_epoch = resume.epoch.as_deref().is_none_or(|e| e == epoch);
-        let plan = plan_replay(&app, &room, resume.since, same_epoch).await?;
+        let plan = plan_replay(&node, &room, resume.since, same_epoch).await?;
         Ok::<_, StoreError>((epoch, joined.subscription, members, plan))
     };
     let (epoch, sub, members, plan) = match joining.await {
@@ -325,7 +285,7 @@ async fn join_room(
         Err(e) => {
             tracing::error!(error = %e, %room, "loading history failed");
             close(
-                &app,
+                &node,
                 &mut ws,
                 CloseCode::INTERNAL_ERROR,
                 "history unavailable",
@@ -352,19 +312,19 @@ async fn join_room(
     let mut high = plan.start;
     let mut replayed = 0;
     loop {
-        if let Some(end) = write_all(&app, &mut ws, &mut batch, &sub.outbox, judged).await {
-            finish(&app, ws, slot, sub, end, who.name()).await;
+        if let Some(end) = write_all(&node, &mut ws, &mut batch, &sub.outbox, judged).await {
+            finish(&node, ws, slot, sub, end, who.name()).await;
             return None;
         }
         if high >= plan.end {
             break;
         }
-        let page = match read_page(&app, &room, high, plan.end).await {
+        let page = match read_page(&node, &room, high, plan.end).await {
             Ok(page) => page,
             Err(e) => {
                 tracing::error!(error = %e, %room, "loading history failed");
                 let end = End::Close(CloseCode::INTERNAL_ERROR, "history unavailable");
-                finish(&app, ws, slot, sub, end, who.name()).await;
+                finish(&node, ws, slot, sub, end, who.name()).await;
                 return None;
             }
         };
@@ -376,7 +336,7 @@ async fn join_room(
         batch.extend(page.iter().map(encode));
     }
     tracing::debug!(%room, user = who.name(), replayed, last_id = high, "joined");
-    app.hub.advance(&room, high);
+    node.hub.advance(&room, high);
     let target = Target {
         writer,
         place: Place::Room,
@@ -386,7 +346,7 @@ async fn join_room(
         epoch: &epoch,
     })];
     Some(Live {
-        lost: check_credential(&app, credential, revocations),
+        lost: check_credential(&node, credential, revocations),
         ws,
         slot,
         sub,
@@ -473,51 +433,50 @@ impl ReplayPlan {
 }
 
 /// The rooms' epoch in storage.
-pub(crate) async fn current_epoch(app: &App) -> Result<String, StoreError> {
-    app.engine.broker.epoch().await
+pub(crate) async fn current_epoch(node: &Node) -> Result<String, StoreError> {
+    node.epoch().await
 }
 
 pub(crate) async fn plan_replay(
-    app: &App,
+    node: &Node,
     room: &str,
     since: Option<u64>,
     same_epoch: bool,
 ) -> Result<ReplayPlan, StoreError> {
-    let (first, last) = app.engine.broker.bounds(room).await?;
-    Ok(ReplayPlan::new(since, same_epoch, first, last, &app.config))
+    let (first, last) = node.bounds(room).await?;
+    Ok(ReplayPlan::new(
+        since,
+        same_epoch,
+        first,
+        last,
+        &node.config,
+    ))
 }
 
 /// The next page of history: messages with `after < id <= end`, oldest first.
 pub(crate) async fn read_page(
-    app: &App,
+    node: &Node,
     room: &str,
     after: u64,
     end: u64,
 ) -> Result<Vec<ChatMessage>, StoreError> {
-    let mut page = app
-        .engine
-        .broker
-        .history(room, after, end, REPLAY_PAGE)
-        .await?;
+    let mut page = node.history(room, after, end, REPLAY_PAGE).await?;
     page.retain(|m| m.id > after && m.id <= end);
     Ok(page)
 }
 
 /// Poll `id` as stored now (`None` when there is no such poll), and `voter`'s vote in it.
 pub(crate) async fn poll_state(
-    app: &App,
+    node: &Node,
     id: i64,
     voter: Option<&Voter>,
 ) -> Result<(Option<Poll>, Option<String>), StoreError> {
-    app.engine
-        .polls
-        .poll(id, voter.map(|v| v.key.as_str()))
-        .await
+    node.poll(id, voter.map(|v| v.key.as_str())).await
 }
 
 /// Runs a poll watcher: the poll and this user's vote, then live counts and the user's votes.
 pub async fn poll(
-    app: Arc<App>,
+    node: Arc<Node>,
     mut ws: UpgradedWebSocket,
     slot: Slot,
     poll: Poll,
@@ -531,15 +490,21 @@ pub async fn poll(
         writer,
         ..
     } = member;
-    let sub = app.hub.watch_poll(poll.id, who.name());
+    let sub = node.hub.watch_poll(poll.id, who.name());
     let id = poll.id;
-    let state = poll_state(&app, id, voter.as_ref()).await;
+    let state = poll_state(&node, id, voter.as_ref()).await;
     let (poll, vote) = match state {
         Ok((Some(p), vote)) => (p, vote),
         Ok((None, _)) => (poll, None),
         Err(e) => {
             tracing::error!(error = %e, poll = id, "loading a poll failed");
-            close(&app, &mut ws, CloseCode::INTERNAL_ERROR, "poll unavailable").await;
+            close(
+                &node,
+                &mut ws,
+                CloseCode::INTERNAL_ERROR,
+                "poll unavailable",
+            )
+            .await;
             return;
         }
     };
@@ -552,7 +517,7 @@ pub async fn poll(
         place: Place::Poll(Box::new(PollPlace { id: poll.id, voter })),
     };
     let live = Live {
-        lost: check_credential(&app, credential, revocations),
+        lost: check_credential(&node, credential, revocations),
         ws,
         slot,
         sub,
@@ -561,18 +526,18 @@ pub async fn poll(
         high: 0,
     };
     // Boxed in a statement of its own, so that the loading above takes no room beside it.
-    let live = Box::pin(pump(app, live));
+    let live = Box::pin(pump(node, live));
     live.await;
 }
 
 /// Echoes every text and binary message until the client closes or the server shuts down.
 pub fn echo(
-    app: Arc<App>,
+    node: Arc<Node>,
     ws: UpgradedWebSocket,
     slot: Slot,
 ) -> impl std::future::Future<Output = ()> + Send {
     Echo::Open(EchoSession {
-        app: Registered { app, key: None },
+        node: Registered { node, key: None },
         ws,
         slot,
         turn: Turn::default(),
@@ -593,7 +558,7 @@ enum Echo {
 }
 
 struct EchoSession {
-    app: Registered,
+    node: Registered,
     ws: UpgradedWebSocket,
     slot: Slot,
     turn: Turn,
@@ -645,17 +610,17 @@ impl Stall {
     }
 }
 
-/// The app, and the key of the session's waker among those woken at shutdown (the hub does
+/// The node, and the key of the session's waker among those woken at shutdown (the hub does
 /// not know an echo session); the waker is forgotten when this is dropped.
 struct Registered {
-    app: Arc<App>,
+    node: Arc<Node>,
     key: Option<u64>,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
         if let Some(key) = self.key {
-            self.app.wakers.remove(key);
+            self.node.wakers.remove(key);
         }
     }
 }
@@ -663,13 +628,13 @@ impl Drop for Registered {
 impl EchoSession {
     /// Echoes until the session must end.
     fn poll_echo(&mut self, cx: &mut Context<'_>) -> TaskPoll<End> {
-        if self.app.key.is_none() {
-            self.app.key = Some(self.app.app.wakers.insert(cx.waker()));
+        if self.node.key.is_none() {
+            self.node.key = Some(self.node.node.wakers.insert(cx.waker()));
         }
-        let app = &self.app.app;
+        let node = &self.node.node;
         let mut ws = std::pin::Pin::new(&mut self.ws);
         loop {
-            if app.is_shutting_down() {
+            if node.is_shutting_down() {
                 return TaskPoll::Ready(End::Close(CloseCode::GOING_AWAY, "server shutting down"));
             }
             // Over the write budget, what waits is written out before more is read: a
@@ -686,8 +651,8 @@ impl EchoSession {
             match ws.as_mut().poll_next(cx) {
                 TaskPoll::Ready(Some(Ok(msg))) if msg.is_data() => {
                     let len = msg.as_payload().len();
-                    count_in(app, len);
-                    app.metrics.sent(len);
+                    count_in(node, len);
+                    node.metrics.sent(len);
                     if ws.as_mut().start_send(msg).is_err() {
                         return TaskPoll::Ready(End::Gone);
                     }
@@ -713,10 +678,10 @@ impl EchoSession {
 
     /// Bytes wait for the client: it must take some within the write timeout.
     fn poll_stall(&mut self, cx: &mut Context<'_>) -> TaskPoll<End> {
-        let timeout = self.app.app.config.write_timeout;
+        let timeout = self.node.node.config.write_timeout;
         let queued = self.ws.queued_len();
         std::task::ready!(self.stall.poll(cx, timeout, queued, 0));
-        TaskPoll::Ready(stalled(&self.app.app))
+        TaskPoll::Ready(stalled(&self.node.node))
     }
 }
 
@@ -733,12 +698,12 @@ impl std::future::Future for Echo {
                     };
                     if let End::Close(code, reason) = end {
                         let EchoSession {
-                            app, mut ws, slot, ..
+                            node, mut ws, slot, ..
                         } = session;
                         *self = Echo::Closing(Box::pin(async move {
-                            close(&app.app, &mut ws, code, reason).await;
+                            close(&node.node, &mut ws, code, reason).await;
                             drop(slot);
-                            drop(app);
+                            drop(node);
                         }));
                     }
                 }
@@ -761,11 +726,11 @@ pub(crate) fn unbox<T>(boxed: Box<T>) -> T {
 }
 
 /// Resolves once the server is shutting down. It registers no waker: when shutdown begins,
-/// every session is polled ([`crate::sessions::Sessions::wake_all`]), so an idle one holds
+/// every session is polled ([`crate::node::wakers::Sessions::wake_all`]), so an idle one holds
 /// nothing for it.
-pub(crate) fn shutting_down(app: &App) -> impl std::future::Future<Output = ()> + '_ {
+pub(crate) fn shutting_down(node: &Node) -> impl std::future::Future<Output = ()> + '_ {
     std::future::poll_fn(move |_| {
-        if app.is_shutting_down() {
+        if node.is_shutting_down() {
             TaskPoll::Ready(())
         } else {
             TaskPoll::Pending
@@ -773,9 +738,9 @@ pub(crate) fn shutting_down(app: &App) -> impl std::future::Future<Output = ()> 
     })
 }
 
-pub(crate) fn count_in(app: &App, len: usize) {
-    app.metrics.messages_in.fetch_add(1, Relaxed);
-    app.metrics.bytes_in.fetch_add(len as u64, Relaxed);
+pub(crate) fn count_in(node: &Node, len: usize) {
+    node.metrics.messages_in.fetch_add(1, Relaxed);
+    node.metrics.bytes_in.fetch_add(len as u64, Relaxed);
 }
 
 /// What the sessions write through: an upgraded socket, owned whole or shared with the hub's
@@ -839,19 +804,19 @@ macro_rules! socket {
 socket!(UpgradedWebSocket);
 socket!(tether::SharedWebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>);
 
-pub(crate) async fn close(app: &App, ws: &mut impl Socket, code: CloseCode, reason: &str) {
+pub(crate) async fn close(node: &Node, ws: &mut impl Socket, code: CloseCode, reason: &str) {
     let frame = CloseFrame {
         code,
         reason: reason.to_owned(),
     };
     // The close waits for the peer's Close up to close_timeout; a peer that stopped reading
     // may never let our Close out, so bound the whole attempt.
-    let limit = app.ws_config.close_timeout + Duration::from_secs(1);
+    let limit = node.ws_config.close_timeout + Duration::from_secs(1);
     let _ = tokio::time::timeout(limit, ws.close(Some(frame))).await;
 }
 
 /// Writes `first`, then events and the client's messages until one side ends.
-fn pump(app: Arc<App>, live: Live) -> Pump {
+fn pump(node: Arc<Node>, live: Live) -> Pump {
     let Live {
         ws,
         slot,
@@ -862,8 +827,8 @@ fn pump(app: Arc<App>, live: Live) -> Pump {
         lost,
     } = live;
     Pump::Live(LiveLoop {
-        limit: RateLimit::new(app.config.message_rate),
-        app,
+        limit: RateLimit::new(node.config.message_rate),
+        node,
         ws,
         slot,
         sub,
@@ -892,7 +857,7 @@ enum Pump {
 }
 
 struct LiveLoop {
-    app: Arc<App>,
+    node: Arc<Node>,
     ws: UpgradedWebSocket,
     slot: Slot,
     sub: Subscription,
@@ -933,7 +898,7 @@ impl LiveLoop {
             }
             let woke = wait(
                 cx,
-                &self.app,
+                &self.node,
                 &self.sub,
                 &mut self.lost,
                 &mut self.ws,
@@ -966,25 +931,25 @@ impl LiveLoop {
             Ok(false) => {}
         }
         if let TaskPoll::Ready(verdict) = self.sub.outbox.poll_verdict(cx) {
-            return TaskPoll::Ready(Err(judged(&self.app, verdict)));
+            return TaskPoll::Ready(Err(judged(&self.node, verdict)));
         }
-        if self.app.is_shutting_down() {
+        if self.node.is_shutting_down() {
             let end = End::Close(CloseCode::GOING_AWAY, "server shutting down");
             return TaskPoll::Ready(Err(end));
         }
-        let timeout = self.app.config.write_timeout;
+        let timeout = self.node.config.write_timeout;
         let (queued, waiting) = (self.ws.queued_len(), self.batch.len());
         std::task::ready!(self.stall.poll(cx, timeout, queued, waiting));
-        TaskPoll::Ready(Err(stalled(&self.app)))
+        TaskPoll::Ready(Err(stalled(&self.node)))
     }
 
     /// Takes what the client sent; `Some` when the session must end.
     fn take(&mut self, incoming: Option<tether::Result<Message>>) -> Option<End> {
         match incoming {
             Some(Ok(Message::Text(text))) => {
-                count_in(&self.app, text.len());
-                if !self.limit.allow(self.app.config.message_rate) {
-                    self.app.metrics.rate_limited.fetch_add(1, Relaxed);
+                count_in(&self.node, text.len());
+                if !self.limit.allow(self.node.config.message_rate) {
+                    self.node.metrics.rate_limited.fetch_add(1, Relaxed);
                     tracing::warn!(user = self.sub.user(), "message rate limit exceeded");
                     let end =
                         End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
@@ -992,16 +957,16 @@ impl LiveLoop {
                 }
                 // The same person over several connections: the message is refused, the
                 // connections stay (none of them alone went too fast).
-                if !self.app.spend_socket_message(&self.target.writer) {
+                if !self.node.spend_socket_message(&self.target.writer) {
                     self.batch
-                        .push(error_event(crate::app::IDENTITY_RATE_REFUSAL));
+                        .push(error_event(crate::node::IDENTITY_RATE_REFUSAL));
                     return None;
                 }
-                let (app, target) = (self.app.clone(), self.target.clone());
+                let (node, target) = (self.node.clone(), self.target.clone());
                 let room = self.sub.room().map(str::to_owned);
                 let (user, sender) = (self.sub.user().to_owned(), self.sub.sender());
                 self.handling = Some(Box::new(Box::pin(async move {
-                    handle(&app, &target, room, user, &text, sender).await
+                    handle(&node, &target, room, user, &text, sender).await
                 })));
                 None
             }
@@ -1031,11 +996,15 @@ impl std::future::Future for Pump {
                         unreachable!("the session was live");
                     };
                     let LiveLoop {
-                        app, ws, slot, sub, ..
+                        node,
+                        ws,
+                        slot,
+                        sub,
+                        ..
                     } = live;
                     *self = Pump::Ending(Box::pin(async move {
                         let user = sub.user().to_owned();
-                        finish(&app, ws, slot, sub, end, &user).await;
+                        finish(&node, ws, slot, sub, end, &user).await;
                     }));
                 }
                 Pump::Ending(ending) => {
@@ -1064,7 +1033,7 @@ enum Woke {
 /// and nothing else.
 fn wait(
     cx: &mut Context<'_>,
-    app: &App,
+    node: &Node,
     sub: &Subscription,
     lost: &mut Option<Lost>,
     ws: &mut UpgradedWebSocket,
@@ -1072,9 +1041,9 @@ fn wait(
     high: u64,
 ) -> TaskPoll<Woke> {
     if let TaskPoll::Ready(verdict) = sub.outbox.poll_verdict(cx) {
-        return TaskPoll::Ready(Woke::End(judged(app, verdict)));
+        return TaskPoll::Ready(Woke::End(judged(node, verdict)));
     }
-    if app.is_shutting_down() {
+    if node.is_shutting_down() {
         let end = End::Close(CloseCode::GOING_AWAY, "server shutting down");
         return TaskPoll::Ready(Woke::End(end));
     }
@@ -1145,11 +1114,11 @@ async fn at_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
 /// either, so the connection is just dropped). `judge` turns the hub's verdict into the
 /// session's end, in the close codes of its protocol.
 pub(crate) async fn write_all(
-    app: &App,
+    node: &Node,
     ws: &mut impl Socket,
     batch: &mut Vec<Arc<Prepared>>,
-    outbox: &crate::hub::Outbox,
-    judge: fn(&App, Verdict) -> End,
+    outbox: &crate::node::hub::Outbox,
+    judge: fn(&Node, Verdict) -> End,
 ) -> Option<End> {
     if batch.is_empty() && ws.queued_len() == 0 {
         return None;
@@ -1157,7 +1126,7 @@ pub(crate) async fn write_all(
     // The deadline runs only while nothing moves: each message must find room in the write
     // buffer, and the flush must shrink what is queued, within the write timeout. A slow
     // reader keeps going; one that accepts nothing is dropped.
-    let timeout = app.config.write_timeout;
+    let timeout = node.config.write_timeout;
     let write = async {
         for msg in batch.drain(..) {
             // Usually there is room at once: no timer for that (fan-out feeds every message).
@@ -1169,7 +1138,7 @@ pub(crate) async fn write_all(
             match tokio::time::timeout(timeout, ws.feed_prepared(&msg)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Some(End::Gone),
-                Err(_) => return Some(stalled(app)),
+                Err(_) => return Some(stalled(node)),
             }
         }
         let mut queued = ws.queued_len();
@@ -1178,14 +1147,14 @@ pub(crate) async fn write_all(
                 Ok(Ok(())) => return None,
                 Ok(Err(_)) => return Some(End::Gone),
                 Err(_) if ws.queued_len() < queued => queued = ws.queued_len(),
-                Err(_) => return Some(stalled(app)),
+                Err(_) => return Some(stalled(node)),
             }
         }
     };
     let end = tokio::select! {
         biased;
-        verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => Some(judge(app, verdict)),
-        () = shutting_down(app) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
+        verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => Some(judge(node, verdict)),
+        () = shutting_down(node) => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down")),
         end = write => end,
     };
     batch.clear();
@@ -1194,16 +1163,16 @@ pub(crate) async fn write_all(
 
 /// A client that accepted nothing for the write timeout: counted, logged, dropped (a close
 /// frame could not reach it either).
-fn stalled(app: &App) -> End {
-    app.metrics.write_timeouts.fetch_add(1, Relaxed);
-    tracing::info!(timeout = ?app.config.write_timeout, "client accepted nothing within the write timeout: dropping it");
+fn stalled(node: &Node) -> End {
+    node.metrics.write_timeouts.fetch_add(1, Relaxed);
+    tracing::info!(timeout = ?node.config.write_timeout, "client accepted nothing within the write timeout: dropping it");
     End::Gone
 }
 
 /// Ends a session: leaves the hub, sends the close frame if there is one to send, frees the
 /// connection's slot.
 async fn finish(
-    app: &App,
+    node: &Node,
     mut ws: UpgradedWebSocket,
     mut slot: Slot,
     sub: Subscription,
@@ -1218,17 +1187,17 @@ async fn finish(
         End::Gone => tracing::debug!(user, "session ended"),
         End::Close(code, reason) => {
             tracing::debug!(user, code = code.0, reason, "closing session");
-            close(app, &mut ws, code, reason).await;
+            close(node, &mut ws, code, reason).await;
         }
     }
     drop(slot);
 }
 
 /// How a session ends on the hub's verdict.
-fn judged(app: &App, verdict: Verdict) -> End {
+fn judged(node: &Node, verdict: Verdict) -> End {
     match verdict {
         Verdict::Slow => {
-            app.metrics.slow_consumers.fetch_add(1, Relaxed);
+            node.metrics.slow_consumers.fetch_add(1, Relaxed);
             End::Close(CloseCode::TRY_AGAIN_LATER, "slow consumer: too far behind")
         }
         Verdict::Reset => End::Close(
@@ -1240,12 +1209,12 @@ fn judged(app: &App, verdict: Verdict) -> End {
 
 /// Hands a client's message to the journal; returns an error event for the client, if any.
 async fn handle(
-    app: &App,
+    node: &Node,
     target: &Target,
     room: Option<String>,
     user: String,
     text: &str,
-    sender: Arc<crate::hub::Outbox>,
+    sender: Arc<crate::node::hub::Outbox>,
 ) -> Option<Arc<Prepared>> {
     let job = match target {
         Target {
@@ -1260,11 +1229,14 @@ async fn handle(
                         "expected {\"text\": \"...\"}, or plain text that does not start with {",
                     )),
                 };
-            if let Some(problem) = app.text_problem(&text) {
+            if let Some(problem) = node.text_problem(&text) {
                 return Some(error_event(&problem));
             }
-            if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {
-                return Some(error_event(crate::auth::KEY_RULE));
+            if key
+                .as_deref()
+                .is_some_and(|k| !crate::identity::auth::valid_key(k))
+            {
+                return Some(error_event(crate::identity::auth::KEY_RULE));
             }
             // Stored, then delivered to the room, this member included; a failure comes back
             // as an error event.
@@ -1276,7 +1248,7 @@ async fn handle(
                 writer: target.writer.clone(),
                 reply: Reply::Socket(sender.clone()),
             };
-            return match app.submit_chat(write).await {
+            return match node.publish(write).await {
                 Ok(()) => None,
                 Err(e) => Some(error_event(&format!("message not stored: {e}"))),
             };
@@ -1302,7 +1274,7 @@ async fn handle(
             }
         }
     };
-    match app.engine.polls.vote(job).await {
+    match node.vote(job).await {
         Ok(()) => None,
         Err(e) => Some(error_event(&e.to_string())),
     }

@@ -2,9 +2,9 @@
 //! socket by hand shares its thread.
 //!
 //! A session holds no future for shutdown (a `watch` wait took 176 bytes of every idle
-//! session). Shutdown sets [`App::is_shutting_down`](crate::app::App::is_shutting_down) and
+//! session). Shutdown sets [`Node::is_shutting_down`](crate::node::Node::is_shutting_down) and
 //! wakes every session, which reads the flag when polled: the hub wakes the room and poll
-//! members through their outboxes ([`crate::hub::Hub::wake_all`]), and sessions the hub does
+//! members through their outboxes ([`crate::node::hub::Hub::wake_all`]), and sessions the hub does
 //! not know (echo) keep their waker in [`Wakers`].
 
 use std::collections::HashMap;

@@ -1,4 +1,10 @@
-//! The state every request handler and socket task shares.
+//! The node: the one [`Node`] every endpoint and session calls, over the engine, with the
+//! hub that fans out to this node's connections, connection slots and shutdown.
+
+mod calls;
+pub mod gate;
+pub mod hub;
+pub mod wakers;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -8,15 +14,14 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 use tokio::sync::watch;
 
-use crate::auth::{self, Identity, Writer};
 use crate::config::ServerConfig;
-use crate::engine::journal::ChatWrite;
 use crate::engine::store::{CredentialKind, StoreError};
-use crate::gate::{Full, Gate, Pass};
-use crate::guests::{NickHold, Nicknames, GUEST_COOKIE};
-use crate::hub::Hub;
+use crate::identity::auth::{self, Identity, Writer};
+use crate::identity::guests::{NickHold, Nicknames, GUEST_COOKIE};
+use crate::identity::password::PasswordChecker;
 use crate::metrics::{Metrics, Refusal};
-use crate::password::PasswordChecker;
+use crate::node::gate::{Full, Gate, Pass};
+use crate::node::hub::Hub;
 use crate::throttle::Throttle;
 
 /// The name of the session cookie.
@@ -78,7 +83,7 @@ impl Refused {
 
 /// Everything shared.
 #[derive(Debug)]
-pub struct App {
+pub struct Node {
     /// The settings.
     pub config: ServerConfig,
     /// The WebSocket settings every socket shares.
@@ -91,9 +96,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Whether the port speaks TLS.
     pub tls: bool,
-    /// Where chat streams, presence beyond this node and names across nodes live: this
-    /// process, or Redis.
-    pub engine: crate::engine::Engine,
+    /// Where every piece of state lives: this process and its SQLite file, or Redis.
+    /// Reached only through the node's calls.
+    engine: crate::engine::Engine,
     /// Password checks: a fixed pool of threads behind a bounded queue.
     pub passwords: PasswordChecker,
     /// Failed logins per address.
@@ -107,7 +112,7 @@ pub struct App {
     /// Reverse proxies allowed to name the client's address.
     pub trusted_proxies: Vec<crate::proxy::Cidr>,
     /// Sessions to wake at shutdown that the hub does not know (echo).
-    pub wakers: crate::sessions::Wakers,
+    pub wakers: crate::node::wakers::Wakers,
     shutting_down: AtomicBool,
     sockets: Arc<Gate>,
 }
@@ -150,7 +155,7 @@ pub struct Quotas {
     /// connections.
     pub socket_messages: Throttle<Writer>,
     /// Rooms brought into being, per user or guest address: by a first message, or by a
-    /// first member joining a room that has none ([`App::may_join_room`]). Shared with the
+    /// first member joining a room that has none ([`Node::may_join_room`]). Shared with the
     /// journal and the cluster's appender.
     pub rooms: crate::engine::journal::RoomQuota,
 }
@@ -188,7 +193,7 @@ impl Quotas {
 /// freed on drop.
 #[derive(Debug)]
 pub struct Slot {
-    app: Arc<App>,
+    node: Arc<Node>,
     _pass: Pass,
     nickname: Option<NickHold>,
 }
@@ -208,11 +213,11 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.app.metrics.connections.fetch_sub(1, Relaxed);
+        self.node.metrics.connections.fetch_sub(1, Relaxed);
     }
 }
 
-impl App {
+impl Node {
     /// Assembles the shared state.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -224,7 +229,7 @@ impl App {
         engine: crate::engine::Engine,
         trusted_proxies: Vec<crate::proxy::Cidr>,
         room_quota: crate::engine::journal::RoomQuota,
-    ) -> std::io::Result<Arc<App>> {
+    ) -> std::io::Result<Arc<Node>> {
         let passwords = PasswordChecker::start(config.password_threads, config.password_queue)?;
         let config_limits = (config.max_connections, config.max_connections_per_ip);
         let login_failures = Throttle::new(
@@ -238,11 +243,11 @@ impl App {
             THROTTLE_CAPACITY,
         );
         let quotas = Quotas::new(&config, room_quota);
-        Ok(Arc::new(App {
+        Ok(Arc::new(Node {
             engine,
             nicknames: Nicknames::new(),
             trusted_proxies,
-            wakers: crate::sessions::Wakers::default(),
+            wakers: crate::node::wakers::Wakers::default(),
             quotas,
             passwords,
             login_failures,
@@ -251,7 +256,7 @@ impl App {
             channels_config: Arc::new(
                 ws_config
                     .clone()
-                    .protocols(vec![crate::wire::PROTOCOL.to_owned()]),
+                    .protocols(vec![crate::wire::channels::PROTOCOL.to_owned()]),
             ),
             ws_config: Arc::new(ws_config),
             hub,
@@ -299,7 +304,7 @@ impl App {
         if crate::wire::is_personal(room) || self.hub.has_room(room) {
             return Ok(());
         }
-        if self.engine.broker.has_messages(room).await? {
+        if self.has_messages(room).await? {
             return Ok(());
         }
         if self.hub.room_count() >= self.config.max_rooms {
@@ -356,7 +361,7 @@ impl App {
         self.metrics.connections.fetch_add(1, Relaxed);
         self.metrics.connections_total.fetch_add(1, Relaxed);
         Ok(Slot {
-            app: self.clone(),
+            node: self.clone(),
             _pass: pass,
             nickname: None,
         })
@@ -379,10 +384,10 @@ impl App {
             .map(|(user, _)| user))
     }
 
-    /// [`App::user`], with the credential that proves it.
+    /// [`Node::user`], with the credential that proves it.
     ///
     /// # Errors
-    /// As [`App::user`].
+    /// As [`Node::user`].
     pub async fn user_and_credential(
         &self,
         headers: &HeaderMap,
@@ -440,16 +445,7 @@ impl App {
         )
     }
 
-    /// Queues a chat message for storing where this server keeps them: the journal (SQLite),
-    /// or Redis through the cluster's appender. The outcome goes to `write.reply`.
-    ///
-    /// # Errors
-    /// [`StoreError::Closed`] when the writer has stopped.
-    pub async fn submit_chat(&self, write: ChatWrite) -> Result<(), StoreError> {
-        self.engine.broker.publish(write).await
-    }
-
-    /// Revocations from now on, for [`App::credential_lost`]: take it before checking a
+    /// Revocations from now on, for [`Node::credential_lost`]: take it before checking a
     /// credential, so that a revocation between the check and the session is not missed.
     pub fn revocations(&self) -> watch::Receiver<u64> {
         self.engine.revocations.subscribe()
@@ -550,7 +546,7 @@ impl App {
             )
             .closing(refusal_code::NAME_REFUSED));
         }
-        match self.engine.accounts.user_named_like(name).await {
+        match self.user_named_like(name).await {
             Ok(Some(_)) => Err(Refused::new(
                 StatusCode::UNAUTHORIZED,
                 Refusal::Auth,

@@ -1,15 +1,24 @@
-//! What goes over the wire to clients, defined once at the bottom of the crate: the channel
-//! protocol's subprotocol names and the messages and polls every endpoint sends. Storage,
-//! the hub and the sessions all speak these types; none of them owns them.
+//! What goes over the wire to clients, defined once near the bottom of the crate: the
+//! messages and polls every endpoint sends (here), the channel protocol's commands, replies
+//! and pushes ([`channels`]), and the shapes of the room and poll endpoints ([`rooms`]).
+//! Storage, the hub and the sessions all speak these types; none of them owns them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tether::Prepared;
 
-/// The subprotocol a client of the channel protocol (`/ws`) must offer.
-pub const PROTOCOL: &str = "tether.v1";
-/// What every version of the channel protocol's subprotocol starts with.
-pub const FAMILY: &str = "tether.";
+pub mod channels;
+pub mod rooms;
+
+/// Serializes a message once into a text message that many connections can share.
+pub fn encode(message: &impl Serialize) -> Arc<Prepared> {
+    // The wire's types are structs of strings, numbers and JSON values: they always
+    // serialize.
+    let json = serde_json::to_string(message).expect("wire messages serialize");
+    Arc::new(Prepared::text(json))
+}
 
 /// One chat message as stored and as sent to clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

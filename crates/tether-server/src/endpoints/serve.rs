@@ -12,15 +12,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::app::App;
 use crate::config::ServerConfig;
+use crate::endpoints::http::{precheck, router, PeerAddr};
 use crate::engine::journal::Journal;
 use crate::engine::store::Db;
 use crate::engine::store::{Store, StoreError};
-use crate::gate::{Full, Gate, Pass};
-use crate::http::{precheck, router, PeerAddr};
-use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::node::gate::{Full, Gate, Pass};
+use crate::node::hub::Hub;
+use crate::node::Node;
 use crate::proxy::{client_address, is_trusted};
 
 /// Starting or running the server failed.
@@ -51,7 +51,7 @@ pub enum ServerError {
 
 /// A bound server, ready to run.
 pub struct Server {
-    app: Arc<App>,
+    node: Arc<Node>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
 }
@@ -213,7 +213,7 @@ impl Server {
                 "tokens without an expiry now expire"
             );
         }
-        let app = App::new(
+        let node = Node::new(
             config,
             ws_config,
             hub,
@@ -224,9 +224,13 @@ impl Server {
             room_quota,
         )?;
         if let Some(cluster) = &cluster {
-            cluster.follow_nicknames(app.nicknames.clone());
+            cluster.follow_nicknames(node.nicknames.clone());
         }
-        Ok(Server { app, listener, tls })
+        Ok(Server {
+            node,
+            listener,
+            tls,
+        })
     }
 
     /// The bound address.
@@ -242,7 +246,7 @@ impl Server {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         match self.local_addr() {
             Ok(addr) => format!("{scheme}://{addr}/"),
-            Err(_) => format!("{scheme}://{}/", self.app.config.listen),
+            Err(_) => format!("{scheme}://{}/", self.node.config.listen),
         }
     }
 
@@ -250,11 +254,15 @@ impl Server {
     /// with 1001, waits for them (at most the configured deadline) and for the journal to
     /// store what it holds.
     pub async fn run(self, signal: impl Future<Output = ()>) {
-        let Server { app, listener, tls } = self;
-        let router = router(app.clone());
+        let Server {
+            node,
+            listener,
+            tls,
+        } = self;
+        let router = router(node.clone());
         let http = Gate::new(
-            app.config.max_http_connections,
-            app.config.max_http_connections_per_ip,
+            node.config.max_http_connections,
+            node.config.max_http_connections_per_ip,
         );
         let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
         let mut failures = 0u32;
@@ -269,12 +277,12 @@ impl Server {
                             failures = 0;
                         }
                         // A trusted proxy carries many clients: it counts in the total only.
-                        let counted = (!is_trusted(&app.trusted_proxies, peer.ip())).then_some(peer.ip());
+                        let counted = (!is_trusted(&node.trusted_proxies, peer.ip())).then_some(peer.ip());
                         match http.enter(counted) {
                             Ok(pass) => {
                                 let router = router.clone();
                                 let tls = tls.clone();
-                                tokio::spawn(connection(stream, peer, tls, app.clone(), router, pass));
+                                tokio::spawn(connection(stream, peer, tls, node.clone(), router, pass));
                             }
                             Err(full) => refuse_connection(stream, peer, full, tls.is_none(), &refusals),
                         }
@@ -294,19 +302,19 @@ impl Server {
         }
         drop(listener);
         tracing::info!(
-            connections = app.metrics.connections.load(Relaxed),
+            connections = node.metrics.connections.load(Relaxed),
             "shutting down: closing sockets with 1001"
         );
-        app.begin_shutdown();
-        let deadline = tokio::time::Instant::now() + app.config.shutdown_timeout;
-        while app.metrics.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        node.begin_shutdown();
+        let deadline = tokio::time::Instant::now() + node.config.shutdown_timeout;
+        while node.metrics.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let left = app.metrics.connections.load(Relaxed);
+        let left = node.metrics.connections.load(Relaxed);
         if left > 0 {
             tracing::warn!(left, "shutdown deadline passed with sockets still open");
         }
-        app.engine.broker.flush().await;
+        node.flush().await;
         tracing::info!("stopped");
     }
 }
@@ -398,43 +406,43 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
-    app: Arc<App>,
+    node: Arc<Node>,
     router: axum::Router,
     _pass: Pass,
 ) {
     let _ = stream.set_nodelay(true);
-    if app.config.send_buffer > 0 {
+    if node.config.send_buffer > 0 {
         // Fixed, so that a client that never reads holds this much kernel memory at most.
         let _ = nix::sys::socket::setsockopt(
             &stream,
             nix::sys::socket::sockopt::SndBuf,
-            &app.config.send_buffer,
+            &node.config.send_buffer,
         );
     }
     match tls {
         Some(acceptor) => {
             match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_http(stream, peer, app, router).await,
+                Ok(Ok(stream)) => serve_http(stream, peer, node, router).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
-        None => serve_http(stream, peer, app, router).await,
+        None => serve_http(stream, peer, node, router).await,
     }
 }
 
-async fn serve_http<S>(stream: S, peer: SocketAddr, app: Arc<App>, router: axum::Router)
+async fn serve_http<S>(stream: S, peer: SocketAddr, node: Arc<Node>, router: axum::Router)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(
         move |mut req: hyper::Request<hyper::body::Incoming>| {
-            let client = client_address(&app.trusted_proxies, peer.ip(), req.headers());
+            let client = client_address(&node.trusted_proxies, peer.ip(), req.headers());
             req.extensions_mut()
                 .insert(PeerAddr(SocketAddr::new(client, peer.port())));
-            let checked = precheck(&app, req.method(), req.headers());
+            let checked = precheck(&node, req.method(), req.headers());
             let mut router = router.clone();
-            let timeout = app.config.request_timeout;
+            let timeout = node.config.request_timeout;
             async move {
                 match checked {
                     None => {
@@ -447,7 +455,7 @@ where
                             Ok(answered) => answered,
                             Err(_) => {
                                 tracing::info!(%peer, %method, path, ?timeout, "request timed out");
-                                Ok(crate::http::error(
+                                Ok(crate::endpoints::http::error(
                                     StatusCode::REQUEST_TIMEOUT,
                                     "the request took too long",
                                 ))

@@ -172,7 +172,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::hash_password;
+    use crate::identity::auth::hash_password;
 
     #[tokio::test]
     async fn checks_match_the_stored_hash_and_unknown_users_fail_after_the_same_work() {

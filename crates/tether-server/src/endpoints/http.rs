@@ -15,17 +15,18 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::app::{App, Refused, SESSION_COOKIE};
-use crate::auth::{self, Identity, Writer};
 use crate::config::Voters;
+use crate::endpoints::web;
 use crate::engine::journal::{ChatWrite, Reply};
 use crate::engine::store::{CredentialKind, StoreError, Voter};
 use crate::engine::Reach;
-use crate::guests::GUEST_COOKIE;
+use crate::identity::auth::{self, Identity, Writer};
+use crate::identity::guests::GUEST_COOKIE;
+use crate::identity::password::Busy;
 use crate::metrics::Refusal;
-use crate::password::Busy;
+use crate::node::{Node, Refused, SESSION_COOKIE};
+use crate::session;
 use crate::throttle::address_key;
-use crate::{web, ws};
 use tether::axum::{UpgradeRejection, WebSocketUpgrade};
 use tether::handshake::HandshakeError;
 
@@ -39,13 +40,13 @@ pub const MAX_HEADER_BYTES: usize = 16 << 10;
 ///   declared `application/json` (a form or a `text/plain` POST from another page of the same
 ///   site cannot declare it without a CORS preflight, which this server never grants), and
 ///   403 for a browser `Origin` that is neither the server's own nor allowed.
-pub fn precheck(app: &App, method: &http::Method, headers: &HeaderMap) -> Option<Response> {
+pub fn precheck(node: &Node, method: &http::Method, headers: &HeaderMap) -> Option<Response> {
     let header_bytes: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     if header_bytes > MAX_HEADER_BYTES {
-        app.metrics.refused(Refusal::BadRequest);
+        node.metrics.refused(Refusal::BadRequest);
         return Some(error(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             &format!("request header fields exceed {MAX_HEADER_BYTES} bytes"),
@@ -63,7 +64,7 @@ pub fn precheck(app: &App, method: &http::Method, headers: &HeaderMap) -> Option
             "send the body as Content-Type: application/json",
         ));
     }
-    app.check_origin(headers)
+    node.check_origin(headers)
         .err()
         .map(IntoResponse::into_response)
 }
@@ -82,7 +83,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 pub struct PeerAddr(pub SocketAddr);
 
 /// All routes.
-pub fn router(app: Arc<App>) -> Router {
+pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/", get(|| async { web::page("index.html") }))
         .route("/polls", get(|| async { web::page("polls.html") }))
@@ -110,7 +111,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws/polls/{id}", get(poll_socket))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such page") })
         .layer(axum::middleware::map_response(json_errors))
-        .with_state(app)
+        .with_state(node)
 }
 
 /// The answers axum makes by itself (a query string that does not parse, a method the route
@@ -228,15 +229,15 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
     })
 }
 
-async fn healthz(State(app): State<Arc<App>>) -> Response {
-    if app.is_shutting_down() {
+async fn healthz(State(node): State<Arc<Node>>) -> Response {
+    if node.is_shutting_down() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
     let mut report = serde_json::Map::new();
-    if let Some(trouble) = app.engine.control.trouble() {
+    if let Some(trouble) = node.trouble() {
         report.insert("redis".into(), trouble.into());
     }
-    if app.metrics.storage_failing() {
+    if node.metrics.storage_failing() {
         // The last write failed (a full disk, a broken database, Redis refusing writes).
         report.insert("storage".into(), "failing".into());
     }
@@ -248,7 +249,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -258,8 +259,8 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             "{}# HELP tether_password_checks_total Password checks run (stand-ins for unknown users included).\n\
              # TYPE tether_password_checks_total counter\n\
              tether_password_checks_total {}\n",
-            app.metrics.render(),
-            app.passwords.checks()
+            node.metrics.render(),
+            node.passwords.checks()
         ),
     )
         .into_response()
@@ -335,7 +336,7 @@ impl IntoResponse for LoginRefused {
 /// budgets first (cheap, and before the check, so that attempts made at once cannot all pass),
 /// then the password is checked on a check thread and a success gives it back. An unknown
 /// user costs the same check as a wrong password.
-async fn check_password(app: &App, ip: IpAddr, c: &Credentials) -> Result<(), LoginRefused> {
+async fn check_password(node: &Node, ip: IpAddr, c: &Credentials) -> Result<(), LoginRefused> {
     if !auth::valid_user(&c.user) || c.password.len() > MAX_PASSWORD {
         // No such user can exist: refused before it can key a budget or reach a check.
         return Err(LoginRefused::Wrong);
@@ -343,29 +344,29 @@ async fn check_password(app: &App, ip: IpAddr, c: &Credentials) -> Result<(), Lo
     let now = Instant::now();
     let ip = address_key(ip);
     let account = (c.user.to_ascii_lowercase(), ip);
-    app.login_failures
+    node.login_failures
         .take(&ip, now)
         .map_err(LoginRefused::Throttled)?;
-    if let Err(wait) = app.account_failures.take(&account, now) {
-        app.login_failures.refund(&ip, now);
+    if let Err(wait) = node.account_failures.take(&account, now) {
+        node.login_failures.refund(&ip, now);
         return Err(LoginRefused::Throttled(wait));
     }
     let refund = || {
         let now = Instant::now();
-        app.login_failures.refund(&ip, now);
-        app.account_failures.refund(&account, now);
+        node.login_failures.refund(&ip, now);
+        node.account_failures.refund(&account, now);
     };
-    let hash = match app.engine.accounts.password_hash(&c.user).await {
+    let hash = match node.password_hash(&c.user).await {
         Ok(hash) => hash,
         Err(e) => {
             refund();
             return Err(LoginRefused::Answer(store_error(&e)));
         }
     };
-    match app.passwords.verify(hash, c.password.clone()).await {
+    match node.passwords.verify(hash, c.password.clone()).await {
         Ok(true) => {
             refund();
-            app.account_failures.forgive(&account);
+            node.account_failures.forgive(&account);
             Ok(())
         }
         Ok(false) => Err(LoginRefused::Wrong),
@@ -377,7 +378,7 @@ async fn check_password(app: &App, ip: IpAddr, c: &Credentials) -> Result<(), Lo
 }
 
 async fn issue(
-    app: &App,
+    node: &Node,
     peer: Option<PeerAddr>,
     body: &[u8],
     kind: CredentialKind,
@@ -385,7 +386,7 @@ async fn issue(
 ) -> Result<(String, String), Response> {
     let c: Credentials = parse(body).map_err(IntoResponse::into_response)?;
     let ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
-    if let Err(refused) = check_password(app, ip, &c).await {
+    if let Err(refused) = check_password(node, ip, &c).await {
         // The name as given, cut short: it may be anything up to the body limit.
         let user: String = c.user.chars().take(64).collect();
         match &refused {
@@ -398,35 +399,33 @@ async fn issue(
         }
         return Err(refused.into_response());
     }
-    let quota = &app.quotas.credentials;
+    let quota = &node.quotas.credentials;
     if let Some(refused) = spend(quota, &c.user.to_ascii_lowercase(), "sessions and tokens") {
         return Err(refused);
     }
     let secret = auth::new_secret();
     let digest = auth::digest(&secret);
-    app.engine
-        .accounts
-        .add_credential(digest, &c.user, kind, ttl)
+    node.add_credential(digest, &c.user, kind, ttl)
         .await
         .map_err(|e| store_error(&e))?;
     Ok((c.user, secret))
 }
 
 async fn login(
-    State(app): State<Arc<App>>,
+    State(node): State<Arc<Node>>,
     peer: Option<Extension<PeerAddr>>,
     body: Body,
 ) -> Response {
-    let ttl = app.config.session_lifetime;
+    let ttl = node.config.session_lifetime;
     let peer = peer.map(|p| p.0);
     let body = match read_body(body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    match issue(&app, peer, &body, CredentialKind::Session, Some(ttl)).await {
+    match issue(&node, peer, &body, CredentialKind::Session, Some(ttl)).await {
         Ok((user, secret)) => {
             tracing::info!(%user, "logged in");
-            let secure = if app.tls { "; Secure" } else { "" };
+            let secure = if node.tls { "; Secure" } else { "" };
             let cookie = format!(
                 "{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}{secure}",
                 ttl.as_secs()
@@ -450,7 +449,7 @@ struct LogoutIn {
 
 /// Revokes the session cookie and the bearer token the request presents (or, with
 /// `{"everywhere": true}`, every credential of their user); connections opened with them close.
-async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+async fn logout(State(node): State<Arc<Node>>, headers: HeaderMap, body: Body) -> Response {
     let body = match read_body(body).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -465,8 +464,8 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
     };
     // The accounts tell open connections (on every node) when a credential actually went.
     if input.everywhere {
-        match app.user(&headers, None).await {
-            Ok(Some(user)) => match app.engine.accounts.revoke_credentials(&user).await {
+        match node.user(&headers, None).await {
+            Ok(Some(user)) => match node.revoke_credentials(&user).await {
                 Ok(n) => tracing::info!(%user, revoked = n, "logged out everywhere"),
                 Err(e) => return store_error(&e),
             },
@@ -474,11 +473,11 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
             Err(refused) => return refused.into_response(),
         }
     } else {
-        let bearer = crate::app::bearer(&headers).map(str::to_owned);
-        let presented = app.session(&headers).into_iter().chain(bearer);
+        let bearer = crate::node::bearer(&headers).map(str::to_owned);
+        let presented = node.session(&headers).into_iter().chain(bearer);
         for secret in presented {
             let digest = auth::digest(&secret);
-            if let Err(e) = app.engine.accounts.delete_credential(digest).await {
+            if let Err(e) = node.delete_credential(digest).await {
                 return store_error(&e);
             }
         }
@@ -491,25 +490,25 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
     response
 }
 
-async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    match app.user(&headers, None).await {
+async fn me(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    match node.user(&headers, None).await {
         Ok(Some(user)) => json(
             StatusCode::OK,
-            &serde_json::json!({"user": user, "guest": false, "guests": app.config.guests}),
+            &serde_json::json!({"user": user, "guest": false, "guests": node.config.guests}),
         ),
         // Not logged in is an answer, not an error (a page asks on every load, and a 401
         // would be a red line in every guest's console); `guests` tells a page whether to
         // offer a nickname at all. A credential that is bad or expired is still 401.
         Ok(None) => json(
             StatusCode::OK,
-            &serde_json::json!({"user": null, "guest": true, "guests": app.config.guests}),
+            &serde_json::json!({"user": null, "guest": true, "guests": node.config.guests}),
         ),
         Err(refused) => refused.into_response(),
     }
 }
 
 async fn tokens(
-    State(app): State<Arc<App>>,
+    State(node): State<Arc<Node>>,
     peer: Option<Extension<PeerAddr>>,
     body: Body,
 ) -> Response {
@@ -517,9 +516,9 @@ async fn tokens(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let ttl = app.config.token_lifetime;
+    let ttl = node.config.token_lifetime;
     match issue(
-        &app,
+        &node,
         peer.map(|p| p.0),
         &body,
         CredentialKind::Token,
@@ -536,14 +535,14 @@ async fn tokens(
 }
 
 /// The user of a bearer token: the publish API needs one.
-async fn token_user(app: &App, headers: &HeaderMap) -> Result<String, Response> {
+async fn token_user(node: &Node, headers: &HeaderMap) -> Result<String, Response> {
     if !headers.contains_key(header::AUTHORIZATION) {
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "an API token is required (Authorization: Bearer)",
         ));
     }
-    match app.user(headers, None).await {
+    match node.user(headers, None).await {
         Ok(Some(user)) => Ok(user),
         Ok(None) => Err(error(StatusCode::UNAUTHORIZED, "invalid token")),
         Err(refused) => Err(refused.into_response()),
@@ -562,10 +561,10 @@ const ROOMS_PAGE_MAX: usize = 1000;
 
 /// Rooms with stored messages or members here, in name order, a page at a time: the first
 /// `limit` after `after`. A full page links to the next (`Link: <…>; rel="next"`).
-async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Response {
+async fn rooms(State(node): State<Arc<Node>>, Query(page): Query<RoomsPage>) -> Response {
     let limit = page.limit.unwrap_or(ROOMS_PAGE).clamp(1, ROOMS_PAGE_MAX);
     let after = page.after;
-    let stored = match app.engine.broker.rooms(after.as_deref(), limit).await {
+    let stored = match node.stored_rooms(after.as_deref(), limit).await {
         Ok(r) => r,
         Err(e) => return store_error(&e),
     };
@@ -580,13 +579,13 @@ async fn rooms(State(app): State<Arc<App>>, Query(page): Query<RoomsPage>) -> Re
             all.entry(room).or_default().1 = last;
         }
     }
-    for (room, members) in app.hub.rooms_page(after.as_deref(), limit) {
+    for (room, members) in node.hub.rooms_page(after.as_deref(), limit) {
         all.entry(room).or_default().0 = members;
     }
     let mut list: Vec<(String, (usize, u64))> = all.into_iter().take(limit).collect();
     // Members on every node, not only here.
     let names: Vec<String> = list.iter().map(|(room, _)| room.clone()).collect();
-    match app.engine.presence.counts(&names).await {
+    match node.presence_counts(&names).await {
         Ok(counts) => {
             for ((_, (members, _)), everywhere) in list.iter_mut().zip(counts) {
                 *members = (*members).max(everywhere);
@@ -619,7 +618,7 @@ struct Page {
 }
 
 async fn history(
-    State(app): State<Arc<App>>,
+    State(node): State<Arc<Node>>,
     Path(room): Path<String>,
     Query(page): Query<Page>,
 ) -> Response {
@@ -635,13 +634,8 @@ async fn history(
     let since = page.since.unwrap_or(0);
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
     let messages = match page.last {
-        Some(last) => app.engine.broker.recent(&room, last.min(1000)).await,
-        None => {
-            app.engine
-                .broker
-                .history(&room, since, u64::MAX, limit)
-                .await
-        }
+        Some(last) => node.recent(&room, last.min(1000)).await,
+        None => node.history(&room, since, u64::MAX, limit).await,
     };
     match messages {
         Ok(messages) => json(StatusCode::OK, &messages),
@@ -654,8 +648,8 @@ struct TextIn {
     text: String,
 }
 
-fn check_text(app: &App, text: &str) -> Result<(), Refused> {
-    app.text_problem(text).map_or(Ok(()), |reason| {
+fn check_text(node: &Node, text: &str) -> Result<(), Refused> {
+    node.text_problem(text).map_or(Ok(()), |reason| {
         Err(Refused::new(
             StatusCode::BAD_REQUEST,
             Refusal::BadRequest,
@@ -665,55 +659,55 @@ fn check_text(app: &App, text: &str) -> Result<(), Refused> {
 }
 
 async fn publish(
-    State(app): State<Arc<App>>,
+    State(node): State<Arc<Node>>,
     Path(room): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     // Credentials and the room first: an anonymous client never gets to make us read a body.
-    let user = match token_user(&app, &headers).await {
+    let user = match token_user(&node, &headers).await {
         Ok(u) => u,
         Err(r) => return r,
     };
     if !auth::valid_room(&room) {
         return error(StatusCode::BAD_REQUEST, auth::ROOM_RULE);
     }
-    store_text(&app, user, room, &headers, body).await
+    store_text(&node, user, room, &headers, body).await
 }
 
 /// `POST /api/users/{user}/notifications`: a notification to every device of a registered
 /// user, on its `user:NAME` channel (stored like a room's message, so it resumes and pages).
 async fn notify(
-    State(app): State<Arc<App>>,
+    State(node): State<Arc<Node>>,
     Path(to): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let user = match token_user(&app, &headers).await {
+    let user = match token_user(&node, &headers).await {
         Ok(u) => u,
         Err(r) => return r,
     };
     if !auth::valid_user(&to) {
         return error(StatusCode::NOT_FOUND, "no such user");
     }
-    let to = match app.engine.accounts.user_named_like(&to).await {
+    let to = match node.user_named_like(&to).await {
         Ok(Some(name)) => name,
         Ok(None) => return error(StatusCode::NOT_FOUND, "no such user"),
         Err(e) => return store_error(&e),
     };
-    store_text(&app, user, crate::wire::personal(&to), &headers, body).await
+    store_text(&node, user, crate::wire::personal(&to), &headers, body).await
 }
 
 /// Stores the text of `body` (`{"text": …}`, idempotent by the `Idempotency-Key` header) from
 /// `user` in `room`'s stream, which delivers it: 201 with the stored message.
 async fn store_text(
-    app: &App,
+    node: &Node,
     user: String,
     room: String,
     headers: &HeaderMap,
     body: Body,
 ) -> Response {
-    if let Some(refused) = spend(&app.quotas.publishes, &user, "publishes") {
+    if let Some(refused) = spend(&node.quotas.publishes, &user, "publishes") {
         return refused;
     }
     let body = match read_body(body).await {
@@ -724,7 +718,7 @@ async fn store_text(
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
-    if let Err(r) = check_text(app, &input.text) {
+    if let Err(r) = check_text(node, &input.text) {
         return r.into_response();
     }
     let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
@@ -733,7 +727,7 @@ async fn store_text(
         Some(_) => return error(StatusCode::BAD_REQUEST, auth::KEY_RULE),
     };
     let stored = Reply::wait(|reply| {
-        app.submit_chat(ChatWrite {
+        node.publish(ChatWrite {
             writer: Writer::User(user.as_str().into()),
             room,
             user,
@@ -749,12 +743,12 @@ async fn store_text(
     }
 }
 
-async fn broadcast(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    let user = match token_user(&app, &headers).await {
+async fn broadcast(State(node): State<Arc<Node>>, headers: HeaderMap, body: Body) -> Response {
+    let user = match token_user(&node, &headers).await {
         Ok(u) => u,
         Err(r) => return r,
     };
-    if let Some(refused) = spend(&app.quotas.publishes, &user, "publishes") {
+    if let Some(refused) = spend(&node.quotas.publishes, &user, "publishes") {
         return refused;
     }
     let body = match read_body(body).await {
@@ -765,10 +759,10 @@ async fn broadcast(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) 
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
-    if let Err(r) = check_text(&app, &input.text) {
+    if let Err(r) = check_text(&node, &input.text) {
         return r.into_response();
     }
-    match app.engine.control.broadcast(&user, &input.text).await {
+    match node.broadcast(&user, &input.text).await {
         Ok(Reach::Connections(delivered)) => {
             tracing::info!(%user, delivered, "broadcast");
             json(StatusCode::OK, &serde_json::json!({"delivered": delivered}))
@@ -788,20 +782,20 @@ struct NewPoll {
 }
 
 async fn create_poll(
-    State(app): State<Arc<App>>,
+    State(node): State<Arc<Node>>,
     peer: Option<Extension<PeerAddr>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let user = match app.user(&headers, None).await {
-        Ok(None) if !app.config.guests => {
+    let user = match node.user(&headers, None).await {
+        Ok(None) if !node.config.guests => {
             return error(StatusCode::UNAUTHORIZED, "log in to create a poll")
         }
         Err(refused) => return refused.into_response(),
         Ok(user) => user,
     };
     let writer = Writer::new(user.as_deref(), peer.map(|p| p.0 .0.ip()));
-    if let Some(refused) = spend(&app.quotas.polls, &writer, "polls") {
+    if let Some(refused) = spend(&node.quotas.polls, &writer, "polls") {
         return refused;
     }
     let body = match read_body(body).await {
@@ -835,21 +829,21 @@ async fn create_poll(
     if !auth::valid_text(&question) || !options.iter().all(|o| auth::valid_text(o)) {
         return error(StatusCode::BAD_REQUEST, auth::FORBIDDEN_CHARS);
     }
-    match app.engine.polls.create(&question, &options).await {
+    match node.create_poll(&question, &options).await {
         Ok(poll) => json(StatusCode::CREATED, &poll),
         Err(e) => store_error(&e),
     }
 }
 
-async fn polls(State(app): State<Arc<App>>) -> Response {
-    match app.engine.polls.list(50).await {
+async fn polls(State(node): State<Arc<Node>>) -> Response {
+    match node.polls(50).await {
         Ok(polls) => json(StatusCode::OK, &polls),
         Err(e) => store_error(&e),
     }
 }
 
-async fn poll(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
-    match app.engine.polls.poll(id, None).await {
+async fn poll(State(node): State<Arc<Node>>, Path(id): Path<i64>) -> Response {
+    match node.poll(id, None).await {
         Ok((Some(poll), _)) => json(StatusCode::OK, &poll),
         Ok((None, _)) => error(StatusCode::NOT_FOUND, "no such poll"),
         Err(e) => store_error(&e),
@@ -865,8 +859,8 @@ struct SocketQuery {
 }
 
 /// Refuses an upgrade: counted, logged, answered with its status.
-fn refuse(app: &App, peer: Option<SocketAddr>, refused: Refused) -> Response {
-    app.metrics.refused(refused.kind);
+fn refuse(node: &Node, peer: Option<SocketAddr>, refused: Refused) -> Response {
+    node.metrics.refused(refused.kind);
     tracing::info!(peer = ?peer, status = refused.status.as_u16(), reason = %refused.reason, "upgrade refused");
     refused.into_response()
 }
@@ -876,34 +870,34 @@ fn refuse(app: &App, peer: Option<SocketAddr>, refused: Refused) -> Response {
 /// and a close with the refusal's code (a browser never sees an upgrade's HTTP status). Other
 /// refusals, and any to other endpoints, are the HTTP status.
 fn refuse_upgrade(
-    app: &Arc<App>,
+    node: &Arc<Node>,
     peer: Option<SocketAddr>,
     endpoint: Endpoint,
     ws: WebSocketUpgrade,
     refused: Refused,
 ) -> Response {
     let (Endpoint::Channels, Some(code)) = (endpoint, refused.close) else {
-        return refuse(app, peer, refused);
+        return refuse(node, peer, refused);
     };
     // The short-lived connection still counts against the limits.
-    let slot = match app.slot(peer.map(|p| p.ip())) {
+    let slot = match node.slot(peer.map(|p| p.ip())) {
         Ok(slot) => slot,
-        Err(busy) => return refuse(app, peer, busy),
+        Err(busy) => return refuse(node, peer, busy),
     };
-    app.metrics.refused(refused.kind);
+    node.metrics.refused(refused.kind);
     tracing::info!(peer = ?peer, code, reason = %refused.reason, "channel connection refused: telling the client");
     match ws.accept() {
         Ok((response, pending)) => {
-            let app = app.clone();
+            let node = node.clone();
             tokio::spawn(async move {
                 if let Ok(socket) = pending.await {
-                    crate::channels::refused(&app, socket, code, &refused.reason).await;
+                    crate::session::channels::refused(&node, socket, code, &refused.reason).await;
                 }
                 drop(slot);
             });
             response
         }
-        Err(rejection) => refuse(app, peer, upgrade_refusal(rejection)),
+        Err(rejection) => refuse(node, peer, upgrade_refusal(rejection)),
     }
 }
 
@@ -921,14 +915,19 @@ enum Endpoint {
 /// The checks every upgrade passes (Origin, identity, limits), then the upgrade itself; the
 /// session runs in its own task.
 async fn upgrade<F, Fut>(
-    app: Arc<App>,
+    node: Arc<Node>,
     req: Request,
     query: SocketQuery,
     endpoint: Endpoint,
     session: F,
 ) -> Response
 where
-    F: FnOnce(Arc<App>, tether::upgrade::UpgradedWebSocket, crate::app::Slot, ws::Member) -> Fut
+    F: FnOnce(
+            Arc<Node>,
+            tether::upgrade::UpgradedWebSocket,
+            crate::node::Slot,
+            session::Member,
+        ) -> Fut
         + Send
         + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -938,45 +937,45 @@ where
     // The request must be an upgrade that the WebSocket configuration accepts (its Origin
     // policy, its head limit) before anything else is spent on it.
     let config = match endpoint {
-        Endpoint::Channels => app.channels_config.clone(),
-        Endpoint::Anonymous | Endpoint::Identified => app.ws_config.clone(),
+        Endpoint::Channels => node.channels_config.clone(),
+        Endpoint::Anonymous | Endpoint::Identified => node.ws_config.clone(),
     };
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(ws) => ws.config(config),
-        Err(rejection) => return refuse(&app, peer, upgrade_refusal(rejection)),
+        Err(rejection) => return refuse(&node, peer, upgrade_refusal(rejection)),
     };
     let unsupported = matches!(endpoint, Endpoint::Channels)
         && !ws
             .offered_protocols()
-            .any(|p| p == crate::channels::PROTOCOL);
+            .any(|p| p == crate::session::channels::PROTOCOL);
     // A client of another version of the protocol is told in it, since a browser cannot
     // read an upgrade's status; anything else is not a client of the protocol at all.
     let other_version = unsupported
         && ws
             .offered_protocols()
-            .any(|p| p.starts_with(crate::channels::FAMILY));
+            .any(|p| p.starts_with(crate::session::channels::FAMILY));
     if unsupported && !other_version {
         let reason = "offer the tether.v1 subprotocol (Sec-WebSocket-Protocol: tether.v1)";
         return refuse(
-            &app,
+            &node,
             peer,
             Refused::new(StatusCode::BAD_REQUEST, Refusal::BadRequest, reason),
         );
     }
     let needs_identity = !matches!(endpoint, Endpoint::Anonymous);
     if let Err(rejection) = ws.check() {
-        return refuse(&app, peer, upgrade_refusal(rejection));
+        return refuse(&node, peer, upgrade_refusal(rejection));
     }
     if other_version {
         let reason = "unsupported protocol version: this server speaks tether.v1";
         let refused = Refused::new(StatusCode::BAD_REQUEST, Refusal::BadRequest, reason)
-            .closing(crate::app::refusal_code::UNSUPPORTED_VERSION);
-        return refuse_upgrade(&app, peer, endpoint, ws, refused);
+            .closing(crate::node::refusal_code::UNSUPPORTED_VERSION);
+        return refuse_upgrade(&node, peer, endpoint, ws, refused);
     }
     let headers = &parts.headers;
-    let revocations = app.revocations();
+    let revocations = node.revocations();
     let (who, credential) = if needs_identity {
-        match app
+        match node
             .identify(
                 headers,
                 query.token.as_deref(),
@@ -987,7 +986,7 @@ where
             .await
         {
             Ok(found) => found,
-            Err(refused) => return refuse_upgrade(&app, peer, endpoint, ws, refused),
+            Err(refused) => return refuse_upgrade(&node, peer, endpoint, ws, refused),
         }
     } else {
         (Identity::Guest(String::new()), None)
@@ -1003,12 +1002,12 @@ where
         Identity::Guest(_) => None,
     };
     if let (true, Identity::Guest(name)) = (needs_identity && !who.is_anonymous(), &who) {
-        let (guest, is_new) = app.guest_id(headers);
-        if app.config.poll_voters == Voters::Everyone {
+        let (guest, is_new) = node.guest_id(headers);
+        if node.config.poll_voters == Voters::Everyone {
             let address = peer.map_or_else(String::new, |p| address_key(p.ip()).to_string());
             voter = Some(Voter {
                 key: format!("guest:{guest}"),
-                guest: Some((address, app.config.guest_votes_per_address)),
+                guest: Some((address, node.config.guest_votes_per_address)),
             });
         }
         let taken = || {
@@ -1017,15 +1016,15 @@ where
                 Refusal::Auth,
                 "this nickname is in use by another guest: pick another",
             )
-            .closing(crate::app::refusal_code::NAME_REFUSED)
+            .closing(crate::node::refusal_code::NAME_REFUSED)
         };
-        let Some(hold) = app.nicknames.hold(name, &guest) else {
-            return refuse_upgrade(&app, peer, endpoint, ws, taken());
+        let Some(hold) = node.nicknames.hold(name, &guest) else {
+            return refuse_upgrade(&node, peer, endpoint, ws, taken());
         };
         // Not held by a guest on another node either.
-        match app.engine.leases.claim(hold.key(), &guest).await {
+        match node.claim_name(hold.key(), &guest).await {
             Ok(true) => {}
-            Ok(false) => return refuse_upgrade(&app, peer, endpoint, ws, taken()),
+            Ok(false) => return refuse_upgrade(&node, peer, endpoint, ws, taken()),
             Err(e) => {
                 tracing::warn!(error = %e, "nickname not claimed on the other nodes: checked on this node only");
             }
@@ -1033,9 +1032,9 @@ where
         nickname = Some(hold);
         new_guest = is_new.then_some(guest);
     }
-    let mut slot = match app.slot(peer.map(|p| p.ip())) {
+    let mut slot = match node.slot(peer.map(|p| p.ip())) {
         Ok(slot) => slot,
-        Err(refused) => return refuse(&app, peer, refused),
+        Err(refused) => return refuse(&node, peer, refused),
     };
     if let Some(hold) = nickname {
         slot.keep(hold);
@@ -1043,7 +1042,7 @@ where
     match ws.accept() {
         Ok((mut response, pending)) => {
             if let Some(guest) = new_guest {
-                let secure = if app.tls { "; Secure" } else { "" };
+                let secure = if node.tls { "; Secure" } else { "" };
                 let cookie = format!(
                     "{GUEST_COOKIE}={guest}; HttpOnly; SameSite=Lax; Path=/; Max-Age=31536000{secure}"
                 );
@@ -1057,10 +1056,10 @@ where
             // before it is awaited (a value alive across an `.await` stays in the task's state).
             let pending = Box::pin(pending);
             let direct =
-                app.config.direct_fanout && !app.tls && parts.version == http::Version::HTTP_11;
+                node.config.direct_fanout && !node.tls && parts.version == http::Version::HTTP_11;
             let writer = Writer::new((!who.is_guest()).then(|| who.name()), peer.map(|p| p.ip()));
             let start = Box::new((
-                app,
+                node,
                 slot,
                 session,
                 who,
@@ -1072,9 +1071,9 @@ where
             tokio::spawn(async move {
                 let session = match pending.await {
                     Ok(socket) => {
-                        let (app, slot, session, who, credential, voter, revocations, writer) =
-                            ws::unbox(start);
-                        let member = ws::Member {
+                        let (node, slot, session, who, credential, voter, revocations, writer) =
+                            session::unbox(start);
+                        let member = session::Member {
                             who,
                             credential,
                             voter,
@@ -1082,7 +1081,7 @@ where
                             writer,
                             direct,
                         };
-                        Box::pin(session(app, socket, slot, member))
+                        Box::pin(session(node, socket, slot, member))
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "upgrade did not complete");
@@ -1093,7 +1092,7 @@ where
             });
             response
         }
-        Err(rejection) => refuse(&app, peer, upgrade_refusal(rejection)),
+        Err(rejection) => refuse(&node, peer, upgrade_refusal(rejection)),
     }
 }
 
@@ -1107,28 +1106,28 @@ fn upgrade_refusal(rejection: UpgradeRejection) -> Refused {
     Refused::new(status, Refusal::BadRequest, rejection.to_string())
 }
 
-async fn echo_socket(State(app): State<Arc<App>>, req: Request) -> Response {
+async fn echo_socket(State(node): State<Arc<Node>>, req: Request) -> Response {
     upgrade(
-        app,
+        node,
         req,
         SocketQuery::default(),
         Endpoint::Anonymous,
-        |app, socket, slot, _| ws::echo(app, socket, slot),
+        |node, socket, slot, _| session::echo(node, socket, slot),
     )
     .await
 }
 
 async fn room_socket(
-    State(app): State<Arc<App>>,
+    State(node): State<Arc<Node>>,
     Path(room): Path<String>,
     Query(query): Query<SocketQuery>,
     req: Request,
 ) -> Response {
     if !auth::valid_room(&room) {
-        app.metrics.refused(Refusal::BadRequest);
+        node.metrics.refused(Refusal::BadRequest);
         return error(StatusCode::BAD_REQUEST, auth::ROOM_RULE);
     }
-    let resume = ws::Resume {
+    let resume = session::Resume {
         since: query.since,
         // Epochs are 16 hex digits: anything long is not one (and is not worth logging).
         epoch: query
@@ -1137,51 +1136,51 @@ async fn room_socket(
             .map(|e| if e.len() <= 64 { e } else { String::new() }),
     };
     upgrade(
-        app,
+        node,
         req,
         query,
         Endpoint::Identified,
-        move |app, socket, slot, member| ws::room(app, socket, slot, room, member, resume),
+        move |node, socket, slot, member| session::room(node, socket, slot, room, member, resume),
     )
     .await
 }
 
 async fn poll_socket(
-    State(app): State<Arc<App>>,
+    State(node): State<Arc<Node>>,
     Path(id): Path<i64>,
     Query(query): Query<SocketQuery>,
     req: Request,
 ) -> Response {
-    let poll = match app.engine.polls.poll(id, None).await {
+    let poll = match node.poll(id, None).await {
         Ok((Some(poll), _)) => poll,
         Ok((None, _)) => {
-            app.metrics.refused(Refusal::NotFound);
+            node.metrics.refused(Refusal::NotFound);
             return error(StatusCode::NOT_FOUND, "no such poll");
         }
         Err(e) => return store_error(&e),
     };
     upgrade(
-        app,
+        node,
         req,
         query,
         Endpoint::Identified,
-        move |app, socket, slot, member| ws::poll(app, socket, slot, poll, member),
+        move |node, socket, slot, member| session::poll(node, socket, slot, poll, member),
     )
     .await
 }
 
 /// `/ws`: the channel protocol (docs/protocol.md).
 async fn channel_socket(
-    State(app): State<Arc<App>>,
+    State(node): State<Arc<Node>>,
     Query(query): Query<SocketQuery>,
     req: Request,
 ) -> Response {
     upgrade(
-        app,
+        node,
         req,
         query,
         Endpoint::Channels,
-        crate::channels::session,
+        crate::session::channels::session,
     )
     .await
 }

@@ -8,18 +8,23 @@ use std::sync::Arc;
 use std::task::Poll as TaskPoll;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tether::upgrade::UpgradedWebSocket;
 use tether::{CloseCode, Message, Prepared};
 
-use crate::app::{App, Slot};
-use crate::engine::journal::{ChatWrite, Reply, VoteWrite};
+use crate::engine::journal::{self, ChatWrite, VoteWrite};
 use crate::engine::store::{ChatMessage, StoreError};
-use crate::hub::{push, Everyone, Format, Hub, Outbox, Place, Subscription, Verdict};
-use crate::ws::{self, End, Member, RateLimit};
+use crate::node::hub::{Everyone, Format, Hub, Outbox, Place, Subscription, Verdict};
+use crate::node::{Node, Slot};
+use crate::session::{self, End, Member, RateLimit};
+use crate::wire::channels::{
+    self, disconnect, fail, parse_channel, Code, Command, Failure, Name, Present, Reply, Stored,
+    TextData, VoteData,
+};
+use crate::wire::encode;
 
-pub use crate::wire::{FAMILY, PROTOCOL};
+pub use crate::wire::channels::{FAMILY, PROTOCOL};
 
 /// Commands refused in a row for the rate (error 110) before the connection is closed
 /// (4002): a client that ignores the answer only costs the server the reading.
@@ -33,49 +38,6 @@ const HISTORY_LIMIT: usize = 100;
 const POLL_LIST: usize = 50;
 /// The largest ephemeral event's data, encoded.
 const MAX_EVENT_DATA: usize = 256;
-
-/// An error answer (docs/protocol.md, "Errors").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Code {
-    Internal = 100,
-    UnknownChannel = 102,
-    PermissionDenied = 103,
-    UnknownOp = 104,
-    AlreadySubscribed = 105,
-    LimitExceeded = 106,
-    BadRequest = 107,
-    NotAvailable = 108,
-    NotSubscribed = 109,
-    TooManyRequests = 110,
-    TooLarge = 111,
-}
-
-/// Disconnect codes (docs/protocol.md, "Disconnect codes").
-mod disconnect {
-    use tether::CloseCode;
-
-    pub const SLOW_CONSUMER: CloseCode = CloseCode(4000);
-    pub const TOO_MANY_COMMANDS: CloseCode = CloseCode(4002);
-    pub const STREAM_RESET: CloseCode = CloseCode(4001);
-    pub const PROTOCOL_VIOLATION: CloseCode = CloseCode(4500);
-    pub const CREDENTIAL_LOST: CloseCode = CloseCode(4502);
-}
-
-/// A command as the client sends it: every field any op takes; each op checks its own.
-#[derive(Deserialize)]
-struct Command {
-    id: u64,
-    op: String,
-    channel: Option<String>,
-    since: Option<u64>,
-    epoch: Option<String>,
-    data: Option<Value>,
-    key: Option<String>,
-    name: Option<String>,
-    limit: Option<usize>,
-    token: Option<String>,
-    info: Option<Box<serde_json::value::RawValue>>,
-}
 
 /// The most a connection's public information (`connect {info}`) may take, encoded.
 pub const MAX_INFO: usize = 1024;
@@ -128,19 +90,6 @@ fn json_depth(raw: &str) -> usize {
     deepest
 }
 
-/// A failed command's answer.
-struct Failure {
-    code: Code,
-    message: String,
-}
-
-fn fail(code: Code, message: impl Into<String>) -> Failure {
-    Failure {
-        code,
-        message: message.into(),
-    }
-}
-
 /// A channel this connection is subscribed to. Its name is not kept: the subscription's
 /// topic says it (a room's name is shared with the hub). The session keeps the hub, the
 /// user and the outbox once for all its channels ([`Channels`]).
@@ -163,7 +112,7 @@ impl Channel {
         match name {
             Name::Room(room) => self.sub.room() == Some(*room),
             Name::Poll(id) => self.sub.poll() == Some(*id),
-            Name::Polls => self.sub.poll() == Some(crate::hub::POLL_LIST),
+            Name::Polls => self.sub.poll() == Some(crate::node::hub::POLL_LIST),
             Name::User(user) => {
                 let stream = self.sub.room();
                 stream.and_then(|r| r.strip_prefix(crate::wire::PERSONAL)) == Some(*user)
@@ -196,7 +145,7 @@ impl Channels {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let hub = &self.app.hub;
+        let hub = &self.node.hub;
         for channel in self.channels.list.drain(..) {
             hub.leave(channel.sub);
         }
@@ -226,10 +175,25 @@ type Storing = FuturesOrdered<std::pin::Pin<Box<dyn Future<Output = Arc<Prepared
 /// commands wait.
 const MAX_STORING: usize = 64;
 
-/// What a subscription's reply promises: the publications that follow it.
-struct Subscribed {
-    reply: Value,
+/// A subscription's reply, and the publications that follow it.
+struct Subscribing {
+    reply: channels::Subscribed,
     replay: Option<Replay>,
+}
+
+/// A command's reply with fields, encoded, and for a subscription the publications that
+/// follow it.
+struct Answered {
+    reply: Arc<Prepared>,
+    replay: Option<Replay>,
+}
+
+/// Command `id`'s reply, with `body`'s fields.
+fn answered(id: u64, body: impl Serialize) -> Answered {
+    Answered {
+        reply: encode(&Reply { id, body }),
+        replay: None,
+    }
 }
 
 /// A room's stored publications that follow a subscription's reply: those after `after` up
@@ -240,61 +204,6 @@ struct Replay {
     end: u64,
 }
 
-/// A channel's name, parsed.
-enum Name<'a> {
-    Room(&'a str),
-    Poll(i64),
-    /// The list of polls, told of each new one.
-    Polls,
-    /// A user's notifications.
-    User(&'a str),
-    Broadcast,
-}
-
-fn parse_channel(channel: &str) -> Result<Name<'_>, Failure> {
-    match channel {
-        "broadcast" => return Ok(Name::Broadcast),
-        "polls" => return Ok(Name::Polls),
-        _ => {}
-    }
-    match channel.split_once(':') {
-        Some(("room", room)) if crate::auth::valid_room(room) => Ok(Name::Room(room)),
-        Some(("room", _)) => Err(fail(Code::UnknownChannel, crate::auth::ROOM_RULE)),
-        Some(("user", user)) if crate::auth::valid_user(user) => Ok(Name::User(user)),
-        Some(("user", _)) => Err(fail(Code::UnknownChannel, "a user channel is user:NAME")),
-        // One spelling per poll (no leading zeros), so that a name is one subscription.
-        Some(("poll", text)) => match text.parse::<i64>() {
-            Ok(id) if id > 0 && id.to_string() == text => Ok(Name::Poll(id)),
-            _ => Err(fail(Code::UnknownChannel, "a poll channel is poll:ID")),
-        },
-        _ => Err(fail(
-            Code::UnknownChannel,
-            format!(
-                "no such channel: {channel} (room:NAME, poll:ID, polls, user:NAME or broadcast)"
-            ),
-        )),
-    }
-}
-
-#[derive(Serialize)]
-#[serde(tag = "type", rename = "event")]
-struct EventPush<'a> {
-    channel: &'a str,
-    name: &'a str,
-    user: &'a str,
-    data: &'a Value,
-}
-
-#[derive(Deserialize)]
-struct TextData {
-    text: String,
-}
-
-#[derive(Deserialize)]
-struct VoteData {
-    vote: String,
-}
-
 /// Who a connection is, as its session needs it: its name is its outbox's
 /// ([`Outbox::user`]), and the credential it came with is watched (`Session::lost`), not
 /// kept.
@@ -303,7 +212,7 @@ struct Caller {
     /// Its key in polls (boxed: most connections never vote, and every byte of the session's
     /// state is kept for its whole life).
     voter: Option<Box<crate::engine::store::Voter>>,
-    writer: crate::auth::Writer,
+    writer: crate::identity::auth::Writer,
     /// Revocations since before the credential was checked.
     revocations: tokio::sync::watch::Receiver<u64>,
 }
@@ -334,10 +243,10 @@ enum Woke {
 
 /// A session of the channel protocol.
 struct Session {
-    app: Arc<App>,
+    node: Arc<Node>,
     member: Caller,
     /// Resolves when the connection's credential is revoked or expires.
-    lost: Option<ws::Lost>,
+    lost: Option<session::Lost>,
     /// Every channel's pushes, in order, and the hub's verdict on this connection.
     outbox: Arc<Outbox>,
     /// Subscribed to `broadcast` from the start.
@@ -365,7 +274,7 @@ struct Session {
 /// to, for the connection's whole life (1,712 bytes of it). The block below keeps each value
 /// once, where it was captured.
 pub fn session(
-    app: Arc<App>,
+    node: Arc<Node>,
     ws: UpgradedWebSocket,
     mut slot: Slot,
     member: Member,
@@ -379,15 +288,15 @@ pub fn session(
     } else {
         Kind::User
     };
-    let outbox = app.hub.outbox(&name, Format::Channels);
-    let everyone = app.hub.join_everyone(&name, outbox.clone());
-    let lost = ws::check_credential(&app, member.credential, member.revocations.clone());
+    let outbox = node.hub.outbox(&name, Format::Channels);
+    let everyone = node.hub.join_everyone(&name, outbox.clone());
+    let lost = session::check_credential(&node, member.credential, member.revocations.clone());
     let direct = member.direct;
     let channels = Channels { list: Vec::new() };
     let mut session = Session {
-        limit: RateLimit::new(app.config.message_rate),
+        limit: RateLimit::new(node.config.message_rate),
         refused: 0,
-        app,
+        node,
         member: Caller {
             kind,
             voter: member.voter.map(Box::new),
@@ -409,7 +318,7 @@ pub fn session(
         let end = session.run(&mut ws).await;
         let user = session.name().to_owned();
         // Taken from the session once it has run, so as not to be kept beside it.
-        let app = session.app.clone();
+        let node = session.node.clone();
         // Leave every channel before the nickname goes.
         drop(session);
         slot.release_nickname();
@@ -418,7 +327,7 @@ pub fn session(
             End::Close(code, reason) => {
                 tracing::debug!(%user, code = code.0, reason, "closing channel session");
                 // Boxed: the goodbye's state would otherwise widen every session's.
-                Box::pin(disconnect(&app, &mut ws, code, reason)).await;
+                Box::pin(disconnect(&node, &mut ws, code, reason)).await;
             }
         }
         drop(slot);
@@ -427,21 +336,20 @@ pub fn session(
 
 /// Tells a client whose connection was refused for good why (see
 /// `http::refuse_upgrade`): a `disconnect` push, then a close with `code`.
-pub async fn refused(app: &App, mut ws: UpgradedWebSocket, code: u16, reason: &str) {
-    disconnect(app, &mut ws, CloseCode(code), reason).await;
+pub async fn refused(node: &Node, mut ws: UpgradedWebSocket, code: u16, reason: &str) {
+    disconnect(node, &mut ws, CloseCode(code), reason).await;
 }
 
 /// Ends a connection: the `disconnect` push (whether to reconnect, and why), then the close.
-async fn disconnect(app: &App, ws: &mut impl ws::Socket, code: CloseCode, reason: &str) {
-    let push = json!({"type": "disconnect", "code": code.0, "reason": reason,
-        "reconnect": reconnects(code)});
-    let _ = ws.feed(Message::text(push.to_string())).await;
-    ws::close(app, ws, code, reason).await;
-}
-
-/// Whether a client may reconnect after `code` (docs/protocol.md).
-fn reconnects(code: CloseCode) -> bool {
-    matches!(code.0, 1001 | 1011..=1013 | 4000..=4499)
+async fn disconnect(node: &Node, ws: &mut impl session::Socket, code: CloseCode, reason: &str) {
+    let push = channels::Disconnect {
+        code: code.0,
+        reason,
+        reconnect: disconnect::reconnects(code),
+    };
+    let push = serde_json::to_string(&push).expect("a disconnect push serializes");
+    let _ = ws.feed(Message::text(push)).await;
+    session::close(node, ws, code, reason).await;
 }
 
 impl Session {
@@ -451,12 +359,12 @@ impl Session {
     }
 
     async fn run(&mut self, ws: &mut Socket) -> End {
-        let app = self.app.clone();
+        let node = self.node.clone();
         loop {
             if !self.batch.is_empty() || ws.queued_len() > 0 {
                 // In an allocation of its own: an idle session's state holds none of it.
-                let write = Box::pin(ws::write_all(
-                    &app,
+                let write = Box::pin(session::write_all(
+                    &node,
                     ws,
                     &mut self.batch,
                     &self.outbox,
@@ -498,9 +406,9 @@ impl Session {
             let woke = tokio::select! {
                 biased;
                 verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => {
-                    Woke::End(judged(&app, verdict))
+                    Woke::End(judged(&node, verdict))
                 }
-                () = ws::shutting_down(&app) => {
+                () = session::shutting_down(&node) => {
                     Woke::End(End::Close(CloseCode::GOING_AWAY, "server shutting down"))
                 }
                 () = lost_fut => {
@@ -539,7 +447,7 @@ impl Session {
                 }
                 Woke::Command(text) => text,
             };
-            ws::count_in(&app, text.len());
+            session::count_in(&node, text.len());
             // Boxed: a command's futures (storage, replay) would otherwise stay in the
             // session's state for its whole life.
             if let Err(end) = Box::pin(self.command(ws, &text)).await {
@@ -555,13 +463,13 @@ impl Session {
             channel
                 .sub
                 .room()
-                .is_none_or(|room| self.app.hub.position(room) >= channel.high)
+                .is_none_or(|room| self.node.hub.position(room) >= channel.high)
         })
     }
 
     /// Queues a push from the hub, unless its channel's replay already held it or the
     /// channel was left since it was queued.
-    fn take(&mut self, event: crate::hub::Outgoing) {
+    fn take(&mut self, event: crate::node::hub::Outgoing) {
         if event.sub != self.everyone.id() {
             let Some(channel) = self
                 .channels
@@ -610,7 +518,7 @@ impl Session {
             }
         }
         let id = command.id;
-        let allowed = self.limit.allow(self.app.config.message_rate);
+        let allowed = self.limit.allow(self.node.config.message_rate);
         self.refused = if allowed { 0 } else { self.refused + 1 };
         if self.refused > MAX_REFUSED {
             return Err(End::Close(
@@ -622,11 +530,11 @@ impl Session {
         // charged to this identity over all its connections, on every endpoint.
         if allowed
             && matches!(command.op.as_str(), "publish" | "event")
-            && !self.app.spend_socket_message(&self.member.writer)
+            && !self.node.spend_socket_message(&self.member.writer)
         {
             self.stored().await;
-            let refusal = fail(Code::TooManyRequests, crate::app::IDENTITY_RATE_REFUSAL);
-            self.batch.push(error_reply(id, refusal));
+            let refusal = fail(Code::TooManyRequests, crate::node::IDENTITY_RATE_REFUSAL);
+            self.batch.push(encode(&refusal.reply(id)));
             return Ok(());
         }
         if allowed && command.op == "publish" {
@@ -641,7 +549,7 @@ impl Session {
                 Ok(None) => {}
                 Err(failure) => {
                     self.stored().await;
-                    self.batch.push(error_reply(id, failure));
+                    self.batch.push(encode(&failure.reply(id)));
                     return Ok(());
                 }
             }
@@ -651,26 +559,22 @@ impl Session {
         let result = if allowed {
             self.answer(command).await
         } else {
-            self.app.metrics.rate_limited.fetch_add(1, Relaxed);
+            self.node.metrics.rate_limited.fetch_add(1, Relaxed);
             Err(fail(Code::TooManyRequests, "too many commands: slow down"))
         };
-        let reply = match result {
-            Ok(Some(Subscribed { reply, replay })) => {
-                let mut reply = reply;
-                reply["id"] = id.into();
-                self.batch.push(encode_value(&reply));
+        match result {
+            Ok(Some(Answered { reply, replay })) => {
+                self.batch.push(reply);
                 if let Some(replay) = replay {
                     self.replay(ws, replay).await?;
                 }
-                return Ok(());
             }
-            Ok(None) => json!({ "id": id }),
-            Err(failure) => {
-                self.batch.push(error_reply(id, failure));
-                return Ok(());
-            }
-        };
-        self.batch.push(encode_value(&reply));
+            Ok(None) => self.batch.push(encode(&Reply {
+                id,
+                body: channels::Done {},
+            })),
+            Err(failure) => self.batch.push(encode(&failure.reply(id))),
+        }
         Ok(())
     }
 
@@ -682,7 +586,7 @@ impl Session {
         const BAD: End = End::Close(CloseCode(4501), "invalid token");
         let headers = http::HeaderMap::new();
         let Ok(Some((user, credential))) =
-            self.app.user_and_credential(&headers, Some(token)).await
+            self.node.user_and_credential(&headers, Some(token)).await
         else {
             return Err(BAD);
         };
@@ -698,8 +602,8 @@ impl Session {
             }
         }
         let revocations = self.member.revocations.clone();
-        self.lost = ws::check_credential(&self.app, Some(credential), revocations);
-        self.member.writer = crate::auth::Writer::new(Some(&user), None);
+        self.lost = session::check_credential(&self.node, Some(credential), revocations);
+        self.member.writer = crate::identity::auth::Writer::new(Some(&user), None);
         self.member.voter = Some(Box::new(crate::engine::store::Voter {
             key: user.clone(),
             guest: None,
@@ -710,9 +614,9 @@ impl Session {
         // the connections a broadcast reaches under that name; what came before is kept.
         let before = std::mem::replace(
             &mut self.outbox,
-            self.app.hub.outbox(&name, Format::Channels),
+            self.node.hub.outbox(&name, Format::Channels),
         );
-        self.app
+        self.node
             .hub
             .move_everyone(&self.everyone, self.outbox.clone());
         while let Some(event) = before.try_recv() {
@@ -733,8 +637,8 @@ impl Session {
         let Some(Ok(TextData { text })) = command.data.take().map(serde_json::from_value) else {
             return Err(fail(Code::BadRequest, "data is {\"text\": \"…\"}"));
         };
-        if let Some(problem) = self.app.text_problem(&text) {
-            let code = if text.len() > self.app.config.max_text {
+        if let Some(problem) = self.node.text_problem(&text) {
+            let code = if text.len() > self.node.config.max_text {
                 Code::TooLarge
             } else {
                 Code::BadRequest
@@ -742,8 +646,11 @@ impl Session {
             return Err(fail(code, problem));
         }
         let key = command.key.take();
-        if key.as_deref().is_some_and(|k| !crate::auth::valid_key(k)) {
-            return Err(fail(Code::BadRequest, crate::auth::KEY_RULE));
+        if key
+            .as_deref()
+            .is_some_and(|k| !crate::identity::auth::valid_key(k))
+        {
+            return Err(fail(Code::BadRequest, crate::identity::auth::KEY_RULE));
         }
         Ok(Some(Post {
             room: room.to_owned(),
@@ -754,7 +661,7 @@ impl Session {
 
     /// Hands publication `post` (command `id`) to storage; its reply joins the line.
     fn storing(&mut self, id: u64, post: Post) {
-        let app = self.app.clone();
+        let node = self.node.clone();
         let (user, writer) = (self.name().to_owned(), self.member.writer.clone());
         let stored = async move {
             let write = |reply| ChatWrite {
@@ -765,9 +672,12 @@ impl Session {
                 writer,
                 reply,
             };
-            match Reply::wait(|reply| app.submit_chat(write(reply))).await {
-                Ok(message) => encode_value(&json!({"id": id, "offset": message.id})),
-                Err(e) => error_reply(id, fail(Code::Internal, format!("not stored: {e}"))),
+            match journal::Reply::wait(|reply| node.publish(write(reply))).await {
+                Ok(message) => encode(&Reply {
+                    id,
+                    body: channels::Published { offset: message.id },
+                }),
+                Err(e) => encode(&fail(Code::Internal, format!("not stored: {e}")).reply(id)),
             }
         };
         self.storing
@@ -786,13 +696,8 @@ impl Session {
 
     /// Runs one command: `Some` carries a reply with fields (and, for a subscription, the
     /// publications to replay after it); `None` is an empty success.
-    async fn answer(&mut self, command: Command) -> Result<Option<Subscribed>, Failure> {
-        let reply = |value: Value| {
-            Ok(Some(Subscribed {
-                reply: value,
-                replay: None,
-            }))
-        };
+    async fn answer(&mut self, command: Command) -> Result<Option<Answered>, Failure> {
+        let id = command.id;
         match command.op.as_str() {
             "connect" => {
                 if self.connected {
@@ -806,30 +711,36 @@ impl Session {
                 }
                 self.connected = true;
                 let kind = self.member.kind;
-                reply(json!({
-                    "client": format!("{:x}", self.everyone.id()),
-                    // A visitor without an identity watches: no name to show.
-                    "user": (kind != Kind::Anonymous).then(|| self.name()),
-                    "guest": kind != Kind::User,
-                    "limits": {
-                        "channels": MAX_CHANNELS,
-                        "commands_per_second": self.app.config.message_rate,
-                        "message_size": self.app.ws_config.max_message_size,
+                Ok(Some(answered(
+                    id,
+                    channels::Connected {
+                        client: format!("{:x}", self.everyone.id()),
+                        // A visitor without an identity watches: no name to show.
+                        user: (kind != Kind::Anonymous).then(|| self.name()),
+                        guest: kind != Kind::User,
+                        limits: channels::Limits {
+                            channels: MAX_CHANNELS,
+                            commands_per_second: self.node.config.message_rate,
+                            message_size: self.node.ws_config.max_message_size,
+                        },
                     },
-                }))
+                )))
             }
             "ping" => Ok(None),
             "subscribe" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
-                self.subscribe(channel, command.since, command.epoch)
-                    .await
-                    .map(Some)
+                let subscribed = self
+                    .subscribe(channel, command.since, command.epoch)
+                    .await?;
+                let mut answer = answered(id, &subscribed.reply);
+                answer.replay = subscribed.replay;
+                Ok(Some(answer))
             }
             "unsubscribe" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
                 match self.position(channel) {
                     Some(i) => {
-                        self.channels.remove(i, &self.app.hub);
+                        self.channels.remove(i, &self.node.hub);
                         Ok(None)
                     }
                     None => Err(fail(Code::NotSubscribed, "not subscribed to that channel")),
@@ -857,8 +768,12 @@ impl Session {
                     .unwrap_or(HISTORY_LIMIT)
                     .clamp(1, HISTORY_LIMIT);
                 let (epoch, offset, messages) = self.history(&room, command.since, limit).await?;
-                let publications: Vec<Value> = messages.iter().map(publication_value).collect();
-                reply(json!({"epoch": epoch, "offset": offset, "publications": publications}))
+                let history = channels::History {
+                    epoch,
+                    offset,
+                    publications: messages.iter().map(Stored::of).collect(),
+                };
+                Ok(Some(answered(id, history)))
             }
             "presence" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
@@ -867,16 +782,20 @@ impl Session {
                 };
                 let room = self.may_read(room)?;
                 // A crowd is counted, not listed (see `PRESENCE_LIMIT`), as on subscribing.
-                let users = self.app.hub.user_count(room);
-                if users > crate::hub::PRESENCE_LIMIT {
-                    return reply(json!({ "users": users }));
-                }
-                match self.presence(room).await {
-                    Value::Array(members) if members.len() > crate::hub::PRESENCE_LIMIT => {
-                        reply(json!({ "users": members.len() }))
+                let users = self.node.hub.user_count(room);
+                let present = if users > crate::node::hub::PRESENCE_LIMIT {
+                    Present::Users { users }
+                } else {
+                    match self.presence(room).await {
+                        members if members.len() > crate::node::hub::PRESENCE_LIMIT => {
+                            Present::Users {
+                                users: members.len(),
+                            }
+                        }
+                        members => Present::Members { members },
                     }
-                    members => reply(json!({ "members": members })),
-                }
+                };
+                Ok(Some(answered(id, present)))
             }
             other => Err(fail(Code::UnknownOp, format!("unknown op: {other:.32}"))),
         }
@@ -887,7 +806,7 @@ impl Session {
         channel: &str,
         since: Option<u64>,
         epoch: Option<String>,
-    ) -> Result<Subscribed, Failure> {
+    ) -> Result<Subscribing, Failure> {
         let name = parse_channel(channel)?;
         if self.position(channel).is_some() {
             return Err(fail(Code::AlreadySubscribed, "already subscribed"));
@@ -910,11 +829,11 @@ impl Session {
                 ))
             }
         };
-        let app = self.app.clone();
+        let node = self.node.clone();
         let room = room.as_str();
         // Subscribing to a room nobody is in and nobody wrote to brings it into being: that
         // is paid for as starting one.
-        app.may_join_room(room, &self.member.writer)
+        node.may_join_room(room, &self.member.writer)
             .await
             .map_err(|e| match e {
                 StoreError::Limit(why) => fail(Code::LimitExceeded, why),
@@ -922,55 +841,50 @@ impl Session {
             })?;
         // The epoch first: should storage have a new one, the hub resets the room before
         // this connection is in it, not after.
-        let mut current = ws::current_epoch(&app).await.map_err(internal)?;
-        let joined = app.hub.join_with(
+        let mut current = session::current_epoch(&node).await.map_err(internal)?;
+        let joined = node.hub.join_with(
             room,
             self.outbox.user(),
             Some(self.outbox.clone()),
             Format::Channels,
         );
-        let now = app.hub.epoch();
+        let now = node.hub.epoch();
         if now != current {
             current = now;
         }
         let same_epoch = epoch.as_deref().is_none_or(|e| e == current);
-        let plan = ws::plan_replay(&app, room, since, same_epoch)
+        let plan = session::plan_replay(&node, room, since, same_epoch)
             .await
             .map_err(internal)?;
         // Publications up to the plan's end come as replay (written after the reply); live
         // ones at or below it are dropped as they arrive.
         let high = if plan.count > 0 { plan.end } else { plan.start };
         if plan.count == 0 {
-            app.hub.advance(room, high);
+            node.hub.advance(room, high);
         }
         // A crowd is counted, not listed (see `PRESENCE_LIMIT`).
         let users = joined.users;
         let personal = crate::wire::is_personal(room);
-        let members = if users <= crate::hub::PRESENCE_LIMIT && !personal {
+        let members = if users <= crate::node::hub::PRESENCE_LIMIT && !personal {
             Some(self.presence(room).await)
         } else {
             None
         };
         self.add(Channel::new(joined.subscription, high));
-        let mut reply = json!({
-            "epoch": current,
-            "offset": plan.end,
-            "replayed": plan.count,
+        let reply = channels::Subscribed::Room(channels::RoomSubscribed {
+            epoch: current,
+            offset: plan.end,
+            replayed: plan.count,
+            users: (members.is_none() && !personal).then_some(users),
+            presence: members,
+            recovered: plan.recovered,
         });
-        match members {
-            Some(members) => reply["presence"] = members,
-            None if !personal => reply["users"] = users.into(),
-            None => {}
-        }
-        if let Some(recovered) = plan.recovered {
-            reply["recovered"] = recovered.into();
-        }
         let replay = (plan.count > 0).then(|| Replay {
             room: room.to_owned(),
             after: plan.start,
             end: plan.end,
         });
-        Ok(Subscribed { reply, replay })
+        Ok(Subscribing { reply, replay })
     }
 
     /// Writes a subscription's replay after its reply: the next page is read from storage
@@ -979,18 +893,19 @@ impl Session {
     /// ends the session: the socket took nothing within the write timeout, or storage failed
     /// halfway (the reply promised what it could not send).
     async fn replay(&mut self, ws: &mut Socket, replay: Replay) -> Result<(), End> {
-        let app = self.app.clone();
+        let node = self.node.clone();
         let Replay {
             room,
             mut after,
             end,
         } = replay;
         while after < end {
-            if let Some(end) = ws::write_all(&app, ws, &mut self.batch, &self.outbox, judged).await
+            if let Some(end) =
+                session::write_all(&node, ws, &mut self.batch, &self.outbox, judged).await
             {
                 return Err(end);
             }
-            let page = match ws::read_page(&app, &room, after, end).await {
+            let page = match session::read_page(&node, &room, after, end).await {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::error!(error = %e, %room, "loading history failed");
@@ -1001,9 +916,9 @@ impl Session {
                 break;
             };
             after = last.id;
-            self.batch.extend(page.iter().map(publication));
+            self.batch.extend(page.iter().map(channels::publication));
         }
-        app.hub.advance(&room, after);
+        node.hub.advance(&room, after);
         Ok(())
     }
 
@@ -1049,51 +964,45 @@ impl Session {
 
     /// A poll's channel: its state and this client's vote in the reply, then its counts as
     /// they change (`pub` pushes without an offset).
-    async fn subscribe_poll(&mut self, id: i64) -> Result<Subscribed, Failure> {
+    async fn subscribe_poll(&mut self, id: i64) -> Result<Subscribing, Failure> {
         // Watching first: a vote counted while the state loads is pushed after it.
-        let sub = self.app.hub.watch_poll_with(
+        let sub = self.node.hub.watch_poll_with(
             id,
             self.outbox.user(),
             Some(self.outbox.clone()),
             Format::Channels,
         );
-        let state = ws::poll_state(&self.app, id, self.member.voter.as_deref())
+        let state = session::poll_state(&self.node, id, self.member.voter.as_deref())
             .await
             .map_err(internal)?;
         let (Some(poll), vote) = state else {
             return Err(fail(Code::UnknownChannel, "no such poll"));
         };
         self.add(Channel::new(sub, 0));
-        let reply = json!({
-            "poll": poll,
-            "vote": vote,
-            "can_vote": self.member.voter.is_some(),
-            "replayed": 0,
+        let reply = channels::Subscribed::Poll(channels::PollSubscribed {
+            poll,
+            vote,
+            can_vote: self.member.voter.is_some(),
+            replayed: 0,
         });
-        Ok(Subscribed {
+        Ok(Subscribing {
             reply,
             replay: None,
         })
     }
 
     /// The `polls` channel: the latest polls in the reply, then each new one as it is created.
-    async fn subscribe_polls(&mut self) -> Result<Subscribed, Failure> {
+    async fn subscribe_polls(&mut self) -> Result<Subscribing, Failure> {
         // Watching first: a poll created while the list loads is pushed after it (and may be
         // in the list too; a client keys polls by id).
         let sub = self
-            .app
+            .node
             .hub
             .watch_poll_list(self.outbox.user(), self.outbox.clone());
-        let polls = self
-            .app
-            .engine
-            .polls
-            .list(POLL_LIST)
-            .await
-            .map_err(internal)?;
+        let polls = self.node.polls(POLL_LIST).await.map_err(internal)?;
         self.add(Channel::new(sub, 0));
-        let reply = json!({ "polls": polls, "replayed": 0 });
-        Ok(Subscribed {
+        let reply = channels::Subscribed::Polls(channels::PollsSubscribed { polls, replayed: 0 });
+        Ok(Subscribing {
             reply,
             replay: None,
         })
@@ -1133,9 +1042,9 @@ impl Session {
                 "only registered users vote here: log in to vote",
             ));
         };
-        let app = &self.app;
-        let counted = Reply::wait(|reply| {
-            app.engine.polls.vote(VoteWrite {
+        let node = &self.node;
+        let counted = journal::Reply::wait(|reply| {
+            node.vote(VoteWrite {
                 poll: id,
                 voter,
                 option: vote,
@@ -1178,16 +1087,13 @@ impl Session {
                 format!("an event's data is at most {MAX_EVENT_DATA} bytes"),
             ));
         }
-        let push = encode_value(
-            &serde_json::to_value(EventPush {
-                channel,
-                name,
-                user: self.name(),
-                data: &data,
-            })
-            .map_err(|e| fail(Code::Internal, e.to_string()))?,
-        );
-        self.app.hub.ephemeral(room, subscribed.sub.id(), push);
+        let push = encode(&channels::Event {
+            channel,
+            name,
+            user: self.name(),
+            data: &data,
+        });
+        self.node.hub.ephemeral(room, subscribed.sub.id(), push);
         Ok(())
     }
 
@@ -1197,42 +1103,25 @@ impl Session {
         since: Option<u64>,
         limit: usize,
     ) -> Result<(String, u64, Vec<ChatMessage>), Failure> {
-        let app = &self.app;
-        let epoch = ws::current_epoch(app).await.map_err(internal)?;
-        let plan = ws::plan_replay(app, room, None, true)
+        let node = &self.node;
+        let epoch = session::current_epoch(node).await.map_err(internal)?;
+        let plan = session::plan_replay(node, room, None, true)
             .await
             .map_err(internal)?;
         let messages = match since {
-            Some(since) => {
-                app.engine
-                    .broker
-                    .history(room, since, u64::MAX, limit)
-                    .await
-            }
-            None => app.engine.broker.recent(room, limit).await,
+            Some(since) => node.history(room, since, u64::MAX, limit).await,
+            None => node.recent(room, limit).await,
         }
         .map_err(internal)?;
         Ok((epoch, plan.end, messages))
     }
 
     /// Who is in `room`: one entry per user, with their connections on every node.
-    async fn presence(&mut self, room: &str) -> Value {
-        let mut members = self.app.hub.members(room);
-        if let Ok(remote) = self.app.engine.presence.elsewhere(room).await {
-            for other in remote {
-                match members.iter_mut().find(|m| m.user == other.user) {
-                    Some(member) => {
-                        member.clients += other.clients;
-                        member.add_infos(other.info);
-                    }
-                    None => members.push(other),
-                }
-            }
-        }
-        members.sort_by(|a, b| a.user.cmp(&b.user));
+    async fn presence(&mut self, room: &str) -> Vec<Value> {
+        let members = self.node.presence(room).await;
         // Every info was checked at its door (`info_problem`), on this node or another; one
         // that fails here anyway costs its own entry, never this session.
-        let listed: Vec<Value> = members
+        members
             .into_iter()
             .filter_map(|member| match serde_json::to_value(&member) {
                 Ok(value) => Some(value),
@@ -1241,8 +1130,7 @@ impl Session {
                     None
                 }
             })
-            .collect();
-        Value::Array(listed)
+            .collect()
     }
 }
 
@@ -1256,10 +1144,10 @@ fn internal(e: StoreError) -> Failure {
 }
 
 /// How a session ends on the hub's verdict.
-fn judged(app: &App, verdict: Verdict) -> End {
+fn judged(node: &Node, verdict: Verdict) -> End {
     match verdict {
         Verdict::Slow => {
-            app.metrics.slow_consumers.fetch_add(1, Relaxed);
+            node.metrics.slow_consumers.fetch_add(1, Relaxed);
             End::Close(disconnect::SLOW_CONSUMER, "slow consumer: too far behind")
         }
         Verdict::Reset => End::Close(
@@ -1269,40 +1157,6 @@ fn judged(app: &App, verdict: Verdict) -> End {
     }
 }
 
-fn error_reply(id: u64, Failure { code, message }: Failure) -> Arc<Prepared> {
-    encode_value(&json!({"id": id, "error": {"code": code as u16, "message": message}}))
-}
-
-fn encode_value(value: &Value) -> Arc<Prepared> {
-    Arc::new(Prepared::text(value.to_string()))
-}
-
-fn publication_value(message: &ChatMessage) -> Value {
-    let mut value = json!({
-        "channel": push::room_channel(&message.room),
-        "offset": message.id,
-        "user": message.user,
-        "ts": message.ts,
-        "data": {"text": message.text},
-    });
-    if message.guest {
-        value["guest"] = Value::Bool(true);
-    }
-    value
-}
-
-/// A stored message as a replayed `pub` push: the same bytes a live one has.
-fn publication(message: &ChatMessage) -> Arc<Prepared> {
-    crate::hub::encode(&push::Publication {
-        channel: &push::room_channel(&message.room),
-        offset: Some(message.id),
-        user: Some(&message.user),
-        guest: message.guest,
-        ts: Some(&message.ts),
-        data: json!({"text": message.text}),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1310,7 +1164,7 @@ mod tests {
     /// The size of what `f` returns, without calling it.
     fn returned_size<F, Fut>(_: F) -> usize
     where
-        F: FnOnce(Arc<App>, UpgradedWebSocket, Slot, Member) -> Fut,
+        F: FnOnce(Arc<Node>, UpgradedWebSocket, Slot, Member) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }
