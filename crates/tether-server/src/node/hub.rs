@@ -3,7 +3,11 @@
 //! A subscriber speaks one of two formats: the single-channel endpoints' events
 //! ([`Format::Room`]) or the channel protocol's pushes ([`Format::Channels`], docs/protocol.md).
 //! An event is encoded once per format among a topic's subscribers, and the same bytes go to
-//! every subscriber of that format.
+//! every subscriber of that format. A stored message or a poll's counts is encoded before its
+//! topic is locked for the fan-out.
+//!
+//! Rooms and polls are spread over 16 maps, each behind its own lock: deliveries to
+//! rooms on different cores do not wait for each other.
 //!
 //! Every subscriber has a bounded outbound queue. Fan-out serializes an event once and hands
 //! the same bytes to every queue (a push); a queue that is full marks its connection as
@@ -55,10 +59,38 @@ pub enum Format {
 }
 
 /// An event for a topic's subscribers: its chat message id (or 0), and how to encode it in
-/// each format. Each format is encoded at most once per fan-out.
+/// each format. Each format is encoded at most once per fan-out: before the topic is locked
+/// when the caller knew which formats its subscribers speak (`ready`), else on first need.
 struct Fan<'a> {
     id: u64,
     encode: &'a dyn Fn(Format) -> Arc<Prepared>,
+    ready: [Option<Arc<Prepared>>; 2],
+}
+
+impl<'a> Fan<'a> {
+    fn new(id: u64, encode: &'a dyn Fn(Format) -> Arc<Prepared>) -> Fan<'a> {
+        Fan {
+            id,
+            encode,
+            ready: [None, None],
+        }
+    }
+
+    /// The event, encoded now in each format of `speaks` ([`Topic::speaks`]).
+    fn encoded(id: u64, encode: &'a dyn Fn(Format) -> Arc<Prepared>, speaks: [bool; 2]) -> Self {
+        let format = |i: usize| {
+            if i == 0 {
+                Format::Room
+            } else {
+                Format::Channels
+            }
+        };
+        Fan {
+            id,
+            encode,
+            ready: [0, 1].map(|i| speaks[i].then(|| encode(format(i)))),
+        }
+    }
 }
 
 /// Why the hub ended a connection's place in it.
@@ -369,9 +401,29 @@ struct Peer {
 #[derive(Debug, Default)]
 struct Topic {
     peers: HashMap<u64, Peer>,
+    /// How many peers speak each format.
+    formats: [u32; 2],
 }
 
 impl Topic {
+    fn add(&mut self, id: u64, peer: Peer) {
+        self.formats[peer.outbox.format as usize] += 1;
+        if let Some(old) = self.peers.insert(id, peer) {
+            self.formats[old.outbox.format as usize] -= 1;
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Peer> {
+        let peer = self.peers.remove(&id)?;
+        self.formats[peer.outbox.format as usize] -= 1;
+        Some(peer)
+    }
+
+    /// Which formats its peers speak, in [`Format`] order.
+    fn speaks(&self) -> [bool; 2] {
+        self.formats.map(|n| n > 0)
+    }
+
     /// Queues `event` to every peer (except `skip`; only those speaking `only`, if given);
     /// returns how many it reached.
     fn fan_out(
@@ -381,8 +433,8 @@ impl Topic {
         only: Option<Format>,
         out: &Fanout,
     ) -> usize {
-        // Encoded on first need, per format, and shared by every peer speaking it.
-        let mut encoded: [Option<Arc<Prepared>>; 2] = [None, None];
+        // Encoded once per format, shared by every peer speaking it.
+        let mut encoded = event.ready.clone();
         let mut reached = [0; 2];
         // Parked outboxes for the drainer.
         let mut drain = Vec::new();
@@ -471,11 +523,12 @@ pub struct Hub {
     /// The epoch of the rooms' streams in storage, once known (empty before).
     epoch: Mutex<String>,
     /// By name; a name is one allocation shared with its members' subscriptions.
-    rooms: Mutex<HashMap<Arc<str>, RoomState>>,
+    rooms: Shards<Arc<str>, RoomState>,
     /// The names of `rooms`, users' notification streams left out, in order: listing a page
-    /// of them costs the page, not every room (taken after `rooms` when both are held).
+    /// of them costs the page, not every room (taken after a room's shard when both are
+    /// held).
     names: Mutex<BTreeSet<Arc<str>>>,
-    polls: Mutex<HashMap<i64, PollState>>,
+    polls: Shards<i64, PollState>,
     /// Every connection of the channel protocol: what `broadcast` reaches besides rooms.
     everyone: Mutex<Topic>,
     /// Subscribers of the `polls` channel: told of each poll created here.
@@ -745,6 +798,47 @@ fn presence(
     }
 }
 
+/// How many locks the rooms and the polls are spread over: enough that the sessions and the
+/// engine's deliveries on every core rarely meet on one, few enough that a walk over every
+/// room (a broadcast, a new epoch) takes few.
+const SHARDS: usize = 16;
+
+/// A map spread over [`SHARDS`] maps, each behind its own lock, by its keys' hash: work on
+/// one key locks one shard, so that rooms on different cores do not wait for each other.
+/// No code holds two shards at once.
+#[derive(Debug)]
+struct Shards<K, V> {
+    shards: Box<[Mutex<HashMap<K, V>>]>,
+    hasher: std::hash::RandomState,
+}
+
+impl<K: std::hash::Hash + Eq, V> Shards<K, V> {
+    fn new() -> Self {
+        Shards {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    /// The locked shard that holds `key` (whether or not it is there).
+    fn of<Q>(&self, key: &Q) -> MutexGuard<'_, HashMap<K, V>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + ?Sized,
+    {
+        use std::hash::BuildHasher as _;
+        // The hash's low bits pick the shard; HashMap's own use of the same hash then
+        // spreads each shard's keys over its buckets by the high bits.
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        lock(&self.shards[i])
+    }
+
+    /// Every shard, locked one after another as the caller walks them.
+    fn each(&self) -> impl Iterator<Item = MutexGuard<'_, HashMap<K, V>>> {
+        self.shards.iter().map(lock)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave these maps half-updated in a way that
     // matters more than losing the server, so carry on with the data.
@@ -756,9 +850,9 @@ impl Hub {
     pub fn new(queue_len: usize, metrics: Arc<Metrics>) -> Arc<Hub> {
         Arc::new(Hub {
             epoch: Mutex::new(String::new()),
-            rooms: Mutex::new(HashMap::new()),
+            rooms: Shards::new(),
             names: Mutex::new(BTreeSet::new()),
-            polls: Mutex::new(HashMap::new()),
+            polls: Shards::new(),
             everyone: Mutex::new(Topic::default()),
             poll_list: Mutex::new(Topic::default()),
             next_id: AtomicU64::new(1),
@@ -798,7 +892,7 @@ impl Hub {
         outbox: Option<Arc<Outbox>>,
         format: Format,
     ) -> Joined {
-        let mut rooms = lock(&self.rooms);
+        let mut rooms = self.rooms.of(room);
         // The names already held are shared, not copied.
         let room_key = match rooms.get_key_value(room) {
             Some((k, _)) => k.clone(),
@@ -819,7 +913,7 @@ impl Hub {
         let (id, peer) = self.peer(user, outbox, format);
         let outbox = peer.outbox.clone();
         let info = outbox.info();
-        state.topic.peers.insert(id, peer);
+        state.topic.add(id, peer);
         let n = state.users.entry(user_key.clone()).or_insert(0);
         *n += 1;
         let first = *n == 1;
@@ -828,10 +922,7 @@ impl Hub {
         if first && !is_personal(room) {
             if users <= PRESENCE_LIMIT {
                 let encode = |f: Format| presence(f, room, user, true, users, info);
-                let event = Fan {
-                    id: 0,
-                    encode: &encode,
-                };
+                let event = Fan::new(0, &encode);
                 state.topic.fan_out(&event, Some(id), None, &self.out);
             }
             self.share(room, user, Change::Join, info);
@@ -858,11 +949,11 @@ impl Hub {
     }
 
     fn leave_room(&self, room: &str, id: u64) {
-        let mut rooms = lock(&self.rooms);
+        let mut rooms = self.rooms.of(room);
         let Some(state) = rooms.get_mut(room) else {
             return;
         };
-        let Some(peer) = state.topic.peers.remove(&id) else {
+        let Some(peer) = state.topic.remove(id) else {
             return;
         };
         let user = &peer.outbox.user;
@@ -874,10 +965,7 @@ impl Hub {
                 if told {
                     let count = state.users.len();
                     let encode = |f: Format| presence(f, room, user, false, count, None);
-                    let event = Fan {
-                        id: 0,
-                        encode: &encode,
-                    };
+                    let event = Fan::new(0, &encode);
                     state.topic.fan_out(&event, None, None, &self.out);
                 }
                 if !is_personal(room) {
@@ -904,7 +992,7 @@ impl Hub {
         match topic {
             TopicKey::Room(room) => self.leave_room(room, id),
             TopicKey::Poll(POLL_LIST) => {
-                lock(&self.poll_list).peers.remove(&id);
+                lock(&self.poll_list).remove(id);
             }
             TopicKey::Poll(poll) => self.leave_poll(*poll, id),
         }
@@ -929,22 +1017,29 @@ impl Hub {
         if !known {
             return false;
         }
-        let mut rooms = lock(&self.rooms);
-        tracing::error!(old = %before, new = %epoch, rooms = rooms.len(), "storage lost the rooms' history (a new epoch): their members reconnect and resume from what it holds now");
-        for state in rooms.values_mut() {
-            Self::reset(state);
+        let mut reset = 0;
+        for mut rooms in self.rooms.each() {
+            reset += rooms.len();
+            for state in rooms.values_mut() {
+                Self::reset(state);
+            }
         }
+        tracing::error!(old = %before, new = %epoch, rooms = reset, "storage lost the rooms' history (a new epoch): their members reconnect and resume from what it holds now");
         true
     }
 
     /// Wakes every room and poll member (at shutdown: each then reads the server's flag).
     pub fn wake_all(&self) {
         let mut outboxes: Vec<Arc<Outbox>> = Vec::new();
-        for state in lock(&self.rooms).values() {
-            outboxes.extend(state.topic.peers.values().map(|p| p.outbox.clone()));
+        for rooms in self.rooms.each() {
+            for state in rooms.values() {
+                outboxes.extend(state.topic.peers.values().map(|p| p.outbox.clone()));
+            }
         }
-        for state in lock(&self.polls).values() {
-            outboxes.extend(state.topic.peers.values().map(|p| p.outbox.clone()));
+        for polls in self.polls.each() {
+            for state in polls.values() {
+                outboxes.extend(state.topic.peers.values().map(|p| p.outbox.clone()));
+            }
         }
         outboxes.extend(
             lock(&self.everyone)
@@ -971,22 +1066,26 @@ impl Hub {
         if let Some(epoch) = &message.epoch {
             self.observe_epoch(epoch);
         }
-        let mut rooms = lock(&self.rooms);
-        let Some(state) = rooms.get_mut(message.room.as_str()) else {
+        let room = message.room.as_str();
+        // Encoded before the room is locked for the fan-out, in the formats its members
+        // speak now (one who joins between speaking another has it encoded on need).
+        let speaks = match self.rooms.of(room).get(room) {
+            Some(state) if message.id > state.position => state.topic.speaks(),
+            _ => return 0,
+        };
+        let encode = |f: Format| match f {
+            Format::Room => encode(message),
+            Format::Channels => channels::publication(message),
+        };
+        let event = Fan::encoded(message.id, &encode, speaks);
+        let mut rooms = self.rooms.of(room);
+        let Some(state) = rooms.get_mut(room) else {
             return 0;
         };
         if message.id <= state.position {
             return 0;
         }
         state.position = message.id;
-        let encode = |f: Format| match f {
-            Format::Room => encode(message),
-            Format::Channels => channels::publication(message),
-        };
-        let event = Fan {
-            id: message.id,
-            encode: &encode,
-        };
         state.topic.fan_out(&event, None, None, &self.out)
     }
 
@@ -1004,19 +1103,18 @@ impl Hub {
                 data: channels::Text { text },
             }),
         };
-        let event = Fan {
-            id: 0,
-            encode: &encode,
-        };
-        let rooms = lock(&self.rooms);
-        let in_rooms: usize = rooms
-            .values()
-            .map(|state| {
-                let only = Some(Format::Room);
-                state.topic.fan_out(&event, None, only, &self.out)
+        let event = Fan::new(0, &encode);
+        let only = Some(Format::Room);
+        let in_rooms: usize = self
+            .rooms
+            .each()
+            .map(|rooms| {
+                rooms
+                    .values()
+                    .map(|state| state.topic.fan_out(&event, None, only, &self.out))
+                    .sum::<usize>()
             })
             .sum();
-        drop(rooms);
         let everyone = lock(&self.everyone).fan_out(&event, None, None, &self.out);
         in_rooms + everyone
     }
@@ -1025,42 +1123,38 @@ impl Hub {
     /// going to `outbox`.
     pub fn join_everyone(&self, user: &Arc<str>, outbox: Arc<Outbox>) -> Everyone {
         let (id, peer) = self.peer(user, Some(outbox), Format::Channels);
-        lock(&self.everyone).peers.insert(id, peer);
+        lock(&self.everyone).add(id, peer);
         Everyone { id }
     }
 
     /// Sends what comes to `everyone` from now on to `outbox` instead (the connection took an
     /// identity): nothing is missed or sent twice in between.
     pub fn move_everyone(&self, everyone: &Everyone, outbox: Arc<Outbox>) {
-        lock(&self.everyone)
-            .peers
-            .insert(everyone.id, Peer { outbox });
+        lock(&self.everyone).add(everyone.id, Peer { outbox });
     }
 
     /// Takes a connection out of those a broadcast reaches.
     pub fn leave_everyone(&self, everyone: &Everyone) {
-        lock(&self.everyone).peers.remove(&everyone.id);
+        lock(&self.everyone).remove(everyone.id);
     }
 
     /// Sends an ephemeral event (already encoded as a push) to the channel-protocol members
     /// of `room` but `from` (the sender's subscription); returns how many it reached.
     pub fn ephemeral(&self, room: &str, from: u64, push: Arc<Prepared>) -> usize {
-        let rooms = lock(&self.rooms);
+        let rooms = self.rooms.of(room);
         let Some(state) = rooms.get(room) else {
             return 0;
         };
         let encode = |_: Format| push.clone();
-        let event = Fan {
-            id: 0,
-            encode: &encode,
-        };
+        let event = Fan::new(0, &encode);
         let only = Some(Format::Channels);
         state.topic.fan_out(&event, Some(from), only, &self.out)
     }
 
     /// How many distinct users `room` has on this node.
     pub fn user_count(&self, room: &str) -> usize {
-        lock(&self.rooms)
+        self.rooms
+            .of(room)
             .get(room)
             .map_or(0, |state| state.users.len())
     }
@@ -1068,20 +1162,23 @@ impl Hub {
     /// The users in `room` on this node, with how many connections each has there and the
     /// public information they attached, in name order.
     pub fn members(&self, room: &str) -> Vec<Member> {
-        lock(&self.rooms).get(room).map_or_else(Vec::new, |state| {
-            let mut infos = state.infos();
-            let mut members: Vec<Member> = state
-                .users
-                .iter()
-                .map(|(user, n)| Member {
-                    user: user.to_string(),
-                    clients: *n as usize,
-                    info: infos.remove(user).unwrap_or_default(),
-                })
-                .collect();
-            members.sort_unstable_by(|a, b| a.user.cmp(&b.user));
-            members
-        })
+        self.rooms
+            .of(room)
+            .get(room)
+            .map_or_else(Vec::new, |state| {
+                let mut infos = state.infos();
+                let mut members: Vec<Member> = state
+                    .users
+                    .iter()
+                    .map(|(user, n)| Member {
+                        user: user.to_string(),
+                        clients: *n as usize,
+                        info: infos.remove(user).unwrap_or_default(),
+                    })
+                    .collect();
+                members.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+                members
+            })
     }
 
     /// Sends local joins and leaves to `tx` (for the other nodes).
@@ -1090,7 +1187,7 @@ impl Hub {
     }
 
     /// Sends the name of each room that gains its first local member or loses its last one
-    /// to `tx`, in order (under the rooms' lock), so that a listener can follow which rooms
+    /// to `tx`, in order (under the room's shard lock), so that a listener can follow which rooms
     /// this node has ([`Hub::has_room`] says which way it went).
     pub fn follow_rooms(&self, tx: mpsc::UnboundedSender<Arc<str>>) {
         let _ = self.interest.set(tx);
@@ -1104,7 +1201,7 @@ impl Hub {
 
     /// Whether `room` has local members.
     pub fn has_room(&self, room: &str) -> bool {
-        lock(&self.rooms).contains_key(room)
+        self.rooms.of(room).contains_key(room)
     }
 
     fn share(&self, room: &str, user: &str, change: Change, info: Option<&RawValue>) {
@@ -1129,7 +1226,7 @@ impl Hub {
         remote: usize,
         info: Option<&RawValue>,
     ) {
-        let rooms = lock(&self.rooms);
+        let rooms = self.rooms.of(room);
         let Some(state) = rooms.get(room) else {
             return;
         };
@@ -1141,17 +1238,14 @@ impl Hub {
             return;
         }
         let encode = |f: Format| presence(f, room, user, join, count, info);
-        let event = Fan {
-            id: 0,
-            encode: &encode,
-        };
+        let event = Fan::new(0, &encode);
         state.topic.fan_out(&event, None, None, &self.out);
     }
 
     /// After a connection that created `room` read its history up to `high`: older ids need
     /// not be delivered here. Only when it is alone, so no other member can miss anything.
     pub fn advance(&self, room: &str, high: u64) {
-        if let Some(state) = lock(&self.rooms).get_mut(room) {
+        if let Some(state) = self.rooms.of(room).get_mut(room) {
             if state.topic.peers.len() == 1 {
                 state.position = state.position.max(high);
             }
@@ -1162,37 +1256,41 @@ impl Hub {
     /// writes but kept its epoch): the ids delivered past its end will name other messages.
     /// The room forgets what it delivered and its members reconnect ([`Verdict::Reset`]).
     pub fn reset_room(&self, room: &str) {
-        if let Some(state) = lock(&self.rooms).get_mut(room) {
+        if let Some(state) = self.rooms.of(room).get_mut(room) {
             Self::reset(state);
         }
     }
 
     /// The rooms with local members.
     pub fn room_names(&self) -> Vec<String> {
-        lock(&self.rooms).keys().map(|r| r.to_string()).collect()
+        self.rooms
+            .each()
+            .flat_map(|rooms| rooms.keys().map(|r| r.to_string()).collect::<Vec<_>>())
+            .collect()
     }
 
     /// The last id delivered in `room` (0 when none or the room has no local members).
     pub fn position(&self, room: &str) -> u64 {
-        lock(&self.rooms).get(room).map_or(0, |s| s.position)
+        self.rooms.of(room).get(room).map_or(0, |s| s.position)
     }
 
     /// Local users per room, users' notification streams left out (they have no presence).
     pub fn local_users(&self) -> BTreeMap<String, Vec<String>> {
-        lock(&self.rooms)
-            .iter()
-            .filter(|(room, _)| !is_personal(room))
-            .map(|(room, state)| {
+        let mut local = BTreeMap::new();
+        for rooms in self.rooms.each() {
+            for (room, state) in rooms.iter().filter(|(room, _)| !is_personal(room)) {
                 let users = state.users.keys().map(|u| u.to_string()).collect();
-                (room.to_string(), users)
-            })
-            .collect()
+                local.insert(room.to_string(), users);
+            }
+        }
+        local
     }
 
     /// The public information local users' connections in `room` attached, by user (users
     /// whose connections attached none are not in it).
     pub fn infos(&self, room: &str) -> BTreeMap<String, Vec<Box<RawValue>>> {
-        lock(&self.rooms)
+        self.rooms
+            .of(room)
             .get(room)
             .map_or_else(BTreeMap::new, |state| {
                 state
@@ -1218,10 +1316,9 @@ impl Hub {
             .take(limit)
             .cloned()
             .collect();
-        let rooms = lock(&self.rooms);
         page.into_iter()
             .filter_map(|name| {
-                let users = rooms.get(&name)?.users.len();
+                let users = self.rooms.of(&*name).get(&name)?.users.len();
                 Some((name.to_string(), users))
             })
             .collect()
@@ -1243,8 +1340,8 @@ impl Hub {
     ) -> Subscription {
         let (id, peer) = self.peer(user, outbox, format);
         let outbox = peer.outbox.clone();
-        let mut polls = lock(&self.polls);
-        polls.entry(poll).or_default().topic.peers.insert(id, peer);
+        let mut polls = self.polls.of(&poll);
+        polls.entry(poll).or_default().topic.add(id, peer);
         Subscription {
             hub: self.clone(),
             id,
@@ -1255,13 +1352,16 @@ impl Hub {
 
     /// The polls this node's connections watch.
     pub fn watched_polls(&self) -> Vec<i64> {
-        lock(&self.polls).keys().copied().collect()
+        self.polls
+            .each()
+            .flat_map(|polls| polls.keys().copied().collect::<Vec<_>>())
+            .collect()
     }
 
     fn leave_poll(&self, poll: i64, id: u64) {
-        let mut polls = lock(&self.polls);
+        let mut polls = self.polls.of(&poll);
         if let Some(state) = polls.get_mut(&poll) {
-            state.topic.peers.remove(&id);
+            state.topic.remove(id);
             if state.topic.peers.is_empty() {
                 polls.remove(&poll);
             }
@@ -1273,7 +1373,7 @@ impl Hub {
     pub fn watch_poll_list(self: &Arc<Self>, user: &Arc<str>, outbox: Arc<Outbox>) -> Subscription {
         let (id, peer) = self.peer(user, Some(outbox), Format::Channels);
         let outbox = peer.outbox.clone();
-        lock(&self.poll_list).peers.insert(id, peer);
+        lock(&self.poll_list).add(id, peer);
         Subscription {
             hub: self.clone(),
             id,
@@ -1294,17 +1394,13 @@ impl Hub {
                 data: channels::Created { created: poll },
             })
         };
-        let event = Fan {
-            id: 0,
-            encode: &encode,
-        };
+        let event = Fan::new(0, &encode);
         lock(&self.poll_list).fan_out(&event, None, None, &self.out)
     }
 
     /// Sends poll `poll`'s new counts to everyone watching it.
     pub fn deliver_counts(&self, poll: i64, counts: &BTreeMap<String, u64>) -> usize {
-        let polls = lock(&self.polls);
-        let Some(state) = polls.get(&poll) else {
+        let Some(speaks) = self.polls.of(&poll).get(&poll).map(|s| s.topic.speaks()) else {
             return 0;
         };
         let total = counts.values().sum();
@@ -1323,9 +1419,10 @@ impl Hub {
                 data: channels::Counts { counts, total },
             }),
         };
-        let event = Fan {
-            id: 0,
-            encode: &encode,
+        let event = Fan::encoded(0, &encode, speaks);
+        let polls = self.polls.of(&poll);
+        let Some(state) = polls.get(&poll) else {
+            return 0;
         };
         state.topic.fan_out(&event, None, None, &self.out)
     }
@@ -1558,5 +1655,67 @@ mod tests {
         drop(s);
         assert!(hub.rooms_page(None, 10).is_empty());
         assert_eq!(hub.deliver(&message("r", 1)), 0);
+    }
+
+    #[test]
+    fn each_format_is_encoded_once_and_reaches_its_speakers() {
+        let hub = Hub::new(16, Arc::default());
+        let room = hub.join("r", "ann").subscription;
+        let user: Arc<str> = Arc::from("ben");
+        let outbox = hub.outbox(&user, Format::Channels);
+        let channels = hub.join_with("r", &user, Some(outbox), Format::Channels);
+        let channels = channels.subscription;
+        room.outbox.take_all();
+        assert_eq!(hub.deliver(&message("r", 1)), 2);
+        let (a, b) = (
+            room.outbox.try_recv().unwrap(),
+            channels.outbox.try_recv().unwrap(),
+        );
+        assert!(text(&a).starts_with(r#"{"type":"message""#), "{}", text(&a));
+        assert!(
+            text(&b).starts_with(r#"{"type":"pub","channel":"room:r""#),
+            "{}",
+            text(&b)
+        );
+        assert!(!Arc::ptr_eq(&a.msg, &b.msg));
+        // The room's formats follow its members: with the channel member gone, only the
+        // room's format is spoken.
+        drop(channels);
+        let speaks = hub.rooms.of("r").get("r").map(|s| s.topic.speaks());
+        assert_eq!(speaks, Some([true, false]));
+        room.outbox.take_all();
+        assert_eq!(hub.deliver(&message("r", 2)), 1);
+    }
+
+    #[test]
+    fn rooms_over_every_shard_are_kept_listed_and_reset() {
+        let hub = Hub::new(4, Arc::default());
+        assert!(!hub.observe_epoch("a"));
+        let names: Vec<String> = (0..200).map(|i| format!("room{i:03}")).collect();
+        let held: Vec<_> = names.iter().map(|r| hub.join(r, "ann")).collect();
+        let used = hub.rooms.each().filter(|shard| !shard.is_empty()).count();
+        assert_eq!(used, SHARDS, "200 rooms use every shard");
+        assert_eq!(hub.room_count(), 200);
+        let mut listed = hub.room_names();
+        listed.sort();
+        assert_eq!(listed, names);
+        assert_eq!(hub.local_users().len(), 200);
+        let page: Vec<String> = hub
+            .rooms_page(Some("room099"), 3)
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(page, ["room100", "room101", "room102"]);
+        for (i, room) in names.iter().enumerate() {
+            assert_eq!(hub.deliver(&message(room, 5)), 1, "room {i}");
+        }
+        assert!(hub.observe_epoch("b"));
+        for joined in &held {
+            assert_eq!(joined.subscription.outbox.verdict(), Some(Verdict::Reset));
+        }
+        assert!(names.iter().all(|room| hub.position(room) == 0));
+        drop(held);
+        assert_eq!(hub.room_count(), 0);
+        assert!(hub.rooms.each().all(|shard| shard.is_empty()));
     }
 }
