@@ -69,38 +69,47 @@ SERVERS = {
         "cmd": [str(BENCH_TARGET / "release" / "tcp-echo"), "--port", "0"],
         "raw": True,
     },
+    # uWebSockets (C++), built from its sources outside this repository (--uws names where;
+    # see that folder's README). It takes a port, not 0: a free one is picked for it.
+    "uws": {
+        "label": "uWebSockets (C++)",
+        "cmd": ["{uws}/uws-echo", "{port}"],
+    },
 }
+
+# Where the uWebSockets binaries are (--uws); the default is the workplace's shared peers.
+UWS = [ROOT.parent / "shared" / "peers" / "uws"]
 
 # Each scenario: what the load does, which servers take part, and which one ratios are taken to.
 SCENARIOS = {
     "a": {
         "title": "100 conns, 20 B text, pipeline 1",
         "echo": dict(conns=100, size=20, pipeline=1),
-        "servers": ["tether", "fastwebsockets", "tungstenite", "tcp"],
+        "servers": ["tether", "uws", "fastwebsockets", "tungstenite", "tcp"],
         "baseline": "fastwebsockets",
     },
     "b": {
         "title": "100 conns, 20 B text, pipeline 32",
         "echo": dict(conns=100, size=20, pipeline=32),
-        "servers": ["tether", "fastwebsockets", "tungstenite", "tcp"],
+        "servers": ["tether", "uws", "fastwebsockets", "tungstenite", "tcp"],
         "baseline": "fastwebsockets",
     },
     "c": {
         "title": "10 conns, 64 KiB binary, pipeline 4",
         "echo": dict(conns=10, size=64 << 10, pipeline=4, binary=True),
-        "servers": ["tether", "fastwebsockets", "tungstenite", "tcp"],
+        "servers": ["tether", "uws", "fastwebsockets", "tungstenite", "tcp"],
         "baseline": "fastwebsockets",
     },
     "d": {
         "title": "10 conns, 1 MiB binary, pipeline 2",
         "echo": dict(conns=10, size=1 << 20, pipeline=2, binary=True),
-        "servers": ["tether", "fastwebsockets", "tungstenite", "tcp"],
+        "servers": ["tether", "uws", "fastwebsockets", "tungstenite", "tcp"],
         "baseline": "fastwebsockets",
     },
     "e": {
         "title": "server RSS per idle connection, {idle_conns:,} connections",
         "idle": True,
-        "servers": ["tether", "fastwebsockets", "tungstenite", "tcp"],
+        "servers": ["tether", "uws", "fastwebsockets", "tungstenite", "tcp"],
         "baseline": "fastwebsockets",
     },
     "f": {
@@ -121,6 +130,10 @@ TARGETS = [
     ("d", "baseline", 1.0, "tether ≥ 1.0× fastwebsockets"),
     ("d", "tcp", 0.9, "tether ≥ 0.9× plain TCP echo"),
     ("e", "bytes", 1024, "tether ≤ 1 KiB per idle connection"),
+    ("b", "uws", 1.0, "tether ≥ 1.0× uWebSockets (issue 32)"),
+    ("c", "uws", 1.0, "tether ≥ 1.0× uWebSockets (issue 32)"),
+    ("d", "uws", 1.0, "tether ≥ 1.0× uWebSockets (issue 32)"),
+    ("e", "bytes", 400, "tether ≤ 400 B per idle connection (issue 32)"),
     ("f", "baseline", 2.0, "tether ≥ 2× Python websockets"),
 ]
 
@@ -161,9 +174,19 @@ def stop_all():
         stop(proc, grace=1.0)
 
 
+def free_port():
+    """A loopback port nothing listens on now (for a server that cannot take 0)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_server(name):
     """Starts a server and returns (process, url) once it printed its listening line."""
-    proc = spawn(SERVERS[name]["cmd"], SERVER_CPU, stdout=subprocess.PIPE,
+    cmd = [a.format(port=free_port(), uws=UWS[0]) if "{" in a else a
+           for a in SERVERS[name]["cmd"]]
+    proc = spawn(cmd, SERVER_CPU, stdout=subprocess.PIPE,
                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     line = b""
@@ -179,10 +202,13 @@ def start_server(name):
                 continue
             line += chunk
     text = line.decode().strip()
-    if not text.startswith("listening on "):
+    if "listening on " not in text:
         stop(proc)
         raise RuntimeError(f"{name} printed {text!r}")
-    return proc, text.removeprefix("listening on ")
+    address = text.split("listening on ", 1)[1]
+    if "://" not in address:
+        address = f"ws://{address}/"
+    return proc, address
 
 
 def cpu_seconds(pid):
@@ -524,7 +550,7 @@ def svg_chart(summary, scenarios):
         if bars:
             groups.append((s, bars))
     colours = {"tether": "#d95f02", "fastwebsockets": "#1b9e77", "tungstenite": "#7570b3",
-               "python": "#e7298a", "tcp": "#999999"}
+               "python": "#e7298a", "tcp": "#999999", "uws": "#e6ab02"}
     width, height = 860, 420
     left, right, top, bottom = 60, 20, 50, 90
     plot_h = height - top - bottom
@@ -577,7 +603,7 @@ def svg_chart(summary, scenarios):
         out.append(f'<text x="{cx:.1f}" y="{height - bottom + 33}" text-anchor="middle">'
                    f'{short}</text>')
     lx = left
-    for name in ["tether", "fastwebsockets", "tungstenite", "python", "tcp"]:
+    for name in ["tether", "uws", "fastwebsockets", "tungstenite", "python", "tcp"]:
         if any(n == name for _, bars in groups for n, _ in bars):
             out.append(f'<rect x="{lx}" y="{height - 30}" width="12" height="12" '
                        f'fill="{colours[name]}"/>')
@@ -631,7 +657,9 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
     L.append(f"- Python websockets {facts['websockets']} on {facts['python']}\n")
     L.append("## Method\n")
     L.append(
-        "- Servers: `tether echo --threads 1`; `bench/src/bin/fastwebsockets-echo.rs` and "
+        "- Servers: `tether echo --threads 1`; uWebSockets (C++), its echo server built from "
+        "its sources (`uws-echo`: one event loop, compression off; where and how it was built "
+        "is in the README beside the binary, `--uws`); `bench/src/bin/fastwebsockets-echo.rs` and "
         "`tungstenite-echo.rs`, each library's documented echo example (fastwebsockets: hyper "
         "upgrade + `FragmentCollector`, auto-pong/close on; tokio-tungstenite: `accept_async` "
         "and `read.forward(write)`); `bench/src/bin/tcp-echo.rs`, a plain TCP echo, the "
@@ -690,13 +718,13 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
         base_label = SERVERS[spec["baseline"]]["label"]
         if spec.get("idle"):
             L.append(f"| server | bytes per idle connection | spread | RSS before → peak | "
-                     f"held | vs {base_label} (less is better) |")
-            L.append("|---|---:|---:|---:|---:|---:|")
+                     f"held | vs {base_label} (less is better) | vs uWebSockets |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|")
         else:
             L.append(f"| server | messages/s | spread | MB/s | p50 / p99 µs | server CPU | "
                      f"load CPU | other CPU | limit | per server CPU-second | "
-                     f"vs {base_label} | vs TCP echo |")
-            L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+                     f"vs {base_label} | vs uWebSockets | vs TCP echo |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
         for name in spec["servers"]:
             if (s, name) not in summary:
                 continue
@@ -705,7 +733,7 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
             if name == "tether":
                 label = "**tether**"
             if row is None:
-                L.append(f"| {label} | failed |" + " |" * 10)
+                L.append(f"| {label} | failed |" + " |" * 11)
                 continue
             note = ""
             if row["failed"]:
@@ -716,7 +744,8 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
                 L.append(f"| {label} | {row['value']:,.0f}{note} | {spread(row)} | "
                          f"{row['rss_before_kib']:,.0f} → {row['rss_peak_kib']:,.0f} KiB | "
                          f"{row['held']:,.0f} | "
-                         f"{fmt_ratio(ratio(summary, s, name, spec['baseline']))} |")
+                         f"{fmt_ratio(ratio(summary, s, name, spec['baseline']))} | "
+                         f"{fmt_ratio(ratio(summary, s, name, 'uws'))} |")
             else:
                 tcp = ratio(summary, s, name, "tcp") if name != "tcp" else None
                 L.append(f"| {label} | {fmt_rate(row['value'])}{note} | {spread(row)} | "
@@ -725,6 +754,7 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
                          f"{row['load_cpu'] * 100:.0f}% | {row['other_cpu'] * 100:.0f}% | "
                          f"{limit(row)} | {fmt_rate(row['per_cpu'])} | "
                          f"{fmt_ratio(ratio(summary, s, name, spec['baseline']))} | "
+                         f"{fmt_ratio(ratio(summary, s, name, 'uws'))} | "
                          f"{fmt_ratio(tcp)} |")
         L.append("")
     L.append("## Targets\n")
@@ -810,6 +840,9 @@ def main():
                         help="the tether binary whose `bench` drives the load (default: the one "
                              "measured), to compare two server builds under the same load")
     parser.add_argument("--no-build", action="store_true", help="use the binaries as they are")
+    parser.add_argument("--uws", type=Path, default=UWS[0],
+                        help="the folder of the uWebSockets reference servers (uws-echo); "
+                             f"default {UWS[0]}; left out of the run when it is not there")
     parser.add_argument("--render", type=Path, metavar="RESULTS",
                         help="only rewrite the report from the raw results a run saved "
                              f"({RESULTS.relative_to(ROOT)})")
@@ -826,6 +859,11 @@ def main():
         LOAD = opts.load.resolve()
     scenarios = [s for s in opts.only.split(",") if s]
     servers = [s for s in opts.servers.split(",") if s]
+    UWS[0] = opts.uws.resolve()
+    if "uws" in servers and not (UWS[0] / "uws-echo").exists():
+        print(f"no {UWS[0] / 'uws-echo'}: uWebSockets sits this run out (--uws DIR)",
+              file=sys.stderr)
+        servers.remove("uws")
     for s in scenarios:
         if s not in SCENARIOS:
             parser.error(f"unknown scenario {s!r}")
