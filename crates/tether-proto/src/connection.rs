@@ -171,6 +171,18 @@ impl Extras {
 /// more than about five times what it has sent.
 const FRAME_AHEAD_FACTOR: usize = 4;
 
+/// The unit of the last large frame's length as remembered ([`Connection::reserve_read`]):
+/// lengths up to 255 units (1020 KiB) are told apart.
+const READ_HINT_UNIT: usize = 4096;
+
+/// How many frames as large as the last one a read makes room for, once the peer filled a
+/// buffer again.
+const READ_AHEAD_FRAMES: usize = 4;
+
+/// The most room made at once on the strength of the last frame's size: frames of 256 KiB
+/// and more get room for one.
+const MAX_READ_ROOM: usize = 1 << 20;
+
 /// Payloads up to this size are copied out of the read buffer rather than shared with it.
 const SMALL_PAYLOAD: usize = 4096;
 
@@ -224,6 +236,10 @@ pub struct Connection {
     eof: bool,
     /// Keepalive pings sent; the latest one's number is its payload.
     pings: u8,
+    /// The length of the last frame received, in [`READ_HINT_UNIT`]s rounded up, when it was
+    /// larger than a read buffer (0 otherwise): a peer that sends large frames gets room for
+    /// several per read. (A byte: the connection stays within its size.)
+    read_hint: u8,
 }
 
 impl std::fmt::Debug for Connection {
@@ -284,6 +300,7 @@ impl Connection {
             abnormal: None,
             eof: false,
             pings: 0,
+            read_hint: 0,
         }
     }
 
@@ -468,7 +485,15 @@ impl Connection {
         }
         let missing = self.frame_missing(buf);
         let ahead = buf.len().saturating_mul(FRAME_AHEAD_FACTOR);
-        buf.reserve(missing.min(ahead).max(CHUNK));
+        let mut room = missing.min(ahead).max(CHUNK);
+        let hint = usize::from(self.read_hint) * READ_HINT_UNIT;
+        if hint > CHUNK && buf.len() >= CHUNK / 2 {
+            // A peer whose last frame was large filled a buffer again: room for a few more
+            // such frames in one read, so that a stream of them costs a read for several,
+            // not two for each (the first chunk, then the rest).
+            room = room.max((READ_AHEAD_FRAMES * (hint + FrameHeader::MAX_LEN)).min(MAX_READ_ROOM));
+        }
+        buf.reserve(room);
     }
 
     /// Whether received bytes are passed over: after the peer's Close, or once the connection
@@ -749,6 +774,11 @@ impl Connection {
             return Ok(false);
         }
         self.rx = Rx::Idle;
+        self.read_hint = if len > crate::buffers::BUFFER {
+            u8::try_from(len.div_ceil(READ_HINT_UNIT)).unwrap_or(u8::MAX)
+        } else {
+            0
+        };
         // Large payloads are handed out without a copy; small ones are copied so that they do
         // not keep a whole read buffer (possibly megabytes) alive for as long as they live.
         let payload = if len <= SMALL_PAYLOAD || len < buf.capacity() / 8 {

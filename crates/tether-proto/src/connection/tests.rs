@@ -531,3 +531,87 @@ fn a_streamed_message_keeps_its_limits_and_its_utf8_rule() {
     let err = feed(&mut s, &wire).unwrap_err();
     assert_eq!(err.close_code(), CloseCode::MESSAGE_TOO_BIG);
 }
+
+/// Reads `wire` as a driver does, `reserve_read` before each read and a read filling what
+/// room there is: returns how many reads it took, the messages received, and the largest
+/// capacity the read buffer had.
+fn read_like_a_driver(conn: &mut Connection, mut wire: &[u8]) -> (usize, usize, usize) {
+    let mut buf = BytesMut::new();
+    let (mut reads, mut messages, mut largest) = (0, 0, 0);
+    while !wire.is_empty() {
+        conn.reserve_read(&mut buf);
+        largest = largest.max(buf.capacity());
+        let n = (buf.capacity() - buf.len()).min(wire.len());
+        buf.extend_from_slice(&wire[..n]);
+        wire = &wire[n..];
+        reads += 1;
+        loop {
+            conn.receive(&mut buf).unwrap();
+            while let Some(event) = conn.poll_event() {
+                if matches!(event, Event::Binary(_) | Event::Text(_)) {
+                    messages += 1;
+                }
+            }
+            if !conn.wants_receive(&buf) {
+                break;
+            }
+        }
+        if buf.is_empty() {
+            // A driver gives an empty buffer back while it waits.
+            buf = BytesMut::new();
+        }
+    }
+    (reads, messages, largest)
+}
+
+#[test]
+fn a_stream_of_large_frames_is_read_several_frames_at_a_time() {
+    let frame = from_client(0x2, true, &vec![7; 64 << 10]);
+    let stream: Vec<u8> = (0..16).flat_map(|_| frame.iter().copied()).collect();
+    let (reads, messages, largest) = read_like_a_driver(&mut server(), &stream);
+    assert_eq!(messages, 16);
+    // Each frame alone would take two reads (a buffer, then the rest); once one large frame
+    // came, a full buffer makes room for four more.
+    assert!(reads <= 16 / 2, "{reads} reads for 16 frames");
+    assert!(
+        largest <= 4 * (frame.len() + 64) + crate::buffers::BUFFER,
+        "{largest}"
+    );
+}
+
+#[test]
+fn after_a_large_frame_a_trickle_gets_a_buffer_not_room_for_large_frames() {
+    let mut conn = server();
+    let frame = from_client(0x2, true, &vec![7; 256 << 10]);
+    let (_, messages, _) = read_like_a_driver(&mut conn, &frame);
+    assert_eq!(messages, 1);
+    // Small frames after it, a few bytes per read: the buffer stays a buffer.
+    let small = from_client(0x1, true, b"hi");
+    let mut buf = BytesMut::new();
+    for byte in small.iter().chain(small.iter()) {
+        conn.reserve_read(&mut buf);
+        assert!(
+            buf.capacity() <= crate::buffers::BUFFER,
+            "{}",
+            buf.capacity()
+        );
+        buf.extend_from_slice(&[*byte]);
+        conn.receive(&mut buf).unwrap();
+    }
+    // And a large frame's first bytes, a buffer's worth at a time, are read into at most
+    // the room for one frame of the size it announced past what came.
+    let mut conn = server();
+    let (_, _, _) = read_like_a_driver(&mut conn, &from_client(0x2, true, &vec![1; 64 << 10]));
+    let announced = from_client(0x2, true, &vec![1; 2 << 20]);
+    let mut buf = BytesMut::new();
+    conn.reserve_read(&mut buf);
+    let n = buf.capacity();
+    buf.extend_from_slice(&announced[..n]);
+    conn.receive(&mut buf).unwrap();
+    conn.reserve_read(&mut buf);
+    assert!(
+        buf.capacity() <= (1 << 20) + crate::buffers::BUFFER,
+        "{}",
+        buf.capacity()
+    );
+}
