@@ -1621,6 +1621,92 @@ async fn polls_ids_and_counts_are_the_same_on_every_node() {
     until_counted(&mut watchers, 3, json!({"yes": 2, "no": 1})).await;
 }
 
+/// The ids of the subscribing (pub/sub) connections of Redis on `port`.
+fn pubsub_clients(port: u16) -> Vec<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "CLIENT", "LIST", "TYPE", "pubsub"])
+        .output()
+        .expect("redis-cli comes with redis-server");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .next()?
+                .strip_prefix("id=")
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// `redis-cli -p PORT ARGS`, which must answer OK.
+fn redis_ok(port: u16, args: &[&str]) {
+    let said = redis_cli(port, args);
+    assert_eq!(said.trim(), "OK", "{args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_created_while_a_nodes_subscription_was_down_is_announced_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = redis(port, dir.path());
+    let (a, b) = (node("a", port), node("b", port));
+    let mut watcher = V1::open(&b.ws("/ws?name=watcher")).await;
+    watcher
+        .call(json!({"op": "subscribe", "channel": "polls"}))
+        .await;
+    let create = |question: &str| {
+        let poll = json!({"question": question, "options": ["yes", "no"]});
+        let (status, created) = http(&a.addr, "POST", "/api/polls", None, Some(poll));
+        assert_eq!(status, 201, "{created}");
+        created["id"].clone()
+    };
+    // Heard at once while b listens.
+    let first = create("First?");
+    let pushed = watcher.push("pub", "polls").await;
+    assert_eq!(pushed["data"]["created"]["id"], first, "{pushed}");
+
+    // The nodes' subscriptions are dropped and may not subscribe again (an ACL takes the
+    // subscribing commands away), so the news of the next poll reaches no node (a announces
+    // its own at once).
+    redis_ok(
+        port,
+        &[
+            "ACL",
+            "SETUSER",
+            "default",
+            "-subscribe",
+            "-psubscribe",
+            "-ssubscribe",
+        ],
+    );
+    redis_cli(port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let started = Instant::now();
+    while !pubsub_clients(port).is_empty() {
+        assert!(
+            started.elapsed() < LIMIT,
+            "a node subscribed without the right to"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = create("Second?");
+    redis_ok(
+        port,
+        &[
+            "ACL",
+            "SETUSER",
+            "default",
+            "+subscribe",
+            "+psubscribe",
+            "+ssubscribe",
+        ],
+    );
+    // Back, b reads the polls created since the newest it announced, and announces them.
+    let pushed = watcher.push("pub", "polls").await;
+    assert_eq!(pushed["data"]["created"]["id"], second, "{pushed}");
+    assert_eq!(pushed["data"]["created"]["question"], "Second?");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_nodes_store_imported_into_redis_keeps_its_users_history_and_polls() {
     // One node on its SQLite file, used: a user with a token, three messages, a poll voted on.

@@ -11,6 +11,7 @@
 //! script touches one shard.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -79,6 +80,10 @@ pub const POLLS_CHANNEL: &str = "tether:polls";
 /// The next poll id (a counter) and the polls by id (a sorted set scored by id).
 pub(crate) const NEXT: &str = "tether:{tether:polls}:next";
 pub(crate) const LIST: &str = "tether:{tether:polls}:list";
+
+/// Polls created while a node's subscription was down that it announces once it is back, at
+/// most (the oldest first; a client that missed more reads the list again).
+const MISSED_POLLS: usize = 50;
 
 /// A poll's keys: its question, options and creation time (a hash), the votes (voter →
 /// option), the counts (option → votes) and, per address, the guests who voted from it.
@@ -165,6 +170,9 @@ pub struct RedisPolls {
     node: String,
     hub: Arc<dyn Local>,
     vote: Arc<redis::Script>,
+    /// The newest poll this node announced to its members (created here, or heard of), or
+    /// listed when its subscription came up; -1 before the first time.
+    announced: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for RedisPolls {
@@ -182,6 +190,7 @@ impl RedisPolls {
             node,
             hub,
             vote: Arc::new(redis::Script::new(VOTE)),
+            announced: Arc::new(AtomicI64::new(-1)),
         }
     }
 
@@ -189,8 +198,9 @@ impl RedisPolls {
         self.commands.clone()
     }
 
-    /// Hands `hub` the counts of every poll its connections watch, as stored now: after a
-    /// lost subscription, the votes published meanwhile were not heard.
+    /// Hands `hub` the counts of every poll its connections watch, as stored now, and
+    /// announces the polls created since the newest it announced: after a lost subscription,
+    /// the votes and polls published meanwhile were not heard.
     ///
     /// # Errors
     /// Redis failed.
@@ -201,7 +211,40 @@ impl RedisPolls {
                 self.hub.deliver_counts(poll.id, &poll.counts);
             }
         }
+        let known = self.announced.load(Relaxed);
+        let newer: Vec<i64> = if known < 0 {
+            // The first time: nothing was announced here yet, only the newest is noted.
+            let mut cmd = redis::cmd("ZREVRANGE");
+            cmd.arg(LIST).arg(0).arg(0);
+            cmd
+        } else {
+            let mut cmd = redis::cmd("ZRANGEBYSCORE");
+            cmd.arg(LIST).arg(format!("({known}")).arg("+inf");
+            cmd.arg("LIMIT").arg(0).arg(MISSED_POLLS);
+            cmd
+        }
+        .query_async(&mut self.conn())
+        .await
+        .map_err(redis_error)?;
+        if known >= 0 {
+            // Oldest first, as they were created; one created as this reads is announced
+            // again by its news (a client keys polls by id).
+            for poll in self.read(&newer, None).await?.0 {
+                self.hub.poll_created(&poll);
+            }
+        }
+        self.announced
+            .fetch_max(newer.last().copied().unwrap_or(0), Relaxed);
         Ok(())
+    }
+
+    /// Hands news heard on [`POLLS_CHANNEL`] to this node's members, noting the poll it
+    /// announces.
+    pub fn heard(&self, news: &PollNews) {
+        if let Some(poll) = &news.created {
+            self.announced.fetch_max(poll.id, Relaxed);
+        }
+        news.deliver(&*self.hub, &self.node);
     }
 
     /// Polls `ids` as stored, in the same order (those missing left out), with `voter`'s
@@ -317,6 +360,7 @@ impl Polls for RedisPolls {
                 .await
                 .map_err(redis_error)?;
             self.hub.poll_created(&poll);
+            self.announced.fetch_max(id, Relaxed);
             Ok(poll)
         })
     }

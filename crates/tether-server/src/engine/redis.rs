@@ -440,6 +440,8 @@ pub struct Cluster {
     with_infos: Mutex<HashSet<String>>,
     /// Where revocations announced by other nodes (and `tether user`) are signalled.
     revocations: crate::engine::Revocations,
+    /// Polls, with what this node announced of them.
+    polls: RedisPolls,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -476,7 +478,9 @@ impl Cluster {
         revocations: crate::engine::Revocations,
     ) -> Arc<Cluster> {
         let (appends, queued) = mpsc::channel(APPEND_QUEUE);
+        let polls = RedisPolls::new(commands.clone(), node.clone(), hub.clone());
         let cluster = Arc::new(Cluster {
+            polls,
             node,
             commands,
             hub,
@@ -534,7 +538,7 @@ impl Cluster {
 
     /// Polls in this Redis, for this node.
     pub fn polls(&self) -> RedisPolls {
-        RedisPolls::new(self.commands(), self.node.clone(), self.hub.clone())
+        self.polls.clone()
     }
 
     /// How a room's channels are published to: sharded on Redis Cluster, so that a message
@@ -1428,7 +1432,7 @@ impl Cluster {
             Ok(()) => self.read_remote(&now).await,
             Err(e) => Err(e),
         };
-        // Votes counted while away were not heard either.
+        // Votes counted and polls created while away were not heard either.
         let caught_up = match caught_up {
             Ok(()) => self.polls().refresh().await,
             Err(e) => Err(e),
@@ -1479,7 +1483,7 @@ impl Cluster {
                 }
             } else if channel == POLLS_CHANNEL {
                 if let Ok(news) = serde_json::from_str::<PollNews>(&payload) {
-                    news.deliver(&*self.hub, &self.node);
+                    self.polls.heard(&news);
                 }
             } else if channel == BROADCAST {
                 if let Ok(note) = serde_json::from_str::<BroadcastNote>(&payload) {
