@@ -49,6 +49,15 @@ pub struct FanoutArgs {
     /// Publications in flight: the next is sent once one has reached every subscriber.
     #[arg(long, default_value_t = 4)]
     pub window: usize,
+    /// Publications per second at most, evenly spaced (within the window): the cost and
+    /// latency of a steady rate rather than of as many as the window allows. 0: no pacing.
+    #[arg(long, default_value_t = 0.0, value_name = "PER_SECOND")]
+    pub rate: f64,
+    /// Print `publishing` on standard error when the first publication goes out, and
+    /// `published` once the last one reached everyone: a harness can then measure the
+    /// server over the publishing alone, without the opening of the subscribers.
+    #[arg(long)]
+    pub marks: bool,
     /// Characters in each publication's text (at least what its number and time take).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
@@ -151,6 +160,11 @@ struct Conn {
 /// # Errors
 /// [`BenchError`] for bad options or when not every connection could subscribe.
 pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
+    if !(args.rate.is_finite() && args.rate >= 0.0) {
+        return Err(BenchError::Usage(
+            "--rate must be a number of publications per second".into(),
+        ));
+    }
     if args.subscribers == 0 || args.window == 0 || args.window > RING / 2 {
         return Err(BenchError::Usage(format!(
             "--subscribers must be at least 1 and --window from 1 to {}",
@@ -240,9 +254,17 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
         size: args.size,
         window: args.window as u64,
         subscribers,
+        began: Instant::now(),
         deadline: Instant::now() + duration,
+        rate: args.rate,
     };
+    if args.marks {
+        eprintln!("publishing");
+    }
     let (sent, seconds) = publish.run(publisher, &shared, stopped).await;
+    if args.marks {
+        eprintln!("published");
+    }
     let _ = shared.over.send(true);
     for reader in readers {
         let _ = reader.await;
@@ -609,10 +631,33 @@ struct Publish {
     size: usize,
     window: u64,
     subscribers: usize,
+    began: Instant,
     deadline: Instant,
+    /// Publications per second at most (0: as many as the window allows).
+    rate: f64,
 }
 
 impl Publish {
+    /// How many publications may have gone out by now; `u64::MAX` when not paced.
+    fn due(&self) -> u64 {
+        if self.rate > 0.0 {
+            (self.began.elapsed().as_secs_f64() * self.rate) as u64 + 1
+        } else {
+            u64::MAX
+        }
+    }
+
+    /// How long until the next publication is due (at most 100 ms: the loop looks again).
+    fn next_due(&self, sent: u64) -> Duration {
+        let limit = Duration::from_millis(100);
+        if self.rate > 0.0 {
+            let at = self.began + Duration::from_secs_f64(sent as f64 / self.rate);
+            at.saturating_duration_since(Instant::now()).min(limit)
+        } else {
+            limit
+        }
+    }
+
     /// Publication `number`'s frame: its text stamped with the time, padded to the size.
     fn frame(&self, number: u64, shared: &Shared) -> Vec<u8> {
         let now = shared.started.elapsed().as_nanos();
@@ -646,7 +691,8 @@ impl Publish {
             let open = Instant::now() < self.deadline;
             // Send while there is room in the window; a batch of them in one write.
             let mut out = Vec::new();
-            while open && sent - done < self.window {
+            let due = self.due();
+            while open && sent - done < self.window && sent < due {
                 let slot = &shared.remaining[(sent % RING as u64) as usize];
                 slot.store(self.subscribers, Relaxed);
                 out.extend(self.frame(sent, shared));
@@ -661,6 +707,10 @@ impl Publish {
             if !open && done == sent {
                 break;
             }
+            if sent == done {
+                // Nothing in flight (a paced run between publications): nothing is late.
+                last_progress = Instant::now();
+            }
             if last_progress.elapsed() > STALL {
                 shared.failures.note(|| {
                     format!(
@@ -673,7 +723,7 @@ impl Publish {
             conn.buf.reserve(16 << 10);
             tokio::select! {
                 () = shared.progress.notified() => last_progress = Instant::now(),
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = tokio::time::sleep(self.next_due(sent)) => {}
                 _ = stopped.wait_for(|over| *over) => break,
                 read = conn.tcp.read_buf(&mut conn.buf) => {
                     let taken = match read_result(read, "the publisher") {
@@ -694,8 +744,13 @@ impl Publish {
 
 /// Formats a fan-out summary for people.
 pub fn render(s: &FanoutSummary, args: &FanoutArgs) -> String {
+    let paced = if args.rate > 0.0 {
+        format!(", {} publications/s", args.rate)
+    } else {
+        String::new()
+    };
     format!(
-        "{} subscribers, window {}, {} B{}: {:.0} deliveries/s ({} publications, {} deliveries \
+        "{} subscribers, window {}{paced}, {} B{}: {:.0} deliveries/s ({} publications, {} deliveries \
          over {:.1} s)\ndelivery latency: p50 {} µs, p90 {} µs, p99 {} µs, max {} µs; \
          missing: {}, errors: {}",
         s.subscribers,

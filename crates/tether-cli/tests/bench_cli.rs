@@ -391,3 +391,38 @@ fn bench_fanout_reports_what_the_server_refuses() {
         "{summary}"
     );
 }
+
+#[test]
+fn bench_fanout_paces_its_publications_and_marks_the_publishing() {
+    // One connection to an echo server is a relay to every subscriber.
+    let echo = start_echo(&[]);
+    let (summary, code, stderr) = run_bench(&[
+        "fanout",
+        &echo.url,
+        "--subscribers",
+        "1",
+        "--duration",
+        "1",
+        "--window",
+        "8",
+        "--rate",
+        "40",
+        "--marks",
+        "--quiet",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let publications = summary["publications"].as_u64().unwrap();
+    // At most one more than 40 a second allows in the second (the first goes at once); a
+    // late wake-up sends what is due together, so hardly fewer.
+    assert!((30..=41).contains(&publications), "{summary}");
+    assert_eq!(
+        summary["deliveries"].as_u64(),
+        Some(publications),
+        "{summary}"
+    );
+    let marks: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("publish"))
+        .collect();
+    assert_eq!(marks, ["publishing", "published"], "{stderr}");
+}
