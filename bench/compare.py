@@ -28,6 +28,7 @@ import re
 import resource
 import select
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -176,7 +177,6 @@ def stop_all():
 
 def free_port():
     """A loopback port nothing listens on now (for a server that cannot take 0)."""
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -137,6 +137,13 @@ def median(runs, key):
     return statistics.median(r[key] for r in runs)
 
 
+def per_cpu_second(runs):
+    """Deliveries per second of the server's CPU while publishing (the whole run's CPU when
+    the marks were not seen), the median over the runs."""
+    return statistics.median(
+        r["deliveries"] / max(r.get("phase_cpu_s", r["server_cpu_s"]), 1e-9) for r in runs)
+
+
 def reference(results, key):
     """The peer a tether row is compared with: uWebSockets C++ when measured, else uWS.js."""
     for peer in ("uws-cpp", "uws"):
@@ -187,17 +194,12 @@ def table(results, opts, facts, command):
                     continue
                 rate = median(runs, "deliveries_per_sec")
                 wall = max(median(runs, "wall_s"), 1e-9)
-                efficiency = statistics.median(
-                    r["deliveries"] / max(r.get("phase_cpu_s", r["server_cpu_s"]), 1e-9)
-                    for r in runs)
+                efficiency = per_cpu_second(runs)
                 ratio = p99ok = ""
                 if server == "tether" and ref:
                     u = results[(ref, key)]
                     if per_cpu:
-                        other = statistics.median(
-                            r["deliveries"] / max(r.get("phase_cpu_s", r["server_cpu_s"]), 1e-9)
-                            for r in u)
-                        r = efficiency / other
+                        r = efficiency / per_cpu_second(u)
                     else:
                         r = rate / median(u, "deliveries_per_sec")
                     ok = median(t, "p99_us") <= median(u, "p99_us")

@@ -470,7 +470,9 @@ impl Connection {
     /// buffer from the thread's stock ([`crate::buffers`]) when `buf` is empty and has
     /// little room; room for the rest of a large frame whose header is in, at once rather
     /// than read by read, but at most four times what is buffered (a peer announcing a large
-    /// frame cannot make the buffer grow much past what it sent); a
+    /// frame cannot make the buffer grow much past what it sent); when the last frame was
+    /// larger than a buffer and the peer filled one again, room for four frames of that size
+    /// (at most 1 MiB), so that a stream of large frames takes one read for several; a
     /// buffer's worth otherwise. A driver that frees `buf` whenever it waits with nothing in
     /// it (giving it back with [`crate::buffers::give`]) holds no read memory while idle.
     pub fn reserve_read(&self, buf: &mut BytesMut) {

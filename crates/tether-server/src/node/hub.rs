@@ -78,17 +78,10 @@ impl<'a> Fan<'a> {
 
     /// The event, encoded now in each format of `speaks` ([`Topic::speaks`]).
     fn encoded(id: u64, encode: &'a dyn Fn(Format) -> Arc<Prepared>, speaks: [bool; 2]) -> Self {
-        let format = |i: usize| {
-            if i == 0 {
-                Format::Room
-            } else {
-                Format::Channels
-            }
-        };
         Fan {
             id,
             encode,
-            ready: [0, 1].map(|i| speaks[i].then(|| encode(format(i)))),
+            ready: [Format::Room, Format::Channels].map(|f| speaks[f as usize].then(|| encode(f))),
         }
     }
 }

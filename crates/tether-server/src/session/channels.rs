@@ -342,13 +342,12 @@ pub async fn refused(node: &Node, mut ws: UpgradedWebSocket, code: u16, reason: 
 
 /// Ends a connection: the `disconnect` push (whether to reconnect, and why), then the close.
 async fn disconnect(node: &Node, ws: &mut impl session::Socket, code: CloseCode, reason: &str) {
-    let push = channels::Disconnect {
+    let push = encode(&channels::Disconnect {
         code: code.0,
         reason,
         reconnect: disconnect::reconnects(code),
-    };
-    let push = serde_json::to_string(&push).expect("a disconnect push serializes");
-    let _ = ws.feed(Message::text(push)).await;
+    });
+    let _ = ws.feed_prepared(&push).await;
     session::close(node, ws, code, reason).await;
 }
 

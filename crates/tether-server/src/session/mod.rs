@@ -753,11 +753,6 @@ pub(crate) trait Socket: Send {
         &'a mut self,
         msg: &'a Prepared,
     ) -> impl std::future::Future<Output = tether::Result<()>> + Send + 'a;
-    /// Queues a message.
-    fn feed(
-        &mut self,
-        msg: Message,
-    ) -> impl std::future::Future<Output = tether::Result<()>> + Send + '_;
     /// Writes what is queued.
     fn flush(&mut self) -> impl std::future::Future<Output = tether::Result<()>> + Send + '_;
     /// Closes with `frame`, waiting for the peer's Close.
@@ -779,12 +774,6 @@ macro_rules! socket {
                 msg: &'a Prepared,
             ) -> impl std::future::Future<Output = tether::Result<()>> + Send + 'a {
                 <$t>::feed_prepared(self, msg)
-            }
-            fn feed(
-                &mut self,
-                msg: Message,
-            ) -> impl std::future::Future<Output = tether::Result<()>> + Send + '_ {
-                <$t>::feed(self, msg)
             }
             fn flush(
                 &mut self,
