@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, Sink, Stream, StreamExt};
-use tether::{Config, Message, WebSocket};
+use futures_util::{FutureExt, StreamExt};
+use tether::{Config, WebSocket};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -135,31 +135,25 @@ impl EchoConnection {
     }
 
     /// Echoes text and binary messages until the peer closes (`Ready`), or until it has
-    /// echoed [`ECHO_BATCH`] in this turn (`Pending`, woken at once).
+    /// echoed at least [`ECHO_BATCH`] in this turn (`Pending`, woken at once). Each message is
+    /// lent from the read buffer and its echo copied straight into the outgoing one: no
+    /// allocation per message (`WebSocket::poll_next_lent`).
     fn poll_echo(
         ws: &mut WebSocket<TcpStream>,
         peer: SocketAddr,
         cx: &mut Context<'_>,
     ) -> Poll<()> {
         let mut ws = Pin::new(ws);
-        for _ in 0..ECHO_BATCH {
-            // What `feed` waits for: room under the write budget. Receiving writes the queue
-            // whenever it would wait, so a burst of small messages is echoed in one write.
-            if ws.queued_len() >= ws.config().write_buffer_size {
-                if let Err(e) = ready!(ws.as_mut().poll_flush(cx)) {
-                    tracing::info!(%peer, error = %e, "send failed");
-                    return Poll::Ready(());
-                }
-            }
-            match ready!(ws.as_mut().poll_next(cx)) {
-                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                    if let Err(e) = ws.as_mut().start_send(msg) {
-                        tracing::info!(%peer, error = %e, "send failed");
-                        return Poll::Ready(());
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => tracing::debug!(%peer, ?frame, "peer closed"),
-                Some(Ok(_)) => {}
+        let mut echoed = 0;
+        while echoed < ECHO_BATCH {
+            // Receiving writes the queue whenever it would wait, so a burst of small messages
+            // is echoed in one write; it stops reading while the queue is over its budget.
+            let lent = ready!(ws.as_mut().poll_next_lent(cx, |message, replies| {
+                // Fails only once our Close is queued: the stream ends after it.
+                let _ = replies.send(message);
+            }));
+            match lent {
+                Some(Ok(n)) => echoed += n,
                 Some(Err(e)) => {
                     tracing::info!(%peer, error = %e, "connection ended");
                     return Poll::Ready(());

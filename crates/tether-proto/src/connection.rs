@@ -1,6 +1,6 @@
 //! The connection: a value that turns received bytes into events and calls into bytes to send.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand::{RngCore, SeedableRng};
 
 use crate::close::{CloseFrame, ClosePayloadError};
@@ -83,6 +83,26 @@ pub enum Event {
         /// Whether this is the message's last piece.
         fin: bool,
     },
+}
+
+/// A data message lent by [`Connection::receive_lent`]: its payload, unmasked (and for text
+/// validated) in place in the read buffer, borrowed rather than copied out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lent<'a> {
+    /// A text message.
+    Text(&'a str),
+    /// A binary message.
+    Binary(&'a [u8]),
+}
+
+impl Lent<'_> {
+    /// The payload's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Lent::Text(text) => text.as_bytes(),
+            Lent::Binary(data) => data,
+        }
+    }
 }
 
 /// The message being received. Its data so far (the payload of the frames before the current
@@ -185,6 +205,51 @@ const MAX_READ_ROOM: usize = 1 << 20;
 
 /// Payloads up to this size are copied out of the read buffer rather than shared with it.
 const SMALL_PAYLOAD: usize = 4096;
+
+/// The header at the start of `buf` when it is whole and begins a message that
+/// [`Connection::receive_lent`] can lend: one frame (FIN), no RSV bit, text or binary, masked
+/// when `masked` (a server's peer) and not otherwise. Returns whether it is text, the masking
+/// key, the header's length and the payload's. Anything else is `None` and left to
+/// [`Connection::receive`], which delivers it or fails with the precise error.
+#[inline]
+fn lendable_header(buf: &[u8], masked: bool) -> Option<(bool, Option<[u8; 4]>, usize, u64)> {
+    let [b0, b1, ..] = *buf else {
+        return None;
+    };
+    let text = match b0 {
+        0x81 => true,
+        0x82 => false,
+        _ => return None,
+    };
+    if (b1 & 0x80 != 0) != masked {
+        return None;
+    }
+    let (len, mut at) = match b1 & 0x7f {
+        126 => (
+            u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+            4,
+        ),
+        // A length with its top bit set is over any limit: `receive` reports it.
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
+        n => (u64::from(n), 2),
+    };
+    let key = if masked {
+        let key: [u8; 4] = buf.get(at..at + 4)?.try_into().ok()?;
+        at += 4;
+        Some(key)
+    } else {
+        None
+    };
+    Some((text, key, at, len))
+}
+
+/// Whether [`Connection::receive`] copies a payload of `len` bytes out of a read buffer of
+/// `capacity` (small ones, so that they do not keep the buffer alive) rather than splitting it
+/// off; what it copies, [`Connection::receive_lent`] lends instead.
+#[inline]
+fn copied_out(len: usize, capacity: usize) -> bool {
+    len <= SMALL_PAYLOAD || len < capacity / 8
+}
 
 /// A source of client masking keys.
 pub type MaskSource = Box<dyn FnMut() -> [u8; 4] + Send>;
@@ -450,6 +515,91 @@ impl Connection {
         }
     }
 
+    /// Lends every data message that is whole in `buf` as one frame to `f`, in order,
+    /// without copying it out, and consumes it once `f` returns; the connection is handed to
+    /// `f` so that it can queue answers (`f` may call the `send_*` methods, including
+    /// [`Connection::send_lent`], whose copy into the outgoing buffer is then the only one).
+    ///
+    /// It stops, leaving the rest of `buf` as it is, at the first thing it does not lend: a
+    /// control frame, a fragment, a compressed message, a frame not received whole, one that
+    /// breaks a limit or the protocol, a payload that [`Connection::receive`] would hand out
+    /// without a copy (over 4 KiB and an eighth of the buffer: sharing it costs less than
+    /// copying it into an answer), or anything at all while a message is in progress, an
+    /// event is pending, streaming is on ([`Connection::set_streaming`]) or the connection is
+    /// closing after the peer's Close: call [`Connection::receive`] and
+    /// [`Connection::poll_event`] then, as usual, which deliver it or fail with the precise
+    /// error. It also stops after a message for which `f` returns
+    /// [`ControlFlow::Break`](std::ops::ControlFlow::Break). Returns how many messages were
+    /// lent. Lent messages are checked exactly as [`Connection::receive`] checks them.
+    ///
+    /// # Errors
+    /// [`ProtocolError::InvalidUtf8`] for a text message that is not UTF-8 (a Close carrying its
+    /// code is queued, as with [`Connection::receive`]), and the error that failed the
+    /// connection earlier.
+    pub fn receive_lent<F>(&mut self, buf: &mut BytesMut, mut f: F) -> Result<usize, ProtocolError>
+    where
+        F: FnMut(&mut Connection, Lent<'_>) -> std::ops::ControlFlow<()>,
+    {
+        if let Some(err) = self.error() {
+            return Err(err.clone());
+        }
+        let limits = &self.settings.limits;
+        let limit = limits.max_frame_size.min(limits.max_message_size) as u64;
+        let masked = self.role == Role::Server;
+        let mut lent = 0;
+        // What was lent is consumed at the end, with one `advance`.
+        let mut used = 0;
+        while matches!(self.rx, Rx::Idle)
+            && self.message.is_none()
+            && !self.streaming
+            && !self.discards_input()
+            && !self.is_inflating()
+        {
+            let Some((text, key, at, len)) = lendable_header(&buf[used..], masked) else {
+                break;
+            };
+            if len > limit || len > (buf.len() - used - at) as u64 {
+                break;
+            }
+            let start = used + at;
+            let len = len as usize;
+            if !copied_out(len, buf.capacity()) {
+                // `receive` hands this one out without a copy: an answer can share it.
+                break;
+            }
+            let payload = &mut buf[start..start + len];
+            if let Some(key) = key {
+                apply_mask(payload, key, 0);
+            }
+            self.read_hint = if len > crate::buffers::BUFFER {
+                u8::try_from(len.div_ceil(READ_HINT_UNIT)).unwrap_or(u8::MAX)
+            } else {
+                0
+            };
+            let message = if text {
+                match crate::utf8::whole_str(payload) {
+                    Ok(text) => Lent::Text(text),
+                    Err(_) => {
+                        // What `receive` does with the same frame; its header is consumed.
+                        buf.advance(start);
+                        self.fail(ProtocolError::InvalidUtf8);
+                        return Err(ProtocolError::InvalidUtf8);
+                    }
+                }
+            } else {
+                Lent::Binary(payload)
+            };
+            let flow = f(self, message);
+            used = start + len;
+            lent += 1;
+            if flow.is_break() {
+                break;
+            }
+        }
+        buf.advance(used);
+        Ok(lent)
+    }
+
     /// Whether [`Connection::receive`] could make progress on `buf` without more bytes:
     /// `buf` holds bytes beyond the partial frame already examined.
     pub fn wants_receive(&self, buf: &BytesMut) -> bool {
@@ -461,7 +611,10 @@ impl Connection {
             // More of a frame to inflate, or a whole header (or a bad one) is buffered; a
             // partial header needs more bytes.
             Rx::Idle | Rx::Event(_) => {
-                self.is_inflating() || !matches!(FrameHeader::parse(buf), Ok(None))
+                self.is_inflating()
+                    || FrameHeader::len_at(buf).is_some_and(|n| {
+                        buf.len() >= n || OpCode::from_bits(buf[0] & 0x0f).is_none()
+                    })
             }
         }
     }
@@ -554,6 +707,28 @@ impl Connection {
     /// [`SendError::Closed`] after a Close was sent.
     pub fn send_binary(&mut self, data: Bytes) -> Result<(), SendError> {
         self.send_message(OpCode::Binary, data)
+    }
+
+    /// Queues a message from borrowed bytes, as one frame: a lent message echoed, or any text
+    /// or binary the caller holds as a slice. The payload is copied into the outgoing buffer
+    /// (or compressed into it), so no `Bytes` is made for it.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] after a Close was sent.
+    pub fn send_lent(&mut self, message: Lent<'_>) -> Result<(), SendError> {
+        self.check_can_send()?;
+        let (opcode, payload) = match message {
+            Lent::Text(text) => (OpCode::Text, text.as_bytes()),
+            Lent::Binary(data) => (OpCode::Binary, data),
+        };
+        match self.deflate_mut() {
+            Some(deflate) if deflate.should_compress(payload.len()) => {
+                let compressed = deflate.compress(payload);
+                self.queue_frame_rsv(opcode, true, RSV1, compressed);
+            }
+            _ => self.queue_copied(opcode, payload),
+        }
+        Ok(())
     }
 
     /// Queues one fragment of a message: `opcode` is [`OpCode::Text`] or [`OpCode::Binary`]
@@ -697,6 +872,37 @@ impl Connection {
 
     /// Encodes one frame with reserved bits `rsv` into the transmit queue.
     fn queue_frame_rsv(&mut self, opcode: OpCode, fin: bool, rsv: u8, payload: Bytes) {
+        let mask = self.encode_header(opcode, fin, rsv, payload.len());
+        match mask {
+            Some(key) => self.out.tail_masked(&payload, key),
+            None => self.out.push_shared(payload),
+        }
+    }
+
+    /// Queues a whole, uncompressed frame copied from `payload`.
+    fn queue_copied(&mut self, opcode: OpCode, payload: &[u8]) {
+        if self.role == Role::Server && payload.len() <= 125 {
+            // The usual small answer: a two-byte header, never masked.
+            self.out.provide(crate::buffers::take);
+            let tail = self.out.tail();
+            tail.reserve(2 + payload.len());
+            tail.put_u16(u16::from_be_bytes([
+                0x80 | opcode.bits(),
+                payload.len() as u8,
+            ]));
+            tail.extend_from_slice(payload);
+            return;
+        }
+        match self.encode_header(opcode, true, 0, payload.len()) {
+            Some(key) => self.out.tail_masked(payload, key),
+            None => self.out.tail().extend_from_slice(payload),
+        }
+    }
+
+    /// Appends a frame's header to the outgoing buffer (taking one from the thread's stock if
+    /// it has none), with a fresh masking key for a client; returns the key.
+    #[inline]
+    fn encode_header(&mut self, opcode: OpCode, fin: bool, rsv: u8, len: usize) -> Option<[u8; 4]> {
         let mask = self
             .extras
             .as_mut()
@@ -707,20 +913,11 @@ impl Connection {
             rsv,
             opcode,
             mask,
-            payload_len: payload.len() as u64,
+            payload_len: len as u64,
         };
         self.out.provide(crate::buffers::take);
-        let tail = self.out.tail();
-        header.encode(tail);
-        match mask {
-            Some(key) => {
-                // Masking changes the bytes, so the payload is copied in and masked there.
-                let start = tail.len();
-                tail.extend_from_slice(&payload);
-                apply_mask(&mut tail[start..], key, 0);
-            }
-            None => self.out.push_shared(payload),
-        }
+        header.encode(self.out.tail());
+        mask
     }
 
     /// Fails the connection: queues a Close with the error's code, keeps the error.
@@ -746,21 +943,25 @@ impl Connection {
             self.inflate_piece()?;
             return Ok(true);
         }
-        let mut frame = match self.rx {
-            Rx::Frame(frame) => frame,
+        // A new frame's header stays in `buf` (`at` bytes) until the frame is whole or known
+        // to be partial: a frame that arrived whole is consumed with one `advance`.
+        let (mut frame, at) = match self.rx {
+            Rx::Frame(frame) => {
+                self.rx = Rx::Idle;
+                (frame, 0)
+            }
             Rx::Idle | Rx::Event(_) => {
                 let Some((header, header_len)) = FrameHeader::parse(buf)? else {
                     return Ok(false);
                 };
                 self.check_header(&header)?;
-                buf.advance(header_len);
-                InFrame { header, seen: 0 }
+                (InFrame { header, seen: 0 }, header_len)
             }
         };
         let len = frame.len();
-        let available = buf.len().min(len);
+        let available = (buf.len() - at).min(len);
         if available > frame.seen {
-            let fresh = &mut buf[frame.seen..available];
+            let fresh = &mut buf[at + frame.seen..at + available];
             if let Some(key) = frame.header.mask {
                 apply_mask(fresh, key, frame.seen);
             }
@@ -772,10 +973,10 @@ impl Connection {
             frame.seen = available;
         }
         if frame.seen < len {
+            buf.advance(at);
             self.rx = Rx::Frame(frame);
             return Ok(false);
         }
-        self.rx = Rx::Idle;
         self.read_hint = if len > crate::buffers::BUFFER {
             u8::try_from(len.div_ceil(READ_HINT_UNIT)).unwrap_or(u8::MAX)
         } else {
@@ -783,19 +984,18 @@ impl Connection {
         };
         // Large payloads are handed out without a copy; small ones are copied so that they do
         // not keep a whole read buffer (possibly megabytes) alive for as long as they live.
-        let payload = if len <= SMALL_PAYLOAD || len < buf.capacity() / 8 {
-            let small = Bytes::copy_from_slice(&buf[..len]);
-            buf.advance(len);
+        let payload = if copied_out(len, buf.capacity()) {
+            let small = Bytes::copy_from_slice(&buf[at..at + len]);
+            buf.advance(at + len);
             small
         } else {
+            buf.advance(at);
             buf.split_to(len).freeze()
         };
         self.on_frame(frame.header, payload)?;
         Ok(true)
     }
 
-    /// Whether this frame's raw payload is text to validate as it arrives (compressed text
-    /// is validated after inflating).
     fn is_text_payload(&self, opcode: OpCode) -> bool {
         match opcode {
             OpCode::Text | OpCode::Continuation => self

@@ -58,7 +58,7 @@ pub mod utf8;
 pub use bytes;
 pub use close::{CloseCode, CloseFrame};
 pub use config::{Limits, Settings, Timeouts};
-pub use connection::{Abnormal, Connection, Event, MaskSource, Role, State};
+pub use connection::{Abnormal, Connection, Event, Lent, MaskSource, Role, State};
 pub use error::{ProtocolError, SendError};
 pub use frame::{FrameHeader, OpCode};
 pub use prepared::Prepared;

@@ -64,6 +64,14 @@ impl Transmit {
     /// Takes the tail's buffer out when nothing is queued, so the caller can free it or hand
     /// it to another connection; `None` while bytes wait. (A tail written to its last byte
     /// reports no capacity yet still owns its allocation, so it is handed out all the same.)
+    /// Appends `payload` to the buffer, masked with `key` (a client's frame: masking changes
+    /// the bytes, so the payload is copied in and masked there).
+    pub(crate) fn tail_masked(&mut self, payload: &[u8], key: [u8; 4]) {
+        let start = self.tail.len();
+        self.tail.extend_from_slice(payload);
+        crate::mask::apply_mask(&mut self.tail[start..], key, 0);
+    }
+
     pub(crate) fn release(&mut self) -> Option<BytesMut> {
         if !self.is_empty() {
             return None;

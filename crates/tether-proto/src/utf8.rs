@@ -82,6 +82,18 @@ impl Utf8Validator {
     }
 }
 
+/// `bytes` as text when they are whole UTF-8: short ASCII (the usual chat or JSON message)
+/// is checked a word at a time, other input by simdutf8 (the standard library's validator for
+/// short input goes a byte at a time).
+#[allow(unsafe_code)]
+pub(crate) fn whole_str(bytes: &[u8]) -> Result<&str, InvalidUtf8> {
+    if bytes.len() < SHORT && bytes.is_ascii() {
+        // SAFETY: ASCII bytes are valid UTF-8.
+        return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
+    simdutf8::basic::from_utf8(bytes).map_err(|_| InvalidUtf8)
+}
+
 /// The length of the sequence a (valid) lead byte starts.
 fn sequence_width(lead: u8) -> usize {
     match lead {

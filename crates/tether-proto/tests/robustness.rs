@@ -2,6 +2,8 @@
 //! handshake parsers never panic, fail with the right close code or HTTP status, and carry
 //! valid traffic through unchanged.
 
+use std::ops::ControlFlow;
+
 use bytes::{Buf, Bytes, BytesMut};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -10,8 +12,8 @@ use tether_proto::handshake::client::ClientRequest;
 use tether_proto::handshake::server::{Accept, Request};
 use tether_proto::mask::apply_mask_bytes;
 use tether_proto::{
-    CloseCode, CloseFrame, Connection, Event, FrameHeader, Limits, OpCode, ProtocolError, Role,
-    State, Utf8Bytes,
+    CloseCode, CloseFrame, Connection, Event, FrameHeader, Lent, Limits, OpCode, ProtocolError,
+    Role, State, Utf8Bytes,
 };
 
 /// The close codes a peer's violation may be answered with.
@@ -73,20 +75,77 @@ struct Outcome {
     error: Option<ProtocolError>,
 }
 
+/// How [`feed_as`] receives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// `receive` and `poll_event` only.
+    Plain,
+    /// As `Plain`, echoing every data message with `send_text`/`send_binary`.
+    Echo,
+    /// `receive_lent` first, echoing what it lends with `send_lent`, then `receive` and
+    /// `poll_event` for the rest, echoed as in `Echo`.
+    Lending,
+}
+
 /// Feeds `data` in pieces, parsing after each one as a driver does, and checks the invariants
 /// that hold for any input: a failure queues a Close with its code and is sticky, text is
 /// UTF-8, control payloads fit 125 bytes, and nothing follows the peer's Close.
 fn feed(conn: &mut Connection, data: &[u8], sizes: &[usize]) -> Outcome {
+    feed_as(conn, data, sizes, Mode::Plain).0
+}
+
+/// Feeds `data` twice, to fresh connections from `make`: once received with events and
+/// echoed, once lent (`receive_lent`) and echoed from the loan. Both must see the same
+/// messages, fail the same way and write the same bytes; returns the first outcome.
+fn feed_lent_alike(make: impl Fn() -> Connection, data: &[u8], sizes: &[usize]) -> Outcome {
+    let (plain, plain_wire) = feed_as(&mut make(), data, sizes, Mode::Echo);
+    let (lent, lent_wire) = feed_as(&mut make(), data, sizes, Mode::Lending);
+    assert_eq!(plain.events, lent.events, "lent messages differ");
+    assert_eq!(plain.error, lent.error, "lending fails differently");
+    assert_eq!(plain_wire, lent_wire, "echoes of lent messages differ");
+    plain
+}
+
+/// Echoes a data event as `Mode::Echo` does.
+fn echo(conn: &mut Connection, event: &Event) {
+    let _ = match event {
+        Event::Text(text) => conn.send_text(text.clone()),
+        Event::Binary(data) => conn.send_binary(data.clone()),
+        _ => Ok(()),
+    };
+}
+
+/// [`feed`] in the given mode; also returns everything the connection wrote (for `Plain`,
+/// only when it failed).
+fn feed_as(conn: &mut Connection, data: &[u8], sizes: &[usize], mode: Mode) -> (Outcome, Vec<u8>) {
     let mut buf = BytesMut::new();
     let mut outcome = Outcome::default();
     'read: for chunk in chunks(data, sizes) {
         buf.extend_from_slice(chunk);
         loop {
             let before = (buf.len(), outcome.events.len());
+            if mode == Mode::Lending {
+                let events = &mut outcome.events;
+                let lent = conn.receive_lent(&mut buf, |conn, message| {
+                    events.push(match message {
+                        Lent::Text(text) => Event::Text(Utf8Bytes::from(text.to_owned())),
+                        Lent::Binary(data) => Event::Binary(Bytes::copy_from_slice(data)),
+                    });
+                    let _ = conn.send_lent(message);
+                    ControlFlow::Continue(())
+                });
+                if let Err(err) = lent {
+                    outcome.error = Some(err);
+                    break 'read;
+                }
+            }
             let result = conn.receive(&mut buf);
-            outcome
-                .events
-                .extend(std::iter::from_fn(|| conn.poll_event()));
+            while let Some(event) = conn.poll_event() {
+                if mode != Mode::Plain {
+                    echo(conn, &event);
+                }
+                outcome.events.push(event);
+            }
             if let Err(err) = result {
                 outcome.error = Some(err);
                 break 'read;
@@ -103,11 +162,19 @@ fn feed(conn: &mut Connection, data: &[u8], sizes: &[usize]) -> Outcome {
         }
     }
     check_events(&outcome.events);
-    match &outcome.error {
+    let wire = match &outcome.error {
         Some(err) => check_failure(conn, err),
-        None => assert!(conn.error().is_none()),
-    }
-    outcome
+        None => {
+            assert!(conn.error().is_none());
+            // `Plain` leaves the output to its caller.
+            if mode == Mode::Plain {
+                Vec::new()
+            } else {
+                drain(conn)
+            }
+        }
+    };
+    (outcome, wire)
 }
 
 fn check_events(events: &[Event]) {
@@ -121,12 +188,14 @@ fn check_events(events: &[Event]) {
     }
 }
 
-fn check_failure(conn: &mut Connection, err: &ProtocolError) {
+/// Checks a failed connection; returns everything it wrote.
+fn check_failure(conn: &mut Connection, err: &ProtocolError) -> Vec<u8> {
     let code = err.close_code();
     assert!(VIOLATION_CODES.contains(&code.0), "{err} maps to {code}");
     assert_eq!(conn.state(), State::Closed);
     assert_eq!(conn.error(), Some(err));
-    let (last, payload) = frames(&drain(conn)).pop().expect("a Close is queued");
+    let wire = drain(conn);
+    let (last, payload) = frames(&wire).pop().expect("a Close is queued");
     assert_eq!(last.opcode, OpCode::Close);
     assert_eq!(payload, code.0.to_be_bytes());
     // Sticky: later calls fail the same way and queue nothing more.
@@ -135,6 +204,7 @@ fn check_failure(conn: &mut Connection, err: &ProtocolError) {
     assert!(!conn.wants_receive(&more));
     assert_eq!(conn.poll_event(), None);
     assert!(conn.transmit().is_empty());
+    wire
 }
 
 /// Everything `conn` queued for the wire.
@@ -431,7 +501,7 @@ proptest! {
         data in any_stream(Role::Server),
         sizes in chunk_sizes(),
     ) {
-        feed(&mut Connection::new(Role::Server), &data, &sizes);
+        feed_lent_alike(|| Connection::new(Role::Server), &data, &sizes);
     }
 
     #[test]
@@ -439,7 +509,7 @@ proptest! {
         data in any_stream(Role::Client),
         sizes in chunk_sizes(),
     ) {
-        feed(&mut client(), &data, &sizes);
+        feed_lent_alike(client, &data, &sizes);
     }
 
     #[test]
@@ -450,7 +520,8 @@ proptest! {
         max_message in 0usize..128,
     ) {
         let limits = Limits::default().max_frame_size(max_frame).max_message_size(max_message);
-        let outcome = feed(&mut Connection::with_limits(Role::Server, limits), &data, &sizes);
+        let server = || Connection::with_limits(Role::Server, limits.clone());
+        let outcome = feed_lent_alike(server, &data, &sizes);
         for event in &outcome.events {
             if let Event::Text(t) = event {
                 prop_assert!(t.len() <= max_message);
@@ -498,7 +569,7 @@ proptest! {
     ) {
         let (mut wire, _) = encode(&msgs);
         mutate(&mut wire, &mutations);
-        feed(&mut Connection::new(Role::Server), &wire, &sizes);
+        feed_lent_alike(|| Connection::new(Role::Server), &wire, &sizes);
     }
 
     #[test]
@@ -511,7 +582,8 @@ proptest! {
         let limits = Limits::default().max_frame_size(max_frame).max_message_size(max_message);
         let (wire, steps) = encode(&msgs);
         let (events, too_big) = expected(&steps, &limits);
-        let outcome = feed(&mut Connection::with_limits(Role::Server, limits), &wire, &sizes);
+        let server = || Connection::with_limits(Role::Server, limits.clone());
+        let outcome = feed_lent_alike(server, &wire, &sizes);
         prop_assert_eq!(outcome.events, events);
         let code = outcome.error.map(|e| e.close_code());
         prop_assert_eq!(code, too_big.then_some(CloseCode::MESSAGE_TOO_BIG));

@@ -39,6 +39,12 @@
 //! }
 //! ```
 //!
+//! ## Receiving without a copy
+//!
+//! [`WebSocket::poll_next_lent`] lends each message to a callback straight from the read
+//! buffer, with [`Replies`] to queue answers copied once into the outgoing buffer: no
+//! allocation per message, which is what `tether echo` uses (docs/decisions.md, 23).
+//!
 //! ## Features
 //! - `tls` (default): `wss://` through rustls with the webpki roots ([`tls`]).
 //! - `hyper` (default): upgrade a hyper or axum request ([`upgrade`]).
@@ -65,8 +71,8 @@ pub use error::{Error, ProxyError, Result, TlsError, UrlError};
 pub use handshake::{accept, accept_hdr, accept_with_config, client};
 pub use message::Message;
 pub use proxy::Proxy;
-pub use tether_proto::{self as proto, CloseCode, CloseFrame, Prepared, Role, Utf8Bytes};
+pub use tether_proto::{self as proto, CloseCode, CloseFrame, Lent, Prepared, Role, Utf8Bytes};
 pub use websocket::{
-    DirectSend, DirectWriter, Incoming, MessageReader, MessageWriter, SharedWebSocket, WebSocket,
-    WsReceiver, WsSender,
+    DirectSend, DirectWriter, Incoming, MessageReader, MessageWriter, Replies, SharedWebSocket,
+    WebSocket, WsReceiver, WsSender,
 };

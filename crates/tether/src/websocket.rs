@@ -8,7 +8,7 @@ use std::task::{ready, Context, Poll};
 use bytes::BytesMut;
 use futures_core::Stream;
 use futures_sink::Sink;
-use tether_proto::{CloseFrame, Prepared, Role};
+use tether_proto::{CloseFrame, Lent, Prepared, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::Config;
@@ -17,6 +17,7 @@ use crate::message::Message;
 
 mod direct;
 mod driver;
+mod lending;
 mod sending;
 mod split;
 mod streaming;
@@ -25,6 +26,7 @@ mod wakers;
 pub use direct::{DirectSend, DirectWriter, SharedWebSocket};
 use driver::Inner;
 pub(crate) use driver::Parts;
+pub use lending::Replies;
 use sending::Side;
 pub use split::{WsReceiver, WsSender};
 pub use streaming::{Incoming, MessageReader, MessageWriter};
@@ -103,6 +105,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         // Not an `async fn`: the futures of `recv`, `feed` and `send` hold only what their
         // poll needs, so that a task awaiting them stays small (see `tests/idle_memory.rs`).
         poll_fn(|cx| self.inner.poll_next_message(cx))
+    }
+
+    /// Receives without copying: each data message is lent to `f` borrowed from the read
+    /// buffer (unmasked and, for text, validated in place), together with [`Replies`] to queue
+    /// answers, which are copied once, into the outgoing buffer. All the messages already
+    /// buffered are lent in one call (at least one: it waits for the next otherwise);
+    /// returns how many. What uWebSockets' message handler does, for servers whose work per
+    /// message ends with the callback (an echo, a relay, a parser that reads the payload
+    /// once): no `Bytes` is allocated for a message that arrived in one frame.
+    ///
+    /// A message that arrived in several frames or compressed, or whose frame took more than
+    /// one read, is assembled as usual and lent from there. Pings are answered, pongs are passed over,
+    /// and the peer's Close completes the close handshake and ends the stream (`None`), as
+    /// with [`WebSocket::recv`]; a protocol error is returned once, then the stream ends.
+    /// Queued answers are written whenever receiving would wait, as after
+    /// [`WebSocket::feed`].
+    ///
+    /// ```no_run
+    /// # async fn run(mut ws: tether::WebSocket<tokio::net::TcpStream>) -> tether::Result<()> {
+    /// use std::future::poll_fn;
+    /// use std::pin::Pin;
+    ///
+    /// // An echo: every message goes back as it came.
+    /// while let Some(lent) = poll_fn(|cx| {
+    ///     Pin::new(&mut ws).poll_next_lent(cx, |message, replies| {
+    ///         let _ = replies.send(message);
+    ///     })
+    /// })
+    /// .await
+    /// {
+    ///     lent?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn poll_next_lent<F>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        f: F,
+    ) -> Poll<Option<Result<usize>>>
+    where
+        F: FnMut(Lent<'_>, &mut Replies<'_>),
+    {
+        self.get_mut().inner.poll_next_lent(cx, f)
     }
 
     /// Queues `msg` and writes everything queued.

@@ -3,14 +3,18 @@
 
 mod common;
 
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tether::handshake::{ClientHandshakeError, HandshakeError};
+use tether::proto::extension::deflate::DeflateConfig;
 use tether::{CloseCode, Config, Error, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 /// Accepts connections forever, echoing data messages, with `config`.
 async fn echo_server(config: Config) -> std::net::SocketAddr {
@@ -605,4 +609,128 @@ async fn a_peer_that_stops_reading_fails_writes_after_the_write_timeout() {
     );
     assert!(tx.send(Message::text("late")).await.is_err());
     peer.abort();
+}
+
+/// An echo server that receives by lending (`poll_next_lent`); each connection reports how
+/// its stream ended (`Ok(messages)` after `None`, or the error) on `ended`.
+async fn lending_echo_server(
+    config: Config,
+) -> (
+    std::net::SocketAddr,
+    mpsc::UnboundedReceiver<Result<usize, String>>,
+) {
+    let (listener, addr) = listener().await;
+    let (report, ended) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (config, report) = (config.clone(), report.clone());
+            tokio::spawn(async move {
+                let Ok(mut ws) = tether::accept_with_config(tcp, config).await else {
+                    return;
+                };
+                let mut echoed = 0;
+                let end = loop {
+                    let lent = poll_fn(|cx| {
+                        Pin::new(&mut ws).poll_next_lent(cx, |message, replies| {
+                            replies.send(message).unwrap();
+                        })
+                    });
+                    match lent.await {
+                        Some(Ok(n)) => echoed += n,
+                        Some(Err(e)) => break Err(e.to_string()),
+                        None => break Ok(echoed),
+                    }
+                };
+                let _ = report.send(end);
+            });
+        }
+    });
+    (addr, ended)
+}
+
+#[tokio::test]
+async fn a_lending_receive_echoes_every_kind_of_message_and_ends_with_the_close() {
+    for deflate in [false, true] {
+        let config = Config::default().deflate(deflate.then(DeflateConfig::default));
+        let (addr, mut ended) = lending_echo_server(config.clone()).await;
+        let (mut ws, _) = within(
+            tether::ClientBuilder::new(&url(addr))
+                .unwrap()
+                .config(config)
+                .connect(),
+        )
+        .await
+        .unwrap();
+        let mut sent = 0;
+        // Every length form: small ones are lent from the read buffer, large ones arrive
+        // over several reads and are assembled first.
+        for len in [0usize, 1, 125, 126, 65_535, 65_536, 1 << 20] {
+            let text: String = "é".repeat(len / 2);
+            ws.send(Message::text(text.clone())).await.unwrap();
+            assert_eq!(
+                within(ws.recv()).await.unwrap().unwrap(),
+                Message::text(text)
+            );
+            let data = vec![0xa5u8; len];
+            ws.send(Message::binary(data.clone())).await.unwrap();
+            assert_eq!(
+                within(ws.recv()).await.unwrap().unwrap(),
+                Message::binary(data)
+            );
+            sent += 2;
+        }
+        // A burst, lent several per read and echoed in order.
+        for i in 0..2000 {
+            ws.feed(Message::text(format!("m{i}"))).await.unwrap();
+        }
+        ws.flush().await.unwrap();
+        for i in 0..2000 {
+            let msg = within(ws.recv()).await.unwrap().unwrap();
+            assert_eq!(msg.as_text(), Some(format!("m{i}").as_str()));
+        }
+        sent += 2000;
+        // A fragmented message is assembled, then lent whole.
+        {
+            let mut writer = ws.send_stream_text(3);
+            writer.write_all(b"fragmented text").await.unwrap();
+            writer.finish().await.unwrap();
+        }
+        assert_eq!(
+            within(ws.recv()).await.unwrap().unwrap(),
+            Message::text("fragmented text")
+        );
+        sent += 1;
+        // Pings are answered by the core and not lent.
+        ws.send(Message::Ping("are you there".into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            within(ws.recv()).await.unwrap().unwrap(),
+            Message::Pong("are you there".into())
+        );
+        within(ws.close(None)).await.unwrap();
+        assert_eq!(
+            within(ended.recv()).await,
+            Some(Ok(sent)),
+            "deflate {deflate}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_lending_receive_fails_invalid_text_with_1007() {
+    let (addr, mut ended) = lending_echo_server(Config::default()).await;
+    let mut tcp = within(raw_client(addr)).await;
+    let mut frames = client_frame(0x1, b"fine");
+    frames.extend(client_frame(0x1, &[b'o', b'k', 0xff]));
+    frames.extend(client_frame(0x1, b"never seen"));
+    tcp.write_all(&frames).await.unwrap();
+    let (code, seen) = within(read_until_close(&mut tcp)).await.unwrap();
+    assert_eq!(
+        (code, seen),
+        (1007, vec![0x1]),
+        "the first message is echoed, then the close"
+    );
+    let end = within(ended.recv()).await.unwrap();
+    assert!(end.as_ref().is_err_and(|e| e.contains("UTF-8")), "{end:?}");
 }

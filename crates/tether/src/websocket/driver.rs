@@ -11,11 +11,13 @@ use bytes::{Buf, BytesMut};
 use tether_proto::buffers;
 use tether_proto::extension::deflate::Deflate;
 use tether_proto::{
-    Abnormal, CloseCode, CloseFrame, Connection, Event, OpCode, Prepared, Role, SendError, State,
+    Abnormal, CloseCode, CloseFrame, Connection, Event, Lent, OpCode, Prepared, Role, SendError,
+    State,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
+use super::lending::Replies;
 use super::wakers::{Shared, Waiter};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -407,16 +409,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         if self.conn.is_streaming() {
             self.conn.set_streaming(false);
         }
-        self.poll_next_with(cx, |event| match event {
-            Event::Fragment { .. } => None,
-            event => Some(event.into()),
-        })
+        self.poll_next_with(cx, &mut Messages)
     }
 
     /// The next event of the connection, as the core emits it; drives reading, writing and
     /// the timers.
     pub(super) fn poll_next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event>>> {
-        self.poll_next_with(cx, Some)
+        self.poll_next_with(cx, &mut Events)
+    }
+
+    /// Lends the data messages buffered to `f` (at least one), or the next one once it
+    /// arrives; returns how many. See [`WebSocket::poll_next_lent`].
+    pub(super) fn poll_next_lent<F>(
+        &mut self,
+        cx: &mut Context<'_>,
+        f: F,
+    ) -> Poll<Option<Result<usize>>>
+    where
+        F: FnMut(Lent<'_>, &mut Replies<'_>),
+    {
+        if self.conn.is_streaming() {
+            self.conn.set_streaming(false);
+        }
+        self.poll_next_with(cx, &mut Lending(f))
     }
 
     /// Queues one piece of a message sent as a stream.
@@ -434,15 +449,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// emits an event that `map` keeps (`Some`); events it drops are passed over. Generic, so
     /// that each caller's conversion is compiled into the loop.
     #[inline]
-    fn poll_next_with<T>(
+    fn poll_next_with<R: Receiver>(
         &mut self,
         cx: &mut Context<'_>,
-        mut map: impl FnMut(Event) -> Option<T>,
-    ) -> Poll<Option<Result<T>>> {
+        receiver: &mut R,
+    ) -> Poll<Option<Result<R::Item>>> {
         self.track_task(cx, Waiter::Reader);
         loop {
             if let Some(event) = self.conn.poll_event() {
-                match map(event) {
+                match receiver.event(&mut self.conn, event) {
                     Some(item) => return Poll::Ready(Some(Ok(item))),
                     None => continue,
                 }
@@ -452,6 +467,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             }
 
             // Frames already buffered come before anything new: parse them first.
+            if self.phase == Phase::Running {
+                match receiver.lend(&mut self.conn, &mut self.read_buf) {
+                    Ok(Some(item)) => return Poll::Ready(Some(Ok(item))),
+                    Ok(None) => {}
+                    Err(err) => {
+                        self.finish(Some(Error::Protocol(err)));
+                        continue;
+                    }
+                }
+            }
             if self.phase == Phase::Running && self.conn.wants_receive(&self.read_buf) {
                 let before = self.read_buf.len();
                 if let Err(err) = self.conn.receive(&mut self.read_buf) {
@@ -459,7 +484,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     continue;
                 }
                 if let Some(event) = self.conn.poll_event() {
-                    match map(event) {
+                    match receiver.event(&mut self.conn, event) {
                         Some(item) => return Poll::Ready(Some(Ok(item))),
                         None => continue,
                     }
@@ -603,5 +628,83 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             self.wake_reader();
         }
         Ok(())
+    }
+}
+
+/// What a receiving loop hands out: items made from the core's events, and, for the lending
+/// receive, data messages lent straight from the read buffer before any event is parsed.
+trait Receiver {
+    type Item;
+
+    /// The item for `event`, or `None` to pass over it.
+    fn event(&mut self, conn: &mut Connection, event: Event) -> Option<Self::Item>;
+
+    /// Items taken from the buffer without events (none by default).
+    #[inline]
+    fn lend(
+        &mut self,
+        _conn: &mut Connection,
+        _buf: &mut BytesMut,
+    ) -> std::result::Result<Option<Self::Item>, tether_proto::ProtocolError> {
+        Ok(None)
+    }
+}
+
+/// Whole messages; the pieces of a streamed message are passed over.
+struct Messages;
+
+impl Receiver for Messages {
+    type Item = Message;
+
+    #[inline]
+    fn event(&mut self, _conn: &mut Connection, event: Event) -> Option<Message> {
+        match event {
+            Event::Fragment { .. } => None,
+            event => Some(event.into()),
+        }
+    }
+}
+
+/// The core's events as they are.
+struct Events;
+
+impl Receiver for Events {
+    type Item = Event;
+
+    #[inline]
+    fn event(&mut self, _conn: &mut Connection, event: Event) -> Option<Event> {
+        Some(event)
+    }
+}
+
+/// Data messages lent to a callback, counted; control frames are passed over (pings are
+/// answered, the close handshake completes and ends the stream).
+struct Lending<F>(F);
+
+impl<F: FnMut(Lent<'_>, &mut Replies<'_>)> Receiver for Lending<F> {
+    type Item = usize;
+
+    fn event(&mut self, conn: &mut Connection, event: Event) -> Option<usize> {
+        let lent = match &event {
+            Event::Text(text) => Lent::Text(text.as_str()),
+            Event::Binary(data) => Lent::Binary(data),
+            _ => return None,
+        };
+        (self.0)(lent, &mut Replies::new(conn, Some(&event)));
+        Some(1)
+    }
+
+    #[inline]
+    fn lend(
+        &mut self,
+        conn: &mut Connection,
+        buf: &mut BytesMut,
+    ) -> std::result::Result<Option<usize>, tether_proto::ProtocolError> {
+        let f = &mut self.0;
+        let lent = conn.receive_lent(buf, |conn, message| {
+            f(message, &mut Replies::new(conn, None));
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok((lent > 0).then_some(lent))
     }
 }
