@@ -46,6 +46,11 @@ pub struct FanoutArgs {
     /// publisher publishes `{"text": …}` to it.
     #[arg(long, value_name = "CHANNEL")]
     pub channel: Option<String>,
+    /// With --channel, send ephemeral events (`op: event`, stored nowhere) instead of
+    /// publications: the path of messages that keep no history. The sender does not get its
+    /// own events back, so each reaches every subscriber but the publisher.
+    #[arg(long, requires = "channel")]
+    pub events: bool,
     /// Publications in flight: the next is sent once one has reached every subscriber.
     #[arg(long, default_value_t = 4)]
     pub window: usize,
@@ -171,6 +176,11 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
             RING / 2
         )));
     }
+    if args.events && args.subscribers < 2 {
+        return Err(BenchError::Usage(
+            "--events needs at least 2 subscribers: an event does not reach its sender".into(),
+        ));
+    }
     let duration = Duration::try_from_secs_f64(args.duration)
         .map_err(|_| BenchError::Usage("--duration must be a number of seconds".into()))?;
     let url = crate::connect::ws_url(&args.url);
@@ -249,11 +259,18 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
             }
         })
     });
+    // An event does not come back to its sender.
+    let reached = if args.events {
+        subscribers - 1
+    } else {
+        subscribers
+    };
     let publish = Publish {
         channel: args.channel.clone(),
+        events: args.events,
         size: args.size,
         window: args.window as u64,
-        subscribers,
+        subscribers: reached,
         began: Instant::now(),
         deadline: Instant::now() + duration,
         rate: args.rate,
@@ -287,7 +304,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
         p90_us: latency.value_at_quantile(0.90),
         p99_us: latency.value_at_quantile(0.99),
         max_us: latency.max(),
-        missing: (sent * subscribers as u64).saturating_sub(deliveries),
+        missing: (sent * reached as u64).saturating_sub(deliveries),
         errors: shared.failures.count(),
         first_error: shared.failures.first(),
     })
@@ -628,8 +645,11 @@ async fn subscribe(
 /// The publisher's settings.
 struct Publish {
     channel: Option<String>,
+    /// Ephemeral events rather than publications.
+    events: bool,
     size: usize,
     window: u64,
+    /// Deliveries each publication makes.
     subscribers: usize,
     began: Instant,
     deadline: Instant,
@@ -666,6 +686,9 @@ impl Publish {
             text.push('x');
         }
         let body = match &self.channel {
+            Some(channel) if self.events => serde_json::json!({"id": number + 3, "op": "event",
+                "channel": channel, "name": "fanout", "data": {"text": text}})
+            .to_string(),
             Some(channel) => serde_json::json!({"id": number + 3, "op": "publish",
                 "channel": channel, "data": {"text": text}})
             .to_string(),
@@ -756,9 +779,10 @@ pub fn render(s: &FanoutSummary, args: &FanoutArgs) -> String {
         s.subscribers,
         args.window,
         args.size,
-        args.channel
-            .as_deref()
-            .map_or_else(String::new, |c| format!(" on {c}")),
+        args.channel.as_deref().map_or_else(String::new, |c| {
+            let what = if args.events { " (events)" } else { "" };
+            format!(" on {c}{what}")
+        }),
         s.deliveries_per_sec,
         s.publications,
         s.deliveries,

@@ -360,6 +360,26 @@ fn bench_fanout_counts_every_delivery_over_the_channel_protocol_and_a_plain_rela
         again["publications"].as_u64().unwrap() * 5,
         "{again}"
     );
+    // Ephemeral events: stored nowhere, each reaches everyone but its sender.
+    let events = bench(&[
+        "fanout",
+        &channels,
+        "--subscribers",
+        "6",
+        "--duration",
+        "0.3",
+        "--channel",
+        "room:fan",
+        "--events",
+        "--quiet",
+    ]);
+    let sent = events["publications"].as_u64().unwrap();
+    assert!(sent > 0, "{events}");
+    assert_eq!(
+        (&events["deliveries"], &events["missing"], &events["errors"]),
+        (&(sent * 5).into(), &0.into(), &0.into()),
+        "{events}"
+    );
 }
 
 #[test]

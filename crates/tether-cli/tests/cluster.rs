@@ -1077,6 +1077,18 @@ async fn the_channel_protocol_across_nodes_publishes_resumes_and_broadcasts() {
         "{subscribed}"
     );
 
+    // An ephemeral event crosses the nodes (through the room's presence channel), stored
+    // nowhere; its sender does not get it back.
+    let typing =
+        json!({"op": "event", "channel": "room:deck", "name": "typing", "data": {"on": true}});
+    let sent = ann.call(typing).await;
+    assert!(sent.get("error").is_none(), "{sent}");
+    let heard = ben.push("event", "room:deck").await;
+    assert_eq!(
+        (&heard["user"], &heard["name"], &heard["data"]),
+        (&json!("ann"), &json!("typing"), &json!({"on": true}))
+    );
+
     // Published on a, pushed on b with the offset the publisher was told.
     let data = json!({"text": "from a"});
     let stored = ann
@@ -1092,6 +1104,12 @@ async fn the_channel_protocol_across_nodes_publishes_resumes_and_broadcasts() {
         ann.push("pub", "room:deck").await["offset"],
         first,
         "hers too"
+    );
+    // Her event, had it come back to her, came before her publication.
+    assert!(
+        ann.pushes.iter().all(|p| p["type"] != "event"),
+        "{:?}",
+        ann.pushes
     );
     // A single-channel client on b chats in the same room.
     let mut cat = join(&b.ws("/ws/rooms/deck?name=cat")).await;

@@ -89,6 +89,10 @@ pub trait Local: Send + Sync + std::fmt::Debug {
     /// Sends a notice to every connection here; how many it reached.
     fn broadcast(&self, user: &str, text: &str, ts: &str) -> usize;
 
+    /// Sends an ephemeral event (its push, as text) to the channel-protocol members of `room`
+    /// here but the subscription `from` (none when `None`); how many it reached.
+    fn ephemeral(&self, room: &str, from: Option<u64>, push: &str) -> usize;
+
     /// Tells the members of `room` here that `user` joined (with the joining connection's
     /// public `info`) or left on another node; `remote` is how many users the room has on
     /// other nodes.

@@ -102,6 +102,15 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         after: Option<&'a str>,
         limit: usize,
     ) -> EngineFuture<'a, Vec<(String, u64)>>;
+
+    /// Sends an ephemeral event, `push` (its channel-protocol push, as text), to the
+    /// channel-protocol members of `room` on every node: here to all but the sender's
+    /// subscription `from`, elsewhere to all. Nothing is stored. Returns how many it reached
+    /// here.
+    ///
+    /// # Errors
+    /// The other nodes could not be told (it reached this node's members all the same).
+    fn event<'a>(&'a self, room: &'a str, from: u64, push: &'a str) -> EngineFuture<'a, usize>;
 }
 
 /// Presence as the other nodes hold it. This node's own members are in its hub, which every

@@ -387,6 +387,16 @@ fn infos_key(room: &str, node: &str) -> String {
     format!("tether:{{{room}}}:i:{node}")
 }
 
+/// An ephemeral event for the other nodes with members in a room, sent on the room's
+/// presence channel (the room's side channel for what is not stored).
+#[derive(Debug, Serialize, Deserialize)]
+struct EventNote {
+    node: String,
+    room: String,
+    /// The channel-protocol push, as the sender's node encoded it.
+    event: String,
+}
+
 /// A broadcast notice for every node.
 #[derive(Debug, Serialize, Deserialize)]
 struct BroadcastNote {
@@ -1185,6 +1195,29 @@ impl Cluster {
             .collect())
     }
 
+    /// Sends an ephemeral event to `room`'s members: this node's at once (but the sender's
+    /// subscription `from`), the other nodes' through the room's presence channel, which every
+    /// node with members there listens to. Returns how many it reached here.
+    ///
+    /// # Errors
+    /// Redis did not take it: the other nodes' members miss it.
+    pub async fn event(&self, room: &str, from: u64, push: &str) -> Result<usize, StoreError> {
+        let here = self.hub.ephemeral(room, Some(from), push);
+        let note = EventNote {
+            node: self.node.clone(),
+            room: room.to_owned(),
+            event: push.to_owned(),
+        };
+        let mut con = self.commands.clone();
+        let _: usize = redis::cmd(self.publish())
+            .arg(presence_channel(room))
+            .arg(serde_json::to_string(&note).expect("notes serialize"))
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        Ok(here)
+    }
+
     /// Sends a notice to every connection of every node.
     ///
     /// # Errors
@@ -1492,6 +1525,11 @@ impl Cluster {
             } else if is_presence_channel(&channel) {
                 if let Ok(note) = serde_json::from_str::<PresenceNote>(&payload) {
                     self.remote_presence(note);
+                } else if let Ok(note) = serde_json::from_str::<EventNote>(&payload) {
+                    // This node's own members had it when it was sent.
+                    if note.node != self.node {
+                        self.hub.ephemeral(&note.room, None, &note.event);
+                    }
                 }
             } else if let Ok(message) = serde_json::from_str::<ChatMessage>(&payload) {
                 self.hub.deliver(&message);
@@ -2056,6 +2094,10 @@ impl Presence for Cluster {
 impl Broker for Cluster {
     fn publish(&self, write: ChatWrite) -> EngineFuture<'_, ()> {
         Box::pin(self.submit(write))
+    }
+
+    fn event<'a>(&'a self, room: &'a str, from: u64, push: &'a str) -> EngineFuture<'a, usize> {
+        Box::pin(Cluster::event(self, room, from, push))
     }
 
     fn epoch(&self) -> EngineFuture<'_, String> {

@@ -23,6 +23,16 @@ impl Node {
         self.engine.broker.publish(write).await
     }
 
+    /// Sends an ephemeral event (its push, as text) to `room`'s channel-protocol members on
+    /// every node but the sender's subscription `from`; nothing is stored. Returns how many
+    /// it reached on this node.
+    ///
+    /// # Errors
+    /// The other nodes could not be told (this node's members have it).
+    pub async fn event(&self, room: &str, from: u64, push: &str) -> Result<usize, StoreError> {
+        self.engine.broker.event(room, from, push).await
+    }
+
     /// The epoch of the rooms' streams.
     ///
     /// # Errors

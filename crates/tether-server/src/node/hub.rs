@@ -1131,9 +1131,14 @@ impl Hub {
         lock(&self.everyone).remove(everyone.id);
     }
 
-    /// Sends an ephemeral event (already encoded as a push) to the channel-protocol members
-    /// of `room` but `from` (the sender's subscription); returns how many it reached.
-    pub fn ephemeral(&self, room: &str, from: u64, push: Arc<Prepared>) -> usize {
+    /// Sends an ephemeral event (its push, as text) to the channel-protocol members of
+    /// `room` but `from` (the sender's subscription, if it is here); returns how many it
+    /// reached. The push is prepared once, outside the room's lock, when the room is here.
+    pub fn ephemeral(&self, room: &str, from: Option<u64>, push: &str) -> usize {
+        if !self.has_room(room) {
+            return 0;
+        }
+        let push = Arc::new(Prepared::text(push.to_owned()));
         let rooms = self.rooms.of(room);
         let Some(state) = rooms.get(room) else {
             return 0;
@@ -1141,7 +1146,7 @@ impl Hub {
         let encode = |_: Format| push.clone();
         let event = Fan::new(0, &encode);
         let only = Some(Format::Channels);
-        state.topic.fan_out(&event, Some(from), only, &self.out)
+        state.topic.fan_out(&event, from, only, &self.out)
     }
 
     /// How many distinct users `room` has on this node.
@@ -1457,6 +1462,10 @@ impl Local for Hub {
 
     fn broadcast(&self, user: &str, text: &str, ts: &str) -> usize {
         Hub::broadcast(self, user, text, ts)
+    }
+
+    fn ephemeral(&self, room: &str, from: Option<u64>, push: &str) -> usize {
+        Hub::ephemeral(self, room, from, push)
     }
 
     fn remote_presence(

@@ -752,7 +752,8 @@ impl Session {
             "event" => {
                 let channel = required(command.channel.as_deref(), "channel")?;
                 let name = required(command.name.as_deref(), "name")?;
-                self.event(channel, name, command.data.unwrap_or(Value::Null))?;
+                self.event(channel, name, command.data.unwrap_or(Value::Null))
+                    .await?;
                 Ok(None)
             }
             "history" => {
@@ -1062,7 +1063,7 @@ impl Session {
         }
     }
 
-    fn event(&mut self, channel: &str, name: &str, data: Value) -> Result<(), Failure> {
+    async fn event(&mut self, channel: &str, name: &str, data: Value) -> Result<(), Failure> {
         let room = match parse_channel(channel)? {
             Name::Room(room) => room,
             Name::Poll(_) | Name::Polls => {
@@ -1086,13 +1087,18 @@ impl Session {
                 format!("an event's data is at most {MAX_EVENT_DATA} bytes"),
             ));
         }
-        let push = encode(&channels::Event {
+        let from = subscribed.sub.id();
+        let push = serde_json::to_string(&channels::Event {
             channel,
             name,
             user: self.name(),
             data: &data,
-        });
-        self.node.hub.ephemeral(room, subscribed.sub.id(), push);
+        })
+        .expect("events serialize");
+        self.node
+            .event(room, from, &push)
+            .await
+            .map_err(|e| fail(Code::Internal, format!("not sent to other nodes: {e}")))?;
         Ok(())
     }
 
