@@ -100,7 +100,14 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
     type Rejection = UpgradeRejection;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let request = parse(&parts.method, &parts.uri, parts.version, &parts.headers)?;
+        let protocol = crate::upgrade::connect_protocol(&parts.extensions);
+        let request = parse(
+            &parts.method,
+            &parts.uri,
+            parts.version,
+            &parts.headers,
+            protocol,
+        )?;
         let head = head_size(&parts.method, &parts.uri, &parts.headers);
         let on_upgrade = parts
             .extensions

@@ -35,7 +35,7 @@ use bytes::BytesMut;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tether_proto::handshake::server::{HandshakeError, Request};
-use tether_proto::handshake::{accept_key, Header, Headers};
+use tether_proto::handshake::{Header, Headers};
 use tether_proto::Role;
 
 use crate::config::Config;
@@ -50,9 +50,14 @@ pub type UpgradedWebSocket = WebSocket<TokioIo<Upgraded>>;
 
 /// Validates `req` as a WebSocket upgrade and answers it.
 ///
-/// Returns the `101 Switching Protocols` response to send (with any body type that has a
-/// default, such as `http_body_util::Empty` or `axum::body::Body`) and a future that
-/// resolves to the WebSocket once hyper hands over the connection. The subprotocol is chosen
+/// Returns the response to send (with any body type that has a default, such as
+/// `http_body_util::Empty` or `axum::body::Body`) and a future that resolves to the WebSocket
+/// once hyper hands over the connection. Over HTTP/1.1 that is a `101 Switching Protocols`
+/// and the WebSocket takes the TCP connection; over HTTP/2 (the `http2` feature, a hyper
+/// server with `enable_connect_protocol`) the request is an extended CONNECT (RFC 8441,
+/// `:protocol: websocket`), the response a `200` without `Sec-WebSocket-Accept`, and the
+/// WebSocket takes one stream of the connection, which it ends when it closes: many
+/// WebSockets, and the page's other requests, share one TCP connection. The subprotocol is chosen
 /// from [`Config::protocols`] and the Origin checked against [`Config::allowed_origins`].
 /// Pass an `Arc<Config>` to share one configuration among many connections.
 ///
@@ -67,7 +72,13 @@ pub fn upgrade<B, R: Default>(
     let config = config.into();
     let head = head_size(req.method(), req.uri(), req.headers());
     check_size(head, &config)?;
-    let request = parse(req.method(), req.uri(), req.version(), req.headers())?;
+    let request = parse(
+        req.method(),
+        req.uri(),
+        req.version(),
+        req.headers(),
+        connect_protocol(req.extensions()),
+    )?;
     let (response, agreed) = answer(&request, &config)?;
     Ok((response, agreed.pending(hyper::upgrade::on(req), config)))
 }
@@ -98,12 +109,30 @@ pub(crate) fn check_size(head: usize, config: &Config) -> Result<(), HandshakeEr
     Ok(())
 }
 
-/// Validates a request head as a WebSocket upgrade.
+/// The `:protocol` of an HTTP/2 extended CONNECT, as hyper hands it over (with the `http2`
+/// feature; `None` without it, and for any other request).
+pub(crate) fn connect_protocol(extensions: &http::Extensions) -> Option<&str> {
+    #[cfg(feature = "http2")]
+    {
+        extensions
+            .get::<hyper::ext::Protocol>()
+            .map(hyper::ext::Protocol::as_str)
+    }
+    #[cfg(not(feature = "http2"))]
+    {
+        let _ = extensions;
+        None
+    }
+}
+
+/// Validates a request head as a WebSocket opening: an HTTP/1.1 upgrade, or over HTTP/2 an
+/// extended CONNECT (RFC 8441) whose `:protocol` is `protocol`.
 pub(crate) fn parse(
     method: &http::Method,
     uri: &http::Uri,
     version: http::Version,
     headers: &http::HeaderMap,
+    protocol: Option<&str>,
 ) -> Result<Request, HandshakeError> {
     let headers = Headers(
         headers
@@ -117,6 +146,16 @@ pub(crate) fn parse(
     let target = uri
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+    if version == http::Version::HTTP_2 {
+        let authority = uri.authority().map(http::uri::Authority::as_str);
+        return Request::from_extended_connect(
+            method.as_str(),
+            protocol,
+            authority,
+            target,
+            headers,
+        );
+    }
     let http11 = version >= http::Version::HTTP_11;
     Request::from_parts(method.as_str(), http11, target, headers)
 }
@@ -152,29 +191,20 @@ pub(crate) fn answer<R: Default>(
     let mut negotiated = Accept::default();
     let deflate = negotiate_deflate(config, request, &mut negotiated);
 
+    negotiated.protocol.clone_from(&protocol);
+
+    // 101 with Upgrade, Connection and Sec-WebSocket-Accept over HTTP/1.1; 200 without them
+    // for an extended CONNECT (RFC 8441 §5): the core says which.
     let mut response = http::Response::new(R::default());
-    *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-    let h = response.headers_mut();
-    h.insert(
-        http::header::UPGRADE,
-        http::HeaderValue::from_static("websocket"),
-    );
-    h.insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("upgrade"),
-    );
-    let accept = http::HeaderValue::from_str(&accept_key(request.key().as_bytes()))
+    *response.status_mut() = http::StatusCode::from_u16(request.status())
         .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
-    h.insert(http::header::SEC_WEBSOCKET_ACCEPT, accept);
-    if let Some(p) = &protocol {
-        let value =
-            http::HeaderValue::from_str(p).map_err(|e| HandshakeError::Malformed(e.to_string()))?;
-        h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
-    }
-    if let Some(ext) = &negotiated.extensions {
-        let value = http::HeaderValue::from_str(ext)
+    let h = response.headers_mut();
+    for (name, value) in request.answer_headers(&negotiated) {
+        let name = http::HeaderName::from_bytes(name.as_bytes())
             .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
-        h.insert(http::header::SEC_WEBSOCKET_EXTENSIONS, value);
+        let value = http::HeaderValue::from_str(&value)
+            .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+        h.append(name, value);
     }
     Ok((response, Agreed { protocol, deflate }))
 }

@@ -1,10 +1,11 @@
-//! The axum extractor over real loopback sockets: an echo with a chosen subprotocol, and the
-//! refusals (not an upgrade, a wrong version, a foreign Origin) as HTTP answers.
+//! The axum extractor over real loopback sockets: an echo with a chosen subprotocol, over
+//! HTTP/1.1 and over HTTP/2 (an extended CONNECT), and the refusals (not an upgrade, a wrong
+//! version, a foreign Origin) as HTTP answers.
 #![cfg(feature = "axum")]
 
 mod common;
 
-use axum::routing::get;
+use axum::routing::{any, get};
 use axum::Router;
 use common::*;
 use tether::axum::WebSocketUpgrade;
@@ -32,6 +33,35 @@ async fn server() -> std::net::SocketAddr {
     );
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
+}
+
+#[tokio::test]
+async fn the_extractor_accepts_an_http2_extended_connect() {
+    let (listener, addr) = listener().await;
+    // `any`: over HTTP/2 a WebSocket opens with CONNECT, not GET.
+    let app = Router::new().route(
+        "/ws",
+        any(|ws: WebSocketUpgrade| async move {
+            ws.config(Config::default().protocols(vec!["chat".into()]))
+                .on_upgrade(|mut socket| async move {
+                    while let Some(Ok(msg)) = socket.recv().await {
+                        if msg.is_data() && socket.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+        }),
+    );
+    // axum serves HTTP/2 with prior knowledge, extended CONNECT enabled.
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut sender = within(h2_connection(addr, "/ws")).await;
+    let mut ws = within(h2_open(&mut sender, addr, "/ws")).await;
+    ws.send(Message::text("over h2")).await.unwrap();
+    assert_eq!(
+        within(ws.recv()).await.unwrap().unwrap(),
+        Message::text("over h2")
+    );
+    within(ws.close(None)).await.unwrap();
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! Helpers shared by the socket tests: listeners on 127.0.0.1:0, a raw peer that speaks
-//! WebSocket by hand (to misbehave on purpose), and timeouts around every wait.
+//! WebSocket by hand (to misbehave on purpose), hyper's HTTP/2 client opening WebSockets with
+//! extended CONNECTs (RFC 8441), and timeouts around every wait.
 
 #![allow(dead_code)]
 
@@ -7,6 +8,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::client::conn::http2::SendRequest;
+use hyper::ext::Protocol;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tether::{Config, Role, WebSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -107,4 +114,58 @@ pub async fn read_until_close(tcp: &mut TcpStream) -> Option<(u16, Vec<u8>)> {
         }
         seen.push(opcode);
     }
+}
+
+/// One HTTP/2 connection to `addr`, past the server's SETTINGS (a first request was answered:
+/// an extended CONNECT may be sent only once the server said it takes them). That request is
+/// a GET of the WebSocket at `path`, which over HTTP/2 is no opening: 405.
+pub async fn h2_connection(addr: SocketAddr, path: &str) -> SendRequest<Empty<Bytes>> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let get = hyper::Request::get(format!("http://{addr}{path}"))
+        .body(Empty::new())
+        .unwrap();
+    assert_eq!(sender.send_request(get).await.unwrap().status(), 405);
+    sender
+}
+
+/// An extended CONNECT (RFC 8441) to `path`, offering the subprotocol `chat`, with
+/// `:protocol` as given.
+pub fn connect_request(
+    addr: SocketAddr,
+    path: &str,
+    protocol: Option<&'static str>,
+) -> hyper::Request<Empty<Bytes>> {
+    let mut req = hyper::Request::connect(format!("http://{addr}{path}"))
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "chat")
+        .body(Empty::new())
+        .unwrap();
+    if let Some(protocol) = protocol {
+        req.extensions_mut().insert(Protocol::from_static(protocol));
+    }
+    req
+}
+
+/// Opens a WebSocket to `path` on a new stream of `sender`'s connection, offering the
+/// subprotocol `chat`.
+pub async fn h2_open(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    addr: SocketAddr,
+    path: &str,
+) -> WebSocket<TokioIo<hyper::upgrade::Upgraded>> {
+    let response = sender
+        .send_request(connect_request(addr, path, Some("websocket")))
+        .await
+        .unwrap();
+    // RFC 8441 §5: a 2xx, the subprotocol, and no Sec-WebSocket-Accept.
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["sec-websocket-protocol"], "chat");
+    assert!(!response.headers().contains_key("sec-websocket-accept"));
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    WebSocket::from_raw(TokioIo::new(upgraded), Role::Client, Config::default())
 }

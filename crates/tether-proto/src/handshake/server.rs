@@ -3,14 +3,16 @@
 use super::{accept_key, is_safe_value, is_token, Headers, MAX_HEADERS, VERSION};
 use base64::Engine as _;
 
-/// A client's opening handshake, parsed and validated.
+/// A client's opening handshake, parsed and validated: an HTTP/1.1 upgrade (RFC 6455 §4.1)
+/// or an HTTP/2 extended CONNECT (RFC 8441 §4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     /// The request target: path and query, e.g. `/ws/chat?since=4`.
     pub target: String,
     /// Every header line.
     pub headers: Headers,
-    key: String,
+    /// The `Sec-WebSocket-Key`; `None` for an extended CONNECT, which has none.
+    key: Option<String>,
 }
 
 /// Why a handshake request was refused; each maps to the HTTP status to answer with.
@@ -53,6 +55,9 @@ pub enum HandshakeError {
     /// The Origin is not allowed by the server's policy.
     #[error("origin {0:?} is not allowed")]
     OriginRefused(String),
+    /// An HTTP/2 CONNECT whose `:protocol` is missing or not `websocket` (RFC 8441 §4).
+    #[error("extended CONNECT with :protocol {0:?} (expected websocket)")]
+    NotWebSocketProtocol(Option<String>),
     /// The application refused the request with a status and reason.
     #[error("refused with {status}: {reason}")]
     Refused {
@@ -177,8 +182,102 @@ impl Request {
         Ok(Request {
             target,
             headers,
-            key,
+            key: Some(key),
         })
+    }
+
+    /// Validates the head of an HTTP/2 extended CONNECT (RFC 8441 §4) as the opening of a
+    /// WebSocket: `method` CONNECT, `protocol` (the `:protocol` pseudo-header) `websocket`,
+    /// `Sec-WebSocket-Version: 13`. It has no `Sec-WebSocket-Key`, and its answer no
+    /// `Sec-WebSocket-Accept` (RFC 8441 §5: the stream ties the answer to the request); the
+    /// answer is a `200` ([`Request::status`], [`Request::answer_headers`]) and the WebSocket
+    /// ends with the stream rather than the TCP connection. `authority` (the `:authority`
+    /// pseudo-header) stands for the Host header when there is none, for the Origin policy.
+    ///
+    /// # Errors
+    /// [`HandshakeError::Method`] for another method (405),
+    /// [`HandshakeError::NotWebSocketProtocol`] without `:protocol: websocket`,
+    /// [`HandshakeError::UnsupportedVersion`] (426), and [`HandshakeError::TooManyHeaders`].
+    pub fn from_extended_connect(
+        method: &str,
+        protocol: Option<&str>,
+        authority: Option<&str>,
+        target: String,
+        mut headers: Headers,
+    ) -> Result<Request, HandshakeError> {
+        if method != "CONNECT" {
+            return Err(HandshakeError::Method(method.to_owned()));
+        }
+        if protocol != Some("websocket") {
+            return Err(HandshakeError::NotWebSocketProtocol(
+                protocol.map(str::to_owned),
+            ));
+        }
+        let version = headers.get_str("sec-websocket-version").unwrap_or("");
+        if version != VERSION {
+            return Err(HandshakeError::UnsupportedVersion(version.to_owned()));
+        }
+        if headers.get("host").is_none() {
+            if let Some(authority) = authority {
+                if headers.0.len() >= MAX_HEADERS {
+                    return Err(HandshakeError::TooManyHeaders);
+                }
+                headers.0.push(super::Header {
+                    name: "host".to_owned(),
+                    value: authority.as_bytes().to_vec(),
+                });
+            }
+        }
+        Ok(Request {
+            target,
+            headers,
+            key: None,
+        })
+    }
+
+    /// Whether this is an HTTP/2 extended CONNECT (RFC 8441) rather than an HTTP/1.1 upgrade.
+    pub fn is_extended_connect(&self) -> bool {
+        self.key.is_none()
+    }
+
+    /// The status that accepts it: `101 Switching Protocols` for an HTTP/1.1 upgrade, `200`
+    /// for an extended CONNECT (RFC 8441 §5).
+    pub fn status(&self) -> u16 {
+        if self.is_extended_connect() {
+            200
+        } else {
+            101
+        }
+    }
+
+    /// The header fields of the answer that accepts it with `accept`, in order: for an
+    /// HTTP/1.1 upgrade `Upgrade`, `Connection` and `Sec-WebSocket-Accept`, for either the
+    /// chosen subprotocol and extensions and `accept`'s own headers. Names or values with
+    /// CR/LF, and a subprotocol that is not an HTTP token, are left out.
+    pub fn answer_headers(&self, accept: &Accept) -> Vec<(String, String)> {
+        let mut out = Vec::with_capacity(5 + accept.headers.len());
+        if let Some(key) = &self.key {
+            out.push(("Upgrade".to_owned(), "websocket".to_owned()));
+            out.push(("Connection".to_owned(), "Upgrade".to_owned()));
+            out.push((
+                "Sec-WebSocket-Accept".to_owned(),
+                accept_key(key.as_bytes()),
+            ));
+        }
+        if let Some(protocol) = accept.protocol.as_deref().filter(|p| is_token(p)) {
+            out.push(("Sec-WebSocket-Protocol".to_owned(), protocol.to_owned()));
+        }
+        if let Some(ext) = accept.extensions.as_deref().filter(|e| is_safe_value(e)) {
+            out.push(("Sec-WebSocket-Extensions".to_owned(), ext.to_owned()));
+        }
+        out.extend(
+            accept
+                .headers
+                .iter()
+                .filter(|(name, value)| is_token(name) && is_safe_value(value))
+                .cloned(),
+        );
+        out
     }
 
     /// The path part of the target (before any `?`).
@@ -191,9 +290,9 @@ impl Request {
         self.target.split_once('?').map(|(_, q)| q)
     }
 
-    /// The `Sec-WebSocket-Key`.
-    pub fn key(&self) -> &str {
-        &self.key
+    /// The `Sec-WebSocket-Key`; `None` for an extended CONNECT, which has none.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
 
     /// The `Origin` header, if the client sent one (browsers always do).
@@ -217,26 +316,16 @@ impl Request {
             .find(|offered| supported.iter().any(|s| s.as_ref() == *offered))
     }
 
-    /// The complete `101 Switching Protocols` response.
+    /// The complete `101 Switching Protocols` response of an HTTP/1.1 upgrade, as bytes
+    /// ([`Request::answer_headers`]). (An extended CONNECT is answered by the HTTP/2 layer,
+    /// with [`Request::status`] and the same headers.)
     ///
     /// Header names or values with CR/LF, and a subprotocol that is not an HTTP token, are
     /// left out rather than written.
     pub fn accept(&self, accept: &Accept) -> Vec<u8> {
         let mut out = String::with_capacity(160);
-        out.push_str("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
-        out.push_str(&accept_key(self.key.as_bytes()));
-        out.push_str("\r\n");
-        if let Some(protocol) = accept.protocol.as_deref().filter(|p| is_token(p)) {
-            out.push_str("Sec-WebSocket-Protocol: ");
-            out.push_str(protocol);
-            out.push_str("\r\n");
-        }
-        if let Some(ext) = accept.extensions.as_deref().filter(|e| is_safe_value(e)) {
-            out.push_str("Sec-WebSocket-Extensions: ");
-            out.push_str(ext);
-            out.push_str("\r\n");
-        }
-        push_headers(&mut out, &accept.headers);
+        out.push_str("HTTP/1.1 101 Switching Protocols\r\n");
+        push_headers(&mut out, &self.answer_headers(accept));
         out.push_str("\r\n");
         out.into_bytes()
     }
@@ -316,6 +405,102 @@ mod tests {
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(resp.contains("Sec-WebSocket-Protocol: chat\r\n"));
         assert!(resp.ends_with("\r\n\r\n"));
+    }
+
+    /// The headers of an HTTP/2 extended CONNECT as the HTTP/2 layer hands them over.
+    fn h2_headers(extra: &[(&str, &str)]) -> Headers {
+        let mut all = vec![
+            ("sec-websocket-version", "13"),
+            ("origin", "https://a.test"),
+        ];
+        all.extend_from_slice(extra);
+        Headers(
+            all.into_iter()
+                .map(|(name, value)| super::super::Header {
+                    name: name.to_owned(),
+                    value: value.as_bytes().to_vec(),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn an_extended_connect_opens_without_a_key_and_is_answered_200() {
+        let offered = h2_headers(&[("sec-websocket-protocol", "chat")]);
+        let req = Request::from_extended_connect(
+            "CONNECT",
+            Some("websocket"),
+            Some("a.test:8443"),
+            "/ws?x=1".into(),
+            offered,
+        )
+        .unwrap();
+        assert!(req.is_extended_connect());
+        assert_eq!((req.key(), req.status()), (None, 200));
+        // `:authority` stands for Host (the Origin policy compares them).
+        assert_eq!(req.host(), Some("a.test:8443"));
+        assert_eq!((req.path(), req.query()), ("/ws", Some("x=1")));
+        let accept = Accept {
+            protocol: Some("chat".into()),
+            extensions: Some("permessage-deflate".into()),
+            headers: vec![
+                ("x-bad\r\n".into(), "v".into()),
+                ("x-ok".into(), "v".into()),
+            ],
+        };
+        // RFC 8441 §5: no Upgrade, Connection or Sec-WebSocket-Accept.
+        assert_eq!(
+            req.answer_headers(&accept),
+            [
+                ("Sec-WebSocket-Protocol", "chat"),
+                ("Sec-WebSocket-Extensions", "permessage-deflate"),
+                ("x-ok", "v"),
+            ]
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        );
+        // The HTTP/1.1 upgrade keeps its own.
+        let (h1, _) = parse(GOOD).unwrap().unwrap();
+        assert_eq!(h1.status(), 101);
+        let names: Vec<String> = h1
+            .answer_headers(&Accept::default())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["Upgrade", "Connection", "Sec-WebSocket-Accept"]);
+    }
+
+    #[test]
+    fn an_extended_connect_needs_its_method_protocol_and_version() {
+        let open = |method, protocol, headers| {
+            Request::from_extended_connect(method, protocol, None, "/".into(), headers)
+                .map(|_| ())
+                .map_err(|e| (e.status(), e))
+        };
+        assert_eq!(
+            open("GET", Some("websocket"), h2_headers(&[]))
+                .unwrap_err()
+                .0,
+            405
+        );
+        assert_eq!(
+            open("CONNECT", None, h2_headers(&[])).unwrap_err(),
+            (400, HandshakeError::NotWebSocketProtocol(None))
+        );
+        assert_eq!(
+            open("CONNECT", Some("webtransport"), h2_headers(&[])).unwrap_err(),
+            (
+                400,
+                HandshakeError::NotWebSocketProtocol(Some("webtransport".into()))
+            )
+        );
+        let unversioned = Headers(Vec::new());
+        assert_eq!(
+            open("CONNECT", Some("websocket"), unversioned)
+                .unwrap_err()
+                .0,
+            426
+        );
+        assert_eq!(open("CONNECT", Some("websocket"), h2_headers(&[])), Ok(()));
     }
 
     #[test]
