@@ -179,6 +179,67 @@ impl ClientBuilder {
         client_until(transport, request, self.config, started + timeout).await
     }
 
+    /// Opens the WebSocket on a new stream of an HTTP/2 connection the caller holds, with an
+    /// extended CONNECT (RFC 8441) to this builder's URL: many WebSockets, and the page's
+    /// other requests, share one TCP connection. The server must allow extended CONNECTs
+    /// (`SETTINGS_ENABLE_CONNECT_PROTOCOL`), and `sender`'s connection must have received its
+    /// settings (after a first answered request, say). The subprotocols, headers and
+    /// permessage-deflate offer are this builder's, the deadline its `handshake_timeout`;
+    /// `wss://` sends `:scheme https` (the caller's connection is already TLS or not).
+    ///
+    /// # Errors
+    /// [`Error::ClientHandshake`] when the server answers other than `2xx` or with a
+    /// subprotocol or extension not offered, [`Error::Io`] when the HTTP/2 connection fails,
+    /// [`Error::HandshakeTimeout`].
+    #[cfg(feature = "http2")]
+    pub async fn open_on<B>(
+        &self,
+        sender: &mut hyper::client::conn::http2::SendRequest<B>,
+    ) -> Result<(crate::upgrade::UpgradedWebSocket, Response)>
+    where
+        B: hyper::body::Body + Default + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        fn io_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+            Error::Io(std::io::Error::other(e))
+        }
+        let request = self.request();
+        let scheme = if self.url.scheme() == "wss" {
+            "https"
+        } else {
+            "http"
+        };
+        let mut builder = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("{scheme}://{}{}", request.host, request.target));
+        for (name, value) in request.extended_connect_headers()? {
+            builder = builder.header(name, value);
+        }
+        let mut req = builder.body(B::default()).map_err(io_error)?;
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let open = async {
+            let response = sender.send_request(req).await.map_err(io_error)?;
+            let headers = crate::upgrade::headers_of(response.headers());
+            let checked = request.check_extended_connect(response.status().as_u16(), headers)?;
+            let deflate = crate::handshake::accept_deflate(&self.config, &checked)?;
+            let upgraded = hyper::upgrade::on(response).await.map_err(io_error)?;
+            let ws = WebSocket::from_parts(crate::websocket::Parts {
+                io: hyper_util::rt::TokioIo::new(upgraded),
+                role: tether_proto::Role::Client,
+                config: Arc::new(self.config.clone()),
+                read_buf: bytes::BytesMut::new(),
+                protocol: checked.protocol.clone(),
+                deflate,
+            });
+            Ok((ws, checked))
+        };
+        tokio::time::timeout(self.config.handshake_timeout, open)
+            .await
+            .map_err(|_| Error::HandshakeTimeout)?
+    }
+
     async fn open(&self) -> Result<MaybeTlsStream<TcpStream>> {
         let port = self.url.port_or_known_default().unwrap_or(80);
         let tcp = match (&self.proxy, self.url.host()) {

@@ -155,7 +155,7 @@ pub(crate) fn negotiate_deflate(
 }
 
 /// The client side of permessage-deflate: checks the server's answer against the offer.
-fn accept_deflate(config: &Config, response: &Response) -> Result<Option<Deflate>> {
+pub(crate) fn accept_deflate(config: &Config, response: &Response) -> Result<Option<Deflate>> {
     let (Some(local), Some(answer)) = (&config.deflate, response.extensions.as_deref()) else {
         return Ok(None);
     };

@@ -134,15 +134,7 @@ pub(crate) fn parse(
     headers: &http::HeaderMap,
     protocol: Option<&str>,
 ) -> Result<Request, HandshakeError> {
-    let headers = Headers(
-        headers
-            .iter()
-            .map(|(name, value)| Header {
-                name: name.as_str().to_owned(),
-                value: value.as_bytes().to_vec(),
-            })
-            .collect(),
-    );
+    let headers = headers_of(headers);
     let target = uri
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
@@ -158,6 +150,19 @@ pub(crate) fn parse(
     }
     let http11 = version >= http::Version::HTTP_11;
     Request::from_parts(method.as_str(), http11, target, headers)
+}
+
+/// An `http` header map as the core's [`Headers`].
+pub(crate) fn headers_of(headers: &http::HeaderMap) -> Headers {
+    Headers(
+        headers
+            .iter()
+            .map(|(name, value)| Header {
+                name: name.as_str().to_owned(),
+                value: value.as_bytes().to_vec(),
+            })
+            .collect(),
+    )
 }
 
 /// What an answered upgrade agreed on.

@@ -14,7 +14,8 @@ use futures_util::StreamExt;
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tether::{Config, Message};
+use tether::proto::extension::deflate::DeflateConfig;
+use tether::{ClientBuilder, Config, Message};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -24,7 +25,11 @@ async fn server() -> (SocketAddr, mpsc::UnboundedReceiver<Option<String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (ended, rx) = mpsc::unbounded_channel();
-    let config = std::sync::Arc::new(Config::default().protocols(vec!["chat".to_owned()]));
+    let config = std::sync::Arc::new(
+        Config::default()
+            .protocols(vec!["chat".to_owned()])
+            .deflate(Some(DeflateConfig::default())),
+    );
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (config, ended) = (config.clone(), ended.clone());
@@ -152,4 +157,36 @@ async fn a_connect_without_the_websocket_protocol_is_refused() {
         within(ws.next()).await.unwrap().unwrap(),
         Message::text("fine")
     );
+}
+
+#[tokio::test]
+async fn the_client_builder_opens_websockets_on_a_shared_http2_connection() {
+    let (addr, mut ended) = server().await;
+    let mut sender = within(connection(addr, "/chat")).await;
+    let builder = ClientBuilder::new(&format!("ws://{addr}/chat"))
+        .unwrap()
+        .protocol("chat")
+        .config(Config::default().deflate(Some(DeflateConfig::default())));
+    let mut sockets = Vec::new();
+    for _ in 0..2 {
+        let (ws, response) = within(builder.open_on(&mut sender)).await.unwrap();
+        // The subprotocol and permessage-deflate were agreed on the stream.
+        assert_eq!(response.protocol.as_deref(), Some("chat"));
+        assert!(ws.is_compressed(), "{response:?}");
+        sockets.push(ws);
+    }
+    let text = "compressible ".repeat(200);
+    for ws in &mut sockets {
+        ws.send(Message::text(text.clone())).await.unwrap();
+    }
+    for ws in &mut sockets {
+        assert_eq!(
+            within(ws.next()).await.unwrap().unwrap(),
+            Message::text(text.clone())
+        );
+    }
+    for mut ws in sockets {
+        within(ws.close(None)).await.unwrap();
+        assert_eq!(within(ended.recv()).await, Some(None));
+    }
 }

@@ -193,6 +193,69 @@ impl ClientRequest {
         {
             return Err(ClientHandshakeError::BadAccept);
         }
+        self.negotiated(headers)
+    }
+
+    /// The header fields of this request sent as an HTTP/2 extended CONNECT (RFC 8441 §4),
+    /// beside the pseudo-headers the HTTP/2 layer writes (`:method CONNECT`,
+    /// `:protocol websocket`, `:scheme`, `:authority` from [`ClientRequest::host`], `:path` from
+    /// [`ClientRequest::target`]): the version, the subprotocols and extensions offered, and the
+    /// extra headers; no key, `Upgrade` or `Connection`, which HTTP/2 does without.
+    ///
+    /// # Errors
+    /// [`ClientHandshakeError::InvalidRequestHeader`], as [`ClientRequest::encode`].
+    pub fn extended_connect_headers(&self) -> Result<Vec<(String, String)>, ClientHandshakeError> {
+        let bad = |what: &str| ClientHandshakeError::InvalidRequestHeader(what.to_owned());
+        let mut out = vec![("sec-websocket-version".to_owned(), VERSION.to_owned())];
+        if !self.protocols.is_empty() {
+            if let Some(p) = self.protocols.iter().find(|p| !is_token(p)) {
+                return Err(bad(p));
+            }
+            out.push((
+                "sec-websocket-protocol".to_owned(),
+                self.protocols.join(", "),
+            ));
+        }
+        if let Some(ext) = &self.extensions {
+            if !is_safe_value(ext) {
+                return Err(bad(ext));
+            }
+            out.push(("sec-websocket-extensions".to_owned(), ext.clone()));
+        }
+        for (name, value) in &self.headers {
+            if !is_token(name) || !is_safe_value(value) {
+                return Err(bad(name));
+            }
+            out.push((name.to_ascii_lowercase(), value.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Checks the answer to this request sent as an extended CONNECT (RFC 8441 §5): a `2xx`
+    /// status, and a subprotocol and extensions this request offered; there is no accept key
+    /// to check.
+    ///
+    /// # Errors
+    /// [`ClientHandshakeError::Status`] for another status (with an empty body: the HTTP/2
+    /// layer holds it), and as [`ClientRequest::check`] for the subprotocol and extensions.
+    pub fn check_extended_connect(
+        &self,
+        status: u16,
+        headers: Headers,
+    ) -> Result<Response, ClientHandshakeError> {
+        if !(200..300).contains(&status) {
+            return Err(ClientHandshakeError::Status {
+                status,
+                reason: String::new(),
+                headers,
+                body: Vec::new(),
+            });
+        }
+        self.negotiated(headers)
+    }
+
+    /// The subprotocol and extensions of an accepting answer, checked against the offer.
+    fn negotiated(&self, headers: Headers) -> Result<Response, ClientHandshakeError> {
         let protocol = match headers.get_str("sec-websocket-protocol") {
             None => None,
             Some(p) if self.protocols.iter().any(|o| o == p) => Some(p.to_owned()),
@@ -233,6 +296,48 @@ mod tests {
     }
 
     const OK: &str = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
+
+    #[test]
+    fn an_extended_connect_sends_no_key_and_takes_a_2xx_without_accept() {
+        let mut req = request();
+        req.extensions = Some("permessage-deflate".into());
+        req.headers = vec![("Origin".into(), "https://a.test".into())];
+        assert_eq!(
+            req.extended_connect_headers().unwrap(),
+            [
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-protocol", "chat"),
+                ("sec-websocket-extensions", "permessage-deflate"),
+                ("origin", "https://a.test"),
+            ]
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        );
+        let answer = |pairs: &[(&str, &str)]| {
+            Headers(
+                pairs
+                    .iter()
+                    .map(|(n, v)| super::super::Header {
+                        name: (*n).to_owned(),
+                        value: v.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            )
+        };
+        let ok = req
+            .check_extended_connect(200, answer(&[("sec-websocket-protocol", "chat")]))
+            .unwrap();
+        assert_eq!(ok.protocol.as_deref(), Some("chat"));
+        assert!(matches!(
+            req.check_extended_connect(404, answer(&[])),
+            Err(ClientHandshakeError::Status { status: 404, .. })
+        ));
+        assert_eq!(
+            req.check_extended_connect(200, answer(&[("sec-websocket-protocol", "other")])),
+            Err(ClientHandshakeError::UnexpectedProtocol("other".into()))
+        );
+        req.headers = vec![("bad name".into(), "v".into())];
+        assert!(req.extended_connect_headers().is_err());
+    }
 
     #[test]
     fn request_encodes_required_headers() {
