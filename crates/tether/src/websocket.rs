@@ -115,10 +115,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// message ends with the callback (an echo, a relay, a parser that reads the payload
     /// once): no `Bytes` is allocated for a message that arrived in one frame.
     ///
-    /// A message that arrived in several frames or compressed, or whose frame took more than
-    /// one read, is assembled as usual and lent from there. Pings are answered, pongs are passed over,
-    /// and the peer's Close completes the close handshake and ends the stream (`None`), as
-    /// with [`WebSocket::recv`]; a protocol error is returned once, then the stream ends.
+    /// A message that arrived in several frames or compressed, whose frame took more than one
+    /// read, or that is large (over 4 KiB and an eighth of the read buffer: it is split off
+    /// the buffer rather than copied) is received as usual and lent from there; sending it
+    /// back with [`Replies::send`] then shares its bytes. Pings are answered, pongs are
+    /// passed over, and the peer's Close completes the close handshake and ends the stream
+    /// (`None`), as with [`WebSocket::recv`]; a protocol error is returned once, then the
+    /// stream ends.
     /// Queued answers are written whenever receiving would wait, as after
     /// [`WebSocket::feed`].
     ///
