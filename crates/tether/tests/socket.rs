@@ -42,15 +42,14 @@ async fn serve_echo(listener: TcpListener, config: Config) {
     }
 }
 
-fn url(addr: std::net::SocketAddr) -> String {
-    format!("ws://{addr}/")
-}
-
-#[tokio::test]
-async fn echo_round_trips_text_and_binary_of_every_length_form() {
-    let addr = echo_server(Config::default()).await;
-    let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();
-    for len in [0usize, 1, 125, 126, 65_535, 65_536, 1 << 20] {
+/// Sends a text and a binary message of every length form (7-bit, 16-bit and 64-bit, at the
+/// edges) and requires each echoed unchanged; returns how many it sent.
+async fn round_trip_every_length_form<S>(ws: &mut tether::WebSocket<S>) -> usize
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let lengths = [0usize, 1, 125, 126, 65_535, 65_536, 1 << 20];
+    for len in lengths {
         let text: String = "é".repeat(len / 2);
         ws.send(Message::text(text.clone())).await.unwrap();
         assert_eq!(
@@ -64,6 +63,18 @@ async fn echo_round_trips_text_and_binary_of_every_length_form() {
             Message::binary(data)
         );
     }
+    2 * lengths.len()
+}
+
+fn url(addr: std::net::SocketAddr) -> String {
+    format!("ws://{addr}/")
+}
+
+#[tokio::test]
+async fn echo_round_trips_text_and_binary_of_every_length_form() {
+    let addr = echo_server(Config::default()).await;
+    let (mut ws, _) = within(tether::connect(&url(addr))).await.unwrap();
+    round_trip_every_length_form(&mut ws).await;
     within(ws.close(None)).await.unwrap();
 }
 
@@ -661,24 +672,9 @@ async fn a_lending_receive_echoes_every_kind_of_message_and_ends_with_the_close(
         )
         .await
         .unwrap();
-        let mut sent = 0;
         // Every length form: small ones are lent from the read buffer, large ones arrive
         // over several reads and are assembled first.
-        for len in [0usize, 1, 125, 126, 65_535, 65_536, 1 << 20] {
-            let text: String = "é".repeat(len / 2);
-            ws.send(Message::text(text.clone())).await.unwrap();
-            assert_eq!(
-                within(ws.recv()).await.unwrap().unwrap(),
-                Message::text(text)
-            );
-            let data = vec![0xa5u8; len];
-            ws.send(Message::binary(data.clone())).await.unwrap();
-            assert_eq!(
-                within(ws.recv()).await.unwrap().unwrap(),
-                Message::binary(data)
-            );
-            sent += 2;
-        }
+        let mut sent = round_trip_every_length_form(&mut ws).await;
         // A burst, lent several per read and echoed in order.
         for i in 0..2000 {
             ws.feed(Message::text(format!("m{i}"))).await.unwrap();
