@@ -349,6 +349,24 @@ pub struct ServerConfig {
     /// refuses it).
     #[arg(long, env = "TETHER_DEFLATE", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub deflate: bool,
+    /// Whether TLS connections may speak HTTP/2 (ALPN `h2`, then `http/1.1`), WebSockets
+    /// included as extended CONNECT streams (RFC 8441) sharing the page's connection
+    /// (`--http2 false` offers HTTP/1.1 only).
+    #[arg(long, env = "TETHER_HTTP2", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub http2: bool,
+    /// Whether plain (cleartext) connections may speak HTTP/2 with prior knowledge (h2c),
+    /// beside HTTP/1.1: for a proxy in front that speaks h2c, and for tests.
+    #[arg(long, env = "TETHER_H2C", value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub h2c: bool,
+    /// Streams one HTTP/2 connection may have open at once, its WebSockets included; each
+    /// WebSocket also counts in `max_connections` and `max_connections_per_ip`.
+    #[arg(
+        long,
+        env = "TETHER_HTTP2_MAX_STREAMS",
+        value_name = "N",
+        default_value_t = 100
+    )]
+    pub http2_max_streams: u32,
     /// Whether fan-out writes to connections of the channel protocol that wait idle straight
     /// from its own thread, without waking each connection's task (`--direct-fanout false`
     /// wakes every one; plain HTTP/1.1 connections only: TLS and HTTP/2 always wake).

@@ -633,25 +633,10 @@ async fn compressing_clients_share_one_compressed_copy_and_read_it(kind: Kind) {
 
 async fn tls_serves_https_and_wss_on_one_port(kind: Kind) {
     let dir = Setup::new(kind);
-    // A private CA and a certificate for localhost, written as the PEM files an operator has.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let mut c = config(&dir.path().join("data"));
-    c.tls_cert = Some(cert_path);
-    c.tls_key = Some(key_path);
+    let mut c = dir.config();
+    let tls = with_tls(&mut c, dir.path());
     let server = start(c).await;
 
-    let tls = tether::tls::client_config(ca.pem().as_bytes()).unwrap();
     let port = server.addr.port();
     let url = format!("wss://localhost:{port}/ws/rooms/secure?name=ann");
     let (mut ws, _) = within(
@@ -668,16 +653,7 @@ async fn tls_serves_https_and_wss_on_one_port(kind: Kind) {
     assert_eq!(next_of(&mut ws, "message").await["text"], "over TLS");
 
     // HTTPS on the same port.
-    let connector = tokio_rustls::TlsConnector::from(tls);
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = within(connector.connect(name, tcp)).await.unwrap();
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    within(stream.read_to_string(&mut raw)).await.ok();
+    let raw = https_get(server.addr, tls, "/healthz").await;
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
     server.stop().await;
 }

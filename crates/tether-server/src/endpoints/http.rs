@@ -54,7 +54,7 @@ pub fn precheck(node: &Node, method: &http::Method, headers: &HeaderMap) -> Opti
     }
     if matches!(
         *method,
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::CONNECT
     ) {
         return None;
     }
@@ -82,7 +82,8 @@ fn is_json(headers: &HeaderMap) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// All routes.
+/// All routes. A WebSocket endpoint answers `GET` (an HTTP/1.1 upgrade) and `CONNECT` (an
+/// HTTP/2 extended CONNECT, RFC 8441); the upgrade tells them apart.
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/", get(|| async { web::page("index.html") }))
@@ -105,10 +106,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/broadcast", post(broadcast))
         .route("/api/polls", get(polls).post(create_poll))
         .route("/api/polls/{id}", get(poll))
-        .route("/ws", get(channel_socket))
-        .route("/ws/echo", get(echo_socket))
-        .route("/ws/rooms/{room}", get(room_socket))
-        .route("/ws/polls/{id}", get(poll_socket))
+        .route("/ws", get(channel_socket).connect(channel_socket))
+        .route("/ws/echo", get(echo_socket).connect(echo_socket))
+        .route("/ws/rooms/{room}", get(room_socket).connect(room_socket))
+        .route("/ws/polls/{id}", get(poll_socket).connect(poll_socket))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such page") })
         .layer(axum::middleware::map_response(json_errors))
         .with_state(node)

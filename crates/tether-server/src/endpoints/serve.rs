@@ -1,4 +1,5 @@
-//! The accept loop: TLS (optional), HTTP/1.1 with upgrades, limits, graceful shutdown.
+//! The accept loop: TLS (optional), HTTP/1.1 with upgrades and HTTP/2 with extended CONNECT,
+//! limits, graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -76,7 +77,11 @@ fn tls_acceptor(config: &ServerConfig) -> Result<Option<TlsAcceptor>, ServerErro
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.alpn_protocols = if config.http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(Some(TlsAcceptor::from(Arc::new(tls))))
 }
 
@@ -422,19 +427,121 @@ async fn connection(
     match tls {
         Some(acceptor) => {
             match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_http(stream, peer, node, router).await,
+                Ok(Ok(stream)) => {
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let versions = if h2 { Versions::Http2 } else { Versions::Http1 };
+                    serve_http(stream, peer, node, router, versions).await;
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
-        None => serve_http(stream, peer, node, router).await,
+        None => {
+            let versions = if node.config.h2c {
+                match sniff_version(&stream).await {
+                    Some(versions) => versions,
+                    None => {
+                        tracing::debug!(%peer, "no request in time");
+                        return;
+                    }
+                }
+            } else {
+                Versions::Http1
+            };
+            serve_http(stream, peer, node, router, versions).await;
+        }
     }
 }
 
-async fn serve_http<S>(stream: S, peer: SocketAddr, node: Arc<Node>, router: axum::Router)
-where
+/// The HTTP version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Versions {
+    /// HTTP/1.1 (and 1.0).
+    Http1,
+    /// HTTP/2: chosen by ALPN, or its preface on a cleartext port with h2c on.
+    Http2,
+}
+
+/// Flow-control window of one HTTP/2 stream: what a peer may send on it before the server
+/// reads it. A WebSocket reads as it goes, so this bounds what waits unread per stream.
+const H2_STREAM_WINDOW: u32 = 256 << 10;
+/// Flow-control window of a whole HTTP/2 connection: what waits unread on all its streams.
+const H2_CONNECTION_WINDOW: u32 = 1 << 20;
+/// What the server buffers for one HTTP/2 stream that its peer does not take (the peer's
+/// window is the peer's to choose, so it bounds nothing): past it, the stream's writer waits,
+/// and a WebSocket's write deadline ends it.
+const H2_SEND_BUFFER: usize = 64 << 10;
+/// Streams a peer may open and reset before the server answers them (rapid reset,
+/// CVE-2023-44487): past it, the connection ends with `ENHANCE_YOUR_CALM`.
+const H2_PENDING_RESETS: usize = 20;
+/// Streams the server may reset for a peer's errors before it ends the connection.
+const H2_ERROR_RESETS: usize = 256;
+/// Largest header list (HPACK-decoded) an HTTP/2 request may carry.
+const H2_MAX_HEADER_LIST: u32 = 64 << 10;
+
+/// The HTTP/2 server of one connection, extended CONNECT (RFC 8441) allowed, with its limits.
+fn http2_builder(config: &ServerConfig) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(config.http2_max_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .max_pending_accept_reset_streams(H2_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_ERROR_RESETS)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        // A peer gone without a word: pinged, and dropped when it does not answer.
+        .keep_alive_interval(config.ping_interval)
+        .keep_alive_timeout(config.pong_timeout);
+    builder
+}
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4); no HTTP/1 request starts so.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells a cleartext connection's HTTP version from its first bytes, without consuming them:
+/// HTTP/2 when they are its preface. A peer that sends too little for as long as a request
+/// head may take is dropped (`None`).
+async fn sniff_version(stream: &TcpStream) -> Option<Versions> {
+    let sniff = async {
+        let mut first = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut first).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if first[..n] != H2_PREFACE[..n] {
+                return Some(Versions::Http1);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(Versions::Http2);
+            }
+            // Part of the preface: the rest is on its way (peeking again at once would see the
+            // same bytes).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(HEADER_READ_TIMEOUT, sniff)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Time a client may take to send a request head, or its first bytes.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_http<S>(
+    stream: S,
+    peer: SocketAddr,
+    node: Arc<Node>,
+    router: axum::Router,
+    versions: Versions,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let http2 = (versions == Versions::Http2).then(|| http2_builder(&node.config));
     let service = hyper::service::service_fn(
         move |mut req: hyper::Request<hyper::body::Incoming>| {
             let client = client_address(&node.trusted_proxies, peer.ip(), req.headers());
@@ -470,13 +577,23 @@ where
             }
         },
     );
-    let result = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(64 << 10)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades()
-        .await;
+    let result = match http2 {
+        // Extended CONNECTs are upgraded without asking: each takes one stream.
+        Some(builder) => {
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+        }
+        None => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(64 << 10)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
     }

@@ -8,12 +8,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tether::{ClientStream, Message};
+use tether::{ClientStream, Message, WebSocket};
 use tether_server::{Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 pub mod v1;
+
+/// What a WebSocket of these helpers runs over: TCP, TLS, or a stream of an HTTP/2
+/// connection.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Io for T {}
 
 pub const LIMIT: Duration = Duration::from_secs(15);
 
@@ -45,10 +50,31 @@ pub fn config(data: &Path) -> ServerConfig {
     c
 }
 
+/// Serves `config` over TLS: a private CA and a certificate for `localhost`, written into
+/// `dir` as the PEM files an operator has. Returns a client configuration that trusts the CA.
+pub fn with_tls(config: &mut ServerConfig, dir: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    config.tls_cert = Some(cert_path);
+    config.tls_key = Some(key_path);
+    tether::tls::client_config(ca.pem().as_bytes()).unwrap()
+}
+
 /// Starts a server; one on Redis is returned once `/healthz` says it hears Redis, as a load
 /// balancer would wait.
 pub async fn start(config: ServerConfig) -> Running {
     let on_redis = config.redis.is_some();
+    let tls = config.tls_cert.is_some();
     let server = Server::bind(config).await.unwrap();
     let addr = server.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -57,7 +83,7 @@ pub async fn start(config: ServerConfig) -> Running {
     }));
     if on_redis {
         within(async {
-            while http(addr, "GET", "/healthz", &[], None).await.0 != 200 {
+            while healthz(addr, tls).await != 200 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -68,6 +94,34 @@ pub async fn start(config: ServerConfig) -> Running {
         stop: Some(tx),
         done,
     }
+}
+
+/// The status of `GET /healthz`, over TLS (any certificate) when `tls`.
+async fn healthz(addr: SocketAddr, tls: bool) -> u16 {
+    if !tls {
+        return http(addr, "GET", "/healthz", &[], None).await.0;
+    }
+    let any = tether::tls::insecure_client_config().unwrap();
+    https_get(addr, any, "/healthz").await[9..12]
+        .parse()
+        .unwrap()
+}
+
+/// `GET path` over TLS (HTTP/1.1, `Host: localhost`): the whole answer, head and body.
+pub async fn https_get(
+    addr: SocketAddr,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+) -> String {
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = within(connector.connect(name, tcp)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    within(stream.read_to_string(&mut raw)).await.ok();
+    raw
 }
 
 /// The engine a test's server runs on.
@@ -245,7 +299,7 @@ pub async fn connect(url: &str) -> ClientStream {
 }
 
 /// The next JSON event, skipping nothing.
-pub async fn next(ws: &mut ClientStream) -> Value {
+pub async fn next<S: Io>(ws: &mut WebSocket<S>) -> Value {
     loop {
         match within(ws.recv()).await {
             Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
@@ -256,7 +310,7 @@ pub async fn next(ws: &mut ClientStream) -> Value {
 }
 
 /// The next event of `kind`, skipping others (presence and the like).
-pub async fn next_of(ws: &mut ClientStream, kind: &str) -> Value {
+pub async fn next_of<S: Io>(ws: &mut WebSocket<S>, kind: &str) -> Value {
     loop {
         let v = next(ws).await;
         if v["type"] == kind {
@@ -265,14 +319,14 @@ pub async fn next_of(ws: &mut ClientStream, kind: &str) -> Value {
     }
 }
 
-pub async fn say(ws: &mut ClientStream, text: &str) {
+pub async fn say<S: Io>(ws: &mut WebSocket<S>, text: &str) {
     ws.send(Message::text(json!({"text": text}).to_string()))
         .await
         .unwrap();
 }
 
 /// The close code the server ends with.
-pub async fn close_code(ws: &mut ClientStream) -> u16 {
+pub async fn close_code<S: Io>(ws: &mut WebSocket<S>) -> u16 {
     loop {
         match within(ws.recv()).await {
             Some(Ok(Message::Close(frame))) => return frame.map_or(1005, |f| f.code.0),
@@ -284,7 +338,7 @@ pub async fn close_code(ws: &mut ClientStream) -> u16 {
 
 /// Reads what is left of a connection: the code of the Close it ends with, or `None` when
 /// the transport was cut first.
-pub async fn last_close_code(ws: &mut ClientStream) -> Option<u16> {
+pub async fn last_close_code<S: Io>(ws: &mut WebSocket<S>) -> Option<u16> {
     let mut code = None;
     while let Some(msg) = within(ws.recv()).await {
         match msg {

@@ -64,6 +64,9 @@ pub(super) struct Extra {
     pub(super) shared: Option<Shared>,
     /// The error a finishing connection ends with.
     pub(super) error: Option<Box<Error>>,
+    /// Set when the transport refused a write after our Close: nothing more is written, and
+    /// what is left is read (the peer's Close may be on its way).
+    pub(super) write_shut: bool,
 }
 
 /// The connection state shared by the whole socket or by its two halves.
@@ -251,6 +254,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// connection with [`Error::WriteTimeout`] when the peer takes nothing for
     /// `write_timeout`.
     pub(super) fn poll_write_out(&mut self, cx: &mut Context<'_>, who: Waiter) -> Poll<Result<()>> {
+        if self.extra.as_ref().is_some_and(|x| x.write_shut) {
+            let out = self.conn.transmit();
+            out.advance(out.remaining());
+            return Poll::Ready(Ok(()));
+        }
         let mut wcx = Context::from_waker(write_waker(&self.extra, who, cx.waker()));
         let (result, progressed) = write_io(&mut self.io, &mut self.conn, &mut wcx);
         if let Poll::Ready(result) = result {
@@ -498,6 +506,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 Poll::Ready(Ok(())) => true,
                 // The peer's Close arrived: it may drop the transport before taking our echo.
                 Poll::Ready(Err(_)) if self.conn.close_received() => return self.end(),
+                // Our Close is out (or on its way) and the transport takes no more: the peer
+                // ended its side, as an HTTP/2 server resets a stream (NO_ERROR) once its own
+                // Close is sent. That Close may still wait to be read: read on, writing nothing.
+                Poll::Ready(Err(e)) if self.conn.close_sent() && self.phase == Phase::Running => {
+                    tracing::debug!(error = %e, "the transport refused a write after our Close; reading what is left");
+                    self.extra().write_shut = true;
+                    continue;
+                }
                 Poll::Ready(Err(Error::WriteTimeout)) => return self.end_done(),
                 Poll::Ready(Err(e)) => {
                     self.phase = Phase::Done;
