@@ -1,6 +1,6 @@
 // Shared by the browser tests: start a tether binary on a free port, launch Chromium.
-import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import { createInterface } from 'node:readline';
 import path from 'node:path';
@@ -52,8 +52,8 @@ export function freshDataDir() {
 
 /**
  * Runs `tether serve --listen 127.0.0.1:0 --data DIR ...extraArgs` and resolves with
- * { url, dataDir, stop } once it prints "listening on http://ADDR/"; `url` is `http://ADDR`
- * (no trailing slash). `stop()` sends SIGTERM and resolves once the server has exited (SIGKILL
+ * { url, dataDir, stop } once it prints "listening on http://ADDR/" (or https:// with TLS);
+ * `url` is `http://ADDR` (no trailing slash). `stop()` sends SIGTERM and resolves once the server has exited (SIGKILL
  * after 10 s). Pass `{ dataDir }` to reuse a directory: users added beforehand, or a restart.
  * Rejects if the server exits first or stays silent for 15 s.
  */
@@ -84,7 +84,7 @@ export function startServe(extraArgs = [], { dataDir = freshDataDir(), listen = 
     });
     const lines = createInterface({ input: child.stdout });
     lines.on('line', (line) => {
-      const m = /^listening on (http:\/\/[^/\s]+)\/$/.exec(line.trim());
+      const m = /^listening on (https?:\/\/[^/\s]+)\/$/.exec(line.trim());
       if (m && !listening) {
         listening = true;
         clearTimeout(timer);
@@ -139,4 +139,20 @@ export function artifact(name) {
   const dir = path.join(root, 'e2e', 'artifacts');
   mkdirSync(dir, { recursive: true });
   return path.join(dir, name);
+}
+
+/**
+ * A self-signed certificate for `localhost` and 127.0.0.1, made by `openssl` (scripts/test
+ * installs it when missing) in a fresh directory: { cert, key } paths and the certificate's PEM.
+ */
+export function selfSignedCertificate() {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'tether-e2e-tls-'));
+  const cert = path.join(dir, 'cert.pem');
+  const key = path.join(dir, 'key.pem');
+  execFileSync('openssl', [
+    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+    '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=localhost',
+    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
+  ], { stdio: 'ignore' });
+  return { cert, key, pem: readFileSync(cert) };
 }

@@ -45,6 +45,12 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// WebSocket connections ever accepted.
     pub connections_total: AtomicU64,
+    /// Of those, the ones opened as an HTTP/2 stream (an extended CONNECT, RFC 8441).
+    pub http2_websockets_total: AtomicU64,
+    /// HTTP connections (TCP, TLS included) ever served.
+    pub http_connections_total: AtomicU64,
+    /// Of those, the ones that spoke HTTP/2.
+    pub http2_connections_total: AtomicU64,
     /// Messages received from clients.
     pub messages_in: AtomicU64,
     /// Messages queued to clients.
@@ -131,6 +137,24 @@ impl Metrics {
             "counter",
             "WebSocket connections accepted.",
             self.connections_total.load(Relaxed),
+        );
+        metric(
+            "tether_http2_websockets_total",
+            "counter",
+            "WebSocket connections accepted as a stream of an HTTP/2 connection.",
+            self.http2_websockets_total.load(Relaxed),
+        );
+        metric(
+            "tether_http_connections_total",
+            "counter",
+            "HTTP connections served (each may carry many requests and WebSockets).",
+            self.http_connections_total.load(Relaxed),
+        );
+        metric(
+            "tether_http2_connections_total",
+            "counter",
+            "HTTP connections served that spoke HTTP/2.",
+            self.http2_connections_total.load(Relaxed),
         );
         metric(
             "tether_messages_in_total",

@@ -132,6 +132,10 @@ async fn a_page_and_its_websockets_share_one_tls_connection(kind: Kind) {
         }
     }
     until_connections(&mut sender, &authority, 3).await;
+    let (_, _, metrics) = get(&mut sender, &authority, "/metrics").await;
+    assert_eq!(metric(&metrics, "tether_http2_websockets_total"), 3);
+    // One HTTP/2 connection carried them (the others the test made, if any, were HTTP/1.1).
+    assert_eq!(metric(&metrics, "tether_http2_connections_total"), 1);
 
     // A close ends its stream, and the others go on.
     within(echo.close(None)).await.unwrap();

@@ -1058,6 +1058,11 @@ where
             let pending = Box::pin(pending);
             let direct =
                 node.config.direct_fanout && !node.tls && parts.version == http::Version::HTTP_11;
+            if parts.version == http::Version::HTTP_2 {
+                node.metrics
+                    .http2_websockets_total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let writer = Writer::new((!who.is_guest()).then(|| who.name()), peer.map(|p| p.ip()));
             let start = Box::new((
                 node,

@@ -542,6 +542,10 @@ async fn serve_http<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let http2 = (versions == Versions::Http2).then(|| http2_builder(&node.config));
+    node.metrics.http_connections_total.fetch_add(1, Relaxed);
+    if http2.is_some() {
+        node.metrics.http2_connections_total.fetch_add(1, Relaxed);
+    }
     let service = hyper::service::service_fn(
         move |mut req: hyper::Request<hyper::body::Incoming>| {
             let client = client_address(&node.trusted_proxies, peer.ip(), req.headers());
