@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use tether::proto::extension::deflate::DeflateConfig;
 use tether::proto::{FrameHeader, OpCode};
-use tether::{ClientBuilder, Config, Message};
+use tether::{ClientBuilder, ClientStream, Config, HttpVersion, Message, Pool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -63,6 +63,13 @@ pub struct EchoArgs {
     /// message as one frame; no extensions are offered.
     #[arg(long, conflicts_with_all = ["raw", "deflate"])]
     pub prebuilt: bool,
+    /// Open the WebSockets over HTTP/2 (RFC 8441: ALPN `h2` for wss://, h2c for ws://), as
+    /// streams of `--http2-connections` shared connections.
+    #[arg(long, conflicts_with_all = ["raw", "prebuilt"])]
+    pub http2: bool,
+    /// HTTP/2 connections the WebSockets share, in turn (with `--http2`).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub http2_connections: usize,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -95,6 +102,13 @@ pub struct IdleArgs {
     /// Plain TCP connections without a handshake, for a raw TCP echo server.
     #[arg(long)]
     pub raw: bool,
+    /// Open the WebSockets over HTTP/2 (RFC 8441: ALPN `h2` for wss://, h2c for ws://), as
+    /// streams of `--http2-connections` shared connections.
+    #[arg(long, conflicts_with = "raw")]
+    pub http2: bool,
+    /// HTTP/2 connections the WebSockets share, in turn (with `--http2`).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub http2_connections: usize,
     /// Speak tether's channel protocol (tether.v1, to a `tether serve` `/ws` URL): connect,
     /// then subscribe to this channel (repeat for several; `{n}` and `{n/K}` as in the URL),
     /// e.g. `--subscribe 'room:r{n/100}'`. A connection counts as open once every
@@ -393,10 +407,12 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
     // Connect everything first, so the measurement covers only the steady state.
     let mut sockets = Vec::with_capacity(args.conns);
     let mut first_error = None;
+    let pools = http2_pools(args.http2, args.http2_connections);
     for chunk in (0..args.conns).collect::<Vec<_>>().chunks(200) {
-        let opens = chunk.iter().map(|_| {
+        let opens = chunk.iter().map(|&i| {
             let url = url.clone();
             let deflate = args.deflate;
+            let pool = pools.get(i % pools.len().max(1)).cloned();
             tokio::spawn(async move {
                 match target {
                     Some(addr) => {
@@ -408,9 +424,10 @@ pub async fn echo(args: EchoArgs) -> Result<EchoSummary, BenchError> {
                         Ok::<_, BenchError>(Peer::Raw(tcp))
                     }
                     None => {
-                        let (ws, _) = ClientBuilder::new(&url)
+                        let builder = ClientBuilder::new(&url)
                             .map_err(BenchError::Connect)?
-                            .config(config(deflate))
+                            .config(config(deflate));
+                        let (ws, _) = over_http2(builder, pool)
                             .connect()
                             .await
                             .map_err(BenchError::Connect)?;
@@ -750,9 +767,15 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
     let raw = args.raw;
     let count = Arc::new(IdleCount::default());
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let pools = http2_pools(args.http2, args.http2_connections);
     let peers: Vec<_> = (0..args.conns)
         .map(|i| {
             let semaphore = semaphore.clone();
+            let over = pools.get(i % pools.len().max(1)).map(|pool| {
+                let builder = ClientBuilder::new(&number_url(&url, i))
+                    .map_or_else(|_| builder.clone(), offer);
+                over_http2(builder, Some(pool.clone()))
+            });
             let request = if numbered {
                 ClientBuilder::new(&number_url(&url, i))
                     .map_or_else(|_| builder.request(), |b| offer(b).request())
@@ -764,7 +787,14 @@ pub async fn idle(args: IdleArgs) -> Result<IdleSummary, BenchError> {
             let mut stopped = stopped.clone();
             tokio::spawn(async move {
                 let permit = semaphore.acquire_owned().await.ok();
-                let mut peer = open_idle(i, target, raw, request).await;
+                let mut peer = match over {
+                    Some(builder) => builder
+                        .connect_with(request)
+                        .await
+                        .ok()
+                        .map(|(ws, _)| Peer::Ws(Box::new(ws))),
+                    None => open_idle(i, target, raw, request).await,
+                };
                 if let (Some(Peer::Ws(ws)), false) = (&mut peer, subscribe.is_empty()) {
                     if !subscribed(ws, i, &subscribe).await {
                         peer = None;
@@ -868,7 +898,7 @@ async fn open_idle(
     target: std::net::SocketAddr,
     raw: bool,
     request: tether::proto::handshake::client::ClientRequest,
-) -> Option<Peer<tether::WebSocket<TcpStream>>> {
+) -> Option<Peer<ClientStream>> {
     let socket = tokio::net::TcpSocket::new_v4().ok()?;
     if target.ip().is_loopback() {
         socket.bind(source_addr(i)).ok()?;
@@ -880,8 +910,26 @@ async fn open_idle(
     if raw {
         return Some(Peer::Raw(tcp));
     }
+    let tcp = tether::tls::MaybeTlsStream::Plain(tcp);
     let (ws, _) = tether::client(tcp, request, Config::default()).await.ok()?;
     Some(Peer::Ws(Box::new(ws)))
+}
+
+/// One pool per HTTP/2 connection asked for (none without `--http2`): connection `i` opens
+/// through pool `i % n`, so the WebSockets spread over `n` connections.
+fn http2_pools(http2: bool, connections: usize) -> Vec<Pool> {
+    if !http2 {
+        return Vec::new();
+    }
+    (0..connections.max(1)).map(|_| Pool::new()).collect()
+}
+
+/// `builder` over HTTP/2 through `pool`, when there is one.
+fn over_http2(builder: ClientBuilder, pool: Option<Pool>) -> ClientBuilder {
+    match pool {
+        Some(pool) => builder.http_version(HttpVersion::Http2).pool(pool),
+        None => builder,
+    }
 }
 
 /// The channel protocol's subprotocol (docs/protocol.md).
@@ -889,7 +937,7 @@ pub(crate) const CHANNEL_PROTOCOL: &str = "tether.v1";
 
 /// Connects over the channel protocol and subscribes connection `i` to `channels` (numbered
 /// like the URL); true once every command is acknowledged without an error, within 10 s.
-async fn subscribed(ws: &mut tether::WebSocket<TcpStream>, i: usize, channels: &[String]) -> bool {
+async fn subscribed(ws: &mut ClientStream, i: usize, channels: &[String]) -> bool {
     let mut commands = vec![serde_json::json!({"id": 1, "op": "connect"})];
     for (k, channel) in channels.iter().enumerate() {
         let channel = number_url(channel, i);
@@ -927,7 +975,7 @@ async fn subscribed(ws: &mut tether::WebSocket<TcpStream>, i: usize, channels: &
 
 /// Resolves when an idle connection ends: a close, an error, or (for plain TCP) any byte.
 /// What a WebSocket server sends on its own (a greeting) is read and passed over.
-async fn ended(peer: &mut Peer<tether::WebSocket<TcpStream>>) {
+async fn ended(peer: &mut Peer<ClientStream>) {
     match peer {
         Peer::Ws(ws) => loop {
             match ws.recv().await {

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use tether::proto::extension::deflate::DeflateConfig;
-use tether::{ClientBuilder, CloseCode, CloseFrame, Config, Message};
+use tether::{ClientBuilder, CloseCode, CloseFrame, Config, HttpVersion, Message};
 use tokio::io::AsyncBufReadExt;
 
 use crate::exit;
@@ -67,6 +67,13 @@ pub struct ConnectArgs {
     /// Largest message accepted, in bytes (larger: close with 1009).
     #[arg(long, value_name = "BYTES")]
     pub max_message_size: Option<usize>,
+    /// Open the WebSocket over HTTP/2 (RFC 8441), or fail: ALPN `h2` for wss://, prior
+    /// knowledge (h2c) for ws://. Without it, wss:// uses HTTP/2 when the server offers it.
+    #[arg(long, conflicts_with = "http1")]
+    pub http2: bool,
+    /// Open the WebSocket with an HTTP/1.1 upgrade, even when the server offers HTTP/2.
+    #[arg(long)]
+    pub http1: bool,
     /// Accept any TLS certificate (testing only).
     #[arg(short = 'k', short_alias = 'n', long, alias = "no-check")]
     pub insecure: bool,
@@ -261,9 +268,17 @@ pub fn builder(args: &ConnectArgs) -> Result<ClientBuilder, ConnectError> {
     if args.deflate {
         config = config.deflate(Some(DeflateConfig::default()));
     }
+    let version = if args.http2 {
+        HttpVersion::Http2
+    } else if args.http1 {
+        HttpVersion::Http1
+    } else {
+        HttpVersion::Auto
+    };
     let mut b = ClientBuilder::new(&args.server_url())
         .map_err(|e| ConnectError::Usage(e.to_string()))?
-        .config(config);
+        .config(config)
+        .http_version(version);
     for p in &args.subprotocols {
         b = b.protocol(p.clone());
     }
@@ -340,7 +355,11 @@ pub async fn run(args: ConnectArgs) -> Result<i32, ConnectError> {
         Err(e) => return Err(e.into()),
     };
     if args.verbose {
-        eprintln!("< HTTP/1.1 101 Switching Protocols");
+        if matches!(ws.get_ref(), tether::tls::MaybeTlsStream::Http2(_)) {
+            eprintln!("< HTTP/2 200 (the request went as an extended CONNECT, RFC 8441)");
+        } else {
+            eprintln!("< HTTP/1.1 101 Switching Protocols");
+        }
         for h in &response.headers.0 {
             eprintln!(
                 "< {}: {}",

@@ -446,3 +446,51 @@ fn bench_fanout_paces_its_publications_and_marks_the_publishing() {
         .collect();
     assert_eq!(marks, ["publishing", "published"], "{stderr}");
 }
+
+#[test]
+fn bench_echo_and_idle_over_http2_share_connections() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start_serve(&[
+        "--data",
+        data.path().to_str().unwrap(),
+        "--h2c",
+        "--message-rate",
+        "100000",
+    ]);
+    let url = format!("ws://{}/ws/echo", server.addr);
+    let bench = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(BIN)
+            .arg("bench")
+            .args(args)
+            .args(["--json", "--quiet"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let echo = ["echo", &url, "--conns", "20", "--duration", "0.5"];
+    let summary = bench(&[&echo[..], &["--http2", "--http2-connections", "2"]].concat());
+    assert_eq!(summary["connections"], 20, "{summary}");
+    assert!(summary["messages"].as_u64().unwrap() > 0, "{summary}");
+    let idle = ["idle", &url, "--conns", "30", "--hold", "0.2"];
+    let summary = bench(&[&idle[..], &["--http2", "--http2-connections", "3"]].concat());
+    assert_eq!(summary["held"], 30, "{summary}");
+    // Two connections for the echo run, three for the idle one.
+    let mut tcp = std::net::TcpStream::connect(&server.addr).unwrap();
+    let get = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        server.addr
+    );
+    std::io::Write::write_all(&mut tcp, get.as_bytes()).unwrap();
+    let mut metrics = String::new();
+    std::io::Read::read_to_string(&mut tcp, &mut metrics).unwrap();
+    assert!(
+        metrics.contains("tether_http2_connections_total 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tether_http2_websockets_total 50"),
+        "{metrics}"
+    );
+}

@@ -960,3 +960,54 @@ fn wscat_habits_mean_what_they_mean_there() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn http2_opens_the_websocket_as_an_extended_connect_and_http1_upgrades() {
+    let data = tempfile::tempdir().unwrap();
+    let serve = common::start_serve(&["--data", data.path().to_str().unwrap(), "--h2c"]);
+    let url = format!("ws://{}/ws/echo", serve.addr);
+    let out = connect(
+        &[
+            &url,
+            "--http2",
+            "-v",
+            "--send",
+            "over h2",
+            "--exit-after",
+            "1",
+        ],
+        "",
+    );
+    expect(&out, "over h2\n", 0);
+    assert!(
+        text(&out.stderr).contains("< HTTP/2 200"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = connect(
+        &[
+            &url,
+            "--http1",
+            "-v",
+            "--send",
+            "over h1",
+            "--exit-after",
+            "1",
+        ],
+        "",
+    );
+    expect(&out, "over h1\n", 0);
+    assert!(
+        text(&out.stderr).contains("< HTTP/1.1 101"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A server without HTTP/2: --http2 says so.
+    let plain = tempfile::tempdir().unwrap();
+    let serve = common::start_serve(&["--data", plain.path().to_str().unwrap()]);
+    let url = format!("ws://{}/ws/echo", serve.addr);
+    let out = connect(&[&url, "--http2", "--send", "x", "--exit-after", "1"], "");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).is_empty());
+}

@@ -48,6 +48,26 @@ pub struct ClientBuilder {
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ClientConfig>>,
     proxy: Option<Proxy>,
+    http: HttpVersion,
+    #[cfg(feature = "http2")]
+    pool: Option<crate::http2::Pool>,
+}
+
+/// The HTTP version a [`ClientBuilder`] opens its WebSocket with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HttpVersion {
+    /// `wss://` offers HTTP/2 by ALPN (with the `http2` feature) and opens the WebSocket as
+    /// an extended CONNECT (RFC 8441) when the server chooses it, else upgrades HTTP/1.1; an
+    /// HTTP/2 server that refuses extended CONNECTs gets a new HTTP/1.1 connection. `ws://`
+    /// upgrades HTTP/1.1.
+    #[default]
+    Auto,
+    /// An HTTP/1.1 upgrade only (ALPN `http/1.1`).
+    Http1,
+    /// HTTP/2 only: ALPN `h2` for `wss://`, prior knowledge (h2c) for `ws://`; fails when the
+    /// server does not speak it or refuses extended CONNECTs.
+    Http2,
 }
 
 impl ClientBuilder {
@@ -86,6 +106,9 @@ impl ClientBuilder {
             #[cfg(feature = "tls")]
             tls: None,
             proxy: None,
+            http: HttpVersion::default(),
+            #[cfg(feature = "http2")]
+            pool: None,
         })
     }
 
@@ -119,6 +142,23 @@ impl ClientBuilder {
     /// Tunnels through this HTTP proxy (`CONNECT`); TLS for `wss://` runs inside the tunnel.
     pub fn proxy(mut self, proxy: Proxy) -> Self {
         self.proxy = Some(proxy);
+        self
+    }
+
+    /// Chooses the HTTP version the WebSocket is opened with ([`HttpVersion::Auto`] unless
+    /// told): `HttpVersion::Http1` forces an HTTP/1.1 upgrade.
+    pub fn http_version(mut self, version: HttpVersion) -> Self {
+        self.http = version;
+        self
+    }
+
+    /// Shares HTTP/2 connections through `pool`: a WebSocket to an origin (scheme, host and
+    /// port) that already has an HTTP/2 connection in the pool opens as a new stream on it
+    /// instead of a new TCP connection. Without a pool, each WebSocket over HTTP/2 has a
+    /// connection of its own.
+    #[cfg(feature = "http2")]
+    pub fn pool(mut self, pool: crate::http2::Pool) -> Self {
+        self.pool = Some(pool);
         self
     }
 
@@ -173,10 +213,69 @@ impl ClientBuilder {
         // One deadline for TCP, the proxy, TLS and the upgrade together.
         let started = tokio::time::Instant::now();
         let timeout = self.config.handshake_timeout;
-        let transport = tokio::time::timeout(timeout, self.open())
+        #[cfg(feature = "http2")]
+        if self.offers_http2() {
+            let deadline = started + timeout;
+            return match tokio::time::timeout_at(deadline, crate::http2::connect(&self, &request))
+                .await
+                .map_err(|_| Error::HandshakeTimeout)??
+            {
+                crate::http2::Opened::WebSocket(ws, response) => Ok((*ws, response)),
+                crate::http2::Opened::Http1(transport) => {
+                    client_until(transport, request, self.config, deadline).await
+                }
+                crate::http2::Opened::Refused => {
+                    let transport = tokio::time::timeout_at(deadline, self.open(false))
+                        .await
+                        .map_err(|_| Error::HandshakeTimeout)??;
+                    client_until(transport, request, self.config, deadline).await
+                }
+            };
+        }
+        #[cfg(not(feature = "http2"))]
+        if self.http == HttpVersion::Http2 {
+            return Err(Error::Http2Unavailable(
+                "this build of tether has no http2 feature".into(),
+            ));
+        }
+        let transport = tokio::time::timeout(timeout, self.open(false))
             .await
             .map_err(|_| Error::HandshakeTimeout)??;
         client_until(transport, request, self.config, started + timeout).await
+    }
+
+    /// Whether this connection tries HTTP/2 first.
+    #[cfg(feature = "http2")]
+    fn offers_http2(&self) -> bool {
+        match self.http {
+            HttpVersion::Auto => self.url.scheme() == "wss",
+            HttpVersion::Http1 => false,
+            HttpVersion::Http2 => true,
+        }
+    }
+
+    /// The builder's URL.
+    #[cfg(feature = "http2")]
+    pub(crate) fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The builder's configuration.
+    #[cfg(feature = "http2")]
+    pub(crate) fn config_ref(&self) -> &Config {
+        &self.config
+    }
+
+    /// The HTTP version asked for.
+    #[cfg(feature = "http2")]
+    pub(crate) fn http_version_asked(&self) -> HttpVersion {
+        self.http
+    }
+
+    /// The pool of HTTP/2 connections, if one was given.
+    #[cfg(feature = "http2")]
+    pub(crate) fn pool_ref(&self) -> Option<&crate::http2::Pool> {
+        self.pool.as_ref()
     }
 
     /// Opens the WebSocket on a new stream of an HTTP/2 connection the caller holds, with an
@@ -201,46 +300,28 @@ impl ClientBuilder {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        fn io_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
-            Error::Io(std::io::Error::other(e))
-        }
         let request = self.request();
-        let scheme = if self.url.scheme() == "wss" {
-            "https"
-        } else {
-            "http"
-        };
-        let mut builder = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(format!("{scheme}://{}{}", request.host, request.target));
-        for (name, value) in request.extended_connect_headers()? {
-            builder = builder.header(name, value);
-        }
-        let mut req = builder.body(B::default()).map_err(io_error)?;
-        req.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
         let open = async {
-            let response = sender.send_request(req).await.map_err(io_error)?;
-            let headers = crate::upgrade::headers_of(response.headers());
-            let checked = request.check_extended_connect(response.status().as_u16(), headers)?;
-            let deflate = crate::handshake::accept_deflate(&self.config, &checked)?;
-            let upgraded = hyper::upgrade::on(response).await.map_err(io_error)?;
+            let (io, response, deflate) =
+                crate::http2::extended_connect(self, sender, &request).await?;
             let ws = WebSocket::from_parts(crate::websocket::Parts {
-                io: hyper_util::rt::TokioIo::new(upgraded),
+                io,
                 role: tether_proto::Role::Client,
                 config: Arc::new(self.config.clone()),
                 read_buf: bytes::BytesMut::new(),
-                protocol: checked.protocol.clone(),
+                protocol: response.protocol.clone(),
                 deflate,
             });
-            Ok((ws, checked))
+            Ok((ws, response))
         };
         tokio::time::timeout(self.config.handshake_timeout, open)
             .await
             .map_err(|_| Error::HandshakeTimeout)?
     }
 
-    async fn open(&self) -> Result<MaybeTlsStream<TcpStream>> {
+    /// TCP (through the proxy if any), then TLS for `wss://` offering ALPN `h2` before
+    /// `http/1.1` when `h2`.
+    pub(crate) async fn open(&self, h2: bool) -> Result<MaybeTlsStream<TcpStream>> {
         let port = self.url.port_or_known_default().unwrap_or(80);
         let tcp = match (&self.proxy, self.url.host()) {
             (Some(proxy), _) => {
@@ -260,7 +341,7 @@ impl ClientBuilder {
         if self.url.scheme() == "ws" {
             return Ok(MaybeTlsStream::Plain(tcp));
         }
-        self.wrap_tls(tcp).await
+        self.wrap_tls(tcp, h2).await
     }
 
     /// The builder checked that the URL has a host.
@@ -281,11 +362,16 @@ impl ClientBuilder {
     }
 
     #[cfg(feature = "tls")]
-    async fn wrap_tls(&self, tcp: TcpStream) -> Result<MaybeTlsStream<TcpStream>> {
-        let config = match &self.tls {
+    async fn wrap_tls(&self, tcp: TcpStream, h2: bool) -> Result<MaybeTlsStream<TcpStream>> {
+        let mut config = match &self.tls {
             Some(c) => c.clone(),
             None => crate::tls::client_config(&[])?,
         };
+        if h2 {
+            let mut offering = (*config).clone();
+            offering.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            config = Arc::new(offering);
+        }
         let host = self.url.host_str().unwrap_or_default();
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|source| {
@@ -302,7 +388,7 @@ impl ClientBuilder {
     }
 
     #[cfg(not(feature = "tls"))]
-    async fn wrap_tls(&self, _tcp: TcpStream) -> Result<MaybeTlsStream<TcpStream>> {
+    async fn wrap_tls(&self, _tcp: TcpStream, _h2: bool) -> Result<MaybeTlsStream<TcpStream>> {
         Err(TlsError::Disabled.into())
     }
 }

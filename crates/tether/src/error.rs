@@ -72,6 +72,10 @@ pub enum Error {
     /// was shut down.
     #[error("the peer took nothing we wrote within the write timeout")]
     WriteTimeout,
+    /// HTTP/2 was required ([`HttpVersion::Http2`](crate::HttpVersion::Http2)) and the
+    /// server does not speak it, or does not take WebSockets over it (RFC 8441).
+    #[error("no WebSocket over HTTP/2: {0}")]
+    Http2Unavailable(String),
 }
 
 /// A URL that cannot be used, as a server's or a proxy's.

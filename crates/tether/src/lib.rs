@@ -58,6 +58,8 @@ mod client;
 mod config;
 mod error;
 pub mod handshake;
+#[cfg(feature = "http2")]
+pub mod http2;
 mod message;
 pub mod proxy;
 pub mod tls;
@@ -65,10 +67,12 @@ pub mod tls;
 pub mod upgrade;
 mod websocket;
 
-pub use client::{connect, ClientBuilder, ClientStream};
+pub use client::{connect, ClientBuilder, ClientStream, HttpVersion};
 pub use config::Config;
 pub use error::{Error, ProxyError, Result, TlsError, UrlError};
 pub use handshake::{accept, accept_hdr, accept_with_config, client};
+#[cfg(feature = "http2")]
+pub use http2::Pool;
 pub use message::Message;
 pub use proxy::Proxy;
 pub use tether_proto::{self as proto, CloseCode, CloseFrame, Lent, Prepared, Role, Utf8Bytes};

@@ -20,6 +20,10 @@ pub enum MaybeTlsStream<S> {
     /// TLS through rustls (`wss://`).
     #[cfg(feature = "tls")]
     Rustls(Box<tokio_rustls::client::TlsStream<S>>),
+    /// A stream of an HTTP/2 connection (RFC 8441), TLS or not, which other WebSockets may
+    /// share.
+    #[cfg(feature = "http2")]
+    Http2(Box<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>),
 }
 
 macro_rules! each {
@@ -31,6 +35,11 @@ macro_rules! each {
             }
             #[cfg(feature = "tls")]
             MaybeTlsStream::Rustls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+            #[cfg(feature = "http2")]
+            MaybeTlsStream::Http2($s) => {
                 let $s = Pin::new($s.as_mut());
                 $e
             }
@@ -70,6 +79,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTlsStream<S> {
             MaybeTlsStream::Plain(s) => s.is_write_vectored(),
             #[cfg(feature = "tls")]
             MaybeTlsStream::Rustls(s) => s.is_write_vectored(),
+            #[cfg(feature = "http2")]
+            MaybeTlsStream::Http2(s) => s.is_write_vectored(),
         }
     }
 

@@ -8,6 +8,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use common::{connect_request, h2_connection as connection, h2_open, within};
 use futures_util::StreamExt;
@@ -15,24 +17,48 @@ use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tether::proto::extension::deflate::DeflateConfig;
-use tether::{ClientBuilder, Config, Message};
+use tether::tls::MaybeTlsStream;
+use tether::{ClientBuilder, Config, Error, HttpVersion, Message, Pool};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// An HTTP/2 (prior knowledge) server whose every request goes to `tether::upgrade`; each
 /// WebSocket echoes, then reports how it ended on the channel.
 async fn server() -> (SocketAddr, mpsc::UnboundedReceiver<Option<String>>) {
+    let (addr, ended, _) = server_with(None, true).await;
+    (addr, ended)
+}
+
+/// The echo server of [`server`], over TLS when `tls` is given (ALPN `h2` and `http/1.1`,
+/// HTTP/1.1 upgrades answered too), taking extended CONNECTs or not. Also returns the count
+/// of TCP connections it accepted.
+async fn server_with(
+    tls: Option<Arc<rustls::ServerConfig>>,
+    connect_protocol: bool,
+) -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<Option<String>>,
+    Arc<AtomicUsize>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (ended, rx) = mpsc::unbounded_channel();
-    let config = std::sync::Arc::new(
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let config = Arc::new(
         Config::default()
             .protocols(vec!["chat".to_owned()])
             .deflate(Some(DeflateConfig::default())),
     );
+    let acceptor = tls.map(|tls| {
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls))
+    });
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (config, ended) = (config.clone(), ended.clone());
+            counted.fetch_add(1, Ordering::SeqCst);
+            let (config, ended, acceptor) = (config.clone(), ended.clone(), acceptor.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |mut req| {
                     let (config, ended) = (config.clone(), ended.clone());
@@ -67,14 +93,29 @@ async fn server() -> (SocketAddr, mpsc::UnboundedReceiver<Option<String>>) {
                         Ok::<_, std::convert::Infallible>(response)
                     }
                 });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .enable_connect_protocol()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                if connect_protocol {
+                    h2.enable_connect_protocol();
+                }
+                let Some(acceptor) = acceptor else {
+                    let _ = h2.serve_connection(TokioIo::new(tcp), service).await;
+                    return;
+                };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let _ = h2.serve_connection(TokioIo::new(tls), service).await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .with_upgrades()
+                        .await;
+                }
             });
         }
     });
-    (addr, rx)
+    (addr, rx, accepted)
 }
 
 #[tokio::test]
@@ -189,4 +230,120 @@ async fn the_client_builder_opens_websockets_on_a_shared_http2_connection() {
         within(ws.close(None)).await.unwrap();
         assert_eq!(within(ended.recv()).await, Some(None));
     }
+}
+
+/// A builder for `path` on the TLS server at `addr`, trusting `ca`.
+fn tls_builder(addr: SocketAddr, ca: &str, path: &str) -> ClientBuilder {
+    ClientBuilder::new(&format!("wss://localhost:{}{path}", addr.port()))
+        .unwrap()
+        .protocol("chat")
+        .tls_config(tether::tls::client_config(ca.as_bytes()).unwrap())
+}
+
+/// Sends `text` and expects it back.
+async fn echoes<S>(ws: &mut tether::WebSocket<S>, text: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    ws.send(Message::text(text.to_owned())).await.unwrap();
+    assert_eq!(
+        within(ws.next()).await.unwrap().unwrap(),
+        Message::text(text.to_owned())
+    );
+}
+
+#[tokio::test]
+async fn connect_chooses_http2_by_alpn_and_a_pool_shares_one_connection() {
+    let (ca, tls) = common::pki();
+    let (addr, _ended, accepted) = server_with(Some(tls), true).await;
+    let pool = Pool::new();
+    let mut sockets = Vec::new();
+    for i in 0..3 {
+        let (mut ws, response) = within(
+            tls_builder(addr, &ca, &format!("/room/{i}"))
+                .pool(pool.clone())
+                .connect(),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(ws.get_ref(), MaybeTlsStream::Http2(_)));
+        assert_eq!(response.protocol.as_deref(), Some("chat"));
+        echoes(&mut ws, &format!("socket {i}")).await;
+        sockets.push(ws);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one TCP connection");
+    assert_eq!(pool.len(), 1);
+    for mut ws in sockets {
+        within(ws.close(None)).await.unwrap();
+    }
+
+    // Opened at once through a new pool: they wait for the one connection the first makes.
+    let pool = Pool::new();
+    let opens = (0..20).map(|i| {
+        let builder = tls_builder(addr, &ca, &format!("/at-once/{i}")).pool(pool.clone());
+        async move { builder.connect().await.unwrap().0 }
+    });
+    let mut at_once = within(futures_util::future::join_all(opens)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "one more TCP connection"
+    );
+    echoes(&mut at_once[19], "the last of twenty").await;
+
+    // Without a pool, a connection each; HTTP/1.1 when asked.
+    let (mut alone, _) = within(tls_builder(addr, &ca, "/").connect()).await.unwrap();
+    assert!(matches!(alone.get_ref(), MaybeTlsStream::Http2(_)));
+    echoes(&mut alone, "alone").await;
+    let (mut http1, _) = within(
+        tls_builder(addr, &ca, "/")
+            .http_version(HttpVersion::Http1)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(http1.get_ref(), MaybeTlsStream::Rustls(_)));
+    echoes(&mut http1, "over HTTP/1.1").await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_server_without_extended_connect_gets_http1_unless_http2_is_required() {
+    let (ca, tls) = common::pki();
+    let (addr, _ended, accepted) = server_with(Some(tls), false).await;
+    let pool = Pool::new();
+    // The h2 connection refuses the stream; a new connection upgrades HTTP/1.1.
+    let (mut ws, _) = within(tls_builder(addr, &ca, "/").pool(pool.clone()).connect())
+        .await
+        .unwrap();
+    assert!(matches!(ws.get_ref(), MaybeTlsStream::Rustls(_)));
+    echoes(&mut ws, "fell back").await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert!(pool.is_empty(), "a connection that refuses is not kept");
+    let e = within(
+        tls_builder(addr, &ca, "/")
+            .http_version(HttpVersion::Http2)
+            .connect(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::Http2Unavailable(_)), "{e}");
+}
+
+#[tokio::test]
+async fn http2_required_over_plain_tcp_is_h2c_with_prior_knowledge() {
+    let (addr, mut ended) = server().await;
+    let (mut ws, _) = within(
+        ClientBuilder::new(&format!("ws://{addr}/chat"))
+            .unwrap()
+            .protocol("chat")
+            .http_version(HttpVersion::Http2)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(ws.get_ref(), MaybeTlsStream::Http2(_)));
+    echoes(&mut ws, "h2c").await;
+    within(ws.close(None)).await.unwrap();
+    assert_eq!(within(ended.recv()).await, Some(None));
 }
