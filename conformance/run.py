@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Run the Autobahn TestSuite against tether and summarise the results.
 
-    python3 conformance/run.py server|client|all [--exclude '12.*,13.*']
-        [--cases '*'] [--venv DIR] [--reports DIR] [--no-build]
+    python3 conformance/run.py server|client|all|server-h2|client-h2|h2
+        [--exclude '12.*,13.*'] [--cases '*'] [--venv DIR] [--reports DIR] [--no-build]
 
 server: Autobahn's fuzzingclient tests `tether echo`.
 client: tether's autobahn_client example is tested by Autobahn's fuzzingserver.
+all: both.
+server-h2, client-h2, h2: the same over HTTP/2 (RFC 8441). The suite speaks HTTP/1.1 only, so
+the autobahn_h2 example relays each of its WebSockets onto a stream of one HTTP/2 connection
+(the handshake translated, every byte after it unchanged): to an echo server of tether's over
+h2 (server-h2), or from tether's client over h2 (client-h2).
 
 Exit status: 0 when every selected case ran and is OK or INFORMATIONAL;
 1 when a case is anything else, or the report is missing or has fewer
@@ -171,7 +176,8 @@ def ensure_venv(venv):
 def build():
     # --bin is needed: with --example alone cargo would build only the example.
     run_step(["cargo", "build", "--release", "-p", "tether-cli", "-p", "tether",
-              "--bin", "tether", "--example", "autobahn_client"], 3600, cwd=ROOT)
+              "--bin", "tether", "--example", "autobahn_client", "--example", "autobahn_h2"],
+             3600, cwd=ROOT)
 
 
 def split_list(text):
@@ -221,12 +227,16 @@ def require(path):
 
 # --- the two modes -----------------------------------------------------------
 
-def run_server_mode(args, wstest):
-    outdir = args.reports / "servers"
+def run_server_mode(args, wstest, h2=False):
+    outdir = args.reports / ("servers-h2" if h2 else "servers")
     fresh_outdir(outdir)
     port = free_port()
     if args.server_cmd:
         cmd = shlex.split(args.server_cmd.format(port=port))
+    elif h2:
+        binary = TARGET / "release" / "examples" / "autobahn_h2"
+        require(binary)
+        cmd = [str(binary), "server", str(port)]
     else:
         binary = TARGET / "release" / "tether"
         require(binary)
@@ -239,13 +249,15 @@ def run_server_mode(args, wstest):
             "exclude-cases": args.exclude,
             "exclude-agent-cases": {},
         })
-        server = Child("server under test", cmd, args.reports / "server.log")
+        server = Child("server under test", cmd,
+                       args.reports / ("server-h2.log" if h2 else "server.log"))
         fuzzer = None
         try:
             wait_for_port(port, server, args.start_timeout)
             fuzzer = Child("wstest fuzzingclient",
                            [str(wstest), "-m", "fuzzingclient", "-s", str(spec)],
-                           args.reports / "wstest-fuzzingclient.log")
+                           args.reports / ("wstest-fuzzingclient-h2.log" if h2
+                                           else "wstest-fuzzingclient.log"))
             code = fuzzer.wait(args.timeout)
             if code is None:
                 raise SetupError(f"wstest fuzzingclient timed out after {args.timeout}s")
@@ -258,10 +270,10 @@ def run_server_mode(args, wstest):
             if fuzzer:
                 fuzzer.stop()
             server.stop()
-    return summarise("server", outdir, selected)
+    return summarise("server-h2" if h2 else "server", outdir, selected)
 
 
-def start_fuzzingserver(args, wstest, outdir, tmp):
+def start_fuzzingserver(args, wstest, outdir, tmp, logname="wstest-fuzzingserver.log"):
     """Starts wstest's fuzzing server on a free port; returns (child, url, selected cases).
 
     The port is free when picked but may be taken before wstest binds it (by anything else
@@ -276,7 +288,7 @@ def start_fuzzingserver(args, wstest, outdir, tmp):
             "exclude-cases": args.exclude,
             "exclude-agent-cases": {},
         })
-        logfile = args.reports / "wstest-fuzzingserver.log"
+        logfile = args.reports / logname
         # -u 0: no embedded web server (it would otherwise take port 8080)
         fuzzer = Child("wstest fuzzingserver",
                        [str(wstest), "-m", "fuzzingserver", "-s", str(spec), "-u", "0"],
@@ -293,20 +305,26 @@ def start_fuzzingserver(args, wstest, outdir, tmp):
     raise AssertionError("unreachable")
 
 
-def run_client_mode(args, wstest):
-    outdir = args.reports / "clients"
+def run_client_mode(args, wstest, h2=False):
+    outdir = args.reports / ("clients-h2" if h2 else "clients")
     fresh_outdir(outdir)
+    example = TARGET / "release" / "examples" / ("autobahn_h2" if h2 else "autobahn_client")
     with tempfile.TemporaryDirectory(prefix="tether-autobahn-") as tmp:
         if not args.client_cmd:
-            require(TARGET / "release" / "examples" / "autobahn_client")
-        fuzzer, port, url, selected = start_fuzzingserver(args, wstest, outdir, tmp)
+            require(example)
+        fuzzer, port, url, selected = start_fuzzingserver(
+            args, wstest, outdir, tmp,
+            "wstest-fuzzingserver-h2.log" if h2 else "wstest-fuzzingserver.log")
         if args.client_cmd:
             cmd = shlex.split(args.client_cmd.format(port=port, url=url))
+        elif h2:
+            cmd = [str(example), "client", url, AGENT]
         else:
-            cmd = [str(TARGET / "release" / "examples" / "autobahn_client"), url, AGENT]
+            cmd = [str(example), url, AGENT]
         client = None
         try:
-            client = Child("client under test", cmd, args.reports / "client.log")
+            client = Child("client under test", cmd,
+                           args.reports / ("client-h2.log" if h2 else "client.log"))
             code = client.wait(args.timeout)
             if code is None:
                 raise SetupError(f"the client timed out after {args.timeout}s")
@@ -317,7 +335,7 @@ def run_client_mode(args, wstest):
             if client:
                 client.stop()
             fuzzer.stop()
-    return summarise("client", outdir, selected)
+    return summarise("client-h2" if h2 else "client", outdir, selected)
 
 
 # --- the report --------------------------------------------------------------
@@ -367,13 +385,13 @@ def summarise(mode, outdir, selected):
 
 def parse_args():
     p = argparse.ArgumentParser(description="Run the Autobahn TestSuite against tether.")
-    p.add_argument("mode", choices=["server", "client", "all"])
+    p.add_argument("mode", choices=["server", "client", "all", "server-h2", "client-h2", "h2"])
     p.add_argument("--cases", default="*", help="comma-separated case patterns (default '*')")
     p.add_argument("--exclude", default="", help="comma-separated case patterns to skip, e.g. '12.*,13.*'")
     p.add_argument("--venv", type=Path, default=ROOT / "target" / "autobahn-venv",
                    help="Autobahn virtualenv (created when bin/wstest is missing)")
     p.add_argument("--reports", type=Path, default=ROOT / "target" / "autobahn-reports",
-                   help="report directory (servers/ and clients/ are replaced each run)")
+                   help="report directory (servers/, clients/ and their -h2 twins are replaced each run)")
     p.add_argument("--no-build", action="store_true", help="do not run cargo build")
     p.add_argument("--timeout", type=int, default=1800,
                    help="seconds allowed for one mode's test run (default 1800)")
@@ -406,14 +424,15 @@ def main():
         log(f"ERROR: {e}")
         return 2
     args.reports.mkdir(parents=True, exist_ok=True)
-    modes = ["server", "client"] if args.mode == "all" else [args.mode]
+    modes = {"all": ["server", "client"], "h2": ["server-h2", "client-h2"]}.get(
+        args.mode, [args.mode])
     results = {}
 
     def run_mode(mode):
-        run = run_server_mode if mode == "server" else run_client_mode
+        run = run_server_mode if mode.startswith("server") else run_client_mode
         started = time.monotonic()
         try:
-            results[mode] = "PASS" if run(args, wstest) else "FAIL"
+            results[mode] = "PASS" if run(args, wstest, h2=mode.endswith("-h2")) else "FAIL"
         except SetupError as e:
             log(f"ERROR ({mode}): {e}")
             results[mode] = "ERROR"
