@@ -56,6 +56,8 @@ def start(cmd):
 
 # The servers, in the order they are measured, and their names in the tables.
 SERVERS = {"tether": "tether", "tether-events": "tether (events, not stored)",
+           "tether-h2": "tether, HTTP/2 (10 connections)",
+           "tether-woken": "tether, no direct writes",
            "uws-cpp": "uWS C++", "uws": "uWS.js"}
 PACED_WINDOW = 64
 
@@ -63,7 +65,7 @@ PACED_WINDOW = 64
 def measure(server, tether, opts, window, run, data, rate=0):
     """One measurement: a fresh server, one bench run; returns its summary with server CPU."""
     n = opts.subscribers
-    if server in ("tether", "tether-events"):
+    if server.startswith("tether"):
         conf = Path(data) / "fanout.toml"
         conf.write_text("max_http_connections_per_ip = 1024\n")
         store = tempfile.mkdtemp(dir=data)
@@ -72,11 +74,17 @@ def measure(server, tether, opts, window, run, data, rate=0):
                            "--max-connections", str(n + 100),
                            "--max-connections-per-ip", str(n + 100),
                            # One publisher keeps a window in flight: lift the per-sender rates.
-                           "--message-rate", "1000000", "--identity-message-rate", "1000000"])
+                           "--message-rate", "1000000", "--identity-message-rate", "1000000",
+                           # The subscribers as streams of 10 HTTP/2 connections (tether-h2).
+                           *(["--h2c", "--http2-max-streams", str(n)]
+                             if server == "tether-h2" else []),
+                           *(["--direct-fanout", "false"] if server == "tether-woken" else [])])
         target = ["ws://" + url.removeprefix("http://").rstrip("/") + f"/ws?name=r{run}w{window}g{{n}}",
                   "--channel", "room:fanout"]
         if server == "tether-events":
             target.append("--events")
+        if server == "tether-h2":
+            target += ["--http2", "--http2-connections", "10"]
     elif server == "uws-cpp":
         proc, url = start([str(opts.uws / "uws-pubsub"), str(compare.free_port())])
         target = [url]
@@ -166,6 +174,11 @@ def table(results, opts, facts, command):
          "- tether (events, not stored): the same, but the publisher sends ephemeral events "
          "(`op: event`), which touch no storage and reach every subscriber but their sender "
          "as an `event` push: the path of messages that keep no history.",
+         "- tether, HTTP/2: the publications of the first row, with the subscribers opened as "
+         "streams of 10 HTTP/2 connections (`tether serve --h2c`, `bench fanout --http2`): "
+         "fan-out wakes each stream's session (direct writes are for plain TCP sockets).",
+         "- tether, no direct writes (when measured): the first row with `--direct-fanout "
+         "false`: every subscriber's session is woken to write, as over HTTP/2.",
          "- uWS C++: uWebSockets' `uws-pubsub` (built from its sources; see the README beside "
          "the binary): every connection subscribed to one topic on open, each received message "
          "published to it; nothing stored.",
@@ -266,10 +279,18 @@ def main():
                         help="the tether binary (default target/release/tether)")
     parser.add_argument("--no-build", action="store_true", help="use the binary as it is")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--servers", default=",".join(s for s in SERVERS if s != "tether-woken"),
+                        help=f"which to measure, of {','.join(SERVERS)} (default all but "
+                             "tether-woken)")
     opts = parser.parse_args()
     opts.windows = [int(w) for w in opts.windows.split(",") if w]
     opts.rates = [float(r) for r in opts.rates.split(",") if r]
-    servers = [s for s in SERVERS if s != "uws-cpp" or (opts.uws / "uws-pubsub").exists()]
+    asked = [s for s in opts.servers.split(",") if s]
+    unknown = [s for s in asked if s not in SERVERS]
+    if unknown:
+        parser.error(f"unknown servers {unknown}: pick from {list(SERVERS)}")
+    servers = [s for s in SERVERS if s in asked
+               and (s != "uws-cpp" or (opts.uws / "uws-pubsub").exists())]
     if not opts.no_build and opts.tether == compare.TETHER:
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "tether-cli",
                         "--bin", "tether"], cwd=ROOT, check=True)

@@ -72,6 +72,13 @@ pub struct FanoutArgs {
     /// Connections opened at once.
     #[arg(long, default_value_t = 200)]
     pub concurrency: usize,
+    /// Open the subscribers as streams of `--http2-connections` HTTP/2 connections (h2c with
+    /// prior knowledge, RFC 8441), e.g. against `tether serve --h2c`.
+    #[arg(long)]
+    pub http2: bool,
+    /// HTTP/2 connections the subscribers share, in turn (with `--http2`).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub http2_connections: usize,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -156,8 +163,69 @@ struct Shared {
 
 /// One open connection, with what it read past the handshake and the subscription.
 struct Conn {
-    tcp: TcpStream,
+    tcp: Box<dyn Transport>,
     buf: BytesMut,
+}
+
+/// What a connection's frames go over: its TCP connection, or a stream of a shared HTTP/2
+/// connection (`--http2`).
+trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Transport for T {}
+
+/// The sending side of one of the run's HTTP/2 connections.
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// `n` HTTP/2 connections (prior knowledge) to `addr`, each allowed as many streams as the
+/// server grants.
+async fn h2_connections(addr: std::net::SocketAddr, n: usize) -> Result<Vec<H2>, BenchError> {
+    let mut senders = Vec::with_capacity(n);
+    for _ in 0..n {
+        let tcp = TcpStream::connect(addr).await.map_err(BenchError::Tcp)?;
+        tcp.set_nodelay(true).map_err(BenchError::Tcp)?;
+        let mut builder =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(64 << 20);
+        let (sender, connection) = builder
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| BenchError::Handshake(e.to_string()))?;
+        tokio::spawn(connection);
+        senders.push(sender);
+    }
+    Ok(senders)
+}
+
+/// An extended CONNECT (RFC 8441) to `url` on `sender`'s connection: the stream, once the
+/// server answers 200.
+async fn h2_stream(
+    sender: &mut H2,
+    url: &str,
+    protocol: Option<&str>,
+) -> Result<Box<dyn Transport>, String> {
+    let target = url.replacen("ws://", "http://", 1);
+    let mut req = http::Request::connect(target).header("sec-websocket-version", "13");
+    if let Some(protocol) = protocol {
+        req = req.header("sec-websocket-protocol", protocol);
+    }
+    let mut req = req
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if response.status() != 200 {
+        return Err(format!(
+            "the extended CONNECT was answered {}",
+            response.status()
+        ));
+    }
+    let stream = hyper::upgrade::on(response)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(hyper_util::rt::TokioIo::new(stream)))
 }
 
 /// Runs `bench fanout`.
@@ -186,6 +254,11 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
     let url = crate::connect::ws_url(&args.url);
     let addr = target(&number_url(&url, 0))?;
     crate::raise_fd_limit(args.subscribers + 64);
+    let h2 = if args.http2 {
+        h2_connections(addr, args.http2_connections.max(1)).await?
+    } else {
+        Vec::new()
+    };
 
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let opening: Vec<_> = (0..args.subscribers)
@@ -193,9 +266,10 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
             let semaphore = semaphore.clone();
             let url = number_url(&url, i);
             let channel = args.channel.clone();
+            let h2 = h2.get(i % h2.len().max(1)).cloned();
             tokio::spawn(async move {
                 let _permit = semaphore.acquire_owned().await;
-                tokio::time::timeout(Duration::from_secs(30), open(i, addr, &url, channel))
+                tokio::time::timeout(Duration::from_secs(30), open(i, addr, &url, channel, h2))
                     .await
                     .unwrap_or_else(|_| Err("no subscription within 30 s".to_owned()))
             })
@@ -310,24 +384,32 @@ pub async fn fanout(args: FanoutArgs) -> Result<FanoutSummary, BenchError> {
     })
 }
 
-/// Opens connection `i`: from its own loopback source address, the handshake, and with a
-/// channel the protocol's `connect` and `subscribe`, both answered without an error.
+/// Opens connection `i`: from its own loopback source address, the handshake (or, with `h2`,
+/// a stream of that HTTP/2 connection), and with a channel the protocol's `connect` and
+/// `subscribe`, both answered without an error.
 async fn open(
     i: usize,
     addr: std::net::SocketAddr,
     url: &str,
     channel: Option<String>,
+    h2: Option<H2>,
 ) -> Result<Conn, String> {
-    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    if addr.ip().is_loopback() {
-        socket.bind(source(i)).map_err(|e| e.to_string())?;
-    }
-    let mut tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     let protocol = channel.as_ref().map(|_| CHANNEL_PROTOCOL);
-    handshake(&mut tcp, url, protocol)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tcp: Box<dyn Transport> = match h2 {
+        Some(mut sender) => h2_stream(&mut sender, url, protocol).await?,
+        None => {
+            let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+            if addr.ip().is_loopback() {
+                socket.bind(source(i)).map_err(|e| e.to_string())?;
+            }
+            let mut tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
+            tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+            handshake(&mut tcp, url, protocol)
+                .await
+                .map_err(|e| e.to_string())?;
+            Box::new(tcp)
+        }
+    };
     let mut conn = Conn {
         tcp,
         buf: BytesMut::with_capacity(4096),

@@ -448,7 +448,7 @@ fn bench_fanout_paces_its_publications_and_marks_the_publishing() {
 }
 
 #[test]
-fn bench_echo_and_idle_over_http2_share_connections() {
+fn bench_echo_idle_and_fanout_over_http2_share_connections() {
     let data = tempfile::tempdir().unwrap();
     let server = start_serve(&[
         "--data",
@@ -456,27 +456,47 @@ fn bench_echo_and_idle_over_http2_share_connections() {
         "--h2c",
         "--message-rate",
         "100000",
+        "--identity-message-rate",
+        "100000",
     ]);
     let url = format!("ws://{}/ws/echo", server.addr);
-    let bench = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new(BIN)
-            .arg("bench")
-            .args(args)
-            .args(["--json", "--quiet"])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{stderr}");
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let echo = ["echo", &url, "--conns", "20", "--duration", "0.5"];
+    let echo = [
+        "echo",
+        &url,
+        "--conns",
+        "20",
+        "--duration",
+        "0.5",
+        "--quiet",
+    ];
     let summary = bench(&[&echo[..], &["--http2", "--http2-connections", "2"]].concat());
     assert_eq!(summary["connections"], 20, "{summary}");
     assert!(summary["messages"].as_u64().unwrap() > 0, "{summary}");
-    let idle = ["idle", &url, "--conns", "30", "--hold", "0.2"];
+    let idle = ["idle", &url, "--conns", "30", "--hold", "0.2", "--quiet"];
     let summary = bench(&[&idle[..], &["--http2", "--http2-connections", "3"]].concat());
     assert_eq!(summary["held"], 30, "{summary}");
-    // Two connections for the echo run, three for the idle one.
+    let channels = format!("ws://{}/ws?name=f{{n}}", server.addr);
+    let fanout = [
+        "fanout",
+        &channels,
+        "--subscribers",
+        "40",
+        "--duration",
+        "0.5",
+    ];
+    let more = [
+        "--channel",
+        "room:h2",
+        "--quiet",
+        "--http2",
+        "--http2-connections",
+        "4",
+    ];
+    let summary = bench(&[&fanout[..], &more].concat());
+    let publications = summary["publications"].as_u64().unwrap();
+    assert!(publications > 0, "{summary}");
+    assert_eq!(summary["deliveries"], publications * 40, "{summary}");
+    // Two connections for the echo run, three for the idle one, four for the fan-out.
     let mut tcp = std::net::TcpStream::connect(&server.addr).unwrap();
     let get = format!(
         "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
@@ -486,11 +506,11 @@ fn bench_echo_and_idle_over_http2_share_connections() {
     let mut metrics = String::new();
     std::io::Read::read_to_string(&mut tcp, &mut metrics).unwrap();
     assert!(
-        metrics.contains("tether_http2_connections_total 5"),
+        metrics.contains("tether_http2_connections_total 9"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("tether_http2_websockets_total 50"),
+        metrics.contains("tether_http2_websockets_total 90"),
         "{metrics}"
     );
 }
