@@ -356,15 +356,22 @@ where
 {
     let (mut tcp_in, mut tcp_out) = tcp.into_split();
     let (mut h2_in, mut h2_out) = tokio::io::split(stream);
+    // Each direction ends its output however its input ended: a reset input (the suite
+    // resets some connections) must still end the stream, or the other side waits for it.
     let up = async {
-        h2_out.write_all(&early).await?;
-        tokio::io::copy(&mut tcp_in, &mut h2_out).await?;
-        h2_out.shutdown().await
+        let copied = async {
+            h2_out.write_all(&early).await?;
+            tokio::io::copy(&mut tcp_in, &mut h2_out).await
+        }
+        .await;
+        let _ = h2_out.shutdown().await;
+        copied
     };
     let down = async {
-        tokio::io::copy(&mut h2_in, &mut tcp_out).await?;
-        tcp_out.shutdown().await
+        let copied = tokio::io::copy(&mut h2_in, &mut tcp_out).await;
+        let _ = tcp_out.shutdown().await;
+        copied
     };
     let (up, down) = tokio::join!(up, down);
-    up.and(down).map_err(Into::into)
+    up.and(down).map(|_| ()).map_err(Into::into)
 }
