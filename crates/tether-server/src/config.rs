@@ -367,6 +367,11 @@ pub struct ServerConfig {
         default_value_t = 100
     )]
     pub http2_max_streams: u32,
+    /// Time an HTTP/2 connection may carry no stream (no request, no WebSocket) before it is
+    /// closed (`GOAWAY`), as an idle HTTP/1.1 connection is after 10 s.
+    #[arg(long, env = "TETHER_HTTP2_IDLE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub http2_idle_timeout: Duration,
     /// Whether fan-out writes to connections of the channel protocol that wait idle straight
     /// from its own thread, without waking each connection's task (`--direct-fanout false`
     /// wakes every one; plain HTTP/1.1 connections only: TLS and HTTP/2 always wake).

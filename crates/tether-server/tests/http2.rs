@@ -360,6 +360,28 @@ async fn a_stream_reset_in_the_middle_of_a_message_ends_only_its_websocket(kind:
     server.stop().await;
 }
 
+async fn a_connection_without_streams_is_closed_once_idle(kind: Kind) {
+    let dir = Setup::new(kind);
+    let idle = std::time::Duration::from_millis(300);
+    let (server, mut sender) = h2c_server(&dir, |c| c.http2_idle_timeout = idle).await;
+    let authority = server.addr.to_string();
+    // A WebSocket keeps its connection in use however long it is quiet ...
+    let mut ws = open(&mut sender, &format!("ws://{authority}/ws/echo")).await;
+    tokio::time::sleep(idle * 4).await;
+    assert!(!sender.is_closed(), "closed under an open WebSocket");
+    ws.send(Message::text("still open")).await.unwrap();
+    assert!(matches!(within(ws.recv()).await, Some(Ok(Message::Text(t))) if t == "still open"));
+    // ... and once it has ended, the connection, carrying nothing, is closed.
+    within(ws.close(None)).await.unwrap();
+    within(async {
+        while !sender.is_closed() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    server.stop().await;
+}
+
 on_both_engines!(
     a_page_and_its_websockets_share_one_tls_connection,
     http2_off_offers_http1_only,
@@ -367,4 +389,5 @@ on_both_engines!(
     an_extended_connect_passes_the_same_checks_as_an_upgrade,
     streams_and_websockets_are_limited_per_connection_and_address,
     a_stream_reset_in_the_middle_of_a_message_ends_only_its_websocket,
+    a_connection_without_streams_is_closed_once_idle,
 );

@@ -1040,6 +1040,12 @@ where
     if let Some(hold) = nickname {
         slot.keep(hold);
     }
+    if let Some(stream) = parts
+        .extensions
+        .remove::<Arc<crate::node::gate::StreamUse>>()
+    {
+        slot.occupy(stream);
+    }
     match ws.accept() {
         Ok((mut response, pending)) => {
             if let Some(guest) = new_guest {

@@ -19,7 +19,7 @@ use crate::engine::journal::Journal;
 use crate::engine::store::Db;
 use crate::engine::store::{Store, StoreError};
 use crate::metrics::Metrics;
-use crate::node::gate::{Full, Gate, Pass};
+use crate::node::gate::{Full, Gate, Pass, Streams};
 use crate::node::hub::Hub;
 use crate::node::Node;
 use crate::proxy::{client_address, is_trusted};
@@ -529,6 +529,40 @@ async fn sniff_version(stream: &TcpStream) -> Option<Versions> {
         .flatten()
 }
 
+/// Serves an HTTP/2 connection until it ends, closing it gracefully (`GOAWAY`, then the end
+/// once nothing is in flight) when it carried no stream for between `idle` and twice that.
+async fn until_idle<I, S, B>(
+    connection: hyper::server::conn::http2::Connection<I, S, TokioExecutor>,
+    streams: &Streams,
+    idle: Duration,
+) -> hyper::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    tokio::pin!(connection);
+    let mut last = streams.usage().1;
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => return result,
+            () = tokio::time::sleep(idle), if !closing => {
+                let (open, opened) = streams.usage();
+                if open == 0 && opened == last {
+                    tracing::debug!(?idle, "HTTP/2 connection idle: closing it");
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                last = opened;
+            }
+        }
+    }
+}
+
 /// Time a client may take to send a request head, or its first bytes.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -546,11 +580,19 @@ async fn serve_http<S>(
     if http2.is_some() {
         node.metrics.http2_connections_total.fetch_add(1, Relaxed);
     }
+    let streams = Arc::new(Streams::default());
+    let counted = http2.is_some().then(|| streams.clone());
+    let idle = node.config.http2_idle_timeout;
     let service = hyper::service::service_fn(
         move |mut req: hyper::Request<hyper::body::Incoming>| {
             let client = client_address(&node.trusted_proxies, peer.ip(), req.headers());
             req.extensions_mut()
                 .insert(PeerAddr(SocketAddr::new(client, peer.port())));
+            // In use while the request is answered, and for as long as a WebSocket it opens
+            // lasts (the upgrade takes it from the request).
+            if let Some(streams) = &counted {
+                req.extensions_mut().insert(Arc::new(streams.enter()));
+            }
             let checked = precheck(&node, req.method(), req.headers());
             let mut router = router.clone();
             let timeout = node.config.request_timeout;
@@ -584,9 +626,8 @@ async fn serve_http<S>(
     let result = match http2 {
         // Extended CONNECTs are upgraded without asking: each takes one stream.
         Some(builder) => {
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            until_idle(connection, &streams, idle).await
         }
         None => {
             hyper::server::conn::http1::Builder::new()

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use crate::throttle::address_key;
@@ -116,5 +117,42 @@ mod tests {
         assert_eq!(gate.open(), 2);
         let _again = gate.enter(Some(a)).unwrap();
         assert!(gate.lock().by_address.len() <= 2);
+    }
+}
+
+/// The streams of one HTTP/2 connection in use: requests being answered and WebSockets, so
+/// that a connection that carries none for a while can be closed.
+#[derive(Debug, Default)]
+pub struct Streams {
+    open: AtomicUsize,
+    opened: AtomicU64,
+}
+
+/// One stream in use; dropping it (the answer given, the WebSocket ended) ends the use.
+#[derive(Debug)]
+pub struct StreamUse {
+    streams: Arc<Streams>,
+}
+
+impl Streams {
+    /// Counts a stream in use until the returned guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> StreamUse {
+        self.open.fetch_add(1, Relaxed);
+        self.opened.fetch_add(1, Relaxed);
+        StreamUse {
+            streams: self.clone(),
+        }
+    }
+
+    /// Streams in use now, and streams ever opened: a connection is idle over a span when the
+    /// first is 0 at its end and the second did not move during it.
+    pub fn usage(&self) -> (usize, u64) {
+        (self.open.load(Relaxed), self.opened.load(Relaxed))
+    }
+}
+
+impl Drop for StreamUse {
+    fn drop(&mut self) {
+        self.streams.open.fetch_sub(1, Relaxed);
     }
 }

@@ -196,12 +196,19 @@ pub struct Slot {
     node: Arc<Node>,
     _pass: Pass,
     nickname: Option<NickHold>,
+    /// The HTTP/2 stream the WebSocket runs on, counted in use while it lasts.
+    stream: Option<Arc<gate::StreamUse>>,
 }
 
 impl Slot {
     /// Keeps `hold` on a guest's nickname for as long as this connection lasts.
     pub fn keep(&mut self, hold: NickHold) {
         self.nickname = Some(hold);
+    }
+
+    /// Counts the HTTP/2 stream the WebSocket runs on as in use for as long as it lasts.
+    pub fn occupy(&mut self, stream: Arc<gate::StreamUse>) {
+        self.stream = Some(stream);
     }
 
     /// Frees the nickname now, rather than after the close handshake (the guest may be
@@ -364,6 +371,7 @@ impl Node {
             node: self.clone(),
             _pass: pass,
             nickname: None,
+            stream: None,
         })
     }
 
