@@ -65,6 +65,8 @@ async fn main() -> Result<(), Error> {
 async fn server(port: u16) -> Result<(), Error> {
     let echo = h2_echo_server().await?;
     let tcp = TcpStream::connect(echo).await?;
+    // Every socket here without Nagle's delay: the suite waits for each echo in turn.
+    tcp.set_nodelay(true)?;
     let mut h2 = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     h2.initial_stream_window_size(WINDOW)
         .initial_connection_window_size(WINDOW);
@@ -74,6 +76,7 @@ async fn server(port: u16) -> Result<(), Error> {
     println!("relaying ws://127.0.0.1:{port}/ to an HTTP/2 echo server at {echo}");
     loop {
         let (tcp, _) = listener.accept().await?;
+        tcp.set_nodelay(true)?;
         let sender = sender.clone();
         tokio::spawn(async move {
             if let Err(e) = relay_to_h2(tcp, sender, echo).await {
@@ -90,6 +93,7 @@ async fn h2_echo_server() -> Result<SocketAddr, Error> {
     let config = Arc::new(config());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
             let config = config.clone();
             let service = hyper::service::service_fn(move |mut req| {
                 let config = config.clone();
@@ -252,6 +256,7 @@ async fn h2_relay_server(suite: SocketAddr) -> Result<SocketAddr, Error> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
             let service = hyper::service::service_fn(move |req| async move {
                 let response = relay_to_http1(req, suite).await.unwrap_or_else(|e| {
                     eprintln!("relay: {e}");
