@@ -311,6 +311,7 @@ impl ClientBuilder {
                 read_buf: bytes::BytesMut::new(),
                 protocol: response.protocol.clone(),
                 deflate,
+                half_close: true,
             });
             Ok((ws, response))
         };

@@ -114,6 +114,7 @@ where
             read_buf: buf,
             protocol: accept.protocol,
             deflate,
+            half_close: false,
         }))
     };
     match tokio::time::timeout(deadline, handshake).await {
@@ -260,6 +261,7 @@ where
             read_buf: buf,
             protocol: response.protocol.clone(),
             deflate,
+            half_close: false,
         });
         Ok((ws, response))
     };

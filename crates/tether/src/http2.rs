@@ -251,6 +251,7 @@ async fn open_stream(
         read_buf: bytes::BytesMut::new(),
         protocol: response.protocol.clone(),
         deflate,
+        half_close: true,
     });
     Ok(Opened::WebSocket(Box::new(ws), response))
 }

@@ -169,6 +169,8 @@ pub(crate) fn headers_of(headers: &http::HeaderMap) -> Headers {
 pub(crate) struct Agreed {
     protocol: Option<String>,
     deflate: Option<Deflate>,
+    /// An HTTP/2 stream (extended CONNECT), which ends by both sides ending it.
+    half_close: bool,
 }
 
 impl Agreed {
@@ -179,6 +181,7 @@ impl Agreed {
             config: Some(config),
             protocol: self.protocol,
             deflate: self.deflate,
+            half_close: self.half_close,
         }
     }
 }
@@ -211,7 +214,15 @@ pub(crate) fn answer<R: Default>(
             .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
         h.append(name, value);
     }
-    Ok((response, Agreed { protocol, deflate }))
+    let half_close = request.is_extended_connect();
+    Ok((
+        response,
+        Agreed {
+            protocol,
+            deflate,
+            half_close,
+        },
+    ))
 }
 
 /// Resolves to the WebSocket once the `101` response is sent and hyper releases the
@@ -222,6 +233,7 @@ pub struct PendingUpgrade {
     config: Option<Arc<Config>>,
     protocol: Option<String>,
     deflate: Option<Deflate>,
+    half_close: bool,
 }
 
 impl Future for PendingUpgrade {
@@ -239,6 +251,7 @@ impl Future for PendingUpgrade {
             read_buf: BytesMut::new(),
             protocol: this.protocol.take(),
             deflate: this.deflate.take(),
+            half_close: this.half_close,
         })))
     }
 }

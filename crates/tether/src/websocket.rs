@@ -54,6 +54,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             read_buf: BytesMut::new(),
             protocol: None,
             deflate: None,
+            half_close: false,
         })
     }
 

@@ -34,6 +34,9 @@ pub(super) enum Phase {
     /// Finishing: write what is queued (the Close), close the transport, then end the stream
     /// with [`Extra::error`] (or cleanly without one).
     Finishing,
+    /// Our side of a half-closable transport is shut: reading (and dropping) until the peer
+    /// ends its side too, or the close timeout, then ending as [`Phase::Finishing`] would.
+    Draining,
     /// The stream has ended.
     Done,
 }
@@ -48,6 +51,9 @@ pub(crate) struct Parts<S> {
     pub(crate) read_buf: BytesMut,
     pub(crate) protocol: Option<String>,
     pub(crate) deflate: Option<Deflate>,
+    /// Whether the transport is a stream of a shared connection (HTTP/2) whose end must be
+    /// read after ours: dropping it sooner resets it, and may lose what was written last.
+    pub(crate) half_close: bool,
 }
 
 /// What most connections never need, boxed so that an idle connection does not carry it.
@@ -91,6 +97,8 @@ pub(super) struct Inner<S> {
     /// The subprotocol agreed, when it is one of [`Config::protocols`] (a server's always
     /// is): its place there, so that no allocation holds its name.
     pub(super) protocol: Option<u8>,
+    /// See [`Parts::half_close`].
+    pub(super) half_close: bool,
 }
 
 /// The waker a write (or shutdown) by `who` gives the socket: the caller's own while one task
@@ -169,6 +177,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             read_buf,
             protocol,
             deflate,
+            half_close,
         } = parts;
         let mut conn = Connection::with_settings(role, config.core_settings());
         if let Some(deflate) = deflate {
@@ -198,6 +207,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             task: None,
             phase: Phase::Running,
             protocol: known,
+            half_close,
         }
     }
 
@@ -319,7 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
 
     pub(super) fn end<T>(&mut self) -> Poll<Option<Result<T>>> {
         let error = match self.mark_done() {
-            Phase::Finishing => self.extra.as_mut().and_then(|x| x.error.take()),
+            Phase::Finishing | Phase::Draining => self.extra.as_mut().and_then(|x| x.error.take()),
             _ => None,
         };
         Poll::Ready(error.map(|err| Err(*err)))
@@ -473,6 +483,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             if self.phase == Phase::Done {
                 return self.end_done();
             }
+            if self.phase == Phase::Draining {
+                if self.conn.is_finished() {
+                    tracing::debug!("close timeout elapsed before the peer ended its side");
+                    return self.end();
+                }
+                // What the peer still sends is past our Close: read and dropped until its
+                // side ends too (an HTTP/2 stream's END_STREAM or reset).
+                self.read_buf.clear();
+                self.conn.reserve_read(&mut self.read_buf);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
+                {
+                    Poll::Ready(Ok(0) | Err(_)) => return self.end(),
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Pending => {
+                        if self.timer_fired(cx) {
+                            continue;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
 
             // Frames already buffered come before anything new: parse them first.
             if self.phase == Phase::Running {
@@ -544,6 +575,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 let waker = write_waker(&self.extra, Waiter::Reader, cx.waker());
                 let mut wcx = Context::from_waker(waker);
                 if Pin::new(&mut self.io).poll_shutdown(&mut wcx).is_ready() {
+                    if self.half_close {
+                        self.phase = Phase::Draining;
+                        continue;
+                    }
                     return self.end();
                 }
                 // Shutting down waits on the peer (a TLS close_notify to write), up to the
