@@ -67,7 +67,8 @@ def measure(server, tether, opts, window, run, data, rate=0):
     n = opts.subscribers
     if server.startswith("tether"):
         conf = Path(data) / "fanout.toml"
-        conf.write_text("max_http_connections_per_ip = 1024\n")
+        # One address opens every HTTP/2 connection (tether-h2): lift its budget of rooms started.
+        conf.write_text("max_http_connections_per_ip = 1024\nrooms_per_hour = 1000000\n")
         store = tempfile.mkdtemp(dir=data)
         proc, url = start([str(tether), "serve", "--listen", "127.0.0.1:0", "--data", store,
                            "--threads", "1", "--config", str(conf),

@@ -53,7 +53,8 @@ def start_serve(tether, data):
     port = free_port()
     cmd = ["taskset", "-c", "0", tether, "serve", "--listen", f"127.0.0.1:{port}",
            "--data", data, "--threads", "1", "--h2c", "--message-rate", "10000000",
-           "--max-connections-per-ip", "10000", "--http2-max-streams", "1000"]
+           "--max-connections-per-ip", "10000", "--max-http-connections-per-ip", "1024",
+           "--http2-max-streams", "1000"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
