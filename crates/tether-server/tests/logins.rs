@@ -3,7 +3,7 @@
 //! user out from elsewhere), unknown users cost a real check, and a full queue answers 503.
 //!
 //! One test binary of its own: the memory test reads this process's RSS, which other tests
-//! running beside it would disturb.
+//! running beside it would disturb; its two runs (one per engine) take turns.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -33,12 +33,15 @@ fn retry_after(head: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logins_are_throttled_and_a_flood_of_wrong_passwords_costs_bounded_memory() {
+/// One run at a time: each reads the process's RSS.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn logins_are_throttled_and_a_flood_of_wrong_passwords_costs_bounded_memory(kind: Kind) {
+    let _turn = TURN.lock().await;
     // 1. Throttling with the default budgets.
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
-    let server = start(config(dir.path())).await;
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
+    let server = start(dir.config()).await;
     let addr = server.addr;
     let (guesser, elsewhere): (IpAddr, IpAddr) = ([127, 0, 0, 1].into(), [127, 0, 0, 2].into());
 
@@ -80,9 +83,9 @@ async fn logins_are_throttled_and_a_flood_of_wrong_passwords_costs_bounded_memor
     // 2. A flood: 300 wrong passwords, 40 at a time, with throttling out of the way and a
     //    queue deep enough to check them all. The checks run on two threads that reuse one
     //    work area each.
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
-    let mut c = config(dir.path());
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
+    let mut c = dir.config();
     c.login_failures_per_address = u32::MAX;
     c.login_failures_per_account = u32::MAX;
     c.password_queue = 64;
@@ -113,9 +116,9 @@ async fn logins_are_throttled_and_a_flood_of_wrong_passwords_costs_bounded_memor
 
     // 3. Past the queue, logins are refused at once with 503 and Retry-After instead of
     //    queueing without end (a legitimate login would wait behind all of them).
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "alice", "pw").await;
-    let mut c = config(dir.path());
+    let dir = Setup::new(kind);
+    dir.add_user("alice", "pw").await;
+    let mut c = dir.config();
     c.password_threads = 1;
     c.password_queue = 1;
     // A check in progress counts against the budgets until it succeeds: take them out of
@@ -147,3 +150,5 @@ async fn logins_are_throttled_and_a_flood_of_wrong_passwords_costs_bounded_memor
     );
     server.stop().await;
 }
+
+on_both_engines!(multi_thread: logins_are_throttled_and_a_flood_of_wrong_passwords_costs_bounded_memory);

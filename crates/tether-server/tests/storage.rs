@@ -135,12 +135,11 @@ async fn rooms_are_listed_in_pages_and_capped() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn one_person_may_start_only_so_many_rooms() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "ops", "pw").await;
-    add_user(dir.path(), "eve", "pw").await;
-    let mut c = config(dir.path());
+async fn one_person_may_start_only_so_many_rooms(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("ops", "pw").await;
+    dir.add_user("eve", "pw").await;
+    let mut c = dir.config();
     c.rooms_per_hour = 3;
     let server = start(c).await;
     let publish = |auth: String, room: &'static str| {
@@ -226,11 +225,10 @@ async fn a_database_that_cannot_grow_is_reported_by_healthz() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_message_sent_again_with_its_key_is_stored_once() {
-    let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "ops", "pw").await;
-    let server = start(config(dir.path())).await;
+async fn a_message_sent_again_with_its_key_is_stored_once(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("ops", "pw").await;
+    let server = start(dir.config()).await;
     let auth = format!("Bearer {}", token(server.addr, "ops", "pw").await);
     let publish = |key: &'static str, text: &'static str| {
         let auth = auth.clone();
@@ -279,3 +277,8 @@ async fn a_message_sent_again_with_its_key_is_stored_once() {
     assert_eq!(page.as_array().unwrap().len(), 4);
     server.stop().await;
 }
+
+on_both_engines!(
+    a_message_sent_again_with_its_key_is_stored_once,
+    one_person_may_start_only_so_many_rooms,
+);
