@@ -458,6 +458,10 @@ fn bench_echo_idle_and_fanout_over_http2_share_connections() {
         "100000",
         "--identity-message-rate",
         "100000",
+        // The subscribers all come from one address (over few connections), and joining a
+        // room at once they may each be the one starting it.
+        "--rooms-per-hour",
+        "1000000",
     ]);
     let url = format!("ws://{}/ws/echo", server.addr);
     let echo = [

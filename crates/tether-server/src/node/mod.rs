@@ -195,26 +195,40 @@ impl Quotas {
 pub struct Slot {
     node: Arc<Node>,
     _pass: Pass,
+    /// What only some connections hold, boxed so that a session without it stays small.
+    holds: Option<Box<Holds>>,
+}
+
+/// What a [`Slot`] may hold besides its place.
+#[derive(Debug, Default)]
+struct Holds {
+    /// A guest's hold on its nickname.
     nickname: Option<NickHold>,
     /// The HTTP/2 stream the WebSocket runs on, counted in use while it lasts.
     stream: Option<Arc<gate::StreamUse>>,
 }
 
 impl Slot {
+    fn holds(&mut self) -> &mut Holds {
+        self.holds.get_or_insert_with(Box::default)
+    }
+
     /// Keeps `hold` on a guest's nickname for as long as this connection lasts.
     pub fn keep(&mut self, hold: NickHold) {
-        self.nickname = Some(hold);
+        self.holds().nickname = Some(hold);
     }
 
     /// Counts the HTTP/2 stream the WebSocket runs on as in use for as long as it lasts.
     pub fn occupy(&mut self, stream: Arc<gate::StreamUse>) {
-        self.stream = Some(stream);
+        self.holds().stream = Some(stream);
     }
 
     /// Frees the nickname now, rather than after the close handshake (the guest may be
     /// reconnecting already).
     pub fn release_nickname(&mut self) {
-        self.nickname = None;
+        if let Some(holds) = &mut self.holds {
+            holds.nickname = None;
+        }
     }
 }
 
@@ -370,8 +384,7 @@ impl Node {
         Ok(Slot {
             node: self.clone(),
             _pass: pass,
-            nickname: None,
-            stream: None,
+            holds: None,
         })
     }
 
