@@ -180,16 +180,21 @@ type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::B
 async fn h2_connections(addr: std::net::SocketAddr, n: usize) -> Result<Vec<H2>, BenchError> {
     let mut senders = Vec::with_capacity(n);
     for _ in 0..n {
-        let tcp = TcpStream::connect(addr).await.map_err(BenchError::Tcp)?;
+        let opened = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr));
+        let tcp = opened
+            .await
+            .map_err(|_| BenchError::Handshake(format!("no connection to {addr} within 10 s")))?
+            .map_err(BenchError::Tcp)?;
         tcp.set_nodelay(true).map_err(BenchError::Tcp)?;
         let mut builder =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
         builder
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(64 << 20);
-        let (sender, connection) = builder
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
+        let handshake = builder.handshake(hyper_util::rt::TokioIo::new(tcp));
+        let (sender, connection) = tokio::time::timeout(Duration::from_secs(10), handshake)
             .await
+            .map_err(|_| BenchError::Handshake("no HTTP/2 handshake within 10 s".into()))?
             .map_err(|e| BenchError::Handshake(e.to_string()))?;
         tokio::spawn(connection);
         senders.push(sender);

@@ -91,29 +91,42 @@ async fn h2_echo_server() -> Result<SocketAddr, Error> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let config = Arc::new(config());
+    serve_h2(listener, move |mut req| {
+        let config = config.clone();
+        async move {
+            match tether::upgrade::upgrade(&mut req, config) {
+                Ok((response, pending)) => {
+                    tokio::spawn(async move {
+                        let Ok(mut ws) = pending.await else { return };
+                        while let Some(Ok(msg)) = ws.recv().await {
+                            if msg.is_data() && ws.send(msg).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    response
+                }
+                Err(refused) => status(refused.status()),
+            }
+        }
+    });
+    Ok(addr)
+}
+
+/// Serves every connection to `listener` as HTTP/2 (prior knowledge) with extended CONNECT
+/// allowed, each request answered by `answer`.
+fn serve_h2<F, Fut>(listener: TcpListener, answer: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<Empty<Bytes>>> + Send + 'static,
+{
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let _ = tcp.set_nodelay(true);
-            let config = config.clone();
-            let service = hyper::service::service_fn(move |mut req| {
-                let config = config.clone();
-                async move {
-                    let response = match tether::upgrade::upgrade(&mut req, config) {
-                        Ok((response, pending)) => {
-                            tokio::spawn(async move {
-                                let Ok(mut ws) = pending.await else { return };
-                                while let Some(Ok(msg)) = ws.recv().await {
-                                    if msg.is_data() && ws.send(msg).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            });
-                            response
-                        }
-                        Err(refused) => status(refused.status()),
-                    };
-                    Ok::<_, std::convert::Infallible>(response)
-                }
+            let answer = answer.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let answer = answer.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(req).await) }
             });
             tokio::spawn(async move {
                 let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -125,7 +138,6 @@ async fn h2_echo_server() -> Result<SocketAddr, Error> {
             });
         }
     });
-    Ok(addr)
 }
 
 fn status(code: u16) -> hyper::Response<Empty<Bytes>> {
@@ -254,25 +266,11 @@ async fn run_case(builder: ClientBuilder) -> tether::Result<()> {
 async fn h2_relay_server(suite: SocketAddr) -> Result<SocketAddr, Error> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            let service = hyper::service::service_fn(move |req| async move {
-                let response = relay_to_http1(req, suite).await.unwrap_or_else(|e| {
-                    eprintln!("relay: {e}");
-                    status(502)
-                });
-                Ok::<_, std::convert::Infallible>(response)
-            });
-            tokio::spawn(async move {
-                let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                h2.enable_connect_protocol()
-                    .max_concurrent_streams(1000)
-                    .initial_stream_window_size(WINDOW)
-                    .initial_connection_window_size(WINDOW);
-                let _ = h2.serve_connection(TokioIo::new(tcp), service).await;
-            });
-        }
+    serve_h2(listener, move |req| async move {
+        relay_to_http1(req, suite).await.unwrap_or_else(|e| {
+            eprintln!("relay: {e}");
+            status(502)
+        })
     });
     Ok(addr)
 }
