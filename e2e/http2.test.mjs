@@ -270,16 +270,17 @@ test('Node\'s http2 client: a stream that stops reading is dropped at the write 
   const server = await startServe(['--h2c', '--write-timeout', '1s']);
   const authority = new URL(server.url).host;
   const url = `http://${authority}`;
-  const s = await session(url);
-  // Room on the connection for other streams while one holds its window's worth unread.
-  s.setLocalWindowSize(16 << 20);
+  // Streams open with a flow-control window of 0: the server may send nothing on them until
+  // the client grants room, which it does not: each echo waits, whatever the client buffers.
+  const s = await session(url, { settings: { initialWindowSize: 0 } });
   try {
     const { stream } = await extendedConnect(s, authority, 'http', '/ws/echo');
-    stream.pause(); // never read: its flow-control window fills, and the server's writes wait
     for (let i = 0; i < 300; i++) stream.write(clientFrame(0x2, randomBytes(1000)));
     await metricsUntil(url, (t) => metric(t, 'tether_write_timeouts_total') === 1
       && metric(t, 'tether_connections') === 0);
     assert.ok(!s.closed && !s.destroyed, 'the connection stays');
+    // Room for the streams to come (the settings' acknowledgement awaited).
+    await new Promise((resolve) => { s.settings({ initialWindowSize: 65535 }, resolve); });
     const other = await extendedConnect(s, authority, 'http', '/ws/echo');
     const frames = frameReader(other.stream);
     other.stream.write(clientFrame(0x1, Buffer.from('still served')));
