@@ -3,7 +3,7 @@
 //! limit skips what is older and says so.
 //!
 //! One test binary of its own: the memory test reads this process's RSS, which other tests
-//! running beside it would disturb.
+//! running beside it would disturb; its two runs (one per engine) take turns ([`TURN`]).
 
 use std::time::Duration;
 
@@ -15,7 +15,11 @@ use common::*;
 
 const MESSAGES: u64 = 10_000;
 
-/// Stores MESSAGES messages of ~4 KB in room `big`, as a busy room would have kept.
+/// One run at a time: each reads the process's RSS.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Stores MESSAGES messages of ~4 KB in room `big`, as a busy room would have kept (then, on
+/// Redis, imported: [`Setup::seed`]).
 fn fill(dir: &std::path::Path) {
     let mut store = Store::open(dir).unwrap();
     let batch = store.batch().unwrap();
@@ -32,16 +36,18 @@ fn fill(dir: &std::path::Path) {
         };
         batch.insert_message(&m, None).unwrap();
     }
+    // As the journal does after each batch: the rooms table lists the room and its last id.
+    batch.set_room("big", MESSAGES).unwrap();
     batch.commit().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_is_paged_bounded_in_memory_and_limited() {
-    let dir = tempfile::tempdir().unwrap();
-    fill(dir.path());
+async fn replay_is_paged_bounded_in_memory_and_limited(kind: Kind) {
+    let _turn = TURN.lock().await;
+    let setup = Setup::new(kind);
+    setup.seed(fill).await;
 
     // 1. A client reading everything gets the whole history, in order, then ready.
-    let mut c = config(dir.path());
+    let mut c = setup.config();
     c.max_replay = MESSAGES as usize;
     let server = start(c).await;
     let mut reader = connect(&server.ws("/ws/rooms/big?name=reader&since=0")).await;
@@ -110,7 +116,7 @@ async fn replay_is_paged_bounded_in_memory_and_limited() {
     server.stop().await;
 
     // 3. The write timeout drops a client that accepts nothing.
-    let mut c = config(dir.path());
+    let mut c = setup.config();
     c.max_replay = MESSAGES as usize;
     c.write_timeout = Duration::from_secs(1);
     let server = start(c).await;
@@ -131,7 +137,7 @@ async fn replay_is_paged_bounded_in_memory_and_limited() {
 
     // 4. With the default replay limit, a resume from the beginning gets the last 1,000 and
     //    is told that older ones were skipped.
-    let server = start(config(dir.path())).await;
+    let server = start(setup.config()).await;
     let mut late = connect(&server.ws("/ws/rooms/big?name=late&since=0")).await;
     let welcome: Value = next(&mut late).await;
     assert_eq!(welcome["truncated"], true, "{welcome}");
@@ -141,3 +147,5 @@ async fn replay_is_paged_bounded_in_memory_and_limited() {
     assert_eq!(ready["last_id"], MESSAGES + 1);
     server.stop().await;
 }
+
+on_both_engines!(multi_thread: replay_is_paged_bounded_in_memory_and_limited);

@@ -697,11 +697,11 @@ async fn connection_limits_answer_429_per_address_and_503_in_all(kind: Kind) {
     server.stop().await;
 }
 
-/// Only the embedded engine has a database per data directory.
-#[tokio::test]
-async fn a_resume_into_another_database_is_not_recovered() {
-    let old = tempfile::tempdir().unwrap();
-    let server = start(config(old.path())).await;
+/// A deployment whose storage was lost and begun again (a new SQLite file, or a Redis that
+/// lost its data) has a new epoch: a client's old position is not taken for one of its ids.
+async fn a_resume_into_another_database_is_not_recovered(kind: Kind) {
+    let old = Setup::new(kind);
+    let server = start(old.config()).await;
     let mut ann = connect(&server.ws("/ws/rooms/r?name=ann")).await;
     let ready = next_of(&mut ann, "ready").await;
     let epoch = ready["epoch"].as_str().unwrap().to_owned();
@@ -713,7 +713,7 @@ async fn a_resume_into_another_database_is_not_recovered() {
     server.stop().await;
 
     // The same database again: the same epoch, and an exact resume.
-    let server = start(config(old.path())).await;
+    let server = start(old.config()).await;
     let url = server.ws(&format!("/ws/rooms/r?name=ann&since=2&epoch={epoch}"));
     let mut ann = connect(&url).await;
     let welcome = next(&mut ann).await;
@@ -729,8 +729,8 @@ async fn a_resume_into_another_database_is_not_recovered() {
     // A new database (the old one lost): its ids name other messages. Without the epoch,
     // ann resuming after id 1 would take "new 2" for the one after "old 1" and never see
     // "new 1".
-    let new = tempfile::tempdir().unwrap();
-    let server = start(config(new.path())).await;
+    let new = Setup::new(kind);
+    let server = start(new.config()).await;
     let mut bob = connect(&server.ws("/ws/rooms/r?name=bob")).await;
     next_of(&mut bob, "ready").await;
     for i in 1..=2 {
@@ -810,4 +810,5 @@ on_both_engines!(
     connection_limits_answer_429_per_address_and_503_in_all,
     every_api_error_is_json,
     plain_text_in_a_room_is_a_message_as_wscat_sends_it,
+    a_resume_into_another_database_is_not_recovered,
 );

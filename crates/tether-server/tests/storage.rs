@@ -8,7 +8,8 @@ use tether_server::engine::store::{now_rfc3339, ChatMessage, Store};
 mod common;
 use common::*;
 
-/// Stores one message in each of `rooms` rooms named `r0000`, `r0001`, … directly.
+/// Stores one message in each of `rooms` rooms named `r0000`, `r0001`, … directly (then, on
+/// Redis, imported: [`Setup::seed`]).
 fn fill(dir: &std::path::Path, rooms: usize) {
     let mut store = Store::open(dir).unwrap();
     let batch = store.batch().unwrap();
@@ -39,12 +40,11 @@ fn next_link(head: &str) -> Option<String> {
     Some(line[start..end].to_owned())
 }
 
-#[tokio::test]
-async fn rooms_are_listed_in_pages_and_capped() {
-    let dir = tempfile::tempdir().unwrap();
-    fill(dir.path(), 250);
-    add_user(dir.path(), "ops", "pw").await;
-    let mut c = config(dir.path());
+async fn rooms_are_listed_in_pages_and_capped(kind: Kind) {
+    let setup = Setup::new(kind);
+    setup.seed(|dir| fill(dir, 250)).await;
+    setup.add_user("ops", "pw").await;
+    let mut c = setup.config();
     c.max_rooms = 252;
     c.api_publish_rate = 1000;
     let server = start(c).await;
@@ -281,4 +281,5 @@ async fn a_message_sent_again_with_its_key_is_stored_once(kind: Kind) {
 on_both_engines!(
     a_message_sent_again_with_its_key_is_stored_once,
     one_person_may_start_only_so_many_rooms,
+    rooms_are_listed_in_pages_and_capped,
 );

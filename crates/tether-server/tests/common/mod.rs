@@ -180,6 +180,24 @@ impl Setup {
         }
     }
 
+    /// Stores what `fill` writes into the SQLite store in the directory it is given, where
+    /// the server will find it: in the data directory itself, or for Redis in a scratch store
+    /// then imported into Redis (`tether import`), as a deployment that grew from one node
+    /// has it. Call it first: an import goes into an empty Redis only.
+    pub async fn seed(&self, fill: impl FnOnce(&Path)) {
+        match &self.redis {
+            None => fill(self.path()),
+            Some(redis) => {
+                let scratch = tempfile::tempdir().unwrap();
+                fill(scratch.path());
+                let store = tether_server::engine::store::Store::open(scratch.path()).unwrap();
+                tether_server::engine::import::sqlite_into_redis(&store, &redis.url)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     /// Adds a user where the server will look for it.
     pub async fn add_user(&self, name: &str, password: &str) {
         let hash = tether_server::identity::auth::hash_password(password).unwrap();
