@@ -298,7 +298,9 @@ def measure_echo(name, scenario, duration):
 
 
 def measure_idle(name, conns, hold):
-    """Server RSS before and at its peak while `tether bench idle` holds `conns` connections."""
+    """Server RSS before, at its peak while `tether bench idle` holds `conns` connections, and
+    once they have been held for `hold` seconds (the figure: what an idle connection keeps
+    once the handshakes' memory is given back and quiet connections are set aside)."""
     server, url = start_server(name)
     try:
         time.sleep(0.5)
@@ -306,12 +308,18 @@ def measure_idle(name, conns, hold):
         load = ["idle", url, "--conns", str(conns), "--hold", str(hold)]
         if SERVERS[name].get("raw"):
             load.append("--raw")
+        started = time.monotonic()
         proc = spawn([str(LOAD or TETHER), "bench", *load, "--json"], LOAD_CPU, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=load_env())
-        peak = before
+        peak = settled = before
         while proc.poll() is None:
             time.sleep(0.25)
-            peak = max(peak, rss_kib(server.pid))
+            now = rss_kib(server.pid)
+            peak = max(peak, now)
+            # The hold starts once every connection is open, so until `hold` has passed
+            # since the start (less a margin) they are all still held.
+            if time.monotonic() - started <= hold - 0.5:
+                settled = now
         out, err = proc.communicate()
         LIVE.pop(proc.pid, None)
         if proc.returncode != 0 and not (proc.returncode == 1 and out.strip()):
@@ -320,9 +328,11 @@ def measure_idle(name, conns, hold):
     finally:
         stop(server)
     return {
-        "value": (peak - before) * 1024 / max(held, 1),
+        "value": (settled - before) * 1024 / max(held, 1),
+        "peak_per_connection": (peak - before) * 1024 / max(held, 1),
         "rss_before_kib": before,
         "rss_peak_kib": peak,
+        "rss_settled_kib": settled,
         "held": held,
         "errors": conns - held,
     }
@@ -464,7 +474,8 @@ def summarise(samples):
                "runs": len(ok), "failed": len(runs) - len(ok),
                "errors": sum(r["errors"] for r in ok)}
         for field in ("mb_per_sec", "p50_us", "p99_us", "server_cpu", "load_cpu", "other_cpu",
-                      "held", "rss_before_kib", "rss_peak_kib"):
+                      "held", "rss_before_kib", "rss_peak_kib", "rss_settled_kib",
+                      "peak_per_connection"):
             if field in ok[0]:
                 row[field] = statistics.median(r[field] for r in ok)
         if "server_cpu" in ok[0]:
@@ -684,10 +695,13 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
         "runs with `--raw`: no handshake, the same masked frames, expected back unchanged, "
         "with the same accounting: the TCP row is the ceiling of the server side and kernel. "
         "(f) uses the full tether client, which compresses and decompresses.\n"
-        "- Memory (e): the server's VmRSS before, and at its peak (sampled every 0.25 s) "
-        f"while `tether bench idle --conns {opts.idle_conns}` holds its connections for "
+        "- Memory (e): the server's VmRSS before, and once "
+        f"`tether bench idle --conns {opts.idle_conns}` has held its connections for "
         f"{opts.idle_hold:g} s (`--raw` against the TCP echo), divided by the connections "
-        "held — the peak that `scripts/idle-memory` prints beside its figure after 12 s idle. Kernel socket buffers are not in RSS.\n"
+        "held: what an idle connection keeps once the memory of the handshakes is given back "
+        "(jemalloc returns it over about 10 s) and, in `tether echo`, once quiet connections "
+        "are set aside (after 2 s, `--park-after`). The peak while they open (sampled every "
+        "0.25 s) is beside it. Kernel socket buffers are not in RSS.\n"
         "- (f): the client offers permessage-deflate and sends 1 KiB of JSON-like text; "
         "fastwebsockets and tokio-tungstenite do not implement permessage-deflate and sit "
         "this one out; the TCP row echoes the same 1 KiB uncompressed, for scale only.\n"
@@ -717,9 +731,10 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
         L.append(f"### ({s}) {spec['title'].format(idle_conns=opts.idle_conns)}\n")
         base_label = SERVERS[spec["baseline"]]["label"]
         if spec.get("idle"):
-            L.append(f"| server | bytes per idle connection | spread | RSS before → peak | "
-                     f"held | vs {base_label} (less is better) | vs uWebSockets |")
-            L.append("|---|---:|---:|---:|---:|---:|---:|")
+            L.append(f"| server | bytes per idle connection | spread | peak per connection | "
+                     f"RSS before → peak → held | held | vs {base_label} (less is better) | "
+                     f"vs uWebSockets |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         else:
             L.append(f"| server | messages/s | spread | MB/s | p50 / p99 µs | server CPU | "
                      f"load CPU | other CPU | limit | per server CPU-second | "
@@ -742,7 +757,9 @@ def write_report(path, summary, scenarios, facts, opts, command, elapsed):
                 note += f" ({row['errors']} errors)"
             if spec.get("idle"):
                 L.append(f"| {label} | {row['value']:,.0f}{note} | {spread(row)} | "
-                         f"{row['rss_before_kib']:,.0f} → {row['rss_peak_kib']:,.0f} KiB | "
+                         f"{row['peak_per_connection']:,.0f} | "
+                         f"{row['rss_before_kib']:,.0f} → {row['rss_peak_kib']:,.0f} → "
+                         f"{row['rss_settled_kib']:,.0f} KiB | "
                          f"{row['held']:,.0f} | "
                          f"{fmt_ratio(ratio(summary, s, name, spec['baseline']))} | "
                          f"{fmt_ratio(ratio(summary, s, name, 'uws'))} |")
@@ -819,8 +836,8 @@ def main():
                         help="servers to run (default all): " + ", ".join(SERVERS))
     parser.add_argument("--idle-conns", type=int, default=10_000,
                         help="idle connections for (e) (default 10000)")
-    parser.add_argument("--idle-hold", type=float, default=6.0,
-                        help="seconds the idle connections are held (default 6)")
+    parser.add_argument("--idle-hold", type=float, default=30.0,
+                        help="seconds the idle connections are held (default 30)")
     parser.add_argument("--max-other", type=float, default=0.25,
                         help="redo a measurement during which other processes used more than "
                              "this many CPUs (default 0.25)")

@@ -4,7 +4,9 @@
     python3 conformance/run.py server|client|all|server-h2|client-h2|h2
         [--exclude '12.*,13.*'] [--cases '*'] [--venv DIR] [--reports DIR] [--no-build]
 
-server: Autobahn's fuzzingclient tests `tether echo`.
+server: Autobahn's fuzzingclient tests `tether echo`, which sets a connection aside after 100 ms
+of quiet (`--park-after`), so that every pause of a case (a fragment, a ping, a close held back
+for a second) takes the connection out of its task and brings it back.
 client: tether's autobahn_client example is tested by Autobahn's fuzzingserver.
 all: both.
 server-h2, client-h2, h2: the same over HTTP/2 (RFC 8441). The suite speaks HTTP/1.1 only, so
@@ -240,7 +242,8 @@ def run_server_mode(args, wstest, h2=False):
     else:
         binary = TARGET / "release" / "tether"
         require(binary)
-        cmd = [str(binary), "echo", "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [str(binary), "echo", "--host", "127.0.0.1", "--port", str(port),
+               "--park-after", "100ms"]
     with tempfile.TemporaryDirectory(prefix="tether-autobahn-") as tmp:
         spec, selected = write_spec(args, tmp, {
             "outdir": str(outdir),

@@ -74,6 +74,12 @@ struct EchoArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Set a connection aside once it has been quiet this long (looked at every second, or as
+    /// often as this when it is shorter): it then keeps no task and no registration with the
+    /// runtime, only its WebSocket's state in an epoll set, until its peer sends something or
+    /// its keepalive comes due (Linux). 0: never.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    park_after: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -239,7 +245,8 @@ fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         };
-        tether_cli::echo::serve(listener, config, shutdown)
+        let park_after = Some(args.park_after).filter(|d| !d.is_zero());
+        tether_cli::echo::serve(listener, config, park_after, shutdown)
             .await
             .context("accepting connections")
     })

@@ -471,6 +471,18 @@ impl Connection {
         self.state != State::Open
     }
 
+    /// Whether the connection waits on its peer alone: open, nothing queued to write, no
+    /// event waiting to be taken and nothing left to inflate. With its read buffer empty, such
+    /// a connection makes progress only when bytes arrive or its deadline
+    /// ([`Connection::poll_timeout`]) passes, so a driver may set it aside until then (a
+    /// message or frame half received stays where it was).
+    pub fn is_at_rest(&self) -> bool {
+        self.state == State::Open
+            && self.out.is_empty()
+            && !matches!(self.rx, Rx::Event(_))
+            && !self.is_inflating()
+    }
+
     /// The protocol error that failed the connection, if any.
     pub fn error(&self) -> Option<&ProtocolError> {
         self.extras.as_ref()?.error.as_ref()

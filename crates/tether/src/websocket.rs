@@ -17,6 +17,7 @@ use crate::message::Message;
 
 mod direct;
 mod driver;
+mod idle;
 mod lending;
 mod sending;
 mod split;
@@ -26,6 +27,7 @@ mod wakers;
 pub use direct::{DirectSend, DirectWriter, SharedWebSocket};
 use driver::Inner;
 pub(crate) use driver::Parts;
+pub use idle::Idle;
 pub use lending::Replies;
 use sending::Side;
 pub use split::{WsReceiver, WsSender};

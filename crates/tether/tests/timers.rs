@@ -177,3 +177,80 @@ async fn a_client_waits_for_the_server_to_close_tcp_at_most_the_close_timeout() 
     );
     server.abort();
 }
+
+/// A connection set aside ([`tether::Idle`]) keeps its keepalive: its deadline is the next
+/// ping's, and once resumed the ping goes out then, as if it had never left its task.
+#[tokio::test(start_paused = true)]
+async fn a_websocket_set_aside_keeps_its_keepalive_deadline() {
+    let (mut server, mut client) = pair(keepalive(30, 20), Config::default());
+    let started = Instant::now();
+    client.send(Message::text("first")).await.unwrap();
+    assert_eq!(
+        server.recv().await.unwrap().unwrap(),
+        Message::text("first")
+    );
+    let idle = server
+        .into_idle()
+        .expect("a socket with nothing in progress is at rest");
+    assert_eq!(
+        idle.deadline(),
+        Some((started + Duration::from_secs(30)).into_std())
+    );
+    // The transport may change form while set aside (as a plain socket does and back).
+    let idle = idle.try_map_io(Ok::<_, std::io::Error>).unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    client.send(Message::text("later")).await.unwrap();
+    let mut server = idle.resume();
+    assert_eq!(
+        server.recv().await.unwrap().unwrap(),
+        Message::text("later")
+    );
+    // The client reads for a minute: the ping comes 30 s after the start, not after the resume.
+    let client_task = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(50);
+        let mut pings = Vec::new();
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, client.recv()).await {
+            if let Message::Ping(_) = message.unwrap() {
+                pings.push(started.elapsed());
+            }
+        }
+        pings
+    });
+    // The server reads too, for the pong (until the client lets go at the end).
+    let server_task = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(50);
+        while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, server.recv()).await {}
+    });
+    server_task.await.unwrap();
+    let pings = client_task.await.unwrap();
+    assert_eq!(pings[0], Duration::from_secs(30), "{pings:?}");
+}
+
+/// Only a socket waiting on its peer alone is set aside: not one with bytes queued to write,
+/// nor one holding a message it has read but not handed out; it is given back unchanged.
+#[tokio::test(start_paused = true)]
+async fn a_websocket_with_work_in_progress_is_not_set_aside() {
+    let (mut server, mut client) = pair(Config::default(), Config::default());
+    server.feed(Message::text("queued")).await.unwrap();
+    let mut server = server.into_idle().expect_err("bytes are queued to write");
+    server.flush().await.unwrap();
+    assert_eq!(
+        client.recv().await.unwrap().unwrap(),
+        Message::text("queued")
+    );
+    // Two messages in one write: the server reads both and hands out the first.
+    client.feed(Message::text("one")).await.unwrap();
+    client.feed(Message::text("two")).await.unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(server.recv().await.unwrap().unwrap(), Message::text("one"));
+    let mut server = server.into_idle().expect_err("a message is buffered");
+    assert_eq!(server.recv().await.unwrap().unwrap(), Message::text("two"));
+    let server = server.into_idle().expect("nothing is left in progress");
+    // What arrives while it is aside is read once it is resumed.
+    client.send(Message::text("three")).await.unwrap();
+    let mut server = server.resume();
+    assert_eq!(
+        server.recv().await.unwrap().unwrap(),
+        Message::text("three")
+    );
+}

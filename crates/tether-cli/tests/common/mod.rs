@@ -25,14 +25,28 @@ impl Drop for Echo {
 
 /// Starts `tether echo --port 0 EXTRA...` and waits for the address it prints.
 pub fn start_echo(extra: &[&str]) -> Echo {
-    let mut child = Command::new(BIN)
+    spawn_echo(extra, None).0
+}
+
+/// Starts `tether echo` as [`start_echo`] does, logging what `filter` (`RUST_LOG`) lets
+/// through to the pipe returned: read it, or the server stops once the pipe is full.
+pub fn start_echo_logging(extra: &[&str], filter: &str) -> (Echo, std::process::ChildStderr) {
+    let (echo, stderr) = spawn_echo(extra, Some(filter));
+    (echo, stderr.expect("stderr is piped"))
+}
+
+fn spawn_echo(extra: &[&str], filter: Option<&str>) -> (Echo, Option<std::process::ChildStderr>) {
+    let mut command = Command::new(BIN);
+    command
         .args(["echo", "--port", "0", "--host", "127.0.0.1"])
         .args(extra)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tether echo");
+        .stdout(Stdio::piped());
+    match filter {
+        Some(filter) => command.env("RUST_LOG", filter).stderr(Stdio::piped()),
+        None => command.stderr(Stdio::null()),
+    };
+    let mut child = command.spawn().expect("start tether echo");
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -42,7 +56,8 @@ pub fn start_echo(extra: &[&str]) -> Echo {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
-    Echo { child, url }
+    let stderr = child.stderr.take();
+    (Echo { child, url }, stderr)
 }
 
 /// Runs `handler` for every WebSocket accepted on a fresh loopback port.
