@@ -531,8 +531,44 @@ on_both_engines!(
     a_users_notifications_are_no_room_started_by_the_sender,
 );
 
+/// Guests behind one address (a classroom, an office) open a new room at the same moment: the
+/// room is started once, and charged once, however their joins interleave.
+async fn guests_joining_a_new_room_at_once_start_it_once(kind: Kind) {
+    let setup = Setup::new(kind);
+    let mut c = setup.config();
+    c.rooms_per_hour = 1;
+    let server = start(c).await;
+    let joins = (0..20).map(|i| {
+        let url = server.ws(&format!("/ws/rooms/lesson?name=pupil{i}"));
+        async move {
+            let mut ws = connect(&url).await;
+            let said = loop {
+                let event = next(&mut ws).await;
+                if event["type"] == "ready" || event["type"] == "error" {
+                    break event;
+                }
+            };
+            (said, ws)
+        }
+    });
+    let joined = futures_util::future::join_all(joins).await;
+    for (said, _) in &joined {
+        assert_eq!(said["type"], "ready", "{said}");
+    }
+    // The one room this address may start this hour was the lesson.
+    let mut other = connect(&server.ws("/ws/rooms/another?name=late")).await;
+    let said = next(&mut other).await;
+    assert!(
+        said["error"].as_str().unwrap().contains("rooms_per_hour"),
+        "{said}"
+    );
+    drop(joined);
+    server.stop().await;
+}
+
 on_both_engines!(
     multi_thread:
+    guests_joining_a_new_room_at_once_start_it_once,
     a_crowd_is_counted_not_listed_and_a_visitor_without_a_name_reads_no_room,
     a_client_that_never_reads_holds_a_bounded_kernel_send_buffer,
 );

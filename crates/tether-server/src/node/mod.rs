@@ -6,10 +6,11 @@ pub mod gate;
 pub mod hub;
 pub mod wakers;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, StatusCode};
 use tokio::sync::watch;
@@ -115,7 +116,14 @@ pub struct Node {
     pub wakers: crate::node::wakers::Wakers,
     shutting_down: AtomicBool,
     sockets: Arc<Gate>,
+    /// Rooms a first member started lately ([`Node::may_join_room`]), and when: others
+    /// joining at the same moment, before the first is in the hub, are not charged again.
+    started: std::sync::Mutex<HashMap<Box<str>, Instant>>,
 }
+
+/// How long a room a first member started counts as started without members in the hub:
+/// the time its first member's join takes at most.
+const STARTING: Duration = Duration::from_secs(10);
 
 /// Addresses (and account-address pairs, identities) whose budgets are remembered at most.
 const THROTTLE_CAPACITY: usize = 100_000;
@@ -285,6 +293,7 @@ impl Node {
             tls,
             shutting_down: AtomicBool::new(false),
             sockets: Gate::new(config_limits.0, config_limits.1),
+            started: std::sync::Mutex::default(),
         }))
     }
 
@@ -328,6 +337,17 @@ impl Node {
         if self.has_messages(room).await? {
             return Ok(());
         }
+        // Checked and charged in one step, with no wait between: of several first members
+        // joining at once, one starts the room and pays for it.
+        let now = Instant::now();
+        let mut started = self
+            .started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        started.retain(|_, at| now.duration_since(*at) < STARTING);
+        if started.contains_key(room) {
+            return Ok(());
+        }
         if self.hub.room_count() >= self.config.max_rooms {
             self.metrics.rate_limited.fetch_add(1, Relaxed);
             return Err(StoreError::Limit(format!(
@@ -335,16 +355,15 @@ impl Node {
                 self.config.max_rooms
             )));
         }
-        if self
-            .quotas
-            .rooms
-            .take(writer, std::time::Instant::now())
-            .is_err()
-        {
+        if self.quotas.rooms.take(writer, now).is_err() {
             self.metrics.rate_limited.fetch_add(1, Relaxed);
             return Err(StoreError::Limit(
                 crate::engine::journal::ROOM_QUOTA.to_owned(),
             ));
+        }
+        // At most `max_rooms` remembered: past it, a late joiner may be charged again.
+        if started.len() < self.config.max_rooms {
+            started.insert(room.into(), now);
         }
         Ok(())
     }
