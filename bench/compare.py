@@ -836,8 +836,8 @@ def main():
                         help="servers to run (default all): " + ", ".join(SERVERS))
     parser.add_argument("--idle-conns", type=int, default=10_000,
                         help="idle connections for (e) (default 10000)")
-    parser.add_argument("--idle-hold", type=float, default=30.0,
-                        help="seconds the idle connections are held (default 30)")
+    parser.add_argument("--idle-hold", type=float, default=40.0,
+                        help="seconds the idle connections are held (default 40)")
     parser.add_argument("--max-other", type=float, default=0.25,
                         help="redo a measurement during which other processes used more than "
                              "this many CPUs (default 0.25)")

@@ -313,10 +313,9 @@ mod rest {
     /// How long the set's thread waits at most before it looks whether its shard has ended.
     const WATCH_TIMEOUT_MS: u16 = 1000;
 
-    struct Parked {
-        ws: Idle<std::net::TcpStream>,
-        peer: SocketAddr,
-    }
+    /// A connection set aside: its WebSocket's state and its socket (the peer's address, for
+    /// the logs, is asked of the socket again when it comes back).
+    type Parked = Idle<std::net::TcpStream>;
 
     /// A shard's connections set aside.
     pub(in crate::echo) struct Resting {
@@ -384,12 +383,12 @@ mod rest {
             match self.set.add(ws.get_ref(), event) {
                 Ok(()) => {
                     tracing::trace!(%peer, "set aside");
-                    entry.insert(Parked { ws, peer });
+                    entry.insert(ws);
                     None
                 }
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "a quiet connection stays in its task");
-                    resume(Parked { ws, peer })
+                    resume(ws, peer)
                 }
             }
         }
@@ -419,7 +418,7 @@ mod rest {
             let due: Vec<usize> = self
                 .parked
                 .iter()
-                .filter(|(_, p)| p.ws.deadline().is_some_and(|d| d <= soon))
+                .filter(|(_, ws)| ws.deadline().is_some_and(|d| d <= soon))
                 .map(|(key, _)| key)
                 .collect();
             self.take(due)
@@ -427,12 +426,16 @@ mod rest {
 
         /// Takes connection `key` out of the set, to be resumed in a task.
         fn take_one(&mut self, key: usize) -> Option<(WebSocket<TcpStream>, SocketAddr)> {
-            let parked = self.parked.try_remove(key)?;
-            if let Err(e) = self.set.delete(parked.ws.get_ref()) {
-                tracing::warn!(peer = %parked.peer, error = %e, "taking a quiet connection out of its set failed");
+            let ws = self.parked.try_remove(key)?;
+            // A peer that hung up may have no address left to tell.
+            let peer = ws
+                .get_ref()
+                .peer_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            if let Err(e) = self.set.delete(ws.get_ref()) {
+                tracing::warn!(%peer, error = %e, "taking a quiet connection out of its set failed");
             }
-            let peer = parked.peer;
-            resume(parked).map(|ws| (ws, peer))
+            resume(ws, peer).map(|ws| (ws, peer))
         }
     }
 
@@ -462,8 +465,7 @@ mod rest {
     }
 
     /// Registers a connection's socket with the runtime again.
-    fn resume(parked: Parked) -> Option<WebSocket<TcpStream>> {
-        let Parked { ws, peer } = parked;
+    fn resume(ws: Parked, peer: SocketAddr) -> Option<WebSocket<TcpStream>> {
         match ws.try_map_io(TcpStream::from_std) {
             Ok(ws) => Some(ws.resume()),
             Err(e) => {

@@ -498,3 +498,14 @@ fn a_client_that_sent_a_large_message_and_waits_keeps_no_write_buffer() {
         per.bytes
     );
 }
+
+/// A connection set aside ([`tether::Idle`]) is its protocol state and its transport, without
+/// the driver's buffer, timer and waker: what a server holding many quiet ones keeps for each.
+#[test]
+fn a_websocket_set_aside_is_its_state_and_its_transport() {
+    let idle = std::mem::size_of::<tether::Idle<std::net::TcpStream>>();
+    let whole = std::mem::size_of::<WebSocket<std::net::TcpStream>>();
+    println!("set aside: {idle} bytes; the whole WebSocket: {whole}");
+    assert!(idle <= 168, "an idle connection takes {idle} bytes");
+    assert!(idle + 48 <= whole, "{idle} set aside, {whole} whole");
+}

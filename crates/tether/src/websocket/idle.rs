@@ -1,13 +1,18 @@
 //! A WebSocket at rest, taken away from the task that polled it ([`Idle`]).
 
-use tether_proto::buffers;
+use std::sync::Arc;
 
-use super::driver::{Inner, Phase};
+use bytes::BytesMut;
+use tether_proto::{buffers, Connection};
+
+use super::driver::{Extra, Inner, Phase};
 use super::WebSocket;
+use crate::config::Config;
 
 /// A WebSocket at rest: open, nothing half-read in its buffer, nothing queued to write, no
 /// task polling it. It holds its transport and the protocol's state (a message half received,
-/// compression, keepalive) and nothing else: no timer, no waker, no buffer.
+/// compression, keepalive) and nothing else: no timer, no waker, no buffer (168 bytes with a
+/// plain `std::net::TcpStream`, against 224 for the whole `WebSocket`).
 ///
 /// A server holding many quiet connections can keep each as an `Idle` instead of a task and a
 /// registered socket, wait for their transports to become readable by other means (say, one
@@ -16,7 +21,12 @@ use super::WebSocket;
 /// something to read. `tether echo` does so (`--park-after`). A connection must be resumed by
 /// its [`Idle::deadline`] too, for its keepalive ping or pong timeout to run on time.
 pub struct Idle<S> {
-    inner: Inner<S>,
+    io: S,
+    conn: Connection,
+    config: Arc<Config>,
+    extra: Option<Box<Extra>>,
+    protocol: Option<u8>,
+    half_close: bool,
 }
 
 impl<S> WebSocket<S> {
@@ -42,19 +52,36 @@ impl<S> WebSocket<S> {
         if !at_rest {
             return Err(self);
         }
-        let mut inner = self.inner;
-        if inner.read_buf.capacity() > 0 {
-            buffers::give(std::mem::take(&mut inner.read_buf));
+        let Inner {
+            io,
+            conn,
+            read_buf,
+            config,
+            mut extra,
+            timer: _,
+            task,
+            phase: _,
+            protocol,
+            half_close,
+        } = self.inner;
+        if read_buf.capacity() > 0 {
+            buffers::give(read_buf);
         }
         // Timers belong to the runtime the task ran on; resuming makes them again.
-        inner.timer = None;
-        if let Some(extra) = &mut inner.extra {
+        if let Some(extra) = &mut extra {
             extra.write_timer = None;
         }
-        if let Some(task) = inner.task.take() {
+        if let Some(task) = task {
             task.wake();
         }
-        Ok(Idle { inner })
+        Ok(Idle {
+            io,
+            conn,
+            config,
+            extra,
+            protocol,
+            half_close,
+        })
     }
 }
 
@@ -62,12 +89,12 @@ impl<S> Idle<S> {
     /// When the connection must be resumed even if its peer sends nothing: its next keepalive
     /// ping, or the end of a pong's wait (`None` without keepalive).
     pub fn deadline(&self) -> Option<std::time::Instant> {
-        self.inner.conn.poll_timeout()
+        self.conn.poll_timeout()
     }
 
     /// The transport.
     pub fn get_ref(&self) -> &S {
-        &self.inner.io
+        &self.io
     }
 
     /// Puts the transport in another form (a registered socket into a plain one, and back):
@@ -76,45 +103,40 @@ impl<S> Idle<S> {
     /// # Errors
     /// `f`'s error; the connection is dropped with its transport.
     pub fn try_map_io<T, E>(self, f: impl FnOnce(S) -> Result<T, E>) -> Result<Idle<T>, E> {
-        let Inner {
-            io,
-            conn,
-            read_buf,
-            config,
-            extra,
-            timer,
-            task,
-            phase,
-            protocol,
-            half_close,
-        } = self.inner;
         Ok(Idle {
-            inner: Inner {
-                io: f(io)?,
-                conn,
-                read_buf,
-                config,
-                extra,
-                timer,
-                task,
-                phase,
-                protocol,
-                half_close,
-            },
+            io: f(self.io)?,
+            conn: self.conn,
+            config: self.config,
+            extra: self.extra,
+            protocol: self.protocol,
+            half_close: self.half_close,
         })
     }
 
     /// The WebSocket again, to be polled by a task: it reads what arrived and runs any timer
     /// that came due meanwhile.
     pub fn resume(self) -> WebSocket<S> {
-        WebSocket { inner: self.inner }
+        WebSocket {
+            inner: Inner {
+                io: self.io,
+                conn: self.conn,
+                read_buf: BytesMut::new(),
+                config: self.config,
+                extra: self.extra,
+                timer: None,
+                task: None,
+                phase: Phase::Running,
+                protocol: self.protocol,
+                half_close: self.half_close,
+            },
+        }
     }
 }
 
 impl<S> std::fmt::Debug for Idle<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Idle")
-            .field("connection", &self.inner.conn)
+            .field("connection", &self.conn)
             .field("deadline", &self.deadline())
             .finish_non_exhaustive()
     }
