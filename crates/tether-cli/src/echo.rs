@@ -29,11 +29,10 @@ const ECHO_BATCH: usize = 64;
 /// (docs/decisions.md, 11).
 ///
 /// A connection quiet for `park_after` (looked at every second, or as often as `park_after`
-/// when it is shorter) is set aside
-/// ([`tether::Idle`]): no task and no registration with the runtime, only the WebSocket's state
-/// and its socket in one `epoll` set per shard, until its peer sends something or a timer of
-/// its own (keepalive) comes due. `None` keeps every connection in its task (and so does any
-/// system but Linux).
+/// when it is shorter) is set aside ([`tether::Idle`]): no task and no registration with the
+/// runtime, only the WebSocket's state and its socket in one `epoll` set per shard, until its
+/// peer sends something or a timer of its own (keepalive) comes due. `None` keeps every
+/// connection in its task (and so does any system but Linux).
 ///
 /// # Errors
 /// Only when accepting fails in a way that is not specific to one connection.
@@ -113,14 +112,22 @@ async fn run_shard(
                     connections.push(EchoConnection::open(ws, peer));
                 }
             }
-            Some(keys) = async {
+            keys = async {
                 match resting.as_mut() {
                     Some(resting) => resting.ready().await,
                     None => None,
                 }
             }, if has_resting => {
-                let Some(resting) = resting.as_mut() else { continue };
-                for (ws, peer) in resting.take(keys) {
+                let woken = match keys {
+                    Some(keys) => resting.as_mut().map(|r| r.take(keys)),
+                    None => {
+                        // The set's thread stopped: nothing would wake a connection set aside.
+                        // All go back to their tasks, and none is set aside again.
+                        tracing::error!("quiet connections can no longer be set aside");
+                        resting.take().map(rest::Resting::take_all)
+                    }
+                };
+                for (ws, peer) in woken.into_iter().flatten() {
                     connections.push(EchoConnection::open(ws, peer));
                 }
             }
@@ -412,6 +419,12 @@ mod rest {
                 .collect()
         }
 
+        /// Every connection set aside, taken out of the set.
+        pub(in crate::echo) fn take_all(mut self) -> Vec<(WebSocket<TcpStream>, SocketAddr)> {
+            let all = self.parked.iter().map(|(key, _)| key).collect();
+            self.take(all)
+        }
+
         /// The connections set aside whose timer (keepalive) comes due before the next sweep.
         pub(in crate::echo) fn due(&mut self) -> Vec<(WebSocket<TcpStream>, SocketAddr)> {
             let soon = Instant::now() + self.every;
@@ -447,7 +460,7 @@ mod rest {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    tracing::error!(error = %e, "waiting on quiet connections failed; they stay aside");
+                    tracing::error!(error = %e, "waiting on quiet connections failed; they go back to their tasks");
                     return;
                 }
             };
@@ -527,6 +540,9 @@ mod rest {
             }
         }
         pub(in crate::echo) fn take(&mut self, _: Vec<usize>) -> Woken {
+            match self.never {}
+        }
+        pub(in crate::echo) fn take_all(self) -> Woken {
             match self.never {}
         }
         pub(in crate::echo) fn due(&mut self) -> Woken {
