@@ -305,7 +305,7 @@ impl ClientBuilder {
             let (io, response, deflate) =
                 crate::http2::extended_connect(self, sender, &request).await?;
             let ws = WebSocket::from_parts(crate::websocket::Parts {
-                io,
+                io: io.into(),
                 role: tether_proto::Role::Client,
                 config: Arc::new(self.config.clone()),
                 read_buf: bytes::BytesMut::new(),

@@ -77,6 +77,6 @@ pub use message::Message;
 pub use proxy::Proxy;
 pub use tether_proto::{self as proto, CloseCode, CloseFrame, Lent, Prepared, Role, Utf8Bytes};
 pub use websocket::{
-    DirectSend, DirectWriter, Idle, Incoming, MessageReader, MessageWriter, Replies,
+    DirectIo, DirectSend, DirectWriter, Idle, Incoming, MessageReader, MessageWriter, Replies,
     SharedWebSocket, WebSocket, WsReceiver, WsSender,
 };

@@ -27,26 +27,153 @@
 //! ```
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tether_proto::handshake::server::{HandshakeError, Request};
 use tether_proto::handshake::{Header, Headers};
 use tether_proto::Role;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handshake::{check_origin, negotiate_deflate};
-use crate::websocket::{Parts, WebSocket};
+use crate::websocket::{DirectIo, Parts, WebSocket};
 use tether_proto::extension::deflate::Deflate;
 use tether_proto::handshake::server::Accept;
 
 /// The WebSocket over a hyper upgrade.
-pub type UpgradedWebSocket = WebSocket<TokioIo<Upgraded>>;
+pub type UpgradedWebSocket = WebSocket<UpgradedIo>;
+
+/// The transport of an [`UpgradedWebSocket`]: the TCP connection itself when a hyper
+/// connection builder served it as `TokioIo<TcpStream>` (`tether serve` does), otherwise
+/// hyper's [`Upgraded`] (TLS, HTTP/2 streams, `hyper_util`'s auto builder, which `axum::serve`
+/// uses, and other transports).
+///
+/// Taking the socket back from hyper spares every read and write the two indirections of
+/// `Upgraded` (a boxed transport behind a rewind buffer), and lets a
+/// [`DirectWriter`](crate::DirectWriter) write to the socket without tokio's readiness
+/// bookkeeping ([`DirectIo`](crate::DirectIo)).
+#[derive(Debug)]
+pub struct UpgradedIo(Transport);
+
+#[derive(Debug)]
+enum Transport {
+    Tcp(TcpStream),
+    Hyper(TokioIo<Upgraded>),
+}
+
+impl UpgradedIo {
+    /// Takes over `upgraded`: its TCP stream when it is one, with the bytes hyper read past
+    /// the request (the peer's first frames, when it did not wait for the answer).
+    pub fn new(upgraded: Upgraded) -> (UpgradedIo, Bytes) {
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (
+                UpgradedIo(Transport::Tcp(parts.io.into_inner())),
+                parts.read_buf,
+            ),
+            Err(upgraded) => (
+                UpgradedIo(Transport::Hyper(TokioIo::new(upgraded))),
+                Bytes::new(),
+            ),
+        }
+    }
+
+    /// The TCP connection, when the WebSocket has it itself.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match &self.0 {
+            Transport::Tcp(tcp) => Some(tcp),
+            Transport::Hyper(_) => None,
+        }
+    }
+}
+
+impl From<TokioIo<Upgraded>> for UpgradedIo {
+    /// Keeps `io` as it is, behind hyper (see [`UpgradedIo::new`] to take the TCP stream).
+    fn from(io: TokioIo<Upgraded>) -> Self {
+        UpgradedIo(Transport::Hyper(io))
+    }
+}
+
+impl AsyncRead for UpgradedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().0 {
+            Transport::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Transport::Hyper(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpgradedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().0 {
+            Transport::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Transport::Hyper(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().0 {
+            Transport::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Transport::Hyper(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.0 {
+            Transport::Tcp(io) => io.is_write_vectored(),
+            Transport::Hyper(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().0 {
+            Transport::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Transport::Hyper(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().0 {
+            Transport::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Transport::Hyper(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+impl DirectIo for UpgradedIo {
+    fn write_now(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.0 {
+            Transport::Tcp(io) => io.write_now(bufs),
+            Transport::Hyper(io) => io.write_now(bufs),
+        }
+    }
+
+    fn flush_now(&mut self) -> io::Result<()> {
+        match &mut self.0 {
+            Transport::Tcp(io) => io.flush_now(),
+            Transport::Hyper(io) => io.flush_now(),
+        }
+    }
+}
 
 /// Validates `req` as a WebSocket upgrade and answers it.
 ///
@@ -244,11 +371,12 @@ impl Future for PendingUpgrade {
         let upgraded = ready!(Pin::new(&mut this.on_upgrade).poll(cx))
             .map_err(|e| Error::Io(std::io::Error::other(e)))?;
         let config = this.config.take().unwrap_or_default();
+        let (io, read) = UpgradedIo::new(upgraded);
         Poll::Ready(Ok(WebSocket::from_parts(Parts {
-            io: TokioIo::new(upgraded),
+            io,
             role: Role::Server,
             config,
-            read_buf: BytesMut::new(),
+            read_buf: BytesMut::from(read),
             protocol: this.protocol.take(),
             deflate: this.deflate.take(),
             half_close: this.half_close,

@@ -24,7 +24,7 @@ mod split;
 mod streaming;
 mod wakers;
 
-pub use direct::{DirectSend, DirectWriter, SharedWebSocket};
+pub use direct::{DirectIo, DirectSend, DirectWriter, SharedWebSocket};
 use driver::Inner;
 pub(crate) use driver::Parts;
 pub use idle::Idle;

@@ -41,8 +41,14 @@ pub fn request(addr: SocketAddr, extra: &str) -> String {
 
 /// Connects and sends `req`; returns the stream and the response head.
 pub async fn raw_exchange(addr: SocketAddr, req: &str) -> (TcpStream, String) {
+    raw_exchange_bytes(addr, req.as_bytes()).await
+}
+
+/// Connects and sends `bytes` (a request, and perhaps more behind it); returns the stream
+/// and the response head.
+pub async fn raw_exchange_bytes(addr: SocketAddr, bytes: &[u8]) -> (TcpStream, String) {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(req.as_bytes()).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -37,6 +37,66 @@ async fn tls_echo_server(server: Arc<rustls::ServerConfig>) -> u16 {
     addr.port()
 }
 
+/// A hyper HTTP/1.1 server on plain TCP (`TokioIo<TcpStream>`) that upgrades every request:
+/// the WebSocket says whether it holds the TCP stream itself, then echoes. Returns its
+/// address.
+async fn hyper_server() -> std::net::SocketAddr {
+    let (listener, addr) = listener().await;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|mut req| async move {
+                let (response, pending) =
+                    tether::upgrade::upgrade::<_, Empty<Bytes>>(&mut req, Config::default())
+                        .expect("an upgrade");
+                tokio::spawn(async move {
+                    let Ok(mut ws) = pending.await else { return };
+                    let own = ws.get_ref().tcp().is_some();
+                    if ws.send(Message::text(format!("tcp: {own}"))).await.is_err() {
+                        return;
+                    }
+                    while let Some(Ok(msg)) = ws.recv().await {
+                        if msg.is_data() && ws.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .with_upgrades(),
+            );
+        }
+    });
+    addr
+}
+
+/// Reads one unmasked, unfragmented text frame of under 126 bytes.
+async fn read_text(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 2];
+    within(tcp.read_exact(&mut head)).await.unwrap();
+    assert_eq!(head[0], 0x81, "a final text frame");
+    let mut payload = vec![0u8; usize::from(head[1])];
+    within(tcp.read_exact(&mut payload)).await.unwrap();
+    String::from_utf8(payload).unwrap()
+}
+
+#[tokio::test]
+async fn a_hyper_upgrade_takes_the_tcp_stream_and_the_bytes_sent_with_the_request() {
+    let addr = hyper_server().await;
+    // The request and a first frame (masked with zeros) in one write: hyper reads both, and
+    // the frame must reach the WebSocket all the same.
+    let mut bytes = request(addr, "").into_bytes();
+    bytes.extend_from_slice(&[0x81, 0x85, 0, 0, 0, 0]);
+    bytes.extend_from_slice(b"early");
+    let (mut tcp, head) = within(raw_exchange_bytes(addr, &bytes)).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_text(&mut tcp).await, "tcp: true");
+    assert_eq!(read_text(&mut tcp).await, "early");
+}
+
 #[tokio::test]
 async fn wss_connects_with_a_custom_ca_and_echoes() {
     let (ca_pem, server) = pki();

@@ -26,8 +26,6 @@ use std::sync::atomic::{
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
 use tether::Prepared;
 use tokio::sync::mpsc;
@@ -97,7 +95,7 @@ pub enum Verdict {
 }
 
 /// How fan-out writes to a parked connection ([`Outbox::park`]): straight into its socket.
-pub type Direct = tether::DirectWriter<TokioIo<Upgraded>>;
+pub type Direct = tether::DirectWriter<tether::upgrade::UpgradedIo>;
 
 /// What an outbox holds under its lock.
 #[derive(Debug)]
@@ -107,8 +105,12 @@ struct Queue {
     waker: Option<Waker>,
     /// Events queued at most; a push past it makes the connection a slow consumer.
     cap: u32,
-    /// While the session waits with nothing to write: how to reach its socket directly.
-    parked: Option<Direct>,
+    /// The session waits with nothing to write: fan-out writes to its socket directly
+    /// ([`Outbox::direct`]).
+    parked: bool,
+    /// The public information the connection attached (`connect {info}`): others see it in
+    /// presence. (Boxed twice: a thin pointer, as most connections attach none.)
+    info: Option<Box<Box<RawValue>>>,
     /// Handed to the drainer, which has not taken it yet.
     scheduled: bool,
     /// The drainer gave the parked session back its events, or left bytes in its socket:
@@ -130,11 +132,12 @@ struct Queue {
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
+    /// The session's socket, for fan-out to write to while the session is parked (set the
+    /// first time it parks; outside the lock, so that a drainer can bring it into the cache
+    /// ahead of its turn: [`Outbox::prefetch`]).
+    direct: std::sync::OnceLock<Direct>,
     /// Whose connection it is (one allocation of the name for all its subscriptions).
     user: Arc<str>,
-    /// The public information the connection attached (`connect {info}`): others see it in
-    /// presence. (Boxed twice: a thin pointer, as most connections attach none.)
-    info: std::sync::OnceLock<Box<Box<RawValue>>>,
     /// 0: none; 1: slow; 2: reset.
     verdict: AtomicU8,
     /// How the connection speaks.
@@ -152,13 +155,14 @@ impl Outbox {
                 events: VecDeque::new(),
                 waker: None,
                 cap: u32::try_from(cap).unwrap_or(u32::MAX),
-                parked: None,
+                parked: false,
+                info: None,
                 scheduled: false,
                 kicked: false,
             }),
+            direct: std::sync::OnceLock::new(),
             user,
             format,
-            info: std::sync::OnceLock::new(),
             verdict: AtomicU8::new(0),
         }
     }
@@ -184,7 +188,7 @@ impl Outbox {
                 return Err(Full);
             }
             queue.events.push_back(event);
-            if queue.parked.is_some() {
+            if queue.parked {
                 return Ok(!std::mem::replace(&mut queue.scheduled, true));
             }
             queue.waker.take()
@@ -204,14 +208,16 @@ impl Outbox {
     }
 
     /// Parks the outbox while its session waits with nothing to write: until
-    /// [`Outbox::unpark`], fan-out writes its events to the socket through `direct` instead of
-    /// waking it. Refused (`false`) when events wait: the session takes them first.
-    pub fn park(&self, direct: Direct) -> bool {
+    /// [`Outbox::unpark`], fan-out writes its events to the socket through `direct` (asked
+    /// for the first time only: a connection has one socket) instead of waking it. Refused
+    /// (`false`) when events wait: the session takes them first.
+    pub fn park(&self, direct: impl FnOnce() -> Direct) -> bool {
+        self.direct.get_or_init(direct);
         let mut queue = lock(&self.queue);
         if !queue.events.is_empty() || queue.kicked {
             return false;
         }
-        queue.parked = Some(direct);
+        queue.parked = true;
         true
     }
 
@@ -219,7 +225,7 @@ impl Outbox {
     /// wrote before this returns was written before anything the session writes next.
     pub fn unpark(&self) {
         let mut queue = lock(&self.queue);
-        queue.parked = None;
+        queue.parked = false;
         queue.kicked = false;
     }
 
@@ -239,7 +245,7 @@ impl Outbox {
     fn kick(&self) {
         let waker = {
             let mut queue = lock(&self.queue);
-            queue.parked = None;
+            queue.parked = false;
             queue.kicked = true;
             queue.waker.take()
         };
@@ -254,7 +260,7 @@ impl Outbox {
     fn drain(&self) -> Option<tether::DirectSend> {
         let mut queue = lock(&self.queue);
         queue.scheduled = false;
-        let Some(direct) = &queue.parked else {
+        let (true, Some(direct)) = (queue.parked, self.direct.get()) else {
             // The session unparked since: it takes the events itself.
             return None;
         };
@@ -273,7 +279,7 @@ impl Outbox {
             // The session writes them itself.
             tether::DirectSend::Declined => {}
         }
-        queue.parked = None;
+        queue.parked = false;
         queue.kicked = true;
         let waker = queue.waker.take();
         drop(queue);
@@ -283,6 +289,22 @@ impl Outbox {
         Some(sent)
     }
 
+    /// Reads the outbox's first bytes, so that the next touch finds them in the cache: a
+    /// loop over thousands of outboxes, whose state is long out of the cache when a
+    /// publication comes, reads a few ahead at once, and their cache misses overlap instead
+    /// of coming one after the other.
+    fn prefetch(this: &Arc<Outbox>) {
+        std::hint::black_box(Arc::strong_count(this));
+        std::hint::black_box(this.verdict.load(Relaxed));
+    }
+
+    /// Reads the first bytes of its socket's state, as [`Outbox::prefetch`] its own.
+    fn prefetch_direct(&self) {
+        if let Some(direct) = self.direct.get() {
+            direct.prefetch();
+        }
+    }
+
     /// Whose connection it is.
     pub fn user(&self) -> &Arc<str> {
         &self.user
@@ -290,12 +312,17 @@ impl Outbox {
 
     /// Attaches the connection's public information (once: later calls change nothing).
     pub fn set_info(&self, info: Box<RawValue>) {
-        let _ = self.info.set(Box::new(info));
+        lock(&self.queue).info.get_or_insert_with(|| Box::new(info));
     }
 
     /// The connection's public information, if it attached some.
-    pub fn info(&self) -> Option<&RawValue> {
-        self.info.get().map(|i| &***i)
+    pub fn info(&self) -> Option<Box<RawValue>> {
+        lock(&self.queue).info.as_deref().cloned()
+    }
+
+    /// Whether the connection attached public information.
+    pub fn has_info(&self) -> bool {
+        lock(&self.queue).info.is_some()
     }
 
     /// The next event, if one waits.
@@ -431,31 +458,43 @@ impl Topic {
         let mut reached = [0; 2];
         // Parked outboxes for the drainer.
         let mut drain = Vec::new();
-        for (id, peer) in &self.peers {
-            if Some(*id) == skip
-                || only.is_some_and(|f| f != peer.outbox.format)
-                || peer.outbox.verdict().is_some()
-            {
-                continue;
+        let mut peers = self.peers.iter();
+        let mut chunk: [Option<(&u64, &Peer)>; PREFETCH] = [None; PREFETCH];
+        loop {
+            // A few peers' outboxes read at once (their cache misses overlap), then queued to.
+            chunk.fill_with(|| peers.next());
+            if chunk[0].is_none() {
+                break;
             }
-            let format = peer.outbox.format;
-            let slot = format as usize;
-            let msg = encoded[slot].get_or_insert_with(|| (event.encode)(format));
-            let outgoing = Outgoing {
-                id: event.id,
-                sub: *id,
-                msg: msg.clone(),
-            };
-            match peer.outbox.queue(outgoing) {
-                Ok(parked) => {
-                    reached[slot] += 1;
-                    if parked {
-                        drain.push(peer.outbox.clone());
-                    }
+            for (_, peer) in chunk.iter().flatten() {
+                Outbox::prefetch(&peer.outbox);
+            }
+            for &(id, peer) in chunk.iter().flatten() {
+                if Some(*id) == skip
+                    || only.is_some_and(|f| f != peer.outbox.format)
+                    || peer.outbox.verdict().is_some()
+                {
+                    continue;
                 }
-                Err(Full) => {
-                    tracing::warn!(user = %peer.outbox.user, "slow consumer: outbound queue full");
-                    peer.outbox.mark(Verdict::Slow);
+                let format = peer.outbox.format;
+                let slot = format as usize;
+                let msg = encoded[slot].get_or_insert_with(|| (event.encode)(format));
+                let outgoing = Outgoing {
+                    id: event.id,
+                    sub: *id,
+                    msg: msg.clone(),
+                };
+                match peer.outbox.queue(outgoing) {
+                    Ok(parked) => {
+                        reached[slot] += 1;
+                        if parked {
+                            drain.push(peer.outbox.clone());
+                        }
+                    }
+                    Err(Full) => {
+                        tracing::warn!(user = %peer.outbox.user, "slow consumer: outbound queue full");
+                        peer.outbox.mark(Verdict::Slow);
+                    }
                 }
             }
         }
@@ -493,7 +532,7 @@ impl RoomState {
             };
             let list = infos.entry(peer.outbox.user.clone()).or_default();
             if list.len() < MAX_INFOS && !list.iter().any(|i| i.get() == info.get()) {
-                list.push(info.to_owned());
+                list.push(info);
             }
         }
         infos
@@ -555,6 +594,9 @@ type Inbox = std::sync::mpsc::Sender<Vec<Arc<Outbox>>>;
 /// Parked outboxes fewer than this go to one drainer, not split among them.
 const DRAIN_SPLIT: usize = 256;
 
+/// Outboxes whose state a fan-out or drainer reads ahead at once ([`Outbox::prefetch`]).
+const PREFETCH: usize = 8;
+
 impl Fanout {
     fn new(metrics: Arc<Metrics>) -> Fanout {
         // Inside the server's runtime, as many as it has workers; one otherwise.
@@ -614,16 +656,22 @@ fn spawn_drainer(i: usize, metrics: Arc<Metrics>) -> Inbox {
                     batch.extend(more);
                 }
                 let (mut writes, mut handbacks) = (0, 0);
-                for outbox in batch {
-                    let sent = outbox.drain();
-                    writes += u64::from(matches!(
-                        sent,
-                        Some(tether::DirectSend::Written | tether::DirectSend::Queued)
-                    ));
-                    handbacks += u64::from(matches!(
-                        sent,
-                        Some(tether::DirectSend::Queued | tether::DirectSend::Declined)
-                    ));
+                for chunk in batch.chunks(PREFETCH) {
+                    // Each outbox's state, then its socket's, for a few at once (their
+                    // cache misses overlap), then the writes.
+                    chunk.iter().for_each(Outbox::prefetch);
+                    chunk.iter().for_each(|outbox| outbox.prefetch_direct());
+                    for outbox in chunk {
+                        let sent = outbox.drain();
+                        writes += u64::from(matches!(
+                            sent,
+                            Some(tether::DirectSend::Written | tether::DirectSend::Queued)
+                        ));
+                        handbacks += u64::from(matches!(
+                            sent,
+                            Some(tether::DirectSend::Queued | tether::DirectSend::Declined)
+                        ));
+                    }
                 }
                 metrics.direct_writes.fetch_add(writes, Relaxed);
                 metrics.direct_handbacks.fetch_add(handbacks, Relaxed);
@@ -906,6 +954,7 @@ impl Hub {
         let (id, peer) = self.peer(user, outbox, format);
         let outbox = peer.outbox.clone();
         let info = outbox.info();
+        let info = info.as_deref();
         state.topic.add(id, peer);
         let n = state.users.entry(user_key.clone()).or_insert(0);
         *n += 1;
@@ -964,7 +1013,7 @@ impl Hub {
                 if !is_personal(room) {
                     self.share(room, user, Change::Leave, None);
                 }
-            } else if peer.outbox.info().is_some() && !is_personal(room) {
+            } else if peer.outbox.has_info() && !is_personal(room) {
                 self.share(room, user, Change::Info, None);
             }
         }

@@ -228,7 +228,7 @@ enum Kind {
 
 /// The socket of a session of the channel protocol: shared, so that fan-out can write to it
 /// directly while the session waits.
-type Socket = tether::SharedWebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+type Socket = tether::SharedWebSocket<tether::upgrade::UpgradedIo>;
 
 /// Why a session's wait ended.
 enum Woke {
@@ -379,7 +379,8 @@ impl Session {
             }
             // Nothing to write: fan-out may write to the socket itself until the session
             // wakes (once no replay can be overtaken by what the hub delivers now).
-            let parked = self.direct && self.replays_delivered() && self.outbox.park(ws.writer());
+            let parked =
+                self.direct && self.replays_delivered() && self.outbox.park(|| ws.writer());
             if parked {
                 // Every publication a replay held was delivered before the check above, and
                 // taken (and dropped) since: the outbox was empty when it parked. What comes

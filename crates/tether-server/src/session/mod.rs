@@ -791,7 +791,7 @@ macro_rules! socket {
 }
 
 socket!(UpgradedWebSocket);
-socket!(tether::SharedWebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>);
+socket!(tether::SharedWebSocket<tether::upgrade::UpgradedIo>);
 
 pub(crate) async fn close(node: &Node, ws: &mut impl Socket, code: CloseCode, reason: &str) {
     let frame = CloseFrame {

@@ -11,13 +11,16 @@
 //! flush: see [`DirectSend::Queued`]).
 
 use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, TryLockError};
 use std::task::{Context, Poll, Waker};
 
+use bytes::Buf;
 use tether_proto::{CloseFrame, Prepared, State};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::driver::{write_io, Inner, Phase};
+use super::driver::{Inner, Phase, MAX_IOVECS};
 use super::sending::{self, Side};
 use super::split::lock;
 use crate::error::Result;
@@ -47,6 +50,73 @@ pub enum DirectSend {
     /// closing. Give the messages to the owner instead.
     Declined,
 }
+
+/// A transport a [`DirectWriter`] writes to from another thread than its owner's: at once,
+/// never waiting, and without taking a wake-up from the owner.
+///
+/// The provided methods poll the transport with a waker that wakes no one, which suits any
+/// transport (the owner is prompted whenever bytes are left: see [`DirectSend::Queued`]);
+/// `impl DirectIo for MyTransport {}` is enough. A TCP stream writes to its socket directly
+/// instead, without touching tokio's record of its readiness, which the owner's next write
+/// brings up to date.
+pub trait DirectIo: AsyncWrite + Unpin {
+    /// Writes what the transport takes of `bufs` now: the bytes taken, or an error of kind
+    /// [`io::ErrorKind::WouldBlock`] when it takes none.
+    ///
+    /// # Errors
+    /// As the transport's write, and `WouldBlock` when it would wait.
+    fn write_now(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(self).poll_write_vectored(&mut cx, bufs) {
+            Poll::Ready(written) => written,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    /// Flushes now what the transport buffers itself (a TLS layer's records).
+    ///
+    /// # Errors
+    /// As the transport's flush, and `WouldBlock` when it would wait.
+    fn flush_now(&mut self) -> io::Result<()> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(self).poll_flush(&mut cx) {
+            Poll::Ready(flushed) => flushed,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl DirectIo for tokio::net::TcpStream {
+    fn write_now(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        // The socket is non-blocking (tokio's): `send` answers at once. tokio's readiness
+        // stays as it was; should the socket be full, the owner's next write finds out.
+        let socket = socket2::SockRef::from(&*self);
+        match bufs {
+            [one] => socket.send(one),
+            _ => socket.send_vectored(bufs),
+        }
+    }
+
+    fn flush_now(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl DirectIo for tokio::io::DuplexStream {}
+
+#[cfg(unix)]
+impl DirectIo for tokio::net::UnixStream {}
+
+#[cfg(feature = "hyper")]
+impl<T> DirectIo for hyper_util::rt::TokioIo<T> where Self: AsyncWrite + Unpin {}
+
+#[cfg(feature = "tls")]
+impl<S: AsyncRead + AsyncWrite + Unpin> DirectIo for tokio_rustls::server::TlsStream<S> {}
+
+#[cfg(feature = "tls")]
+impl<S: AsyncRead + AsyncWrite + Unpin> DirectIo for tokio_rustls::client::TlsStream<S> {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> DirectIo for crate::tls::MaybeTlsStream<S> {}
 
 impl<S> std::fmt::Debug for SharedWebSocket<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,7 +217,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedWebSocket<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> DirectWriter<S> {
+impl<S> DirectWriter<S> {
+    /// Reads the first bytes of the connection's state without doing anything with them, so
+    /// that a [`DirectWriter::try_send`] soon after finds them in the cache. Fan-out to
+    /// thousands of connections calls it on the next few before writing to each: their
+    /// cache misses then overlap instead of coming one after the other.
+    pub fn prefetch(&self) {
+        std::hint::black_box(Arc::strong_count(&self.shared));
+    }
+}
+
+impl<S: AsyncRead + DirectIo> DirectWriter<S> {
     /// Queues `msgs` and writes them now, from the calling thread, never waiting.
     ///
     /// Declines ([`DirectSend::Declined`], nothing queued) unless the connection is open, has
@@ -165,7 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> DirectWriter<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
+impl<S: AsyncRead + DirectIo> Inner<S> {
     fn try_write_direct<'a>(&mut self, msgs: impl IntoIterator<Item = &'a Prepared>) -> DirectSend {
         if self.phase != Phase::Running
             || self.conn.state() != State::Open
@@ -185,12 +265,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 };
             }
         }
-        // Nothing was queued, so the owner is not waiting to write: the socket may keep a
-        // waker that wakes no one, and the caller prompts the owner when bytes are left.
-        let mut cx = Context::from_waker(Waker::noop());
-        match write_io(&mut self.io, &mut self.conn, &mut cx).0 {
-            Poll::Ready(Ok(())) => DirectSend::Written,
-            Poll::Ready(Err(_)) | Poll::Pending => DirectSend::Queued,
+        // Nothing was queued, so the owner is not waiting to write: the transport may keep a
+        // waker that wakes no one, and the caller prompts the owner when bytes are left (the
+        // owner also finds out about a failure when it writes).
+        let out = self.conn.transmit();
+        while out.has_remaining() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let n = out.chunks_vectored(&mut slices);
+            match self.io.write_now(&slices[..n]) {
+                Ok(0) | Err(_) => return DirectSend::Queued,
+                Ok(n) => out.advance(n),
+            }
+        }
+        match self.io.flush_now() {
+            Ok(()) => DirectSend::Written,
+            Err(_) => DirectSend::Queued,
         }
     }
 }
