@@ -59,7 +59,7 @@ pub type UpgradedWebSocket = WebSocket<UpgradedIo>;
 /// Taking the socket back from hyper spares every read and write the two indirections of
 /// `Upgraded` (a boxed transport behind a rewind buffer), and lets a
 /// [`DirectWriter`](crate::DirectWriter) write to the socket without tokio's readiness
-/// bookkeeping ([`DirectIo`](crate::DirectIo)).
+/// bookkeeping ([`DirectIo`]).
 #[derive(Debug)]
 pub struct UpgradedIo(Transport);
 
