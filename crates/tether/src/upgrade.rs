@@ -40,6 +40,7 @@ use tether_proto::handshake::{Header, Headers};
 use tether_proto::Role;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -61,13 +62,7 @@ pub type UpgradedWebSocket = WebSocket<UpgradedIo>;
 /// [`DirectWriter`](crate::DirectWriter) write to the socket without tokio's readiness
 /// bookkeeping ([`DirectIo`]).
 #[derive(Debug)]
-pub struct UpgradedIo(Transport);
-
-#[derive(Debug)]
-enum Transport {
-    Tcp(TcpStream),
-    Hyper(TokioIo<Upgraded>),
-}
+pub struct UpgradedIo(Either<TcpStream, TokioIo<Upgraded>>);
 
 impl UpgradedIo {
     /// Takes over `upgraded`: its TCP stream when it is one, with the bytes hyper read past
@@ -75,11 +70,11 @@ impl UpgradedIo {
     pub fn new(upgraded: Upgraded) -> (UpgradedIo, Bytes) {
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => (
-                UpgradedIo(Transport::Tcp(parts.io.into_inner())),
+                UpgradedIo(Either::Left(parts.io.into_inner())),
                 parts.read_buf,
             ),
             Err(upgraded) => (
-                UpgradedIo(Transport::Hyper(TokioIo::new(upgraded))),
+                UpgradedIo(Either::Right(TokioIo::new(upgraded))),
                 Bytes::new(),
             ),
         }
@@ -88,8 +83,8 @@ impl UpgradedIo {
     /// The TCP connection, when the WebSocket has it itself.
     pub fn tcp(&self) -> Option<&TcpStream> {
         match &self.0 {
-            Transport::Tcp(tcp) => Some(tcp),
-            Transport::Hyper(_) => None,
+            Either::Left(tcp) => Some(tcp),
+            Either::Right(_) => None,
         }
     }
 }
@@ -97,7 +92,7 @@ impl UpgradedIo {
 impl From<TokioIo<Upgraded>> for UpgradedIo {
     /// Keeps `io` as it is, behind hyper (see [`UpgradedIo::new`] to take the TCP stream).
     fn from(io: TokioIo<Upgraded>) -> Self {
-        UpgradedIo(Transport::Hyper(io))
+        UpgradedIo(Either::Right(io))
     }
 }
 
@@ -107,10 +102,7 @@ impl AsyncRead for UpgradedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().0 {
-            Transport::Tcp(io) => Pin::new(io).poll_read(cx, buf),
-            Transport::Hyper(io) => Pin::new(io).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
@@ -120,10 +112,7 @@ impl AsyncWrite for UpgradedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().0 {
-            Transport::Tcp(io) => Pin::new(io).poll_write(cx, buf),
-            Transport::Hyper(io) => Pin::new(io).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -131,46 +120,34 @@ impl AsyncWrite for UpgradedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().0 {
-            Transport::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            Transport::Hyper(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.0 {
-            Transport::Tcp(io) => io.is_write_vectored(),
-            Transport::Hyper(io) => io.is_write_vectored(),
-        }
+        self.0.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().0 {
-            Transport::Tcp(io) => Pin::new(io).poll_flush(cx),
-            Transport::Hyper(io) => Pin::new(io).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().0 {
-            Transport::Tcp(io) => Pin::new(io).poll_shutdown(cx),
-            Transport::Hyper(io) => Pin::new(io).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
 impl DirectIo for UpgradedIo {
     fn write_now(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match &mut self.0 {
-            Transport::Tcp(io) => io.write_now(bufs),
-            Transport::Hyper(io) => io.write_now(bufs),
+            Either::Left(io) => io.write_now(bufs),
+            Either::Right(io) => io.write_now(bufs),
         }
     }
 
     fn flush_now(&mut self) -> io::Result<()> {
         match &mut self.0 {
-            Transport::Tcp(io) => io.flush_now(),
-            Transport::Hyper(io) => io.flush_now(),
+            Either::Left(io) => io.flush_now(),
+            Either::Right(io) => io.flush_now(),
         }
     }
 }
