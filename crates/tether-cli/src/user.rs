@@ -45,6 +45,10 @@ pub struct StoreArgs {
     /// --redis`) [default: the config file's `redis`].
     #[arg(long, env = "TETHER_REDIS", value_name = "URL")]
     pub redis: Option<String>,
+    /// Replicas that must hold a change before it counts as made (as `tether serve
+    /// --redis-replicas`) [default: the config file's `redis_replicas`, else 0].
+    #[arg(long, env = "TETHER_REDIS_REPLICAS", value_name = "N")]
+    pub redis_replicas: Option<usize>,
 }
 
 /// Accounts opened by `tether user`, and where they are (for its messages).
@@ -85,10 +89,28 @@ impl StoreArgs {
         })
     }
 
+    /// The replicas that must confirm a change in Redis.
+    ///
+    /// # Errors
+    /// The config file cannot be used.
+    pub fn redis_replicas(&self) -> Result<usize, UserError> {
+        if let Some(replicas) = self.redis_replicas {
+            return Ok(replicas);
+        }
+        Ok(match &self.config {
+            Some(file) => ServerConfig::from_file(file)?.redis_replicas,
+            None => 0,
+        })
+    }
+
     fn open(&self) -> Result<Opened, UserError> {
         if let Some(url) = self.redis_url()? {
-            let accounts =
-                RedisAccounts::connect(&url, "tether user".into(), Revocations::default())?;
+            let accounts = RedisAccounts::connect(
+                &url,
+                self.redis_replicas()?,
+                "tether user".into(),
+                Revocations::default(),
+            )?;
             return Ok(Opened {
                 accounts: Box::new(accounts),
                 place: url,

@@ -1725,24 +1725,42 @@ async fn a_poll_created_while_a_nodes_subscription_was_down_is_announced_once_it
     assert_eq!(pushed["data"]["created"]["question"], "Second?");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_single_nodes_store_imported_into_redis_keeps_its_users_history_and_polls() {
-    // One node on its SQLite file, used: a user with a token, three messages, a poll voted on.
+/// A single node on a SQLite file of its own with user `ann` (password `pw-for-ann`) and a
+/// token of hers: the directory, its path, the node and the token.
+fn single_node_with_ann() -> (tempfile::TempDir, String, common::Serve, String) {
     let single = tempfile::tempdir().unwrap();
     let data = single.path().to_str().unwrap().to_owned();
     let (added, said) = user(&["add", "ann", "--data", &data], Some("pw-for-ann"));
     assert!(added, "{said}");
     let serve = common::start_serve(&["--data", &data]);
     let login = json!({"user": "ann", "password": "pw-for-ann"});
-    let (status, issued) = http(
-        &serve.addr,
-        "POST",
-        "/api/tokens",
-        None,
-        Some(login.clone()),
-    );
+    let (status, issued) = http(&serve.addr, "POST", "/api/tokens", None, Some(login));
     assert_eq!(status, 201, "{issued}");
     let token = issued["token"].as_str().unwrap().to_owned();
+    (single, data, serve, token)
+}
+
+/// Runs `tether import` of the store in `data` into `redis`: whether it succeeded, and what
+/// it said.
+fn import_into(data: &str, redis: &str) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["import", "--data", data, "--redis", redis])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_nodes_store_imported_into_redis_keeps_its_users_history_and_polls() {
+    // One node on its SQLite file, used: a user with a token, three messages, a poll voted on.
+    let (_single, data, serve, token) = single_node_with_ann();
+    let login = json!({"user": "ann", "password": "pw-for-ann"});
     for i in 1..=3 {
         let text = Some(json!({ "text": format!("before {i}") }));
         let (status, _) = http(
@@ -1777,17 +1795,8 @@ async fn a_single_nodes_store_imported_into_redis_keeps_its_users_history_and_po
     let _redis = redis(port, dir.path());
     let redis_url = format!("redis://127.0.0.1:{port}/");
     let import = |what: &str| {
-        let out = Command::new(BIN)
-            .args(["import", "--data", &data, "--redis", &redis_url])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), format!("{what}: {said}"))
+        let (done, said) = import_into(&data, &redis_url);
+        (done, format!("{what}: {said}"))
     };
     // An import that stopped midway (its mark says so) is told, and refused until Redis is
     // emptied.
@@ -1861,12 +1870,21 @@ async fn a_single_nodes_store_imported_into_redis_keeps_its_users_history_and_po
 /// Messages [`publish_through`] sends.
 const TOTAL: usize = 200;
 
+/// What [`publish_through`] has been answered so far.
+#[derive(Default)]
+struct Progress {
+    /// Messages acknowledged.
+    acknowledged: AtomicUsize,
+    /// Refusals (the message is sent again).
+    refused: AtomicUsize,
+}
+
 /// A publisher on `node` that sends [`TOTAL`] messages through the HTTP API, each with its
 /// idempotency key, sending one again with the same key until it is acknowledged (counted in
-/// `acknowledged`); it returns the id and text of each.
+/// `progress`); it returns the id and text of each.
 fn publish_through(
     node: &Node,
-    acknowledged: Arc<AtomicUsize>,
+    progress: Arc<Progress>,
 ) -> std::thread::JoinHandle<Vec<(u64, String)>> {
     let bearer = token(node);
     let addr = node.addr.clone();
@@ -1883,10 +1901,11 @@ fn publish_through(
                     exchange(&addr, "POST", "/api/rooms/ops/messages", &headers, text);
                 if status == 201 {
                     ids.push((body["id"].as_u64().unwrap(), format!("m{i}")));
-                    acknowledged.fetch_add(1, SeqCst);
+                    progress.acknowledged.fetch_add(1, SeqCst);
                     break;
                 }
                 assert!(matches!(status, 500 | 503 | 504), "m{i}: {status} {body}");
+                progress.refused.fetch_add(1, SeqCst);
                 assert!(started.elapsed() < LIMIT * 3, "m{i} never stored: {body}");
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -1922,10 +1941,10 @@ fn assert_stored_once(node: &Node, ids: &[(u64, String)]) {
     assert_eq!(stored, expected);
 }
 
-/// Waits until `publisher` has `at_least` acknowledgements.
-async fn until_acknowledged(acknowledged: &AtomicUsize, at_least: usize) {
+/// Waits until the publisher has `at_least` acknowledgements.
+async fn until_acknowledged(progress: &Progress, at_least: usize) {
     let started = Instant::now();
-    while acknowledged.load(SeqCst) < at_least {
+    while progress.acknowledged.load(SeqCst) < at_least {
         assert!(started.elapsed() < LIMIT, "the publisher never got going");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -1940,13 +1959,13 @@ async fn redis_killed_and_restarted_from_its_log_loses_and_doubles_no_acknowledg
     let (a, b) = (node_with("a", port, toml), node_with("b", port, toml));
     let (mut member, _) = join_as(&b.ws("/ws/rooms/ops?name=watcher"), None).await;
 
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let publisher = publish_through(&a, acknowledged.clone());
+    let progress = Arc::new(Progress::default());
+    let publisher = publish_through(&a, progress.clone());
 
     // Mid-run, Redis dies without warning and comes back from its append-only log.
-    until_acknowledged(&acknowledged, 50).await;
+    until_acknowledged(&progress, 50).await;
     drop(redis_proc.take());
-    let at_kill = acknowledged.load(SeqCst);
+    let at_kill = progress.acknowledged.load(SeqCst);
     redis_proc = Some(redis(port, dir.path()));
     let ids = tokio::task::spawn_blocking(move || publisher.join().unwrap())
         .await
@@ -2056,13 +2075,13 @@ async fn a_replica_promoted_by_sentinel_is_followed_and_holds_every_acknowledged
     let setting = format!("redis+sentinel://127.0.0.1:{watch}/tmain");
     let toml = "api_publish_rate = 100000\nredis_replicas = 1\n";
     let (a, b) = (node_at("a", &setting, toml), node_at("b", &setting, toml));
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let publisher = publish_through(&a, acknowledged.clone());
+    let progress = Arc::new(Progress::default());
+    let publisher = publish_through(&a, progress.clone());
 
     // Mid-run, the master dies without warning; Sentinel promotes a replica.
-    until_acknowledged(&acknowledged, 50).await;
+    until_acknowledged(&progress, 50).await;
     drop(master.take());
-    let at_kill = acknowledged.load(SeqCst);
+    let at_kill = progress.acknowledged.load(SeqCst);
     let ids = tokio::task::spawn_blocking(move || publisher.join().unwrap())
         .await
         .unwrap();
@@ -2223,8 +2242,8 @@ async fn the_keys_of_the_layout_before_hash_tags_are_moved_once_and_kept() {
     assert_eq!((status, history.as_array().map(Vec::len)), (200, Some(3)));
 }
 
-/// A Redis Cluster of three masters on loopback (slots split evenly, in port order), with a
-/// replica each when asked.
+/// A Redis Cluster of three masters on loopback (slots split evenly, in port order), with
+/// replicas when asked.
 struct RedisCluster {
     /// The masters'.
     ports: [u16; 3],
@@ -2236,19 +2255,15 @@ struct RedisCluster {
 
 impl RedisCluster {
     fn start() -> RedisCluster {
-        RedisCluster::start_with(false)
+        RedisCluster::start_with(0)
     }
 
-    /// With `replicas`, a replica of each master, which the cluster promotes when its master
+    /// With `replicas` of each master, one of which the cluster promotes when their master
     /// has been unreachable for a second.
-    fn start_with(replicas: bool) -> RedisCluster {
+    fn start_with(replicas: usize) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = [free_port(), free_port(), free_port()];
-        let spares: Vec<u16> = if replicas {
-            (0..3).map(|_| free_port()).collect()
-        } else {
-            Vec::new()
-        };
+        let spares: Vec<u16> = (0..3 * replicas).map(|_| free_port()).collect();
         let nodes = ports
             .iter()
             .chain(&spares)
@@ -2275,7 +2290,7 @@ impl RedisCluster {
         let created = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&members)
-            .args(["--cluster-replicas", if replicas { "1" } else { "0" }])
+            .args(["--cluster-replicas", &replicas.to_string()])
             .arg("--cluster-yes")
             .stdin(Stdio::null())
             .output()
@@ -2293,14 +2308,17 @@ impl RedisCluster {
         }
     }
 
-    /// The replica of master `shard`.
-    fn replica_of(&self, shard: usize) -> u16 {
+    /// The replicas of master `shard`.
+    fn replicas_of(&self, shard: usize) -> Vec<u16> {
         let wanted = format!("master_port:{}\r", self.ports[shard]);
-        *self
+        let found: Vec<u16> = self
             .spares
             .iter()
-            .find(|&&spare| redis_cli(spare, &["INFO", "replication"]).contains(&wanted))
-            .expect("every master has a replica")
+            .copied()
+            .filter(|&spare| redis_cli(spare, &["INFO", "replication"]).contains(&wanted))
+            .collect();
+        assert_eq!(found.len(), self.spares.len() / 3, "{found:?}");
+        found
     }
 
     /// Kills master `shard` without warning.
@@ -2328,18 +2346,33 @@ impl RedisCluster {
         }
     }
 
-    /// A room whose keys sit on master `shard` (0, 1 or 2): slots are split evenly in order.
+    /// A room whose keys sit on master `shard` (0, 1 or 2).
     fn room_on(&self, shard: usize) -> String {
         (0..1000)
             .map(|i| format!("r{i}"))
-            .find(|room| {
-                let slot: usize = redis_cli(self.ports[0], &["CLUSTER", "KEYSLOT", room])
-                    .trim()
-                    .parse()
-                    .unwrap();
-                slot * 3 / 16384 == shard
-            })
+            .find(|room| self.shard_of(room) == shard)
             .expect("some room on every shard")
+    }
+
+    /// The master (0, 1 or 2) that holds `key`, or the keys of a room so named (they carry
+    /// its name as their hash tag): slots are split evenly in order.
+    fn shard_of(&self, key: &str) -> usize {
+        let slot: usize = redis_cli(self.ports[0], &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .unwrap();
+        slot * 3 / 16384
+    }
+
+    /// The process id of the server on `port`.
+    fn pid(&self, port: u16) -> u32 {
+        let at = self
+            .ports
+            .iter()
+            .chain(&self.spares)
+            .position(|&p| p == port)
+            .expect("a server of the cluster");
+        self.nodes[at].as_ref().expect("running").0.id()
     }
 }
 
@@ -2418,7 +2451,7 @@ async fn redis_cluster_carries_chat_history_presence_accounts_and_polls_over_its
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_cluster_shard_whose_master_died_is_served_by_its_promoted_replica() {
-    let mut cluster = RedisCluster::start_with(true);
+    let mut cluster = RedisCluster::start_with(1);
     cluster.until_ok().await;
     let room = cluster.room_on(0);
     let (a, b) = (
@@ -2430,7 +2463,7 @@ async fn a_redis_cluster_shard_whose_master_died_is_served_by_its_promoted_repli
     let mut ben = join(&b.ws(&format!("/ws/rooms/{room}?name=ben"))).await;
     next_of(&mut ann, "presence").await;
     assert_eq!(both_say(&mut ann, &mut ben).await, [1, 2]);
-    let spare = cluster.replica_of(0);
+    let spare = cluster.replicas_of(0)[0];
     until_cli(spare, &["XLEN", &format!("tether:{{{room}}}:s")], "2").await;
 
     // The room's master dies; the cluster promotes its replica, which the nodes then use for
@@ -2475,4 +2508,203 @@ async fn a_redis_cluster_shard_whose_master_died_is_served_by_its_promoted_repli
         (heard["id"].as_u64(), heard["text"].as_str()),
         (Some(4), Some("live"))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_shard_with_redis_replicas_loses_no_acknowledged_message_with_its_master() {
+    // Two replicas a master: one is left to confirm writes once the other is promoted.
+    let mut cluster = RedisCluster::start_with(2);
+    cluster.until_ok().await;
+    let shard = cluster.shard_of("ops");
+    let toml = "api_publish_rate = 100000\nredis_replicas = 1\n";
+    let setting = cluster.setting();
+    let (a, b) = (node_at("a", &setting, toml), node_at("b", &setting, toml));
+    let progress = Arc::new(Progress::default());
+    let publisher = publish_through(&a, progress.clone());
+    until_acknowledged(&progress, 50).await;
+
+    // The replicas of the room's shard stop taking in what their master writes: the master
+    // stores the next message, but it is not acknowledged while no replica holds it (the
+    // publisher is refused and sends it again, with its key).
+    let spares = cluster.replicas_of(shard);
+    for &spare in &spares {
+        signal(cluster.pid(spare), "-STOP");
+    }
+    let refused = progress.refused.load(SeqCst);
+    let started = Instant::now();
+    while progress.refused.load(SeqCst) < refused + 2 {
+        assert!(
+            started.elapsed() < LIMIT,
+            "writes no replica holds were acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Then the master dies without warning, holding a message its replicas never got, and
+    // the cluster promotes one of them.
+    cluster.kill(shard);
+    for &spare in &spares {
+        signal(cluster.pid(spare), "-CONT");
+    }
+    let at_kill = progress.acknowledged.load(SeqCst);
+    let ids = tokio::task::spawn_blocking(move || publisher.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        at_kill < TOTAL,
+        "all {TOTAL} were acknowledged before the master died"
+    );
+    let promoted: Vec<bool> = spares
+        .iter()
+        .map(|&spare| redis_cli(spare, &["ROLE"]).starts_with("master"))
+        .collect();
+    assert!(promoted.contains(&true), "{promoted:?}");
+
+    // Every acknowledged message is on the promoted replica once, under the id it was
+    // acknowledged with: the one the old master took with it was stored again, under the
+    // next id.
+    assert_stored_once(&b, &ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_imported_into_redis_cluster_needs_every_shard_empty_and_spreads_over_them() {
+    let cluster = RedisCluster::start();
+    cluster.until_ok().await;
+    let rooms: Vec<String> = (0..3).map(|shard| cluster.room_on(shard)).collect();
+
+    // One node on its SQLite file: a user with a token, a message in a room on each shard.
+    let (_single, data, serve, token) = single_node_with_ann();
+    for room in &rooms {
+        let path = format!("/api/rooms/{room}/messages");
+        let text = Some(json!({ "text": format!("in {room}") }));
+        let (status, stored) = http(&serve.addr, "POST", &path, Some(&token), text);
+        assert_eq!(status, 201, "{stored}");
+    }
+    drop(serve);
+
+    let import = || import_into(&data, &cluster.setting());
+    // A key of tether's on any one master (here a node's heartbeat on the last) is refused.
+    let stray = (0..1000)
+        .map(|i| format!("tether:np:n{i}"))
+        .find(|key| cluster.shard_of(key) == 2)
+        .unwrap();
+    assert_eq!(
+        redis_cli(cluster.ports[2], &["SET", &stray, "1"]).trim(),
+        "OK"
+    );
+    let (imported, said) = import();
+    assert!(
+        !imported && said.contains("already holds tether data"),
+        "{said}"
+    );
+    assert_eq!(redis_cli(cluster.ports[2], &["DEL", &stray]).trim(), "1");
+    let (imported, said) = import();
+    assert!(imported, "{said}");
+
+    // Each room's stream is on its shard; two nodes on the cluster know the token and the
+    // history.
+    for (shard, room) in rooms.iter().enumerate() {
+        let stream = format!("tether:{{{room}}}:s");
+        assert_eq!(
+            redis_cli(cluster.ports[shard], &["XLEN", &stream]).trim(),
+            "1",
+            "{room}"
+        );
+    }
+    let (a, b) = (
+        node_at("a", &cluster.setting(), ""),
+        node_at("b", &cluster.setting(), ""),
+    );
+    for node in [&a, &b] {
+        let (status, me) = http(&node.addr, "GET", "/api/me", Some(&token), None);
+        assert_eq!((status, &me["user"]), (200, &json!("ann")), "{}", node.addr);
+        for room in &rooms {
+            let path = format!("/api/rooms/{room}/messages?since=0");
+            let (_, history) = http(&node.addr, "GET", &path, None, None);
+            assert_eq!(history[0]["text"], format!("in {room}"), "{history}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_replicas_a_message_is_heard_and_read_only_once_a_replica_holds_it() {
+    let mut cluster = RedisCluster::start_with(2);
+    cluster.until_ok().await;
+    let shard = cluster.shard_of("ops");
+    let elsewhere = cluster.room_on((shard + 1) % 3);
+    let toml = "redis_replicas = 1\n";
+    let setting = cluster.setting();
+    let (a, b) = (node_at("a", &setting, toml), node_at("b", &setting, toml));
+    let auth = format!("Bearer {}", token(&a));
+    let post = |room: &str, text: &str, key: &str| {
+        let headers = [("Authorization", auth.as_str()), ("Idempotency-Key", key)];
+        let text = Some(json!({ "text": text }));
+        let path = format!("/api/rooms/{room}/messages");
+        exchange(&a.addr, "POST", &path, &headers, text)
+    };
+    let history = || {
+        let path = "/api/rooms/ops/messages?since=0";
+        let (status, stored) = http(&b.addr, "GET", path, None, None);
+        assert_eq!(status, 200, "{stored}");
+        let texts: Vec<String> = stored
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["text"].as_str().unwrap().to_owned())
+            .collect();
+        texts
+    };
+    // A watcher on b hears both rooms, in the order b hears them.
+    let connect = json!({"op": "connect"});
+    let mut watcher = V1::open_as(&b.ws("/ws?name=watcher"), connect, None).await;
+    for room in ["ops", elsewhere.as_str()] {
+        let subscribed = watcher
+            .call(json!({"op": "subscribe", "channel": format!("room:{room}")}))
+            .await;
+        assert!(subscribed.get("error").is_none(), "{subscribed}");
+    }
+    let mut heard = async || loop {
+        let push = next(&mut watcher.ws).await;
+        if push["type"] == "pub" {
+            return (push["channel"].clone(), push["data"]["text"].clone());
+        }
+    };
+    let (status, _, stored) = post("ops", "before", "k1");
+    assert_eq!(status, 201, "{stored}");
+    assert_eq!(heard().await, (json!("room:ops"), json!("before")));
+
+    // The shard's replicas stop taking in what their master writes: a message the master
+    // stores now is not acknowledged, and neither heard nor read on the other node, while a
+    // message in a room on another shard is.
+    let spares = cluster.replicas_of(shard);
+    for &spare in &spares {
+        signal(cluster.pid(spare), "-STOP");
+    }
+    let (status, _, said) = post("ops", "unconfirmed", "k2");
+    assert_eq!(status, 504, "{said}");
+    assert_eq!(history(), ["before"]);
+    let (status, _, stored) = post(&elsewhere, "marker", "k3");
+    assert_eq!(status, 201, "{stored}");
+    let marker = (json!(format!("room:{elsewhere}")), json!("marker"));
+    assert_eq!(heard().await, marker);
+
+    // The master dies. The replicas had received the message, though too late to confirm
+    // it: the one promoted has it, and publishes it before the next.
+    cluster.kill(shard);
+    for &spare in &spares {
+        signal(cluster.pid(spare), "-CONT");
+    }
+    let started = Instant::now();
+    let stored = loop {
+        let (status, _, stored) = post("ops", "after", "k4");
+        if status == 201 {
+            break stored;
+        }
+        assert!(matches!(status, 500 | 503 | 504), "{status} {stored}");
+        assert!(started.elapsed() < LIMIT * 2, "never stored: {stored}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stored["id"].as_u64(), Some(3), "{stored}");
+    assert_eq!(heard().await, (json!("room:ops"), json!("unconfirmed")));
+    assert_eq!(heard().await, (json!("room:ops"), json!("after")));
+    assert_eq!(history(), ["before", "unconfirmed", "after"]);
 }

@@ -477,8 +477,10 @@ pub struct ServerConfig {
     /// Replicas that must hold a write (a message, a vote, an account change) before it is
     /// acknowledged (Redis `WAIT`, half a second at most, or the write is answered as
     /// unconfirmed). With 1 or more, a replica promoted after its master died has every
-    /// write the clients were told of; with 0, the last writes before the failure may be
-    /// lost (the nodes then start a new epoch).
+    /// write the clients were told of, and a message is heard and read only once replicas
+    /// hold it (on Redis Cluster, its shard's replicas); with 0, the last writes before the
+    /// failure may be lost (the nodes then start a new epoch). Every node uses the same
+    /// value; `tether user` takes it too.
     #[arg(
         long,
         env = "TETHER_REDIS_REPLICAS",

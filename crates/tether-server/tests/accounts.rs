@@ -208,6 +208,7 @@ async fn accounts_in_sqlite_keep_the_contract() {
 async fn accounts_in_redis_keep_the_contract() {
     let redis = common::RedisServer::start();
     let revocations = Revocations::default();
-    let accounts = RedisAccounts::connect(&redis.url, "test".into(), revocations.clone()).unwrap();
+    let accounts =
+        RedisAccounts::connect(&redis.url, 0, "test".into(), revocations.clone()).unwrap();
     contract(&accounts, &revocations).await;
 }

@@ -171,14 +171,6 @@ impl Server {
                 let link = crate::engine::link::Link::open(url, Duration::from_secs(2))
                     .map_err(|e| StoreError::Failed(format!("the redis setting: {e}")))?
                     .confirmed_by(config.redis_replicas);
-                if link.is_cluster() && config.redis_replicas > 0 {
-                    return Err(StoreError::Failed(
-                        "redis_replicas needs one master (named, by Sentinel or among \
-                         candidates), not Redis Cluster"
-                            .into(),
-                    )
-                    .into());
-                }
                 let accounts = crate::engine::accounts::RedisAccounts::new(
                     link.clone(),
                     node.clone(),

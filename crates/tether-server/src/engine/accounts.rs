@@ -381,17 +381,21 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl RedisAccounts {
     /// Accounts in the Redis at `url` (connected lazily, and again after a loss; the forms
-    /// of the setting are [`Link`]'s). `origin` names who announces revocations: this node's
+    /// of the setting are [`Link`]'s), each change acknowledged once `replicas` replicas hold
+    /// it ([`Link::confirmed_by`]). `origin` names who announces revocations: this node's
     /// own are signalled on `revocations` at once and skipped when they come back from Redis.
     ///
     /// # Errors
     /// The URL is not a valid Redis setting.
     pub fn connect(
         url: &str,
+        replicas: usize,
         origin: String,
         revocations: Revocations,
     ) -> Result<RedisAccounts, StoreError> {
-        let commands = Link::open(url, COMMAND_TIMEOUT).map_err(redis_error)?;
+        let commands = Link::open(url, COMMAND_TIMEOUT)
+            .map_err(redis_error)?
+            .confirmed_by(replicas);
         Ok(RedisAccounts::new(commands, origin, revocations))
     }
 

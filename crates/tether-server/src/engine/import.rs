@@ -136,32 +136,9 @@ pub async fn sqlite_into_redis(store: &Store, url: &str) -> Result<Imported, Imp
         .arg(NEXT)
         .query_async(&mut check)
         .await?;
-    // Any key of tether's: a node's heartbeat or epoch, a stream of a room not yet listed.
-    let mut others = mark.is_some();
-    if con.is_cluster() {
-        // SCAN sees one node of a cluster: the rooms' epoch says whether anything was stored.
-        let stored: bool = redis::cmd("EXISTS")
-            .arg(EPOCH)
-            .query_async(&mut check)
-            .await?;
-        others |= stored;
-    }
-    let mut cursor = 0u64;
-    while !others && !con.is_cluster() {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg("tether:*")
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(&mut check)
-            .await?;
-        others = !found.is_empty();
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    // Any key of tether's, on any master of a cluster: a node's heartbeat or epoch, a stream
+    // of a room not yet listed.
+    let others = mark.is_some() || con.any_key("tether:*").await?;
     if rooms > 0 || users > 0 || polls || others {
         return Err(ImportError::NotEmpty {
             rooms,

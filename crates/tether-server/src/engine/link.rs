@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, RedisError, RedisFuture, RedisResult, Value};
 use tokio::sync::watch;
 
@@ -300,6 +301,9 @@ const READS: &[&[u8]] = &[
     b"INFO",
     b"PUBSUB",
     b"DBSIZE",
+    // Messages to subscribers store nothing: a dying master loses none of them.
+    b"PUBLISH",
+    b"SPUBLISH",
 ];
 
 /// Whether `cmd` may write.
@@ -360,14 +364,23 @@ pub(crate) fn hash_tag(key: &[u8]) -> &[u8] {
 /// (a pipeline must stay on one slot), all at once, and answers in the pipeline's order. A
 /// command without a key goes alone; commands of one tag keep their order. When some parts
 /// fail and others ran, the error is a timeout: its outcome is unknown, not "nothing done".
+/// With `replicas`, each part that writes waits for that many replicas of its shard (see
+/// [`on_shard`]).
 async fn by_tag(
     con: &ClusterConnection,
     pipeline: &redis::Pipeline,
     offset: usize,
     count: usize,
+    replicas: usize,
 ) -> RedisResult<Vec<Value>> {
     let cmds: Vec<&Cmd> = pipeline.cmd_iter().collect();
     if pipeline.is_transaction() || offset != 0 || count != cmds.len() {
+        if replicas > 0 && cmds.iter().any(|cmd| writes(cmd)) {
+            return Err(invalid(
+                "redis_replicas",
+                "a transaction on Redis Cluster cannot be confirmed by replicas".into(),
+            ));
+        }
         return con
             .clone()
             .req_packed_commands(pipeline, offset, count)
@@ -387,19 +400,25 @@ async fn by_tag(
             None => groups.push(vec![i]),
         }
     }
-    if groups.len() == 1 {
+    let confirmed = |members: &[usize]| {
+        replicas > 0
+            && members
+                .iter()
+                .any(|&i| writes(cmds[i]) && first_key(cmds[i]).is_some())
+    };
+    if groups.len() == 1 && !confirmed(&groups[0]) {
         return con
             .clone()
             .req_packed_commands(pipeline, offset, count)
             .await;
     }
     let sent = futures_util::future::join_all(groups.iter().map(|members| {
-        let mut con = con.clone();
         let mut part = redis::pipe();
         for &i in members {
             part.add_command(cmds[i].clone());
         }
-        async move { con.req_packed_commands(&part, 0, members.len()).await }
+        let wanted = if confirmed(members) { replicas } else { 0 };
+        on_shard(con, part, wanted)
     }))
     .await;
     let mut answers = vec![Value::Nil; cmds.len()];
@@ -426,6 +445,88 @@ async fn by_tag(
     }
 }
 
+/// Sends `part`, commands whose keys share one slot, to the master of that slot; with
+/// `replicas` > 0, a `WAIT` follows them in the same pipeline, so on the same connection to
+/// the same master, and the part is acknowledged only once that many of the shard's replicas
+/// hold what it wrote. Answers the part's commands.
+async fn on_shard(
+    con: &ClusterConnection,
+    mut part: redis::Pipeline,
+    replicas: usize,
+) -> RedisResult<Vec<Value>> {
+    let len = part.len();
+    if replicas == 0 {
+        return con.clone().req_packed_commands(&part, 0, len).await;
+    }
+    // WAIT names no key: the part's first key routes the pipeline, WAIT included.
+    part.add_command(wait_for(replicas));
+    let mut answers = con.clone().req_packed_commands(&part, 0, len + 1).await?;
+    let held = answers
+        .pop()
+        .ok_or_else(unanswered)
+        .and_then(|held| Ok(redis::from_redis_value::<usize>(held.extract_error()?)?));
+    held_by(held, replicas)?;
+    Ok(answers)
+}
+
+/// One page of `SCAN` for `pattern` from `cursor`: answered with the next cursor (0 at the
+/// end) and the keys the page found.
+fn scan_page(cursor: u64, pattern: &str) -> Cmd {
+    let mut scan = redis::cmd("SCAN");
+    scan.arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(10_000);
+    scan
+}
+
+/// The host and port of every master that `CLUSTER NODES` lists and does not mark failed.
+fn masters(nodes: &str) -> Vec<(&str, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let (_id, address, flags) = (fields.next()?, fields.next()?, fields.next()?);
+            let flags: Vec<&str> = flags.split(',').collect();
+            let failed = ["fail", "handshake", "noaddr"];
+            if !flags.contains(&"master") || failed.iter().any(|f| flags.contains(f)) {
+                return None;
+            }
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some((host, port.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Redis answered fewer replies than it was sent commands.
+fn unanswered() -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "redis answered fewer replies than it was sent commands",
+    ))
+}
+
+/// `WAIT replicas` for as long as a write may wait.
+fn wait_for(replicas: usize) -> Cmd {
+    let mut wait = redis::cmd("WAIT");
+    wait.arg(replicas).arg(REPLICA_WAIT.as_millis() as u64);
+    wait
+}
+
+/// Whether `held`, what `WAIT` answered, confirms a write to `wanted` replicas: an error that
+/// says it is not known whether they hold it when fewer did in time.
+fn held_by(held: RedisResult<usize>, wanted: usize) -> RedisResult<()> {
+    match held? {
+        held if held >= wanted => Ok(()),
+        held => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{held} of {wanted} redis replicas confirmed the write in time"),
+        ))),
+    }
+}
+
 /// The connection to the master in use.
 #[derive(Clone)]
 enum Conn {
@@ -440,12 +541,12 @@ enum Conn {
 #[derive(Clone)]
 pub struct Link {
     shared: Arc<Shared>,
+    /// Replicas that must hold a write before it is acknowledged.
+    replicas: usize,
 }
 
 struct Shared {
     target: Target,
-    /// Replicas that must hold a write before it is acknowledged.
-    replicas: usize,
     config: ConnectionManagerConfig,
     db: i64,
     state: Mutex<State>,
@@ -512,26 +613,38 @@ impl Link {
         Ok(Link {
             shared: Arc::new(Shared {
                 target,
-                replicas: 0,
                 config,
                 db,
                 state: Mutex::new(state),
                 resolving: tokio::sync::Mutex::new(()),
                 changes: watch::Sender::new(0),
             }),
+            replicas: 0,
         })
     }
 
     /// A link that acknowledges a write only once `replicas` replicas hold it (`WAIT`):
     /// a command (or pipeline) that writes fails as timed out when they do not confirm it
-    /// within half a second, though the master applied it. Takes effect before the link
-    /// is cloned.
+    /// within half a second, though the master applied it. Clones made after keep it.
     #[must_use]
     pub fn confirmed_by(mut self, replicas: usize) -> Link {
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.replicas = replicas;
-        }
+        self.replicas = replicas;
         self
+    }
+
+    /// Whether writes wait for replicas ([`Link::confirmed_by`]).
+    pub fn confirms(&self) -> bool {
+        self.replicas > 0
+    }
+
+    /// The same connection, without waiting for replicas: for writes whose loss with a
+    /// dying master costs nothing, or that only follow writes already confirmed.
+    #[must_use]
+    pub fn unconfirmed(&self) -> Link {
+        Link {
+            shared: self.shared.clone(),
+            replicas: 0,
+        }
     }
 
     /// Changes each time the link follows another master.
@@ -579,6 +692,53 @@ impl Link {
         tokio::time::timeout(RESOLVE_WAIT, client.get_async_connection())
             .await
             .map_err(|_| io_error("redis cluster did not answer", nodes.join(",")))?
+    }
+
+    /// Whether any key matching `pattern` exists: on every master of Redis Cluster, where a
+    /// `SCAN` sees only the server it runs on.
+    ///
+    /// # Errors
+    /// No master was found, or one did not answer.
+    pub async fn any_key(&self, pattern: &str) -> RedisResult<bool> {
+        match self.current().await? {
+            (Conn::Single(mut con, _), _) => {
+                let mut cursor = 0;
+                loop {
+                    let (next, found): (u64, Vec<Value>) =
+                        scan_page(cursor, pattern).query_async(&mut con).await?;
+                    if !found.is_empty() || next == 0 {
+                        return Ok(!found.is_empty());
+                    }
+                    cursor = next;
+                }
+            }
+            (Conn::Cluster(mut con), _) => {
+                let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+                let nodes = con.route_command(redis::cmd("CLUSTER").arg("NODES").clone(), random);
+                let nodes: String = redis::from_redis_value(nodes.await?)?;
+                for (host, port) in masters(&nodes) {
+                    let mut cursor = 0;
+                    loop {
+                        let on = SingleNodeRoutingInfo::ByAddress {
+                            host: host.to_owned(),
+                            port,
+                        };
+                        let page = con
+                            .route_command(scan_page(cursor, pattern), RoutingInfo::SingleNode(on));
+                        let (next, found): (u64, Vec<Value>) =
+                            redis::from_redis_value(page.await?)?;
+                        if !found.is_empty() {
+                            return Ok(true);
+                        }
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+                Ok(false)
+            }
+        }
     }
 
     fn cluster_client(&self, nodes: &[String]) -> redis::cluster::ClusterClientBuilder {
@@ -684,24 +844,15 @@ impl Link {
 
     /// Waits for the replicas to hold what this connection wrote, when the link asks for them.
     async fn confirm(&self, con: &mut ConnectionManager, generation: u64) -> RedisResult<()> {
-        let wanted = self.shared.replicas;
+        let wanted = self.replicas;
         if wanted == 0 {
             return Ok(());
         }
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(wanted).arg(REPLICA_WAIT.as_millis() as u64);
-        let held: RedisResult<usize> = wait.query_async(con).await;
-        match held {
-            Ok(held) if held >= wanted => Ok(()),
-            Ok(held) => Err(RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("{held} of {wanted} redis replicas confirmed the write in time"),
-            ))),
-            Err(e) => {
-                self.failed(&e, generation);
-                Err(e)
-            }
+        let held = wait_for(wanted).query_async(con).await;
+        if let Err(e) = &held {
+            self.failed(e, generation);
         }
+        held_by(held, wanted)
     }
 }
 
@@ -710,7 +861,16 @@ impl ConnectionLike for Link {
         Box::pin(async move {
             let (mut con, generation) = match self.current().await? {
                 (Conn::Single(con, _), generation) => (con, generation),
-                (Conn::Cluster(mut con), _) => return con.req_packed_command(cmd).await,
+                (Conn::Cluster(mut con), _) => {
+                    let replicas = self.replicas;
+                    if replicas == 0 || !writes(cmd) || first_key(cmd).is_none() {
+                        return con.req_packed_command(cmd).await;
+                    }
+                    let mut part = redis::pipe();
+                    part.add_command(cmd.clone());
+                    let answer = on_shard(&con, part, replicas).await?;
+                    return answer.into_iter().next().ok_or_else(unanswered);
+                }
             };
             let answer = con.req_packed_command(cmd).await;
             match &answer {
@@ -731,7 +891,10 @@ impl ConnectionLike for Link {
         Box::pin(async move {
             let (mut con, generation) = match self.current().await? {
                 (Conn::Single(con, _), generation) => (con, generation),
-                (Conn::Cluster(con), _) => return by_tag(&con, pipeline, offset, count).await,
+                (Conn::Cluster(con), _) => {
+                    let replicas = self.replicas;
+                    return by_tag(&con, pipeline, offset, count, replicas).await;
+                }
             };
             let answer = con.req_packed_commands(pipeline, offset, count).await;
             match &answer {
@@ -825,6 +988,21 @@ mod tests {
         assert_eq!(first_key(&redis::cmd("PING")), None);
         assert_eq!(hash_tag(b"a{}b"), b"a{}b");
         assert_eq!(hash_tag(b"x{t}y{u}"), b"t");
+    }
+
+    #[test]
+    fn the_masters_are_read_from_cluster_nodes() {
+        let nodes = "\
+07c3 127.0.0.1:30004@31004,host-d slave e7d1 0 1426238317239 4 connected
+67ed 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
+292f 127.0.0.1:30003@31003 master,fail - 0 1426238318243 3 connected 10923-16383
+e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
+a1b2 ::1:30005@31005 master - 0 0 5 connected
+";
+        assert_eq!(
+            masters(nodes),
+            [("127.0.0.1", 30002), ("127.0.0.1", 30001), ("::1", 30005)]
+        );
     }
 
     #[test]

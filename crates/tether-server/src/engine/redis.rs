@@ -70,11 +70,12 @@ macro_rules! read_or_make_epoch {
     };
 }
 
-/// Stores and publishes a message (KEYS: the room's stream, channel, epoch and idempotency
-/// key; ARGV: the message's JSON before and after its id, the stream's length, the node's
-/// epoch, the idempotency key or '', its window in seconds, '1' when the node just checked
-/// its epoch against Redis, '1' when the room's stream should exist, the command that
-/// publishes: PUBLISH, or SPUBLISH on Redis Cluster). Answers the stored
+/// Stores and publishes a message (KEYS: the room's stream, channel, epoch, idempotency key
+/// and [`published_key`]; ARGV: the message's JSON before and after its id, the stream's
+/// length, the node's epoch, the idempotency key or '', its window in seconds, '1' when the
+/// node just checked its epoch against Redis, '1' when the room's stream should exist, the
+/// command that publishes: PUBLISH, or SPUBLISH on Redis Cluster, or '' when the message is
+/// published later, by [`PUBLISH_UP_TO`], once replicas hold it). Answers the stored
 /// message; an error `EPOCH E` when the room is under epoch E, other than the node's, or
 /// `LOST` when the stream of a room that existed is gone.
 const APPEND: &str = r#"
@@ -102,9 +103,32 @@ if #top > 0 then last = tonumber(string.match(top[1][1], '%-(%d+)$')) end
 local id = last + 1
 local msg = ARGV[1] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[2]
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. id, 'm', msg)
-redis.call(ARGV[9], KEYS[2], msg)
+if ARGV[9] ~= '' then
+  redis.call(ARGV[9], KEYS[2], msg)
+  redis.call('DEL', KEYS[5])
+else
+  local published = tonumber(redis.call('GET', KEYS[5]) or '-1')
+  if published < 0 or published >= id then redis.call('SET', KEYS[5], id - 1) end
+end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[4], id, 'EX', ARGV[6]) end
 return msg
+"#;
+
+/// Publishes the messages of a room stored and not yet published, up to id ARGV[1], in order
+/// (KEYS: the room's stream, channel and [`published_key`]; ARGV[2]: PUBLISH or SPUBLISH):
+/// run once replicas hold them, so that no member hears a message a dying master takes with
+/// it. Each is published once, whichever node runs it first; a message stored later by
+/// another node is not published before an earlier one; at most the last 1,000 are (more
+/// are left to history). Answers how many it published.
+const PUBLISH_UP_TO: &str = r#"
+local upto = tonumber(ARGV[1])
+local published = tonumber(redis.call('GET', KEYS[3]) or (upto - 1))
+if published >= upto then return 0 end
+local from = math.max(published + 1, upto - 999)
+local stored = redis.call('XRANGE', KEYS[1], '0-' .. from, '0-' .. upto)
+for _, entry in ipairs(stored) do redis.call(ARGV[2], KEYS[2], entry[2][2]) end
+redis.call('SET', KEYS[3], upto)
+return #stored
 "#;
 
 /// Admits room ARGV[1] (KEYS: [`ROOMS`], [`EPOCH`]): `{epoch, 1}` when it was listed,
@@ -239,6 +263,12 @@ pub(crate) fn stream_key(room: &str) -> String {
 /// The epoch the room's stream was written under.
 pub(crate) fn epoch_key(room: &str) -> String {
     room_key(room, "e")
+}
+
+/// The id up to which a room's messages are published, when they are published only once
+/// replicas hold them (`redis_replicas`): readers see no further either.
+fn published_key(room: &str) -> String {
+    room_key(room, "d")
 }
 
 /// Appends sent to Redis in one pipeline at most.
@@ -452,6 +482,9 @@ pub struct Cluster {
     revocations: crate::engine::Revocations,
     /// Polls, with what this node announced of them.
     polls: RedisPolls,
+    /// Rooms whose messages are stored up to an id and may not be published yet (writes wait
+    /// for replicas, and publishing them failed).
+    unpublished: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -512,6 +545,7 @@ impl Cluster {
             admitted: Mutex::new(Known::default()),
             with_infos: Mutex::new(HashSet::new()),
             revocations,
+            unpublished: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Shared>();
         cluster.hub.share_presence(tx);
@@ -701,6 +735,7 @@ impl Cluster {
             pending = again;
             settled = true;
         }
+        self.publish_stored(&outcomes, batch).await;
         outcomes
             .into_iter()
             .map(|o| o.unwrap_or(Err(StoreError::Closed)))
@@ -883,11 +918,12 @@ impl Cluster {
         let key = job.key.as_deref().unwrap_or_default();
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(APPEND)
-            .arg(4)
+            .arg(5)
             .arg(stream_key(&job.room))
             .arg(channel(&job.room))
             .arg(epoch_key(&job.room))
             .arg(key_name(&job.room, &job.user, key))
+            .arg(published_key(&job.room))
             .arg(r#"{"type":"message","id":"#)
             .arg(suffix)
             .arg(self.history_limit.max(1))
@@ -896,8 +932,62 @@ impl Cluster {
             .arg(KEY_WINDOW.as_secs())
             .arg(if settled { "1" } else { "0" })
             .arg(if existed { "1" } else { "0" })
-            .arg(self.publish());
+            .arg(if self.commands.confirms() {
+                ""
+            } else {
+                self.publish()
+            });
         cmd
+    }
+
+    /// Publishes the messages stored in `outcomes` (and all before them in their rooms), now
+    /// that replicas hold them, when writes wait for replicas. Rooms whose publication
+    /// failed are published with the next batch or heartbeat: their messages are stored,
+    /// and readers see them then.
+    async fn publish_stored(
+        &self,
+        outcomes: &[Option<Result<String, StoreError>>],
+        batch: &[ChatWrite],
+    ) {
+        if !self.commands.confirms() {
+            return;
+        }
+        let mut upto = std::mem::take(&mut *lock(&self.unpublished));
+        for (job, outcome) in batch.iter().zip(outcomes) {
+            if let Some(id) = outcome
+                .as_ref()
+                .and_then(|o| o.as_ref().ok())
+                .and_then(|m| stored_id(m))
+            {
+                let top = upto.entry(job.room.clone()).or_default();
+                *top = (*top).max(id);
+            }
+        }
+        if upto.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for (room, id) in &upto {
+            pipe.cmd("EVAL")
+                .arg(PUBLISH_UP_TO)
+                .arg(3)
+                .arg(stream_key(room))
+                .arg(channel(room))
+                .arg(published_key(room))
+                .arg(*id)
+                .arg(self.publish())
+                .ignore();
+        }
+        // What it publishes is confirmed already: no second wait.
+        let mut con = self.commands.unconfirmed();
+        if let Err(e) = pipe.query_async::<()>(&mut con).await {
+            tracing::warn!(error = %e, rooms = upto.len(), "publishing stored messages failed; again with the next");
+            let mut unpublished = lock(&self.unpublished);
+            for (room, id) in upto {
+                let top = unpublished.entry(room).or_default();
+                *top = (*top).max(id);
+            }
+        }
     }
 
     /// What a failed append means for its sender.
@@ -1049,17 +1139,40 @@ impl Cluster {
         since: u64,
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut con = self.commands.clone();
-        let entries: Vec<Entry> = redis::cmd("XRANGE")
-            .arg(stream_key(room))
+        let mut read = redis::cmd("XRANGE");
+        read.arg(stream_key(room))
             .arg(format!("0-{}", since.saturating_add(1)))
             .arg("+")
             .arg("COUNT")
-            .arg(limit.max(1))
+            .arg(limit.max(1));
+        self.read_published(room, read).await
+    }
+
+    /// The messages `read` (an `XRANGE` or `XREVRANGE` of `room`'s stream) answers, without
+    /// those not published yet when writes wait for replicas: a dying master may take them
+    /// with it, so nobody sees them before their replicas hold them.
+    async fn read_published(
+        &self,
+        room: &str,
+        read: redis::Cmd,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut con = self.commands.clone();
+        if !self.commands.confirms() {
+            let entries: Vec<Entry> = read.query_async(&mut con).await.map_err(redis_error)?;
+            return Ok(parse_entries(entries));
+        }
+        let (entries, published): (Vec<Entry>, Option<u64>) = redis::pipe()
+            .add_command(read)
+            .cmd("GET")
+            .arg(published_key(room))
             .query_async(&mut con)
             .await
             .map_err(redis_error)?;
-        Ok(parse_entries(entries))
+        let mut messages = parse_entries(entries);
+        if let Some(published) = published {
+            messages.retain(|m| m.id <= published);
+        }
+        Ok(messages)
     }
 
     /// The last `count` messages of `room`, oldest first.
@@ -1070,17 +1183,13 @@ impl Cluster {
         if count == 0 {
             return Ok(Vec::new());
         }
-        let mut con = self.commands.clone();
-        let entries: Vec<Entry> = redis::cmd("XREVRANGE")
-            .arg(stream_key(room))
+        let mut read = redis::cmd("XREVRANGE");
+        read.arg(stream_key(room))
             .arg("+")
             .arg("-")
             .arg("COUNT")
-            .arg(count)
-            .query_async(&mut con)
-            .await
-            .map_err(redis_error)?;
-        let mut messages = parse_entries(entries);
+            .arg(count);
+        let mut messages = self.read_published(room, read).await?;
         messages.reverse();
         Ok(messages)
     }
@@ -1090,17 +1199,13 @@ impl Cluster {
     /// # Errors
     /// Redis is unreachable.
     pub async fn first_id(&self, room: &str) -> Result<Option<u64>, StoreError> {
-        let mut con = self.commands.clone();
-        let entries: Vec<Entry> = redis::cmd("XRANGE")
-            .arg(stream_key(room))
+        let mut read = redis::cmd("XRANGE");
+        read.arg(stream_key(room))
             .arg("-")
             .arg("+")
             .arg("COUNT")
-            .arg(1)
-            .query_async(&mut con)
-            .await
-            .map_err(redis_error)?;
-        Ok(parse_entries(entries).first().map(|m| m.id))
+            .arg(1);
+        Ok(self.read_published(room, read).await?.first().map(|m| m.id))
     }
 
     /// Rooms with stored messages, `(room, last id)` in name order: the first `limit` after
@@ -1136,14 +1241,21 @@ impl Cluster {
                 .arg("-")
                 .arg("COUNT")
                 .arg(1);
+            // Also how far it is published (see `read_published`).
+            pipe.cmd("GET").arg(published_key(room));
         }
-        let tops: Vec<Vec<Entry>> = pipe.query_async(&mut con).await.map_err(redis_error)?;
+        let tops: Vec<(Vec<Entry>, Option<u64>)> =
+            pipe.query_async(&mut con).await.map_err(redis_error)?;
+        let confirms = self.commands.confirms();
         Ok(names
             .into_iter()
             .zip(tops)
-            .map(|(room, top)| {
+            .map(|(room, (top, published))| {
                 let last = parse_entries(top).first().map_or(0, |m| m.id);
-                (room, last)
+                match published {
+                    Some(published) if confirms => (room, last.min(published)),
+                    _ => (room, last),
+                }
             })
             .collect())
     }
@@ -1782,6 +1894,11 @@ impl Cluster {
             tracing::info!("redis answers again");
         }
         self.metrics.stored_in_redis(true);
+        // Messages stored whose publication failed wait for no other message of their room.
+        let unpublished = !lock(&self.unpublished).is_empty();
+        if unpublished {
+            self.publish_stored(&[], &[]).await;
+        }
         for node in claimed {
             tokio::spawn(self.clone().sweep(node));
         }
@@ -2028,6 +2145,13 @@ fn present_in(pipe: &mut redis::Pipeline, room: &str) {
 
 /// A stream entry as Redis returns it: its id and its fields.
 type Entry = (String, Vec<(String, String)>);
+
+/// The id of a message as [`APPEND`] answers it (`{"type":"message","id":N,…`).
+fn stored_id(message: &str) -> Option<u64> {
+    let rest = message.strip_prefix(r#"{"type":"message","id":"#)?;
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
+}
 
 fn parse_entries(entries: Vec<Entry>) -> Vec<ChatMessage> {
     entries

@@ -174,7 +174,7 @@ impl Setup {
                 Box::new(SqliteAccounts::new(db, Revocations::default()))
             }
             Some(redis) => Box::new(
-                RedisAccounts::connect(&redis.url, "test setup".into(), Revocations::default())
+                RedisAccounts::connect(&redis.url, 0, "test setup".into(), Revocations::default())
                     .unwrap(),
             ),
         }
