@@ -1139,40 +1139,48 @@ impl Cluster {
         since: u64,
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut read = redis::cmd("XRANGE");
-        read.arg(stream_key(room))
-            .arg(format!("0-{}", since.saturating_add(1)))
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit.max(1));
-        self.read_published(room, read).await
+        let first = since.saturating_add(1);
+        self.read_published(room, |top| {
+            let mut read = redis::cmd("XRANGE");
+            read.arg(stream_key(room))
+                .arg(format!("0-{first}"))
+                .arg(top)
+                .arg("COUNT")
+                .arg(limit.max(1));
+            read
+        })
+        .await
     }
 
-    /// The messages `read` (an `XRANGE` or `XREVRANGE` of `room`'s stream) answers, without
-    /// those not published yet when writes wait for replicas: a dying master may take them
-    /// with it, so nobody sees them before their replicas hold them.
+    /// The messages `read` answers, given the highest entry to read (`+`, or `0-N`): an
+    /// `XRANGE` or `XREVRANGE` of `room`'s stream. When writes wait for replicas, it reads no
+    /// further than the messages published: a dying master may take the others with it, so
+    /// nobody sees them before their replicas hold them.
     async fn read_published(
         &self,
         room: &str,
-        read: redis::Cmd,
+        read: impl Fn(&str) -> redis::Cmd,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let mut con = self.commands.clone();
-        if !self.commands.confirms() {
-            let entries: Vec<Entry> = read.query_async(&mut con).await.map_err(redis_error)?;
-            return Ok(parse_entries(entries));
+        let mut top = "+".to_owned();
+        if self.commands.confirms() {
+            let published: Option<u64> = redis::cmd("GET")
+                .arg(published_key(room))
+                .query_async(&mut con)
+                .await
+                .map_err(redis_error)?;
+            if let Some(published) = published {
+                if published == 0 {
+                    return Ok(Vec::new());
+                }
+                top = format!("0-{published}");
+            }
         }
-        let (entries, published): (Vec<Entry>, Option<u64>) = redis::pipe()
-            .add_command(read)
-            .cmd("GET")
-            .arg(published_key(room))
+        let entries: Vec<Entry> = read(&top)
             .query_async(&mut con)
             .await
             .map_err(redis_error)?;
-        let mut messages = parse_entries(entries);
-        if let Some(published) = published {
-            messages.retain(|m| m.id <= published);
-        }
-        Ok(messages)
+        Ok(parse_entries(entries))
     }
 
     /// The last `count` messages of `room`, oldest first.
@@ -1183,13 +1191,17 @@ impl Cluster {
         if count == 0 {
             return Ok(Vec::new());
         }
-        let mut read = redis::cmd("XREVRANGE");
-        read.arg(stream_key(room))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(count);
-        let mut messages = self.read_published(room, read).await?;
+        let mut messages = self
+            .read_published(room, |top| {
+                let mut read = redis::cmd("XREVRANGE");
+                read.arg(stream_key(room))
+                    .arg(top)
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(count);
+                read
+            })
+            .await?;
         messages.reverse();
         Ok(messages)
     }
@@ -1199,13 +1211,18 @@ impl Cluster {
     /// # Errors
     /// Redis is unreachable.
     pub async fn first_id(&self, room: &str) -> Result<Option<u64>, StoreError> {
-        let mut read = redis::cmd("XRANGE");
-        read.arg(stream_key(room))
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        Ok(self.read_published(room, read).await?.first().map(|m| m.id))
+        let first = self
+            .read_published(room, |top| {
+                let mut read = redis::cmd("XRANGE");
+                read.arg(stream_key(room))
+                    .arg("-")
+                    .arg(top)
+                    .arg("COUNT")
+                    .arg(1);
+                read
+            })
+            .await?;
+        Ok(first.first().map(|m| m.id))
     }
 
     /// Rooms with stored messages, `(room, last id)` in name order: the first `limit` after
@@ -1737,17 +1754,36 @@ impl Cluster {
         }
         self.epoch().await?;
         for room in self.hub.room_names() {
-            let top = self.recent(&room, 1).await?.first().map_or(0, |m| m.id);
-            if top < self.hub.position(&room) {
+            // The stream's end, published or not: what was delivered here was stored.
+            let mut con = self.commands.clone();
+            let top: Vec<Entry> = redis::cmd("XREVRANGE")
+                .arg(stream_key(&room))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut con)
+                .await
+                .map_err(redis_error)?;
+            let top = parse_entries(top).first().map_or(0, |m| m.id);
+            let delivered = self.hub.position(&room);
+            if top < delivered {
                 // Same epoch, fewer messages: Redis lost its last writes (a restart from an
                 // older snapshot). The ids past `top` will be given to other messages, so the
                 // streams get a new epoch: every node resets its rooms, and clients that
                 // resume tell by the epoch, whether or not they were here to see it.
                 tracing::error!(%room, stored = top, delivered = self.hub.position(&room), "redis lost this room's last messages: starting a new epoch");
                 self.new_epoch().await?;
+            } else if self.commands.confirms() && delivered > 0 {
+                // Delivered, so confirmed by replicas: published, though a master that died
+                // may not have passed on how far publishing went.
+                let mut unpublished = lock(&self.unpublished);
+                let upto = unpublished.entry(room.to_string()).or_default();
+                *upto = (*upto).max(delivered);
             }
             self.catch_up_room(&room).await?;
         }
+        self.publish_stored(&[], &[]).await;
         Ok(())
     }
 
