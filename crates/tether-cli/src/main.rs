@@ -127,6 +127,24 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     builder.enable_all().build().context("starting the runtime")
 }
 
+/// Runs a server's `future` to its end as a task of `rt`, not on the calling thread: its
+/// accept loop then runs on a worker, which starts each connection's task itself instead of
+/// waking another thread for it (and being woken by the I/O driver for every accept).
+fn on_a_worker<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    future: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    rt.block_on(async move {
+        match tokio::spawn(future).await {
+            Ok(done) => done,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(e) => panic!("the server's task ended: {e}"),
+            },
+        }
+    })
+}
+
 fn run_bench(kind: BenchCommand) -> anyhow::Result<()> {
     use tether_cli::bench;
     let rt = runtime(None)?;
@@ -226,7 +244,7 @@ fn run_connect(args: tether_cli::connect::ConnectArgs) -> anyhow::Result<i32> {
 fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
     tether_cli::raise_fd_limit(1 << 20);
     let rt = runtime(args.threads)?;
-    rt.block_on(async {
+    on_a_worker(&rt, async move {
         let addr = args
             .listen
             .map_or_else(|| format!("{}:{}", args.host, args.port), |a| a.to_string());
@@ -260,7 +278,7 @@ fn run_serve(args: tether_cli::serve::ServeArgs, matches: &clap::ArgMatches) -> 
     }
     tether_cli::raise_fd_limit(1 << 20);
     let rt = runtime(config.threads)?;
-    rt.block_on(async {
+    on_a_worker(&rt, async move {
         let server = tether_server::Server::bind(config).await?;
         let url = server.url();
         tracing::info!(%url, "serving");

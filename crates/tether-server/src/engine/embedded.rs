@@ -68,10 +68,7 @@ impl Broker for Embedded {
 
     fn bounds<'a>(&'a self, room: &'a str) -> EngineFuture<'a, (Option<u64>, u64)> {
         let room = room.to_owned();
-        Box::pin(
-            self.db
-                .call(move |s| Ok((s.first_id(&room)?, s.last_id(&room)?))),
-        )
+        Box::pin(self.db.call(move |s| s.bounds(&room)))
     }
 
     fn history<'a>(

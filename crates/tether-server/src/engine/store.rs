@@ -533,11 +533,10 @@ impl Store {
     /// # Errors
     /// A database failure.
     pub fn last_id(&self, room: &str) -> Result<u64, StoreError> {
-        let id: Option<i64> = self.conn.query_row(
-            "SELECT MAX(id) FROM messages WHERE room = ?1",
-            [room],
-            |r| r.get(0),
-        )?;
+        let id: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT MAX(id) FROM messages WHERE room = ?1")?
+            .query_row([room], |r| r.get(0))?;
         Ok(id.unwrap_or(0) as u64)
     }
 
@@ -546,12 +545,29 @@ impl Store {
     /// # Errors
     /// A database failure.
     pub fn first_id(&self, room: &str) -> Result<Option<u64>, StoreError> {
-        let id: Option<i64> = self.conn.query_row(
-            "SELECT MIN(id) FROM messages WHERE room = ?1",
-            [room],
-            |r| r.get(0),
-        )?;
+        let id: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT MIN(id) FROM messages WHERE room = ?1")?
+            .query_row([room], |r| r.get(0))?;
         Ok(id.map(|i| i as u64))
+    }
+
+    /// [`Store::first_id`] and [`Store::last_id`] of `room` in one read (every subscription
+    /// asks for both).
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn bounds(&self, room: &str) -> Result<(Option<u64>, u64), StoreError> {
+        let (first, last): (Option<i64>, Option<i64>) = self
+            .conn
+            // One aggregate per subquery: each reads one end of the room's index, where
+            // MIN and MAX side by side would scan the room's rows.
+            .prepare_cached(
+                "SELECT (SELECT MIN(id) FROM messages WHERE room = ?1), \
+                        (SELECT MAX(id) FROM messages WHERE room = ?1)",
+            )?
+            .query_row([room], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok((first.map(|i| i as u64), last.unwrap_or(0) as u64))
     }
 
     /// Messages of `room` with `since < id <= until`, oldest first, at most `limit`.
