@@ -2539,8 +2539,8 @@ async fn a_redis_cluster_shard_with_redis_replicas_loses_no_acknowledged_message
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Then the master dies without warning, holding a message its replicas never got, and
-    // the cluster promotes one of them.
+    // Then the master dies without warning, holding a message its replicas never confirmed
+    // (they may have received it, too late), and the cluster promotes one of them.
     cluster.kill(shard);
     for &spare in &spares {
         signal(cluster.pid(spare), "-CONT");
@@ -2560,8 +2560,8 @@ async fn a_redis_cluster_shard_with_redis_replicas_loses_no_acknowledged_message
     assert!(promoted.contains(&true), "{promoted:?}");
 
     // Every acknowledged message is on the promoted replica once, under the id it was
-    // acknowledged with: the one the old master took with it was stored again, under the
-    // next id.
+    // acknowledged with: the unconfirmed one was acknowledged once it was sent again with its
+    // key (found there, or stored anew).
     assert_stored_once(&b, &ids);
 }
 
