@@ -32,7 +32,11 @@ export function startTether(args) {
   });
 }
 
-/** Debian's Chromium, headless, with the flags this sandbox needs. */
+/**
+ * Debian's Chromium, headless, with the flags this sandbox needs. The first start on a fresh
+ * machine reads the whole browser from a cold disk (it once took over 30 s there): the launch is
+ * not what these tests measure, so it may take two minutes.
+ */
 export function launchChromium() {
   return chromium.launch({
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
@@ -41,7 +45,7 @@ export function launchChromium() {
       '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
     ],
-    timeout: 30000,
+    timeout: 120000,
   });
 }
 
