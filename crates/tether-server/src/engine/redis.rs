@@ -959,8 +959,7 @@ impl Cluster {
                 .and_then(|o| o.as_ref().ok())
                 .and_then(|m| stored_id(m))
             {
-                let top = upto.entry(job.room.clone()).or_default();
-                *top = (*top).max(id);
+                raise(&mut upto, &job.room, id);
             }
         }
         if upto.is_empty() {
@@ -984,8 +983,7 @@ impl Cluster {
             tracing::warn!(error = %e, rooms = upto.len(), "publishing stored messages failed; again with the next");
             let mut unpublished = lock(&self.unpublished);
             for (room, id) in upto {
-                let top = unpublished.entry(room).or_default();
-                *top = (*top).max(id);
+                raise(&mut unpublished, &room, id);
             }
         }
     }
@@ -1777,9 +1775,7 @@ impl Cluster {
             } else if self.commands.confirms() && delivered > 0 {
                 // Delivered, so confirmed by replicas: published, though a master that died
                 // may not have passed on how far publishing went.
-                let mut unpublished = lock(&self.unpublished);
-                let upto = unpublished.entry(room.to_string()).or_default();
-                *upto = (*upto).max(delivered);
+                raise(&mut lock(&self.unpublished), &room, delivered);
             }
             self.catch_up_room(&room).await?;
         }
@@ -2181,6 +2177,12 @@ fn present_in(pipe: &mut redis::Pipeline, room: &str) {
 
 /// A stream entry as Redis returns it: its id and its fields.
 type Entry = (String, Vec<(String, String)>);
+
+/// Raises `room`'s id in `upto` to `id`, if lower (or absent).
+fn raise(upto: &mut HashMap<String, u64>, room: &str, id: u64) {
+    let top = upto.entry(room.to_owned()).or_default();
+    *top = (*top).max(id);
+}
 
 /// The id of a message as [`APPEND`] answers it (`{"type":"message","id":N,…`).
 fn stored_id(message: &str) -> Option<u64> {
