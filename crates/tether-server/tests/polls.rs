@@ -10,6 +10,7 @@ use tether_server::engine::store::{Db, Store, Voter};
 use tether_server::engine::Polls;
 use tether_server::metrics::Metrics;
 use tether_server::node::hub::Hub;
+use tether_server::node::rooms::Rooms;
 
 mod common;
 
@@ -103,7 +104,7 @@ async fn contract(polls: &dyn Polls) {
 async fn polls_in_sqlite_keep_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::default());
-    let hub = Hub::new(64, metrics.clone());
+    let hub = Rooms::new(Hub::new(64, metrics.clone()));
     let quota = Arc::new(tether_server::throttle::Throttle::new(
         100,
         Duration::from_secs(1),
@@ -128,6 +129,6 @@ async fn polls_in_redis_keep_the_contract() {
     let commands =
         tether_server::engine::link::Link::open(&redis.url, std::time::Duration::from_secs(2))
             .unwrap();
-    let hub = Hub::new(64, Arc::new(Metrics::default()));
+    let hub = Rooms::new(Hub::new(64, Arc::new(Metrics::default())));
     contract(&RedisPolls::new(commands, "test".into(), hub)).await;
 }

@@ -580,7 +580,7 @@ async fn rooms(State(node): State<Arc<Node>>, Query(page): Query<RoomsPage>) -> 
             all.entry(room).or_default().1 = last;
         }
     }
-    for (room, members) in node.hub.rooms_page(after.as_deref(), limit) {
+    for (room, members) in node.rooms.rooms_page(after.as_deref(), limit) {
         all.entry(room).or_default().0 = members;
     }
     let mut list: Vec<(String, (usize, u64))> = all.into_iter().take(limit).collect();

@@ -21,6 +21,7 @@ use crate::engine::store::{Store, StoreError};
 use crate::metrics::Metrics;
 use crate::node::gate::{Full, Gate, Pass, Streams};
 use crate::node::hub::Hub;
+use crate::node::rooms::Rooms;
 use crate::node::Node;
 use crate::proxy::{client_address, is_trusted};
 
@@ -117,6 +118,7 @@ impl Server {
                 })?;
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(config.outbox, metrics.clone());
+        let rooms = Rooms::new(hub);
         let open = || {
             let store = Store::open(&config.data)?;
             store.limit_size(config.max_database_mb.saturating_mul(1 << 20))?;
@@ -129,7 +131,7 @@ impl Server {
         ));
         let journal = Journal::start(
             open()?,
-            hub.clone(),
+            rooms.clone(),
             metrics.clone(),
             config.history_limit,
             config.max_rooms,
@@ -179,7 +181,7 @@ impl Server {
                 let cluster = crate::engine::redis::Cluster::start(
                     link,
                     node,
-                    hub.clone(),
+                    rooms.clone(),
                     metrics.clone(),
                     config.history_limit,
                     config.max_rooms,
@@ -193,7 +195,7 @@ impl Server {
                 let engine = crate::engine::Engine::embedded(
                     db.clone(),
                     journal.clone(),
-                    hub.clone(),
+                    rooms.clone(),
                     revocations,
                 );
                 (engine, None)
@@ -213,7 +215,7 @@ impl Server {
         let node = Node::new(
             config,
             ws_config,
-            hub,
+            rooms,
             metrics,
             tls.is_some(),
             engine,

@@ -120,7 +120,7 @@ impl Node {
     /// summed over the nodes, in name order. When the other nodes cannot be asked, this
     /// node's members alone.
     pub async fn presence(&self, room: &str) -> Vec<Member> {
-        let mut members = self.hub.members(room);
+        let mut members = self.rooms.members(room);
         if let Ok(remote) = self.engine.presence.elsewhere(room).await {
             for other in remote {
                 match members.iter_mut().find(|m| m.user == other.user) {

@@ -1,13 +1,15 @@
-//! The hub: who is subscribed to which room or poll, and fan-out to them.
+//! The hub: who is subscribed to which channel on this node, and fan-out to them.
 //!
-//! A subscriber speaks one of two formats: the single-channel endpoints' events
-//! ([`Format::Room`]) or the channel protocol's pushes ([`Format::Channels`], docs/protocol.md).
-//! An event is encoded once per format among a topic's subscribers, and the same bytes go to
-//! every subscriber of that format. A stored message or a poll's counts is encoded before its
-//! topic is locked for the fan-out.
+//! It is channel-generic: a channel is a name, what its first subscriber says it is
+//! ([`Kind`]: whether it has presence, whether its publications come from a stream of ids),
+//! its subscribers and how far it was delivered. What a name means and how a publication is
+//! encoded belong to its callers (node::rooms for rooms and polls); the hub knows outboxes,
+//! [`Format`]s and prepared bytes. A subscriber speaks one of the wire's formats, and an event
+//! is encoded once per format among a channel's subscribers, before the channel is locked for
+//! the fan-out; the same bytes go to every subscriber of that format.
 //!
-//! Rooms and polls are spread over 16 maps, each behind its own lock: deliveries to
-//! rooms on different cores do not wait for each other.
+//! Channels are spread over 16 maps, each behind its own lock: deliveries to channels on
+//! different cores do not wait for each other.
 //!
 //! Every subscriber has a bounded outbound queue. Fan-out serializes an event once and hands
 //! the same bytes to every queue (a push); a queue that is full marks its connection as
@@ -28,11 +30,10 @@ use std::task::{Context, Poll, Waker};
 
 use serde_json::value::RawValue;
 use tether::Prepared;
-use tokio::sync::mpsc;
 
-use crate::engine::local::{Change, Local, Member, Sender, Shared, MAX_INFOS};
+use crate::engine::local::{Change, Member, MAX_INFOS};
 use crate::metrics::Metrics;
-use crate::wire::{self, channels, encode, is_personal, rooms, ChatMessage};
+pub use crate::wire::format::Format;
 
 /// One event queued for a connection. `id` is the chat message id (0 for other events), so a
 /// joining connection can skip live messages that its history already held.
@@ -47,16 +48,7 @@ pub struct Outgoing {
     pub msg: Arc<Prepared>,
 }
 
-/// How a subscriber's connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// The single-channel endpoints' events (`/ws/rooms/…`, `/ws/polls/…`).
-    Room,
-    /// The channel protocol's pushes (`/ws`, tether.v1).
-    Channels,
-}
-
-/// An event for a topic's subscribers: its chat message id (or 0), and how to encode it in
+/// An event for a channel's subscribers: its publication id (or 0), and how to encode it in
 /// each format. Each format is encoded at most once per fan-out: before the topic is locked
 /// when the caller knew which formats its subscribers speak (`ready`), else on first need.
 struct Fan<'a> {
@@ -74,12 +66,12 @@ impl<'a> Fan<'a> {
         }
     }
 
-    /// The event, encoded now in each format of `speaks` ([`Topic::speaks`]).
+    /// The event, encoded now in each format of `speaks` ([`Peers::speaks`]).
     fn encoded(id: u64, encode: &'a dyn Fn(Format) -> Arc<Prepared>, speaks: [bool; 2]) -> Self {
         Fan {
             id,
             encode,
-            ready: [Format::Room, Format::Channels].map(|f| speaks[f as usize].then(|| encode(f))),
+            ready: Format::ALL.map(|f| speaks[f as usize].then(|| encode(f))),
         }
     }
 }
@@ -411,21 +403,22 @@ fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
     }
 }
 
-/// A subscriber: its connection's outbox, which says who it is and how it speaks. A topic
+/// A subscriber: its connection's outbox, which says who it is and how it speaks. A channel
 /// of many subscribers holds 16 bytes for each (with its id).
 #[derive(Debug)]
 struct Peer {
     outbox: Arc<Outbox>,
 }
 
+/// Subscribers, and how many speak each format.
 #[derive(Debug, Default)]
-struct Topic {
+struct Peers {
     peers: HashMap<u64, Peer>,
     /// How many peers speak each format.
     formats: [u32; 2],
 }
 
-impl Topic {
+impl Peers {
     fn add(&mut self, id: u64, peer: Peer) {
         self.formats[peer.outbox.format as usize] += 1;
         if let Some(old) = self.peers.insert(id, peer) {
@@ -439,7 +432,7 @@ impl Topic {
         Some(peer)
     }
 
-    /// Which formats its peers speak, in [`Format`] order.
+    /// Which formats its peers speak, in [`Format::ALL`] order.
     fn speaks(&self) -> [bool; 2] {
         self.formats.map(|n| n > 0)
     }
@@ -499,7 +492,7 @@ impl Topic {
             }
         }
         // Counted once per fan-out, not per subscriber: the counters are shared by every
-        // thread, and a room of thousands would make them a contended hot spot.
+        // thread, and a channel of thousands would make them a contended hot spot.
         for (msg, reached) in encoded.iter().zip(reached) {
             if let Some(msg) = msg {
                 out.metrics.sent_many(reached, msg.payload().len());
@@ -510,10 +503,24 @@ impl Topic {
     }
 }
 
-#[derive(Debug, Default)]
-struct RoomState {
-    topic: Topic,
-    /// The last message id delivered; older or repeated ids are dropped (several nodes,
+/// What a channel is, as its first subscriber says ([`Hub::subscribe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Kind {
+    /// Its users' comings and goings are told to its subscribers and shared with other
+    /// nodes ([`Hub::on_presence`]), and it is listed ([`Hub::listed_page`]).
+    pub presence: bool,
+    /// Its publications come from a stream of ids in storage: the hub follows how far it
+    /// delivered, tells when the channel gains its first subscriber or loses its last
+    /// ([`Hub::on_interest`]), and resets it when the stream starts again
+    /// ([`Hub::reset_streams`]).
+    pub stream: bool,
+}
+
+#[derive(Debug)]
+struct Topic {
+    peers: Peers,
+    kind: Kind,
+    /// The last publication id delivered; older or repeated ids are dropped (several nodes,
     /// catch-up after a lost subscription).
     position: u64,
     /// Connections per user, for presence (a user joins with the first, leaves with the last).
@@ -521,12 +528,21 @@ struct RoomState {
     users: HashMap<Arc<str>, u32>,
 }
 
-impl RoomState {
+impl Topic {
+    fn new(kind: Kind) -> Topic {
+        Topic {
+            peers: Peers::default(),
+            kind,
+            position: 0,
+            users: HashMap::new(),
+        }
+    }
+
     /// The distinct public information each user's connections attached, at most
     /// [`MAX_INFOS`] per user.
     fn infos(&self) -> HashMap<Arc<str>, Vec<Box<RawValue>>> {
         let mut infos: HashMap<Arc<str>, Vec<Box<RawValue>>> = HashMap::new();
-        for peer in self.topic.peers.values() {
+        for peer in self.peers.peers.values() {
             let Some(info) = peer.outbox.info() else {
                 continue;
             };
@@ -537,42 +553,58 @@ impl RoomState {
         }
         infos
     }
+
+    /// Forgets what it delivered and tells its subscribers to start again.
+    fn reset(&mut self) {
+        self.position = 0;
+        for peer in self.peers.peers.values() {
+            peer.outbox.mark(Verdict::Reset);
+        }
+    }
 }
 
-#[derive(Debug, Default)]
-struct PollState {
-    topic: Topic,
-}
-
-/// Rooms of more users than this stop telling joins and leaves, and a joiner learns how many
-/// are there but not who: every join would otherwise cost a push to every member, and a list
-/// of every member to the joiner, so filling a room would cost the square of its size.
+/// Channels of more users than this stop telling joins and leaves, and a joiner learns how
+/// many are there but not who: every join would otherwise cost a push to every member, and a
+/// list of every member to the joiner, so filling a channel would cost the square of its size.
 pub const PRESENCE_LIMIT: usize = 1000;
 
-/// Subscriptions of every room and poll on this node.
-#[derive(Debug)]
+/// What the hub tells of a user's comings and goings in a channel with presence, for other
+/// nodes: the channel, the user, what changed and the joining connection's public information.
+pub type PresenceHook = Box<dyn Fn(&str, &str, Change, Option<&RawValue>) + Send + Sync>;
+
+/// What the hub tells of a stream channel that gained its first subscriber or lost its last.
+pub type InterestHook = Box<dyn Fn(&Arc<str>) + Send + Sync>;
+
+/// Every channel subscribed on this node, by name, and fan-out to their subscribers. It
+/// knows outboxes, formats and prepared bytes: what a channel's name means, and how a
+/// publication is encoded, is its callers' (node::rooms).
 pub struct Hub {
-    /// The epoch of the rooms' streams in storage, once known (empty before).
-    epoch: Mutex<String>,
-    /// By name; a name is one allocation shared with its members' subscriptions.
-    rooms: Shards<Arc<str>, RoomState>,
-    /// The names of `rooms`, users' notification streams left out, in order: listing a page
-    /// of them costs the page, not every room (taken after a room's shard when both are
-    /// held).
-    names: Mutex<BTreeSet<Arc<str>>>,
-    polls: Shards<i64, PollState>,
-    /// Every connection of the channel protocol: what `broadcast` reaches besides rooms.
-    everyone: Mutex<Topic>,
-    /// Subscribers of the `polls` channel: told of each poll created here.
-    poll_list: Mutex<Topic>,
+    /// By name; a name is one allocation shared with its subscribers' places.
+    topics: Shards<Arc<str>, Topic>,
+    /// The names of the channels with presence, in order: listing a page of them costs the
+    /// page, not every channel (taken after a channel's shard when both are held).
+    listed: Mutex<BTreeSet<Arc<str>>>,
+    /// Every connection that takes what is sent to everyone by itself, not through its
+    /// channels ([`Hub::broadcast`]).
+    everyone: Mutex<Peers>,
     next_id: AtomicU64,
     queue_len: usize,
     /// Where local joins and leaves go to be shared with other nodes (cluster mode).
-    presence: std::sync::OnceLock<mpsc::UnboundedSender<Shared>>,
-    /// Where the names of rooms that gain their first local member or lose their last one go
-    /// (cluster mode: the node listens to a room's Redis channels only while it has members).
-    interest: std::sync::OnceLock<mpsc::UnboundedSender<Arc<str>>>,
+    presence: std::sync::OnceLock<PresenceHook>,
+    /// Where stream channels that gain their first local subscriber or lose their last one
+    /// go (cluster mode: the node listens to a room's Redis channels only while it has
+    /// members).
+    interest: std::sync::OnceLock<InterestHook>,
     out: Fanout,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("listed", &lock(&self.listed).len())
+            .field("queue_len", &self.queue_len)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What fan-out reports to and hands parked outboxes to.
@@ -684,12 +716,12 @@ fn spawn_drainer(i: usize, metrics: Arc<Metrics>) -> Inbox {
     tx
 }
 
-/// A connection's place in a room or poll: its outbox, and on drop, its leaving.
+/// A connection's place in a channel: its outbox, and on drop, its leaving.
 #[derive(Debug)]
 pub struct Subscription {
     hub: Arc<Hub>,
     id: u64,
-    topic: TopicKey,
+    channel: Arc<str>,
     /// Events to send, in order, and the hub's verdict (and whose connection it is).
     pub outbox: Arc<Outbox>,
 }
@@ -705,14 +737,9 @@ impl Subscription {
         &self.outbox.user
     }
 
-    /// The room, for a room's subscription.
-    pub fn room(&self) -> Option<&str> {
-        self.topic.room()
-    }
-
-    /// The poll, for a poll's subscription ([`POLL_LIST`] for the list of polls).
-    pub fn poll(&self) -> Option<i64> {
-        self.topic.poll()
+    /// The channel's name.
+    pub fn channel(&self) -> &str {
+        &self.channel
     }
 
     /// This connection's own queue, for replies to what it sent.
@@ -725,10 +752,9 @@ impl Subscription {
     /// dropped, its owner hands it to [`Hub::leave`].
     pub fn into_place(mut self) -> Place {
         // What is left behind leaves nothing when dropped (no subscription has id 0).
-        let topic = std::mem::replace(&mut self.topic, TopicKey::Poll(POLL_LIST));
         Place {
             id: std::mem::take(&mut self.id),
-            topic,
+            channel: self.channel.clone(),
         }
     }
 }
@@ -739,7 +765,7 @@ impl Subscription {
 #[must_use = "a place stays in the hub until handed to Hub::leave"]
 pub struct Place {
     id: u64,
-    topic: TopicKey,
+    channel: Arc<str>,
 }
 
 impl Place {
@@ -748,46 +774,14 @@ impl Place {
         self.id
     }
 
-    /// The room, for a room's place.
-    pub fn room(&self) -> Option<&str> {
-        self.topic.room()
-    }
-
-    /// The poll, for a poll's place ([`POLL_LIST`] for the list of polls).
-    pub fn poll(&self) -> Option<i64> {
-        self.topic.poll()
+    /// The channel's name.
+    pub fn channel(&self) -> &str {
+        &self.channel
     }
 }
 
-#[derive(Debug, Clone)]
-enum TopicKey {
-    Room(Arc<str>),
-    /// A poll by id; [`POLL_LIST`] is the list of polls. (A third variant would make every
-    /// subscription 8 bytes bigger: a name's pointer has room for only one more.)
-    Poll(i64),
-}
-
-impl TopicKey {
-    fn room(&self) -> Option<&str> {
-        match self {
-            TopicKey::Room(room) => Some(room),
-            TopicKey::Poll(_) => None,
-        }
-    }
-
-    fn poll(&self) -> Option<i64> {
-        match self {
-            TopicKey::Room(_) => None,
-            TopicKey::Poll(poll) => Some(*poll),
-        }
-    }
-}
-
-/// The poll id that stands for the `polls` channel (real ones start at 1).
-pub const POLL_LIST: i64 = 0;
-
-/// A channel-protocol connection's place among those a broadcast reaches. Like a [`Place`],
-/// it stays until handed to [`Hub::leave_everyone`] (its owner holds the hub).
+/// A connection's place among those a broadcast reaches by themselves. Like a [`Place`], it
+/// stays until handed to [`Hub::leave_everyone`] (its owner holds the hub).
 #[derive(Debug)]
 #[must_use = "a connection stays among those a broadcast reaches until Hub::leave_everyone"]
 pub struct Everyone {
@@ -801,42 +795,16 @@ impl Everyone {
     }
 }
 
-/// What a joining connection learns.
+/// What a subscribing connection learns.
 #[derive(Debug)]
 pub struct Joined {
     /// The subscription (leave by dropping it).
     pub subscription: Subscription,
-    /// Distinct users present, the joiner included (none listed past [`PRESENCE_LIMIT`]).
+    /// Distinct users present, the joiner included, in name order: only in a channel with
+    /// presence, and none past [`PRESENCE_LIMIT`].
     pub members: Vec<String>,
     /// How many distinct users are present, the joiner included.
     pub users: usize,
-}
-
-/// A presence change in `format`.
-fn presence(
-    format: Format,
-    room: &str,
-    user: &str,
-    join: bool,
-    count: usize,
-    info: Option<&RawValue>,
-) -> Arc<Prepared> {
-    let kind = if join { "join" } else { "leave" };
-    match format {
-        Format::Room => encode(&rooms::Presence {
-            room,
-            user,
-            event: kind,
-            count,
-        }),
-        Format::Channels => encode(&channels::Presence {
-            kind,
-            channel: &channels::room_channel(room),
-            user,
-            count,
-            info,
-        }),
-    }
 }
 
 /// How many locks the rooms and the polls are spread over: enough that the sessions and the
@@ -890,12 +858,9 @@ impl Hub {
     /// A hub whose subscribers each queue at most `queue_len` events.
     pub fn new(queue_len: usize, metrics: Arc<Metrics>) -> Arc<Hub> {
         Arc::new(Hub {
-            epoch: Mutex::new(String::new()),
-            rooms: Shards::new(),
-            names: Mutex::new(BTreeSet::new()),
-            polls: Shards::new(),
-            everyone: Mutex::new(Topic::default()),
-            poll_list: Mutex::new(Topic::default()),
+            topics: Shards::new(),
+            listed: Mutex::new(BTreeSet::new()),
+            everyone: Mutex::new(Peers::default()),
             next_id: AtomicU64::new(1),
             queue_len: queue_len.max(1),
             presence: std::sync::OnceLock::new(),
@@ -905,7 +870,7 @@ impl Hub {
     }
 
     /// The outbound queue of a connection of `user` speaking `format`, for several
-    /// subscriptions to share ([`Hub::join_with`]).
+    /// subscriptions to share ([`Hub::subscribe`]).
     pub fn outbox(&self, user: &Arc<str>, format: Format) -> Arc<Outbox> {
         Arc::new(Outbox::new(self.queue_len, user.clone(), format))
     }
@@ -918,61 +883,64 @@ impl Hub {
         (id, Peer { outbox })
     }
 
-    /// Subscribes a connection of `user` to `room`; the others learn of a new user.
-    pub fn join(self: &Arc<Self>, room: &str, user: &str) -> Joined {
-        self.join_with(room, &Arc::from(user), None, Format::Room)
-    }
-
-    /// Subscribes a connection speaking `format` to `room`, its events going to `outbox` (a
-    /// new one when `None`); the others learn of a new user. A connection in several rooms
-    /// passes the same `user` to each, which they share.
-    pub fn join_with(
+    /// Subscribes a connection of `user` speaking `format` to `channel`, its events going to
+    /// `outbox` (a new one when `None`). The first subscriber says what the channel is
+    /// (`kind`). In a channel with presence, the others learn of a new user. A connection in
+    /// several channels passes the same `user` to each, which they share.
+    pub fn subscribe(
         self: &Arc<Self>,
-        room: &str,
+        channel: &str,
+        kind: Kind,
         user: &Arc<str>,
         outbox: Option<Arc<Outbox>>,
         format: Format,
     ) -> Joined {
-        let mut rooms = self.rooms.of(room);
+        let mut topics = self.topics.of(channel);
         // The names already held are shared, not copied.
-        let room_key = match rooms.get_key_value(room) {
+        let key = match topics.get_key_value(channel) {
             Some((k, _)) => k.clone(),
             None => {
-                let k: Arc<str> = Arc::from(room);
-                self.interested(&k);
-                if !is_personal(&k) {
-                    lock(&self.names).insert(k.clone());
+                let k: Arc<str> = Arc::from(channel);
+                if kind.stream {
+                    self.interested(&k);
+                }
+                if kind.presence {
+                    lock(&self.listed).insert(k.clone());
                 }
                 k
             }
         };
-        let state = rooms.entry(room_key.clone()).or_default();
-        let user_key = state
+        let topic = topics
+            .entry(key.clone())
+            .or_insert_with(|| Topic::new(kind));
+        let user_key = topic
             .users
             .get_key_value(&**user)
             .map_or_else(|| user.clone(), |(k, _)| k.clone());
         let (id, peer) = self.peer(user, outbox, format);
         let outbox = peer.outbox.clone();
-        let info = outbox.info();
-        let info = info.as_deref();
-        state.topic.add(id, peer);
-        let n = state.users.entry(user_key.clone()).or_insert(0);
+        topic.peers.add(id, peer);
+        let n = topic.users.entry(user_key).or_insert(0);
         *n += 1;
         let first = *n == 1;
-        let users = state.users.len();
-        // A user's own devices on their notifications have no presence to tell.
-        if first && !is_personal(room) {
-            if users <= PRESENCE_LIMIT {
-                let encode = |f: Format| presence(f, room, user, true, users, info);
-                let event = Fan::new(0, &encode);
-                state.topic.fan_out(&event, Some(id), None, &self.out);
+        let users = topic.users.len();
+        let presence = topic.kind.presence;
+        if presence {
+            let info = outbox.info();
+            let info = info.as_deref();
+            if first {
+                if users <= PRESENCE_LIMIT {
+                    let encode = |f: Format| f.presence(channel, user, true, users, info);
+                    let event = Fan::new(0, &encode);
+                    topic.peers.fan_out(&event, Some(id), None, &self.out);
+                }
+                self.share(channel, user, Change::Join, info);
+            } else if info.is_some() {
+                self.share(channel, user, Change::Info, None);
             }
-            self.share(room, user, Change::Join, info);
-        } else if info.is_some() && !is_personal(room) {
-            self.share(room, user, Change::Info, None);
         }
-        let members = if users <= PRESENCE_LIMIT {
-            let mut members: Vec<String> = state.users.keys().map(|u| u.to_string()).collect();
+        let members = if presence && users <= PRESENCE_LIMIT {
+            let mut members: Vec<String> = topic.users.keys().map(|u| u.to_string()).collect();
             members.sort_unstable();
             members
         } else {
@@ -982,7 +950,7 @@ impl Hub {
             subscription: Subscription {
                 hub: self.clone(),
                 id,
-                topic: TopicKey::Room(room_key),
+                channel: key,
                 outbox,
             },
             members,
@@ -990,97 +958,58 @@ impl Hub {
         }
     }
 
-    fn leave_room(&self, room: &str, id: u64) {
-        let mut rooms = self.rooms.of(room);
-        let Some(state) = rooms.get_mut(room) else {
+    /// Takes `place` out of its channel.
+    pub fn leave(&self, place: Place) {
+        self.leave_channel(&place.channel, place.id);
+    }
+
+    fn leave_channel(&self, channel: &str, id: u64) {
+        let mut topics = self.topics.of(channel);
+        let Some(topic) = topics.get_mut(channel) else {
             return;
         };
-        let Some(peer) = state.topic.remove(id) else {
+        let Some(peer) = topic.peers.remove(id) else {
             return;
         };
         let user = &peer.outbox.user;
-        if let Some(n) = state.users.get_mut(&**user) {
+        let presence = topic.kind.presence;
+        if let Some(n) = topic.users.get_mut(&**user) {
             *n -= 1;
             if *n == 0 {
-                let told = state.users.len() <= PRESENCE_LIMIT && !is_personal(room);
-                state.users.remove(&**user);
+                let told = topic.users.len() <= PRESENCE_LIMIT && presence;
+                topic.users.remove(&**user);
                 if told {
-                    let count = state.users.len();
-                    let encode = |f: Format| presence(f, room, user, false, count, None);
+                    let count = topic.users.len();
+                    let encode = |f: Format| f.presence(channel, user, false, count, None);
                     let event = Fan::new(0, &encode);
-                    state.topic.fan_out(&event, None, None, &self.out);
+                    topic.peers.fan_out(&event, None, None, &self.out);
                 }
-                if !is_personal(room) {
-                    self.share(room, user, Change::Leave, None);
+                if presence {
+                    self.share(channel, user, Change::Leave, None);
                 }
-            } else if peer.outbox.has_info() && !is_personal(room) {
-                self.share(room, user, Change::Info, None);
+            } else if peer.outbox.has_info() && presence {
+                self.share(channel, user, Change::Info, None);
             }
         }
-        if state.topic.peers.is_empty() {
-            if let Some((name, _)) = rooms.remove_entry(room) {
-                lock(&self.names).remove(&name);
-                self.interested(&name);
+        if topic.peers.peers.is_empty() {
+            let kind = topic.kind;
+            if let Some((name, _)) = topics.remove_entry(channel) {
+                if kind.presence {
+                    lock(&self.listed).remove(&name);
+                }
+                if kind.stream {
+                    self.interested(&name);
+                }
             }
         }
     }
 
-    /// Takes `place` out of its room or poll.
-    pub fn leave(&self, place: Place) {
-        self.leave_topic(&place.topic, place.id);
-    }
-
-    fn leave_topic(&self, topic: &TopicKey, id: u64) {
-        match topic {
-            TopicKey::Room(room) => self.leave_room(room, id),
-            TopicKey::Poll(POLL_LIST) => {
-                lock(&self.poll_list).remove(id);
-            }
-            TopicKey::Poll(poll) => self.leave_poll(*poll, id),
-        }
-    }
-
-    /// The epoch of the rooms' streams, as last seen in storage (empty before it is known).
-    pub fn epoch(&self) -> String {
-        lock(&self.epoch).clone()
-    }
-
-    /// Takes note of the rooms' epoch as read from storage. When it differs from the one seen
-    /// before, storage lost the streams and started their ids again: every room here forgets
-    /// what it delivered and every member is told to reconnect ([`Verdict::Reset`]), since
-    /// the ids it holds now name other messages. Returns whether that happened.
-    pub fn observe_epoch(&self, epoch: &str) -> bool {
-        let mut current = lock(&self.epoch);
-        if *current == epoch {
-            return false;
-        }
-        let known = !current.is_empty();
-        let before = std::mem::replace(&mut *current, epoch.to_owned());
-        if !known {
-            return false;
-        }
-        let mut reset = 0;
-        for mut rooms in self.rooms.each() {
-            reset += rooms.len();
-            for state in rooms.values_mut() {
-                Self::reset(state);
-            }
-        }
-        tracing::error!(old = %before, new = %epoch, rooms = reset, "storage lost the rooms' history (a new epoch): their members reconnect and resume from what it holds now");
-        true
-    }
-
-    /// Wakes every room and poll member (at shutdown: each then reads the server's flag).
+    /// Wakes every subscriber (at shutdown: each then reads the server's flag).
     pub fn wake_all(&self) {
         let mut outboxes: Vec<Arc<Outbox>> = Vec::new();
-        for rooms in self.rooms.each() {
-            for state in rooms.values() {
-                outboxes.extend(state.topic.peers.values().map(|p| p.outbox.clone()));
-            }
-        }
-        for polls in self.polls.each() {
-            for state in polls.values() {
-                outboxes.extend(state.topic.peers.values().map(|p| p.outbox.clone()));
+        for topics in self.topics.each() {
+            for topic in topics.values() {
+                outboxes.extend(topic.peers.peers.values().map(|p| p.outbox.clone()));
             }
         }
         outboxes.extend(
@@ -1094,77 +1023,109 @@ impl Hub {
         }
     }
 
-    fn reset(state: &mut RoomState) {
-        state.position = 0;
-        for peer in state.topic.peers.values() {
-            peer.outbox.mark(Verdict::Reset);
+    /// Every stream channel forgets what it delivered and its subscribers reconnect
+    /// ([`Verdict::Reset`]): the stream started again (a new epoch), so the ids they hold
+    /// name other publications. Returns how many channels it reset.
+    pub fn reset_streams(&self) -> usize {
+        let mut reset = 0;
+        for mut topics in self.topics.each() {
+            for topic in topics.values_mut().filter(|t| t.kind.stream) {
+                topic.reset();
+                reset += 1;
+            }
+        }
+        reset
+    }
+
+    /// Storage holds fewer publications of `channel` than were delivered here (it lost its
+    /// last writes but kept its epoch): the ids delivered past its end will name other
+    /// publications. The channel forgets what it delivered and its subscribers reconnect
+    /// ([`Verdict::Reset`]).
+    pub fn reset(&self, channel: &str) {
+        if let Some(topic) = self.topics.of(channel).get_mut(channel) {
+            topic.reset();
         }
     }
 
-    /// Delivers a stored message to everyone in its room; returns how many it reached. An id
-    /// at or below the last one delivered to the room is dropped. A message of another epoch
-    /// resets every room first ([`Hub::observe_epoch`]).
-    pub fn deliver(&self, message: &ChatMessage) -> usize {
-        if let Some(epoch) = &message.epoch {
-            self.observe_epoch(epoch);
-        }
-        let room = message.room.as_str();
-        // Encoded before the room is locked for the fan-out, in the formats its members
-        // speak now (one who joins between speaking another has it encoded on need).
-        let speaks = match self.rooms.of(room).get(room) {
-            Some(state) if message.id > state.position => state.topic.speaks(),
+    /// Publishes to everyone in `channel`; returns how many it reached. `encode` gives the
+    /// event in a format; it is called once per format the subscribers speak, before the
+    /// channel is locked for the fan-out. A publication of a stream (`id` above 0) at or
+    /// below the last id delivered to the channel is dropped.
+    pub fn publish(
+        &self,
+        channel: &str,
+        id: u64,
+        encode: &dyn Fn(Format) -> Arc<Prepared>,
+    ) -> usize {
+        // Encoded before the channel is locked for the fan-out, in the formats its
+        // subscribers speak now (one who joins between speaking another has it encoded on
+        // need).
+        let speaks = match self.topics.of(channel).get(channel) {
+            Some(topic) if id == 0 || id > topic.position => topic.peers.speaks(),
             _ => return 0,
         };
-        let encode = |f: Format| match f {
-            Format::Room => encode(message),
-            Format::Channels => channels::publication(message),
-        };
-        let event = Fan::encoded(message.id, &encode, speaks);
-        let mut rooms = self.rooms.of(room);
-        let Some(state) = rooms.get_mut(room) else {
+        let event = Fan::encoded(id, encode, speaks);
+        let mut topics = self.topics.of(channel);
+        let Some(topic) = topics.get_mut(channel) else {
             return 0;
         };
-        if message.id <= state.position {
-            return 0;
+        if id > 0 {
+            if id <= topic.position {
+                return 0;
+            }
+            topic.position = id;
         }
-        state.position = message.id;
-        state.topic.fan_out(&event, None, None, &self.out)
+        topic.peers.fan_out(&event, None, None, &self.out)
     }
 
-    /// Sends a notice to every connection in every room, and to every connection of the
-    /// channel protocol (on its `broadcast` channel); returns how many it reached.
-    pub fn broadcast(&self, user: &str, text: &str, ts: &str) -> usize {
-        let encode = |f: Format| match f {
-            Format::Room => encode(&rooms::Broadcast { user, text, ts }),
-            Format::Channels => encode(&channels::Publication {
-                channel: "broadcast",
-                offset: None,
-                user: Some(user),
-                guest: false,
-                ts: Some(ts),
-                data: channels::Text { text },
-            }),
+    /// Sends `msg` to the subscribers of `channel` that speak `only`, but `from` (the
+    /// sender's subscription, if it is here); returns how many it reached.
+    pub fn publish_to(
+        &self,
+        channel: &str,
+        only: Format,
+        from: Option<u64>,
+        msg: &Arc<Prepared>,
+    ) -> usize {
+        let topics = self.topics.of(channel);
+        let Some(topic) = topics.get(channel) else {
+            return 0;
         };
+        let encode = |_: Format| msg.clone();
         let event = Fan::new(0, &encode);
-        let only = Some(Format::Room);
-        let in_rooms: usize = self
-            .rooms
+        topic.peers.fan_out(&event, from, Some(only), &self.out)
+    }
+
+    /// Sends an event to every connection: to each of those that take it by themselves
+    /// ([`Hub::join_everyone`]), and through every stream channel to the subscribers
+    /// speaking `through_channels`. Returns how many it reached.
+    pub fn broadcast(
+        &self,
+        through_channels: Format,
+        encode: &dyn Fn(Format) -> Arc<Prepared>,
+    ) -> usize {
+        let event = Fan::new(0, encode);
+        let only = Some(through_channels);
+        let in_channels: usize = self
+            .topics
             .each()
-            .map(|rooms| {
-                rooms
+            .map(|topics| {
+                topics
                     .values()
-                    .map(|state| state.topic.fan_out(&event, None, only, &self.out))
+                    .filter(|topic| topic.kind.stream)
+                    .map(|topic| topic.peers.fan_out(&event, None, only, &self.out))
                     .sum::<usize>()
             })
             .sum();
         let everyone = lock(&self.everyone).fan_out(&event, None, None, &self.out);
-        in_rooms + everyone
+        in_channels + everyone
     }
 
-    /// Adds a connection of the channel protocol to those a broadcast reaches, its events
-    /// going to `outbox`.
+    /// Adds a connection to those a broadcast reaches by themselves, its events going to
+    /// `outbox`.
     pub fn join_everyone(&self, user: &Arc<str>, outbox: Arc<Outbox>) -> Everyone {
-        let (id, peer) = self.peer(user, Some(outbox), Format::Channels);
+        let format = outbox.format;
+        let (id, peer) = self.peer(user, Some(outbox), format);
         lock(&self.everyone).add(id, peer);
         Everyone { id }
     }
@@ -1175,46 +1136,28 @@ impl Hub {
         lock(&self.everyone).add(everyone.id, Peer { outbox });
     }
 
-    /// Takes a connection out of those a broadcast reaches.
+    /// Takes a connection out of those a broadcast reaches by themselves.
     pub fn leave_everyone(&self, everyone: &Everyone) {
         lock(&self.everyone).remove(everyone.id);
     }
 
-    /// Sends an ephemeral event (its push, as text) to the channel-protocol members of
-    /// `room` but `from` (the sender's subscription, if it is here); returns how many it
-    /// reached. The push is prepared once, outside the room's lock, when the room is here.
-    pub fn ephemeral(&self, room: &str, from: Option<u64>, push: &str) -> usize {
-        if !self.has_room(room) {
-            return 0;
-        }
-        let push = Arc::new(Prepared::text(push.to_owned()));
-        let rooms = self.rooms.of(room);
-        let Some(state) = rooms.get(room) else {
-            return 0;
-        };
-        let encode = |_: Format| push.clone();
-        let event = Fan::new(0, &encode);
-        let only = Some(Format::Channels);
-        state.topic.fan_out(&event, from, only, &self.out)
+    /// How many distinct users `channel` has on this node.
+    pub fn user_count(&self, channel: &str) -> usize {
+        self.topics
+            .of(channel)
+            .get(channel)
+            .map_or(0, |topic| topic.users.len())
     }
 
-    /// How many distinct users `room` has on this node.
-    pub fn user_count(&self, room: &str) -> usize {
-        self.rooms
-            .of(room)
-            .get(room)
-            .map_or(0, |state| state.users.len())
-    }
-
-    /// The users in `room` on this node, with how many connections each has there and the
-    /// public information they attached, in name order.
-    pub fn members(&self, room: &str) -> Vec<Member> {
-        self.rooms
-            .of(room)
-            .get(room)
-            .map_or_else(Vec::new, |state| {
-                let mut infos = state.infos();
-                let mut members: Vec<Member> = state
+    /// The users in `channel` on this node, with how many connections each has there and
+    /// the public information they attached, in name order.
+    pub fn members(&self, channel: &str) -> Vec<Member> {
+        self.topics
+            .of(channel)
+            .get(channel)
+            .map_or_else(Vec::new, |topic| {
+                let mut infos = topic.infos();
+                let mut members: Vec<Member> = topic
                     .users
                     .iter()
                     .map(|(user, n)| Member {
@@ -1228,119 +1171,115 @@ impl Hub {
             })
     }
 
-    /// Sends local joins and leaves to `tx` (for the other nodes).
-    pub fn share_presence(&self, tx: mpsc::UnboundedSender<Shared>) {
-        let _ = self.presence.set(tx);
+    /// Hands local joins and leaves in channels with presence to `hook` (for the other
+    /// nodes), in order (under the channel's lock).
+    pub fn on_presence(&self, hook: PresenceHook) {
+        let _ = self.presence.set(hook);
     }
 
-    /// Sends the name of each room that gains its first local member or loses its last one
-    /// to `tx`, in order (under the room's shard lock), so that a listener can follow which rooms
-    /// this node has ([`Hub::has_room`] says which way it went).
-    pub fn follow_rooms(&self, tx: mpsc::UnboundedSender<Arc<str>>) {
-        let _ = self.interest.set(tx);
+    /// Hands each stream channel that gains its first local subscriber or loses its last
+    /// one to `hook`, in order (under the channel's lock), so that a listener can follow which
+    /// channels this node has ([`Hub::has`] says which way it went).
+    pub fn on_interest(&self, hook: InterestHook) {
+        let _ = self.interest.set(hook);
     }
 
-    fn interested(&self, room: &Arc<str>) {
-        if let Some(tx) = self.interest.get() {
-            let _ = tx.send(room.clone());
+    fn interested(&self, channel: &Arc<str>) {
+        if let Some(hook) = self.interest.get() {
+            hook(channel);
         }
     }
 
-    /// Whether `room` has local members.
-    pub fn has_room(&self, room: &str) -> bool {
-        self.rooms.of(room).contains_key(room)
+    /// Whether `channel` has local subscribers.
+    pub fn has(&self, channel: &str) -> bool {
+        self.topics.of(channel).contains_key(channel)
     }
 
-    fn share(&self, room: &str, user: &str, change: Change, info: Option<&RawValue>) {
-        if let Some(tx) = self.presence.get() {
-            let _ = tx.send(Shared {
-                room: room.to_owned(),
-                user: user.to_owned(),
-                change,
-                info: info.map(ToOwned::to_owned),
-            });
+    fn share(&self, channel: &str, user: &str, change: Change, info: Option<&RawValue>) {
+        if let Some(hook) = self.presence.get() {
+            hook(channel, user, change, info);
         }
     }
 
-    /// Tells local members that `user` joined (with the public `info` of the connection that
-    /// did) or left on another node (unless the user is also here); `remote` is how many users
-    /// the room has on other nodes.
+    /// Tells local subscribers of `channel` that `user` joined (with the public `info` of
+    /// the connection that did) or left on another node (unless the user is also here);
+    /// `remote` is how many users the channel has on other nodes.
     pub fn remote_presence(
         &self,
-        room: &str,
+        channel: &str,
         user: &str,
         join: bool,
         remote: usize,
         info: Option<&RawValue>,
     ) {
-        let rooms = self.rooms.of(room);
-        let Some(state) = rooms.get(room) else {
+        let topics = self.topics.of(channel);
+        let Some(topic) = topics.get(channel) else {
             return;
         };
-        if state.users.contains_key(user) {
+        if !topic.kind.presence || topic.users.contains_key(user) {
             return;
         }
-        let count = state.users.len() + remote;
+        let count = topic.users.len() + remote;
         if count > PRESENCE_LIMIT {
             return;
         }
-        let encode = |f: Format| presence(f, room, user, join, count, info);
+        let encode = |f: Format| f.presence(channel, user, join, count, info);
         let event = Fan::new(0, &encode);
-        state.topic.fan_out(&event, None, None, &self.out);
+        topic.peers.fan_out(&event, None, None, &self.out);
     }
 
-    /// After a connection that created `room` read its history up to `high`: older ids need
-    /// not be delivered here. Only when it is alone, so no other member can miss anything.
-    pub fn advance(&self, room: &str, high: u64) {
-        if let Some(state) = self.rooms.of(room).get_mut(room) {
-            if state.topic.peers.len() == 1 {
-                state.position = state.position.max(high);
+    /// After a connection that created `channel` read its stream up to `high`: older ids
+    /// need not be delivered here. Only when it is alone, so no other subscriber can miss
+    /// anything.
+    pub fn advance(&self, channel: &str, high: u64) {
+        if let Some(topic) = self.topics.of(channel).get_mut(channel) {
+            if topic.peers.peers.len() == 1 {
+                topic.position = topic.position.max(high);
             }
         }
     }
 
-    /// Storage holds fewer messages of `room` than were delivered here (it lost its last
-    /// writes but kept its epoch): the ids delivered past its end will name other messages.
-    /// The room forgets what it delivered and its members reconnect ([`Verdict::Reset`]).
-    pub fn reset_room(&self, room: &str) {
-        if let Some(state) = self.rooms.of(room).get_mut(room) {
-            Self::reset(state);
-        }
-    }
-
-    /// The rooms with local members.
-    pub fn room_names(&self) -> Vec<String> {
-        self.rooms
+    /// The channels with local subscribers, with what each is.
+    pub fn channels(&self) -> Vec<(Arc<str>, Kind)> {
+        self.topics
             .each()
-            .flat_map(|rooms| rooms.keys().map(|r| r.to_string()).collect::<Vec<_>>())
+            .flat_map(|topics| {
+                topics
+                    .iter()
+                    .map(|(name, topic)| (name.clone(), topic.kind))
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
-    /// The last id delivered in `room` (0 when none or the room has no local members).
-    pub fn position(&self, room: &str) -> u64 {
-        self.rooms.of(room).get(room).map_or(0, |s| s.position)
+    /// The last id delivered in `channel` (0 when none or it has no local subscribers).
+    pub fn position(&self, channel: &str) -> u64 {
+        self.topics
+            .of(channel)
+            .get(channel)
+            .map_or(0, |t| t.position)
     }
 
-    /// Local users per room, users' notification streams left out (they have no presence).
-    pub fn local_users(&self) -> BTreeMap<String, Vec<String>> {
+    /// Local users per channel with presence.
+    pub fn present(&self) -> BTreeMap<String, Vec<String>> {
         let mut local = BTreeMap::new();
-        for rooms in self.rooms.each() {
-            for (room, state) in rooms.iter().filter(|(room, _)| !is_personal(room)) {
-                let users = state.users.keys().map(|u| u.to_string()).collect();
-                local.insert(room.to_string(), users);
+        for topics in self.topics.each() {
+            for (name, topic) in topics.iter().filter(|(_, t)| t.kind.presence) {
+                let users = topic.users.keys().map(|u| u.to_string()).collect();
+                local.insert(name.to_string(), users);
             }
         }
         local
     }
 
-    /// The public information local users' connections in `room` attached, by user (users
-    /// whose connections attached none are not in it).
-    pub fn infos(&self, room: &str) -> BTreeMap<String, Vec<Box<RawValue>>> {
-        self.rooms
-            .of(room)
-            .get(room)
-            .map_or_else(BTreeMap::new, |state| {
-                state
+    /// The public information local users' connections in `channel` attached, by user
+    /// (users whose connections attached none are not in it).
+    pub fn infos(&self, channel: &str) -> BTreeMap<String, Vec<Box<RawValue>>> {
+        self.topics
+            .of(channel)
+            .get(channel)
+            .map_or_else(BTreeMap::new, |topic| {
+                topic
                     .infos()
                     .into_iter()
                     .map(|(user, infos)| (user.to_string(), infos))
@@ -1348,228 +1287,35 @@ impl Hub {
             })
     }
 
-    /// How many rooms have members here (users' notification streams are no rooms).
-    pub fn room_count(&self) -> usize {
-        lock(&self.names).len()
+    /// How many channels with presence have subscribers here.
+    pub fn listed_count(&self) -> usize {
+        lock(&self.listed).len()
     }
 
-    /// The first `limit` rooms with connected members whose names sort after `after` (from
-    /// the first when `None`): `(room, distinct users)`, in name order. Costs the page, read
-    /// from an index of names, whatever the number of rooms.
-    pub fn rooms_page(&self, after: Option<&str>, limit: usize) -> Vec<(String, usize)> {
+    /// The first `limit` channels with presence and local subscribers whose names sort after
+    /// `after` (from the first when `None`): `(channel, distinct users)`, in name order.
+    /// Costs the page, read from an index of names, whatever the number of channels.
+    pub fn listed_page(&self, after: Option<&str>, limit: usize) -> Vec<(Arc<str>, usize)> {
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let page: Vec<Arc<str>> = lock(&self.names)
+        let page: Vec<Arc<str>> = lock(&self.listed)
             .range::<str, _>((start, Bound::Unbounded))
             .take(limit)
             .cloned()
             .collect();
         page.into_iter()
             .filter_map(|name| {
-                let users = self.rooms.of(&*name).get(&name)?.users.len();
-                Some((name.to_string(), users))
+                let users = self.topics.of(&*name).get(&name)?.users.len();
+                Some((name, users))
             })
             .collect()
-    }
-
-    /// Subscribes a connection to poll `poll`'s counts.
-    pub fn watch_poll(self: &Arc<Self>, poll: i64, user: &str) -> Subscription {
-        self.watch_poll_with(poll, &Arc::from(user), None, Format::Room)
-    }
-
-    /// Subscribes a connection speaking `format` to poll `poll`'s counts, its events going to
-    /// `outbox` (a new one when `None`).
-    pub fn watch_poll_with(
-        self: &Arc<Self>,
-        poll: i64,
-        user: &Arc<str>,
-        outbox: Option<Arc<Outbox>>,
-        format: Format,
-    ) -> Subscription {
-        let (id, peer) = self.peer(user, outbox, format);
-        let outbox = peer.outbox.clone();
-        let mut polls = self.polls.of(&poll);
-        polls.entry(poll).or_default().topic.add(id, peer);
-        Subscription {
-            hub: self.clone(),
-            id,
-            topic: TopicKey::Poll(poll),
-            outbox,
-        }
-    }
-
-    /// The polls this node's connections watch.
-    pub fn watched_polls(&self) -> Vec<i64> {
-        self.polls
-            .each()
-            .flat_map(|polls| polls.keys().copied().collect::<Vec<_>>())
-            .collect()
-    }
-
-    fn leave_poll(&self, poll: i64, id: u64) {
-        let mut polls = self.polls.of(&poll);
-        if let Some(state) = polls.get_mut(&poll) {
-            state.topic.remove(id);
-            if state.topic.peers.is_empty() {
-                polls.remove(&poll);
-            }
-        }
-    }
-
-    /// Subscribes a channel-protocol connection to the `polls` channel, its events going to
-    /// `outbox`.
-    pub fn watch_poll_list(self: &Arc<Self>, user: &Arc<str>, outbox: Arc<Outbox>) -> Subscription {
-        let (id, peer) = self.peer(user, Some(outbox), Format::Channels);
-        let outbox = peer.outbox.clone();
-        lock(&self.poll_list).add(id, peer);
-        Subscription {
-            hub: self.clone(),
-            id,
-            topic: TopicKey::Poll(POLL_LIST),
-            outbox,
-        }
-    }
-
-    /// Tells the `polls` channel's subscribers of a new poll; returns how many it reached.
-    pub fn poll_created(&self, poll: &wire::Poll) -> usize {
-        let encode = |_: Format| {
-            encode(&channels::Publication {
-                channel: "polls",
-                offset: None,
-                user: None,
-                guest: false,
-                ts: None,
-                data: channels::Created { created: poll },
-            })
-        };
-        let event = Fan::new(0, &encode);
-        lock(&self.poll_list).fan_out(&event, None, None, &self.out)
-    }
-
-    /// Sends poll `poll`'s new counts to everyone watching it.
-    pub fn deliver_counts(&self, poll: i64, counts: &BTreeMap<String, u64>) -> usize {
-        let Some(speaks) = self.polls.of(&poll).get(&poll).map(|s| s.topic.speaks()) else {
-            return 0;
-        };
-        let total = counts.values().sum();
-        let encode = |f: Format| match f {
-            Format::Room => encode(&rooms::Counts {
-                id: poll,
-                counts,
-                total,
-            }),
-            Format::Channels => encode(&channels::Publication {
-                channel: &format!("poll:{poll}"),
-                offset: None,
-                user: None,
-                guest: false,
-                ts: None,
-                data: channels::Counts { counts, total },
-            }),
-        };
-        let event = Fan::encoded(0, &encode, speaks);
-        let polls = self.polls.of(&poll);
-        let Some(state) = polls.get(&poll) else {
-            return 0;
-        };
-        state.topic.fan_out(&event, None, None, &self.out)
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         if self.id != 0 {
-            self.hub.leave_topic(&self.topic, self.id);
+            self.hub.leave_channel(&self.channel, self.id);
         }
-    }
-}
-
-impl Sender for Outbox {
-    /// Queues an `error` event.
-    fn failed(&self, text: &str) {
-        let event = serde_json::json!({"type": "error", "error": text});
-        let _ = self.push(Outgoing {
-            id: 0,
-            sub: 0,
-            msg: encode(&event),
-        });
-    }
-}
-
-/// The engine's view of this node: each call is the hub's own.
-impl Local for Hub {
-    fn deliver(&self, message: &ChatMessage) {
-        Hub::deliver(self, message);
-    }
-
-    fn deliver_counts(&self, poll: i64, counts: &BTreeMap<String, u64>) {
-        Hub::deliver_counts(self, poll, counts);
-    }
-
-    fn poll_created(&self, poll: &wire::Poll) {
-        Hub::poll_created(self, poll);
-    }
-
-    fn broadcast(&self, user: &str, text: &str, ts: &str) -> usize {
-        Hub::broadcast(self, user, text, ts)
-    }
-
-    fn ephemeral(&self, room: &str, from: Option<u64>, push: &str) -> usize {
-        Hub::ephemeral(self, room, from, push)
-    }
-
-    fn remote_presence(
-        &self,
-        room: &str,
-        user: &str,
-        join: bool,
-        remote: usize,
-        info: Option<&RawValue>,
-    ) {
-        Hub::remote_presence(self, room, user, join, remote, info);
-    }
-
-    fn has_room(&self, room: &str) -> bool {
-        Hub::has_room(self, room)
-    }
-
-    fn room_names(&self) -> Vec<String> {
-        Hub::room_names(self)
-    }
-
-    fn position(&self, room: &str) -> u64 {
-        Hub::position(self, room)
-    }
-
-    fn epoch(&self) -> String {
-        Hub::epoch(self)
-    }
-
-    fn observe_epoch(&self, epoch: &str) -> bool {
-        Hub::observe_epoch(self, epoch)
-    }
-
-    fn watched_polls(&self) -> Vec<i64> {
-        Hub::watched_polls(self)
-    }
-
-    fn user_count(&self, room: &str) -> usize {
-        Hub::user_count(self, room)
-    }
-
-    fn local_users(&self) -> BTreeMap<String, Vec<String>> {
-        Hub::local_users(self)
-    }
-
-    fn infos(&self, room: &str) -> BTreeMap<String, Vec<Box<RawValue>>> {
-        Hub::infos(self, room)
-    }
-
-    fn share_presence(&self, tx: mpsc::UnboundedSender<Shared>) {
-        Hub::share_presence(self, tx);
-    }
-
-    fn follow_rooms(&self, tx: mpsc::UnboundedSender<Arc<str>>) {
-        Hub::follow_rooms(self, tx);
     }
 }
 
@@ -1577,62 +1323,56 @@ impl Local for Hub {
 mod tests {
     use super::*;
 
-    fn text(o: &Outgoing) -> &str {
-        std::str::from_utf8(o.msg.payload()).unwrap()
-    }
-
-    fn message(room: &str, id: u64) -> ChatMessage {
-        ChatMessage {
-            id,
-            room: room.into(),
-            user: "ann".into(),
-            text: "hi".into(),
-            ts: "2026-01-01T00:00:00.000Z".into(),
-            guest: false,
-            epoch: None,
-        }
+    fn bytes(text: &str) -> Arc<Prepared> {
+        Arc::new(Prepared::text(text.to_owned()))
     }
 
     #[test]
-    fn presence_counts_users_not_connections() {
-        let hub = Hub::new(16, Arc::default());
-        let ann = hub.join("r", "ann").subscription;
-        let ben1 = hub.join("r", "ben");
-        assert_eq!(ben1.members, ["ann", "ben"]);
-        let ben2 = hub.join("r", "ben");
-        assert_eq!(ben2.members, ["ann", "ben"]);
-        drop(ben1);
-        drop(ben2);
-        let join = ann.outbox.try_recv().unwrap();
-        assert!(text(&join).contains("\"event\":\"join\""));
-        let leave = ann.outbox.try_recv().unwrap();
-        assert!(text(&leave).contains("\"event\":\"leave\""));
+    fn a_channel_is_what_its_first_subscriber_says() {
+        let hub = Hub::new(8, Arc::default());
+        let followed = Arc::new(Mutex::new(Vec::new()));
+        let told = followed.clone();
+        hub.on_interest(Box::new(move |c| lock(&told).push(c.to_string())));
+        let ann: Arc<str> = Arc::from("ann");
+        let stream = Kind {
+            presence: false,
+            stream: true,
+        };
+        let s = hub.subscribe("s", stream, &ann, None, Format::Channels);
+        let p = hub.subscribe("p", Kind::default(), &ann, None, Format::Channels);
         assert!(
-            ann.outbox.try_recv().is_none(),
-            "one join and one leave for two connections"
+            s.members.is_empty() && p.members.is_empty(),
+            "no presence, no list"
         );
-    }
-
-    #[test]
-    fn a_crowd_is_counted_not_listed_and_its_comings_and_goings_are_not_told() {
-        let hub = Hub::new(4, Arc::default());
-        let first = hub.join("r", "u0").subscription;
-        let mut others = Vec::new();
-        for i in 1..PRESENCE_LIMIT {
-            others.push(hub.join("r", &format!("u{i}")));
-            while first.outbox.try_recv().is_some() {}
-        }
-        assert_eq!(others.last().unwrap().members.len(), PRESENCE_LIMIT);
-        let crowd = hub.join("r", "one-too-many");
-        assert_eq!((crowd.users, crowd.members.len()), (PRESENCE_LIMIT + 1, 0));
-        assert!(first.outbox.try_recv().is_none(), "no join past the limit");
-        assert_eq!(hub.user_count("r"), PRESENCE_LIMIT + 1);
-        others.pop();
-        assert!(first.outbox.try_recv().is_none(), "no leave from a crowd");
-        others.pop();
-        let leave = first.outbox.try_recv().expect("told again at the limit");
-        assert!(text(&leave).contains("\"event\":\"leave\""));
-        assert!(text(&leave).contains(&format!("\"count\":{}", PRESENCE_LIMIT - 1)));
+        assert_eq!((s.users, p.users), (1, 1), "users are counted all the same");
+        // A stream drops the ids it delivered; another channel takes every publication.
+        assert_eq!(hub.publish("s", 2, &|_| bytes("a")), 1);
+        assert_eq!(hub.publish("s", 2, &|_| bytes("a")), 0);
+        assert_eq!(hub.publish("p", 0, &|_| bytes("b")), 1);
+        assert_eq!(hub.publish("p", 0, &|_| bytes("b")), 1);
+        assert_eq!(hub.publish("nobody", 0, &|_| bytes("c")), 0);
+        // A broadcast goes through streams to the format it names, and to everyone.
+        let ben: Arc<str> = Arc::from("ben");
+        let own = hub.outbox(&ben, Format::Channels);
+        let everyone = hub.join_everyone(&ben, own.clone());
+        assert_eq!(hub.broadcast(Format::Channels, &|_| bytes("all")), 2);
+        hub.leave_everyone(&everyone);
+        assert_eq!(own.take_all().len(), 1);
+        assert_eq!(hub.reset_streams(), 1);
+        assert_eq!(s.subscription.outbox.verdict(), Some(Verdict::Reset));
+        assert_eq!(p.subscription.outbox.verdict(), None);
+        assert_eq!(
+            hub.listed_count(),
+            0,
+            "only channels with presence are listed"
+        );
+        drop((s, p));
+        assert_eq!(
+            *lock(&followed),
+            ["s", "s"],
+            "a stream is followed, the other is not"
+        );
+        assert!(hub.channels().is_empty());
     }
 
     /// Every connection has one, for its whole life: with the `Arc`'s counts, 128 bytes, a
@@ -1644,129 +1384,36 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_marks_only_that_subscriber_slow() {
-        let hub = Hub::new(2, Arc::default());
-        let slow = hub.join("r", "slow").subscription;
-        let fast = hub.join("r", "fast").subscription;
-        for id in 1..=3 {
-            assert!(hub.deliver(&message("r", id)) >= 1);
-            while fast.outbox.try_recv().is_some() {}
-        }
-        assert!(slow.outbox.is_slow());
-        assert!(!fast.outbox.is_slow());
-        assert_eq!(hub.out.metrics.messages_out.load(Relaxed), 5);
-    }
-
-    #[test]
-    fn a_new_epoch_resets_every_room_and_its_members() {
-        let hub = Hub::new(16, Arc::default());
-        assert!(!hub.observe_epoch("a"), "the first epoch seen is no change");
-        let ann = hub.join("r", "ann").subscription;
-        assert_eq!(hub.deliver(&message("r", 7)), 1);
-        assert_eq!(hub.position("r"), 7);
-        assert!(!hub.observe_epoch("a"));
-        assert_eq!(ann.outbox.verdict(), None);
-        let mut lost = message("r", 1);
-        lost.epoch = Some("b".into());
-        // Id 1 of the new stream is below what was delivered, yet it is a new message.
-        hub.deliver(&lost);
-        assert_eq!(hub.epoch(), "b");
-        assert_eq!(ann.outbox.verdict(), Some(Verdict::Reset));
-        assert_eq!(hub.position("r"), 1, "the new stream's ids are followed");
-        let ben = hub.join("r", "ben").subscription;
-        assert_eq!(ben.outbox.verdict(), None, "later members are not reset");
-    }
-
-    #[test]
-    fn rooms_are_listed_in_pages_by_name() {
+    fn channels_spread_over_every_shard_and_formats_follow_subscribers() {
         let hub = Hub::new(4, Arc::default());
-        let held: Vec<_> = ["c", "a", "d", "b"]
-            .into_iter()
-            .map(|r| hub.join(r, "ann"))
+        let ann: Arc<str> = Arc::from("ann");
+        let room = Kind {
+            presence: true,
+            stream: true,
+        };
+        let held: Vec<_> = (0..200)
+            .map(|i| hub.subscribe(&format!("c{i:03}"), room, &ann, None, Format::Room))
             .collect();
-        let _own = hub.join(&crate::wire::personal("ann"), "ann");
-        let _two = hub.join("b", "ben");
-        let names = |page: Vec<(String, usize)>| page.into_iter().map(|r| r.0).collect::<Vec<_>>();
-        assert_eq!(names(hub.rooms_page(None, 2)), ["a", "b"]);
-        assert_eq!(hub.rooms_page(Some("a"), 1), [("b".to_owned(), 2)]);
-        assert_eq!(
-            names(hub.rooms_page(Some("b"), 10)),
-            ["c", "d"],
-            "no user streams"
-        );
+        let used = hub.topics.each().filter(|shard| !shard.is_empty()).count();
+        assert_eq!(used, SHARDS, "200 channels use every shard");
+        assert_eq!(hub.listed_count(), 200);
+        // Each format its subscribers speak is encoded once per publication, and only those.
+        let ben: Arc<str> = Arc::from("ben");
+        let other = hub.subscribe("c000", room, &ben, None, Format::Channels);
+        let asked = Mutex::new(Vec::new());
+        let encode = |f: Format| {
+            lock(&asked).push(f);
+            bytes("x")
+        };
+        assert_eq!(hub.publish("c000", 1, &encode), 2);
+        assert_eq!(*lock(&asked), [Format::Room, Format::Channels]);
+        drop(other);
+        lock(&asked).clear();
+        assert_eq!(hub.publish("c000", 2, &encode), 1);
+        assert_eq!(*lock(&asked), [Format::Room]);
+        assert_eq!(hub.reset_streams(), 200);
         drop(held);
-        assert_eq!(names(hub.rooms_page(None, 10)), ["b"]);
-    }
-
-    #[test]
-    fn empty_rooms_are_forgotten() {
-        let hub = Hub::new(4, Arc::default());
-        let s = hub.join("r", "ann");
-        assert_eq!(hub.rooms_page(None, 10), [("r".to_owned(), 1)]);
-        drop(s);
-        assert!(hub.rooms_page(None, 10).is_empty());
-        assert_eq!(hub.deliver(&message("r", 1)), 0);
-    }
-
-    #[test]
-    fn each_format_is_encoded_once_and_reaches_its_speakers() {
-        let hub = Hub::new(16, Arc::default());
-        let room = hub.join("r", "ann").subscription;
-        let user: Arc<str> = Arc::from("ben");
-        let outbox = hub.outbox(&user, Format::Channels);
-        let channels = hub.join_with("r", &user, Some(outbox), Format::Channels);
-        let channels = channels.subscription;
-        room.outbox.take_all();
-        assert_eq!(hub.deliver(&message("r", 1)), 2);
-        let (a, b) = (
-            room.outbox.try_recv().unwrap(),
-            channels.outbox.try_recv().unwrap(),
-        );
-        assert!(text(&a).starts_with(r#"{"type":"message""#), "{}", text(&a));
-        assert!(
-            text(&b).starts_with(r#"{"type":"pub","channel":"room:r""#),
-            "{}",
-            text(&b)
-        );
-        assert!(!Arc::ptr_eq(&a.msg, &b.msg));
-        // The room's formats follow its members: with the channel member gone, only the
-        // room's format is spoken.
-        drop(channels);
-        let speaks = hub.rooms.of("r").get("r").map(|s| s.topic.speaks());
-        assert_eq!(speaks, Some([true, false]));
-        room.outbox.take_all();
-        assert_eq!(hub.deliver(&message("r", 2)), 1);
-    }
-
-    #[test]
-    fn rooms_over_every_shard_are_kept_listed_and_reset() {
-        let hub = Hub::new(4, Arc::default());
-        assert!(!hub.observe_epoch("a"));
-        let names: Vec<String> = (0..200).map(|i| format!("room{i:03}")).collect();
-        let held: Vec<_> = names.iter().map(|r| hub.join(r, "ann")).collect();
-        let used = hub.rooms.each().filter(|shard| !shard.is_empty()).count();
-        assert_eq!(used, SHARDS, "200 rooms use every shard");
-        assert_eq!(hub.room_count(), 200);
-        let mut listed = hub.room_names();
-        listed.sort();
-        assert_eq!(listed, names);
-        assert_eq!(hub.local_users().len(), 200);
-        let page: Vec<String> = hub
-            .rooms_page(Some("room099"), 3)
-            .into_iter()
-            .map(|r| r.0)
-            .collect();
-        assert_eq!(page, ["room100", "room101", "room102"]);
-        for (i, room) in names.iter().enumerate() {
-            assert_eq!(hub.deliver(&message(room, 5)), 1, "room {i}");
-        }
-        assert!(hub.observe_epoch("b"));
-        for joined in &held {
-            assert_eq!(joined.subscription.outbox.verdict(), Some(Verdict::Reset));
-        }
-        assert!(names.iter().all(|room| hub.position(room) == 0));
-        drop(held);
-        assert_eq!(hub.room_count(), 0);
-        assert!(hub.rooms.each().all(|shard| shard.is_empty()));
+        assert_eq!(hub.listed_count(), 0);
+        assert!(hub.topics.each().all(|shard| shard.is_empty()));
     }
 }

@@ -4,6 +4,7 @@
 mod calls;
 pub mod gate;
 pub mod hub;
+pub mod rooms;
 pub mod wakers;
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use crate::identity::password::PasswordChecker;
 use crate::metrics::{Metrics, Refusal};
 use crate::node::gate::{Full, Gate, Pass};
 use crate::node::hub::Hub;
+use crate::node::rooms::Rooms;
 use crate::throttle::Throttle;
 
 /// The name of the session cookie.
@@ -93,6 +95,8 @@ pub struct Node {
     pub channels_config: Arc<tether::Config>,
     /// Subscriptions and fan-out.
     pub hub: Arc<Hub>,
+    /// Rooms and polls, as channels of the hub.
+    pub rooms: Arc<Rooms>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Whether the port speaks TLS.
@@ -252,7 +256,7 @@ impl Node {
     pub fn new(
         config: ServerConfig,
         ws_config: tether::Config,
-        hub: Arc<Hub>,
+        rooms: Arc<Rooms>,
         metrics: Arc<Metrics>,
         tls: bool,
         engine: crate::engine::Engine,
@@ -288,7 +292,8 @@ impl Node {
                     .protocols(vec![crate::wire::channels::PROTOCOL.to_owned()]),
             ),
             ws_config: Arc::new(ws_config),
-            hub,
+            hub: rooms.hub().clone(),
+            rooms,
             metrics,
             tls,
             shutting_down: AtomicBool::new(false),
@@ -331,7 +336,7 @@ impl Node {
     /// [`StoreError::Limit`] with the reason to tell the client; another [`StoreError`] when
     /// storage could not say whether the room exists.
     pub async fn may_join_room(&self, room: &str, writer: &Writer) -> Result<(), StoreError> {
-        if crate::wire::is_personal(room) || self.hub.has_room(room) {
+        if crate::wire::is_personal(room) || self.rooms.has_room(room) {
             return Ok(());
         }
         if self.has_messages(room).await? {
@@ -348,7 +353,7 @@ impl Node {
         if started.contains_key(room) {
             return Ok(());
         }
-        if self.hub.room_count() >= self.config.max_rooms {
+        if self.rooms.room_count() >= self.config.max_rooms {
             self.metrics.rate_limited.fetch_add(1, Relaxed);
             return Err(StoreError::Limit(format!(
                 "the server holds at most {} rooms with members (max_rooms): join an existing room",

@@ -19,8 +19,8 @@ use crate::node::hub::{Everyone, Format, Hub, Outbox, Place, Subscription, Verdi
 use crate::node::{Node, Slot};
 use crate::session::{self, End, Member, RateLimit};
 use crate::wire::channels::{
-    self, disconnect, fail, parse_channel, Code, Command, Failure, Name, Present, Reply, Stored,
-    TextData, VoteData,
+    self, channel_stream, disconnect, fail, parse_channel, Code, Command, Failure, Name, Present,
+    Reply, Stored, TextData, VoteData,
 };
 use crate::wire::encode;
 
@@ -104,20 +104,6 @@ impl Channel {
         Channel {
             sub: sub.into_place(),
             high,
-        }
-    }
-
-    /// Whether this is the subscription to `name`.
-    fn is(&self, name: &Name<'_>) -> bool {
-        match name {
-            Name::Room(room) => self.sub.room() == Some(*room),
-            Name::Poll(id) => self.sub.poll() == Some(*id),
-            Name::Polls => self.sub.poll() == Some(crate::node::hub::POLL_LIST),
-            Name::User(user) => {
-                let stream = self.sub.room();
-                stream.and_then(|r| r.strip_prefix(crate::wire::PERSONAL)) == Some(*user)
-            }
-            Name::Broadcast => false,
         }
     }
 }
@@ -460,10 +446,8 @@ impl Session {
     /// none of them can come again as a live one (which [`Session::take`] would drop).
     fn replays_delivered(&self) -> bool {
         self.channels.iter().filter(|c| c.high > 0).all(|channel| {
-            channel
-                .sub
-                .room()
-                .is_none_or(|room| self.node.hub.position(room) >= channel.high)
+            let name = channel.sub.channel();
+            channel_stream(name).is_none() || self.node.hub.position(name) >= channel.high
         })
     }
 
@@ -783,7 +767,7 @@ impl Session {
                 };
                 let room = self.may_read(room)?;
                 // A crowd is counted, not listed (see `PRESENCE_LIMIT`), as on subscribing.
-                let users = self.node.hub.user_count(room);
+                let users = self.node.rooms.user_count(room);
                 let present = if users > crate::node::hub::PRESENCE_LIMIT {
                     Present::Users { users }
                 } else {
@@ -843,13 +827,13 @@ impl Session {
         // The epoch first: should storage have a new one, the hub resets the room before
         // this connection is in it, not after.
         let mut current = session::current_epoch(&node).await.map_err(internal)?;
-        let joined = node.hub.join_with(
+        let joined = node.rooms.join_with(
             room,
             self.outbox.user(),
             Some(self.outbox.clone()),
             Format::Channels,
         );
-        let now = node.hub.epoch();
+        let now = node.rooms.epoch();
         if now != current {
             current = now;
         }
@@ -861,7 +845,7 @@ impl Session {
         // ones at or below it are dropped as they arrive.
         let high = if plan.count > 0 { plan.end } else { plan.start };
         if plan.count == 0 {
-            node.hub.advance(room, high);
+            node.rooms.advance(room, high);
         }
         // A crowd is counted, not listed (see `PRESENCE_LIMIT`).
         let users = joined.users;
@@ -919,7 +903,7 @@ impl Session {
             after = last.id;
             self.batch.extend(page.iter().map(channels::publication));
         }
-        node.hub.advance(&room, after);
+        node.rooms.advance(&room, after);
         Ok(())
     }
 
@@ -955,8 +939,11 @@ impl Session {
 
     /// Where the subscription to `channel` is, if there is one.
     fn position(&self, channel: &str) -> Option<usize> {
-        let name = parse_channel(channel).ok()?;
-        self.channels.iter().position(|c| c.is(&name))
+        // One spelling per channel: a name that parses is the one its subscription holds.
+        parse_channel(channel).ok()?;
+        self.channels
+            .iter()
+            .position(|c| c.sub.channel() == channel)
     }
 
     fn add(&mut self, channel: Channel) {
@@ -967,7 +954,7 @@ impl Session {
     /// they change (`pub` pushes without an offset).
     async fn subscribe_poll(&mut self, id: i64) -> Result<Subscribing, Failure> {
         // Watching first: a vote counted while the state loads is pushed after it.
-        let sub = self.node.hub.watch_poll_with(
+        let sub = self.node.rooms.watch_poll_with(
             id,
             self.outbox.user(),
             Some(self.outbox.clone()),
@@ -998,7 +985,7 @@ impl Session {
         // in the list too; a client keys polls by id).
         let sub = self
             .node
-            .hub
+            .rooms
             .watch_poll_list(self.outbox.user(), self.outbox.clone());
         let polls = self.node.polls(POLL_LIST).await.map_err(internal)?;
         self.add(Channel::new(sub, 0));

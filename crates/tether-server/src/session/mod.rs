@@ -259,8 +259,8 @@ async fn join_room(
         // The epoch first: should storage have a new one, the hub resets the room before
         // this member is in it, not after.
         let mut epoch = current_epoch(&node).await?;
-        let joined = node.hub.join(&room, who.name());
-        let now = node.hub.epoch();
+        let joined = node.rooms.join(&room, who.name());
+        let now = node.rooms.epoch();
         if now != epoch {
             // Storage changed epoch between the read and the join (another task noticed):
             // this member joined after the reset, so it takes the new one.
@@ -336,7 +336,7 @@ async fn join_room(
         batch.extend(page.iter().map(encode));
     }
     tracing::debug!(%room, user = who.name(), replayed, last_id = high, "joined");
-    node.hub.advance(&room, high);
+    node.rooms.advance(&room, high);
     let target = Target {
         writer,
         place: Place::Room,
@@ -490,7 +490,7 @@ pub async fn poll(
         writer,
         ..
     } = member;
-    let sub = node.hub.watch_poll(poll.id, who.name());
+    let sub = node.rooms.watch_poll(poll.id, who.name());
     let id = poll.id;
     let state = poll_state(&node, id, voter.as_ref()).await;
     let (poll, vote) = match state {
@@ -952,7 +952,8 @@ impl LiveLoop {
                     return None;
                 }
                 let (node, target) = (self.node.clone(), self.target.clone());
-                let room = self.sub.room().map(str::to_owned);
+                let room =
+                    crate::wire::channels::channel_room(self.sub.channel()).map(str::to_owned);
                 let (user, sender) = (self.sub.user().to_owned(), self.sub.sender());
                 self.handling = Some(Box::new(Box::pin(async move {
                     handle(&node, &target, room, user, &text, sender).await

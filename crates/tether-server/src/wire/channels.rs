@@ -179,6 +179,21 @@ pub fn room_channel(room: &str) -> String {
     }
 }
 
+/// The room of a `room:NAME` channel (`None` for any other channel).
+pub fn channel_room(channel: &str) -> Option<&str> {
+    channel.strip_prefix("room:")
+}
+
+/// The stream a room or user channel is stored as: `room:NAME` is room `NAME`, `user:NAME`
+/// the user's notification stream ([`super::personal`]); the inverse of [`room_channel`].
+pub fn channel_stream(channel: &str) -> Option<std::borrow::Cow<'_, str>> {
+    match channel.split_once(':')? {
+        ("room", room) => Some(room.into()),
+        ("user", user) => Some(super::personal(user).into()),
+        _ => None,
+    }
+}
+
 // Replies.
 
 /// A reply: its command's id, and what the op answers (nothing for most).

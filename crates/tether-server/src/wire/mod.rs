@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tether::Prepared;
 
 pub mod channels;
+pub mod format;
 pub mod rooms;
 
 /// Serializes a message once into a text message that many connections can share.
