@@ -8,8 +8,9 @@ use tether_server::engine::store::{Store, StoreError};
 
 use crate::user::StoreArgs;
 
-/// `tether import` options: the store to read (`--data` or the config file's `data`) and the
-/// Redis to fill (`--redis` or the config file's `redis`).
+/// `tether import` options: the store to read (`--data` or the config file's `data`), the
+/// Redis to fill (`--redis` or the config file's `redis`) and how many of its replicas must
+/// hold each write (`--redis-replicas` or the config file's `redis_replicas`).
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
     /// Where the store is, and the Redis.
@@ -44,6 +45,7 @@ pub enum ImportFailed {
 /// See [`ImportFailed`].
 pub async fn run(args: ImportArgs, out: &mut dyn Write) -> Result<(), ImportFailed> {
     let url = args.store.redis_url()?.ok_or(ImportFailed::NoRedis)?;
+    let replicas = args.store.redis_replicas()?;
     let dir = args.store.data_dir()?;
     let store = Store::open(&dir)?;
     let Imported {
@@ -55,7 +57,7 @@ pub async fn run(args: ImportArgs, out: &mut dyn Write) -> Result<(), ImportFail
         votes,
         epoch,
         ..
-    } = sqlite_into_redis(&store, &url).await?;
+    } = sqlite_into_redis(&store, &url, replicas).await?;
     writeln!(
         out,
         "imported {} into {url}: {users} users, {credentials} sessions and tokens, \

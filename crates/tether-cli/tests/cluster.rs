@@ -1743,8 +1743,14 @@ fn single_node_with_ann() -> (tempfile::TempDir, String, common::Serve, String) 
 /// Runs `tether import` of the store in `data` into `redis`: whether it succeeded, and what
 /// it said.
 fn import_into(data: &str, redis: &str) -> (bool, String) {
+    import_with(data, redis, &[])
+}
+
+/// [`import_into`] with more options.
+fn import_with(data: &str, redis: &str, options: &[&str]) -> (bool, String) {
     let out = Command::new(BIN)
         .args(["import", "--data", data, "--redis", redis])
+        .args(options)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -2014,6 +2020,36 @@ async fn until_cli(port: u16, args: &[&str], wanted: &str) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_with_redis_replicas_returns_once_a_replica_holds_it() {
+    let (_single, data, serve, _token) = single_node_with_ann();
+    drop(serve);
+    let dir = tempfile::tempdir().unwrap();
+    let (main, spare) = (free_port(), free_port());
+    let _master = redis_role(main, None, false, dir.path());
+    let url = format!("redis://127.0.0.1:{main}/");
+    // No replica to hold it: the first batch is not confirmed, and the import stops there,
+    // unfinished.
+    let (done, said) = import_with(&data, &url, &["--redis-replicas", "1"]);
+    assert!(
+        !done && said.contains("0 of 1 redis replicas confirmed"),
+        "{said}"
+    );
+    let (again, said) = import_with(&data, &url, &["--redis-replicas", "1"]);
+    assert!(!again && said.contains("did not finish"), "{said}");
+    assert!(redis_cli(main, &["FLUSHDB"]).starts_with("OK"));
+    // With a replica: once the import says it is done, the replica holds all of it.
+    let _replica = redis_role(spare, Some(main), false, dir.path());
+    // After a sync, the master streams writes to the replica only once the replica has
+    // acknowledged (its cron does, once a second): until then WAIT counts it not.
+    until_cli(main, &["WAIT", "1", "100"], "1").await;
+    let (done, said) = import_with(&data, &url, &["--redis-replicas", "1"]);
+    assert!(done, "{said}");
+    assert_eq!(redis_cli(spare, &["GET", "tether:imported"]).trim(), "done");
+    let users = redis_cli(spare, &["HLEN", "tether:{tether:accounts}:users"]);
+    assert_eq!(users.trim(), "1");
 }
 
 /// A redis-server on `port` keeping nothing on disk, the replica of the one on `master` when

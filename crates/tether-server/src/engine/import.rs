@@ -115,13 +115,21 @@ impl Writes {
     }
 }
 
-/// Copies what `store` holds into the Redis at `url`.
+/// Copies what `store` holds into the Redis at `url`. With `replicas` (the nodes'
+/// `redis_replicas`), each batch of writes counts as written only once that many replicas
+/// of its master hold it (`WAIT`), as the nodes' own writes do: an import that returns is
+/// held by them, and one that could not be confirmed stops, unfinished.
 ///
 /// # Errors
 /// [`ImportError::NotEmpty`] before anything is written when Redis holds rooms, users or
-/// polls; otherwise a failure of either side (an invalid URL, Redis unreachable).
-pub async fn sqlite_into_redis(store: &Store, url: &str) -> Result<Imported, ImportError> {
-    let con = Link::open(url, std::time::Duration::from_secs(30))?;
+/// polls; otherwise a failure of either side (an invalid URL, Redis unreachable, fewer
+/// replicas than `replicas` confirming a batch in time).
+pub async fn sqlite_into_redis(
+    store: &Store,
+    url: &str,
+    replicas: usize,
+) -> Result<Imported, ImportError> {
+    let con = Link::open(url, std::time::Duration::from_secs(30))?.confirmed_by(replicas);
     let mut check = con.clone();
     let mark: Option<String> = redis::cmd("GET").arg(MARK).query_async(&mut check).await?;
     if mark.as_deref() == Some("started") {

@@ -1248,6 +1248,7 @@ impl Cluster {
             // An empty pipeline is an error to the client library.
             return Ok(Vec::new());
         }
+        let confirms = self.commands.confirms();
         let mut pipe = redis::pipe();
         for room in &names {
             pipe.cmd("XREVRANGE")
@@ -1256,21 +1257,26 @@ impl Cluster {
                 .arg("-")
                 .arg("COUNT")
                 .arg(1);
-            // Also how far it is published (see `read_published`).
-            pipe.cmd("GET").arg(published_key(room));
+            if confirms {
+                // Also how far it is published (see `read_published`).
+                pipe.cmd("GET").arg(published_key(room));
+            }
         }
-        let tops: Vec<(Vec<Entry>, Option<u64>)> =
-            pipe.query_async(&mut con).await.map_err(redis_error)?;
-        let confirms = self.commands.confirms();
+        let tops: Vec<(Vec<Entry>, Option<u64>)> = if confirms {
+            pipe.query_async(&mut con).await.map_err(redis_error)?
+        } else {
+            let tops: Vec<Vec<Entry>> = pipe.query_async(&mut con).await.map_err(redis_error)?;
+            tops.into_iter().map(|top| (top, None)).collect()
+        };
         Ok(names
             .into_iter()
             .zip(tops)
             .map(|(room, (top, published))| {
                 let last = parse_entries(top).first().map_or(0, |m| m.id);
-                match published {
-                    Some(published) if confirms => (room, last.min(published)),
-                    _ => (room, last),
-                }
+                (
+                    room,
+                    published.map_or(last, |published| last.min(published)),
+                )
             })
             .collect())
     }

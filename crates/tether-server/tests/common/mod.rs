@@ -191,7 +191,7 @@ impl Setup {
                 let scratch = tempfile::tempdir().unwrap();
                 fill(scratch.path());
                 let store = tether_server::engine::store::Store::open(scratch.path()).unwrap();
-                tether_server::engine::import::sqlite_into_redis(&store, &redis.url)
+                tether_server::engine::import::sqlite_into_redis(&store, &redis.url, 0)
                     .await
                     .unwrap();
             }
