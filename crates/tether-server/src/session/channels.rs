@@ -182,12 +182,11 @@ fn answered(id: u64, body: impl Serialize) -> Answered {
     }
 }
 
-/// A room's stored publications that follow a subscription's reply: those after `after` up
-/// to `end`, written a page at a time ([`Session::replay`]).
+/// A room's stored publications that follow a subscription's reply, as planned, written a
+/// page at a time ([`session::replay`]).
 struct Replay {
     room: String,
-    after: u64,
-    end: u64,
+    plan: session::ReplayPlan,
 }
 
 /// Who a connection is, as its session needs it: its name is its outbox's
@@ -824,23 +823,22 @@ impl Session {
                 StoreError::Limit(why) => fail(Code::LimitExceeded, why),
                 other => internal(other),
             })?;
-        // The epoch first: should storage have a new one, the hub resets the room before
-        // this connection is in it, not after.
-        let mut current = session::current_epoch(&node).await.map_err(internal)?;
-        let joined = node.rooms.join_with(
+        let resume = session::Resume { since, epoch };
+        let joining = session::join(
+            &node,
             room,
             self.outbox.user(),
             Some(self.outbox.clone()),
             Format::Channels,
+            &resume,
         );
-        let now = node.rooms.epoch();
-        if now != current {
-            current = now;
-        }
-        let same_epoch = epoch.as_deref().is_none_or(|e| e == current);
-        let plan = session::plan_replay(&node, room, since, same_epoch)
-            .await
-            .map_err(internal)?;
+        let session::Joining {
+            subscription,
+            epoch: current,
+            plan,
+            users,
+            ..
+        } = joining.await.map_err(internal)?;
         // Publications up to the plan's end come as replay (written after the reply); live
         // ones at or below it are dropped as they arrive.
         let high = if plan.count > 0 { plan.end } else { plan.start };
@@ -848,14 +846,13 @@ impl Session {
             node.rooms.advance(room, high);
         }
         // A crowd is counted, not listed (see `PRESENCE_LIMIT`).
-        let users = joined.users;
         let personal = crate::wire::is_personal(room);
         let members = if users <= crate::node::hub::PRESENCE_LIMIT && !personal {
             Some(self.presence(room).await)
         } else {
             None
         };
-        self.add(Channel::new(joined.subscription, high));
+        self.add(Channel::new(subscription, high));
         let reply = channels::Subscribed::Room(channels::RoomSubscribed {
             epoch: current,
             offset: plan.end,
@@ -866,44 +863,20 @@ impl Session {
         });
         let replay = (plan.count > 0).then(|| Replay {
             room: room.to_owned(),
-            after: plan.start,
-            end: plan.end,
+            plan,
         });
         Ok(Subscribing { reply, replay })
     }
 
-    /// Writes a subscription's replay after its reply: the next page is read from storage
-    /// only once the previous one is in the socket's write buffer, so a client that asks for
-    /// all of a room's history and reads none of it holds one page, not the history. `Err`
-    /// ends the session: the socket took nothing within the write timeout, or storage failed
-    /// halfway (the reply promised what it could not send).
+    /// Writes a subscription's replay after its reply ([`session::replay`]). `Err` ends the
+    /// session: the socket took nothing within the write timeout, or storage failed halfway
+    /// (the reply promised what it could not send).
     async fn replay(&mut self, ws: &mut Socket, replay: Replay) -> Result<(), End> {
         let node = self.node.clone();
-        let Replay {
-            room,
-            mut after,
-            end,
-        } = replay;
-        while after < end {
-            if let Some(end) =
-                session::write_all(&node, ws, &mut self.batch, &self.outbox, judged).await
-            {
-                return Err(end);
-            }
-            let page = match session::read_page(&node, &room, after, end).await {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::error!(error = %e, %room, "loading history failed");
-                    return Err(End::Close(CloseCode::INTERNAL_ERROR, "history unavailable"));
-                }
-            };
-            let Some(last) = page.last() else {
-                break;
-            };
-            after = last.id;
-            self.batch.extend(page.iter().map(channels::publication));
-        }
-        node.rooms.advance(&room, after);
+        let Replay { room, plan } = replay;
+        let (batch, outbox) = (&mut self.batch, &self.outbox);
+        let render = channels::publication;
+        session::replay(&node, ws, batch, outbox, judged, &room, &plan, render).await?;
         Ok(())
     }
 

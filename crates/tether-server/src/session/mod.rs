@@ -18,7 +18,7 @@ use tether::{CloseCode, CloseFrame, Message, Prepared};
 use crate::engine::journal::{ChatWrite, Reply, VoteWrite};
 use crate::engine::store::{ChatMessage, Poll, StoreError, Voter};
 use crate::identity::auth::Identity;
-use crate::node::hub::{Subscription, Verdict};
+use crate::node::hub::{Format, Outbox, Subscription, Verdict};
 use crate::node::wakers::Turn;
 use crate::node::{Credential, Node, Slot};
 use crate::wire::encode;
@@ -256,19 +256,10 @@ async fn join_room(
         return None;
     }
     let joining = async {
-        // The epoch first: should storage have a new one, the hub resets the room before
-        // this member is in it, not after.
-        let mut epoch = current_epoch(&node).await?;
-        let joined = node.rooms.join(&room, who.name());
-        let now = node.rooms.epoch();
-        if now != epoch {
-            // Storage changed epoch between the read and the join (another task noticed):
-            // this member joined after the reset, so it takes the new one.
-            epoch = now;
-        }
+        let name: Arc<str> = Arc::from(who.name());
+        let joined = join(&node, &room, &name, None, Format::Room, &resume).await?;
         let mut members = joined.members;
-        let listed = joined.users <= crate::node::hub::PRESENCE_LIMIT;
-        if listed {
+        if joined.users <= crate::node::hub::PRESENCE_LIMIT {
             // Members on every node.
             if let Ok(everyone) = node.users_elsewhere(&room).await {
                 members.extend(everyone);
@@ -276,9 +267,7 @@ async fn join_room(
                 members.dedup();
             }
         }
-        let same_epoch = resume.epoch.as_deref().is_none_or(|e| e == epoch);
-        let plan = plan_replay(&node, &room, resume.since, same_epoch).await?;
-        Ok::<_, StoreError>((epoch, joined.subscription, members, plan))
+        Ok::<_, StoreError>((joined.epoch, joined.subscription, members, joined.plan))
     };
     let (epoch, sub, members, plan) = match joining.await {
         Ok(joined) => joined,
@@ -309,42 +298,34 @@ async fn join_room(
         truncated: plan.truncated,
     });
     let mut batch = vec![welcome];
-    let mut high = plan.start;
-    let mut replayed = 0;
-    loop {
-        if let Some(end) = write_all(&node, &mut ws, &mut batch, &sub.outbox, judged).await {
+    let replayed = replay(
+        &node,
+        &mut ws,
+        &mut batch,
+        &sub.outbox,
+        judged,
+        &room,
+        &plan,
+        encode,
+    );
+    let high = match replayed.await {
+        Ok(high) => high,
+        Err(end) => {
             finish(&node, ws, slot, sub, end, who.name()).await;
             return None;
         }
-        if high >= plan.end {
-            break;
-        }
-        let page = match read_page(&node, &room, high, plan.end).await {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::error!(error = %e, %room, "loading history failed");
-                let end = End::Close(CloseCode::INTERNAL_ERROR, "history unavailable");
-                finish(&node, ws, slot, sub, end, who.name()).await;
-                return None;
-            }
-        };
-        let Some(last) = page.last() else {
-            break;
-        };
-        high = last.id;
-        replayed += page.len();
-        batch.extend(page.iter().map(encode));
-    }
-    tracing::debug!(%room, user = who.name(), replayed, last_id = high, "joined");
-    node.rooms.advance(&room, high);
+    };
+    tracing::debug!(%room, user = who.name(), replayed = plan.count, last_id = high, "joined");
     let target = Target {
         writer,
         place: Place::Room,
     };
-    let first = vec![encode(&Ready {
+    // Whatever the replay left unwritten goes first.
+    let mut first = batch;
+    first.push(encode(&Ready {
         last_id: high,
         epoch: &epoch,
-    })];
+    }));
     Some(Live {
         lost: check_credential(&node, credential, revocations),
         ws,
@@ -451,6 +432,97 @@ pub(crate) async fn plan_replay(
         last,
         &node.config,
     ))
+}
+
+/// A connection's new subscription to a room, and what it is replayed.
+pub(crate) struct Joining {
+    /// The subscription.
+    pub(crate) subscription: Subscription,
+    /// The rooms' epoch the plan's ids belong to.
+    pub(crate) epoch: String,
+    /// What the connection is replayed.
+    pub(crate) plan: ReplayPlan,
+    /// Distinct users present on this node, the joiner included.
+    pub(crate) users: usize,
+    /// Who they are, in name order (none listed past [`crate::node::hub::PRESENCE_LIMIT`]).
+    pub(crate) members: Vec<String>,
+}
+
+/// Subscribes a connection of `user` speaking `format` to `room`, its events going to
+/// `outbox` (a new one when `None`), and plans its replay from `resume`: every endpoint joins
+/// a room this way. The epoch is read first: should storage have a new one, the hub resets
+/// the room before this connection is in it, not after.
+///
+/// # Errors
+/// Storage failed (the connection has left the room again).
+pub(crate) async fn join(
+    node: &Node,
+    room: &str,
+    user: &Arc<str>,
+    outbox: Option<Arc<Outbox>>,
+    format: Format,
+    resume: &Resume,
+) -> Result<Joining, StoreError> {
+    let mut epoch = current_epoch(node).await?;
+    let joined = node.rooms.join_with(room, user, outbox, format);
+    let now = node.rooms.epoch();
+    if now != epoch {
+        // Storage changed epoch between the read and the join (another task noticed): this
+        // connection joined after the reset, so it takes the new one.
+        epoch = now;
+    }
+    let same_epoch = resume.epoch.as_deref().is_none_or(|e| e == epoch);
+    let plan = plan_replay(node, room, resume.since, same_epoch).await?;
+    Ok(Joining {
+        subscription: joined.subscription,
+        epoch,
+        plan,
+        users: joined.users,
+        members: joined.members,
+    })
+}
+
+/// Writes `plan`'s replay of `room` after what `batch` holds, each message as `render`
+/// makes it: a page is read from storage only once the previous one is in the socket's write
+/// buffer, so a client that asks for all of a room's history and reads none of it holds one
+/// page, not the history. Returns the last id replayed (the plan's start when none); what
+/// is left in `batch` is not written yet. `Err` ends the session (`judge` words the hub's
+/// verdict): the socket took nothing within the write timeout, or storage failed halfway.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn replay(
+    node: &Node,
+    ws: &mut impl Socket,
+    batch: &mut Vec<Arc<Prepared>>,
+    outbox: &Outbox,
+    judge: fn(&Node, Verdict) -> End,
+    room: &str,
+    plan: &ReplayPlan,
+    render: fn(&ChatMessage) -> Arc<Prepared>,
+) -> Result<u64, End> {
+    let mut high = plan.start;
+    if plan.count == 0 {
+        node.rooms.advance(room, high);
+        return Ok(high);
+    }
+    while high < plan.end {
+        if let Some(end) = write_all(node, ws, batch, outbox, judge).await {
+            return Err(end);
+        }
+        let page = match read_page(node, room, high, plan.end).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::error!(error = %e, %room, "loading history failed");
+                return Err(End::Close(CloseCode::INTERNAL_ERROR, "history unavailable"));
+            }
+        };
+        let Some(last) = page.last() else {
+            break;
+        };
+        high = last.id;
+        batch.extend(page.iter().map(render));
+    }
+    node.rooms.advance(room, high);
+    Ok(high)
 }
 
 /// The next page of history: messages with `after < id <= end`, oldest first.
