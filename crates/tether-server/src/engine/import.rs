@@ -77,6 +77,10 @@ const MARK: &str = "tether:imported";
 /// Commands sent in one round trip at most.
 const PIPELINE: usize = 1000;
 
+/// How long each batch waits for its replicas (with `redis_replicas`): nobody waits behind
+/// an import, so it waits out a busy replica rather than stop unfinished.
+const REPLICA_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Messages read from the store at a time.
 const PAGE: usize = 1000;
 
@@ -123,13 +127,15 @@ impl Writes {
 /// # Errors
 /// [`ImportError::NotEmpty`] before anything is written when Redis holds rooms, users or
 /// polls; otherwise a failure of either side (an invalid URL, Redis unreachable, fewer
-/// replicas than `replicas` confirming a batch in time).
+/// replicas than `replicas` confirming a batch within ten seconds).
 pub async fn sqlite_into_redis(
     store: &Store,
     url: &str,
     replicas: usize,
 ) -> Result<Imported, ImportError> {
-    let con = Link::open(url, std::time::Duration::from_secs(30))?.confirmed_by(replicas);
+    let con = Link::open(url, std::time::Duration::from_secs(30))?
+        .confirmed_by(replicas)
+        .waiting(REPLICA_WAIT);
     let mut check = con.clone();
     let mark: Option<String> = redis::cmd("GET").arg(MARK).query_async(&mut check).await?;
     if mark.as_deref() == Some("started") {

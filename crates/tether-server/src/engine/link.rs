@@ -372,6 +372,7 @@ async fn by_tag(
     offset: usize,
     count: usize,
     replicas: usize,
+    within: Duration,
 ) -> RedisResult<Vec<Value>> {
     let cmds: Vec<&Cmd> = pipeline.cmd_iter().collect();
     if pipeline.is_transaction() || offset != 0 || count != cmds.len() {
@@ -418,7 +419,7 @@ async fn by_tag(
             part.add_command(cmds[i].clone());
         }
         let wanted = if confirmed(members) { replicas } else { 0 };
-        on_shard(con, part, wanted)
+        on_shard(con, part, wanted, within)
     }))
     .await;
     let mut answers = vec![Value::Nil; cmds.len()];
@@ -453,13 +454,14 @@ async fn on_shard(
     con: &ClusterConnection,
     mut part: redis::Pipeline,
     replicas: usize,
+    within: Duration,
 ) -> RedisResult<Vec<Value>> {
     let len = part.len();
     if replicas == 0 {
         return con.clone().req_packed_commands(&part, 0, len).await;
     }
     // WAIT names no key: the part's first key routes the pipeline, WAIT included.
-    part.add_command(wait_for(replicas));
+    part.add_command(wait_for(replicas, within));
     let mut answers = con.clone().req_packed_commands(&part, 0, len + 1).await?;
     let held = answers
         .pop()
@@ -509,9 +511,9 @@ fn unanswered() -> RedisError {
 }
 
 /// `WAIT replicas` for as long as a write may wait.
-fn wait_for(replicas: usize) -> Cmd {
+fn wait_for(replicas: usize, within: Duration) -> Cmd {
     let mut wait = redis::cmd("WAIT");
-    wait.arg(replicas).arg(REPLICA_WAIT.as_millis() as u64);
+    wait.arg(replicas).arg(within.as_millis() as u64);
     wait
 }
 
@@ -543,6 +545,8 @@ pub struct Link {
     shared: Arc<Shared>,
     /// Replicas that must hold a write before it is acknowledged.
     replicas: usize,
+    /// How long a write waits for them.
+    within: Duration,
 }
 
 struct Shared {
@@ -620,6 +624,7 @@ impl Link {
                 changes: watch::Sender::new(0),
             }),
             replicas: 0,
+            within: REPLICA_WAIT,
         })
     }
 
@@ -629,6 +634,15 @@ impl Link {
     #[must_use]
     pub fn confirmed_by(mut self, replicas: usize) -> Link {
         self.replicas = replicas;
+        self
+    }
+
+    /// The same, with writes waiting up to `within` for their replicas instead of half a
+    /// second: for a client with nobody waiting behind it (`tether import`), which would
+    /// rather wait out a busy replica than stop.
+    #[must_use]
+    pub fn waiting(mut self, within: Duration) -> Link {
+        self.within = within;
         self
     }
 
@@ -644,6 +658,7 @@ impl Link {
         Link {
             shared: self.shared.clone(),
             replicas: 0,
+            within: self.within,
         }
     }
 
@@ -848,7 +863,7 @@ impl Link {
         if wanted == 0 {
             return Ok(());
         }
-        let held = wait_for(wanted).query_async(con).await;
+        let held = wait_for(wanted, self.within).query_async(con).await;
         if let Err(e) = &held {
             self.failed(e, generation);
         }
@@ -868,7 +883,7 @@ impl ConnectionLike for Link {
                     }
                     let mut part = redis::pipe();
                     part.add_command(cmd.clone());
-                    let answer = on_shard(&con, part, replicas).await?;
+                    let answer = on_shard(&con, part, replicas, self.within).await?;
                     return answer.into_iter().next().ok_or_else(unanswered);
                 }
             };
@@ -893,7 +908,8 @@ impl ConnectionLike for Link {
                 (Conn::Single(con, _), generation) => (con, generation),
                 (Conn::Cluster(con), _) => {
                     let replicas = self.replicas;
-                    return by_tag(&con, pipeline, offset, count, replicas).await;
+                    let within = self.within;
+                    return by_tag(&con, pipeline, offset, count, replicas, within).await;
                 }
             };
             let answer = con.req_packed_commands(pipeline, offset, count).await;
