@@ -312,6 +312,14 @@ async fn votes_update_every_watcher_and_persist(kind: Kind) {
         .as_str()
         .unwrap()
         .contains("unknown option"));
+    // What is not a vote is told so, and the connection stays for the next.
+    let told = |event: Value| event["error"].as_str().unwrap_or_default().to_owned();
+    ben.send(Message::text("soup")).await.unwrap();
+    assert!(told(next_of(&mut ben, "error").await).contains("expected {\"vote\""));
+    ben.send(Message::binary(vec![1u8, 2])).await.unwrap();
+    assert!(told(next_of(&mut ben, "error").await).contains("not binary"));
+    ben.send(Message::text(r#"{"vote":"soup"}"#)).await.unwrap();
+    while next_of(&mut ann, "counts").await["total"] != 2 {}
 
     let (status, _) = http(server.addr, "GET", "/ws/polls/999?name=x", &[], None).await;
     assert_eq!(status, 404);
@@ -320,7 +328,7 @@ async fn votes_update_every_watcher_and_persist(kind: Kind) {
 
     let server = start(dir.config()).await;
     let (_, stored) = http(server.addr, "GET", &format!("/api/polls/{id}"), &[], None).await;
-    assert_eq!(stored["counts"], json!({"soup": 0, "salad": 1}));
+    assert_eq!(stored["counts"], json!({"soup": 1, "salad": 1}));
     let url = server.ws(&format!("/ws/polls/{id}?name=ann"));
     let mut ann = connect_with_cookie(&url, &ann_cookie).await;
     assert_eq!(next(&mut ann).await["vote"], "salad");

@@ -1164,7 +1164,7 @@ async fn poll_socket(
     req: Request,
 ) -> Response {
     let poll = match node.poll(id, None).await {
-        Ok((Some(poll), _)) => poll,
+        Ok((Some(poll), _)) => poll.id,
         Ok((None, _)) => {
             node.metrics.refused(Refusal::NotFound);
             return error(StatusCode::NOT_FOUND, "no such poll");
@@ -1176,7 +1176,7 @@ async fn poll_socket(
         req,
         query,
         Endpoint::Identified,
-        move |node, socket, slot, member| session::poll(node, socket, slot, poll, member),
+        move |node, socket, slot, member| session::channels::poll(node, socket, slot, poll, member),
     )
     .await
 }

@@ -793,6 +793,13 @@ impl Everyone {
     pub fn id(&self) -> u64 {
         self.id
     }
+
+    /// The place of a connection that is not among those a broadcast reaches by themselves
+    /// (it hears broadcasts through its channel): leaving it takes nothing out. Its id is a
+    /// reply's (0), so what is queued to the connection as a reply is taken as its own.
+    pub fn none() -> Everyone {
+        Everyone { id: 0 }
+    }
 }
 
 /// What a subscribing connection learns.

@@ -1,6 +1,10 @@
 //! The channel protocol (`/ws`, subprotocol `tether.v1`; docs/protocol.md): one connection,
 //! many channels. A session answers the client's commands in order and writes the pushes of
 //! every channel it is subscribed to, which all share one outbound queue.
+//!
+//! The same session serves the single-channel poll endpoint (`/ws/polls/ID`) in that
+//! endpoint's shape (`Shape`): subscribed to its poll from the start, its frames read as
+//! votes, its events, errors and closes written in the endpoint's format.
 
 use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,7 +26,7 @@ use crate::wire::channels::{
     self, channel_stream, disconnect, fail, parse_channel, Code, Command, Failure, Name, Present,
     Reply, Stored, TextData, VoteData,
 };
-use crate::wire::encode;
+use crate::wire::{encode, rooms};
 
 pub use crate::wire::channels::{FAMILY, PROTOCOL};
 
@@ -226,9 +230,46 @@ enum Woke {
     Command(tether::Utf8Bytes),
 }
 
+/// What a connection's frames are: the channel protocol's commands and replies, or the shape
+/// of a single-channel endpoint, which is this session with a codec in front: its frames are
+/// read as that endpoint's, and its events, errors and closes are written in its format.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `/ws`, tether.v1.
+    Channels,
+    /// `/ws/polls/ID`: the poll's state first, then its counts as they change; the client
+    /// sends `{"vote": "…"}`, and hears back only why a vote was not counted. Its one channel
+    /// is the poll's, subscribed from the start.
+    Poll,
+}
+
+impl Shape {
+    /// How the hub's verdict ends a session of this shape.
+    fn judge(self) -> fn(&Node, Verdict) -> End {
+        match self {
+            Shape::Channels => judged,
+            Shape::Poll => session::judged,
+        }
+    }
+
+    /// How a revoked or expired credential ends a session of this shape.
+    fn lost_credential(self) -> End {
+        match self {
+            Shape::Channels => {
+                End::Close(disconnect::CREDENTIAL_LOST, "credential revoked or expired")
+            }
+            Shape::Poll => End::Close(
+                CloseCode::POLICY_VIOLATION,
+                "credentials revoked or expired",
+            ),
+        }
+    }
+}
+
 /// A session of the channel protocol.
 struct Session {
     node: Arc<Node>,
+    shape: Shape,
     member: Caller,
     /// Resolves when the connection's credential is revoked or expires.
     lost: Option<session::Lost>,
@@ -261,47 +302,45 @@ struct Session {
 pub fn session(
     node: Arc<Node>,
     ws: UpgradedWebSocket,
-    mut slot: Slot,
+    slot: Slot,
     member: Member,
 ) -> impl std::future::Future<Output = ()> + Send {
-    // One allocation of the name for every subscription the connection makes.
-    let name: Arc<str> = Arc::from(member.who.name());
-    let kind = if member.who.is_anonymous() {
-        Kind::Anonymous
-    } else if member.who.is_guest() {
-        Kind::Guest
-    } else {
-        Kind::User
-    };
-    let outbox = node.hub.outbox(&name, Format::Channels);
-    let everyone = node.hub.join_everyone(&name, outbox.clone());
-    let lost = session::check_credential(&node, member.credential, member.revocations.clone());
-    let direct = member.direct;
-    let channels = Channels { list: Vec::new() };
-    let mut session = Session {
-        limit: RateLimit::new(node.config.message_rate),
-        refused: 0,
-        node,
-        member: Caller {
-            kind,
-            voter: member.voter.map(Box::new),
-            writer: member.writer,
-            revocations: member.revocations,
-        },
-        lost,
-        outbox,
-        everyone,
-        channels,
-        connected: false,
-        direct,
-        batch: Vec::new(),
-        storing: None,
-    };
+    let session = Session::new(node, member, Shape::Channels);
+    drive(session, ws, slot)
+}
+
+/// Runs a poll watcher (`/ws/polls/ID`) as a session of its own shape (`Shape::Poll`):
+/// the poll's state and this user's vote, then its counts as they change and the client's
+/// votes, in the endpoint's format (docs/api.md, `GET /ws/polls/{id}`).
+pub fn poll(
+    node: Arc<Node>,
+    ws: UpgradedWebSocket,
+    slot: Slot,
+    poll: i64,
+    member: Member,
+) -> impl std::future::Future<Output = ()> + Send {
+    let mut session = Session::new(node, member, Shape::Poll);
+    let (user, outbox) = (session.outbox.user(), Some(session.outbox.clone()));
+    let sub = session
+        .node
+        .rooms
+        .watch_poll_with(poll, user, outbox, Format::Room);
+    session.add(Channel::new(sub, 0));
+    drive(session, ws, slot)
+}
+
+/// Runs `session` on `ws` until either side ends it, then leaves everything it holds.
+fn drive(
+    mut session: Session,
+    ws: UpgradedWebSocket,
+    mut slot: Slot,
+) -> impl std::future::Future<Output = ()> + Send {
     // Held from here on by a pointer: the task keeps the pointer, not the socket.
     let mut ws = ws.into_shared();
     async move {
         let end = session.run(&mut ws).await;
         let user = session.name().to_owned();
+        let shape = session.shape;
         // Taken from the session once it has run, so as not to be kept beside it.
         let node = session.node.clone();
         // Leave every channel before the nickname goes.
@@ -312,10 +351,57 @@ pub fn session(
             End::Close(code, reason) => {
                 tracing::debug!(%user, code = code.0, reason, "closing channel session");
                 // Boxed: the goodbye's state would otherwise widen every session's.
-                Box::pin(disconnect(&node, &mut ws, code, reason)).await;
+                Box::pin(goodbye(&node, &mut ws, shape, code, reason)).await;
             }
         }
         drop(slot);
+    }
+}
+
+impl Session {
+    /// A session for `member` whose frames take `shape`.
+    fn new(node: Arc<Node>, member: Member, shape: Shape) -> Session {
+        // One allocation of the name for every subscription the connection makes.
+        let name: Arc<str> = Arc::from(member.who.name());
+        let kind = if member.who.is_anonymous() {
+            Kind::Anonymous
+        } else if member.who.is_guest() {
+            Kind::Guest
+        } else {
+            Kind::User
+        };
+        let (format, everyone) = match shape {
+            Shape::Channels => (Format::Channels, true),
+            // A broadcast reaches the single-channel endpoints through their channel.
+            Shape::Poll => (Format::Room, false),
+        };
+        let outbox = node.hub.outbox(&name, format);
+        let everyone = if everyone {
+            node.hub.join_everyone(&name, outbox.clone())
+        } else {
+            Everyone::none()
+        };
+        let lost = session::check_credential(&node, member.credential, member.revocations.clone());
+        Session {
+            limit: RateLimit::new(node.config.message_rate),
+            refused: 0,
+            node,
+            shape,
+            member: Caller {
+                kind,
+                voter: member.voter.map(Box::new),
+                writer: member.writer,
+                revocations: member.revocations,
+            },
+            lost,
+            outbox,
+            everyone,
+            channels: Channels { list: Vec::new() },
+            connected: false,
+            direct: member.direct,
+            batch: Vec::new(),
+            storing: None,
+        }
     }
 }
 
@@ -323,6 +409,15 @@ pub fn session(
 /// `http::refuse_upgrade`): a `disconnect` push, then a close with `code`.
 pub async fn refused(node: &Node, mut ws: UpgradedWebSocket, code: u16, reason: &str) {
     disconnect(node, &mut ws, CloseCode(code), reason).await;
+}
+
+/// Ends a connection in its shape's way: the channel protocol's with a `disconnect` push
+/// first, a single-channel endpoint's with the close alone.
+async fn goodbye(node: &Node, ws: &mut Socket, shape: Shape, code: CloseCode, reason: &str) {
+    match shape {
+        Shape::Channels => disconnect(node, ws, code, reason).await,
+        Shape::Poll => session::close(node, ws, code, reason).await,
+    }
 }
 
 /// Ends a connection: the `disconnect` push (whether to reconnect, and why), then the close.
@@ -344,6 +439,12 @@ impl Session {
 
     async fn run(&mut self, ws: &mut Socket) -> End {
         let node = self.node.clone();
+        if self.shape == Shape::Poll {
+            // Boxed: what opening takes is not kept for the session's life.
+            if let Err(end) = Box::pin(self.open_poll()).await {
+                return end;
+            }
+        }
         loop {
             if !self.batch.is_empty() || ws.queued_len() > 0 {
                 // In an allocation of its own: an idle session's state holds none of it.
@@ -352,7 +453,7 @@ impl Session {
                     ws,
                     &mut self.batch,
                     &self.outbox,
-                    judged,
+                    self.shape.judge(),
                 ));
                 if let Some(end) = write.await {
                     return end;
@@ -374,6 +475,7 @@ impl Session {
                     channel.high = 0;
                 }
             }
+            let shape = self.shape;
             let lost = &mut self.lost;
             let lost_fut = std::future::poll_fn(|cx| match lost.as_mut() {
                 Some(lost) => lost.as_mut().as_mut().poll(cx),
@@ -391,20 +493,25 @@ impl Session {
             let woke = tokio::select! {
                 biased;
                 verdict = std::future::poll_fn(|cx| outbox.poll_verdict(cx)) => {
-                    Woke::End(judged(&node, verdict))
+                    Woke::End(shape.judge()(&node, verdict))
                 }
                 () = session::shutting_down(&node) => {
                     Woke::End(End::Close(CloseCode::GOING_AWAY, "server shutting down"))
                 }
                 () = lost_fut => {
-                    Woke::End(End::Close(disconnect::CREDENTIAL_LOST, "credential revoked or expired"))
+                    tracing::info!(user = %outbox.user(), "credential revoked or expired: closing");
+                    Woke::End(shape.lost_credential())
                 }
                 reply = stored => Woke::Stored(reply),
                 () = std::future::poll_fn(|cx| outbox.poll_ready(cx)) => Woke::Events,
                 message = ws.recv(), if room_for_more => match message {
                     Some(Ok(Message::Text(text))) => Woke::Command(text),
-                    Some(Ok(Message::Binary(_))) => {
+                    Some(Ok(Message::Binary(_))) if shape == Shape::Channels => {
                         Woke::End(End::Close(disconnect::PROTOCOL_VIOLATION, "binary frames are not part of tether.v1"))
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        self.batch.push(session::error_event("send JSON text, not binary"));
+                        Woke::Events
                     }
                     // A ping or pong: nothing to do but wait again.
                     Some(Ok(_)) => Woke::Events,
@@ -435,10 +542,77 @@ impl Session {
             session::count_in(&node, text.len());
             // Boxed: a command's futures (storage, replay) would otherwise stay in the
             // session's state for its whole life.
-            if let Err(end) = Box::pin(self.command(ws, &text)).await {
+            if let Err(end) = Box::pin(self.text(ws, &text)).await {
                 return end;
             }
         }
+    }
+
+    /// The poll a poll watcher watches: its one channel, subscribed from the start.
+    fn watched_poll(&self) -> Result<i64, End> {
+        let channel = self.channels.first().map_or("", |c| c.sub.channel());
+        match parse_channel(channel) {
+            Ok(Name::Poll(id)) => Ok(id),
+            _ => Err(End::Close(CloseCode::INTERNAL_ERROR, "poll unavailable")),
+        }
+    }
+
+    /// A poll watcher's start: the poll's state and this user's vote, written first.
+    async fn open_poll(&mut self) -> Result<(), End> {
+        let id = self.watched_poll()?;
+        let voter = self.member.voter.as_deref();
+        match session::poll_state(&self.node, id, voter).await {
+            Ok((Some(poll), vote)) => {
+                let vote = vote.as_deref();
+                self.batch
+                    .push(encode(&rooms::PollState { poll: &poll, vote }));
+                Ok(())
+            }
+            Ok((None, _)) => Err(End::Close(CloseCode::POLICY_VIOLATION, "no such poll")),
+            Err(e) => {
+                tracing::error!(error = %e, poll = id, "loading a poll failed");
+                Err(End::Close(CloseCode::INTERNAL_ERROR, "poll unavailable"))
+            }
+        }
+    }
+
+    /// A poll watcher's message: a vote. Why one was not counted comes back as an `error`
+    /// event (through the outbox, from the writer); a counted one is heard in the counts.
+    async fn poll_text(&mut self, text: &str) -> Result<(), End> {
+        let id = self.watched_poll()?;
+        if !self.limit.allow(self.node.config.message_rate) {
+            self.node.metrics.rate_limited.fetch_add(1, Relaxed);
+            tracing::warn!(user = self.name(), "message rate limit exceeded");
+            let why = "message rate limit exceeded";
+            return Err(End::Close(CloseCode::POLICY_VIOLATION, why));
+        }
+        // The same person over several connections: the vote is refused, the connections
+        // stay (none of them alone went too fast).
+        if !self.node.spend_socket_message(&self.member.writer) {
+            let refusal = crate::node::IDENTITY_RATE_REFUSAL;
+            self.batch.push(session::error_event(refusal));
+            return Ok(());
+        }
+        let Ok(rooms::VoteIn { vote }) = serde_json::from_str(text) else {
+            let expected = "expected {\"vote\": \"option\"}";
+            self.batch.push(session::error_event(expected));
+            return Ok(());
+        };
+        let Some(voter) = self.member.voter.as_deref().cloned() else {
+            let why = "only registered users vote here: log in to vote";
+            self.batch.push(session::error_event(why));
+            return Ok(());
+        };
+        let write = VoteWrite {
+            poll: id,
+            voter,
+            option: vote,
+            reply: journal::Reply::Socket(self.outbox.clone()),
+        };
+        if let Err(e) = self.node.vote(write).await {
+            self.batch.push(session::error_event(&e.to_string()));
+        }
+        Ok(())
     }
 
     /// Whether the hub has delivered every publication that each channel's replay held, so
@@ -472,6 +646,14 @@ impl Session {
             }
         }
         self.batch.push(event.msg);
+    }
+
+    /// Takes a text frame in the session's shape; `Err` ends the session.
+    async fn text(&mut self, ws: &mut Socket, text: &str) -> Result<(), End> {
+        match self.shape {
+            Shape::Channels => self.command(ws, text).await,
+            Shape::Poll => self.poll_text(text).await,
+        }
     }
 
     /// Answers one command; `Err` ends the session. A subscription's replay is written

@@ -1,5 +1,6 @@
-//! Per connection: the WebSocket sessions of a chat room member, a poll watcher and the echo
-//! endpoint, what every session shares, and the channel protocol of `/ws` ([`channels`]).
+//! Per connection: the WebSocket sessions of a chat room member and of the echo endpoint,
+//! what every session shares, and the channel protocol of `/ws` ([`channels`]), whose session
+//! also serves `/ws/polls/ID` in that endpoint's shape.
 //!
 //! Each session is one task running one loop over three sources, in this priority: the hub's
 //! verdict that the connection fell behind (close 1013), the server's shutdown (close 1001),
@@ -15,14 +16,14 @@ use std::time::{Duration, Instant};
 use tether::upgrade::UpgradedWebSocket;
 use tether::{CloseCode, CloseFrame, Message, Prepared};
 
-use crate::engine::journal::{ChatWrite, Reply, VoteWrite};
+use crate::engine::journal::{ChatWrite, Reply};
 use crate::engine::store::{ChatMessage, Poll, StoreError, Voter};
 use crate::identity::auth::Identity;
 use crate::node::hub::{Format, Outbox, Subscription, Verdict};
 use crate::node::wakers::Turn;
 use crate::node::{Credential, Node, Slot};
 use crate::wire::encode;
-use crate::wire::rooms::{self, ChatIn, PollState, Ready, VoteIn, Welcome};
+use crate::wire::rooms::{self, ChatIn, Ready, Welcome};
 use futures_util::{Sink as _, Stream as _, StreamExt as _};
 use std::future::Future as _;
 use std::task::Context;
@@ -73,7 +74,7 @@ fn since_start() -> u64 {
     u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-fn error_event(text: &str) -> Arc<Prepared> {
+pub(crate) fn error_event(text: &str) -> Arc<Prepared> {
     encode(&rooms::Error { error: text })
 }
 
@@ -98,28 +99,11 @@ pub struct Member {
     pub direct: bool,
 }
 
-/// What a session does with a client's text, and on whose behalf.
+/// On whose behalf a session stores the client's messages.
 #[derive(Clone)]
 struct Target {
     /// Whose budget its messages spend, over all its connections.
     writer: crate::identity::auth::Writer,
-    /// Where the client's messages go.
-    place: Place,
-}
-
-/// A poll watcher's poll, and how it votes (`None`: it may not).
-#[derive(Clone)]
-struct PollPlace {
-    id: i64,
-    voter: Option<Voter>,
-}
-
-#[derive(Clone)]
-enum Place {
-    /// The subscription's room.
-    Room,
-    /// Boxed: a room member's place is then a word.
-    Poll(Box<PollPlace>),
 }
 
 /// How a session ended, for the close frame and the log.
@@ -316,10 +300,7 @@ async fn join_room(
         }
     };
     tracing::debug!(%room, user = who.name(), replayed = plan.count, last_id = high, "joined");
-    let target = Target {
-        writer,
-        place: Place::Room,
-    };
+    let target = Target { writer };
     // Whatever the replay left unwritten goes first.
     let mut first = batch;
     first.push(encode(&Ready {
@@ -544,62 +525,6 @@ pub(crate) async fn poll_state(
     voter: Option<&Voter>,
 ) -> Result<(Option<Poll>, Option<String>), StoreError> {
     node.poll(id, voter.map(|v| v.key.as_str())).await
-}
-
-/// Runs a poll watcher: the poll and this user's vote, then live counts and the user's votes.
-pub async fn poll(
-    node: Arc<Node>,
-    mut ws: UpgradedWebSocket,
-    slot: Slot,
-    poll: Poll,
-    member: Member,
-) {
-    let Member {
-        who,
-        credential,
-        voter,
-        revocations,
-        writer,
-        ..
-    } = member;
-    let sub = node.rooms.watch_poll(poll.id, who.name());
-    let id = poll.id;
-    let state = poll_state(&node, id, voter.as_ref()).await;
-    let (poll, vote) = match state {
-        Ok((Some(p), vote)) => (p, vote),
-        Ok((None, _)) => (poll, None),
-        Err(e) => {
-            tracing::error!(error = %e, poll = id, "loading a poll failed");
-            close(
-                &node,
-                &mut ws,
-                CloseCode::INTERNAL_ERROR,
-                "poll unavailable",
-            )
-            .await;
-            return;
-        }
-    };
-    let first = vec![encode(&PollState {
-        poll: &poll,
-        vote: vote.as_deref(),
-    })];
-    let target = Target {
-        writer,
-        place: Place::Poll(Box::new(PollPlace { id: poll.id, voter })),
-    };
-    let live = Live {
-        lost: check_credential(&node, credential, revocations),
-        ws,
-        slot,
-        sub,
-        target,
-        first,
-        high: 0,
-    };
-    // Boxed in a statement of its own, so that the loading above takes no room beside it.
-    let live = Box::pin(pump(node, live));
-    live.await;
 }
 
 /// Echoes every text and binary message until the client closes or the server shuts down.
@@ -1256,7 +1181,7 @@ async fn finish(
 }
 
 /// How a session ends on the hub's verdict.
-fn judged(node: &Node, verdict: Verdict) -> End {
+pub(crate) fn judged(node: &Node, verdict: Verdict) -> End {
     match verdict {
         Verdict::Slow => {
             node.metrics.slow_consumers.fetch_add(1, Relaxed);
@@ -1278,67 +1203,38 @@ async fn handle(
     text: &str,
     sender: Arc<crate::node::hub::Outbox>,
 ) -> Option<Arc<Prepared>> {
-    let job = match target {
-        Target {
-            place: Place::Room, ..
-        } => {
-            let (text, key) =
-                match serde_json::from_str::<ChatIn>(text) {
-                    Ok(ChatIn { text, key }) => (text, key),
-                    // Plain text, as wscat and `tether connect` send it: the message is the text.
-                    Err(_) if !text.trim_start().starts_with('{') => (text.to_owned(), None),
-                    Err(_) => return Some(error_event(
-                        "expected {\"text\": \"...\"}, or plain text that does not start with {",
-                    )),
-                };
-            if let Some(problem) = node.text_problem(&text) {
-                return Some(error_event(&problem));
-            }
-            if key
-                .as_deref()
-                .is_some_and(|k| !crate::identity::auth::valid_key(k))
-            {
-                return Some(error_event(crate::identity::auth::KEY_RULE));
-            }
-            // Stored, then delivered to the room, this member included; a failure comes back
-            // as an error event.
-            let write = ChatWrite {
-                room: room.unwrap_or_default(),
-                user,
-                text,
-                key,
-                writer: target.writer.clone(),
-                reply: Reply::Socket(sender.clone()),
-            };
-            return match node.publish(write).await {
-                Ok(()) => None,
-                Err(e) => Some(error_event(&format!("message not stored: {e}"))),
-            };
-        }
-        Target {
-            place: Place::Poll(poll),
-            ..
-        } => {
-            let PollPlace { id, voter } = &**poll;
-            let Ok(VoteIn { vote }) = serde_json::from_str(text) else {
-                return Some(error_event("expected {\"vote\": \"option\"}"));
-            };
-            let Some(voter) = voter else {
-                return Some(error_event(
-                    "only registered users vote here: log in to vote",
-                ));
-            };
-            VoteWrite {
-                poll: *id,
-                voter: voter.clone(),
-                option: vote,
-                reply: Reply::Socket(sender.clone()),
-            }
+    let (text, key) = match serde_json::from_str::<ChatIn>(text) {
+        Ok(ChatIn { text, key }) => (text, key),
+        // Plain text, as wscat and `tether connect` send it: the message is the text.
+        Err(_) if !text.trim_start().starts_with('{') => (text.to_owned(), None),
+        Err(_) => {
+            return Some(error_event(
+                "expected {\"text\": \"...\"}, or plain text that does not start with {",
+            ))
         }
     };
-    match node.vote(job).await {
+    if let Some(problem) = node.text_problem(&text) {
+        return Some(error_event(&problem));
+    }
+    if key
+        .as_deref()
+        .is_some_and(|k| !crate::identity::auth::valid_key(k))
+    {
+        return Some(error_event(crate::identity::auth::KEY_RULE));
+    }
+    // Stored, then delivered to the room, this member included; a failure comes back as an
+    // error event.
+    let write = ChatWrite {
+        room: room.unwrap_or_default(),
+        user,
+        text,
+        key,
+        writer: target.writer.clone(),
+        reply: Reply::Socket(sender),
+    };
+    match node.publish(write).await {
         Ok(()) => None,
-        Err(e) => Some(error_event(&e.to_string())),
+        Err(e) => Some(error_event(&format!("message not stored: {e}"))),
     }
 }
 
