@@ -1152,7 +1152,9 @@ async fn room_socket(
         req,
         query,
         Endpoint::Identified,
-        move |node, socket, slot, member| session::room(node, socket, slot, room, member, resume),
+        move |node, socket, slot, member| {
+            session::channels::room(node, socket, slot, room, member, resume)
+        },
     )
     .await
 }

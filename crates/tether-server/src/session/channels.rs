@@ -2,15 +2,17 @@
 //! many channels. A session answers the client's commands in order and writes the pushes of
 //! every channel it is subscribed to, which all share one outbound queue.
 //!
-//! The same session serves the single-channel poll endpoint (`/ws/polls/ID`) in that
-//! endpoint's shape (`Shape`): subscribed to its poll from the start, its frames read as
-//! votes, its events, errors and closes written in the endpoint's format.
+//! The same session serves the single-channel endpoints (`/ws/rooms/NAME`, `/ws/polls/ID`) in
+//! their shapes (`Shape`): subscribed to their channel before the session runs, their frames
+//! read as messages or votes, their events, errors and closes written in the endpoints'
+//! format (docs/api.md). There is one session loop in the server, and one of every defence.
 
 use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll as TaskPoll;
 
+use futures_util::future::{Either, FutureExt as _};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
 use serde_json::Value;
@@ -23,8 +25,8 @@ use crate::node::hub::{Everyone, Format, Hub, Outbox, Place, Subscription, Verdi
 use crate::node::{Node, Slot};
 use crate::session::{self, End, Member, RateLimit};
 use crate::wire::channels::{
-    self, channel_stream, disconnect, fail, parse_channel, Code, Command, Failure, Name, Present,
-    Reply, Stored, TextData, VoteData,
+    self, channel_room, channel_stream, disconnect, fail, parse_channel, Code, Command, Failure,
+    Name, Present, Reply, Stored, TextData, VoteData,
 };
 use crate::wire::{encode, rooms};
 
@@ -241,6 +243,10 @@ enum Shape {
     /// sends `{"vote": "…"}`, and hears back only why a vote was not counted. Its one channel
     /// is the poll's, subscribed from the start.
     Poll,
+    /// `/ws/rooms/NAME`: `welcome`, the history, `ready`, then the room's events; the client
+    /// sends its messages as `{"text": "…"}` or plain text, and hears back only why one was
+    /// not stored. Its one channel is the room's, joined before the session runs.
+    Room,
 }
 
 impl Shape {
@@ -248,7 +254,7 @@ impl Shape {
     fn judge(self) -> fn(&Node, Verdict) -> End {
         match self {
             Shape::Channels => judged,
-            Shape::Poll => session::judged,
+            Shape::Poll | Shape::Room => session::judged,
         }
     }
 
@@ -258,7 +264,7 @@ impl Shape {
             Shape::Channels => {
                 End::Close(disconnect::CREDENTIAL_LOST, "credential revoked or expired")
             }
-            Shape::Poll => End::Close(
+            Shape::Poll | Shape::Room => End::Close(
                 CloseCode::POLICY_VIOLATION,
                 "credentials revoked or expired",
             ),
@@ -306,7 +312,8 @@ pub fn session(
     member: Member,
 ) -> impl std::future::Future<Output = ()> + Send {
     let session = Session::new(node, member, Shape::Channels);
-    drive(session, ws, slot)
+    // Held from here on by a pointer: the task keeps the pointer, not the socket.
+    drive(session, ws.into_shared(), slot)
 }
 
 /// Runs a poll watcher (`/ws/polls/ID`) as a session of its own shape (`Shape::Poll`):
@@ -326,36 +333,162 @@ pub fn poll(
         .rooms
         .watch_poll_with(poll, user, outbox, Format::Room);
     session.add(Channel::new(sub, 0));
-    drive(session, ws, slot)
+    drive(session, ws.into_shared(), slot)
+}
+
+/// Runs a chat room member (`/ws/rooms/NAME`) as a session of its own shape (`Shape::Room`):
+/// `welcome`, the history (after `since`, or the recent messages), `ready`, then the room's
+/// events and the client's messages, in the room endpoint's format (docs/api.md).
+///
+/// History is replayed in pages, each read from storage only once the previous one is
+/// written: a client that does not read holds one page and the socket's write buffer, not the
+/// whole history, and the write timeout ends it.
+pub fn room(
+    node: Arc<Node>,
+    ws: UpgradedWebSocket,
+    slot: Slot,
+    room: String,
+    member: Member,
+    resume: session::Resume,
+) -> impl std::future::Future<Output = ()> + Send {
+    let session = Session::new(node, member, Shape::Room);
+    // The join runs in an allocation of its own, freed before the member goes live: an idle
+    // member's task holds its session and little else.
+    let join = Box::pin(join_room(session, ws.into_shared(), slot, room, resume));
+    join.then(|joined| match joined {
+        Some((session, ws, slot)) => Either::Left(drive(session, ws, slot)),
+        None => Either::Right(std::future::ready(())),
+    })
+}
+
+/// Joins a room member's session to its room and queues `welcome`, the history and `ready`;
+/// `None` when the session ended meanwhile (the client was told why).
+async fn join_room(
+    mut session: Session,
+    mut ws: Socket,
+    slot: Slot,
+    room: String,
+    resume: session::Resume,
+) -> Option<(Session, Socket, Slot)> {
+    let node = session.node.clone();
+    let user = session.outbox.user().clone();
+    tracing::debug!(%room, %user, since = ?resume.since, epoch = ?resume.epoch, "joining");
+    // Joining a room nobody is in and nobody wrote to brings it into being: that is paid for
+    // as starting one, whichever endpoint it comes through.
+    if let Err(e) = node.may_join_room(&room, &session.member.writer).await {
+        let (code, why) = match &e {
+            StoreError::Limit(why) => (CloseCode::POLICY_VIOLATION, why.as_str()),
+            other => {
+                tracing::error!(error = %other, %room, "checking the room failed");
+                (CloseCode::INTERNAL_ERROR, "storage unavailable: try again")
+            }
+        };
+        tracing::debug!(%room, %user, why, "room not joined");
+        let _ = session::Socket::feed_prepared(&mut ws, &session::error_event(why)).await;
+        finish(session, ws, slot, End::Close(code, "room not joined")).await;
+        return None;
+    }
+    let outbox = Some(session.outbox.clone());
+    let joined = session::join(&node, &room, &user, outbox, Format::Room, &resume).await;
+    let session::Joining {
+        subscription,
+        epoch,
+        plan,
+        users,
+        mut members,
+    } = match joined {
+        Ok(joined) => joined,
+        Err(e) => {
+            tracing::error!(error = %e, %room, "loading history failed");
+            let end = End::Close(CloseCode::INTERNAL_ERROR, "history unavailable");
+            finish(session, ws, slot, end).await;
+            return None;
+        }
+    };
+    // The session holds the subscription from here, and leaves with it.
+    session.add(Channel::new(subscription, 0));
+    if users <= crate::node::hub::PRESENCE_LIMIT {
+        // Members on every node.
+        if let Ok(everyone) = node.users_elsewhere(&room).await {
+            members.extend(everyone);
+            members.sort();
+            members.dedup();
+        }
+    }
+    if plan.recovered == Some(false) && !plan.truncated {
+        // Another epoch, or a position this room never reached (hostile, or storage that lost
+        // data): resuming from it would hide messages from this member.
+        tracing::info!(%room, since = ?resume.since, client_epoch = ?resume.epoch, %epoch, last_id = plan.end, "resume position not in this room's stream: sending the recent history");
+    }
+    session.batch.push(encode(&rooms::Welcome {
+        room: &room,
+        user: &user,
+        guest: session.member.kind == Kind::Guest,
+        members: &members,
+        epoch: &epoch,
+        recovered: plan.recovered,
+        truncated: plan.truncated,
+    }));
+    let (batch, outbox) = (&mut session.batch, &session.outbox);
+    let replayed = session::replay(
+        &node,
+        &mut ws,
+        batch,
+        outbox,
+        session::judged,
+        &room,
+        &plan,
+        encode,
+    );
+    let high = match replayed.await {
+        Ok(high) => high,
+        Err(end) => {
+            finish(session, ws, slot, end).await;
+            return None;
+        }
+    };
+    tracing::debug!(%room, %user, replayed = plan.count, last_id = high, "joined");
+    // Live messages up to the replay's last were written as history.
+    session.channels.list[0].high = high;
+    session.batch.push(encode(&rooms::Ready {
+        last_id: high,
+        epoch: &epoch,
+    }));
+    Some((session, ws, slot))
 }
 
 /// Runs `session` on `ws` until either side ends it, then leaves everything it holds.
+// Not an `async fn`: one keeps its arguments in its state beside the locals they are moved
+// to, for the connection's whole life (592 bytes where this takes 384).
+#[allow(clippy::manual_async_fn)]
 fn drive(
     mut session: Session,
-    ws: UpgradedWebSocket,
-    mut slot: Slot,
+    mut ws: Socket,
+    slot: Slot,
 ) -> impl std::future::Future<Output = ()> + Send {
-    // Held from here on by a pointer: the task keeps the pointer, not the socket.
-    let mut ws = ws.into_shared();
     async move {
         let end = session.run(&mut ws).await;
-        let user = session.name().to_owned();
-        let shape = session.shape;
-        // Taken from the session once it has run, so as not to be kept beside it.
-        let node = session.node.clone();
-        // Leave every channel before the nickname goes.
-        drop(session);
-        slot.release_nickname();
-        match end {
-            End::Gone => tracing::debug!(%user, "channel session ended"),
-            End::Close(code, reason) => {
-                tracing::debug!(%user, code = code.0, reason, "closing channel session");
-                // Boxed: the goodbye's state would otherwise widen every session's.
-                Box::pin(goodbye(&node, &mut ws, shape, code, reason)).await;
-            }
-        }
-        drop(slot);
+        // Boxed: the goodbye's state would otherwise widen every session's.
+        Box::pin(finish(session, ws, slot, end)).await;
     }
+}
+
+/// Ends a session: it leaves every channel, then the nickname goes, then the client is told
+/// (when there is anything to tell), then the connection's slot is freed.
+async fn finish(session: Session, mut ws: Socket, mut slot: Slot, end: End) {
+    let user = session.name().to_owned();
+    let shape = session.shape;
+    let node = session.node.clone();
+    drop(session);
+    slot.release_nickname();
+    match end {
+        End::Gone => tracing::debug!(%user, "channel session ended"),
+        End::Close(code, reason) => {
+            tracing::debug!(%user, code = code.0, reason, "closing channel session");
+            goodbye(&node, &mut ws, shape, code, reason).await;
+        }
+    }
+    drop(slot);
 }
 
 impl Session {
@@ -373,7 +506,7 @@ impl Session {
         let (format, everyone) = match shape {
             Shape::Channels => (Format::Channels, true),
             // A broadcast reaches the single-channel endpoints through their channel.
-            Shape::Poll => (Format::Room, false),
+            Shape::Poll | Shape::Room => (Format::Room, false),
         };
         let outbox = node.hub.outbox(&name, format);
         let everyone = if everyone {
@@ -382,6 +515,8 @@ impl Session {
             Everyone::none()
         };
         let lost = session::check_credential(&node, member.credential, member.revocations.clone());
+        // A room member never votes: its session keeps no key for polls.
+        let voter = member.voter.filter(|_| shape != Shape::Room).map(Box::new);
         Session {
             limit: RateLimit::new(node.config.message_rate),
             refused: 0,
@@ -389,7 +524,7 @@ impl Session {
             shape,
             member: Caller {
                 kind,
-                voter: member.voter.map(Box::new),
+                voter,
                 writer: member.writer,
                 revocations: member.revocations,
             },
@@ -416,7 +551,7 @@ pub async fn refused(node: &Node, mut ws: UpgradedWebSocket, code: u16, reason: 
 async fn goodbye(node: &Node, ws: &mut Socket, shape: Shape, code: CloseCode, reason: &str) {
     match shape {
         Shape::Channels => disconnect(node, ws, code, reason).await,
-        Shape::Poll => session::close(node, ws, code, reason).await,
+        Shape::Poll | Shape::Room => session::close(node, ws, code, reason).await,
     }
 }
 
@@ -576,21 +711,49 @@ impl Session {
         }
     }
 
-    /// A poll watcher's message: a vote. Why one was not counted comes back as an `error`
-    /// event (through the outbox, from the writer); a counted one is heard in the counts.
-    async fn poll_text(&mut self, text: &str) -> Result<(), End> {
-        let id = self.watched_poll()?;
+    /// Charges a single-channel endpoint's message to the connection's rate and to its
+    /// identity's over all its connections: `Err` ends a connection past its own rate (1008);
+    /// `Ok(false)` when the identity's is spent (the client is told; the connection stays).
+    fn spend(&mut self) -> Result<bool, End> {
         if !self.limit.allow(self.node.config.message_rate) {
             self.node.metrics.rate_limited.fetch_add(1, Relaxed);
             tracing::warn!(user = self.name(), "message rate limit exceeded");
             let why = "message rate limit exceeded";
             return Err(End::Close(CloseCode::POLICY_VIOLATION, why));
         }
-        // The same person over several connections: the vote is refused, the connections
+        // The same person over several connections: the message is refused, the connections
         // stay (none of them alone went too fast).
         if !self.node.spend_socket_message(&self.member.writer) {
             let refusal = crate::node::IDENTITY_RATE_REFUSAL;
             self.batch.push(session::error_event(refusal));
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// A room member's message: stored, then heard by the room, this member included; why
+    /// one was not stored comes back as an `error` event.
+    async fn room_text(&mut self, text: &str) -> Result<(), End> {
+        if !self.spend()? {
+            return Ok(());
+        }
+        let channel = self.channels.first().map_or("", |c| c.sub.channel());
+        let Some(room) = channel_room(channel).map(str::to_owned) else {
+            return Err(End::Close(CloseCode::INTERNAL_ERROR, "room unavailable"));
+        };
+        let (user, sender) = (self.name().to_owned(), self.outbox.clone());
+        let writer = &self.member.writer;
+        if let Some(event) = session::chat(&self.node, writer, room, user, text, sender).await {
+            self.batch.push(event);
+        }
+        Ok(())
+    }
+
+    /// A poll watcher's message: a vote. Why one was not counted comes back as an `error`
+    /// event (through the outbox, from the writer); a counted one is heard in the counts.
+    async fn poll_text(&mut self, text: &str) -> Result<(), End> {
+        let id = self.watched_poll()?;
+        if !self.spend()? {
             return Ok(());
         }
         let Ok(rooms::VoteIn { vote }) = serde_json::from_str(text) else {
@@ -653,6 +816,7 @@ impl Session {
         match self.shape {
             Shape::Channels => self.command(ws, text).await,
             Shape::Poll => self.poll_text(text).await,
+            Shape::Room => self.room_text(text).await,
         }
     }
 
@@ -1354,5 +1518,10 @@ mod tests {
     fn a_session_fits_in_384_bytes() {
         let size = returned_size(session);
         assert!(size <= 384, "a channel session takes {size} bytes");
+        let size = returned_size(|n, w, s, m| poll(n, w, s, 1, m));
+        assert!(size <= 384, "a poll watcher's session takes {size} bytes");
+        let resume = session::Resume::default;
+        let size = returned_size(|n, w, s, m| room(n, w, s, String::new(), m, resume()));
+        assert!(size <= 384, "a room member's session takes {size} bytes");
     }
 }

@@ -1,11 +1,12 @@
-//! Per connection: the WebSocket sessions of a chat room member and of the echo endpoint,
-//! what every session shares, and the channel protocol of `/ws` ([`channels`]), whose session
-//! also serves `/ws/polls/ID` in that endpoint's shape.
+//! Per connection: what every session shares (joining a room and replaying its history,
+//! writing under the write timeout, closing, the rate limit), the echo endpoint's session, and
+//! the channel protocol of `/ws` ([`channels`]), whose one session also serves the
+//! single-channel endpoints (`/ws/rooms/NAME`, `/ws/polls/ID`) in their shapes.
 //!
-//! Each session is one task running one loop over three sources, in this priority: the hub's
-//! verdict that the connection fell behind (close 1013), the server's shutdown (close 1001),
-//! events queued for it (written in batches: everything queued goes out in one flush), and
-//! the client's messages (rate-limited, then handed to the journal).
+//! Each session is one task running one loop over its sources, in this priority: the hub's
+//! verdict that the connection fell behind, the server's shutdown (close 1001), the loss of its
+//! credential, events queued for it (written in batches: everything queued goes out in one
+//! flush), and the client's messages (rate-limited, then handed to the engine).
 
 pub mod channels;
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether::upgrade::UpgradedWebSocket;
-use tether::{CloseCode, CloseFrame, Message, Prepared};
+use tether::{CloseCode, CloseFrame, Prepared};
 
 use crate::engine::journal::{ChatWrite, Reply};
 use crate::engine::store::{ChatMessage, Poll, StoreError, Voter};
@@ -23,14 +24,11 @@ use crate::node::hub::{Format, Outbox, Subscription, Verdict};
 use crate::node::wakers::Turn;
 use crate::node::{Credential, Node, Slot};
 use crate::wire::encode;
-use crate::wire::rooms::{self, ChatIn, Ready, Welcome};
-use futures_util::{Sink as _, Stream as _, StreamExt as _};
+use crate::wire::rooms::{self, ChatIn};
+use futures_util::{Sink as _, Stream as _};
 use std::future::Future as _;
 use std::task::Context;
 use std::task::Poll as TaskPoll;
-
-/// Events written per flush at most, so one busy connection cannot starve its own reads.
-const BATCH: usize = 256;
 
 /// A token bucket: `rate` per second sustained, bursts of `2 × rate`. Two words: the rate is
 /// the caller's, and time is milliseconds since [`since_start`]'s origin.
@@ -99,13 +97,6 @@ pub struct Member {
     pub direct: bool,
 }
 
-/// On whose behalf a session stores the client's messages.
-#[derive(Clone)]
-struct Target {
-    /// Whose budget its messages spend, over all its connections.
-    writer: crate::identity::auth::Writer,
-}
-
 /// How a session ended, for the close frame and the log.
 pub(crate) enum End {
     /// The client closed or the connection failed; nothing more to send.
@@ -122,70 +113,6 @@ pub struct Resume {
     pub since: Option<u64>,
     /// The epoch that id belongs to.
     pub epoch: Option<String>,
-}
-
-/// Runs a chat room member: welcome, history (after `since`, or the recent messages), ready,
-/// then live events and the client's messages.
-///
-/// History is replayed in pages of `REPLAY_PAGE` messages, each read from storage only once
-/// the previous one is written: a client that does not read holds one page and the socket's
-/// write buffer, not the whole history, and the write timeout ends it.
-pub fn room(
-    node: Arc<Node>,
-    ws: UpgradedWebSocket,
-    slot: Slot,
-    room: String,
-    member: Member,
-    resume: Resume,
-) -> impl std::future::Future<Output = ()> + Send {
-    // An idle member's session is its live loop and little else. The join runs in an
-    // allocation of its own, freed before the member goes live; the arguments go straight
-    // into it (an `async fn` would keep a copy of them in its state for the whole session).
-    let join = Box::pin(join_room(node.clone(), ws, slot, room, member, resume));
-    RoomSession::Joining(node, join)
-}
-
-/// A room member's session: the join, then the live loop in the same allocation.
-// Live is the state a session spends its life in: boxing it would cost an allocation.
-#[allow(clippy::large_enum_variant)]
-enum RoomSession {
-    Joining(
-        Arc<Node>,
-        std::pin::Pin<Box<dyn std::future::Future<Output = Option<Live>> + Send>>,
-    ),
-    Live(Pump),
-}
-
-impl std::future::Future for RoomSession {
-    type Output = ();
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<()> {
-        loop {
-            match &mut *self {
-                RoomSession::Joining(node, join) => {
-                    match std::task::ready!(join.as_mut().poll(cx)) {
-                        Some(live) => *self = RoomSession::Live(pump(node.clone(), live)),
-                        None => return TaskPoll::Ready(()),
-                    }
-                }
-                RoomSession::Live(pump) => return std::pin::Pin::new(pump).poll(cx),
-            }
-        }
-    }
-}
-
-/// A session that has joined: what the live loop starts from.
-struct Live {
-    ws: UpgradedWebSocket,
-    slot: Slot,
-    sub: Subscription,
-    target: Target,
-    /// Written first (`ready`, or the poll's state).
-    first: Vec<Arc<Prepared>>,
-    /// Live messages up to this id were already sent as history.
-    high: u64,
-    /// Resolves when the credential is revoked or expires (a guest has none to check).
-    lost: Option<Lost>,
 }
 
 /// A credential's check, running while the connection lasts (boxed twice: a thin pointer in
@@ -205,117 +132,6 @@ pub(crate) fn check_credential(
     Some(Box::new(Box::pin(async move {
         node.credential_lost(credential, revocations, every).await;
     })))
-}
-
-/// Joins a room: welcome, history, ready; `None` when the session ended meanwhile.
-async fn join_room(
-    node: Arc<Node>,
-    mut ws: UpgradedWebSocket,
-    slot: Slot,
-    room: String,
-    member: Member,
-    resume: Resume,
-) -> Option<Live> {
-    let Member {
-        who,
-        credential,
-        revocations,
-        writer,
-        ..
-    } = member;
-    tracing::debug!(%room, user = who.name(), since = ?resume.since, epoch = ?resume.epoch, "joining");
-    // Joining a room nobody is in and nobody wrote to brings it into being: that is paid for
-    // as starting one, whichever endpoint it comes through.
-    if let Err(e) = node.may_join_room(&room, &writer).await {
-        let (code, why) = match &e {
-            StoreError::Limit(why) => (CloseCode::POLICY_VIOLATION, why.as_str()),
-            other => {
-                tracing::error!(error = %other, %room, "checking the room failed");
-                (CloseCode::INTERNAL_ERROR, "storage unavailable: try again")
-            }
-        };
-        tracing::debug!(%room, user = who.name(), why, "room not joined");
-        let _ = ws.feed_prepared(&error_event(why)).await;
-        close(&node, &mut ws, code, "room not joined").await;
-        return None;
-    }
-    let joining = async {
-        let name: Arc<str> = Arc::from(who.name());
-        let joined = join(&node, &room, &name, None, Format::Room, &resume).await?;
-        let mut members = joined.members;
-        if joined.users <= crate::node::hub::PRESENCE_LIMIT {
-            // Members on every node.
-            if let Ok(everyone) = node.users_elsewhere(&room).await {
-                members.extend(everyone);
-                members.sort();
-                members.dedup();
-            }
-        }
-        Ok::<_, StoreError>((joined.epoch, joined.subscription, members, joined.plan))
-    };
-    let (epoch, sub, members, plan) = match joining.await {
-        Ok(joined) => joined,
-        Err(e) => {
-            tracing::error!(error = %e, %room, "loading history failed");
-            close(
-                &node,
-                &mut ws,
-                CloseCode::INTERNAL_ERROR,
-                "history unavailable",
-            )
-            .await;
-            return None;
-        }
-    };
-    if plan.recovered == Some(false) && !plan.truncated {
-        // Another epoch, or a position this room never reached (hostile, or storage that lost
-        // data): resuming from it would hide messages from this member.
-        tracing::info!(%room, since = ?resume.since, client_epoch = ?resume.epoch, %epoch, last_id = plan.end, "resume position not in this room's stream: sending the recent history");
-    }
-    let welcome = encode(&Welcome {
-        room: &room,
-        user: who.name(),
-        guest: who.is_guest(),
-        members: &members,
-        epoch: &epoch,
-        recovered: plan.recovered,
-        truncated: plan.truncated,
-    });
-    let mut batch = vec![welcome];
-    let replayed = replay(
-        &node,
-        &mut ws,
-        &mut batch,
-        &sub.outbox,
-        judged,
-        &room,
-        &plan,
-        encode,
-    );
-    let high = match replayed.await {
-        Ok(high) => high,
-        Err(end) => {
-            finish(&node, ws, slot, sub, end, who.name()).await;
-            return None;
-        }
-    };
-    tracing::debug!(%room, user = who.name(), replayed = plan.count, last_id = high, "joined");
-    let target = Target { writer };
-    // Whatever the replay left unwritten goes first.
-    let mut first = batch;
-    first.push(encode(&Ready {
-        last_id: high,
-        epoch: &epoch,
-    }));
-    Some(Live {
-        lost: check_credential(&node, credential, revocations),
-        ws,
-        slot,
-        sub,
-        target,
-        first,
-        high,
-    })
 }
 
 /// Messages replayed per page (read from storage, then written, before the next is read).
@@ -801,290 +617,6 @@ pub(crate) async fn close(node: &Node, ws: &mut impl Socket, code: CloseCode, re
     let _ = tokio::time::timeout(limit, ws.close(Some(frame))).await;
 }
 
-/// Writes `first`, then events and the client's messages until one side ends.
-fn pump(node: Arc<Node>, live: Live) -> Pump {
-    let Live {
-        ws,
-        slot,
-        sub,
-        target,
-        first,
-        high,
-        lost,
-    } = live;
-    Pump::Live(LiveLoop {
-        limit: RateLimit::new(node.config.message_rate),
-        node,
-        ws,
-        slot,
-        sub,
-        target,
-        lost,
-        batch: first,
-        high,
-        turn: Turn::default(),
-        stall: Stall::default(),
-        handling: None,
-    })
-}
-
-/// A member's session once it has joined, written out by hand: it is what an idle
-/// connection's task holds, and an `async fn` kept each wait's future and temporaries in its
-/// state beside the socket (768 bytes). Nothing is reserved ahead: the batch is let go once
-/// written, and the rare long steps (a client's message, the end) run in allocations of their
-/// own.
-// Live is the state a session spends its life in: boxing it would cost an allocation.
-#[allow(clippy::large_enum_variant)]
-enum Pump {
-    Live(LiveLoop),
-    /// Leaving the hub and sending the close frame.
-    Ending(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
-    Done,
-}
-
-struct LiveLoop {
-    node: Arc<Node>,
-    ws: UpgradedWebSocket,
-    slot: Slot,
-    sub: Subscription,
-    target: Target,
-    lost: Option<Lost>,
-    limit: RateLimit,
-    /// Events to write (`ready` or the poll's state first).
-    batch: Vec<Arc<Prepared>>,
-    /// Live messages up to this id were already sent as history.
-    high: u64,
-    turn: Turn,
-    stall: Stall,
-    /// The client's message being handed to storage; its reply, if any, is written next.
-    /// Boxed twice: a thin pointer in the session, for a step most sessions rarely take.
-    handling: Option<Box<Handling>>,
-}
-
-/// A client's message on its way to storage.
-type Handling = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Arc<Prepared>>> + Send>>;
-
-impl LiveLoop {
-    fn poll_live(&mut self, cx: &mut Context<'_>) -> TaskPoll<End> {
-        loop {
-            if let Some(handling) = &mut self.handling {
-                let reply = std::task::ready!(handling.as_mut().as_mut().poll(cx));
-                self.handling = None;
-                self.batch.extend(reply);
-            }
-            std::task::ready!(self.turn.poll_step(cx));
-            match self.poll_write(cx) {
-                TaskPoll::Ready(Ok(())) => {}
-                TaskPoll::Ready(Err(end)) => return TaskPoll::Ready(end),
-                TaskPoll::Pending => return TaskPoll::Pending,
-            }
-            if self.batch.capacity() > 0 {
-                // Written: an idle session keeps no room for a batch.
-                self.batch = Vec::new();
-            }
-            let woke = wait(
-                cx,
-                &self.node,
-                &self.sub,
-                &mut self.lost,
-                &mut self.ws,
-                &mut self.batch,
-                self.high,
-            );
-            match std::task::ready!(woke) {
-                Woke::End(end) => return TaskPoll::Ready(end),
-                Woke::Events => {}
-                Woke::Message(incoming) => {
-                    if let Some(end) = self.take(incoming) {
-                        return TaskPoll::Ready(end);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Writes the batch. While the socket takes nothing, the hub's verdict and the server's
-    /// shutdown still end the session, and so does the write timeout: each message must find
-    /// room, and the flush must shrink what is queued, within it. A slow reader goes on; one
-    /// that accepts nothing is dropped (a close frame could not reach it either).
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> TaskPoll<Result<(), End>> {
-        match write_now(&mut self.ws, &mut self.batch, cx) {
-            Err(()) => return TaskPoll::Ready(Err(End::Gone)),
-            Ok(true) => {
-                self.stall.clear();
-                return TaskPoll::Ready(Ok(()));
-            }
-            Ok(false) => {}
-        }
-        if let TaskPoll::Ready(verdict) = self.sub.outbox.poll_verdict(cx) {
-            return TaskPoll::Ready(Err(judged(&self.node, verdict)));
-        }
-        if self.node.is_shutting_down() {
-            let end = End::Close(CloseCode::GOING_AWAY, "server shutting down");
-            return TaskPoll::Ready(Err(end));
-        }
-        let timeout = self.node.config.write_timeout;
-        let (queued, waiting) = (self.ws.queued_len(), self.batch.len());
-        std::task::ready!(self.stall.poll(cx, timeout, queued, waiting));
-        TaskPoll::Ready(Err(stalled(&self.node)))
-    }
-
-    /// Takes what the client sent; `Some` when the session must end.
-    fn take(&mut self, incoming: Option<tether::Result<Message>>) -> Option<End> {
-        match incoming {
-            Some(Ok(Message::Text(text))) => {
-                count_in(&self.node, text.len());
-                if !self.limit.allow(self.node.config.message_rate) {
-                    self.node.metrics.rate_limited.fetch_add(1, Relaxed);
-                    tracing::warn!(user = self.sub.user(), "message rate limit exceeded");
-                    let end =
-                        End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
-                    return Some(end);
-                }
-                // The same person over several connections: the message is refused, the
-                // connections stay (none of them alone went too fast).
-                if !self.node.spend_socket_message(&self.target.writer) {
-                    self.batch
-                        .push(error_event(crate::node::IDENTITY_RATE_REFUSAL));
-                    return None;
-                }
-                let (node, target) = (self.node.clone(), self.target.clone());
-                let room =
-                    crate::wire::channels::channel_room(self.sub.channel()).map(str::to_owned);
-                let (user, sender) = (self.sub.user().to_owned(), self.sub.sender());
-                self.handling = Some(Box::new(Box::pin(async move {
-                    handle(&node, &target, room, user, &text, sender).await
-                })));
-                None
-            }
-            Some(Ok(Message::Binary(_))) => {
-                self.batch.push(error_event("send JSON text, not binary"));
-                None
-            }
-            Some(Ok(_)) => None,
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "connection failed");
-                Some(End::Gone)
-            }
-            None => Some(End::Gone),
-        }
-    }
-}
-
-impl std::future::Future for Pump {
-    type Output = ();
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<()> {
-        loop {
-            match &mut *self {
-                Pump::Live(live) => {
-                    let end = std::task::ready!(live.poll_live(cx));
-                    let Pump::Live(live) = std::mem::replace(&mut *self, Pump::Done) else {
-                        unreachable!("the session was live");
-                    };
-                    let LiveLoop {
-                        node,
-                        ws,
-                        slot,
-                        sub,
-                        ..
-                    } = live;
-                    *self = Pump::Ending(Box::pin(async move {
-                        let user = sub.user().to_owned();
-                        finish(&node, ws, slot, sub, end, &user).await;
-                    }));
-                }
-                Pump::Ending(ending) => {
-                    std::task::ready!(ending.as_mut().poll(cx));
-                    *self = Pump::Done;
-                }
-                Pump::Done => return TaskPoll::Ready(()),
-            }
-        }
-    }
-}
-
-/// What woke a waiting session.
-enum Woke {
-    /// The session must end.
-    End(End),
-    /// Events to write are in the batch.
-    Events,
-    /// The client sent something, or its connection ended.
-    Message(Option<tether::Result<Message>>),
-}
-
-/// Waits for whatever comes first, in this order: the hub's verdict, the server's shutdown,
-/// the credential's loss, events (taken into `batch`), the client. Written as a function
-/// polled in place rather than a `select!` of futures, so a waiting session holds references
-/// and nothing else.
-fn wait(
-    cx: &mut Context<'_>,
-    node: &Node,
-    sub: &Subscription,
-    lost: &mut Option<Lost>,
-    ws: &mut UpgradedWebSocket,
-    batch: &mut Vec<Arc<Prepared>>,
-    high: u64,
-) -> TaskPoll<Woke> {
-    if let TaskPoll::Ready(verdict) = sub.outbox.poll_verdict(cx) {
-        return TaskPoll::Ready(Woke::End(judged(node, verdict)));
-    }
-    if node.is_shutting_down() {
-        let end = End::Close(CloseCode::GOING_AWAY, "server shutting down");
-        return TaskPoll::Ready(Woke::End(end));
-    }
-    if let Some(check) = lost {
-        if check.as_mut().as_mut().poll(cx).is_ready() {
-            tracing::info!(user = sub.user(), "credential revoked or expired: closing");
-            let end = End::Close(
-                CloseCode::POLICY_VIOLATION,
-                "credentials revoked or expired",
-            );
-            return TaskPoll::Ready(Woke::End(end));
-        }
-    }
-    while batch.len() < BATCH {
-        match sub.outbox.poll_recv(cx) {
-            // Live messages already sent as history are skipped (ids only grow).
-            TaskPoll::Ready(o) if o.id == 0 || o.id > high => batch.push(o.msg),
-            TaskPoll::Ready(_) => {}
-            TaskPoll::Pending => break,
-        }
-    }
-    if !batch.is_empty() {
-        return TaskPoll::Ready(Woke::Events);
-    }
-    ws.poll_next_unpin(cx).map(Woke::Message)
-}
-
-/// Writes what the socket takes without waiting: `Ok(true)` when all of `batch` is written and
-/// flushed, `Ok(false)` when it would wait (`batch` keeps what is not queued yet). Polled with
-/// the session's own waker (`now_or_never`'s would make the socket track a second task).
-fn write_now(
-    ws: &mut UpgradedWebSocket,
-    batch: &mut Vec<Arc<Prepared>>,
-    cx: &mut Context<'_>,
-) -> Result<bool, ()> {
-    let mut queued = 0;
-    for msg in batch.iter() {
-        match std::pin::pin!(ws.feed_prepared(msg)).poll(cx) {
-            TaskPoll::Ready(Ok(())) => queued += 1,
-            TaskPoll::Ready(Err(_)) => return Err(()),
-            TaskPoll::Pending => break,
-        }
-    }
-    batch.drain(..queued);
-    if !batch.is_empty() {
-        return Ok(false);
-    }
-    match std::pin::pin!(ws.flush()).poll(cx) {
-        TaskPoll::Ready(Ok(())) => Ok(true),
-        TaskPoll::Ready(Err(_)) => Err(()),
-        TaskPoll::Pending => Ok(false),
-    }
-}
-
 /// Polls `fut` once, with the session's own waker: its output if it is done at once.
 async fn at_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
@@ -1156,30 +688,6 @@ fn stalled(node: &Node) -> End {
     End::Gone
 }
 
-/// Ends a session: leaves the hub, sends the close frame if there is one to send, frees the
-/// connection's slot.
-async fn finish(
-    node: &Node,
-    mut ws: UpgradedWebSocket,
-    mut slot: Slot,
-    sub: Subscription,
-    end: End,
-    user: &str,
-) {
-    // Leave first, then free the nickname: nobody else can take it while the room still
-    // counts this connection under it.
-    drop(sub);
-    slot.release_nickname();
-    match end {
-        End::Gone => tracing::debug!(user, "session ended"),
-        End::Close(code, reason) => {
-            tracing::debug!(user, code = code.0, reason, "closing session");
-            close(node, &mut ws, code, reason).await;
-        }
-    }
-    drop(slot);
-}
-
 /// How a session ends on the hub's verdict.
 pub(crate) fn judged(node: &Node, verdict: Verdict) -> End {
     match verdict {
@@ -1194,11 +702,13 @@ pub(crate) fn judged(node: &Node, verdict: Verdict) -> End {
     }
 }
 
-/// Hands a client's message to the journal; returns an error event for the client, if any.
-async fn handle(
+/// Hands a room member's message (`{"text": "…"}`, or plain text) to the journal on behalf of
+/// `writer`, whose budget it spends; returns an error event for the client, if any. A
+/// failure to store it comes back later, through `sender`.
+pub(crate) async fn chat(
     node: &Node,
-    target: &Target,
-    room: Option<String>,
+    writer: &crate::identity::auth::Writer,
+    room: String,
     user: String,
     text: &str,
     sender: Arc<crate::node::hub::Outbox>,
@@ -1225,11 +735,11 @@ async fn handle(
     // Stored, then delivered to the room, this member included; a failure comes back as an
     // error event.
     let write = ChatWrite {
-        room: room.unwrap_or_default(),
+        room,
         user,
         text,
         key,
-        writer: target.writer.clone(),
+        writer: writer.clone(),
         reply: Reply::Socket(sender),
     };
     match node.publish(write).await {
@@ -1300,14 +810,6 @@ mod tests {
             Some(true),
             "up to date"
         );
-    }
-
-    /// What an idle room member's task points to: at most 512 bytes, jemalloc's size class
-    /// below 640 (about 128 bytes per member; docs/decisions.md, 14).
-    #[test]
-    fn a_room_session_fits_in_512_bytes() {
-        let size = std::mem::size_of::<RoomSession>();
-        assert!(size <= 512, "a room session takes {size} bytes");
     }
 
     #[test]
