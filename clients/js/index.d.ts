@@ -112,6 +112,11 @@ export interface Handlers<T = unknown> {
   onEvent?: (event: ChannelEvent) => void;
   /** A permanent refusal of the subscription (unknown channel, permission denied…). */
   onError?: (error: TetherError) => void;
+  /**
+   * The server ended the subscription (code 2000): it is removed, as by `unsubscribe()`, and
+   * not restored after a reconnect; the channel may be subscribed to again.
+   */
+  onUnsubscribed?: (ended: { code: number; reason: string }) => void;
 }
 
 export interface Disconnected {

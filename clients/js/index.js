@@ -329,6 +329,9 @@ export class Client {
       case 'event':
         this.subscribed(message.channel)?.push(message);
         return;
+      case 'unsub':
+        this.subscribed(message.channel)?.ended(message);
+        return;
       default:
     }
   }
@@ -564,6 +567,14 @@ export class Subscription {
     // The offset is kept before the handler runs: a handler that throws loses nothing on resume.
     if (typeof message.offset === 'number') this.offset = message.offset;
     this.call('onPublication', message);
+  }
+
+  /** The server ended the subscription: it is not restored, as after `unsubscribe()`. */
+  ended({ code, reason }) {
+    this.state = 'removed';
+    const client = this.client;
+    if (client.subs.get(this.channel) === this) client.subs.delete(this.channel);
+    this.call('onUnsubscribed', { code, reason });
   }
 
   push(message) {

@@ -375,6 +375,114 @@ async fn a_broadcast_reaches_every_channel_connection_named_or_not(kind: Kind) {
     server.stop().await;
 }
 
+/// What an application embedding the server does to a user: end one subscription (the client
+/// told with `unsub`, the others untouched, presence updated), then every connection, of
+/// every endpoint, with or without asking them back.
+async fn the_server_unsubscribes_and_disconnects_a_user(kind: Kind) {
+    let dir = Setup::new(kind);
+    dir.add_user("ann", "correct horse battery").await;
+    let server = start(dir.config()).await;
+    let as_ann = format!(
+        "?token={}",
+        token(server.addr, "ann", "correct horse battery").await
+    );
+    let (mut ann, _) = Client::open(&server, &as_ann).await;
+    let (mut ann2, _) = Client::open(&server, &as_ann).await;
+    let (mut ben, _) = Client::open(&server, "?name=ben").await;
+    ann.subscribe("room:a").await;
+    ann.subscribe("room:b").await;
+    ann2.subscribe("room:a").await;
+    ben.subscribe("room:a").await;
+    let mut shortcut = connect(&server.ws(&format!("/ws/rooms/b{as_ann}"))).await;
+    next_of(&mut shortcut, "ready").await;
+
+    let node = &server.node;
+    node.unsubscribe_user("ann", "room:a").await.unwrap();
+    for client in [&mut ann, &mut ann2] {
+        let ended = client.push("unsub").await;
+        assert_eq!(
+            (&ended["channel"], &ended["code"]),
+            (&json!("room:a"), &json!(2000)),
+            "{ended}"
+        );
+    }
+    let left = ben.push("leave").await;
+    assert_eq!((&left["user"], &left["count"]), (&json!("ann"), &json!(1)));
+    // No longer subscribed there; room:b goes on.
+    let refused = ann
+        .call(json!({"op": "publish", "channel": "room:a", "data": {"text": "x"}}))
+        .await;
+    assert_eq!(error_code(&refused), 109, "{refused}");
+    ben.publish("room:a", "only ben hears this").await;
+    ann.publish("room:b", "still in b").await;
+    let publication = ann.push("pub").await;
+    assert_eq!(publication["data"]["text"], "still in b", "{publication}");
+    // Ending nothing is no error; another user's subscriptions are untouched.
+    node.unsubscribe_user("ann", "room:nowhere").await.unwrap();
+    let again = ann.subscribe("room:a").await;
+    assert_eq!(again["offset"], 1, "may subscribe again: {again}");
+
+    // Every connection of ann, asked back (4003); then for good (4506): the shortcut too.
+    node.disconnect_user("ann", true).await.unwrap();
+    for client in [&mut ann, &mut ann2] {
+        let bye = client.push("disconnect").await;
+        assert_eq!(
+            (&bye["code"], &bye["reconnect"]),
+            (&json!(4003), &json!(true)),
+            "{bye}"
+        );
+        assert_eq!(close_code(&mut client.ws).await, 4003);
+    }
+    assert_eq!(close_code(&mut shortcut).await, 1012);
+    let (mut ann, _) = Client::open(&server, &as_ann).await;
+    ann.subscribe("room:b").await;
+    let mut shortcut = connect(&server.ws(&format!("/ws/rooms/b{as_ann}"))).await;
+    next_of(&mut shortcut, "ready").await;
+    node.disconnect_user("ann", false).await.unwrap();
+    let bye = ann.push("disconnect").await;
+    assert_eq!(
+        (&bye["code"], &bye["reconnect"]),
+        (&json!(4506), &json!(false)),
+        "{bye}"
+    );
+    assert_eq!(close_code(&mut ann.ws).await, 4506);
+    assert_eq!(close_code(&mut shortcut).await, 1008);
+    // Ben stays.
+    let pong = ben.call(json!({"op": "ping"})).await;
+    assert_eq!(pong.get("error"), None, "{pong}");
+    drop(ben);
+    server.stop().await;
+}
+
+/// Two nodes on one Redis: what one node is told to do to a user holds on the other.
+#[tokio::test]
+async fn a_user_is_unsubscribed_and_disconnected_on_every_node() {
+    let dir = Setup::new(Kind::Redis);
+    dir.add_user("ann", "correct horse battery").await;
+    let a = start(dir.config()).await;
+    let b_data = tempfile::tempdir().unwrap();
+    let mut b_config = dir.config();
+    b_config.data = b_data.path().to_owned();
+    b_config.node = Some("b".into());
+    let b = start(b_config).await;
+    let as_ann = format!(
+        "?token={}",
+        token(a.addr, "ann", "correct horse battery").await
+    );
+    let (mut ann, _) = Client::open(&b, &as_ann).await;
+    ann.subscribe("room:far").await;
+    let reach = a.node.unsubscribe_user("ann", "room:far").await.unwrap();
+    assert_eq!(reach, tether_server::engine::Reach::Nodes(2));
+    let ended = ann.push("unsub").await;
+    assert_eq!(ended["channel"], "room:far", "{ended}");
+    a.node.disconnect_user("ann", false).await.unwrap();
+    let bye = ann.push("disconnect").await;
+    assert_eq!(bye["code"], 4506, "{bye}");
+    assert_eq!(close_code(&mut ann.ws).await, 4506);
+    b.stop().await;
+    a.stop().await;
+}
+
 async fn a_channel_client_and_a_room_shortcut_client_chat_together(kind: Kind) {
     let (server, _dir) = server(kind).await;
     let (mut ann, _) = Client::open(&server, "?name=ann").await;
@@ -1097,6 +1205,7 @@ on_both_engines!(
     presence_joins_leaves_and_typing,
     presence_shows_the_info_each_connection_attached,
     a_broadcast_reaches_every_channel_connection_named_or_not,
+    the_server_unsubscribes_and_disconnects_a_user,
     a_channel_client_and_a_room_shortcut_client_chat_together,
     errors_have_codes_and_violations_close_with_4500,
     permanent_refusals_are_told_in_the_protocol_with_their_codes,

@@ -240,6 +240,12 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// The node it serves: what an application embedding the server calls (publish,
+    /// presence, disconnect a user, …) while it runs.
+    pub fn node(&self) -> Arc<Node> {
+        self.node.clone()
+    }
+
     /// The server's base URL, `http://ADDR/` or `https://ADDR/`.
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };

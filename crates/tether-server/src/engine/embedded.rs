@@ -133,6 +133,16 @@ impl Control for Embedded {
         Box::pin(async move { Ok(Reach::Connections(self.hub.broadcast(user, text, &ts))) })
     }
 
+    fn disconnect_user<'a>(&'a self, user: &'a str, reconnect: bool) -> EngineFuture<'a, Reach> {
+        let ended = self.hub.disconnect_user(user, reconnect);
+        Box::pin(async move { Ok(Reach::Connections(ended)) })
+    }
+
+    fn unsubscribe_user<'a>(&'a self, user: &'a str, channel: &'a str) -> EngineFuture<'a, Reach> {
+        let ended = self.hub.unsubscribe_user(user, channel);
+        Box::pin(async move { Ok(Reach::Connections(ended)) })
+    }
+
     fn trouble(&self) -> Option<&'static str> {
         None
     }

@@ -89,6 +89,14 @@ pub trait Local: Send + Sync + std::fmt::Debug {
     /// Sends a notice to every connection here; how many it reached.
     fn broadcast(&self, user: &str, text: &str, ts: &str) -> usize;
 
+    /// Ends every connection of `user` here, asking them to come back when `reconnect`;
+    /// how many it ended.
+    fn disconnect_user(&self, user: &str, reconnect: bool) -> usize;
+
+    /// Ends the subscriptions of `user`'s connections here to `channel` (a channel
+    /// protocol's name: `room:NAME`, `poll:ID`, …), telling each client; how many.
+    fn unsubscribe_user(&self, user: &str, channel: &str) -> usize;
+
     /// Sends an ephemeral event (its push, as text) to the channel-protocol members of `room`
     /// here but the subscription `from` (none when `None`); how many it reached.
     fn ephemeral(&self, room: &str, from: Option<u64>, push: &str) -> usize;

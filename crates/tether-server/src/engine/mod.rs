@@ -144,6 +144,19 @@ pub trait Control: Send + Sync + std::fmt::Debug {
     /// The other nodes could not be told.
     fn broadcast<'a>(&'a self, user: &'a str, text: &'a str) -> EngineFuture<'a, Reach>;
 
+    /// Ends every connection of `user` on every node, asking them to come back when
+    /// `reconnect`.
+    ///
+    /// # Errors
+    /// The other nodes could not be told.
+    fn disconnect_user<'a>(&'a self, user: &'a str, reconnect: bool) -> EngineFuture<'a, Reach>;
+
+    /// Ends the subscriptions of `user`'s connections to `channel` on every node.
+    ///
+    /// # Errors
+    /// The other nodes could not be told.
+    fn unsubscribe_user<'a>(&'a self, user: &'a str, channel: &'a str) -> EngineFuture<'a, Reach>;
+
     /// What is wrong with the link to the other nodes (`disconnected`, `stalled`), if anything.
     fn trouble(&self) -> Option<&'static str>;
 }

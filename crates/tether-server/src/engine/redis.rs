@@ -392,6 +392,8 @@ redis.call('DEL', 'tether:nodes', 'tether:sweeping')
 return moved
 "#;
 const BROADCAST: &str = "tether:broadcast";
+/// Where nodes tell each other to end a user's connections or subscriptions.
+const CONTROL: &str = "tether:control";
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -433,6 +435,16 @@ struct BroadcastNote {
     user: String,
     text: String,
     ts: String,
+}
+
+/// What every node is told to do to a user's connections ([`CONTROL`]).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum ControlNote {
+    /// End every connection of `user`.
+    Disconnect { user: String, reconnect: bool },
+    /// End `user`'s subscriptions to `channel`.
+    Unsubscribe { user: String, channel: String },
 }
 
 /// What a node knows of the rooms in Redis, under one epoch.
@@ -1371,6 +1383,18 @@ impl Cluster {
         Ok(nodes)
     }
 
+    /// Tells every node (this one too, through its subscription) to act on `note`; how many
+    /// nodes heard it.
+    async fn control(&self, note: &ControlNote) -> Result<usize, StoreError> {
+        let mut con = self.commands.clone();
+        redis::cmd("PUBLISH")
+            .arg(CONTROL)
+            .arg(serde_json::to_string(note).expect("notes serialize"))
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)
+    }
+
     /// Records that a user joined or left a room on this node, and tells the other nodes:
     /// `false` when Redis did not take it.
     async fn presence(&self, shared: Shared) -> bool {
@@ -1576,6 +1600,7 @@ impl Cluster {
             return Ok(());
         }
         feed.everyone(BROADCAST).await?;
+        feed.everyone(CONTROL).await?;
         feed.everyone(REVOKED_CHANNEL).await?;
         feed.everyone(POLLS_CHANNEL).await?;
         // Revocations announced while this node did not listen are unknown: every connection
@@ -1654,6 +1679,18 @@ impl Cluster {
             } else if channel == BROADCAST {
                 if let Ok(note) = serde_json::from_str::<BroadcastNote>(&payload) {
                     self.hub.broadcast(&note.user, &note.text, &note.ts);
+                }
+            } else if channel == CONTROL {
+                match serde_json::from_str::<ControlNote>(&payload) {
+                    Ok(ControlNote::Disconnect { user, reconnect }) => {
+                        let ended = self.hub.disconnect_user(&user, reconnect);
+                        tracing::info!(%user, reconnect, ended, "disconnecting a user");
+                    }
+                    Ok(ControlNote::Unsubscribe { user, channel }) => {
+                        let ended = self.hub.unsubscribe_user(&user, &channel);
+                        tracing::info!(%user, %channel, ended, "unsubscribing a user");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "an unreadable control note"),
                 }
             } else if is_presence_channel(&channel) {
                 if let Ok(note) = serde_json::from_str::<PresenceNote>(&payload) {
@@ -2232,6 +2269,26 @@ impl Control for Cluster {
     fn broadcast<'a>(&'a self, user: &'a str, text: &'a str) -> EngineFuture<'a, Reach> {
         // Every node delivers it to its own connections.
         Box::pin(async move { Ok(Reach::Nodes(Cluster::broadcast(self, user, text).await?)) })
+    }
+
+    fn disconnect_user<'a>(&'a self, user: &'a str, reconnect: bool) -> EngineFuture<'a, Reach> {
+        Box::pin(async move {
+            let note = ControlNote::Disconnect {
+                user: user.to_owned(),
+                reconnect,
+            };
+            Ok(Reach::Nodes(self.control(&note).await?))
+        })
+    }
+
+    fn unsubscribe_user<'a>(&'a self, user: &'a str, channel: &'a str) -> EngineFuture<'a, Reach> {
+        Box::pin(async move {
+            let note = ControlNote::Unsubscribe {
+                user: user.to_owned(),
+                channel: channel.to_owned(),
+            };
+            Ok(Reach::Nodes(self.control(&note).await?))
+        })
     }
 
     fn trouble(&self) -> Option<&'static str> {

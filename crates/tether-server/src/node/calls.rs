@@ -243,6 +243,30 @@ impl Node {
         self.engine.control.broadcast(user, text).await
     }
 
+    /// Ends every connection of `user` (a registered name or a guest's nickname) on every
+    /// node: a `disconnect` push and a close with 4506, after which clients do not come back
+    /// by themselves, or with 4003 when `reconnect` (its rights or identity changed: they
+    /// connect again at once, and the server decides anew). The room and poll endpoints close
+    /// with 1008 and 1012. Nothing stops the user from connecting again: take their
+    /// credentials first ([`Node::revoke_credentials`]) to keep them out.
+    ///
+    /// # Errors
+    /// The other nodes could not be reached.
+    pub async fn disconnect_user(&self, user: &str, reconnect: bool) -> Result<Reach, StoreError> {
+        self.engine.control.disconnect_user(user, reconnect).await
+    }
+
+    /// Ends the subscriptions of `user`'s connections to `channel` (`room:NAME`, `poll:ID`,
+    /// `user:NAME`, `polls`) on every node: each client is told with an `unsub` push (code
+    /// 2000) and leaves the channel's presence; a room or poll endpoint, whose one channel it
+    /// was, closes with 1008. The user may subscribe again.
+    ///
+    /// # Errors
+    /// The other nodes could not be reached.
+    pub async fn unsubscribe_user(&self, user: &str, channel: &str) -> Result<Reach, StoreError> {
+        self.engine.control.unsubscribe_user(user, channel).await
+    }
+
     /// What is wrong with the engine's link to the other nodes, if anything (for
     /// `/healthz`).
     pub fn trouble(&self) -> Option<&'static str> {

@@ -20,7 +20,7 @@
 //! session, fan-out hands the queue to a drainer thread, which writes what waits in it straight
 //! to the connection's socket.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{
     AtomicU64, AtomicU8, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
@@ -46,6 +46,12 @@ pub struct Outgoing {
     pub sub: u64,
     /// The encoded event, shared by every connection it goes to.
     pub msg: Arc<Prepared>,
+}
+
+impl Outgoing {
+    /// The `id` of an event that ends its subscription ([`Hub::end_subscriptions`]): the
+    /// session leaves the channel, and `msg` tells the client why. No publication has it.
+    pub const ENDED: u64 = u64::MAX;
 }
 
 /// An event for a channel's subscribers: its publication id (or 0), and how to encode it in
@@ -84,6 +90,12 @@ pub enum Verdict {
     /// The room's stream was lost and started again (a new epoch): what the client holds no
     /// longer matches the ids, so it reconnects and resumes from what storage has now (1012).
     Reset,
+    /// The server ended this user's connections ([`Hub::disconnect_user`]); the client should
+    /// not come back by itself.
+    Disconnected,
+    /// The server ended this user's connections and asks the client to connect again (its
+    /// rights or identity changed).
+    Reconnect,
 }
 
 /// How fan-out writes to a parked connection ([`Outbox::park`]): straight into its socket.
@@ -130,7 +142,7 @@ pub struct Outbox {
     direct: std::sync::OnceLock<Direct>,
     /// Whose connection it is (one allocation of the name for all its subscriptions).
     user: Arc<str>,
-    /// 0: none; 1: slow; 2: reset.
+    /// 0: none; 1: slow; 2: reset; 3: disconnected; 4: reconnect.
     verdict: AtomicU8,
     /// How the connection speaks.
     format: Format,
@@ -189,6 +201,22 @@ impl Outbox {
             waker.wake();
         }
         Ok(false)
+    }
+
+    /// Queues `event` for the session itself, past the cap (the hub's own events are few
+    /// and bounded), and wakes it: a parked outbox is unparked first, so that the drainer
+    /// does not write it (the session must see it, not only its bytes).
+    fn hand_over(&self, event: Outgoing) {
+        let waker = {
+            let mut queue = lock(&self.queue);
+            queue.events.push_back(event);
+            queue.parked = false;
+            queue.kicked = true;
+            queue.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// Wakes the session, if it waits.
@@ -357,7 +385,9 @@ impl Outbox {
         match self.verdict.load(Acquire) {
             0 => None,
             1 => Some(Verdict::Slow),
-            _ => Some(Verdict::Reset),
+            2 => Some(Verdict::Reset),
+            3 => Some(Verdict::Disconnected),
+            _ => Some(Verdict::Reconnect),
         }
     }
 
@@ -384,6 +414,8 @@ impl Outbox {
         let code = match verdict {
             Verdict::Slow => 1,
             Verdict::Reset => 2,
+            Verdict::Disconnected => 3,
+            Verdict::Reconnect => 4,
         };
         if self
             .verdict
@@ -1028,6 +1060,50 @@ impl Hub {
         for outbox in outboxes {
             outbox.wake();
         }
+    }
+
+    /// Ends every connection of `user` here with `verdict` ([`Verdict::Disconnected`] or
+    /// [`Verdict::Reconnect`]): those in a channel and those taking broadcasts by themselves.
+    /// Returns how many connections it ended (one in several channels counts once).
+    pub fn disconnect_user(&self, user: &str, verdict: Verdict) -> usize {
+        let mut ended: HashSet<*const Outbox> = HashSet::new();
+        let mut end = |peers: &Peers| {
+            for peer in peers.peers.values() {
+                if *peer.outbox.user == *user && ended.insert(Arc::as_ptr(&peer.outbox)) {
+                    peer.outbox.mark(verdict);
+                }
+            }
+        };
+        for topics in self.topics.each() {
+            for topic in topics.values().filter(|t| t.users.contains_key(user)) {
+                end(&topic.peers);
+            }
+        }
+        end(&lock(&self.everyone));
+        ended.len()
+    }
+
+    /// Ends the subscriptions of `user`'s connections to `channel` here: each session is
+    /// handed an event ([`Outgoing::ENDED`]) on which it leaves the channel and writes `push`
+    /// (a session of a single-channel endpoint, whose one channel it is, closes instead).
+    /// Returns how many subscriptions it ended.
+    pub fn end_subscriptions(&self, channel: &str, user: &str, push: &Arc<Prepared>) -> usize {
+        let topics = self.topics.of(channel);
+        let Some(topic) = topics.get(channel).filter(|t| t.users.contains_key(user)) else {
+            return 0;
+        };
+        let mut ended = 0;
+        for (id, peer) in &topic.peers.peers {
+            if *peer.outbox.user == *user {
+                peer.outbox.hand_over(Outgoing {
+                    id: Outgoing::ENDED,
+                    sub: *id,
+                    msg: push.clone(),
+                });
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// Every stream channel forgets what it delivered and its subscribers reconnect

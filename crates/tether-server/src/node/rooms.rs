@@ -11,7 +11,7 @@ use tether::Prepared;
 use tokio::sync::mpsc;
 
 use crate::engine::local::{Local, Member, Sender, Shared};
-use crate::node::hub::{Format, Hub, Joined, Kind, Outbox, Outgoing, Subscription};
+use crate::node::hub::{Format, Hub, Joined, Kind, Outbox, Outgoing, Subscription, Verdict};
 use crate::wire::channels::{self, channel_room, channel_stream, room_channel};
 use crate::wire::{self, encode, is_personal, rooms, ChatMessage};
 
@@ -248,6 +248,27 @@ impl Local for Rooms {
             }),
         };
         self.hub.broadcast(Format::Room, &encode)
+    }
+
+    fn disconnect_user(&self, user: &str, reconnect: bool) -> usize {
+        let verdict = if reconnect {
+            Verdict::Reconnect
+        } else {
+            Verdict::Disconnected
+        };
+        self.hub.disconnect_user(user, verdict)
+    }
+
+    fn unsubscribe_user(&self, user: &str, channel: &str) -> usize {
+        if !self.hub.has(channel) {
+            return 0;
+        }
+        let push = Arc::new(encode(&channels::Unsubscribed {
+            channel,
+            code: channels::UNSUBSCRIBED_BY_SERVER,
+            reason: "unsubscribed by the server",
+        }));
+        self.hub.end_subscriptions(channel, user, &push)
     }
 
     fn ephemeral(&self, room: &str, from: Option<u64>, push: &str) -> usize {

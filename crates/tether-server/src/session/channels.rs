@@ -21,7 +21,7 @@ use tether::{CloseCode, Message, Prepared};
 
 use crate::engine::journal::{self, ChatWrite, VoteWrite};
 use crate::engine::store::{ChatMessage, StoreError};
-use crate::node::hub::{Everyone, Format, Hub, Outbox, Place, Subscription, Verdict};
+use crate::node::hub::{Everyone, Format, Hub, Outbox, Outgoing, Place, Subscription, Verdict};
 use crate::node::{Node, Slot};
 use crate::session::{self, End, Member, RateLimit};
 use crate::wire::channels::{
@@ -668,7 +668,9 @@ impl Session {
                 }
                 Woke::Events => {
                     for event in self.outbox.take_all() {
-                        self.take(event);
+                        if let Err(end) = self.take(event) {
+                            return end;
+                        }
                     }
                     continue;
                 }
@@ -789,19 +791,19 @@ impl Session {
 
     /// Queues a push from the hub, unless its channel's replay already held it or the
     /// channel was left since it was queued.
-    fn take(&mut self, event: crate::node::hub::Outgoing) {
+    fn take(&mut self, event: crate::node::hub::Outgoing) -> Result<(), End> {
         if event.sub != self.everyone.id() {
-            let Some(channel) = self
-                .channels
-                .list
-                .iter_mut()
-                .find(|c| c.sub.id() == event.sub)
-            else {
-                return;
+            let Some(i) = self.channels.iter().position(|c| c.sub.id() == event.sub) else {
+                return Ok(());
             };
+            if event.id == Outgoing::ENDED {
+                // The server ended this subscription (`Hub::end_subscriptions`).
+                return self.ended(i, event.msg);
+            }
+            let channel = &mut self.channels.list[i];
             if event.id != 0 {
                 if event.id <= channel.high {
-                    return;
+                    return Ok(());
                 }
                 // The hub delivers a room's ids in order: none at or below the replay's
                 // last can follow.
@@ -809,6 +811,29 @@ impl Session {
             }
         }
         self.batch.push(event.msg);
+        Ok(())
+    }
+
+    /// Leaves the channel at `i`, which the server ended: the client is told by `push`; a
+    /// single-channel endpoint, left without its channel, closes.
+    fn ended(&mut self, i: usize, push: Arc<Prepared>) -> Result<(), End> {
+        let channel = self.channels.list[i].sub.channel().to_owned();
+        self.channels.remove(i, &self.node.hub);
+        tracing::info!(user = %self.name(), %channel, "subscription ended by the server");
+        match self.shape {
+            Shape::Channels => {
+                self.batch.push(push);
+                Ok(())
+            }
+            Shape::Poll => Err(End::Close(
+                CloseCode::POLICY_VIOLATION,
+                "removed from the poll by the server",
+            )),
+            Shape::Room => Err(End::Close(
+                CloseCode::POLICY_VIOLATION,
+                "removed from the room by the server",
+            )),
+        }
     }
 
     /// Takes a text frame in the session's shape; `Err` ends the session.
@@ -949,7 +974,8 @@ impl Session {
             .hub
             .move_everyone(&self.everyone, self.outbox.clone());
         while let Some(event) = before.try_recv() {
-            self.take(event);
+            // Broadcasts only: there is no channel yet whose end could end the session.
+            let _ = self.take(event);
         }
         Ok(())
     }
@@ -1465,6 +1491,11 @@ fn judged(node: &Node, verdict: Verdict) -> End {
         Verdict::Reset => End::Close(
             disconnect::STREAM_RESET,
             "a channel's stream was reset: reconnect",
+        ),
+        Verdict::Disconnected => End::Close(disconnect::BY_SERVER, "disconnected by the server"),
+        Verdict::Reconnect => End::Close(
+            disconnect::RECONNECT,
+            "the server asks this connection to reconnect",
         ),
     }
 }

@@ -699,6 +699,13 @@ pub(crate) fn judged(node: &Node, verdict: Verdict) -> End {
             CloseCode::SERVICE_RESTART,
             "the room's history was reset: reconnect",
         ),
+        Verdict::Disconnected => {
+            End::Close(CloseCode::POLICY_VIOLATION, "disconnected by the server")
+        }
+        Verdict::Reconnect => End::Close(
+            CloseCode::SERVICE_RESTART,
+            "the server asks this connection to reconnect",
+        ),
     }
 }
 

@@ -52,6 +52,8 @@ pub mod disconnect {
 
     /// The connection fell too far behind its channels.
     pub const SLOW_CONSUMER: CloseCode = CloseCode(4000);
+    /// The server asked the connection to reconnect (its user's rights or identity changed).
+    pub const RECONNECT: CloseCode = CloseCode(4003);
     /// A channel's stream was lost by storage and started again.
     pub const STREAM_RESET: CloseCode = CloseCode(4001);
     /// Commands refused for the rate, too many in a row.
@@ -60,6 +62,8 @@ pub mod disconnect {
     pub const PROTOCOL_VIOLATION: CloseCode = CloseCode(4500);
     /// The credential the connection came with was revoked or expired.
     pub const CREDENTIAL_LOST: CloseCode = CloseCode(4502);
+    /// The server ended the user's connections and does not want them back by themselves.
+    pub const BY_SERVER: CloseCode = CloseCode(4506);
 
     /// Whether a client may reconnect after `code`.
     pub fn reconnects(code: CloseCode) -> bool {
@@ -478,6 +482,22 @@ pub struct Event<'a> {
     /// Its data.
     pub data: &'a Value,
 }
+
+/// The server ended a subscription: `{"type": "unsub", "channel", "code", "reason"}`. The
+/// client should not subscribe again by itself.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename = "unsub")]
+pub struct Unsubscribed<'a> {
+    /// The channel no longer subscribed.
+    pub channel: &'a str,
+    /// Why, as a number ([`UNSUBSCRIBED_BY_SERVER`]).
+    pub code: u16,
+    /// Why, in words.
+    pub reason: &'a str,
+}
+
+/// The `unsub` code of a subscription the server ended.
+pub const UNSUBSCRIBED_BY_SERVER: u16 = 2000;
 
 /// The last thing a closing connection is told: `{"type": "disconnect", …}`.
 #[derive(Debug, Serialize)]

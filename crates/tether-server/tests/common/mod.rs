@@ -28,6 +28,9 @@ pub async fn within<T>(f: impl Future<Output = T>) -> T {
 
 pub struct Running {
     pub addr: SocketAddr,
+    /// What the server runs on, for calls an embedding application makes.
+    #[allow(dead_code)]
+    pub node: std::sync::Arc<tether_server::node::Node>,
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -77,6 +80,7 @@ pub async fn start(config: ServerConfig) -> Running {
     let tls = config.tls_cert.is_some();
     let server = Server::bind(config).await.unwrap();
     let addr = server.local_addr().unwrap();
+    let node = server.node();
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(server.run(async move {
         let _ = rx.await;
@@ -91,6 +95,7 @@ pub async fn start(config: ServerConfig) -> Running {
     }
     Running {
         addr,
+        node,
         stop: Some(tx),
         done,
     }
