@@ -2052,6 +2052,90 @@ async fn an_import_with_redis_replicas_returns_once_a_replica_holds_it() {
     assert_eq!(users.trim(), "1");
 }
 
+/// With `redis_replicas`, a vote's counts are announced only once a replica holds the vote:
+/// while the replica does not take in what its master writes, a vote is not acknowledged and
+/// nobody hears its counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_replicas_a_votes_counts_are_heard_only_once_a_replica_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (main, spare) = (free_port(), free_port());
+    let _master = redis_role(main, None, false, dir.path());
+    let replica = redis_role(spare, Some(main), false, dir.path());
+    until_cli(spare, &["INFO", "replication"], "master_link_status:up").await;
+    let a = node_at(
+        "a",
+        &format!("redis://127.0.0.1:{main}/"),
+        "redis_replicas = 1\n",
+    );
+    let auth = format!("Bearer {}", token(&a));
+    let lunch = json!({"question": "Lunch?", "options": ["soup", "salad"]});
+    // Created once a replica acknowledges its first write (a replica that just synced
+    // acknowledges within a second).
+    let started = Instant::now();
+    let poll = loop {
+        let (status, _, poll) = exchange(&a.addr, "POST", "/api/polls", &[], Some(lunch.clone()));
+        if status == 201 {
+            break poll;
+        }
+        assert!(started.elapsed() < LIMIT, "{status} {poll}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let channel = format!("poll:{}", poll["id"]);
+    let mut watcher = V1::open(&a.ws("/ws?name=watcher")).await;
+    let mut voter = V1::open(&a.ws("/ws?name=voter")).await;
+    for client in [&mut watcher, &mut voter] {
+        let subscribed = client
+            .call(json!({"op": "subscribe", "channel": channel}))
+            .await;
+        assert!(subscribed.get("error").is_none(), "{subscribed}");
+    }
+    let vote =
+        |option: &str| json!({"op": "publish", "channel": channel, "data": {"vote": option}});
+    let counted = voter.call(vote("soup")).await;
+    assert!(counted.get("error").is_none(), "{counted}");
+    let counts = watcher.push("pub", &channel).await;
+    assert_eq!(counts["data"]["counts"], json!({"soup": 1, "salad": 0}));
+
+    // The replica stops: the next vote is applied by the master but not acknowledged, and its
+    // counts are not announced. A broadcast published after it is heard, alone.
+    signal(replica.0.id(), "-STOP");
+    let refused = voter.call(vote("salad")).await;
+    assert!(refused.get("error").is_some(), "{refused}");
+    let (status, _, sent) = exchange(
+        &a.addr,
+        "POST",
+        "/api/broadcast",
+        &[("Authorization", auth.as_str())],
+        Some(json!({"text": "marker"})),
+    );
+    assert_eq!(status, 200, "{sent}");
+    let marker = watcher.push("pub", "broadcast").await;
+    assert_eq!(marker["data"]["text"], "marker");
+    let heard: Vec<&Value> = watcher
+        .pushes
+        .iter()
+        .filter(|p| p["channel"] == *channel)
+        .collect();
+    assert!(
+        heard.is_empty(),
+        "counts of an unacknowledged vote: {heard:?}"
+    );
+
+    // Back: the vote again is acknowledged, and its counts heard.
+    signal(replica.0.id(), "-CONT");
+    let started = Instant::now();
+    loop {
+        let answer = voter.call(vote("salad")).await;
+        if answer.get("error").is_none() {
+            break;
+        }
+        assert!(started.elapsed() < LIMIT, "{answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counts = watcher.push("pub", &channel).await;
+    assert_eq!(counts["data"]["counts"], json!({"soup": 0, "salad": 1}));
+}
+
 /// A redis-server on `port` keeping nothing on disk, the replica of the one on `master` when
 /// given, or a Redis Sentinel watching it as `tmain` when `sentinel` (whose config file, which
 /// Sentinel rewrites, is in `dir`).

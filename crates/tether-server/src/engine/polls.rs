@@ -94,20 +94,22 @@ pub(crate) fn poll_key(id: i64, part: &str) -> String {
 /// Records voter ARGV[1]'s vote for option ARGV[2] in the poll (KEYS[1] the poll, KEYS[2] its
 /// votes, KEYS[3] its counts, KEYS[4] the guests of the voter's address): for a guest
 /// (ARGV[3] its address, non-empty) who has not voted yet, only while fewer than ARGV[4]
-/// other guests voted from there. Publishes the new counts on ARGV[5] for poll ARGV[6].
-/// Returns 1 when counted, 0 for no such poll or option, 2 when the address is full.
+/// other guests voted from there. The news of the new counts for poll ARGV[6] is published on
+/// ARGV[5] (unless empty: the caller publishes it once replicas hold the vote). Returns
+/// `{1, news}` when counted, `{0, false}` for no such poll or option, `{2, false}` when the
+/// address is full.
 const VOTE: &str = r#"
 local encoded = redis.call('HGET', KEYS[1], 'options')
-if not encoded then return 0 end
+if not encoded then return {0, false} end
 local options = cjson.decode(encoded)
 local known = false
 for _, o in ipairs(options) do
   if o == ARGV[2] then known = true end
 end
-if not known then return 0 end
+if not known then return {0, false} end
 local before = redis.call('HGET', KEYS[2], ARGV[1])
 if ARGV[3] ~= '' and not before then
-  if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[4]) then return 2 end
+  if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[4]) then return {2, false} end
   redis.call('SADD', KEYS[4], ARGV[1])
 end
 if before ~= ARGV[2] then
@@ -119,8 +121,9 @@ local counts = {}
 for _, o in ipairs(options) do
   counts[o] = tonumber(redis.call('HGET', KEYS[3], o) or '0')
 end
-redis.call('PUBLISH', ARGV[5], cjson.encode({poll = tonumber(ARGV[6]), counts = counts}))
-return 1
+local news = cjson.encode({poll = tonumber(ARGV[6]), counts = counts})
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], news) end
+return {1, news}
 "#;
 
 /// News on [`POLLS_CHANNEL`]: a poll created, or a poll's new counts.
@@ -196,6 +199,20 @@ impl RedisPolls {
 
     fn conn(&self) -> Link {
         self.commands.clone()
+    }
+
+    /// Publishes a counted vote's `news` (the vote script's) for every node. A failure is
+    /// logged, not the vote's: it is stored, and the next vote's counts (or a node's refresh
+    /// after a lost subscription) carry it.
+    async fn announce_counts(&self, poll: i64, news: String) {
+        let published: Result<(), _> = redis::cmd("PUBLISH")
+            .arg(POLLS_CHANNEL)
+            .arg(news)
+            .query_async(&mut self.commands.unconfirmed())
+            .await;
+        if let Err(e) = published {
+            tracing::warn!(poll, error = %e, "a poll's new counts were not announced");
+        }
     }
 
     /// Hands `hub` the counts of every poll its connections watch, as stored now, and
@@ -402,7 +419,11 @@ impl Polls for RedisPolls {
                     Some((address, cap)) => (address.clone(), *cap),
                     None => (String::new(), 0),
                 };
-                let ran: Result<i64, _> = this
+                // Waiting for replicas, the counts are published once they hold the vote:
+                // nobody hears of a vote that a failover could still lose.
+                let confirms = this.commands.confirms();
+                let channel = if confirms { "" } else { POLLS_CHANNEL };
+                let ran: Result<(i64, Option<String>), _> = this
                     .vote
                     .key(poll_key(vote.poll, "p"))
                     .key(poll_key(vote.poll, "v"))
@@ -412,13 +433,18 @@ impl Polls for RedisPolls {
                     .arg(&vote.option)
                     .arg(&address)
                     .arg(cap)
-                    .arg(POLLS_CHANNEL)
+                    .arg(channel)
                     .arg(vote.poll)
                     .invoke_async(&mut this.conn())
                     .await;
                 match ran {
-                    Ok(1) => vote.answer(VoteOutcome::Counted),
-                    Ok(2) => vote.answer(VoteOutcome::AddressFull),
+                    Ok((1, news)) => {
+                        if let (true, Some(news)) = (confirms, news) {
+                            this.announce_counts(vote.poll, news).await;
+                        }
+                        vote.answer(VoteOutcome::Counted);
+                    }
+                    Ok((2, _)) => vote.answer(VoteOutcome::AddressFull),
                     Ok(_) => vote.answer(VoteOutcome::Unknown),
                     Err(e) => vote.reply.send(Err(redis_error(e)), "vote not stored"),
                 }
