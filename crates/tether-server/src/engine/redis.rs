@@ -401,6 +401,48 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Reads ARGV[2] entries of stream KEYS[1] with ARGV[1] (`XRANGE` from ARGV[3] on, or
+/// `XREVRANGE` back from the last to ARGV[3]), no further than the id published (KEYS[2], when
+/// set: see `Cluster::read_published`).
+const READ_PUBLISHED: &str = r#"
+local top = '+'
+local published = redis.call('GET', KEYS[2])
+if published then
+  if published == '0' then return {} end
+  top = '0-' .. published
+end
+if ARGV[1] == 'XRANGE' then
+  return redis.call('XRANGE', KEYS[1], ARGV[3], top, 'COUNT', ARGV[2])
+end
+return redis.call('XREVRANGE', KEYS[1], top, ARGV[3], 'COUNT', ARGV[2])
+"#;
+
+/// Where a read of a room's stream starts.
+#[derive(Debug, Clone, Copy)]
+enum Range {
+    /// At this id, oldest first.
+    From(u64),
+    /// At the last entry, newest first.
+    Back,
+}
+
+impl Range {
+    fn command(self) -> &'static str {
+        match self {
+            Range::From(_) => "XRANGE",
+            Range::Back => "XREVRANGE",
+        }
+    }
+
+    /// The other end of the range: the first id read, or the oldest entry.
+    fn start(self) -> String {
+        match self {
+            Range::From(first) => format!("0-{first}"),
+            Range::Back => "-".to_owned(),
+        }
+    }
+}
+
 /// A presence change announced to the other nodes.
 #[derive(Debug, Serialize, Deserialize)]
 struct PresenceNote {
@@ -1150,46 +1192,43 @@ impl Cluster {
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let first = since.saturating_add(1);
-        self.read_published(room, |top| {
-            let mut read = redis::cmd("XRANGE");
-            read.arg(stream_key(room))
-                .arg(format!("0-{first}"))
-                .arg(top)
-                .arg("COUNT")
-                .arg(limit.max(1));
-            read
-        })
-        .await
+        self.read_published(room, Range::From(first), limit.max(1))
+            .await
     }
 
-    /// The messages `read` answers, given the highest entry to read (`+`, or `0-N`): an
-    /// `XRANGE` or `XREVRANGE` of `room`'s stream. When writes wait for replicas, it reads no
-    /// further than the messages published: a dying master may take the others with it, so
-    /// nobody sees them before their replicas hold them.
+    /// `count` entries of `room`'s stream from id `first` on (`Range::From`) or back from its
+    /// last (`Range::Back`). When writes wait for replicas, it reads no further than the messages
+    /// published: a dying master may take the others with it, so nobody sees them before
+    /// their replicas hold them. One round trip either way (the mark and the range are read
+    /// by one read-only script).
     async fn read_published(
         &self,
         room: &str,
-        read: impl Fn(&str) -> redis::Cmd,
+        range: Range,
+        count: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let mut con = self.commands.clone();
-        let mut top = "+".to_owned();
-        if self.commands.confirms() {
-            let published: Option<u64> = redis::cmd("GET")
+        let read = if self.commands.confirms() {
+            let mut read = redis::cmd("EVAL_RO");
+            read.arg(READ_PUBLISHED)
+                .arg(2)
+                .arg(stream_key(room))
                 .arg(published_key(room))
-                .query_async(&mut con)
-                .await
-                .map_err(redis_error)?;
-            if let Some(published) = published {
-                if published == 0 {
-                    return Ok(Vec::new());
-                }
-                top = format!("0-{published}");
-            }
-        }
-        let entries: Vec<Entry> = read(&top)
-            .query_async(&mut con)
-            .await
-            .map_err(redis_error)?;
+                .arg(range.command())
+                .arg(count)
+                .arg(range.start());
+            read
+        } else {
+            let mut read = redis::cmd(range.command());
+            read.arg(stream_key(room));
+            match range {
+                Range::From(_) => read.arg(range.start()).arg("+"),
+                Range::Back => read.arg("+").arg(range.start()),
+            };
+            read.arg("COUNT").arg(count);
+            read
+        };
+        let entries: Vec<Entry> = read.query_async(&mut con).await.map_err(redis_error)?;
         Ok(parse_entries(entries))
     }
 
@@ -1201,17 +1240,7 @@ impl Cluster {
         if count == 0 {
             return Ok(Vec::new());
         }
-        let mut messages = self
-            .read_published(room, |top| {
-                let mut read = redis::cmd("XREVRANGE");
-                read.arg(stream_key(room))
-                    .arg(top)
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(count);
-                read
-            })
-            .await?;
+        let mut messages = self.read_published(room, Range::Back, count).await?;
         messages.reverse();
         Ok(messages)
     }
@@ -1221,17 +1250,7 @@ impl Cluster {
     /// # Errors
     /// Redis is unreachable.
     pub async fn first_id(&self, room: &str) -> Result<Option<u64>, StoreError> {
-        let first = self
-            .read_published(room, |top| {
-                let mut read = redis::cmd("XRANGE");
-                read.arg(stream_key(room))
-                    .arg("-")
-                    .arg(top)
-                    .arg("COUNT")
-                    .arg(1);
-                read
-            })
-            .await?;
+        let first = self.read_published(room, Range::From(0), 1).await?;
         Ok(first.first().map(|m| m.id))
     }
 
