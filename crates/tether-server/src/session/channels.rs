@@ -448,8 +448,11 @@ async fn join_room(
         }
     };
     tracing::debug!(%room, %user, replayed = plan.count, last_id = high, "joined");
-    // Live messages up to the replay's last were written as history.
-    session.channels.list[0].high = high;
+    // Live messages up to the replay's last were written as history (the room's channel is
+    // the session's one).
+    if let Some(channel) = session.channels.list.first_mut() {
+        channel.high = high;
+    }
     session.batch.push(encode(&rooms::Ready {
         last_id: high,
         epoch: &epoch,
