@@ -440,13 +440,22 @@ test('"Reconnect now" skips the backoff: the page is back at once, and what was 
         await say(ann, 'while away'); // held by the client until it is back
       },
     });
+    // The sixth attempt is due 16 s after the fifth failed. On a machine so busy that the
+    // restart took most of that, the client may have tried again by itself: what follows then
+    // still checks that the page comes back and sends once, but not that the click was faster.
+    const before = await ann.evaluate(() => window.__sockets.length);
     const clickedAt = Date.now();
-    await ann.click('#reconnect-now');
-    await ann.waitForFunction((n) => window.__sockets.length === n + 6 && window.__sockets.at(-1).readyState === 1,
-      sockets, { timeout: 15000 });
+    const timely = clickedAt - failedAt < 10000;
+    const clicked = timely || await ann.isVisible('#reconnect-now');
+    if (clicked) await ann.click('#reconnect-now');
+    await ann.waitForFunction((n) => window.__sockets.length > n && window.__sockets.at(-1).readyState === 1,
+      clicked ? before : sockets, { timeout: 15000 });
     const backAt = Date.now();
-    if (clickedAt - failedAt < 10000) {
-      assert.ok(backAt - failedAt < 15000, `back ${backAt - failedAt} ms after the last failure: the backoff was not skipped`);
+    const timing = `restarted ${clickedAt - failedAt} ms after the last failure, back ${backAt - failedAt} ms after it`;
+    if (timely) {
+      assert.equal(before, sockets + 5, `no attempt of its own before the click (${timing})`);
+      assert.equal(await ann.evaluate(() => window.__sockets.length), sockets + 6, `one socket for the click (${timing})`);
+      assert.ok(backAt - failedAt < 15000, `the backoff was not skipped: ${timing}`);
     }
     await waitLive(ann);
     assert.equal(await ann.isVisible('#reconnect-now'), false);
