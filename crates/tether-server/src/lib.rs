@@ -11,6 +11,20 @@
 //! # Ok(()) }
 //! ```
 //!
+//! An application that embeds the server reaches its [`node::Node`] while it runs, for what it
+//! decides itself: a notice to everyone, a user's subscription to a channel ended, every
+//! connection of a user closed, on every node of a cluster.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = tether_server::Server::bind(tether_server::ServerConfig::default()).await?;
+//! let node = server.node();
+//! tokio::spawn(server.run(std::future::pending()));
+//! node.unsubscribe_user("mallory", "room:lobby").await?;
+//! node.disconnect_user("mallory", false).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! The layers, in folders, each using only those below it (`scripts/layers` checks it, with
 //! no circle):
 //! - [`endpoints`]: the accept loop ([`endpoints::serve`]), routes and upgrades

@@ -417,8 +417,13 @@ async fn the_server_unsubscribes_and_disconnects_a_user(kind: Kind) {
     ann.publish("room:b", "still in b").await;
     let publication = ann.push("pub").await;
     assert_eq!(publication["data"]["text"], "still in b", "{publication}");
-    // Ending nothing is no error; another user's subscriptions are untouched.
+    // Ending nothing is no error; another user's subscriptions are untouched, and an empty
+    // name is nobody's (not that of every connection without an identity).
     node.unsubscribe_user("ann", "room:nowhere").await.unwrap();
+    let (mut visitor, _) = Client::open(&server, "").await;
+    visitor.subscribe("polls").await;
+    node.unsubscribe_user("", "polls").await.unwrap();
+    node.disconnect_user("", false).await.unwrap();
     let again = ann.subscribe("room:a").await;
     assert_eq!(again["offset"], 1, "may subscribe again: {again}");
 
@@ -447,10 +452,13 @@ async fn the_server_unsubscribes_and_disconnects_a_user(kind: Kind) {
     );
     assert_eq!(close_code(&mut ann.ws).await, 4506);
     assert_eq!(close_code(&mut shortcut).await, 1008);
-    // Ben stays.
+    // Ben and the visitor stay, the visitor still subscribed.
     let pong = ben.call(json!({"op": "ping"})).await;
     assert_eq!(pong.get("error"), None, "{pong}");
-    drop(ben);
+    let again = visitor.subscribe("polls").await;
+    assert_eq!(error_code(&again), 105, "still subscribed: {again}");
+    assert!(visitor.pushes.is_empty(), "{:?}", visitor.pushes);
+    drop((ben, visitor));
     server.stop().await;
 }
 

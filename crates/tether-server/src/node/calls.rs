@@ -248,7 +248,8 @@ impl Node {
     /// by themselves, or with 4003 when `reconnect` (its rights or identity changed: they
     /// connect again at once, and the server decides anew). The room and poll endpoints close
     /// with 1008 and 1012. Nothing stops the user from connecting again: take their
-    /// credentials first ([`Node::revoke_credentials`]) to keep them out.
+    /// credentials first ([`Node::revoke_credentials`]) to keep them out. An empty name (that
+    /// of connections without an identity) ends nothing.
     ///
     /// # Errors
     /// The other nodes could not be reached.

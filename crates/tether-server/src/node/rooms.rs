@@ -251,6 +251,10 @@ impl Local for Rooms {
     }
 
     fn disconnect_user(&self, user: &str, reconnect: bool) -> usize {
+        if user.is_empty() {
+            // The name of connections without an identity: nobody's.
+            return 0;
+        }
         let verdict = if reconnect {
             Verdict::Reconnect
         } else {
@@ -260,7 +264,7 @@ impl Local for Rooms {
     }
 
     fn unsubscribe_user(&self, user: &str, channel: &str) -> usize {
-        if !self.hub.has(channel) {
+        if user.is_empty() || !self.hub.has(channel) {
             return 0;
         }
         let push = Arc::new(encode(&channels::Unsubscribed {
